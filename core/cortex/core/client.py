@@ -1,0 +1,114 @@
+"""NeuronClient: the one road to a neuron, used by the gateway, the operator and the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+from cortex.core.errors import CortexError, NeuronUnavailable, error_from_code
+from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, NeuronStatus, UnloadRequest
+
+# Reads while streaming can legitimately pause for a long prefill; connects must fail fast.
+DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=600.0, write=30.0, pool=30.0)
+
+
+def _raise_for(response: httpx.Response, body: bytes) -> None:
+    """Turn a neuron's OpenAI-shaped error answer back into the domain error it came from."""
+    try:
+        error = json.loads(body).get("error") or {}
+        message, code = str(error.get("message", "")), error.get("code")
+    except (ValueError, AttributeError):
+        message, code = body.decode(errors="replace")[:500], None
+    retry = response.headers.get("retry-after")
+    raise error_from_code(
+        code,
+        message or f"neuron answered {response.status_code}",
+        response.status_code,
+        retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
+    )
+
+
+class NeuronClient:
+    """Async HTTP client for one neuron's lifecycle and inference APIs."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        admin_token: str | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.endpoint, headers=headers, timeout=timeout, transport=transport
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise NeuronUnavailable(f"neuron {self.endpoint} unreachable: {exc!r}") from exc
+        if response.status_code >= 400:
+            _raise_for(response, response.content)
+        return response
+
+    async def health(self) -> bool:
+        try:
+            return (await self._request("GET", "/health")).status_code == 200
+        except CortexError:
+            return False
+
+    async def status(self) -> NeuronStatus:
+        return NeuronStatus.model_validate_json((await self._request("GET", "/status")).content)
+
+    async def models(self) -> ModelListing:
+        return ModelListing.model_validate_json((await self._request("GET", "/models")).content)
+
+    async def load(self, request: LoadRequest) -> LoadedModel:
+        """Load a model; with request.wait (default) returns once it is ready."""
+        body = request.model_dump(exclude_none=True)
+        response = await self._request("POST", "/models/load", json=body)
+        return LoadedModel.model_validate_json(response.content)
+
+    async def unload(self, model: str, *, force: bool = False) -> None:
+        body = UnloadRequest(model=model, force=force).model_dump()
+        await self._request("POST", "/models/unload", json=body)
+
+    async def metrics(self) -> str:
+        return (await self._request("GET", "/metrics")).text
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A non-streaming inference call (e.g. /v1/chat/completions); returns the JSON body."""
+        result: dict[str, Any] = (await self._request("POST", path, json=body)).json()
+        return result
+
+    @asynccontextmanager
+    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
+        """A streaming inference call. Errors before the first byte raise; the caller reads after."""
+        request = self._http.build_request("POST", path, json=body)
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise NeuronUnavailable(f"neuron {self.endpoint} unreachable: {exc!r}") from exc
+        try:
+            if response.status_code >= 400:
+                _raise_for(response, await response.aread())
+            yield response
+        finally:
+            await response.aclose()
+
+
+async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
+    """The `data:` payloads of a server-sent event stream, `[DONE]` included."""
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            yield line[5:].strip()

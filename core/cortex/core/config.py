@@ -1,0 +1,181 @@
+"""Config files (cortex.toml, neuron.toml, models.toml) as pydantic models, with errors naming the key."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cortex.core.catalogue import ByteSize, ModelSpec, Seconds
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return value
+
+
+class NeuronSection(_Section):
+    name: str = Field(default_factory=socket.gethostname, description="node name in the fleet")
+    host: str = "127.0.0.1"
+    port: int = Field(default=13131, gt=0, lt=65536)
+    admin_token: str | None = Field(default=None, description="required by lifecycle endpoints")
+    preload: list[str] = Field(default_factory=list, description="model ids loaded at start")
+    devices: list[str] = Field(
+        default_factory=list, description="restrict to these workers (cpu-0, cuda-dev-0); all if empty"
+    )
+    cpu_memory: ByteSize | None = Field(
+        default=None, description="memory the cpu-0 device may use for models; default half of RAM"
+    )
+    dtype: str = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU")
+    max_running: int = Field(default=32, ge=1, description="sequences generating at once, per model")
+    max_queue: int = Field(default=128, ge=0, description="requests waiting for a slot, per model")
+    queue_timeout: Seconds = Field(default=30.0, description="longest wait for a slot before 503")
+    max_body_bytes: ByteSize = Field(default=8 * 2**20, description="larger bodies get 413")
+    max_tokens_limit: int = Field(default=32768, ge=1, description="largest max_tokens accepted")
+    cache_dir: Path = Field(
+        default=Path("~/.cache/cortex"), description="converted-weights cache (GGUF -> safetensors)"
+    )
+
+
+class NeuronConfig(_Section):
+    """neuron.toml"""
+
+    neuron: NeuronSection = Field(default_factory=NeuronSection)
+    models: list[ModelSpec] = Field(default_factory=list, description="extra catalogue entries")
+
+
+class GatewaySection(_Section):
+    listen: str = "127.0.0.1:31313"
+    metrics_listen: str | None = Field(
+        default="127.0.0.1:31314", description="Prometheus endpoint; also /metrics on listen"
+    )
+    models_file: Path | None = Field(default=None, description="models.toml, relative to this file")
+    request_timeout: Seconds = 600.0
+    load_timeout: Seconds = Field(default=120.0, description="longest wait for an on-demand load")
+    max_body_bytes: ByteSize = 16 * 2**20
+    poll_interval: Seconds = 2.0
+    unhealthy_after: int = Field(default=3, ge=1, description="consecutive failed polls")
+
+    _listen = field_validator("listen")(_check_listen)
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics(cls, value: str | None) -> str | None:
+        return None if not value else _check_listen(value)
+
+
+class EvictionSection(_Section):
+    strategy: Literal["lru", "priority"] = "lru"
+    defrag_after_cycles: int = Field(default=0, ge=0, description="0 turns defragmentation off")
+
+
+class NeuronEntry(_Section):
+    name: str = Field(min_length=1)
+    endpoint: str = Field(pattern=r"^https?://", description="http(s)://host:port of the neuron")
+    admin_token: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict, description="matched by neuron selectors")
+
+
+class ApiKey(_Section):
+    key: str | None = Field(default=None, description="the secret; or key_env")
+    key_env: str | None = Field(default=None, description="environment variable holding the key")
+    name: str = Field(min_length=1, description="who the key belongs to (shown in logs, not the key)")
+    models: list[str] = Field(default_factory=list, description="allowlist; empty allows all")
+    budget_tokens: int | None = Field(default=None, ge=0, description="tokens allowed")
+    budget_window: Seconds | None = Field(
+        default=None, description="rolling window for budget_tokens; unset = a balance"
+    )
+
+    def secret(self) -> str:
+        value = self.key or (os.environ.get(self.key_env) if self.key_env else None)
+        if not value:
+            raise ConfigError(f"auth key {self.name!r}: set key, or key_env to a non-empty variable")
+        return value
+
+
+class AuthSection(_Section):
+    enabled: bool = False
+    keys: list[ApiKey] = Field(default_factory=list)
+    neuron_admin_token: str | None = Field(default=None, description="sent to neurons on load/unload")
+
+
+class GatewayConfig(_Section):
+    """cortex.toml"""
+
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
+    eviction: EvictionSection = Field(default_factory=EvictionSection)
+    neurons: list[NeuronEntry] = Field(default_factory=list)
+    auth: AuthSection = Field(default_factory=AuthSection)
+    models: list[ModelSpec] = Field(default_factory=list, description="inline catalogue entries")
+
+
+class ModelsFile(_Section):
+    """models.toml"""
+
+    models: list[ModelSpec] = Field(default_factory=list)
+
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def parse_config(data: dict[str, object], model: type[Config], origin: str) -> Config:
+    """Validate parsed TOML; every problem is reported as `origin: key.path: message`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            message = error["msg"]
+            if error["type"] == "extra_forbidden":
+                message = "unknown key"
+            lines.append(f"{origin}: {_key_path(error['loc'])}: {message}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path, model: type[Config]) -> Config:
+    """Read and validate a TOML config file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, model, str(path))
+
+
+def load_gateway_config(path: str | Path | None) -> GatewayConfig:
+    """cortex.toml plus the models.toml it names (relative paths resolve against cortex.toml)."""
+    if path is None:
+        return GatewayConfig()
+    config = load_config(path, GatewayConfig)
+    models_file = config.gateway.models_file
+    if models_file is not None:
+        if not models_file.is_absolute():
+            models_file = Path(path).parent / models_file
+        config.models.extend(load_config(models_file, ModelsFile).models)
+    return config

@@ -1,0 +1,116 @@
+"""Domain errors, raised anywhere and mapped once per API surface (see protocol/errors.py)."""
+
+from __future__ import annotations
+
+
+class CortexError(Exception):
+    """Base of every error cortex reports to a client; carries its HTTP status and error code."""
+
+    status: int = 500
+    code: str = "internal_error"
+    kind: str = "server_error"  # OpenAI `error.type`
+
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+
+class InvalidRequest(CortexError):
+    status, code, kind = 400, "invalid_request", "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class Unauthorized(CortexError):
+    status, code, kind = 401, "invalid_api_key", "authentication_error"
+
+
+class Forbidden(CortexError):
+    status, code, kind = 403, "model_not_allowed", "permission_error"
+
+
+class ModelNotFound(CortexError):
+    status, code, kind = 404, "model_not_found", "invalid_request_error"
+
+
+class ModelBusy(CortexError):
+    """An unload refused because the model has requests in flight."""
+
+    status, code, kind = 409, "model_busy", "invalid_request_error"
+
+
+class CapacityExhausted(CortexError):
+    """A model does not fit in the memory that could be freed for it."""
+
+    status, code, kind = 409, "capacity_exhausted", "invalid_request_error"
+
+
+class PayloadTooLarge(CortexError):
+    status, code, kind = 413, "request_too_large", "invalid_request_error"
+
+
+class ModelLoadFailed(CortexError):
+    """A load that failed for a reason the caller can act on (bad path, corrupt file)."""
+
+    status, code, kind = 422, "model_load_failed", "invalid_request_error"
+
+
+class Overloaded(CortexError):
+    """Admission refused: too many requests in flight or queued. Always carries retry_after."""
+
+    status, code, kind = 429, "overloaded", "rate_limit_error"
+
+
+class BudgetExceeded(CortexError):
+    status, code, kind = 429, "budget_exceeded", "rate_limit_error"
+
+
+class NeuronUnavailable(CortexError):
+    """No healthy neuron could take the request (down, unreachable, or load wait timed out)."""
+
+    status, code, kind = 503, "neuron_unavailable", "server_error"
+
+
+class DeviceUnhealthy(CortexError):
+    """The device worker owning the model was poisoned by a device error."""
+
+    status, code, kind = 503, "device_unhealthy", "server_error"
+
+
+ERRORS_BY_CODE: dict[str, type[CortexError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest,
+        ContextLengthExceeded,
+        Unauthorized,
+        Forbidden,
+        ModelNotFound,
+        ModelBusy,
+        CapacityExhausted,
+        PayloadTooLarge,
+        ModelLoadFailed,
+        Overloaded,
+        BudgetExceeded,
+        NeuronUnavailable,
+        DeviceUnhealthy,
+    )
+}
+
+
+def error_from_code(
+    code: str | None, message: str, status: int, retry_after: float | None = None
+) -> CortexError:
+    """Rebuild a domain error from an upstream OpenAI-shaped error body (used by NeuronClient)."""
+    cls = ERRORS_BY_CODE.get(code or "")
+    if cls is None:
+        err = CortexError(message, retry_after=retry_after)
+        err.status = status
+        err.code = code or "upstream_error"
+        return err
+    return cls(message, retry_after=retry_after)

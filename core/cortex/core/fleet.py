@@ -1,0 +1,85 @@
+"""Wire models of a neuron's state: what /status and /models return, what every consumer reads."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from cortex.core.catalogue import ModelSpec
+
+
+class ModelState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+class DeviceStatus(BaseModel):
+    """One compute device of a neuron, as its worker sees it."""
+
+    id: str = Field(description="worker name: cpu-0, cuda-dev-0, ...")
+    index: int
+    kind: Literal["cpu", "cuda"]
+    name: str
+    memory_total: int = Field(description="bytes")
+    memory_free: int = Field(description="bytes")
+    memory_used: int = Field(description="bytes")
+    healthy: bool = True
+    error: str | None = None
+
+
+class LoadedModel(BaseModel):
+    """A model resident (or arriving, leaving, failed) on a neuron."""
+
+    id: str
+    source: str
+    kind: Literal["chat", "embedding"] = "chat"
+    state: ModelState
+    devices: list[str] = Field(default_factory=list)
+    memory_bytes: int = 0
+    context_length: int | None = None
+    in_flight: int = 0
+    queued: int = 0
+    last_used: float | None = Field(default=None, description="unix seconds of the last request")
+    loaded_at: float | None = None
+    progress: float = Field(default=0.0, ge=0.0, le=1.0, description="load progress 0..1")
+    error: str | None = None
+
+
+class NeuronStatus(BaseModel):
+    """GET /status of a neuron."""
+
+    node: str
+    version: str
+    healthy: bool = True
+    devices: list[DeviceStatus] = Field(default_factory=list)
+    models: list[LoadedModel] = Field(default_factory=list)
+    in_flight: int = 0
+    queued: int = 0
+
+
+class ModelListing(BaseModel):
+    """GET /models of a neuron: what is loaded and what it could load from local sources."""
+
+    loaded: list[LoadedModel] = Field(default_factory=list)
+    available: list[ModelSpec] = Field(default_factory=list)
+
+
+class LoadRequest(BaseModel):
+    """POST /models/load."""
+
+    model: str
+    source: str | None = None
+    devices: list[str] | None = None
+    dtype: str | None = None
+    wait: bool = True
+
+
+class UnloadRequest(BaseModel):
+    """POST /models/unload."""
+
+    model: str
+    force: bool = False

@@ -1,0 +1,41 @@
+"""The one place each API surface's error envelope is built from a CortexError."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cortex.core.errors import CortexError
+
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "invalid_request_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def openai_error(err: CortexError) -> dict[str, Any]:
+    """OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
+    return {
+        "error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}
+    }
+
+
+def anthropic_error(err: CortexError) -> dict[str, Any]:
+    """Anthropic's envelope: {"type": "error", "error": {"type", "message"}}."""
+    kind = _ANTHROPIC_TYPES.get(err.status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def error_headers(err: CortexError) -> dict[str, str]:
+    """Retry-After for overload, budget and unavailability answers."""
+    if err.retry_after is None:
+        return {}
+    return {"Retry-After": str(max(1, round(err.retry_after)))}

@@ -1,0 +1,60 @@
+"""What the HTTP layer asks of the engine, and what the engine streams back.
+
+The seam between the neuron's API (server.py) and its runtime (runtime.py, engine, device workers):
+the API turns requests into a prompt (token ids) plus SamplingParams, and reads a stream of
+GenerationEvents. Stop strings are applied by the engine, so stopped text never leaves it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Used when neither the request nor the model's generation_config sets a value.
+FALLBACK_TEMPERATURE = 1.0
+FALLBACK_TOP_P = 1.0
+FALLBACK_TOP_K = 0  # 0 = off
+FALLBACK_MAX_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-sequence sampling; None means: the model's generation_config, then the fallback."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text for the client (already cleared of stop strings and partial UTF-8)."""
+
+    text: str
+    completion_tokens: int  # total so far
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of every generation."""
+
+    reason: Literal["stop", "length", "cancelled", "error"]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+GenerationEvent = TextDelta | Finished
+
+
+@dataclass
+class ChatPrompt:
+    """A rendered chat prompt: the token ids, and the text they came from (for debugging)."""
+
+    token_ids: list[int]
+    text: str = ""
+    tools_rendered: bool = field(default=False)
