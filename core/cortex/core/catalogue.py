@@ -52,7 +52,8 @@ class ModelSpec(BaseModel):
     kind: Literal["chat", "embedding"] = "chat"
     aliases: list[str] = Field(default_factory=list, description="other names routed here")
     memory: ByteSize | None = Field(
-        default=None, description="memory budget (weights + KV); estimated from the weights if unset"
+        default=None,
+        description="memory budget (weights + KV); estimated from the weights if unset",
     )
     min_devices: int = Field(default=1, ge=1, description="devices one replica is split over")
     pinned_on: list[str] = Field(

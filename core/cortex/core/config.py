@@ -35,13 +35,16 @@ class NeuronSection(_Section):
     admin_token: str | None = Field(default=None, description="required by lifecycle endpoints")
     preload: list[str] = Field(default_factory=list, description="model ids loaded at start")
     devices: list[str] = Field(
-        default_factory=list, description="restrict to these workers (cpu-0, cuda-dev-0); all if empty"
+        default_factory=list,
+        description="restrict to these workers (cpu-0, cuda-dev-0); all if empty",
     )
     cpu_memory: ByteSize | None = Field(
         default=None, description="memory the cpu-0 device may use for models; default half of RAM"
     )
     dtype: str = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU")
-    max_running: int = Field(default=32, ge=1, description="sequences generating at once, per model")
+    max_running: int = Field(
+        default=32, ge=1, description="sequences generating at once, per model"
+    )
     max_queue: int = Field(default=128, ge=0, description="requests waiting for a slot, per model")
     queue_timeout: Seconds = Field(default=30.0, description="longest wait for a slot before 503")
     max_body_bytes: ByteSize = Field(default=8 * 2**20, description="larger bodies get 413")
@@ -93,7 +96,9 @@ class NeuronEntry(_Section):
 class ApiKey(_Section):
     key: str | None = Field(default=None, description="the secret; or key_env")
     key_env: str | None = Field(default=None, description="environment variable holding the key")
-    name: str = Field(min_length=1, description="who the key belongs to (shown in logs, not the key)")
+    name: str = Field(
+        min_length=1, description="who the key belongs to (shown in logs, not the key)"
+    )
     models: list[str] = Field(default_factory=list, description="allowlist; empty allows all")
     budget_tokens: int | None = Field(default=None, ge=0, description="tokens allowed")
     budget_window: Seconds | None = Field(
@@ -103,14 +108,18 @@ class ApiKey(_Section):
     def secret(self) -> str:
         value = self.key or (os.environ.get(self.key_env) if self.key_env else None)
         if not value:
-            raise ConfigError(f"auth key {self.name!r}: set key, or key_env to a non-empty variable")
+            raise ConfigError(
+                f"auth key {self.name!r}: set key, or key_env to a non-empty variable"
+            )
         return value
 
 
 class AuthSection(_Section):
     enabled: bool = False
     keys: list[ApiKey] = Field(default_factory=list)
-    neuron_admin_token: str | None = Field(default=None, description="sent to neurons on load/unload")
+    neuron_admin_token: str | None = Field(
+        default=None, description="sent to neurons on load/unload"
+    )
 
 
 class GatewayConfig(_Section):

@@ -1,0 +1,89 @@
+"""Compute devices of this node: discovered through torch, CPU as the fallback."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from cortex.core.fleet import DeviceStatus
+
+
+def _system_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class Device:
+    """One device and the memory cortex has committed on it (weights + KV budgets)."""
+
+    id: str
+    index: int
+    kind: Literal["cpu", "cuda"]
+    name: str
+    memory_total: int
+    committed: int = 0
+    healthy: bool = True
+    error: str | None = None
+    _torch: torch.device = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._torch = (
+            torch.device("cpu") if self.kind == "cpu" else torch.device("cuda", self.index)
+        )
+
+    @property
+    def torch_device(self) -> torch.device:
+        return self._torch
+
+    def memory_free(self) -> int:
+        """What a new model may still take: the budget left, and on CUDA what the driver reports."""
+        budget_left = max(0, self.memory_total - self.committed)
+        if self.kind == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.index)
+            return min(budget_left, free)
+        return budget_left
+
+    def status(self) -> DeviceStatus:
+        free = self.memory_free()
+        return DeviceStatus(
+            id=self.id,
+            index=self.index,
+            kind=self.kind,
+            name=self.name,
+            memory_total=self.memory_total,
+            memory_free=free,
+            memory_used=self.memory_total - free,
+            healthy=self.healthy,
+            error=self.error,
+        )
+
+
+def discover(cpu_memory: int | None = None, only: list[str] | None = None) -> list[Device]:
+    """One Device per CUDA GPU torch sees (cuda-dev-N); cpu-0 when there is none or it is asked for."""
+    devices: list[Device] = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            devices.append(
+                Device(f"cuda-dev-{index}", index, "cuda", props.name, props.total_memory)
+            )
+    if not devices or (only and "cpu-0" in only):
+        total = cpu_memory if cpu_memory is not None else _system_memory() // 2
+        devices.append(Device("cpu-0", 0, "cpu", _cpu_name(), total))
+    if only:
+        devices = [d for d in devices if d.id in only]
+    return devices
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} threads)"
+    except OSError:
+        pass
+    return f"cpu ({os.cpu_count()} threads)"

@@ -1,0 +1,174 @@
+"""Loading weights onto a device (runs on the device's worker thread only).
+
+GGUF files are de-quantized by transformers on every load (slow: the tokenizer and the tensors are
+converted); the converted model is saved once as safetensors under the cache dir, so the next load
+of the same file reads it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from cortex.core.errors import ModelLoadFailed
+from cortex.neuron.devices import Device
+from cortex.neuron.sources import LocalModel
+
+log = logging.getLogger(__name__)
+Progress = Callable[[float], None]
+
+
+@dataclass
+class LoadedWeights:
+    """A model and its tokenizer, resident on `devices`."""
+
+    model: Any
+    tokenizer: Any
+    kind: Literal["chat", "embedding"]
+    context_length: int
+    generation_config: dict[str, Any]
+    eos_token_ids: set[int]
+
+
+def pick_dtype(requested: str | None, device: Device) -> str:
+    """auto: bfloat16 on CUDA (half the memory, native speed), float32 on CPU (bf16 is slow there)."""
+    if requested and requested != "auto":
+        if requested not in ("float32", "float16", "bfloat16"):
+            raise ModelLoadFailed(
+                f"unknown dtype {requested!r}: float32, float16, bfloat16 or auto"
+            )
+        return requested
+    return "bfloat16" if device.kind == "cuda" else "float32"
+
+
+def load_weights(
+    local: LocalModel,
+    kind: Literal["chat", "embedding"],
+    devices: list[Device],
+    dtype: str,
+    cache_dir: Path,
+    progress: Progress,
+) -> LoadedWeights:
+    """Load a chat or embedding model onto devices[0] (split over all of them when several)."""
+    try:
+        directory, gguf_file = _materialize(local, cache_dir, progress)
+        progress(0.6)
+        if kind == "embedding":
+            return _load_embedding(directory, devices[0], dtype)
+        return _load_causal(directory, gguf_file, devices, dtype)
+    except ModelLoadFailed:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if "CUDA" in str(exc):
+            raise
+        raise ModelLoadFailed(f"cannot load {local.source}: {type(exc).__name__}: {exc}") from exc
+
+
+def _materialize(local: LocalModel, cache_dir: Path, progress: Progress) -> tuple[Path, str | None]:
+    """A directory to load from: the model's own, or the converted-GGUF cache (filled on first use)."""
+    if local.format == "hf":
+        return local.path, None
+    cached = _cache_path(local.path, cache_dir)
+    if (cached / "config.json").is_file():
+        return cached, None
+    progress(0.1)
+    try:
+        _convert_gguf(local.path, cached)
+    except OSError as exc:  # a read-only or full cache must not stop the load itself
+        log.warning("cannot cache converted %s: %s", local.path, exc)
+        return local.path.parent, local.path.name
+    return cached, None
+
+
+def _cache_path(gguf: Path, cache_dir: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return cache_dir.expanduser() / "converted" / f"{gguf.stem}-{key[:16]}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)  # atomic: a crash mid-save never leaves a half cache behind
+
+
+def _load_causal(
+    directory: Path, gguf_file: str | None, devices: list[Device], dtype: str
+) -> LoadedWeights:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "gguf_file": gguf_file}
+    if len(devices) > 1:  # split layers over the GPUs of this node
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {d.index: d.memory_free() for d in devices}
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    if len(devices) == 1:
+        model.to(devices[0].torch_device)
+    model.eval()
+    generation = model.generation_config.to_dict() if model.generation_config else {}
+    eos = generation.get("eos_token_id", tokenizer.eos_token_id)
+    eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(int(tokenizer.eos_token_id))
+    return LoadedWeights(
+        model=model,
+        tokenizer=tokenizer,
+        kind="chat",
+        context_length=int(getattr(model.config, "max_position_embeddings", 2048)),
+        generation_config=generation,
+        eos_token_ids=eos_ids,
+    )
+
+
+def _load_embedding(directory: Path, device: Device, dtype: str) -> LoadedWeights:
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModel.from_pretrained(directory, dtype=getattr(torch, dtype))
+    model.to(device.torch_device).eval()
+    context = min(
+        int(getattr(model.config, "max_position_embeddings", 512)),
+        int(getattr(tokenizer, "model_max_length", 512) or 512),
+    )
+    return LoadedWeights(model, tokenizer, "embedding", context, {}, set())
+
+
+@torch.inference_mode()
+def embed(
+    weights: LoadedWeights, texts: list[str], device: Device
+) -> tuple[list[list[float]], int]:
+    """Mean-pooled, L2-normalized sentence embeddings (the sentence-transformers recipe for MiniLM)."""
+    batch = weights.tokenizer(
+        texts, padding=True, truncation=True, max_length=weights.context_length, return_tensors="pt"
+    ).to(device.torch_device)
+    hidden = weights.model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    vectors = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
+    return vectors.cpu().tolist(), int(batch["attention_mask"].sum().item())
+
+
+def release(weights: LoadedWeights, devices: list[Device]) -> None:
+    """Drop the model's tensors and give the memory back to the allocator."""
+    weights.model = None
+    import gc
+
+    gc.collect()
+    if any(d.kind == "cuda" for d in devices):
+        torch.cuda.empty_cache()

@@ -1,0 +1,353 @@
+"""The neuron runtime: devices and their workers, the models resident on them, loads and unloads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cortex.core.catalogue import DEFAULT_CATALOGUE, ModelSpec, merge_catalogues, resolve_alias
+from cortex.core.config import NeuronConfig
+from cortex.core.errors import (
+    CapacityExhausted,
+    CortexError,
+    InvalidRequest,
+    ModelBusy,
+    ModelNotFound,
+    NeuronUnavailable,
+)
+from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, ModelState, NeuronStatus
+from cortex.neuron import loader, sources
+from cortex.neuron.admission import Admission
+from cortex.neuron.chat_template import render_chat
+from cortex.neuron.devices import Device, discover
+from cortex.neuron.engine import Engine, Sequence
+from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams
+from cortex.neuron.worker import DeviceWorker
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+# KV memory budgeted per chat model when its spec names no memory: this many tokens in flight.
+KV_BUDGET_TOKENS = 16384
+
+
+@dataclass
+class Replica:
+    """A model on this neuron: its lifecycle record, and once ready its weights and engine."""
+
+    spec: ModelSpec
+    state: ModelState = ModelState.LOADING
+    devices: list[Device] = field(default_factory=list)
+    memory: int = 0
+    progress: float = 0.0
+    error: str | None = None
+    loaded_at: float | None = None
+    last_used: float | None = None
+    served: ServedModel | None = None
+
+    def record(self) -> LoadedModel:
+        served = self.served
+        return LoadedModel(
+            id=self.spec.id,
+            source=self.spec.source,
+            kind=self.spec.kind,
+            state=self.state,
+            devices=[d.id for d in self.devices],
+            memory_bytes=self.memory,
+            context_length=served.context_length if served else self.spec.context,
+            in_flight=served.admission.running if served else 0,
+            queued=served.admission.queued if served else 0,
+            last_used=self.last_used,
+            loaded_at=self.loaded_at,
+            progress=self.progress,
+            error=self.error,
+        )
+
+
+class ServedModel:
+    """A ready model: tokenization on the caller's thread, every tensor op on its device worker."""
+
+    def __init__(
+        self, replica: Replica, weights: loader.LoadedWeights, worker: DeviceWorker, config: Any
+    ) -> None:
+        self.replica = replica
+        self.id = replica.spec.id
+        self.kind: Literal["chat", "embedding"] = weights.kind
+        limit = replica.spec.context
+        self.context_length = min(weights.context_length, limit or weights.context_length)
+        self.weights = weights
+        self.worker = worker
+        self.admission = Admission(config.max_running, config.max_queue, config.queue_timeout)
+        self.engine: Engine | None = None
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[int]:
+        text = render_chat(self.weights.tokenizer, messages, tools)
+        return self.encode(text)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.weights.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.weights.tokenizer.decode(ids, skip_special_tokens=True))
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationEvent]:
+        """Stream a generation; leaving early (aclose, cancellation) cancels the sequence."""
+        if self.engine is None:
+            raise InvalidRequest(f"model {self.id!r} is an embedding model", param="model")
+        engine = self.engine
+        async with self.admission.slot():
+            self.replica.last_used = time.time()
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+            sequence = Sequence(
+                prompt_ids,
+                params,
+                lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            )
+            self.worker.call_soon(lambda: engine.add(sequence))
+            finished = False
+            try:
+                while not finished:
+                    event = await events.get()
+                    finished = isinstance(event, Finished)
+                    yield event
+            finally:
+                if not finished:
+                    sequence.cancel()
+                self.replica.last_used = time.time()
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        if self.kind != "embedding":
+            raise InvalidRequest(f"model {self.id!r} is not an embedding model", param="model")
+        async with self.admission.slot():
+            self.replica.last_used = time.time()
+            weights, device = self.weights, self.worker.device
+            return await self.worker.run(lambda: loader.embed(weights, texts, device))
+
+
+class NeuronRuntime:
+    """Everything a neuron holds; the HTTP layer (server.py) only calls these methods."""
+
+    def __init__(self, config: NeuronConfig, catalogue: list[ModelSpec] | None = None) -> None:
+        self.config = config
+        base = list(DEFAULT_CATALOGUE) if catalogue is None else catalogue
+        self.catalogue = merge_catalogues(base, config.models)
+        self.devices: list[Device] = []
+        self.workers: dict[str, DeviceWorker] = {}
+        self.replicas: dict[str, Replica] = {}
+        self._loads: dict[str, asyncio.Task[Replica]] = {}
+
+    async def start(self) -> None:
+        section = self.config.neuron
+        self.devices = discover(section.cpu_memory, section.devices or None)
+        for device in self.devices:
+            self.workers[device.id] = worker = DeviceWorker(device)
+            worker.start()
+        for model in section.preload:
+            await self.load(LoadRequest(model=model))
+
+    async def stop(self) -> None:
+        for task in self._loads.values():
+            task.cancel()
+        for model in list(self.replicas):
+            await self.unload(model, force=True)
+        for worker in self.workers.values():
+            await asyncio.to_thread(worker.stop)
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.devices) and any(d.healthy for d in self.devices)
+
+    def status(self) -> NeuronStatus:
+        models = [r.record() for r in self.replicas.values()]
+        return NeuronStatus(
+            node=self.config.neuron.name,
+            version=VERSION,
+            healthy=self.healthy,
+            devices=[d.status() for d in self.devices],
+            models=models,
+            in_flight=sum(m.in_flight for m in models),
+            queued=sum(m.queued for m in models),
+        )
+
+    def listing(self) -> ModelListing:
+        loaded = [r.record() for r in self.replicas.values()]
+        available = [s for s in self.catalogue if _source_present(s)]
+        return ModelListing(loaded=loaded, available=available)
+
+    def served(self, model: str) -> ServedModel:
+        replica = self._replica(model)
+        if replica is None:
+            raise ModelNotFound(f"model {model!r} is not loaded on {self.config.neuron.name}")
+        if replica.state is ModelState.LOADING:
+            raise NeuronUnavailable(f"model {model!r} is still loading", retry_after=2.0)
+        if replica.served is None or replica.state is not ModelState.READY:
+            raise ModelNotFound(f"model {model!r} is {replica.state.value}")
+        return replica.served
+
+    def _replica(self, name: str) -> Replica | None:
+        if name in self.replicas:
+            return self.replicas[name]
+        spec = resolve_alias(self.catalogue, name)
+        return self.replicas.get(spec.id) if spec else None
+
+    async def load(self, request: LoadRequest) -> LoadedModel:
+        """Idempotent and single-flight: concurrent loads of one model share one task."""
+        spec = self._spec_for(request)
+        existing = self.replicas.get(spec.id)
+        if existing and existing.state is ModelState.READY:
+            return existing.record()
+        task = self._loads.get(spec.id)
+        if task is None:
+            replica = Replica(spec)
+            self.replicas[spec.id] = replica
+            task = asyncio.create_task(self._load(replica, request))
+            self._loads[spec.id] = task
+            task.add_done_callback(lambda _: self._loads.pop(spec.id, None))
+        if not request.wait:
+            return self.replicas[spec.id].record()
+        return (await asyncio.shield(task)).record()
+
+    def _spec_for(self, request: LoadRequest) -> ModelSpec:
+        known = resolve_alias(self.catalogue, request.model)
+        if request.source:
+            base = known.model_dump() if known else {"id": request.model}
+            return ModelSpec.model_validate(base | {"source": request.source})
+        if known is None:
+            raise ModelNotFound(
+                f"model {request.model!r} is not in this neuron's catalogue; pass a source"
+            )
+        return known
+
+    async def _load(self, replica: Replica, request: LoadRequest) -> Replica:
+        try:
+            await self._place_and_load(replica, request)
+        except BaseException as exc:
+            self._release(replica)
+            replica.state, replica.served = ModelState.FAILED, None
+            replica.error = exc.message if isinstance(exc, CortexError) else repr(exc)
+            log.warning("load of %s failed: %s", replica.spec.id, replica.error)
+            raise
+        return replica
+
+    async def _place_and_load(self, replica: Replica, request: LoadRequest) -> None:
+        spec = replica.spec
+        local = await asyncio.to_thread(sources.resolve, spec.source)
+        footprint = await asyncio.to_thread(sources.footprint, local)
+        replica.progress = 0.05
+        devices = self._pick_devices(request.devices, spec.min_devices)
+        dtype = loader.pick_dtype(
+            request.dtype or spec.dtype or self.config.neuron.dtype, devices[0]
+        )
+        replica.memory = spec.memory or _estimate(footprint, dtype, spec.kind)
+        per_device = replica.memory // len(devices)
+        short = [d for d in devices if d.memory_free() < per_device]
+        if short:
+            raise CapacityExhausted(
+                f"model {spec.id!r} needs {replica.memory / 2**20:.0f} MiB; {short[0].id} has "
+                f"{short[0].memory_free() / 2**20:.0f} MiB free"
+            )
+        for device in devices:
+            device.committed += per_device
+        replica.devices = devices
+        worker = self.workers[devices[0].id]
+        cache = self.config.neuron.cache_dir
+
+        def progress(value: float) -> None:
+            replica.progress = value
+
+        weights = await worker.run(
+            lambda: loader.load_weights(local, spec.kind, devices, dtype, cache, progress)
+        )
+        served = ServedModel(replica, weights, worker, self.config.neuron)
+        if weights.kind == "chat":
+            served.engine = await worker.run(lambda: self._start_engine(served, weights, worker))
+        replica.served, replica.state = served, ModelState.READY
+        replica.progress, replica.loaded_at = 1.0, time.time()
+
+    def _start_engine(
+        self, served: ServedModel, weights: loader.LoadedWeights, worker: DeviceWorker
+    ) -> Engine:
+        """Worker thread: build the model's engine and let the worker drive it."""
+        generation = weights.generation_config
+        engine = Engine(
+            weights.model,
+            weights.tokenizer,
+            device=worker.device.torch_device,
+            max_running=self.config.neuron.max_running,
+            defaults=SamplingParams(
+                temperature=generation.get("temperature"),
+                top_p=generation.get("top_p"),
+                top_k=generation.get("top_k"),
+            ),
+            eos_token_ids=weights.eos_token_ids,
+            context_length=served.context_length,
+        )
+        worker.attach(engine)
+        return engine
+
+    def _pick_devices(self, wanted: list[str] | None, count: int) -> list[Device]:
+        healthy = [d for d in self.devices if d.healthy]
+        if wanted:
+            unknown = [w for w in wanted if w not in {d.id for d in healthy}]
+            if unknown:
+                raise InvalidRequest(f"unknown or unhealthy devices: {unknown}", param="devices")
+            return [d for d in healthy if d.id in wanted]
+        if len(healthy) < count:
+            raise CapacityExhausted(f"needs {count} devices, {len(healthy)} healthy here")
+        return sorted(healthy, key=lambda d: d.memory_free(), reverse=True)[:count]
+
+    async def unload(self, model: str, *, force: bool = False) -> None:
+        replica = self._replica(model)
+        if replica is None:
+            raise ModelNotFound(f"model {model!r} is not loaded")
+        task = self._loads.get(replica.spec.id)
+        if task is not None:  # a load in progress: stop waiting for it, then clean up
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        served = replica.served
+        if served and served.admission.running and not force:
+            raise ModelBusy(
+                f"model {model!r} has {served.admission.running} requests in flight; force to unload"
+            )
+        replica.state = ModelState.UNLOADING
+        if served is not None:
+            await served.worker.run(lambda: self._stop_engine(served))
+        self._release(replica)
+        self.replicas.pop(replica.spec.id, None)
+
+    @staticmethod
+    def _stop_engine(served: ServedModel) -> None:
+        """Worker thread: fail what is still running, detach, free the weights."""
+        if served.engine is not None:
+            served.engine.fail_all("model unloaded")
+            served.worker.detach(served.engine)
+            served.engine = None
+        loader.release(served.weights, [served.worker.device])
+
+    def _release(self, replica: Replica) -> None:
+        if replica.devices:
+            per_device = replica.memory // len(replica.devices)
+            for device in replica.devices:
+                device.committed = max(0, device.committed - per_device)
+        replica.devices = []
+
+
+def _estimate(footprint: sources.Footprint, dtype: str, kind: str) -> int:
+    kv = footprint.kv_per_token(dtype) * KV_BUDGET_TOKENS if kind == "chat" else 0
+    return footprint.weights(dtype) + kv
+
+
+def _source_present(spec: ModelSpec) -> bool:
+    try:
+        sources.resolve(spec.source, download=False)
+    except CortexError:
+        return False
+    return True
