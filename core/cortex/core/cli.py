@@ -1,0 +1,125 @@
+"""The `cortex` command. Every flag can also come from an environment variable (CORTEX_<FLAG>)
+and, where it has one, from the config file; the flag wins, then the variable, then the file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cortex.core.config import ConfigError
+from cortex.core.errors import CortexError
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(f"CORTEX_{name.upper().replace('-', '_')}") or None
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, help: str, **kwargs: Any) -> None:
+    """A flag whose default is CORTEX_<NAME> (shown in --help)."""
+    env = f"CORTEX_{name.upper().replace('-', '_')}"
+    parser.add_argument(f"--{name}", default=_env(name), help=f"{help} [env {env}]", **kwargs)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cortex", description="Self-hosted LLM fleet gateway (OpenAI + Anthropic APIs)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="gateway + an in-process neuron on this machine")
+    _flag(up, "host", "listen address (default 127.0.0.1)")
+    _flag(up, "port", "API port (default 31313)", type=int)
+    _flag(up, "metrics-port", "Prometheus port (default 31314)", type=int)
+    _flag(up, "config", "cortex.toml")
+    _flag(up, "neuron-config", "neuron.toml for the in-process neuron")
+
+    neuron = commands.add_parser("neuron", help="run the neuron daemon on this machine")
+    _flag(neuron, "host", "listen address (default 127.0.0.1)")
+    _flag(neuron, "port", "port (default 13131)", type=int)
+    _flag(neuron, "config", "neuron.toml")
+    _flag(neuron, "admin-token", "token required by load/unload")
+    neuron.add_argument(
+        "--preload", nargs="*", default=_split(_env("preload")), metavar="MODEL",
+        help="models to load at start [env CORTEX_PRELOAD, comma separated]",
+    )  # fmt: skip
+
+    gateway = commands.add_parser("gateway", help="run the gateway over a static fleet")
+    _flag(gateway, "config", "cortex.toml")
+    _flag(gateway, "host", "listen address (overrides [gateway].listen)")
+    _flag(gateway, "port", "API port (overrides [gateway].listen)", type=int)
+    _flag(gateway, "metrics-port", "Prometheus port (overrides [gateway].metrics_listen)", type=int)
+
+    commands.add_parser("operator", help="run the Kubernetes operator (kopf)")
+
+    status = commands.add_parser("status", help="show the fleet (gateway or neuron endpoint)")
+    _flag(status, "endpoint", "gateway or neuron URL (default http://127.0.0.1:31313)")
+
+    models = commands.add_parser("models", help="list, load or unload models")
+    _flag(models, "endpoint", "neuron URL (default http://127.0.0.1:13131)")
+    _flag(models, "admin-token", "neuron admin token")
+    actions = models.add_subparsers(dest="action", metavar="ACTION")
+    actions.add_parser("list", help="models loaded and loadable")
+    load = actions.add_parser("load", help="load a model, with a progress bar")
+    load.add_argument("model")
+    load.add_argument("--source", help="pkg:, file: or hf: source (catalogued models need none)")
+    unload = actions.add_parser("unload", help="unload a model")
+    unload.add_argument("model")
+    unload.add_argument("--force", action="store_true", help="even with requests in flight")
+
+    bench = commands.add_parser("bench", help="run benchmarks (see bench/)")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to `python -m bench`")
+    return parser
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _dispatch(args)
+    except (ConfigError, CortexError) as exc:
+        print(f"cortex: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from cortex.core import commands
+
+    if args.command == "up":
+        asyncio.run(commands.up(args))
+    elif args.command == "neuron":
+        asyncio.run(commands.neuron(args))
+    elif args.command == "gateway":
+        asyncio.run(commands.gateway(args))
+    elif args.command == "operator":
+        return commands.operator()
+    elif args.command == "status":
+        return asyncio.run(commands.status(args.endpoint or "http://127.0.0.1:31313"))
+    elif args.command == "models":
+        return asyncio.run(commands.models(args))
+    elif args.command == "bench":
+        return commands.bench(args.args)
+    return 0
+
+
+def config_path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Config files: the shipped examples validate, and every mistake is reported by key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cortex.core.catalogue import parse_bytes, parse_seconds
+from cortex.core.config import (
+    ConfigError,
+    GatewayConfig,
+    NeuronConfig,
+    load_config,
+    load_gateway_config,
+)
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def test_examples_validate() -> None:
+    neuron = load_config(EXAMPLES / "neuron.toml", NeuronConfig)
+    assert neuron.neuron.port == 13131 and neuron.neuron.cpu_memory == 8 * 2**30
+    assert neuron.neuron.queue_timeout == 30.0
+    gateway = load_gateway_config(EXAMPLES / "cortex.toml")
+    assert [n.name for n in gateway.neurons] == ["gpu-node-a", "gpu-node-b"]
+    assert gateway.eviction.strategy == "lru" and gateway.auth.keys[0].budget_window == 86400
+    assert {m.id for m in gateway.models} >= {"smollm2-135m-instruct", "qwen2.5-7b-instruct"}
+    assert next(m for m in gateway.models if m.id.startswith("qwen")).memory == 18 * 2**30
+
+
+@pytest.mark.parametrize(
+    ("text", "model", "message"),
+    [
+        (
+            "[gateway]\nlisten = 'nohost'\n",
+            GatewayConfig,
+            "gateway.listen: Value error, expected host:port",
+        ),
+        ("[gateway]\nlistn = '1:2'\n", GatewayConfig, "gateway.listn: unknown key"),
+        (
+            "[eviction]\nstrategy = 'fifo'\n",
+            GatewayConfig,
+            "eviction.strategy: Input should be 'lru' or 'priority'",
+        ),
+        ("[[neurons]]\nname = 'a'\nendpoint = 'ftp://x'\n", GatewayConfig, "neurons[0].endpoint"),
+        ("[[models]]\nid = 'm'\n", GatewayConfig, "models[0].source: Field required"),
+        (
+            "[[models]]\nid = 'm'\nsource = 'pkg:x/y'\nmemory = 'lots'\n",
+            GatewayConfig,
+            "models[0].memory",
+        ),
+        ("[neuron]\nport = 'abc'\n", NeuronConfig, "neuron.port"),
+        ("[neuron]\nmax_running = 0\n", NeuronConfig, "neuron.max_running"),
+        ("[neuron\n", NeuronConfig, "not valid TOML"),
+    ],
+)
+def test_errors_name_the_bad_key(tmp_path: Path, text: str, model: type, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, model)
+    assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_missing_file_and_missing_models_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.toml", NeuronConfig)
+    config = tmp_path / "cortex.toml"
+    config.write_text("[gateway]\nmodels_file = 'nope.toml'\n")
+    with pytest.raises(ConfigError, match=r"nope\.toml: no such file"):
+        load_gateway_config(config)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("2GiB", 2 * 2**30), ("512 MB", 512 * 10**6), (1024, 1024), ("1.5k", 1500)],
+)
+def test_byte_sizes(value: object, expected: int) -> None:
+    assert parse_bytes(value) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [("30s", 30), ("10m", 600), ("1h", 3600), (5, 5)])
+def test_durations(value: object, expected: float) -> None:
+    assert parse_seconds(value) == expected
