@@ -56,8 +56,6 @@ def _parser() -> argparse.ArgumentParser:
     _flag(gateway, "port", "API port (overrides [gateway].listen)", type=int)
     _flag(gateway, "metrics-port", "Prometheus port (overrides [gateway].metrics_listen)", type=int)
 
-    commands.add_parser("operator", help="run the Kubernetes operator (kopf)")
-
     status = commands.add_parser("status", help="show the fleet (gateway or neuron endpoint)")
     _flag(status, "endpoint", "gateway or neuron URL (default http://127.0.0.1:31313)")
 
@@ -106,8 +104,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         asyncio.run(commands.neuron(args))
     elif args.command == "gateway":
         asyncio.run(commands.gateway(args))
-    elif args.command == "operator":
-        return commands.operator()
     elif args.command == "status":
         return asyncio.run(commands.status(args.endpoint or "http://127.0.0.1:31313"))
     elif args.command == "models":

@@ -116,12 +116,6 @@ async def up(args: argparse.Namespace) -> None:
         await runtime.stop()
 
 
-def operator() -> int:
-    return subprocess.call(
-        [sys.executable, "-m", "kopf", "run", "-m", "cortex.operator.main", "--all-namespaces"]
-    )
-
-
 async def status(endpoint: str) -> int:
     """Fleet table from a gateway's /fleet, or from a single neuron's /status."""
     async with httpx.AsyncClient(base_url=endpoint.rstrip("/"), timeout=5) as http:
