@@ -7,10 +7,11 @@ clocks and never sleeps: time is the `now` argument.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from cortex.core.catalogue import ModelSpec
+from cortex.core.eviction import EvictionKey, choose_victims, eviction_key
 from cortex.core.fleet import ModelState
 
 
@@ -55,12 +56,16 @@ class Policy:
     defrag_after_cycles: int = 0
 
 
+UnloadReason = Literal["evict", "idle", "defrag"]
+
+
 @dataclass(frozen=True)
 class Load:
     """Load `model` on `neuron`."""
 
     model: str
     neuron: str
+    memory: int = 0  # bytes the planner reserved for it (0: size unknown)
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class Unload:
 
     model: str
     neuron: str
-    reason: Literal["evict", "idle", "defrag"]
+    reason: UnloadReason
 
 
 Action = Load | Unload
@@ -95,5 +100,361 @@ def plan(
     selectors: Mapping[str, Mapping[str, str]] | None = None,
     estimates: Mapping[str, int] | None = None,
 ) -> Plan:
-    """Decide what to load and unload so demanded, pinned and minimum replicas are placed."""
-    raise NotImplementedError
+    """Decide what to load and unload so demanded, pinned and minimum replicas are placed.
+
+    Order: idle unloads, then pins, then minimum replica counts, then demand (most waiting first).
+    """
+    work = _Work(fleet, catalogue, demand, policy, now, cycle, min_replicas, selectors, estimates)
+    work.unload_idle()
+    work.place_pins()
+    work.place_minimums()
+    work.place_demand()
+    return work.result()
+
+
+def apply_plan(fleet: Sequence[NeuronView], planned: Plan, now: float) -> tuple[NeuronView, ...]:
+    """The snapshot as it will be once every action has succeeded (simulation, tests)."""
+    views = {view.name: view for view in fleet}
+    for action in planned.actions:
+        view = views[action.neuron]
+        kept = tuple(r for r in view.replicas if r.model != action.model)
+        if isinstance(action, Load):
+            arrived = ReplicaView(action.model, ModelState.READY, action.memory, loaded_at=now)
+            view = replace(
+                view, replicas=(*kept, arrived), memory_free=view.memory_free - action.memory
+            )
+        else:
+            gone = sum(r.memory for r in view.replicas if r.model == action.model)
+            view = replace(view, replicas=kept, memory_free=view.memory_free + gone)
+        views[action.neuron] = view
+    return tuple(views[view.name] for view in fleet)
+
+
+_LIVE = frozenset({ModelState.READY, ModelState.LOADING})
+
+
+@dataclass
+class _Slot:
+    """Working state of one neuron while a plan is built."""
+
+    view: NeuronView
+    free: int
+    replicas: dict[str, ReplicaView]
+    # Loaded by this plan and never undone in it (replicas moved by defrag are not: they are as
+    # idle after the move as before, and as the next snapshot will show them).
+    planned: set[str] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.view.name
+
+    def hosts(self, model: str) -> bool:
+        """The model is live here, or arriving, or leaving (a second copy would collide)."""
+        replica = self.replicas.get(model)
+        return replica is not None and replica.state != ModelState.FAILED
+
+
+class _Work:
+    """A plan under construction over a mutable copy of the snapshot."""
+
+    def __init__(
+        self,
+        fleet: Sequence[NeuronView],
+        catalogue: Mapping[str, ModelSpec],
+        demand: Sequence[Demand],
+        policy: Policy,
+        now: float,
+        cycle: int,
+        min_replicas: Mapping[str, int] | None,
+        selectors: Mapping[str, Mapping[str, str]] | None,
+        estimates: Mapping[str, int] | None,
+    ) -> None:
+        self.slots = [
+            _Slot(view, view.memory_free, {r.model: r for r in view.replicas})
+            for view in sorted(fleet, key=lambda v: v.name)
+        ]
+        self.catalogue, self.policy, self.now = catalogue, policy, now
+        self.demand = sorted(_merge(demand).items(), key=lambda item: (-item[1], item[0]))
+        self.demanded = frozenset(model for model, _ in self.demand)
+        self.minimums = dict(min_replicas or {})
+        self.selectors = selectors or {}
+        self.estimates = estimates or {}
+        self.defrag = policy.defrag_after_cycles > 0 and cycle % policy.defrag_after_cycles == 0
+        self.actions: list[Action] = []
+        self.reasons: dict[str, str] = {}
+
+    # -- what the snapshot says, as changed by the actions so far
+
+    def slot(self, name: str) -> _Slot | None:
+        return next((slot for slot in self.slots if slot.name == name), None)
+
+    def live_count(self, model: str) -> int:
+        """Healthy neurons where the model is ready, loading, or loaded by this plan."""
+        count = 0
+        for slot in self.slots:
+            replica = slot.replicas.get(model)
+            live = replica is not None and replica.state in _LIVE
+            count += slot.view.healthy and live
+        return count
+
+    def size(self, model: str) -> int | None:
+        """Bytes a replica needs: the catalogue's budget, the caller's estimate, or what one uses."""
+        spec = self.catalogue.get(model)
+        if spec is not None and spec.memory is not None:
+            return spec.memory
+        if model in self.estimates:
+            return self.estimates[model]
+        seen = [s.replicas[model].memory for s in self.slots if model in s.replicas]
+        return max(seen) if seen and max(seen) > 0 else None
+
+    def usable(self, slot: _Slot, model: str) -> bool:
+        """The neuron may receive a load of this model (selector, health, cordon)."""
+        selector = self.selectors.get(model, {})
+        labels = slot.view.labels
+        return (
+            slot.view.healthy
+            and not slot.view.cordoned
+            and all(labels.get(key) == value for key, value in selector.items())
+        )
+
+    def eligible(self, model: str) -> list[_Slot]:
+        return [slot for slot in self.slots if self.usable(slot, model) and not slot.hosts(model)]
+
+    def pinned_here(self, model: str, slot: _Slot) -> bool:
+        spec = self.catalogue.get(model)
+        return spec is not None and slot.name in spec.pinned_on
+
+    def movable(self, slot: _Slot, replica: ReplicaView) -> bool:
+        """Idle, settled, unpinned here, not demanded and not placed by this plan."""
+        return (
+            replica.state == ModelState.READY
+            and replica.in_flight == 0
+            and replica.model not in slot.planned
+            and replica.model not in self.demanded
+            and not self.pinned_here(replica.model, slot)
+        )
+
+    def evictable(self, slot: _Slot, replica: ReplicaView) -> bool:
+        """Movable, and removing it keeps the model's minimum replica count."""
+        minimum = self.minimums.get(replica.model, 0)
+        return self.movable(slot, replica) and self.live_count(replica.model) > minimum
+
+    # -- actions
+
+    def load(self, slot: _Slot, model: str, size: int, *, protect: bool = True) -> None:
+        slot.free -= size
+        # Exactly what the next snapshot will show once the load is done, so plans are idempotent.
+        slot.replicas[model] = ReplicaView(model, ModelState.READY, size, loaded_at=self.now)
+        if protect:
+            slot.planned.add(model)
+        self.actions.append(Load(model, slot.name, size))
+
+    def unload(self, slot: _Slot, replica: ReplicaView, reason: UnloadReason) -> None:
+        slot.free += replica.memory
+        del slot.replicas[replica.model]
+        self.actions.append(Unload(replica.model, slot.name, reason))
+
+    # -- the four passes
+
+    def unload_idle(self) -> None:
+        """Unload replicas unused for longer than their model's idle_ttl."""
+        for slot in self.slots:
+            if not slot.view.healthy:
+                continue
+            for replica in sorted(slot.replicas.values(), key=lambda r: r.model):
+                spec = self.catalogue.get(replica.model)
+                touched = replica.last_used if replica.last_used is not None else replica.loaded_at
+                if spec is None or spec.idle_ttl is None or touched is None:
+                    continue
+                if touched < self.now - spec.idle_ttl and self.evictable(slot, replica):
+                    self.unload(slot, replica, "idle")
+
+    def place_pins(self) -> None:
+        """Load each pinned model on its pinned neurons (selectors do not apply to pins)."""
+        for model, spec in sorted(self.catalogue.items()):
+            for name in sorted(set(spec.pinned_on)):
+                slot = self.slot(name)
+                if slot is None or not self.usable_for_pin(slot) or slot.hosts(model):
+                    continue
+                reason = self.place(model, [slot])
+                if reason is not None:
+                    self.reasons[model] = f"pinned on {name}: {reason}"
+
+    @staticmethod
+    def usable_for_pin(slot: _Slot) -> bool:
+        return slot.view.healthy and not slot.view.cordoned
+
+    def place_minimums(self) -> None:
+        """Add replicas on distinct neurons until each model has its minimum."""
+        for model, wanted in sorted(self.minimums.items()):
+            while (have := self.live_count(model)) < wanted:
+                reason = self.place(model, self.eligible(model))
+                if reason is not None:
+                    self.reasons[model] = f"{have} of {wanted} replicas placed: {reason}"
+                    break
+
+    def place_demand(self) -> None:
+        """Load each demanded model that has no ready or loading replica."""
+        for model, _ in self.demand:
+            if self.live_count(model) > 0:
+                continue
+            reason = self.place(model, self.eligible(model))
+            if reason is not None:
+                self.reasons[model] = reason
+
+    # -- placing one replica
+
+    def place(self, model: str, slots: list[_Slot]) -> str | None:
+        """Load one replica on one of `slots`; None when done, else why it cannot be."""
+        if model not in self.catalogue:
+            return "not in the catalogue"
+        if not slots:
+            return self.no_neuron(model)
+        size = self.size(model)
+        # A neuron where this model's last load failed is tried only when no other one will do.
+        failed = [slot for slot in slots if model in slot.replicas]
+        for tier in ([slot for slot in slots if model not in slot.replicas], failed):
+            if tier and self.place_in(model, size, tier):
+                return None
+        return self.too_big(size, slots)
+
+    def place_in(self, model: str, size: int | None, slots: list[_Slot]) -> bool:
+        if size is None:
+            # Unknown size: most free memory, and nothing evicted on a guess; the neuron refuses
+            # what does not fit and reports the real size, which the next plan then uses.
+            self.load(min(slots, key=lambda s: (-s.free, s.name)), model, 0)
+            return True
+        fitting = [slot for slot in slots if slot.free >= size]
+        if fitting:
+            # Best fit: the tightest hole, so large holes stay free for large models.
+            self.load(min(fitting, key=lambda s: (s.free - size, s.name)), model, size)
+            return True
+        if self.defrag and self.defragment(model, size, slots):
+            return True
+        return self.evict_for(model, size, slots)
+
+    def evict_for(self, model: str, size: int, slots: list[_Slot]) -> bool:
+        """Evict on the neuron whose hottest victim is coldest, the fewest replicas needed there."""
+        best: (
+            tuple[tuple[tuple[EvictionKey, str], int, str], _Slot, tuple[ReplicaView, ...]] | None
+        ) = None
+        for slot in slots:
+            ordered = sorted(
+                (r for r in slot.replicas.values() if self.evictable(slot, r)), key=self.coldness
+            )
+            victims = choose_victims(ordered, size - slot.free)
+            if victims is None:
+                continue
+            cost = (max(map(self.coldness, victims)), len(victims), slot.name)
+            if best is None or cost < best[0]:
+                best = (cost, slot, victims)
+        if best is None:
+            return False
+        _, slot, victims = best
+        for victim in victims:
+            self.unload(slot, victim, "evict")
+        self.load(slot, model, size)
+        return True
+
+    def coldness(self, replica: ReplicaView) -> tuple[EvictionKey, str]:
+        return eviction_key(replica, self.catalogue, self.policy.strategy), replica.model
+
+    # -- defragmentation
+
+    def defragment(self, model: str, size: int, slots: list[_Slot]) -> bool:
+        """Make room by moving the smallest idle replicas off one neuron instead of evicting.
+
+        Only tried when the fleet's free memory could hold the model; a move is a Load elsewhere
+        followed by Unload(reason="defrag"), so the moved model stays served throughout.
+        """
+        free = sum(max(s.free, 0) for s in self.slots if s.view.healthy and not s.view.cordoned)
+        if free < size:
+            return False
+        best: tuple[tuple[int, int, str], _Slot, list[tuple[ReplicaView, _Slot]]] | None = None
+        for target in slots:
+            moves = self.moves_off(target, size - target.free)
+            if moves is None:
+                continue
+            cost = (len(moves), sum(replica.memory for replica, _ in moves), target.name)
+            if best is None or cost < best[0]:
+                best = (cost, target, moves)
+        if best is None:
+            return False
+        _, target, moves = best
+        for replica, destination in moves:
+            self.load(destination, replica.model, replica.memory, protect=False)
+            self.unload(target, replica, "defrag")
+        self.load(target, model, size)
+        return True
+
+    def moves_off(self, target: _Slot, shortfall: int) -> list[tuple[ReplicaView, _Slot]] | None:
+        """Smallest movable replicas on `target` freeing `shortfall`, each with a best-fit home."""
+        movable = sorted(
+            (r for r in target.replicas.values() if self.movable(target, r)),
+            key=lambda r: (r.memory, r.model),
+        )
+        chosen = choose_victims(movable, shortfall)
+        if not chosen:
+            return None
+        room = {slot.name: slot.free for slot in self.slots}
+        moves: list[tuple[ReplicaView, _Slot]] = []
+        for replica in sorted(chosen, key=lambda r: (-r.memory, r.model)):  # big first packs better
+            homes = [
+                slot
+                for slot in self.eligible(replica.model)
+                if slot is not target and room[slot.name] >= replica.memory
+            ]
+            if not homes:
+                return None
+            home = min(homes, key=lambda s: (room[s.name] - replica.memory, s.name))
+            room[home.name] -= replica.memory
+            moves.append((replica, home))
+        return moves
+
+    # -- explaining failures
+
+    def no_neuron(self, model: str) -> str:
+        selector = self.selectors.get(model)
+        if any(self.usable(slot, model) for slot in self.slots):
+            return "already on every neuron that may hold it"
+        if not any(slot.view.healthy for slot in self.slots):
+            return "no healthy neuron"
+        if selector:
+            wanted = ", ".join(f"{key}={value}" for key, value in sorted(selector.items()))
+            return f"no healthy, uncordoned neuron matches the selector {wanted}"
+        return "no healthy, uncordoned neuron"
+
+    @staticmethod
+    def too_big(size: int | None, slots: list[_Slot]) -> str:
+        largest = max(slot.view.memory_total for slot in slots)
+        if size is not None and size > largest:
+            return (
+                f"needs {_bytes(size)}, more than any neuron it may use holds ({_bytes(largest)})"
+            )
+        return (
+            f"needs {_bytes(size or 0)} and no neuron it may use can free that much: the rest is"
+            " pinned, in flight, loading, demanded or kept for a minimum replica count"
+        )
+
+    def result(self) -> Plan:
+        """The actions, and the unmet requirements of models that end up without enough replicas."""
+        unplaceable = {
+            model: reason
+            for model, reason in sorted(self.reasons.items())
+            if self.live_count(model) < max(1, self.minimums.get(model, 0))
+        }
+        return Plan(tuple(self.actions), unplaceable)
+
+
+def _merge(demand: Sequence[Demand]) -> dict[str, int]:
+    """Waiting clients per model (one model may appear more than once)."""
+    waiting: dict[str, int] = {}
+    for item in demand:
+        waiting[item.model] = waiting.get(item.model, 0) + item.waiting
+    return waiting
+
+
+def _bytes(size: int) -> str:
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    return f"{size / 2**20:.0f} MiB"
