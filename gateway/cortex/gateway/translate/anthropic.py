@@ -1,0 +1,399 @@
+"""Anthropic Messages <-> OpenAI chat: pure translation of requests, responses and stream events.
+
+Decisions a client can observe:
+- `thinking` is ignored, thinking blocks in history are dropped, and so are blocks and server
+  tools (no `input_schema`) cortex cannot serve; images become OpenAI `image_url` parts.
+- Tool arguments that are not a JSON object come back as `{"_raw": "<text>"}` (see toolcalls).
+- `stop_sequence`: the neuron stops *before* the stop string, so the text cannot show which one
+  ended generation. cortex reports `stop_sequence` when the upstream choice names the matched
+  string (`stop_reason`, vLLM's field, or `matched_stop`, SGLang's) and it is one of the
+  request's `stop_sequences`; otherwise a "stop" finish is reported as `end_turn`.
+- The reported `model` is the one the client asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cortex.core.errors import InvalidRequest
+from cortex.core.protocol.anthropic import (
+    AnthropicEvent,
+    ContentBlockDeltaEvent,
+    ContentBlockStartEvent,
+    ContentBlockStopEvent,
+    Conversation,
+    ErrorDetail,
+    ErrorEvent,
+    ImageBlock,
+    InputJsonDelta,
+    InputMessage,
+    MessageDelta,
+    MessageDeltaEvent,
+    MessageDeltaUsage,
+    MessagesRequest,
+    MessagesResponse,
+    MessageStartEvent,
+    MessageStopEvent,
+    OutputBlock,
+    PingEvent,
+    StopReason,
+    TextBlock,
+    TextDelta,
+    TextOutput,
+    ToolChoice,
+    ToolResultBlock,
+    ToolUseBlock,
+    ToolUseOutput,
+    Usage,
+)
+from cortex.core.protocol.openai import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    FunctionCall,
+    FunctionDef,
+    StreamOptions,
+    Tool,
+    ToolCall,
+)
+from cortex.core.protocol.openai import Usage as ChatUsage
+from cortex.gateway.translate.toolcalls import PendingToolCall, ToolCallBuffer, parse_arguments
+
+# ---- request --------------------------------------------------------------------------------
+
+
+def to_chat_request(req: Conversation) -> ChatCompletionRequest:
+    """A messages (or count_tokens) request as the OpenAI chat request a neuron serves."""
+    messages = _system_messages(req.system)
+    for message in req.messages:
+        messages.extend(_chat_messages(message))
+    if not messages:
+        raise InvalidRequest(
+            "messages contain nothing cortex can send to a model", param="messages"
+        )
+    tools = [
+        Tool(
+            function=FunctionDef(name=t.name, description=t.description, parameters=t.input_schema)
+        )
+        for t in req.tools or []
+        if t.input_schema is not None
+    ]
+    sampling: dict[str, Any] = {}
+    if isinstance(req, MessagesRequest):
+        sampling = {
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "top_k": req.top_k,
+            "stop": req.stop_sequences or None,
+            "stream": req.stream,
+            "stream_options": StreamOptions(include_usage=True) if req.stream else None,
+            "user": req.metadata.user_id if req.metadata else None,
+        }
+    choice = req.tool_choice
+    return ChatCompletionRequest(
+        model=req.model,
+        messages=messages,
+        tools=tools or None,
+        tool_choice=_tool_choice(choice) if tools and choice else None,
+        parallel_tool_calls=False
+        if tools and choice and choice.disable_parallel_tool_use
+        else None,
+        **sampling,
+    )
+
+
+def _system_messages(system: str | list[TextBlock] | None) -> list[ChatMessage]:
+    # Claude Code sends several system blocks (identity, then the long prompt): one message.
+    text = system if isinstance(system, str) else "\n\n".join(b.text for b in system or [])
+    return [ChatMessage(role="system", content=text)] if text else []
+
+
+def _tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
+    if choice.type == "any":
+        return "required"
+    if choice.type == "tool":
+        if not choice.name:
+            raise InvalidRequest("tool_choice of type 'tool' needs a name", param="tool_choice")
+        return {"type": "function", "function": {"name": choice.name}}
+    return choice.type  # "auto" and "none" mean the same in both APIs
+
+
+def _chat_messages(message: InputMessage) -> list[ChatMessage]:
+    if isinstance(message.content, str):
+        return [ChatMessage(role=message.role, content=message.content)]
+    if message.role == "assistant":
+        return _assistant_message(message)
+    return _user_messages(message)
+
+
+def _assistant_message(message: InputMessage) -> list[ChatMessage]:
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for block in message.content:
+        if isinstance(block, TextBlock):
+            texts.append(block.text)
+        elif isinstance(block, ToolUseBlock):
+            arguments = json.dumps(block.input, ensure_ascii=False)
+            calls.append(
+                ToolCall(id=block.id, function=FunctionCall(name=block.name, arguments=arguments))
+            )
+    if not texts and not calls:
+        return []
+    content = "\n\n".join(texts) if texts else None
+    return [ChatMessage(role="assistant", content=content, tool_calls=calls or None)]
+
+
+def _user_messages(message: InputMessage) -> list[ChatMessage]:
+    """Tool results become `tool` messages; other blocks are grouped around them, order kept."""
+    out: list[ChatMessage] = []
+    parts: list[dict[str, Any]] = []
+    for block in message.content:
+        if isinstance(block, ToolResultBlock):
+            out.extend(_user_parts_message(parts))
+            parts = []
+            text = block.text()
+            out.append(
+                ChatMessage(
+                    role="tool",
+                    tool_call_id=block.tool_use_id,
+                    content=f"Error: {text}" if block.is_error else text,
+                )
+            )
+        elif isinstance(block, TextBlock):
+            parts.append({"type": "text", "text": block.text})
+        elif isinstance(block, ImageBlock) and (url := _image_url(block)):
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+    out.extend(_user_parts_message(parts))
+    return out
+
+
+def _user_parts_message(parts: list[dict[str, Any]]) -> list[ChatMessage]:
+    if not parts:
+        return []
+    if all(p["type"] == "text" for p in parts):
+        # Plain strings suit every chat template; several text blocks read as paragraphs.
+        return [ChatMessage(role="user", content="\n\n".join(p["text"] for p in parts))]
+    return [ChatMessage(role="user", content=parts)]
+
+
+def _image_url(block: ImageBlock) -> str | None:
+    source = block.source
+    if source.type == "base64" and source.data:
+        return f"data:{source.media_type or 'image/png'};base64,{source.data}"
+    if source.type == "url" and source.url:
+        return source.url
+    return None
+
+
+# ---- response -------------------------------------------------------------------------------
+
+
+def from_chat_response(
+    resp: ChatCompletion, req: MessagesRequest, message_id: str | None = None
+) -> MessagesResponse:
+    """A non-streamed chat completion as an Anthropic message."""
+    content: list[OutputBlock] = []
+    stop_reason: StopReason = "end_turn"
+    stop_sequence = None
+    if resp.choices:
+        choice = resp.choices[0]
+        if choice.message.content:
+            content.append(TextOutput(text=choice.message.content))
+        for call in choice.message.tool_calls or []:
+            content.append(
+                ToolUseOutput(
+                    id=call.id,
+                    name=call.function.name,
+                    input=parse_arguments(call.function.arguments),
+                )
+            )
+        stop_reason, stop_sequence = stop_reason_for(
+            choice.finish_reason, bool(choice.message.tool_calls), choice.model_extra, req
+        )
+    return MessagesResponse(
+        id=message_id or anthropic_message_id(resp.id),
+        content=content,
+        model=req.model,
+        stop_reason=stop_reason,
+        stop_sequence=stop_sequence,
+        usage=_usage(resp.usage),
+    )
+
+
+def anthropic_message_id(upstream_id: str) -> str:
+    """`msg_...` from an upstream `chatcmpl-...` id (same suffix, so logs correlate)."""
+    return "msg_" + upstream_id.removeprefix("chatcmpl-")
+
+
+def stop_reason_for(
+    finish_reason: str | None,
+    used_tools: bool,
+    choice_extra: dict[str, Any] | None,
+    req: MessagesRequest,
+) -> tuple[StopReason, str | None]:
+    """Anthropic's stop_reason (and matched stop sequence) for an OpenAI finish."""
+    if used_tools or finish_reason == "tool_calls":
+        return "tool_use", None
+    if finish_reason == "length":
+        return "max_tokens", None
+    if finish_reason == "content_filter":
+        return "refusal", None
+    extra = choice_extra or {}
+    for key in ("stop_reason", "matched_stop"):
+        matched = extra.get(key)
+        if isinstance(matched, str) and matched in (req.stop_sequences or []):
+            return "stop_sequence", matched
+    return "end_turn", None
+
+
+def _usage(usage: ChatUsage | None, prompt_tokens: int | None = None) -> Usage:
+    if usage is None:
+        return Usage(input_tokens=prompt_tokens or 0, output_tokens=0)
+    details = usage.prompt_tokens_details
+    cached = details.cached_tokens if details else 0
+    return Usage(
+        input_tokens=usage.prompt_tokens - cached,
+        output_tokens=usage.completion_tokens,
+        cache_read_input_tokens=cached,
+    )
+
+
+# ---- stream ---------------------------------------------------------------------------------
+
+
+class StreamTranslator:
+    """OpenAI chat chunks in, Anthropic stream events out, in Anthropic's exact order."""
+
+    def __init__(
+        self, req: MessagesRequest, message_id: str, prompt_tokens: int | None = None
+    ) -> None:
+        self._req = req
+        self._message_id = message_id
+        self._prompt_tokens = prompt_tokens
+        self._started = False
+        self._done = False
+        self._next_index = 0
+        self._text_index: int | None = None
+        self._tools = ToolCallBuffer()
+        self._used_tools = False
+        self._finish_reason: str | None = None
+        self._choice_extra: dict[str, Any] | None = None
+        self._usage: ChatUsage | None = None
+        self._output_chunks = 0  # output-token estimate when upstream never reports usage
+
+    def start(self) -> list[AnthropicEvent]:
+        """message_start, carrying the prompt's token count when it is already known."""
+        if self._started:
+            return []
+        self._started = True
+        message = MessagesResponse(
+            id=self._message_id,
+            content=[],
+            model=self._req.model,
+            usage=Usage(input_tokens=self._prompt_tokens or 0, output_tokens=0),
+        )
+        return [MessageStartEvent(message=message)]
+
+    def feed(self, chunk: ChatCompletionChunk) -> list[AnthropicEvent]:
+        """Events for one upstream chunk (often none: tool calls wait for the finish)."""
+        events = self.start()
+        if self._done:
+            return events
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.index != 0:
+                continue  # n=1 is all cortex serves
+            delta = choice.delta
+            if delta.content or delta.tool_calls:
+                self._output_chunks += 1
+            if delta.content:
+                events.extend(self._text(delta.content))
+            for call in delta.tool_calls or []:
+                self._tools.add(call)
+            if choice.finish_reason is not None:
+                self._finish_reason = choice.finish_reason
+                self._choice_extra = choice.model_extra
+                events.extend(self._close_blocks())
+        return events
+
+    def finish(self) -> list[AnthropicEvent]:
+        """Close what is open, then message_delta (stop reason, usage) and message_stop."""
+        events = self.start()
+        if self._done:
+            return events
+        self._done = True
+        events.extend(self._close_blocks())
+        stop_reason, stop_sequence = stop_reason_for(
+            self._finish_reason, self._used_tools, self._choice_extra, self._req
+        )
+        usage = _usage(self._usage, self._prompt_tokens)
+        if self._usage is None:
+            usage.output_tokens = self._output_chunks
+        events.append(
+            MessageDeltaEvent(
+                delta=MessageDelta(stop_reason=stop_reason, stop_sequence=stop_sequence),
+                usage=MessageDeltaUsage(
+                    output_tokens=usage.output_tokens,
+                    input_tokens=usage.input_tokens,
+                    cache_read_input_tokens=usage.cache_read_input_tokens,
+                ),
+            )
+        )
+        events.append(MessageStopEvent())
+        return events
+
+    def error(self, message: str, error_type: str = "api_error") -> list[AnthropicEvent]:
+        """The `error` event for a stream that dies mid-way; nothing follows it."""
+        self._done = True
+        return [ErrorEvent(error=ErrorDetail(type=error_type, message=message))]
+
+    def _text(self, text: str) -> list[AnthropicEvent]:
+        events: list[AnthropicEvent] = []
+        if self._text_index is None:
+            self._text_index = self._take_index()
+            events.append(
+                ContentBlockStartEvent(index=self._text_index, content_block=TextOutput(text=""))
+            )
+        events.append(ContentBlockDeltaEvent(index=self._text_index, delta=TextDelta(text=text)))
+        return events
+
+    def _close_blocks(self) -> list[AnthropicEvent]:
+        events: list[AnthropicEvent] = []
+        if self._text_index is not None:
+            events.append(ContentBlockStopEvent(index=self._text_index))
+            self._text_index = None
+        for call in self._tools.drain():
+            events.extend(self._tool_block(call))
+        return events
+
+    def _tool_block(self, call: PendingToolCall) -> list[AnthropicEvent]:
+        self._used_tools = True
+        index = self._take_index()
+        block = ToolUseOutput(
+            id=call.id or f"toolu_{self._message_id}_{index}", name=call.name, input={}
+        )
+        arguments = json.dumps(parse_arguments(call.arguments), ensure_ascii=False)
+        return [
+            ContentBlockStartEvent(index=index, content_block=block),
+            ContentBlockDeltaEvent(index=index, delta=InputJsonDelta(partial_json=arguments)),
+            ContentBlockStopEvent(index=index),
+        ]
+
+    def _take_index(self) -> int:
+        index = self._next_index
+        self._next_index += 1
+        return index
+
+
+def ping() -> AnthropicEvent:
+    """The keep-alive Anthropic sends while a stream waits (e.g. for a model to load)."""
+    return PingEvent()
+
+
+def encode_sse(event: AnthropicEvent) -> bytes:
+    """One SSE frame: `event: <type>` then the JSON body."""
+    return f"event: {event.type}\ndata: {event.model_dump_json()}\n\n".encode()

@@ -1,0 +1,488 @@
+"""OpenAI Responses <-> OpenAI chat: pure translation of requests, responses and stream events.
+
+Decisions a client can observe:
+- cortex stores no responses: `previous_response_id` is refused (send the whole conversation);
+  `store` is accepted and answered as false.
+- `instructions` and `developer` messages become system messages (chat templates know no
+  developer role); reasoning items, hosted tools and other item kinds are dropped.
+- Function calls stream as one arguments delta once complete (see toolcalls); a length finish
+  answers `incomplete` with `max_output_tokens`, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from cortex.core.errors import InvalidRequest
+from cortex.core.protocol.openai import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    FunctionCall,
+    FunctionDef,
+    StreamOptions,
+    Tool,
+    ToolCall,
+)
+from cortex.core.protocol.openai import Usage as ChatUsage
+from cortex.core.protocol.responses import (
+    ContentPart,
+    ContentPartEvent,
+    ErrorEvent,
+    FunctionCallArgumentsDeltaEvent,
+    FunctionCallArgumentsDoneEvent,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionTool,
+    IncompleteDetails,
+    InputItem,
+    InputTokensDetails,
+    ItemStatus,
+    LifecycleEvent,
+    MessageItem,
+    OutputFunctionCall,
+    OutputItem,
+    OutputItemEvent,
+    OutputMessage,
+    OutputText,
+    OutputTextDeltaEvent,
+    OutputTextDoneEvent,
+    ResponseError,
+    ResponseObject,
+    ResponsesEvent,
+    ResponsesRequest,
+    ResponseStatus,
+    ResponseUsage,
+)
+from cortex.gateway.translate.toolcalls import PendingToolCall, ToolCallBuffer, normalize_arguments
+
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+# ---- request --------------------------------------------------------------------------------
+
+
+def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
+    """A Responses request as the OpenAI chat request a neuron serves."""
+    if req.previous_response_id:
+        raise InvalidRequest(
+            "previous_response_id is not supported: cortex keeps no responses; "
+            "send the whole conversation as input",
+            param="previous_response_id",
+        )
+    messages = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
+    if isinstance(req.input, str):
+        messages.append(ChatMessage(role="user", content=req.input))
+    else:
+        for item in req.input:
+            _add_item(messages, item)
+    if not messages:
+        raise InvalidRequest("input contains nothing cortex can send to a model", param="input")
+    tools = [
+        Tool(function=FunctionDef(name=t.name, description=t.description, parameters=t.parameters))
+        for t in req.tools or []
+        if isinstance(t, FunctionTool)
+    ]
+    return ChatCompletionRequest(
+        model=req.model,
+        messages=messages,
+        tools=tools or None,
+        tool_choice=_tool_choice(req.tool_choice) if tools else None,
+        parallel_tool_calls=req.parallel_tool_calls if tools else None,
+        max_tokens=req.max_output_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stream=req.stream,
+        stream_options=StreamOptions(include_usage=True) if req.stream else None,
+        user=req.user,
+        response_format=_response_format(req.text),
+    )
+
+
+def _add_item(messages: list[ChatMessage], item: InputItem) -> None:
+    if isinstance(item, MessageItem):
+        messages.extend(_message(item))
+    elif isinstance(item, FunctionCallItem):
+        call = ToolCall(
+            id=item.call_id,
+            function=FunctionCall(name=item.name, arguments=normalize_arguments(item.arguments)),
+        )
+        last = messages[-1] if messages else None
+        # Calls of one turn follow the assistant's text (if any): one assistant message.
+        if last is not None and last.role == "assistant":
+            last.tool_calls = [*(last.tool_calls or []), call]
+        else:
+            messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
+    elif isinstance(item, FunctionCallOutputItem):
+        output = item.output if isinstance(item.output, str) else _text(item.output, "\n")
+        messages.append(ChatMessage(role="tool", tool_call_id=item.call_id, content=output))
+
+
+def _message(item: MessageItem) -> list[ChatMessage]:
+    role = "system" if item.role == "developer" else item.role
+    if isinstance(item.content, str):
+        return [ChatMessage(role=role, content=item.content)]
+    if role != "user":
+        return [ChatMessage(role=role, content=_text(item.content, ""))]
+    images = [p for p in item.content if p.type == "input_image" and p.image_url]
+    if not images:
+        # Plain strings suit every chat template; several text parts read as paragraphs.
+        return [ChatMessage(role="user", content=_text(item.content, "\n\n"))]
+    parts: list[dict[str, Any]] = []
+    for part in item.content:
+        if part.type in _TEXT_PARTS and part.text is not None:
+            parts.append({"type": "text", "text": part.text})
+        elif part.type == "input_image" and part.image_url:
+            image: dict[str, Any] = {"url": part.image_url}
+            if part.detail:
+                image["detail"] = part.detail
+            parts.append({"type": "image_url", "image_url": image})
+    return [ChatMessage(role="user", content=parts)]
+
+
+def _text(parts: list[ContentPart], separator: str) -> str:
+    texts = [p.text if p.type in _TEXT_PARTS else p.refusal for p in parts]
+    return separator.join(t for t in texts if t)
+
+
+def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    if isinstance(choice, str):
+        return choice if choice in ("auto", "none", "required") else None
+    if isinstance(choice, dict) and choice.get("type") == "function" and choice.get("name"):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return None
+
+
+def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    fmt = (text or {}).get("format") or {}
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if fmt.get("type") == "json_schema":
+        keys = ("name", "schema", "strict", "description")
+        return {"type": "json_schema", "json_schema": {k: fmt[k] for k in keys if k in fmt}}
+    return None
+
+
+# ---- response -------------------------------------------------------------------------------
+
+
+def from_chat_response(
+    resp: ChatCompletion,
+    req: ResponsesRequest,
+    response_id: str | None = None,
+    created_at: int | None = None,
+) -> ResponseObject:
+    """A non-streamed chat completion as a Responses `response` object."""
+    response_id = response_id or responses_id(resp.id)
+    output: list[OutputItem] = []
+    finish_reason = None
+    if resp.choices:
+        choice = resp.choices[0]
+        finish_reason = choice.finish_reason
+        if choice.message.content:
+            output.append(_output_message(response_id, 0, choice.message.content, "completed"))
+        for call in choice.message.tool_calls or []:
+            pending = PendingToolCall(
+                index=len(output),
+                id=call.id,
+                name=call.function.name,
+                arguments=call.function.arguments,
+            )
+            output.append(_output_call(response_id, len(output), pending, "completed"))
+    status, incomplete = _status(finish_reason)
+    return response_object(
+        req,
+        response_id,
+        resp.created if created_at is None else created_at,
+        status,
+        output=output,
+        usage=_usage(resp.usage),
+        incomplete_details=incomplete,
+    )
+
+
+def responses_id(upstream_id: str) -> str:
+    """`resp_...` from an upstream `chatcmpl-...` id (same suffix, so logs correlate)."""
+    return "resp_" + upstream_id.removeprefix("chatcmpl-")
+
+
+def response_object(
+    req: ResponsesRequest,
+    response_id: str,
+    created_at: int,
+    status: ResponseStatus,
+    **fields: Any,
+) -> ResponseObject:
+    """The response object with the request's settings echoed, as OpenAI answers."""
+    return ResponseObject(
+        id=response_id,
+        created_at=created_at,
+        status=status,
+        model=req.model,
+        instructions=req.instructions,
+        max_output_tokens=req.max_output_tokens,
+        metadata=req.metadata or {},
+        parallel_tool_calls=req.parallel_tool_calls is not False,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        tool_choice=req.tool_choice or "auto",
+        tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
+        text=req.text or {"format": {"type": "text"}},
+        user=req.user,
+        **fields,
+    )
+
+
+def _status(finish_reason: str | None) -> tuple[ResponseStatus, IncompleteDetails | None]:
+    if finish_reason == "length":
+        return "incomplete", IncompleteDetails(reason="max_output_tokens")
+    if finish_reason == "content_filter":
+        return "incomplete", IncompleteDetails(reason="content_filter")
+    return "completed", None
+
+
+def _usage(usage: ChatUsage | None, prompt_tokens: int | None = None) -> ResponseUsage:
+    if usage is None:
+        prompt = prompt_tokens or 0
+        return ResponseUsage(input_tokens=prompt, output_tokens=0, total_tokens=prompt)
+    details = usage.prompt_tokens_details
+    return ResponseUsage(
+        input_tokens=usage.prompt_tokens,
+        input_tokens_details=InputTokensDetails(
+            cached_tokens=details.cached_tokens if details else 0
+        ),
+        output_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+    )
+
+
+def _item_suffix(response_id: str, output_index: int) -> str:
+    return f"{response_id.removeprefix('resp_')}_{output_index}"
+
+
+def _output_message(
+    response_id: str, output_index: int, text: str, status: ItemStatus
+) -> OutputMessage:
+    content = [OutputText(text=text)] if status == "completed" else []
+    return OutputMessage(
+        id=f"msg_{_item_suffix(response_id, output_index)}", status=status, content=content
+    )
+
+
+def _output_call(
+    response_id: str, output_index: int, call: PendingToolCall, status: ItemStatus
+) -> OutputFunctionCall:
+    suffix = _item_suffix(response_id, output_index)
+    return OutputFunctionCall(
+        id=f"fc_{suffix}",
+        call_id=call.id or f"call_{suffix}",
+        name=call.name,
+        arguments=normalize_arguments(call.arguments) if status == "completed" else "",
+        status=status,
+    )
+
+
+# ---- stream ---------------------------------------------------------------------------------
+
+
+class ResponsesStreamTranslator:
+    """OpenAI chat chunks in, Responses stream events (numbered by sequence_number) out."""
+
+    def __init__(
+        self,
+        req: ResponsesRequest,
+        response_id: str,
+        created_at: int | None = None,
+        prompt_tokens: int | None = None,
+    ) -> None:
+        self._req = req
+        self._id = response_id
+        self._created_at = int(time.time()) if created_at is None else created_at
+        self._prompt_tokens = prompt_tokens
+        self._sequence = 0
+        self._started = False
+        self._done = False
+        self._output: list[OutputItem] = []  # completed items, by output_index
+        self._text: OutputMessage | None = None  # the message item being streamed
+        self._text_so_far = ""
+        self._tools = ToolCallBuffer()
+        self._finish_reason: str | None = None
+        self._usage: ChatUsage | None = None
+        self._output_chunks = 0  # output-token estimate when upstream never reports usage
+
+    def start(self) -> list[ResponsesEvent]:
+        """response.created then response.in_progress."""
+        if self._started:
+            return []
+        self._started = True
+        shell = response_object(self._req, self._id, self._created_at, "in_progress")
+        return [
+            LifecycleEvent(type="response.created", response=shell, sequence_number=self._next()),
+            LifecycleEvent(
+                type="response.in_progress", response=shell, sequence_number=self._next()
+            ),
+        ]
+
+    def feed(self, chunk: ChatCompletionChunk) -> list[ResponsesEvent]:
+        """Events for one upstream chunk (often none: function calls wait for the finish)."""
+        events = self.start()
+        if self._done:
+            return events
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.index != 0:
+                continue  # n=1 is all cortex serves
+            delta = choice.delta
+            if delta.content or delta.tool_calls:
+                self._output_chunks += 1
+            if delta.content:
+                events.extend(self._text_delta(delta.content))
+            for call in delta.tool_calls or []:
+                self._tools.add(call)
+            if choice.finish_reason is not None:
+                self._finish_reason = choice.finish_reason
+                events.extend(self._close_items())
+        return events
+
+    def finish(self) -> list[ResponsesEvent]:
+        """Close open items, then response.completed (or .incomplete after a length finish)."""
+        events = self.start()
+        if self._done:
+            return events
+        self._done = True
+        events.extend(self._close_items())
+        status, incomplete = _status(self._finish_reason)
+        usage = _usage(self._usage, self._prompt_tokens)
+        if self._usage is None:
+            usage.output_tokens = self._output_chunks
+            usage.total_tokens = usage.input_tokens + usage.output_tokens
+        response = response_object(
+            self._req,
+            self._id,
+            self._created_at,
+            status,
+            output=list(self._output),
+            usage=usage,
+            incomplete_details=incomplete,
+        )
+        kind: Literal["response.completed", "response.incomplete"] = (
+            "response.completed" if status == "completed" else "response.incomplete"
+        )
+        events.append(LifecycleEvent(type=kind, response=response, sequence_number=self._next()))
+        return events
+
+    def error(self, message: str, code: str = "server_error") -> list[ResponsesEvent]:
+        """An `error` event then `response.failed`, for a stream that dies mid-way."""
+        self._done = True
+        failed = response_object(
+            self._req,
+            self._id,
+            self._created_at,
+            "failed",
+            output=list(self._output),
+            error=ResponseError(code=code, message=message),
+        )
+        return [
+            ErrorEvent(code=code, message=message, sequence_number=self._next()),
+            LifecycleEvent(type="response.failed", response=failed, sequence_number=self._next()),
+        ]
+
+    def _text_delta(self, text: str) -> list[ResponsesEvent]:
+        events: list[ResponsesEvent] = []
+        index = len(self._output)  # the open message item is the next output
+        if self._text is None:
+            self._text = _output_message(self._id, index, "", "in_progress")
+            self._text_so_far = ""
+            events.append(self._item_event("response.output_item.added", index, self._text))
+            part = OutputText(text="")
+            events.append(
+                self._part_event("response.content_part.added", part, index, self._text.id)
+            )
+        self._text_so_far += text
+        events.append(
+            OutputTextDeltaEvent(
+                item_id=self._text.id,
+                output_index=index,
+                content_index=0,
+                delta=text,
+                sequence_number=self._next(),
+            )
+        )
+        return events
+
+    def _close_items(self) -> list[ResponsesEvent]:
+        events: list[ResponsesEvent] = []
+        if self._text is not None:
+            events.extend(self._close_text(self._text))
+        for call in self._tools.drain():
+            events.extend(self._call_events(call))
+        return events
+
+    def _close_text(self, item: OutputMessage) -> list[ResponsesEvent]:
+        index, text = len(self._output), self._text_so_far
+        done = _output_message(self._id, index, text, "completed")
+        self._text = None
+        self._output.append(done)
+        return [
+            OutputTextDoneEvent(
+                item_id=item.id,
+                output_index=index,
+                content_index=0,
+                text=text,
+                sequence_number=self._next(),
+            ),
+            self._part_event("response.content_part.done", OutputText(text=text), index, item.id),
+            self._item_event("response.output_item.done", index, done),
+        ]
+
+    def _call_events(self, call: PendingToolCall) -> list[ResponsesEvent]:
+        index = len(self._output)
+        added = _output_call(self._id, index, call, "in_progress")
+        done = _output_call(self._id, index, call, "completed")
+        self._output.append(done)
+        return [
+            self._item_event("response.output_item.added", index, added),
+            FunctionCallArgumentsDeltaEvent(
+                item_id=done.id,
+                output_index=index,
+                delta=done.arguments,
+                sequence_number=self._next(),
+            ),
+            FunctionCallArgumentsDoneEvent(
+                item_id=done.id,
+                output_index=index,
+                name=done.name,
+                arguments=done.arguments,
+                sequence_number=self._next(),
+            ),
+            self._item_event("response.output_item.done", index, done),
+        ]
+
+    def _item_event(self, kind: Any, index: int, item: OutputItem) -> OutputItemEvent:
+        return OutputItemEvent(
+            type=kind, output_index=index, item=item, sequence_number=self._next()
+        )
+
+    def _part_event(
+        self, kind: Any, part: OutputText, index: int, item_id: str
+    ) -> ContentPartEvent:
+        return ContentPartEvent(
+            type=kind,
+            item_id=item_id,
+            output_index=index,
+            content_index=0,
+            part=part,
+            sequence_number=self._next(),
+        )
+
+    def _next(self) -> int:
+        number = self._sequence
+        self._sequence += 1
+        return number
+
+
+def encode_sse(event: ResponsesEvent) -> bytes:
+    """One SSE frame: `event: <type>` then the JSON body."""
+    return f"event: {event.type}\ndata: {event.model_dump_json()}\n\n".encode()
