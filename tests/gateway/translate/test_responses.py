@@ -341,7 +341,7 @@ def test_text_and_function_call_response() -> None:
         and sdk.status == "completed"
         and sdk.model == "m"
     )
-    assert sdk.output_text == "Calling f."
+    assert sdk.output_text == obj.output_text() == "Calling f."
     calls = [o for o in sdk.output if o.type == "function_call"]
     assert [(c.call_id, c.name, c.arguments) for c in calls] == [
         ("call_7", "f", '{"a": 1}'),
