@@ -46,6 +46,7 @@ class Finished:
     completion_tokens: int
     cached_tokens: int = 0
     error: str | None = None
+    stop_sequence: str | None = None  # which request stop string ended it (reason "stop")
 
 
 GenerationEvent = TextDelta | Finished
