@@ -1,0 +1,74 @@
+"""Lifecycle routes of a neuron (SPEC N1): health, status, models, load, unload, metrics."""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import JSONResponse
+
+from cortex.core.errors import Unauthorized
+from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, ModelState, NeuronStatus
+from cortex.core.fleet import UnloadRequest as UnloadBody
+from cortex.neuron.metrics import CONTENT_TYPE, NeuronMetrics
+
+if TYPE_CHECKING:
+    from cortex.neuron.runtime import NeuronRuntime
+
+router = APIRouter()
+
+
+def runtime_of(request: Request) -> NeuronRuntime:
+    runtime: NeuronRuntime = request.app.state.runtime
+    return runtime
+
+
+def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Lifecycle changes need `Authorization: Bearer <admin_token>` when a token is configured."""
+    token = runtime_of(request).config.neuron.admin_token
+    if not token:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+        raise Unauthorized("this neuron's lifecycle endpoints need its admin token")
+
+
+Admin = Depends(require_admin)
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """Liveness: 200 while at least one device worker accepts work, 503 otherwise."""
+    healthy = runtime_of(request).status().healthy
+    return JSONResponse({"status": "ok" if healthy else "unhealthy"}, 200 if healthy else 503)
+
+
+@router.get("/status")
+async def status(request: Request) -> NeuronStatus:
+    return runtime_of(request).status()
+
+
+@router.get("/models")
+async def models(request: Request) -> ModelListing:
+    return runtime_of(request).listing()
+
+
+@router.post("/models/load", dependencies=[Admin], response_model=LoadedModel)
+async def load(body: LoadRequest, request: Request) -> Any:
+    """200 with the ready model; 202 while still loading when the caller asked not to wait."""
+    loaded = await runtime_of(request).load(body)
+    code = 202 if loaded.state is ModelState.LOADING else 200
+    return JSONResponse(loaded.model_dump(mode="json"), status_code=code)
+
+
+@router.post("/models/unload", dependencies=[Admin])
+async def unload(body: UnloadBody, request: Request) -> dict[str, str]:
+    await runtime_of(request).unload(body.model, force=body.force)
+    return {"model": body.model, "status": "unloaded"}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    registry: NeuronMetrics = request.app.state.metrics
+    return Response(registry.exposition(), media_type=CONTENT_TYPE)

@@ -1,0 +1,328 @@
+"""OpenAI-compatible routes of a neuron (SPEC N2, N3, N7): chat, completions, embeddings, models."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from cortex.core.errors import CortexError, InvalidRequest
+from cortex.core.protocol.openai import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    DeltaFunctionCall,
+    DeltaToolCall,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    FunctionCall,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    ToolCall,
+    new_id,
+)
+from cortex.neuron.api_lifecycle import runtime_of
+from cortex.neuron.generation import Finished
+from cortex.neuron.serving import Generation, failure, sampling, until_disconnect, usage
+from cortex.neuron.sse import DONE, EventStreamResponse, sse_data, sse_error
+from cortex.neuron.tools import ParsedToolCall, ToolCallStream, parse_tool_calls
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from cortex.neuron.runtime import ServedModel
+
+router = APIRouter()
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def _served(request: Request, model: str, kind: str) -> ServedModel:
+    served = runtime_of(request).served(model)
+    if served.kind != kind:
+        route = "/v1/embeddings" if served.kind == "embedding" else "/v1/chat/completions"
+        raise InvalidRequest(
+            f"model {served.id!r} is a {served.kind} model; use {route}", param="model"
+        )
+    request.state.model = served.id
+    return served
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    """An OpenAI message as the chat template takes it: plain-text content, tool fields kept."""
+    role = {"developer": "system", "function": "tool"}.get(message.role, message.role)
+    out: dict[str, Any] = {"role": role, "content": message.text()}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [call.model_dump(mode="json") for call in message.tool_calls]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """Tools to offer the model: none with tool_choice=none, only the named one when forced."""
+    if not body.tools or body.tool_choice == "none":
+        return None
+    tools = [tool.model_dump(mode="json", exclude_none=True) for tool in body.tools]
+    if isinstance(body.tool_choice, dict):
+        name = (body.tool_choice.get("function") or {}).get("name")
+        tools = [t for t in tools if t["function"]["name"] == name] or tools
+    return tools
+
+
+def _chunk(model: BaseModel) -> bytes:
+    data = model.model_dump(mode="json", exclude_none=True)
+    for choice in data.get("choices", []):
+        choice.setdefault("finish_reason", None)
+    return sse_data(data)
+
+
+async def _start(request: Request, generation: Generation) -> None:
+    """Admission and first event, abandoned if the client leaves while it waits."""
+    try:
+        await until_disconnect(request, generation.start())
+    except BaseException:
+        await generation.close()
+        raise
+
+
+async def _finish(request: Request, generation: Generation) -> tuple[str, Finished]:
+    try:
+        text, finished = await until_disconnect(request, generation.collect())
+    finally:
+        await generation.close()
+    err = failure(finished)
+    if err is not None:
+        raise err
+    return text, finished
+
+
+def _tool_call(call: ParsedToolCall) -> ToolCall:
+    return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    served = _served(request, body.model, "chat")
+    tools = _tools(body)
+    prompt = served.render_chat([_message(m) for m in body.messages], tools)
+    section = runtime_of(request).config.neuron
+    params = sampling(
+        body,
+        body.token_limit(),
+        len(prompt),
+        served.context_length,
+        section,
+        prompt_param="messages",
+    )
+    generation = Generation(served, prompt, params, request.app.state.metrics)
+    names = {t["function"]["name"] for t in tools} if tools else None
+    await _start(request, generation)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStreamResponse(_chat_stream(generation, names, include_usage))
+    text, finished = await _finish(request, generation)
+    content: str | None = text
+    calls: list[ParsedToolCall] = []
+    if names is not None:
+        parsed = parse_tool_calls(text, names)
+        content, calls = parsed.content, parsed.tool_calls
+    message = ResponseMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
+    reason = "tool_calls" if calls else finished.reason
+    answer = ChatCompletion(
+        model=served.id,
+        choices=[ChatChoice(message=message, finish_reason=reason)],  # type: ignore[arg-type]
+        usage=usage(finished),
+    )
+    return JSONResponse(answer.model_dump(mode="json"))
+
+
+async def _chat_stream(
+    generation: Generation, tool_names: set[str] | None, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """Role chunk, content (and tool call) deltas, finish chunk, usage chunk, [DONE]."""
+    base = ChatCompletionChunk(
+        id=new_id("chatcmpl"), created=int(time.time()), model=generation.model, choices=[]
+    )
+    parser = ToolCallStream(tool_names) if tool_names is not None else None
+
+    sent_calls = 0
+
+    def delta(piece: str | ParsedToolCall) -> bytes:
+        nonlocal sent_calls
+        if isinstance(piece, str):
+            out = Delta(content=piece)
+        else:
+            function = DeltaFunctionCall(name=piece.name, arguments=piece.arguments)
+            call = DeltaToolCall(index=sent_calls, id=piece.id, type="function", function=function)
+            out, sent_calls = Delta(tool_calls=[call]), sent_calls + 1
+        return _chunk(base.model_copy(update={"choices": [ChunkChoice(delta=out)]}))
+
+    try:
+        role = Delta(role="assistant", content="")
+        yield _chunk(base.model_copy(update={"choices": [ChunkChoice(delta=role)]}))
+        while not isinstance(event := await generation.next(), Finished):
+            pieces = parser.feed(event.text) if parser else [event.text]
+            for piece in pieces:
+                yield delta(piece)
+        for piece in parser.close() if parser else []:
+            yield delta(piece)
+        err = failure(event)
+        if err is not None:
+            yield sse_error(err)
+            return
+        reason = "tool_calls" if parser and parser.calls else event.reason
+        end = ChunkChoice(delta=Delta(), finish_reason=reason)  # type: ignore[arg-type]
+        yield _chunk(base.model_copy(update={"choices": [end]}))
+        if include_usage:
+            yield _chunk(base.model_copy(update={"usage": usage(event)}))
+        yield DONE
+    except Exception as exc:  # the headers are sent: only an error event can tell the client
+        yield sse_error(exc if isinstance(exc, CortexError) else CortexError(repr(exc)))
+    finally:
+        await generation.close()
+
+
+def _completion_prompt(
+    served: ServedModel, prompt: str | list[str] | list[int]
+) -> tuple[str, list[int]]:
+    if isinstance(prompt, str):
+        return prompt, served.encode(prompt)
+    if all(isinstance(p, int) for p in prompt):
+        if any(p < 0 for p in prompt):  # type: ignore[operator]
+            raise InvalidRequest("token ids must not be negative", param="prompt")
+        return "", [int(p) for p in prompt]
+    if len(prompt) != 1:
+        raise InvalidRequest("send one prompt per request", param="prompt")
+    return str(prompt[0]), served.encode(str(prompt[0]))
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    served = _served(request, body.model, "chat")
+    if body.suffix:
+        raise InvalidRequest("suffix (fill-in-the-middle) is not supported", param="suffix")
+    text, ids = _completion_prompt(served, body.prompt)
+    if body.echo and not text:
+        raise InvalidRequest("echo needs a text prompt", param="echo")
+    section = runtime_of(request).config.neuron
+    params = sampling(
+        body, body.max_tokens, len(ids), served.context_length, section, prompt_param="prompt"
+    )
+    generation = Generation(served, ids, params, request.app.state.metrics)
+    await _start(request, generation)
+    echo = text if body.echo else ""
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStreamResponse(_completion_stream(generation, echo, include_usage))
+    output, finished = await _finish(request, generation)
+    choice = CompletionChoice(text=echo + output, finish_reason=finished.reason)  # type: ignore[arg-type]
+    answer = Completion(model=served.id, choices=[choice], usage=usage(finished))
+    return JSONResponse(answer.model_dump(mode="json"))
+
+
+async def _completion_stream(
+    generation: Generation, echo: str, include_usage: bool
+) -> AsyncIterator[bytes]:
+    base = Completion(model=generation.model, choices=[])
+
+    def chunk(text: str, reason: str | None = None) -> bytes:
+        choice = CompletionChoice(text=text, finish_reason=reason)  # type: ignore[arg-type]
+        return _chunk(base.model_copy(update={"choices": [choice]}))
+
+    try:
+        if echo:
+            yield chunk(echo)
+        while not isinstance(event := await generation.next(), Finished):
+            if event.text:
+                yield chunk(event.text)
+        err = failure(event)
+        if err is not None:
+            yield sse_error(err)
+            return
+        yield chunk("", event.reason)
+        if include_usage:
+            yield _chunk(base.model_copy(update={"usage": usage(event)}))
+        yield DONE
+    except Exception as exc:  # the headers are sent: only an error event can tell the client
+        yield sse_error(exc if isinstance(exc, CortexError) else CortexError(repr(exc)))
+    finally:
+        await generation.close()
+
+
+def _texts(value: str | list[str] | list[int] | list[list[int]]) -> list[str]:
+    texts = [value] if isinstance(value, str) else value
+    if not texts:
+        raise InvalidRequest("input must not be empty", param="input")
+    if not all(isinstance(t, str) for t in texts):
+        raise InvalidRequest("token-id input is not supported; send text", param="input")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
+    if any(not t for t in texts):
+        raise InvalidRequest("input strings must not be empty", param="input")
+    return [str(t) for t in texts]
+
+
+def _vector(values: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return values
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    """Inputs longer than the model's context are truncated, as sentence-transformers does."""
+    served = _served(request, body.model, "embedding")
+    texts = _texts(body.input)
+    vectors, tokens = await until_disconnect(request, served.embed(texts))
+    if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):
+        raise InvalidRequest(
+            f"model {served.id!r} has {len(vectors[0])} dimensions; it cannot return "
+            f"{body.dimensions}",
+            param="dimensions",
+        )
+    request.app.state.metrics.prompt_tokens.labels(served.id).inc(tokens)
+    answer = EmbeddingResponse(
+        model=served.id,
+        data=[
+            Embedding(index=i, embedding=_vector(v, body.encoding_format))
+            for i, v in enumerate(vectors)
+        ],
+        usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+    )
+    return JSONResponse(answer.model_dump(mode="json"))
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> JSONResponse:
+    runtime = runtime_of(request)
+    cards = [
+        ModelCard.model_validate(
+            {
+                "id": m.id,
+                "created": int(m.loaded_at or 0),
+                "owned_by": runtime.config.neuron.name,
+                "kind": m.kind,
+                "state": m.state.value,
+                "context_length": m.context_length,
+            }
+        )
+        for m in runtime.listing().loaded
+    ]
+    return JSONResponse(ModelList(data=cards).model_dump(mode="json"))

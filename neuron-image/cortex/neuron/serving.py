@@ -1,0 +1,192 @@
+"""One request's generation as the API serves it: admission before the first byte, limits checked,
+metrics recorded once, and the engine's sequence cancelled when the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+from fastapi import Request
+
+from cortex.core.config import NeuronSection
+from cortex.core.errors import ContextLengthExceeded, CortexError, InvalidRequest
+from cortex.core.protocol.openai import PromptTokensDetails, SamplingFields, Usage
+from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
+from cortex.neuron.metrics import NeuronMetrics
+
+if TYPE_CHECKING:
+    from cortex.neuron.runtime import ServedModel
+
+T = TypeVar("T")
+
+
+class ClientGone(CortexError):
+    """The client disconnected before the answer was ready; nobody reads this response."""
+
+    status, code, kind = 499, "client_closed_request", "invalid_request_error"
+
+
+def sampling(
+    body: SamplingFields,
+    max_tokens: int | None,
+    prompt_tokens: int,
+    context: int,
+    section: NeuronSection,
+    *,
+    prompt_param: str,
+) -> SamplingParams:
+    """The request's sampling fields, after the token limits it must respect."""
+    if max_tokens is not None and max_tokens > section.max_tokens_limit:
+        raise InvalidRequest(
+            f"max_tokens is {max_tokens}; this neuron accepts at most {section.max_tokens_limit}",
+            param="max_tokens",
+        )
+    if prompt_tokens == 0:
+        raise InvalidRequest("the prompt is empty", param=prompt_param)
+    requested = prompt_tokens + (max_tokens or 0)
+    if prompt_tokens >= context or requested > context:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{requested} tokens ({prompt_tokens} in the prompt, {max_tokens or 0} in the "
+            "completion). Please reduce the length of the prompt or completion.",
+            param=prompt_param if prompt_tokens >= context else "max_tokens",
+        )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=tuple(body.stop_list()),
+    )
+
+
+def usage(finished: Finished) -> Usage:
+    details = (
+        PromptTokensDetails(cached_tokens=finished.cached_tokens)
+        if finished.cached_tokens
+        else None
+    )
+    return Usage(
+        prompt_tokens=finished.prompt_tokens,
+        completion_tokens=finished.completion_tokens,
+        total_tokens=finished.prompt_tokens + finished.completion_tokens,
+        prompt_tokens_details=details,
+    )
+
+
+def failure(finished: Finished) -> CortexError | None:
+    """The error a generation that ended badly is reported as; None when it ended normally."""
+    if finished.reason == "error":
+        return CortexError(f"generation failed: {finished.error or 'unknown error'}")
+    if finished.reason == "cancelled":
+        err = CortexError(f"generation cancelled: {finished.error or 'by the neuron'}")
+        err.status, err.code = 503, "generation_cancelled"
+        return err
+    return None
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and raising ClientGone) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone("the client disconnected")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Generation:
+    """A generation being served: its events, first-token time, and its metrics recorded once."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        metrics: NeuronMetrics,
+    ) -> None:
+        self.model = served.id
+        self.prompt_tokens = len(prompt_ids)
+        self._events: Any = served.generate(prompt_ids, params)
+        self._metrics = metrics
+        self._started = time.perf_counter()
+        self._pending: GenerationEvent | None = None
+        self._admitted = False
+        self._closed = False
+        self._first_token_at: float | None = None
+        self.completion_tokens = 0
+        self.finished: Finished | None = None
+
+    async def start(self) -> None:
+        """Wait for admission and the first event, so refusals are answered before any byte."""
+        self._pending = await self._next_event()
+        self._admitted = True
+
+    async def next(self) -> GenerationEvent:
+        if self._pending is not None:
+            event, self._pending = self._pending, None
+            return event
+        return await self._next_event()
+
+    async def _next_event(self) -> GenerationEvent:
+        try:
+            event: GenerationEvent = await anext(self._events)
+        except StopAsyncIteration:
+            event = Finished(
+                "error",
+                self.prompt_tokens,
+                self.completion_tokens,
+                error="generation ended without finishing",
+            )
+        if isinstance(event, TextDelta):
+            if self._first_token_at is None and event.text:
+                self._first_token_at = time.perf_counter()
+            self.completion_tokens = event.completion_tokens
+        else:
+            self.finished = event
+            self.completion_tokens = event.completion_tokens
+        return event
+
+    async def collect(self) -> tuple[str, Finished]:
+        """All text and the Finished event (non-streaming answers)."""
+        parts: list[str] = []
+        while True:
+            event = await self.next()
+            if isinstance(event, Finished):
+                return "".join(parts), event
+            parts.append(event.text)
+
+    async def close(self) -> None:
+        """Stop the generation if it still runs (even while being cancelled); record metrics."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await self._events.aclose()
+        if not self._admitted:
+            return
+        done = self.finished
+        first = self._first_token_at
+        self._metrics.observe_generation(
+            self.model,
+            prompt_tokens=done.prompt_tokens if done else self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_tokens=done.cached_tokens if done else 0,
+            ttft=first - self._started if first is not None else None,
+            decode_seconds=time.perf_counter() - first if first is not None else None,
+        )

@@ -1,0 +1,252 @@
+"""Tool calls in model output: Hermes/Qwen `<tool_call>` blocks and bare JSON, parsed whole or streamed.
+
+One incremental parser (ToolCallStream) serves both paths, so a streamed answer and a non-streamed
+one are split into content and tool calls the same way. Anything that does not parse stays text.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_FENCE = "```"
+_DECODER = json.JSONDecoder()
+
+
+@dataclass(frozen=True)
+class ParsedToolCall:
+    """One call the model made; `arguments` is a JSON object as text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    """Model output split into the text meant for the user and the tool calls."""
+
+    content: str | None
+    tool_calls: list[ParsedToolCall]
+
+
+ToolStreamEvent = str | ParsedToolCall
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _as_call(item: Any, *, bare: bool) -> ParsedToolCall | None:
+    """A decoded JSON value as a call, or None. Bare JSON must name its arguments explicitly."""
+    if not isinstance(item, dict):
+        return None
+    if isinstance(item.get("function"), dict):  # OpenAI-shaped {"type": "function", "function": {}}
+        item = item["function"]
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    key = "arguments" if "arguments" in item else "parameters"
+    if bare and key not in item:
+        return None
+    args = item.get(key, {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ParsedToolCall(new_call_id(), name, json.dumps(args, ensure_ascii=False))
+
+
+def _as_calls(value: Any, *, bare: bool) -> list[ParsedToolCall] | None:
+    items = value if isinstance(value, list) else [value]
+    calls = [_as_call(item, bare=bare) for item in items]
+    if not calls or any(call is None for call in calls):
+        return None
+    return [call for call in calls if call is not None]
+
+
+def _strip_fence(text: str) -> str:
+    """```json\\n{...}\\n``` -> {...}; text without a fence is returned stripped."""
+    text = text.strip()
+    if text.startswith(_FENCE):
+        text = text[len(_FENCE) :]
+        text = text.removeprefix("json")
+        text = text.strip()
+        text = text.removesuffix(_FENCE).rstrip()
+    return text
+
+
+def decode_block(body: str) -> list[ParsedToolCall] | None:
+    """The calls inside one `<tool_call>` block, or None if it does not hold valid call JSON."""
+    text = _strip_fence(body)
+    try:
+        value, end = _DECODER.raw_decode(text)
+    except ValueError:
+        return None
+    # Small models often close one brace too many; anything else after the JSON is not a call.
+    if text[end:].strip().strip("}"):
+        return None
+    return _as_calls(value, bare=False)
+
+
+def parse_bare(text: str, tool_names: set[str] | None = None) -> ParsedOutput | None:
+    """Output that starts with call JSON (optionally fenced, one or several values); None otherwise."""
+    rest = text.strip()
+    fenced = rest.startswith(_FENCE)
+    if fenced:
+        rest = rest[len(_FENCE) :].removeprefix("json").lstrip()
+    calls: list[ParsedToolCall] = []
+    while rest[:1] in ("{", "["):
+        try:
+            value, end = _DECODER.raw_decode(rest)
+        except ValueError:
+            break
+        found = _as_calls(value, bare=True)
+        if found is None:
+            break
+        calls.extend(found)
+        rest = rest[end:].lstrip()
+    if not calls:
+        return None
+    if tool_names is not None and any(call.name not in tool_names for call in calls):
+        return None
+    if fenced:
+        rest = rest.removeprefix(_FENCE)
+    return ParsedOutput(content=rest.strip() or None, tool_calls=calls)
+
+
+def _open_prefix_len(text: str) -> int:
+    """Length of the longest suffix of `text` that could be the start of `<tool_call>`."""
+    for size in range(min(len(text), len(OPEN) - 1), 0, -1):
+        if OPEN.startswith(text[-size:]):
+            return size
+    return 0
+
+
+def _leading_kind(held: str) -> Literal["undecided", "bare", "text"]:
+    """Whether output that begins with `held` may be bare call JSON (then it is held to the end)."""
+    rest = held.lstrip()
+    if not rest:
+        return "undecided"
+    if rest.startswith(_FENCE):
+        rest = rest[len(_FENCE) :]
+        if "json".startswith(rest):
+            return "undecided"
+        rest = rest.removeprefix("json").lstrip()
+        if not rest:
+            return "undecided"
+    elif _FENCE.startswith(rest):
+        return "undecided"
+    if rest.startswith("{"):
+        return "bare"
+    if rest.startswith("["):
+        inner = rest[1:].lstrip()
+        if not inner:
+            return "undecided"
+        return "bare" if inner.startswith("{") else "text"
+    return "text"
+
+
+class ToolCallStream:
+    """Incremental split of model output into text and tool calls.
+
+    feed() returns what is safe to send now; text that may be the start of a call is held until
+    it is known. close() flushes the rest. Whitespace next to calls is dropped, as in parse().
+    """
+
+    def __init__(self, tool_names: set[str] | None = None) -> None:
+        self._tool_names = tool_names
+        self._mode: Literal["start", "bare", "text", "block"] = "start"
+        self._held = ""
+        self._whitespace = ""
+        self.calls = 0
+
+    def feed(self, text: str) -> list[ToolStreamEvent]:
+        self._held += text
+        out: list[ToolStreamEvent] = []
+        if self._mode == "start":
+            kind = _leading_kind(self._held)
+            if kind == "undecided":
+                return out
+            self._mode = kind
+        if self._mode in ("text", "block"):
+            self._scan(out)
+        return out
+
+    def close(self) -> list[ToolStreamEvent]:
+        out: list[ToolStreamEvent] = []
+        if self._mode in ("start", "bare"):
+            parsed = parse_bare(self._held, self._tool_names)
+            if parsed is not None:
+                self._held = ""
+                self._text(out, parsed.content or "")
+                for call in parsed.tool_calls:
+                    self._call(out, call)
+            self._mode = "text"
+            self._scan(out)
+        if self._mode == "block":  # truncated block: a call if its JSON is complete
+            calls = decode_block(self._held[len(OPEN) :])
+            for call in calls or []:
+                self._call(out, call)
+            if calls:
+                self._held = ""
+        self._text(out, self._held)
+        self._held = ""
+        if not self.calls and self._whitespace:
+            out.append(self._whitespace)
+        self._whitespace = ""
+        return out
+
+    def _scan(self, out: list[ToolStreamEvent]) -> None:
+        while True:
+            if self._mode == "text":
+                start = self._held.find(OPEN)
+                if start < 0:
+                    keep = _open_prefix_len(self._held)
+                    self._text(out, self._held[: len(self._held) - keep])
+                    self._held = self._held[len(self._held) - keep :]
+                    return
+                self._text(out, self._held[:start])
+                self._held = self._held[start:]
+                self._mode = "block"
+            end = self._held.find(CLOSE)
+            if end < 0:
+                return
+            block, self._held = self._held[: end + len(CLOSE)], self._held[end + len(CLOSE) :]
+            calls = decode_block(block[len(OPEN) : end])
+            if calls is None:
+                self._text(out, block)
+            for call in calls or []:
+                self._call(out, call)
+            self._mode = "text"
+
+    def _text(self, out: list[ToolStreamEvent], text: str) -> None:
+        if not text:
+            return
+        if not text.strip():
+            self._whitespace += text
+            return
+        out.append(self._whitespace + text)
+        self._whitespace = ""
+
+    def _call(self, out: list[ToolStreamEvent], call: ParsedToolCall) -> None:
+        self._whitespace = ""
+        self.calls += 1
+        out.append(call)
+
+
+def parse_tool_calls(text: str, tool_names: set[str] | None = None) -> ParsedOutput:
+    """Split complete model output into content and tool calls (content None if only calls)."""
+    stream = ToolCallStream(tool_names)
+    events = stream.feed(text) + stream.close()
+    calls = [event for event in events if isinstance(event, ParsedToolCall)]
+    if not calls:
+        return ParsedOutput(content=text, tool_calls=[])
+    content = "".join(event for event in events if isinstance(event, str)).strip()
+    return ParsedOutput(content=content or None, tool_calls=calls)
