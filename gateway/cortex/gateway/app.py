@@ -1,0 +1,87 @@
+"""The gateway's ASGI apps and the function that serves them (`cortex gateway`, `cortex up`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+
+from cortex.core.catalogue import ModelSpec
+from cortex.core.config import GatewayConfig, NeuronEntry
+from cortex.gateway import errors, health, routes_anthropic, routes_openai, routes_responses, web
+from cortex.gateway.metrics import CONTENT_TYPE
+from cortex.gateway.wiring import Gateway, Tuning, gateway_of
+
+
+def create_app(
+    config: GatewayConfig,
+    catalogue: Sequence[ModelSpec],
+    *,
+    extra_neurons: Iterable[NeuronEntry] = (),
+    tuning: Tuning | None = None,
+) -> FastAPI:
+    """The gateway API. Its lifespan polls the fleet once before serving, then keeps polling."""
+    gateway = Gateway(config, catalogue, extra_neurons=extra_neurons, tuning=tuning)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.aclose()
+
+    app = FastAPI(title="cortex gateway", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.gateway = gateway
+    errors.install(app)
+    for module in (routes_openai, routes_anthropic, routes_responses, health, web):
+        app.include_router(module.router)
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    return app
+
+
+async def metrics(request: Request) -> Response:
+    return Response(gateway_of(request).metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+def create_metrics_app(app: FastAPI) -> FastAPI:
+    """The Prometheus endpoint (`metrics_listen`), over the same registry as `app`."""
+    metrics_app = FastAPI(title="cortex gateway metrics", docs_url=None, redoc_url=None)
+    metrics_app.state.gateway = app.state.gateway
+    metrics_app.add_api_route("/metrics", metrics, methods=["GET"])
+    return metrics_app
+
+
+def _split(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def serve(
+    config: GatewayConfig,
+    catalogue: Sequence[ModelSpec],
+    *,
+    extra_neurons: Iterable[NeuronEntry] = (),
+) -> None:
+    """Serve the API on `gateway.listen` and metrics on `gateway.metrics_listen` until stopped."""
+    app = create_app(config, catalogue, extra_neurons=extra_neurons)
+    host, port = _split(config.gateway.listen)
+    servers = [uvicorn.Server(uvicorn.Config(app, host=host, port=port, lifespan="on"))]
+    if config.gateway.metrics_listen:
+        host, port = _split(config.gateway.metrics_listen)
+        servers.append(
+            uvicorn.Server(
+                uvicorn.Config(create_metrics_app(app), host=host, port=port, lifespan="off")
+            )
+        )
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    try:
+        # One server stopping (a signal, a bind failure) stops the other.
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for server in servers:
+            server.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,99 @@
+"""API keys ([auth] of cortex.toml): who is calling, which models they may use, their token budget.
+
+Keys are compared in constant time and never logged: logs name the key's owner instead.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cortex.core.catalogue import ModelSpec
+from cortex.core.config import AuthSection
+from cortex.core.errors import BudgetExceeded, Forbidden, Unauthorized
+from cortex.gateway.budget import TokenBudget
+
+
+@dataclass(eq=False)
+class Principal:
+    """The caller: a key's owner, or anonymous when auth is off."""
+
+    name: str
+    models: frozenset[str] = field(default_factory=frozenset)  # empty: every model
+    budget: TokenBudget | None = None
+
+
+ANONYMOUS = Principal("anonymous")
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key from `x-api-key` (Anthropic clients) or `Authorization: Bearer` (OpenAI clients)."""
+    key = headers.get("x-api-key")
+    if key:
+        return key.strip()
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+class Authenticator:
+    """Maps presented keys to principals and enforces allowlists and budgets."""
+
+    def __init__(self, section: AuthSection) -> None:
+        self.enabled = section.enabled
+        self._keys: list[tuple[bytes, Principal]] = []
+        for key in section.keys:
+            budget = (
+                TokenBudget(key.budget_tokens, key.budget_window)
+                if key.budget_tokens is not None
+                else None
+            )
+            principal = Principal(key.name, frozenset(key.models), budget)
+            self._keys.append((key.secret().encode(), principal))
+
+    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        if not self.enabled:
+            return ANONYMOUS
+        key = presented_key(headers)
+        if key is None:
+            raise Unauthorized(
+                "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`"
+            )
+        presented = key.encode()
+        found = None
+        for secret, principal in self._keys:
+            # Every key is compared, so timing does not reveal which prefix matched.
+            if hmac.compare_digest(secret, presented):
+                found = principal
+        if found is None:
+            raise Unauthorized("invalid API key")
+        return found
+
+    @staticmethod
+    def authorize(principal: Principal, spec: ModelSpec) -> None:
+        """Forbidden unless the key's allowlist names the model (by id or one of its aliases)."""
+        if not principal.models:
+            return
+        if spec.id in principal.models or principal.models.intersection(spec.aliases):
+            return
+        raise Forbidden(f"key {principal.name!r} may not use model {spec.id!r}", param="model")
+
+    @staticmethod
+    def check_budget(principal: Principal, now: float) -> None:
+        budget = principal.budget
+        if budget is None:
+            return
+        wait = budget.retry_after(now)
+        if wait is not None:
+            kind = f"per {budget.window:g}s" if budget.window is not None else "in total"
+            raise BudgetExceeded(
+                f"key {principal.name!r} has used its budget of {budget.limit} tokens {kind}",
+                retry_after=wait,
+            )
+
+    @staticmethod
+    def charge(principal: Principal, tokens: int, now: float) -> None:
+        if principal.budget is not None:
+            principal.budget.charge(tokens, now)

@@ -1,0 +1,80 @@
+"""One client request on its way through the gateway, and what its end is recorded as."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cortex.core.errors import CortexError
+from cortex.core.protocol.openai import Usage
+from cortex.gateway.auth import Authenticator, Principal
+from cortex.gateway.metrics import NO_NEURON, GatewayMetrics
+
+Surface = Literal["openai", "anthropic", "responses"]
+
+
+@dataclass
+class Call:
+    """A request for one model: who asked, through which API, where it went, how it went."""
+
+    model: str
+    surface: Surface
+    principal: Principal
+    deadline: float  # monotonic: the latest an on-demand load may keep the request waiting
+    affinity: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    neuron: str | None = None
+    first_token: float | None = None
+    finished: bool = False
+
+    def token_arrived(self) -> float | None:
+        """Mark the first token; returns time to first token the first time, else None."""
+        if self.first_token is not None:
+            return None
+        self.first_token = time.monotonic()
+        return self.first_token - self.started
+
+
+class Accounting:
+    """Records how each call ended, once: metrics and the caller's token budget."""
+
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        auth: Authenticator,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.metrics, self.auth, self.clock = metrics, auth, clock
+
+    def first_token(self, call: Call) -> None:
+        ttft = call.token_arrived()
+        if ttft is not None:
+            self.metrics.ttft.labels(call.model, call.neuron or NO_NEURON).observe(ttft)
+
+    def finish(
+        self, call: Call, *, usage: Usage | None = None, error: CortexError | None = None
+    ) -> None:
+        if call.finished:
+            return
+        call.finished = True
+        now = time.monotonic()
+        m = self.metrics
+        labels = (call.model, call.neuron or NO_NEURON)
+        m.requests.labels(*labels, call.surface).inc()
+        m.duration.labels(*labels, call.surface).observe(now - call.started)
+        if error is not None:
+            m.errors.labels(*labels, call.surface, error.code).inc()
+        if usage is None:
+            return
+        m.prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
+        m.completion_tokens.labels(*labels).inc(usage.completion_tokens)
+        self.auth.charge(
+            call.principal, usage.prompt_tokens + usage.completion_tokens, self.clock()
+        )
+        # Streamed: rate after the first token (prefill excluded); otherwise over the whole call.
+        since = call.first_token if call.first_token is not None else call.started
+        tokens = usage.completion_tokens - (1 if call.first_token is not None else 0)
+        if tokens > 0 and now > since:
+            m.tokens_per_second.labels(*labels).observe(tokens / (now - since))

@@ -1,0 +1,106 @@
+"""The live catalogue: the gateway's models.toml merged with what every neuron serves or can load."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from cortex.core.catalogue import ModelSpec, merge_catalogues, resolve_alias
+from cortex.core.errors import ModelNotFound
+from cortex.core.fleet import ModelState
+from cortex.core.protocol.openai import ModelCard
+from cortex.gateway.fleet import Fleet
+
+ModelAvailability = Literal["loaded", "loading", "available"]
+
+
+class FleetModelCard(ModelCard):
+    """A /v1/models entry: OpenAI's card plus where the model is and what it is."""
+
+    kind: Literal["chat", "embedding"] = "chat"
+    state: ModelAvailability = "available"
+    locations: list[str] = Field(default_factory=list, description="neurons holding it")
+    aliases: list[str] = Field(default_factory=list)
+    context_length: int | None = None
+    pinned_on: list[str] = Field(default_factory=list)
+    priority: int = 0
+
+
+class LiveCatalogue:
+    """Resolves client model names and lists models, from config plus the fleet's last polls."""
+
+    def __init__(self, configured: list[ModelSpec], fleet: Fleet) -> None:
+        self.configured = list(configured)
+        self._configured_ids = {spec.id for spec in configured}
+        self.fleet = fleet
+
+    def specs(self) -> list[ModelSpec]:
+        """Every model known: neuron listings first, so the gateway's own entries win."""
+        listed: list[ModelSpec] = []
+        for handle in self.fleet.neurons.values():
+            if handle.listing is not None:
+                listed.extend(handle.listing.available)
+            for loaded in handle.status.models if handle.status else []:
+                # Loaded by someone else (a CLI, a preload) from a source no catalogue names.
+                listed.append(ModelSpec(id=loaded.id, source=loaded.source, kind=loaded.kind))
+        return merge_catalogues(listed, self.configured)
+
+    def by_id(self) -> dict[str, ModelSpec]:
+        return {spec.id: spec for spec in self.specs()}
+
+    def resolve(self, name: str) -> ModelSpec:
+        """The spec a client's model name (id or alias) means."""
+        spec = resolve_alias(self.specs(), name)
+        if spec is None:
+            raise ModelNotFound(f"model {name!r} does not exist", param="model")
+        return spec
+
+    def loadable_on(self, model: str) -> list[str]:
+        """Neurons that can load the model: all for configured models, else those listing it."""
+        if model in self._configured_ids:
+            return list(self.fleet.neurons)
+        return [
+            name
+            for name, handle in self.fleet.neurons.items()
+            if handle.listing is not None and any(s.id == model for s in handle.listing.available)
+        ]
+
+    def load_source(self, model: str, neuron: str) -> str | None:
+        """The source to send with a load; None lets a neuron that lists the model use its own."""
+        listing = self.fleet[neuron].listing
+        if listing is not None and any(s.id == model for s in listing.available):
+            return None
+        spec = self.by_id().get(model)
+        return spec.source if spec is not None else None
+
+    def availability(self, model: str) -> tuple[ModelAvailability, list[str]]:
+        """loaded (somewhere ready) | loading | available, and the neurons holding it."""
+        ready = self.fleet.ready(model)
+        if ready:
+            return "loaded", ready
+        loading = self.fleet.loading(model)
+        if loading:
+            return "loading", loading
+        return "available", []
+
+    def card(self, spec: ModelSpec) -> FleetModelCard:
+        state, locations = self.availability(spec.id)
+        context = spec.context
+        for handle in self.fleet.neurons.values():
+            loaded = handle.model(spec.id)
+            if context is None and loaded is not None and loaded.state == ModelState.READY:
+                context = loaded.context_length
+        return FleetModelCard(
+            id=spec.id,
+            kind=spec.kind,
+            state=state,
+            locations=locations,
+            aliases=list(spec.aliases),
+            context_length=context,
+            pinned_on=list(spec.pinned_on),
+            priority=spec.priority,
+        )
+
+    def cards(self) -> list[FleetModelCard]:
+        return [self.card(spec) for spec in self.specs()]

@@ -1,0 +1,179 @@
+"""Sending a call to a replica (SPEC G3, G4): pick one, load one when none is ready, and retry a
+request that fails before its first byte on another replica."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any, TypeVar
+
+import httpx
+
+from cortex.core.errors import (
+    CortexError,
+    DeviceUnhealthy,
+    ModelNotFound,
+    NeuronUnavailable,
+    Overloaded,
+)
+from cortex.gateway.call import Call
+from cortex.gateway.fleet import Fleet
+from cortex.gateway.ondemand import OnDemand
+from cortex.gateway.router import Candidate, pick
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Failures that say "this replica, not this request": another replica may well succeed.
+_RETRYABLE = (NeuronUnavailable, DeviceUnhealthy, Overloaded, ModelNotFound)
+
+
+def retryable(err: CortexError) -> bool:
+    return isinstance(err, _RETRYABLE) or err.status >= 500
+
+
+class Upstream:
+    """A neuron's stream whose first bytes have arrived; closing it closes the neuron's response."""
+
+    def __init__(
+        self,
+        neuron: str,
+        first: bytes,
+        rest: AsyncIterator[bytes],
+        stack: AsyncExitStack,
+        on_close: Callable[[], None],
+    ) -> None:
+        self.neuron = neuron
+        self._first: bytes | None = first
+        self._rest = rest
+        self._stack = stack
+        self._on_close = on_close
+        self._closed = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The raw bytes, as they come; transport failures raise NeuronUnavailable."""
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        try:
+            async for chunk in self._rest:
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise NeuronUnavailable(f"neuron {self.neuron} failed mid-stream: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stack.aclose()
+        finally:
+            self._on_close()
+
+
+class Dispatcher:
+    """Routes calls to replicas with failover before the first byte."""
+
+    def __init__(
+        self, fleet: Fleet, ondemand: OnDemand, *, affinity_slack: int, max_attempts: int = 3
+    ) -> None:
+        self.fleet, self.ondemand = fleet, ondemand
+        self.affinity_slack = affinity_slack
+        self.max_attempts = max_attempts
+        self._turn = itertools.count()
+
+    async def post(self, call: Call, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A non-streamed inference call; returns the neuron's JSON answer."""
+
+        async def attempt(neuron: str) -> dict[str, Any]:
+            self.fleet.begin(neuron, call.model)
+            try:
+                return await self.fleet[neuron].client.post(path, body)
+            finally:
+                self.fleet.end(neuron, call.model)
+
+        return await self._with_retries(call, attempt)
+
+    async def open_stream(self, call: Call, path: str, body: dict[str, Any]) -> Upstream:
+        """A streamed inference call, returned once its first bytes are in (so it can still fail
+        over); the caller must `aclose()` it."""
+
+        async def attempt(neuron: str) -> Upstream:
+            self.fleet.begin(neuron, call.model)
+            try:
+                return await self._open(neuron, call.model, path, body)
+            except BaseException:
+                self.fleet.end(neuron, call.model)
+                raise
+
+        return await self._with_retries(call, attempt)
+
+    async def _open(self, neuron: str, model: str, path: str, body: dict[str, Any]) -> Upstream:
+        stack = AsyncExitStack()
+        try:
+            response = await stack.enter_async_context(self.fleet[neuron].client.stream(path, body))
+            rest = response.aiter_bytes()
+            first = await anext(rest)
+        except StopAsyncIteration:
+            await stack.aclose()
+            raise NeuronUnavailable(
+                f"neuron {neuron} ended the stream before its first byte"
+            ) from None
+        except httpx.HTTPError as exc:
+            await stack.aclose()
+            raise NeuronUnavailable(
+                f"neuron {neuron} failed before the first byte: {exc!r}"
+            ) from exc
+        except BaseException:
+            await stack.aclose()
+            raise
+        return Upstream(neuron, first, rest, stack, lambda: self.fleet.end(neuron, model))
+
+    async def _with_retries(self, call: Call, attempt: Callable[[str], Awaitable[T]]) -> T:
+        tried: set[str] = set()
+        last: CortexError | None = None
+        for _ in range(self.max_attempts):
+            neuron = await self._choose(call, tried)
+            if neuron is None:
+                break
+            call.neuron = neuron
+            try:
+                return await attempt(neuron)
+            except CortexError as err:
+                if not retryable(err):
+                    raise
+                log.info("%s on %s failed before its first byte: %s", call.model, neuron, err)
+                tried.add(neuron)
+                last = err
+                await self._after_failure(neuron, err)
+        if last is None or isinstance(last, ModelNotFound):
+            raise NeuronUnavailable(f"no replica of {call.model!r} could take the request")
+        raise last
+
+    async def _after_failure(self, neuron: str, err: CortexError) -> None:
+        if isinstance(err, NeuronUnavailable):
+            self.fleet.note_failure(neuron, err.message)
+        elif isinstance(err, ModelNotFound):
+            await self.fleet.refresh(neuron)  # our picture of it was stale: the model is gone
+
+    async def _choose(self, call: Call, tried: set[str]) -> str | None:
+        """The next replica to try; loads one when the model has none ready anywhere."""
+        ready = self.fleet.ready(call.model)
+        candidates = [name for name in ready if name not in tried]
+        if not candidates:
+            if ready:
+                return None  # every replica had its chance
+            await self.ondemand.ensure(call.model, timeout=call.deadline - time.monotonic())
+            candidates = [name for name in self.fleet.ready(call.model) if name not in tried]
+            if not candidates:
+                return None
+        return pick(
+            [Candidate(n, self.fleet[n].in_flight[call.model]) for n in candidates],
+            affinity=call.affinity,
+            slack=self.affinity_slack,
+            turn=next(self._turn),
+        )

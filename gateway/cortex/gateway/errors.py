@@ -1,0 +1,65 @@
+"""Every error the gateway answers, mapped once: Anthropic's envelope on /v1/messages*, OpenAI's
+everywhere else. Framework errors (unknown path, wrong method) get the same treatment."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from cortex.core.errors import CortexError, InvalidRequest
+from cortex.core.protocol.errors import anthropic_error, error_headers, openai_error
+from cortex.gateway.metrics import NO_NEURON
+from cortex.gateway.wiring import gateway_of
+
+log = logging.getLogger(__name__)
+
+ANTHROPIC_PREFIX = "/v1/messages"
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def is_anthropic(path: str) -> bool:
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
+def _http_error(exc: HTTPException) -> CortexError:
+    err = CortexError(str(exc.detail))
+    err.status = exc.status_code
+    err.code = _HTTP_CODES.get(exc.status_code, "http_error")
+    err.kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return err
+
+
+async def answer(request: Request, exc: Exception) -> JSONResponse:
+    """The one handler: record the failure, then answer in the surface's envelope."""
+    if isinstance(exc, CortexError):
+        err = exc
+    elif isinstance(exc, HTTPException):
+        err = _http_error(exc)
+    elif isinstance(exc, RequestValidationError):
+        err = InvalidRequest(str(exc.errors()[0].get("msg", "invalid request")))
+    else:
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        err = CortexError(f"internal error: {type(exc).__name__}")
+    gateway = gateway_of(request)
+    call = getattr(request.state, "call", None)
+    if call is not None:
+        gateway.accounting.finish(call, error=err)
+    elif request.url.path.startswith("/v1/"):
+        gateway.metrics.errors.labels(NO_NEURON, NO_NEURON, _surface(request), err.code).inc()
+    body = anthropic_error(err) if is_anthropic(request.url.path) else openai_error(err)
+    return JSONResponse(body, status_code=err.status, headers=error_headers(err))
+
+
+def _surface(request: Request) -> str:
+    if is_anthropic(request.url.path):
+        return "anthropic"
+    return "responses" if request.url.path.startswith("/v1/responses") else "openai"
+
+
+def install(app: FastAPI) -> None:
+    for kind in (CortexError, HTTPException, RequestValidationError, Exception):
+        app.add_exception_handler(kind, answer)

@@ -1,0 +1,60 @@
+"""Gateway health (SPEC G6): ok when every neuron is healthy, impaired when some are, degraded
+when none is or no model is known. /livez says the process serves; /readyz that it can route."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from cortex.gateway.wiring import Gateway, gateway_of
+
+Health = Literal["ok", "impaired", "degraded"]
+
+router = APIRouter()
+
+
+def classify(neurons: int, healthy: int, models: int) -> Health:
+    if healthy == 0 or models == 0:
+        return "degraded"
+    return "ok" if healthy == neurons else "impaired"
+
+
+def health_of(gateway: Gateway) -> Health:
+    fleet = gateway.fleet
+    healthy = sum(1 for name in fleet.neurons if fleet.healthy(name))
+    return classify(len(fleet.neurons), healthy, len(gateway.catalogue.specs()))
+
+
+def _report(gateway: Gateway) -> dict[str, Any]:
+    fleet = gateway.fleet
+    return {
+        "status": health_of(gateway),
+        "neurons": {
+            name: {
+                "healthy": fleet.healthy(name),
+                "consecutive_failures": handle.failures,
+                "error": handle.last_error,
+            }
+            for name, handle in fleet.neurons.items()
+        },
+    }
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    report = _report(gateway_of(request))
+    return JSONResponse(report, status_code=503 if report["status"] == "degraded" else 200)
+
+
+@router.get("/livez")
+async def livez() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    status = health_of(gateway_of(request))
+    ready = status != "degraded"
+    return JSONResponse({"ready": ready, "status": status}, status_code=200 if ready else 503)

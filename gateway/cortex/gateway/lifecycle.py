@@ -1,0 +1,50 @@
+"""The background loop (SPEC G5, G6): poll the fleet, refresh gauges, apply the planner's plan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from cortex.gateway.fleet import Fleet
+from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.placer import Placer
+
+log = logging.getLogger(__name__)
+
+
+class Lifecycle:
+    """Every `interval` seconds: one poll of every neuron, then one reconcile cycle."""
+
+    def __init__(
+        self, fleet: Fleet, placer: Placer, metrics: GatewayMetrics, *, interval: float
+    ) -> None:
+        self.fleet, self.placer, self.metrics = fleet, placer, metrics
+        self.interval = interval
+        self.cycle = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def tick(self) -> None:
+        await self.fleet.poll()
+        self.metrics.observe_fleet(self.fleet)
+        try:
+            self.placer.reconcile(self.cycle)
+        except Exception:  # a planner bug must not stop polling, which routing depends on
+            log.exception("lifecycle cycle %d failed", self.cycle)
+        self.cycle += 1
+
+    async def run(self) -> None:
+        while True:
+            await self.tick()
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

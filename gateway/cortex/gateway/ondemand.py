@@ -1,0 +1,67 @@
+"""On-demand loading: one placement per cold model, however many requests wait for it (SPEC G4)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from cortex.core.errors import NeuronUnavailable
+from cortex.gateway.placer import Placer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Flight:
+    """One placement in progress and the requests waiting on it."""
+
+    task: asyncio.Task[str]
+    waiters: int = 0
+    # A waiter was told to come back later (503 + Retry-After): the load must go on for it.
+    promised: bool = False
+
+
+class OnDemand:
+    """Single-flight loads per model with a bounded wait; a load nobody waits for is cancelled."""
+
+    def __init__(self, placer: Placer, *, timeout: float, retry_after: float = 5.0) -> None:
+        self.placer = placer
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self._flights: dict[str, _Flight] = {}
+
+    def waiting(self, model: str) -> int:
+        flight = self._flights.get(model)
+        return flight.waiters if flight is not None else 0
+
+    async def ensure(self, model: str, timeout: float | None = None) -> str:
+        """Wait until `model` has a ready replica and return its neuron; at most `timeout` seconds
+        (the configured load timeout by default), then NeuronUnavailable with Retry-After."""
+        flight = self._flights.get(model)
+        if flight is None:
+            flight = _Flight(asyncio.create_task(self.placer.place(model)))
+            self._flights[model] = flight
+            flight.task.add_done_callback(lambda task: self._landed(model, task))
+        flight.waiters += 1
+        try:
+            wait = self.timeout if timeout is None else timeout
+            return await asyncio.wait_for(asyncio.shield(flight.task), max(wait, 0.0))
+        except TimeoutError:
+            flight.promised = True
+            raise NeuronUnavailable(
+                f"model {model!r} is still loading; retry shortly", retry_after=self.retry_after
+            ) from None
+        except asyncio.CancelledError:
+            if flight.waiters == 1 and not flight.promised and not flight.task.done():
+                log.info("every request waiting for %s left: cancelling its load", model)
+                flight.task.cancel()
+            raise
+        finally:
+            flight.waiters -= 1
+
+    def _landed(self, model: str, task: asyncio.Task[str]) -> None:
+        if self._flights.get(model, None) is not None and self._flights[model].task is task:
+            del self._flights[model]
+        if not task.cancelled():
+            task.exception()  # retrieved: each waiter re-raises it, and none may be left

@@ -1,0 +1,328 @@
+"""Placement execution: the shared planner's actions turned into neuron load and unload calls.
+
+Planning happens under one lock, and every action a plan chooses is reserved in the fleet at once
+(loads as arriving replicas holding their memory, unloads as leaving ones), so a plan made while
+another one is still executing never double-books memory or evicts the same replica twice. The
+actions themselves run outside the lock, in plan order (evictions before the load they make room
+for; a defrag move's load before its unload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from functools import partial
+from typing import Any
+
+from cortex.core.errors import (
+    CapacityExhausted,
+    CortexError,
+    ModelLoadFailed,
+    ModelNotFound,
+    NeuronUnavailable,
+)
+from cortex.core.fleet import LoadedModel, LoadRequest, ModelState
+from cortex.core.planner import Action, Demand, Load, NeuronView, Plan, Policy, Unload, plan
+from cortex.gateway.catalogue import LiveCatalogue
+from cortex.gateway.fleet import Fleet
+from cortex.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+# How often a load the neuron answered early (still loading) is re-polled.
+LOAD_POLL_INTERVAL = 0.25
+# Plans tried for one demand before giving up (a plan can be undone by a racing eviction).
+MAX_PLANS = 3
+
+
+class Placer:
+    """Plans with the shared planner and applies the plans to the fleet."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        catalogue: LiveCatalogue,
+        policy: Policy,
+        metrics: GatewayMetrics,
+        *,
+        retry_after: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.fleet, self.catalogue, self.policy, self.metrics = fleet, catalogue, policy, metrics
+        self.retry_after = retry_after
+        self.clock = clock
+        self._lock = asyncio.Lock()
+        self._loads: dict[tuple[str, str], asyncio.Task[LoadedModel]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._reconciling: asyncio.Task[None] | None = None
+        self._unplaceable: dict[str, str] = {}
+
+    async def aclose(self) -> None:
+        tasks = [*self._background, *self._loads.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- on demand
+
+    async def place(self, model: str, waiting: int = 1) -> str:
+        """A neuron with a ready replica of `model`, loading one (evicting first) when none is.
+
+        Cancelling abandons a load this call started; loads started elsewhere are only left.
+        """
+        for _ in range(MAX_PLANS):
+            ready = self.fleet.ready(model)
+            if ready:
+                return ready[0]
+            arriving = self._arriving(model)
+            if arriving is not None:
+                await self._join(model, *arriving)
+                continue
+            async with self._lock:
+                if self.fleet.ready(model) or self._arriving(model) is not None:
+                    continue  # another placement got there while this one waited for the lock
+                load, actions = self._plan_demand(model, waiting)
+            await self._execute(actions)
+            if self.fleet.ready(model):
+                self.metrics.cold_starts.labels(model, load.neuron).inc()
+        ready = self.fleet.ready(model)
+        if ready:
+            return ready[0]
+        raise NeuronUnavailable(
+            f"model {model!r} could not be placed: its replicas keep disappearing",
+            retry_after=self.retry_after,
+        )
+
+    def _arriving(self, model: str) -> tuple[str, asyncio.Task[LoadedModel] | None] | None:
+        """A replica on its way: a load this gateway runs, or one a poll shows loading."""
+        for (neuron, loading), task in self._loads.items():
+            if loading == model:
+                return neuron, task
+        for neuron in self.fleet.loading(model):
+            return neuron, None
+        return None
+
+    async def _join(self, model: str, neuron: str, task: asyncio.Task[LoadedModel] | None) -> None:
+        if task is not None:
+            await asyncio.shield(task)
+            return
+        handle = self.fleet[neuron]
+        while (loaded := handle.model(model)) is not None and loaded.state == ModelState.LOADING:
+            await asyncio.sleep(LOAD_POLL_INTERVAL)
+            await self.fleet.refresh(neuron)
+            if not self.fleet.healthy(neuron):
+                raise NeuronUnavailable(f"neuron {neuron} went away while loading {model!r}")
+        if loaded is not None and loaded.state == ModelState.FAILED:
+            raise ModelLoadFailed(f"loading {model!r} on {neuron} failed: {loaded.error}")
+
+    def _plan_demand(self, model: str, waiting: int) -> tuple[Load, list[Action]]:
+        views = self.fleet.views(self.catalogue.loadable_on(model))
+        result = plan(
+            views,
+            self.catalogue.by_id(),
+            [Demand(model, waiting)],
+            self.policy,
+            self.clock(),
+            estimates=self.fleet.estimates(),
+        )
+        load = next((a for a in result.actions if isinstance(a, Load) and a.model == model), None)
+        if load is None:
+            raise self._cannot_place(model, result, views)
+        actions = _needed_for(result.actions, load)
+        self._reserve(actions)
+        log.info("placing %s on %s: %s", model, load.neuron, _describe(actions))
+        return load, actions
+
+    def _cannot_place(self, model: str, result: Plan, views: list[NeuronView]) -> CortexError:
+        reason = result.unplaceable.get(model, "no neuron can load it")
+        usable = [v for v in views if v.healthy and not v.cordoned]
+        if not usable:
+            return NeuronUnavailable(
+                f"model {model!r} cannot be loaded: no healthy neuron", retry_after=self.retry_after
+            )
+        spec = self.catalogue.by_id().get(model)
+        size = (
+            spec.memory if spec is not None and spec.memory else self.fleet.estimates().get(model)
+        )
+        if size is not None and size > max(v.memory_total for v in usable):
+            return CapacityExhausted(f"model {model!r} cannot be loaded: {reason}")
+        return NeuronUnavailable(
+            f"model {model!r} cannot be loaded now: {reason}", retry_after=self.retry_after
+        )
+
+    # -- lifecycle
+
+    def reconcile(self, cycle: int) -> list[Action]:
+        """Plan without demand (idle unloads, pins, defrag) and start applying it in the background.
+
+        Skipped while the previous cycle's actions are still running.
+        """
+        if self._reconciling is not None and not self._reconciling.done():
+            return []
+        if self._lock.locked():
+            return []  # an on-demand placement is planning; next cycle
+        result = plan(
+            self.fleet.views(),
+            self.catalogue.by_id(),
+            [],
+            self.policy,
+            self.clock(),
+            cycle=cycle,
+            estimates=self.fleet.estimates(),
+        )
+        self._report_unplaceable(result)
+        actions = [
+            a
+            for a in result.actions
+            if not (isinstance(a, Load) and (a.neuron, a.model) in self._loads)
+        ]
+        if not actions:
+            return []
+        self._reserve(actions)
+        log.info("lifecycle cycle %d: %s", cycle, _describe(actions))
+        self._reconciling = self._spawn(self._execute(actions))
+        return actions
+
+    def _report_unplaceable(self, result: Plan) -> None:
+        for model, reason in result.unplaceable.items():
+            if self._unplaceable.get(model) != reason:
+                log.warning("cannot place %s: %s", model, reason)
+        self._unplaceable = dict(result.unplaceable)
+
+    # -- applying actions
+
+    def _reserve(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            handle = self.fleet[action.neuron]
+            if isinstance(action, Load):
+                handle.pending[action.model] = action.memory
+            else:
+                handle.leaving.add(action.model)
+
+    async def _execute(self, actions: Sequence[Action]) -> None:
+        """Apply actions in order; a failed eviction stops the rest (their room is not there)."""
+        remaining = list(actions)
+        try:
+            while remaining:
+                action = remaining.pop(0)
+                if isinstance(action, Load):
+                    await self._run_load(action)
+                elif not await self._unload(action):
+                    raise NeuronUnavailable(
+                        f"could not unload {action.model!r} from {action.neuron} to make room",
+                        retry_after=self.retry_after,
+                    )
+        finally:
+            for action in remaining:
+                self.fleet.release(action.neuron, action.model)
+
+    async def _run_load(self, load: Load) -> LoadedModel:
+        key = (load.neuron, load.model)
+        task = self._loads.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load(load))
+            self._loads[key] = task
+            task.add_done_callback(partial(self._load_done, key))
+        return await task
+
+    def _load_done(self, key: tuple[str, str], task: asyncio.Task[LoadedModel]) -> None:
+        if self._loads.get(key) is task:
+            del self._loads[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("load of %s on %s failed: %s", key[1], key[0], task.exception())
+
+    async def _load(self, load: Load) -> LoadedModel:
+        handle = self.fleet[load.neuron]
+        spec = self.catalogue.by_id().get(load.model)
+        request = LoadRequest(
+            model=load.model,
+            source=self.catalogue.load_source(load.model, load.neuron),
+            dtype=spec.dtype if spec is not None else None,
+        )
+        started = time.monotonic()
+        try:
+            loaded = await handle.client.load(request)
+            while loaded.state == ModelState.LOADING:
+                await asyncio.sleep(LOAD_POLL_INTERVAL)
+                await self.fleet.refresh(load.neuron)
+                loaded = handle.model(load.model) or loaded.model_copy(
+                    update={"state": ModelState.FAILED, "error": "vanished while loading"}
+                )
+        except asyncio.CancelledError:
+            self.fleet.release(load.neuron, load.model)
+            self._spawn(self._abandon(load))
+            raise
+        except CortexError as err:
+            self.fleet.release(load.neuron, load.model)
+            if isinstance(err, NeuronUnavailable):
+                self.fleet.note_failure(load.neuron, err.message)
+            raise
+        if loaded.state != ModelState.READY:
+            self.fleet.release(load.neuron, load.model)
+            raise ModelLoadFailed(f"loading {load.model!r} on {load.neuron} failed: {loaded.error}")
+        self.fleet.apply_loaded(load.neuron, loaded)
+        self.metrics.load_seconds.labels(load.model, load.neuron).observe(
+            time.monotonic() - started
+        )
+        log.info("loaded %s on %s", load.model, load.neuron)
+        return loaded
+
+    async def _abandon(self, load: Load) -> None:
+        """Every waiter left: the neuron need not keep what nobody asked for any more."""
+        try:
+            await self.fleet[load.neuron].client.unload(load.model)
+        except CortexError as err:
+            log.info("abandoned load of %s on %s: unload said %s", load.model, load.neuron, err)
+        await self.fleet.refresh(load.neuron)
+
+    async def _unload(self, action: Unload) -> bool:
+        try:
+            await self.fleet[action.neuron].client.unload(action.model)
+        except ModelNotFound:
+            self.fleet.apply_unloaded(action.neuron, action.model)
+            return True
+        except CortexError as err:
+            # Typically ModelBusy: a request arrived since the snapshot. It stays; next plan decides.
+            log.info("unload of %s from %s refused: %s", action.model, action.neuron, err)
+            self.fleet.release(action.neuron, action.model)
+            return False
+        self.fleet.apply_unloaded(action.neuron, action.model)
+        self.metrics.evictions.labels(action.model, action.neuron, action.reason).inc()
+        log.info("unloaded %s from %s (%s)", action.model, action.neuron, action.reason)
+        return True
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("placement stopped: %s", task.exception())
+
+
+def _needed_for(actions: Sequence[Action], load: Load) -> list[Action]:
+    """The part of a plan that `load` depends on: actions on its neuron up to it, and the loads
+    elsewhere of replicas a defrag moves off that neuron. The rest is the lifecycle's business."""
+    upto = actions[: actions.index(load) + 1]
+    moved = {
+        a.model
+        for a in upto
+        if isinstance(a, Unload) and a.neuron == load.neuron and a.reason == "defrag"
+    }
+    return [
+        a for a in upto if a.neuron == load.neuron or (isinstance(a, Load) and a.model in moved)
+    ]
+
+
+def _describe(actions: Sequence[Action]) -> str:
+    return ", ".join(
+        f"load {a.model} on {a.neuron}"
+        if isinstance(a, Load)
+        else f"unload {a.model} from {a.neuron} ({a.reason})"
+        for a in actions
+    )

@@ -1,0 +1,156 @@
+"""The gateway's parts wired together: fleet, catalogue, placement, dispatch, auth and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from cortex.core.catalogue import ModelSpec, merge_catalogues
+from cortex.core.config import GatewayConfig, NeuronEntry
+from cortex.core.errors import CortexError
+from cortex.core.planner import Policy
+from cortex.gateway.auth import Authenticator, Principal
+from cortex.gateway.call import Accounting, Call, Surface
+from cortex.gateway.catalogue import LiveCatalogue
+from cortex.gateway.dispatch import Dispatcher, Upstream
+from cortex.gateway.fleet import Fleet
+from cortex.gateway.lifecycle import Lifecycle
+from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.ondemand import OnDemand
+from cortex.gateway.placer import Placer
+from cortex.gateway.relay import when_ready
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Knobs below the config file's level (tests turn them; defaults suit production)."""
+
+    keepalive_interval: float = 5.0  # seconds between keep-alives while a stream waits
+    affinity_slack: int = 2  # extra in-flight requests a conversation's replica may carry
+    retry_after: float = 5.0  # Retry-After for "still loading" and "cannot place now"
+    max_attempts: int = 3  # replicas tried per request before giving up
+
+
+class Gateway:
+    """Everything a request handler needs, built from cortex.toml and the catalogue."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        catalogue: Sequence[ModelSpec],
+        *,
+        extra_neurons: Iterable[NeuronEntry] = (),
+        tuning: Tuning | None = None,
+    ) -> None:
+        self.config = config
+        self.tuning = tuning or Tuning()
+        section = config.gateway
+        self.metrics = GatewayMetrics()
+        self.fleet = Fleet(
+            [*config.neurons, *extra_neurons],
+            unhealthy_after=section.unhealthy_after,
+            admin_token=config.auth.neuron_admin_token,
+        )
+        self.catalogue = LiveCatalogue(merge_catalogues(list(catalogue), config.models), self.fleet)
+        self.auth = Authenticator(config.auth)
+        self.accounting = Accounting(self.metrics, self.auth)
+        policy = Policy(config.eviction.strategy, config.eviction.defrag_after_cycles)
+        self.placer = Placer(
+            self.fleet, self.catalogue, policy, self.metrics, retry_after=self.tuning.retry_after
+        )
+        self.ondemand = OnDemand(
+            self.placer, timeout=section.load_timeout, retry_after=self.tuning.retry_after
+        )
+        self.dispatcher = Dispatcher(
+            self.fleet,
+            self.ondemand,
+            affinity_slack=self.tuning.affinity_slack,
+            max_attempts=self.tuning.max_attempts,
+        )
+        self.lifecycle = Lifecycle(
+            self.fleet, self.placer, self.metrics, interval=section.poll_interval
+        )
+
+    async def start(self) -> None:
+        """First poll before serving (routing needs it), then the background loop."""
+        await self.lifecycle.tick()
+        self.lifecycle.start()
+
+    async def aclose(self) -> None:
+        await self.lifecycle.aclose()
+        await self.placer.aclose()
+        await self.fleet.aclose()
+
+    # -- per request
+
+    def begin(
+        self, request: Request, surface: Surface, model: str, affinity: str | None = None
+    ) -> Call:
+        """Resolve the model, check the caller may use it and has budget left; the call is kept
+        on the request so the error handler can record how it ended."""
+        principal: Principal = request.state.principal
+        spec = self.catalogue.resolve(model)
+        self.auth.authorize(principal, spec)
+        self.auth.check_budget(principal, time.time())
+        call = Call(
+            model=spec.id,
+            surface=surface,
+            principal=principal,
+            deadline=time.monotonic() + self.config.gateway.load_timeout,
+            affinity=affinity,
+        )
+        request.state.call = call
+        return call
+
+    async def stream(
+        self,
+        call: Call,
+        path: str,
+        body: dict[str, Any],
+        relay: Callable[[Upstream], AsyncIterator[bytes]],
+        *,
+        keepalive: Callable[[], bytes],
+        on_error: Callable[[CortexError], Iterable[bytes]],
+    ) -> StreamingResponse:
+        """A streamed answer. Failures before the upstream opens are HTTP errors when they come
+        quickly; once keep-alives have begun they become the dialect's error events."""
+        opening = asyncio.create_task(self.dispatcher.open_stream(call, path, body))
+        try:
+            done, _ = await asyncio.wait({opening}, timeout=self.tuning.keepalive_interval)
+        except BaseException:
+            opening.cancel()
+            raise
+        if done:
+            content = relay(opening.result())
+        else:
+
+            def failed(err: CortexError) -> Iterable[bytes]:
+                self.accounting.finish(call, error=err)
+                return on_error(err)
+
+            content = when_ready(
+                opening,
+                relay,
+                keepalive=keepalive,
+                interval=self.tuning.keepalive_interval,
+                on_error=failed,
+            )
+        return StreamingResponse(content, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def gateway_of(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def authenticate(request: Request) -> None:
+    """Route dependency: the caller's principal, on request.state (401 when auth rejects it)."""
+    request.state.principal = gateway_of(request).auth.authenticate(request.headers)

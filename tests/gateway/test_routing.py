@@ -1,0 +1,276 @@
+"""Routing across replicas (SPEC G3): least-loaded, prefix affinity, failover before the first byte,
+mid-stream death, client disconnect, unhealthy neurons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import anthropic
+import httpx
+import openai
+import pytest
+from fakes.neuron import FakeNeuron, GiB
+from gateway_cluster import FAST, chat_body, cluster, eventually, spec
+
+from cortex.gateway.wiring import Tuning
+
+MODEL = "chat-a"
+CATALOGUE = [spec(MODEL)]
+
+
+def pair(**kwargs: object) -> tuple[FakeNeuron, FakeNeuron]:
+    return (
+        FakeNeuron("n1", loaded={MODEL: 2 * GiB}, **kwargs),  # type: ignore[arg-type]
+        FakeNeuron("n2", loaded={MODEL: 2 * GiB}, **kwargs),  # type: ignore[arg-type]
+    )
+
+
+async def test_chat_through_openai_sdk_streamed_and_not() -> None:
+    async with cluster(FakeNeuron("n1", loaded={MODEL: GiB}), catalogue=CATALOGUE) as c:
+        client = c.openai()
+        answer = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hello there"}]
+        )
+        assert answer.choices[0].message.content == "Hello from n1."
+        assert answer.usage is not None and answer.usage.completion_tokens == 3
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hello"}], stream=True
+        )
+        pieces = [chunk async for chunk in stream]
+        text = "".join(p.choices[0].delta.content or "" for p in pieces if p.choices)
+        assert text == "Hello from n1."
+        # cortex asked the neuron for usage on its own account; this client did not ask for it.
+        assert all(p.usage is None for p in pieces)
+        assert c.neurons["n1"].requests[-1][1]["stream_options"] == {"include_usage": True}
+
+
+async def test_stream_usage_kept_when_the_client_asks() -> None:
+    async with cluster(FakeNeuron("n1", loaded={MODEL: GiB}), catalogue=CATALOGUE) as c:
+        stream = await c.openai().chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hello"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        usages = [chunk.usage async for chunk in stream if chunk.usage is not None]
+        assert len(usages) == 1 and usages[0].completion_tokens == 3
+
+
+async def test_openai_stream_is_relayed_event_by_event() -> None:
+    """The first token reaches the client while the neuron still holds the rest back."""
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.hold = asyncio.Event()
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        body = chat_body(MODEL, stream=True)
+        async with c.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = response.aiter_lines()
+            seen = []
+            while not any('"Hello"' in line for line in seen):
+                seen.append(await asyncio.wait_for(anext(lines), 5))
+            assert n1.completed_streams == 0  # the neuron has not finished: nothing was buffered
+            n1.faults.hold.set()
+            rest = [line async for line in lines]
+        assert "data: [DONE]" in rest
+
+
+async def test_least_loaded_replica_gets_the_request() -> None:
+    n1, n2 = pair()
+    gate = asyncio.Event()
+    n1.faults.hold = n2.faults.hold = gate
+    tuning = Tuning(keepalive_interval=0.2, affinity_slack=0)
+    async with cluster(n1, n2, catalogue=CATALOGUE, tuning=tuning) as c:
+        held = []
+        for i in range(4):  # distinct conversations, each held open by its neuron
+            held.append(asyncio.create_task(_chat(c.http, f"conversation {i}")))
+            await eventually(lambda i=i: n1.in_flight() + n2.in_flight() == i + 1)
+        assert (n1.in_flight(), n2.in_flight()) == (2, 2)
+        gate.set()
+        await asyncio.gather(*held)
+
+
+async def _chat(http: httpx.AsyncClient, text: str) -> dict[str, object]:
+    response = await http.post("/v1/chat/completions", json=chat_body(MODEL, text))
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def test_busier_replica_is_avoided() -> None:
+    n1, n2 = pair()
+    gate = asyncio.Event()
+    n1.faults.hold = gate
+    tuning = Tuning(keepalive_interval=0.2, affinity_slack=0)
+    async with cluster(n1, n2, catalogue=CATALOGUE, tuning=tuning) as c:
+        c.gateway.fleet.begin("n1", MODEL)  # n1 carries one request more than n2
+        c.gateway.fleet.begin("n1", MODEL)
+        for i in range(4):
+            answer = await _chat(c.http, f"question {i}")
+            assert answer["choices"][0]["message"]["content"] == "Hello from n2."  # type: ignore[index]
+
+
+async def test_conversation_sticks_to_one_replica_while_load_allows() -> None:
+    n1, n2 = pair()
+    async with cluster(n1, n2, catalogue=CATALOGUE, tuning=FAST) as c:
+        history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"}]
+        first = await c.http.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": history}
+        )
+        home = first.json()["choices"][0]["message"]["content"]
+        for turn in range(2, 6):
+            history += [
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": f"q{turn}"},
+            ]
+            answer = await c.http.post(
+                "/v1/chat/completions", json={"model": MODEL, "messages": history}
+            )
+            assert answer.json()["choices"][0]["message"]["content"] == home
+        # Beyond the slack, the conversation's replica is passed over for the idle one.
+        name = "n1" if home == "Hello from n1." else "n2"
+        for _ in range(FAST.affinity_slack + 1):
+            c.gateway.fleet.begin(name, MODEL)
+        moved = await c.http.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": history}
+        )
+        assert moved.json()["choices"][0]["message"]["content"] != home
+
+
+@pytest.mark.parametrize("mode", ["503", "500", "cut"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_failure_before_first_byte_is_retried_elsewhere(mode: str, stream: bool) -> None:
+    n1, n2 = pair()
+    n1.faults.fail_requests = 3
+    n1.faults.fail_mode = mode  # type: ignore[assignment]
+    async with cluster(n1, n2, catalogue=CATALOGUE) as c:
+        client = c.openai()
+        for i in range(10):  # distinct conversations: n1 is picked first for some of them
+            messages = [{"role": "user", "content": f"question {i}"}]
+            if stream:
+                chunks = await client.chat.completions.create(
+                    model=MODEL, messages=messages, stream=True
+                )
+                text = "".join(
+                    [c.choices[0].delta.content or "" async for c in chunks if c.choices]
+                )
+            else:
+                answer = await client.chat.completions.create(model=MODEL, messages=messages)
+                text = answer.choices[0].message.content or ""
+            assert text in ("Hello from n1.", "Hello from n2.")
+        assert n1.faults.fail_requests < 3  # n1 did fail, and its requests were served by n2
+
+
+async def test_unreachable_neuron_is_failed_over_then_marked_unhealthy() -> None:
+    n1, n2 = pair()
+    async with cluster(n1, n2, catalogue=CATALOGUE) as c:
+        await c.served["n1"].stop()
+        for i in range(4):
+            answer = await _chat(c.http, f"q{i}")
+            assert answer["choices"][0]["message"]["content"] == "Hello from n2."  # type: ignore[index]
+        await eventually(lambda: not c.gateway.fleet.healthy("n1"))
+        health = (await c.http.get("/health")).json()
+        assert health["status"] == "impaired"
+        assert health["neurons"]["n1"]["healthy"] is False
+
+
+async def test_all_replicas_failing_is_a_503_with_retry_after() -> None:
+    n1, n2 = pair()
+    for neuron in (n1, n2):
+        neuron.faults.fail_requests = 5
+    async with cluster(n1, n2, catalogue=CATALOGUE) as c:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await c.openai().chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}]
+            )
+        assert caught.value.status_code == 503
+        assert caught.value.response.headers["retry-after"]
+
+
+async def test_busy_replicas_answer_429_with_retry_after() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.busy = True
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        response = await c.http.post("/v1/chat/completions", json=chat_body(MODEL))
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "2"
+        assert response.json()["error"]["code"] == "overloaded"
+
+
+async def test_death_mid_stream_ends_openai_stream_with_error_event() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.die_after = 1
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        async with c.http.stream(
+            "POST", "/v1/chat/completions", json=chat_body(MODEL, stream=True)
+        ) as response:
+            assert response.status_code == 200
+            lines = [line async for line in response.aiter_lines()]
+        data = [json.loads(x[5:]) for x in lines if x.startswith("data: {")]
+        assert data[-1]["error"]["code"] == "neuron_unavailable"
+        assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+        # The SDK raises instead of hanging.
+        stream = await c.openai().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True
+        )
+        with pytest.raises(openai.APIError):
+            async for _ in stream:
+                pass
+
+
+async def test_death_mid_stream_ends_anthropic_stream_with_error_event() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.die_after = 1
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        stream = await c.anthropic().messages.create(
+            model=MODEL,
+            max_tokens=20,
+            messages=[{"role": "user", "content": "x"}],
+            stream=True,
+        )
+        seen = []
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            async for event in stream:
+                seen.append(event.type)
+        assert seen[0] == "message_start" and "content_block_delta" in seen
+        assert "overloaded_error" in str(caught.value)
+
+
+async def test_client_disconnect_closes_the_upstream_stream() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.hold = asyncio.Event()
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        async with c.http.stream(
+            "POST", "/v1/chat/completions", json=chat_body(MODEL, stream=True)
+        ) as response:
+            async for line in response.aiter_lines():
+                if '"Hello"' in line:
+                    break  # leave mid-stream
+        await eventually(lambda: n1.disconnects == 1)
+        assert n1.in_flight() == 0
+        await eventually(lambda: c.gateway.fleet["n1"].in_flight[MODEL] == 0)
+
+
+async def test_unhealthy_neuron_is_skipped() -> None:
+    n1, n2 = pair()
+    n1.faults.unhealthy = True
+    async with cluster(n1, n2, catalogue=CATALOGUE) as c:
+        await eventually(lambda: not c.gateway.fleet.healthy("n1"))
+        for i in range(3):
+            answer = await _chat(c.http, f"q{i}")
+            assert answer["choices"][0]["message"]["content"] == "Hello from n2."  # type: ignore[index]
+
+
+async def test_health_states() -> None:
+    n1, n2 = pair()
+    async with cluster(n1, n2, catalogue=CATALOGUE) as c:
+        assert (await c.http.get("/health")).json()["status"] == "ok"
+        assert (await c.http.get("/livez")).status_code == 200
+        assert (await c.http.get("/readyz")).status_code == 200
+        n1.faults.unhealthy = True
+        await eventually(lambda: not c.gateway.fleet.healthy("n1"))
+        assert (await c.http.get("/health")).json()["status"] == "impaired"
+        n2.faults.unhealthy = True
+        await eventually(lambda: not c.gateway.fleet.healthy("n2"))
+        degraded = await c.http.get("/health")
+        assert degraded.status_code == 503 and degraded.json()["status"] == "degraded"
+        assert (await c.http.get("/readyz")).status_code == 503
+        assert (await c.http.get("/livez")).status_code == 200
