@@ -1,0 +1,114 @@
+"""HTTP load generation for the benchmarks: sequential latency and concurrent throughput.
+
+aiohttp, not httpx: on this project's 2-core machine an httpx AsyncClient tops out near 700
+requests/s against a bare stub while aiohttp reaches several thousand, and the client must not be
+the ceiling of a throughput measurement. The direct-to-stub row of P1 shows what the ceiling is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+
+class LoadError(RuntimeError):
+    """A request in a measurement failed; the benchmark reports it rather than a bad number."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One kind of request: a POST with a JSON body, streamed or not."""
+
+    url: str
+    body: bytes
+    headers: dict[str, str]
+
+    @classmethod
+    def json(cls, url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Call:
+        return cls(
+            url, json.dumps(body).encode(), {"content-type": "application/json", **(headers or {})}
+        )
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One request: seconds to the first body byte and to the last."""
+
+    first_byte: float
+    total: float
+
+
+@dataclass(frozen=True)
+class Throughput:
+    requests: int
+    errors: int
+    seconds: float
+    client_cpu_seconds: float  # this process's CPU time: what the client itself cost
+
+    @property
+    def per_second(self) -> float:
+        return (self.requests - self.errors) / self.seconds if self.seconds else 0.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, q in 0..100."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def session(connections: int) -> aiohttp.ClientSession:
+    timeout = aiohttp.ClientTimeout(total=120)
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections), timeout=timeout)
+
+
+async def request(http: aiohttp.ClientSession, call: Call) -> Timing:
+    """Send one request and read its whole body (every SSE event of a stream)."""
+    started = time.perf_counter()
+    first: float | None = None
+    async with http.post(call.url, data=call.body, headers=call.headers) as response:
+        async for _ in response.content.iter_any():
+            first = first or time.perf_counter()
+        if response.status != 200:
+            raise LoadError(f"{call.url} answered {response.status}")
+    ended = time.perf_counter()
+    return Timing((first or ended) - started, ended - started)
+
+
+async def latencies(call: Call, count: int, warmup: int) -> list[Timing]:
+    """`count` requests one after another on one kept-alive connection (after `warmup` unmeasured)."""
+    async with session(1) as http:
+        for _ in range(warmup):
+            await request(http, call)
+        return [await request(http, call) for _ in range(count)]
+
+
+async def throughput(call: Call, total: int, concurrency: int, warmup: int) -> Throughput:
+    """`total` requests from `concurrency` workers, each sending its next as soon as one returns."""
+    async with session(concurrency) as http:
+        await asyncio.gather(*(request(http, call) for _ in range(min(warmup, concurrency))))
+        remaining = iter(range(total))
+        errors = 0
+
+        async def worker() -> None:
+            nonlocal errors
+            for _ in remaining:
+                try:
+                    await request(http, call)
+                except (LoadError, aiohttp.ClientError, TimeoutError):
+                    errors += 1
+
+        cpu, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+        return Throughput(total, errors, seconds, time.process_time() - cpu)
