@@ -78,6 +78,10 @@ async def cluster(
         finally:
             for client in c.clients:
                 await client.close()
+            for neuron in neurons:  # nothing left waiting on a gate: shutdown is quick
+                for gate in (neuron.faults.load_gate, neuron.faults.hold):
+                    if gate is not None:
+                        gate.set()
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,6 +28,8 @@ class Call:
     neuron: str | None = None
     first_token: float | None = None
     finished: bool = False
+    # Set for plain (non-streamed) answers, whose handler is not cancelled when the client goes.
+    disconnected: Callable[[], Awaitable[bool]] | None = None
 
     def token_arrived(self) -> float | None:
         """Mark the first token; returns time to first token the first time, else None."""

@@ -3,6 +3,7 @@ request that fails before its first byte on another replica."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -27,6 +28,16 @@ from cortex.gateway.router import Candidate, pick
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# How often a request waiting for a cold load checks that its client is still there.
+DISCONNECT_POLL_INTERVAL = 0.25
+
+
+class ClientGone(CortexError):
+    """The client disconnected before its answer was ready (nginx's 499)."""
+
+    status, code, kind = 499, "client_closed_request", "invalid_request_error"
+
 
 # Failures that say "this replica, not this request": another replica may well succeed.
 _RETRYABLE = (NeuronUnavailable, DeviceUnhealthy, Overloaded, ModelNotFound)
@@ -160,6 +171,24 @@ class Dispatcher:
         elif isinstance(err, ModelNotFound):
             await self.fleet.refresh(neuron)  # our picture of it was stale: the model is gone
 
+    async def _await_load(self, call: Call) -> None:
+        """Wait for the model's on-demand load, withdrawing if the client goes away meanwhile
+        (a load nobody waits for any more is then cancelled)."""
+        waiter = asyncio.ensure_future(
+            self.ondemand.ensure(call.model, timeout=call.deadline - time.monotonic())
+        )
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_INTERVAL)
+                if done:
+                    waiter.result()
+                    return
+                if call.disconnected is not None and await call.disconnected():
+                    raise ClientGone(f"client left while {call.model!r} was loading")
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
     async def _choose(self, call: Call, tried: set[str]) -> str | None:
         """The next replica to try; loads one when the model has none ready anywhere."""
         ready = self.fleet.ready(call.model)
@@ -167,7 +196,7 @@ class Dispatcher:
         if not candidates:
             if ready:
                 return None  # every replica had its chance
-            await self.ondemand.ensure(call.model, timeout=call.deadline - time.monotonic())
+            await self._await_load(call)
             candidates = [name for name in self.fleet.ready(call.model) if name not in tried]
             if not candidates:
                 return None

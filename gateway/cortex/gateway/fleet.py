@@ -37,6 +37,9 @@ class NeuronHandle:
     pending: dict[str, int] = field(default_factory=dict)
     # Replicas a plan is unloading: no longer routed to, and not chosen again by the next plan.
     leaving: set[str] = field(default_factory=set)
+    # Bumped by every local change (a load's or unload's answer): a poll that was already on
+    # its way when one happened carries older news and must not overwrite it.
+    generation: int = 0
 
     @property
     def name(self) -> str:
@@ -85,13 +88,16 @@ class Fleet:
 
     async def refresh(self, name: str) -> None:
         handle = self.neurons[name]
+        generation = handle.generation
         try:
             status, listing = await asyncio.gather(handle.client.status(), handle.client.models())
         except (CortexError, ValueError) as exc:
             self.note_failure(name, str(exc))
             return
-        handle.status, handle.listing = status, listing
         handle.failures, handle.last_error, handle.last_seen = 0, None, time.time()
+        if handle.generation != generation:
+            return  # overtaken by a local change; the next poll brings the newer picture
+        handle.status, handle.listing = status, listing
         for model in list(handle.pending):
             if handle.model(model) is not None:
                 del handle.pending[model]
@@ -152,6 +158,7 @@ class Fleet:
         """Record a load's answer now rather than at the next poll."""
         handle = self.neurons[name]
         handle.pending.pop(loaded.id, None)
+        handle.generation += 1
         if handle.status is not None:
             others = [m for m in handle.status.models if m.id != loaded.id]
             handle.status.models = [*others, loaded]
@@ -160,6 +167,7 @@ class Fleet:
         handle = self.neurons[name]
         handle.pending.pop(model, None)
         handle.leaving.discard(model)
+        handle.generation += 1
         if handle.status is not None:
             handle.status.models = [m for m in handle.status.models if m.id != model]
 

@@ -106,6 +106,7 @@ class Gateway:
             principal=principal,
             deadline=time.monotonic() + self.config.gateway.load_timeout,
             affinity=affinity,
+            disconnected=request.is_disconnected,
         )
         request.state.call = call
         return call
@@ -122,6 +123,9 @@ class Gateway:
     ) -> StreamingResponse:
         """A streamed answer. Failures before the upstream opens are HTTP errors when they come
         quickly; once keep-alives have begun they become the dialect's error events."""
+        # A stream's client leaving cancels the response itself; polling receive() meanwhile
+        # would race the server's own disconnect listener.
+        call.disconnected = None
         opening = asyncio.create_task(self.dispatcher.open_stream(call, path, body))
         try:
             done, _ = await asyncio.wait({opening}, timeout=self.tuning.keepalive_interval)

@@ -1,0 +1,159 @@
+"""On-demand loading (SPEC G4): single-flight, bounded wait with 503 + Retry-After, keep-alives while
+a streaming client waits, a load abandoned when every waiter has gone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+from fakes.neuron import FakeNeuron, GiB
+from gateway_cluster import chat_body, cluster, eventually, spec
+from prometheus_client.parser import text_string_to_metric_families
+
+MODEL = "cold"
+CATALOGUE = [spec(MODEL)]
+
+
+def cold_neuron() -> FakeNeuron:
+    neuron = FakeNeuron("n1", available={MODEL: 2 * GiB})
+    neuron.faults.load_gate = asyncio.Event()
+    return neuron
+
+
+async def test_hundred_concurrent_requests_make_one_load() -> None:
+    n1 = cold_neuron()
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        client = c.openai()
+        requests = [
+            asyncio.create_task(
+                client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": f"q{i}"}]
+                )
+            )
+            for i in range(100)
+        ]
+        await eventually(lambda: c.gateway.ondemand.waiting(MODEL) == 100)
+        assert len(n1.loads) == 1
+        assert n1.loads[0].model == MODEL and n1.loads[0].source is None  # n1 lists it
+        n1.faults.load_gate.set()  # type: ignore[union-attr]
+        answers = await asyncio.gather(*requests)
+        assert all(a.choices[0].message.content == "Hello from n1." for a in answers)
+        assert len(n1.loads) == 1
+        exposition = (await c.http.get(f"{c.metrics_url}/metrics")).text
+        cold = _sample(exposition, "cortex_cold_starts_total", model=MODEL)
+        assert cold == 1.0
+
+
+def _sample(exposition: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+async def test_catalogue_source_is_sent_for_models_the_neuron_does_not_list() -> None:
+    n1 = FakeNeuron("n1")  # lists nothing: the gateway's catalogue says where the weights are
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        response = await c.http.post("/v1/chat/completions", json=chat_body(MODEL))
+        assert response.status_code == 200, response.text
+        assert n1.loads[0].source == f"file:/models/{MODEL}"
+        models = (await c.http.get("/v1/models")).json()["data"]
+        assert {m["id"]: m["state"] for m in models}[MODEL] == "loaded"
+
+
+async def test_load_wait_is_bounded_then_503_with_retry_after() -> None:
+    n1 = cold_neuron()
+    async with cluster(n1, catalogue=CATALOGUE, gateway={"load_timeout": 0.3}) as c:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await c.openai().chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "q"}]
+            )
+        assert caught.value.status_code == 503
+        assert caught.value.response.headers["retry-after"] == "3"
+        assert "still loading" in str(caught.value)
+        # The client was told to come back: the load goes on, and the retry finds it ready.
+        card = (await c.http.get(f"/v1/models/{MODEL}")).json()
+        assert card["state"] == "loading" and card["locations"] == ["n1"]
+        n1.faults.load_gate.set()  # type: ignore[union-attr]
+        await eventually(lambda: c.gateway.fleet.ready(MODEL) == ["n1"])
+        response = await c.http.post("/v1/chat/completions", json=chat_body(MODEL))
+        assert response.status_code == 200
+        assert len(n1.loads) == 1
+
+
+async def test_streaming_client_gets_keepalives_while_the_model_loads() -> None:
+    n1 = cold_neuron()
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        body = chat_body(MODEL, stream=True)
+        async with c.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            assert await anext(lines) == ": keep-alive"
+            n1.faults.load_gate.set()  # type: ignore[union-attr]
+            rest = [line async for line in lines]
+        assert any('"Hello"' in line for line in rest) and rest[-2] == "data: [DONE]"
+
+
+async def test_anthropic_streaming_client_gets_pings_while_the_model_loads() -> None:
+    n1 = cold_neuron()
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        body = {**chat_body(MODEL, stream=True), "max_tokens": 16}
+        async with c.http.stream("POST", "/v1/messages", json=body) as response:
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            assert await anext(lines) == "event: ping"
+            n1.faults.load_gate.set()  # type: ignore[union-attr]
+            events = [line[7:] async for line in lines if line.startswith("event: ")]
+        assert events[0] == "ping" or events[0] == "message_start"
+        assert events[-2:] == ["message_delta", "message_stop"]
+
+
+async def test_streaming_client_waiting_past_the_timeout_gets_an_error_event() -> None:
+    n1 = cold_neuron()
+    async with cluster(n1, catalogue=CATALOGUE, gateway={"load_timeout": 0.5}) as c:
+        body = chat_body(MODEL, stream=True)
+        async with c.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = [line async for line in response.aiter_lines()]
+        assert lines[0] == ": keep-alive"
+        assert '"code": "neuron_unavailable"' in lines[-4] and lines[-2] == "data: [DONE]"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_load_is_abandoned_when_every_waiter_leaves(stream: bool) -> None:
+    n1 = cold_neuron()
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        body = chat_body(MODEL, stream=stream)
+        async with httpx.AsyncClient(base_url=c.url) as client:
+            request = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+            await eventually(lambda: len(n1.loads) == 1)
+            request.cancel()  # the client goes away, closing its connection
+            with pytest.raises(asyncio.CancelledError):
+                await request
+        await eventually(lambda: n1.unloads == [MODEL])
+        assert MODEL not in n1.models
+        await eventually(lambda: c.gateway.ondemand.waiting(MODEL) == 0)
+
+
+async def test_failed_load_is_reported_to_every_waiter() -> None:
+    n1 = FakeNeuron("n1", available={MODEL: 2 * GiB})
+    n1.faults.load_error = "weights are corrupt"
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        answers = await asyncio.gather(
+            *(c.http.post("/v1/chat/completions", json=chat_body(MODEL)) for _ in range(3))
+        )
+        assert {a.status_code for a in answers} == {500}
+        assert all("weights are corrupt" in a.json()["error"]["message"] for a in answers)
+        n1.faults.load_error = None  # nothing stuck: the next request loads it
+        answer = await c.http.post("/v1/chat/completions", json=chat_body(MODEL))
+        assert answer.status_code == 200, answer.text
+
+
+async def test_model_too_big_for_any_neuron_is_409() -> None:
+    n1 = FakeNeuron("n1", memory=4 * GiB)
+    async with cluster(n1, catalogue=[spec("huge", memory=16 * GiB)]) as c:
+        answer = await c.http.post("/v1/chat/completions", json=chat_body("huge"))
+        assert answer.status_code == 409
+        assert answer.json()["error"]["code"] == "capacity_exhausted"
