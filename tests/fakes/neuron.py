@@ -22,6 +22,7 @@ from cortex.core.catalogue import ModelSpec
 from cortex.core.errors import (
     CapacityExhausted,
     CortexError,
+    InvalidRequest,
     ModelBusy,
     ModelNotFound,
     NeuronUnavailable,
@@ -84,6 +85,7 @@ class Faults:
     load_gate: asyncio.Event | None = None  # loads wait here before becoming ready
     load_error: str | None = None  # loads fail with this message
     busy: bool = False  # inference answers 429 overloaded
+    reject: str | None = None  # inference answers 400 invalid_request with this message
     unhealthy: bool = False  # /status reports unhealthy
 
 
@@ -238,6 +240,8 @@ class FakeNeuron:
         faults = self.faults
         if faults.busy:
             raise Overloaded(f"{self.name} is busy", retry_after=2)
+        if faults.reject is not None:
+            raise InvalidRequest(faults.reject, param="max_tokens")
         model = self.models.get(body.get("model", ""))
         if model is None or model.state != ModelState.READY:
             raise ModelNotFound(f"model {body.get('model')!r} is not loaded on {self.name}")
@@ -256,7 +260,8 @@ class FakeNeuron:
     @staticmethod
     def _prompt_tokens(body: dict[str, Any]) -> int:
         texts = [json.dumps(m.get("content")) for m in body.get("messages", [])]
-        texts.append(json.dumps(body.get("prompt", "")))
+        if "prompt" in body:
+            texts.append(json.dumps(body["prompt"]))
         return sum(len(t.split()) for t in texts)
 
     def _usage(self, body: dict[str, Any]) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""The background loop (SPEC G5, G6): poll the fleet, refresh gauges, apply the planner's plan."""
+"""The background loop (SPEC G5, G6): poll the fleet, then apply the planner's plan."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import contextlib
 import logging
 
 from cortex.gateway.fleet import Fleet
-from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.placer import Placer
 
 log = logging.getLogger(__name__)
@@ -16,17 +15,14 @@ log = logging.getLogger(__name__)
 class Lifecycle:
     """Every `interval` seconds: one poll of every neuron, then one reconcile cycle."""
 
-    def __init__(
-        self, fleet: Fleet, placer: Placer, metrics: GatewayMetrics, *, interval: float
-    ) -> None:
-        self.fleet, self.placer, self.metrics = fleet, placer, metrics
+    def __init__(self, fleet: Fleet, placer: Placer, *, interval: float) -> None:
+        self.fleet, self.placer = fleet, placer
         self.interval = interval
         self.cycle = 0
         self._task: asyncio.Task[None] | None = None
 
     async def tick(self) -> None:
         await self.fleet.poll()
-        self.metrics.observe_fleet(self.fleet)
         try:
             self.placer.reconcile(self.cycle)
         except Exception:  # a planner bug must not stop polling, which routing depends on

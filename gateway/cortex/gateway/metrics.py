@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from cortex.gateway.fleet import Fleet
 
@@ -80,43 +84,48 @@ class GatewayMetrics:
             [*per_replica, "reason"],
             registry=r,
         )
-        self.in_flight = Gauge(
-            "cortex_in_flight_requests",
-            "Requests in flight through this gateway.",
-            per_replica,
-            registry=r,
-        )
-        self.device_memory = Gauge(
-            "cortex_device_memory_bytes",
-            "Device memory of each neuron, as last polled.",
-            ["neuron", "device", "kind"],
-            registry=r,
-        )
-        self.replica_memory = Gauge(
-            "cortex_replica_memory_bytes",
-            "Memory each resident replica uses, as last polled.",
-            per_replica,
-            registry=r,
-        )
-        self.neuron_healthy = Gauge(
-            "cortex_neuron_healthy", "1 when the neuron is healthy.", ["neuron"], registry=r
-        )
 
-    def observe_fleet(self, fleet: Fleet) -> None:
-        """Refresh the polled gauges; labels of things that disappeared are dropped."""
-        self.device_memory.clear()
-        self.replica_memory.clear()
-        self.neuron_healthy.clear()
-        for name, handle in fleet.neurons.items():
-            self.neuron_healthy.labels(name).set(1 if fleet.healthy(name) else 0)
-            if handle.status is None:
-                continue
-            for device in handle.status.devices:
-                self.device_memory.labels(name, device.id, "total").set(device.memory_total)
-                self.device_memory.labels(name, device.id, "free").set(device.memory_free)
-                self.device_memory.labels(name, device.id, "used").set(device.memory_used)
-            for model in handle.status.models:
-                self.replica_memory.labels(model.id, name).set(model.memory_bytes)
+    def watch(self, fleet: Fleet) -> None:
+        """Export the fleet's gauges (in-flight, memory, health), read at scrape time."""
+        self.registry.register(_FleetCollector(fleet))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _FleetCollector(Collector):
+    """Gauges read from the fleet when scraped: in-flight counts are live, memory as last polled."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily(
+            "cortex_in_flight_requests",
+            "Requests in flight through this gateway.",
+            labels=["model", "neuron"],
+        )
+        device_memory = GaugeMetricFamily(
+            "cortex_device_memory_bytes",
+            "Device memory of each neuron (total, free, used), as last polled.",
+            labels=["neuron", "device", "kind"],
+        )
+        replica_memory = GaugeMetricFamily(
+            "cortex_replica_memory_bytes",
+            "Memory each resident replica uses, as last polled.",
+            labels=["model", "neuron"],
+        )
+        healthy = GaugeMetricFamily(
+            "cortex_neuron_healthy", "1 when the neuron is healthy.", labels=["neuron"]
+        )
+        for name, handle in self.fleet.neurons.items():
+            healthy.add_metric([name], 1.0 if self.fleet.healthy(name) else 0.0)
+            for model, count in handle.in_flight.items():
+                in_flight.add_metric([model, name], count)
+            for device in handle.status.devices if handle.status else []:
+                device_memory.add_metric([name, device.id, "total"], device.memory_total)
+                device_memory.add_metric([name, device.id, "free"], device.memory_free)
+                device_memory.add_metric([name, device.id, "used"], device.memory_used)
+            for loaded in handle.status.models if handle.status else []:
+                replica_memory.add_metric([loaded.id, name], loaded.memory_bytes)
+        yield from (in_flight, device_memory, replica_memory, healthy)

@@ -75,9 +75,8 @@ class Gateway:
             affinity_slack=self.tuning.affinity_slack,
             max_attempts=self.tuning.max_attempts,
         )
-        self.lifecycle = Lifecycle(
-            self.fleet, self.placer, self.metrics, interval=section.poll_interval
-        )
+        self.lifecycle = Lifecycle(self.fleet, self.placer, interval=section.poll_interval)
+        self.metrics.watch(self.fleet)
 
     async def start(self) -> None:
         """First poll before serving (routing needs it), then the background loop."""

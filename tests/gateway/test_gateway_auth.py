@@ -1,0 +1,149 @@
+"""API keys, allowlists and token budgets (SPEC G8), through both SDKs and both header styles."""
+
+from __future__ import annotations
+
+import logging
+
+import anthropic
+import openai
+import pytest
+from fakes.neuron import FakeNeuron, GiB
+from gateway_cluster import chat_body, cluster, spec
+
+SECRETS = {
+    "alice": "sk-alice-0123",
+    "bob": "sk-bob-4567",
+    "carol": "sk-carol-89",
+    "dave": "sk-dave",
+}
+AUTH = {
+    "enabled": True,
+    "keys": [
+        {"name": "alice", "key": SECRETS["alice"]},
+        {"name": "bob", "key": SECRETS["bob"], "models": ["a-alias"]},
+        {"name": "carol", "key": SECRETS["carol"], "budget_tokens": 10},
+        {
+            "name": "dave",
+            "key_env": "CORTEX_TEST_DAVE",
+            "budget_tokens": 10,
+            "budget_window": "60s",
+        },
+    ],
+}
+CATALOGUE = [spec("chat-a", aliases=["a-alias"]), spec("chat-b")]
+
+
+def neuron() -> FakeNeuron:
+    return FakeNeuron("n1", loaded={"chat-a": GiB, "chat-b": GiB})
+
+
+@pytest.fixture(autouse=True)
+def dave_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORTEX_TEST_DAVE", SECRETS["dave"])
+
+
+async def test_both_header_styles_are_accepted() -> None:
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        chat = await c.openai(SECRETS["alice"]).chat.completions.create(
+            model="chat-a", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert chat.choices[0].message.content == "Hello from n1."
+        message = await c.anthropic(SECRETS["alice"]).messages.create(
+            model="chat-a", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert message.content[0].text == "Hello from n1."  # type: ignore[union-attr]
+        bearer = {"Authorization": f"Bearer {SECRETS['alice']}"}
+        assert (await c.http.get("/v1/models", headers=bearer)).status_code == 200
+        assert (await c.http.get("/v1/models", headers={"x-api-key": SECRETS["alice"]})).is_success
+
+
+async def test_missing_or_wrong_key_is_401_in_each_surface_shape() -> None:
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        missing = await c.http.post("/v1/chat/completions", json=chat_body("chat-a"))
+        assert missing.status_code == 401
+        assert missing.json()["error"]["type"] == "authentication_error"
+        assert "x-api-key" in missing.json()["error"]["message"]
+        wrong = await c.http.post(
+            "/v1/messages",
+            json={**chat_body("chat-a"), "max_tokens": 5},
+            headers={"x-api-key": "sk-nobody"},
+        )
+        assert wrong.status_code == 401
+        assert wrong.json() == {
+            "type": "error",
+            "error": {"type": "authentication_error", "message": "invalid API key"},
+        }
+        with pytest.raises(openai.AuthenticationError):
+            await c.openai("sk-nobody").models.list()
+        with pytest.raises(anthropic.AuthenticationError):
+            await c.anthropic("sk-nobody").messages.create(
+                model="chat-a", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+            )
+        # Health and the fleet page stay open to probes.
+        assert (await c.http.get("/health")).status_code == 200
+
+
+async def test_allowlist_admits_models_by_id_or_alias() -> None:
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        bob = c.openai(SECRETS["bob"])
+        for name in ("chat-a", "a-alias"):
+            answer = await bob.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": "hi"}]
+            )
+            assert answer.choices[0].message.content
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            await bob.chat.completions.create(
+                model="chat-b", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert "bob" in str(caught.value) and "chat-b" in str(caught.value)
+        with pytest.raises(anthropic.PermissionDeniedError):
+            await c.anthropic(SECRETS["bob"]).messages.create(
+                model="chat-b", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+            )
+
+
+@pytest.mark.parametrize(("who", "window"), [("carol", False), ("dave", True)])
+async def test_token_budget_ends_in_429_with_retry_after(who: str, window: bool) -> None:
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        client = c.openai(SECRETS[who])
+        spent = 0
+        while spent < 10:  # each answer costs its prompt plus three completion tokens
+            answer = await client.chat.completions.create(
+                model="chat-a", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert answer.usage is not None
+            spent += answer.usage.total_tokens
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.chat.completions.create(
+                model="chat-a", messages=[{"role": "user", "content": "hi"}]
+            )
+        retry = int(caught.value.response.headers["retry-after"])
+        assert caught.value.body["code"] == "budget_exceeded"  # type: ignore[index]
+        assert (0 < retry <= 60) if window else retry == 3600
+
+
+async def test_streamed_usage_is_charged_to_the_key() -> None:
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        stream = await c.openai(SECRETS["carol"]).chat.completions.create(
+            model="chat-a", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        _ = [chunk async for chunk in stream]
+        carol = c.gateway.auth.authenticate({"x-api-key": SECRETS["carol"]})
+        assert carol.budget is not None and carol.budget.spent == 4  # 1 prompt + 3 completion
+
+
+async def test_keys_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        for secret in SECRETS.values():
+            await c.http.post(
+                "/v1/chat/completions",
+                json=chat_body("chat-b"),
+                headers={"Authorization": f"Bearer {secret}"},
+            )
+        await c.http.post(
+            "/v1/chat/completions", json=chat_body("x"), headers={"x-api-key": "sk-bad"}
+        )
+    logged = caplog.text
+    assert logged  # something was logged at debug level
+    assert not any(secret in logged for secret in [*SECRETS.values(), "sk-bad"])
