@@ -9,7 +9,9 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from cortex.core.client import NeuronClient
+import httpx
+
+from cortex.core.client import DEFAULT_TIMEOUT, NeuronClient
 from cortex.core.config import NeuronEntry
 from cortex.core.errors import CortexError
 from cortex.core.fleet import LoadedModel, ModelListing, ModelState, NeuronStatus
@@ -60,9 +62,19 @@ class Fleet:
         *,
         unhealthy_after: int = 3,
         admin_token: str | None = None,
+        request_timeout: float | None = None,
     ) -> None:
         self.unhealthy_after = unhealthy_after
         self._admin_token = admin_token
+        self._timeout = DEFAULT_TIMEOUT
+        if request_timeout is not None:
+            # Bounds each read: a neuron silent for this long mid-answer is given up on.
+            self._timeout = httpx.Timeout(
+                connect=DEFAULT_TIMEOUT.connect,
+                read=request_timeout,
+                write=DEFAULT_TIMEOUT.write,
+                pool=DEFAULT_TIMEOUT.pool,
+            )
         self.neurons: dict[str, NeuronHandle] = {}
         for entry in entries:
             self.add(entry)
@@ -70,7 +82,8 @@ class Fleet:
     def add(self, entry: NeuronEntry, client: NeuronClient | None = None) -> NeuronHandle:
         """Register a neuron (a later entry of the same name replaces the earlier one)."""
         token = entry.admin_token or self._admin_token
-        handle = NeuronHandle(entry, client or NeuronClient(entry.endpoint, admin_token=token))
+        client = client or NeuronClient(entry.endpoint, admin_token=token, timeout=self._timeout)
+        handle = NeuronHandle(entry, client)
         self.neurons[entry.name] = handle
         return handle
 

@@ -23,15 +23,16 @@ class Lifecycle:
 
     async def tick(self) -> None:
         await self.fleet.poll()
-        try:
-            self.placer.reconcile(self.cycle)
-        except Exception:  # a planner bug must not stop polling, which routing depends on
-            log.exception("lifecycle cycle %d failed", self.cycle)
+        self.placer.reconcile(self.cycle)
         self.cycle += 1
 
     async def run(self) -> None:
         while True:
-            await self.tick()
+            try:
+                await self.tick()
+            except Exception:  # a bug in one cycle must not stop polling, which routing needs
+                log.exception("lifecycle cycle %d failed", self.cycle)
+                self.cycle += 1
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:

@@ -58,6 +58,7 @@ class Gateway:
             [*config.neurons, *extra_neurons],
             unhealthy_after=section.unhealthy_after,
             admin_token=config.auth.neuron_admin_token,
+            request_timeout=section.request_timeout,
         )
         self.catalogue = LiveCatalogue(merge_catalogues(list(catalogue), config.models), self.fleet)
         self.auth = Authenticator(config.auth)
