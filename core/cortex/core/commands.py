@@ -58,12 +58,8 @@ async def neuron(args: argparse.Namespace) -> None:
     from cortex.neuron.server import create_app
 
     config = neuron_config(args)
-    runtime = NeuronRuntime(config)
-    await runtime.start()
-    try:
-        await serve(create_app(runtime), config.neuron.host, config.neuron.port)
-    finally:
-        await runtime.stop()
+    app = create_app(NeuronRuntime(config))  # the app's lifespan starts and stops the runtime
+    await serve(app, config.neuron.host, config.neuron.port)
 
 
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
@@ -107,12 +103,22 @@ async def up(args: argparse.Namespace) -> None:
         endpoint=f"http://127.0.0.1:{port}",
         admin_token=local.neuron.admin_token,
     )
-    neuron_server = asyncio.create_task(serve(create_app(runtime), "127.0.0.1", port))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(runtime, manage_runtime=False), "127.0.0.1", port, log_level="warning"
+        )
+    )
+    neuron_task = asyncio.create_task(server.serve())
     try:
+        while not server.started:  # the gateway's first poll must find the neuron answering
+            if neuron_task.done():
+                await neuron_task
+                raise CortexError(f"the local neuron could not listen on 127.0.0.1:{port}")
+            await asyncio.sleep(0.05)
         await serve_gateway(config, catalogue, extra_neurons=[entry])
     finally:
-        neuron_server.cancel()
-        await asyncio.gather(neuron_server, return_exceptions=True)
+        server.should_exit = True
+        await asyncio.gather(neuron_task, return_exceptions=True)
         await runtime.stop()
 
 
