@@ -57,10 +57,11 @@ LRU, PRIORITY = Policy("lru"), Policy("priority")
 # -- placement
 
 
-def test_demand_loads_on_the_tightest_neuron_that_fits() -> None:
-    fleet = [neuron("big", 16), neuron("small", 4), neuron("tiny", 2)]
-    result = plan(fleet, cat(spec("m", 3)), want("m"), LRU, NOW)
-    assert result.actions == (Load("m", "small", 3 * GIB),)
+def test_demand_loads_where_most_memory_is_left() -> None:
+    fleet = [neuron("small", 4), neuron("big", 16, rep("x", 10)), neuron("tiny", 2)]
+    catalogue = cat(spec("m", 3), spec("x", 10))
+    result = plan(fleet, catalogue, want("m"), LRU, NOW)
+    assert result.actions == (Load("m", "big", 3 * GIB),)
     assert result.unplaceable == {}
 
 
@@ -155,18 +156,15 @@ def test_fewest_victims_spares_the_unneeded_ones() -> None:
     assert choose_victims([small1], 0) == ()
 
 
-def test_evicts_on_the_neuron_whose_hottest_victim_is_coldest() -> None:
+def test_evicts_the_fewest_replicas_then_the_coldest_neuron() -> None:
     fleet = [
         neuron("a", 4, rep("hot", 4, last_used=90)),
         neuron("b", 4, rep("c1", 2, last_used=5), rep("c2", 2, last_used=6)),
+        neuron("c", 4, rep("warm", 4, last_used=50)),
     ]
-    catalogue = cat(spec("hot", 4), spec("c1", 2), spec("c2", 2), spec("m", 3))
+    catalogue = cat(spec("hot", 4), spec("c1", 2), spec("c2", 2), spec("warm", 4), spec("m", 3))
     result = plan(fleet, catalogue, want("m"), LRU, NOW)
-    assert result.actions == (
-        Unload("c1", "b", "evict"),
-        Unload("c2", "b", "evict"),
-        Load("m", "b", 3 * GIB),
-    )
+    assert result.actions == (Unload("warm", "c", "evict"), Load("m", "c", 3 * GIB))
 
 
 def test_pinned_in_flight_and_loading_replicas_are_never_evicted() -> None:

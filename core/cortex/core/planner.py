@@ -131,6 +131,7 @@ def apply_plan(fleet: Sequence[NeuronView], planned: Plan, now: float) -> tuple[
 
 
 _LIVE = frozenset({ModelState.READY, ModelState.LOADING})
+Coldness = tuple[EvictionKey, str]  # eviction key, then the model id for a stable order
 
 
 @dataclass
@@ -319,25 +320,21 @@ class _Work:
         return self.too_big(size, slots)
 
     def place_in(self, model: str, size: int | None, slots: list[_Slot]) -> bool:
-        if size is None:
-            # Unknown size: most free memory, and nothing evicted on a guess; the neuron refuses
-            # what does not fit and reports the real size, which the next plan then uses.
-            self.load(min(slots, key=lambda s: (-s.free, s.name)), model, 0)
-            return True
-        fitting = [slot for slot in slots if slot.free >= size]
-        if fitting:
-            # Best fit: the tightest hole, so large holes stay free for large models.
-            self.load(min(fitting, key=lambda s: (s.free - size, s.name)), model, size)
+        # Worst fit: the neuron with the most memory left after the load. It spreads replicas
+        # (and so compute) over the fleet, and in the P4 benchmark it costs fewer cold loads than
+        # best fit. A model of unknown size is never evicted for on a guess: the neuron refuses
+        # what does not fit and reports the real size, which the next plan then uses.
+        fitting = [slot for slot in slots if slot.free >= (size or 0)]
+        if fitting or size is None:
+            self.load(min(fitting or slots, key=lambda s: (-s.free, s.name)), model, size or 0)
             return True
         if self.defrag and self.defragment(model, size, slots):
             return True
         return self.evict_for(model, size, slots)
 
     def evict_for(self, model: str, size: int, slots: list[_Slot]) -> bool:
-        """Evict on the neuron whose hottest victim is coldest, the fewest replicas needed there."""
-        best: (
-            tuple[tuple[tuple[EvictionKey, str], int, str], _Slot, tuple[ReplicaView, ...]] | None
-        ) = None
+        """Evict the fewest replicas on one neuron; among equals, where the hottest victim is coldest."""
+        best: tuple[tuple[int, Coldness, str], _Slot, tuple[ReplicaView, ...]] | None = None
         for slot in slots:
             ordered = sorted(
                 (r for r in slot.replicas.values() if self.evictable(slot, r)), key=self.coldness
@@ -345,7 +342,7 @@ class _Work:
             victims = choose_victims(ordered, size - slot.free)
             if victims is None:
                 continue
-            cost = (max(map(self.coldness, victims)), len(victims), slot.name)
+            cost = (len(victims), max(map(self.coldness, victims)), slot.name)
             if best is None or cost < best[0]:
                 best = (cost, slot, victims)
         if best is None:
@@ -356,7 +353,7 @@ class _Work:
         self.load(slot, model, size)
         return True
 
-    def coldness(self, replica: ReplicaView) -> tuple[EvictionKey, str]:
+    def coldness(self, replica: ReplicaView) -> Coldness:
         return eviction_key(replica, self.catalogue, self.policy.strategy), replica.model
 
     # -- defragmentation
