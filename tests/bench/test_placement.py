@@ -1,0 +1,72 @@
+"""P4 simulation and the shared benchmark output (no timings: only counts and files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import main as bench_main
+from bench.placement import GIB, Workload, main, simulate, workload
+from bench.report import Report, publish, table
+from cortex.core.catalogue import ModelSpec
+
+
+def tiny(trace: str, gib: int = 1) -> Workload:
+    models = sorted(set(trace))
+    catalogue = {m: ModelSpec(id=m, source=f"file:/{m}", memory=gib * GIB) for m in models}
+    return Workload(catalogue, tuple(trace), {m: 1 / len(models) for m in models})
+
+
+def test_workload_is_seeded_and_zipf() -> None:
+    work = workload(seed=3, models=10, requests=2000, zipf=1.0, noise=0.0)
+    assert work == workload(seed=3, models=10, requests=2000, zipf=1.0, noise=0.0)
+    assert work.trace != workload(seed=4, models=10, requests=2000, zipf=1.0, noise=0.0).trace
+    top = max(work.popularity, key=work.popularity.__getitem__)
+    counts = {m: work.trace.count(m) for m in work.catalogue}
+    assert max(counts, key=counts.__getitem__) == top
+    assert work.catalogue[top].priority == 2  # no noise: the most popular is in the top tier
+
+
+def test_belady_beats_lru_on_a_cyclic_trace() -> None:
+    work = tiny("abcabcabc")
+    assert simulate(work, [2], "lru").cold_loads == 9  # LRU always evicts the next one needed
+    assert simulate(work, [2], "belady").cold_loads == 6
+
+
+def test_a_fleet_holding_everything_only_pays_the_first_loads() -> None:
+    work = workload(seed=1, models=6, requests=300, zipf=1.0, noise=0.2)
+    for strategy in ("lru", "priority", "belady"):
+        outcome = simulate(work, [100], strategy)
+        assert outcome.cold_loads == len(set(work.trace))
+        assert outcome.evictions == 0
+        assert outcome.curve[-1] == outcome.cold_loads and len(outcome.curve) == 300
+
+
+def test_placement_benchmark_writes_table_json_and_plot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CORTEX_BENCH_OUT", str(tmp_path))
+    assert main(["--requests", "400", "--models", "8", "--scales", "0.5,1"]) == 0
+    assert "| lru" in capsys.readouterr().out
+    document = json.loads((tmp_path / "placement.json").read_text())
+    assert {r["strategy"] for r in document["runs"]} == {"lru", "priority", "belady"}
+    assert len(document["table"]["rows"]) == 2
+    assert (tmp_path / "placement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_a_plot_and_table_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORTEX_BENCH_OUT", str(tmp_path / "out"))
+    written = publish(Report("demo", "Demo", ["a", "b"], [[1234, 0.5]], {"x": 1}))
+    assert [p.name for p in written] == ["demo.json"]
+    assert json.loads(written[0].read_text())["x"] == 1
+    assert table(["a", "b"], [[1234, 0.5]]).splitlines()[2] == "| 1,234 | 0.50 |"
+
+
+def test_bench_entry_point_lists_and_rejects_unknown_names() -> None:
+    assert bench_main(["--list"]) == 0
+    assert bench_main(["nope"]) == 2
+    assert bench_main(["all", "--seed", "1"]) == 2
