@@ -22,6 +22,7 @@ from cortex.core.catalogue import ModelSpec
 from cortex.core.errors import (
     CapacityExhausted,
     CortexError,
+    DeviceUnhealthy,
     InvalidRequest,
     ModelBusy,
     ModelNotFound,
@@ -79,6 +80,8 @@ class Faults:
     fail_requests: int = 0  # the next N inference requests fail before their first byte
     fail_mode: FailMode = "503"
     die_after: int | None = None  # streams die after this many content chunks
+    die_with_error_event: bool = False  # ...sending an error event and [DONE] (the real neuron's
+    # way for a generation that fails), instead of dropping the connection
     hold: asyncio.Event | None = (
         None  # inference waits here after its first chunk / before answering
     )
@@ -337,7 +340,12 @@ class FakeNeuron:
                 yield frame([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
             for sent, word in enumerate(self._words()):
                 if faults.die_after is not None and sent >= faults.die_after:
-                    raise RuntimeError(f"{self.name} died mid-stream")
+                    if not faults.die_with_error_event:
+                        raise RuntimeError(f"{self.name} died mid-stream")
+                    error = DeviceUnhealthy(f"{self.name}: device poisoned mid-generation")
+                    yield f"data: {json.dumps(openai_error(error))}\n\n".encode()
+                    yield b"data: [DONE]\n\n"
+                    return
                 piece = {"delta": {"content": word}} if chat else {"text": word}
                 yield frame([{"index": 0, **piece, "finish_reason": None}])
                 if sent == 0 and faults.hold is not None:

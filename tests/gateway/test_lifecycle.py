@@ -87,8 +87,11 @@ async def test_idle_models_are_unloaded_after_their_ttl() -> None:
     async with cluster(n1, catalogue=catalogue) as c:
         await eventually(lambda: n1.unloads == ["stale"])
         assert set(n1.models) == {"fresh"}
-        exposition = (await c.http.get(f"{c.metrics_url}/metrics")).text
-        assert 'cortex_evictions_total{model="stale",neuron="n1",reason="idle"} 1.0' in exposition
+        counted = 'cortex_evictions_total{model="stale",neuron="n1",reason="idle"} 1.0'
+        deadline = time.monotonic() + 5  # counted once the neuron's answer is back
+        while counted not in (await c.http.get(f"{c.metrics_url}/metrics")).text:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
 
 
 async def test_defragmentation_moves_a_replica_instead_of_evicting() -> None:

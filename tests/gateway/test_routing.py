@@ -195,9 +195,11 @@ async def test_busy_replicas_answer_429_with_retry_after() -> None:
         assert response.json()["error"]["code"] == "overloaded"
 
 
-async def test_death_mid_stream_ends_openai_stream_with_error_event() -> None:
+@pytest.mark.parametrize("with_event", [False, True])
+async def test_death_mid_stream_ends_openai_stream_with_error_event(with_event: bool) -> None:
     n1 = FakeNeuron("n1", loaded={MODEL: GiB})
     n1.faults.die_after = 1
+    n1.faults.die_with_error_event = with_event
     async with cluster(n1, catalogue=CATALOGUE) as c:
         async with c.http.stream(
             "POST", "/v1/chat/completions", json=chat_body(MODEL, stream=True)
@@ -205,7 +207,9 @@ async def test_death_mid_stream_ends_openai_stream_with_error_event() -> None:
             assert response.status_code == 200
             lines = [line async for line in response.aiter_lines()]
         data = [json.loads(x[5:]) for x in lines if x.startswith("data: {")]
-        assert data[-1]["error"]["code"] == "neuron_unavailable"
+        code = "device_unhealthy" if with_event else "neuron_unavailable"
+        assert data[-1]["error"]["code"] == code
+        assert data[0]["choices"][0]["delta"]["role"] == "assistant"
         assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
         # The SDK raises instead of hanging.
         stream = await c.openai().chat.completions.create(
@@ -216,9 +220,11 @@ async def test_death_mid_stream_ends_openai_stream_with_error_event() -> None:
                 pass
 
 
-async def test_death_mid_stream_ends_anthropic_stream_with_error_event() -> None:
+@pytest.mark.parametrize("with_event", [False, True])
+async def test_death_mid_stream_ends_anthropic_stream_with_error_event(with_event: bool) -> None:
     n1 = FakeNeuron("n1", loaded={MODEL: GiB})
     n1.faults.die_after = 1
+    n1.faults.die_with_error_event = with_event
     async with cluster(n1, catalogue=CATALOGUE) as c:
         stream = await c.anthropic().messages.create(
             model=MODEL,

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from cortex.core.errors import CortexError, NeuronUnavailable
+from cortex.core.errors import CortexError, NeuronUnavailable, error_from_code
 from cortex.core.protocol.errors import openai_error
 from cortex.core.protocol.openai import ChatCompletionChunk, Usage
 from cortex.gateway.call import Accounting, Call
@@ -48,6 +48,15 @@ def openai_error_event(err: CortexError) -> bytes:
     return f"data: {json.dumps(openai_error(err))}\n\ndata: {DONE}\n\n".encode()
 
 
+def upstream_error(payload: dict[str, Any]) -> CortexError:
+    """The domain error a neuron reported in an error event mid-stream."""
+    error = payload.get("error")
+    if not isinstance(error, dict):
+        return NeuronUnavailable(f"neuron sent an error event: {payload}")
+    message = str(error.get("message") or "neuron failed mid-stream")
+    return error_from_code(error.get("code"), message, 503)
+
+
 def _usage(payload: dict[str, Any]) -> Usage | None:
     usage = payload.get("usage")
     return Usage.model_validate(usage) if isinstance(usage, dict) else None
@@ -78,7 +87,7 @@ async def relay_openai(
             elif data:
                 payload = json.loads(data)
                 if "error" in payload and "choices" not in payload:
-                    error = NeuronUnavailable(str(payload["error"].get("message", payload)))
+                    error = upstream_error(payload)
                 usage = _usage(payload) or usage
                 if _has_token(payload):
                     tokens += 1
@@ -110,7 +119,7 @@ async def chat_chunks(upstream: Upstream) -> AsyncIterator[ChatCompletionChunk]:
             continue
         payload = json.loads(data)
         if "error" in payload and "choices" not in payload:
-            raise NeuronUnavailable(str(payload["error"].get("message", payload)))
+            raise upstream_error(payload)
         yield ChatCompletionChunk.model_validate(payload)
     raise NeuronUnavailable(f"neuron {upstream.neuron} ended the stream without [DONE]")
 
