@@ -67,8 +67,8 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def session(connections: int) -> aiohttp.ClientSession:
-    timeout = aiohttp.ClientTimeout(total=120)
+def session(connections: int, timeout_s: float = 120.0) -> aiohttp.ClientSession:
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections), timeout=timeout)
 
 
@@ -112,3 +112,41 @@ async def throughput(call: Call, total: int, concurrency: int, warmup: int) -> T
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
         return Throughput(total, errors, seconds, time.process_time() - cpu)
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One streamed chat completion, timed on this side (perf_counter seconds)."""
+
+    started: float
+    first_token: float  # the first chunk carrying content, not the empty role chunk
+    ended: float
+    completion_tokens: int  # from the usage chunk (the server's tokenizer), 0 if none came
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.started
+
+
+async def chat_stream(http: aiohttp.ClientSession, call: Call) -> StreamResult:
+    """POST a streaming chat completion and time its first content token and its end."""
+    started = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    async with http.post(call.url, data=call.body, headers=call.headers) as response:
+        if response.status != 200:
+            raise LoadError(f"{call.url} answered {response.status}: {await response.text()}")
+        async for raw in response.content:  # one SSE line at a time
+            line = raw.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                raise LoadError(f"{call.url} stream failed: {event['error']}")
+            if event.get("usage"):
+                tokens = int(event["usage"].get("completion_tokens", 0))
+            choices = event.get("choices") or [{}]
+            if first is None and (choices[0].get("delta") or {}).get("content"):
+                first = time.perf_counter()
+    ended = time.perf_counter()
+    return StreamResult(started, first or ended, ended, tokens)

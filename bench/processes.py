@@ -55,6 +55,7 @@ class ServerProcess:
         self.startup_timeout = startup_timeout
         self.log_path = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
         self._process: subprocess.Popen[bytes] | None = None
+        self.startup_s: float | None = None  # spawn to ready, once started
 
     @property
     def pid(self) -> int:
@@ -72,7 +73,8 @@ class ServerProcess:
                 cwd=ROOT,
                 start_new_session=True,  # its own group: stop() reaches workers it forks
             )
-        deadline = time.monotonic() + self.startup_timeout
+        spawned = time.monotonic()
+        deadline = spawned + self.startup_timeout
         with httpx.Client(base_url=self.base_url, timeout=5.0) as client:
             while True:
                 if self._process.poll() is not None:
@@ -81,6 +83,7 @@ class ServerProcess:
                     )
                 try:
                     if self.ready(client):
+                        self.startup_s = time.monotonic() - spawned
                         return self
                 except httpx.HTTPError:
                     pass  # not listening yet
