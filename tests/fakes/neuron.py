@@ -290,8 +290,9 @@ class FakeNeuron:
             )
         model.in_flight += 1
         try:
-            if self.faults.hold is not None:
-                await self.faults.hold.wait()
+            if self.faults.hold is not None and not await self._held(request, self.faults.hold):
+                self.disconnects += 1
+                return Response(status_code=499)
         finally:
             model.in_flight -= 1
             model.last_used = time.time()
@@ -314,6 +315,16 @@ class FakeNeuron:
                 "usage": self._usage(body),
             }
         )
+
+    @staticmethod
+    async def _held(request: Request, gate: asyncio.Event) -> bool:
+        """Wait at the gate; False when the client left first (as a real neuron notices)."""
+        while not gate.is_set():
+            if await request.is_disconnected():
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gate.wait(), 0.05)
+        return True
 
     async def _stream(
         self, model: FakeModel, body: dict[str, Any], path: str

@@ -280,3 +280,19 @@ async def test_health_states() -> None:
         assert degraded.status_code == 503 and degraded.json()["status"] == "degraded"
         assert (await c.http.get("/readyz")).status_code == 503
         assert (await c.http.get("/livez")).status_code == 200
+
+
+async def test_client_disconnect_on_a_plain_answer_reaches_the_neuron() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.hold = asyncio.Event()
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        async with httpx.AsyncClient(base_url=c.url) as client:
+            request = asyncio.create_task(
+                client.post("/v1/chat/completions", json=chat_body(MODEL))
+            )
+            await eventually(lambda: n1.in_flight() == 1)
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+        await eventually(lambda: n1.disconnects == 1)
+        await eventually(lambda: c.gateway.fleet["n1"].in_flight[MODEL] == 0)

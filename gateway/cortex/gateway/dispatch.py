@@ -103,7 +103,8 @@ class Dispatcher:
         async def attempt(neuron: str) -> dict[str, Any]:
             self.fleet.begin(neuron, call.model)
             try:
-                return await self.fleet[neuron].client.post(path, body)
+                answer = self.fleet[neuron].client.post(path, body)
+                return await self._watching(call, answer, f"{neuron} was answering")
             finally:
                 self.fleet.end(neuron, call.model)
 
@@ -171,23 +172,23 @@ class Dispatcher:
         elif isinstance(err, ModelNotFound):
             await self.fleet.refresh(neuron)  # our picture of it was stale: the model is gone
 
-    async def _await_load(self, call: Call) -> None:
-        """Wait for the model's on-demand load, withdrawing if the client goes away meanwhile
-        (a load nobody waits for any more is then cancelled)."""
-        waiter = asyncio.ensure_future(
-            self.ondemand.ensure(call.model, timeout=call.deadline - time.monotonic())
-        )
+    async def _watching(self, call: Call, work: Awaitable[T], doing: str) -> T:
+        """Await `work`, giving it up when the client of a plain answer disconnects meanwhile:
+        its handler is not cancelled by the server, so without this a neuron would go on
+        generating (and a load go on) for nobody."""
+        task = asyncio.ensure_future(work)
+        if call.disconnected is None:
+            return await task  # a stream's own cancellation reaches us
         try:
             while True:
-                done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_INTERVAL)
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_INTERVAL)
                 if done:
-                    waiter.result()
-                    return
-                if call.disconnected is not None and await call.disconnected():
-                    raise ClientGone(f"client left while {call.model!r} was loading")
+                    return task.result()
+                if await call.disconnected():
+                    raise ClientGone(f"client left while {doing}")
         finally:
-            if not waiter.done():
-                waiter.cancel()
+            if not task.done():
+                task.cancel()
 
     async def _choose(self, call: Call, tried: set[str]) -> str | None:
         """The next replica to try; loads one when the model has none ready anywhere."""
@@ -196,7 +197,9 @@ class Dispatcher:
         if not candidates:
             if ready:
                 return None  # every replica had its chance
-            await self._await_load(call)
+            timeout = call.deadline - time.monotonic()
+            ensured = self.ondemand.ensure(call.model, timeout=timeout)
+            await self._watching(call, ensured, f"{call.model!r} was loading")
             candidates = [name for name in self.fleet.ready(call.model) if name not in tried]
             if not candidates:
                 return None

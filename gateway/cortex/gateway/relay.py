@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from cortex.core.errors import CortexError, NeuronUnavailable, error_from_code
 from cortex.core.protocol.errors import openai_error
@@ -198,6 +200,26 @@ async def when_ready(
             opening.cancel()
         elif not relaying and not opening.cancelled() and opening.exception() is None:
             await _close(opening.result())
+
+
+class EventStream(StreamingResponse):
+    """A text/event-stream whose cleanup runs however the response ends, even when the client
+    left before the body was first iterated (a generator never started never runs its finally)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, content: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]]
+    ) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup()
 
 
 async def _close(upstream: Upstream) -> None:

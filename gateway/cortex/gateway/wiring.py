@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from cortex.core.catalogue import ModelSpec, merge_catalogues
 from cortex.core.config import GatewayConfig, NeuronEntry
@@ -24,9 +23,7 @@ from cortex.gateway.lifecycle import Lifecycle
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.ondemand import OnDemand
 from cortex.gateway.placer import Placer
-from cortex.gateway.relay import when_ready
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+from cortex.gateway.relay import EventStream, when_ready
 
 
 @dataclass(frozen=True)
@@ -120,7 +117,7 @@ class Gateway:
         *,
         keepalive: Callable[[], bytes],
         on_error: Callable[[CortexError], Iterable[bytes]],
-    ) -> StreamingResponse:
+    ) -> EventStream:
         """A streamed answer. Failures before the upstream opens are HTTP errors when they come
         quickly; once keep-alives have begun they become the dialect's error events."""
         # A stream's client leaving cancels the response itself; polling receive() meanwhile
@@ -133,7 +130,8 @@ class Gateway:
             opening.cancel()
             raise
         if done:
-            content = relay(opening.result())
+            upstream = opening.result()
+            content = relay(upstream)
         else:
 
             def failed(err: CortexError) -> Iterable[bytes]:
@@ -147,7 +145,16 @@ class Gateway:
                 interval=self.tuning.keepalive_interval,
                 on_error=failed,
             )
-        return StreamingResponse(content, media_type="text/event-stream", headers=SSE_HEADERS)
+
+        async def cleanup() -> None:
+            # Normally the relay has done all this already; each step is idempotent.
+            if not opening.done():
+                opening.cancel()
+            elif not opening.cancelled() and opening.exception() is None:
+                await opening.result().aclose()
+            self.accounting.finish(call)
+
+        return EventStream(content, cleanup)
 
 
 def gateway_of(request: Request) -> Gateway:
