@@ -293,7 +293,7 @@ def test_long_prompt_is_prefilled_in_chunks_without_stalling(
 
 
 def test_kv_memory_is_accounted_and_released(model, tokenizer, prompts) -> None:
-    engine = make_engine(model, tokenizer)
+    engine = make_engine(model, tokenizer, prefix_cache_tokens=0)
     config = model.config
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * 64 * 4
     assert engine.kv_bytes_per_token == per_token
@@ -306,6 +306,33 @@ def test_kv_memory_is_accounted_and_released(model, tokenizer, prompts) -> None:
     assert engine.kv_bytes() >= 2 * longest * per_token
     drain(engine)
     assert engine.kv_bytes() == 0
+
+
+def test_finished_sequences_leave_reusable_prefixes(
+    model, tokenizer, prompts, greedy_alone
+) -> None:
+    engine = make_engine(model, tokenizer)
+    first = Recorder(prompts["colors"], max_tokens=40, temperature=0)
+    generate(engine, first)
+    kept = len(first.seq.prompt_ids) + 39  # the last token was sampled, never fed back
+    assert engine.kv_bytes() == kept * engine.kv_bytes_per_token
+    # The next turn of the same chat re-sends the whole conversation.
+    turns = [
+        {"role": "user", "content": "List ten colors, one per line."},
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "Now the same in French."},
+    ]
+    follow_up = list(tokenizer.apply_chat_template(turns, add_generation_prompt=True)["input_ids"])
+    second = Recorder(follow_up, max_tokens=20, temperature=0)
+    other = Recorder(prompts["story"], max_tokens=40, temperature=0)
+    generate(engine, second, other)
+    assert second.finished.cached_tokens > len(first.seq.prompt_ids)
+    assert 0 < other.finished.cached_tokens < len(other.seq.prompt_ids)  # the system prompt
+    assert other.seq.output_ids == greedy_alone["story"].seq.output_ids
+    fresh = Recorder(follow_up, max_tokens=20, temperature=0)
+    generate(make_engine(model, tokenizer, prefix_cache_tokens=0), fresh)
+    assert fresh.finished.cached_tokens == 0
+    assert second.seq.output_ids == fresh.seq.output_ids
 
 
 def test_fail_all_finishes_everything_once(model, tokenizer, prompts) -> None:

@@ -26,9 +26,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cortex.neuron.detokenizer import Detokenizer, StopMatcher
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
 from cortex.neuron.kv_cache import BatchKVCache
+from cortex.neuron.prefix_cache import PrefixCache
 from cortex.neuron.sampling import Sampler, sample
 
 DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_PREFIX_CACHE_TOKENS = 4096
 _MASKED_ATTENTION = {"sdpa", "eager"}
 
 
@@ -58,7 +60,7 @@ class Sequence:
         return self._cancelled.is_set()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: rows are found by the object
 class _Active:
     """Engine-side state of an admitted sequence."""
 
@@ -85,6 +87,7 @@ class Engine:
         eos_token_ids: set[int],
         context_length: int,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
     ) -> None:
         attention = getattr(model.config, "_attn_implementation", "eager")
         if attention not in _MASKED_ATTENTION:
@@ -96,12 +99,15 @@ class Engine:
         self._cache = BatchKVCache.for_model(
             model, max_rows=max_running, max_length=context_length, device=device
         )
+        self._prefixes = PrefixCache(prefix_cache_tokens)
         # transformers 5 renamed the forward's `past_key_values` to `cache`.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._waiting: deque[Sequence] = deque()
         self._decoding: list[_Active] = []  # row i of the cache holds _decoding[i]
-        self._prefilling: _Active | None = None  # row len(_decoding), part way through its prompt
+        # Admitted, prompt not all in the cache yet; row len(_decoding) + i. Between steps at most
+        # one: the prompt the last step's prefill budget cut short.
+        self._prefilling: list[_Active] = []
 
     # -- the worker's interface --------------------------------------------------------------
 
@@ -114,7 +120,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._decoding) + (self._prefilling is not None)
+        return len(self._decoding) + len(self._prefilling)
 
     @property
     def waiting(self) -> int:
@@ -125,8 +131,8 @@ class Engine:
         return self._cache.bytes_per_token
 
     def kv_bytes(self) -> int:
-        """Device memory the KV cache holds now (allocated, including room to grow)."""
-        return self._cache.allocated_bytes
+        """Device memory held for KV now: the batch's cache (with room to grow) and kept prefixes."""
+        return self._cache.allocated_bytes + self._prefixes.bytes
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -135,49 +141,59 @@ class Engine:
         self._prefill()
         if self._decoding:
             self._decode()
-        live = [*self._decoding, *([self._prefilling] if self._prefilling else [])]
+        live = self._live()
         self._cache.shrink(len(live), max((a.kv_length + 1 for a in live), default=0))
 
     def fail_all(self, message: str) -> None:
         """Finish every sequence with an error (after a failed step, or on unload)."""
-        live = [*self._decoding, *([self._prefilling] if self._prefilling else [])]
-        self._decoding, self._prefilling = [], None
+        live = self._live()
+        self._decoding, self._prefilling = [], []
         for active in live:
             self._emit_finished(active.seq, "error", error=message)
         while self._waiting:
             self._emit_finished(self._waiting.popleft(), "error", error=message)
         self._cache.shrink(0, 0)
+        self._prefixes.clear()
 
     # -- steps -------------------------------------------------------------------------------
+
+    def _live(self) -> list[_Active]:
+        return [*self._decoding, *self._prefilling]
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self._waiting if s.cancelled]:
             self._waiting.remove(seq)
             self._emit_finished(seq, "cancelled")
-        live = [*self._decoding, *([self._prefilling] if self._prefilling else [])]
-        for active in live:
+        for active in self._live():
             if active.seq.cancelled:
                 self._finish(active, "cancelled")
 
     def _prefill(self) -> None:
-        """Spend up to one chunk of prompt tokens on the admitted, then the waiting, sequences."""
+        """Spend up to one chunk of prompt tokens, packed into one forward, oldest prompts first."""
         budget = self._prefill_chunk
-        while budget > 0:
-            active = self._prefilling or self._admit()
-            if active is None:
-                return
-            prompt, start = active.seq.prompt_ids, active.kv_length
-            chunk = prompt[start : start + budget]
-            row = len(self._decoding)
-            logits = self._forward(slice(row, row + 1), [chunk], [start])
-            active.kv_length += len(chunk)
+        batch: list[tuple[_Active, list[int]]] = []
+        for active in self._prefilling:
+            if budget == 0:
+                break
+            chunk = active.seq.prompt_ids[active.kv_length : active.kv_length + budget]
+            batch.append((active, chunk))
             budget -= len(chunk)
-            if active.kv_length == len(prompt):
-                # Its row is len(_decoding): appending makes it a decoding sequence in place.
-                self._prefilling = None
-                self._decoding.append(active)
-                token = sample(logits, [active.sampler], [active.generator])[0]
-                self._accept(active, token)
+        while budget > 0 and (active := self._admit()) is not None:
+            chunk = active.seq.prompt_ids[active.kv_length : active.kv_length + budget]
+            batch.append((active, chunk))
+            budget -= len(chunk)
+        if not batch:
+            return
+        logits = self._forward_packed(batch)
+        # Only the last prompt of the batch can be cut short: the done ones are the first rows.
+        done = [a for a, chunk in batch if a.kv_length + len(chunk) == len(a.seq.prompt_ids)]
+        tokens = sample(logits[: len(done)], [a.sampler for a in done], [a.generator for a in done])
+        for active, chunk in batch:
+            active.kv_length += len(chunk)
+        self._prefilling = self._prefilling[len(done) :]
+        self._decoding.extend(done)
+        for active, token in zip(done, tokens, strict=True):
+            self._accept(active, token)
 
     def _admit(self) -> _Active | None:
         """Take the next valid waiting sequence into the batch, if a row is free."""
@@ -188,15 +204,30 @@ class Engine:
             if problem is not None:
                 self._emit_finished(seq, "error", error=problem)
                 continue
-            self._prefilling = _Active(
+            active = _Active(
                 seq=seq,
                 sampler=sampler,
                 generator=sampler.generator(self._device),
                 detokenizer=Detokenizer(self._tokenizer, seq.prompt_ids),
                 stops=StopMatcher(seq.params.stop),
             )
-            return self._prefilling
+            self._reuse_prefix(active, row=self.running)
+            self._prefilling.append(active)
+            return active
         return None
+
+    def _reuse_prefix(self, active: _Active, row: int) -> None:
+        """Start the row with a kept prefix's KV; at least one prompt token is left to prefill."""
+        prompt = active.seq.prompt_ids
+        hit = self._prefixes.lookup(prompt)
+        if hit is None:
+            return
+        kv, shared = hit
+        reuse = min(shared, len(prompt) - 1)
+        if reuse > 0:
+            self._cache.reserve(row + 1, reuse)
+            self._cache.write_row(row, kv[:, :, :, :reuse])
+            active.kv_length = active.seq.cached_tokens = reuse
 
     def _refuse(self, seq: Sequence, sampler: Sampler) -> str | None:
         """Why a sequence cannot run at all (the runtime should have refused it already)."""
@@ -214,26 +245,64 @@ class Engine:
     def _decode(self) -> None:
         """One batched forward: every decoding sequence feeds its pending token."""
         batch = list(self._decoding)
-        logits = self._forward(
-            slice(0, len(batch)), [[a.pending] for a in batch], [a.kv_length for a in batch]
-        )
+        logits = self._forward_rows([a.pending for a in batch], [a.kv_length for a in batch])
+        tokens = sample(logits, [a.sampler for a in batch], [a.generator for a in batch])
         for active in batch:
             active.kv_length += 1
-        tokens = sample(logits, [a.sampler for a in batch], [a.generator for a in batch])
         for active, token in zip(batch, tokens, strict=True):
             self._accept(active, token)
 
-    def _forward(self, rows: slice, tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """Run the model on equal-length token lists for `rows`; logits of each row's last token."""
-        ids = torch.tensor(tokens, dtype=torch.long, device=self._device)
-        offsets = torch.arange(ids.shape[1], device=self._device)
-        positions = torch.tensor(starts, device=self._device).unsqueeze(1) + offsets
-        kv_length = max(starts) + ids.shape[1]
-        self._cache.reserve(rows.stop, kv_length)
-        self._cache.bind(rows, positions, kv_length)
-        # Row i, query j may see keys up to its own position: causal within, and blind to the
-        # stale tail of shorter rows.
+    def _forward_rows(self, tokens: list[int], starts: list[int]) -> torch.Tensor:
+        """Decode: row i feeds tokens[i] at position starts[i]; logits [rows, vocab]."""
+        ids = self._longs(tokens).unsqueeze(1)
+        positions = self._longs(starts).unsqueeze(1)
+        kv_length = max(starts) + 1
+        self._cache.reserve(len(tokens), kv_length)
+        self._cache.bind_rows(slice(0, len(tokens)), positions, kv_length)
+        # Each row sees its own tokens only, not the stale tail beyond a shorter row's length.
         visible = torch.arange(kv_length, device=self._device) <= positions.unsqueeze(-1)
+        return self._run(ids, positions, visible, logits_to_keep=1)[:, -1, :]
+
+    def _forward_packed(self, batch: list[tuple[_Active, list[int]]]) -> torch.Tensor:
+        """Prefill: the chunks packed into one row; logits [chunks, vocab] of each chunk's end."""
+        first_row = len(self._decoding)
+        history: list[tuple[int, int]] = []
+        q_seq: list[int] = []  # which chunk each new token belongs to
+        q_pos: list[int] = []
+        k_seq: list[int] = []  # the same for each key attention reads: histories, then new tokens
+        k_pos: list[int] = []
+        for i, (active, chunk) in enumerate(batch):
+            start = active.kv_length
+            q_seq += [i] * len(chunk)
+            q_pos += range(start, start + len(chunk))
+            if start:
+                history.append((first_row + i, start))
+                k_seq += [i] * start
+                k_pos += range(start)
+        queries, query_positions = self._longs(q_seq), self._longs(q_pos)
+        keys, key_positions = self._longs(k_seq + q_seq), self._longs(k_pos + q_pos)
+        self._cache.reserve(first_row + len(batch), max(a.kv_length + len(c) for a, c in batch))
+        self._cache.bind_packed(
+            (queries + first_row).unsqueeze(0), query_positions.unsqueeze(0), history
+        )
+        # A token sees its own sequence's earlier tokens: kept history and this chunk, causally.
+        visible = (keys == queries[:, None]) & (key_positions <= query_positions[:, None])
+        ids = self._longs([t for _, chunk in batch for t in chunk]).unsqueeze(0)
+        ends = self._longs([len(c) for _, c in batch]).cumsum(0) - 1
+        logits = self._run(ids, query_positions.unsqueeze(0), visible.unsqueeze(0), ends)
+        return logits[0]
+
+    def _longs(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self._device)
+
+    def _run(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        visible: torch.Tensor,
+        logits_to_keep: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """The model forward over the bound cache, with `visible` [batch, q, kv] as the mask."""
         dtype = self._model.dtype
         mask = torch.zeros(visible.shape, dtype=dtype, device=self._device)
         mask = mask.masked_fill(~visible, torch.finfo(dtype).min).unsqueeze(1)
@@ -242,10 +311,10 @@ class Engine:
             position_ids=positions,
             attention_mask=mask,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=logits_to_keep,
             **{self._cache_arg: self._cache},
         )
-        return out.logits[:, -1, :]
+        return out.logits
 
     # -- tokens, text and endings ------------------------------------------------------------
 
@@ -279,22 +348,29 @@ class Engine:
             self._finish(active, reason)
 
     def _finish(self, active: _Active, reason: Literal["stop", "length", "cancelled"]) -> None:
+        row = self._live().index(active)
+        seq = active.seq
+        kept = (seq.prompt_ids + seq.output_ids)[: active.kv_length]
+        self._prefixes.store(kept, lambda n: self._cache.read_row(row, n))
         self._release(active)
-        self._emit_finished(active.seq, reason, stop_sequence=active.stops.matched)
+        self._emit_finished(seq, reason, stop_sequence=active.stops.matched)
 
     def _release(self, active: _Active) -> None:
-        """Free the sequence's row, keeping decoding rows contiguous from row 0."""
-        if active is self._prefilling:
-            self._prefilling = None
-            return
-        row = self._decoding.index(active)
-        last = self._decoding.pop()
-        if last is not active:
-            self._cache.move_row(len(self._decoding), row, last.kv_length)
-            self._decoding[row] = last
-        if self._prefilling is not None and self._prefilling.kv_length > 0:
-            new_row = len(self._decoding)
-            self._cache.move_row(new_row + 1, new_row, self._prefilling.kv_length)
+        """Free the sequence's row; decoding rows stay contiguous from 0, prefilling ones after."""
+        if active in self._prefilling:
+            at = self._prefilling.index(active)
+            del self._prefilling[at]
+            shifted, first = self._prefilling[at:], len(self._decoding) + at
+        else:
+            row = self._decoding.index(active)
+            last = self._decoding.pop()
+            if last is not active:
+                self._cache.move_row(len(self._decoding), row, last.kv_length)
+                self._decoding[row] = last
+            shifted, first = self._prefilling, len(self._decoding)
+        for i, moved in enumerate(shifted):
+            if moved.kv_length:
+                self._cache.move_row(first + i + 1, first + i, moved.kv_length)
 
     def _emit_finished(
         self,

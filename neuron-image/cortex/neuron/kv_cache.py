@@ -1,9 +1,11 @@
 """The running batch's KV cache: one row per sequence, each row with its own length.
 
 Keys and values of every layer live in one buffer [layers, 2, rows, kv_heads, capacity, head_dim].
-A forward pass is bound to a contiguous range of rows and to the position each new token is written
-at, so rows of different lengths share one batched forward (the engine masks what a row must not see).
-Rows are moved, not re-packed, when sequences leave, and the buffer grows by doubling.
+A decode forward is bound to a contiguous range of rows, each new token written at its row's own
+position, so rows of different lengths share one batched forward and attention reads them in place
+(the engine masks what a row must not see). A prefill forward packs several prompts into one row
+with no padding; their tokens are scattered to their own rows. Rows are moved, not re-packed, when
+sequences leave, and the buffer grows by doubling.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ class BatchKVCache(Cache):
         self.max_rows, self.max_length = max_rows, max_length
         self.dtype, self.device = dtype, device
         self._buffer: torch.Tensor | None = None
-        self._rows = slice(0, 0)
-        self._row_index: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
+        self._write: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._read_rows: slice | None = None
+        self._history: list[tuple[int, int]] = []
         self._kv_length = 0
 
     @classmethod
@@ -117,24 +119,50 @@ class BatchKVCache(Cache):
         assert self._buffer is not None
         self._buffer[:, :, row, :, : kv.shape[3]] = kv
 
-    def bind(self, rows: slice, positions: torch.Tensor, kv_length: int) -> None:
-        """Aim the next forward at `rows`; positions[i, j] is where row i's j-th new token goes."""
+    def bind_rows(self, rows: slice, positions: torch.Tensor, kv_length: int) -> None:
+        """Aim the next forward at a batch of rows; positions [rows, q]: where each new token goes.
+
+        Attention reads the rows' first kv_length tokens in place (a view, no copy).
+        """
         assert self._buffer is not None and rows.stop <= self._buffer.shape[2]
-        self._rows, self._positions, self._kv_length = rows, positions, kv_length
-        self._row_index = torch.arange(rows.start, rows.stop, device=self.device).unsqueeze(1)
+        index = torch.arange(rows.start, rows.stop, device=self.device).unsqueeze(1)
+        self._write = (index, positions)
+        self._read_rows, self._history, self._kv_length = rows, [], kv_length
+
+    def bind_packed(
+        self, rows: torch.Tensor, positions: torch.Tensor, history: list[tuple[int, int]]
+    ) -> None:
+        """Aim the next forward at one packed row of several sequences' tokens.
+
+        rows/positions [1, q] say where each token goes; attention reads the (row, length)
+        histories, then the new tokens, in that order (the caller's mask follows that layout).
+        """
+        assert self._buffer is not None
+        self._write = (rows, positions)
+        self._read_rows, self._history = None, history
+        self._kv_length = sum(length for _, length in history) + rows.shape[1]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Called by each attention layer: store the new keys/values, return the bound rows' KV."""
-        assert self._buffer is not None and self._positions is not None
+        """Called by each attention layer: store the new keys/values, return what attention reads."""
+        assert self._buffer is not None and self._write is not None
         keys, values = self._buffer[layer_idx, 0], self._buffer[layer_idx, 1]
-        # Advanced indices (row, position) around the head slice put them first: [n, q, heads, dim].
-        keys[self._row_index, :, self._positions] = key_states.transpose(1, 2)
-        values[self._row_index, :, self._positions] = value_states.transpose(1, 2)
+        rows, positions = self._write
+        # Advanced indices (row, position) around the head slice come first: [n, q, heads, dim].
+        keys[rows, :, positions] = key_states.transpose(1, 2)
+        values[rows, :, positions] = value_states.transpose(1, 2)
+        if self._read_rows is not None:
+            read = self._read_rows
+            return keys[read, :, : self._kv_length], values[read, :, : self._kv_length]
+        if not self._history:
+            return key_states, value_states
+        # Key order is free: RoPE is already in the keys, and the mask names what each query sees.
+        past_keys = [keys[row, :, :length] for row, length in self._history]
+        past_values = [values[row, :, :length] for row, length in self._history]
         return (
-            keys[self._rows, :, : self._kv_length],
-            values[self._rows, :, : self._kv_length],
+            torch.cat([*past_keys, key_states[0]], dim=1).unsqueeze(0),
+            torch.cat([*past_values, value_states[0]], dim=1).unsqueeze(0),
         )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
