@@ -20,6 +20,8 @@ class _Flight:
     waiters: int = 0
     # A waiter was told to come back later (503 + Retry-After): the load must go on for it.
     promised: bool = False
+    # Cancelled because its last waiter left; a request arriving now starts a fresh one.
+    abandoned: bool = False
 
 
 class OnDemand:
@@ -39,7 +41,7 @@ class OnDemand:
         """Wait until `model` has a ready replica and return its neuron; at most `timeout` seconds
         (the configured load timeout by default), then NeuronUnavailable with Retry-After."""
         flight = self._flights.get(model)
-        if flight is None:
+        if flight is None or flight.abandoned:
             flight = _Flight(asyncio.create_task(self.placer.place(model)))
             self._flights[model] = flight
             flight.task.add_done_callback(lambda task: self._landed(model, task))
@@ -55,6 +57,7 @@ class OnDemand:
         except asyncio.CancelledError:
             if flight.waiters == 1 and not flight.promised and not flight.task.done():
                 log.info("every request waiting for %s left: cancelling its load", model)
+                flight.abandoned = True
                 flight.task.cancel()
             raise
         finally:

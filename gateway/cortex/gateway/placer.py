@@ -130,7 +130,7 @@ class Placer:
         load = next((a for a in result.actions if isinstance(a, Load) and a.model == model), None)
         if load is None:
             raise self._cannot_place(model, result, views)
-        actions = _needed_for(result.actions, load)
+        actions = needed_for(result.actions, load)
         self._reserve(actions)
         log.info("placing %s on %s: %s", model, load.neuron, _describe(actions))
         return load, actions
@@ -305,9 +305,10 @@ class Placer:
             log.warning("placement stopped: %s", task.exception())
 
 
-def _needed_for(actions: Sequence[Action], load: Load) -> list[Action]:
-    """The part of a plan that `load` depends on: actions on its neuron up to it, and the loads
-    elsewhere of replicas a defrag moves off that neuron. The rest is the lifecycle's business."""
+def needed_for(actions: Sequence[Action], load: Load) -> list[Action]:
+    """The part of a plan that `load` depends on: the unloads on its neuron before it, and the
+    loads elsewhere of replicas a defrag moves off that neuron. Other loads (pins, minimums) are
+    left to the lifecycle, so a waiting request never waits for them."""
     upto = actions[: actions.index(load) + 1]
     moved = {
         a.model
@@ -315,7 +316,11 @@ def _needed_for(actions: Sequence[Action], load: Load) -> list[Action]:
         if isinstance(a, Unload) and a.neuron == load.neuron and a.reason == "defrag"
     }
     return [
-        a for a in upto if a.neuron == load.neuron or (isinstance(a, Load) and a.model in moved)
+        a
+        for a in upto
+        if a is load
+        or (isinstance(a, Unload) and a.neuron == load.neuron)
+        or (isinstance(a, Load) and a.model in moved and a.neuron != load.neuron)
     ]
 
 
