@@ -41,9 +41,13 @@ class LiveCatalogue:
         for handle in self.fleet.neurons.values():
             if handle.listing is not None:
                 listed.extend(handle.listing.available)
+        known = {spec.id for spec in listed} | self._configured_ids
+        for handle in self.fleet.neurons.values():
             for loaded in handle.status.models if handle.status else []:
-                # Loaded by someone else (a CLI, a preload) from a source no catalogue names.
-                listed.append(ModelSpec(id=loaded.id, source=loaded.source, kind=loaded.kind))
+                if loaded.id not in known:
+                    # Loaded by someone else (a CLI, a preload) from a source no catalogue names.
+                    known.add(loaded.id)
+                    listed.append(ModelSpec(id=loaded.id, source=loaded.source, kind=loaded.kind))
         return merge_catalogues(listed, self.configured)
 
     def by_id(self) -> dict[str, ModelSpec]:
