@@ -632,3 +632,18 @@ def test_lifespan_starts_and_stops_the_runtime(runtime: FakeRuntime) -> None:
     with serve(create_app(runtime)):  # type: ignore[arg-type]
         assert runtime.started and not runtime.stopped
     assert runtime.stopped
+
+
+async def test_tokenize_counts_the_rendered_chat_and_plain_prompts(
+    http: httpx.AsyncClient, runtime: FakeRuntime
+) -> None:
+    served = runtime.served("tiny-chat")
+    chat = await http.post("/tokenize", json={"model": "tiny-chat", "messages": USER})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["count"] == len(served.render_chat(USER, None))
+    plain = await http.post("/tokenize", json={"model": "tiny-chat", "prompt": "one two three"})
+    assert plain.json()["count"] == len(served.encode("one two three"))
+    _error(await http.post("/tokenize", json={"model": "tiny-chat"}), 400, "invalid_request")
+    _error(
+        await http.post("/tokenize", json={"model": "nope", "prompt": "x"}), 404, "model_not_found"
+    )

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from cortex.core.errors import CortexError, InvalidRequest
 from cortex.core.protocol.openai import (
@@ -43,8 +44,6 @@ from cortex.neuron.sse import DONE, EventStreamResponse, sse_data, sse_error
 from cortex.neuron.tools import ParsedToolCall, ToolCallStream, parse_tool_calls
 
 if TYPE_CHECKING:
-    from pydantic import BaseModel
-
     from cortex.neuron.runtime import ServedModel
 
 router = APIRouter()
@@ -147,7 +146,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     reason = "tool_calls" if calls else finished.reason
     answer = ChatCompletion(
         model=served.id,
-        choices=[ChatChoice(message=message, finish_reason=reason)],  # type: ignore[arg-type]
+        choices=[
+            ChatChoice(message=message, finish_reason=reason, stop_reason=finished.stop_sequence)  # type: ignore[arg-type]
+        ],
         usage=usage(finished),
     )
     return JSONResponse(answer.model_dump(mode="json"))
@@ -188,7 +189,7 @@ async def _chat_stream(
             yield sse_error(err)
             return
         reason = "tool_calls" if parser and parser.calls else event.reason
-        end = ChunkChoice(delta=Delta(), finish_reason=reason)  # type: ignore[arg-type]
+        end = ChunkChoice(delta=Delta(), finish_reason=reason, stop_reason=event.stop_sequence)  # type: ignore[arg-type]
         yield _chunk(base.model_copy(update={"choices": [end]}))
         if include_usage:
             yield _chunk(base.model_copy(update={"usage": usage(event)}))
@@ -213,6 +214,27 @@ def _completion_prompt(
     return str(prompt[0]), served.encode(str(prompt[0]))
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: count a chat (through the model's template) or a plain prompt."""
+
+    model: str
+    messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    served = _served(request, body.model, "chat")
+    if body.messages:
+        ids = served.render_chat([_message(m) for m in body.messages], body.tools or None)
+    elif body.prompt is not None:
+        ids = served.encode(body.prompt)
+    else:
+        raise InvalidRequest("send messages or prompt", param="messages")
+    return {"model": served.id, "count": len(ids), "max_model_len": served.context_length}
+
+
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
     served = _served(request, body.model, "chat")
@@ -232,7 +254,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStreamResponse(_completion_stream(generation, echo, include_usage))
     output, finished = await _finish(request, generation)
-    choice = CompletionChoice(text=echo + output, finish_reason=finished.reason)  # type: ignore[arg-type]
+    choice = CompletionChoice(
+        text=echo + output,
+        finish_reason=finished.reason,  # type: ignore[arg-type]
+        stop_reason=finished.stop_sequence,
+    )
     answer = Completion(model=served.id, choices=[choice], usage=usage(finished))
     return JSONResponse(answer.model_dump(mode="json"))
 
