@@ -1,11 +1,25 @@
 """Pure placement planner: fleet snapshot + catalogue + demand + policy + now -> actions.
 
 Shared by the gateway's local placer, the operator and the simulator. It never does I/O, never reads
-clocks and never sleeps: time is the `now` argument.
+clocks and never sleeps: time is the `now` argument. Same input, same plan (ties break by name).
+
+Rules, in the order they run:
+- idle: a ready replica unused (last_used, else loaded_at) for longer than its model's idle_ttl is
+  unloaded unless it is in flight, pinned there, demanded, or needed for a minimum replica count;
+- pins: a model pinned on a healthy, uncordoned neuron and not there is loaded there;
+- minimums: replicas are added on distinct neurons up to `min_replicas`;
+- demand: a demanded model with no ready or loading replica is loaded, most waiting clients first.
+Placement is worst fit (most memory left after the load) on healthy, uncordoned neurons whose
+labels match the model's selector. When nothing fits, defrag (on its cycles) moves the smallest
+idle replicas off one neuron; otherwise the fewest replicas are evicted from one neuron, coldest
+first by strategy (eviction.py). Never evicted: pinned-there, in-flight, loading/unloading
+replicas, replicas of demanded models, replicas loaded by this plan, and the last ones a minimum
+needs. A requirement that cannot be met is reported in `Plan.unplaceable` with a reason.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -82,7 +96,8 @@ Action = Load | Unload
 
 @dataclass(frozen=True)
 class Plan:
-    """Actions to apply in order (unloads before the loads they make room for)."""
+    """Actions in order: an Unload precedes the Load it makes room for; a defrag move is a Load
+    elsewhere, then the Unload. `unplaceable`: models left short of replicas, and why."""
 
     actions: tuple[Action, ...]
     unplaceable: Mapping[str, str]  # model -> human reason
@@ -183,6 +198,13 @@ class _Work:
         self.defrag = policy.defrag_after_cycles > 0 and cycle % policy.defrag_after_cycles == 0
         self.actions: list[Action] = []
         self.reasons: dict[str, str] = {}
+        self.live = Counter(
+            replica.model
+            for slot in self.slots
+            if slot.view.healthy
+            for replica in slot.replicas.values()
+            if replica.state in _LIVE
+        )
 
     # -- what the snapshot says, as changed by the actions so far
 
@@ -191,12 +213,7 @@ class _Work:
 
     def live_count(self, model: str) -> int:
         """Healthy neurons where the model is ready, loading, or loaded by this plan."""
-        count = 0
-        for slot in self.slots:
-            replica = slot.replicas.get(model)
-            live = replica is not None and replica.state in _LIVE
-            count += slot.view.healthy and live
-        return count
+        return self.live[model]
 
     def size(self, model: str) -> int | None:
         """Bytes a replica needs: the catalogue's budget, the caller's estimate, or what one uses."""
@@ -246,6 +263,7 @@ class _Work:
         slot.free -= size
         # Exactly what the next snapshot will show once the load is done, so plans are idempotent.
         slot.replicas[model] = ReplicaView(model, ModelState.READY, size, loaded_at=self.now)
+        self.live[model] += 1  # loads only go to healthy neurons
         if protect:
             slot.planned.add(model)
         self.actions.append(Load(model, slot.name, size))
@@ -253,6 +271,7 @@ class _Work:
     def unload(self, slot: _Slot, replica: ReplicaView, reason: UnloadReason) -> None:
         slot.free += replica.memory
         del slot.replicas[replica.model]
+        self.live[replica.model] -= 1  # only ready replicas on healthy neurons are unloaded
         self.actions.append(Unload(replica.model, slot.name, reason))
 
     # -- the four passes
@@ -398,8 +417,11 @@ class _Work:
         for replica in sorted(chosen, key=lambda r: (-r.memory, r.model)):  # big first packs better
             homes = [
                 slot
-                for slot in self.eligible(replica.model)
-                if slot is not target and room[slot.name] >= replica.memory
+                for slot in self.slots
+                if room[slot.name] >= replica.memory  # cheap test first: fleets can be large
+                and slot is not target
+                and self.usable(slot, replica.model)
+                and not slot.hosts(replica.model)
             ]
             if not homes:
                 return None
