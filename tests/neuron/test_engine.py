@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from cortex.neuron.engine import Engine, Sequence
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
@@ -385,3 +392,44 @@ def test_throughput_with_concurrent_sequences(model, tokenizer) -> None:
         print(
             f"\n{n:>2} concurrent: {tokens} tokens in {elapsed:.2f}s = {tokens / elapsed:.1f} tok/s"
         )
+
+
+def tiny_model(kind: str):
+    """A small random model of another family, to check masks and windows against HF generate."""
+    common = {
+        "vocab_size": 49152,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "initializer_range": 0.1,
+        "sliding_window": 16,
+    }
+    torch.manual_seed(0)
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(**common)).eval()
+    # Qwen2 with a full first layer and a sliding second one: one mask per layer type.
+    config = Qwen2Config(**common, use_sliding_window=True, max_window_layers=1)
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_sliding_window_models_match_hf_generate(tokenizer, prompts, kind: str) -> None:
+    model = tiny_model(kind)
+    prompt = prompts["gravity"][-20:]
+    with torch.inference_mode():
+        reference = model.generate(
+            torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None
+        )[0, len(prompt) :].tolist()
+    alone = Recorder(prompt, max_tokens=30, temperature=0)
+    generate(make_engine(model, tokenizer, eos_token_ids=set()), alone)
+    assert alone.seq.output_ids == reference
+    batched = [Recorder(prompt, max_tokens=30, temperature=0)]
+    batched += [
+        Recorder(prompts[n][-9:], max_tokens=n_tokens, temperature=0)
+        for n, n_tokens in (("sea", 7), ("story", 30))
+    ]
+    generate(make_engine(model, tokenizer, eos_token_ids=set(), prefill_chunk=12), *batched)
+    assert batched[0].seq.output_ids == reference

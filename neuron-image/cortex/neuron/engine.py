@@ -8,7 +8,8 @@ costs nothing (the new row is prefilled in place), leaving moves the last row in
 per-step stacking or re-padding of KV, which would copy every sequence's cache on every token.
 Prompts are prefilled in chunks of at most `prefill_chunk` tokens per step, so a long prompt
 delays the running streams by one chunk per step instead of stalling them for the whole prompt.
-Needs an attention implementation that honours a 4D mask (sdpa or eager, not flash-attention).
+Needs an attention implementation that honours a 4D mask (sdpa or eager, not flash-attention);
+sliding-window models get the window in that mask (one per layer type where they mix).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from cortex.neuron.detokenizer import Detokenizer, StopMatcher
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
@@ -100,6 +101,7 @@ class Engine:
             model, max_rows=max_running, max_length=context_length, device=device
         )
         self._prefixes = PrefixCache(prefix_cache_tokens)
+        self._window, self._mixed_layers = _sliding_window(model.config.get_text_config())
         # transformers 5 renamed the forward's `past_key_values` to `cache`.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -226,7 +228,7 @@ class Engine:
         reuse = min(shared, len(prompt) - 1)
         if reuse > 0:
             self._cache.reserve(row + 1, reuse)
-            self._cache.write_row(row, kv[:, :, :, :reuse])
+            self._cache.write_row(row, kv, reuse)
             active.kv_length = active.seq.cached_tokens = reuse
 
     def _refuse(self, seq: Sequence, sampler: Sampler) -> str | None:
@@ -260,8 +262,8 @@ class Engine:
         self._cache.reserve(len(tokens), kv_length)
         self._cache.bind_rows(slice(0, len(tokens)), positions, kv_length)
         # Each row sees its own tokens only, not the stale tail beyond a shorter row's length.
-        visible = torch.arange(kv_length, device=self._device) <= positions.unsqueeze(-1)
-        return self._run(ids, positions, visible, logits_to_keep=1)[:, -1, :]
+        distance = positions.unsqueeze(-1) - torch.arange(kv_length, device=self._device)
+        return self._run(ids, positions, distance >= 0, distance, logits_to_keep=1)[:, -1, :]
 
     def _forward_packed(self, batch: list[tuple[_Active, list[int]]]) -> torch.Tensor:
         """Prefill: the chunks packed into one row; logits [chunks, vocab] of each chunk's end."""
@@ -286,11 +288,11 @@ class Engine:
             (queries + first_row).unsqueeze(0), query_positions.unsqueeze(0), history
         )
         # A token sees its own sequence's earlier tokens: kept history and this chunk, causally.
-        visible = (keys == queries[:, None]) & (key_positions <= query_positions[:, None])
+        distance = (query_positions[:, None] - key_positions).unsqueeze(0)
+        visible = (keys == queries[:, None]).unsqueeze(0) & (distance >= 0)
         ids = self._longs([t for _, chunk in batch for t in chunk]).unsqueeze(0)
         ends = self._longs([len(c) for _, c in batch]).cumsum(0) - 1
-        logits = self._run(ids, query_positions.unsqueeze(0), visible.unsqueeze(0), ends)
-        return logits[0]
+        return self._run(ids, query_positions.unsqueeze(0), visible, distance, ends)[0]
 
     def _longs(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self._device)
@@ -300,21 +302,36 @@ class Engine:
         ids: torch.Tensor,
         positions: torch.Tensor,
         visible: torch.Tensor,
+        distance: torch.Tensor,
         logits_to_keep: int | torch.Tensor,
     ) -> torch.Tensor:
-        """The model forward over the bound cache, with `visible` [batch, q, kv] as the mask."""
-        dtype = self._model.dtype
-        mask = torch.zeros(visible.shape, dtype=dtype, device=self._device)
-        mask = mask.masked_fill(~visible, torch.finfo(dtype).min).unsqueeze(1)
+        """The model forward over the bound cache; visible/distance [batch, q, kv] make the mask."""
         out = self._model(
             input_ids=ids,
             position_ids=positions,
-            attention_mask=mask,
+            attention_mask=self._attention_mask(visible, distance),
             use_cache=True,
             logits_to_keep=logits_to_keep,
             **{self._cache_arg: self._cache},
         )
         return out.logits
+
+    def _attention_mask(
+        self, visible: torch.Tensor, distance: torch.Tensor
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Additive 4D mask(s): sliding-window layers also drop keys older than the window."""
+        full = self._additive(visible)
+        if self._window is None:
+            return full
+        windowed = self._additive(visible & (distance < self._window))
+        if self._mixed_layers:  # such models take one mask per layer type
+            return {"full_attention": full, "sliding_attention": windowed}
+        return windowed
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        dtype = self._model.dtype
+        mask = torch.zeros(visible.shape, dtype=dtype, device=self._device)
+        return mask.masked_fill(~visible, torch.finfo(dtype).min).unsqueeze(1)
 
     # -- tokens, text and endings ------------------------------------------------------------
 
@@ -392,3 +409,14 @@ class Engine:
                 stop_sequence=stop_sequence,
             )
         )
+
+
+def _sliding_window(config: PreTrainedConfig) -> tuple[int | None, bool]:
+    """The model's attention window, if any, and whether only some layers use it."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None, False
+    types = getattr(config, "layer_types", None) or []
+    if types and "sliding_attention" not in types:
+        return None, False
+    return int(window), "full_attention" in types

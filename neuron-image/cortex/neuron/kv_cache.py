@@ -1,11 +1,12 @@
 """The running batch's KV cache: one row per sequence, each row with its own length.
 
-Keys and values of every layer live in one buffer [layers, 2, rows, kv_heads, capacity, head_dim].
+Each layer's keys and values live in one buffer [2, rows, kv_heads, capacity, head_dim] on that
+layer's device (a model split over several GPUs keeps each layer's KV beside its weights).
 A decode forward is bound to a contiguous range of rows, each new token written at its row's own
 position, so rows of different lengths share one batched forward and attention reads them in place
 (the engine masks what a row must not see). A prefill forward packs several prompts into one row
 with no padding; their tokens are scattered to their own rows. Rows are moved, not re-packed, when
-sequences leave, and the buffer grows by doubling.
+sequences leave, and the buffers grow by doubling.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from transformers.cache_utils import Cache
 
 _GROW_ALIGN = 64  # capacity grows in multiples of this many tokens
 
+RowKV = list[torch.Tensor]  # one sequence's KV, per layer [2, kv_heads, length, head_dim]
+
 
 class BatchKVCache(Cache):
     """A transformers Cache whose rows are independent sequences of different lengths."""
@@ -23,20 +26,18 @@ class BatchKVCache(Cache):
     def __init__(
         self,
         *,
-        layers: int,
+        devices: list[torch.device],
         kv_heads: int,
         head_dim: int,
         max_rows: int,
         max_length: int,
         dtype: torch.dtype,
-        device: torch.device,
     ) -> None:
-        # The parent only holds per-layer objects; this cache keeps its own buffer instead.
+        # The parent only holds per-layer objects; this cache keeps its own buffers instead.
         super().__init__(layers=[])
-        self.num_layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
-        self.max_rows, self.max_length = max_rows, max_length
-        self.dtype, self.device = dtype, device
-        self._buffer: torch.Tensor | None = None
+        self.devices, self.kv_heads, self.head_dim = devices, kv_heads, head_dim
+        self.max_rows, self.max_length, self.dtype = max_rows, max_length, dtype
+        self._buffers: list[torch.Tensor] = []
         self._write: tuple[torch.Tensor, torch.Tensor] | None = None
         self._read_rows: slice | None = None
         self._history: list[tuple[int, int]] = []
@@ -50,82 +51,81 @@ class BatchKVCache(Cache):
         config = model.config.get_text_config()
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
         return cls(
-            layers=config.num_hidden_layers,
-            kv_heads=kv_heads,
+            devices=_layer_devices(model, config.num_hidden_layers, device),
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
             max_rows=max_rows,
             max_length=max_length,
             dtype=model.dtype,
-            device=device,
         )
 
     @property
     def bytes_per_token(self) -> int:
         """KV memory one token of one sequence takes (keys + values, all layers)."""
         element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * element
+        return 2 * len(self.devices) * self.kv_heads * self.head_dim * element
 
     @property
     def allocated_bytes(self) -> int:
-        return 0 if self._buffer is None else self._buffer.numel() * self._buffer.element_size()
+        return sum(b.numel() * b.element_size() for b in self._buffers)
+
+    @property
+    def rows(self) -> int:
+        return self._buffers[0].shape[1] if self._buffers else 0
 
     @property
     def capacity(self) -> int:
-        return 0 if self._buffer is None else self._buffer.shape[4]
+        return self._buffers[0].shape[3] if self._buffers else 0
 
     def reserve(self, rows: int, length: int) -> None:
-        """Make room for `rows` rows of `length` tokens, growing the buffer (doubling) if needed."""
-        have_rows = 0 if self._buffer is None else self._buffer.shape[2]
-        if rows <= have_rows and length <= self.capacity:
+        """Make room for `rows` rows of `length` tokens, growing the buffers (doubling) if needed."""
+        if rows <= self.rows and length <= self.capacity:
             return
-        new_rows = min(self.max_rows, max(rows, 2 * have_rows))
-        new_length = min(self.max_length, max(length, 2 * self.capacity, _GROW_ALIGN))
+        new_rows = min(self.max_rows, max(rows, 2 * self.rows))
+        new_length = max(length, 2 * self.capacity, _GROW_ALIGN)
         new_length = min(self.max_length, -(-new_length // _GROW_ALIGN) * _GROW_ALIGN)
-        self._resize(max(new_rows, rows), max(new_length, length))
+        self._resize(max(new_rows, rows), max(new_length, length), keep=self.rows)
 
     def shrink(self, rows: int, length: int) -> None:
-        """Give memory back when the live rows use under a quarter of the buffer's length."""
-        if self._buffer is None:
-            return
+        """Give memory back: all of it when no row is live, else the unused three quarters."""
         if rows == 0:
-            self._buffer = None
+            self._buffers = []
         elif 4 * length < self.capacity:
-            self._resize(self._buffer.shape[2], max(_GROW_ALIGN, 2 * length), keep=rows)
+            self._resize(self.rows, max(_GROW_ALIGN, 2 * length), keep=rows)
 
-    def _resize(self, rows: int, length: int, keep: int | None = None) -> None:
-        shape = (self.num_layers, 2, rows, self.kv_heads, length, self.head_dim)
-        grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        if self._buffer is not None:
-            old = self._buffer
-            r = min(old.shape[2], rows) if keep is None else keep
-            n = min(old.shape[4], length)
-            grown[:, :, :r, :, :n] = old[:, :, :r, :, :n]
-        self._buffer = grown
+    def _resize(self, rows: int, length: int, keep: int) -> None:
+        resized = []
+        for layer, device in enumerate(self.devices):
+            shape = (2, rows, self.kv_heads, length, self.head_dim)
+            buffer = torch.zeros(shape, dtype=self.dtype, device=device)
+            if self._buffers:
+                n = min(self.capacity, length)
+                buffer[:, :keep, :, :n] = self._buffers[layer][:, :keep, :, :n]
+            resized.append(buffer)
+        self._buffers = resized
 
     def move_row(self, source: int, target: int, length: int) -> None:
         """Copy a row's first `length` tokens to another row (a sequence changing rows)."""
-        assert self._buffer is not None
-        self._buffer[:, :, target, :, :length] = self._buffer[:, :, source, :, :length]
+        for buffer in self._buffers:
+            buffer[:, target, :, :length] = buffer[:, source, :, :length]
 
-    def read_row(self, row: int, length: int) -> torch.Tensor:
-        """A copy of a row's first `length` tokens: [layers, 2, kv_heads, length, head_dim]."""
-        assert self._buffer is not None
-        return self._buffer[:, :, row, :, :length].clone()
+    def read_row(self, row: int, length: int) -> RowKV:
+        """A copy of a row's first `length` tokens."""
+        return [buffer[:, row, :, :length].clone() for buffer in self._buffers]
 
-    def write_row(self, row: int, kv: torch.Tensor) -> None:
-        """Put KV saved by read_row at the start of a row."""
-        assert self._buffer is not None
-        self._buffer[:, :, row, :, : kv.shape[3]] = kv
+    def write_row(self, row: int, kv: RowKV, length: int) -> None:
+        """Put the first `length` tokens of KV saved by read_row at the start of a row."""
+        for buffer, saved in zip(self._buffers, kv, strict=True):
+            buffer[:, row, :, :length] = saved[:, :, :length]
 
     def bind_rows(self, rows: slice, positions: torch.Tensor, kv_length: int) -> None:
         """Aim the next forward at a batch of rows; positions [rows, q]: where each new token goes.
 
         Attention reads the rows' first kv_length tokens in place (a view, no copy).
         """
-        assert self._buffer is not None and rows.stop <= self._buffer.shape[2]
-        index = torch.arange(rows.start, rows.stop, device=self.device).unsqueeze(1)
+        assert rows.stop <= self.rows and kv_length <= self.capacity
+        index = torch.arange(rows.start, rows.stop, device=positions.device).unsqueeze(1)
         self._write = (index, positions)
         self._read_rows, self._history, self._kv_length = rows, [], kv_length
 
@@ -137,7 +137,7 @@ class BatchKVCache(Cache):
         rows/positions [1, q] say where each token goes; attention reads the (row, length)
         histories, then the new tokens, in that order (the caller's mask follows that layout).
         """
-        assert self._buffer is not None
+        assert self._buffers
         self._write = (rows, positions)
         self._read_rows, self._history = None, history
         self._kv_length = sum(length for _, length in history) + rows.shape[1]
@@ -146,9 +146,9 @@ class BatchKVCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Called by each attention layer: store the new keys/values, return what attention reads."""
-        assert self._buffer is not None and self._write is not None
-        keys, values = self._buffer[layer_idx, 0], self._buffer[layer_idx, 1]
-        rows, positions = self._write
+        assert self._write is not None
+        keys, values = self._buffers[layer_idx]
+        rows, positions = (t.to(keys.device) for t in self._write)
         # Advanced indices (row, position) around the head slice come first: [n, q, heads, dim].
         keys[rows, :, positions] = key_states.transpose(1, 2)
         values[rows, :, positions] = value_states.transpose(1, 2)
@@ -175,4 +175,15 @@ class BatchKVCache(Cache):
         return self.max_length
 
     def __len__(self) -> int:
-        return self.num_layers
+        return len(self.devices)
+
+
+def _layer_devices(model: PreTrainedModel, count: int, default: torch.device) -> list[torch.device]:
+    """Where each decoder layer's weights are, so its KV sits beside them."""
+    try:
+        layers = model.get_decoder().layers
+    except AttributeError:
+        return [default] * count
+    if len(layers) != count:
+        return [default] * count
+    return [next(layer.parameters()).device for layer in layers]

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
+from cortex.neuron.kv_cache import RowKV
+
 
 @dataclass
 class _Entry:
     tokens: torch.Tensor  # int64 on the CPU, for prefix comparison
-    kv: torch.Tensor  # [layers, 2, kv_heads, length, head_dim] on the model's device
+    kv: RowKV  # per layer, on that layer's device
 
 
 class PrefixCache:
@@ -34,9 +36,9 @@ class PrefixCache:
 
     @property
     def bytes(self) -> int:
-        return sum(e.kv.numel() * e.kv.element_size() for e in self._entries.values())
+        return sum(t.numel() * t.element_size() for e in self._entries.values() for t in e.kv)
 
-    def lookup(self, prompt: list[int]) -> tuple[torch.Tensor, int] | None:
+    def lookup(self, prompt: list[int]) -> tuple[RowKV, int] | None:
         """The stored KV sharing the longest prefix with `prompt`, and that prefix's length."""
         if not self._entries or not prompt:
             return None
@@ -51,7 +53,7 @@ class PrefixCache:
         self._entries.move_to_end(best_key)
         return self._entries[best_key].kv, best
 
-    def store(self, tokens: list[int], read_kv: Callable[[int], torch.Tensor]) -> None:
+    def store(self, tokens: list[int], read_kv: Callable[[int], RowKV]) -> None:
         """Keep `tokens` with their KV (read_kv(n) copies the first n tokens' KV) if worth it."""
         tokens = tokens[: self.max_tokens]
         if not tokens:
