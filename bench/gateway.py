@@ -93,21 +93,29 @@ class Measured:
     added: dict[str, float] = field(default_factory=dict)
 
 
-async def measure(target: str, base_url: str, scenario: Scenario, sizes: Sizes) -> Measured:
-    call = Call.json(base_url + scenario.path, scenario.body)
-    timings = await latencies(call, sizes.requests, sizes.warmup)
-    totals = [t.total * 1000 for t in timings]
-    load = await throughput(call, sizes.total, sizes.concurrency, sizes.warmup)
-    return Measured(
-        target=target,
-        scenario=scenario.name,
-        p50_ms=percentile(totals, 50),
-        p99_ms=percentile(totals, 99),
-        first_byte_p50_ms=percentile([t.first_byte * 1000 for t in timings], 50),
-        requests_per_s=load.per_second,
-        errors=load.errors,
-        client_cpu_ms_per_request=load.client_cpu_seconds * 1000 / load.requests,
-    )
+async def measure(
+    target: str, base_url: str, scenarios: list[Scenario], sizes: Sizes
+) -> list[Measured]:
+    """Latency of all scenarios interleaved, then each scenario's throughput on its own."""
+    calls = [Call.json(base_url + s.path, s.body) for s in scenarios]
+    per_call = await latencies(calls, sizes.requests, sizes.warmup)
+    results = []
+    for scenario, call, timings in zip(scenarios, calls, per_call, strict=True):
+        totals = [t.total * 1000 for t in timings]
+        load = await throughput(call, sizes.total, sizes.concurrency, sizes.warmup)
+        results.append(
+            Measured(
+                target=target,
+                scenario=scenario.name,
+                p50_ms=percentile(totals, 50),
+                p99_ms=percentile(totals, 99),
+                first_byte_p50_ms=percentile([t.first_byte * 1000 for t in timings], 50),
+                requests_per_s=load.per_second,
+                errors=load.errors,
+                client_cpu_ms_per_request=load.client_cpu_seconds * 1000 / load.requests,
+            )
+        )
+    return results
 
 
 def stub_server(port: int) -> ServerProcess:
@@ -200,7 +208,7 @@ async def run_target(
 ) -> list[Measured]:
     with server:
         print(f"measuring {name} ({server.base_url}) ...", flush=True)
-        return [await measure(name, server.base_url, s, sizes) for s in scenarios]
+        return await measure(name, server.base_url, scenarios, sizes)
 
 
 def litellm_version(venv: Path) -> str:
@@ -298,10 +306,8 @@ def draw(results: list[Measured]) -> Callable[[Figure], None]:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench gateway", description=__doc__)
-    parser.add_argument(
-        "--requests", type=int, default=1000, help="sequential requests for latency"
-    )
-    parser.add_argument("--total", type=int, default=3000, help="requests for max requests/s")
+    parser.add_argument("--requests", type=int, default=500, help="sequential requests for latency")
+    parser.add_argument("--total", type=int, default=2000, help="requests for max requests/s")
     parser.add_argument("--concurrency", type=int, default=32, help="workers for max requests/s")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM (no install)")

@@ -85,12 +85,22 @@ async def request(http: aiohttp.ClientSession, call: Call) -> Timing:
     return Timing((first or ended) - started, ended - started)
 
 
-async def latencies(call: Call, count: int, warmup: int) -> list[Timing]:
-    """`count` requests one after another on one kept-alive connection (after `warmup` unmeasured)."""
-    async with session(1) as http:
-        for _ in range(warmup):
-            await request(http, call)
-        return [await request(http, call) for _ in range(count)]
+async def latencies(calls: Sequence[Call], count: int, warmup: int) -> list[list[Timing]]:
+    """`count` sequential requests per call, taking turns (call 0, 1, ..., 0, 1, ...) so that a
+    background hiccup hits every call alike; each call keeps its own kept-alive connection."""
+    sessions = [session(1) for _ in calls]
+    try:
+        for http, call in zip(sessions, calls, strict=True):
+            for _ in range(warmup):
+                await request(http, call)
+        timings: list[list[Timing]] = [[] for _ in calls]
+        for _ in range(count):
+            for index, (http, call) in enumerate(zip(sessions, calls, strict=True)):
+                timings[index].append(await request(http, call))
+        return timings
+    finally:
+        for http in sessions:
+            await http.close()
 
 
 async def throughput(call: Call, total: int, concurrency: int, warmup: int) -> Throughput:
