@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from cortex.core.catalogue import ModelSpec
-from cortex.core.eviction import EvictionKey, choose_victims, eviction_key
+from cortex.core.eviction import EvictionKey, Strategy, choose_victims, eviction_key
 from cortex.core.fleet import ModelState
 
 
@@ -66,7 +66,7 @@ class Demand:
 class Policy:
     """Eviction strategy and defragmentation cadence ([eviction] of cortex.toml)."""
 
-    strategy: Literal["lru", "priority"] = "lru"
+    strategy: Strategy = "lru"
     defrag_after_cycles: int = 0
 
 
@@ -294,15 +294,11 @@ class _Work:
         for model, spec in sorted(self.catalogue.items()):
             for name in sorted(set(spec.pinned_on)):
                 slot = self.slot(name)
-                if slot is None or not self.usable_for_pin(slot) or slot.hosts(model):
+                if slot is None or not slot.view.healthy or slot.view.cordoned or slot.hosts(model):
                     continue
                 reason = self.place(model, [slot])
                 if reason is not None:
                     self.reasons[model] = f"pinned on {name}: {reason}"
-
-    @staticmethod
-    def usable_for_pin(slot: _Slot) -> bool:
-        return slot.view.healthy and not slot.view.cordoned
 
     def place_minimums(self) -> None:
         """Add replicas on distinct neurons until each model has its minimum."""
