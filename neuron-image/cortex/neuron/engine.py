@@ -8,13 +8,13 @@ costs nothing (the new row is prefilled in place), leaving moves the last row in
 per-step stacking or re-padding of KV, which would copy every sequence's cache on every token.
 Prompts are prefilled in chunks of at most `prefill_chunk` tokens per step, so a long prompt
 delays the running streams by one chunk per step instead of stalling them for the whole prompt.
-Needs an attention implementation that honours a 4D mask (sdpa or eager, not flash-attention);
-sliding-window models get the window in that mask (one per layer type where they mix).
+Several waiting prompts share one packed prefill forward (no padding), and a finished sequence
+leaves its KV as a prefix for later prompts that start the same way (prefix_cache.py).
+The tensor work (inputs, masks, the forward itself) is model_runner.py's.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -22,17 +22,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cortex.neuron.detokenizer import Detokenizer, StopMatcher
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
-from cortex.neuron.kv_cache import BatchKVCache
+from cortex.neuron.model_runner import ModelRunner
 from cortex.neuron.prefix_cache import PrefixCache
 from cortex.neuron.sampling import Sampler, sample
 
 DEFAULT_PREFILL_CHUNK = 256
 DEFAULT_PREFIX_CACHE_TOKENS = 4096
-_MASKED_ATTENTION = {"sdpa", "eager"}
 
 
 class Sequence:
@@ -90,21 +89,15 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
     ) -> None:
-        attention = getattr(model.config, "_attn_implementation", "eager")
-        if attention not in _MASKED_ATTENTION:
-            raise ValueError(f"engine needs sdpa or eager attention, model uses {attention!r}")
-        self._model, self._tokenizer, self._device = model, tokenizer, device
+        self._runner = ModelRunner(
+            model, device=device, max_rows=max_running, max_length=context_length
+        )
+        self._cache = self._runner.cache
+        self._tokenizer, self._device = tokenizer, device
         self._max_running, self._defaults = max_running, defaults
         self._eos, self._context_length = set(eos_token_ids), context_length
         self._prefill_chunk = max(1, prefill_chunk)
-        self._cache = BatchKVCache.for_model(
-            model, max_rows=max_running, max_length=context_length, device=device
-        )
         self._prefixes = PrefixCache(prefix_cache_tokens)
-        self._window, self._mixed_layers = _sliding_window(model.config.get_text_config())
-        # transformers 5 renamed the forward's `past_key_values` to `cache`.
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._waiting: deque[Sequence] = deque()
         self._decoding: list[_Active] = []  # row i of the cache holds _decoding[i]
         # Admitted, prompt not all in the cache yet; row len(_decoding) + i. Between steps at most
@@ -186,7 +179,8 @@ class Engine:
             budget -= len(chunk)
         if not batch:
             return
-        logits = self._forward_packed(batch)
+        first_row = len(self._decoding)
+        logits = self._runner.prefill(first_row, [(a.kv_length, chunk) for a, chunk in batch])
         # Only the last prompt of the batch can be cut short: the done ones are the first rows.
         done = [a for a, chunk in batch if a.kv_length + len(chunk) == len(a.seq.prompt_ids)]
         tokens = sample(logits[: len(done)], [a.sampler for a in done], [a.generator for a in done])
@@ -247,91 +241,12 @@ class Engine:
     def _decode(self) -> None:
         """One batched forward: every decoding sequence feeds its pending token."""
         batch = list(self._decoding)
-        logits = self._forward_rows([a.pending for a in batch], [a.kv_length for a in batch])
+        logits = self._runner.decode([a.pending for a in batch], [a.kv_length for a in batch])
         tokens = sample(logits, [a.sampler for a in batch], [a.generator for a in batch])
         for active in batch:
             active.kv_length += 1
         for active, token in zip(batch, tokens, strict=True):
             self._accept(active, token)
-
-    def _forward_rows(self, tokens: list[int], starts: list[int]) -> torch.Tensor:
-        """Decode: row i feeds tokens[i] at position starts[i]; logits [rows, vocab]."""
-        ids = self._longs(tokens).unsqueeze(1)
-        positions = self._longs(starts).unsqueeze(1)
-        kv_length = max(starts) + 1
-        self._cache.reserve(len(tokens), kv_length)
-        self._cache.bind_rows(slice(0, len(tokens)), positions, kv_length)
-        # Each row sees its own tokens only, not the stale tail beyond a shorter row's length.
-        distance = positions.unsqueeze(-1) - torch.arange(kv_length, device=self._device)
-        return self._run(ids, positions, distance >= 0, distance, logits_to_keep=1)[:, -1, :]
-
-    def _forward_packed(self, batch: list[tuple[_Active, list[int]]]) -> torch.Tensor:
-        """Prefill: the chunks packed into one row; logits [chunks, vocab] of each chunk's end."""
-        first_row = len(self._decoding)
-        history: list[tuple[int, int]] = []
-        q_seq: list[int] = []  # which chunk each new token belongs to
-        q_pos: list[int] = []
-        k_seq: list[int] = []  # the same for each key attention reads: histories, then new tokens
-        k_pos: list[int] = []
-        for i, (active, chunk) in enumerate(batch):
-            start = active.kv_length
-            q_seq += [i] * len(chunk)
-            q_pos += range(start, start + len(chunk))
-            if start:
-                history.append((first_row + i, start))
-                k_seq += [i] * start
-                k_pos += range(start)
-        queries, query_positions = self._longs(q_seq), self._longs(q_pos)
-        keys, key_positions = self._longs(k_seq + q_seq), self._longs(k_pos + q_pos)
-        self._cache.reserve(first_row + len(batch), max(a.kv_length + len(c) for a, c in batch))
-        self._cache.bind_packed(
-            (queries + first_row).unsqueeze(0), query_positions.unsqueeze(0), history
-        )
-        # A token sees its own sequence's earlier tokens: kept history and this chunk, causally.
-        distance = (query_positions[:, None] - key_positions).unsqueeze(0)
-        visible = (keys == queries[:, None]).unsqueeze(0) & (distance >= 0)
-        ids = self._longs([t for _, chunk in batch for t in chunk]).unsqueeze(0)
-        ends = self._longs([len(c) for _, c in batch]).cumsum(0) - 1
-        return self._run(ids, query_positions.unsqueeze(0), visible, distance, ends)[0]
-
-    def _longs(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self._device)
-
-    def _run(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        visible: torch.Tensor,
-        distance: torch.Tensor,
-        logits_to_keep: int | torch.Tensor,
-    ) -> torch.Tensor:
-        """The model forward over the bound cache; visible/distance [batch, q, kv] make the mask."""
-        out = self._model(
-            input_ids=ids,
-            position_ids=positions,
-            attention_mask=self._attention_mask(visible, distance),
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-            **{self._cache_arg: self._cache},
-        )
-        return out.logits
-
-    def _attention_mask(
-        self, visible: torch.Tensor, distance: torch.Tensor
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Additive 4D mask(s): sliding-window layers also drop keys older than the window."""
-        full = self._additive(visible)
-        if self._window is None:
-            return full
-        windowed = self._additive(visible & (distance < self._window))
-        if self._mixed_layers:  # such models take one mask per layer type
-            return {"full_attention": full, "sliding_attention": windowed}
-        return windowed
-
-    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
-        dtype = self._model.dtype
-        mask = torch.zeros(visible.shape, dtype=dtype, device=self._device)
-        return mask.masked_fill(~visible, torch.finfo(dtype).min).unsqueeze(1)
 
     # -- tokens, text and endings ------------------------------------------------------------
 
@@ -409,14 +324,3 @@ class Engine:
                 stop_sequence=stop_sequence,
             )
         )
-
-
-def _sliding_window(config: PreTrainedConfig) -> tuple[int | None, bool]:
-    """The model's attention window, if any, and whether only some layers use it."""
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return None, False
-    types = getattr(config, "layer_types", None) or []
-    if types and "sliding_attention" not in types:
-        return None, False
-    return int(window), "full_attention" in types

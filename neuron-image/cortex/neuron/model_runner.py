@@ -1,0 +1,128 @@
+"""Running the model over the batch's KV cache: one decode forward, or one packed prefill.
+
+The tensor side of the engine: it builds input ids, positions and the 4D attention mask, binds
+the cache and calls the model; the engine decides which sequences go in and what comes out.
+Needs an attention implementation that honours a 4D mask (sdpa or eager, not flash-attention);
+sliding-window models get the window in that mask (one mask per layer type where they mix).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from cortex.neuron.kv_cache import BatchKVCache
+
+_MASKED_ATTENTION = {"sdpa", "eager"}
+
+
+class ModelRunner:
+    """One model and its batch KV cache on a device."""
+
+    def __init__(
+        self, model: PreTrainedModel, *, device: torch.device, max_rows: int, max_length: int
+    ) -> None:
+        attention = getattr(model.config, "_attn_implementation", "eager")
+        if attention not in _MASKED_ATTENTION:
+            raise ValueError(f"engine needs sdpa or eager attention, model uses {attention!r}")
+        self._model, self._device = model, device
+        self.cache = BatchKVCache.for_model(
+            model, max_rows=max_rows, max_length=max_length, device=device
+        )
+        self._window, self._mixed_layers = _sliding_window(model.config.get_text_config())
+        # transformers 5 renamed the forward's `past_key_values` to `cache`.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def decode(self, tokens: list[int], starts: list[int]) -> torch.Tensor:
+        """Row i feeds tokens[i] at position starts[i]; logits [rows, vocab]."""
+        ids = self._longs(tokens).unsqueeze(1)
+        positions = self._longs(starts).unsqueeze(1)
+        kv_length = max(starts) + 1
+        self.cache.reserve(len(tokens), kv_length)
+        self.cache.bind_rows(slice(0, len(tokens)), positions, kv_length)
+        # Each row sees its own tokens only, not the stale tail beyond a shorter row's length.
+        distance = positions.unsqueeze(-1) - torch.arange(kv_length, device=self._device)
+        return self._run(ids, positions, distance >= 0, distance, logits_to_keep=1)[:, -1, :]
+
+    def prefill(self, first_row: int, chunks: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """Chunk i = (start, tokens) of row first_row + i, all packed into one row, unpadded.
+
+        Returns the logits [chunks, vocab] of each chunk's last token.
+        """
+        history: list[tuple[int, int]] = []
+        q_seq: list[int] = []  # which chunk each new token belongs to
+        q_pos: list[int] = []
+        k_seq: list[int] = []  # the same for each key attention reads: histories, then new tokens
+        k_pos: list[int] = []
+        for i, (start, chunk) in enumerate(chunks):
+            q_seq += [i] * len(chunk)
+            q_pos += range(start, start + len(chunk))
+            if start:
+                history.append((first_row + i, start))
+                k_seq += [i] * start
+                k_pos += range(start)
+        queries, query_positions = self._longs(q_seq), self._longs(q_pos)
+        keys, key_positions = self._longs(k_seq + q_seq), self._longs(k_pos + q_pos)
+        self.cache.reserve(first_row + len(chunks), max(s + len(c) for s, c in chunks))
+        self.cache.bind_packed(
+            (queries + first_row).unsqueeze(0), query_positions.unsqueeze(0), history
+        )
+        # A token sees its own sequence's earlier tokens: kept history and this chunk, causally.
+        distance = (query_positions[:, None] - key_positions).unsqueeze(0)
+        visible = (keys == queries[:, None]).unsqueeze(0) & (distance >= 0)
+        ids = self._longs([t for _, chunk in chunks for t in chunk]).unsqueeze(0)
+        ends = self._longs([len(c) for _, c in chunks]).cumsum(0) - 1
+        return self._run(ids, query_positions.unsqueeze(0), visible, distance, ends)[0]
+
+    def _longs(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self._device)
+
+    def _run(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        visible: torch.Tensor,
+        distance: torch.Tensor,
+        logits_to_keep: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """The model forward over the bound cache; visible/distance [batch, q, kv] make the mask."""
+        out = self._model(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=self._attention_mask(visible, distance),
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **{self._cache_arg: self.cache},
+        )
+        return out.logits
+
+    def _attention_mask(
+        self, visible: torch.Tensor, distance: torch.Tensor
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Additive 4D mask(s): sliding-window layers also drop keys older than the window."""
+        full = self._additive(visible)
+        if self._window is None:
+            return full
+        windowed = self._additive(visible & (distance < self._window))
+        if self._mixed_layers:  # such models take one mask per layer type
+            return {"full_attention": full, "sliding_attention": windowed}
+        return windowed
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        dtype = self._model.dtype
+        mask = torch.zeros(visible.shape, dtype=dtype, device=self._device)
+        return mask.masked_fill(~visible, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def _sliding_window(config: PreTrainedConfig) -> tuple[int | None, bool]:
+    """The model's attention window, if any, and whether only some layers use it."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None, False
+    types = getattr(config, "layer_types", None) or []
+    if types and "sliding_attention" not in types:
+        return None, False
+    return int(window), "full_attention" in types
