@@ -26,7 +26,7 @@ from cortex.core.config import (
 )
 from cortex.core.console import NeuronRow, print_fleet
 from cortex.core.errors import CortexError
-from cortex.core.fleet import LoadRequest, ModelState, NeuronStatus
+from cortex.core.fleet import DeviceStatus, LoadedModel, LoadRequest, ModelState, NeuronStatus
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -144,12 +144,19 @@ async def status(endpoint: str) -> int:
 
 
 def _row(item: dict[str, Any]) -> NeuronRow:
-    raw = item.get("status")
+    """A neuron of the gateway's GET /fleet as a table row."""
+    replicas = [LoadedModel.model_validate({"source": "", **r}) for r in item.get("replicas", [])]
+    status = NeuronStatus(
+        node=item.get("name", "?"),
+        version="",
+        devices=[DeviceStatus.model_validate(d) for d in item.get("devices", [])],
+        models=replicas,
+    )
     return NeuronRow(
-        name=item.get("name", "?"),
+        name=status.node,
         endpoint=item.get("endpoint", ""),
         healthy=bool(item.get("healthy")),
-        status=NeuronStatus.model_validate(raw) if raw else None,
+        status=status,
     )
 
 

@@ -38,8 +38,9 @@ def gib(value: int) -> str:
 
 def fleet_table(rows: list[NeuronRow]) -> Table:
     table = Table(title="cortex fleet", expand=False)
-    for column in ("neuron", "health", "device", "memory", "models"):
+    for column in ("neuron", "health", "device", "memory"):
         table.add_column(column)
+    table.add_column("models", no_wrap=True)
     for row in rows:
         health = "[green]healthy[/]" if row.healthy else "[red]unhealthy[/]"
         status = row.status
