@@ -261,6 +261,25 @@ def test_cancel_stops_within_one_step(model, tokenizer, prompts) -> None:
     assert other.finished.reason == "length" and other.finished.completion_tokens == 15
 
 
+def test_cancel_during_prefill_keeps_the_prefilled_part(model, tokenizer, prompts) -> None:
+    engine = make_engine(model, tokenizer, prefill_chunk=16)
+    prompt = prompts["story"]
+    first = Recorder(prompt, max_tokens=5, temperature=0)
+    engine.add(first.seq)
+    engine.step()
+    engine.step()
+    first.seq.cancel()
+    engine.step()
+    assert first.finished.reason == "cancelled" and first.finished.completion_tokens == 0
+    assert engine.running == 0 and not engine.has_work()
+    again = Recorder(prompt, max_tokens=5, temperature=0)
+    generate(engine, again)
+    assert again.finished.cached_tokens == 32  # two chunks of 16 were in the cache
+    fresh = Recorder(prompt, max_tokens=5, temperature=0)
+    generate(make_engine(model, tokenizer), fresh)
+    assert again.seq.output_ids == fresh.seq.output_ids
+
+
 def test_max_running_bounds_the_batch(model, tokenizer, prompts) -> None:
     engine = make_engine(model, tokenizer, max_running=2)
     rs = [Recorder(p, max_tokens=4, temperature=0) for p in prompts.values()]
@@ -287,13 +306,21 @@ def test_long_prompt_is_prefilled_in_chunks_without_stalling(
     long_prompt = chat(tokenizer, filler + " How many items are there?")
     assert len(long_prompt) > 4 * 64
     long = Recorder(long_prompt, max_tokens=8, temperature=0)
+    short = Recorder(prompts["colors"], max_tokens=10, temperature=0)
     engine.add(long.seq)
+    steps = 0
     while not long.seq.output_ids:
         before = len(stream.seq.output_ids)
         engine.step()
+        steps += 1
         assert len(stream.seq.output_ids) == before + 1  # one token per step all along
+        if steps == 1:
+            engine.add(short.seq)
+        if steps == 2:  # the short prompt was not queued behind the long one
+            assert short.seq.output_ids and not long.seq.output_ids
     drain(engine)
     assert stream.seq.output_ids == greedy_alone["story"].seq.output_ids
+    assert short.seq.output_ids == greedy_alone["colors"].seq.output_ids[:10]
     alone = Recorder(long_prompt, max_tokens=8, temperature=0)
     generate(make_engine(model, tokenizer), alone)
     assert long.seq.output_ids == alone.seq.output_ids

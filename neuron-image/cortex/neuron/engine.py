@@ -3,14 +3,15 @@
 Design (measured on CPU with SmolLM2-135M, see tests/neuron/test_engine.py): a decode step costs
 about the same for 1 sequence as for 16, so every step runs ONE forward for all decoding sequences.
 Their KV lives in one BatchKVCache, a row per sequence; each row keeps its own length, and the
-attention mask plus explicit position_ids let rows of different lengths share the forward. Joining
-costs nothing (the new row is prefilled in place), leaving moves the last row into the hole: no
-per-step stacking or re-padding of KV, which would copy every sequence's cache on every token.
-Prompts are prefilled in chunks of at most `prefill_chunk` tokens per step, so a long prompt
-delays the running streams by one chunk per step instead of stalling them for the whole prompt.
-Several waiting prompts share one packed prefill forward (no padding), and a finished sequence
-leaves its KV as a prefix for later prompts that start the same way (prefix_cache.py).
-The tensor work (inputs, masks, the forward itself) is model_runner.py's.
+attention mask plus explicit position_ids let rows of different lengths share the forward. A
+leaving sequence's row is refilled by moving the last row into it: no per-step stacking or
+re-padding of KV, which would copy every sequence's cache on every token.
+Prompts are prefilled apart (a staging cache), at most `prefill_chunk` tokens per step, packed
+into one unpadded forward, shortest first; a finished prompt's KV is copied into the batch once.
+So a long prompt delays the running streams by one chunk per step instead of stalling them, and a
+short prompt arriving meanwhile is not queued behind it. A finished sequence leaves its KV as a
+prefix for later prompts that start the same way (prefix_cache.py). The tensor work (inputs,
+masks, the forward itself) is model_runner.py's.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class _Active:
     detokenizer: Detokenizer
     stops: StopMatcher
     kv_length: int = 0  # this sequence's tokens in the cache
+    row: int = -1  # staging row while prefilling (decoding: its index in Engine._decoding)
     pending: int = field(default=-1)  # last sampled token, fed at the next decode step
 
 
@@ -92,17 +94,14 @@ class Engine:
         self._runner = ModelRunner(
             model, device=device, max_rows=max_running, max_length=context_length
         )
-        self._cache = self._runner.cache
         self._tokenizer, self._device = tokenizer, device
         self._max_running, self._defaults = max_running, defaults
         self._eos, self._context_length = set(eos_token_ids), context_length
         self._prefill_chunk = max(1, prefill_chunk)
         self._prefixes = PrefixCache(prefix_cache_tokens)
         self._waiting: deque[Sequence] = deque()
-        self._decoding: list[_Active] = []  # row i of the cache holds _decoding[i]
-        # Admitted, prompt not all in the cache yet; row len(_decoding) + i. Between steps at most
-        # one: the prompt the last step's prefill budget cut short.
-        self._prefilling: list[_Active] = []
+        self._decoding: list[_Active] = []  # row i of the batch cache holds _decoding[i]
+        self._prefilling: list[_Active] = []  # admitted, prompt not all in the cache; oldest first
 
     # -- the worker's interface --------------------------------------------------------------
 
@@ -123,11 +122,11 @@ class Engine:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return self._cache.bytes_per_token
+        return self._runner.batch.bytes_per_token
 
     def kv_bytes(self) -> int:
-        """Device memory held for KV now: the batch's cache (with room to grow) and kept prefixes."""
-        return self._cache.allocated_bytes + self._prefixes.bytes
+        """Device memory held for KV now: running sequences (with room to grow) and kept prefixes."""
+        return self._runner.kv_bytes + self._prefixes.bytes
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -136,8 +135,10 @@ class Engine:
         self._prefill()
         if self._decoding:
             self._decode()
-        live = self._live()
-        self._cache.shrink(len(live), max((a.kv_length + 1 for a in live), default=0))
+        longest = max((a.kv_length + 1 for a in self._decoding), default=0)
+        self._runner.batch.shrink(len(self._decoding), longest)
+        if not self._prefilling:
+            self._runner.staging.shrink(0, 0)
 
     def fail_all(self, message: str) -> None:
         """Finish every sequence with an error (after a failed step, or on unload)."""
@@ -147,7 +148,8 @@ class Engine:
             self._emit_finished(active.seq, "error", error=message)
         while self._waiting:
             self._emit_finished(self._waiting.popleft(), "error", error=message)
-        self._cache.shrink(0, 0)
+        self._runner.batch.shrink(0, 0)
+        self._runner.staging.shrink(0, 0)
         self._prefixes.clear()
 
     # -- steps -------------------------------------------------------------------------------
@@ -164,35 +166,54 @@ class Engine:
                 self._finish(active, "cancelled")
 
     def _prefill(self) -> None:
-        """Spend up to one chunk of prompt tokens, packed into one forward, oldest prompts first."""
-        budget = self._prefill_chunk
-        batch: list[tuple[_Active, list[int]]] = []
-        for active in self._prefilling:
-            if budget == 0:
+        """Spend up to one chunk budget of prompt tokens in one packed forward."""
+        admitted = 0
+        while self._waiting and admitted < self._prefill_chunk:
+            active = self._admit()
+            if active is None:
                 break
-            chunk = active.seq.prompt_ids[active.kv_length : active.kv_length + budget]
-            batch.append((active, chunk))
-            budget -= len(chunk)
-        while budget > 0 and (active := self._admit()) is not None:
-            chunk = active.seq.prompt_ids[active.kv_length : active.kv_length + budget]
-            batch.append((active, chunk))
-            budget -= len(chunk)
-        if not batch:
+            admitted += _remaining(active)
+        plan = self._plan_prefill()
+        if not plan:
             return
-        first_row = len(self._decoding)
-        logits = self._runner.prefill(first_row, [(a.kv_length, chunk) for a, chunk in batch])
-        # Only the last prompt of the batch can be cut short: the done ones are the first rows.
-        done = [a for a, chunk in batch if a.kv_length + len(chunk) == len(a.seq.prompt_ids)]
-        tokens = sample(logits[: len(done)], [a.sampler for a in done], [a.generator for a in done])
-        for active, chunk in batch:
-            active.kv_length += len(chunk)
-        self._prefilling = self._prefilling[len(done) :]
-        self._decoding.extend(done)
+        logits = self._runner.prefill(
+            [(a.row, a.kv_length, a.seq.prompt_ids[a.kv_length : a.kv_length + n]) for a, n in plan]
+        )
+        ends = [i for i, (a, n) in enumerate(plan) if n == _remaining(a)]
+        done = [plan[i][0] for i in ends]
+        tokens = sample(logits[ends], [a.sampler for a in done], [a.generator for a in done])
+        # State changes only once the forward and sampling went through (see fail_all).
+        for active, n in plan:
+            active.kv_length += n
         for active, token in zip(done, tokens, strict=True):
+            self._prefilling.remove(active)
+            self._runner.promote(active.row, len(self._decoding), active.kv_length)
+            self._decoding.append(active)
             self._accept(active, token)
 
+    def _plan_prefill(self) -> list[tuple[_Active, int]]:
+        """How many prompt tokens each prefilling sequence gets this step.
+
+        Shortest prompts first, so a short request is not queued behind a long one; the oldest
+        prompt always gets a quarter of the budget, so a long one is never starved.
+        """
+        if not self._prefilling:
+            return []
+        oldest, *others = self._prefilling
+        guard = min(_remaining(oldest), max(1, self._prefill_chunk // 4))
+        left = self._prefill_chunk - guard
+        plan = []
+        for active in sorted(others, key=_remaining):
+            take = min(_remaining(active), left)
+            if take == 0:
+                break
+            plan.append((active, take))
+            left -= take
+        plan.append((oldest, min(_remaining(oldest), guard + left)))
+        return plan
+
     def _admit(self) -> _Active | None:
-        """Take the next valid waiting sequence into the batch, if a row is free."""
+        """Take the next valid waiting sequence into a free staging row, if one is free."""
         while self._waiting and self.running < self._max_running:
             seq = self._waiting.popleft()
             sampler = Sampler.resolve(seq.params, self._defaults)
@@ -200,19 +221,21 @@ class Engine:
             if problem is not None:
                 self._emit_finished(seq, "error", error=problem)
                 continue
+            taken = {a.row for a in self._prefilling}
             active = _Active(
                 seq=seq,
                 sampler=sampler,
                 generator=sampler.generator(self._device),
                 detokenizer=Detokenizer(self._tokenizer, seq.prompt_ids),
                 stops=StopMatcher(seq.params.stop),
+                row=min(set(range(self._max_running)) - taken),
             )
-            self._reuse_prefix(active, row=self.running)
+            self._reuse_prefix(active)
             self._prefilling.append(active)
             return active
         return None
 
-    def _reuse_prefix(self, active: _Active, row: int) -> None:
+    def _reuse_prefix(self, active: _Active) -> None:
         """Start the row with a kept prefix's KV; at least one prompt token is left to prefill."""
         prompt = active.seq.prompt_ids
         hit = self._prefixes.lookup(prompt)
@@ -221,8 +244,8 @@ class Engine:
         kv, shared = hit
         reuse = min(shared, len(prompt) - 1)
         if reuse > 0:
-            self._cache.reserve(row + 1, reuse)
-            self._cache.write_row(row, kv, reuse)
+            self._runner.staging.reserve(active.row + 1, reuse)
+            self._runner.staging.write_row(active.row, kv, reuse)
             active.kv_length = active.seq.cached_tokens = reuse
 
     def _refuse(self, seq: Sequence, sampler: Sampler) -> str | None:
@@ -280,29 +303,26 @@ class Engine:
             self._finish(active, reason)
 
     def _finish(self, active: _Active, reason: Literal["stop", "length", "cancelled"]) -> None:
-        row = self._live().index(active)
         seq = active.seq
+        if active in self._prefilling:
+            cache, row = self._runner.staging, active.row
+        else:
+            cache, row = self._runner.batch, self._decoding.index(active)
         kept = (seq.prompt_ids + seq.output_ids)[: active.kv_length]
-        self._prefixes.store(kept, lambda n: self._cache.read_row(row, n))
+        self._prefixes.store(kept, lambda n: cache.read_row(row, n))
         self._release(active)
         self._emit_finished(seq, reason, stop_sequence=active.stops.matched)
 
     def _release(self, active: _Active) -> None:
-        """Free the sequence's row; decoding rows stay contiguous from 0, prefilling ones after."""
+        """Free the sequence's row; decoding rows stay contiguous from row 0."""
         if active in self._prefilling:
-            at = self._prefilling.index(active)
-            del self._prefilling[at]
-            shifted, first = self._prefilling[at:], len(self._decoding) + at
-        else:
-            row = self._decoding.index(active)
-            last = self._decoding.pop()
-            if last is not active:
-                self._cache.move_row(len(self._decoding), row, last.kv_length)
-                self._decoding[row] = last
-            shifted, first = self._prefilling, len(self._decoding)
-        for i, moved in enumerate(shifted):
-            if moved.kv_length:
-                self._cache.move_row(first + i + 1, first + i, moved.kv_length)
+            self._prefilling.remove(active)
+            return
+        row = self._decoding.index(active)
+        last = self._decoding.pop()
+        if last is not active:
+            self._runner.batch.move_row(len(self._decoding), row, last.kv_length)
+            self._decoding[row] = last
 
     def _emit_finished(
         self,
@@ -324,3 +344,8 @@ class Engine:
                 stop_sequence=stop_sequence,
             )
         )
+
+
+def _remaining(active: _Active) -> int:
+    """Prompt tokens not yet in the cache."""
+    return len(active.seq.prompt_ids) - active.kv_length

@@ -110,6 +110,12 @@ class BatchKVCache(Cache):
         for buffer in self._buffers:
             buffer[:, target, :, :length] = buffer[:, source, :, :length]
 
+    def copy_row_from(self, other: BatchKVCache, source: int, target: int, length: int) -> None:
+        """Copy another cache's row into one of ours (a prefilled prompt joining the batch)."""
+        self.reserve(target + 1, length)
+        for mine, theirs in zip(self._buffers, other._buffers, strict=True):
+            mine[:, target, :, :length] = theirs[:, source, :, :length]
+
     def read_row(self, row: int, length: int) -> RowKV:
         """A copy of a row's first `length` tokens."""
         return [buffer[:, row, :, :length].clone() for buffer in self._buffers]

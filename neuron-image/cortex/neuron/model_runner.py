@@ -19,7 +19,7 @@ _MASKED_ATTENTION = {"sdpa", "eager"}
 
 
 class ModelRunner:
-    """One model and its batch KV cache on a device."""
+    """One model and its KV: the decoding batch's rows, and the rows of prompts being prefilled."""
 
     def __init__(
         self, model: PreTrainedModel, *, device: torch.device, max_rows: int, max_length: int
@@ -28,7 +28,11 @@ class ModelRunner:
         if attention not in _MASKED_ATTENTION:
             raise ValueError(f"engine needs sdpa or eager attention, model uses {attention!r}")
         self._model, self._device = model, device
-        self.cache = BatchKVCache.for_model(
+        self.batch = BatchKVCache.for_model(
+            model, max_rows=max_rows, max_length=max_length, device=device
+        )
+        # Prompts prefill apart, in any row, so a long one never blocks the batch's rows.
+        self.staging = BatchKVCache.for_model(
             model, max_rows=max_rows, max_length=max_length, device=device
         )
         self._window, self._mixed_layers = _sliding_window(model.config.get_text_config())
@@ -41,61 +45,74 @@ class ModelRunner:
         ids = self._longs(tokens).unsqueeze(1)
         positions = self._longs(starts).unsqueeze(1)
         kv_length = max(starts) + 1
-        self.cache.reserve(len(tokens), kv_length)
-        self.cache.bind_rows(slice(0, len(tokens)), positions, kv_length)
+        self.batch.reserve(len(tokens), kv_length)
+        self.batch.bind_rows(slice(0, len(tokens)), positions, kv_length)
         # Each row sees its own tokens only, not the stale tail beyond a shorter row's length.
         distance = positions.unsqueeze(-1) - torch.arange(kv_length, device=self._device)
-        return self._run(ids, positions, distance >= 0, distance, logits_to_keep=1)[:, -1, :]
+        logits = self._run(self.batch, ids, positions, distance >= 0, distance, logits_to_keep=1)
+        return logits[:, -1, :]
 
-    def prefill(self, first_row: int, chunks: list[tuple[int, list[int]]]) -> torch.Tensor:
-        """Chunk i = (start, tokens) of row first_row + i, all packed into one row, unpadded.
+    def prefill(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+        """Chunks (staging row, start, tokens) packed into one forward row, unpadded.
 
         Returns the logits [chunks, vocab] of each chunk's last token.
         """
         history: list[tuple[int, int]] = []
         q_seq: list[int] = []  # which chunk each new token belongs to
+        q_row: list[int] = []
         q_pos: list[int] = []
         k_seq: list[int] = []  # the same for each key attention reads: histories, then new tokens
         k_pos: list[int] = []
-        for i, (start, chunk) in enumerate(chunks):
+        for i, (row, start, chunk) in enumerate(chunks):
             q_seq += [i] * len(chunk)
+            q_row += [row] * len(chunk)
             q_pos += range(start, start + len(chunk))
             if start:
-                history.append((first_row + i, start))
+                history.append((row, start))
                 k_seq += [i] * start
                 k_pos += range(start)
         queries, query_positions = self._longs(q_seq), self._longs(q_pos)
         keys, key_positions = self._longs(k_seq + q_seq), self._longs(k_pos + q_pos)
-        self.cache.reserve(first_row + len(chunks), max(s + len(c) for s, c in chunks))
-        self.cache.bind_packed(
-            (queries + first_row).unsqueeze(0), query_positions.unsqueeze(0), history
+        self.staging.reserve(max(q_row) + 1, max(s + len(c) for _, s, c in chunks))
+        self.staging.bind_packed(
+            self._longs(q_row).unsqueeze(0), query_positions.unsqueeze(0), history
         )
         # A token sees its own sequence's earlier tokens: kept history and this chunk, causally.
         distance = (query_positions[:, None] - key_positions).unsqueeze(0)
         visible = (keys == queries[:, None]).unsqueeze(0) & (distance >= 0)
-        ids = self._longs([t for _, chunk in chunks for t in chunk]).unsqueeze(0)
-        ends = self._longs([len(c) for _, c in chunks]).cumsum(0) - 1
-        return self._run(ids, query_positions.unsqueeze(0), visible, distance, ends)[0]
+        ids = self._longs([t for _, _, chunk in chunks for t in chunk]).unsqueeze(0)
+        ends = self._longs([len(c) for _, _, c in chunks]).cumsum(0) - 1
+        positions = query_positions.unsqueeze(0)
+        return self._run(self.staging, ids, positions, visible, distance, ends)[0]
+
+    def promote(self, staging_row: int, batch_row: int, length: int) -> None:
+        """A prefilled prompt joins the decoding batch."""
+        self.batch.copy_row_from(self.staging, staging_row, batch_row, length)
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.batch.allocated_bytes + self.staging.allocated_bytes
 
     def _longs(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self._device)
 
     def _run(
         self,
+        cache: BatchKVCache,
         ids: torch.Tensor,
         positions: torch.Tensor,
         visible: torch.Tensor,
         distance: torch.Tensor,
         logits_to_keep: int | torch.Tensor,
     ) -> torch.Tensor:
-        """The model forward over the bound cache; visible/distance [batch, q, kv] make the mask."""
+        """The model forward over a bound cache; visible/distance [batch, q, kv] make the mask."""
         out = self._model(
             input_ids=ids,
             position_ids=positions,
             attention_mask=self._attention_mask(visible, distance),
             use_cache=True,
             logits_to_keep=logits_to_keep,
-            **{self._cache_arg: self.cache},
+            **{self._cache_arg: cache},
         )
         return out.logits
 
