@@ -299,7 +299,8 @@ def draw(results: list[Measured]) -> Callable[[Figure], None]:
         latency.legend()
         rate.bar(list(xs), [m.requests_per_s for m in results], color="tab:green")
         rate.set_xticks(list(xs), labels, fontsize=7, rotation=45, ha="right")
-        rate.set_ylabel("max requests/s")
+        rate.set_yscale("log")
+        rate.set_ylabel("max requests/s (log scale)")
 
     return plot
 
