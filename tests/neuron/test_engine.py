@@ -295,6 +295,20 @@ def test_max_running_bounds_the_batch(model, tokenizer, prompts) -> None:
     assert all(r.finished.completion_tokens == 4 for r in rs)
 
 
+def test_kv_budget_queues_what_does_not_fit(model, tokenizer, prompts) -> None:
+    """Sequences whose prompt + max_tokens exceed the KV budget together wait for room."""
+    lengths = [len(p) for p in prompts.values()]
+    budget = 2 * (min(lengths) + 8) - 1  # no two sequences fit together
+    engine = make_engine(model, tokenizer, kv_budget_tokens=budget)
+    rs = [Recorder(p, max_tokens=8, temperature=0) for p in prompts.values()]
+    for r in rs:
+        engine.add(r.seq)
+    while engine.has_work():
+        engine.step()
+        assert engine.running <= 1
+    assert all(r.finished.completion_tokens == 8 for r in rs)
+
+
 def test_long_prompt_is_prefilled_in_chunks_without_stalling(
     model, tokenizer, prompts, greedy_alone
 ) -> None:

@@ -42,6 +42,12 @@ class NeuronSection(_Section):
         default=None, description="memory the cpu-0 device may use for models; default half of RAM"
     )
     dtype: str = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU")
+    kv_tokens: int = Field(
+        default=16384,
+        ge=256,
+        description="KV cache budget per chat model in tokens (running prompts + max_tokens); "
+        "reserved in memory at load, a quarter of it keeps reusable prefixes",
+    )
     max_running: int = Field(
         default=32, ge=1, description="sequences generating at once, per model"
     )

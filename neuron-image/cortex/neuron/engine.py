@@ -73,6 +73,7 @@ class _Active:
     kv_length: int = 0  # this sequence's tokens in the cache
     row: int = -1  # staging row while prefilling (decoding: its index in Engine._decoding)
     pending: int = field(default=-1)  # last sampled token, fed at the next decode step
+    reserved: int = 0  # KV tokens this sequence may grow to (prompt + max_tokens)
 
 
 class Engine:
@@ -90,6 +91,7 @@ class Engine:
         context_length: int,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
+        kv_budget_tokens: int | None = None,
     ) -> None:
         self._runner = ModelRunner(
             model, device=device, max_rows=max_running, max_length=context_length
@@ -99,6 +101,9 @@ class Engine:
         self._eos, self._context_length = set(eos_token_ids), context_length
         self._prefill_chunk = max(1, prefill_chunk)
         self._prefixes = PrefixCache(prefix_cache_tokens)
+        # Tokens (prompt + max_tokens) admitted sequences may reach together: the KV memory the
+        # runtime reserved for this model. Beyond it, sequences wait for others to finish.
+        self._kv_budget = kv_budget_tokens
         self._waiting: deque[Sequence] = deque()
         self._decoding: list[_Active] = []  # row i of the batch cache holds _decoding[i]
         self._prefilling: list[_Active] = []  # admitted, prompt not all in the cache; oldest first
@@ -221,6 +226,10 @@ class Engine:
             if problem is not None:
                 self._emit_finished(seq, "error", error=problem)
                 continue
+            reserved = min(len(seq.prompt_ids) + sampler.max_tokens, self._context_length)
+            if not self._fits(reserved):
+                self._waiting.appendleft(seq)  # KV budget full: wait for a running one to leave
+                return None
             taken = {a.row for a in self._prefilling}
             active = _Active(
                 seq=seq,
@@ -229,6 +238,7 @@ class Engine:
                 detokenizer=Detokenizer(self._tokenizer, seq.prompt_ids),
                 stops=StopMatcher(seq.params.stop),
                 row=min(set(range(self._max_running)) - taken),
+                reserved=reserved,
             )
             self._reuse_prefix(active)
             self._prefilling.append(active)
@@ -247,6 +257,13 @@ class Engine:
             self._runner.staging.reserve(active.row + 1, reuse)
             self._runner.staging.write_row(active.row, kv, reuse)
             active.kv_length = active.seq.cached_tokens = reuse
+
+    def _fits(self, reserved: int) -> bool:
+        """Within the KV budget; a lone sequence always runs (its context bounds it)."""
+        if self._kv_budget is None or not self.running:
+            return True
+        held = sum(a.reserved for a in (*self._decoding, *self._prefilling))
+        return held + reserved <= self._kv_budget
 
     def _refuse(self, seq: Sequence, sampler: Sampler) -> str | None:
         """Why a sequence cannot run at all (the runtime should have refused it already)."""

@@ -117,7 +117,12 @@ def _load_causal(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "gguf_file": gguf_file}
+    # sdpa honours the engine's 4D masks (rows of different lengths); flash-attention would not.
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, dtype),
+        "gguf_file": gguf_file,
+        "attn_implementation": "sdpa",
+    }
     if len(devices) > 1:  # split layers over the GPUs of this node
         kwargs["device_map"] = "auto"
         kwargs["max_memory"] = {d.index: d.memory_free() for d in devices}
@@ -125,7 +130,8 @@ def _load_causal(
     if len(devices) == 1:
         model.to(devices[0].torch_device)
     model.eval()
-    generation = model.generation_config.to_dict() if model.generation_config else {}
+    # only what the model sets itself: to_dict() would add library defaults (do_sample=False, ...)
+    generation = model.generation_config.to_diff_dict() if model.generation_config else {}
     eos = generation.get("eos_token_id", tokenizer.eos_token_id)
     eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
     if tokenizer.eos_token_id is not None:

@@ -30,8 +30,6 @@ from cortex.neuron.worker import DeviceWorker
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
-# KV memory budgeted per chat model when its spec names no memory: this many tokens in flight.
-KV_BUDGET_TOKENS = 16384
 
 
 @dataclass
@@ -246,7 +244,10 @@ class NeuronRuntime:
         dtype = loader.pick_dtype(
             request.dtype or spec.dtype or self.config.neuron.dtype, devices[0]
         )
-        replica.memory = spec.memory or _estimate(footprint, dtype, spec.kind)
+        kv_tokens = self.config.neuron.kv_tokens if spec.kind == "chat" else 0
+        replica.memory = (
+            spec.memory or footprint.weights(dtype) + footprint.kv_per_token(dtype) * kv_tokens
+        )
         per_device = replica.memory // len(devices)
         short = [d for d in devices if d.memory_free() < per_device]
         if short:
@@ -277,18 +278,22 @@ class NeuronRuntime:
     ) -> Engine:
         """Worker thread: build the model's engine and let the worker drive it."""
         generation = weights.generation_config
+        greedy = generation.get("do_sample") is False
+        kv_tokens = self.config.neuron.kv_tokens
         engine = Engine(
             weights.model,
             weights.tokenizer,
             device=worker.device.torch_device,
             max_running=self.config.neuron.max_running,
             defaults=SamplingParams(
-                temperature=generation.get("temperature"),
+                temperature=0.0 if greedy else generation.get("temperature"),
                 top_p=generation.get("top_p"),
                 top_k=generation.get("top_k"),
             ),
             eos_token_ids=weights.eos_token_ids,
             context_length=served.context_length,
+            prefix_cache_tokens=kv_tokens // 4,
+            kv_budget_tokens=kv_tokens - kv_tokens // 4,
         )
         worker.attach(engine)
         return engine
@@ -338,11 +343,6 @@ class NeuronRuntime:
             for device in replica.devices:
                 device.committed = max(0, device.committed - per_device)
         replica.devices = []
-
-
-def _estimate(footprint: sources.Footprint, dtype: str, kind: str) -> int:
-    kv = footprint.kv_per_token(dtype) * KV_BUDGET_TOKENS if kind == "chat" else 0
-    return footprint.weights(dtype) + kv
 
 
 def _source_present(spec: ModelSpec) -> bool:
