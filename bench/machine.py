@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import subprocess
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_name() -> str:
@@ -29,9 +33,21 @@ def versions(*packages: str) -> dict[str, str]:
     return found
 
 
+def commit() -> str:
+    """The checkout's commit, marked `+dirty` when tracked files differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def describe(threads: int | None = None, **extra: Any) -> dict[str, Any]:
     """Printed at the start of a run and stored in its JSON."""
-    info: dict[str, Any] = {"cpu": cpu_name(), "cpus": os.cpu_count()}
+    info: dict[str, Any] = {"cpu": cpu_name(), "cpus": os.cpu_count(), "commit": commit()}
     if threads is not None:
         info["torch_threads"] = threads
     info.update(extra)
