@@ -126,8 +126,10 @@ def test_anthropic_messages_stream_and_not(claude: anthropic.Anthropic) -> None:
         system="Be brief.",
         extra_body={"temperature": 0},
     ) as stream:
-        text = "".join(stream.text_stream)
+        events = list(stream)
         final = stream.get_final_message()
+    assert events[0].type == "message_start" and events[0].message.usage.input_tokens > 0
+    text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
     assert text == message.content[0].text and final.usage.output_tokens > 0
 
 

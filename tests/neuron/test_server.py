@@ -647,3 +647,15 @@ async def test_tokenize_counts_the_rendered_chat_and_plain_prompts(
     _error(
         await http.post("/tokenize", json={"model": "nope", "prompt": "x"}), 404, "model_not_found"
     )
+
+
+async def test_continuous_usage_stats_puts_usage_so_far_on_every_chunk(
+    http: httpx.AsyncClient, runtime: FakeRuntime
+) -> None:
+    body = {"model": "tiny-chat", "messages": USER, "stream": True}
+    body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    *chunks, _usage_only, done = _events(await http.post("/v1/chat/completions", json=body))
+    prompt = len(runtime.models["tiny-chat"].render_chat(USER, None))
+    assert done == "[DONE]"
+    assert [c["usage"]["prompt_tokens"] for c in chunks] == [prompt] * len(chunks)
+    assert [c["usage"]["completion_tokens"] for c in chunks] == [0, 1, 2, 3, 3]

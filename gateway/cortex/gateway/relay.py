@@ -148,8 +148,8 @@ async def relay_translated(
     tokens = 0
     error: CortexError | None = None
     try:
-        for event in translator.start():
-            yield encode(event)
+        # No eager start(): the first chunk's usage (continuous_usage_stats) gives message_start
+        # its input token count; feed() and finish() start the stream themselves.
         async for chunk in chat_chunks(upstream):
             usage = chunk.usage or usage
             if any(c.delta.content or c.delta.tool_calls for c in chunk.choices):

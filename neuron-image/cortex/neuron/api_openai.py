@@ -35,6 +35,7 @@ from cortex.core.protocol.openai import (
     ModelList,
     ResponseMessage,
     ToolCall,
+    Usage,
     new_id,
 )
 from cortex.neuron.api_lifecycle import runtime_of
@@ -134,8 +135,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     names = {t["function"]["name"] for t in tools} if tools else None
     await _start(request, generation)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(_chat_stream(generation, names, include_usage))
+        options = body.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = bool(options and options.continuous_usage_stats)
+        return EventStreamResponse(_chat_stream(generation, names, include_usage, continuous))
     text, finished = await _finish(request, generation)
     content: str | None = text
     calls: list[ParsedToolCall] = []
@@ -155,7 +158,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 
 async def _chat_stream(
-    generation: Generation, tool_names: set[str] | None, include_usage: bool
+    generation: Generation, tool_names: set[str] | None, include_usage: bool, continuous: bool
 ) -> AsyncIterator[bytes]:
     """Role chunk, content (and tool call) deltas, finish chunk, usage chunk, [DONE]."""
     base = ChatCompletionChunk(
@@ -164,6 +167,16 @@ async def _chat_stream(
     parser = ToolCallStream(tool_names) if tool_names is not None else None
 
     sent_calls = 0
+    prompt_tokens, completion_tokens = generation.prompt_tokens, 0
+
+    def so_far() -> Usage | None:
+        """vLLM's continuous_usage_stats: usage up to this chunk, on every chunk."""
+        if not continuous:
+            return None
+        total = prompt_tokens + completion_tokens
+        return Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total
+        )
 
     def delta(piece: str | ParsedToolCall) -> bytes:
         nonlocal sent_calls
@@ -173,12 +186,16 @@ async def _chat_stream(
             function = DeltaFunctionCall(name=piece.name, arguments=piece.arguments)
             call = DeltaToolCall(index=sent_calls, id=piece.id, type="function", function=function)
             out, sent_calls = Delta(tool_calls=[call]), sent_calls + 1
-        return _chunk(base.model_copy(update={"choices": [ChunkChoice(delta=out)]}))
+        update = {"choices": [ChunkChoice(delta=out)], "usage": so_far()}
+        return _chunk(base.model_copy(update=update))
 
     try:
         role = Delta(role="assistant", content="")
-        yield _chunk(base.model_copy(update={"choices": [ChunkChoice(delta=role)]}))
+        yield _chunk(
+            base.model_copy(update={"choices": [ChunkChoice(delta=role)], "usage": so_far()})
+        )
         while not isinstance(event := await generation.next(), Finished):
+            completion_tokens = event.completion_tokens
             pieces = parser.feed(event.text) if parser else [event.text]
             for piece in pieces:
                 yield delta(piece)
@@ -190,7 +207,8 @@ async def _chat_stream(
             return
         reason = "tool_calls" if parser and parser.calls else event.reason
         end = ChunkChoice(delta=Delta(), finish_reason=reason, stop_reason=event.stop_sequence)  # type: ignore[arg-type]
-        yield _chunk(base.model_copy(update={"choices": [end]}))
+        completion_tokens = event.completion_tokens
+        yield _chunk(base.model_copy(update={"choices": [end], "usage": so_far()}))
         if include_usage:
             yield _chunk(base.model_copy(update={"usage": usage(event)}))
         yield DONE

@@ -573,6 +573,15 @@ def test_every_event_validates_against_the_sdk_union() -> None:
         assert adapter.validate_python(event.model_dump()).type == event.type
 
 
+def test_first_chunk_usage_gives_message_start_its_input_tokens() -> None:
+    """With continuous usage stats the neuron's first chunk carries the prompt's token count."""
+    translator = StreamTranslator(simple_request(stream=True), "msg_test")
+    events = translator.feed(chunk("Hi", usage=usage(12, 1)))
+    events += translator.feed(chunk(finish="stop", usage=usage(12, 1))) + translator.finish()
+    assert events[0].type == "message_start" and events[0].message.usage.input_tokens == 12
+    assert stream_final(events).usage.input_tokens == 12
+
+
 def test_interleaved_tool_calls_stream_as_sequential_tool_use_blocks() -> None:
     """Upstream interleaves two calls' argument deltas; Anthropic gets one block at a time."""
     chunks = [

@@ -56,6 +56,9 @@ class Tool(_Open):
 
 class StreamOptions(_Open):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        default=False, description="vLLM's extension: usage so far on every chunk"
+    )
 
 
 class SamplingFields(_Open):

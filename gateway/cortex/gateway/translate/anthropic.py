@@ -89,7 +89,12 @@ def to_chat_request(req: Conversation) -> ChatCompletionRequest:
             "top_k": req.top_k,
             "stop": req.stop_sequences or None,
             "stream": req.stream,
-            "stream_options": StreamOptions(include_usage=True) if req.stream else None,
+            # usage on every chunk: the first one gives message_start its input_tokens
+            "stream_options": (
+                StreamOptions(include_usage=True, continuous_usage_stats=True)
+                if req.stream
+                else None
+            ),
             "user": req.metadata.user_id if req.metadata else None,
         }
     choice = req.tool_choice
@@ -299,6 +304,8 @@ class StreamTranslator:
 
     def feed(self, chunk: ChatCompletionChunk) -> list[AnthropicEvent]:
         """Events for one upstream chunk (often none: tool calls wait for the finish)."""
+        if not self._started and chunk.usage is not None and self._prompt_tokens is None:
+            self._prompt_tokens = chunk.usage.prompt_tokens
         events = self.start()
         if self._done:
             return events
