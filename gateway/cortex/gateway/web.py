@@ -35,7 +35,9 @@ def _neuron(handle: NeuronHandle, healthy: bool) -> dict[str, Any]:
         "devices": [d.model_dump() for d in status.devices] if status else [],
         "replicas": [
             {
-                **m.model_dump(include={"id", "state", "devices", "memory_bytes", "queued", "progress"}),
+                **m.model_dump(
+                    include={"id", "state", "devices", "memory_bytes", "queued", "progress"}
+                ),
                 "in_flight": max(m.in_flight, handle.in_flight[m.id]),
                 "last_used": m.last_used,
             }
