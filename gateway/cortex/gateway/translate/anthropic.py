@@ -49,7 +49,6 @@ from cortex.core.protocol.anthropic import (
 )
 from cortex.core.protocol.openai import (
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatMessage,
     FunctionCall,
@@ -59,7 +58,8 @@ from cortex.core.protocol.openai import (
     ToolCall,
 )
 from cortex.core.protocol.openai import Usage as ChatUsage
-from cortex.gateway.translate.toolcalls import PendingToolCall, ToolCallBuffer, parse_arguments
+from cortex.gateway.translate.chat_stream import ChatStreamTranslator
+from cortex.gateway.translate.toolcalls import PendingToolCall, parse_arguments
 
 # ---- request --------------------------------------------------------------------------------
 
@@ -254,9 +254,9 @@ def stop_reason_for(
     return "end_turn", None
 
 
-def _usage(usage: ChatUsage | None, prompt_tokens: int | None = None) -> Usage:
+def _usage(usage: ChatUsage | None) -> Usage:
     if usage is None:
-        return Usage(input_tokens=prompt_tokens or 0, output_tokens=0)
+        return Usage(input_tokens=0, output_tokens=0)
     details = usage.prompt_tokens_details
     cached = details.cached_tokens if details else 0
     return Usage(
@@ -269,31 +269,21 @@ def _usage(usage: ChatUsage | None, prompt_tokens: int | None = None) -> Usage:
 # ---- stream ---------------------------------------------------------------------------------
 
 
-class StreamTranslator:
+class StreamTranslator(ChatStreamTranslator[AnthropicEvent]):
     """OpenAI chat chunks in, Anthropic stream events out, in Anthropic's exact order."""
 
     def __init__(
         self, req: MessagesRequest, message_id: str, prompt_tokens: int | None = None
     ) -> None:
+        super().__init__(prompt_tokens)
         self._req = req
         self._message_id = message_id
-        self._prompt_tokens = prompt_tokens
-        self._started = False
-        self._done = False
         self._next_index = 0
         self._text_index: int | None = None
-        self._tools = ToolCallBuffer()
         self._used_tools = False
-        self._finish_reason: str | None = None
-        self._choice_extra: dict[str, Any] | None = None
-        self._usage: ChatUsage | None = None
-        self._output_chunks = 0  # output-token estimate when upstream never reports usage
 
-    def start(self) -> list[AnthropicEvent]:
+    def _opening(self) -> list[AnthropicEvent]:
         """message_start, carrying the prompt's token count when it is already known."""
-        if self._started:
-            return []
-        self._started = True
         message = MessagesResponse(
             id=self._message_id,
             content=[],
@@ -302,45 +292,13 @@ class StreamTranslator:
         )
         return [MessageStartEvent(message=message)]
 
-    def feed(self, chunk: ChatCompletionChunk) -> list[AnthropicEvent]:
-        """Events for one upstream chunk (often none: tool calls wait for the finish)."""
-        if not self._started and chunk.usage is not None and self._prompt_tokens is None:
-            self._prompt_tokens = chunk.usage.prompt_tokens
-        events = self.start()
-        if self._done:
-            return events
-        if chunk.usage is not None:
-            self._usage = chunk.usage
-        for choice in chunk.choices:
-            if choice.index != 0:
-                continue  # n=1 is all cortex serves
-            delta = choice.delta
-            if delta.content or delta.tool_calls:
-                self._output_chunks += 1
-            if delta.content:
-                events.extend(self._text(delta.content))
-            for call in delta.tool_calls or []:
-                self._tools.add(call)
-            if choice.finish_reason is not None:
-                self._finish_reason = choice.finish_reason
-                self._choice_extra = choice.model_extra
-                events.extend(self._close_blocks())
-        return events
-
-    def finish(self) -> list[AnthropicEvent]:
-        """Close what is open, then message_delta (stop reason, usage) and message_stop."""
-        events = self.start()
-        if self._done:
-            return events
-        self._done = True
-        events.extend(self._close_blocks())
+    def _closing(self) -> list[AnthropicEvent]:
+        """message_delta (stop reason, usage) and message_stop."""
         stop_reason, stop_sequence = stop_reason_for(
             self._finish_reason, self._used_tools, self._choice_extra, self._req
         )
-        usage = _usage(self._usage, self._prompt_tokens)
-        if self._usage is None:
-            usage.output_tokens = self._output_chunks
-        events.append(
+        usage = _usage(self._final_usage())
+        return [
             MessageDeltaEvent(
                 delta=MessageDelta(stop_reason=stop_reason, stop_sequence=stop_sequence),
                 usage=MessageDeltaUsage(
@@ -348,17 +306,16 @@ class StreamTranslator:
                     input_tokens=usage.input_tokens,
                     cache_read_input_tokens=usage.cache_read_input_tokens,
                 ),
-            )
-        )
-        events.append(MessageStopEvent())
-        return events
+            ),
+            MessageStopEvent(),
+        ]
 
     def error(self, message: str, error_type: str = "api_error") -> list[AnthropicEvent]:
         """The `error` event for a stream that dies mid-way; nothing follows it."""
         self._done = True
         return [ErrorEvent(error=ErrorDetail(type=error_type, message=message))]
 
-    def _text(self, text: str) -> list[AnthropicEvent]:
+    def _text_delta(self, text: str) -> list[AnthropicEvent]:
         events: list[AnthropicEvent] = []
         if self._text_index is None:
             self._text_index = self._take_index()
@@ -368,7 +325,7 @@ class StreamTranslator:
         events.append(ContentBlockDeltaEvent(index=self._text_index, delta=TextDelta(text=text)))
         return events
 
-    def _close_blocks(self) -> list[AnthropicEvent]:
+    def _close_open(self) -> list[AnthropicEvent]:
         events: list[AnthropicEvent] = []
         if self._text_index is not None:
             events.append(ContentBlockStopEvent(index=self._text_index))

@@ -17,7 +17,6 @@ from typing import Any, Literal
 from cortex.core.errors import InvalidRequest
 from cortex.core.protocol.openai import (
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatMessage,
     FunctionCall,
@@ -56,7 +55,8 @@ from cortex.core.protocol.responses import (
     ResponseStatus,
     ResponseUsage,
 )
-from cortex.gateway.translate.toolcalls import PendingToolCall, ToolCallBuffer, normalize_arguments
+from cortex.gateway.translate.chat_stream import ChatStreamTranslator
+from cortex.gateway.translate.toolcalls import PendingToolCall, normalize_arguments
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -242,10 +242,9 @@ def _status(finish_reason: str | None) -> tuple[ResponseStatus, IncompleteDetail
     return "completed", None
 
 
-def _usage(usage: ChatUsage | None, prompt_tokens: int | None = None) -> ResponseUsage:
+def _usage(usage: ChatUsage | None) -> ResponseUsage:
     if usage is None:
-        prompt = prompt_tokens or 0
-        return ResponseUsage(input_tokens=prompt, output_tokens=0, total_tokens=prompt)
+        return ResponseUsage(input_tokens=0, output_tokens=0, total_tokens=0)
     details = usage.prompt_tokens_details
     return ResponseUsage(
         input_tokens=usage.prompt_tokens,
@@ -286,7 +285,7 @@ def _output_call(
 # ---- stream ---------------------------------------------------------------------------------
 
 
-class ResponsesStreamTranslator:
+class ResponsesStreamTranslator(ChatStreamTranslator[ResponsesEvent]):
     """OpenAI chat chunks in, Responses stream events (numbered by sequence_number) out."""
 
     def __init__(
@@ -296,26 +295,17 @@ class ResponsesStreamTranslator:
         created_at: int | None = None,
         prompt_tokens: int | None = None,
     ) -> None:
+        super().__init__(prompt_tokens)
         self._req = req
         self._id = response_id
         self._created_at = int(time.time()) if created_at is None else created_at
-        self._prompt_tokens = prompt_tokens
         self._sequence = 0
-        self._started = False
-        self._done = False
         self._output: list[OutputItem] = []  # completed items, by output_index
         self._text: OutputMessage | None = None  # the message item being streamed
         self._text_so_far = ""
-        self._tools = ToolCallBuffer()
-        self._finish_reason: str | None = None
-        self._usage: ChatUsage | None = None
-        self._output_chunks = 0  # output-token estimate when upstream never reports usage
 
-    def start(self) -> list[ResponsesEvent]:
+    def _opening(self) -> list[ResponsesEvent]:
         """response.created then response.in_progress."""
-        if self._started:
-            return []
-        self._started = True
         shell = response_object(self._req, self._id, self._created_at, "in_progress")
         return [
             LifecycleEvent(type="response.created", response=shell, sequence_number=self._next()),
@@ -324,54 +314,22 @@ class ResponsesStreamTranslator:
             ),
         ]
 
-    def feed(self, chunk: ChatCompletionChunk) -> list[ResponsesEvent]:
-        """Events for one upstream chunk (often none: function calls wait for the finish)."""
-        events = self.start()
-        if self._done:
-            return events
-        if chunk.usage is not None:
-            self._usage = chunk.usage
-        for choice in chunk.choices:
-            if choice.index != 0:
-                continue  # n=1 is all cortex serves
-            delta = choice.delta
-            if delta.content or delta.tool_calls:
-                self._output_chunks += 1
-            if delta.content:
-                events.extend(self._text_delta(delta.content))
-            for call in delta.tool_calls or []:
-                self._tools.add(call)
-            if choice.finish_reason is not None:
-                self._finish_reason = choice.finish_reason
-                events.extend(self._close_items())
-        return events
-
-    def finish(self) -> list[ResponsesEvent]:
-        """Close open items, then response.completed (or .incomplete after a length finish)."""
-        events = self.start()
-        if self._done:
-            return events
-        self._done = True
-        events.extend(self._close_items())
+    def _closing(self) -> list[ResponsesEvent]:
+        """response.completed (or .incomplete after a length finish)."""
         status, incomplete = _status(self._finish_reason)
-        usage = _usage(self._usage, self._prompt_tokens)
-        if self._usage is None:
-            usage.output_tokens = self._output_chunks
-            usage.total_tokens = usage.input_tokens + usage.output_tokens
         response = response_object(
             self._req,
             self._id,
             self._created_at,
             status,
             output=list(self._output),
-            usage=usage,
+            usage=_usage(self._final_usage()),
             incomplete_details=incomplete,
         )
         kind: Literal["response.completed", "response.incomplete"] = (
             "response.completed" if status == "completed" else "response.incomplete"
         )
-        events.append(LifecycleEvent(type=kind, response=response, sequence_number=self._next()))
-        return events
+        return [LifecycleEvent(type=kind, response=response, sequence_number=self._next())]
 
     def error(self, message: str, code: str = "server_error") -> list[ResponsesEvent]:
         """An `error` event then `response.failed`, for a stream that dies mid-way."""
@@ -412,7 +370,7 @@ class ResponsesStreamTranslator:
         )
         return events
 
-    def _close_items(self) -> list[ResponsesEvent]:
+    def _close_open(self) -> list[ResponsesEvent]:
         events: list[ResponsesEvent] = []
         if self._text is not None:
             events.extend(self._close_text(self._text))
