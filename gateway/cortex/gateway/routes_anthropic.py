@@ -8,14 +8,11 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 
 from cortex.core.errors import CortexError, NeuronUnavailable
 from cortex.core.protocol.anthropic import CountTokensRequest, CountTokensResponse, MessagesRequest
 from cortex.core.protocol.errors import anthropic_error
-from cortex.core.protocol.openai import ChatCompletion
 from cortex.gateway.payload import parse, read_json
-from cortex.gateway.relay import relay_translated
 from cortex.gateway.router import conversation_key
 from cortex.gateway.translate.anthropic import (
     StreamTranslator,
@@ -24,11 +21,11 @@ from cortex.gateway.translate.anthropic import (
     ping,
     to_chat_request,
 )
+from cortex.gateway.translated import chat_completion, chat_stream
 from cortex.gateway.wiring import authenticate, gateway_of
 
 router = APIRouter(dependencies=[Depends(authenticate)])
 
-CHAT_PATH = "/v1/chat/completions"
 TOKENIZE_PATH = "/tokenize"
 
 
@@ -41,9 +38,7 @@ async def messages(request: Request) -> Response:
     call = gateway.begin(request, "anthropic", req.model, conversation_key(chat.messages))
     body = {**chat.model_dump(exclude_none=True), "model": call.model}
     if not req.stream:
-        answer = await gateway.dispatcher.post(call, CHAT_PATH, body)
-        completion = _completion(answer)
-        gateway.accounting.finish(call, usage=completion.usage)
+        completion = await chat_completion(gateway, call, body)
         return JSONResponse(from_chat_response(completion, req).model_dump())
     translator = StreamTranslator(req, f"msg_{uuid.uuid4().hex[:24]}")
 
@@ -51,13 +46,12 @@ async def messages(request: Request) -> Response:
         kind = anthropic_error(err)["error"]["type"]
         return [encode_sse(event) for event in translator.error(err.message, kind)]
 
-    return await gateway.stream(
+    return await chat_stream(
+        gateway,
         call,
-        CHAT_PATH,
         body,
-        lambda upstream: relay_translated(
-            upstream, call, gateway.accounting, translator, encode_sse, failed
-        ),
+        translator,
+        encode_sse,
         keepalive=lambda: encode_sse(ping()),
         on_error=failed,
     )
@@ -82,10 +76,3 @@ async def count_tokens(request: Request) -> dict[str, Any]:
         raise NeuronUnavailable(f"neuron {call.neuron} answered /tokenize without a count")
     gateway.accounting.finish(call)
     return CountTokensResponse(input_tokens=count).model_dump()
-
-
-def _completion(answer: dict[str, Any]) -> ChatCompletion:
-    try:
-        return ChatCompletion.model_validate(answer)
-    except ValidationError as exc:
-        raise NeuronUnavailable(f"neuron answered an unreadable chat completion: {exc}") from None
