@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -189,6 +189,17 @@ async def _chat_stream(
         update = {"choices": [ChunkChoice(delta=out)], "usage": so_far()}
         return _chunk(base.model_copy(update=update))
 
+    def end(finished: Finished) -> bytes:
+        nonlocal completion_tokens
+        reason = "tool_calls" if parser and parser.calls else finished.reason
+        choice = ChunkChoice(
+            delta=Delta(),
+            finish_reason=reason,  # type: ignore[arg-type]
+            stop_reason=finished.stop_sequence,
+        )
+        completion_tokens = finished.completion_tokens
+        return _chunk(base.model_copy(update={"choices": [choice], "usage": so_far()}))
+
     try:
         role = Delta(role="assistant", content="")
         yield _chunk(
@@ -201,21 +212,27 @@ async def _chat_stream(
                 yield delta(piece)
         for piece in parser.close() if parser else []:
             yield delta(piece)
-        err = failure(event)
-        if err is not None:
-            yield sse_error(err)
-            return
-        reason = "tool_calls" if parser and parser.calls else event.reason
-        end = ChunkChoice(delta=Delta(), finish_reason=reason, stop_reason=event.stop_sequence)  # type: ignore[arg-type]
-        completion_tokens = event.completion_tokens
-        yield _chunk(base.model_copy(update={"choices": [end], "usage": so_far()}))
-        if include_usage:
-            yield _chunk(base.model_copy(update={"usage": usage(event)}))
-        yield DONE
+        for frame in _ending(event, end, base, include_usage):
+            yield frame
     except Exception as exc:  # the headers are sent: only an error event can tell the client
         yield sse_error(exc if isinstance(exc, CortexError) else CortexError(repr(exc)))
     finally:
         await generation.close()
+
+
+def _ending(
+    event: Finished, end: Callable[[Finished], bytes], base: BaseModel, include_usage: bool
+) -> Iterator[bytes]:
+    """A stream's frames after its last token: `end`'s finish chunk, the usage chunk when asked,
+    [DONE]; only the error event for a generation that failed (its reason is no finish_reason)."""
+    err = failure(event)
+    if err is not None:
+        yield sse_error(err)
+        return
+    yield end(event)
+    if include_usage:
+        yield _chunk(base.model_copy(update={"usage": usage(event)}))
+    yield DONE
 
 
 def _completion_prompt(
@@ -296,14 +313,10 @@ async def _completion_stream(
         while not isinstance(event := await generation.next(), Finished):
             if event.text:
                 yield chunk(event.text)
-        err = failure(event)
-        if err is not None:
-            yield sse_error(err)
-            return
-        yield chunk("", event.reason)
-        if include_usage:
-            yield _chunk(base.model_copy(update={"usage": usage(event)}))
-        yield DONE
+        for frame in _ending(
+            event, lambda finished: chunk("", finished.reason), base, include_usage
+        ):
+            yield frame
     except Exception as exc:  # the headers are sent: only an error event can tell the client
         yield sse_error(exc if isinstance(exc, CortexError) else CortexError(repr(exc)))
     finally:
