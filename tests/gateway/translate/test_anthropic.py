@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import anthropic
@@ -21,6 +20,17 @@ from cortex.gateway.translate.anthropic import (
     from_chat_response,
     ping,
     to_chat_request,
+)
+
+from .chunks import (
+    Handler,
+    call_delta,
+    chat_completion,
+    chunk,
+    mock_http,
+    replay,
+    run_stream,
+    usage,
 )
 
 SCHEMA = "http://json-schema.org/draft-07/schema#"
@@ -144,38 +154,6 @@ def claude_code_request() -> dict[str, Any]:
 # ---- helpers ----------------------------------------------------------------------------------
 
 
-def chunk(
-    content: str | None = None,
-    tool_calls: list[dict[str, Any]] | None = None,
-    finish: str | None = None,
-    usage: dict[str, Any] | None = None,
-    **choice_extra: Any,
-) -> ChatCompletionChunk:
-    """One upstream chunk; a chunk with only `usage` has no choices, as OpenAI sends it."""
-    choices = []
-    if content is not None or tool_calls is not None or finish is not None:
-        delta = {"content": content, "tool_calls": tool_calls}
-        choices = [{"index": 0, "delta": delta, "finish_reason": finish, **choice_extra}]
-    body = {"id": "chatcmpl-x", "created": 1, "model": "m", "choices": choices, "usage": usage}
-    return ChatCompletionChunk.model_validate(body)
-
-
-def call_delta(index: int, arguments: str, name: str | None = None, id: str | None = None) -> dict:
-    function: dict[str, Any] = {"arguments": arguments}
-    if name is not None:
-        function["name"] = name
-    return {"index": index, "id": id, "type": "function" if id else None, "function": function}
-
-
-def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-
-
 def completion(
     content: str | None,
     tool_calls: list[tuple[str, str, str]] = (),
@@ -183,20 +161,7 @@ def completion(
     cached: int = 0,
     **extra: Any,
 ) -> ChatCompletion:
-    calls = [
-        {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
-        for i, n, a in tool_calls
-    ]
-    message = {"role": "assistant", "content": content, "tool_calls": calls or None}
-    return ChatCompletion.model_validate(
-        {
-            "id": "chatcmpl-abc",
-            "created": 7,
-            "model": "smollm2-135m-instruct",
-            "choices": [{"index": 0, "message": message, "finish_reason": finish, **extra}],
-            "usage": usage(11, 5, cached),
-        }
-    )
+    return chat_completion(content, tool_calls, finish, usage(11, 5, cached), **extra)
 
 
 def simple_request(**fields: Any) -> MessagesRequest:
@@ -204,17 +169,14 @@ def simple_request(**fields: Any) -> MessagesRequest:
     return MessagesRequest.model_validate(body | fields)
 
 
-def sdk_client(handler: Callable[[httpx2.Request], httpx2.Response]) -> anthropic.Anthropic:
-    transport = httpx2.MockTransport(handler)
+def sdk_client(handler: Handler) -> anthropic.Anthropic:
     return anthropic.Anthropic(
-        api_key="k", base_url="http://cortex.test", http_client=httpx2.Client(transport=transport)
+        api_key="k", base_url="http://cortex.test", http_client=mock_http(handler)
     )
 
 
 def sse_client(events: list[Any]) -> anthropic.Anthropic:
-    body = b"".join(encode_sse(e) for e in events)
-    headers = {"content-type": "text/event-stream"}
-    return sdk_client(lambda _: httpx2.Response(200, headers=headers, content=body))
+    return sdk_client(replay(encode_sse(e) for e in events))
 
 
 def stream_final(events: list[Any]) -> Any:
@@ -229,11 +191,7 @@ def stream_final(events: list[Any]) -> Any:
 def translate_stream(
     req: MessagesRequest, chunks: list[ChatCompletionChunk], **kw: Any
 ) -> list[Any]:
-    translator = StreamTranslator(req, "msg_test", **kw)
-    events = translator.start()
-    for c in chunks:
-        events += translator.feed(c)
-    return events + translator.finish()
+    return run_stream(StreamTranslator(req, "msg_test", **kw), chunks)
 
 
 def shape(events: list[Any]) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -20,6 +19,17 @@ from cortex.gateway.translate.responses import (
     encode_sse,
     from_chat_response,
     to_chat_request,
+)
+
+from .chunks import (
+    Handler,
+    call_delta,
+    chat_completion,
+    chunk,
+    mock_http,
+    replay,
+    run_stream,
+    usage,
 )
 
 
@@ -90,73 +100,24 @@ def codex_request() -> dict[str, Any]:
 # ---- helpers ----------------------------------------------------------------------------------
 
 
-def chunk(
-    content: str | None = None,
-    tool_calls: list[dict[str, Any]] | None = None,
-    finish: str | None = None,
-    usage: dict[str, Any] | None = None,
-) -> ChatCompletionChunk:
-    """One upstream chunk; a chunk with only `usage` has no choices, as OpenAI sends it."""
-    choices = []
-    if content is not None or tool_calls is not None or finish is not None:
-        delta = {"content": content, "tool_calls": tool_calls}
-        choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
-    body = {"id": "chatcmpl-x", "created": 1, "model": "m", "choices": choices, "usage": usage}
-    return ChatCompletionChunk.model_validate(body)
-
-
-def call_delta(index: int, arguments: str, name: str | None = None, id: str | None = None) -> dict:
-    function: dict[str, Any] = {"arguments": arguments}
-    if name is not None:
-        function["name"] = name
-    return {"index": index, "id": id, "type": "function" if id else None, "function": function}
-
-
-def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-
-
 def completion(
     content: str | None, tool_calls: list[tuple[str, str, str]] = (), finish: str = "stop"
 ) -> ChatCompletion:
-    calls = [
-        {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
-        for i, n, a in tool_calls
-    ]
-    message = {"role": "assistant", "content": content, "tool_calls": calls or None}
-    return ChatCompletion.model_validate(
-        {
-            "id": "chatcmpl-abc",
-            "created": 7,
-            "model": "smollm2-135m-instruct",
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-            "usage": usage(20, 6, cached=4),
-        }
-    )
+    return chat_completion(content, tool_calls, finish, usage(20, 6, cached=4))
 
 
 def simple_request(**fields: Any) -> ResponsesRequest:
     return ResponsesRequest.model_validate({"model": "m", "input": "hi"} | fields)
 
 
-def sdk_client(handler: Callable[[httpx2.Request], httpx2.Response]) -> openai.OpenAI:
-    transport = httpx2.MockTransport(handler)
+def sdk_client(handler: Handler) -> openai.OpenAI:
     return openai.OpenAI(
-        api_key="k",
-        base_url="http://cortex.test/v1",
-        http_client=httpx2.Client(transport=transport),
+        api_key="k", base_url="http://cortex.test/v1", http_client=mock_http(handler)
     )
 
 
 def sse_client(events: list[Any]) -> openai.OpenAI:
-    body = b"".join(encode_sse(e) for e in events)
-    headers = {"content-type": "text/event-stream"}
-    return sdk_client(lambda _: httpx2.Response(200, headers=headers, content=body))
+    return sdk_client(replay(encode_sse(e) for e in events))
 
 
 def stream_final(events: list[Any]) -> Any:
@@ -173,11 +134,7 @@ def sdk_events(events: list[Any]) -> list[Any]:
 def translate_stream(
     req: ResponsesRequest, chunks: list[ChatCompletionChunk], **kw: Any
 ) -> list[Any]:
-    translator = ResponsesStreamTranslator(req, "resp_test", created_at=100, **kw)
-    events = translator.start()
-    for c in chunks:
-        events += translator.feed(c)
-    return events + translator.finish()
+    return run_stream(ResponsesStreamTranslator(req, "resp_test", created_at=100, **kw), chunks)
 
 
 # ---- requests ---------------------------------------------------------------------------------
