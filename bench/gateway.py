@@ -228,7 +228,8 @@ async def run(sizes: Sizes, use_litellm: bool, venv: Path) -> tuple[list[Measure
         stub_server(free_port()) as stub,
     ):
         stub_port = int(stub.base_url.rsplit(":", 1)[1])
-        results += await run_target("direct", stub, openai, sizes)
+        print(f"measuring direct ({stub.base_url}) ...", flush=True)
+        results += await measure("direct", stub.base_url, openai, sizes)
         results += await run_target(
             "cortex", cortex_server(stub_port, Path(tmp)), list(SCENARIOS), sizes
         )

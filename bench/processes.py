@@ -64,6 +64,8 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         """Spawn and poll `ready` until it answers True, the process dies, or the deadline passes."""
+        if self._process is not None and self._process.poll() is None:
+            raise RuntimeError(f"{self.name} is already running (pid {self._process.pid})")
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
                 self.argv,

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from bench import coldstart, engine, gateway
 from bench.loadgen import percentile
+from bench.processes import free_port
 from bench.stub_backend import chat_completion, chat_stream, neuron_status
 from cortex.core.fleet import ModelState
 from cortex.core.protocol.openai import ChatCompletion, ChatCompletionChunk
@@ -47,6 +49,16 @@ def test_stub_answers_parse_as_the_wire_models() -> None:
     assert text == "Hello from the stub."
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
     assert [m.state for m in neuron_status("m").models] == [ModelState.READY]
+
+
+def test_a_server_process_starts_once_and_stops_for_good() -> None:
+    stub = gateway.stub_server(free_port())
+    with stub:
+        with pytest.raises(RuntimeError, match="already running"):
+            stub.start()
+        assert httpx.get(stub.base_url + "/health").status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(stub.base_url + "/health")
 
 
 def test_percentile_interpolates() -> None:
