@@ -42,8 +42,7 @@ async def chat_completions(request: Request) -> Response:
     data = await read_json(request, gateway.config.gateway.max_body_bytes)
     chat = parse(data, ChatCompletionRequest)
     call = gateway.begin(request, "openai", chat.model, conversation_key(chat.messages))
-    wants_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-    return await _forward(gateway, call, "/v1/chat/completions", data, chat.stream, wants_usage)
+    return await _forward(gateway, call, "/v1/chat/completions", data, chat)
 
 
 @router.post("/v1/completions")
@@ -54,8 +53,7 @@ async def completions(request: Request) -> Response:
     prompt = completion.prompt if isinstance(completion.prompt, str) else None
     affinity = prompt_key(prompt) if prompt else None
     call = gateway.begin(request, "openai", completion.model, affinity)
-    wants_usage = bool(completion.stream_options and completion.stream_options.include_usage)
-    return await _forward(gateway, call, "/v1/completions", data, completion.stream, wants_usage)
+    return await _forward(gateway, call, "/v1/completions", data, completion)
 
 
 @router.post("/v1/embeddings")
@@ -70,16 +68,21 @@ async def embeddings(request: Request) -> Response:
 
 
 async def _forward(
-    gateway: Gateway, call: Call, path: str, data: dict[str, Any], stream: bool, wants_usage: bool
+    gateway: Gateway,
+    call: Call,
+    path: str,
+    data: dict[str, Any],
+    req: ChatCompletionRequest | CompletionRequest,
 ) -> Response:
     body = {**data, "model": call.model}
-    if not stream:
+    if not req.stream:
         answer = await gateway.dispatcher.post(call, path, body)
         gateway.accounting.finish(call, usage=usage_of(answer))
         return JSONResponse(answer)
     # Usage is always asked for upstream (token metrics and budgets need it); relay_openai drops
     # the usage chunk again for clients that did not ask.
     options = {**(data.get("stream_options") or {}), "include_usage": True}
+    wants_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await gateway.stream(
         call,
         path,
