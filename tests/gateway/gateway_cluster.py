@@ -57,7 +57,7 @@ async def cluster(
     """Serve the fake neurons, then a gateway configured with them (and `sections` of cortex.toml)."""
     async with AsyncExitStack() as stack:
         served = {n.name: await stack.enter_async_context(running(n.app)) for n in neurons}
-        gateway_section = {"poll_interval": 0.05, "unhealthy_after": 2, "load_timeout": 10}
+        gateway_section = {"poll_interval": 0.05, "unhealthy_after": 2, "load_timeout": 60}
         gateway_section |= sections.pop("gateway", {})
         config = GatewayConfig.model_validate(
             {
@@ -84,7 +84,7 @@ async def cluster(
                         gate.set()
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+async def eventually(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     """Poll until `predicate` holds; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
