@@ -149,7 +149,9 @@ def main(argv: list[str]) -> int:
     info = machine.describe(
         threads=args.threads, **machine.versions("cortex", "torch", "transformers")
     )
+    watch = machine.CpuWatch()
     starts = asyncio.run(run(args.repeats, args.max_tokens, args.threads, args.cache_dir))
+    cpu = {"run": watch.shares()}
     rows = [
         [s.label, s.startup_s, s.cold.ttft, s.cold.ended - s.cold.started, s.warm.ttft * 1000]
         for s in starts
@@ -169,6 +171,7 @@ def main(argv: list[str]) -> int:
             rows=rows,
             data={
                 "machine": info,
+                "cpu_shares": cpu,
                 "sizes": {"repeats": args.repeats, "max_tokens": args.max_tokens},
                 "starts": [
                     {
@@ -181,7 +184,7 @@ def main(argv: list[str]) -> int:
                     for s in starts
                 ],
             },
-            notes=verdicts(starts),
+            notes=[*verdicts(starts), machine.cpu_note(cpu)],
             draw=draw(starts),
         )
     )

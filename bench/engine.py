@@ -357,11 +357,15 @@ def main(argv: list[str]) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        watch = machine.CpuWatch()
         server = neuron_server(args.threads, max(args.levels), args.cache_dir, Path(tmp))
         levels = asyncio.run(run_neuron(server, args.levels, args.rounds, args.max_tokens))
+        cpu = {"neuron": watch.shares()}
+    watch = machine.CpuWatch()
     single, batched = run_generate(
         args.threads, args.cache_dir, args.rounds, args.batch, args.max_tokens
     )
+    cpu["generate"] = watch.shares()
     rows: list[list[object]] = [
         [
             f"neuron, {level.concurrency} streams",
@@ -403,6 +407,7 @@ def main(argv: list[str]) -> int:
             rows=rows,
             data={
                 "machine": info,
+                "cpu_shares": cpu,
                 "sizes": sizes,
                 "levels": [
                     {
@@ -417,7 +422,7 @@ def main(argv: list[str]) -> int:
                 ],
                 "generate": {"single": vars(single), "batch": vars(batched)},
             },
-            notes=verdicts(levels, single, batched),
+            notes=[*verdicts(levels, single, batched), machine.cpu_note(cpu)],
             draw=draw(levels, single, batched),
         )
     )

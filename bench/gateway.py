@@ -325,9 +325,11 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     sizes = Sizes(args.requests, args.total, args.concurrency, args.warmup)
     info = machine.describe(**machine.versions("cortex", "fastapi", "uvicorn", "aiohttp"))
+    watch = machine.CpuWatch()
     results, notes = asyncio.run(run(sizes, not args.no_litellm, args.litellm_venv))
+    cpu = {"run": watch.shares()}
     add_overheads(results)
-    notes = [*verdicts(results), *notes]
+    notes = [*verdicts(results), *notes, machine.cpu_note(cpu)]
     columns = [
         "target",
         "scenario",
@@ -359,7 +361,12 @@ def main(argv: list[str]) -> int:
             title="P1 gateway overhead (stub backend): direct vs cortex vs LiteLLM",
             columns=columns,
             rows=rows,
-            data={"machine": info, "sizes": vars(sizes), "results": [vars(m) for m in results]},
+            data={
+                "machine": info,
+                "cpu_shares": cpu,
+                "sizes": vars(sizes),
+                "results": [vars(m) for m in results],
+            },
             notes=notes,
             draw=draw(results),
         )
