@@ -55,6 +55,9 @@ class NeuronSection(_Section):
     queue_timeout: Seconds = Field(default=30.0, description="longest wait for a slot before 503")
     max_body_bytes: ByteSize = Field(default=8 * 2**20, description="larger bodies get 413")
     max_tokens_limit: int = Field(default=32768, ge=1, description="largest max_tokens accepted")
+    hf_cache: Path | None = Field(
+        default=None, description="Hugging Face hub cache for hf: sources; the HF default if unset"
+    )
     cache_dir: Path = Field(
         default=Path("~/.cache/cortex"), description="converted-weights cache (GGUF -> safetensors)"
     )

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from cortex.core.catalogue import DEFAULT_CATALOGUE, ModelSpec, merge_catalogues, resolve_alias
@@ -177,7 +178,8 @@ class NeuronRuntime:
 
     def listing(self) -> ModelListing:
         loaded = [r.record() for r in self.replicas.values()]
-        available = [s for s in self.catalogue if _source_present(s)]
+        hf_cache = self.config.neuron.hf_cache
+        available = [s for s in self.catalogue if _source_present(s, hf_cache)]
         return ModelListing(loaded=loaded, available=available)
 
     def served(self, model: str) -> ServedModel:
@@ -237,7 +239,12 @@ class NeuronRuntime:
 
     async def _place_and_load(self, replica: Replica, request: LoadRequest) -> None:
         spec = replica.spec
-        local = await asyncio.to_thread(sources.resolve, spec.source)
+        hf_cache = self.config.neuron.hf_cache
+        local = await asyncio.to_thread(
+            lambda: sources.resolve(
+                spec.source, hf_cache=hf_cache.expanduser() if hf_cache else None
+            )
+        )
         footprint = await asyncio.to_thread(sources.footprint, local)
         replica.progress = 0.05
         devices = self._pick_devices(request.devices, spec.min_devices)
@@ -345,9 +352,9 @@ class NeuronRuntime:
         replica.devices = []
 
 
-def _source_present(spec: ModelSpec) -> bool:
+def _source_present(spec: ModelSpec, hf_cache: Path | None) -> bool:
     try:
-        sources.resolve(spec.source, download=False)
+        sources.resolve(spec.source, download=False, hf_cache=hf_cache)
     except CortexError:
         return False
     return True

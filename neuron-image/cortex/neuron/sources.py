@@ -28,7 +28,7 @@ class LocalModel:
         return self.path.parent if self.format == "gguf" else self.path
 
 
-def resolve(source: str, *, download: bool = True) -> LocalModel:
+def resolve(source: str, *, download: bool = True, hf_cache: Path | None = None) -> LocalModel:
     """Find a source's files on this machine; hf: downloads only if `download` and the network allows."""
     scheme, sep, rest = source.partition(":")
     if not sep or not rest:
@@ -42,7 +42,7 @@ def resolve(source: str, *, download: bool = True) -> LocalModel:
     if scheme == "file":
         return _local(source, Path(rest).expanduser())
     if scheme == "hf":
-        return _local(source, _hf_snapshot(source, rest, download))
+        return _local(source, _hf_snapshot(source, rest, download, hf_cache))
     raise InvalidRequest(f"source {source!r}: unknown scheme {scheme!r}", param="source")
 
 
@@ -58,18 +58,19 @@ def _local(source: str, path: Path) -> LocalModel:
     raise ModelNotFound(f"source {source!r}: {path} does not exist")
 
 
-def _hf_snapshot(source: str, repo: str, download: bool) -> Path:
+def _hf_snapshot(source: str, repo: str, download: bool, cache: Path | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     repo_id, _, revision = repo.partition("@")
+    where = {"revision": revision or None, "cache_dir": cache}
     try:  # offline first: the local cache answers without touching the network
-        return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+        return Path(snapshot_download(repo_id, local_files_only=True, **where))
     except LocalEntryNotFoundError:
         if not download or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
             raise ModelNotFound(f"source {source!r}: not in the local HF cache (offline)") from None
     try:
-        return Path(snapshot_download(repo_id, revision=revision or None))
+        return Path(snapshot_download(repo_id, **where))
     except Exception as exc:
         raise ModelNotFound(f"source {source!r}: not cached and download failed: {exc}") from None
 
