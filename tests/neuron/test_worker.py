@@ -87,6 +87,10 @@ async def test_a_cuda_error_poisons_only_this_worker(worker: DeviceWorker) -> No
         assert worker.device.status().healthy is False
         with pytest.raises(DeviceUnhealthy):
             await worker.run(lambda: 1)
+        late = ScriptedEngine(steps=5)  # work that still reaches the poisoned worker never runs
+        worker.call_soon(lambda: worker.attach(late))
+        assert await asyncio.to_thread(late.finished.wait, 30)
+        assert late.done == 0 and late.failed and "unhealthy" in late.failed
         assert other.healthy and await other.run(lambda: 7) == 7
     finally:
         other.stop()

@@ -15,6 +15,7 @@ from cortex.core.config import NeuronConfig
 from cortex.core.errors import (
     CapacityExhausted,
     CortexError,
+    DeviceUnhealthy,
     InvalidRequest,
     ModelBusy,
     ModelNotFound,
@@ -101,6 +102,8 @@ class ServedModel:
         if self.engine is None:
             raise InvalidRequest(f"model {self.id!r} is an embedding model", param="model")
         engine = self.engine
+        if not self.worker.healthy:
+            raise DeviceUnhealthy(f"model {self.id!r} is on unhealthy {self.worker.device.id}")
         async with self.admission.slot():
             self.replica.last_used = time.time()
             loop = asyncio.get_running_loop()

@@ -103,8 +103,12 @@ class DeviceWorker:
                 job()
                 continue  # drain every queued job before the next step: joins happen at boundaries
             for engine in list(self._engines):
-                if engine.has_work():
+                if not engine.has_work():
+                    continue
+                if self.device.healthy:
                     self._step(engine)
+                else:  # a poisoned device runs nothing more: whatever still arrives fails at once
+                    engine.fail_all(f"device {self.device.id} is unhealthy: {self.device.error}")
 
     def _step(self, engine: Steppable) -> None:
         try:
