@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from cortex.core.fleet import ModelState, NeuronStatus
+from cortex.core.fleet import LoadedModel, ModelState, NeuronStatus
 
 _STATE_STYLE = {
     ModelState.READY: "green",
@@ -25,7 +26,7 @@ class NeuronRow:
     status: NeuronStatus | None
 
 
-def bar(used: int, total: int, width: int = 20) -> str:
+def bar(used: int, total: int, width: int = 10) -> str:
     """A text bar like `[#######.............]  35%`."""
     fraction = used / total if total else 0.0
     filled = round(fraction * width)
@@ -33,36 +34,44 @@ def bar(used: int, total: int, width: int = 20) -> str:
 
 
 def gib(value: int) -> str:
-    return f"{value / 2**30:.1f} GiB"
+    return f"{value / 2**30:.1f}G"
+
+
+def _state(model: LoadedModel) -> str:
+    text = f"[{_STATE_STYLE[model.state]}]{model.state.value}[/]"
+    if model.state is ModelState.LOADING:
+        text += f" {model.progress:.0%}"
+    if model.in_flight:
+        text += f" ({model.in_flight} in flight)"
+    if model.queued:
+        text += f" ({model.queued} queued)"
+    return text
 
 
 def fleet_table(rows: list[NeuronRow]) -> Table:
-    table = Table(title="cortex fleet", expand=False)
-    for column in ("neuron", "health", "device", "memory"):
-        table.add_column(column)
-    table.add_column("models", no_wrap=True)
+    """One line per model (and per device without models): where everything is and how full."""
+    table = Table(title="cortex fleet")
+    for column in ("neuron", "device", "memory", "model", "state"):
+        table.add_column(column, no_wrap=True)
     for row in rows:
-        health = "[green]healthy[/]" if row.healthy else "[red]unhealthy[/]"
+        name = f"[green]{row.name}[/]" if row.healthy else f"[red]{row.name} (unhealthy)[/]"
         status = row.status
         if status is None or not status.devices:
-            table.add_row(row.name, health, "-", "-", "-")
+            table.add_row(name, "-", "-", "-", "-")
             continue
-        for index, device in enumerate(status.devices):
-            models = [
-                f"[{_STATE_STYLE[m.state]}]{m.id}[/] {m.state.value}"
-                + (f" {m.progress:.0%}" if m.state is ModelState.LOADING else "")
-                + (f" ({m.in_flight} in flight)" if m.in_flight else "")
-                for m in status.models
-                if device.id in m.devices
-            ]
-            memory = f"{bar(device.memory_used, device.memory_total)} {gib(device.memory_used)}/{gib(device.memory_total)}"
-            table.add_row(
-                row.name if index == 0 else "",
-                health if index == 0 else "",
-                f"{device.id} {device.name}",
-                memory,
-                "\n".join(models) or "-",
-            )
+        for device in status.devices:
+            used = f"{escape(bar(device.memory_used, device.memory_total))} {gib(device.memory_used)}/{gib(device.memory_total)}"
+            models = [m for m in status.models if device.id in m.devices] or [None]
+            device_id = device.id
+            for model in models:
+                table.add_row(
+                    name,
+                    device_id,
+                    used,
+                    model.id if model else "-",
+                    _state(model) if model else "-",
+                )
+                name = device_id = used = ""
     return table
 
 
