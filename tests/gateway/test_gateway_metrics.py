@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fakes.neuron import FakeNeuron, GiB
-from gateway_cluster import chat_body, cluster, spec
+from gateway_cluster import chat_body, cluster, eventually, spec
 from prometheus_client.parser import text_string_to_metric_families
 
 G7_NAMES = {
@@ -36,8 +36,7 @@ async def test_exposition_has_every_g7_metric_with_model_and_neuron_labels() -> 
     gate = n1.faults.hold = asyncio.Event()
     async with cluster(n1, catalogue=[spec("chat-a"), spec("cold")]) as c:
         held = asyncio.create_task(c.http.post("/v1/chat/completions", json=chat_body("chat-a")))
-        while c.gateway.fleet["n1"].in_flight["chat-a"] == 0:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: c.gateway.fleet["n1"].in_flight["chat-a"] > 0)
         text = (await c.http.get(f"{c.metrics_url}/metrics")).text
         assert (
             samples(text)[("cortex_in_flight_requests", (("model", "chat-a"), ("neuron", "n1")))]
