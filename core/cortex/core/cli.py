@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from cortex.core.config import ConfigError
@@ -123,10 +122,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "bench":
         return commands.bench(args.args)
     return 0
-
-
-def config_path(value: str | None) -> Path | None:
-    return Path(value).expanduser() if value else None
 
 
 if __name__ == "__main__":

@@ -105,10 +105,3 @@ class NeuronClient:
             yield response
         finally:
             await response.aclose()
-
-
-async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
-    """The `data:` payloads of a server-sent event stream, `[DONE]` included."""
-    async for line in response.aiter_lines():
-        if line.startswith("data:"):
-            yield line[5:].strip()

@@ -7,7 +7,7 @@ GenerationEvents. Stop strings are applied by the engine, so stopped text never 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 # Used when neither the request nor the model's generation_config sets a value.
@@ -50,12 +50,3 @@ class Finished:
 
 
 GenerationEvent = TextDelta | Finished
-
-
-@dataclass
-class ChatPrompt:
-    """A rendered chat prompt: the token ids, and the text they came from (for debugging)."""
-
-    token_ids: list[int]
-    text: str = ""
-    tools_rendered: bool = field(default=False)
