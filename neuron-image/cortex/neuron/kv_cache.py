@@ -79,13 +79,20 @@ class BatchKVCache(Cache):
         return self._buffers[0].shape[3] if self._buffers else 0
 
     def reserve(self, rows: int, length: int) -> None:
-        """Make room for `rows` rows of `length` tokens, growing the buffers (doubling) if needed."""
+        """Make room for `rows` rows of `length` tokens, doubling whichever of the two is short.
+
+        Growing one never grows the other: a batch filling up row by row keeps its length.
+        """
         if rows <= self.rows and length <= self.capacity:
             return
-        new_rows = min(self.max_rows, max(rows, 2 * self.rows))
-        new_length = max(length, 2 * self.capacity, _GROW_ALIGN)
-        new_length = min(self.max_length, -(-new_length // _GROW_ALIGN) * _GROW_ALIGN)
-        self._resize(max(new_rows, rows), max(new_length, length), keep=self.rows)
+        new_rows = self.rows
+        if rows > self.rows:
+            new_rows = max(rows, min(self.max_rows, 2 * self.rows))
+        new_length = self.capacity
+        if length > self.capacity:
+            aligned = -(-max(length, 2 * self.capacity, _GROW_ALIGN) // _GROW_ALIGN) * _GROW_ALIGN
+            new_length = max(length, min(self.max_length, aligned))
+        self._resize(new_rows, new_length, keep=self.rows)
 
     def shrink(self, rows: int, length: int) -> None:
         """Give memory back: all of it when no row is live, else the unused three quarters."""
