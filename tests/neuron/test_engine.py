@@ -309,6 +309,22 @@ def test_kv_budget_queues_what_does_not_fit(model, tokenizer, prompts) -> None:
     assert all(r.finished.completion_tokens == 8 for r in rs)
 
 
+def test_kv_budget_counts_rows_padded_to_the_longest(model, tokenizer, prompts) -> None:
+    """A short sequence beside a long one holds a row as long as the long one's."""
+    short = prompts["colors"]
+    long = chat(tokenizer, " ".join(f"Box {i} is blue." for i in range(20)) + " Count the boxes.")
+    assert len(long) > len(short) + 16
+    budget = len(long) + len(short) + 2 * 8 + 4  # their sum fits; two long rows do not
+    engine = make_engine(model, tokenizer, kv_budget_tokens=budget)
+    rs = [Recorder(p, max_tokens=8, temperature=0) for p in (long, short)]
+    for r in rs:
+        engine.add(r.seq)
+    while engine.has_work():
+        engine.step()
+        assert engine.running <= 1
+    assert all(r.finished.completion_tokens == 8 for r in rs)
+
+
 def test_long_prompt_is_prefilled_in_chunks_without_stalling(
     model, tokenizer, prompts, greedy_alone
 ) -> None:

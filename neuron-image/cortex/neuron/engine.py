@@ -259,11 +259,14 @@ class Engine:
             active.kv_length = active.seq.cached_tokens = reuse
 
     def _fits(self, reserved: int) -> bool:
-        """Within the KV budget; a lone sequence always runs (its context bounds it)."""
+        """Within the KV budget; a lone sequence always runs (its context bounds it).
+
+        Rows are as long as the longest, so n sequences hold n times the longest reservation.
+        """
         if self._kv_budget is None or not self.running:
             return True
-        held = sum(a.reserved for a in (*self._decoding, *self._prefilling))
-        return held + reserved <= self._kv_budget
+        held = [a.reserved for a in self._live()]
+        return (len(held) + 1) * max(*held, reserved) <= self._kv_budget
 
     def _refuse(self, seq: Sequence, sampler: Sampler) -> str | None:
         """Why a sequence cannot run at all (the runtime should have refused it already)."""
