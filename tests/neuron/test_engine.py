@@ -164,6 +164,13 @@ def test_batched_equals_alone_while_rows_leave(model, tokenizer, prompts, greedy
         assert r.seq.output_ids == alone[: lengths[name]], name
 
 
+def test_rows_of_one_length_equal_alone(model, tokenizer, prompts, greedy_alone) -> None:
+    """Rows of equal length decode without a mask: the same tokens as each alone."""
+    twins = [Recorder(prompts["story"], max_tokens=40, temperature=0) for _ in range(3)]
+    generate(make_engine(model, tokenizer), *twins)
+    assert all(r.seq.output_ids == greedy_alone["story"].seq.output_ids for r in twins)
+
+
 def test_sequence_joining_a_running_batch(model, tokenizer, prompts, greedy_alone) -> None:
     engine = make_engine(model, tokenizer)
     first = Recorder(prompts["story"], max_tokens=40, temperature=0)

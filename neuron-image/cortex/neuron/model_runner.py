@@ -49,8 +49,10 @@ class ModelRunner:
         self.batch.bind_rows(slice(0, len(tokens)), positions, kv_length)
         # Each row sees its own tokens only, not the stale tail beyond a shorter row's length.
         distance = positions.unsqueeze(-1) - torch.arange(kv_length, device=self._device)
-        logits = self._run(self.batch, ids, positions, distance >= 0, distance, logits_to_keep=1)
-        return logits[:, -1, :]
+        mask = self._attention_mask(distance >= 0, distance)
+        if min(starts) == kv_length - 1 and (self._window is None or kv_length <= self._window):
+            mask = None  # rows of one length see every key: attention needs no mask (and is faster)
+        return self._run(self.batch, ids, positions, mask, logits_to_keep=1)[:, -1, :]
 
     def prefill(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
         """Chunks (staging row, start, tokens) packed into one forward row, unpadded.
@@ -83,7 +85,8 @@ class ModelRunner:
         ids = self._longs([t for _, _, chunk in chunks for t in chunk]).unsqueeze(0)
         ends = self._longs([len(c) for _, _, c in chunks]).cumsum(0) - 1
         positions = query_positions.unsqueeze(0)
-        return self._run(self.staging, ids, positions, visible, distance, ends)[0]
+        mask = self._attention_mask(visible, distance)
+        return self._run(self.staging, ids, positions, mask, ends)[0]
 
     def promote(self, staging_row: int, batch_row: int, length: int) -> None:
         """A prefilled prompt joins the decoding batch."""
@@ -101,15 +104,14 @@ class ModelRunner:
         cache: BatchKVCache,
         ids: torch.Tensor,
         positions: torch.Tensor,
-        visible: torch.Tensor,
-        distance: torch.Tensor,
+        mask: torch.Tensor | dict[str, torch.Tensor] | None,
         logits_to_keep: int | torch.Tensor,
     ) -> torch.Tensor:
-        """The model forward over a bound cache; visible/distance [batch, q, kv] make the mask."""
+        """The model forward over a bound cache."""
         out = self._model(
             input_ids=ids,
             position_ids=positions,
-            attention_mask=self._attention_mask(visible, distance),
+            attention_mask=mask,
             use_cache=True,
             logits_to_keep=logits_to_keep,
             **{self._cache_arg: cache},
