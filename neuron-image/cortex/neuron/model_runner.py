@@ -13,6 +13,7 @@ import inspect
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
+from cortex.neuron import cpu_linear
 from cortex.neuron.kv_cache import BatchKVCache
 
 _MASKED_ATTENTION = {"sdpa", "eager"}
@@ -28,6 +29,8 @@ class ModelRunner:
         if attention not in _MASKED_ATTENTION:
             raise ValueError(f"engine needs sdpa or eager attention, model uses {attention!r}")
         self._model, self._device = model, device
+        if device.type == "cpu":
+            cpu_linear.install(model)
         self.batch = BatchKVCache.for_model(
             model, max_rows=max_rows, max_length=max_length, device=device
         )
