@@ -1,11 +1,14 @@
 """P2 engine: tokens/s through the neuron's HTTP API at 1..32 concurrent streams, vs HF generate().
 
-Two phases that never share the cores: first a `cortex neuron` process (cpu-0, float32, the default
-model preloaded) serves streamed greedy chat completions at each concurrency level, each of `c`
-clients sending `--rounds` requests back to back (so later requests join a running batch: TTFT
-under load); then the neuron stops and this process loads the same weights through the neuron's
-own loader and times Hugging Face `generate()` (greedy, same prompts, max tokens and torch threads)
-on one stream and on a static left-padded batch.
+A `cortex neuron` process (cpu-0, float32, the default model preloaded) serves streamed greedy chat
+completions; each of `c` clients sends `--rounds` requests back to back, so later requests join a
+running batch (TTFT under load). The reference is Hugging Face `generate()` in this process on the
+same weights (bench/hf_generate.py), timed while the neuron sits idle (its CPU time is recorded to
+show it). First a curve: the neuron once at each level. Then `--trials` paired trials, each timing
+back to back the neuron at `--batch` streams and a static `generate()` batch of that size, then one
+stream each side taking turns request by request; the order alternates between trials. On a shared
+machine two runs minutes apart differ by up to 20%, so each target is judged on the median of its
+per-trial ratios.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 
 from bench import machine
+from bench.hf_generate import Generated, generate, load_reference, one_stream
 from bench.loadgen import Call, StreamResult, chat_stream, percentile, session
 from bench.processes import ServerProcess, cortex_cli, free_port
 from bench.report import Report, publish
-from cortex.core.catalogue import DEFAULT_CATALOGUE, DEFAULT_CHAT_MODEL
+from cortex.core.catalogue import DEFAULT_CHAT_MODEL
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -78,21 +82,7 @@ class Level:
         return percentile([s.ttft * 1000 for s in self.streams], q)
 
 
-@dataclass
-class Generated:
-    """HF generate() on `batch` prompts at once."""
-
-    batch: int
-    tokens: int
-    wall_s: float
-    ttft_ms: float | None = None  # single stream only (a streamer sees batch 1)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s
-
-
-# ---- phase 1: the neuron ----------------------------------------------------------------------
+# ---- the neuron -------------------------------------------------------------------------------
 
 
 def neuron_server(
@@ -141,13 +131,16 @@ def chat_call(base_url: str, prompt: str, max_tokens: int) -> Call:
     return Call.json(base_url + "/v1/chat/completions", body)
 
 
-async def run_level(base_url: str, concurrency: int, rounds: int, max_tokens: int) -> Level:
+async def run_level(
+    base_url: str, concurrency: int, rounds: int, max_tokens: int, first: int = 0
+) -> Level:
+    """`concurrency` clients each send `rounds` requests back to back (prompts from `first` on)."""
     async with session(concurrency, timeout_s=1800) as http:
 
         async def client(index: int) -> list[StreamResult]:
             results = []
             for r in range(rounds):
-                prompt = PROMPTS[(index * rounds + r) % len(PROMPTS)]
+                prompt = PROMPTS[(first + index * rounds + r) % len(PROMPTS)]
                 results.append(await chat_stream(http, chat_call(base_url, prompt, max_tokens)))
             return results
 
@@ -157,160 +150,136 @@ async def run_level(base_url: str, concurrency: int, rounds: int, max_tokens: in
     return Level(concurrency, [s for streams in per_client for s in streams], wall)
 
 
-async def run_neuron(
-    server: ServerProcess, levels: list[int], rounds: int, max_tokens: int
-) -> list[Level]:
-    results = []
-    with server:
-        await run_level(
-            server.base_url, 1, 1, 4
-        )  # warm-up: first-call costs stay out of the numbers
-        for concurrency in levels:
-            level = await run_level(server.base_url, concurrency, rounds, max_tokens)
-            print(
-                f"neuron c={concurrency}: {level.tokens_per_s:.1f} tok/s, "
-                f"TTFT p50 {level.ttft_ms(50):.0f} ms",
-                flush=True,
+@dataclass
+class Trial:
+    """One back-to-back comparison: the neuron and generate(), batched and single stream."""
+
+    batched_level: Level
+    batched: Generated
+    single_level: Level
+    single: Generated
+
+    def ratios(self) -> dict[str, float]:
+        return {
+            "aggregate / generate() single": self.batched_level.tokens_per_s
+            / self.single.tokens_per_s,
+            "aggregate / generate() batch": self.batched_level.tokens_per_s
+            / self.batched.tokens_per_s,
+            "single stream / generate() single": self.single_level.tokens_per_s
+            / self.single.tokens_per_s,
+        }
+
+
+class Bench:
+    """The neuron server and the in-process reference, measured in any order."""
+
+    def __init__(self, args: argparse.Namespace, server: ServerProcess) -> None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        self.args, self.server = args, server
+        self.weights = load_reference(args.cache_dir)
+        generate(self.weights, [PROMPTS[0]], 4)  # warm-up: first-call costs stay out
+        asyncio.run(run_level(server.base_url, 1, 1, 4))
+        self.neuron_cpu_while_generating = 0.0
+        self.generating_s = 0.0
+
+    def level(self, concurrency: int, rounds: int | None = None, first: int = 0) -> Level:
+        args = self.args
+        level = asyncio.run(
+            run_level(
+                self.server.base_url, concurrency, rounds or args.rounds, args.max_tokens, first
             )
-            results.append(level)
-    return results
-
-
-# ---- phase 2: HF generate() in this process ---------------------------------------------------
-
-
-def load_reference(cache_dir: Path | None) -> Any:
-    """The default model through the neuron's own loader: same files, same dtype, same class."""
-    from cortex.core.config import NeuronSection
-    from cortex.neuron import loader, sources
-    from cortex.neuron.devices import discover
-
-    spec = next(s for s in DEFAULT_CATALOGUE if s.id == DEFAULT_CHAT_MODEL)
-    cache = cache_dir or NeuronSection().cache_dir
-    devices = discover(only=["cpu-0"])
-    return loader.load_weights(
-        sources.resolve(spec.source), "chat", devices, "float32", cache, lambda _: None
-    )
-
-
-def prompt_ids(weights: Any, prompt: str) -> list[int]:
-    """As the neuron tokenizes a one-message chat."""
-    from cortex.neuron.chat_template import render_chat
-
-    text = render_chat(weights.tokenizer, [{"role": "user", "content": prompt}], None)
-    return list(weights.tokenizer.encode(text, add_special_tokens=False))
-
-
-def _generated_tokens(row: list[int], eos: set[int], pad: int) -> int:
-    """Tokens up to (not counting) the first end-of-sequence: what the neuron would report."""
-    count = 0
-    for token in row:
-        if token in eos or token == pad:
-            break
-        count += 1
-    return count
-
-
-def generate(weights: Any, prompts: list[str], max_tokens: int) -> Generated:
-    """One generate() call over `prompts` as a static batch, left-padded, greedy."""
-    import torch
-    from transformers.generation.streamers import BaseStreamer
-
-    eos = weights.eos_token_ids
-    pad = weights.tokenizer.pad_token_id
-    pad = pad if pad is not None else min(eos)
-    rows = [prompt_ids(weights, p) for p in prompts]
-    width = max(len(r) for r in rows)
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    seen: list[float] = []
-
-    class FirstToken(BaseStreamer):  # type: ignore[misc]
-        def put(self, value: Any) -> None:
-            seen.append(time.perf_counter())  # first put is the prompt, the second the first token
-
-        def end(self) -> None:
-            pass
-
-    streamer = FirstToken() if len(prompts) == 1 else None
-    started = time.perf_counter()
-    with torch.inference_mode():
-        output = weights.model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=pad,
-            streamer=streamer,
         )
-    wall = time.perf_counter() - started
-    new = output[:, width:].tolist()
-    tokens = sum(_generated_tokens(row, eos, pad) for row in new)
-    ttft = (seen[1] - started) * 1000 if len(seen) > 1 else None
-    return Generated(len(prompts), tokens, wall, ttft)
+        print(
+            f"neuron c={concurrency}: {level.tokens_per_s:.1f} tok/s, "
+            f"TTFT p50 {level.ttft_ms(50):.0f} ms",
+            flush=True,
+        )
+        return level
+
+    def generate(self, prompts: list[str]) -> Generated:
+        """One generate() call: a static batch, or one stream for a single prompt."""
+        cpu = self.server.cpu_seconds()
+        result = generate(self.weights, prompts, self.args.max_tokens)
+        self.neuron_cpu_while_generating += self.server.cpu_seconds() - cpu
+        self.generating_s += result.wall_s
+        label = "single" if len(prompts) == 1 else f"batch {len(prompts)}"
+        print(f"generate() {label}: {result.tokens_per_s:.1f} tok/s", flush=True)
+        return result
+
+    def single_streams(self, neuron_first: bool) -> tuple[Level, Generated]:
+        """`rounds` prompts on one stream each side, taking turns request by request."""
+        levels, runs = [], []
+        for r in range(self.args.rounds):
+            prompt = [PROMPTS[r % len(PROMPTS)]]
+            if neuron_first == (r % 2 == 0):
+                levels.append(self.level(1, rounds=1, first=r))
+                runs.append(self.generate(prompt))
+            else:
+                runs.append(self.generate(prompt))
+                levels.append(self.level(1, rounds=1, first=r))
+        streams = [s for level in levels for s in level.streams]
+        return Level(1, streams, sum(level.wall_s for level in levels)), one_stream(runs)
+
+    def trial(self, index: int) -> Trial:
+        """Neuron first in even trials, generate() first in odd ones, so drift hits both."""
+        batch = [PROMPTS[i % len(PROMPTS)] for i in range(self.args.batch)]
+        if index % 2 == 0:
+            batched_level, batched = self.level(len(batch)), self.generate(batch)
+        else:
+            batched, batched_level = self.generate(batch), self.level(len(batch))
+        single_level, single = self.single_streams(neuron_first=index % 2 == 0)
+        return Trial(batched_level, batched, single_level, single)
 
 
-def run_generate(
-    threads: int, cache_dir: Path | None, rounds: int, batch: int, max_tokens: int
-) -> tuple[Generated, Generated]:
-    """Single stream (`rounds` prompts one after another, summed) and one static batch."""
-    import torch
-
-    torch.set_num_threads(threads)
-    weights = load_reference(cache_dir)
-    generate(weights, [PROMPTS[0]], 4)  # warm-up
-    singles = [generate(weights, [PROMPTS[i % len(PROMPTS)]], max_tokens) for i in range(rounds)]
-    single = Generated(
-        1,
-        sum(g.tokens for g in singles),
-        sum(g.wall_s for g in singles),
-        percentile([g.ttft_ms for g in singles if g.ttft_ms is not None], 50),
-    )
-    print(f"generate() single: {single.tokens_per_s:.1f} tok/s", flush=True)
-    batched = generate(weights, [PROMPTS[i % len(PROMPTS)] for i in range(batch)], max_tokens)
-    print(f"generate() batch {batch}: {batched.tokens_per_s:.1f} tok/s", flush=True)
-    return single, batched
+def median(values: list[float]) -> float:
+    return percentile(values, 50)
 
 
 # ---- report -----------------------------------------------------------------------------------
 
+TARGETS = {
+    "aggregate / generate() single": 8.0,
+    "aggregate / generate() batch": 0.9,
+    "single stream / generate() single": 1.0,
+}
 
-def verdicts(levels: list[Level], single: Generated, batched: Generated) -> list[str]:
-    by_c = {level.concurrency: level for level in levels}
+
+def verdicts(trials: list[Trial], batch: int) -> list[str]:
+    """Each target on the median of its per-trial ratios, with every trial's value."""
     lines = []
-
-    def check(label: str, value: float, target: float) -> None:
+    for name, target in TARGETS.items():
+        values = [t.ratios()[name] for t in trials]
+        value = median(values)
+        label = name.replace("aggregate", f"aggregate@{batch}").replace("batch", f"batch {batch}")
         lines.append(
-            f"target {label} >= {target}x: {value:.2f}x -> {'met' if value >= target else 'NOT met'}"
+            f"target {label} >= {target}x: median {value:.2f}x "
+            f"(trials {', '.join(f'{v:.2f}' for v in values)}) -> "
+            f"{'met' if value >= target else 'NOT met'}"
         )
-
-    if 16 in by_c:
-        check("aggregate@16 / generate() single", by_c[16].tokens_per_s / single.tokens_per_s, 8.0)
-        if batched.batch == 16:
-            check(
-                "aggregate@16 / generate() batch 16",
-                by_c[16].tokens_per_s / batched.tokens_per_s,
-                0.9,
-            )
-    if 1 in by_c:
-        check("single stream / generate() single", by_c[1].tokens_per_s / single.tokens_per_s, 1.0)
     return lines
 
 
-def draw(levels: list[Level], single: Generated, batched: Generated) -> Callable[[Figure], None]:
+def draw(levels: list[Level], trials: list[Trial]) -> Callable[[Figure], None]:
+    single = median([t.single.tokens_per_s for t in trials])
+    batched = median([t.batched.tokens_per_s for t in trials])
+    batch = trials[0].batched.batch
+
     def plot(figure: Figure) -> None:
         rate, ttft = figure.subplots(1, 2)
         xs = [level.concurrency for level in levels]
         rate.plot(xs, [level.tokens_per_s for level in levels], "o-", label="neuron aggregate")
-        rate.axhline(single.tokens_per_s, color="tab:red", ls="--", label="generate() single")
+        rate.plot(
+            [batch] * len(trials),
+            [t.batched_level.tokens_per_s for t in trials],
+            "x",
+            color="tab:blue",
+            label="neuron, paired trials",
+        )
+        rate.axhline(single, color="tab:red", ls="--", label="generate() single (median)")
         rate.axhline(
-            batched.tokens_per_s,
-            color="tab:purple",
-            ls=":",
-            label=f"generate() batch {batched.batch}",
+            batched, color="tab:purple", ls=":", label=f"generate() batch {batch} (median)"
         )
         rate.set_xscale("log", base=2)
         rate.set_xlabel("concurrent streams")
@@ -326,16 +295,60 @@ def draw(levels: list[Level], single: Generated, batched: Generated) -> Callable
     return plot
 
 
+def level_row(label: str, level: Level, single: float) -> list[object]:
+    return [
+        label,
+        level.tokens_per_s,
+        level.per_stream_tokens_per_s,
+        level.tokens,
+        level.ttft_ms(50),
+        level.ttft_ms(95),
+        level.tokens_per_s / single,
+    ]
+
+
+def generated_row(label: str, g: Generated, single: float) -> list[object]:
+    return [
+        label,
+        g.tokens_per_s,
+        g.tokens_per_s / g.batch,
+        g.tokens,
+        g.ttft_ms or "-",
+        "-",
+        g.tokens_per_s / single,
+    ]
+
+
+def rows(levels: list[Level], trials: list[Trial]) -> list[list[object]]:
+    """The curve against the median generate() single, then each trial against its own."""
+    single = median([t.single.tokens_per_s for t in trials])
+    table = [level_row(f"neuron, {lv.concurrency} streams", lv, single) for lv in levels]
+    for i, t in enumerate(trials, 1):
+        own = t.single.tokens_per_s
+        table += [
+            level_row(
+                f"trial {i}: neuron, {t.batched_level.concurrency} streams", t.batched_level, own
+            ),
+            generated_row(f"trial {i}: generate() batch {t.batched.batch}", t.batched, own),
+            level_row(f"trial {i}: neuron, 1 stream", t.single_level, own),
+            generated_row(f"trial {i}: generate() single", t.single, own),
+        ]
+    return table
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     import torch
 
     parser = argparse.ArgumentParser(prog="python -m bench engine", description=__doc__)
     parser.add_argument(
-        "--levels", default="1,4,8,16,32", help="concurrent streams, comma separated"
+        "--levels", default="1,4,8,16,32", help="concurrent streams of the curve, comma separated"
     )
     parser.add_argument("--rounds", type=int, default=2, help="requests per client per level")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16, help="static batch for generate()")
+    parser.add_argument(
+        "--batch", type=int, default=16, help="streams and static batch of the paired trials"
+    )
+    parser.add_argument("--trials", type=int, default=3, help="paired trials for the targets")
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides"
     )
@@ -345,7 +358,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.levels, args.rounds, args.max_tokens, args.batch = "1,2", 1, 8, 2
+        args.levels, args.rounds, args.max_tokens, args.batch, args.trials = "1,2", 1, 8, 2, 1
     args.levels = [int(v) for v in str(args.levels).split(",")]
     return args
 
@@ -356,40 +369,20 @@ def main(argv: list[str]) -> int:
         threads=args.threads, **machine.versions("cortex", "torch", "transformers", "aiohttp")
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
-        watch = machine.CpuWatch()
-        server = neuron_server(args.threads, max(args.levels), args.cache_dir, Path(tmp))
-        levels = asyncio.run(run_neuron(server, args.levels, args.rounds, args.max_tokens))
-        cpu = {"neuron": watch.shares()}
     watch = machine.CpuWatch()
-    single, batched = run_generate(
-        args.threads, args.cache_dir, args.rounds, args.batch, args.max_tokens
-    )
-    cpu["generate"] = watch.shares()
-    rows: list[list[object]] = [
-        [
-            f"neuron, {level.concurrency} streams",
-            level.tokens_per_s,
-            level.per_stream_tokens_per_s,
-            level.tokens,
-            level.ttft_ms(50),
-            level.ttft_ms(95),
-            level.tokens_per_s / single.tokens_per_s,
-        ]
-        for level in levels
-    ]
-    for label, g in (("generate() single", single), (f"generate() batch {batched.batch}", batched)):
-        rows.append(
-            [
-                label,
-                g.tokens_per_s,
-                g.tokens_per_s / g.batch,
-                g.tokens,
-                g.ttft_ms or "-",
-                "-",
-                g.tokens_per_s / single.tokens_per_s,
-            ]
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        server = neuron_server(
+            args.threads, max(*args.levels, args.batch), args.cache_dir, Path(tmp)
         )
+        with server:
+            bench = Bench(args, server)
+            levels = [bench.level(c) for c in args.levels]
+            trials = [bench.trial(i) for i in range(args.trials)]
+    cpu = {"whole run": watch.shares()}
+    idle = (
+        f"neuron process CPU while generate() ran: {bench.neuron_cpu_while_generating:.2f} s "
+        f"over {bench.generating_s:.0f} s"
+    )
     sizes = {k: v for k, v in vars(args).items() if k not in {"quick", "cache_dir"}}
     publish(
         Report(
@@ -404,29 +397,40 @@ def main(argv: list[str]) -> int:
                 "TTFT p95 ms",
                 "x generate() single",
             ],
-            rows=rows,
+            rows=rows(levels, trials),
             data={
                 "machine": info,
                 "cpu_shares": cpu,
+                "neuron_cpu_while_generating_s": bench.neuron_cpu_while_generating,
                 "sizes": sizes,
-                "levels": [
+                "levels": [level_data(level) for level in levels],
+                "trials": [
                     {
-                        "concurrency": level.concurrency,
-                        "tokens": level.tokens,
-                        "wall_s": level.wall_s,
-                        "tokens_per_s": level.tokens_per_s,
-                        "ttft_p50_ms": level.ttft_ms(50),
-                        "ttft_p95_ms": level.ttft_ms(95),
+                        "neuron_batched": level_data(t.batched_level),
+                        "generate_batch": vars(t.batched),
+                        "neuron_single": level_data(t.single_level),
+                        "generate_single": vars(t.single),
+                        "ratios": t.ratios(),
                     }
-                    for level in levels
+                    for t in trials
                 ],
-                "generate": {"single": vars(single), "batch": vars(batched)},
             },
-            notes=[*verdicts(levels, single, batched), machine.cpu_note(cpu)],
-            draw=draw(levels, single, batched),
+            notes=[*verdicts(trials, args.batch), idle, machine.cpu_note(cpu)],
+            draw=draw(levels, trials),
         )
     )
     return 0
+
+
+def level_data(level: Level) -> dict[str, object]:
+    return {
+        "concurrency": level.concurrency,
+        "tokens": level.tokens,
+        "wall_s": level.wall_s,
+        "tokens_per_s": level.tokens_per_s,
+        "ttft_p50_ms": level.ttft_ms(50),
+        "ttft_p95_ms": level.ttft_ms(95),
+    }
 
 
 if __name__ == "__main__":

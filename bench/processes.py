@@ -62,6 +62,12 @@ class ServerProcess:
         assert self._process is not None
         return self._process.pid
 
+    def cpu_seconds(self) -> float:
+        """CPU time the running server has used so far (user + system, from /proc)."""
+        with open(f"/proc/{self.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def start(self) -> ServerProcess:
         """Spawn and poll `ready` until it answers True, the process dies, or the deadline passes."""
         if self._process is not None and self._process.poll() is None:

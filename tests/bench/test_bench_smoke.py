@@ -104,11 +104,16 @@ def test_coldstart_refuses_a_filled_cache(tmp_path: Path) -> None:
     assert exit_.value.code == 2
 
 
-def test_engine_quick_runs_neuron_then_generate(out: Path, cache: Path) -> None:
+def test_engine_quick_runs_the_curve_then_paired_trials(out: Path, cache: Path) -> None:
     assert engine.main(["--quick", "--cache-dir", str(cache)]) == 0
     document = written(out, "engine")
     assert [level["concurrency"] for level in document["levels"]] == [1, 2]
     assert all(level["tokens"] > 0 for level in document["levels"])
-    assert document["generate"]["single"]["tokens"] > 0
-    assert document["generate"]["batch"]["batch"] == 2
+    [trial] = document["trials"]
+    assert trial["neuron_batched"]["concurrency"] == 2
+    assert trial["neuron_single"]["concurrency"] == 1
+    assert trial["generate_batch"]["batch"] == 2 and trial["generate_single"]["tokens"] > 0
+    assert set(trial["ratios"]) == set(engine.TARGETS)
+    assert all(value > 0 for value in trial["ratios"].values())
+    assert document["neuron_cpu_while_generating_s"] >= 0
     assert document["machine"]["torch_threads"] >= 1
