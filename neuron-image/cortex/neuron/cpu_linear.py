@@ -70,7 +70,7 @@ def _plain_cpu_linear(module: nn.Module) -> bool:
 @torch.inference_mode()
 def _calibrate(weights: list[torch.Tensor]) -> int | None:
     """The largest bucket up to which the weight-left form was never clearly slower."""
-    sample = _spread(weights, budget_bytes=64 * 2**20)  # more than a cache holds, under 0.1 s
+    sample = _spread(weights, budget_bytes=64 * 2**20)  # more than a CPU cache holds
     limit = None
     for rows in ROW_BUCKETS:
         pairs = [(torch.randn(rows, w.shape[1], dtype=w.dtype), w) for w in sample]

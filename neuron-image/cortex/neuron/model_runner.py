@@ -50,11 +50,11 @@ class ModelRunner:
         kv_length = max(starts) + 1
         self.batch.reserve(len(tokens), kv_length)
         self.batch.bind_rows(slice(0, len(tokens)), positions, kv_length)
-        # Each row sees its own tokens only, not the stale tail beyond a shorter row's length.
-        distance = positions.unsqueeze(-1) - torch.arange(kv_length, device=self._device)
-        mask = self._attention_mask(distance >= 0, distance)
-        if min(starts) == kv_length - 1 and (self._window is None or kv_length <= self._window):
-            mask = None  # rows of one length see every key: attention needs no mask (and is faster)
+        mask = None  # rows of one length see every key: no mask, and sdpa takes a faster path
+        if min(starts) != max(starts) or (self._window is not None and kv_length > self._window):
+            # Each row sees its own tokens only, not the stale tail beyond a shorter row's length.
+            distance = positions.unsqueeze(-1) - torch.arange(kv_length, device=self._device)
+            mask = self._attention_mask(distance >= 0, distance)
         return self._run(self.batch, ids, positions, mask, logits_to_keep=1)[:, -1, :]
 
     def prefill(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
