@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench import coldstart, engine, gateway
+from bench import coldstart, engine, engine_results, gateway
 from bench.loadgen import percentile
 from bench.processes import free_port
 from bench.stub_backend import chat_completion, chat_stream, neuron_status
@@ -113,7 +113,7 @@ def test_engine_quick_runs_the_curve_then_paired_trials(out: Path, cache: Path) 
     assert trial["neuron_batched"]["concurrency"] == 2
     assert trial["neuron_single"]["concurrency"] == 1
     assert trial["generate_batch"]["batch"] == 2 and trial["generate_single"]["tokens"] > 0
-    assert set(trial["ratios"]) == set(engine.TARGETS)
+    assert set(trial["ratios"]) == set(engine_results.TARGETS)
     assert all(value > 0 for value in trial["ratios"].values())
     assert document["neuron_cpu_while_generating_s"] >= 0
     assert document["machine"]["torch_threads"] >= 1
