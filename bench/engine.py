@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 
@@ -31,9 +30,6 @@ from bench.loadgen import Call, StreamResult, chat_stream, session
 from bench.processes import ServerProcess, cortex_cli, free_port
 from bench.report import Report, publish
 from cortex.core.catalogue import DEFAULT_CHAT_MODEL
-
-if TYPE_CHECKING:
-    pass
 
 TOPICS = (
     "a dragon who learns to cook",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -306,14 +307,7 @@ def test_kv_budget_queues_what_does_not_fit(model, tokenizer, prompts) -> None:
     """Sequences whose prompt + max_tokens exceed the KV budget together wait for room."""
     lengths = [len(p) for p in prompts.values()]
     budget = 2 * (min(lengths) + 8) - 1  # no two sequences fit together
-    engine = make_engine(model, tokenizer, kv_budget_tokens=budget)
-    rs = [Recorder(p, max_tokens=8, temperature=0) for p in prompts.values()]
-    for r in rs:
-        engine.add(r.seq)
-    while engine.has_work():
-        engine.step()
-        assert engine.running <= 1
-    assert all(r.finished.completion_tokens == 8 for r in rs)
+    assert_one_at_a_time(make_engine(model, tokenizer, kv_budget_tokens=budget), prompts.values())
 
 
 def test_kv_budget_counts_rows_padded_to_the_longest(model, tokenizer, prompts) -> None:
@@ -322,8 +316,12 @@ def test_kv_budget_counts_rows_padded_to_the_longest(model, tokenizer, prompts) 
     long = chat(tokenizer, " ".join(f"Box {i} is blue." for i in range(20)) + " Count the boxes.")
     assert len(long) > len(short) + 16
     budget = len(long) + len(short) + 2 * 8 + 4  # their sum fits; two long rows do not
-    engine = make_engine(model, tokenizer, kv_budget_tokens=budget)
-    rs = [Recorder(p, max_tokens=8, temperature=0) for p in (long, short)]
+    assert_one_at_a_time(make_engine(model, tokenizer, kv_budget_tokens=budget), [long, short])
+
+
+def assert_one_at_a_time(engine: Engine, prompts: Iterable[list[int]]) -> None:
+    """Every prompt runs to its 8 tokens, never two in the engine at once."""
+    rs = [Recorder(p, max_tokens=8, temperature=0) for p in prompts]
     for r in rs:
         engine.add(r.seq)
     while engine.has_work():
