@@ -19,6 +19,7 @@ from __future__ import annotations
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "gateway": ("bench.gateway", "P1 gateway overhead: direct vs cortex vs LiteLLM"),
     "engine": ("bench.engine", "P2 engine tokens/s and TTFT vs HF generate()"),
+    "prefill": ("bench.prefill", "P2 a long prompt under load: chunked vs whole-prompt prefill"),
     "coldstart": ("bench.coldstart", "P3 time from request to first token, model not loaded"),
     "placement": ("bench.placement", "P4 cold loads of lru/priority vs Belady on a Zipf trace"),
     "operator": ("bench.operator", "P5 operator reconcile at fleet scale"),

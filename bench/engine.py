@@ -56,8 +56,13 @@ PROMPTS = tuple(f"Write a long, detailed story about {topic}." for topic in TOPI
 
 
 def neuron_server(
-    threads: int, max_running: int, cache_dir: Path | None, workdir: Path
+    threads: int,
+    max_running: int,
+    cache_dir: Path | None,
+    workdir: Path,
+    settings: dict[str, int] | None = None,
 ) -> ServerProcess:
+    """A `cortex neuron` on cpu-0 in float32, default model preloaded; `settings` go to [neuron]."""
     port = free_port()
     config = workdir / "neuron.toml"
     lines = [
@@ -66,6 +71,7 @@ def neuron_server(
         'devices = ["cpu-0"]',
         'dtype = "float32"',
         f"max_running = {max_running}",
+        *(f"{key} = {value}" for key, value in (settings or {}).items()),
     ]
     if cache_dir is not None:
         lines.append(f'cache_dir = "{cache_dir}"')

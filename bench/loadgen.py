@@ -8,9 +8,10 @@ the ceiling of a throughput measurement. The direct-to-stub row of P1 shows what
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,16 +133,27 @@ class StreamResult:
     first_token: float  # the first chunk carrying content, not the empty role chunk
     ended: float
     completion_tokens: int  # from the usage chunk (the server's tokenizer), 0 if none came
+    content_times: tuple[float, ...] = ()  # arrival of every chunk carrying content
 
     @property
     def ttft(self) -> float:
         return self.first_token - self.started
 
+    def gaps(self, start: float = float("-inf"), end: float = float("inf")) -> list[float]:
+        """Seconds between consecutive content chunks, for the gaps overlapping [start, end]."""
+        return [b - a for a, b in itertools.pairwise(self.content_times) if a <= end and b >= start]
 
-async def chat_stream(http: aiohttp.ClientSession, call: Call) -> StreamResult:
-    """POST a streaming chat completion and time its first content token and its end."""
+
+async def chat_stream(
+    http: aiohttp.ClientSession, call: Call, on_first: Callable[[], None] | None = None
+) -> StreamResult:
+    """POST a streaming chat completion and time its content chunks and its end.
+
+    `on_first` is called when the first content arrives (to start something under load).
+    """
     started = time.perf_counter()
     first: float | None = None
+    times: list[float] = []
     tokens = 0
     async with http.post(call.url, data=call.body, headers=call.headers) as response:
         if response.status != 200:
@@ -156,7 +168,11 @@ async def chat_stream(http: aiohttp.ClientSession, call: Call) -> StreamResult:
             if event.get("usage"):
                 tokens = int(event["usage"].get("completion_tokens", 0))
             choices = event.get("choices") or [{}]
-            if first is None and (choices[0].get("delta") or {}).get("content"):
-                first = time.perf_counter()
+            if (choices[0].get("delta") or {}).get("content"):
+                times.append(time.perf_counter())
+                if first is None:
+                    first = times[0]
+                    if on_first is not None:
+                        on_first()
     ended = time.perf_counter()
-    return StreamResult(started, first or ended, ended, tokens)
+    return StreamResult(started, first or ended, ended, tokens, tuple(times))

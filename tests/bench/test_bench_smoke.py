@@ -1,4 +1,4 @@
-"""P1-P3 end to end at minimal sizes: each starts its servers, measures, stops them and writes its
+"""P1-P3 (and P2's long-prompt run) end to end at minimal sizes: each starts its servers, measures, stops them and writes its
 JSON and plot. No timing is asserted (SPEC §9: numbers come from the benchmarks, not from tests)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench import coldstart, engine, engine_results, gateway
+from bench import coldstart, engine, engine_results, gateway, prefill
 from bench.loadgen import percentile
 from bench.processes import free_port
 from bench.stub_backend import chat_completion, chat_stream, neuron_status
@@ -117,3 +117,17 @@ def test_engine_quick_runs_the_curve_then_paired_trials(out: Path, cache: Path) 
     assert all(value > 0 for value in trial["ratios"].values())
     assert document["neuron_cpu_while_generating_s"] >= 0
     assert document["machine"]["torch_threads"] >= 1
+
+
+def test_prefill_quick_measures_both_settings(out: Path, cache: Path) -> None:
+    assert prefill.main(["--quick", "--cache-dir", str(cache)]) == 0
+    document = written(out, "prefill")
+    chunked, whole = document["results"]
+    assert (chunked["prefill_chunk"], whole["prefill_chunk"]) == (64, prefill.WHOLE)
+    for result in (chunked, whole):
+        assert result["long_ttft_ms"] > 0
+        assert all(len(times) > 1 for times in result["streams_content_times"])
+        # The long prompt arrived while every stream was running (after their first tokens).
+        assert all(
+            times[0] <= result["long_prompt_started"] for times in result["streams_content_times"]
+        )

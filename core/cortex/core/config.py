@@ -52,6 +52,12 @@ class NeuronSection(_Section):
         default=32, ge=1, description="sequences generating at once, per model"
     )
     max_queue: int = Field(default=128, ge=0, description="requests waiting for a slot, per model")
+    prefill_chunk: int = Field(
+        default=256,
+        ge=16,
+        description="prompt tokens read per engine step: smaller keeps running streams' token "
+        "gaps short while a long prompt is read, larger reads it in fewer passes",
+    )
     queue_timeout: Seconds = Field(default=30.0, description="longest wait for a slot before 503")
     max_body_bytes: ByteSize = Field(default=8 * 2**20, description="larger bodies get 413")
     max_tokens_limit: int = Field(default=32768, ge=1, description="largest max_tokens accepted")

@@ -302,6 +302,7 @@ class NeuronRuntime:
             ),
             eos_token_ids=weights.eos_token_ids,
             context_length=served.context_length,
+            prefill_chunk=self.config.neuron.prefill_chunk,
             prefix_cache_tokens=kv_tokens // 4,
             kv_budget_tokens=kv_tokens - kv_tokens // 4,
         )
