@@ -42,6 +42,14 @@ def test_installed_layers_keep_their_outputs_and_fall_back_beyond_the_limit(monk
     assert layers(x).requires_grad  # training (grad on) takes F.linear
 
 
+def test_a_model_is_measured_once(monkeypatch) -> None:
+    races = []
+    monkeypatch.setattr(cpu_linear, "_race", lambda plain, left: races.append(1) or (2.0, 1.0))
+    layers = nn.Sequential(nn.Linear(8, 8))
+    assert cpu_linear.install(layers) == cpu_linear.install(layers) == cpu_linear.ROW_BUCKETS[-1]
+    assert len(races) == len(cpu_linear.ROW_BUCKETS)
+
+
 def test_nothing_installed_where_linear_was_faster(monkeypatch) -> None:
     monkeypatch.setattr(cpu_linear, "_race", lambda plain, left: (1.0, 2.0))
     layers = nn.Sequential(nn.Linear(8, 8))

@@ -19,21 +19,24 @@ import torch
 from torch import nn
 
 ROW_BUCKETS = (1, 4, 16, 32)  # row counts timed at load; more rows than the last keep F.linear
+_INSTALLED = "_cortex_linear_rows"  # set on a model once its layers were measured
 TIE = 1.05  # within 5% is timing noise: the whole decode step gained more than single matmuls show
 
 
 def install(model: nn.Module) -> int | None:
     """Route the model's CPU linear layers through the faster kernel for decode-sized inputs.
 
-    Returns the largest row count that takes the weight-left form (None: F.linear won).
+    Returns the largest row count that takes the weight-left form (None: F.linear won). A model
+    already set up keeps its first measurement (every engine built on it shares its layers).
     """
+    if hasattr(model, _INSTALLED):
+        return getattr(model, _INSTALLED)
     layers = [m for m in model.modules() if _plain_cpu_linear(m)]
-    if not layers:
-        return None
-    limit = _calibrate([m.weight for m in layers])
+    limit = _calibrate([m.weight for m in layers]) if layers else None
     if limit is not None:
         for layer in layers:
             layer.forward = types.MethodType(_forward(limit), layer)
+    setattr(model, _INSTALLED, limit)
     return limit
 
 
