@@ -23,22 +23,22 @@ def test_weight_left_equals_linear(rows: int) -> None:
 
 def test_installed_layers_keep_their_outputs_and_fall_back_beyond_the_limit(monkeypatch) -> None:
     monkeypatch.setattr(cpu_linear, "_race", lambda plain, left: (2.0, 1.0))  # left always wins
-    layers = nn.Sequential(nn.Linear(24, 48), QuantizedLinear(48, 8, bias=False))
+    layers = nn.Sequential(nn.Linear(24, 48), QuantizedLinear(48, 8, bias=False), nn.Linear(8, 8))
+    layers[2]._hf_hook = object()  # an accelerate-hooked layer keeps its forward too
     x = torch.randn(2, 5, 24)  # 10 rows
     with torch.inference_mode():
         before = layers(x)
         assert cpu_linear.install(layers) == cpu_linear.ROW_BUCKETS[-1]
         assert "forward" in vars(layers[0])  # rerouted
         assert "forward" not in vars(layers[1])  # a subclass keeps its own forward
+        assert "forward" not in vars(layers[2])
         assert torch.allclose(layers(x), before, atol=1e-5)
         wide = torch.randn(1, 100, 24)  # more rows than the limit: F.linear
-        assert torch.allclose(
-            layers(wide),
-            nn.functional.linear(
-                nn.functional.linear(wide, layers[0].weight, layers[0].bias), layers[1].weight
-            ),
-            atol=1e-5,
+        plain = nn.functional.linear(wide, layers[0].weight, layers[0].bias)
+        plain = nn.functional.linear(
+            nn.functional.linear(plain, layers[1].weight), layers[2].weight, layers[2].bias
         )
+        assert torch.allclose(layers(wide), plain, atol=1e-5)
     assert layers(x).requires_grad  # training (grad on) takes F.linear
 
 

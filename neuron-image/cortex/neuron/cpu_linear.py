@@ -62,11 +62,13 @@ def _forward(limit: int) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:
 
 
 def _plain_cpu_linear(module: nn.Module) -> bool:
-    """A stock nn.Linear (not a quantized subclass) with floating weights on the CPU."""
+    """A stock nn.Linear (not a quantized subclass) with floating weights on the CPU, whose
+    forward no accelerate hook wraps (offloading moves its weights in that hook)."""
     return (
         type(module) is nn.Linear
         and module.weight.device.type == "cpu"
         and module.weight.dtype.is_floating_point
+        and not hasattr(module, "_hf_hook")
     )
 
 
