@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_llama_config
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from cortex.neuron import cpu_linear
 
@@ -66,15 +67,7 @@ def test_limit_is_the_last_bucket_before_a_clear_loss(monkeypatch) -> None:
 def test_a_real_model_decodes_the_same_through_the_rerouted_layers(monkeypatch) -> None:
     monkeypatch.setattr(cpu_linear, "_race", lambda plain, left: (2.0, 1.0))
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=64)).eval()
     ids = torch.randint(0, 64, (3, 7))
     with torch.inference_mode():
         before = model(input_ids=ids).logits

@@ -13,11 +13,10 @@ MINILM = (
 )  # type: ignore[index,union-attr]
 
 
-def make_tiny_llama(directory: Path) -> Path:
-    """A random-weight two-layer Llama with a real (borrowed) tokenizer, saved in HF layout."""
-    tokenizer = AutoTokenizer.from_pretrained(MINILM)
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
+def tiny_llama_config(vocab_size: int) -> LlamaConfig:
+    """Two layers, 32 wide, grouped-query attention (4 heads over 2 KV heads)."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -25,7 +24,12 @@ def make_tiny_llama(directory: Path) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
+
+
+def make_tiny_llama(directory: Path) -> Path:
+    """A random-weight two-layer Llama with a real (borrowed) tokenizer, saved in HF layout."""
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    LlamaForCausalLM(tiny_llama_config(tokenizer.vocab_size)).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
