@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from cortex.core.errors import DeviceUnhealthy
-from cortex.neuron.devices import Device
-from cortex.neuron.worker import DeviceWorker, is_device_fault
+from cortex.neuron.devices import Device, is_device_fault
+from cortex.neuron.worker import DeviceWorker
 
 
 class ScriptedEngine:

@@ -11,6 +11,14 @@ import torch
 from cortex.core.fleet import DeviceStatus
 
 
+def is_device_fault(exc: BaseException) -> bool:
+    """A CUDA/driver failure leaves the device in an unknown state; ordinary errors do not."""
+    if isinstance(exc, MemoryError):
+        return False
+    text = f"{type(exc).__name__}: {exc}"
+    return "CUDA error" in text or "AcceleratorError" in text or "device-side assert" in text
+
+
 def _system_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

@@ -12,24 +12,32 @@ So a long prompt delays the running streams by one chunk per step instead of sta
 short prompt arriving meanwhile is not queued behind it. A finished sequence leaves its KV as a
 prefix for later prompts that start the same way (prefix_cache.py). The tensor work (inputs,
 masks, the forward itself) is model_runner.py's.
+One sequence's failure is its own: when a batched forward or sampling raises, the step is run
+again for each sequence alone, only the ones that still fail end with an error, and the others
+go on (a device fault is different: it is re-raised for the worker to poison the device).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cortex.neuron.detokenizer import Detokenizer, StopMatcher
+from cortex.neuron.devices import is_device_fault
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
 from cortex.neuron.model_runner import ModelRunner
 from cortex.neuron.prefix_cache import PrefixCache
 from cortex.neuron.sampling import Sampler, sample
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_PREFILL_CHUNK = 256
 DEFAULT_PREFIX_CACHE_TOKENS = 4096
@@ -99,6 +107,7 @@ class Engine:
         self._tokenizer, self._device = tokenizer, device
         self._max_running, self._defaults = max_running, defaults
         self._eos, self._context_length = set(eos_token_ids), context_length
+        self._vocab = model.get_input_embeddings().num_embeddings
         self._prefill_chunk = max(1, prefill_chunk)
         self._prefixes = PrefixCache(prefix_cache_tokens)
         # Tokens (prompt + max_tokens) admitted sequences may reach together: the KV memory the
@@ -181,13 +190,23 @@ class Engine:
         plan = self._plan_prefill()
         if not plan:
             return
+        try:
+            self._prefill_chunks(plan)
+        except Exception as exc:
+            if is_device_fault(exc):
+                raise
+            self._isolate(plan, self._prefill_chunks, exc)
+
+    def _prefill_chunks(self, plan: list[tuple[_Active, int]]) -> None:
+        """One packed forward over the plan's chunks; prompts it completes join the batch."""
         logits = self._runner.prefill(
             [(a.row, a.kv_length, a.seq.prompt_ids[a.kv_length : a.kv_length + n]) for a, n in plan]
         )
         ends = [i for i, (a, n) in enumerate(plan) if n == _remaining(a)]
         done = [plan[i][0] for i in ends]
         tokens = sample(logits[ends], [a.sampler for a in done], [a.generator for a in done])
-        # State changes only once the forward and sampling went through (see fail_all).
+        # State changes only once the forward and sampling went through, so a failed step can be
+        # run again (each sequence alone, see _isolate) or abandoned (fail_all).
         for active, n in plan:
             active.kv_length += n
         for active, token in zip(done, tokens, strict=True):
@@ -195,6 +214,32 @@ class Engine:
             self._runner.promote(active.row, len(self._decoding), active.kv_length)
             self._decoding.append(active)
             self._accept(active, token)
+
+    def _isolate(self, batch: list[T], run: Callable[[list[T]], None], exc: Exception) -> None:
+        """A batched step failed: run it for each member alone and fail only those that fail.
+
+        Members are a plan's (sequence, tokens) or decoding sequences; a device fault on the way
+        is re-raised. The culprits leave after the others ran, so decoding rows stay in place.
+        """
+        members = [(m[0] if isinstance(m, tuple) else m, m) for m in batch]
+        failed: list[tuple[_Active, Exception]] = []
+        if len(members) == 1:
+            failed.append((members[0][0], exc))  # nothing to tell apart
+        else:
+            log.warning("step of %d sequences failed (%r); running each alone", len(batch), exc)
+            for active, member in members:
+                if active.seq.finished:  # ended meanwhile (its own step, run earlier)
+                    continue
+                try:
+                    run([member])
+                except Exception as alone:
+                    if is_device_fault(alone):
+                        raise
+                    failed.append((active, alone))
+        for active, error in failed:
+            log.warning("sequence failed: %s: %s", type(error).__name__, error)
+            self._release(active)
+            self._emit_finished(active.seq, "error", error=f"{type(error).__name__}: {error}")
 
     def _plan_prefill(self) -> list[tuple[_Active, int]]:
         """How many prompt tokens each prefilling sequence gets this step.
@@ -221,29 +266,40 @@ class Engine:
         """Take the next valid waiting sequence into a free staging row, if one is free."""
         while self._waiting and self.running < self._max_running:
             seq = self._waiting.popleft()
-            sampler = Sampler.resolve(seq.params, self._defaults)
-            problem = self._refuse(seq, sampler)
-            if problem is not None:
-                self._emit_finished(seq, "error", error=problem)
+            try:
+                sampler = Sampler.resolve(seq.params, self._defaults)
+                problem = self._refuse(seq, sampler)
+                if problem is not None:
+                    self._emit_finished(seq, "error", error=problem)
+                    continue
+                reserved = min(len(seq.prompt_ids) + sampler.max_tokens, self._context_length)
+                if not self._fits(reserved):
+                    self._waiting.appendleft(seq)  # KV budget full: wait for one to leave
+                    return None
+                active = self._start(seq, sampler, reserved)
+            except Exception as exc:
+                if is_device_fault(exc):
+                    raise
+                self._emit_finished(seq, "error", error=f"{type(exc).__name__}: {exc}")
                 continue
-            reserved = min(len(seq.prompt_ids) + sampler.max_tokens, self._context_length)
-            if not self._fits(reserved):
-                self._waiting.appendleft(seq)  # KV budget full: wait for a running one to leave
-                return None
-            taken = {a.row for a in self._prefilling}
-            active = _Active(
-                seq=seq,
-                sampler=sampler,
-                generator=sampler.generator(self._device),
-                detokenizer=Detokenizer(self._tokenizer, seq.prompt_ids),
-                stops=StopMatcher(seq.params.stop),
-                row=min(set(range(self._max_running)) - taken),
-                reserved=reserved,
-            )
-            self._reuse_prefix(active)
             self._prefilling.append(active)
             return active
         return None
+
+    def _start(self, seq: Sequence, sampler: Sampler, reserved: int) -> _Active:
+        """The engine-side state of a sequence, in a free staging row, with any kept prefix."""
+        taken = {a.row for a in self._prefilling}
+        active = _Active(
+            seq=seq,
+            sampler=sampler,
+            generator=sampler.generator(self._device),
+            detokenizer=Detokenizer(self._tokenizer, seq.prompt_ids),
+            stops=StopMatcher(seq.params.stop),
+            row=min(set(range(self._max_running)) - taken),
+            reserved=reserved,
+        )
+        self._reuse_prefix(active)
+        return active
 
     def _reuse_prefix(self, active: _Active) -> None:
         """Start the row with a kept prefix's KV; at least one prompt token is left to prefill."""
@@ -279,15 +335,30 @@ class Engine:
             )
         if sampler.max_tokens < 1:
             return "max_tokens must be at least 1"
+        if not all(0 <= token < self._vocab for token in seq.prompt_ids):
+            return f"token ids must lie in [0, {self._vocab})"
         return None
 
     def _decode(self) -> None:
         """One batched forward: every decoding sequence feeds its pending token."""
         batch = list(self._decoding)
-        logits = self._runner.decode([a.pending for a in batch], [a.kv_length for a in batch])
+        try:
+            self._decode_rows(batch)
+        except Exception as exc:
+            if is_device_fault(exc):
+                raise
+            self._isolate(batch, self._decode_rows, exc)
+
+    def _decode_rows(self, batch: list[_Active]) -> None:
+        """Decode contiguous batch rows (all of them, or one while isolating a failure)."""
+        first = self._decoding.index(batch[0])
+        logits = self._runner.decode(
+            [a.pending for a in batch], [a.kv_length for a in batch], first_row=first
+        )
         tokens = sample(logits, [a.sampler for a in batch], [a.generator for a in batch])
         for active in batch:
             active.kv_length += 1
+        # Accepting may finish sequences and move rows: all rows are decoded by then.
         for active, token in zip(batch, tokens, strict=True):
             self._accept(active, token)
 

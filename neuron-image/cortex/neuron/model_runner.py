@@ -43,13 +43,14 @@ class ModelRunner:
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
-    def decode(self, tokens: list[int], starts: list[int]) -> torch.Tensor:
-        """Row i feeds tokens[i] at position starts[i]; logits [rows, vocab]."""
+    def decode(self, tokens: list[int], starts: list[int], first_row: int = 0) -> torch.Tensor:
+        """Row first_row + i feeds tokens[i] at position starts[i]; logits [rows, vocab]."""
         ids = self._longs(tokens).unsqueeze(1)
         positions = self._longs(starts).unsqueeze(1)
         kv_length = max(starts) + 1
-        self.batch.reserve(len(tokens), kv_length)
-        self.batch.bind_rows(slice(0, len(tokens)), positions, kv_length)
+        rows = slice(first_row, first_row + len(tokens))
+        self.batch.reserve(rows.stop, kv_length)
+        self.batch.bind_rows(rows, positions, kv_length)
         mask = None  # rows of one length see every key: no mask, and sdpa takes a faster path
         if min(starts) != max(starts) or (self._window is not None and kv_length > self._window):
             # Each row sees its own tokens only, not the stale tail beyond a shorter row's length.

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from cortex.core.errors import DeviceUnhealthy
-from cortex.neuron.devices import Device
+from cortex.neuron.devices import Device, is_device_fault
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -27,14 +27,6 @@ class Steppable(Protocol):
     def has_work(self) -> bool: ...
     def step(self) -> None: ...
     def fail_all(self, message: str) -> None: ...
-
-
-def is_device_fault(exc: BaseException) -> bool:
-    """A CUDA/driver failure leaves the device in an unknown state; ordinary errors do not."""
-    if isinstance(exc, MemoryError):
-        return False
-    text = f"{type(exc).__name__}: {exc}"
-    return "CUDA error" in text or "AcceleratorError" in text or "device-side assert" in text
 
 
 class DeviceWorker:
