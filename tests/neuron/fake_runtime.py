@@ -37,6 +37,7 @@ class FakeServed:
     id: str
     kind: Literal["chat", "embedding"] = "chat"
     context_length: int = 400
+    vocab_size: int = 0x110000  # tokens are characters
     script: list[str] = field(default_factory=lambda: ["Hello", " there", "!"])
     token_delay: float = 0.0
     refuse: Exception | None = None  # raised at the first __anext__ (admission)

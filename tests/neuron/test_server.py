@@ -376,6 +376,8 @@ async def test_completions_bad_prompts(http: httpx.AsyncClient) -> None:
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": [1, -2]}, "prompt"),
+        ({"prompt": [1, 0x110000]}, "prompt"),  # one past the (character) vocabulary
+        ({"prompt": [1_000_000_000]}, "prompt"),
         ({"prompt": "x", "suffix": "y"}, "suffix"),
         ({"prompt": [1, 2], "echo": True}, "echo"),
     ):
@@ -533,7 +535,7 @@ async def test_generation_error_mid_stream_is_an_error_event(
         async for _ in stream:
             pass
     response = await http.post("/v1/chat/completions", json={**body, "stream": False})
-    assert "boom" in _error(response, 500, "internal_error")["message"]
+    assert "boom" in _error(response, 500, "generation_failed")["message"]
 
 
 async def test_unexpected_errors_are_500_and_the_app_keeps_serving(

@@ -20,15 +20,16 @@ def _raise_for(response: httpx.Response, body: bytes) -> None:
     """Turn a neuron's OpenAI-shaped error answer back into the domain error it came from."""
     try:
         error = json.loads(body).get("error") or {}
-        message, code = str(error.get("message", "")), error.get("code")
+        message, code, param = str(error.get("message", "")), error.get("code"), error.get("param")
     except (ValueError, AttributeError):
-        message, code = body.decode(errors="replace")[:500], None
+        message, code, param = body.decode(errors="replace")[:500], None, None
     retry = response.headers.get("retry-after")
     raise error_from_code(
         code,
         message or f"neuron answered {response.status_code}",
         response.status_code,
         retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
+        param=param if isinstance(param, str) else None,
     )
 
 

@@ -71,6 +71,12 @@ class BudgetExceeded(CortexError):
     status, code, kind = 429, "budget_exceeded", "rate_limit_error"
 
 
+class GenerationFailed(CortexError):
+    """The generation of this request broke on the neuron; it would break on any replica."""
+
+    status, code, kind = 500, "generation_failed", "server_error"
+
+
 class NeuronUnavailable(CortexError):
     """No healthy neuron could take the request (down, unreachable, or load wait timed out)."""
 
@@ -97,6 +103,7 @@ ERRORS_BY_CODE: dict[str, type[CortexError]] = {
         ModelLoadFailed,
         Overloaded,
         BudgetExceeded,
+        GenerationFailed,
         NeuronUnavailable,
         DeviceUnhealthy,
     )
@@ -104,13 +111,17 @@ ERRORS_BY_CODE: dict[str, type[CortexError]] = {
 
 
 def error_from_code(
-    code: str | None, message: str, status: int, retry_after: float | None = None
+    code: str | None,
+    message: str,
+    status: int,
+    retry_after: float | None = None,
+    param: str | None = None,
 ) -> CortexError:
     """Rebuild a domain error from an upstream OpenAI-shaped error body (used by NeuronClient)."""
     cls = ERRORS_BY_CODE.get(code or "")
     if cls is None:
-        err = CortexError(message, retry_after=retry_after)
+        err = CortexError(message, param=param, retry_after=retry_after)
         err.status = status
         err.code = code or "upstream_error"
         return err
-    return cls(message, retry_after=retry_after)
+    return cls(message, param=param, retry_after=retry_after)

@@ -241,9 +241,13 @@ def _completion_prompt(
     if isinstance(prompt, str):
         return prompt, served.encode(prompt)
     if all(isinstance(p, int) for p in prompt):
-        if any(p < 0 for p in prompt):  # type: ignore[operator]
-            raise InvalidRequest("token ids must not be negative", param="prompt")
-        return "", [int(p) for p in prompt]
+        ids = [int(p) for p in prompt]
+        if not all(0 <= token < served.vocab_size for token in ids):
+            raise InvalidRequest(
+                f"token ids must lie in [0, {served.vocab_size}), the model's vocabulary",
+                param="prompt",
+            )
+        return "", ids
     if len(prompt) != 1:
         raise InvalidRequest("send one prompt per request", param="prompt")
     return str(prompt[0]), served.encode(str(prompt[0]))

@@ -80,6 +80,8 @@ class ServedModel:
         self.context_length = min(weights.context_length, limit or weights.context_length)
         self.weights = weights
         self.worker = worker
+        # Rows of the token embedding: a prompt id at or past it would fail the forward.
+        self.vocab_size: int = weights.model.get_input_embeddings().num_embeddings
         self.admission = Admission(config.max_running, config.max_queue, config.queue_timeout)
         self.engine: Engine | None = None
 

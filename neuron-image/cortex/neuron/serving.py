@@ -12,7 +12,12 @@ import anyio
 from fastapi import Request
 
 from cortex.core.config import NeuronSection
-from cortex.core.errors import ContextLengthExceeded, CortexError, InvalidRequest
+from cortex.core.errors import (
+    ContextLengthExceeded,
+    CortexError,
+    GenerationFailed,
+    InvalidRequest,
+)
 from cortex.core.protocol.openai import PromptTokensDetails, SamplingFields, Usage
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
 from cortex.neuron.metrics import NeuronMetrics
@@ -81,7 +86,7 @@ def usage(finished: Finished) -> Usage:
 def failure(finished: Finished) -> CortexError | None:
     """The error a generation that ended badly is reported as; None when it ended normally."""
     if finished.reason == "error":
-        return CortexError(f"generation failed: {finished.error or 'unknown error'}")
+        return GenerationFailed(f"generation failed: {finished.error or 'unknown error'}")
     if finished.reason == "cancelled":
         err = CortexError(f"generation cancelled: {finished.error or 'by the neuron'}")
         err.status, err.code = 503, "generation_cancelled"
