@@ -41,10 +41,17 @@ class ClientGone(CortexError):
 
 # Failures that say "this replica, not this request": another replica may well succeed.
 _RETRYABLE = (NeuronUnavailable, DeviceUnhealthy, Overloaded, ModelNotFound)
+# What an unknown upstream code with these statuses means: a proxy or server in the way.
+_GATEWAY_STATUSES = (502, 503, 504)
 
 
 def retryable(err: CortexError) -> bool:
-    return isinstance(err, _RETRYABLE) or err.status >= 500
+    """Only failures another replica could fix. A request-caused error (4xx) or one whose code
+    says the request itself failed (500: the generation broke) would fail on every replica, and
+    retrying it carries one bad request across the fleet."""
+    if isinstance(err, _RETRYABLE):
+        return True
+    return type(err) is CortexError and err.status in _GATEWAY_STATUSES
 
 
 class Upstream:
