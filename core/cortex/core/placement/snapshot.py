@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from cortex.core.fleet import LoadedModel, ModelState, NeuronStatus
 from cortex.core.placement.model import Action, Load, NeuronView, ReplicaView
 
-EMPTY: Mapping[str, int] = {}
+_NOTHING_ARRIVING: Mapping[str, int] = {}
 
 
 @dataclass(frozen=True)
@@ -76,20 +76,20 @@ def snapshot(
     for (neuron, model), memory in reserved.arriving.items():
         arriving.setdefault(neuron, {})[model] = memory
     return [
-        neuron_view(report, arriving.get(report.name, EMPTY), reserved)
+        _neuron_view(report, arriving.get(report.name, _NOTHING_ARRIVING), reserved)
         for report in reports
         if report.status is not None
     ]
 
 
-def neuron_view(
+def _neuron_view(
     report: NeuronReport, arriving: Mapping[str, int], reservations: Reservations
 ) -> NeuronView:
     """One neuron's view: reported replicas, plus reserved loads it does not report yet."""
     status = report.status
     assert status is not None
     reported = {loaded.id for loaded in status.models}
-    replicas = [replica_view(report, loaded, reservations) for loaded in status.models]
+    replicas = [_replica_view(report, loaded, reservations) for loaded in status.models]
     # A load the neuron already reports holds its memory in the report: count it once.
     unseen = {model: memory for model, memory in arriving.items() if model not in reported}
     replicas += [ReplicaView(model, ModelState.LOADING, memory) for model, memory in unseen.items()]
@@ -104,7 +104,7 @@ def neuron_view(
     )
 
 
-def replica_view(
+def _replica_view(
     report: NeuronReport, loaded: LoadedModel, reservations: Reservations
 ) -> ReplicaView:
     """A reported replica; one this caller is unloading shows as unloading (never chosen again)."""
