@@ -2,8 +2,9 @@
 
 A synthetic trace (fixed seed): models of varied sizes and priorities, requested with Zipf
 popularity, on a fleet smaller than the catalogue. Every strategy is simulated with the real pure
-planner (`cortex.core.planner.plan`): a request for a model without a ready replica is a cold load,
-planned, then applied with `apply_plan`. Requests are served one at a time (nothing in flight).
+planner (`cortex.core.placement.planner.plan`): a request for a model without a ready replica is
+a cold load, planned, then applied with `apply_plan`. Requests are served one at a time (nothing
+in flight).
 
 Belady is the offline furthest-in-future rule (FiF): on a miss, evict the replicas whose next
 request is furthest away. It runs through the same planner (`priority` strategy, each model's
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Literal
 
 from bench.report import Report, publish
 from cortex.core.catalogue import ModelSpec
-from cortex.core.planner import Demand, NeuronView, Policy, Unload, apply_plan, plan
+from cortex.core.placement.model import Demand, NeuronView, Policy, Unload
+from cortex.core.placement.planner import apply_plan, plan
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -62,7 +62,7 @@ async def test_pinned_model_is_never_evicted() -> None:
 async def test_pinned_model_is_loaded_without_any_request() -> None:
     n1 = FakeNeuron("n1")
     async with cluster(n1, catalogue=[spec("pinned", pinned_on=["n1"])]) as c:
-        await eventually(lambda: c.gateway.fleet.ready("pinned") == ["n1"])
+        await eventually(lambda: c.gateway.placer.ready("pinned") == ["n1"])
         assert [load.model for load in n1.loads] == ["pinned"]
 
 

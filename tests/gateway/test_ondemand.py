@@ -47,6 +47,27 @@ async def test_hundred_concurrent_requests_make_one_load() -> None:
         assert cold == 1.0
 
 
+async def test_the_model_more_clients_wait_for_is_placed_first() -> None:
+    # Room for one of two cold models: the one with more waiting clients wins, not the first name.
+    n1 = FakeNeuron("n1", memory=3 * GiB, available={"a-few": 2 * GiB, "b-many": 2 * GiB})
+    async with cluster(n1, catalogue=[spec("a-few"), spec("b-many")]) as c:
+        ondemand = c.gateway.ondemand
+
+        def ask(model: str) -> asyncio.Task[httpx.Response]:
+            return asyncio.create_task(c.http.post("/v1/chat/completions", json=chat_body(model)))
+
+        # Held as a placement that is planning holds it: demand for both models piles up behind.
+        async with c.gateway.placer._lock:
+            few = ask("a-few")
+            await eventually(lambda: ondemand.waiting("a-few") == 1)
+            many = [ask("b-many") for _ in range(3)]
+            await eventually(lambda: ondemand.waiting("b-many") == 3)
+        # a-few's placement plans first and finds b-many's three clients ahead of its one.
+        assert (await few).status_code == 503
+        assert [r.status_code for r in await asyncio.gather(*many)] == [200, 200, 200]
+        assert [load.model for load in n1.loads] == ["b-many"]
+
+
 def _sample(exposition: str, name: str, **labels: str) -> float | None:
     for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
@@ -79,7 +100,7 @@ async def test_load_wait_is_bounded_then_503_with_retry_after() -> None:
         card = (await c.http.get(f"/v1/models/{MODEL}")).json()
         assert card["state"] == "loading" and card["locations"] == ["n1"]
         n1.faults.load_gate.set()  # type: ignore[union-attr]
-        await eventually(lambda: c.gateway.fleet.ready(MODEL) == ["n1"])
+        await eventually(lambda: c.gateway.placer.ready(MODEL) == ["n1"])
         response = await c.http.post("/v1/chat/completions", json=chat_body(MODEL))
         assert response.status_code == 200
         assert len(n1.loads) == 1

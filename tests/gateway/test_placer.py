@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cortex.core.planner import Load, Unload
+from cortex.core.placement.model import Load, Unload
 from cortex.gateway.placer import needed_for
 
 

@@ -6,11 +6,12 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cortex.core.catalogue import ByteSize, ModelSpec, Seconds
+from cortex.core.placement.model import Strategy
 
 
 class ConfigError(Exception):
@@ -97,7 +98,7 @@ class GatewaySection(_Section):
 
 
 class EvictionSection(_Section):
-    strategy: Literal["lru", "priority"] = "lru"
+    strategy: Strategy = "lru"
     defrag_after_cycles: int = Field(default=0, ge=0, description="0 turns defragmentation off")
 
 

@@ -78,18 +78,11 @@ class LiveCatalogue:
         spec = self.by_id().get(model)
         return spec.source if spec is not None else None
 
-    def availability(self, model: str) -> tuple[ModelAvailability, list[str]]:
-        """loaded (somewhere ready) | loading | available, and the neurons holding it."""
-        ready = self.fleet.ready(model)
-        if ready:
-            return "loaded", ready
-        loading = self.fleet.loading(model)
-        if loading:
-            return "loading", loading
-        return "available", []
-
-    def card(self, spec: ModelSpec) -> FleetModelCard:
-        state, locations = self.availability(spec.id)
+    def card(
+        self, spec: ModelSpec, availability: tuple[ModelAvailability, list[str]]
+    ) -> FleetModelCard:
+        """The model's /v1/models entry; `availability` as the placer tells it (Placer.availability)."""
+        state, locations = availability
         context = spec.context
         for handle in self.fleet.neurons.values():
             loaded = handle.model(spec.id)
@@ -105,6 +98,3 @@ class LiveCatalogue:
             pinned_on=list(spec.pinned_on),
             priority=spec.priority,
         )
-
-    def cards(self) -> list[FleetModelCard]:
-        return [self.card(spec) for spec in self.specs()]

@@ -23,6 +23,7 @@ from cortex.core.errors import (
 from cortex.gateway.call import Call
 from cortex.gateway.fleet import Fleet
 from cortex.gateway.ondemand import OnDemand
+from cortex.gateway.placer import Placer
 from cortex.gateway.router import Candidate, pick
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,15 @@ class Dispatcher:
     """Routes calls to replicas with failover before the first byte."""
 
     def __init__(
-        self, fleet: Fleet, ondemand: OnDemand, *, affinity_slack: int, max_attempts: int = 3
+        self,
+        fleet: Fleet,
+        placer: Placer,
+        ondemand: OnDemand,
+        *,
+        affinity_slack: int,
+        max_attempts: int = 3,
     ) -> None:
-        self.fleet, self.ondemand = fleet, ondemand
+        self.fleet, self.placer, self.ondemand = fleet, placer, ondemand
         self.affinity_slack = affinity_slack
         self.max_attempts = max_attempts
         self._turn = itertools.count()
@@ -199,7 +206,7 @@ class Dispatcher:
 
     async def _choose(self, call: Call, tried: set[str]) -> str | None:
         """The next replica to try; loads one when the model has none ready anywhere."""
-        ready = self.fleet.ready(call.model)
+        ready = self.placer.ready(call.model)
         candidates = [name for name in ready if name not in tried]
         if not candidates:
             if ready:
@@ -207,7 +214,7 @@ class Dispatcher:
             timeout = call.deadline - time.monotonic()
             ensured = self.ondemand.ensure(call.model, timeout=timeout)
             await self._watching(call, ensured, f"{call.model!r} was loading")
-            candidates = [name for name in self.fleet.ready(call.model) if name not in tried]
+            candidates = [name for name in self.placer.ready(call.model) if name not in tried]
             if not candidates:
                 return None
         return pick(

@@ -1,4 +1,8 @@
-"""The gateway's view of its neurons: polled status and listings, health, live request counts."""
+"""The gateway's view of its neurons: polled status and listings, health, live request counts.
+
+What the gateway itself is loading or unloading is not kept here: the placer owns those
+reservations (placer.py), and joins them with these polls through `cortex.core.placement.snapshot`.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from cortex.core.client import DEFAULT_TIMEOUT, NeuronClient
 from cortex.core.config import NeuronEntry
 from cortex.core.errors import CortexError
 from cortex.core.fleet import LoadedModel, ModelListing, ModelState, NeuronStatus
-from cortex.core.planner import NeuronView, ReplicaView
+from cortex.core.placement.snapshot import NeuronReport
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +39,6 @@ class NeuronHandle:
     # Counted here, not polled: routing needs the load of this very moment.
     in_flight: Counter[str] = field(default_factory=Counter)
     last_used: dict[str, float] = field(default_factory=dict)
-    # Loads this gateway started and the neuron may not report yet: model -> bytes reserved.
-    pending: dict[str, int] = field(default_factory=dict)
-    # Replicas a plan is unloading: no longer routed to, and not chosen again by the next plan.
-    leaving: set[str] = field(default_factory=set)
     # Bumped by every local change (a load's or unload's answer): a poll that was already on
     # its way when one happened carries older news and must not overwrite it.
     generation: int = 0
@@ -111,9 +111,6 @@ class Fleet:
         if handle.generation != generation:
             return  # overtaken by a local change; the next poll brings the newer picture
         handle.status, handle.listing = status, listing
-        for model in list(handle.pending):
-            if handle.model(model) is not None:
-                del handle.pending[model]
 
     def note_failure(self, name: str, error: str) -> None:
         """A failed poll or request; after `unhealthy_after` in a row the neuron is skipped."""
@@ -133,25 +130,13 @@ class Fleet:
 
     # -- replicas
 
-    def ready(self, model: str) -> list[str]:
-        """Healthy neurons where the model is ready to serve (a cordon stops loads, not requests)."""
+    def polled(self, model: str, state: ModelState) -> list[str]:
+        """Healthy neurons whose last poll shows the model in `state` (a cordon stops loads, not
+        requests). Routing asks the placer, which also knows what it is taking away."""
         names = []
         for name, handle in self.neurons.items():
             loaded = handle.model(model)
-            serving = loaded is not None and loaded.state == ModelState.READY
-            if serving and model not in handle.leaving and self.healthy(name):
-                names.append(name)
-        return names
-
-    def loading(self, model: str) -> list[str]:
-        """Healthy neurons where the model is arriving (polled, or a load this gateway began)."""
-        names = []
-        for name, handle in self.neurons.items():
-            loaded = handle.model(model)
-            arriving = model in handle.pending or (
-                loaded is not None and loaded.state == ModelState.LOADING
-            )
-            if arriving and self.healthy(name):
+            if loaded is not None and loaded.state == state and self.healthy(name):
                 names.append(name)
         return names
 
@@ -170,7 +155,6 @@ class Fleet:
     def apply_loaded(self, name: str, loaded: LoadedModel) -> None:
         """Record a load's answer now rather than at the next poll."""
         handle = self.neurons[name]
-        handle.pending.pop(loaded.id, None)
         handle.generation += 1
         if handle.status is not None:
             others = [m for m in handle.status.models if m.id != loaded.id]
@@ -178,17 +162,9 @@ class Fleet:
 
     def apply_unloaded(self, name: str, model: str) -> None:
         handle = self.neurons[name]
-        handle.pending.pop(model, None)
-        handle.leaving.discard(model)
         handle.generation += 1
         if handle.status is not None:
             handle.status.models = [m for m in handle.status.models if m.id != model]
-
-    def release(self, name: str, model: str) -> None:
-        """Forget a reservation whose action failed or was abandoned."""
-        handle = self.neurons[name]
-        handle.pending.pop(model, None)
-        handle.leaving.discard(model)
 
     def estimates(self) -> dict[str, int]:
         """Bytes a model was seen to use anywhere: the planner's size for models without a budget."""
@@ -201,44 +177,19 @@ class Fleet:
 
     # -- the planner's snapshot
 
-    def views(self, names: Iterable[str] | None = None) -> list[NeuronView]:
-        """Planner snapshot of the named neurons (all by default) that have answered a poll."""
+    def reports(self, names: Iterable[str] | None = None) -> list[NeuronReport]:
+        """What the last polls and this gateway's own requests say of the named neurons (all by
+        default), as `cortex.core.placement.snapshot` reads them."""
         chosen = self.neurons if names is None else {n: self.neurons[n] for n in names}
-        return [self._view(h) for h in chosen.values() if h.status is not None]
-
-    def _view(self, handle: NeuronHandle) -> NeuronView:
-        assert handle.status is not None
-        replicas = [self._replica(handle, m) for m in handle.status.models]
-        replicas += [
-            ReplicaView(model, ModelState.LOADING, memory)
-            for model, memory in handle.pending.items()
-            if handle.model(model) is None
+        return [
+            NeuronReport(
+                name=handle.name,
+                status=handle.status,
+                healthy=self.healthy(handle.name),
+                cordoned=handle.cordoned,
+                labels=handle.entry.labels,
+                in_flight=handle.in_flight,
+                last_used=handle.last_used,
+            )
+            for handle in chosen.values()
         ]
-        reserved = sum(
-            memory for model, memory in handle.pending.items() if handle.model(model) is None
-        )
-        devices = handle.status.devices
-        return NeuronView(
-            name=handle.name,
-            memory_total=sum(d.memory_total for d in devices),
-            memory_free=sum(d.memory_free for d in devices if d.healthy) - reserved,
-            replicas=tuple(replicas),
-            healthy=self.healthy(handle.name),
-            cordoned=handle.cordoned,
-            labels=dict(handle.entry.labels),
-        )
-
-    @staticmethod
-    def _replica(handle: NeuronHandle, loaded: LoadedModel) -> ReplicaView:
-        local_used = handle.last_used.get(loaded.id)
-        used = [t for t in (loaded.last_used, local_used) if t is not None]
-        leaving = loaded.id in handle.leaving and loaded.state == ModelState.READY
-        return ReplicaView(
-            model=loaded.id,
-            state=ModelState.UNLOADING if leaving else loaded.state,
-            memory=loaded.memory_bytes,
-            # The poll may predate requests this gateway just sent: take the larger count.
-            in_flight=max(loaded.in_flight + loaded.queued, handle.in_flight[loaded.id]),
-            last_used=max(used) if used else None,
-            loaded_at=loaded.loaded_at,
-        )

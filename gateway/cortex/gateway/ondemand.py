@@ -37,12 +37,20 @@ class OnDemand:
         flight = self._flights.get(model)
         return flight.waiters if flight is not None else 0
 
+    def waiting_all(self) -> dict[str, int]:
+        """Clients waiting per cold model: the placer's demand, most waited-for placed first."""
+        return {
+            model: flight.waiters
+            for model, flight in self._flights.items()
+            if flight.waiters > 0 and not flight.abandoned
+        }
+
     async def ensure(self, model: str, timeout: float | None = None) -> str:
         """Wait until `model` has a ready replica and return its neuron; at most `timeout` seconds
         (the configured load timeout by default), then NeuronUnavailable with Retry-After."""
         flight = self._flights.get(model)
         if flight is None or flight.abandoned:
-            flight = _Flight(asyncio.create_task(self.placer.place(model)))
+            flight = _Flight(asyncio.create_task(self.placer.place(model, self.waiting_all)))
             self._flights[model] = flight
             flight.task.add_done_callback(lambda task: self._landed(model, task))
         flight.waiters += 1

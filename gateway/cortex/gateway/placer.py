@@ -1,10 +1,11 @@
 """Placement execution: the shared planner's actions turned into neuron load and unload calls.
 
-Planning happens under one lock, and every action a plan chooses is reserved in the fleet at once
-(loads as arriving replicas holding their memory, unloads as leaving ones), so a plan made while
-another one is still executing never double-books memory or evicts the same replica twice. The
-actions themselves run outside the lock, in plan order (evictions before the load they make room
-for; a defrag move's load before its unload).
+Planning happens under one lock, and every action a plan chooses is reserved at once (loads as
+arriving replicas holding their memory, unloads as leaving ones), so a plan made while another one
+is still executing never double-books memory or evicts the same replica twice. The placer alone
+owns these reservations; the snapshot joins them with the fleet's polls, and routing asks the
+placer, so a leaving replica gets no new requests. The actions themselves run outside the lock, in
+plan order (evictions before the load they make room for; a defrag move's load before its unload).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -24,8 +25,10 @@ from cortex.core.errors import (
     NeuronUnavailable,
 )
 from cortex.core.fleet import LoadedModel, LoadRequest, ModelState
-from cortex.core.planner import Action, Demand, Load, NeuronView, Plan, Policy, Unload, plan
-from cortex.gateway.catalogue import LiveCatalogue
+from cortex.core.placement.model import Action, Demand, Load, NeuronView, Plan, Policy, Unload
+from cortex.core.placement.planner import plan
+from cortex.core.placement.snapshot import Reservations, snapshot
+from cortex.gateway.catalogue import LiveCatalogue, ModelAvailability
 from cortex.gateway.fleet import Fleet
 from cortex.gateway.metrics import GatewayMetrics
 
@@ -35,6 +38,12 @@ log = logging.getLogger(__name__)
 LOAD_POLL_INTERVAL = 0.25
 # Plans tried for one demand before giving up (a plan can be undone by a racing eviction).
 MAX_PLANS = 3
+
+Waiting = Callable[[], Mapping[str, int]]  # clients waiting per model, read when a plan is made
+
+
+def _no_one_else() -> Mapping[str, int]:
+    return {}
 
 
 class Placer:
@@ -58,6 +67,7 @@ class Placer:
         self._background: set[asyncio.Task[Any]] = set()
         self._reconciling: asyncio.Task[None] | None = None
         self._unplaceable: dict[str, str] = {}
+        self.reservations = Reservations()
 
     async def aclose(self) -> None:
         tasks = [*self._background, *self._loads.values()]
@@ -65,15 +75,46 @@ class Placer:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    # -- where replicas are, reservations included
+
+    def ready(self, model: str) -> list[str]:
+        """Neurons to route `model` to: ready there and healthy, and not being unloaded by us."""
+        return [
+            name
+            for name in self.fleet.polled(model, ModelState.READY)
+            if not self.reservations.is_leaving(name, model)
+        ]
+
+    def loading(self, model: str) -> list[str]:
+        """Healthy neurons where `model` is arriving: polled loading, or a load we began that the
+        neuron does not report yet."""
+        names = self.fleet.polled(model, ModelState.LOADING)
+        for neuron, arriving in self.reservations.arriving:
+            unseen = arriving == model and self.fleet[neuron].model(model) is None
+            if unseen and neuron not in names and self.fleet.healthy(neuron):
+                names.append(neuron)
+        return names
+
+    def availability(self, model: str) -> tuple[ModelAvailability, list[str]]:
+        """loaded (somewhere ready) | loading | available, and the neurons holding it."""
+        ready = self.ready(model)
+        if ready:
+            return "loaded", ready
+        loading = self.loading(model)
+        if loading:
+            return "loading", loading
+        return "available", []
+
     # -- on demand
 
-    async def place(self, model: str, waiting: int = 1) -> str:
+    async def place(self, model: str, waiting: Waiting = _no_one_else) -> str:
         """A neuron with a ready replica of `model`, loading one (evicting first) when none is.
 
-        Cancelling abandons a load this call started; loads started elsewhere are only left.
+        `waiting` says how many clients wait for each model: the plan serves the most waited-for
+        first. Cancelling abandons a load this call started; loads started elsewhere are only left.
         """
         for _ in range(MAX_PLANS):
-            ready = self.fleet.ready(model)
+            ready = self.ready(model)
             if ready:
                 return ready[0]
             arriving = self._arriving(model)
@@ -81,13 +122,13 @@ class Placer:
                 await self._join(model, *arriving)
                 continue
             async with self._lock:
-                if self.fleet.ready(model) or self._arriving(model) is not None:
+                if self.ready(model) or self._arriving(model) is not None:
                     continue  # another placement got there while this one waited for the lock
-                load, actions = self._plan_demand(model, waiting)
+                load, actions = self._plan_demand(model, waiting())
             await self._execute(actions)
-            if self.fleet.ready(model):
+            if self.ready(model):
                 self.metrics.cold_starts.labels(model, load.neuron).inc()
-        ready = self.fleet.ready(model)
+        ready = self.ready(model)
         if ready:
             return ready[0]
         raise NeuronUnavailable(
@@ -100,7 +141,7 @@ class Placer:
         for (neuron, loading), task in self._loads.items():
             if loading == model:
                 return neuron, task
-        for neuron in self.fleet.loading(model):
+        for neuron in self.loading(model):
             return neuron, None
         return None
 
@@ -117,12 +158,13 @@ class Placer:
         if loaded is not None and loaded.state == ModelState.FAILED:
             raise ModelLoadFailed(f"loading {model!r} on {neuron} failed: {loaded.error}")
 
-    def _plan_demand(self, model: str, waiting: int) -> tuple[Load, list[Action]]:
-        views = self.fleet.views(self.catalogue.loadable_on(model))
+    def _plan_demand(self, model: str, waiting: Mapping[str, int]) -> tuple[Load, list[Action]]:
+        neurons = self.catalogue.loadable_on(model)
+        views = snapshot(self.fleet.reports(neurons), self.reservations)
         result = plan(
             views,
             self.catalogue.by_id(),
-            [Demand(model, waiting)],
+            self._demand(model, waiting, neurons),
             self.policy,
             self.clock(),
             estimates=self.fleet.estimates(),
@@ -134,6 +176,19 @@ class Placer:
         self._reserve(actions)
         log.info("placing %s on %s: %s", model, load.neuron, _describe(actions))
         return load, actions
+
+    def _demand(self, model: str, waiting: Mapping[str, int], neurons: list[str]) -> list[Demand]:
+        """This model's demand, and that of other waited-for models these neurons could all load:
+        they compete for the same memory, and the planner serves the most waiting clients first."""
+        demand = [Demand(model, max(waiting.get(model, 0), 1))]
+        for other, count in sorted(waiting.items()):
+            if (
+                other != model
+                and count > 0
+                and set(neurons) <= set(self.catalogue.loadable_on(other))
+            ):
+                demand.append(Demand(other, count))
+        return demand
 
     def _cannot_place(self, model: str, result: Plan, views: list[NeuronView]) -> CortexError:
         reason = result.unplaceable.get(model, "no neuron can load it")
@@ -164,7 +219,7 @@ class Placer:
         if self._lock.locked():
             return []  # an on-demand placement is planning; next cycle
         result = plan(
-            self.fleet.views(),
+            snapshot(self.fleet.reports(), self.reservations),
             self.catalogue.by_id(),
             [],
             self.policy,
@@ -194,12 +249,11 @@ class Placer:
     # -- applying actions
 
     def _reserve(self, actions: Sequence[Action]) -> None:
-        for action in actions:
-            handle = self.fleet[action.neuron]
-            if isinstance(action, Load):
-                handle.pending[action.model] = action.memory
-            else:
-                handle.leaving.add(action.model)
+        self.reservations = self.reservations.reserve(actions)
+
+    def _release(self, neuron: str, model: str) -> None:
+        """Forget a reservation whose action finished, failed or was abandoned."""
+        self.reservations = self.reservations.release(neuron, model)
 
     async def _execute(self, actions: Sequence[Action]) -> None:
         """Apply actions in order; a failed eviction stops the rest (their room is not there)."""
@@ -216,7 +270,7 @@ class Placer:
                     )
         finally:
             for action in remaining:
-                self.fleet.release(action.neuron, action.model)
+                self._release(action.neuron, action.model)
 
     async def _run_load(self, load: Load) -> LoadedModel:
         key = (load.neuron, load.model)
@@ -251,18 +305,19 @@ class Placer:
                     update={"state": ModelState.FAILED, "error": "vanished while loading"}
                 )
         except asyncio.CancelledError:
-            self.fleet.release(load.neuron, load.model)
+            self._release(load.neuron, load.model)
             self._spawn(self._abandon(load))
             raise
         except CortexError as err:
-            self.fleet.release(load.neuron, load.model)
+            self._release(load.neuron, load.model)
             if isinstance(err, NeuronUnavailable):
                 self.fleet.note_failure(load.neuron, err.message)
             raise
         if loaded.state != ModelState.READY:
-            self.fleet.release(load.neuron, load.model)
+            self._release(load.neuron, load.model)
             raise ModelLoadFailed(f"loading {load.model!r} on {load.neuron} failed: {loaded.error}")
         self.fleet.apply_loaded(load.neuron, loaded)
+        self._release(load.neuron, load.model)
         self.metrics.load_seconds.labels(load.model, load.neuron).observe(
             time.monotonic() - started
         )
@@ -282,13 +337,15 @@ class Placer:
             await self.fleet[action.neuron].client.unload(action.model)
         except ModelNotFound:
             self.fleet.apply_unloaded(action.neuron, action.model)
+            self._release(action.neuron, action.model)
             return True
         except CortexError as err:
             # Typically ModelBusy: a request arrived since the snapshot. It stays; next plan decides.
             log.info("unload of %s from %s refused: %s", action.model, action.neuron, err)
-            self.fleet.release(action.neuron, action.model)
+            self._release(action.neuron, action.model)
             return False
         self.fleet.apply_unloaded(action.neuron, action.model)
+        self._release(action.neuron, action.model)
         self.metrics.evictions.labels(action.model, action.neuron, action.reason).inc()
         log.info("unloaded %s from %s (%s)", action.model, action.neuron, action.reason)
         return True

@@ -25,15 +25,15 @@ router = APIRouter(dependencies=[Depends(authenticate)])
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     # Dumped card by card: ModelList's declared item type would drop the cortex fields.
-    cards = gateway_of(request).catalogue.cards()
+    cards = gateway_of(request).model_cards()
     return {"object": "list", "data": [card.model_dump() for card in cards]}
 
 
 # `:path`: ids such as sentence-transformers/all-MiniLM-L6-v2 contain slashes.
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> dict[str, Any]:
-    catalogue = gateway_of(request).catalogue
-    return catalogue.card(catalogue.resolve(model_id)).model_dump()
+    gateway = gateway_of(request)
+    return gateway.model_card(gateway.catalogue.resolve(model_id)).model_dump()
 
 
 @router.post("/v1/chat/completions")

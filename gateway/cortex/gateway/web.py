@@ -20,7 +20,7 @@ def fleet_snapshot(gateway: Gateway) -> dict[str, Any]:
     return {
         "status": health_of(gateway),
         "neurons": [_neuron(handle, fleet.healthy(name)) for name, handle in fleet.neurons.items()],
-        "models": [card.model_dump() for card in gateway.catalogue.cards()],
+        "models": [card.model_dump() for card in gateway.model_cards()],
     }
 
 

@@ -13,10 +13,10 @@ from fastapi import Request
 from cortex.core.catalogue import ModelSpec, merge_catalogues
 from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.core.errors import CortexError
-from cortex.core.planner import Policy
+from cortex.core.placement.model import Policy
 from cortex.gateway.auth import Authenticator, Principal
 from cortex.gateway.call import Accounting, Call, Surface
-from cortex.gateway.catalogue import LiveCatalogue
+from cortex.gateway.catalogue import FleetModelCard, LiveCatalogue
 from cortex.gateway.dispatch import Dispatcher, Upstream
 from cortex.gateway.fleet import Fleet
 from cortex.gateway.lifecycle import Lifecycle
@@ -69,6 +69,7 @@ class Gateway:
         )
         self.dispatcher = Dispatcher(
             self.fleet,
+            self.placer,
             self.ondemand,
             affinity_slack=self.tuning.affinity_slack,
             max_attempts=self.tuning.max_attempts,
@@ -85,6 +86,15 @@ class Gateway:
         await self.lifecycle.aclose()
         await self.placer.aclose()
         await self.fleet.aclose()
+
+    # -- models
+
+    def model_card(self, spec: ModelSpec) -> FleetModelCard:
+        """A /v1/models entry: the catalogue's spec, and where the placer says the model is."""
+        return self.catalogue.card(spec, self.placer.availability(spec.id))
+
+    def model_cards(self) -> list[FleetModelCard]:
+        return [self.model_card(spec) for spec in self.catalogue.specs()]
 
     # -- per request
 

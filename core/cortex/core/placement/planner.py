@@ -1,6 +1,7 @@
 """Pure placement planner: fleet snapshot + catalogue + demand + policy + now -> actions.
 
-Shared by the gateway's local placer, the operator and the simulator. It never does I/O, never reads
+Shared by the gateway's local placer, the operator and the simulator; its inputs and actions are
+in model.py, the snapshot that feeds it in snapshot.py. It never does I/O, never reads
 clocks and never sleeps: time is the `now` argument. Same input, same plan (ties break by name).
 
 Rules, in the order they run:
@@ -22,85 +23,21 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 from cortex.core.catalogue import ModelSpec
-from cortex.core.eviction import EvictionKey, Strategy, choose_victims, eviction_key
 from cortex.core.fleet import ModelState
-
-
-@dataclass(frozen=True)
-class ReplicaView:
-    """A model resident (or arriving, leaving) on a neuron, as the planner sees it."""
-
-    model: str
-    state: ModelState
-    memory: int
-    in_flight: int = 0
-    last_used: float | None = None
-    loaded_at: float | None = None
-
-
-@dataclass(frozen=True)
-class NeuronView:
-    """One neuron of the fleet snapshot; memory in bytes."""
-
-    name: str
-    memory_total: int
-    memory_free: int
-    replicas: tuple[ReplicaView, ...] = ()
-    healthy: bool = True
-    cordoned: bool = False
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Demand:
-    """A model some client is waiting for."""
-
-    model: str
-    waiting: int = 1
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Eviction strategy and defragmentation cadence ([eviction] of cortex.toml)."""
-
-    strategy: Strategy = "lru"
-    defrag_after_cycles: int = 0
-
-
-UnloadReason = Literal["evict", "idle", "defrag"]
-
-
-@dataclass(frozen=True)
-class Load:
-    """Load `model` on `neuron`."""
-
-    model: str
-    neuron: str
-    memory: int = 0  # bytes the planner reserved for it (0: size unknown)
-
-
-@dataclass(frozen=True)
-class Unload:
-    """Unload `model` from `neuron`, and why."""
-
-    model: str
-    neuron: str
-    reason: UnloadReason
-
-
-Action = Load | Unload
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Actions in order: an Unload precedes the Load it makes room for; a defrag move is a Load
-    elsewhere, then the Unload. `unplaceable`: models left short of replicas, and why."""
-
-    actions: tuple[Action, ...]
-    unplaceable: Mapping[str, str]  # model -> human reason
+from cortex.core.placement.eviction import EvictionKey, choose_victims, eviction_key
+from cortex.core.placement.model import (
+    Action,
+    Demand,
+    Load,
+    NeuronView,
+    Plan,
+    Policy,
+    ReplicaView,
+    Unload,
+    UnloadReason,
+)
 
 
 def plan(

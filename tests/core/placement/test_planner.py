@@ -5,18 +5,10 @@ from __future__ import annotations
 import random
 
 from cortex.core.catalogue import ModelSpec
-from cortex.core.eviction import choose_victims
 from cortex.core.fleet import ModelState
-from cortex.core.planner import (
-    Demand,
-    Load,
-    NeuronView,
-    Policy,
-    ReplicaView,
-    Unload,
-    apply_plan,
-    plan,
-)
+from cortex.core.placement.eviction import choose_victims
+from cortex.core.placement.model import Demand, Load, NeuronView, Policy, ReplicaView, Unload
+from cortex.core.placement.planner import apply_plan, plan
 
 GIB = 2**30
 NOW = 10_000.0

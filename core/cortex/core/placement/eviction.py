@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
 
 from cortex.core.catalogue import ModelSpec
+from cortex.core.placement.model import ReplicaView, Strategy
 
-if TYPE_CHECKING:
-    from cortex.core.planner import ReplicaView
-
-Strategy = Literal["lru", "priority"]
 EvictionKey = tuple[float, ...]
 
 

@@ -9,17 +9,8 @@ from hypothesis import strategies as st
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.fleet import ModelState
-from cortex.core.planner import (
-    Demand,
-    Load,
-    NeuronView,
-    Plan,
-    Policy,
-    ReplicaView,
-    Unload,
-    apply_plan,
-    plan,
-)
+from cortex.core.placement.model import Demand, Load, NeuronView, Plan, Policy, ReplicaView, Unload
+from cortex.core.placement.planner import apply_plan, plan
 
 MODELS = [f"m{i}" for i in range(6)]
 NEURONS = ["n0", "n1", "n2", "n3"]

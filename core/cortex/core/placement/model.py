@@ -1,0 +1,84 @@
+"""What the planner reads and decides: fleet views, demand, policy, and the actions of a plan."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cortex.core.fleet import ModelState
+
+# Which replicas give way first when a neuron is full ([eviction] strategy of cortex.toml).
+Strategy = Literal["lru", "priority"]
+UnloadReason = Literal["evict", "idle", "defrag"]
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """A model resident (or arriving, leaving) on a neuron, as the planner sees it."""
+
+    model: str
+    state: ModelState
+    memory: int
+    in_flight: int = 0
+    last_used: float | None = None
+    loaded_at: float | None = None
+
+
+@dataclass(frozen=True)
+class NeuronView:
+    """One neuron of the fleet snapshot; memory in bytes."""
+
+    name: str
+    memory_total: int
+    memory_free: int
+    replicas: tuple[ReplicaView, ...] = ()
+    healthy: bool = True
+    cordoned: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Demand:
+    """A model some client is waiting for."""
+
+    model: str
+    waiting: int = 1
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Eviction strategy and defragmentation cadence ([eviction] of cortex.toml)."""
+
+    strategy: Strategy = "lru"
+    defrag_after_cycles: int = 0
+
+
+@dataclass(frozen=True)
+class Load:
+    """Load `model` on `neuron`."""
+
+    model: str
+    neuron: str
+    memory: int = 0  # bytes the planner reserved for it (0: size unknown)
+
+
+@dataclass(frozen=True)
+class Unload:
+    """Unload `model` from `neuron`, and why."""
+
+    model: str
+    neuron: str
+    reason: UnloadReason
+
+
+Action = Load | Unload
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Actions in order: an Unload precedes the Load it makes room for; a defrag move is a Load
+    elsewhere, then the Unload. `unplaceable`: models left short of replicas, and why."""
+
+    actions: tuple[Action, ...]
+    unplaceable: Mapping[str, str]  # model -> human reason
