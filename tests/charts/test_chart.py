@@ -184,3 +184,17 @@ def test_secrets_are_generated_and_referenced(render: Render) -> None:
     text = yaml.safe_dump_all(existing)
     assert "my-admin" in text and "my-keys" in text
     assert "cortex-admin-token" not in text and "cortex-api-keys" not in text
+
+
+def test_notes_point_at_objects_the_chart_made(helm: Path) -> None:
+    done = run_helm(helm, "install", "cortex", str(CHART), "-n", "ai", "--dry-run=client")
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    objects = [
+        o for o in yaml.safe_load_all(done.stdout.split("NOTES:", 1)[0]) if o and "kind" in o
+    ]
+    services = {o["metadata"]["name"] for o in objects if o["kind"] == "Service"}
+    secrets = {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"}
+    assert "svc/cortex-gateway 31313:31313" in notes and "cortex-gateway" in services
+    assert "get secret cortex-api-keys" in notes and "cortex-api-keys" in secrets
+    assert "{.data.default}" in notes and "kind: ModelPlacement" in notes
