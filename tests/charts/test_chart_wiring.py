@@ -330,3 +330,34 @@ def test_model_cache_is_a_host_path_or_an_empty_dir(render: Render) -> None:
     (cache,) = (v for v in spec["volumes"] if v["name"] == "model-cache")
     assert cache == {"name": "model-cache", "emptyDir": {"sizeLimit": "20Gi"}}
     assert "initContainers" not in spec
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "component", "config"),
+    [
+        ("Deployment", "cortex-gateway", "gateway", "cortex.toml"),
+        ("DaemonSet", "cortex-neuron", "neuron", "neuron.toml"),
+    ],
+)
+def test_the_config_file_a_command_names_is_the_mounted_configmap(
+    render: Render, kind: str, name: str, component: str, config: str
+) -> None:
+    objects = render()
+    workload = find(objects, kind, name)
+    pod_container = container(workload, component)
+    (path,) = (a.split("=", 1)[1] for a in pod_container["args"] if a.startswith("--config="))
+    (mount,) = (m for m in pod_container["volumeMounts"] if m["mountPath"] == path)
+    assert mount.get("subPath") == config
+    (volume,) = (
+        v for v in workload["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
+    )
+    assert config in find(objects, "ConfigMap", volume["configMap"]["name"])["data"]
+
+
+def test_the_gateway_runs_in_kubernetes_mode(render: Render) -> None:
+    """`--kubernetes`: the fleet comes from the CRDs (docs/kubernetes.md)."""
+    gateway = container(find(render(), "Deployment", "cortex-gateway"), "gateway")
+    assert gateway["command"] == ["cortex"]
+    assert gateway["args"] == ["gateway", "--kubernetes", "--config=/etc/cortex/cortex.toml"]
+    (namespace,) = (e for e in gateway["env"] if e["name"] == "CORTEX_NAMESPACE")
+    assert namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
