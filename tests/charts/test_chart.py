@@ -198,3 +198,10 @@ def test_notes_point_at_objects_the_chart_made(helm: Path) -> None:
     assert "svc/cortex-gateway 31313:31313" in notes and "cortex-gateway" in services
     assert "get secret cortex-api-keys" in notes and "cortex-api-keys" in secrets
     assert "{.data.default}" in notes and "kind: ModelPlacement" in notes
+
+
+def test_two_api_keys_with_one_name_fail(helm: Path) -> None:
+    keys = 'gateway.auth.keys=[{"name": "ci"}, {"name": "ci", "models": ["x"]}]'
+    done = run_helm(helm, "template", "cortex", str(CHART), "--set-json", keys)
+    assert done.returncode != 0
+    assert 'gateway.auth.keys: the name "ci" appears twice' in done.stderr

@@ -207,9 +207,17 @@ def test_gpu_install_requests_the_device_plugin_resource(render: Render) -> None
     assert container(neuron, "neuron")["image"].endswith(":0.1.0")
     tolerations = neuron["spec"]["template"]["spec"]["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
-    more = find(render("--set", "neuron.gpu.count=4,neuron.nodeSelector.pool=a100"), "DaemonSet")
+    assert "runtimeClassName" not in neuron["spec"]["template"]["spec"]
+    more = find(
+        render(
+            "--set",
+            "neuron.gpu.count=4,neuron.nodeSelector.pool=a100,neuron.runtimeClassName=nvidia",
+        ),
+        "DaemonSet",
+    )
     assert container(more, "neuron")["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert more["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "a100"}
+    assert more["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
 
 
 def test_cpu_install_requests_no_gpu_and_serves_the_small_model(
