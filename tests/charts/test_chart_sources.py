@@ -4,11 +4,13 @@ those files, byte for byte; and the Prometheus wiring scrapes ports that exist."
 from __future__ import annotations
 
 import re
+import tarfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
-from rendered import CHART, REPO, Render, container, find, pod_labels, selects
+from rendered import CHART, REPO, Render, container, find, pod_labels, run_helm, selects
 
 CRDS = ("kopfpeerings.yaml", "modelplacements.yaml", "neurons.yaml")
 DASHBOARD = REPO / "docs" / "grafana" / "cortex.json"
@@ -112,3 +114,17 @@ def test_example_placements_fit_the_modelplacement_crd(render: Render) -> None:
         replicas = schema["properties"]["replicas"]["properties"]
         assert set(spec["replicas"]) <= set(replicas)
         assert 0 <= spec["replicas"]["min"] <= spec["replicas"]["max"]
+
+
+def test_a_packaged_chart_carries_the_linked_files(helm: Path, tmp_path: Path) -> None:
+    """`helm package` (what a chart registry gets) follows the links and stores the files."""
+    done = run_helm(helm, "package", str(CHART), "--destination", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    (archive,) = tmp_path.glob("cortex-*.tgz")
+    with tarfile.open(archive) as tar:
+        stored = {m.name: tar.extractfile(m) for m in tar.getmembers() if m.isfile()}
+        for name in CRDS:
+            member = stored[f"cortex/crds/{name}"]
+            assert member is not None and member.read() == (REPO / "crds" / name).read_bytes()
+        member = stored["cortex/dashboards/cortex.json"]
+        assert member is not None and member.read() == DASHBOARD.read_bytes()
