@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     _flag(gateway, "port", "API port (overrides [gateway].listen)", type=int)
     _flag(gateway, "metrics-port", "Prometheus port (overrides [gateway].metrics_listen)", type=int)
 
+    _operator_parser(commands)
+
     status = commands.add_parser("status", help="show the fleet (gateway or neuron endpoint)")
     _flag(status, "endpoint", "gateway or neuron URL (default http://127.0.0.1:31313)")
 
@@ -75,6 +77,45 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run benchmarks (see bench/)")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to `python -m bench`")
     return parser
+
+
+OPERATOR_HELP = """\
+Run the Kubernetes operator (kopf): it turns neuron pods into Neuron objects, probes every Neuron
+and writes its status, and keeps each ModelPlacement's replicas loaded (docs/kubernetes.md).
+
+Login: inside a pod, the pod's service account; outside the cluster, the kubeconfig (KUBECONFIG,
+else ~/.kube/config, its current context). Neuron admin token: CORTEX_ADMIN_TOKEN, else the file
+given with --admin-token-file. Needs the CRDs in crds/ installed (kubectl apply -f crds/).
+"""
+
+
+def _operator_parser(commands: Any) -> None:
+    operator = commands.add_parser(
+        "operator",
+        help="run the Kubernetes operator (Neuron and ModelPlacement objects)",
+        description=OPERATOR_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _flag(operator, "namespace", "namespace to serve (default: the pod's own, else default)")
+    operator.add_argument(
+        "--all-namespaces", action="store_true", default=bool(_env("all-namespaces")),
+        help="serve every namespace, each its own fleet [env CORTEX_ALL_NAMESPACES]",
+    )  # fmt: skip
+    _flag(
+        operator, "neuron-selector",
+        "labels of neuron pods, key=value[,...] (default app.kubernetes.io/name=cortex,"
+        "app.kubernetes.io/component=neuron)",
+    )  # fmt: skip
+    _flag(operator, "admin-token-file", "file holding the neurons' admin token")
+    _flag(
+        operator, "probe-interval", "seconds between probes of each neuron (default 5)", type=float
+    )
+    _flag(operator, "peering", "kopf peering object (KopfPeering) shared by operator replicas")
+    operator.add_argument(
+        "--standalone", action="store_true", default=bool(_env("standalone")),
+        help="no peering: this is the only operator [env CORTEX_STANDALONE]",
+    )  # fmt: skip
+    _flag(operator, "liveness", "kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
 
 
 def _split(value: str | None) -> list[str]:
@@ -119,6 +160,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(commands.status(args.endpoint or "http://127.0.0.1:31313"))
     elif args.command == "models":
         return asyncio.run(commands.models(args))
+    elif args.command == "operator":
+        return commands.operator(args)
     elif args.command == "bench":
         return commands.bench(args.args)
     return 0

@@ -62,6 +62,25 @@ async def neuron(args: argparse.Namespace) -> None:
     await serve(app, config.neuron.host, config.neuron.port)
 
 
+def operator(args: argparse.Namespace) -> int:
+    """The kopf operator, until interrupted; kopf is imported only here."""
+    try:
+        from cortex.operator.cli import config_from_args, run
+    except ImportError as exc:
+        print(
+            f"cortex operator needs the operator extra (pip install 'cortex[operator]'): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        config = config_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"cortex operator: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(run(config))
+    return 0
+
+
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     config = load_gateway_config(Path(args.config).expanduser() if args.config else None)
     section = config.gateway

@@ -1,0 +1,320 @@
+"""Reconcile decisions for one namespace: the fleet snapshot in, the planner's actions and each
+ModelPlacement's status out. Pure: no I/O, no clocks (time is `now`), same input, same answer.
+
+The snapshot is the neurons' own /status answers (probes), never the operator's memory of what it
+did, so a restarted operator plans from what is really loaded. Two things only this process knows
+are laid over it: loads it has asked for that no probe shows yet (`pending`), and placements whose
+last load failed and are waiting out their backoff (`failures`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cortex.core.catalogue import ModelSpec
+from cortex.core.fleet import ModelState
+from cortex.core.planner import Demand, NeuronView, Plan, Policy, ReplicaView, plan
+from cortex.core.resources import (
+    ModelPlacement,
+    ModelPlacementStatus,
+    Neuron,
+    PlacementDemand,
+    PlacementPhase,
+    PlacementReplica,
+    parse_rfc3339,
+    rfc3339,
+)
+from cortex.operator.conditions import set_condition
+from cortex.operator.neurons import Probe
+
+# Higher priority wins: lower-priority replicas give way first, then the least recently used.
+POLICY = Policy(strategy="priority")
+_LIVE = frozenset({ModelState.READY, ModelState.LOADING})
+
+
+@dataclass(frozen=True)
+class PendingLoad:
+    """A load this operator asked a neuron for and no probe shows yet."""
+
+    model: str
+    neuron: str
+    memory: int
+    since: float
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """The last failed load of a placement; no new load is tried before `retry_at`."""
+
+    neuron: str
+    reason: str
+    attempts: int
+    at: float
+    retry_at: float
+
+
+@dataclass(frozen=True)
+class Unloaded:
+    """The last time the operator unloaded a placement's replica, and why."""
+
+    neuron: str
+    reason: Literal["Evicted", "Idle"]
+    message: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """One namespace as the operator sees it at one moment."""
+
+    neurons: tuple[Neuron, ...]
+    probes: Mapping[str, Probe]  # by Neuron name
+    placements: tuple[ModelPlacement, ...]  # not being deleted
+    pending: Mapping[tuple[str, str], PendingLoad] = field(default_factory=dict)  # (model, neuron)
+    failures: Mapping[str, LoadFailure] = field(default_factory=dict)  # by placement name
+    unloaded: Mapping[str, Unloaded] = field(default_factory=dict)  # by placement name
+    unreachable_after: int = 2
+
+    def reachable(self, neuron: Neuron) -> Probe | None:
+        probe = self.probes.get(neuron.metadata.name)
+        return probe if probe is not None and probe.reachable(self.unreachable_after) else None
+
+    def owners(self) -> dict[str, ModelPlacement]:
+        """model -> the placement that places it (the first by name when two name one model)."""
+        owners: dict[str, ModelPlacement] = {}
+        for placement in sorted(self.placements, key=lambda p: p.metadata.name):
+            owners.setdefault(placement.spec.model, placement)
+        return owners
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    """What to do now, and why some placements cannot have what they ask."""
+
+    plan: Plan
+    views: tuple[NeuronView, ...]
+    blocked: frozenset[str]  # placements backing off after a failed load
+
+
+def unprobed(fleet: Fleet) -> list[str]:
+    """Neurons with an endpoint that have not been probed yet. Planning waits for them: a replica
+    they hold is invisible until then, and planning without it would load a duplicate."""
+    return sorted(
+        n.metadata.name
+        for n in fleet.neurons
+        if n.spec.endpoint and n.metadata.name not in fleet.probes
+    )
+
+
+def neuron_views(fleet: Fleet) -> tuple[NeuronView, ...]:
+    """The planner's view of each neuron: its probe, plus loads asked for and not yet visible."""
+    views = []
+    for neuron in sorted(fleet.neurons, key=lambda n: n.metadata.name):
+        name = neuron.metadata.name
+        probe = fleet.reachable(neuron)
+        if probe is None or probe.status is None:
+            views.append(NeuronView(name, 0, 0, healthy=False, labels=neuron.labels))
+            continue
+        answer = probe.status
+        devices = [d for d in answer.devices if d.healthy]
+        replicas = [
+            ReplicaView(m.id, m.state, m.memory_bytes, m.in_flight, m.last_used, m.loaded_at)
+            for m in answer.models
+        ]
+        free = sum(d.memory_free for d in devices)
+        shown = {m.id for m in answer.models}
+        for (model, where), pending in sorted(fleet.pending.items()):
+            if where == name and model not in shown:
+                replicas.append(ReplicaView(model, ModelState.LOADING, pending.memory))
+                free -= pending.memory
+        views.append(
+            NeuronView(
+                name=name,
+                memory_total=sum(d.memory_total for d in devices),
+                memory_free=free,
+                replicas=tuple(replicas),
+                healthy=answer.healthy,
+                cordoned=neuron.spec.cordoned,
+                labels=neuron.labels,
+            )
+        )
+    return tuple(views)
+
+
+def live_on(views: tuple[NeuronView, ...], model: str) -> list[str]:
+    """Healthy neurons where the model is ready or loading."""
+    return [
+        view.name
+        for view in views
+        if view.healthy and any(r.model == model and r.state in _LIVE for r in view.replicas)
+    ]
+
+
+def active_demand(placement: ModelPlacement) -> PlacementDemand | None:
+    """The demand annotation, unless a replica was loaded for it since and has gone again
+    (idle or evicted after the demand: that demand was served)."""
+    demand = PlacementDemand.from_annotations(placement.metadata.annotations)
+    if demand is None:
+        return None
+    loaded = placement.status.condition("Loaded") if placement.status else None
+    served = loaded is not None and loaded.reason in ("Idle", "Evicted")
+    if (
+        served
+        and loaded is not None
+        and parse_rfc3339(loaded.last_transition_time) >= demand.at_seconds
+    ):
+        return None
+    return demand
+
+
+def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
+    """Run the shared planner over the namespace's neurons and placements."""
+    views = neuron_views(fleet)
+    owners = fleet.owners()
+    blocked = frozenset(
+        p.metadata.name
+        for p in owners.values()
+        if (failure := fleet.failures.get(p.metadata.name)) is not None and failure.retry_at > now
+    )
+    catalogue: dict[str, ModelSpec] = {}
+    minimums: dict[str, int] = {}
+    demand: list[Demand] = []
+    for model, placement in owners.items():
+        spec = placement.spec
+        live = live_on(views, model)
+        catalogue[model] = ModelSpec(
+            id=model,
+            source=spec.source or "",
+            aliases=spec.aliases,
+            memory=spec.resources.memory_bytes,
+            min_devices=spec.resources.devices,
+            pinned_on=live if spec.pinned else [],
+            priority=spec.priority,
+            idle_ttl=spec.idle_seconds,
+        )
+        if placement.metadata.name in blocked:
+            # Keep what it has, ask for nothing new until the backoff is over.
+            minimums[model] = min(spec.floor, len(live))
+            continue
+        minimums[model] = spec.floor
+        wanted = active_demand(placement)
+        if wanted is not None:
+            demand.append(Demand(model, max(wanted.waiting, 1)))
+    selectors = {
+        model: p.spec.neuron_selector.match_labels
+        for model, p in owners.items()
+        if p.spec.neuron_selector.match_labels
+    }
+    planned = plan(
+        views, catalogue, demand, POLICY, now, min_replicas=minimums, selectors=selectors
+    )
+    return FleetPlan(planned, views, blocked)
+
+
+# -- status of one placement
+
+
+def placement_status(
+    placement: ModelPlacement, fleet: Fleet, planned: FleetPlan, now: float
+) -> ModelPlacementStatus:
+    """The placement's status: its replicas as the probes show them, phase and conditions."""
+    previous = placement.status or ModelPlacementStatus()
+    replicas = _replicas(placement, fleet, previous, now)
+    ready = sum(r.state == "ready" for r in replicas)
+    loading = sum(r.state == "loading" for r in replicas)
+    spec, name = placement.spec, placement.metadata.name
+    owner = fleet.owners().get(spec.model)
+    demanded = active_demand(placement) is not None
+    want = max(spec.floor, 1 if demanded else 0)
+    failure = fleet.failures.get(name)
+    failing = failure is not None and (name in planned.blocked or ready == 0)
+    generation = placement.metadata.generation
+    conditions = list(previous.conditions)
+
+    def condition(kind: str, status: Literal["True", "False"], reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(conditions, kind, status, reason, message, now, generation)
+
+    if owner is not None and owner.metadata.name != name:
+        condition(
+            "Scheduled",
+            "False",
+            "Unschedulable",
+            f"model {spec.model} is placed by ModelPlacement {owner.metadata.name}",
+        )
+    elif spec.model in planned.plan.unplaceable:
+        condition("Scheduled", "False", "Unschedulable", planned.plan.unplaceable[spec.model])
+    else:
+        condition("Scheduled", "True", "Scheduled", _scheduled(replicas, want))
+
+    unloaded = fleet.unloaded.get(name)
+    if failing and failure is not None:
+        retry = max(failure.retry_at - now, 0)
+        message = (
+            f"{failure.neuron}: {failure.reason} (attempt {failure.attempts}, next in {retry:.0f}s)"
+        )
+        condition("Loaded", "False", "LoadFailed", message)
+    elif ready and ready >= want:
+        condition("Loaded", "True", "Loaded", f"{ready} replica(s) ready")
+    elif loading:
+        condition("Loaded", "False", "Loading", f"{ready} of {want} ready, {loading} loading")
+    elif not ready and unloaded is not None and want == 0:
+        condition("Loaded", "False", unloaded.reason, unloaded.message)
+    elif want == 0:
+        condition("Loaded", "False", "Idle", "no replica loaded; min is 0, one loads on demand")
+    else:
+        why = "waiting for a neuron with room" if ready < want else ""
+        condition("Loaded", "False", "Loading", f"{ready} of {want} ready; {why}".rstrip("; "))
+
+    return ModelPlacementStatus(
+        phase=_phase(want, ready, loading, failing),
+        replicas=replicas,
+        ready_replicas=ready,
+        conditions=conditions,
+        observed_generation=generation,
+    )
+
+
+def _replicas(
+    placement: ModelPlacement, fleet: Fleet, previous: ModelPlacementStatus, now: float
+) -> list[PlacementReplica]:
+    """One entry per reachable neuron holding (or loading) the model; `since` kept while the
+    state stays. Replicas on unreachable neurons are lost and left out."""
+    model = placement.spec.model
+    before = {(r.neuron, r.state): r.since for r in previous.replicas}
+    replicas = []
+    for neuron in sorted(fleet.neurons, key=lambda n: n.metadata.name):
+        name = neuron.metadata.name
+        probe = fleet.reachable(neuron)
+        if probe is None or probe.status is None:
+            continue
+        state = next((m.state.value for m in probe.status.models if m.id == model), None)
+        if state is None and (model, name) in fleet.pending:
+            state = "loading"
+        if state is None:
+            continue
+        since = before.get((name, state)) or rfc3339(now)
+        replicas.append(
+            PlacementReplica(neuron=name, endpoint=probe.endpoint, state=state, since=since)
+        )
+    return replicas
+
+
+def _scheduled(replicas: list[PlacementReplica], want: int) -> str:
+    where = ", ".join(r.neuron for r in replicas if r.state != "failed")
+    if where:
+        return f"placed on {where}"
+    return "nothing to place: min is 0 and no client is waiting" if want == 0 else "placing"
+
+
+def _phase(want: int, ready: int, loading: int, failing: bool) -> PlacementPhase:
+    if ready and ready >= want:
+        return "Ready"
+    if failing and not ready:
+        return "Failed"
+    if want == 0 and not loading:
+        return "Idle"
+    if loading:
+        return "Loading"
+    return "Degraded" if ready else "Pending"
