@@ -207,7 +207,7 @@ class CortexCluster(kmock.KubernetesEmulator):
             request.data.clear()
             request.data.update(stored)
         elif request.action == enums.action.UPDATE and request.name is not None:
-            where = (key, request.namespace, request.name)
+            where = (kmock.resource(key), request.namespace, request.name)
             if where not in self.objects or self.objects[where].deleted:
                 return
             current = self.objects[where]

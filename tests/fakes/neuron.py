@@ -413,6 +413,11 @@ class Running:
         self.server.force_exit = force
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
+        if force:  # a crash also drops the connections clients keep alive
+            for connection in list(self.server.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                if transport is not None:
+                    transport.abort()
 
 
 @asynccontextmanager

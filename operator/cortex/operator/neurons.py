@@ -47,8 +47,10 @@ def quantity(size: int) -> str:
 def neuron_phase(neuron: Neuron, probe: Probe | None, unreachable_after: int) -> NeuronPhase:
     if probe is None:
         return "Pending"
+    if probe.failures >= unreachable_after:
+        return "Unreachable"
     if probe.status is None:
-        return "Unreachable" if probe.failures >= unreachable_after else "Pending"
+        return "Pending"
     return "Cordoned" if neuron.spec.cordoned else "Ready"
 
 
@@ -69,14 +71,15 @@ def neuron_status(
         return status
     status.endpoint = probe.endpoint
     status.last_probe = rfc3339(probe.at)
-    if probe.status is None:
-        reason = "ProbeFailed" if phase == "Unreachable" else "Probing"
-        message = f"{probe.failures} failed probe(s): {probe.error}"
+    if probe.status is None or probe.failures:
+        lost = phase == "Unreachable"
+        message = f"{probe.failures} failed probe(s) in a row: {probe.error}"
         status.conditions = set_condition(
-            previous.conditions, "Reachable", "False", reason, message, now,
-            neuron.metadata.generation,
+            previous.conditions, "Reachable", "False" if lost else "Unknown", "ProbeFailed",
+            message, now, neuron.metadata.generation,
         )  # fmt: skip
-        status.models = []  # whatever it held is lost to the fleet until it answers again
+        if lost:
+            status.models = []  # what it held is lost to the fleet until it answers again
         return status
     answer = probe.status
     status.devices = [

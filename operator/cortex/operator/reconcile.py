@@ -152,17 +152,17 @@ def live_on(views: tuple[NeuronView, ...], model: str) -> list[str]:
 
 
 def active_demand(placement: ModelPlacement) -> PlacementDemand | None:
-    """The demand annotation, unless a replica was loaded for it since and has gone again
-    (idle or evicted after the demand: that demand was served)."""
+    """The demand annotation, unless it is older than the placement's last Ready transition
+    (a replica was ready after it: that demand was served)."""
     demand = PlacementDemand.from_annotations(placement.metadata.annotations)
     if demand is None:
         return None
     loaded = placement.status.condition("Loaded") if placement.status else None
-    served = loaded is not None and loaded.reason in ("Idle", "Evicted")
+    served = loaded is not None and loaded.status == "True"
     if (
         served
         and loaded is not None
-        and parse_rfc3339(loaded.last_transition_time) >= demand.at_seconds
+        and parse_rfc3339(loaded.last_transition_time) > demand.at_seconds
     ):
         return None
     return demand
