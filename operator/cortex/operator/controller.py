@@ -19,7 +19,7 @@ import kopf
 from cortex.core.client import NeuronClient
 from cortex.core.errors import CortexError, ModelNotFound
 from cortex.core.fleet import LoadRequest, NeuronStatus
-from cortex.core.planner import Load, Unload
+from cortex.core.placement.model import Load, Unload
 from cortex.core.resources import ModelPlacement, Neuron
 from cortex.operator.config import OperatorConfig
 from cortex.operator.neurons import Probe

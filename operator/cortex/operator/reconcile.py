@@ -14,7 +14,9 @@ from typing import Literal
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.fleet import ModelState
-from cortex.core.planner import Demand, NeuronView, Plan, Policy, ReplicaView, plan
+from cortex.core.placement.model import Demand, NeuronView, Plan, Policy
+from cortex.core.placement.planner import plan
+from cortex.core.placement.snapshot import NeuronReport, Reservations, snapshot
 from cortex.core.resources import (
     ModelPlacement,
     ModelPlacementStatus,
@@ -108,38 +110,23 @@ def unprobed(fleet: Fleet) -> list[str]:
 
 
 def neuron_views(fleet: Fleet) -> tuple[NeuronView, ...]:
-    """The planner's view of each neuron: its probe, plus loads asked for and not yet visible."""
-    views = []
+    """The planner's view of each neuron (the shared snapshot): its last probe, with loads asked
+    for and not yet visible reserved. An unreachable neuron is unhealthy: its replicas no longer
+    count, so the planner places them again elsewhere."""
+    reports = []
     for neuron in sorted(fleet.neurons, key=lambda n: n.metadata.name):
-        name = neuron.metadata.name
-        probe = fleet.reachable(neuron)
-        if probe is None or probe.status is None:
-            views.append(NeuronView(name, 0, 0, healthy=False, labels=neuron.labels))
-            continue
-        answer = probe.status
-        devices = [d for d in answer.devices if d.healthy]
-        replicas = [
-            ReplicaView(m.id, m.state, m.memory_bytes, m.in_flight, m.last_used, m.loaded_at)
-            for m in answer.models
-        ]
-        free = sum(d.memory_free for d in devices)
-        shown = {m.id for m in answer.models}
-        for (model, where), pending in sorted(fleet.pending.items()):
-            if where == name and model not in shown:
-                replicas.append(ReplicaView(model, ModelState.LOADING, pending.memory))
-                free -= pending.memory
-        views.append(
-            NeuronView(
-                name=name,
-                memory_total=sum(d.memory_total for d in devices),
-                memory_free=free,
-                replicas=tuple(replicas),
-                healthy=answer.healthy,
+        probe = fleet.probes.get(neuron.metadata.name)
+        reports.append(
+            NeuronReport(
+                name=neuron.metadata.name,
+                status=probe.status if probe is not None else None,
+                healthy=fleet.reachable(neuron) is not None,
                 cordoned=neuron.spec.cordoned,
                 labels=neuron.labels,
             )
         )
-    return tuple(views)
+    arriving = {(p.neuron, p.model): p.memory for p in fleet.pending.values()}
+    return tuple(snapshot(reports, Reservations(arriving=arriving)))
 
 
 def live_on(views: tuple[NeuronView, ...], model: str) -> list[str]:
