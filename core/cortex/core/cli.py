@@ -115,7 +115,7 @@ def _operator_parser(commands: Any) -> None:
         "--standalone", action="store_true", default=bool(_env("standalone")),
         help="no peering: this is the only operator [env CORTEX_STANDALONE]",
     )  # fmt: skip
-    _flag(operator, "liveness", "kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    _flag(operator, "liveness", "kopf liveness endpoint (default http://0.0.0.0:8080/healthz; off)")
 
 
 def _split(value: str | None) -> list[str]:

@@ -39,9 +39,19 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         admin_token=read_admin_token(args.admin_token_file),
         peering=args.peering or None,
         standalone=bool(args.standalone),
-        liveness=args.liveness or None,
+        liveness=_liveness(args.liveness),
         **extra,  # type: ignore[arg-type]
     )
+
+
+DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
+
+
+def _liveness(flag: str | None) -> str | None:
+    """kopf's liveness endpoint: on :8080 unless set, and off with 'off'."""
+    if flag is None:
+        return DEFAULT_LIVENESS
+    return None if flag.strip().lower() in ("", "off", "none") else flag
 
 
 def operator_settings(config: OperatorConfig) -> kopf.OperatorSettings:
