@@ -45,6 +45,15 @@ async def until(check: Callable[[], T | None], what: str, timeout: float = 15.0)
         await asyncio.sleep(0.05)
 
 
+async def until_async(check: Callable[[], Awaitable[bool]], what: str, timeout: float) -> None:
+    """`until` for a check that has to await (an HTTP call)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
 _uids = itertools.count(1)
 
 
