@@ -183,9 +183,14 @@ class CortexCluster(kmock.KubernetesEmulator):
 
     async def _handle(self, request: rendering.Request) -> Any:
         """Validate our CRDs' objects before the emulator stores them; reject like an API server.
-        Names from metadata.generateName are made here (kopf names its Events that way)."""
+        Names from metadata.generateName (kopf names its Events that way), a resourceVersion and a
+        uid are given here as an API server gives them (kopf's finalizer patches test the
+        resourceVersion)."""
         if request.action == enums.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
+            self.created = getattr(self, "created", 0) + 1
+            meta.setdefault("resourceVersion", str(self.created))
+            meta.setdefault("uid", f"uid-{self.created:06d}")
             if not meta.get("name") and meta.get("generateName"):
                 self.generated = getattr(self, "generated", 0) + 1
                 meta["name"] = f"{meta['generateName']}{self.generated:05d}"

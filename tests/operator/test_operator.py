@@ -316,3 +316,67 @@ async def test_a_replica_already_loaded_is_adopted_not_loaded_again(
         async with operator():
             await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
         assert fake.loads == []
+
+
+# What the chart's Role and ClusterRole grant the operator (docs/kubernetes.md, Permissions).
+GRANTED = {
+    ("cortex.helexa.ai", "neurons"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("cortex.helexa.ai", "neurons/status"): {"get", "patch"},
+    ("cortex.helexa.ai", "modelplacements"): {"get", "list", "watch", "patch"},
+    ("cortex.helexa.ai", "modelplacements/status"): {"get", "patch"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "events"): {"create"},
+    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+    ("", "namespaces"): {"list", "watch"},
+}
+VERBS = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create", "DELETE": "delete"}
+
+
+async def test_the_operator_needs_no_permission_beyond_what_the_chart_grants(
+    kube: Kube, operator: Operator
+) -> None:
+    """Every API call of a peered operator through its whole life, as (group, resource, verb)."""
+    peering = {
+        "apiVersion": "kopf.dev/v1",
+        "kind": "KopfPeering",
+        "metadata": {"name": "cortex-operator"},
+    }
+    await kube.create("kopf.dev/v1/kopfpeerings", peering)
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    async with running(fake.app) as served, operator(peering="cortex-operator", standalone=False):
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "neuron-pod",
+                "labels": {
+                    "app.kubernetes.io/name": "cortex",
+                    "app.kubernetes.io/component": "neuron",
+                },
+            },
+            "spec": {"nodeName": "node-2"},
+            "status": {"podIP": "127.0.0.1"},
+        }
+        await kube.create("v1/pods", pod)
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        await until(lambda: kube.get(NEURONS, "node-2"), "the pod's Neuron")
+        await kube.delete(PLACEMENTS, "chat")
+        await until(lambda: kube.get(PLACEMENTS, "chat") is None, "the placement to be gone")
+    used: set[tuple[str, str, str]] = set()
+    for request in kube.cluster:
+        kopf = "kopf" in request.headers.get("User-Agent", "")
+        if not kopf or request.resource is None or not request.resource.plural:
+            continue  # ours, or discovery (open to every authenticated client)
+        resource = request.resource.plural + (
+            f"/{request.subresource}" if request.subresource else ""
+        )
+        action = request.action.value if request.action is not None else ""
+        verb = VERBS.get(action, "patch" if request.method.value == "PATCH" else "update")
+        used.add((request.resource.group, resource, verb))
+    refused = {(g, r, v) for g, r, v in used if v not in GRANTED.get((g, r), set())}
+    assert refused == set(), f"calls the chart's RBAC does not allow: {sorted(refused)}"
+    assert ("kopf.dev", "kopfpeerings", "patch") in used  # it really ran as a peer
+    assert ("cortex.helexa.ai", "neurons", "create") in used
