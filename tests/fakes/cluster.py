@@ -183,14 +183,15 @@ class CortexCluster(kmock.KubernetesEmulator):
 
     async def _handle(self, request: rendering.Request) -> Any:
         """Validate our CRDs' objects before the emulator stores them; reject like an API server.
-        Names from metadata.generateName (kopf names its Events that way), a resourceVersion and a
-        uid are given here as an API server gives them (kopf's finalizer patches test the
-        resourceVersion)."""
+        Names from metadata.generateName (kopf names its Events that way), a uid and a
+        resourceVersion are given to new objects as an API server gives them (kopf's finalizer
+        patches test the resourceVersion). Unlike a server, writes keep the resourceVersion: kmock
+        would answer a failed version test with a 500, which kopf retries unchanged."""
         if request.action == enums.action.CREATE and isinstance(request.data, dict):
+            self.versions = getattr(self, "versions", 0) + 1
             meta = request.data.setdefault("metadata", {})
-            self.created = getattr(self, "created", 0) + 1
-            meta.setdefault("resourceVersion", str(self.created))
-            meta.setdefault("uid", f"uid-{self.created:06d}")
+            meta.setdefault("resourceVersion", str(self.versions))
+            meta.setdefault("uid", f"uid-{self.versions:06d}")
             if not meta.get("name") and meta.get("generateName"):
                 self.generated = getattr(self, "generated", 0) + 1
                 meta["name"] = f"{meta['generateName']}{self.generated:05d}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -54,9 +53,6 @@ async def until_async(check: Callable[[], Awaitable[bool]], what: str, timeout: 
         await asyncio.sleep(0.1)
 
 
-_uids = itertools.count(1)
-
-
 @dataclass
 class Kube:
     """The emulator and a client of its HTTP API (writes go through schema validation)."""
@@ -67,10 +63,7 @@ class Kube:
 
     async def create(self, resource: str, body: dict[str, Any]) -> dict[str, Any]:
         meta = body.setdefault("metadata", {})
-        meta.setdefault("namespace", NS)
-        # kmock assigns neither; kopf's finalizer patches test the resourceVersion.
-        meta.setdefault("resourceVersion", "1")
-        meta.setdefault("uid", f"uid-{next(_uids)}")
+        meta.setdefault("namespace", NS)  # resourceVersion and uid: the emulator's, as a server's
         async with self.http.post(f"{_path(resource)}", json=body) as response:
             answer: dict[str, Any] = await response.json()
             if response.status >= 400:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import kopf
 
@@ -27,7 +28,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     if args.all_namespaces and args.namespace:
         raise ValueError("--namespace and --all-namespaces exclude each other")
     namespaces = () if args.all_namespaces else (args.namespace or default_namespace(),)
-    extra = {}
+    extra: dict[str, Any] = {}
     if args.neuron_selector:
         extra["neuron_selector"] = parse_selector(args.neuron_selector)
     if args.probe_interval is not None:
@@ -40,7 +41,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         peering=args.peering or None,
         standalone=bool(args.standalone),
         liveness=_liveness(args.liveness),
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
 
 

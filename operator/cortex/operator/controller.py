@@ -11,12 +11,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Literal, cast
 
 import httpx
 import kopf
 
-from cortex.core.client import NeuronClient
+from cortex.core.client import DEFAULT_TIMEOUT, NeuronClient
 from cortex.core.errors import CortexError, ModelNotFound
 from cortex.core.fleet import LoadRequest, NeuronStatus
 from cortex.core.placement.model import Load, Unload
@@ -37,9 +37,10 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 
 
-def body_of(obj: Neuron | ModelPlacement) -> dict[str, Any]:
+def body_of(obj: Neuron | ModelPlacement) -> kopf.Body:
     """The object reference kopf needs to post an Event about it."""
-    return obj.model_dump(by_alias=True, mode="json", include={"api_version", "kind", "metadata"})
+    raw = obj.model_dump(by_alias=True, mode="json", include={"api_version", "kind", "metadata"})
+    return kopf.Body(cast(kopf.RawBody, raw))
 
 
 class Controller:
@@ -61,11 +62,10 @@ class Controller:
         """One client per neuron; probes get a short timeout, loads the long default."""
         key = (endpoint, probing)
         if key not in self._clients:
-            timeout = max(min(self.config.probe_interval * 2, 10.0), 1.0)
+            quick = httpx.Timeout(max(min(self.config.probe_interval * 2, 10.0), 1.0))
+            timeout = quick if probing else DEFAULT_TIMEOUT
             self._clients[key] = NeuronClient(
-                endpoint,
-                admin_token=self.config.admin_token,
-                **({"timeout": httpx.Timeout(timeout)} if probing else {}),
+                endpoint, admin_token=self.config.admin_token, timeout=timeout
             )
         return self._clients[key]
 
@@ -159,7 +159,7 @@ class Controller:
                 body_of(placement), reason="UnloadFailed", message=f"{neuron.metadata.name}: {exc}"
             )
             return False
-        reason = "Idle" if action.reason == "idle" else "Evicted"
+        reason: Literal["Evicted", "Idle"] = "Idle" if action.reason == "idle" else "Evicted"
         why = (
             "unused for longer than its idleTimeout"
             if reason == "Idle"

@@ -48,10 +48,10 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
         placement = _parse(ModelPlacement, body)
         return {namespace: placement} if placement is not None else {}
 
-    # Handlers are retried after one probe interval, not kopf's default minute.
-    retry = {"backoff": config.probe_interval, "registry": registry}
+    # Timers tick, and failed handlers are retried, once a probe interval (not kopf's minute).
+    every = config.probe_interval
 
-    @kopf.timer(GROUP, VERSION, NEURONS, interval=config.probe_interval, **retry)
+    @kopf.timer(GROUP, VERSION, NEURONS, interval=every, backoff=every, registry=registry)
     async def probe_neuron(body: kopf.Body, namespace: str, patch: kopf.Patch, **_: Any) -> None:
         """Probe the neuron and write what it said into the Neuron's status."""
         neuron = Neuron.model_validate(body)
@@ -87,7 +87,7 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
         if status.ready_replicas and DEMAND_ANNOTATION in placement.metadata.annotations:
             patch.metadata.annotations[DEMAND_ANNOTATION] = None  # the demand is served
 
-    @kopf.timer(GROUP, VERSION, PLACEMENTS, interval=config.probe_interval, **retry)
+    @kopf.timer(GROUP, VERSION, PLACEMENTS, interval=every, backoff=every, registry=registry)
     async def placement_timer(
         body: kopf.Body, namespace: str, patch: kopf.Patch,
         neuron_index: Index, placement_index: Index, **_: Any,
@@ -104,7 +104,7 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
         if type != "DELETED":
             await reconcile(body, namespace, patch, neuron_index, placement_index)
 
-    @kopf.on.delete(GROUP, VERSION, PLACEMENTS, **retry)
+    @kopf.on.delete(GROUP, VERSION, PLACEMENTS, backoff=every, registry=registry)
     async def placement_deleted(
         body: kopf.Body, namespace: str, neuron_index: Index, **_: Any
     ) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.fleet import ModelState
@@ -24,6 +24,7 @@ from cortex.core.resources import (
     PlacementDemand,
     PlacementPhase,
     PlacementReplica,
+    ReplicaState,
     parse_rfc3339,
     rfc3339,
 )
@@ -276,7 +277,9 @@ def _replicas(
         probe = fleet.reachable(neuron)
         if probe is None or probe.status is None:
             continue
-        state = next((m.state.value for m in probe.status.models if m.id == model), None)
+        state: ReplicaState | None = next(
+            (cast(ReplicaState, m.state.value) for m in probe.status.models if m.id == model), None
+        )
         if state is None and (model, name) in fleet.pending:
             state = "loading"
         if state is None:
