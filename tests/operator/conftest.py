@@ -57,7 +57,12 @@ def operator(kube: Kube) -> Operator:
         try:
             yield
         finally:
+            # kopf's graceful stop waits seconds for watch streams the emulator never ends;
+            # after a moment it is cancelled instead, as a killed pod would be.
             stop.set()
-            await asyncio.wait_for(task, 30)
+            await asyncio.wait({task}, timeout=1)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     return running
