@@ -62,3 +62,12 @@ def test_other_commands_never_import_kopf() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_no_credentials_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))  # type: ignore[operator]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["operator", "--standalone"]) == 2
+    assert "no Kubernetes credentials" in capsys.readouterr().err

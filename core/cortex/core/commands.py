@@ -65,7 +65,7 @@ async def neuron(args: argparse.Namespace) -> None:
 def operator(args: argparse.Namespace) -> int:
     """The kopf operator, until interrupted; kopf is imported only here."""
     try:
-        from cortex.operator.cli import config_from_args, run
+        from cortex.operator.cli import check_credentials, config_from_args, run
     except ImportError as exc:
         print(
             f"cortex operator needs the operator extra (pip install 'cortex[operator]'): {exc}",
@@ -74,6 +74,7 @@ def operator(args: argparse.Namespace) -> int:
         return 2
     try:
         config = config_from_args(args)
+        check_credentials()
     except (ValueError, OSError) as exc:
         print(f"cortex operator: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -19,6 +21,17 @@ from cortex.operator.config import (
 )
 from cortex.operator.controller import Controller
 from cortex.operator.handlers import build_registry
+
+
+def check_credentials() -> None:
+    """Fail at once, in one line, where kopf would retry a login that cannot work forever."""
+    in_cluster = Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()
+    configs = os.environ.get("KUBECONFIG") or str(Path("~/.kube/config").expanduser())
+    if in_cluster or any(Path(p).expanduser().exists() for p in configs.split(os.pathsep) if p):
+        return
+    raise ValueError(
+        "no Kubernetes credentials: not in a pod, and no kubeconfig (KUBECONFIG or ~/.kube/config)"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> OperatorConfig:
