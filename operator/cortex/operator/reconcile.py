@@ -211,56 +211,77 @@ def placement_status(
     replicas = _replicas(placement, fleet, previous, now)
     ready = sum(r.state == "ready" for r in replicas)
     loading = sum(r.state == "loading" for r in replicas)
-    spec, name = placement.spec, placement.metadata.name
-    owner = fleet.owners().get(spec.model)
-    demanded = active_demand(placement) is not None
-    want = max(spec.floor, 1 if demanded else 0)
+    name = placement.metadata.name
+    want = max(placement.spec.floor, 1 if active_demand(placement) is not None else 0)
     failure = fleet.failures.get(name)
     failing = failure is not None and (name in planned.blocked or ready == 0)
     generation = placement.metadata.generation
     conditions = list(previous.conditions)
-
-    def condition(kind: str, status: Literal["True", "False"], reason: str, message: str) -> None:
-        nonlocal conditions
-        conditions = set_condition(conditions, kind, status, reason, message, now, generation)
-
-    if owner is not None and owner.metadata.name != name:
-        condition(
-            "Scheduled",
-            "False",
-            "Unschedulable",
-            f"model {spec.model} is placed by ModelPlacement {owner.metadata.name}",
-        )
-    elif spec.model in planned.plan.unplaceable:
-        condition("Scheduled", "False", "Unschedulable", planned.plan.unplaceable[spec.model])
-    else:
-        condition("Scheduled", "True", "Scheduled", _scheduled(replicas, want))
-
-    unloaded = fleet.unloaded.get(name)
-    if failing and failure is not None:
-        retry = max(failure.retry_at - now, 0)
-        message = (
-            f"{failure.neuron}: {failure.reason} (attempt {failure.attempts}, next in {retry:.0f}s)"
-        )
-        condition("Loaded", "False", "LoadFailed", message)
-    elif ready and ready >= want:
-        condition("Loaded", "True", "Loaded", f"{ready} replica(s) ready")
-    elif loading:
-        condition("Loaded", "False", "Loading", f"{ready} of {want} ready, {loading} loading")
-    elif not ready and unloaded is not None and want == 0:
-        condition("Loaded", "False", unloaded.reason, unloaded.message)
-    elif want == 0:
-        condition("Loaded", "False", "Idle", "no replica loaded; min is 0, one loads on demand")
-    else:
-        why = "waiting for a neuron with room" if ready < want else ""
-        condition("Loaded", "False", "Loading", f"{ready} of {want} ready; {why}".rstrip("; "))
-
+    for verdict in (
+        _scheduled(placement, fleet, planned, replicas, want),
+        _loaded(ready, loading, want, failure if failing else None, fleet.unloaded.get(name), now),
+    ):
+        conditions = set_condition(conditions, *verdict, now, generation)
     return ModelPlacementStatus(
         phase=_phase(want, ready, loading, failing),
         replicas=replicas,
         ready_replicas=ready,
         conditions=conditions,
         observed_generation=generation,
+    )
+
+
+Verdict = tuple[str, Literal["True", "False"], str, str]  # condition type, status, reason, message
+
+
+def _scheduled(
+    placement: ModelPlacement,
+    fleet: Fleet,
+    planned: FleetPlan,
+    replicas: list[PlacementReplica],
+    want: int,
+) -> Verdict:
+    model = placement.spec.model
+    owner = fleet.owners().get(model)
+    if owner is not None and owner.metadata.name != placement.metadata.name:
+        why = f"model {model} is placed by ModelPlacement {owner.metadata.name}"
+        return ("Scheduled", "False", "Unschedulable", why)
+    if model in planned.plan.unplaceable:
+        return ("Scheduled", "False", "Unschedulable", planned.plan.unplaceable[model])
+    where = ", ".join(r.neuron for r in replicas if r.state != "failed")
+    if where:
+        return ("Scheduled", "True", "Scheduled", f"placed on {where}")
+    idle = "nothing to place: min is 0 and no client is waiting"
+    return ("Scheduled", "True", "Scheduled", idle if want == 0 else "placing")
+
+
+def _loaded(
+    ready: int,
+    loading: int,
+    want: int,
+    failure: LoadFailure | None,
+    unloaded: Unloaded | None,
+    now: float,
+) -> Verdict:
+    if failure is not None:
+        retry = max(failure.retry_at - now, 0)
+        why = (
+            f"{failure.neuron}: {failure.reason} (attempt {failure.attempts}, next in {retry:.0f}s)"
+        )
+        return ("Loaded", "False", "LoadFailed", why)
+    if ready and ready >= want:
+        return ("Loaded", "True", "Loaded", f"{ready} replica(s) ready")
+    if loading:
+        return ("Loaded", "False", "Loading", f"{ready} of {want} ready, {loading} loading")
+    if want == 0 and unloaded is not None and not ready:
+        return ("Loaded", "False", unloaded.reason, unloaded.message)
+    if want == 0:
+        return ("Loaded", "False", "Idle", "no replica loaded; min is 0, one loads on demand")
+    return (
+        "Loaded",
+        "False",
+        "Loading",
+        f"{ready} of {want} ready; waiting for a neuron with room",
     )
 
 
@@ -289,13 +310,6 @@ def _replicas(
             PlacementReplica(neuron=name, endpoint=probe.endpoint, state=state, since=since)
         )
     return replicas
-
-
-def _scheduled(replicas: list[PlacementReplica], want: int) -> str:
-    where = ", ".join(r.neuron for r in replicas if r.state != "failed")
-    if where:
-        return f"placed on {where}"
-    return "nothing to place: min is 0 and no client is waiting" if want == 0 else "placing"
 
 
 def _phase(want: int, ready: int, loading: int, failing: bool) -> PlacementPhase:
