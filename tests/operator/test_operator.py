@@ -171,6 +171,29 @@ async def test_deleting_a_placement_unloads_it_everywhere(kube: Kube, operator: 
         assert one.models == {} and two.models == {}
 
 
+async def test_a_neuron_that_is_down_does_not_hold_a_deletion(
+    kube: Kube, operator: Operator
+) -> None:
+    up, down = (
+        FakeNeuron("up", available={"chat": GiB}),
+        FakeNeuron("down", available={"chat": GiB}),
+    )
+    async with running(up.app) as first, running(down.app) as second, operator():
+        await kube.create(NEURONS, neuron("up", first.url))
+        await kube.create(NEURONS, neuron("down", second.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat", replicas={"min": 2, "max": 2}))
+        await until(
+            lambda: kube.status(PLACEMENTS, "chat").get("readyReplicas") == 2, "two replicas"
+        )
+        await second.stop(force=True)
+        await until(
+            lambda: kube.status(NEURONS, "down").get("phase") == "Unreachable", "down Unreachable"
+        )
+        await kube.delete(PLACEMENTS, "chat")
+        await until(lambda: kube.get(PLACEMENTS, "chat") is None, "the placement to be gone")
+        assert (up.unloads, down.unloads) == (["chat"], [])
+
+
 async def test_a_restarted_operator_loads_nothing_twice(kube: Kube, operator: Operator) -> None:
     fake = FakeNeuron("n1", available={"a": GiB, "b": GiB})
     async with running(fake.app) as served:

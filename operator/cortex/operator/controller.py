@@ -230,34 +230,40 @@ class Controller:
     async def unload_everywhere(
         self, namespace: str, placement: ModelPlacement, neurons: list[Neuron]
     ) -> list[str]:
-        """Unload the placement's model from every neuron holding it; the neurons still busy."""
+        """Unload the placement's model from every neuron holding it; the neurons still busy.
+        An unreachable neuron is skipped: waiting for it would hold the deletion."""
         lock = self._locks.setdefault(namespace, asyncio.Lock())
         model, busy = placement.spec.model, []
         async with lock:
             if any(ns == namespace and m == model for ns, m, _ in self.pending):
                 return ["a load still in flight"]
-            for neuron in neurons:
-                probe = self.probes.get((namespace, neuron.metadata.name))
-                if probe is None or probe.status is None or not neuron.spec.endpoint:
-                    continue
-                if not any(m.id == model for m in probe.status.models):
-                    continue
+            for neuron in self._holding(namespace, neurons, model):
                 try:
-                    await self.client(neuron.spec.endpoint).unload(model)
+                    await self.client(neuron.spec.endpoint or "").unload(model)
                 except ModelNotFound:
                     pass
                 except CortexError as exc:
                     busy.append(f"{neuron.metadata.name} ({exc})")
                     continue
-                kopf.info(
-                    body_of(placement),
-                    reason="Unloaded",
-                    message=f"unloaded from {neuron.metadata.name}: placement deleted",
-                )
+                message = f"unloaded from {neuron.metadata.name}: placement deleted"
+                kopf.info(body_of(placement), reason="Unloaded", message=message)
                 await self.probe(namespace, neuron)
             self.failures.pop((namespace, placement.metadata.name), None)
             self.unloaded.pop((namespace, placement.metadata.name), None)
         return busy
+
+    def _holding(self, namespace: str, neurons: list[Neuron], model: str) -> list[Neuron]:
+        """Reachable neurons whose last answer lists the model."""
+        holding = []
+        for neuron in neurons:
+            probe = self.probes.get((namespace, neuron.metadata.name))
+            if probe is None or probe.status is None or not neuron.spec.endpoint:
+                continue
+            if probe.reachable(self.config.unreachable_after) and any(
+                m.id == model for m in probe.status.models
+            ):
+                holding.append(neuron)
+        return holding
 
 
 def _devices(probe: Probe | None, count: int) -> list[str] | None:
