@@ -222,3 +222,18 @@ def test_crds_are_namespaced_in_the_cortex_category_with_short_names() -> None:
         assert "status" in served_version(crd)["subresources"]
     peering = load_crd("kopfpeerings")
     assert (peering["spec"]["group"], peering["spec"]["scope"]) == ("kopf.dev", "Namespaced")
+
+
+@pytest.mark.parametrize("name", ["neurons", "modelplacements"])
+def test_printer_columns_point_at_fields_the_schema_has(name: str) -> None:
+    version = served_version(load_crd(name))
+    schema = version["schema"]["openAPIV3Schema"]
+    for column in version["additionalPrinterColumns"]:
+        path = column["jsonPath"].lstrip(".").replace("[*]", "").split(".")
+        if path[0] == "metadata":
+            continue
+        node = schema
+        for part in path:
+            node = node.get("items", node)  # a list's elements
+            assert part in node.get("properties", {}), f"{column['name']}: no {part} in {path}"
+            node = node["properties"][part]
