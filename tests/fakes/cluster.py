@@ -1,0 +1,186 @@
+"""A Kubernetes API for tests: kmock's emulator with the project's CRDs (crds/*.yaml) registered,
+defaults applied and every create or patch of their objects validated against their schemas, as an
+API server with strict field validation would."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kmock
+import yaml
+from kmock._internal import dicts, enums, rendering
+
+CRDS = Path(__file__).resolve().parents[2] / "crds"
+
+
+def load_crd(name: str) -> dict[str, Any]:
+    """crds/<name>.yaml as a dict."""
+    crd: dict[str, Any] = yaml.safe_load((CRDS / f"{name}.yaml").read_text())
+    return crd
+
+
+def served_version(crd: Mapping[str, Any]) -> dict[str, Any]:
+    version: dict[str, Any] = crd["spec"]["versions"][0]
+    return version
+
+
+# The CEL rules the CRDs carry, and what each means, checked with plain Python. A new rule fails
+# validation here until its meaning is written down next to it.
+CEL_RULES: dict[str, Callable[[Any], bool]] = {
+    "self.min <= self.max": lambda value: value["min"] <= value["max"],
+}
+
+
+def _json_schema(node: Any, *, strict: bool) -> Any:
+    """openAPIV3Schema -> JSON Schema: `nullable` becomes a null type; with `strict`, objects with
+    named properties refuse others (strict field validation) unless they preserve unknown fields."""
+    if isinstance(node, list):
+        return [_json_schema(item, strict=strict) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _json_schema(value, strict=strict) for key, value in node.items()}
+    if out.pop("nullable", False) and "type" in out:
+        out["type"] = [out["type"], "null"]
+    preserve = node.get("x-kubernetes-preserve-unknown-fields")
+    if strict and "properties" in node and not preserve and "additionalProperties" not in node:
+        out["additionalProperties"] = False
+    return out
+
+
+class CrdValidator:
+    """Defaults and validation of one CRD's objects."""
+
+    def __init__(self, crd: Mapping[str, Any]) -> None:
+        self.crd = crd
+        self.kind = crd["spec"]["names"]["kind"]
+        self.schema = served_version(crd)["schema"]["openAPIV3Schema"]
+        checked = _json_schema(self.schema, strict=True)
+        checked.setdefault("properties", {}).update(
+            apiVersion={"type": "string"},
+            kind={"type": "string", "const": self.kind},
+            metadata={"type": "object"},
+        )
+        self.validator = jsonschema.Draft202012Validator(checked)
+
+    def defaulted(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """The object with the schema's defaults filled in (as the API server stores it)."""
+        result = copy.deepcopy(dict(obj))
+        _apply_defaults(self.schema, result)
+        return result
+
+    def errors(self, obj: Mapping[str, Any]) -> list[str]:
+        """Why the (defaulted) object would be rejected; empty when it is valid."""
+        found = [
+            f"{'.'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
+            for error in self.validator.iter_errors(obj)
+        ]
+        if not found:
+            found = _cel_errors(self.schema, obj, "")
+        return found
+
+    def validate(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """The defaulted object, or ValueError naming every problem."""
+        result = self.defaulted(obj)
+        problems = self.errors(result)
+        if problems:
+            raise ValueError(f"{self.kind} rejected: " + "; ".join(problems))
+        return result
+
+
+def _apply_defaults(schema: Mapping[str, Any], value: Any) -> None:
+    if not isinstance(value, dict):
+        return
+    for key, sub in schema.get("properties", {}).items():
+        if key not in value and "default" in sub:
+            value[key] = copy.deepcopy(sub["default"])
+        if key in value:
+            _apply_defaults(sub, value[key])
+            if sub.get("type") == "array" and isinstance(value[key], list):
+                for item in value[key]:
+                    _apply_defaults(sub.get("items", {}), item)
+
+
+def _cel_errors(schema: Mapping[str, Any], value: Any, path: str) -> list[str]:
+    found = []
+    for check in schema.get("x-kubernetes-validations", []):
+        meaning = CEL_RULES.get(check["rule"])
+        if meaning is None:
+            raise NotImplementedError(f"CEL rule {check['rule']!r} has no meaning in CEL_RULES")
+        if not meaning(value):
+            found.append(f"{path or '<root>'}: {check.get('message', check['rule'])}")
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                found += _cel_errors(sub, value[key], f"{path}.{key}".lstrip("."))
+    return found
+
+
+# -- the emulator
+
+
+def resource_key(crd: Mapping[str, Any]) -> str:
+    """'cortex.helexa.ai/v1alpha1/neurons' for kmock's resource registry."""
+    spec = crd["spec"]
+    return f"{spec['group']}/{served_version(crd)['name']}/{spec['names']['plural']}"
+
+
+class CortexCluster(kmock.KubernetesEmulator):
+    """kmock's emulator serving the project's CRDs plus what kopf needs to start its watchers."""
+
+    validators: dict[str, CrdValidator]
+
+    def register(
+        self, names: tuple[str, ...] = ("neurons", "modelplacements", "kopfpeerings")
+    ) -> None:
+        """Declare the built-in resources kopf discovers, and our CRDs from their manifests."""
+        self.validators = {}
+        for builtin in ("v1/namespaces", "v1/events", "v1/pods"):
+            self.resources[builtin] = kmock.ResourceInfo(namespaced=builtin != "v1/namespaces")
+        self.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
+            kind="CustomResourceDefinition", namespaced=False
+        )
+        for name in names:
+            crd = load_crd(name)
+            key = resource_key(crd)
+            names_ = crd["spec"]["names"]
+            version = served_version(crd)
+            self.resources[key] = kmock.ResourceInfo(
+                kind=names_["kind"],
+                singular=names_.get("singular"),
+                namespaced=crd["spec"]["scope"] == "Namespaced",
+                shortnames=set(names_.get("shortNames", [])),
+                categories=set(names_.get("categories", [])),
+                subresources=set(version.get("subresources", {})),
+                verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+            )
+            self.validators[key] = CrdValidator(crd)
+
+    async def _handle(self, request: rendering.Request) -> Any:
+        """Validate our CRDs' objects before the emulator stores them; reject like an API server."""
+        if request.resource is not None:
+            key = f"{request.resource.group}/{request.resource.version}/{request.resource.plural}"
+            validator = getattr(self, "validators", {}).get(key)
+            if validator is not None:
+                try:
+                    self._check(request, key, validator)
+                except ValueError as exc:
+                    return await self._render_error(
+                        kmock.KubernetesError(status=422, reason="Invalid", message=str(exc))
+                    )
+        return await super()._handle(request)
+
+    def _check(self, request: rendering.Request, key: str, validator: CrdValidator) -> None:
+        if request.action == enums.action.CREATE:
+            stored = validator.validate(request.data)
+            request.data.clear()
+            request.data.update(stored)
+        elif request.action == enums.action.UPDATE and request.name is not None:
+            current = self.objects.get((key, request.namespace, request.name))
+            if current is None or current.deleted:
+                return
+            patched = dicts.patch_dict(current.raw, request.data)
+            validator.validate(patched)
