@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 import kmock
 import yaml
-from kmock._internal import dicts, enums, rendering
+from kmock._internal import dicts, enums, parsing, rendering
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 
@@ -128,6 +128,21 @@ def resource_key(crd: Mapping[str, Any]) -> str:
     return f"{spec['group']}/{served_version(crd)['name']}/{spec['names']['plural']}"
 
 
+def _parse_path(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 reads /api/v1/namespaces[/NAME] as a namespaced path with nothing after the
+    namespace and fails with a 500; kopf lists namespaces, so read those as the namespaces
+    resource itself."""
+    parts = path.strip("/").split("/")
+    if parts[:2] == ["api", "v1"] and parts[2:3] == ["namespaces"] and len(parts) <= 4:
+        name = parts[3] if len(parts) == 4 else None
+        return parsing.ParsedPath("", "v1", "namespaces", None, name, None)
+    return _kmock_parse_path(path)
+
+
+_kmock_parse_path = parsing.parse_path
+parsing.parse_path = _parse_path
+
+
 class CortexCluster(kmock.KubernetesEmulator):
     """kmock's emulator serving the project's CRDs plus what kopf needs to start its watchers."""
 
@@ -138,10 +153,17 @@ class CortexCluster(kmock.KubernetesEmulator):
     ) -> None:
         """Declare the built-in resources kopf discovers, and our CRDs from their manifests."""
         self.validators = {}
-        for builtin in ("v1/namespaces", "v1/events", "v1/pods"):
-            self.resources[builtin] = kmock.ResourceInfo(namespaced=builtin != "v1/namespaces")
+        verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
+        for builtin, kind in (
+            ("v1/namespaces", "Namespace"),
+            ("v1/events", "Event"),
+            ("v1/pods", "Pod"),
+        ):
+            self.resources[builtin] = kmock.ResourceInfo(
+                kind=kind, namespaced=kind != "Namespace", verbs=verbs
+            )
         self.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
-            kind="CustomResourceDefinition", namespaced=False
+            kind="CustomResourceDefinition", namespaced=False, verbs=verbs
         )
         for name in names:
             crd = load_crd(name)
@@ -155,12 +177,18 @@ class CortexCluster(kmock.KubernetesEmulator):
                 shortnames=set(names_.get("shortNames", [])),
                 categories=set(names_.get("categories", [])),
                 subresources=set(version.get("subresources", {})),
-                verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+                verbs=verbs,
             )
             self.validators[key] = CrdValidator(crd)
 
     async def _handle(self, request: rendering.Request) -> Any:
-        """Validate our CRDs' objects before the emulator stores them; reject like an API server."""
+        """Validate our CRDs' objects before the emulator stores them; reject like an API server.
+        Names from metadata.generateName are made here (kopf names its Events that way)."""
+        if request.action == enums.action.CREATE and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                self.generated = getattr(self, "generated", 0) + 1
+                meta["name"] = f"{meta['generateName']}{self.generated:05d}"
         if request.resource is not None:
             key = f"{request.resource.group}/{request.resource.version}/{request.resource.plural}"
             validator = getattr(self, "validators", {}).get(key)
@@ -179,8 +207,9 @@ class CortexCluster(kmock.KubernetesEmulator):
             request.data.clear()
             request.data.update(stored)
         elif request.action == enums.action.UPDATE and request.name is not None:
-            current = self.objects.get((key, request.namespace, request.name))
-            if current is None or current.deleted:
+            where = (kmock.resource(key), request.namespace, request.name)
+            if where not in self.objects or self.objects[where].deleted:
                 return
+            current = self.objects[where]
             patched = dicts.patch_dict(current.raw, request.data)
             validator.validate(patched)

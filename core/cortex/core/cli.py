@@ -51,11 +51,19 @@ def _parser() -> argparse.ArgumentParser:
         help="models to load at start [env CORTEX_PRELOAD, comma separated]",
     )  # fmt: skip
 
-    gateway = commands.add_parser("gateway", help="run the gateway over a static fleet")
+    gateway = commands.add_parser(
+        "gateway", help="run the gateway over [[neurons]], or over the CRDs with --kubernetes"
+    )
     _flag(gateway, "config", "cortex.toml")
     _flag(gateway, "host", "listen address (overrides [gateway].listen)")
     _flag(gateway, "port", "API port (overrides [gateway].listen)", type=int)
     _flag(gateway, "metrics-port", "Prometheus port (overrides [gateway].metrics_listen)", type=int)
+    gateway.add_argument(
+        "--kubernetes", action="store_true", default=_env("kubernetes") in _TRUE,
+        help="take the fleet from the ModelPlacement and Neuron objects (on by itself in a "
+        "cluster when cortex.toml has no [[neurons]]) [env CORTEX_KUBERNETES]",
+    )  # fmt: skip
+    _flag(gateway, "namespace", "namespace of those objects (default: the pod's, or the context's)")
 
     status = commands.add_parser("status", help="show the fleet (gateway or neuron endpoint)")
     _flag(status, "endpoint", "gateway or neuron URL (default http://127.0.0.1:31313)")
@@ -75,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run benchmarks (see bench/)")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to `python -m bench`")
     return parser
+
+
+_TRUE = ("1", "true", "yes", "on")
 
 
 def _split(value: str | None) -> list[str]:
