@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # A watch asks the server to end it after this long; it is then resumed from its last version.
 WATCH_SECONDS = 300
+# A watch that ends sooner than this without an event is resumed only after a backoff.
+QUICK_WATCH_SECONDS = 1.0
 # A rotated service account token is picked up within this long.
 TOKEN_REREAD_SECONDS = 60.0
 
@@ -194,13 +196,20 @@ class WatchEvent:
 class KubeApi:
     """List, watch and merge-patch namespaced objects of one API server."""
 
-    def __init__(self, login: KubeLogin, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        login: KubeLogin,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.login = login
         self._http = httpx.AsyncClient(
             base_url=login.server.rstrip("/"),
             verify=_tls(login),
             auth=_Bearer(login.token, login.token_file),
             timeout=timeout,
+            transport=transport,
         )
 
     async def aclose(self) -> None:
@@ -303,9 +312,14 @@ class Reflector:
                     self.listed.set()
                     self.tried.set()
                     self._notify()
+                began, events = time.monotonic(), 0
                 async for event in self.api.watch(self.resource, self.namespace, version):
                     version = self._apply(event) or version
-                    delay = self.backoff[0]
+                    delay, events = self.backoff[0], events + 1
+                if not events and time.monotonic() - began < QUICK_WATCH_SECONDS:
+                    # Ended at once with nothing to say: resuming at once would spin.
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.backoff[1])
             except Gone:
                 log.info("watch of %s expired; listing again", self.resource.plural)
                 version = None
