@@ -41,6 +41,12 @@ class DemandSignal:
         self._patched: dict[str, float] = {}  # placement -> when this gateway last patched it
         self._patches: set[asyncio.Task[None]] = set()
 
+    async def aclose(self) -> None:
+        """Stop demand patches still on their way (the API client is about to close)."""
+        for task in self._patches:
+            task.cancel()
+        await asyncio.gather(*self._patches, return_exceptions=True)
+
     def waiting(self, model: str) -> int:
         return self._waiting[model]
 

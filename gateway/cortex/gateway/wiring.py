@@ -53,6 +53,8 @@ class Gateway:
     placer: Placer
     ondemand: OnDemand
     lifecycle: Lifecycle
+    # The operator's part on Kubernetes: asking it for a cold model.
+    demand: DemandSignal
 
     def __init__(
         self,
@@ -131,9 +133,12 @@ class Gateway:
         await self.source.open()
 
     async def aclose(self) -> None:
-        await self.source.aclose()
         if self.kubernetes is None:
+            await self.lifecycle.aclose()
             await self.placer.aclose()
+        else:
+            await self.demand.aclose()
+            await self.source.aclose()
         await self.fleet.aclose()
 
     # -- models
