@@ -51,11 +51,19 @@ def _parser() -> argparse.ArgumentParser:
         help="models to load at start [env CORTEX_PRELOAD, comma separated]",
     )  # fmt: skip
 
-    gateway = commands.add_parser("gateway", help="run the gateway over a static fleet")
+    gateway = commands.add_parser(
+        "gateway", help="run the gateway over [[neurons]], or over the CRDs with --kubernetes"
+    )
     _flag(gateway, "config", "cortex.toml")
     _flag(gateway, "host", "listen address (overrides [gateway].listen)")
     _flag(gateway, "port", "API port (overrides [gateway].listen)", type=int)
     _flag(gateway, "metrics-port", "Prometheus port (overrides [gateway].metrics_listen)", type=int)
+    gateway.add_argument(
+        "--kubernetes", action="store_true", default=_env("kubernetes") in _TRUE,
+        help="take the fleet from the ModelPlacement and Neuron objects (on by itself in a "
+        "cluster when cortex.toml has no [[neurons]]) [env CORTEX_KUBERNETES]",
+    )  # fmt: skip
+    _flag(gateway, "namespace", "namespace of those objects (default: the pod's, or the context's)")
 
     _operator_parser(commands)
 
@@ -79,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TRUE = ("1", "true", "yes", "on")
+
+
 OPERATOR_HELP = """\
 Run the Kubernetes operator (kopf): it turns neuron pods into Neuron objects, probes every Neuron
 and writes its status, and keeps each ModelPlacement's replicas loaded (docs/kubernetes.md).
@@ -98,7 +109,7 @@ def _operator_parser(commands: Any) -> None:
     )
     _flag(operator, "namespace", "namespace to serve (default: the pod's own, else default)")
     operator.add_argument(
-        "--all-namespaces", action="store_true", default=bool(_env("all-namespaces")),
+        "--all-namespaces", action="store_true", default=_env("all-namespaces") in _TRUE,
         help="serve every namespace, each its own fleet [env CORTEX_ALL_NAMESPACES]",
     )  # fmt: skip
     _flag(
@@ -112,7 +123,7 @@ def _operator_parser(commands: Any) -> None:
     )
     _flag(operator, "peering", "kopf peering object (KopfPeering) shared by operator replicas")
     operator.add_argument(
-        "--standalone", action="store_true", default=bool(_env("standalone")),
+        "--standalone", action="store_true", default=_env("standalone") in _TRUE,
         help="no peering: this is the only operator [env CORTEX_STANDALONE]",
     )  # fmt: skip
     _flag(operator, "liveness", "kopf liveness endpoint (default http://0.0.0.0:8080/healthz; off)")

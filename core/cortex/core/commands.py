@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import os
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +18,11 @@ import uvicorn
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cortex.core import kube_api
 from cortex.core.catalogue import DEFAULT_CATALOGUE, merge_catalogues
 from cortex.core.client import NeuronClient
 from cortex.core.config import (
+    ConfigError,
     GatewayConfig,
     NeuronConfig,
     NeuronEntry,
@@ -93,16 +98,33 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     return config
 
 
+def kubernetes_login(
+    args: argparse.Namespace, config: GatewayConfig, environ: Mapping[str, str] = os.environ
+) -> kube_api.KubeLogin | None:
+    """Where the CRDs are, for `--kubernetes` or a pod with no [[neurons]] configured; None for
+    a static fleet. The namespace: --namespace / CORTEX_NAMESPACE, else the login's own."""
+    in_cluster = bool(environ.get("KUBERNETES_SERVICE_HOST")) and not config.neurons
+    if not (args.kubernetes or in_cluster):
+        return None
+    try:
+        login = kube_api.login(environ)
+    except kube_api.KubeApiError as exc:
+        raise ConfigError(f"--kubernetes: {exc}") from None
+    return dataclasses.replace(login, namespace=args.namespace or login.namespace)
+
+
 async def gateway(args: argparse.Namespace) -> None:
     from cortex.gateway.app import serve as serve_gateway
 
     config = gateway_config(args)
-    if not config.neurons:
+    kubernetes = kubernetes_login(args, config)
+    if kubernetes is None and not config.neurons:
         print(
             "cortex gateway: no [[neurons]] in the config; `cortex up` runs a local one",
             file=sys.stderr,
         )
-    await serve_gateway(config, merge_catalogues(DEFAULT_CATALOGUE, config.models))
+    catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
+    await serve_gateway(config, catalogue, kubernetes=kubernetes)
 
 
 async def up(args: argparse.Namespace) -> None:

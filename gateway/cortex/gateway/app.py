@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request, Response
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import GatewayConfig, NeuronEntry
+from cortex.core.kube_api import KubeLogin
 from cortex.gateway import errors, health, routes_anthropic, routes_openai, routes_responses, web
 from cortex.gateway.metrics import CONTENT_TYPE
 from cortex.gateway.wiring import Gateway, Tuning, gateway_of
@@ -22,9 +23,13 @@ def create_app(
     *,
     extra_neurons: Iterable[NeuronEntry] = (),
     tuning: Tuning | None = None,
+    kubernetes: KubeLogin | None = None,
 ) -> FastAPI:
-    """The gateway API. Its lifespan polls the fleet once before serving, then keeps polling."""
-    gateway = Gateway(config, catalogue, extra_neurons=extra_neurons, tuning=tuning)
+    """The gateway API. Its lifespan takes the fleet's first picture before serving (a poll, or
+    the CRDs' first lists with `kubernetes`), then keeps it current."""
+    gateway = Gateway(
+        config, catalogue, extra_neurons=extra_neurons, tuning=tuning, kubernetes=kubernetes
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -65,9 +70,10 @@ async def serve(
     catalogue: Sequence[ModelSpec],
     *,
     extra_neurons: Iterable[NeuronEntry] = (),
+    kubernetes: KubeLogin | None = None,
 ) -> None:
     """Serve the API on `gateway.listen` and metrics on `gateway.metrics_listen` until stopped."""
-    app = create_app(config, catalogue, extra_neurons=extra_neurons)
+    app = create_app(config, catalogue, extra_neurons=extra_neurons, kubernetes=kubernetes)
     host, port = _split(config.gateway.listen)
     servers = [uvicorn.Server(uvicorn.Config(app, host=host, port=port, lifespan="on"))]
     if config.gateway.metrics_listen:

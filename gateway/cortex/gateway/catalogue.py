@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import Field
 
@@ -25,6 +25,38 @@ class FleetModelCard(ModelCard):
     context_length: int | None = None
     pinned_on: list[str] = Field(default_factory=list)
     priority: int = 0
+
+
+def model_card(
+    spec: ModelSpec, availability: tuple[ModelAvailability, list[str]], context: int | None
+) -> FleetModelCard:
+    """A model's /v1/models entry from its spec, where it is, and its context limit."""
+    state, locations = availability
+    return FleetModelCard(
+        id=spec.id,
+        kind=spec.kind,
+        state=state,
+        locations=locations,
+        aliases=list(spec.aliases),
+        context_length=context,
+        pinned_on=list(spec.pinned_on),
+        priority=spec.priority,
+    )
+
+
+class Catalogue(Protocol):
+    """What models there are: this gateway's config and neurons (LiveCatalogue), or the
+    ModelPlacements on Kubernetes (PlacementCatalogue)."""
+
+    def specs(self) -> list[ModelSpec]: ...
+
+    def resolve(self, name: str) -> ModelSpec:
+        """The spec a client's model name (id or alias) means; ModelNotFound otherwise."""
+        ...
+
+    def card(
+        self, spec: ModelSpec, availability: tuple[ModelAvailability, list[str]]
+    ) -> FleetModelCard: ...
 
 
 class LiveCatalogue:
@@ -82,19 +114,9 @@ class LiveCatalogue:
         self, spec: ModelSpec, availability: tuple[ModelAvailability, list[str]]
     ) -> FleetModelCard:
         """The model's /v1/models entry; `availability` as the placer tells it (Placer.availability)."""
-        state, locations = availability
         context = spec.context
         for handle in self.fleet.neurons.values():
             loaded = handle.model(spec.id)
             if context is None and loaded is not None and loaded.state == ModelState.READY:
                 context = loaded.context_length
-        return FleetModelCard(
-            id=spec.id,
-            kind=spec.kind,
-            state=state,
-            locations=locations,
-            aliases=list(spec.aliases),
-            context_length=context,
-            pinned_on=list(spec.pinned_on),
-            priority=spec.priority,
-        )
+        return model_card(spec, availability, context)

@@ -1,5 +1,6 @@
 """Gateway health (SPEC G6): ok when every neuron is healthy, impaired when some are, degraded
-when none is or no model is known. /livez says the process serves; /readyz that it can route."""
+when none is or no model is known. /livez says the process serves; /readyz that it can take
+requests, as its fleet source says (a static fleet: not degraded; Kubernetes: watches established)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ async def livez() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    status = health_of(gateway_of(request))
-    ready = status != "degraded"
+    gateway = gateway_of(request)
+    ready = gateway.source.routable()
+    status = health_of(gateway)
     return JSONResponse({"ready": ready, "status": status}, status_code=200 if ready else 503)

@@ -1,4 +1,7 @@
-"""The gateway's parts wired together: fleet, catalogue, placement, dispatch, auth and metrics."""
+"""The gateway's parts wired together: fleet, catalogue, placement, dispatch, auth and metrics.
+
+Who places replicas is the one choice made here (replicas.py): this gateway over a static fleet of
+[[neurons]], or the operator on Kubernetes, whose ModelPlacements and Neurons the gateway watches."""
 
 from __future__ import annotations
 
@@ -13,17 +16,22 @@ from fastapi import Request
 from cortex.core.catalogue import ModelSpec, merge_catalogues
 from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.core.errors import CortexError
+from cortex.core.kube_api import KubeApi, KubeLogin
 from cortex.core.placement.model import Policy
 from cortex.gateway.auth import Authenticator, Principal
 from cortex.gateway.call import Accounting, Call, Surface
-from cortex.gateway.catalogue import FleetModelCard, LiveCatalogue
+from cortex.gateway.catalogue import Catalogue, FleetModelCard, LiveCatalogue
+from cortex.gateway.demand import DemandSignal
 from cortex.gateway.dispatch import Dispatcher, Upstream
 from cortex.gateway.fleet import Fleet
+from cortex.gateway.kube_catalogue import PlacementCatalogue
+from cortex.gateway.kube_fleet import KubeFleet
 from cortex.gateway.lifecycle import Lifecycle
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.ondemand import OnDemand
 from cortex.gateway.placer import Placer
 from cortex.gateway.relay import EventStream, when_ready
+from cortex.gateway.replicas import ColdStart, FleetSource, Replicas
 
 
 @dataclass(frozen=True)
@@ -34,10 +42,19 @@ class Tuning:
     affinity_slack: int = 2  # extra in-flight requests a conversation's replica may carry
     retry_after: float = 5.0  # Retry-After for "still loading" and "cannot place now"
     max_attempts: int = 3  # replicas tried per request before giving up
+    demand_interval: float = 5.0  # Kubernetes: least time between demand patches of a placement
 
 
 class Gateway:
-    """Everything a request handler needs, built from cortex.toml and the catalogue."""
+    """Everything a request handler needs, built from cortex.toml and the catalogue: over the
+    static fleet of [[neurons]], or, given `kubernetes`, over the CRDs of that namespace."""
+
+    # This gateway's own placement: a static fleet's only (on Kubernetes the operator places).
+    placer: Placer
+    ondemand: OnDemand
+    lifecycle: Lifecycle
+    # The operator's part on Kubernetes: asking it for a cold model.
+    demand: DemandSignal
 
     def __init__(
         self,
@@ -46,52 +63,89 @@ class Gateway:
         *,
         extra_neurons: Iterable[NeuronEntry] = (),
         tuning: Tuning | None = None,
+        kubernetes: KubeLogin | None = None,
     ) -> None:
         self.config = config
         self.tuning = tuning or Tuning()
+        self.kubernetes = kubernetes
         section = config.gateway
         self.metrics = GatewayMetrics()
         self.fleet = Fleet(
-            [*config.neurons, *extra_neurons],
+            [*config.neurons, *extra_neurons] if kubernetes is None else [],
             unhealthy_after=section.unhealthy_after,
             admin_token=config.auth.neuron_admin_token,
             request_timeout=section.request_timeout,
         )
-        self.catalogue = LiveCatalogue(merge_catalogues(list(catalogue), config.models), self.fleet)
         self.auth = Authenticator(config.auth)
         self.accounting = Accounting(self.metrics, self.auth)
-        policy = Policy(config.eviction.strategy, config.eviction.defrag_after_cycles)
+        known = merge_catalogues(list(catalogue), config.models)
+        self.catalogue: Catalogue
+        self.replicas: Replicas
+        self.cold_start: ColdStart
+        self.source: FleetSource
+        if kubernetes is None:
+            self._place_here(known)
+        else:
+            self._follow_operator(kubernetes, known)
+        self.dispatcher = Dispatcher(
+            self.fleet,
+            self.replicas,
+            self.cold_start,
+            affinity_slack=self.tuning.affinity_slack,
+            max_attempts=self.tuning.max_attempts,
+        )
+        self.metrics.watch(self.fleet)
+
+    def _place_here(self, known: list[ModelSpec]) -> None:
+        """A static fleet: this gateway polls its neurons and places models itself."""
+        section = self.config.gateway
+        catalogue = LiveCatalogue(known, self.fleet)
+        eviction = self.config.eviction
         self.placer = Placer(
-            self.fleet, self.catalogue, policy, self.metrics, retry_after=self.tuning.retry_after
+            self.fleet,
+            catalogue,
+            Policy(eviction.strategy, eviction.defrag_after_cycles),
+            self.metrics,
+            retry_after=self.tuning.retry_after,
         )
         self.ondemand = OnDemand(
             self.placer, timeout=section.load_timeout, retry_after=self.tuning.retry_after
         )
-        self.dispatcher = Dispatcher(
-            self.fleet,
-            self.placer,
-            self.ondemand,
-            affinity_slack=self.tuning.affinity_slack,
-            max_attempts=self.tuning.max_attempts,
-        )
         self.lifecycle = Lifecycle(self.fleet, self.placer, interval=section.poll_interval)
-        self.metrics.watch(self.fleet)
+        self.catalogue, self.replicas = catalogue, self.placer
+        self.cold_start, self.source = self.ondemand, self.lifecycle
+
+    def _follow_operator(self, login: KubeLogin, known: list[ModelSpec]) -> None:
+        """Kubernetes: the fleet is what the ModelPlacements and Neurons of the namespace say;
+        a cold model is asked of the operator (docs/kubernetes.md)."""
+        kube = KubeFleet(KubeApi(login), login.namespace, self.fleet)
+        self.catalogue = PlacementCatalogue(kube, known)
+        self.demand = DemandSignal(
+            kube,
+            timeout=self.config.gateway.load_timeout,
+            retry_after=self.tuning.retry_after,
+            interval=self.tuning.demand_interval,
+        )
+        self.replicas, self.cold_start, self.source = kube, self.demand, kube
 
     async def start(self) -> None:
-        """First poll before serving (routing needs it), then the background loop."""
-        await self.lifecycle.tick()
-        self.lifecycle.start()
+        """The fleet's first picture before serving (routing needs it), then keep it current."""
+        await self.source.open()
 
     async def aclose(self) -> None:
-        await self.lifecycle.aclose()
-        await self.placer.aclose()
+        if self.kubernetes is None:
+            await self.lifecycle.aclose()
+            await self.placer.aclose()
+        else:
+            await self.demand.aclose()
+            await self.source.aclose()
         await self.fleet.aclose()
 
     # -- models
 
     def model_card(self, spec: ModelSpec) -> FleetModelCard:
-        """A /v1/models entry: the catalogue's spec, and where the placer says the model is."""
-        return self.catalogue.card(spec, self.placer.availability(spec.id))
+        """A /v1/models entry: the catalogue's spec, and where its replicas are."""
+        return self.catalogue.card(spec, self.replicas.availability(spec.id))
 
     def model_cards(self) -> list[FleetModelCard]:
         return [self.model_card(spec) for spec in self.catalogue.specs()]
