@@ -94,6 +94,18 @@ async def test_a_full_neuron_evicts_the_lowest_priority_replica(
         assert "Evicted" in {e["reason"] for e in kube.events("low")}
 
 
+async def test_a_model_no_placement_owns_gives_way_to_one_that_is_placed(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", memory=4 * GiB, available={"chat": 2 * GiB}, loaded={"stray": 3 * GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat", resources={"memory": "2Gi"}))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        assert fake.unloads == ["stray"]
+        assert "Evicted" in {e["reason"] for e in kube.events("n1")}  # said on the Neuron
+
+
 async def test_a_pinned_replica_is_never_evicted(kube: Kube, operator: Operator) -> None:
     fake = FakeNeuron("n1", memory=4 * GiB, available={"pinned": 2 * GiB, "big": 3 * GiB})
     async with running(fake.app) as served, operator():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cortex.core.fleet import DeviceStatus, LoadedModel, ModelState, NeuronStatus
-from cortex.core.placement.model import Load
+from cortex.core.placement.model import Load, Unload
 from cortex.core.resources import (
     DEMAND_ANNOTATION,
     ModelPlacement,
@@ -265,3 +265,23 @@ def _condition(kind: str, status: str, at: float) -> dict[str, Any]:
         "message": "",
         "lastTransitionTime": rfc3339(at),
     }
+
+
+def test_a_replica_above_max_goes_the_least_recently_used_first() -> None:
+    busy = LoadedModel(id="chat", source="", state=ModelState.READY, memory_bytes=GIB, in_flight=1)
+    old = LoadedModel(
+        id="chat", source="", state=ModelState.READY, memory_bytes=GIB, last_used=NOW - 100
+    )
+    new = LoadedModel(
+        id="chat", source="", state=ModelState.READY, memory_bytes=GIB, last_used=NOW - 1
+    )
+    probes = {}
+    for name, replica in (("a", busy), ("b", old), ("c", new)):
+        status = answer(name)
+        probes[name] = probe(status.model_copy(update={"models": [replica]}))
+    placement = mp("chat", "chat", replicas={"min": 1, "max": 2})
+    planned = plan_fleet(fleet([nr("a"), nr("b"), nr("c")], probes, [placement]), NOW)
+    assert planned.plan.actions == ()
+    assert planned.excess == (Unload("chat", "b", "evict"),)
+    within = mp("chat", "chat", replicas={"min": 1, "max": 3})
+    assert plan_fleet(fleet([nr("a"), nr("b"), nr("c")], probes, [within]), NOW).excess == ()

@@ -125,7 +125,7 @@ class Controller:
             if unprobed(fleet):
                 return None
             planned = plan_fleet(fleet, self.clock())
-            if planned.plan.actions:
+            if planned.plan.actions or planned.excess:
                 await self._execute(namespace, fleet, planned)
                 fleet = self.fleet(namespace, neurons, placements)
             return fleet, planned
@@ -135,41 +135,48 @@ class Controller:
         neurons = {n.metadata.name: n for n in fleet.neurons}
         refused: set[str] = set()  # neurons where an unload failed: the loads after it would too
         touched: set[str] = set()
-        for action in planned.plan.actions:
-            placement, neuron = owners[action.model], neurons[action.neuron]
+        for action in (*planned.plan.actions, *planned.excess):
+            neuron = neurons[action.neuron]
             if isinstance(action, Unload):
                 touched.add(action.neuron)
-                if not await self._unload(namespace, placement, neuron, action):
+                why = "above replicas.max" if action in planned.excess else None
+                placement = owners.get(action.model)  # None: a model no placement owns
+                if not await self._unload(namespace, placement, neuron, action, why):
                     refused.add(action.neuron)
-            elif isinstance(action, Load) and action.neuron not in refused:
-                self._start_load(namespace, placement, neuron, action, fleet)
+            elif action.neuron not in refused:
+                self._start_load(namespace, owners[action.model], neuron, action, fleet)
         for name in sorted(touched):
             await self.probe(namespace, neurons[name])
 
     async def _unload(
-        self, namespace: str, placement: ModelPlacement, neuron: Neuron, action: Unload
+        self,
+        namespace: str,
+        placement: ModelPlacement | None,
+        neuron: Neuron,
+        action: Unload,
+        why: str | None = None,
     ) -> bool:
-        endpoint = neuron.spec.endpoint or ""
+        """Unload one replica and say so on its placement (or, unowned, on its neuron)."""
+        subject = body_of(placement if placement is not None else neuron)
         try:
-            await self.client(endpoint).unload(action.model)
+            await self.client(neuron.spec.endpoint or "").unload(action.model)
         except ModelNotFound:
             return True
         except CortexError as exc:
-            kopf.warn(
-                body_of(placement), reason="UnloadFailed", message=f"{neuron.metadata.name}: {exc}"
-            )
+            message = f"{action.model} on {neuron.metadata.name}: {exc}"
+            kopf.warn(subject, reason="UnloadFailed", message=message)
             return False
         reason: Literal["Evicted", "Idle"] = "Idle" if action.reason == "idle" else "Evicted"
-        why = (
+        default = (
             "unused for longer than its idleTimeout"
             if reason == "Idle"
             else "evicted to make room for a higher-priority or waiting model"
         )
-        message = f"unloaded from {neuron.metadata.name}: {why}"
-        self.unloaded[(namespace, placement.metadata.name)] = Unloaded(
-            neuron.metadata.name, reason, message, self.clock()
-        )
-        kopf.info(body_of(placement), reason=reason, message=message)
+        message = f"{action.model} unloaded from {neuron.metadata.name}: {why or default}"
+        if placement is not None and why is None:
+            record = Unloaded(neuron.metadata.name, reason, message, self.clock())
+            self.unloaded[(namespace, placement.metadata.name)] = record
+        kopf.info(subject, reason="Unloaded" if why else reason, message=message)
         return True
 
     def _start_load(

@@ -14,7 +14,7 @@ from typing import Literal, cast
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.fleet import ModelState
-from cortex.core.placement.model import Demand, NeuronView, Plan, Policy
+from cortex.core.placement.model import Demand, Load, NeuronView, Plan, Policy, Unload
 from cortex.core.placement.planner import plan
 from cortex.core.placement.snapshot import NeuronReport, Reservations, snapshot
 from cortex.core.resources import (
@@ -98,6 +98,7 @@ class FleetPlan:
     plan: Plan
     views: tuple[NeuronView, ...]
     blocked: frozenset[str]  # placements backing off after a failed load
+    excess: tuple[Unload, ...] = ()  # replicas above a placement's replicas.max
 
 
 def unprobed(fleet: Fleet) -> list[str]:
@@ -197,7 +198,31 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
     planned = plan(
         views, catalogue, demand, POLICY, now, min_replicas=minimums, selectors=selectors
     )
-    return FleetPlan(planned, views, blocked)
+    return FleetPlan(planned, views, blocked, _excess(views, owners, planned))
+
+
+def _excess(
+    views: tuple[NeuronView, ...], owners: Mapping[str, ModelPlacement], planned: Plan
+) -> tuple[Unload, ...]:
+    """The planner never adds beyond a minimum or one demanded replica, but a neuron that answers
+    again after its replica was placed elsewhere brings one more: above `replicas.max`, the
+    least recently used idle ready replicas go."""
+    excess: list[Unload] = []
+    for model, placement in owners.items():
+        change = sum(1 if isinstance(a, Load) else -1 for a in planned.actions if a.model == model)
+        over = len(live_on(views, model)) + change - placement.spec.replicas.max
+        if over <= 0:
+            continue
+        leaving = {a.neuron for a in planned.actions if isinstance(a, Unload) and a.model == model}
+        idle = [
+            (r.last_used if r.last_used is not None else r.loaded_at or 0.0, view.name)
+            for view in views
+            if view.healthy and view.name not in leaving
+            for r in view.replicas
+            if r.model == model and r.state == ModelState.READY and r.in_flight == 0
+        ]
+        excess += [Unload(model, name, "evict") for _, name in sorted(idle)[:over]]
+    return tuple(excess)
 
 
 # -- status of one placement
