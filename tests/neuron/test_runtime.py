@@ -21,12 +21,15 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest.fixture(scope="module")
-async def runtime(model_cache: Path) -> AsyncIterator[NeuronRuntime]:
+async def runtime(
+    model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[NeuronRuntime]:
     config = NeuronConfig.model_validate(
         {
             "neuron": {
                 "name": "test",
                 "cache_dir": str(model_cache),
+                "allowed_paths": [str(tmp_path_factory.getbasetemp())],
                 "max_running": 4,
                 "max_queue": 4,
             }

@@ -68,6 +68,11 @@ class NeuronSection(_Section):
     cache_dir: Path = Field(
         default=Path("~/.cache/cortex"), description="converted-weights cache (GGUF -> safetensors)"
     )
+    allowed_paths: list[Path] | None = Field(
+        default=None,
+        description="the only places file: sources may load from; unset: cache_dir, hf_cache and "
+        "the file: sources this neuron's catalogue names (docs/security.md)",
+    )
 
 
 class NeuronConfig(_Section):
