@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     _flag(neuron, "host", "listen address (default 127.0.0.1)")
     _flag(neuron, "port", "port (default 13131)", type=int)
     _flag(neuron, "config", "neuron.toml")
-    _flag(neuron, "admin-token", "token required by load/unload")
+    _flag(neuron, "admin-token", "token required by load/unload (visible in ps: prefer the file)")
+    _flag(neuron, "admin-token-file", "file holding the admin token")
     neuron.add_argument(
         "--preload", nargs="*", default=_split(_env("preload")), metavar="MODEL",
         help="models to load at start [env CORTEX_PRELOAD, comma separated]",

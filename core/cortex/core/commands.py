@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import socket
 import subprocess
 import sys
@@ -43,7 +44,19 @@ def neuron_config(args: argparse.Namespace) -> NeuronConfig:
         section.host = args.host or section.host
         section.port = int(args.port or section.port)
         section.admin_token = args.admin_token or section.admin_token
+        if args.admin_token_file and not args.admin_token:
+            section.admin_token, section.admin_token_file = None, Path(args.admin_token_file)
         section.preload = list(args.preload or section.preload)
+    section.admin_secret()  # a missing or empty token file fails at start, not at the first load
+    return config
+
+
+def in_process_neuron(args: argparse.Namespace) -> NeuronConfig:
+    """`cortex up`'s neuron: its lifecycle routes take a fresh random token unless one is set, so
+    other local users cannot load or unload through its port."""
+    config = neuron_config(args)
+    if not config.neuron.admin_secret():
+        config.neuron.admin_token = secrets.token_urlsafe(32)
     return config
 
 
@@ -93,16 +106,12 @@ async def up(args: argparse.Namespace) -> None:
 
     config = gateway_config(args)
     catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
-    local = neuron_config(args)
+    local = in_process_neuron(args)
     local.models = merge_catalogues(catalogue, local.models)
     runtime = NeuronRuntime(local, catalogue=[])
     await runtime.start()
     port = free_port()
-    entry = NeuronEntry(
-        name=local.neuron.name,
-        endpoint=f"http://127.0.0.1:{port}",
-        admin_token=local.neuron.admin_token,
-    )
+    entry = local_entry(local, port)
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(runtime, manage_runtime=False), "127.0.0.1", port, log_level="warning"
@@ -120,6 +129,15 @@ async def up(args: argparse.Namespace) -> None:
         server.should_exit = True
         await asyncio.gather(neuron_task, return_exceptions=True)
         await runtime.stop()
+
+
+def local_entry(local: NeuronConfig, port: int) -> NeuronEntry:
+    """The gateway's entry for `cortex up`'s neuron, holding the token its lifecycle routes need."""
+    return NeuronEntry(
+        name=local.neuron.name,
+        endpoint=f"http://127.0.0.1:{port}",
+        admin_token=local.neuron.admin_secret(),
+    )
 
 
 async def status(endpoint: str) -> int:

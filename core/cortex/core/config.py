@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -34,6 +35,10 @@ class NeuronSection(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=13131, gt=0, lt=65536)
     admin_token: str | None = Field(default=None, description="required by lifecycle endpoints")
+    admin_token_file: Path | None = Field(
+        default=None,
+        description="file holding admin_token (a mounted Secret); keeps it out of `ps` and configs",
+    )
     preload: list[str] = Field(default_factory=list, description="model ids loaded at start")
     devices: list[str] = Field(
         default_factory=list,
@@ -73,6 +78,33 @@ class NeuronSection(_Section):
         description="the only places file: sources may load from; unset: cache_dir, hf_cache and "
         "the file: sources this neuron's catalogue names (docs/security.md)",
     )
+
+    def admin_secret(self) -> str | None:
+        """admin_token, or the contents of admin_token_file, read on each call so a rotated
+        file takes effect without a restart."""
+        if self.admin_token or self.admin_token_file is None:
+            return self.admin_token
+        try:
+            token = self.admin_token_file.expanduser().read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"admin_token_file {self.admin_token_file}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(f"admin_token_file {self.admin_token_file}: empty")
+        return token
+
+    @property
+    def lifecycle_open(self) -> bool:
+        """Load and unload need no token, and hosts other than this one can reach them."""
+        return not (self.admin_token or self.admin_token_file) and not is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: assume it resolves beyond this machine
 
 
 class NeuronConfig(_Section):

@@ -151,6 +151,13 @@ class NeuronRuntime:
 
     async def start(self) -> None:
         section = self.config.neuron
+        if section.lifecycle_open:
+            log.warning(
+                "NO ADMIN TOKEN: anyone who reaches %s:%d can load and unload models; "
+                "set admin_token_file (docs/security.md)",
+                section.host,
+                section.port,
+            )
         self.devices = discover(section.cpu_memory, section.devices or None)
         for device in self.devices:
             self.workers[device.id] = worker = DeviceWorker(device)
@@ -180,6 +187,7 @@ class NeuronRuntime:
             models=models,
             in_flight=sum(m.in_flight for m in models),
             queued=sum(m.queued for m in models),
+            lifecycle_open=self.config.neuron.lifecycle_open,
         )
 
     def listing(self) -> ModelListing:
