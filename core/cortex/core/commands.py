@@ -16,6 +16,7 @@ import uvicorn
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cortex.core.access_log import redact_access_log
 from cortex.core.catalogue import DEFAULT_CATALOGUE, merge_catalogues
 from cortex.core.client import NeuronClient
 from cortex.core.config import (
@@ -63,6 +64,7 @@ def in_process_neuron(args: argparse.Namespace) -> NeuronConfig:
 async def serve(app: Any, host: str, port: int) -> None:
     """Run one ASGI app with uvicorn inside the current event loop."""
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    redact_access_log()
     await server.serve()
 
 
@@ -117,6 +119,7 @@ async def up(args: argparse.Namespace) -> None:
             create_app(runtime, manage_runtime=False), "127.0.0.1", port, log_level="warning"
         )
     )
+    redact_access_log()
     neuron_task = asyncio.create_task(server.serve())
     try:
         while not server.started:  # the gateway's first poll must find the neuron answering

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
+from cortex.core.access_log import redact_access_log
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.gateway import errors, health, routes_anthropic, routes_openai, routes_responses, web
@@ -77,6 +78,7 @@ async def serve(
                 uvicorn.Config(create_metrics_app(app), host=host, port=port, lifespan="off")
             )
         )
+    redact_access_log()  # after the uvicorn.Configs above, which set uvicorn's loggers up
     tasks = [asyncio.create_task(server.serve()) for server in servers]
     try:
         # One server stopping (a signal, a bind failure) stops the other.
