@@ -156,6 +156,11 @@ class ApiKey(_Section):
         min_length=1, description="who the key belongs to (shown in logs, not the key)"
     )
     models: list[str] = Field(default_factory=list, description="allowlist; empty allows all")
+    admin: bool = Field(
+        default=False,
+        description="an admin key also reads the fleet view (/, /fleet), /docs, /openapi.json "
+        "and /health's details (docs/security.md)",
+    )
     budget_tokens: int | None = Field(default=None, ge=0, description="tokens allowed")
     budget_window: Seconds | None = Field(
         default=None, description="rolling window for budget_tokens; unset = a balance"

@@ -35,7 +35,10 @@ def create_app(
         finally:
             await gateway.aclose()
 
-    app = FastAPI(title="cortex gateway", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # /docs and /openapi.json are served by `web`, behind the admin key when auth is on.
+    app = FastAPI(
+        title="cortex gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.gateway = gateway
     errors.install(app)
     for module in (routes_openai, routes_anthropic, routes_responses, health, web):

@@ -22,9 +22,10 @@ class Principal:
     name: str
     models: frozenset[str] = field(default_factory=frozenset)  # empty: every model
     budget: TokenBudget | None = None
+    admin: bool = False
 
 
-ANONYMOUS = Principal("anonymous")
+ANONYMOUS = Principal("anonymous", admin=True)  # auth off: every surface is open
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
@@ -50,7 +51,7 @@ class Authenticator:
                 if key.budget_tokens is not None
                 else None
             )
-            principal = Principal(key.name, frozenset(key.models), budget)
+            principal = Principal(key.name, frozenset(key.models), budget, key.admin)
             self._keys.append((key.secret().encode(), principal))
 
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
@@ -71,14 +72,32 @@ class Authenticator:
             raise Unauthorized("invalid API key")
         return found
 
+    def authenticate_admin(self, headers: Mapping[str, str]) -> Principal:
+        """The caller, if their key is of the admin class (401 without a key, 403 with another)."""
+        principal = self.authenticate(headers)
+        if not principal.admin:
+            raise Forbidden(f"key {principal.name!r} is not an admin key")
+        return principal
+
+    def is_admin(self, headers: Mapping[str, str]) -> bool:
+        """Whether the caller holds an admin key; never raises (for open routes with details)."""
+        try:
+            return self.authenticate(headers).admin
+        except Unauthorized:
+            return False
+
     @staticmethod
-    def authorize(principal: Principal, spec: ModelSpec) -> None:
-        """Forbidden unless the key's allowlist names the model (by id or one of its aliases)."""
+    def allows(principal: Principal, spec: ModelSpec) -> bool:
+        """Whether the key's allowlist names the model (by id or one of its aliases)."""
         if not principal.models:
-            return
-        if spec.id in principal.models or principal.models.intersection(spec.aliases):
-            return
-        raise Forbidden(f"key {principal.name!r} may not use model {spec.id!r}", param="model")
+            return True
+        return spec.id in principal.models or bool(principal.models.intersection(spec.aliases))
+
+    @classmethod
+    def authorize(cls, principal: Principal, spec: ModelSpec) -> None:
+        """Forbidden unless the key's allowlist names the model."""
+        if not cls.allows(principal, spec):
+            raise Forbidden(f"key {principal.name!r} may not use model {spec.id!r}", param="model")
 
     @staticmethod
     def check_budget(principal: Principal, now: float) -> None:

@@ -175,3 +175,8 @@ def gateway_of(request: Request) -> Gateway:
 def authenticate(request: Request) -> None:
     """Route dependency: the caller's principal, on request.state (401 when auth rejects it)."""
     request.state.principal = gateway_of(request).auth.authenticate(request.headers)
+
+
+def authenticate_admin(request: Request) -> None:
+    """Route dependency of the admin surface (fleet view, docs): 401 or 403 unless an admin key."""
+    request.state.principal = gateway_of(request).auth.authenticate_admin(request.headers)
