@@ -223,8 +223,8 @@ async def _load_with_progress(
                 0.25
             )  # a human is watching a bar; this is pacing, not a wait for state
             current = [m for m in (await client.status()).models if m.id == record.id]
-            if not current:
-                raise CortexError(f"{record.id} disappeared while loading")
+            if not current:  # a failed ad-hoc load leaves no record; the neuron's log says why
+                raise CortexError(f"load of {record.id} failed (the neuron's log says why)")
             record = current[0]
         progress.update(task, completed=1.0)
     if record.state is ModelState.FAILED:

@@ -25,6 +25,9 @@ class FleetModelCard(ModelCard):
     context_length: int | None = None
     pinned_on: list[str] = Field(default_factory=list)
     priority: int = 0
+    last_error: str | None = Field(
+        default=None, description="why its last load failed (`neuron: reason`), while it stays so"
+    )
 
 
 class LiveCatalogue:
@@ -44,7 +47,8 @@ class LiveCatalogue:
         known = {spec.id for spec in listed} | self._configured_ids
         for handle in self.fleet.neurons.values():
             for loaded in handle.status.models if handle.status else []:
-                if loaded.id not in known:
+                # A failed load of a source no catalogue names is no model anyone can use.
+                if loaded.id not in known and loaded.state != ModelState.FAILED:
                     # Loaded by someone else (a CLI, a preload) from a source no catalogue names.
                     known.add(loaded.id)
                     listed.append(ModelSpec(id=loaded.id, source=loaded.source, kind=loaded.kind))
@@ -59,6 +63,14 @@ class LiveCatalogue:
         if spec is None:
             raise ModelNotFound(f"model {name!r} does not exist", param="model")
         return spec
+
+    def last_failure(self, model: str) -> str | None:
+        """`neuron: reason` of a failed replica of the model, if a neuron reports one."""
+        for name, handle in self.fleet.neurons.items():
+            loaded = handle.model(model)
+            if loaded is not None and loaded.state == ModelState.FAILED:
+                return f"{name}: {loaded.error or 'load failed'}"
+        return None
 
     def loadable_on(self, model: str) -> list[str]:
         """Neurons that can load the model: all for configured models, else those listing it."""
@@ -97,4 +109,5 @@ class LiveCatalogue:
             context_length=context,
             pinned_on=list(spec.pinned_on),
             priority=spec.priority,
+            last_error=self.last_failure(spec.id) if state == "available" else None,
         )

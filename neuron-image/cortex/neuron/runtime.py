@@ -241,6 +241,8 @@ class NeuronRuntime:
         return known
 
     async def _load(self, replica: Replica, request: LoadRequest) -> Replica:
+        """A failed catalogue model stays listed as failed, with why; a failed ad-hoc load (a
+        source no catalogue names) leaves nothing behind: it was never a model of this neuron."""
         try:
             await self._place_and_load(replica, request)
         except BaseException as exc:
@@ -248,6 +250,8 @@ class NeuronRuntime:
             replica.state, replica.served = ModelState.FAILED, None
             replica.error = exc.message if isinstance(exc, CortexError) else repr(exc)
             log.warning("load of %s failed: %s", replica.spec.id, replica.error)
+            if resolve_alias(self.catalogue, replica.spec.id) is None:
+                self.replicas.pop(replica.spec.id, None)
             raise
         return replica
 
