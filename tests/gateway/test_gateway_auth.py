@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import anthropic
 import openai
@@ -132,7 +133,8 @@ async def test_streamed_usage_is_charged_to_the_key() -> None:
         )
         _ = [chunk async for chunk in stream]
         carol = c.gateway.auth.authenticate({"x-api-key": SECRETS["carol"]})
-        assert carol.budget is not None and carol.budget.spent == 4  # 1 prompt + 3 completion
+        assert c.gateway.ledger.spent(carol, time.time()) == 4  # 1 prompt + 3 completion
+        assert c.gateway.ledger.reserved("carol") == 0
 
 
 async def test_keys_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:

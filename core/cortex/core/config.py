@@ -189,6 +189,11 @@ class AuthSection(_Section):
     neuron_admin_token: str | None = Field(
         default=None, description="sent to neurons on load/unload"
     )
+    spend_db: Path = Field(
+        default=Path("~/.cache/cortex/gateway.sqlite3"),
+        description="SQLite file keeping the keys' token spend across restarts (opened only when "
+        'a key has a budget); ":memory:" keeps it in memory',
+    )
 
 
 class GatewayConfig(_Section):

@@ -13,6 +13,7 @@ from cortex.core.access_log import redact_access_log
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.gateway import errors, health, routes_anthropic, routes_openai, routes_responses, web
+from cortex.gateway.call import CallScope
 from cortex.gateway.metrics import CONTENT_TYPE
 from cortex.gateway.wiring import Gateway, Tuning, gateway_of
 
@@ -41,6 +42,7 @@ def create_app(
     )
     app.state.gateway = gateway
     errors.install(app)
+    app.add_middleware(CallScope, accounting=lambda: gateway.accounting)
     for module in (routes_openai, routes_anthropic, routes_responses, health, web):
         app.include_router(module.router)
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)

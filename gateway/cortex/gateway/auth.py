@@ -1,4 +1,5 @@
-"""API keys ([auth] of cortex.toml): who is calling, which models they may use, their token budget.
+"""API keys ([auth] of cortex.toml): who is calling, which models they may use, their token budget
+(enforced by gateway/ledger.py), whether they may read the admin surface.
 
 Keys are compared in constant time and never logged: logs name the key's owner instead.
 """
@@ -11,8 +12,8 @@ from dataclasses import dataclass, field
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import AuthSection
-from cortex.core.errors import BudgetExceeded, Forbidden, Unauthorized
-from cortex.gateway.budget import TokenBudget
+from cortex.core.errors import Forbidden, Unauthorized
+from cortex.gateway.budget import Budget
 
 
 @dataclass(eq=False)
@@ -21,7 +22,7 @@ class Principal:
 
     name: str
     models: frozenset[str] = field(default_factory=frozenset)  # empty: every model
-    budget: TokenBudget | None = None
+    budget: Budget | None = None
     admin: bool = False
 
 
@@ -47,7 +48,7 @@ class Authenticator:
         self._keys: list[tuple[bytes, Principal]] = []
         for key in section.keys:
             budget = (
-                TokenBudget(key.budget_tokens, key.budget_window)
+                Budget(key.budget_tokens, key.budget_window)
                 if key.budget_tokens is not None
                 else None
             )
@@ -98,21 +99,3 @@ class Authenticator:
         """Forbidden unless the key's allowlist names the model."""
         if not cls.allows(principal, spec):
             raise Forbidden(f"key {principal.name!r} may not use model {spec.id!r}", param="model")
-
-    @staticmethod
-    def check_budget(principal: Principal, now: float) -> None:
-        budget = principal.budget
-        if budget is None:
-            return
-        wait = budget.retry_after(now)
-        if wait is not None:
-            kind = f"per {budget.window:g}s" if budget.window is not None else "in total"
-            raise BudgetExceeded(
-                f"key {principal.name!r} has used its budget of {budget.limit} tokens {kind}",
-                retry_after=wait,
-            )
-
-    @staticmethod
-    def charge(principal: Principal, tokens: int, now: float) -> None:
-        if principal.budget is not None:
-            principal.budget.charge(tokens, now)

@@ -49,7 +49,7 @@ async def chat_completions(request: Request) -> Response:
     gateway = gateway_of(request)
     data = await read_json(request, gateway.config.gateway.max_body_bytes)
     chat = parse(data, ChatCompletionRequest)
-    call = gateway.begin(request, "openai", chat.model, conversation_key(chat.messages))
+    call = gateway.begin(request, "openai", chat.model, conversation_key(chat.messages), body=data)
     return await _forward(gateway, call, "/v1/chat/completions", data, chat)
 
 
@@ -60,7 +60,7 @@ async def completions(request: Request) -> Response:
     completion = parse(data, CompletionRequest)
     prompt = completion.prompt if isinstance(completion.prompt, str) else None
     affinity = prompt_key(prompt) if prompt else None
-    call = gateway.begin(request, "openai", completion.model, affinity)
+    call = gateway.begin(request, "openai", completion.model, affinity, body=data)
     return await _forward(gateway, call, "/v1/completions", data, completion)
 
 
@@ -69,7 +69,7 @@ async def embeddings(request: Request) -> Response:
     gateway = gateway_of(request)
     data = await read_json(request, gateway.config.gateway.max_body_bytes)
     embedding = parse(data, EmbeddingRequest)
-    call = gateway.begin(request, "openai", embedding.model)
+    call = gateway.begin(request, "openai", embedding.model, body=data)
     answer = await gateway.dispatcher.post(call, "/v1/embeddings", {**data, "model": call.model})
     gateway.accounting.finish(call, usage=usage_of(answer))
     return JSONResponse(answer)
