@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from cortex.core import commands
 from cortex.core.access_log import ACCESS_LOGGER, RedactQuery, redact_access_log
-from cortex.core.config import GatewayConfig
+from cortex.core.config import GatewayConfig, NeuronConfig
 from cortex.gateway import app as gateway_app
 
 SECRET = "sk-query-secret-123"
@@ -79,3 +79,16 @@ async def test_every_cortex_server_installs_the_redaction(
     logging.getLogger(ACCESS_LOGGER).filters.clear()
     await commands.serve(FastAPI(), "127.0.0.1", 0)
     assert _installed()
+
+
+def test_configs_never_print_their_secrets() -> None:
+    """A config logged or shown in a traceback (repr) keeps keys and admin tokens out."""
+    gateway = GatewayConfig.model_validate(
+        {
+            "neurons": [{"name": "n", "endpoint": "http://n:1", "admin_token": TOKEN}],
+            "auth": {"neuron_admin_token": TOKEN, "keys": [{"name": "a", "key": SECRET}]},
+        }
+    )
+    neuron = NeuronConfig.model_validate({"neuron": {"admin_token": TOKEN}})
+    shown = f"{gateway!r} {gateway} {neuron!r} {neuron}"
+    assert SECRET not in shown and TOKEN not in shown and "'a'" in shown

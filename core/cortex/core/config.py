@@ -34,7 +34,9 @@ class NeuronSection(_Section):
     name: str = Field(default_factory=socket.gethostname, description="node name in the fleet")
     host: str = "127.0.0.1"
     port: int = Field(default=13131, gt=0, lt=65536)
-    admin_token: str | None = Field(default=None, description="required by lifecycle endpoints")
+    admin_token: str | None = Field(
+        default=None, repr=False, description="required by lifecycle endpoints"
+    )
     admin_token_file: Path | None = Field(
         default=None,
         description="file holding admin_token (a mounted Secret); keeps it out of `ps` and configs",
@@ -142,12 +144,14 @@ class EvictionSection(_Section):
 class NeuronEntry(_Section):
     name: str = Field(min_length=1)
     endpoint: str = Field(pattern=r"^https?://", description="http(s)://host:port of the neuron")
-    admin_token: str | None = None
+    admin_token: str | None = Field(default=None, repr=False)
     labels: dict[str, str] = Field(default_factory=dict, description="matched by neuron selectors")
 
 
 class ApiKey(_Section):
-    key: str | None = Field(default=None, description="the secret; or key_env, or key_file")
+    key: str | None = Field(
+        default=None, repr=False, description="the secret; or key_env, or key_file"
+    )
     key_env: str | None = Field(default=None, description="environment variable holding the key")
     key_file: Path | None = Field(
         default=None, description="file holding the key (a mounted Kubernetes Secret entry)"
@@ -187,7 +191,7 @@ class AuthSection(_Section):
     enabled: bool = False
     keys: list[ApiKey] = Field(default_factory=list)
     neuron_admin_token: str | None = Field(
-        default=None, description="sent to neurons on load/unload"
+        default=None, repr=False, description="sent to neurons on load/unload"
     )
     spend_db: Path = Field(
         default=Path("~/.cache/cortex/gateway.sqlite3"),
