@@ -154,7 +154,7 @@ async def test_keys_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> No
     assert not any(secret in logged for secret in [*SECRETS.values(), "sk-bad"])
 
 
-ADMIN_SURFACE = ("/fleet", "/", "/docs", "/openapi.json")
+ADMIN_SURFACE = ("/fleet", "/", "/docs", "/openapi.json", "/metrics")
 
 
 async def test_the_admin_surface_needs_an_admin_key() -> None:
@@ -172,6 +172,8 @@ async def test_the_admin_surface_needs_an_admin_key() -> None:
         assert fleet.json()["neurons"][0]["endpoint"] == neuron_url
         schema = await c.http.get("/openapi.json", headers={"x-api-key": SECRETS["root"]})
         assert "/v1/chat/completions" in schema.json()["paths"]
+        # Metrics stay open on their own port, for Prometheus.
+        assert (await c.http.get(f"{c.metrics_url}/metrics")).status_code == 200
 
 
 async def test_health_details_are_for_admin_keys_only() -> None:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 
 from cortex.core.access_log import redact_access_log
 from cortex.core.catalogue import ModelSpec
@@ -15,7 +15,7 @@ from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.gateway import errors, health, routes_anthropic, routes_openai, routes_responses, web
 from cortex.gateway.call import CallScope
 from cortex.gateway.metrics import CONTENT_TYPE
-from cortex.gateway.wiring import Gateway, Tuning, gateway_of
+from cortex.gateway.wiring import Gateway, Tuning, authenticate_admin, gateway_of
 
 
 def create_app(
@@ -45,7 +45,11 @@ def create_app(
     app.add_middleware(CallScope, accounting=lambda: gateway.accounting)
     for module in (routes_openai, routes_anthropic, routes_responses, health, web):
         app.include_router(module.router)
-    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    # On the API port the metrics are part of the admin surface; `metrics_listen` serves them open.
+    admin = [Depends(authenticate_admin)]
+    app.add_api_route(
+        "/metrics", metrics, methods=["GET"], include_in_schema=False, dependencies=admin
+    )
     return app
 
 
