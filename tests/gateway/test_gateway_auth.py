@@ -11,6 +11,8 @@ import pytest
 from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import chat_body, cluster, spec
 
+from cortex.core import commands
+
 SECRETS = {
     "alice": "sk-alice-0123",
     "bob": "sk-bob-4567",
@@ -203,3 +205,13 @@ async def test_model_lists_follow_the_allowlist() -> None:
         assert hidden.json()["error"]["message"] == "model 'chat-b' does not exist"
         everyone = (await c.http.get("/v1/models", headers={"x-api-key": SECRETS["alice"]})).json()
         assert {m["id"] for m in everyone["data"]} == {"chat-a", "chat-b"}
+
+
+async def test_cortex_status_reads_the_fleet_with_an_admin_key(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        assert await commands.status(c.url) == 1
+        assert "needs an admin key" in capsys.readouterr().err
+        assert await commands.status(c.url, SECRETS["root"]) == 0
+        assert "n1" in capsys.readouterr().out

@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show the fleet (gateway or neuron endpoint)")
     _flag(status, "endpoint", "gateway or neuron URL (default http://127.0.0.1:31313)")
+    _flag(status, "api-key", "an admin API key, for a gateway with [auth] on")
 
     models = commands.add_parser("models", help="list, load or unload models")
     _flag(models, "endpoint", "neuron URL (default http://127.0.0.1:13131)")
@@ -117,7 +118,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "gateway":
         _run(commands.gateway(args))
     elif args.command == "status":
-        return asyncio.run(commands.status(args.endpoint or "http://127.0.0.1:31313"))
+        endpoint = args.endpoint or "http://127.0.0.1:31313"
+        return asyncio.run(commands.status(endpoint, args.api_key))
     elif args.command == "models":
         return asyncio.run(commands.models(args))
     elif args.command == "bench":

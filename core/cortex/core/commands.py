@@ -143,11 +143,15 @@ def local_entry(local: NeuronConfig, port: int) -> NeuronEntry:
     )
 
 
-async def status(endpoint: str) -> int:
-    """Fleet table from a gateway's /fleet, or from a single neuron's /status."""
-    async with httpx.AsyncClient(base_url=endpoint.rstrip("/"), timeout=5) as http:
+async def status(endpoint: str, api_key: str | None = None) -> int:
+    """Fleet table from a gateway's /fleet (an admin key when auth is on), or a neuron's /status."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=endpoint.rstrip("/"), timeout=5, headers=headers) as http:
         try:
             response = await http.get("/fleet")
+            if response.status_code in (401, 403):
+                print(f"cortex: {endpoint}/fleet needs an admin key (--api-key)", file=sys.stderr)
+                return 1
             if response.status_code == 200:
                 rows = [_row(item) for item in response.json().get("neurons", [])]
             else:
