@@ -73,7 +73,7 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
         catalogue = [ModelSpec(id=MODEL, source=source)]
         app = create_app(config, catalogue, tuning=FAST)
         gateway = await stack.enter_async_context(running(app, lifespan="on"))
-        await eventually(lambda: len(app.state.gateway.fleet.ready(MODEL)) == 2)
+        await eventually(lambda: len(app.state.gateway.placer.ready(MODEL)) == 2)
 
         served = {name: runtime.served(MODEL) for name, runtime in runtimes.items()}
         poison_id = served["n1"].encode(POISON_WORD)[0]
