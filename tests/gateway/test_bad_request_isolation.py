@@ -54,7 +54,7 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
         for name in ("n1", "n2"):
             cache = tmp_path_factory.mktemp(f"cache-{name}")
             config = NeuronConfig.model_validate(
-                {"neuron": {"name": name, "cache_dir": str(cache)}}
+                {"neuron": {"name": name, "cache_dir": str(cache), "allowed_paths": [str(tiny)]}}
             )
             runtimes[name] = NeuronRuntime(config, catalogue=[])
             app = create_neuron_app(runtimes[name])

@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     _flag(neuron, "host", "listen address (default 127.0.0.1)")
     _flag(neuron, "port", "port (default 13131)", type=int)
     _flag(neuron, "config", "neuron.toml")
-    _flag(neuron, "admin-token", "token required by load/unload")
+    _flag(neuron, "admin-token", "token required by load/unload (visible in ps: prefer the file)")
+    _flag(neuron, "admin-token-file", "file holding the admin token")
     neuron.add_argument(
         "--preload", nargs="*", default=_split(_env("preload")), metavar="MODEL",
         help="models to load at start [env CORTEX_PRELOAD, comma separated]",
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show the fleet (gateway or neuron endpoint)")
     _flag(status, "endpoint", "gateway or neuron URL (default http://127.0.0.1:31313)")
+    _flag(status, "api-key", "an admin API key, for a gateway with [auth] on")
 
     models = commands.add_parser("models", help="list, load or unload models")
     _flag(models, "endpoint", "neuron URL (default http://127.0.0.1:13131)")
@@ -168,7 +170,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "gateway":
         _run(commands.gateway(args))
     elif args.command == "status":
-        return asyncio.run(commands.status(args.endpoint or "http://127.0.0.1:31313"))
+        endpoint = args.endpoint or "http://127.0.0.1:31313"
+        return asyncio.run(commands.status(endpoint, args.api_key))
     elif args.command == "models":
         return asyncio.run(commands.models(args))
     elif args.command == "operator":

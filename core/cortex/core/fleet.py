@@ -59,6 +59,10 @@ class NeuronStatus(BaseModel):
     models: list[LoadedModel] = Field(default_factory=list)
     in_flight: int = 0
     queued: int = 0
+    lifecycle_open: bool = Field(
+        default=False,
+        description="load/unload need no admin token and the neuron listens beyond loopback",
+    )
 
 
 class ModelListing(BaseModel):

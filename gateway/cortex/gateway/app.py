@@ -7,14 +7,16 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 
+from cortex.core.access_log import redact_access_log
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.core.kube_api import KubeLogin
 from cortex.gateway import errors, health, routes_anthropic, routes_openai, routes_responses, web
+from cortex.gateway.call import CallScope
 from cortex.gateway.metrics import CONTENT_TYPE
-from cortex.gateway.wiring import Gateway, Tuning, gateway_of
+from cortex.gateway.wiring import Gateway, Tuning, authenticate_admin, gateway_of
 
 
 def create_app(
@@ -39,12 +41,20 @@ def create_app(
         finally:
             await gateway.aclose()
 
-    app = FastAPI(title="cortex gateway", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # /docs and /openapi.json are served by `web`, behind the admin key when auth is on.
+    app = FastAPI(
+        title="cortex gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.gateway = gateway
     errors.install(app)
+    app.add_middleware(CallScope, accounting=lambda: gateway.accounting)
     for module in (routes_openai, routes_anthropic, routes_responses, health, web):
         app.include_router(module.router)
-    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    # On the API port the metrics are part of the admin surface; `metrics_listen` serves them open.
+    admin = [Depends(authenticate_admin)]
+    app.add_api_route(
+        "/metrics", metrics, methods=["GET"], include_in_schema=False, dependencies=admin
+    )
     return app
 
 
@@ -83,6 +93,7 @@ async def serve(
                 uvicorn.Config(create_metrics_app(app), host=host, port=port, lifespan="off")
             )
         )
+    redact_access_log()  # after the uvicorn.Configs above, which set uvicorn's loggers up
     tasks = [asyncio.create_task(server.serve()) for server in servers]
     try:
         # One server stopping (a signal, a bind failure) stops the other.

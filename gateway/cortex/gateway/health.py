@@ -45,7 +45,11 @@ def _report(gateway: Gateway) -> dict[str, Any]:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    report = _report(gateway_of(request))
+    """ok | impaired | degraded for anyone; per-neuron details only for an admin key (or no auth)."""
+    gateway = gateway_of(request)
+    report = _report(gateway)
+    if not gateway.auth.is_admin(request.headers):
+        report = {"status": report["status"]}
     return JSONResponse(report, status_code=503 if report["status"] == "degraded" else 200)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from cortex.core.errors import CortexError
 from cortex.core.kube_api import KubeApi, KubeLogin
 from cortex.core.placement.model import Policy
 from cortex.gateway.auth import Authenticator, Principal
+from cortex.gateway.budget import worst_case
 from cortex.gateway.call import Accounting, Call, Surface
 from cortex.gateway.catalogue import Catalogue, FleetModelCard, LiveCatalogue
 from cortex.gateway.demand import DemandSignal
@@ -26,6 +27,7 @@ from cortex.gateway.dispatch import Dispatcher, Upstream
 from cortex.gateway.fleet import Fleet
 from cortex.gateway.kube_catalogue import PlacementCatalogue
 from cortex.gateway.kube_fleet import KubeFleet
+from cortex.gateway.ledger import Ledger, SqliteSpendStore
 from cortex.gateway.lifecycle import Lifecycle
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.ondemand import OnDemand
@@ -77,7 +79,10 @@ class Gateway:
             request_timeout=section.request_timeout,
         )
         self.auth = Authenticator(config.auth)
-        self.accounting = Accounting(self.metrics, self.auth)
+        budgeted = any(key.budget_tokens is not None for key in config.auth.keys)
+        self._spend = SqliteSpendStore(config.auth.spend_db) if budgeted else None
+        self.ledger = Ledger(self._spend)
+        self.accounting = Accounting(self.metrics)
         known = merge_catalogues(list(catalogue), config.models)
         self.catalogue: Catalogue
         self.replicas: Replicas
@@ -140,6 +145,8 @@ class Gateway:
             await self.demand.aclose()
             await self.source.aclose()
         await self.fleet.aclose()
+        if self._spend is not None:
+            self._spend.close()
 
     # -- models
 
@@ -153,14 +160,26 @@ class Gateway:
     # -- per request
 
     def begin(
-        self, request: Request, surface: Surface, model: str, affinity: str | None = None
+        self,
+        request: Request,
+        surface: Surface,
+        model: str,
+        affinity: str | None = None,
+        *,
+        body: Mapping[str, Any] | None = None,
     ) -> Call:
-        """Resolve the model, check the caller may use it and has budget left; the call is kept
-        on the request so the error handler can record how it ended."""
+        """Resolve the model, check the caller may use it, and reserve the request's worst case
+        (`body`'s; nothing for a body-less call) from their budget. The call, holding the
+        reservation, is kept on the request: CallScope ends it, whatever happens."""
         principal: Principal = request.state.principal
         spec = self.catalogue.resolve(model)
         self.auth.authorize(principal, spec)
-        self.auth.check_budget(principal, time.time())
+        tokens = (
+            worst_case(body, embedding=spec.kind == "embedding", context=spec.context)
+            if body is not None
+            else 0
+        )
+        reservation = self.ledger.reserve(principal, tokens, time.time())
         call = Call(
             model=spec.id,
             surface=surface,
@@ -168,6 +187,7 @@ class Gateway:
             deadline=time.monotonic() + self.config.gateway.load_timeout,
             affinity=affinity,
             disconnected=request.is_disconnected,
+            reservation=reservation,
         )
         request.state.call = call
         return call
@@ -229,3 +249,8 @@ def gateway_of(request: Request) -> Gateway:
 def authenticate(request: Request) -> None:
     """Route dependency: the caller's principal, on request.state (401 when auth rejects it)."""
     request.state.principal = gateway_of(request).auth.authenticate(request.headers)
+
+
+def authenticate_admin(request: Request) -> None:
+    """Route dependency of the admin surface (fleet view, docs): 401 or 403 unless an admin key."""
+    request.state.principal = gateway_of(request).auth.authenticate_admin(request.headers)
