@@ -57,6 +57,9 @@ class Tool(_Open):
     function: FunctionDef
 
 
+ToolChoiceMode = Literal["none", "auto", "required"]
+
+
 def forced_tool(choice: str | dict[str, Any] | None) -> str | None:
     """The tool a `{"type": "function", "function": {"name": ...}}` choice forces; None for the
     string choices. Any other object is refused (a validator's error, so a 400)."""
@@ -120,7 +123,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tool_choice: ToolChoiceMode | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
     response_format: dict[str, Any] | None = None
 

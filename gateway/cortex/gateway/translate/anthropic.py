@@ -37,6 +37,7 @@ from cortex.core.protocol.anthropic import (
     MessagesResponse,
     MessageStartEvent,
     MessageStopEvent,
+    OtherBlock,
     OutputBlock,
     PingEvent,
     StopReason,
@@ -58,6 +59,7 @@ from cortex.core.protocol.openai import (
     StreamOptions,
     Tool,
     ToolCall,
+    ToolChoiceMode,
 )
 from cortex.core.protocol.openai import Usage as ChatUsage
 from cortex.gateway.translate.chat_stream import ChatStreamTranslator
@@ -118,14 +120,14 @@ def _system_messages(system: str | list[TextBlock] | None) -> list[ChatMessage]:
     return [ChatMessage(role="system", content=text)] if text else []
 
 
-def _tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
+def _tool_choice(choice: ToolChoice) -> ToolChoiceMode | dict[str, Any]:
     if choice.type == "any":
         return "required"
     if choice.type == "tool":
         if not choice.name:
             raise InvalidRequest("tool_choice of type 'tool' needs a name", param="tool_choice")
         return {"type": "function", "function": {"name": choice.name}}
-    return choice.type  # "auto" and "none" mean the same in both APIs
+    return "none" if choice.type == "none" else "auto"  # the same in both APIs
 
 
 def _chat_messages(message: InputMessage) -> list[ChatMessage]:
@@ -185,7 +187,7 @@ def _user_messages(message: InputMessage) -> list[ChatMessage]:
             parts.append({"type": "text", "text": block.text})
         elif isinstance(block, ImageBlock):
             parts.append({"type": "image_url", "image_url": {"url": _image_url(block)}})
-        elif block.type in _USER_CONTENT:
+        elif isinstance(block, OtherBlock) and block.type in _USER_CONTENT:
             raise InvalidRequest(
                 f"content blocks of type {block.type!r} are not supported: send text",
                 param="messages",

@@ -26,6 +26,7 @@ from cortex.core.protocol.openai import (
     StreamOptions,
     Tool,
     ToolCall,
+    ToolChoiceMode,
 )
 from cortex.core.protocol.openai import Usage as ChatUsage
 from cortex.core.protocol.responses import (
@@ -166,9 +167,10 @@ def _text(parts: list[ContentPart], separator: str) -> str:
     return separator.join(t for t in texts if t)
 
 
-def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+def _tool_choice(choice: str | dict[str, Any] | None) -> ToolChoiceMode | dict[str, Any] | None:
+    modes: dict[str, ToolChoiceMode] = {"auto": "auto", "none": "none", "required": "required"}
     if isinstance(choice, str):
-        return choice if choice in ("auto", "none", "required") else None
+        return modes.get(choice)
     if isinstance(choice, dict) and choice.get("type") == "function" and choice.get("name"):
         return {"type": "function", "function": {"name": choice["name"]}}
     return None
