@@ -67,6 +67,11 @@ def _deep(depth: int) -> bytes:
     return b'{"model": "x", "messages": ' + b"[" * depth + b"]" * depth + b"}"
 
 
+def _surrogate(body: dict[str, Any]) -> bytes:
+    """The body with `"x\\ud800y"` (a lone surrogate, as a JSON escape) for its "hi"."""
+    return json.dumps(body).replace('"hi"', '"x\\ud800y"', 1).encode()
+
+
 def _with(route: str, **fields: Any) -> dict[str, Any]:
     return {**VALID[route], **fields}
 
@@ -147,6 +152,7 @@ SPECIFIC = [
     Case("prompt-7MB", COMPLETIONS, 400, json=_with(COMPLETIONS, prompt="x" * 7_000_000)),
     Case("top-k-negative", COMPLETIONS, 400, json=_with(COMPLETIONS, top_k=-2)),
     Case("input-empty-string", EMBEDDINGS, 400, json=_with(EMBEDDINGS, input="")),
+    Case("lone-surrogate", EMBEDDINGS, 400, raw=_surrogate(VALID[EMBEDDINGS]), says="surrogate"),
     Case("input-too-many", EMBEDDINGS, 400, json=_with(EMBEDDINGS, input=["a"] * 2049)),
     Case("dimensions-wrong", EMBEDDINGS, 400, json=_with(EMBEDDINGS, dimensions=7)),
     Case("chat-model", EMBEDDINGS, 400, json=_with(EMBEDDINGS, model=CHAT)),
@@ -243,10 +249,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyNeuron]:
 
 
 TINY_SOURCE = "<the tiny model's source>"  # replaced when sent
-
-
-def _surrogate(body: dict[str, Any]) -> bytes:
-    return json.dumps(body).replace('"hi"', '"x\\ud800y"', 1).encode()
 
 
 REAL_CASES = [
