@@ -20,6 +20,7 @@ from live_server import serve
 from tiny_models import make_tiny_llama
 
 from cortex.core.config import NeuronConfig
+from cortex.core.errors import InvalidRequest, NeuronUnavailable
 from cortex.neuron.prompts import MAX_CHARS_PER_TOKEN, PromptPool
 from cortex.neuron.runtime import NeuronRuntime
 from cortex.neuron.server import create_app
@@ -142,3 +143,20 @@ def test_preparing_a_prompt_is_capped_in_time(neuron: Neuron) -> None:
     assert latency < 1.0
     ok = neuron.http.post("/v1/chat/completions", json=_chat("hi"))
     assert ok.status_code == 200, ok.text
+
+
+async def test_a_prompt_that_never_got_a_thread_is_a_503_not_a_400() -> None:
+    """Only a preparation that ran too long is the request's fault; a wait for a thread is not."""
+    pool = PromptPool(timeout=0.05, threads=1)
+    release = threading.Event()
+    try:
+        with pytest.raises(InvalidRequest, match="took longer"):
+            await pool.run(lambda: release.wait(10), "messages")
+        with pytest.raises(NeuronUnavailable, match="busy") as busy:
+            await pool.run(lambda: None, "messages")
+        assert busy.value.retry_after is not None
+    finally:
+        release.set()
+        pool.close()
+    with pytest.raises(NeuronUnavailable, match="shutting down"):
+        await pool.run(lambda: None, "messages")

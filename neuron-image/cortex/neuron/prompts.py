@@ -48,7 +48,10 @@ class PromptPool:
 
     async def run(self, prepare: Callable[[], T], param: str) -> T:
         """`prepare()` on a pool thread, awaited for at most `timeout` seconds."""
-        future = self._pool.submit(prepare)
+        try:
+            future = self._pool.submit(prepare)
+        except RuntimeError:  # the pool is closed: the neuron is shutting down
+            raise NeuronUnavailable("the neuron is shutting down", retry_after=1.0) from None
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
         except TimeoutError:
