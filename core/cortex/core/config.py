@@ -67,6 +67,10 @@ class NeuronSection(_Section):
         "gaps short while a long prompt is read, larger reads it in fewer passes",
     )
     queue_timeout: Seconds = Field(default=30.0, description="longest wait for a slot before 503")
+    prompt_timeout: Seconds = Field(
+        default=10.0,
+        description="longest one request's prompt may take to render and tokenize before 400",
+    )
     max_body_bytes: ByteSize = Field(default=8 * 2**20, description="larger bodies get 413")
     max_tokens_limit: int = Field(default=32768, ge=1, description="largest max_tokens accepted")
     hf_cache: Path | None = Field(

@@ -45,6 +45,12 @@ class ModelBusy(CortexError):
     status, code, kind = 409, "model_busy", "invalid_request_error"
 
 
+class SourceConflict(CortexError):
+    """A load of a model id that is loaded (or loading) from another source."""
+
+    status, code, kind = 409, "source_conflict", "invalid_request_error"
+
+
 class CapacityExhausted(CortexError):
     """A model does not fit in the memory that could be freed for it."""
 
@@ -98,6 +104,7 @@ ERRORS_BY_CODE: dict[str, type[CortexError]] = {
         Forbidden,
         ModelNotFound,
         ModelBusy,
+        SourceConflict,
         CapacityExhausted,
         PayloadTooLarge,
         ModelLoadFailed,

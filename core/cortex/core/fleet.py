@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
 from cortex.core.catalogue import ModelSpec
 
@@ -79,11 +79,11 @@ class LoadRequest(BaseModel):
     source: str | None = None
     devices: list[str] | None = None
     dtype: str | None = None
-    wait: bool = True
+    wait: StrictBool = True
 
 
 class UnloadRequest(BaseModel):
     """POST /models/unload."""
 
     model: str
-    force: bool = False
+    force: StrictBool = False

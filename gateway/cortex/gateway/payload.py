@@ -1,8 +1,14 @@
-"""Request bodies: size-limited reading, JSON parsing and validation into wire models."""
+"""Request bodies: size-limited reading, JSON parsing and validation into wire models.
+
+What the JSON parser accepts but nothing downstream can carry is refused here with a 400: text that
+is not UTF-8, nesting past MAX_DEPTH (the parser, the validators and the re-encoding for the neuron
+all recurse), and lone surrogates (`"\\ud800"` parses, but cannot be encoded to send on).
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -11,6 +17,11 @@ from pydantic import BaseModel, ValidationError
 from cortex.core.errors import InvalidRequest, PayloadTooLarge
 
 M = TypeVar("M", bound=BaseModel)
+
+# Far above real requests (tool schemas nest a dozen levels), far below Python's recursion limit.
+MAX_DEPTH = 64
+# A surrogate can only enter through a \uD800-\uDFFF escape once the body decoded as strict UTF-8.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -23,15 +34,60 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         body += chunk
         if len(body) > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    return parse_json(bytes(body))
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """A JSON object from a request body, refusing what could not be carried to a neuron."""
     if not body.strip():
         raise InvalidRequest("request body is empty: expected a JSON object")
     try:
-        data = json.loads(body)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid UTF-8: {exc}") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise InvalidRequest(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:
         raise InvalidRequest(f"malformed JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
+    # Both checks walk the whole tree; the cheap scans of the text skip them for nearly every body.
+    if text.count("[") + text.count("{") > MAX_DEPTH:
+        _check_depth(data)
+    if _SURROGATE_ESCAPE.search(text):
+        _check_text(data)
     return data
+
+
+def _check_depth(data: Any) -> None:
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidRequest(f"JSON nested deeper than {MAX_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+
+
+def _check_text(data: Any) -> None:
+    stack: list[Any] = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(
+                    "request text contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                    "escape); it is not valid Unicode"
+                ) from None
 
 
 def parse(data: dict[str, Any], model: type[M]) -> M:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -36,10 +37,12 @@ from cortex.core.protocol.openai import (
     ResponseMessage,
     ToolCall,
     Usage,
+    forced_tool,
     new_id,
 )
 from cortex.neuron.api_lifecycle import runtime_of
 from cortex.neuron.generation import Finished
+from cortex.neuron.prompts import PromptPool, require_unicode
 from cortex.neuron.serving import Generation, failure, sampling, until_disconnect, usage
 from cortex.neuron.sse import DONE, EventStreamResponse, sse_data, sse_error
 from cortex.neuron.tools import ParsedToolCall, ToolCallStream, parse_tool_calls
@@ -62,10 +65,15 @@ def _served(request: Request, model: str, kind: str) -> ServedModel:
     return served
 
 
-def _message(message: ChatMessage) -> dict[str, Any]:
+def prompts_of(request: Request) -> PromptPool:
+    pool: PromptPool = request.app.state.prompts
+    return pool
+
+
+def _message(message: ChatMessage, index: int, model: str) -> dict[str, Any]:
     """An OpenAI message as the chat template takes it: plain-text content, tool fields kept."""
     role = {"developer": "system", "function": "tool"}.get(message.role, message.role)
-    out: dict[str, Any] = {"role": role, "content": message.text()}
+    out: dict[str, Any] = {"role": role, "content": _text(message, index, model)}
     if message.name:
         out["name"] = message.name
     if message.tool_calls:
@@ -75,14 +83,43 @@ def _message(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
+def _text(message: ChatMessage, index: int, model: str) -> str:
+    """The message's text parts joined; any other part is refused rather than silently dropped
+    (a model answering about an image it never saw is worse than a 400)."""
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    texts = []
+    for j, part in enumerate(message.content):
+        where, kind = f"messages.{index}.content.{j}", part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("image_url", "image", "input_image"):
+            raise InvalidRequest(
+                f"model {model!r} reads text only: it cannot take the image in {where}",
+                param=where,
+            )
+        else:
+            raise InvalidRequest(
+                f"content part {where} of type {kind!r} is not supported: send text parts",
+                param=where,
+            )
+    return "".join(texts)
+
+
+def _chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+    """Characters the rendered prompt holds at least: message texts and tool definitions."""
+    text = sum(len(m["content"]) for m in messages)
+    return text + (len(json.dumps(tools)) if tools else 0)
+
+
 def _tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
     """Tools to offer the model: none with tool_choice=none, only the named one when forced."""
     if not body.tools or body.tool_choice == "none":
         return None
     tools = [tool.model_dump(mode="json", exclude_none=True) for tool in body.tools]
-    if isinstance(body.tool_choice, dict):
-        name = (body.tool_choice.get("function") or {}).get("name")
-        tools = [t for t in tools if t["function"]["name"] == name] or tools
+    name = forced_tool(body.tool_choice)
+    if name is not None:
+        tools = [t for t in tools if t["function"]["name"] == name]
     return tools
 
 
@@ -121,7 +158,10 @@ def _tool_call(call: ParsedToolCall) -> ToolCall:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     served = _served(request, body.model, "chat")
     tools = _tools(body)
-    prompt = served.render_chat([_message(m) for m in body.messages], tools)
+    messages = [_message(m, i, served.id) for i, m in enumerate(body.messages)]
+    pool = prompts_of(request)
+    pool.check_size(_chars(messages, tools), served.context_length, "messages")
+    prompt = await pool.run(lambda: served.render_chat(messages, tools), "messages")
     section = runtime_of(request).config.neuron
     params = sampling(
         body,
@@ -235,22 +275,25 @@ def _ending(
     yield DONE
 
 
-def _completion_prompt(
-    served: ServedModel, prompt: str | list[str] | list[int]
+async def _completion_prompt(
+    request: Request, served: ServedModel, prompt: str | list[str] | list[int]
 ) -> tuple[str, list[int]]:
-    if isinstance(prompt, str):
-        return prompt, served.encode(prompt)
-    if all(isinstance(p, int) for p in prompt):
+    if not isinstance(prompt, str) and all(isinstance(p, int) for p in prompt):
         ids = [int(p) for p in prompt]
+        if len(ids) >= served.context_length:  # refused by `sampling`, before the vocabulary scan
+            return "", ids
         if not all(0 <= token < served.vocab_size for token in ids):
             raise InvalidRequest(
                 f"token ids must lie in [0, {served.vocab_size}), the model's vocabulary",
                 param="prompt",
             )
         return "", ids
-    if len(prompt) != 1:
+    if not isinstance(prompt, str) and len(prompt) != 1:
         raise InvalidRequest("send one prompt per request", param="prompt")
-    return str(prompt[0]), served.encode(str(prompt[0]))
+    text = prompt if isinstance(prompt, str) else str(prompt[0])
+    pool = prompts_of(request)
+    pool.check_size(len(text), served.context_length, "prompt")
+    return text, await pool.run(lambda: served.encode(text), "prompt")
 
 
 class TokenizeRequest(BaseModel):
@@ -265,10 +308,16 @@ class TokenizeRequest(BaseModel):
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     served = _served(request, body.model, "chat")
+    pool = prompts_of(request)
     if body.messages:
-        ids = served.render_chat([_message(m) for m in body.messages], body.tools or None)
+        messages = [_message(m, i, served.id) for i, m in enumerate(body.messages)]
+        tools = body.tools or None
+        pool.check_size(_chars(messages, tools), served.context_length, "messages")
+        ids = await pool.run(lambda: served.render_chat(messages, tools), "messages")
     elif body.prompt is not None:
-        ids = served.encode(body.prompt)
+        text = body.prompt
+        pool.check_size(len(text), served.context_length, "prompt")
+        ids = await pool.run(lambda: served.encode(text), "prompt")
     else:
         raise InvalidRequest("send messages or prompt", param="messages")
     return {"model": served.id, "count": len(ids), "max_model_len": served.context_length}
@@ -279,7 +328,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     served = _served(request, body.model, "chat")
     if body.suffix:
         raise InvalidRequest("suffix (fill-in-the-middle) is not supported", param="suffix")
-    text, ids = _completion_prompt(served, body.prompt)
+    text, ids = await _completion_prompt(request, served, body.prompt)
     if body.echo and not text:
         raise InvalidRequest("echo needs a text prompt", param="echo")
     section = runtime_of(request).config.neuron
@@ -337,6 +386,8 @@ def _texts(value: str | list[str] | list[int] | list[list[int]]) -> list[str]:
         raise InvalidRequest(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
     if any(not t for t in texts):
         raise InvalidRequest("input strings must not be empty", param="input")
+    for text in texts:
+        require_unicode(str(text), "input")
     return [str(t) for t in texts]
 
 

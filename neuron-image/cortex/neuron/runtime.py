@@ -20,6 +20,7 @@ from cortex.core.errors import (
     ModelBusy,
     ModelNotFound,
     NeuronUnavailable,
+    SourceConflict,
 )
 from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, ModelState, NeuronStatus
 from cortex.neuron import loader, sources
@@ -28,6 +29,7 @@ from cortex.neuron.chat_template import render_chat
 from cortex.neuron.devices import Device, discover
 from cortex.neuron.engine import Engine, Sequence
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams
+from cortex.neuron.prompts import require_unicode
 from cortex.neuron.worker import DeviceWorker
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,8 @@ class Replica:
 
 
 class ServedModel:
-    """A ready model: tokenization on the caller's thread, every tensor op on its device worker."""
+    """A ready model: tokenization on the caller's thread (a prompt pool thread, see prompts.py),
+    every tensor op on its device worker."""
 
     def __init__(
         self, replica: Replica, weights: loader.LoadedWeights, worker: DeviceWorker, config: Any
@@ -92,6 +95,7 @@ class ServedModel:
         return self.encode(text)
 
     def encode(self, text: str) -> list[int]:
+        require_unicode(text)
         return list(self.weights.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids: list[int]) -> str:
@@ -213,8 +217,19 @@ class NeuronRuntime:
         return self.replicas.get(spec.id) if spec else None
 
     async def load(self, request: LoadRequest) -> LoadedModel:
-        """Idempotent and single-flight: concurrent loads of one model share one task."""
-        spec = self._spec_for(request)
+        """Idempotent and single-flight: concurrent loads of one model share one task. A load that
+        names another source than the one the model is loaded (or loading) from is a 409."""
+        current = self._replica(request.model)
+        if current is not None and current.state is not ModelState.FAILED:
+            if request.source and request.source != current.spec.source:
+                raise SourceConflict(
+                    f"model {current.spec.id!r} is {current.state.value} from "
+                    f"{current.spec.source!r}, not from {request.source!r}; unload it first to "
+                    "load it from another source"
+                )
+            spec = current.spec
+        else:
+            spec = self._spec_for(request)
         existing = self.replicas.get(spec.id)
         if existing and existing.state is ModelState.READY:
             return existing.record()

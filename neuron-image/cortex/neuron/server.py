@@ -17,6 +17,7 @@ from cortex.core.errors import CortexError, InvalidRequest, PayloadTooLarge
 from cortex.core.protocol.errors import error_headers, openai_error
 from cortex.neuron import api_lifecycle, api_openai
 from cortex.neuron.metrics import NeuronMetrics
+from cortex.neuron.prompts import PromptPool
 
 if TYPE_CHECKING:
     from cortex.neuron.runtime import NeuronRuntime
@@ -162,6 +163,8 @@ class RequestCounter:
 def create_app(runtime: NeuronRuntime, *, manage_runtime: bool = True) -> FastAPI:
     """The neuron app; with manage_runtime it starts and stops the runtime with the app's lifespan."""
 
+    prompts = PromptPool(runtime.config.neuron.prompt_timeout)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if manage_runtime:
@@ -169,6 +172,7 @@ def create_app(runtime: NeuronRuntime, *, manage_runtime: bool = True) -> FastAP
         try:
             yield
         finally:
+            prompts.close()
             if manage_runtime:
                 await runtime.stop()
 
@@ -176,6 +180,7 @@ def create_app(runtime: NeuronRuntime, *, manage_runtime: bool = True) -> FastAP
     metrics = NeuronMetrics(runtime.status)
     app.state.runtime = runtime
     app.state.metrics = metrics
+    app.state.prompts = prompts
     _install_error_handlers(app)
     app.include_router(api_lifecycle.router)
     app.include_router(api_openai.router)

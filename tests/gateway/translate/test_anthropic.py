@@ -9,7 +9,7 @@ import anthropic
 import httpx2
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from cortex.core.errors import InvalidRequest
 from cortex.core.protocol.anthropic import CountTokensRequest, MessagesRequest
@@ -319,10 +319,18 @@ def test_tool_choice_is_mapped(choice: dict[str, Any], expected: Any) -> None:
     assert chat.parallel_tool_calls is None
 
 
-def test_tool_choice_tool_without_name_is_invalid() -> None:
-    tools = [{"name": "lookup", "input_schema": {"type": "object"}}]
-    with pytest.raises(InvalidRequest):
-        to_chat_request(simple_request(tools=tools, tool_choice={"type": "tool"}))
+def test_tool_choice_must_name_one_of_the_client_tools() -> None:
+    tools = [
+        {"name": "lookup", "input_schema": {"type": "object"}},
+        {"name": "web_search", "type": "web_search_20250305"},  # a server tool: not served
+    ]
+    for choice in (
+        {"type": "tool"},
+        {"type": "tool", "name": "nope"},
+        {"type": "tool", "name": "web_search"},
+    ):
+        with pytest.raises(ValidationError, match="not among the tools"):
+            simple_request(tools=tools, tool_choice=choice)
 
 
 def test_tool_results_become_tool_messages_in_order() -> None:
@@ -400,7 +408,7 @@ def test_unknown_blocks_and_fields_are_tolerated_and_dropped() -> None:
             {
                 "role": "user",
                 "content": [
-                    {"type": "document", "source": {"type": "text", "data": "x"}},
+                    {"type": "some_future_block", "data": "x"},
                     {"type": "text", "text": "hi", "citations": None},
                 ],
             },
@@ -413,6 +421,24 @@ def test_unknown_blocks_and_fields_are_tolerated_and_dropped() -> None:
         ("user", "hi"),
         ("user", "again"),
     ]
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"type": "document", "source": {"type": "text", "data": "x"}},
+        {"type": "image", "source": {"type": "file", "file_id": "f"}},
+        {
+            "type": "tool_result",
+            "tool_use_id": "t1",
+            "content": [{"type": "image", "source": {"type": "url", "url": "https://x.test/a"}}],
+        },
+    ],
+)
+def test_user_content_that_cannot_be_sent_is_refused_not_dropped(block: dict[str, Any]) -> None:
+    req = simple_request(messages=[{"role": "user", "content": [block]}])
+    with pytest.raises(InvalidRequest):
+        to_chat_request(req)
 
 
 def test_count_tokens_request_translates_without_sampling_fields() -> None:

@@ -9,10 +9,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
+
+from cortex.core.protocol.openai import check_tool_choice
 
 
 class _Open(BaseModel):
+    """Unknown fields are kept; request booleans are StrictBool, so `"stream": "yes"` is refused."""
+
     model_config = ConfigDict(extra="allow")
 
 
@@ -76,7 +89,7 @@ class ToolResultBlock(_Open):
     type: Literal["tool_result"] = "tool_result"
     tool_use_id: str
     content: str | list[ToolResultPart] | None = None
-    is_error: bool | None = None
+    is_error: StrictBool | None = None
     cache_control: CacheControl | None = None
 
     def text(self) -> str:
@@ -140,7 +153,7 @@ class ToolDefinition(_Open):
 class ToolChoice(_Open):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
-    disable_parallel_tool_use: bool | None = None
+    disable_parallel_tool_use: StrictBool | None = None
 
 
 class Metadata(_Open):
@@ -164,13 +177,25 @@ class Conversation(_Open):
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(
+        cls, choice: ToolChoice | None, info: ValidationInfo
+    ) -> ToolChoice | None:
+        """A forced tool must be a client tool of the request (server tools cannot be served)."""
+        if choice is not None and choice.type == "tool":
+            tools = info.data.get("tools") or []
+            names = [t.name for t in tools if t.input_schema is not None]
+            check_tool_choice(choice.name or "", names)
+        return choice
+
 
 class MessagesRequest(Conversation):
     """POST /v1/messages."""
 
     max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)

@@ -6,10 +6,13 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 
 class _Open(BaseModel):
+    """Unknown fields are kept; request booleans are StrictBool, so `"stream": "yes"` is refused."""
+
     model_config = ConfigDict(extra="allow")
 
 
@@ -54,9 +57,43 @@ class Tool(_Open):
     function: FunctionDef
 
 
+ToolChoiceMode = Literal["none", "auto", "required"]
+
+
+def forced_tool(choice: str | dict[str, Any] | None) -> str | None:
+    """The tool a `{"type": "function", "function": {"name": ...}}` choice forces; None for the
+    string choices. Any other object is refused (a validator's error, so a 400)."""
+    if not isinstance(choice, dict):
+        return None
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if choice.get("type") != "function" or not isinstance(name, str):
+        raise PydanticCustomError(
+            "tool_choice",
+            "tool_choice must be 'none', 'auto', 'required' or "
+            '{"type": "function", "function": {"name": ...}}',
+        )
+    return name
+
+
+def check_tool_choice(name: str | None, tools: list[str], *, required: bool = False) -> None:
+    """A forced tool must be one of the request's tools (a validator's error, so a 400)."""
+    if name is not None and name not in tools:
+        offered = ", ".join(tools) or "none"
+        raise PydanticCustomError(
+            "tool_choice",
+            "tool_choice names the tool '{name}', which is not among the tools ({offered})",
+            {"name": name, "offered": offered},
+        )
+    if required and not tools:
+        raise PydanticCustomError(
+            "tool_choice", "tool_choice requires a tool call, but no tools are given"
+        )
+
+
 class StreamOptions(_Open):
-    include_usage: bool = False
-    continuous_usage_stats: bool = Field(
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = Field(
         default=False, description="vLLM's extension: usage so far on every chunk"
     )
 
@@ -72,7 +109,7 @@ class SamplingFields(_Open):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int | None = Field(default=None, ge=1, le=1, description="only n=1 is served")
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -86,9 +123,18 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[Tool] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    tool_choice: ToolChoiceMode | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
     response_format: dict[str, Any] | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(
+        cls, choice: str | dict[str, Any] | None, info: ValidationInfo
+    ) -> str | dict[str, Any] | None:
+        names = [tool.function.name for tool in info.data.get("tools") or []]
+        check_tool_choice(forced_tool(choice), names, required=choice == "required")
+        return choice
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -96,7 +142,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] = Field(description="one prompt (a string or token ids)")
-    echo: bool = False
+    echo: StrictBool = False
     suffix: str | None = None
 
 

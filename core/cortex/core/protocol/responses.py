@@ -8,10 +8,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
+
+from cortex.core.protocol.openai import check_tool_choice
 
 
 class _Open(BaseModel):
+    """Unknown fields are kept; request booleans are StrictBool, so `"stream": "yes"` is refused."""
+
     model_config = ConfigDict(extra="allow")
 
 
@@ -79,7 +92,7 @@ class FunctionTool(_Open):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class OtherTool(_Open):
@@ -107,17 +120,29 @@ class ResponsesRequest(_Open):
     instructions: str | None = None
     tools: list[ResponsesTool] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stream: bool = False
+    stream: StrictBool = False
     metadata: dict[str, str] | None = None
     user: str | None = None
     text: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
-    store: bool | None = None
+    store: StrictBool | None = None
     previous_response_id: str | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(
+        cls, choice: str | dict[str, Any] | None, info: ValidationInfo
+    ) -> str | dict[str, Any] | None:
+        """`{"type": "function", "name": ...}` must name one of the request's function tools."""
+        if isinstance(choice, dict) and choice.get("type") == "function":
+            tools = info.data.get("tools") or []
+            names = [t.name for t in tools if isinstance(t, FunctionTool)]
+            check_tool_choice(str(choice.get("name") or ""), names)
+        return choice
 
 
 # ---- response object ------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Anthropic Messages <-> OpenAI chat: pure translation of requests, responses and stream events.
 
 Decisions a client can observe:
-- `thinking` is ignored, thinking blocks in history are dropped, and so are blocks and server
-  tools (no `input_schema`) cortex cannot serve; images become OpenAI `image_url` parts.
+- `thinking` is ignored, thinking blocks in history are dropped, and so are server tools (no
+  `input_schema`) and blocks of history cortex cannot serve; images become OpenAI `image_url`
+  parts, which a neuron refuses (400) for a text-only model. User content cortex cannot send
+  (documents, images in tool results) is a 400, never dropped in silence.
 - Tool arguments that are not a JSON object come back as `{"_raw": "<text>"}` (see toolcalls).
 - `stop_sequence`: the neuron stops *before* the stop string, so the text cannot show which one
   ended generation. cortex reports `stop_sequence` when the upstream choice names the matched
@@ -35,6 +37,7 @@ from cortex.core.protocol.anthropic import (
     MessagesResponse,
     MessageStartEvent,
     MessageStopEvent,
+    OtherBlock,
     OutputBlock,
     PingEvent,
     StopReason,
@@ -56,6 +59,7 @@ from cortex.core.protocol.openai import (
     StreamOptions,
     Tool,
     ToolCall,
+    ToolChoiceMode,
 )
 from cortex.core.protocol.openai import Usage as ChatUsage
 from cortex.gateway.translate.chat_stream import ChatStreamTranslator
@@ -116,14 +120,14 @@ def _system_messages(system: str | list[TextBlock] | None) -> list[ChatMessage]:
     return [ChatMessage(role="system", content=text)] if text else []
 
 
-def _tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
+def _tool_choice(choice: ToolChoice) -> ToolChoiceMode | dict[str, Any]:
     if choice.type == "any":
         return "required"
     if choice.type == "tool":
         if not choice.name:
             raise InvalidRequest("tool_choice of type 'tool' needs a name", param="tool_choice")
         return {"type": "function", "function": {"name": choice.name}}
-    return choice.type  # "auto" and "none" mean the same in both APIs
+    return "none" if choice.type == "none" else "auto"  # the same in both APIs
 
 
 def _chat_messages(message: InputMessage) -> list[ChatMessage]:
@@ -151,6 +155,10 @@ def _assistant_message(message: InputMessage) -> list[ChatMessage]:
     return [ChatMessage(role="assistant", content=content, tool_calls=calls or None)]
 
 
+# User content a model would be asked about, so never dropped in silence: refused when unsupported.
+_USER_CONTENT = ("document", "audio", "video", "file", "container_upload")
+
+
 def _user_messages(message: InputMessage) -> list[ChatMessage]:
     """Tool results become `tool` messages; other blocks are grouped around them, order kept."""
     out: list[ChatMessage] = []
@@ -159,6 +167,14 @@ def _user_messages(message: InputMessage) -> list[ChatMessage]:
         if isinstance(block, ToolResultBlock):
             out.extend(_user_parts_message(parts))
             parts = []
+            if isinstance(block.content, list) and not all(
+                isinstance(p, TextBlock) for p in block.content
+            ):
+                raise InvalidRequest(
+                    "tool_result content can only be text here: the models cortex serves take "
+                    "tool results as text",
+                    param="messages",
+                )
             text = block.text()
             out.append(
                 ChatMessage(
@@ -169,8 +185,13 @@ def _user_messages(message: InputMessage) -> list[ChatMessage]:
             )
         elif isinstance(block, TextBlock):
             parts.append({"type": "text", "text": block.text})
-        elif isinstance(block, ImageBlock) and (url := _image_url(block)):
-            parts.append({"type": "image_url", "image_url": {"url": url}})
+        elif isinstance(block, ImageBlock):
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block)}})
+        elif isinstance(block, OtherBlock) and block.type in _USER_CONTENT:
+            raise InvalidRequest(
+                f"content blocks of type {block.type!r} are not supported: send text",
+                param="messages",
+            )
     out.extend(_user_parts_message(parts))
     return out
 
@@ -184,13 +205,16 @@ def _user_parts_message(parts: list[dict[str, Any]]) -> list[ChatMessage]:
     return [ChatMessage(role="user", content=parts)]
 
 
-def _image_url(block: ImageBlock) -> str | None:
+def _image_url(block: ImageBlock) -> str:
     source = block.source
     if source.type == "base64" and source.data:
         return f"data:{source.media_type or 'image/png'};base64,{source.data}"
     if source.type == "url" and source.url:
         return source.url
-    return None
+    raise InvalidRequest(
+        f"image source of type {source.type!r} is not supported: send base64 or url",
+        param="messages",
+    )
 
 
 # ---- response -------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Decisions a client can observe:
 - cortex stores no responses: `previous_response_id` is refused (send the whole conversation);
   `store` is accepted and answered as false.
 - `instructions` and `developer` messages become system messages (chat templates know no
-  developer role); reasoning items, hosted tools and other item kinds are dropped.
+  developer role); reasoning items, hosted tools and other item kinds are dropped. Images become
+  `image_url` parts, which a neuron refuses (400) for a text-only model; content parts cortex
+  cannot send (files, audio) are a 400, never dropped in silence.
 - Function calls stream as one arguments delta once complete (see toolcalls); a length finish
   answers `incomplete` with `max_output_tokens`, as OpenAI does.
 """
@@ -24,6 +26,7 @@ from cortex.core.protocol.openai import (
     StreamOptions,
     Tool,
     ToolCall,
+    ToolChoiceMode,
 )
 from cortex.core.protocol.openai import Usage as ChatUsage
 from cortex.core.protocol.responses import (
@@ -123,17 +126,20 @@ def _message(item: MessageItem) -> list[ChatMessage]:
     role = "system" if item.role == "developer" else item.role
     if isinstance(item.content, str):
         return [ChatMessage(role=role, content=item.content)]
-    if role != "user":
-        return [ChatMessage(role=role, content=_text(item.content, ""))]
-    images = [p for p in item.content if p.type == "input_image" and p.image_url]
-    if not images:
+    if role != "user" or not any(p.type == "input_image" for p in item.content):
         # Plain strings suit every chat template; several text parts read as paragraphs.
-        return [ChatMessage(role="user", content=_text(item.content, "\n\n"))]
+        return [
+            ChatMessage(role=role, content=_text(item.content, "\n\n" if role == "user" else ""))
+        ]
     parts: list[dict[str, Any]] = []
     for part in item.content:
         if part.type in _TEXT_PARTS and part.text is not None:
             parts.append({"type": "text", "text": part.text})
-        elif part.type == "input_image" and part.image_url:
+        elif part.type == "input_image":
+            if not part.image_url:
+                raise InvalidRequest(
+                    "input_image needs an image_url (file ids are not supported)", param="input"
+                )
             image: dict[str, Any] = {"url": part.image_url}
             if part.detail:
                 image["detail"] = part.detail
@@ -142,13 +148,29 @@ def _message(item: MessageItem) -> list[ChatMessage]:
 
 
 def _text(parts: list[ContentPart], separator: str) -> str:
-    texts = [p.text if p.type in _TEXT_PARTS else p.refusal for p in parts]
+    """Text and refusal parts joined; any other part (images, files, audio) is a 400."""
+    texts = []
+    for part in parts:
+        if part.type in _TEXT_PARTS:
+            texts.append(part.text)
+        elif part.type == "refusal":
+            texts.append(part.refusal)
+        elif part.type == "input_image":
+            raise InvalidRequest(
+                "images are only accepted in user messages, and only for models that read them",
+                param="input",
+            )
+        else:
+            raise InvalidRequest(
+                f"content parts of type {part.type!r} are not supported: send text", param="input"
+            )
     return separator.join(t for t in texts if t)
 
 
-def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+def _tool_choice(choice: str | dict[str, Any] | None) -> ToolChoiceMode | dict[str, Any] | None:
+    modes: dict[str, ToolChoiceMode] = {"auto": "auto", "none": "none", "required": "required"}
     if isinstance(choice, str):
-        return choice if choice in ("auto", "none", "required") else None
+        return modes.get(choice)
     if isinstance(choice, dict) and choice.get("type") == "function" and choice.get("name"):
         return {"type": "function", "function": {"name": choice["name"]}}
     return None
