@@ -237,7 +237,12 @@ class TinyNeuron:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyNeuron]:
     model = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny")
     cache = tmp_path_factory.mktemp("cache")
-    config = NeuronConfig.model_validate({"neuron": {"name": "tiny", "cache_dir": str(cache)}})
+    section = {
+        "name": "tiny",
+        "cache_dir": str(cache),
+        "allowed_paths": [str(tmp_path_factory.getbasetemp())],  # the tests' models live there
+    }
+    config = NeuronConfig.model_validate({"neuron": section})
     with (
         serve(create_app(NeuronRuntime(config, catalogue=[]))) as url,
         httpx.Client(base_url=url, timeout=120) as http,

@@ -42,7 +42,12 @@ class Neuron:
 @pytest.fixture(scope="module")
 def neuron(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neuron]:
     model = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny", context=CONTEXT)
-    section = {"name": "n", "cache_dir": str(tmp_path_factory.mktemp("cache")), "max_running": 4}
+    section = {
+        "name": "n",
+        "cache_dir": str(tmp_path_factory.mktemp("cache")),
+        "max_running": 4,
+        "allowed_paths": [str(model)],
+    }
     app = create_app(NeuronRuntime(NeuronConfig.model_validate({"neuron": section}), []))
     with serve(app) as url, httpx.Client(base_url=url, timeout=120) as http:
         loaded = http.post("/models/load", json={"model": MODEL, "source": f"file:{model}"})
