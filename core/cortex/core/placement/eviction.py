@@ -31,7 +31,7 @@ def eviction_key(
     load_seconds: float | None = None,
 ) -> EvictionKey:
     """Lower keys are evicted first: `lru` by recency alone, `priority` by priority, then recency,
-    `cost` by `reload_value` (load seconds saved per byte per idle second), then recency."""
+    `cost` by `reload_value` (load seconds per byte times request rate), then recency."""
     if strategy == "priority":
         spec = catalogue.get(replica.model)
         return (float(spec.priority if spec else 0), last_touched(replica))

@@ -18,7 +18,7 @@ USAGE_HALF_LIFE = 3600.0
 
 @dataclass(frozen=True)
 class Usage:
-    """Requests a replica has served, decayed by USAGE_HALF_LIFE: `count` as of time `at`."""
+    """Requests for a model, decayed by USAGE_HALF_LIFE: `count` as of time `at` (unix seconds)."""
 
     count: float = 0.0
     at: float = 0.0

@@ -13,10 +13,10 @@ Rules, in the order they run:
 Placement is worst fit (most memory left after the load) on healthy, uncordoned neurons whose
 labels match the model's selector. When nothing fits, defrag (on its cycles) moves the smallest
 idle replicas off one neuron; otherwise the fewest replicas are evicted from one neuron, coldest
-first by strategy (eviction.py; `cost` weighs each replica's request rate, from its `usage`, by
-the measured `load_seconds` of its model on its neuron, else elsewhere, per byte). Never evicted: pinned-there, in-flight, loading/unloading
-replicas, replicas of demanded models, replicas loaded by this plan, and the last ones a minimum
-needs. A requirement that cannot be met is reported in `Plan.unplaceable` with a reason.
+first by strategy (eviction.py; `cost` weighs each replica's request rate, from its `usage`,
+by the measured `load_seconds` of its model on its neuron, else elsewhere, per byte). Never
+evicted: pinned-there, in-flight, loading/unloading replicas, replicas of demanded models,
+replicas loaded by this plan, and the last ones a minimum needs. A requirement that cannot be met is reported in `Plan.unplaceable` with a reason.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def plan(
     `load_seconds`: measured load time by (neuron, model), read by the `cost` strategy.
     """
     work = _Work(fleet, catalogue, demand, policy, now, cycle, min_replicas, selectors, estimates)
-    work.load_seconds = dict(load_seconds or {})
+    work.load_seconds = load_seconds or {}
     work.unload_idle()
     work.place_pins()
     work.place_minimums()
@@ -137,7 +137,7 @@ class _Work:
         self.minimums = dict(min_replicas or {})
         self.selectors = selectors or {}
         self.estimates = estimates or {}
-        self.load_seconds: Mapping[tuple[str, str], float] = {}  # set by plan(); `cost` reads it
+        self.load_seconds: Mapping[tuple[str, str], float] = {}  # plan() sets it; `cost` reads it
         self.defrag = policy.defrag_after_cycles > 0 and cycle % policy.defrag_after_cycles == 0
         self.actions: list[Action] = []
         self.reasons: dict[str, str] = {}
