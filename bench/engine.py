@@ -95,12 +95,18 @@ def _model_ready(client: httpx.Client) -> bool:
     )
 
 
-def chat_call(base_url: str, prompt: str, max_tokens: int) -> Call:
+# The sampled scenario: what most clients send, with a seed per request (same output each run).
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}
+
+
+def chat_call(base_url: str, prompt: str, max_tokens: int, seed: int | None = None) -> Call:
+    """Greedy, or SAMPLED with `seed` when one is given."""
+    sampling = {"temperature": 0} if seed is None else {**SAMPLED, "seed": seed}
     body = {
         "model": DEFAULT_CHAT_MODEL,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
-        "temperature": 0,
+        **sampling,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -108,16 +114,25 @@ def chat_call(base_url: str, prompt: str, max_tokens: int) -> Call:
 
 
 async def run_level(
-    base_url: str, concurrency: int, rounds: int, max_tokens: int, first: int = 0
+    base_url: str,
+    concurrency: int,
+    rounds: int,
+    max_tokens: int,
+    first: int = 0,
+    sampled: bool = False,
 ) -> Level:
-    """`concurrency` clients each send `rounds` requests back to back (prompts from `first` on)."""
+    """`concurrency` clients each send `rounds` requests back to back (prompts from `first` on),
+    greedy or `sampled` (one seed per request)."""
     async with session(concurrency, timeout_s=1800) as http:
 
         async def client(index: int) -> list[StreamResult]:
             results = []
             for r in range(rounds):
-                prompt = PROMPTS[(first + index * rounds + r) % len(PROMPTS)]
-                results.append(await chat_stream(http, chat_call(base_url, prompt, max_tokens)))
+                at = first + index * rounds + r
+                call = chat_call(
+                    base_url, PROMPTS[at % len(PROMPTS)], max_tokens, at if sampled else None
+                )
+                results.append(await chat_stream(http, call))
             return results
 
         started = time.perf_counter()
@@ -140,15 +155,23 @@ class Bench:
         self.neuron_cpu_while_generating = 0.0
         self.generating_s = 0.0
 
-    def level(self, concurrency: int, rounds: int | None = None, first: int = 0) -> Level:
+    def level(
+        self, concurrency: int, rounds: int | None = None, first: int = 0, sampled: bool = False
+    ) -> Level:
         args = self.args
         level = asyncio.run(
             run_level(
-                self.server.base_url, concurrency, rounds or args.rounds, args.max_tokens, first
+                self.server.base_url,
+                concurrency,
+                rounds or args.rounds,
+                args.max_tokens,
+                first,
+                sampled,
             )
         )
         print(
-            f"neuron c={concurrency}: {level.tokens_per_s:.1f} tok/s, "
+            f"neuron c={concurrency}{' sampled' if sampled else ''}: "
+            f"{level.tokens_per_s:.1f} tok/s, "
             f"TTFT p50 {level.ttft_ms(50):.0f} ms",
             flush=True,
         )
@@ -179,14 +202,19 @@ class Bench:
         return Level(1, streams, sum(level.wall_s for level in levels)), one_stream(runs)
 
     def trial(self, index: int) -> Trial:
-        """Neuron first in even trials, generate() first in odd ones, so drift hits both."""
+        """Neuron first in even trials, generate() first in odd ones, so drift hits both; the
+        sampled streams sit between greedy and generate() (before greedy in odd trials)."""
         batch = [PROMPTS[i % len(PROMPTS)] for i in range(self.args.batch)]
         if index % 2 == 0:
-            batched_level, batched = self.level(len(batch)), self.generate(batch)
+            batched_level = self.level(len(batch))
+            sampled_level = self.level(len(batch), sampled=True)
+            batched = self.generate(batch)
         else:
-            batched, batched_level = self.generate(batch), self.level(len(batch))
+            batched = self.generate(batch)
+            sampled_level = self.level(len(batch), sampled=True)
+            batched_level = self.level(len(batch))
         single_level, single = self.single_streams(neuron_first=index % 2 == 0)
-        return Trial(batched_level, batched, single_level, single)
+        return Trial(batched_level, batched, single_level, single, sampled_level)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -261,6 +289,7 @@ def main(argv: list[str]) -> int:
                     {
                         "neuron_batched": level_data(t.batched_level),
                         "generate_batch": vars(t.batched),
+                        "neuron_sampled": level_data(t.sampled_level),
                         "neuron_single": level_data(t.single_level),
                         "generate_single": vars(t.single),
                         "ratios": t.ratios(),

@@ -40,12 +40,14 @@ class Level:
 
 @dataclass
 class Trial:
-    """One back-to-back comparison: the neuron and generate(), batched and single stream."""
+    """One back-to-back comparison: the neuron and generate(), batched and single stream, and
+    the neuron's batched streams sampled (temperature 0.8, top_p 0.95) beside its greedy ones."""
 
     batched_level: Level
     batched: Generated
     single_level: Level
     single: Generated
+    sampled_level: Level
 
     def ratios(self) -> dict[str, float]:
         return {
@@ -55,6 +57,8 @@ class Trial:
             / self.batched.tokens_per_s,
             "single stream / generate() single": self.single_level.tokens_per_s
             / self.single.tokens_per_s,
+            "sampled aggregate / greedy aggregate": self.sampled_level.tokens_per_s
+            / self.batched_level.tokens_per_s,
         }
 
 
@@ -66,6 +70,7 @@ TARGETS = {
     "aggregate / generate() single": 8.0,
     "aggregate / generate() batch": 0.9,
     "single stream / generate() single": 1.0,
+    "sampled aggregate / greedy aggregate": 0.95,
 }
 
 
@@ -151,6 +156,11 @@ def rows(levels: list[Level], trials: list[Trial]) -> list[list[object]]:
         table += [
             level_row(
                 f"trial {i}: neuron, {t.batched_level.concurrency} streams", t.batched_level, own
+            ),
+            level_row(
+                f"trial {i}: neuron, {t.sampled_level.concurrency} streams sampled",
+                t.sampled_level,
+                own,
             ),
             generated_row(f"trial {i}: generate() batch {t.batched.batch}", t.batched, own),
             level_row(f"trial {i}: neuron, 1 stream", t.single_level, own),

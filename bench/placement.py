@@ -1,23 +1,27 @@
-"""P4 placement: cold loads of the planner's `lru` and `priority` strategies vs Belady's optimum.
+"""P4 placement: cold loads of the planner's `lru`, `priority` and `cost` strategies vs Belady.
 
-A synthetic trace (fixed seed): models of varied sizes and priorities, requested with Zipf
-popularity, on a fleet smaller than the catalogue. Every strategy is simulated with the real pure
-planner (`cortex.core.placement.planner.plan`): a request for a model without a ready replica is
-a cold load, planned, then applied with `apply_plan`. Requests are served one at a time (nothing
-in flight).
+Two synthetic traces (fixed seed), each of models requested with Zipf popularity on a fleet
+smaller than the working set (every model the trace asks for): `zipf`, models of 1-8 GiB; and
+`mixed`, the footprints of 135M- to 8B-parameter chat models in bf16 (0.3-16 GiB). Every strategy
+is simulated with the real pure planner (`cortex.core.placement.planner.plan`): a request for a
+model without a ready replica is a cold load, planned, then applied with `apply_plan`. Requests
+are served one at a time (nothing in flight). A load takes `load_seconds(size)`, which the
+simulation feeds back to the planner as the gateway's placer does with measured loads.
 
 Belady is the offline furthest-in-future rule (FiF): on a miss, evict the replicas whose next
 request is furthest away. It runs through the same planner (`priority` strategy, each model's
 priority set at every miss to minus the index of its next request), so placement, neuron choice and
 victim trimming are identical and only the eviction order differs. With varied sizes FiF is a
 size-oblivious heuristic, not a proven optimum (variable-size offline caching is NP-hard); it is
-the usual reference, and on this trace a strong one.
+the usual reference, and on these traces a strong one. `oracle` is the `cost` strategy told each
+model's true popularity: the best an online policy ranking by popularity could know.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -25,19 +29,37 @@ from typing import TYPE_CHECKING, Literal
 
 from bench.report import Report, publish
 from cortex.core.catalogue import ModelSpec
-from cortex.core.placement.model import Demand, NeuronView, Policy, Unload
+from cortex.core.placement.model import (
+    USAGE_HALF_LIFE,
+    Demand,
+    Load,
+    NeuronView,
+    Policy,
+    Unload,
+    Usage,
+)
 from cortex.core.placement.planner import apply_plan, plan
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 GIB = 2**30
-SIZES_GIB = (1, 2, 3, 4, 6, 8)  # quantized 1B..14B chat models
-NEURONS_GIB = (16, 12, 8)  # three GPUs of different sizes at scale 1
-SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
+TRACES: dict[str, tuple[float, ...]] = {
+    "zipf": (1, 2, 3, 4, 6, 8),  # quantized 1B..14B chat models
+    # bf16 footprints: SmolLM2-135M, -360M, Qwen2.5-0.5B, Llama-3.2-1B, SmolLM2-1.7B,
+    # Llama-3.2-3B, Qwen2.5-7B, Llama-3.1-8B.
+    "mixed": (0.27, 0.72, 1.0, 2.5, 3.4, 6.4, 15.2, 16.0),
+}
+NEURON_SHARES = (16, 12, 8)  # three GPUs of different sizes, in proportion
+CAPACITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # fleet memory as a share of the working set
+# Cached cold start (docs/benchmarks.md, P3): ~3 s of process-side setup for 0.5 GiB, then the
+# weights at about 1 GiB/s from the neuron's cache.
+LOAD_SETUP_S, LOAD_GIB_PER_S = 3.0, 1.0
 
-StrategyName = Literal["lru", "priority", "belady"]
-STRATEGIES: tuple[StrategyName, ...] = ("lru", "priority", "belady")
+TraceName = Literal["zipf", "mixed"]
+StrategyName = Literal["lru", "priority", "cost", "oracle", "belady"]
+STRATEGIES: tuple[StrategyName, ...] = ("lru", "priority", "cost", "oracle", "belady")
+COMPARED: tuple[StrategyName, ...] = ("lru", "priority", "cost", "oracle")
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,10 @@ class Workload:
     trace: tuple[str, ...]
     popularity: dict[str, float]
 
+    def working_set(self) -> int:
+        """Bytes of every model the trace requests."""
+        return sum(self.catalogue[m].memory or 0 for m in set(self.trace))
+
 
 @dataclass
 class Outcome:
@@ -56,11 +82,24 @@ class Outcome:
     strategy: StrategyName
     cold_loads: int = 0
     gib_loaded: float = 0.0
+    load_seconds: float = 0.0
     evictions: int = 0
     curve: list[int] = field(default_factory=list)  # cumulative cold loads after each request
 
 
-def workload(seed: int, models: int, requests: int, zipf: float, noise: float) -> Workload:
+def load_seconds(memory: int) -> float:
+    """Simulated time to load a replica of `memory` bytes from the neuron's cache."""
+    return LOAD_SETUP_S + memory / GIB / LOAD_GIB_PER_S
+
+
+def workload(
+    seed: int,
+    models: int,
+    requests: int,
+    zipf: float,
+    noise: float,
+    sizes_gib: Sequence[float] = TRACES["zipf"],
+) -> Workload:
     """Zipf popularity over `models`; priority follows popularity tiers, misjudged with `noise`."""
     rng = random.Random(seed)
     names = [f"model-{i:02d}" for i in range(models)]
@@ -73,9 +112,9 @@ def workload(seed: int, models: int, requests: int, zipf: float, noise: float) -
         tier = 2 if rank < models / 4 else 1 if rank < models / 2 else 0
         if rng.random() < noise:
             tier = rng.choice((0, 1, 2))
-        size = rng.choice(SIZES_GIB)
+        size = int(rng.choice(sizes_gib) * GIB)
         catalogue[name] = ModelSpec(
-            id=name, source=f"file:/models/{name}.gguf", memory=size * GIB, priority=tier
+            id=name, source=f"file:/models/{name}.gguf", memory=size, priority=tier
         )
     trace = tuple(rng.choices(names, weights, k=requests))
     popularity = {name: weights[rank] / total for rank, name in enumerate(names)}
@@ -88,7 +127,10 @@ def simulate(work: Workload, neurons_gib: Sequence[float], strategy: StrategyNam
         NeuronView(f"neuron-{i}", int(gib * GIB), int(gib * GIB))
         for i, gib in enumerate(neurons_gib)
     ]
-    policy = Policy("lru" if strategy == "lru" else "priority")
+    policy = Policy({"belady": "priority", "oracle": "cost"}.get(strategy, strategy))
+    # What the gateway records: how long each load took, and the requests for each model.
+    measured: dict[tuple[str, str], float] = {}
+    usage: dict[str, Usage] = {}
     positions: dict[str, list[int]] = {}
     for index, model in enumerate(work.trace):
         positions.setdefault(model, []).append(index)
@@ -99,14 +141,22 @@ def simulate(work: Workload, neurons_gib: Sequence[float], strategy: StrategyNam
             catalogue = work.catalogue
             if strategy == "belady":
                 catalogue = _future_priorities(work, positions, index)
-            result = plan(fleet, catalogue, [Demand(model)], policy, now)
+            result = plan(fleet, catalogue, [Demand(model)], policy, now, load_seconds=measured)
             if result.unplaceable:
                 raise RuntimeError(f"request {index}: {result.unplaceable}")
             fleet = list(apply_plan(fleet, result, now))
+            for load in (a for a in result.actions if isinstance(a, Load)):
+                measured[load.neuron, load.model] = load_seconds(load.memory)
+                outcome.load_seconds += load_seconds(load.memory)
             outcome.cold_loads += 1
             outcome.gib_loaded += (work.catalogue[model].memory or 0) / GIB
             outcome.evictions += sum(isinstance(a, Unload) for a in result.actions)
-        fleet = [_touch(view, model, now) for view in fleet]
+        usage[model] = usage.get(model, Usage()).add(now)
+        if strategy == "oracle":  # the true popularity, as requests per second
+            usage = {
+                m: Usage(p * USAGE_HALF_LIFE / math.log(2), now) for m, p in work.popularity.items()
+            }
+        fleet = [_touch(view, model, now, usage) for view in fleet]
         outcome.curve.append(outcome.cold_loads)
     return outcome
 
@@ -125,10 +175,16 @@ def _future_priorities(
     return out
 
 
-def _touch(view: NeuronView, model: str, now: float) -> NeuronView:
-    if not any(r.model == model for r in view.replicas):
-        return view
-    replicas = tuple(replace(r, last_used=now) if r.model == model else r for r in view.replicas)
+def _touch(view: NeuronView, model: str, now: float, usage: dict[str, Usage]) -> NeuronView:
+    """The request for `model` served here, if it is here; every replica shows its usage."""
+    replicas = tuple(
+        replace(
+            r,
+            last_used=now if r.model == model else r.last_used,
+            usage=usage.get(r.model),
+        )
+        for r in view.replicas
+    )
     return replace(view, replicas=replicas)
 
 
@@ -142,19 +198,26 @@ def _parser() -> argparse.ArgumentParser:
         "--noise", type=float, default=0.2, help="chance a model's priority is a random tier"
     )
     parser.add_argument(
-        "--scales",
+        "--capacities",
         type=lambda s: tuple(float(x) for x in s.split(",")),
-        default=SCALES,
-        help=f"fleet sizes as multiples of {NEURONS_GIB} GiB (comma-separated)",
+        default=CAPACITIES,
+        help="fleet memory as shares of the working set (comma-separated)",
+    )
+    parser.add_argument(
+        "--traces",
+        type=lambda s: tuple(s.split(",")),
+        default=tuple(TRACES),
+        help=f"which traces to run: {', '.join(TRACES)}",
     )
     return parser
 
 
 @dataclass(frozen=True)
 class Sweep:
-    """Every strategy on one fleet size."""
+    """Every strategy on one trace and one fleet size."""
 
-    scale: float
+    trace: str
+    capacity: float
     neurons_gib: tuple[float, ...]
     outcomes: dict[StrategyName, Outcome]
 
@@ -162,54 +225,80 @@ class Sweep:
         return self.outcomes[strategy].cold_loads / max(self.outcomes["belady"].cold_loads, 1)
 
 
-def sweep(work: Workload, scales: Sequence[float]) -> list[Sweep]:
+def fleet_for(work: Workload, capacity: float) -> tuple[float, ...]:
+    """Neuron sizes in GiB (in NEURON_SHARES proportion) totalling `capacity` of the working set."""
+    total = capacity * work.working_set() / GIB
+    neurons = tuple(total * share / sum(NEURON_SHARES) for share in NEURON_SHARES)
+    biggest = max(spec.memory or 0 for spec in work.catalogue.values()) / GIB
+    if biggest > max(neurons):
+        raise SystemExit(f"at {capacity:.0%} no neuron holds the biggest model ({biggest:g} GiB)")
+    return neurons
+
+
+def sweep(trace: str, work: Workload, capacities: Sequence[float]) -> list[Sweep]:
     sweeps = []
-    for scale in scales:
-        neurons = tuple(gib * scale for gib in NEURONS_GIB)
-        sweeps.append(Sweep(scale, neurons, {s: simulate(work, neurons, s) for s in STRATEGIES}))
+    for capacity in capacities:
+        neurons = fleet_for(work, capacity)
+        outcomes = {s: simulate(work, neurons, s) for s in STRATEGIES}
+        sweeps.append(Sweep(trace, capacity, neurons, outcomes))
     return sweeps
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    work = workload(args.seed, args.models, args.requests, args.zipf, args.noise)
-    catalogue_gib = sum((s.memory or 0) for s in work.catalogue.values()) / GIB
-    sweeps = sweep(work, args.scales)
+    unknown = set(args.traces) - set(TRACES)
+    if unknown:
+        raise SystemExit(f"unknown traces: {', '.join(sorted(unknown))}")
+    works = {
+        name: workload(args.seed, args.models, args.requests, args.zipf, args.noise, TRACES[name])
+        for name in args.traces
+    }
+    sweeps = [w for name, work in works.items() for w in sweep(name, work, args.capacities)]
     rows = [
         [
-            f"{sum(w.neurons_gib):g} GiB ({sum(w.neurons_gib) / catalogue_gib:.0%})",
+            w.trace,
+            f"{sum(w.neurons_gib):.1f} GiB ({w.capacity:.0%})",
             *(w.outcomes[s].cold_loads for s in STRATEGIES),
-            *(f"{w.vs_belady(s):.2f}x" for s in ("lru", "priority")),
-            *(f"{w.outcomes[s].gib_loaded:,.0f}" for s in STRATEGIES),
+            *(f"{w.vs_belady(s):.2f}x" for s in COMPARED),
+            *(f"{w.outcomes[s].load_seconds / 60:,.0f}" for s in STRATEGIES),
         ]
         for w in sweeps
     ]
-    columns = ["fleet (of catalogue)", "lru", "priority", "belady", "lru/belady"]
-    columns += ["priority/belady", "GiB loaded lru", "priority", "belady"]
+    columns = ["trace", "fleet (of working set)", *STRATEGIES]
+    columns += [f"{s}/belady" for s in COMPARED]
+    columns += [f"load min {s}" for s in STRATEGIES]
     notes = [
-        f"{args.requests} requests over {args.models} models (Zipf s={args.zipf}, seed {args.seed}),"
-        f" catalogue {catalogue_gib:g} GiB, neurons {NEURONS_GIB} GiB x scale;"
-        f" {len(set(work.trace))} cold loads are unavoidable (first request of each model).",
+        f"{args.requests} requests over {args.models} models (Zipf s={args.zipf}, seed {args.seed});"
+        f" neurons in proportion {NEURON_SHARES}; working sets "
+        + ", ".join(f"{n} {work.working_set() / GIB:.0f} GiB" for n, work in works.items())
+        + ".",
+        f"A load takes {LOAD_SETUP_S:g} s + {1 / LOAD_GIB_PER_S:g} s/GiB ('load min': minutes).",
         "belady = furthest-in-future eviction through the same planner (size-oblivious FiF).",
-        "Target (issue): lru and priority within 1.5x of belady's cold loads.",
+        "oracle = cost, told each model's true popularity instead of counting requests.",
+        "Target (issue): cost within 1.3x of belady's cold loads at every capacity, both traces.",
     ]
     data = {
-        "parameters": {**vars(args), "neurons_gib": NEURONS_GIB, "sizes_gib": SIZES_GIB},
-        "catalogue": {
-            m: {
-                "memory_gib": (s.memory or 0) / GIB,
-                "priority": s.priority,
-                "popularity": round(work.popularity[m], 4),
+        "parameters": {**vars(args), "neuron_shares": NEURON_SHARES, "traces_gib": TRACES},
+        "catalogues": {
+            name: {
+                m: {
+                    "memory_gib": round((s.memory or 0) / GIB, 2),
+                    "priority": s.priority,
+                    "popularity": round(work.popularity[m], 4),
+                }
+                for m, s in sorted(work.catalogue.items())
             }
-            for m, s in sorted(work.catalogue.items())
+            for name, work in works.items()
         },
         "runs": [
             {
-                "scale": w.scale,
-                "neurons_gib": w.neurons_gib,
+                "trace": w.trace,
+                "capacity": w.capacity,
+                "neurons_gib": [round(g, 2) for g in w.neurons_gib],
                 "strategy": o.strategy,
                 "cold_loads": o.cold_loads,
                 "gib_loaded": round(o.gib_loaded, 1),
+                "load_seconds": round(o.load_seconds, 1),
                 "evictions": o.evictions,
                 "vs_belady": round(w.vs_belady(o.strategy), 3),
             }
@@ -223,15 +312,17 @@ def main(argv: list[str]) -> int:
 
 
 def _draw(figure: Figure, sweeps: list[Sweep]) -> None:
-    left, right = figure.subplots(1, 2)
-    shown = next((w for w in sweeps if w.scale == 1.0), sweeps[0])
-    for strategy, outcome in shown.outcomes.items():
-        left.plot(range(1, len(outcome.curve) + 1), outcome.curve, label=strategy)
-    left.set(xlabel="requests", ylabel="cumulative cold loads", title=f"scale {shown.scale:g}")
-    left.legend()
-    for strategy in STRATEGIES:
-        capacity = [sum(w.neurons_gib) for w in sweeps]
-        loads = [w.outcomes[strategy].cold_loads for w in sweeps]
-        right.plot(capacity, loads, marker="o", label=strategy)
-    right.set(xlabel="fleet memory (GiB)", ylabel="cold loads", title="by fleet size")
-    right.legend()
+    traces = sorted({w.trace for w in sweeps}, key=list(TRACES).index)
+    axes = figure.subplots(1, len(traces), squeeze=False)[0]
+    for ax, trace in zip(axes, traces, strict=True):
+        shown = [w for w in sweeps if w.trace == trace]
+        for strategy in COMPARED:
+            ax.plot(
+                [w.capacity * 100 for w in shown],
+                [w.vs_belady(strategy) for w in shown],
+                marker="o",
+                label=strategy,
+            )
+        ax.axhline(1.3, color="grey", linestyle="--", linewidth=0.8)
+        ax.set(xlabel="fleet memory (% of working set)", ylabel="cold loads / belady", title=trace)
+        ax.legend()

@@ -111,6 +111,7 @@ def test_engine_quick_runs_the_curve_then_paired_trials(out: Path, cache: Path) 
     assert all(level["tokens"] > 0 for level in document["levels"])
     [trial] = document["trials"]
     assert trial["neuron_batched"]["concurrency"] == 2
+    assert trial["neuron_sampled"]["concurrency"] == 2 and trial["neuron_sampled"]["tokens"] > 0
     assert trial["neuron_single"]["concurrency"] == 1
     assert trial["generate_batch"]["batch"] == 2 and trial["generate_single"]["tokens"] > 0
     assert set(trial["ratios"]) == set(engine_results.TARGETS)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import main as bench_main
-from bench.placement import GIB, Workload, main, simulate, workload
+from bench.placement import GIB, TRACES, Workload, fleet_for, main, simulate, workload
 from bench.report import Report, publish, table
 from cortex.core.catalogue import ModelSpec
 
@@ -35,9 +35,17 @@ def test_belady_beats_lru_on_a_cyclic_trace() -> None:
     assert simulate(work, [2], "belady").cold_loads == 6
 
 
+def test_mixed_trace_spans_small_to_8b_footprints_and_fleets_scale_with_it() -> None:
+    work = workload(seed=7, models=20, requests=500, zipf=1.0, noise=0.2, sizes_gib=TRACES["mixed"])
+    sizes = {(s.memory or 0) / GIB for s in work.catalogue.values()}
+    assert min(sizes) < 0.5 and max(sizes) >= 15
+    neurons = fleet_for(work, 0.5)
+    assert abs(sum(neurons) * GIB - work.working_set() / 2) < 1e-3 * GIB
+
+
 def test_a_fleet_holding_everything_only_pays_the_first_loads() -> None:
     work = workload(seed=1, models=6, requests=300, zipf=1.0, noise=0.2)
-    for strategy in ("lru", "priority", "belady"):
+    for strategy in ("lru", "priority", "cost", "oracle", "belady"):
         outcome = simulate(work, [100], strategy)
         assert outcome.cold_loads == len(set(work.trace))
         assert outcome.evictions == 0
@@ -48,11 +56,18 @@ def test_placement_benchmark_writes_table_json_and_plot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("CORTEX_BENCH_OUT", str(tmp_path))
-    assert main(["--requests", "400", "--models", "8", "--scales", "0.5,1"]) == 0
+    assert main(["--requests", "400", "--models", "8", "--capacities", "0.7,0.95"]) == 0
     assert "| lru" in capsys.readouterr().out
     document = json.loads((tmp_path / "placement.json").read_text())
-    assert {r["strategy"] for r in document["runs"]} == {"lru", "priority", "belady"}
-    assert len(document["table"]["rows"]) == 2
+    assert {r["strategy"] for r in document["runs"]} == {
+        "lru",
+        "priority",
+        "cost",
+        "oracle",
+        "belady",
+    }
+    assert {r["trace"] for r in document["runs"]} == {"zipf", "mixed"}
+    assert len(document["table"]["rows"]) == 4  # two traces at two capacities
     assert (tmp_path / "placement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -41,7 +41,7 @@ def test_examples_validate() -> None:
         (
             "[eviction]\nstrategy = 'fifo'\n",
             GatewayConfig,
-            "eviction.strategy: Input should be 'lru' or 'priority'",
+            "eviction.strategy: Input should be 'lru', 'priority' or 'cost'",
         ),
         ("[[neurons]]\nname = 'a'\nendpoint = 'ftp://x'\n", GatewayConfig, "neurons[0].endpoint"),
         ("[[models]]\nid = 'm'\n", GatewayConfig, "models[0].source: Field required"),
@@ -61,6 +61,12 @@ def test_errors_name_the_bad_key(tmp_path: Path, text: str, model: type, message
     with pytest.raises(ConfigError) as caught:
         load_config(path, model)
     assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_cost_eviction_strategy_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "cortex.toml"
+    path.write_text("[eviction]\nstrategy = 'cost'\n")
+    assert load_gateway_config(path).eviction.strategy == "cost"
 
 
 def test_missing_file_and_missing_models_file(tmp_path: Path) -> None:

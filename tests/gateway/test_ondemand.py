@@ -42,6 +42,10 @@ async def test_hundred_concurrent_requests_make_one_load() -> None:
         answers = await asyncio.gather(*requests)
         assert all(a.choices[0].message.content == "Hello from n1." for a in answers)
         assert len(n1.loads) == 1
+        # The measured load time is kept per (neuron, model) for the `cost` eviction strategy.
+        assert list(c.gateway.placer.load_seconds) == [("n1", MODEL)]
+        # And the requests per model, decayed by the hour: 100 within seconds count ~100.
+        assert round(c.gateway.fleet.usage[MODEL].count) == 100
         exposition = (await c.http.get(f"{c.metrics_url}/metrics")).text
         cold = _sample(exposition, "cortex_cold_starts_total", model=MODEL)
         assert cold == 1.0

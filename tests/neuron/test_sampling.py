@@ -49,3 +49,85 @@ def test_rows_sample_independently_with_their_own_generators() -> None:
     alone = sample(logits[:1], [seeded], [seeded.generator(CPU)])
     assert batch[1] == 42
     assert batch[0] == batch[2] == alone[0]
+
+
+def reference(logits: torch.Tensor, sampler: Sampler, uniform: float) -> int:
+    """The per-row definition, over the whole sorted vocabulary: temperature, top-k (ties kept),
+    top-p (drop a token once the mass before it reaches top_p), then inverse CDF at `uniform`."""
+    scores = logits.double() / sampler.temperature
+    if 0 < sampler.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, sampler.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    ordered, order = torch.sort(scores, descending=True)
+    probs = torch.softmax(ordered, dim=-1)
+    if sampler.top_p < 1.0:
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= sampler.top_p, 0.0)
+    cdf = probs.cumsum(dim=-1)
+    at = int(torch.searchsorted(cdf, torch.tensor([uniform * float(cdf[-1])]), right=True)[0])
+    return int(order[min(at, int((probs > 0).sum()) - 1)])
+
+
+def resolve(**params: object) -> Sampler:
+    return Sampler.resolve(SamplingParams(**params), SamplingParams())  # type: ignore[arg-type]
+
+
+FILTERED = [
+    resolve(temperature=0.8, top_p=0.95, seed=1),
+    resolve(temperature=1.0, top_k=40, seed=2),
+    resolve(temperature=0.7, top_k=300, top_p=0.9, seed=3),  # top_k wider than the candidates
+    resolve(temperature=1.5, top_p=0.99, seed=4),  # flat: widened past the first candidates
+]
+
+
+def rows(count: int, vocab: int, seed: int) -> torch.Tensor:
+    """Logits shaped like a language model's: a few strong tokens over a long flat tail."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, vocab, generator=generator) * torch.linspace(6, 0.5, count)[:, None]
+
+
+def test_filtered_draws_match_the_per_row_definition() -> None:
+    logits = rows(len(FILTERED), 5000, seed=11)
+    generators = [s.generator(CPU) for s in FILTERED]
+    uniforms = [s.generator(CPU) for s in FILTERED]  # the same stream the sampler draws from
+    for _ in range(40):
+        batch = sample(logits, FILTERED, generators)
+        expected = [
+            reference(logits[i], s, float(torch.rand((), generator=uniforms[i])))
+            for i, s in enumerate(FILTERED)
+        ]
+        assert batch == expected
+
+
+def test_unfiltered_rows_draw_from_the_whole_softmax() -> None:
+    logits = torch.log(torch.tensor([[0.6, 0.25, 0.1, 0.05]]))
+    sampler = resolve(temperature=1.0, seed=5)
+    counts = torch.bincount(torch.tensor(draws(sampler, logits, 4000)), minlength=4) / 4000
+    assert torch.allclose(counts, torch.tensor([0.6, 0.25, 0.1, 0.05]), atol=0.03)
+
+
+def test_a_flat_row_keeps_tokens_beyond_the_first_candidates() -> None:
+    logits = torch.zeros(1, 2000)  # top_p 0.95 of a uniform row keeps 1,900 tokens
+    sampler = resolve(temperature=1.0, top_p=0.95, seed=6)
+    drawn = draws(sampler, logits, 300)
+    assert max(drawn) > 1000 and len(set(drawn)) > 250
+
+
+def test_a_seed_gives_the_same_tokens_whichever_batch_it_shares() -> None:
+    logits = rows(6, 5000, seed=12)
+    mine = resolve(temperature=0.8, top_p=0.95, seed=42)
+    alone_generator = mine.generator(CPU)
+    alone = [sample(logits[2:3], [mine], [alone_generator])[0] for _ in range(30)]
+    neighbours = [*FILTERED, resolve(temperature=0)]
+    batch = [neighbours[0], neighbours[1], mine, neighbours[2], neighbours[3], neighbours[4]]
+    generators = [s.generator(CPU) for s in batch]
+    shared = [sample(logits, batch, generators)[2] for _ in range(30)]
+    assert shared == alone
+    assert len(set(alone)) > 1  # sampled, not greedy
+
+
+def test_greedy_rows_take_the_argmax_beside_sampled_ones() -> None:
+    logits = rows(4, 3000, seed=13)
+    greedy = [resolve(temperature=0), resolve(top_k=1, temperature=0.9)]
+    batch = [greedy[0], FILTERED[0], greedy[1], FILTERED[3]]
+    chosen = sample(logits, batch, [s.generator(CPU) for s in batch])
+    assert chosen[0] == int(logits[0].argmax()) and chosen[2] == int(logits[2].argmax())

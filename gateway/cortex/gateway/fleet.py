@@ -19,6 +19,7 @@ from cortex.core.client import DEFAULT_TIMEOUT, NeuronClient
 from cortex.core.config import NeuronEntry
 from cortex.core.errors import CortexError
 from cortex.core.fleet import LoadedModel, ModelListing, ModelState, NeuronStatus
+from cortex.core.placement.model import Usage
 from cortex.core.placement.snapshot import NeuronReport
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class Fleet:
     ) -> None:
         self.unhealthy_after = unhealthy_after
         self._admin_token = admin_token
+        # Requests per model through this gateway, decayed: the `cost` eviction strategy's rate.
+        self.usage: dict[str, Usage] = {}
         self._timeout = DEFAULT_TIMEOUT
         if request_timeout is not None:
             # Bounds each read: a neuron silent for this long mid-answer is given up on.
@@ -143,7 +146,9 @@ class Fleet:
     def begin(self, name: str, model: str) -> None:
         handle = self.neurons[name]
         handle.in_flight[model] += 1
-        handle.last_used[model] = time.time()
+        now = time.time()
+        handle.last_used[model] = now
+        self.usage[model] = self.usage.get(model, Usage()).add(now)
 
     def end(self, name: str, model: str) -> None:
         handle = self.neurons[name]
@@ -190,6 +195,7 @@ class Fleet:
                 labels=handle.entry.labels,
                 in_flight=handle.in_flight,
                 last_used=handle.last_used,
+                usage=self.usage,
             )
             for handle in chosen.values()
         ]

@@ -68,6 +68,8 @@ class Placer:
         self._reconciling: asyncio.Task[None] | None = None
         self._unplaceable: dict[str, str] = {}
         self.reservations = Reservations()
+        # Seconds the last successful load of each (neuron, model) took: the `cost` strategy's cost.
+        self.load_seconds: dict[tuple[str, str], float] = {}
 
     async def aclose(self) -> None:
         tasks = [*self._background, *self._loads.values()]
@@ -168,6 +170,7 @@ class Placer:
             self.policy,
             self.clock(),
             estimates=self.fleet.estimates(),
+            load_seconds=self.load_seconds,
         )
         load = next((a for a in result.actions if isinstance(a, Load) and a.model == model), None)
         if load is None:
@@ -231,6 +234,7 @@ class Placer:
             self.clock(),
             cycle=cycle,
             estimates=self.fleet.estimates(),
+            load_seconds=self.load_seconds,
         )
         self._report_unplaceable(result)
         actions = [
@@ -323,9 +327,9 @@ class Placer:
             raise ModelLoadFailed(f"loading {load.model!r} on {load.neuron} failed: {loaded.error}")
         self.fleet.apply_loaded(load.neuron, loaded)
         self._release(load.neuron, load.model)
-        self.metrics.load_seconds.labels(load.model, load.neuron).observe(
-            time.monotonic() - started
-        )
+        took = time.monotonic() - started
+        self.load_seconds[load.neuron, load.model] = took
+        self.metrics.load_seconds.labels(load.model, load.neuron).observe(took)
         log.info("loaded %s on %s", load.model, load.neuron)
         return loaded
 

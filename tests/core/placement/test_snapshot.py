@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.fleet import DeviceStatus, LoadedModel, ModelState, NeuronStatus
-from cortex.core.placement.model import Demand, Load, Policy, ReplicaView, Unload
+from cortex.core.placement.model import Demand, Load, Policy, ReplicaView, Unload, Usage
 from cortex.core.placement.planner import plan
 from cortex.core.placement.snapshot import NeuronReport, Reservations, snapshot
 
@@ -47,11 +47,13 @@ def test_reported_replicas_become_views_with_the_callers_own_counts() -> None:
         labels={"zone": "x"},
         in_flight={"a": 5},  # requests sent since the poll
         last_used={"a": 70.0},
+        usage={"a": Usage(3.0, 70.0), "gone": Usage(1.0, 20.0)},
     )
     [view] = snapshot([report])
     assert view.name == "n1" and view.labels == {"zone": "x"}
     assert (view.memory_total, view.memory_free) == (16 * GIB, 10 * GIB)
-    assert view.replicas == (ReplicaView("a", ModelState.READY, 4 * GIB, 5, 70.0, 10.0),)
+    expected = ReplicaView("a", ModelState.READY, 4 * GIB, 5, 70.0, 10.0, Usage(3.0, 70.0))
+    assert view.replicas == (expected,)
     quiet = NeuronReport("n1", report.status, in_flight={"a": 0})
     assert snapshot([quiet])[0].replicas[0].in_flight == 2  # reported in flight plus queued
 

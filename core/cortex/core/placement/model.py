@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -9,8 +10,29 @@ from typing import Literal
 from cortex.core.fleet import ModelState
 
 # Which replicas give way first when a neuron is full ([eviction] strategy of cortex.toml).
-Strategy = Literal["lru", "priority"]
+Strategy = Literal["lru", "priority", "cost"]
 UnloadReason = Literal["evict", "idle", "defrag"]
+# Requests older than this count half (`cost` strategy): popularity over hours, not one burst.
+USAGE_HALF_LIFE = 3600.0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Requests for a model, decayed by USAGE_HALF_LIFE: `count` as of time `at` (unix seconds)."""
+
+    count: float = 0.0
+    at: float = 0.0
+
+    def decayed(self, now: float) -> float:
+        return self.count * 0.5 ** (max(now - self.at, 0.0) / USAGE_HALF_LIFE)
+
+    def add(self, now: float) -> Usage:
+        """One more request at `now`."""
+        return Usage(self.decayed(now) + 1.0, now)
+
+    def rate(self, now: float) -> float:
+        """Requests per second over about the last half-life."""
+        return self.decayed(now) * math.log(2) / USAGE_HALF_LIFE
 
 
 @dataclass(frozen=True)
@@ -23,6 +45,7 @@ class ReplicaView:
     in_flight: int = 0
     last_used: float | None = None
     loaded_at: float | None = None
+    usage: Usage | None = None  # None: not counted by this caller
 
 
 @dataclass(frozen=True)

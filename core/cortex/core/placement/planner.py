@@ -13,10 +13,13 @@ Rules, in the order they run:
 Placement is worst fit (most memory left after the load) on healthy, uncordoned neurons whose
 labels match the model's selector. When nothing fits, defrag (on its cycles) moves the smallest
 idle replicas off one neuron; otherwise the fewest replicas are evicted from one neuron, coldest
-first by strategy (eviction.py). Never evicted: pinned-there, in-flight, loading/unloading
-replicas, replicas of demanded models, replicas loaded by this plan, and the last ones a minimum
-needs (under the `priority` strategy a minimum holds only against models of equal or lower
-priority: a higher-priority model may take a lower one below its minimum). A requirement that cannot be met is reported in `Plan.unplaceable` with a reason.
+first by strategy (eviction.py; `cost` weighs each replica's request rate, from its `usage`,
+by the measured `load_seconds` of its model on its neuron, else elsewhere, per byte). Never
+evicted: pinned-there, in-flight, loading/unloading replicas, replicas of demanded models,
+replicas loaded by this plan, and the last ones a minimum needs (under the `priority` strategy a
+minimum holds only against models of equal or lower priority: a higher-priority model may take a
+lower one below its minimum). A requirement that cannot be met is reported in `Plan.unplaceable`
+with a reason.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.fleet import ModelState
@@ -52,12 +56,15 @@ def plan(
     cycle: int = 0,
     selectors: Mapping[str, Mapping[str, str]] | None = None,
     estimates: Mapping[str, int] | None = None,
+    load_seconds: Mapping[tuple[str, str], float] | None = None,
 ) -> Plan:
     """Decide what to load and unload so demanded, pinned and minimum replicas are placed.
 
     Order: idle unloads, then pins, then minimum replica counts, then demand (most waiting first).
+    `load_seconds`: measured load time by (neuron, model), read by the `cost` strategy.
     """
     work = _Work(fleet, catalogue, demand, policy, now, cycle, min_replicas, selectors, estimates)
+    work.load_seconds = load_seconds or {}
     work.unload_idle()
     work.place_pins()
     work.place_minimums()
@@ -133,6 +140,7 @@ class _Work:
         self.minimums = dict(min_replicas or {})
         self.selectors = selectors or {}
         self.estimates = estimates or {}
+        self.load_seconds: Mapping[tuple[str, str], float] = {}  # plan() sets it; `cost` reads it
         self.defrag = policy.defrag_after_cycles > 0 and cycle % policy.defrag_after_cycles == 0
         self.actions: list[Action] = []
         self.reasons: dict[str, str] = {}
@@ -304,14 +312,15 @@ class _Work:
         """Evict the fewest replicas on one neuron; among equals, where the hottest victim is coldest."""
         best: tuple[tuple[int, Coldness, str], _Slot, tuple[ReplicaView, ...]] | None = None
         for slot in slots:
+            coldness = partial(self.coldness, slot)
             ordered = sorted(
                 (r for r in slot.replicas.values() if self.evictable(slot, r, for_model=model)),
-                key=self.coldness,
+                key=coldness,
             )
             victims = choose_victims(ordered, size - slot.free)
             if victims is None:
                 continue
-            cost = (len(victims), max(map(self.coldness, victims)), slot.name)
+            cost = (len(victims), max(map(coldness, victims)), slot.name)
             if best is None or cost < best[0]:
                 best = (cost, slot, victims)
         if best is None:
@@ -322,8 +331,22 @@ class _Work:
         self.load(slot, model, size)
         return True
 
-    def coldness(self, replica: ReplicaView) -> Coldness:
-        return eviction_key(replica, self.catalogue, self.policy.strategy), replica.model
+    def coldness(self, slot: _Slot, replica: ReplicaView) -> Coldness:
+        key = eviction_key(
+            replica,
+            self.catalogue,
+            self.policy.strategy,
+            now=self.now,
+            load_seconds=self.load_cost(slot.name, replica.model),
+        )
+        return key, replica.model
+
+    def load_cost(self, neuron: str, model: str) -> float | None:
+        """Measured seconds to load `model` on `neuron`, else its mean on other neurons."""
+        if (neuron, model) in self.load_seconds:
+            return self.load_seconds[neuron, model]
+        elsewhere = [s for (_, m), s in self.load_seconds.items() if m == model]
+        return sum(elsewhere) / len(elsewhere) if elsewhere else None
 
     # -- defragmentation
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from cortex.core.fleet import LoadedModel, ModelState, NeuronStatus
-from cortex.core.placement.model import Action, Load, NeuronView, ReplicaView
+from cortex.core.placement.model import Action, Load, NeuronView, ReplicaView, Usage
 
 _NOTHING_ARRIVING: Mapping[str, int] = {}
 
@@ -22,7 +22,7 @@ _NOTHING_ARRIVING: Mapping[str, int] = {}
 @dataclass(frozen=True)
 class NeuronReport:
     """What a caller knows of one neuron; `in_flight`/`last_used`: its own requests, which a
-    `/status` answer may predate (unix seconds)."""
+    `/status` answer may predate (unix seconds); `usage`: its requests per model, decayed."""
 
     name: str
     status: NeuronStatus | None
@@ -31,6 +31,7 @@ class NeuronReport:
     labels: Mapping[str, str] = field(default_factory=dict)
     in_flight: Mapping[str, int] = field(default_factory=dict)
     last_used: Mapping[str, float] = field(default_factory=dict)
+    usage: Mapping[str, Usage] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -119,4 +120,5 @@ def _replica_view(
         in_flight=max(loaded.in_flight + loaded.queued, report.in_flight.get(loaded.id, 0)),
         last_used=max(used) if used else None,
         loaded_at=loaded.loaded_at,
+        usage=report.usage.get(loaded.id),
     )
