@@ -28,6 +28,7 @@ from cortex.core.errors import (
     ModelNotFound,
     NeuronUnavailable,
     Overloaded,
+    ShuttingDown,
     Unauthorized,
 )
 from cortex.core.fleet import (
@@ -88,6 +89,7 @@ class Faults:
     load_gate: asyncio.Event | None = None  # loads wait here before becoming ready
     load_error: str | None = None  # loads fail with this message
     busy: bool = False  # inference answers 429 overloaded
+    shutting_down: bool = False  # inference answers 503 shutting_down
     reject: str | None = None  # inference answers 400 invalid_request with this message
     unhealthy: bool = False  # /status reports unhealthy
 
@@ -120,6 +122,10 @@ class FakeNeuron:
         self.disconnects = 0
         self.completed_streams = 0
         self.admin_headers: list[str | None] = []
+        self.principals: list[str | None] = []  # x-cortex-principal of each inference request
+        # Admission limits reported in /status (per model); None reports none.
+        self.max_running: int | None = None
+        self.max_queue: int | None = None
         self.app = self._build()
 
     # -- state helpers for tests
@@ -177,6 +183,8 @@ class FakeNeuron:
             devices=[device],
             models=[m.view() for m in self.models.values()],
             in_flight=self.in_flight(),
+            max_running=self.max_running,
+            max_queue=self.max_queue,
         )
         return status.model_dump()
 
@@ -243,6 +251,8 @@ class FakeNeuron:
         faults = self.faults
         if faults.busy:
             raise Overloaded(f"{self.name} is busy", retry_after=2)
+        if faults.shutting_down:
+            raise ShuttingDown(f"neuron {self.name} is shutting down", retry_after=2)
         if faults.reject is not None:
             raise InvalidRequest(faults.reject, param="max_tokens")
         model = self.models.get(body.get("model", ""))
@@ -283,6 +293,7 @@ class FakeNeuron:
 
     async def _generate(self, request: Request, path: str) -> Response:
         body = await request.json()
+        self.principals.append(request.headers.get("x-cortex-principal"))
         model = self._admit(path, body)
         if body.get("stream"):
             return StreamingResponse(

@@ -27,6 +27,7 @@ from cortex.core.config import (
 from cortex.core.console import NeuronRow, print_fleet
 from cortex.core.errors import CortexError
 from cortex.core.fleet import DeviceStatus, LoadedModel, LoadRequest, ModelState, NeuronStatus
+from cortex.core.shutdown import GracefulServer
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -48,9 +49,9 @@ def neuron_config(args: argparse.Namespace) -> NeuronConfig:
 
 
 async def serve(app: Any, host: str, port: int) -> None:
-    """Run one ASGI app with uvicorn inside the current event loop."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
-    await server.serve()
+    """Run one ASGI app with uvicorn inside the current event loop; SIGTERM drains it first."""
+    config = uvicorn.Config(app, host=host, port=port, log_level="info")
+    await GracefulServer(config, app.state.drain).serve()
 
 
 async def neuron(args: argparse.Namespace) -> None:

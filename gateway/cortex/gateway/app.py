@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request, Response
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import GatewayConfig, NeuronEntry
+from cortex.core.shutdown import DrainGate, GracefulServer
 from cortex.gateway import errors, health, routes_anthropic, routes_openai, routes_responses, web
 from cortex.gateway.metrics import CONTENT_TYPE
 from cortex.gateway.wiring import Gateway, Tuning, gateway_of
@@ -40,6 +41,7 @@ def create_app(
     for module in (routes_openai, routes_anthropic, routes_responses, health, web):
         app.include_router(module.router)
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    app.add_middleware(DrainGate, drain=gateway.drain)
     return app
 
 
@@ -66,17 +68,17 @@ async def serve(
     *,
     extra_neurons: Iterable[NeuronEntry] = (),
 ) -> None:
-    """Serve the API on `gateway.listen` and metrics on `gateway.metrics_listen` until stopped."""
+    """Serve the API on `gateway.listen` and metrics on `gateway.metrics_listen` until stopped;
+    the first SIGTERM drains the streams in flight before both stop (cortex.core.shutdown)."""
     app = create_app(config, catalogue, extra_neurons=extra_neurons)
+    drain = app.state.gateway.drain
     host, port = _split(config.gateway.listen)
-    servers = [uvicorn.Server(uvicorn.Config(app, host=host, port=port, lifespan="on"))]
+    servers = [GracefulServer(uvicorn.Config(app, host=host, port=port, lifespan="on"), drain)]
     if config.gateway.metrics_listen:
         host, port = _split(config.gateway.metrics_listen)
-        servers.append(
-            uvicorn.Server(
-                uvicorn.Config(create_metrics_app(app), host=host, port=port, lifespan="off")
-            )
-        )
+        metrics_app = create_metrics_app(app)
+        metrics_config = uvicorn.Config(metrics_app, host=host, port=port, lifespan="off")
+        servers.append(GracefulServer(metrics_config, drain))
     tasks = [asyncio.create_task(server.serve()) for server in servers]
     try:
         # One server stopping (a signal, a bind failure) stops the other.

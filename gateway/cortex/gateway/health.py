@@ -1,5 +1,6 @@
 """Gateway health (SPEC G6): ok when every neuron is healthy, impaired when some are, degraded
-when none is or no model is known. /livez says the process serves; /readyz that it can route."""
+when none is or no model is known. /livez says the process serves; /readyz that it can route (and is not shutting down).
+Every 503 here carries Retry-After."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from cortex.core.shutdown import SHUTDOWN_RETRY_AFTER
 from cortex.gateway.wiring import Gateway, gateway_of
 
 Health = Literal["ok", "impaired", "degraded"]
@@ -45,7 +47,11 @@ def _report(gateway: Gateway) -> dict[str, Any]:
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     report = _report(gateway_of(request))
-    return JSONResponse(report, status_code=503 if report["status"] == "degraded" else 200)
+    if report["status"] != "degraded":
+        return JSONResponse(report)
+    return JSONResponse(
+        report, status_code=503, headers={"Retry-After": str(round(SHUTDOWN_RETRY_AFTER))}
+    )
 
 
 @router.get("/livez")
@@ -55,6 +61,9 @@ async def livez() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    status = health_of(gateway_of(request))
-    ready = status != "degraded"
-    return JSONResponse({"ready": ready, "status": status}, status_code=200 if ready else 503)
+    gateway = gateway_of(request)
+    status = "shutting_down" if gateway.drain.draining else health_of(gateway)
+    ready = status not in ("degraded", "shutting_down")
+    headers = {} if ready else {"Retry-After": str(round(SHUTDOWN_RETRY_AFTER))}
+    body = {"ready": ready, "status": status}
+    return JSONResponse(body, status_code=200 if ready else 503, headers=headers)

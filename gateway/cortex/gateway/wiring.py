@@ -14,6 +14,7 @@ from cortex.core.catalogue import ModelSpec, merge_catalogues
 from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.core.errors import CortexError
 from cortex.core.placement.model import Policy
+from cortex.core.shutdown import Drain
 from cortex.gateway.auth import Authenticator, Principal
 from cortex.gateway.call import Accounting, Call, Surface
 from cortex.gateway.catalogue import FleetModelCard, LiveCatalogue
@@ -76,6 +77,8 @@ class Gateway:
         )
         self.lifecycle = Lifecycle(self.fleet, self.placer, interval=section.poll_interval)
         self.metrics.watch(self.fleet)
+        # SIGTERM: /readyz fails and new calls get 503 shutting_down while streams finish.
+        self.drain = Drain(section.shutdown_grace)
 
     async def start(self) -> None:
         """First poll before serving (routing needs it), then the background loop."""
@@ -103,6 +106,8 @@ class Gateway:
     ) -> Call:
         """Resolve the model, check the caller may use it and has budget left; the call is kept
         on the request so the error handler can record how it ended."""
+        if self.drain.draining:
+            raise self.drain.refusal("the gateway")
         principal: Principal = request.state.principal
         spec = self.catalogue.resolve(model)
         self.auth.authorize(principal, spec)
@@ -113,6 +118,7 @@ class Gateway:
             principal=principal,
             deadline=time.monotonic() + self.config.gateway.load_timeout,
             affinity=affinity,
+            client=request.client.host if request.client else None,
             disconnected=request.is_disconnected,
         )
         request.state.call = call

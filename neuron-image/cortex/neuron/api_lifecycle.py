@@ -57,6 +57,7 @@ async def models(request: Request) -> ModelListing:
 @router.post("/models/load", dependencies=[Admin], response_model=LoadedModel)
 async def load(body: LoadRequest, request: Request) -> Any:
     """200 with the ready model; 202 while still loading when the caller asked not to wait."""
+    runtime_of(request).check_open()
     loaded = await runtime_of(request).load(body)
     code = 202 if loaded.state is ModelState.LOADING else 200
     return JSONResponse(loaded.model_dump(mode="json"), status_code=code)
