@@ -28,6 +28,7 @@ from cortex.core.errors import (
     ModelNotFound,
     NeuronUnavailable,
     Overloaded,
+    QueueTimeout,
     ShuttingDown,
     Unauthorized,
 )
@@ -90,6 +91,7 @@ class Faults:
     load_error: str | None = None  # loads fail with this message
     busy: bool = False  # inference answers 429 overloaded
     shutting_down: bool = False  # inference answers 503 shutting_down
+    queue_timeout: float | None = None  # inference waits this long, then answers 429 queue_timeout
     reject: str | None = None  # inference answers 400 invalid_request with this message
     unhealthy: bool = False  # /status reports unhealthy
 
@@ -246,6 +248,12 @@ class FakeNeuron:
 
     # -- inference
 
+    async def _queue(self) -> None:
+        """A full admission queue: the wait, then the real neuron's refusal."""
+        if self.faults.queue_timeout is not None:
+            await asyncio.sleep(self.faults.queue_timeout)
+            raise QueueTimeout(f"model busy: waited for a slot on {self.name}", retry_after=7)
+
     def _admit(self, path: str, body: dict[str, Any]) -> FakeModel:
         self.requests.append((path, body))
         faults = self.faults
@@ -295,6 +303,7 @@ class FakeNeuron:
         body = await request.json()
         self.principals.append(request.headers.get("x-cortex-principal"))
         model = self._admit(path, body)
+        await self._queue()
         if body.get("stream"):
             return StreamingResponse(
                 self._stream(model, body, path), media_type="text/event-stream"

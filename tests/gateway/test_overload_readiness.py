@@ -144,3 +144,18 @@ async def test_without_auth_the_principal_is_the_client_address() -> None:
         response = await c.http.post("/v1/chat/completions", json=chat_body(MODEL, stream=True))
         assert response.status_code == 200
         assert n1.principals == ["127.0.0.1"]
+
+
+async def test_a_stream_the_neuron_cannot_admit_gets_its_status_before_the_200() -> None:
+    # The neuron's queue wait outlasts the keep-alive interval (0.2 s here); the model is ready,
+    # so the gateway holds the 200 back and the refusal is a real 429.
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.queue_timeout = 0.6
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        body = chat_body(MODEL, stream=True)
+        async with c.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 429
+            assert response.headers["retry-after"] == "7"
+            await response.aread()
+        assert response.json()["error"]["code"] == "queue_timeout"
+        assert c.gateway.fleet.healthy("n1")

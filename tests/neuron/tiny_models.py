@@ -13,7 +13,7 @@ MINILM = (
 )  # type: ignore[index,union-attr]
 
 
-def tiny_llama_config(vocab_size: int) -> LlamaConfig:
+def tiny_llama_config(vocab_size: int, context: int = 256) -> LlamaConfig:
     """Two layers, 32 wide, grouped-query attention (4 heads over 2 KV heads)."""
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -22,14 +22,15 @@ def tiny_llama_config(vocab_size: int) -> LlamaConfig:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
     )
 
 
-def make_tiny_llama(directory: Path) -> Path:
-    """A random-weight two-layer Llama with a real (borrowed) tokenizer, saved in HF layout."""
+def make_tiny_llama(directory: Path, context: int = 256) -> Path:
+    """A random-weight two-layer Llama with a real (borrowed) tokenizer, saved in HF layout;
+    a longer `context` allows streams long enough to outlast a test's actions."""
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
     torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(tokenizer.vocab_size)).save_pretrained(directory)
+    LlamaForCausalLM(tiny_llama_config(tokenizer.vocab_size, context)).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

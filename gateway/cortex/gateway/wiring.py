@@ -35,6 +35,9 @@ class Tuning:
     affinity_slack: int = 2  # extra in-flight requests a conversation's replica may carry
     retry_after: float = 5.0  # Retry-After for "still loading" and "cannot place now"
     max_attempts: int = 3  # replicas tried per request before giving up
+    # How long a stream to a model with a ready replica waits, before its 200, for the neuron to
+    # admit it: past a neuron's default 30 s queue timeout, so "busy" comes as a 429 status.
+    admission_patience: float = 40.0
 
 
 class Gateway:
@@ -139,9 +142,14 @@ class Gateway:
         # A stream's client leaving cancels the response itself; polling receive() meanwhile
         # would race the server's own disconnect listener.
         call.disconnected = None
+        # A ready replica only needs admitting: wait for it without keep-alives, so a refusal
+        # is a status, not an error event after a 200. A cold load gets keep-alives early.
+        patience = self.tuning.keepalive_interval
+        if self.placer.ready(call.model):
+            patience = max(patience, self.tuning.admission_patience)
         opening = asyncio.create_task(self.dispatcher.open_stream(call, path, body))
         try:
-            done, _ = await asyncio.wait({opening}, timeout=self.tuning.keepalive_interval)
+            done, _ = await asyncio.wait({opening}, timeout=patience)
         except BaseException:
             opening.cancel()
             raise
