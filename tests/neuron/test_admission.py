@@ -6,9 +6,12 @@ import asyncio
 from typing import Any
 
 import pytest
+from starlette.requests import Request
 
+from cortex.core.config import NeuronSection
 from cortex.core.errors import Overloaded, QueueTimeout
 from cortex.neuron.admission import Admission
+from cortex.neuron.serving import principal_of
 
 
 async def test_full_queue_is_refused_with_retry_after() -> None:
@@ -102,3 +105,19 @@ async def _hold(
             order.append(name)
         if release is not None:
             await release.wait()
+
+
+def _request(headers: dict[str, str]) -> Request:
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return Request({"type": "http", "headers": raw, "client": ("10.0.0.7", 5555)})
+
+
+def test_the_principal_is_the_gateways_word_only_when_the_gateway_is_trusted() -> None:
+    open_neuron = NeuronSection(name="n")
+    assert principal_of(_request({"x-cortex-principal": "alice"}), open_neuron) == "alice"
+    assert principal_of(_request({}), open_neuron) == "10.0.0.7"
+    guarded = NeuronSection(name="n", admin_token="s3cret")
+    forged = {"x-cortex-principal": "alice"}
+    assert principal_of(_request(forged), guarded) == "10.0.0.7"
+    trusted = {**forged, "authorization": "Bearer s3cret"}
+    assert principal_of(_request(trusted), guarded) == "alice"
