@@ -103,11 +103,13 @@ def cortex_up(workdir: Path, args: argparse.Namespace) -> ServerProcess:
     gateway.write_text(text)
     argv = [*cortex_cli(), "up", "--port", str(port), "--metrics-port", str(metrics_port)]
     argv += ["--config", str(gateway), "--neuron-config", str(neuron)]
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     return ServerProcess(
         "cortex-up",
         argv,
         lambda client: _model_ready(client, args.model),
         base_url=f"http://127.0.0.1:{port}",
+        env=env,
         startup_timeout=900,
     )
 
@@ -303,6 +305,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--source", help="the model's source, for a model not in the catalogue")
     parser.add_argument("--cache-dir", help="the neuron's converted-weights cache")
     parser.add_argument(
+        "--threads", type=int, help="torch threads of the neuron (OMP_NUM_THREADS); its default"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="tiny sizes: levels 4 and 12, 3 s each, limits 2 + 2"
     )
     args = parser.parse_args(argv)
@@ -314,7 +319,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    info = machine.describe(**machine.versions("cortex", "torch"))
+    info = machine.describe(threads=args.threads, **machine.versions("cortex", "torch"))
     watch = machine.CpuWatch()
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
         server = cortex_up(Path(tmp), args)
