@@ -12,7 +12,8 @@ from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import chat_body, cluster, eventually, spec
 
 from cortex.core.client import NeuronClient
-from cortex.core.errors import NeuronUnreachable, Overloaded
+from cortex.core.errors import CortexError, NeuronUnreachable, Overloaded, ShuttingDown
+from cortex.core.protocol.errors import error_headers
 
 MODEL = "chat-a"
 CATALOGUE = [spec(MODEL)]
@@ -159,3 +160,12 @@ async def test_a_stream_the_neuron_cannot_admit_gets_its_status_before_the_200()
             await response.aread()
         assert response.json()["error"]["code"] == "queue_timeout"
         assert c.gateway.fleet.healthy("n1")
+
+
+def test_every_429_and_503_carries_retry_after() -> None:
+    unavailable = CortexError("a proxy said so")
+    unavailable.status = 503
+    assert error_headers(unavailable)["Retry-After"] == "1"
+    assert error_headers(Overloaded("busy"))["Retry-After"] == "1"
+    assert error_headers(ShuttingDown("going", retry_after=4))["Retry-After"] == "4"
+    assert error_headers(CortexError("broken")) == {}  # a 500: retrying will not help
