@@ -58,6 +58,7 @@ class Level:
     latencies_ok: list[float] = field(default_factory=list)
     unhealthy_samples: int = 0
     health_samples: int = 0
+    unhealthy_seen: list[str] = field(default_factory=list)  # what the first few samples said
 
     @property
     def requests(self) -> int:
@@ -175,11 +176,17 @@ async def _watch_health(
             level.health_samples += 1
             neurons = report.get("neurons", {}).values()
             if any(not n["healthy"] or n["consecutive_failures"] for n in neurons):
-                level.unhealthy_samples += 1
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            level.unhealthy_samples += 1
+                _unhealthy(level, json.dumps(report["neurons"]))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            _unhealthy(level, f"/health failed: {exc!r}")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.25)
+
+
+def _unhealthy(level: Level, seen: str) -> None:
+    level.unhealthy_samples += 1
+    if len(level.unhealthy_seen) < 5:
+        level.unhealthy_seen.append(seen)
 
 
 async def run_level(base_url: str, clients: int, args: argparse.Namespace) -> Level:
