@@ -30,7 +30,7 @@ SHUTDOWN_RETRY_AFTER = 2.0
 # How often the drain looks at the requests still in flight.
 _DRAIN_POLL = 0.05
 # What uvicorn gives connections still open once the drain has ended (the grace ran out).
-_CLOSE_TIMEOUT = 1.0
+_CLOSE_TIMEOUT = 1
 
 
 class Drain:
