@@ -286,6 +286,22 @@ def test_api_keys_reach_the_gateway_as_files(render: Render, tmp_path: Path) -> 
     assert keys["ci"].budget_tokens == 1000 and keys["alice"].budget_tokens is None
 
 
+def test_budget_spend_is_written_where_the_read_only_gateway_may_write(render: Render) -> None:
+    """The root filesystem is read-only: the SQLite spend file must lie on a mounted volume."""
+    objects = render(
+        "--set-json",
+        'gateway.auth.keys=[{"name": "ci", "budgetTokens": 1000}, {"name": "ops", "admin": true}]',
+    )
+    gateway = container(find(objects, "Deployment", "cortex-gateway"), "gateway")
+    assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
+    toml = find(objects, "ConfigMap", "cortex-gateway")["data"]["cortex.toml"]
+    config = tomllib.loads(toml)["auth"]
+    writable = [m["mountPath"] for m in gateway["volumeMounts"] if not m.get("readOnly")]
+    assert any(config["spend_db"].startswith(path + "/") for path in writable), writable
+    admins = {key["name"]: key.get("admin", False) for key in config["keys"]}
+    assert admins == {"ci": False, "ops": True}
+
+
 def test_admin_token_reaches_the_operator_and_the_neurons(render: Render) -> None:
     for args, secret_name, key in (
         ((), "cortex-admin-token", "token"),

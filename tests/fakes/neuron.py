@@ -58,6 +58,7 @@ class FakeModel:
     last_used: float | None = None
     loaded_at: float | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    error: str | None = None  # why a FAILED model failed
 
     def view(self) -> LoadedModel:
         return LoadedModel(
@@ -72,6 +73,7 @@ class FakeModel:
             last_used=self.last_used,
             loaded_at=self.loaded_at,
             progress=1.0 if self.state == ModelState.READY else 0.5,
+            error=self.error,
         )
 
 
@@ -211,7 +213,7 @@ class FakeNeuron:
         load = LoadRequest.model_validate(await request.json())
         self.loads.append(load)
         existing = self.models.get(load.model)
-        if existing is not None:
+        if existing is not None and existing.state != ModelState.FAILED:  # failed: try again
             await existing.ready.wait()
             return existing.view().model_dump()
         size = self.available.get(load.model)
@@ -229,7 +231,11 @@ class FakeNeuron:
             self.models.pop(load.model, None)
             raise
         if self.faults.load_error is not None:
-            self.models.pop(load.model, None)
+            # Like a real neuron: a catalogued model stays listed as failed, an ad-hoc one goes.
+            if load.model in self.available:
+                model.state, model.error = ModelState.FAILED, self.faults.load_error
+            else:
+                self.models.pop(load.model, None)
             raise CortexError(self.faults.load_error)
         model.loaded_at = time.time()
         return self._ready(model).view().model_dump()
@@ -433,6 +439,11 @@ class Running:
         self.server.force_exit = force
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
+        if force:  # a crash also drops the connections clients keep alive
+            for connection in list(self.server.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                if transport is not None:
+                    transport.abort()
 
 
 @asynccontextmanager

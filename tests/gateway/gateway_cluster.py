@@ -59,6 +59,8 @@ async def cluster(
         served = {n.name: await stack.enter_async_context(running(n.app)) for n in neurons}
         gateway_section = {"poll_interval": 0.05, "unhealthy_after": 2, "load_timeout": 60}
         gateway_section |= sections.pop("gateway", {})
+        if "auth" in sections:  # spend stays with this cluster unless a test names a file
+            sections["auth"] = {"spend_db": ":memory:", **sections["auth"]}
         config = GatewayConfig.model_validate(
             {
                 "gateway": gateway_section,

@@ -54,7 +54,7 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
         for name in ("n1", "n2"):
             cache = tmp_path_factory.mktemp(f"cache-{name}")
             config = NeuronConfig.model_validate(
-                {"neuron": {"name": name, "cache_dir": str(cache)}}
+                {"neuron": {"name": name, "cache_dir": str(cache), "allowed_paths": [str(tiny)]}}
             )
             runtimes[name] = NeuronRuntime(config, catalogue=[])
             app = create_neuron_app(runtimes[name])
@@ -73,7 +73,7 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
         catalogue = [ModelSpec(id=MODEL, source=source)]
         app = create_app(config, catalogue, tuning=FAST)
         gateway = await stack.enter_async_context(running(app, lifespan="on"))
-        await eventually(lambda: len(app.state.gateway.fleet.ready(MODEL)) == 2)
+        await eventually(lambda: len(app.state.gateway.replicas.ready(MODEL)) == 2)
 
         served = {name: runtime.served(MODEL) for name, runtime in runtimes.items()}
         poison_id = served["n1"].encode(POISON_WORD)[0]

@@ -1,35 +1,62 @@
-"""Token budgets (pure): balance and rolling window, with the wait until budget is back."""
+"""Token budgets (pure): admission against spend plus open reservations, the wait until budget is
+back, and a request's worst case."""
 
 from __future__ import annotations
 
-from cortex.gateway.budget import BALANCE_RETRY_AFTER, TokenBudget
+from pathlib import Path
+
+from cortex.gateway.budget import (
+    BALANCE_RETRY_AFTER,
+    RESERVED_RETRY_AFTER,
+    UNBOUNDED_COMPLETION,
+    Budget,
+    retry_after,
+    worst_case,
+)
+from cortex.gateway.ledger import SqliteSpendStore
 
 
-def test_balance_is_spent_once() -> None:
-    budget = TokenBudget(limit=100)
-    budget.charge(60, now=0)
-    assert budget.remaining(now=0) == 40 and budget.retry_after(now=0) is None
-    budget.charge(60, now=10**6)
-    assert budget.remaining(now=10**9) == 0
-    assert budget.retry_after(now=10**9) == BALANCE_RETRY_AFTER
+def test_a_balance_admits_while_spend_and_reservations_are_under_it() -> None:
+    balance = Budget(limit=100)
+    assert retry_after(balance, used=60, reserved=39, charges=[], now=0) is None
+    # Reservations of requests in flight hold the rest: back soon, when they settle.
+    assert retry_after(balance, used=60, reserved=40, charges=[], now=0) == RESERVED_RETRY_AFTER
+    assert retry_after(balance, used=100, reserved=0, charges=[], now=0) == BALANCE_RETRY_AFTER
 
 
-def test_window_reopens_as_old_charges_expire() -> None:
-    budget = TokenBudget(limit=100, window=60)
-    budget.charge(50, now=0)
-    budget.charge(30, now=10)
-    budget.charge(40, now=20)  # 120 in the window: over
-    assert budget.remaining(now=20) == 0
+def test_a_window_reopens_as_old_charges_expire() -> None:
+    window = Budget(limit=100, window=60)
+    charges = [(0.0, 50), (10.0, 30), (20.0, 40)]  # 120 in the window: over
     # Dropping the charge at t=0 leaves 70 < 100: open again when it leaves the window at t=60.
-    assert budget.retry_after(now=20) == 40
-    assert budget.remaining(now=59.9) == 0
-    assert budget.remaining(now=60) == 30
-    assert budget.remaining(now=75) == 60
-    assert budget.remaining(now=200) == 100
+    assert retry_after(window, 120, 0, charges, now=20) == 40
+    # With 25 reserved, dropping 50 leaves 95 < 100 as well; 35 more reserved needs two to go.
+    assert retry_after(window, 120, 25, charges, now=20) == 40
+    assert retry_after(window, 120, 35, charges, now=20) == 50
+    assert window.since(100) == 40 and Budget(5).since(100) < -1e300
 
 
-def test_zero_and_negative_charges_change_nothing() -> None:
-    budget = TokenBudget(limit=10, window=5)
-    budget.charge(0, now=1)
-    budget.charge(-3, now=1)
-    assert budget.used(now=1) == 0
+def test_the_worst_case_is_the_body_over_four_plus_the_completion_limit() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 7}
+    prompt = worst_case(chat, embedding=False, context=None) - 7
+    assert 100 < prompt < 130  # 400 bytes of text, plus the JSON around them
+    responses = {"model": "m", "input": "hi", "max_output_tokens": 9}
+    as_prompt = worst_case(responses, embedding=True, context=None)  # embeddings: no completion
+    assert worst_case(responses, embedding=False, context=None) == as_prompt + 9
+    unbounded = {"model": "m", "prompt": "hi"}
+    base = worst_case(unbounded, embedding=True, context=None)
+    assert worst_case(unbounded, embedding=False, context=None) == base + UNBOUNDED_COMPLETION
+    assert worst_case(unbounded, embedding=False, context=2048) == base + 2048
+
+
+def test_spend_outlives_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "gateway.sqlite3"
+    store = SqliteSpendStore(path)
+    store.record("carol", 30, at=10)
+    store.record("carol", 12, at=70)
+    store.record("dave", 5, at=70)
+    store.close()
+    reopened = SqliteSpendStore(path)
+    assert reopened.spent("carol", since=float("-inf")) == 42
+    assert reopened.spent("carol", since=10) == 12  # a window starting at 10 excludes t=10
+    assert reopened.charges("carol", since=0) == [(10.0, 30), (70.0, 12)]
+    assert reopened.spent("nobody", since=0) == 0

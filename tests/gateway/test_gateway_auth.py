@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import anthropic
 import openai
@@ -10,11 +11,14 @@ import pytest
 from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import chat_body, cluster, spec
 
+from cortex.core import commands
+
 SECRETS = {
     "alice": "sk-alice-0123",
     "bob": "sk-bob-4567",
     "carol": "sk-carol-89",
     "dave": "sk-dave",
+    "root": "sk-root-admin",
 }
 AUTH = {
     "enabled": True,
@@ -28,6 +32,7 @@ AUTH = {
             "budget_tokens": 10,
             "budget_window": "60s",
         },
+        {"name": "root", "key": SECRETS["root"], "admin": True},
     ],
 }
 CATALOGUE = [spec("chat-a", aliases=["a-alias"]), spec("chat-b")]
@@ -79,8 +84,9 @@ async def test_missing_or_wrong_key_is_401_in_each_surface_shape() -> None:
             await c.anthropic("sk-nobody").messages.create(
                 model="chat-a", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
             )
-        # Health and the fleet page stay open to probes.
-        assert (await c.http.get("/health")).status_code == 200
+        # Probes stay open.
+        for probe in ("/health", "/livez", "/readyz"):
+            assert (await c.http.get(probe)).status_code == 200
 
 
 async def test_allowlist_admits_models_by_id_or_alias() -> None:
@@ -129,7 +135,8 @@ async def test_streamed_usage_is_charged_to_the_key() -> None:
         )
         _ = [chunk async for chunk in stream]
         carol = c.gateway.auth.authenticate({"x-api-key": SECRETS["carol"]})
-        assert carol.budget is not None and carol.budget.spent == 4  # 1 prompt + 3 completion
+        assert c.gateway.ledger.spent(carol, time.time()) == 4  # 1 prompt + 3 completion
+        assert c.gateway.ledger.reserved("carol") == 0
 
 
 async def test_keys_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:
@@ -147,3 +154,64 @@ async def test_keys_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> No
     logged = caplog.text
     assert logged  # something was logged at debug level
     assert not any(secret in logged for secret in [*SECRETS.values(), "sk-bad"])
+
+
+ADMIN_SURFACE = ("/fleet", "/", "/docs", "/openapi.json", "/metrics")
+
+
+async def test_the_admin_surface_needs_an_admin_key() -> None:
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        neuron_url = c.served["n1"].url
+        for path in ADMIN_SURFACE:
+            anonymous = await c.http.get(path)
+            assert anonymous.status_code == 401, path
+            assert anonymous.json()["error"]["type"] == "authentication_error"
+            user = await c.http.get(path, headers={"x-api-key": SECRETS["alice"]})
+            assert user.status_code == 403 and neuron_url not in user.text, path
+            admin = await c.http.get(path, headers={"x-api-key": SECRETS["root"]})
+            assert admin.status_code == 200, path
+        fleet = await c.http.get("/fleet", headers={"Authorization": f"Bearer {SECRETS['root']}"})
+        assert fleet.json()["neurons"][0]["endpoint"] == neuron_url
+        schema = await c.http.get("/openapi.json", headers={"x-api-key": SECRETS["root"]})
+        assert "/v1/chat/completions" in schema.json()["paths"]
+        # Metrics stay open on their own port, for Prometheus.
+        assert (await c.http.get(f"{c.metrics_url}/metrics")).status_code == 200
+
+
+async def test_health_details_are_for_admin_keys_only() -> None:
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        for headers in ({}, {"x-api-key": SECRETS["alice"]}, {"x-api-key": "sk-wrong"}):
+            summary = await c.http.get("/health", headers=headers)
+            assert summary.status_code == 200 and summary.json() == {"status": "ok"}
+        detailed = await c.http.get("/health", headers={"x-api-key": SECRETS["root"]})
+        assert detailed.json()["status"] == "ok" and "n1" in detailed.json()["neurons"]
+
+
+async def test_without_auth_everything_stays_open() -> None:
+    async with cluster(neuron(), catalogue=CATALOGUE) as c:
+        for path in ADMIN_SURFACE:
+            assert (await c.http.get(path)).status_code == 200, path
+        assert "n1" in (await c.http.get("/health")).json()["neurons"]
+
+
+async def test_model_lists_follow_the_allowlist() -> None:
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        bob = {"x-api-key": SECRETS["bob"]}  # allowed chat-a through its alias a-alias
+        listed = (await c.http.get("/v1/models", headers=bob)).json()["data"]
+        assert [m["id"] for m in listed] == ["chat-a"]
+        assert (await c.http.get("/v1/models/a-alias", headers=bob)).json()["id"] == "chat-a"
+        hidden = await c.http.get("/v1/models/chat-b", headers=bob)
+        assert hidden.status_code == 404
+        assert hidden.json()["error"]["message"] == "model 'chat-b' does not exist"
+        everyone = (await c.http.get("/v1/models", headers={"x-api-key": SECRETS["alice"]})).json()
+        assert {m["id"] for m in everyone["data"]} == {"chat-a", "chat-b"}
+
+
+async def test_cortex_status_reads_the_fleet_with_an_admin_key(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        assert await commands.status(c.url) == 1
+        assert "needs an admin key" in capsys.readouterr().err
+        assert await commands.status(c.url, SECRETS["root"]) == 0
+        assert "n1" in capsys.readouterr().out

@@ -23,7 +23,14 @@ TOKEN = "admin-secret"
 def neuron(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cache = tmp_path_factory.mktemp("cache")
     config = NeuronConfig.model_validate(
-        {"neuron": {"name": "cli-test", "cache_dir": str(cache), "admin_token": TOKEN}}
+        {
+            "neuron": {
+                "name": "cli-test",
+                "cache_dir": str(cache),
+                "admin_token": TOKEN,
+                "allowed_paths": [str(tmp_path_factory.getbasetemp())],  # the tests' models
+            }
+        }
     )
     with serve(create_app(NeuronRuntime(config, catalogue=[]))) as url:
         yield url

@@ -15,18 +15,22 @@ from cortex.core.config import NeuronConfig
 from cortex.core.errors import CapacityExhausted, ModelBusy, ModelLoadFailed, ModelNotFound
 from cortex.core.fleet import LoadRequest, ModelState
 from cortex.neuron.generation import Finished, SamplingParams, TextDelta
+from cortex.neuron.metrics import NeuronMetrics
 from cortex.neuron.runtime import NeuronRuntime
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest.fixture(scope="module")
-async def runtime(model_cache: Path) -> AsyncIterator[NeuronRuntime]:
+async def runtime(
+    model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[NeuronRuntime]:
     config = NeuronConfig.model_validate(
         {
             "neuron": {
                 "name": "test",
                 "cache_dir": str(model_cache),
+                "allowed_paths": [str(tmp_path_factory.getbasetemp())],
                 "max_running": 4,
                 "max_queue": 4,
             }
@@ -129,11 +133,34 @@ async def test_failed_loads_leave_nothing_behind(runtime: NeuronRuntime, tmp_pat
         await runtime.load(LoadRequest(model="never-heard-of-it"))
     after = runtime.status()
     assert after.devices[0].memory_used == before.devices[0].memory_used
-    failed = {m.id: m for m in after.models if m.state is ModelState.FAILED}
-    assert set(failed) == {"ghost", "corrupt"} and all(m.error for m in failed.values())
-    assert {m.id for m in after.models if m.state is ModelState.READY} == {
-        m.id for m in before.models if m.state is ModelState.READY
-    }
+    # Ad-hoc sources that failed were never models of this neuron: not in /status, /models or
+    # the metrics' labels.
+    assert {m.id for m in after.models} == {m.id for m in before.models}
+    listing = runtime.listing()
+    assert not {"ghost", "corrupt"} & {m.id for m in [*listing.loaded, *listing.available]}
+    exposition = NeuronMetrics(runtime.status).exposition().decode()
+    assert "ghost" not in exposition and "corrupt" not in exposition
+
+
+async def test_a_failed_catalogue_model_stays_listed_with_why(tmp_path: Path) -> None:
+    corrupt = tmp_path / "broken.gguf"
+    corrupt.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\x00" * 64)
+    config = NeuronConfig.model_validate(
+        {
+            "neuron": {"name": "t", "cache_dir": str(tmp_path)},
+            "models": [{"id": "broken", "source": f"file:{corrupt}"}],
+        }
+    )
+    broken = NeuronRuntime(config, catalogue=[])
+    await broken.start()
+    try:
+        with pytest.raises(ModelLoadFailed):
+            await broken.load(LoadRequest(model="broken"))
+        [model] = broken.status().models
+        assert model.id == "broken" and model.state is ModelState.FAILED
+        assert model.error and "broken.gguf" in model.error
+    finally:
+        await broken.stop()
 
 
 async def test_model_too_large_is_refused_before_loading(model_cache: Path) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from tiny_models import make_tiny_llama
 
+from cortex.core.catalogue import ModelSpec
 from cortex.core.config import NeuronConfig
 from cortex.core.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
 from cortex.core.fleet import LoadRequest, ModelState
@@ -40,11 +42,12 @@ def hub(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Path:
 
 @pytest.fixture(scope="module")
 async def runtime(
-    hub: Path, tmp_path_factory: pytest.TempPathFactory
+    hub: Path, tiny: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[NeuronRuntime]:
     cache = tmp_path_factory.mktemp("converted")
+    tiny_root = str(tiny.parent)
     config = NeuronConfig.model_validate(
-        {"neuron": {"hf_cache": str(hub), "cache_dir": str(cache)}}
+        {"neuron": {"hf_cache": str(hub), "cache_dir": str(cache), "allowed_paths": [tiny_root]}}
     )
     runtime = NeuronRuntime(config, catalogue=[])
     await runtime.start()
@@ -80,6 +83,62 @@ def test_bad_sources_say_why(source: str, error: type[Exception], hub: Path) -> 
 def test_a_directory_without_config_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadFailed, match=r"config\.json"):
         sources.resolve(f"file:{tmp_path}")
+
+
+def _refusal(source: str, allowed: list[Path]) -> tuple[type[Exception], str]:
+    """The error class and message of a refused source, with the source itself blanked out."""
+    with pytest.raises(Exception) as caught:
+        sources.resolve(source, allowed=allowed)
+    return type(caught.value), str(caught.value).replace(repr(source), "SOURCE")
+
+
+def test_pkg_sources_stay_inside_their_package() -> None:
+    # /usr/lib/python3.x/email/../../../../etc/passwd is /etc/passwd: it exists, and must not show.
+    source = "pkg:email/../../../../etc/passwd"
+    with pytest.raises(ModelNotFound) as caught:
+        sources.resolve(source)
+    assert "outside" in str(caught.value) and "neither" not in str(caught.value)
+    link_out = "pkg:email/../json/__init__.py"  # a sibling package is outside too
+    assert _refusal(link_out, [])[0] is ModelNotFound
+
+
+def test_file_sources_stay_inside_the_allowed_roots(tmp_path: Path, tiny: Path) -> None:
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "unreadable.gguf").write_bytes(b"GGUF")
+    (root / "unreadable.gguf").chmod(0)
+    (root / "escape").symlink_to(tiny)  # a link inside the root to a model outside it
+    outside_file, outside_dir = Path("/etc/passwd"), tiny
+    refusals = {
+        _refusal(f"file:{path}", [root])
+        for path in (
+            outside_file,
+            outside_dir,
+            root / "missing.gguf",
+            root / "../models/../../etc/hostname",
+            root / "escape",
+        )
+    }
+    if os.geteuid() != 0:  # root reads anything: unreadable only means something to others
+        refusals.add(_refusal(f"file:{root / 'unreadable.gguf'}", [root]))
+    assert len(refusals) == 1, refusals  # no oracle: one status, one message shape
+    kind, message = refusals.pop()
+    assert kind is ModelNotFound and "allowed_paths" in message
+    assert sources.resolve(f"file:{tiny}", allowed=[tiny.parent]).format == "hf"
+
+
+@ON_MODULE_LOOP
+async def test_the_runtime_refuses_paths_outside_its_roots(
+    runtime: NeuronRuntime, tmp_path: Path, tiny: Path
+) -> None:
+    assert runtime.allowed_paths == [tiny.parent]
+    with pytest.raises(ModelNotFound, match="allowed_paths"):
+        await runtime.load(LoadRequest(model="passwd", source="file:/etc/passwd"))
+    defaults = NeuronRuntime(
+        NeuronConfig.model_validate({"neuron": {"cache_dir": str(tmp_path)}}),
+        catalogue=[ModelSpec(id="mine", source=f"file:{tiny}")],
+    )
+    assert defaults.allowed_paths == [tmp_path, tiny]
 
 
 def test_hf_sources_come_from_the_local_cache_offline(hub: Path) -> None:

@@ -45,20 +45,32 @@ def _parser() -> argparse.ArgumentParser:
     _flag(neuron, "host", "listen address (default 127.0.0.1)")
     _flag(neuron, "port", "port (default 13131)", type=int)
     _flag(neuron, "config", "neuron.toml")
-    _flag(neuron, "admin-token", "token required by load/unload")
+    _flag(neuron, "admin-token", "token required by load/unload (visible in ps: prefer the file)")
+    _flag(neuron, "admin-token-file", "file holding the admin token")
     neuron.add_argument(
         "--preload", nargs="*", default=_split(_env("preload")), metavar="MODEL",
         help="models to load at start [env CORTEX_PRELOAD, comma separated]",
     )  # fmt: skip
 
-    gateway = commands.add_parser("gateway", help="run the gateway over a static fleet")
+    gateway = commands.add_parser(
+        "gateway", help="run the gateway over [[neurons]], or over the CRDs with --kubernetes"
+    )
     _flag(gateway, "config", "cortex.toml")
     _flag(gateway, "host", "listen address (overrides [gateway].listen)")
     _flag(gateway, "port", "API port (overrides [gateway].listen)", type=int)
     _flag(gateway, "metrics-port", "Prometheus port (overrides [gateway].metrics_listen)", type=int)
+    gateway.add_argument(
+        "--kubernetes", action="store_true", default=_env("kubernetes") in _TRUE,
+        help="take the fleet from the ModelPlacement and Neuron objects (on by itself in a "
+        "cluster when cortex.toml has no [[neurons]]) [env CORTEX_KUBERNETES]",
+    )  # fmt: skip
+    _flag(gateway, "namespace", "namespace of those objects (default: the pod's, or the context's)")
+
+    _operator_parser(commands)
 
     status = commands.add_parser("status", help="show the fleet (gateway or neuron endpoint)")
     _flag(status, "endpoint", "gateway or neuron URL (default http://127.0.0.1:31313)")
+    _flag(status, "api-key", "an admin API key, for a gateway with [auth] on")
 
     models = commands.add_parser("models", help="list, load or unload models")
     _flag(models, "endpoint", "neuron URL (default http://127.0.0.1:13131)")
@@ -75,6 +87,48 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run benchmarks (see bench/)")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to `python -m bench`")
     return parser
+
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+OPERATOR_HELP = """\
+Run the Kubernetes operator (kopf): it turns neuron pods into Neuron objects, probes every Neuron
+and writes its status, and keeps each ModelPlacement's replicas loaded (docs/kubernetes.md).
+
+Login: inside a pod, the pod's service account; outside the cluster, the kubeconfig (KUBECONFIG,
+else ~/.kube/config, its current context). Neuron admin token: CORTEX_ADMIN_TOKEN, else the file
+given with --admin-token-file. Needs the CRDs in crds/ installed (kubectl apply -f crds/).
+"""
+
+
+def _operator_parser(commands: Any) -> None:
+    operator = commands.add_parser(
+        "operator",
+        help="run the Kubernetes operator (Neuron and ModelPlacement objects)",
+        description=OPERATOR_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _flag(operator, "namespace", "namespace to serve (default: the pod's own, else default)")
+    operator.add_argument(
+        "--all-namespaces", action="store_true", default=_env("all-namespaces") in _TRUE,
+        help="serve every namespace, each its own fleet [env CORTEX_ALL_NAMESPACES]",
+    )  # fmt: skip
+    _flag(
+        operator, "neuron-selector",
+        "labels of neuron pods, key=value[,...] (default app.kubernetes.io/name=cortex,"
+        "app.kubernetes.io/component=neuron)",
+    )  # fmt: skip
+    _flag(operator, "admin-token-file", "file holding the neurons' admin token")
+    _flag(
+        operator, "probe-interval", "seconds between probes of each neuron (default 5)", type=float
+    )
+    _flag(operator, "peering", "kopf peering object (KopfPeering) shared by operator replicas")
+    operator.add_argument(
+        "--standalone", action="store_true", default=_env("standalone") in _TRUE,
+        help="no peering: this is the only operator [env CORTEX_STANDALONE]",
+    )  # fmt: skip
+    _flag(operator, "liveness", "kopf liveness endpoint (default http://0.0.0.0:8080/healthz; off)")
 
 
 def _split(value: str | None) -> list[str]:
@@ -116,9 +170,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "gateway":
         _run(commands.gateway(args))
     elif args.command == "status":
-        return asyncio.run(commands.status(args.endpoint or "http://127.0.0.1:31313"))
+        endpoint = args.endpoint or "http://127.0.0.1:31313"
+        return asyncio.run(commands.status(endpoint, args.api_key))
     elif args.command == "models":
         return asyncio.run(commands.models(args))
+    elif args.command == "operator":
+        return commands.operator(args)
     elif args.command == "bench":
         return commands.bench(args.args)
     return 0

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import os
+import secrets
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +19,12 @@ import uvicorn
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cortex.core import kube_api
+from cortex.core.access_log import redact_access_log
 from cortex.core.catalogue import DEFAULT_CATALOGUE, merge_catalogues
 from cortex.core.client import NeuronClient
 from cortex.core.config import (
+    ConfigError,
     GatewayConfig,
     NeuronConfig,
     NeuronEntry,
@@ -44,13 +51,26 @@ def neuron_config(args: argparse.Namespace) -> NeuronConfig:
         section.host = args.host or section.host
         section.port = int(args.port or section.port)
         section.admin_token = args.admin_token or section.admin_token
+        if args.admin_token_file and not args.admin_token:
+            section.admin_token, section.admin_token_file = None, Path(args.admin_token_file)
         section.preload = list(args.preload or section.preload)
+    section.admin_secret()  # a missing or empty token file fails at start, not at the first load
+    return config
+
+
+def in_process_neuron(args: argparse.Namespace) -> NeuronConfig:
+    """`cortex up`'s neuron: its lifecycle routes take a fresh random token unless one is set, so
+    other local users cannot load or unload through its port."""
+    config = neuron_config(args)
+    if not config.neuron.admin_secret():
+        config.neuron.admin_token = secrets.token_urlsafe(32)
     return config
 
 
 async def serve(app: Any, host: str, port: int) -> None:
     """Run one ASGI app with uvicorn inside the current event loop; SIGTERM drains it first."""
     config = uvicorn.Config(app, host=host, port=port, log_level="info")
+    redact_access_log()
     await GracefulServer(config, app.state.drain).serve()
 
 
@@ -61,6 +81,26 @@ async def neuron(args: argparse.Namespace) -> None:
     config = neuron_config(args)
     app = create_app(NeuronRuntime(config))  # the app's lifespan starts and stops the runtime
     await serve(app, config.neuron.host, config.neuron.port)
+
+
+def operator(args: argparse.Namespace) -> int:
+    """The kopf operator, until interrupted; kopf is imported only here."""
+    try:
+        from cortex.operator.cli import check_credentials, config_from_args, run
+    except ImportError as exc:
+        print(
+            f"cortex operator needs the operator extra (pip install 'cortex[operator]'): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        config = config_from_args(args)
+        check_credentials()
+    except (ValueError, OSError) as exc:
+        print(f"cortex operator: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(run(config))
+    return 0
 
 
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
@@ -74,16 +114,33 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     return config
 
 
+def kubernetes_login(
+    args: argparse.Namespace, config: GatewayConfig, environ: Mapping[str, str] = os.environ
+) -> kube_api.KubeLogin | None:
+    """Where the CRDs are, for `--kubernetes` or a pod with no [[neurons]] configured; None for
+    a static fleet. The namespace: --namespace / CORTEX_NAMESPACE, else the login's own."""
+    in_cluster = bool(environ.get("KUBERNETES_SERVICE_HOST")) and not config.neurons
+    if not (args.kubernetes or in_cluster):
+        return None
+    try:
+        login = kube_api.login(environ)
+    except kube_api.KubeApiError as exc:
+        raise ConfigError(f"--kubernetes: {exc}") from None
+    return dataclasses.replace(login, namespace=args.namespace or login.namespace)
+
+
 async def gateway(args: argparse.Namespace) -> None:
     from cortex.gateway.app import serve as serve_gateway
 
     config = gateway_config(args)
-    if not config.neurons:
+    kubernetes = kubernetes_login(args, config)
+    if kubernetes is None and not config.neurons:
         print(
             "cortex gateway: no [[neurons]] in the config; `cortex up` runs a local one",
             file=sys.stderr,
         )
-    await serve_gateway(config, merge_catalogues(DEFAULT_CATALOGUE, config.models))
+    catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
+    await serve_gateway(config, catalogue, kubernetes=kubernetes)
 
 
 async def up(args: argparse.Namespace) -> None:
@@ -94,21 +151,18 @@ async def up(args: argparse.Namespace) -> None:
 
     config = gateway_config(args)
     catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
-    local = neuron_config(args)
+    local = in_process_neuron(args)
     local.models = merge_catalogues(catalogue, local.models)
     runtime = NeuronRuntime(local, catalogue=[])
     await runtime.start()
     port = free_port()
-    entry = NeuronEntry(
-        name=local.neuron.name,
-        endpoint=f"http://127.0.0.1:{port}",
-        admin_token=local.neuron.admin_token,
-    )
+    entry = local_entry(local, port)
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(runtime, manage_runtime=False), "127.0.0.1", port, log_level="warning"
         )
     )
+    redact_access_log()
     neuron_task = asyncio.create_task(server.serve())
     try:
         while not server.started:  # the gateway's first poll must find the neuron answering
@@ -123,11 +177,24 @@ async def up(args: argparse.Namespace) -> None:
         await runtime.stop()
 
 
-async def status(endpoint: str) -> int:
-    """Fleet table from a gateway's /fleet, or from a single neuron's /status."""
-    async with httpx.AsyncClient(base_url=endpoint.rstrip("/"), timeout=5) as http:
+def local_entry(local: NeuronConfig, port: int) -> NeuronEntry:
+    """The gateway's entry for `cortex up`'s neuron, holding the token its lifecycle routes need."""
+    return NeuronEntry(
+        name=local.neuron.name,
+        endpoint=f"http://127.0.0.1:{port}",
+        admin_token=local.neuron.admin_secret(),
+    )
+
+
+async def status(endpoint: str, api_key: str | None = None) -> int:
+    """Fleet table from a gateway's /fleet (an admin key when auth is on), or a neuron's /status."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=endpoint.rstrip("/"), timeout=5, headers=headers) as http:
         try:
             response = await http.get("/fleet")
+            if response.status_code in (401, 403):
+                print(f"cortex: {endpoint}/fleet needs an admin key (--api-key)", file=sys.stderr)
+                return 1
             if response.status_code == 200:
                 rows = [_row(item) for item in response.json().get("neurons", [])]
             else:
@@ -203,8 +270,8 @@ async def _load_with_progress(
                 0.25
             )  # a human is watching a bar; this is pacing, not a wait for state
             current = [m for m in (await client.status()).models if m.id == record.id]
-            if not current:
-                raise CortexError(f"{record.id} disappeared while loading")
+            if not current:  # a failed ad-hoc load leaves no record; the neuron's log says why
+                raise CortexError(f"load of {record.id} failed (the neuron's log says why)")
             record = current[0]
         progress.update(task, completed=1.0)
     if record.state is ModelState.FAILED:

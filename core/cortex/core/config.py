@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -33,7 +34,13 @@ class NeuronSection(_Section):
     name: str = Field(default_factory=socket.gethostname, description="node name in the fleet")
     host: str = "127.0.0.1"
     port: int = Field(default=13131, gt=0, lt=65536)
-    admin_token: str | None = Field(default=None, description="required by lifecycle endpoints")
+    admin_token: str | None = Field(
+        default=None, repr=False, description="required by lifecycle endpoints"
+    )
+    admin_token_file: Path | None = Field(
+        default=None,
+        description="file holding admin_token (a mounted Secret); keeps it out of `ps` and configs",
+    )
     preload: list[str] = Field(default_factory=list, description="model ids loaded at start")
     devices: list[str] = Field(
         default_factory=list,
@@ -79,6 +86,38 @@ class NeuronSection(_Section):
     cache_dir: Path = Field(
         default=Path("~/.cache/cortex"), description="converted-weights cache (GGUF -> safetensors)"
     )
+    allowed_paths: list[Path] | None = Field(
+        default=None,
+        description="the only places file: sources may load from; unset: cache_dir, hf_cache and "
+        "the file: sources this neuron's catalogue names (docs/security.md)",
+    )
+
+    def admin_secret(self) -> str | None:
+        """admin_token, or the contents of admin_token_file, read on each call so a rotated
+        file takes effect without a restart."""
+        if self.admin_token or self.admin_token_file is None:
+            return self.admin_token
+        try:
+            token = self.admin_token_file.expanduser().read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"admin_token_file {self.admin_token_file}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(f"admin_token_file {self.admin_token_file}: empty")
+        return token
+
+    @property
+    def lifecycle_open(self) -> bool:
+        """Load and unload need no token, and hosts other than this one can reach them."""
+        return not (self.admin_token or self.admin_token_file) and not is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: assume it resolves beyond this machine
 
 
 class NeuronConfig(_Section):
@@ -119,12 +158,14 @@ class EvictionSection(_Section):
 class NeuronEntry(_Section):
     name: str = Field(min_length=1)
     endpoint: str = Field(pattern=r"^https?://", description="http(s)://host:port of the neuron")
-    admin_token: str | None = None
+    admin_token: str | None = Field(default=None, repr=False)
     labels: dict[str, str] = Field(default_factory=dict, description="matched by neuron selectors")
 
 
 class ApiKey(_Section):
-    key: str | None = Field(default=None, description="the secret; or key_env, or key_file")
+    key: str | None = Field(
+        default=None, repr=False, description="the secret; or key_env, or key_file"
+    )
     key_env: str | None = Field(default=None, description="environment variable holding the key")
     key_file: Path | None = Field(
         default=None, description="file holding the key (a mounted Kubernetes Secret entry)"
@@ -133,6 +174,11 @@ class ApiKey(_Section):
         min_length=1, description="who the key belongs to (shown in logs, not the key)"
     )
     models: list[str] = Field(default_factory=list, description="allowlist; empty allows all")
+    admin: bool = Field(
+        default=False,
+        description="an admin key also reads the fleet view (/, /fleet), /docs, /openapi.json "
+        "and /health's details (docs/security.md)",
+    )
     budget_tokens: int | None = Field(default=None, ge=0, description="tokens allowed")
     budget_window: Seconds | None = Field(
         default=None, description="rolling window for budget_tokens; unset = a balance"
@@ -159,7 +205,12 @@ class AuthSection(_Section):
     enabled: bool = False
     keys: list[ApiKey] = Field(default_factory=list)
     neuron_admin_token: str | None = Field(
-        default=None, description="sent to neurons on load/unload"
+        default=None, repr=False, description="sent to neurons on load/unload"
+    )
+    spend_db: Path = Field(
+        default=Path("~/.cache/cortex/gateway.sqlite3"),
+        description="SQLite file keeping the keys' token spend across restarts (opened only when "
+        'a key has a budget); ":memory:" keeps it in memory',
     )
 
 

@@ -62,6 +62,10 @@ class NeuronStatus(BaseModel):
     # Admission limits of each model here; a gateway sends no model more requests than these.
     max_running: int | None = Field(default=None, description="running sequences, per model")
     max_queue: int | None = Field(default=None, description="requests waiting, per model")
+    lifecycle_open: bool = Field(
+        default=False,
+        description="load/unload need no admin token and the neuron listens beyond loopback",
+    )
 
 
 class ModelListing(BaseModel):

@@ -7,14 +7,17 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 
+from cortex.core.access_log import redact_access_log
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import GatewayConfig, NeuronEntry
+from cortex.core.kube_api import KubeLogin
 from cortex.core.shutdown import DrainGate, GracefulServer
 from cortex.gateway import errors, health, routes_anthropic, routes_openai, routes_responses, web
+from cortex.gateway.call import CallScope
 from cortex.gateway.metrics import CONTENT_TYPE
-from cortex.gateway.wiring import Gateway, Tuning, gateway_of
+from cortex.gateway.wiring import Gateway, Tuning, authenticate_admin, gateway_of
 
 
 def create_app(
@@ -23,9 +26,13 @@ def create_app(
     *,
     extra_neurons: Iterable[NeuronEntry] = (),
     tuning: Tuning | None = None,
+    kubernetes: KubeLogin | None = None,
 ) -> FastAPI:
-    """The gateway API. Its lifespan polls the fleet once before serving, then keeps polling."""
-    gateway = Gateway(config, catalogue, extra_neurons=extra_neurons, tuning=tuning)
+    """The gateway API. Its lifespan takes the fleet's first picture before serving (a poll, or
+    the CRDs' first lists with `kubernetes`), then keeps it current."""
+    gateway = Gateway(
+        config, catalogue, extra_neurons=extra_neurons, tuning=tuning, kubernetes=kubernetes
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -35,12 +42,20 @@ def create_app(
         finally:
             await gateway.aclose()
 
-    app = FastAPI(title="cortex gateway", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # /docs and /openapi.json are served by `web`, behind the admin key when auth is on.
+    app = FastAPI(
+        title="cortex gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.gateway = gateway
     errors.install(app)
+    app.add_middleware(CallScope, accounting=lambda: gateway.accounting)
     for module in (routes_openai, routes_anthropic, routes_responses, health, web):
         app.include_router(module.router)
-    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    # On the API port the metrics are part of the admin surface; `metrics_listen` serves them open.
+    admin = [Depends(authenticate_admin)]
+    app.add_api_route(
+        "/metrics", metrics, methods=["GET"], include_in_schema=False, dependencies=admin
+    )
     app.add_middleware(DrainGate, drain=gateway.drain)
     return app
 
@@ -67,10 +82,11 @@ async def serve(
     catalogue: Sequence[ModelSpec],
     *,
     extra_neurons: Iterable[NeuronEntry] = (),
+    kubernetes: KubeLogin | None = None,
 ) -> None:
     """Serve the API on `gateway.listen` and metrics on `gateway.metrics_listen` until stopped;
     the first SIGTERM drains the streams in flight before both stop (cortex.core.shutdown)."""
-    app = create_app(config, catalogue, extra_neurons=extra_neurons)
+    app = create_app(config, catalogue, extra_neurons=extra_neurons, kubernetes=kubernetes)
     drain = app.state.gateway.drain
     host, port = _split(config.gateway.listen)
     servers = [GracefulServer(uvicorn.Config(app, host=host, port=port, lifespan="on"), drain)]
@@ -79,6 +95,7 @@ async def serve(
         metrics_app = create_metrics_app(app)
         metrics_config = uvicorn.Config(metrics_app, host=host, port=port, lifespan="off")
         servers.append(GracefulServer(metrics_config, drain))
+    redact_access_log()  # after the uvicorn.Configs above, which set uvicorn's loggers up
     tasks = [asyncio.create_task(server.serve()) for server in servers]
     try:
         # One server stopping (a signal, a bind failure) stops the other.

@@ -1,4 +1,5 @@
-"""API keys ([auth] of cortex.toml): who is calling, which models they may use, their token budget.
+"""API keys ([auth] of cortex.toml): who is calling, which models they may use, their token budget
+(enforced by gateway/ledger.py), whether they may read the admin surface.
 
 Keys are compared in constant time and never logged: logs name the key's owner instead.
 """
@@ -11,8 +12,8 @@ from dataclasses import dataclass, field
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import AuthSection
-from cortex.core.errors import BudgetExceeded, Forbidden, Unauthorized
-from cortex.gateway.budget import TokenBudget
+from cortex.core.errors import Forbidden, Unauthorized
+from cortex.gateway.budget import Budget
 
 
 @dataclass(eq=False)
@@ -21,10 +22,11 @@ class Principal:
 
     name: str
     models: frozenset[str] = field(default_factory=frozenset)  # empty: every model
-    budget: TokenBudget | None = None
+    budget: Budget | None = None
+    admin: bool = False
 
 
-ANONYMOUS = Principal("anonymous")
+ANONYMOUS = Principal("anonymous", admin=True)  # auth off: every surface is open
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
@@ -46,11 +48,11 @@ class Authenticator:
         self._keys: list[tuple[bytes, Principal]] = []
         for key in section.keys:
             budget = (
-                TokenBudget(key.budget_tokens, key.budget_window)
+                Budget(key.budget_tokens, key.budget_window)
                 if key.budget_tokens is not None
                 else None
             )
-            principal = Principal(key.name, frozenset(key.models), budget)
+            principal = Principal(key.name, frozenset(key.models), budget, key.admin)
             self._keys.append((key.secret().encode(), principal))
 
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
@@ -71,29 +73,29 @@ class Authenticator:
             raise Unauthorized("invalid API key")
         return found
 
+    def authenticate_admin(self, headers: Mapping[str, str]) -> Principal:
+        """The caller, if their key is of the admin class (401 without a key, 403 with another)."""
+        principal = self.authenticate(headers)
+        if not principal.admin:
+            raise Forbidden(f"key {principal.name!r} is not an admin key")
+        return principal
+
+    def is_admin(self, headers: Mapping[str, str]) -> bool:
+        """Whether the caller holds an admin key; never raises (for open routes with details)."""
+        try:
+            return self.authenticate(headers).admin
+        except Unauthorized:
+            return False
+
     @staticmethod
-    def authorize(principal: Principal, spec: ModelSpec) -> None:
-        """Forbidden unless the key's allowlist names the model (by id or one of its aliases)."""
+    def allows(principal: Principal, spec: ModelSpec) -> bool:
+        """Whether the key's allowlist names the model (by id or one of its aliases)."""
         if not principal.models:
-            return
-        if spec.id in principal.models or principal.models.intersection(spec.aliases):
-            return
-        raise Forbidden(f"key {principal.name!r} may not use model {spec.id!r}", param="model")
+            return True
+        return spec.id in principal.models or bool(principal.models.intersection(spec.aliases))
 
-    @staticmethod
-    def check_budget(principal: Principal, now: float) -> None:
-        budget = principal.budget
-        if budget is None:
-            return
-        wait = budget.retry_after(now)
-        if wait is not None:
-            kind = f"per {budget.window:g}s" if budget.window is not None else "in total"
-            raise BudgetExceeded(
-                f"key {principal.name!r} has used its budget of {budget.limit} tokens {kind}",
-                retry_after=wait,
-            )
-
-    @staticmethod
-    def charge(principal: Principal, tokens: int, now: float) -> None:
-        if principal.budget is not None:
-            principal.budget.charge(tokens, now)
+    @classmethod
+    def authorize(cls, principal: Principal, spec: ModelSpec) -> None:
+        """Forbidden unless the key's allowlist names the model."""
+        if not cls.allows(principal, spec):
+            raise Forbidden(f"key {principal.name!r} may not use model {spec.id!r}", param="model")

@@ -1,55 +1,73 @@
-"""Token budgets of API keys: a balance, or a rolling window. Pure: time is an argument."""
+"""Token budgets of API keys: a balance, or a rolling window. Pure: spend and time are arguments.
+
+A request reserves its worst case before it is dispatched and settles its real usage after
+(gateway/ledger.py). Open reservations count as spent, so concurrent requests cannot all pass a
+check made before any of them was charged; a key may start a request while its spend plus its
+open reservations is under the limit, so it overshoots by at most one request's reservation.
+"""
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 # A spent balance never refills on its own (an operator raises it); clients are told to wait long.
 BALANCE_RETRY_AFTER = 3600.0
+# The rest of the budget is held by requests in flight; it comes back when they settle.
+RESERVED_RETRY_AFTER = 1.0
+# The prompt's estimate: bytes of the request body as JSON over 4 (an English token is about 4
+# bytes of text; JSON's punctuation and field names pad it). Cheap, no tokenizer needed.
+BYTES_PER_TOKEN = 4
+# Reserved for a completion that sets no limit, when the model's context is not known either.
+UNBOUNDED_COMPLETION = 4096
+_COMPLETION_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+Charge = tuple[float, int]  # (unix time, tokens)
 
 
-@dataclass
-class TokenBudget:
+@dataclass(frozen=True)
+class Budget:
     """`limit` tokens in total (window None) or within any `window` seconds."""
 
     limit: int
     window: float | None = None
-    spent: int = 0
-    _charges: deque[tuple[float, int]] = field(default_factory=deque)
 
-    def used(self, now: float) -> int:
-        if self.window is None:
-            return self.spent
-        self._expire(now)
-        return sum(tokens for _, tokens in self._charges)
+    def since(self, now: float) -> float:
+        """The earliest charge that still counts."""
+        return -math.inf if self.window is None else now - self.window
 
-    def remaining(self, now: float) -> int:
-        return max(0, self.limit - self.used(now))
 
-    def retry_after(self, now: float) -> float | None:
-        """Seconds until some budget is back; None while some remains."""
-        if self.remaining(now) > 0:
-            return None
-        if self.window is None:
-            return BALANCE_RETRY_AFTER
-        # The budget reopens once enough of the oldest charges leave the window.
-        excess = self.used(now) - self.limit
-        for at, tokens in self._charges:
-            excess -= tokens
-            if excess < 0:
-                return max(0.0, at + self.window - now)
-        return 0.0
+def retry_after(
+    budget: Budget, used: int, reserved: int, charges: Sequence[Charge], now: float
+) -> float | None:
+    """None while the key may start a request; else seconds until it may. `used` is the spend
+    since budget.since(now); `charges` (oldest first) are read only for a window over its limit."""
+    if used + reserved < budget.limit:
+        return None
+    if used < budget.limit:
+        return RESERVED_RETRY_AFTER
+    if budget.window is None:
+        return BALANCE_RETRY_AFTER
+    # The budget reopens once enough of the oldest charges leave the window.
+    excess = used + reserved - budget.limit
+    for at, tokens in charges:
+        excess -= tokens
+        if excess < 0:
+            return max(0.0, at + budget.window - now)
+    return RESERVED_RETRY_AFTER
 
-    def charge(self, tokens: int, now: float) -> None:
-        if tokens <= 0:
-            return
-        self.spent += tokens
-        if self.window is not None:
-            self._charges.append((now, tokens))
-            self._expire(now)
 
-    def _expire(self, now: float) -> None:
-        assert self.window is not None
-        while self._charges and self._charges[0][0] <= now - self.window:
-            self._charges.popleft()
+def worst_case(body: Mapping[str, Any], *, embedding: bool, context: int | None) -> int:
+    """What a request may cost at most: the prompt's estimate plus its completion limit (the
+    model's context, or UNBOUNDED_COMPLETION, when the request sets none)."""
+    prompt = len(json.dumps(body).encode()) // BYTES_PER_TOKEN + 1
+    if embedding:
+        return prompt
+    for name in _COMPLETION_LIMITS:
+        limit = body.get(name)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
+            return prompt + limit
+    return prompt + (context or UNBOUNDED_COMPLETION)

@@ -7,9 +7,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from cortex.core.errors import CortexError
 from cortex.core.protocol.openai import Usage
-from cortex.gateway.auth import Authenticator, Principal
+from cortex.gateway.auth import Principal
+from cortex.gateway.ledger import Reservation
 from cortex.gateway.metrics import NO_NEURON, GatewayMetrics
 
 Surface = Literal["openai", "anthropic", "responses"]
@@ -31,6 +34,7 @@ class Call:
     finished: bool = False
     # Set for plain (non-streamed) answers, whose handler is not cancelled when the client goes.
     disconnected: Callable[[], Awaitable[bool]] | None = None
+    reservation: Reservation | None = None  # the caller's budget held for this call
 
     def token_arrived(self) -> float | None:
         """Mark the first token; returns time to first token the first time, else None."""
@@ -41,15 +45,10 @@ class Call:
 
 
 class Accounting:
-    """Records how each call ended, once: metrics and the caller's token budget."""
+    """Records how each call ended, once: metrics, and its budget reservation settled."""
 
-    def __init__(
-        self,
-        metrics: GatewayMetrics,
-        auth: Authenticator,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.metrics, self.auth, self.clock = metrics, auth, clock
+    def __init__(self, metrics: GatewayMetrics, clock: Callable[[], float] = time.time) -> None:
+        self.metrics, self.clock = metrics, clock
 
     def first_token(self, call: Call) -> None:
         ttft = call.token_arrived()
@@ -69,15 +68,32 @@ class Accounting:
         m.duration.labels(*labels, call.surface).observe(now - call.started)
         if error is not None:
             m.errors.labels(*labels, call.surface, error.code).inc()
+        if call.reservation is not None:
+            used = usage.prompt_tokens + usage.completion_tokens if usage else 0
+            call.reservation.settle(used, self.clock())
         if usage is None:
             return
         m.prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
         m.completion_tokens.labels(*labels).inc(usage.completion_tokens)
-        self.auth.charge(
-            call.principal, usage.prompt_tokens + usage.completion_tokens, self.clock()
-        )
         # Streamed: rate after the first token (prefill excluded); otherwise over the whole call.
         since = call.first_token if call.first_token is not None else call.started
         tokens = usage.completion_tokens - (1 if call.first_token is not None else 0)
         if tokens > 0 and now > since:
             m.tokens_per_second.labels(*labels).observe(tokens / (now - since))
+
+
+class CallScope:
+    """ASGI middleware holding the one `finally` that ends every call, and so settles its budget
+    reservation, however the request ends: answered, failed, or abandoned by its client."""
+
+    def __init__(self, app: ASGIApp, accounting: Callable[[], Accounting]) -> None:
+        self.app, self.accounting = app, accounting
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            # Gateway.begin keeps the call on request.state, which is this scope's "state".
+            call = scope.get("state", {}).get("call")
+            if isinstance(call, Call):
+                self.accounting().finish(call)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import Field
 
@@ -25,6 +25,46 @@ class FleetModelCard(ModelCard):
     context_length: int | None = None
     pinned_on: list[str] = Field(default_factory=list)
     priority: int = 0
+    last_error: str | None = Field(
+        default=None, description="why its last load failed (`neuron: reason`), while it stays so"
+    )
+
+
+def model_card(
+    spec: ModelSpec,
+    availability: tuple[ModelAvailability, list[str]],
+    context: int | None,
+    last_error: str | None = None,
+) -> FleetModelCard:
+    """A model's /v1/models entry from its spec, where it is, its context limit, and why its
+    last load failed (while it stays unloaded)."""
+    state, locations = availability
+    return FleetModelCard(
+        id=spec.id,
+        kind=spec.kind,
+        state=state,
+        locations=locations,
+        aliases=list(spec.aliases),
+        context_length=context,
+        pinned_on=list(spec.pinned_on),
+        priority=spec.priority,
+        last_error=last_error,
+    )
+
+
+class Catalogue(Protocol):
+    """What models there are: this gateway's config and neurons (LiveCatalogue), or the
+    ModelPlacements on Kubernetes (PlacementCatalogue)."""
+
+    def specs(self) -> list[ModelSpec]: ...
+
+    def resolve(self, name: str) -> ModelSpec:
+        """The spec a client's model name (id or alias) means; ModelNotFound otherwise."""
+        ...
+
+    def card(
+        self, spec: ModelSpec, availability: tuple[ModelAvailability, list[str]]
+    ) -> FleetModelCard: ...
 
 
 class LiveCatalogue:
@@ -44,7 +84,8 @@ class LiveCatalogue:
         known = {spec.id for spec in listed} | self._configured_ids
         for handle in self.fleet.neurons.values():
             for loaded in handle.status.models if handle.status else []:
-                if loaded.id not in known:
+                # A failed load of a source no catalogue names is no model anyone can use.
+                if loaded.id not in known and loaded.state != ModelState.FAILED:
                     # Loaded by someone else (a CLI, a preload) from a source no catalogue names.
                     known.add(loaded.id)
                     listed.append(ModelSpec(id=loaded.id, source=loaded.source, kind=loaded.kind))
@@ -59,6 +100,14 @@ class LiveCatalogue:
         if spec is None:
             raise ModelNotFound(f"model {name!r} does not exist", param="model")
         return spec
+
+    def last_failure(self, model: str) -> str | None:
+        """`neuron: reason` of a failed replica of the model, if a neuron reports one."""
+        for name, handle in self.fleet.neurons.items():
+            loaded = handle.model(model)
+            if loaded is not None and loaded.state == ModelState.FAILED:
+                return f"{name}: {loaded.error or 'load failed'}"
+        return None
 
     def loadable_on(self, model: str) -> list[str]:
         """Neurons that can load the model: all for configured models, else those listing it."""
@@ -82,19 +131,10 @@ class LiveCatalogue:
         self, spec: ModelSpec, availability: tuple[ModelAvailability, list[str]]
     ) -> FleetModelCard:
         """The model's /v1/models entry; `availability` as the placer tells it (Placer.availability)."""
-        state, locations = availability
         context = spec.context
         for handle in self.fleet.neurons.values():
             loaded = handle.model(spec.id)
             if context is None and loaded is not None and loaded.state == ModelState.READY:
                 context = loaded.context_length
-        return FleetModelCard(
-            id=spec.id,
-            kind=spec.kind,
-            state=state,
-            locations=locations,
-            aliases=list(spec.aliases),
-            context_length=context,
-            pinned_on=list(spec.pinned_on),
-            priority=spec.priority,
-        )
+        last_error = self.last_failure(spec.id) if availability[0] == "available" else None
+        return model_card(spec, availability, context, last_error)

@@ -26,8 +26,7 @@ from cortex.core.errors import (
 from cortex.gateway.auth import ANONYMOUS
 from cortex.gateway.call import Call
 from cortex.gateway.fleet import Fleet
-from cortex.gateway.ondemand import OnDemand
-from cortex.gateway.placer import Placer
+from cortex.gateway.replicas import ColdStart, Replicas
 from cortex.gateway.router import Candidate, pick
 
 log = logging.getLogger(__name__)
@@ -131,8 +130,8 @@ class Dispatcher:
     def __init__(
         self,
         fleet: Fleet,
-        placer: Placer,
-        ondemand: OnDemand,
+        placer: Replicas,
+        ondemand: ColdStart,
         *,
         affinity_slack: int,
         max_attempts: int = 3,

@@ -1,6 +1,7 @@
 """Gateway health (SPEC G6): ok when every neuron is healthy, impaired when some are, degraded
-when none is or no model is known. /livez says the process serves; /readyz that it can route (and is not shutting down).
-Every 503 here carries Retry-After."""
+when none is or no model is known. /livez says the process serves; /readyz that it can take
+requests, as its fleet source says (a static fleet: not degraded; Kubernetes: watches established),
+and is not shutting down. Every 503 here carries Retry-After."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from cortex.gateway.wiring import Gateway, gateway_of
 Health = Literal["ok", "impaired", "degraded"]
 
 router = APIRouter()
+_RETRY = {"Retry-After": str(round(SHUTDOWN_RETRY_AFTER))}
 
 
 def classify(neurons: int, healthy: int, models: int) -> Health:
@@ -46,12 +48,14 @@ def _report(gateway: Gateway) -> dict[str, Any]:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    report = _report(gateway_of(request))
+    """ok | impaired | degraded for anyone; per-neuron details only for an admin key (or no auth)."""
+    gateway = gateway_of(request)
+    report = _report(gateway)
+    if not gateway.auth.is_admin(request.headers):
+        report = {"status": report["status"]}
     if report["status"] != "degraded":
         return JSONResponse(report)
-    return JSONResponse(
-        report, status_code=503, headers={"Retry-After": str(round(SHUTDOWN_RETRY_AFTER))}
-    )
+    return JSONResponse(report, status_code=503, headers=_RETRY)
 
 
 @router.get("/livez")
@@ -62,8 +66,10 @@ async def livez() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     gateway = gateway_of(request)
-    status = "shutting_down" if gateway.drain.draining else health_of(gateway)
-    ready = status not in ("degraded", "shutting_down")
-    headers = {} if ready else {"Retry-After": str(round(SHUTDOWN_RETRY_AFTER))}
+    if gateway.drain.draining:
+        ready, status = False, "shutting_down"
+    else:
+        ready, status = gateway.source.routable(), health_of(gateway)
+    headers = {} if ready else _RETRY
     body = {"ready": ready, "status": status}
     return JSONResponse(body, status_code=200 if ready else 503, headers=headers)

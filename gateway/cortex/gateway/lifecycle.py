@@ -13,13 +13,24 @@ log = logging.getLogger(__name__)
 
 
 class Lifecycle:
-    """Every `interval` seconds: one poll of every neuron, then one reconcile cycle."""
+    """Every `interval` seconds: one poll of every neuron, then one reconcile cycle. The static
+    fleet's `FleetSource` (replicas.py)."""
 
     def __init__(self, fleet: Fleet, placer: Placer, *, interval: float) -> None:
         self.fleet, self.placer = fleet, placer
         self.interval = interval
         self.cycle = 0
         self._task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """The first poll before serving (routing needs it), then the background loop."""
+        await self.tick()
+        self.start()
+
+    def routable(self) -> bool:
+        """A healthy neuron and a known model: what /health calls not degraded."""
+        healthy = any(self.fleet.healthy(name) for name in self.fleet.neurons)
+        return healthy and bool(self.placer.catalogue.specs())
 
     async def tick(self) -> None:
         await self.fleet.poll()

@@ -9,6 +9,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from cortex.core.fleet import ModelState
 from cortex.gateway.fleet import Fleet
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -127,5 +128,6 @@ class _FleetCollector(Collector):
                 device_memory.add_metric([name, device.id, "free"], device.memory_free)
                 device_memory.add_metric([name, device.id, "used"], device.memory_used)
             for loaded in handle.status.models if handle.status else []:
-                replica_memory.add_metric([loaded.id, name], loaded.memory_bytes)
+                if loaded.state != ModelState.FAILED:  # holds no memory; no label to keep
+                    replica_memory.add_metric([loaded.id, name], loaded.memory_bytes)
         yield from (in_flight, device_memory, replica_memory, healthy)

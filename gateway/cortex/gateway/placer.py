@@ -194,6 +194,11 @@ class Placer:
         reason = result.unplaceable.get(model, "no neuron can load it")
         usable = [v for v in views if v.healthy and not v.cordoned]
         if not usable:
+            failure = self.catalogue.last_failure(model)
+            if failure is not None:  # the real cause, rather than a fleet that looks unhealthy
+                return ModelLoadFailed(f"model {model!r} cannot be loaded: it failed on {failure}")
+            if not views and any(self.fleet.healthy(name) for name in self.fleet.neurons):
+                return ModelNotFound(f"model {model!r}: no neuron can load it", param="model")
             return NeuronUnavailable(
                 f"model {model!r} cannot be loaded: no healthy neuron", retry_after=self.retry_after
             )

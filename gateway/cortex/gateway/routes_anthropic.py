@@ -35,7 +35,9 @@ async def messages(request: Request) -> Response:
     data = await read_json(request, gateway.config.gateway.max_body_bytes)
     req = parse(data, MessagesRequest)
     chat = to_chat_request(req)
-    call = gateway.begin(request, "anthropic", req.model, conversation_key(chat.messages))
+    call = gateway.begin(
+        request, "anthropic", req.model, conversation_key(chat.messages), body=data
+    )
     body = {**chat.model_dump(exclude_none=True), "model": call.model}
     if not req.stream:
         completion = await chat_completion(gateway, call, body)

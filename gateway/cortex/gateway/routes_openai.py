@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from cortex.core.errors import ModelNotFound
 from cortex.core.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -24,16 +25,23 @@ router = APIRouter(dependencies=[Depends(authenticate)])
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
+    """The models the caller's key may use (its allowlist, by id or alias)."""
+    gateway = gateway_of(request)
+    principal = request.state.principal
+    specs = [s for s in gateway.catalogue.specs() if gateway.auth.allows(principal, s)]
     # Dumped card by card: ModelList's declared item type would drop the cortex fields.
-    cards = gateway_of(request).model_cards()
-    return {"object": "list", "data": [card.model_dump() for card in cards]}
+    return {"object": "list", "data": [gateway.model_card(s).model_dump() for s in specs]}
 
 
 # `:path`: ids such as sentence-transformers/all-MiniLM-L6-v2 contain slashes.
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+    """A model outside the key's allowlist is answered as if it did not exist."""
     gateway = gateway_of(request)
-    return gateway.model_card(gateway.catalogue.resolve(model_id)).model_dump()
+    spec = gateway.catalogue.resolve(model_id)
+    if not gateway.auth.allows(request.state.principal, spec):
+        raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
+    return gateway.model_card(spec).model_dump()
 
 
 @router.post("/v1/chat/completions")
@@ -41,7 +49,7 @@ async def chat_completions(request: Request) -> Response:
     gateway = gateway_of(request)
     data = await read_json(request, gateway.config.gateway.max_body_bytes)
     chat = parse(data, ChatCompletionRequest)
-    call = gateway.begin(request, "openai", chat.model, conversation_key(chat.messages))
+    call = gateway.begin(request, "openai", chat.model, conversation_key(chat.messages), body=data)
     return await _forward(gateway, call, "/v1/chat/completions", data, chat)
 
 
@@ -52,7 +60,7 @@ async def completions(request: Request) -> Response:
     completion = parse(data, CompletionRequest)
     prompt = completion.prompt if isinstance(completion.prompt, str) else None
     affinity = prompt_key(prompt) if prompt else None
-    call = gateway.begin(request, "openai", completion.model, affinity)
+    call = gateway.begin(request, "openai", completion.model, affinity, body=data)
     return await _forward(gateway, call, "/v1/completions", data, completion)
 
 
@@ -61,7 +69,7 @@ async def embeddings(request: Request) -> Response:
     gateway = gateway_of(request)
     data = await read_json(request, gateway.config.gateway.max_body_bytes)
     embedding = parse(data, EmbeddingRequest)
-    call = gateway.begin(request, "openai", embedding.model)
+    call = gateway.begin(request, "openai", embedding.model, body=data)
     answer = await gateway.dispatcher.post(call, "/v1/embeddings", {**data, "model": call.model})
     gateway.accounting.finish(call, usage=usage_of(answer))
     return JSONResponse(answer)

@@ -1,17 +1,19 @@
-"""The fleet page (SPEC U2): GET / is one self-contained HTML page that polls GET /fleet."""
+"""The admin surface: the fleet page (GET /, one self-contained HTML page polling GET /fleet) and
+the API docs. With [auth] on, every route here needs an admin key (docs/security.md)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 
 from cortex.gateway.fleet import NeuronHandle
 from cortex.gateway.health import health_of
-from cortex.gateway.wiring import Gateway, gateway_of
+from cortex.gateway.wiring import Gateway, authenticate_admin, gateway_of
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(authenticate_admin)], include_in_schema=False)
 
 
 def fleet_snapshot(gateway: Gateway) -> dict[str, Any]:
@@ -54,6 +56,17 @@ async def fleet(request: Request) -> dict[str, Any]:
 @router.get("/", response_class=HTMLResponse)
 async def page() -> str:
     return PAGE
+
+
+@router.get("/openapi.json")
+async def openapi(request: Request) -> dict[str, Any]:
+    schema: dict[str, Any] = request.app.openapi()
+    return schema
+
+
+@router.get("/docs")
+async def docs() -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="cortex gateway")
 
 
 PAGE = """<!doctype html>

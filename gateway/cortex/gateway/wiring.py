@@ -1,10 +1,13 @@
-"""The gateway's parts wired together: fleet, catalogue, placement, dispatch, auth and metrics."""
+"""The gateway's parts wired together: fleet, catalogue, placement, dispatch, auth and metrics.
+
+Who places replicas is the one choice made here (replicas.py): this gateway over a static fleet of
+[[neurons]], or the operator on Kubernetes, whose ModelPlacements and Neurons the gateway watches."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,18 +16,25 @@ from fastapi import Request
 from cortex.core.catalogue import ModelSpec, merge_catalogues
 from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.core.errors import CortexError
+from cortex.core.kube_api import KubeApi, KubeLogin
 from cortex.core.placement.model import Policy
 from cortex.core.shutdown import Drain
 from cortex.gateway.auth import Authenticator, Principal
+from cortex.gateway.budget import worst_case
 from cortex.gateway.call import Accounting, Call, Surface
-from cortex.gateway.catalogue import FleetModelCard, LiveCatalogue
+from cortex.gateway.catalogue import Catalogue, FleetModelCard, LiveCatalogue
+from cortex.gateway.demand import DemandSignal
 from cortex.gateway.dispatch import Dispatcher, Upstream
 from cortex.gateway.fleet import Fleet
+from cortex.gateway.kube_catalogue import PlacementCatalogue
+from cortex.gateway.kube_fleet import KubeFleet
+from cortex.gateway.ledger import Ledger, SqliteSpendStore
 from cortex.gateway.lifecycle import Lifecycle
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.ondemand import OnDemand
 from cortex.gateway.placer import Placer
 from cortex.gateway.relay import EventStream, when_ready
+from cortex.gateway.replicas import ColdStart, FleetSource, Replicas
 
 
 @dataclass(frozen=True)
@@ -38,10 +48,19 @@ class Tuning:
     # How long a stream to a model with a ready replica waits, before its 200, for the neuron to
     # admit it: past a neuron's default 30 s queue timeout, so "busy" comes as a 429 status.
     admission_patience: float = 40.0
+    demand_interval: float = 5.0  # Kubernetes: least time between demand patches of a placement
 
 
 class Gateway:
-    """Everything a request handler needs, built from cortex.toml and the catalogue."""
+    """Everything a request handler needs, built from cortex.toml and the catalogue: over the
+    static fleet of [[neurons]], or, given `kubernetes`, over the CRDs of that namespace."""
+
+    # This gateway's own placement: a static fleet's only (on Kubernetes the operator places).
+    placer: Placer
+    ondemand: OnDemand
+    lifecycle: Lifecycle
+    # The operator's part on Kubernetes: asking it for a cold model.
+    demand: DemandSignal
 
     def __init__(
         self,
@@ -50,54 +69,96 @@ class Gateway:
         *,
         extra_neurons: Iterable[NeuronEntry] = (),
         tuning: Tuning | None = None,
+        kubernetes: KubeLogin | None = None,
     ) -> None:
         self.config = config
         self.tuning = tuning or Tuning()
+        self.kubernetes = kubernetes
         section = config.gateway
         self.metrics = GatewayMetrics()
         self.fleet = Fleet(
-            [*config.neurons, *extra_neurons],
+            [*config.neurons, *extra_neurons] if kubernetes is None else [],
             unhealthy_after=section.unhealthy_after,
             admin_token=config.auth.neuron_admin_token,
             request_timeout=section.request_timeout,
         )
-        self.catalogue = LiveCatalogue(merge_catalogues(list(catalogue), config.models), self.fleet)
         self.auth = Authenticator(config.auth)
-        self.accounting = Accounting(self.metrics, self.auth)
-        policy = Policy(config.eviction.strategy, config.eviction.defrag_after_cycles)
+        budgeted = any(key.budget_tokens is not None for key in config.auth.keys)
+        self._spend = SqliteSpendStore(config.auth.spend_db) if budgeted else None
+        self.ledger = Ledger(self._spend)
+        self.accounting = Accounting(self.metrics)
+        known = merge_catalogues(list(catalogue), config.models)
+        self.catalogue: Catalogue
+        self.replicas: Replicas
+        self.cold_start: ColdStart
+        self.source: FleetSource
+        if kubernetes is None:
+            self._place_here(known)
+        else:
+            self._follow_operator(kubernetes, known)
+        self.dispatcher = Dispatcher(
+            self.fleet,
+            self.replicas,
+            self.cold_start,
+            affinity_slack=self.tuning.affinity_slack,
+            max_attempts=self.tuning.max_attempts,
+        )
+        self.metrics.watch(self.fleet)
+        # SIGTERM: /readyz fails and new calls get 503 shutting_down while streams finish.
+        self.drain = Drain(config.gateway.shutdown_grace)
+
+    def _place_here(self, known: list[ModelSpec]) -> None:
+        """A static fleet: this gateway polls its neurons and places models itself."""
+        section = self.config.gateway
+        catalogue = LiveCatalogue(known, self.fleet)
+        eviction = self.config.eviction
         self.placer = Placer(
-            self.fleet, self.catalogue, policy, self.metrics, retry_after=self.tuning.retry_after
+            self.fleet,
+            catalogue,
+            Policy(eviction.strategy, eviction.defrag_after_cycles),
+            self.metrics,
+            retry_after=self.tuning.retry_after,
         )
         self.ondemand = OnDemand(
             self.placer, timeout=section.load_timeout, retry_after=self.tuning.retry_after
         )
-        self.dispatcher = Dispatcher(
-            self.fleet,
-            self.placer,
-            self.ondemand,
-            affinity_slack=self.tuning.affinity_slack,
-            max_attempts=self.tuning.max_attempts,
-        )
         self.lifecycle = Lifecycle(self.fleet, self.placer, interval=section.poll_interval)
-        self.metrics.watch(self.fleet)
-        # SIGTERM: /readyz fails and new calls get 503 shutting_down while streams finish.
-        self.drain = Drain(section.shutdown_grace)
+        self.catalogue, self.replicas = catalogue, self.placer
+        self.cold_start, self.source = self.ondemand, self.lifecycle
+
+    def _follow_operator(self, login: KubeLogin, known: list[ModelSpec]) -> None:
+        """Kubernetes: the fleet is what the ModelPlacements and Neurons of the namespace say;
+        a cold model is asked of the operator (docs/kubernetes.md)."""
+        kube = KubeFleet(KubeApi(login), login.namespace, self.fleet)
+        self.catalogue = PlacementCatalogue(kube, known)
+        self.demand = DemandSignal(
+            kube,
+            timeout=self.config.gateway.load_timeout,
+            retry_after=self.tuning.retry_after,
+            interval=self.tuning.demand_interval,
+        )
+        self.replicas, self.cold_start, self.source = kube, self.demand, kube
 
     async def start(self) -> None:
-        """First poll before serving (routing needs it), then the background loop."""
-        await self.lifecycle.tick()
-        self.lifecycle.start()
+        """The fleet's first picture before serving (routing needs it), then keep it current."""
+        await self.source.open()
 
     async def aclose(self) -> None:
-        await self.lifecycle.aclose()
-        await self.placer.aclose()
+        if self.kubernetes is None:
+            await self.lifecycle.aclose()
+            await self.placer.aclose()
+        else:
+            await self.demand.aclose()
+            await self.source.aclose()
         await self.fleet.aclose()
+        if self._spend is not None:
+            self._spend.close()
 
     # -- models
 
     def model_card(self, spec: ModelSpec) -> FleetModelCard:
-        """A /v1/models entry: the catalogue's spec, and where the placer says the model is."""
-        return self.catalogue.card(spec, self.placer.availability(spec.id))
+        """A /v1/models entry: the catalogue's spec, and where its replicas are."""
+        return self.catalogue.card(spec, self.replicas.availability(spec.id))
 
     def model_cards(self) -> list[FleetModelCard]:
         return [self.model_card(spec) for spec in self.catalogue.specs()]
@@ -105,16 +166,28 @@ class Gateway:
     # -- per request
 
     def begin(
-        self, request: Request, surface: Surface, model: str, affinity: str | None = None
+        self,
+        request: Request,
+        surface: Surface,
+        model: str,
+        affinity: str | None = None,
+        *,
+        body: Mapping[str, Any] | None = None,
     ) -> Call:
-        """Resolve the model, check the caller may use it and has budget left; the call is kept
-        on the request so the error handler can record how it ended."""
+        """Resolve the model, check the caller may use it, and reserve the request's worst case
+        (`body`'s; nothing for a body-less call) from their budget. The call, holding the
+        reservation, is kept on the request: CallScope ends it, whatever happens."""
         if self.drain.draining:
             raise self.drain.refusal("the gateway")
         principal: Principal = request.state.principal
         spec = self.catalogue.resolve(model)
         self.auth.authorize(principal, spec)
-        self.auth.check_budget(principal, time.time())
+        tokens = (
+            worst_case(body, embedding=spec.kind == "embedding", context=spec.context)
+            if body is not None
+            else 0
+        )
+        reservation = self.ledger.reserve(principal, tokens, time.time())
         call = Call(
             model=spec.id,
             surface=surface,
@@ -123,6 +196,7 @@ class Gateway:
             affinity=affinity,
             client=request.client.host if request.client else None,
             disconnected=request.is_disconnected,
+            reservation=reservation,
         )
         request.state.call = call
         return call
@@ -145,7 +219,7 @@ class Gateway:
         # A ready replica only needs admitting: wait for it without keep-alives, so a refusal
         # is a status, not an error event after a 200. A cold load gets keep-alives early.
         patience = self.tuning.keepalive_interval
-        if self.placer.ready(call.model):
+        if self.replicas.ready(call.model):
             patience = max(patience, self.tuning.admission_patience)
         opening = asyncio.create_task(self.dispatcher.open_stream(call, path, body))
         try:
@@ -189,3 +263,8 @@ def gateway_of(request: Request) -> Gateway:
 def authenticate(request: Request) -> None:
     """Route dependency: the caller's principal, on request.state (401 when auth rejects it)."""
     request.state.principal = gateway_of(request).auth.authenticate(request.headers)
+
+
+def authenticate_admin(request: Request) -> None:
+    """Route dependency of the admin surface (fleet view, docs): 401 or 403 unless an admin key."""
+    request.state.principal = gateway_of(request).auth.authenticate_admin(request.headers)

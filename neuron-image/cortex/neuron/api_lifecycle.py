@@ -26,7 +26,7 @@ def runtime_of(request: Request) -> NeuronRuntime:
 
 def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
     """Lifecycle changes need `Authorization: Bearer <admin_token>` when a token is configured."""
-    token = runtime_of(request).config.neuron.admin_token
+    token = runtime_of(request).config.neuron.admin_secret()
     if not token:
         return
     scheme, _, given = (authorization or "").partition(" ")

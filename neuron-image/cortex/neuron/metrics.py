@@ -55,6 +55,12 @@ class StatusCollector(Collector):
             gauges["device_memory_free_bytes"].add_metric(labels, device.memory_free)
             gauges["device_healthy"].add_metric(labels, float(device.healthy))
         yield from gauges.values()
+        open_gauge = GaugeMetricFamily(
+            "cortex_neuron_lifecycle_open",
+            "1 when load/unload need no admin token and the neuron listens beyond loopback",
+        )
+        open_gauge.add_metric([], float(status.lifecycle_open))
+        yield open_gauge
 
 
 class NeuronMetrics:

@@ -149,6 +149,7 @@ class NeuronRuntime:
         self.config = config
         base = list(DEFAULT_CATALOGUE) if catalogue is None else catalogue
         self.catalogue = merge_catalogues(base, config.models)
+        self.allowed_paths = allowed_roots(config, self.catalogue)
         self.devices: list[Device] = []
         self.workers: dict[str, DeviceWorker] = {}
         self.replicas: dict[str, Replica] = {}
@@ -162,6 +163,13 @@ class NeuronRuntime:
 
     async def start(self) -> None:
         section = self.config.neuron
+        if section.lifecycle_open:
+            log.warning(
+                "NO ADMIN TOKEN: anyone who reaches %s:%d can load and unload models; "
+                "set admin_token_file (docs/security.md)",
+                section.host,
+                section.port,
+            )
         self.devices = discover(section.cpu_memory, section.devices or None)
         for device in self.devices:
             self.workers[device.id] = worker = DeviceWorker(device)
@@ -194,12 +202,13 @@ class NeuronRuntime:
             queued=sum(m.queued for m in models),
             max_running=self.config.neuron.max_running,
             max_queue=self.config.neuron.max_queue,
+            lifecycle_open=self.config.neuron.lifecycle_open,
         )
 
     def listing(self) -> ModelListing:
         loaded = [r.record() for r in self.replicas.values()]
         hf_cache = self.config.neuron.hf_cache
-        available = [s for s in self.catalogue if _source_present(s, hf_cache)]
+        available = [s for s in self.catalogue if _source_present(s, hf_cache, self.allowed_paths)]
         return ModelListing(loaded=loaded, available=available)
 
     def check_open(self) -> None:
@@ -254,6 +263,8 @@ class NeuronRuntime:
         return known
 
     async def _load(self, replica: Replica, request: LoadRequest) -> Replica:
+        """A failed catalogue model stays listed as failed, with why; a failed ad-hoc load (a
+        source no catalogue names) leaves nothing behind: it was never a model of this neuron."""
         try:
             await self._place_and_load(replica, request)
         except BaseException as exc:
@@ -261,6 +272,8 @@ class NeuronRuntime:
             replica.state, replica.served = ModelState.FAILED, None
             replica.error = exc.message if isinstance(exc, CortexError) else repr(exc)
             log.warning("load of %s failed: %s", replica.spec.id, replica.error)
+            if resolve_alias(self.catalogue, replica.spec.id) is None:
+                self.replicas.pop(replica.spec.id, None)
             raise
         return replica
 
@@ -269,7 +282,9 @@ class NeuronRuntime:
         hf_cache = self.config.neuron.hf_cache
         local = await asyncio.to_thread(
             lambda: sources.resolve(
-                spec.source, hf_cache=hf_cache.expanduser() if hf_cache else None
+                spec.source,
+                hf_cache=hf_cache.expanduser() if hf_cache else None,
+                allowed=self.allowed_paths,
             )
         )
         footprint = await asyncio.to_thread(sources.footprint, local)
@@ -380,9 +395,24 @@ class NeuronRuntime:
         replica.devices = []
 
 
-def _source_present(spec: ModelSpec, hf_cache: Path | None) -> bool:
+def allowed_roots(config: NeuronConfig, catalogue: list[ModelSpec]) -> list[Path]:
+    """Where file: sources may load from: `allowed_paths`, or the caches and catalogued paths."""
+    section = config.neuron
+    if section.allowed_paths is not None:
+        return [path.expanduser() for path in section.allowed_paths]
+    roots = [section.cache_dir.expanduser()]
+    if section.hf_cache is not None:
+        roots.append(section.hf_cache.expanduser())
+    for spec in catalogue:
+        scheme, _, rest = spec.source.partition(":")
+        if scheme == "file" and rest:
+            roots.append(Path(rest).expanduser())  # the model itself, not its neighbours
+    return roots
+
+
+def _source_present(spec: ModelSpec, hf_cache: Path | None, allowed: list[Path]) -> bool:
     try:
-        sources.resolve(spec.source, download=False, hf_cache=hf_cache)
+        sources.resolve(spec.source, download=False, hf_cache=hf_cache, allowed=allowed)
     except CortexError:
         return False
     return True

@@ -1,4 +1,9 @@
-"""Model sources (pkg:, file:, hf:) resolved to local files, and memory estimates made before loading."""
+"""Model sources (pkg:, file:, hf:) resolved to local files, and memory estimates made before loading.
+
+A source never reaches outside where it is allowed to: pkg: stays inside its package directory, file:
+inside the neuron's allowed roots (docs/security.md). A path outside them, a missing one and an
+unreadable one all get the same answer, so a load request cannot probe the disk.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import importlib.util
 import json
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,8 +34,17 @@ class LocalModel:
         return self.path.parent if self.format == "gguf" else self.path
 
 
-def resolve(source: str, *, download: bool = True, hf_cache: Path | None = None) -> LocalModel:
-    """Find a source's files on this machine; hf: downloads only if `download` and the network allows."""
+def resolve(
+    source: str,
+    *,
+    download: bool = True,
+    hf_cache: Path | None = None,
+    allowed: Sequence[Path] | None = None,
+) -> LocalModel:
+    """Find a source's files on this machine; hf: downloads only if `download` and the network allows.
+
+    file: paths must lie under one of `allowed` (None: anywhere, for callers that are not a server).
+    """
     scheme, sep, rest = source.partition(":")
     if not sep or not rest:
         raise InvalidRequest(f"source {source!r}: expected pkg:, file: or hf:", param="source")
@@ -38,24 +53,49 @@ def resolve(source: str, *, download: bool = True, hf_cache: Path | None = None)
         spec = importlib.util.find_spec(package)  # finds without importing the package's code
         if spec is None or not spec.submodule_search_locations:
             raise ModelNotFound(f"source {source!r}: python package {package!r} is not installed")
-        return _local(source, Path(spec.submodule_search_locations[0]) / inner)
+        root = Path(spec.submodule_search_locations[0]).resolve()
+        return _local(source, _confined(source, root / inner, [root]))
     if scheme == "file":
-        return _local(source, Path(rest).expanduser())
+        path = Path(rest).expanduser()
+        return _local(source, _confined(source, path, allowed) if allowed is not None else path)
     if scheme == "hf":
         return _local(source, _hf_snapshot(source, rest, download, hf_cache))
     raise InvalidRequest(f"source {source!r}: unknown scheme {scheme!r}", param="source")
 
 
+def unavailable(source: str) -> ModelNotFound:
+    """The one answer for a path outside the allowed roots, missing, or unreadable."""
+    return ModelNotFound(
+        f"source {source!r}: no model there, or the path is outside this neuron's allowed_paths"
+    )
+
+
+def _confined(source: str, path: Path, roots: Sequence[Path]) -> Path:
+    """`path` with links and `..` resolved, if it lies under one of `roots`."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # a link loop, a component we may not read
+        raise unavailable(source) from None
+    for root in roots:
+        try:
+            inside = real.is_relative_to(root.expanduser().resolve())
+        except (OSError, RuntimeError):
+            continue
+        if inside:
+            return real
+    raise unavailable(source)
+
+
 def _local(source: str, path: Path) -> LocalModel:
+    if not os.access(path, os.R_OK):  # missing or unreadable: the same answer as outside the roots
+        raise unavailable(source)
     if path.is_file() and path.suffix == ".gguf":
         return LocalModel(source, "gguf", path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadFailed(f"source {source!r}: {path} has no config.json")
         return LocalModel(source, "hf", path)
-    if path.exists():
-        raise ModelLoadFailed(f"source {source!r}: {path} is neither a .gguf file nor a model dir")
-    raise ModelNotFound(f"source {source!r}: {path} does not exist")
+    raise ModelLoadFailed(f"source {source!r}: {path} is neither a .gguf file nor a model dir")
 
 
 def _hf_snapshot(source: str, repo: str, download: bool, cache: Path | None) -> Path:

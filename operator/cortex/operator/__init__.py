@@ -1,0 +1,1 @@
+"""The Kubernetes operator: reconciles Neuron and ModelPlacement objects with kopf (docs/kubernetes.md)."""

@@ -338,3 +338,34 @@ def test_applied_plan_asks_for_nothing_more() -> None:
     assert first.actions and plan(after, catalogue, want("x"), policy, NOW).actions == ()
     assert {r.model for r in after[0].replicas} == {"b", "x"}
     assert after[0].memory_free == 0
+
+
+# -- minimums against priority
+
+
+def test_a_higher_priority_minimum_takes_a_lower_one_below_its_minimum() -> None:
+    fleet = [neuron("n", 4, rep("low", 3))]
+    catalogue = cat(spec("low", 3, priority=0), spec("high", 3, priority=10))
+    minimums = {"low": 1, "high": 1}
+    result = plan(fleet, catalogue, [], PRIORITY, NOW, min_replicas=minimums)
+    assert result.actions == (Unload("low", "n", "evict"), Load("high", "n", 3 * GIB))
+    assert "low" in result.unplaceable  # and it says why it stays short
+
+
+def test_a_minimum_holds_against_equal_or_lower_priority_and_under_lru() -> None:
+    fleet = [neuron("n", 4, rep("kept", 3))]
+    for catalogue, policy in (
+        (cat(spec("kept", 3, priority=10), spec("new", 3, priority=0)), PRIORITY),
+        (cat(spec("kept", 3, priority=5), spec("new", 3, priority=5)), PRIORITY),
+        (cat(spec("kept", 3, priority=0), spec("new", 3, priority=10)), LRU),
+    ):
+        result = plan(fleet, catalogue, [], policy, NOW, min_replicas={"kept": 1, "new": 1})
+        assert result.actions == ()
+        assert "new" in result.unplaceable
+
+
+def test_minimums_are_placed_highest_priority_first() -> None:
+    fleet = [neuron("n", 4)]
+    catalogue = cat(spec("a-low", 3, priority=0), spec("z-high", 3, priority=10))
+    result = plan(fleet, catalogue, [], PRIORITY, NOW, min_replicas={"a-low": 1, "z-high": 1})
+    assert result.actions == (Load("z-high", "n", 3 * GIB),)

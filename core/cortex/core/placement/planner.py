@@ -8,14 +8,15 @@ Rules, in the order they run:
 - idle: a ready replica unused (last_used, else loaded_at) for longer than its model's idle_ttl is
   unloaded unless it is in flight, pinned there, demanded, or needed for a minimum replica count;
 - pins: a model pinned on a healthy, uncordoned neuron and not there is loaded there;
-- minimums: replicas are added on distinct neurons up to `min_replicas`;
+- minimums: replicas are added on distinct neurons up to `min_replicas`, highest priority first;
 - demand: a demanded model with no ready or loading replica is loaded, most waiting clients first.
 Placement is worst fit (most memory left after the load) on healthy, uncordoned neurons whose
 labels match the model's selector. When nothing fits, defrag (on its cycles) moves the smallest
 idle replicas off one neuron; otherwise the fewest replicas are evicted from one neuron, coldest
 first by strategy (eviction.py). Never evicted: pinned-there, in-flight, loading/unloading
 replicas, replicas of demanded models, replicas loaded by this plan, and the last ones a minimum
-needs. A requirement that cannot be met is reported in `Plan.unplaceable` with a reason.
+needs (under the `priority` strategy a minimum holds only against models of equal or lower
+priority: a higher-priority model may take a lower one below its minimum). A requirement that cannot be met is reported in `Plan.unplaceable` with a reason.
 """
 
 from __future__ import annotations
@@ -189,10 +190,22 @@ class _Work:
             and not self.pinned_here(replica.model, slot)
         )
 
-    def evictable(self, slot: _Slot, replica: ReplicaView) -> bool:
-        """Movable, and removing it keeps the model's minimum replica count."""
-        minimum = self.minimums.get(replica.model, 0)
-        return self.movable(slot, replica) and self.live_count(replica.model) > minimum
+    def evictable(self, slot: _Slot, replica: ReplicaView, for_model: str | None = None) -> bool:
+        """Movable, and removing it keeps the model's minimum replica count; under `priority`,
+        a minimum does not hold against `for_model` of a higher priority."""
+        if not self.movable(slot, replica):
+            return False
+        if self.live_count(replica.model) > self.minimums.get(replica.model, 0):
+            return True
+        return (
+            for_model is not None
+            and self.policy.strategy == "priority"
+            and self.priority(replica.model) < self.priority(for_model)
+        )
+
+    def priority(self, model: str) -> int:
+        spec = self.catalogue.get(model)
+        return spec.priority if spec is not None else 0
 
     # -- actions
 
@@ -238,8 +251,11 @@ class _Work:
                     self.reasons[model] = f"pinned on {name}: {reason}"
 
     def place_minimums(self) -> None:
-        """Add replicas on distinct neurons until each model has its minimum."""
-        for model, wanted in sorted(self.minimums.items()):
+        """Add replicas on distinct neurons until each model has its minimum, highest priority
+        first (a replica this plan loads is never evicted in it: the order decides who gets room)."""
+        for model, wanted in sorted(
+            self.minimums.items(), key=lambda i: (-self.priority(i[0]), i[0])
+        ):
             while (have := self.live_count(model)) < wanted:
                 reason = self.place(model, self.eligible(model))
                 if reason is not None:
@@ -289,7 +305,8 @@ class _Work:
         best: tuple[tuple[int, Coldness, str], _Slot, tuple[ReplicaView, ...]] | None = None
         for slot in slots:
             ordered = sorted(
-                (r for r in slot.replicas.values() if self.evictable(slot, r)), key=self.coldness
+                (r for r in slot.replicas.values() if self.evictable(slot, r, for_model=model)),
+                key=self.coldness,
             )
             victims = choose_victims(ordered, size - slot.free)
             if victims is None:

@@ -1,0 +1,124 @@
+"""Where token budgets are kept: spend settled in a SpendStore (SQLite by default), reservations of
+requests in flight in this process. docs/security.md says what is stored where."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+from cortex.core.errors import BudgetExceeded
+from cortex.gateway.auth import Principal
+from cortex.gateway.budget import Charge, retry_after
+
+IN_MEMORY = ":memory:"
+
+
+class SpendStore(Protocol):
+    """Settled spend per key name. SQLite serves one gateway; several gateway replicas would share
+    one store (Redis, Postgres) implementing these three calls."""
+
+    def spent(self, key: str, since: float) -> int: ...
+    def charges(self, key: str, since: float) -> list[Charge]: ...
+    def record(self, key: str, tokens: int, at: float) -> None: ...
+
+
+class SqliteSpendStore:
+    """Spend in one SQLite file (stdlib sqlite3); it outlives restarts. Queries take milliseconds,
+    so they run on the event loop, which also keeps reserve-then-record free of races."""
+
+    def __init__(self, path: Path | str) -> None:
+        where = str(path)
+        if where != IN_MEMORY:
+            target = Path(path).expanduser()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            where = str(target)
+        self._db = sqlite3.connect(where, isolation_level=None, check_same_thread=False)
+        if where != IN_MEMORY:
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS spend (key TEXT NOT NULL, at REAL NOT NULL, tokens INTEGER NOT NULL)"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS spend_by_key ON spend (key, at)")
+
+    def spent(self, key: str, since: float) -> int:
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(tokens), 0) FROM spend WHERE key = ? AND at > ?", (key, since)
+        ).fetchone()
+        return int(row[0])
+
+    def charges(self, key: str, since: float) -> list[Charge]:
+        rows = self._db.execute(
+            "SELECT at, tokens FROM spend WHERE key = ? AND at > ? ORDER BY at", (key, since)
+        )
+        return [(float(at), int(tokens)) for at, tokens in rows]
+
+    def record(self, key: str, tokens: int, at: float) -> None:
+        self._db.execute("INSERT INTO spend (key, at, tokens) VALUES (?, ?, ?)", (key, at, tokens))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@dataclass(eq=False)
+class Reservation:
+    """Tokens held for one request, and the function that gives them back: its holder settles it
+    once, with the real usage (later calls do nothing); the unused rest returns to the key."""
+
+    key: str
+    tokens: int
+    give_back: Callable[[int, float], None] = field(repr=False)
+    settled: bool = False
+
+    def settle(self, used: int, now: float) -> None:
+        if not self.settled:
+            self.settled = True
+            self.give_back(used, now)
+
+
+class Ledger:
+    """Admits requests against their key's budget by reserving their worst case."""
+
+    def __init__(self, store: SpendStore | None) -> None:
+        self.store = store
+        self._reserved: dict[str, int] = defaultdict(int)
+
+    def reserve(self, principal: Principal, tokens: int, now: float) -> Reservation | None:
+        """A reservation of `tokens` for the caller (None without a budget); 429 when the key's
+        spend plus its open reservations has reached its limit."""
+        budget = principal.budget
+        if budget is None or self.store is None:
+            return None
+        key, since = principal.name, budget.since(now)
+        if budget.window is None:
+            charges, used = [], self.store.spent(key, since)
+        else:
+            charges = self.store.charges(key, since)
+            used = sum(tokens for _, tokens in charges)
+        wait = retry_after(budget, used, self._reserved[key], charges, now)
+        if wait is not None:
+            kind = f"per {budget.window:g}s" if budget.window is not None else "in total"
+            raise BudgetExceeded(
+                f"key {principal.name!r} has used its budget of {budget.limit} tokens {kind}",
+                retry_after=wait,
+            )
+        self._reserved[key] += tokens
+        return Reservation(key, tokens, partial(self._give_back, key, tokens))
+
+    def reserved(self, key: str) -> int:
+        return self._reserved.get(key, 0)
+
+    def spent(self, principal: Principal, now: float) -> int:
+        """Settled spend that counts against the key's budget now."""
+        if principal.budget is None or self.store is None:
+            return 0
+        return self.store.spent(principal.name, principal.budget.since(now))
+
+    def _give_back(self, key: str, reserved: int, used: int, now: float) -> None:
+        self._reserved[key] -= reserved
+        if used > 0 and self.store is not None:
+            self.store.record(key, used, now)

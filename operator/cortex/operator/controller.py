@@ -1,0 +1,292 @@
+"""The operator's I/O: probing neurons, running a namespace's reconcile under its lock, carrying out
+the plan with NeuronClient load/unload, and reporting it as Kubernetes Events.
+
+What this process remembers (probes, loads in flight, failed loads waiting out their backoff, the
+last unload of a placement) lives here; the decisions are made in reconcile.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Literal, cast
+
+import httpx
+import kopf
+
+from cortex.core.client import DEFAULT_TIMEOUT, NeuronClient
+from cortex.core.errors import CortexError, ModelNotFound
+from cortex.core.fleet import LoadRequest, NeuronStatus
+from cortex.core.placement.model import Load, Unload
+from cortex.core.resources import ModelPlacement, Neuron
+from cortex.operator.config import OperatorConfig
+from cortex.operator.neurons import Probe
+from cortex.operator.reconcile import (
+    Fleet,
+    FleetPlan,
+    LoadFailure,
+    PendingLoad,
+    Unloaded,
+    plan_fleet,
+    unprobed,
+)
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]  # (namespace, name)
+
+
+def body_of(obj: Neuron | ModelPlacement) -> kopf.Body:
+    """The object reference kopf needs to post an Event about it."""
+    raw = obj.model_dump(by_alias=True, mode="json", include={"api_version", "kind", "metadata"})
+    return kopf.Body(cast(kopf.RawBody, raw))
+
+
+class Controller:
+    """State and effects shared by every handler of one operator process."""
+
+    def __init__(self, config: OperatorConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.settings = kopf.OperatorSettings()  # the running operator's, once it starts
+        self.probes: dict[Key, Probe] = {}
+        self.pending: dict[tuple[str, str, str], PendingLoad] = {}  # (namespace, model, neuron)
+        self.failures: dict[Key, LoadFailure] = {}  # (namespace, placement)
+        self.unloaded: dict[Key, Unloaded] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._clients: dict[tuple[str, bool], NeuronClient] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def client(self, endpoint: str, *, probing: bool = False) -> NeuronClient:
+        """One client per neuron; probes get a short timeout, loads the long default."""
+        key = (endpoint, probing)
+        if key not in self._clients:
+            quick = httpx.Timeout(max(min(self.config.probe_interval * 2, 10.0), 1.0))
+            timeout = quick if probing else DEFAULT_TIMEOUT
+            self._clients[key] = NeuronClient(
+                endpoint, admin_token=self.config.admin_token, timeout=timeout
+            )
+        return self._clients[key]
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+    # -- probing
+
+    async def probe(self, namespace: str, neuron: Neuron) -> Probe | None:
+        """Ask the neuron for its /status; a failed probe keeps the last answer until the neuron
+        has failed `unreachable_after` probes in a row."""
+        endpoint = neuron.spec.endpoint
+        if not endpoint:
+            return None
+        key = (namespace, neuron.metadata.name)
+        before = self.probes.get(key)
+        now = self.clock()
+        try:
+            answer = await self.client(endpoint, probing=True).status()
+            probe = Probe(endpoint, now, status=answer)
+        except (CortexError, httpx.HTTPError, ValueError) as exc:
+            same = before is not None and before.endpoint == endpoint
+            failures = before.failures + 1 if same and before is not None else 1
+            last: NeuronStatus | None = before.status if same and before is not None else None
+            probe = Probe(endpoint, now, status=last, error=_reason(exc), failures=failures)
+        self.probes[key] = probe
+        return probe
+
+    # -- reconcile
+
+    def fleet(
+        self, namespace: str, neurons: Iterable[Neuron], placements: Iterable[ModelPlacement]
+    ) -> Fleet:
+        """The namespace's snapshot: its objects, their probes and what this process remembers."""
+        return Fleet(
+            neurons=tuple(neurons),
+            probes={name: p for (ns, name), p in self.probes.items() if ns == namespace},
+            placements=tuple(p for p in placements if not p.metadata.deletion_timestamp),
+            pending={(m, n): p for (ns, m, n), p in self.pending.items() if ns == namespace},
+            failures={name: f for (ns, name), f in self.failures.items() if ns == namespace},
+            unloaded={name: u for (ns, name), u in self.unloaded.items() if ns == namespace},
+            unreachable_after=self.config.unreachable_after,
+        )
+
+    async def reconcile(
+        self, namespace: str, neurons: list[Neuron], placements: list[ModelPlacement]
+    ) -> tuple[Fleet, FleetPlan] | None:
+        """Plan the namespace and start carrying the plan out; None while neurons are unprobed."""
+        lock = self._locks.setdefault(namespace, asyncio.Lock())
+        async with lock:
+            fleet = self.fleet(namespace, neurons, placements)
+            if unprobed(fleet):
+                return None
+            planned = plan_fleet(fleet, self.clock())
+            if planned.plan.actions or planned.excess:
+                await self._execute(namespace, fleet, planned)
+                fleet = self.fleet(namespace, neurons, placements)
+            return fleet, planned
+
+    async def _execute(self, namespace: str, fleet: Fleet, planned: FleetPlan) -> None:
+        owners = fleet.owners()
+        neurons = {n.metadata.name: n for n in fleet.neurons}
+        refused: set[str] = set()  # neurons where an unload failed: the loads after it would too
+        touched: set[str] = set()
+        for action in (*planned.plan.actions, *planned.excess):
+            neuron = neurons[action.neuron]
+            if isinstance(action, Unload):
+                touched.add(action.neuron)
+                why = "above replicas.max" if action in planned.excess else None
+                placement = owners.get(action.model)  # None: a model no placement owns
+                if not await self._unload(namespace, placement, neuron, action, why):
+                    refused.add(action.neuron)
+            elif action.neuron not in refused:
+                self._start_load(namespace, owners[action.model], neuron, action, fleet)
+        for name in sorted(touched):
+            await self.probe(namespace, neurons[name])
+
+    async def _unload(
+        self,
+        namespace: str,
+        placement: ModelPlacement | None,
+        neuron: Neuron,
+        action: Unload,
+        why: str | None = None,
+    ) -> bool:
+        """Unload one replica and say so on its placement (or, unowned, on its neuron)."""
+        subject = body_of(placement if placement is not None else neuron)
+        try:
+            await self.client(neuron.spec.endpoint or "").unload(action.model)
+        except ModelNotFound:
+            return True
+        except CortexError as exc:
+            message = f"{action.model} on {neuron.metadata.name}: {exc}"
+            kopf.warn(subject, reason="UnloadFailed", message=message)
+            return False
+        reason: Literal["Evicted", "Idle"] = "Idle" if action.reason == "idle" else "Evicted"
+        default = (
+            "unused for longer than its idleTimeout"
+            if reason == "Idle"
+            else "evicted to make room for a higher-priority or waiting model"
+        )
+        message = f"{action.model} unloaded from {neuron.metadata.name}: {why or default}"
+        if placement is not None and why is None:
+            record = Unloaded(neuron.metadata.name, reason, message, self.clock())
+            self.unloaded[(namespace, placement.metadata.name)] = record
+        kopf.info(subject, reason="Unloaded" if why else reason, message=message)
+        return True
+
+    def _start_load(
+        self, namespace: str, placement: ModelPlacement, neuron: Neuron, action: Load, fleet: Fleet
+    ) -> None:
+        key = (namespace, action.model, action.neuron)
+        if key in self.pending:
+            return
+        self.pending[key] = PendingLoad(action.model, action.neuron, action.memory, self.clock())
+        request = LoadRequest(
+            model=action.model,
+            source=placement.spec.source,
+            devices=_devices(fleet.probes.get(action.neuron), placement.spec.resources.devices),
+        )
+        kopf.info(
+            body_of(placement),
+            reason="Loading",
+            message=f"loading {action.model} on {action.neuron}",
+        )
+        task = asyncio.create_task(self._load(namespace, placement, neuron, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _load(
+        self, namespace: str, placement: ModelPlacement, neuron: Neuron, request: LoadRequest
+    ) -> None:
+        """One load, awaited in the background; a failure starts (or lengthens) the backoff."""
+        name, where = placement.metadata.name, neuron.metadata.name
+        try:
+            await asyncio.wait_for(
+                self.client(neuron.spec.endpoint or "").load(request), self.config.load_timeout
+            )
+        except (CortexError, httpx.HTTPError, TimeoutError) as exc:
+            before = self.failures.get((namespace, name))
+            attempts = before.attempts + 1 if before is not None else 1
+            now = self.clock()
+            wait = self.config.backoff(attempts)
+            self.failures[(namespace, name)] = LoadFailure(
+                where, _reason(exc), attempts, now, now + wait
+            )
+            kopf.warn(
+                body_of(placement),
+                reason="LoadFailed",
+                message=f"{where}: {_reason(exc)}; next try in {wait:.0f}s",
+            )
+        else:
+            self.failures.pop((namespace, name), None)
+            kopf.info(
+                body_of(placement), reason="Loaded", message=f"{request.model} ready on {where}"
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await self.probe(namespace, neuron)
+            self.pending.pop((namespace, request.model, where), None)
+
+    # -- deletion
+
+    async def unload_everywhere(
+        self, namespace: str, placement: ModelPlacement, neurons: list[Neuron]
+    ) -> list[str]:
+        """Unload the placement's model from every neuron holding it; the neurons still busy.
+        An unreachable neuron is skipped: waiting for it would hold the deletion."""
+        lock = self._locks.setdefault(namespace, asyncio.Lock())
+        model, busy = placement.spec.model, []
+        async with lock:
+            if any(ns == namespace and m == model for ns, m, _ in self.pending):
+                return ["a load still in flight"]
+            for neuron in self._holding(namespace, neurons, model):
+                try:
+                    await self.client(neuron.spec.endpoint or "").unload(model)
+                except ModelNotFound:
+                    pass
+                except CortexError as exc:
+                    busy.append(f"{neuron.metadata.name} ({exc})")
+                    continue
+                message = f"unloaded from {neuron.metadata.name}: placement deleted"
+                kopf.info(body_of(placement), reason="Unloaded", message=message)
+                await self.probe(namespace, neuron)
+            self.failures.pop((namespace, placement.metadata.name), None)
+            self.unloaded.pop((namespace, placement.metadata.name), None)
+        return busy
+
+    def _holding(self, namespace: str, neurons: list[Neuron], model: str) -> list[Neuron]:
+        """Reachable neurons whose last answer lists the model."""
+        holding = []
+        for neuron in neurons:
+            probe = self.probes.get((namespace, neuron.metadata.name))
+            if probe is None or probe.status is None or not neuron.spec.endpoint:
+                continue
+            if probe.reachable(self.config.unreachable_after) and any(
+                m.id == model for m in probe.status.models
+            ):
+                holding.append(neuron)
+        return holding
+
+
+def _devices(probe: Probe | None, count: int) -> list[str] | None:
+    """A multi-device replica goes on the healthy devices with the most free memory; a
+    single-device one lets the neuron choose."""
+    if count <= 1 or probe is None or probe.status is None:
+        return None
+    devices = sorted(
+        (d for d in probe.status.devices if d.healthy), key=lambda d: (-d.memory_free, d.id)
+    )
+    return [d.id for d in devices[:count]] if len(devices) >= count else None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, CortexError):
+        return exc.message
+    if isinstance(exc, TimeoutError):
+        return "no answer before the load timeout"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,178 @@
+"""The kopf handlers, thin: parse the object into its model, call the controller or a pure function,
+write the result through kopf's `patch`. Registered on a registry of their own, so one process
+(or one test) can run several operators one after another."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from cortex.core.resources import (
+    DEMAND_ANNOTATION,
+    GROUP,
+    NEURONS,
+    PLACEMENTS,
+    VERSION,
+    ModelPlacement,
+    ModelPlacementStatus,
+    Neuron,
+)
+from cortex.operator import kube
+from cortex.operator.config import NEURON_PORT
+from cortex.operator.controller import Controller, body_of
+from cortex.operator.neurons import neuron_drift, neuron_for_pod, neuron_status
+from cortex.operator.reconcile import Fleet, placement_status
+
+log = logging.getLogger(__name__)
+Index = Mapping[str, Any]  # kopf index: namespace -> store of parsed objects
+
+
+def build_registry(controller: Controller, *, login: bool = True) -> kopf.OperatorRegistry:
+    """Every handler of the operator, bound to `controller`."""
+    registry = kopf.OperatorRegistry()
+    config = controller.config
+    if login:
+        kopf.on.login(registry=registry)(cluster_login)
+
+    @kopf.index(GROUP, VERSION, NEURONS, id="neuron_index", registry=registry)
+    def neuron_index(namespace: str, body: kopf.Body, **_: Any) -> dict[str, Neuron]:
+        neuron = _parse(Neuron, body)
+        return {namespace: neuron} if neuron is not None else {}
+
+    @kopf.index(GROUP, VERSION, PLACEMENTS, id="placement_index", registry=registry)
+    def placement_index(namespace: str, body: kopf.Body, **_: Any) -> dict[str, ModelPlacement]:
+        placement = _parse(ModelPlacement, body)
+        return {namespace: placement} if placement is not None else {}
+
+    # Timers tick, and failed handlers are retried, once a probe interval (not kopf's minute).
+    every = config.probe_interval
+
+    @kopf.timer(GROUP, VERSION, NEURONS, interval=every, backoff=every, registry=registry)
+    async def probe_neuron(body: kopf.Body, namespace: str, patch: kopf.Patch, **_: Any) -> None:
+        """Probe the neuron and write what it said into the Neuron's status."""
+        neuron = Neuron.model_validate(body)
+        probe = await controller.probe(namespace, neuron)
+        status = neuron_status(neuron, probe, config.unreachable_after, controller.clock())
+        before = neuron.status.phase if neuron.status else "Pending"
+        if status.phase != before and status.phase == "Unreachable":
+            kopf.warn(body_of(neuron), reason="Unreachable", message=probe.error if probe else "")
+        elif status.phase != before and before == "Unreachable":
+            kopf.info(body_of(neuron), reason="Reachable", message="answering again")
+        patch.status.update(status.wire())
+
+    async def reconcile(
+        body: kopf.Body, namespace: str, patch: kopf.Patch, neurons: Index, placements: Index
+    ) -> None:
+        placement = ModelPlacement.model_validate(body)
+        if placement.metadata.deletion_timestamp:
+            return
+        name = placement.metadata.name
+        others = [p for p in placements.get(namespace, []) if p.metadata.name != name]
+        result = await controller.reconcile(
+            namespace, list(neurons.get(namespace, [])), [*others, placement]
+        )
+        if result is None:
+            return  # some neuron has not answered its first probe yet
+        fleet, planned = result
+        status = placement_status(placement, fleet, planned, controller.clock())
+        _report_lost(placement, status, fleet)
+        wire = status.wire()
+        current = dict(body.get("status") or {})
+        if {key: current.get(key) for key in wire} != wire:
+            patch.status.update(wire)
+        if status.ready_replicas and DEMAND_ANNOTATION in placement.metadata.annotations:
+            patch.metadata.annotations[DEMAND_ANNOTATION] = None  # the demand is served
+
+    @kopf.timer(GROUP, VERSION, PLACEMENTS, interval=every, backoff=every, registry=registry)
+    async def placement_timer(
+        body: kopf.Body, namespace: str, patch: kopf.Patch,
+        neuron_index: Index, placement_index: Index, **_: Any,
+    ) -> None:  # fmt: skip
+        """Reconcile on a clock too: probes change the fleet without touching the placement."""
+        await reconcile(body, namespace, patch, neuron_index, placement_index)
+
+    @kopf.on.event(GROUP, VERSION, PLACEMENTS, registry=registry)
+    async def placement_changed(
+        type: str, body: kopf.Body, namespace: str, patch: kopf.Patch,
+        neuron_index: Index, placement_index: Index, **_: Any,
+    ) -> None:  # fmt: skip
+        """Reconcile as soon as a placement is created or changed (spec, demand annotation)."""
+        if type != "DELETED":
+            await reconcile(body, namespace, patch, neuron_index, placement_index)
+
+    @kopf.on.delete(GROUP, VERSION, PLACEMENTS, backoff=every, registry=registry)
+    async def placement_deleted(
+        body: kopf.Body, namespace: str, neuron_index: Index, **_: Any
+    ) -> None:
+        """The finalizer: unload the model everywhere before the placement goes."""
+        placement = ModelPlacement.model_validate(body)
+        neurons = list(neuron_index.get(namespace, []))
+        busy = await controller.unload_everywhere(namespace, placement, neurons)
+        if busy:
+            raise kopf.TemporaryError(
+                f"still loaded: {', '.join(busy)}", delay=config.probe_interval
+            )
+
+    @kopf.on.event("", "v1", "pods", labels=config.neuron_selector, registry=registry)
+    async def neuron_pod(
+        type: str, body: kopf.Body, namespace: str, neuron_index: Index, **_: Any
+    ) -> None:
+        """A neuron pod stands for a Neuron named after its node; create or correct it."""
+        if type == "DELETED":
+            return  # the Neuron is owned by the pod: Kubernetes collects it
+        wanted = neuron_for_pod(body, NEURON_PORT)
+        if wanted is None:
+            return
+        name = wanted["metadata"]["name"]
+        existing = next(
+            (n for n in neuron_index.get(namespace, []) if n.metadata.name == name), None
+        )
+        if existing is None:
+            await kube.create_neuron(controller.settings, namespace, wanted)
+        elif (drift := neuron_drift(existing, wanted)) is not None:
+            await kube.patch_neuron(controller.settings, namespace, name, drift)
+
+    @kopf.on.cleanup(registry=registry)
+    async def close(**_: Any) -> None:
+        await controller.aclose()
+
+    return registry
+
+
+def cluster_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In the cluster, the pod's service account; outside it, the kubeconfig (KUBECONFIG or
+    ~/.kube/config), through the official client when it is installed (exec plugins, OIDC)."""
+    try:
+        import kubernetes  # noqa: F401
+    except ImportError:
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    return kopf.login_via_client(**kwargs)
+
+
+def _parse(model: type[Neuron] | type[ModelPlacement], body: kopf.Body) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        log.warning("ignoring %s %s: %s", body.get("kind"), body.metadata.name, exc)
+        return None
+
+
+def _report_lost(placement: ModelPlacement, status: ModelPlacementStatus, fleet: Fleet) -> None:
+    """An Event for each replica that vanished because its neuron stopped answering."""
+    kept = {r.neuron for r in status.replicas}
+    for replica in placement.status.replicas if placement.status else []:
+        probe = fleet.probes.get(replica.neuron)
+        if (
+            replica.neuron not in kept
+            and probe is not None
+            and not probe.reachable(fleet.unreachable_after)
+        ):
+            kopf.warn(
+                body_of(placement),
+                reason="ReplicaLost",
+                message=f"{replica.neuron} stopped answering; its replica is rescheduled",
+            )

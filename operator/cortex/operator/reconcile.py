@@ -1,0 +1,349 @@
+"""Reconcile decisions for one namespace: the fleet snapshot in, the planner's actions and each
+ModelPlacement's status out. Pure: no I/O, no clocks (time is `now`), same input, same answer.
+
+The snapshot is the neurons' own /status answers (probes), never the operator's memory of what it
+did, so a restarted operator plans from what is really loaded. Two things only this process knows
+are laid over it: loads it has asked for that no probe shows yet (`pending`), and placements whose
+last load failed and are waiting out their backoff (`failures`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, cast
+
+from cortex.core.catalogue import ModelSpec
+from cortex.core.fleet import ModelState
+from cortex.core.placement.model import Demand, Load, NeuronView, Plan, Policy, Unload
+from cortex.core.placement.planner import plan
+from cortex.core.placement.snapshot import NeuronReport, Reservations, snapshot
+from cortex.core.resources import (
+    ModelPlacement,
+    ModelPlacementStatus,
+    Neuron,
+    PlacementDemand,
+    PlacementPhase,
+    PlacementReplica,
+    ReplicaState,
+    parse_rfc3339,
+    rfc3339,
+)
+from cortex.operator.conditions import set_condition
+from cortex.operator.neurons import Probe
+
+# Higher priority wins: lower-priority replicas give way first, then the least recently used.
+POLICY = Policy(strategy="priority")
+_LIVE = frozenset({ModelState.READY, ModelState.LOADING})
+
+
+@dataclass(frozen=True)
+class PendingLoad:
+    """A load this operator asked a neuron for and no probe shows yet."""
+
+    model: str
+    neuron: str
+    memory: int
+    since: float
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """The last failed load of a placement; no new load is tried before `retry_at`."""
+
+    neuron: str
+    reason: str
+    attempts: int
+    at: float
+    retry_at: float
+
+
+@dataclass(frozen=True)
+class Unloaded:
+    """The last time the operator unloaded a placement's replica, and why."""
+
+    neuron: str
+    reason: Literal["Evicted", "Idle"]
+    message: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """One namespace as the operator sees it at one moment."""
+
+    neurons: tuple[Neuron, ...]
+    probes: Mapping[str, Probe]  # by Neuron name
+    placements: tuple[ModelPlacement, ...]  # not being deleted
+    pending: Mapping[tuple[str, str], PendingLoad] = field(default_factory=dict)  # (model, neuron)
+    failures: Mapping[str, LoadFailure] = field(default_factory=dict)  # by placement name
+    unloaded: Mapping[str, Unloaded] = field(default_factory=dict)  # by placement name
+    unreachable_after: int = 2
+
+    def reachable(self, neuron: Neuron) -> Probe | None:
+        probe = self.probes.get(neuron.metadata.name)
+        return probe if probe is not None and probe.reachable(self.unreachable_after) else None
+
+    def owners(self) -> dict[str, ModelPlacement]:
+        """model -> the placement that places it (the first by name when two name one model)."""
+        owners: dict[str, ModelPlacement] = {}
+        for placement in sorted(self.placements, key=lambda p: p.metadata.name):
+            owners.setdefault(placement.spec.model, placement)
+        return owners
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    """What to do now, and why some placements cannot have what they ask."""
+
+    plan: Plan
+    views: tuple[NeuronView, ...]
+    blocked: frozenset[str]  # placements backing off after a failed load
+    excess: tuple[Unload, ...] = ()  # replicas above a placement's replicas.max
+
+
+def unprobed(fleet: Fleet) -> list[str]:
+    """Neurons with an endpoint that have not been probed yet. Planning waits for them: a replica
+    they hold is invisible until then, and planning without it would load a duplicate."""
+    return sorted(
+        n.metadata.name
+        for n in fleet.neurons
+        if n.spec.endpoint and n.metadata.name not in fleet.probes
+    )
+
+
+def neuron_views(fleet: Fleet) -> tuple[NeuronView, ...]:
+    """The planner's view of each neuron (the shared snapshot): its last probe, with loads asked
+    for and not yet visible reserved. An unreachable neuron is unhealthy: its replicas no longer
+    count, so the planner places them again elsewhere."""
+    reports = []
+    for neuron in sorted(fleet.neurons, key=lambda n: n.metadata.name):
+        probe = fleet.probes.get(neuron.metadata.name)
+        reports.append(
+            NeuronReport(
+                name=neuron.metadata.name,
+                status=probe.status if probe is not None else None,
+                healthy=fleet.reachable(neuron) is not None,
+                cordoned=neuron.spec.cordoned,
+                labels=neuron.labels,
+            )
+        )
+    arriving = {(p.neuron, p.model): p.memory for p in fleet.pending.values()}
+    return tuple(snapshot(reports, Reservations(arriving=arriving)))
+
+
+def live_on(views: tuple[NeuronView, ...], model: str) -> list[str]:
+    """Healthy neurons where the model is ready or loading."""
+    return [
+        view.name
+        for view in views
+        if view.healthy and any(r.model == model and r.state in _LIVE for r in view.replicas)
+    ]
+
+
+def active_demand(placement: ModelPlacement) -> PlacementDemand | None:
+    """The demand annotation, unless it is older than the placement's last Ready transition
+    (a replica was ready after it: that demand was served)."""
+    demand = PlacementDemand.from_annotations(placement.metadata.annotations)
+    if demand is None:
+        return None
+    loaded = placement.status.condition("Loaded") if placement.status else None
+    served = loaded is not None and loaded.status == "True"
+    if (
+        served
+        and loaded is not None
+        and parse_rfc3339(loaded.last_transition_time) > demand.at_seconds
+    ):
+        return None
+    return demand
+
+
+def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
+    """Run the shared planner over the namespace's neurons and placements."""
+    views = neuron_views(fleet)
+    owners = fleet.owners()
+    blocked = frozenset(
+        p.metadata.name
+        for p in owners.values()
+        if (failure := fleet.failures.get(p.metadata.name)) is not None and failure.retry_at > now
+    )
+    catalogue: dict[str, ModelSpec] = {}
+    minimums: dict[str, int] = {}
+    demand: list[Demand] = []
+    for model, placement in owners.items():
+        spec = placement.spec
+        live = live_on(views, model)
+        catalogue[model] = ModelSpec(
+            id=model,
+            source=spec.source or "",
+            aliases=spec.aliases,
+            memory=spec.resources.memory_bytes,
+            min_devices=spec.resources.devices,
+            pinned_on=live if spec.pinned else [],
+            priority=spec.priority,
+            idle_ttl=spec.idle_seconds,
+        )
+        if placement.metadata.name in blocked:
+            # Keep what it has, ask for nothing new until the backoff is over.
+            minimums[model] = min(spec.floor, len(live))
+            continue
+        minimums[model] = spec.floor
+        wanted = active_demand(placement)
+        if wanted is not None:
+            demand.append(Demand(model, max(wanted.waiting, 1)))
+    selectors = {
+        model: p.spec.neuron_selector.match_labels
+        for model, p in owners.items()
+        if p.spec.neuron_selector.match_labels
+    }
+    planned = plan(
+        views, catalogue, demand, POLICY, now, min_replicas=minimums, selectors=selectors
+    )
+    return FleetPlan(planned, views, blocked, _excess(views, owners, planned))
+
+
+def _excess(
+    views: tuple[NeuronView, ...], owners: Mapping[str, ModelPlacement], planned: Plan
+) -> tuple[Unload, ...]:
+    """The planner never adds beyond a minimum or one demanded replica, but a neuron that answers
+    again after its replica was placed elsewhere brings one more: above `replicas.max`, the
+    least recently used idle ready replicas go."""
+    excess: list[Unload] = []
+    for model, placement in owners.items():
+        change = sum(1 if isinstance(a, Load) else -1 for a in planned.actions if a.model == model)
+        over = len(live_on(views, model)) + change - placement.spec.replicas.max
+        if over <= 0:
+            continue
+        leaving = {a.neuron for a in planned.actions if isinstance(a, Unload) and a.model == model}
+        idle = [
+            (r.last_used if r.last_used is not None else r.loaded_at or 0.0, view.name)
+            for view in views
+            if view.healthy and view.name not in leaving
+            for r in view.replicas
+            if r.model == model and r.state == ModelState.READY and r.in_flight == 0
+        ]
+        excess += [Unload(model, name, "evict") for _, name in sorted(idle)[:over]]
+    return tuple(excess)
+
+
+# -- status of one placement
+
+
+def placement_status(
+    placement: ModelPlacement, fleet: Fleet, planned: FleetPlan, now: float
+) -> ModelPlacementStatus:
+    """The placement's status: its replicas as the probes show them, phase and conditions."""
+    previous = placement.status or ModelPlacementStatus()
+    replicas = _replicas(placement, fleet, previous, now)
+    ready = sum(r.state == "ready" for r in replicas)
+    loading = sum(r.state == "loading" for r in replicas)
+    name = placement.metadata.name
+    want = max(placement.spec.floor, 1 if active_demand(placement) is not None else 0)
+    failure = fleet.failures.get(name)
+    failing = failure is not None and (name in planned.blocked or ready == 0)
+    generation = placement.metadata.generation
+    conditions = list(previous.conditions)
+    for verdict in (
+        _scheduled(placement, fleet, planned, replicas, want),
+        _loaded(ready, loading, want, failure if failing else None, fleet.unloaded.get(name), now),
+    ):
+        conditions = set_condition(conditions, *verdict, now, generation)
+    return ModelPlacementStatus(
+        phase=_phase(want, ready, loading, failing),
+        replicas=replicas,
+        ready_replicas=ready,
+        conditions=conditions,
+        observed_generation=generation,
+    )
+
+
+Verdict = tuple[str, Literal["True", "False"], str, str]  # condition type, status, reason, message
+
+
+def _scheduled(
+    placement: ModelPlacement,
+    fleet: Fleet,
+    planned: FleetPlan,
+    replicas: list[PlacementReplica],
+    want: int,
+) -> Verdict:
+    model = placement.spec.model
+    owner = fleet.owners().get(model)
+    if owner is not None and owner.metadata.name != placement.metadata.name:
+        why = f"model {model} is placed by ModelPlacement {owner.metadata.name}"
+        return ("Scheduled", "False", "Unschedulable", why)
+    if model in planned.plan.unplaceable:
+        return ("Scheduled", "False", "Unschedulable", planned.plan.unplaceable[model])
+    where = ", ".join(r.neuron for r in replicas if r.state != "failed")
+    if where:
+        return ("Scheduled", "True", "Scheduled", f"placed on {where}")
+    idle = "nothing to place: min is 0 and no client is waiting"
+    return ("Scheduled", "True", "Scheduled", idle if want == 0 else "placing")
+
+
+def _loaded(
+    ready: int,
+    loading: int,
+    want: int,
+    failure: LoadFailure | None,
+    unloaded: Unloaded | None,
+    now: float,
+) -> Verdict:
+    if failure is not None:
+        retry = max(failure.retry_at - now, 0)
+        why = (
+            f"{failure.neuron}: {failure.reason} (attempt {failure.attempts}, next in {retry:.0f}s)"
+        )
+        return ("Loaded", "False", "LoadFailed", why)
+    if ready and ready >= want:
+        return ("Loaded", "True", "Loaded", f"{ready} replica(s) ready")
+    if loading:
+        return ("Loaded", "False", "Loading", f"{ready} of {want} ready, {loading} loading")
+    if want == 0 and unloaded is not None and not ready:
+        return ("Loaded", "False", unloaded.reason, unloaded.message)
+    if want == 0:
+        return ("Loaded", "False", "Idle", "no replica loaded; min is 0, one loads on demand")
+    return (
+        "Loaded",
+        "False",
+        "Loading",
+        f"{ready} of {want} ready; waiting for a neuron with room",
+    )
+
+
+def _replicas(
+    placement: ModelPlacement, fleet: Fleet, previous: ModelPlacementStatus, now: float
+) -> list[PlacementReplica]:
+    """One entry per reachable neuron holding (or loading) the model; `since` kept while the
+    state stays. Replicas on unreachable neurons are lost and left out."""
+    model = placement.spec.model
+    before = {(r.neuron, r.state): r.since for r in previous.replicas}
+    replicas = []
+    for neuron in sorted(fleet.neurons, key=lambda n: n.metadata.name):
+        name = neuron.metadata.name
+        probe = fleet.reachable(neuron)
+        if probe is None or probe.status is None:
+            continue
+        state: ReplicaState | None = next(
+            (cast(ReplicaState, m.state.value) for m in probe.status.models if m.id == model), None
+        )
+        if state is None and (model, name) in fleet.pending:
+            state = "loading"
+        if state is None:
+            continue
+        since = before.get((name, state)) or rfc3339(now)
+        replicas.append(
+            PlacementReplica(neuron=name, endpoint=probe.endpoint, state=state, since=since)
+        )
+    return replicas
+
+
+def _phase(want: int, ready: int, loading: int, failing: bool) -> PlacementPhase:
+    if ready and ready >= want:
+        return "Ready"
+    if failing and not ready:
+        return "Failed"
+    if want == 0 and not loading:
+        return "Idle"
+    if loading:
+        return "Loading"
+    return "Degraded" if ready else "Pending"

@@ -1,0 +1,109 @@
+"""Budgets under concurrency and across restarts: requests reserve their worst case before they
+are dispatched, settle their real usage after, and the spend lives in SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fakes.neuron import FakeNeuron, GiB
+from gateway_cluster import chat_body, cluster, eventually, spec
+
+from cortex.gateway.auth import Principal
+from cortex.gateway.budget import Budget, worst_case
+from cortex.gateway.call import Accounting, Call, CallScope
+from cortex.gateway.ledger import Ledger, SqliteSpendStore
+from cortex.gateway.metrics import GatewayMetrics
+
+KEY = "sk-tight-budget"
+HEADERS = {"x-api-key": KEY}
+CATALOGUE = [spec("chat-a")]
+
+
+def auth(path: Path | str, budget: int) -> dict[str, Any]:
+    return {
+        "enabled": True,
+        "spend_db": str(path),
+        "keys": [{"name": "tight", "key": KEY, "budget_tokens": budget}],
+    }
+
+
+def neuron() -> FakeNeuron:
+    return FakeNeuron("n1", loaded={"chat-a": GiB})  # answers cost 1 prompt + 3 completion tokens
+
+
+async def test_fifty_concurrent_requests_overspend_by_at_most_one_reservation(
+    tmp_path: Path,
+) -> None:
+    n1 = neuron()
+    n1.faults.hold = asyncio.Event()  # answers wait until every request was admitted or refused
+    body = chat_body("chat-a", max_tokens=5)
+    reservation = worst_case(body, embedding=False, context=None)
+    async with cluster(n1, catalogue=CATALOGUE, auth=auth(tmp_path / "spend.db", 60)) as c:
+        tasks = [
+            asyncio.create_task(c.http.post("/v1/chat/completions", json=body, headers=HEADERS))
+            for _ in range(50)
+        ]
+        await eventually(lambda: len(n1.requests) + sum(t.done() for t in tasks) == 50)
+        n1.faults.hold.set()
+        answers: list[httpx.Response] = await asyncio.gather(*tasks)
+        tight = c.gateway.auth.authenticate(HEADERS)
+        spent = c.gateway.ledger.spent(tight, time.time())
+        assert c.gateway.ledger.reserved("tight") == 0  # every reservation was settled
+    served = [a for a in answers if a.status_code == 200]
+    refused = [a for a in answers if a.status_code == 429]
+    assert served and len(served) + len(refused) == 50
+    assert all(a.json()["error"]["code"] == "budget_exceeded" for a in refused)
+    assert spent == 4 * len(served)
+    assert spent <= 60 + reservation, (spent, reservation)
+
+
+async def test_a_restart_keeps_the_spend(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.sqlite3"
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=auth(path, 10)) as c:
+        answers = [
+            await c.http.post("/v1/chat/completions", json=chat_body("chat-a"), headers=HEADERS)
+            for _ in range(4)
+        ]
+        assert [a.status_code for a in answers] == [200, 200, 200, 429]  # 4 + 4 + 4 > 10
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=auth(path, 10)) as c:
+        tight = c.gateway.auth.authenticate(HEADERS)
+        assert c.gateway.ledger.spent(tight, time.time()) == 12
+        again = await c.http.post("/v1/chat/completions", json=chat_body("chat-a"), headers=HEADERS)
+        assert again.status_code == 429 and again.headers["retry-after"] == "3600"
+
+
+async def test_an_abandoned_stream_gives_its_reservation_back(tmp_path: Path) -> None:
+    n1 = neuron()
+    n1.faults.hold = asyncio.Event()  # the stream stops after its first chunk
+    async with cluster(n1, catalogue=CATALOGUE, auth=auth(":memory:", 10_000)) as c:
+        body = chat_body("chat-a", max_tokens=50, stream=True)
+        async with c.http.stream(
+            "POST", "/v1/chat/completions", json=body, headers=HEADERS
+        ) as stream:
+            async for _ in stream.aiter_bytes():
+                assert c.gateway.ledger.reserved("tight") > 50
+                break
+        await eventually(lambda: c.gateway.ledger.reserved("tight") == 0)
+        tight = c.gateway.auth.authenticate(HEADERS)
+        assert 0 < c.gateway.ledger.spent(tight, time.time()) < 50  # what it used, not reserved
+
+
+async def test_the_call_scope_settles_a_call_its_handler_left_unfinished() -> None:
+    ledger = Ledger(SqliteSpendStore(":memory:"))
+    principal = Principal("k", budget=Budget(100))
+    call = Call("m", "openai", principal, deadline=0, reservation=ledger.reserve(principal, 40, 0))
+    assert ledger.reserved("k") == 40
+
+    async def cancelled_handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope.setdefault("state", {})["call"] = call  # what Gateway.begin does via request.state
+        raise asyncio.CancelledError  # e.g. the server shutting down mid-request
+
+    scope = CallScope(cancelled_handler, lambda: Accounting(GatewayMetrics()))
+    with pytest.raises(asyncio.CancelledError):
+        await scope({"type": "http"}, None, None)  # type: ignore[arg-type]
+    assert call.finished and ledger.reserved("k") == 0

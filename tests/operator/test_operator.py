@@ -1,0 +1,417 @@
+"""The real kopf operator against kmock's emulator over HTTP, with fake neurons over HTTP: each
+behaviour of docs/kubernetes.md, observed through the objects' status, Events and the neurons'
+own record of load and unload calls."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from fakes.neuron import FakeNeuron, GiB, running
+from operator_harness import (
+    NEURONS,
+    NS,
+    PLACEMENTS,
+    Kube,
+    Operator,
+    neuron,
+    placement,
+    until,
+)
+
+from cortex.core.resources import DEMAND_ANNOTATION, PlacementDemand, rfc3339
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+def phase(kube: Kube, name: str) -> str | None:
+    return kube.status(PLACEMENTS, name).get("phase")
+
+
+def loads_of(fake: FakeNeuron, model: str) -> int:
+    return sum(1 for load in fake.loads if load.model == model)
+
+
+async def demand(kube: Kube, name: str, waiting: int = 1) -> None:
+    """What the gateway does when a client waits for a model with no ready replica."""
+    annotation = PlacementDemand(at=rfc3339(time.time()), waiting=waiting).annotation()
+    await kube.patch(PLACEMENTS, name, {"metadata": {"annotations": annotation}})
+
+
+async def test_a_placement_becomes_ready_and_names_its_neuron(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", available={"chat": 2 * GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        status = kube.status(PLACEMENTS, "chat")
+        assert status["readyReplicas"] == 1
+        assert [(r["neuron"], r["endpoint"], r["state"]) for r in status["replicas"]] == [
+            ("n1", served.url, "ready")
+        ]
+        assert kube.condition("chat", "Scheduled")["status"] == "True"
+        assert kube.condition("chat", "Loaded")["reason"] == "Loaded"
+        neuron_status = await until(
+            lambda: (s := kube.status(NEURONS, "n1")).get("models") and s, "the neuron's models"
+        )
+        assert neuron_status["phase"] == "Ready"
+        assert [m["model"] for m in neuron_status["models"]] == ["chat"]
+        assert neuron_status["memoryFree"] == "6Gi"
+        assert {e["reason"] for e in kube.events("chat")} >= {"Loading", "Loaded"}
+        assert loads_of(fake, "chat") == 1
+
+
+async def test_a_full_neuron_evicts_the_lowest_priority_replica(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron(
+        "n1", memory=4 * GiB, available={"low": 2 * GiB, "mid": 2 * GiB, "high": 2 * GiB}
+    )
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        for name, priority in (("low", 0), ("mid", 5)):
+            body = placement(name, name, priority=priority, replicas={"min": 0, "max": 1})
+            await kube.create(PLACEMENTS, body)
+            await demand(kube, name)
+            await until(lambda n=name: phase(kube, n) == "Ready", f"{name} to be Ready")
+        await until(
+            lambda: (
+                DEMAND_ANNOTATION
+                not in kube.get(PLACEMENTS, "mid")["metadata"].get("annotations", {})
+            ),
+            "the served demand to be removed",
+        )
+        high = placement("high", "high", priority=10, resources={"memory": "2Gi"})
+        await kube.create(PLACEMENTS, high)
+        await until(lambda: phase(kube, "high") == "Ready", "high to be Ready")
+        assert fake.unloads == ["low"]
+        assert phase(kube, "mid") == "Ready"
+        await until(lambda: phase(kube, "low") == "Idle", "low to be Idle")
+        assert kube.condition("low", "Loaded")["reason"] == "Evicted"
+        assert "Evicted" in {e["reason"] for e in kube.events("low")}
+
+
+async def test_a_model_no_placement_owns_gives_way_to_one_that_is_placed(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", memory=4 * GiB, available={"chat": 2 * GiB}, loaded={"stray": 3 * GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat", resources={"memory": "2Gi"}))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        assert fake.unloads == ["stray"]
+        assert "Evicted" in {e["reason"] for e in kube.events("n1")}  # said on the Neuron
+
+
+async def test_a_pinned_replica_is_never_evicted(kube: Kube, operator: Operator) -> None:
+    fake = FakeNeuron("n1", memory=4 * GiB, available={"pinned": 2 * GiB, "big": 3 * GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(
+            PLACEMENTS, placement("pinned", "pinned", pinned=True, resources={"memory": "2Gi"})
+        )
+        await until(lambda: phase(kube, "pinned") == "Ready", "the pinned placement to be Ready")
+        await kube.create(
+            PLACEMENTS, placement("big", "big", priority=100, resources={"memory": "3Gi"})
+        )
+        scheduled = await until(
+            lambda: (c := kube.condition("big", "Scheduled")).get("status") == "False" and c,
+            "the big placement to be reported unschedulable",
+        )
+        assert scheduled["reason"] == "Unschedulable"
+        assert "pinned" in scheduled["message"]
+        assert phase(kube, "big") == "Pending"
+        assert fake.unloads == []
+        assert phase(kube, "pinned") == "Ready"
+
+
+async def test_demand_scales_a_min_zero_placement_from_zero(kube: Kube, operator: Operator) -> None:
+    fake = FakeNeuron("n1", available={"lazy": GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("lazy", "lazy", replicas={"min": 0, "max": 1}))
+        await until(lambda: phase(kube, "lazy") == "Idle", "the min-0 placement to be Idle")
+        assert kube.condition("lazy", "Loaded")["reason"] == "Idle"
+        assert fake.loads == []
+        await demand(kube, "lazy", waiting=3)
+        await until(lambda: phase(kube, "lazy") == "Ready", "the demanded placement to be Ready")
+        await until(
+            lambda: (
+                DEMAND_ANNOTATION
+                not in kube.get(PLACEMENTS, "lazy")["metadata"].get("annotations", {})
+            ),
+            "the served demand annotation to be removed",
+        )
+        assert loads_of(fake, "lazy") == 1
+
+
+async def test_an_idle_replica_above_the_minimum_is_unloaded(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", available={"lazy": GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        body = placement("lazy", "lazy", replicas={"min": 0, "max": 1}, idleTimeout="1s")
+        await kube.create(PLACEMENTS, body)
+        await demand(kube, "lazy")
+        await until(lambda: phase(kube, "lazy") == "Ready", "the demanded placement to be Ready")
+        await until(lambda: fake.unloads == ["lazy"], "the idle replica to be unloaded")
+        await until(lambda: phase(kube, "lazy") == "Idle", "the placement to be Idle again")
+        assert kube.condition("lazy", "Loaded")["reason"] == "Idle"
+        assert "Idle" in {e["reason"] for e in kube.events("lazy")}
+        assert loads_of(fake, "lazy") == 1  # the served demand does not load it again
+
+
+async def test_deleting_a_placement_unloads_it_everywhere(kube: Kube, operator: Operator) -> None:
+    one, two = FakeNeuron("n1", available={"chat": GiB}), FakeNeuron("n2", available={"chat": GiB})
+    async with running(one.app) as first, running(two.app) as second, operator():
+        await kube.create(NEURONS, neuron("n1", first.url))
+        await kube.create(NEURONS, neuron("n2", second.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat", replicas={"min": 2, "max": 2}))
+        await until(
+            lambda: kube.status(PLACEMENTS, "chat").get("readyReplicas") == 2, "two replicas"
+        )
+        await until(
+            lambda: kube.get(PLACEMENTS, "chat")["metadata"].get("finalizers"), "the finalizer"
+        )
+        await kube.delete(PLACEMENTS, "chat")
+        await until(lambda: kube.get(PLACEMENTS, "chat") is None, "the placement to be gone")
+        assert (one.unloads, two.unloads) == (["chat"], ["chat"])
+        assert one.models == {} and two.models == {}
+
+
+async def test_a_neuron_that_is_down_does_not_hold_a_deletion(
+    kube: Kube, operator: Operator
+) -> None:
+    up, down = (
+        FakeNeuron("up", available={"chat": GiB}),
+        FakeNeuron("down", available={"chat": GiB}),
+    )
+    async with running(up.app) as first, running(down.app) as second, operator():
+        await kube.create(NEURONS, neuron("up", first.url))
+        await kube.create(NEURONS, neuron("down", second.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat", replicas={"min": 2, "max": 2}))
+        await until(
+            lambda: kube.status(PLACEMENTS, "chat").get("readyReplicas") == 2, "two replicas"
+        )
+        await second.stop(force=True)
+        await until(
+            lambda: kube.status(NEURONS, "down").get("phase") == "Unreachable", "down Unreachable"
+        )
+        await kube.delete(PLACEMENTS, "chat")
+        await until(lambda: kube.get(PLACEMENTS, "chat") is None, "the placement to be gone")
+        assert (up.unloads, down.unloads) == (["chat"], [])
+
+
+async def test_a_restarted_operator_loads_nothing_twice(kube: Kube, operator: Operator) -> None:
+    fake = FakeNeuron("n1", available={"a": GiB, "b": GiB})
+    async with running(fake.app) as served:
+        async with operator():
+            await kube.create(NEURONS, neuron("n1", served.url))
+            await kube.create(PLACEMENTS, placement("a", "a"))
+            await kube.create(PLACEMENTS, placement("b", "b"))
+            await until(lambda: phase(kube, "a") == phase(kube, "b") == "Ready", "both Ready")
+        # Stale status while no operator runs: only a reconcile by the new one restores it.
+        for name in ("a", "b"):
+            await kube.patch(PLACEMENTS, name, {"status": {"phase": "Pending"}})
+        async with operator():
+            await until(lambda: phase(kube, "a") == phase(kube, "b") == "Ready", "both Ready again")
+        assert (loads_of(fake, "a"), loads_of(fake, "b")) == (1, 1)
+        assert fake.unloads == []
+
+
+async def test_a_lost_neuron_s_replica_is_rescheduled(kube: Kube, operator: Operator) -> None:
+    big = FakeNeuron("big", memory=16 * GiB, available={"chat": GiB})
+    small = FakeNeuron("small", memory=8 * GiB, available={"chat": GiB})
+    async with running(big.app) as first, running(small.app) as second, operator():
+        await kube.create(NEURONS, neuron("big", first.url))
+        await kube.create(NEURONS, neuron("small", second.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        assert [r["neuron"] for r in kube.status(PLACEMENTS, "chat")["replicas"]] == ["big"]
+        await first.stop(force=True)
+        await until(
+            lambda: kube.status(NEURONS, "big").get("phase") == "Unreachable", "big Unreachable"
+        )
+        await until(
+            lambda: (
+                [
+                    (r["neuron"], r["state"])
+                    for r in kube.status(PLACEMENTS, "chat").get("replicas", [])
+                ]
+                == [("small", "ready")]
+            ),
+            "the replica to move to the small neuron",
+        )
+        assert phase(kube, "chat") == "Ready"
+        assert loads_of(small, "chat") == 1
+        assert "ReplicaLost" in {e["reason"] for e in kube.events("chat")}
+        assert "Unreachable" in {e["reason"] for e in kube.events("big")}
+
+
+async def test_an_unschedulable_placement_says_why(kube: Kube, operator: Operator) -> None:
+    fake = FakeNeuron("n1", memory=4 * GiB, available={"huge": 8 * GiB, "picky": GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url, labels={"gpu": "t4"}))
+        await kube.create(PLACEMENTS, placement("huge", "huge", resources={"memory": "8Gi"}))
+        selector = {"matchLabels": {"gpu": "a100"}}
+        await kube.create(PLACEMENTS, placement("picky", "picky", neuronSelector=selector))
+        for name, why in (
+            ("huge", "needs 8.0 GiB, more than any neuron it may use holds (4.0 GiB)"),
+            ("picky", "gpu=a100"),
+        ):
+            scheduled = await until(
+                lambda n=name: (c := kube.condition(n, "Scheduled")).get("status") == "False" and c,
+                f"{name} to be reported unschedulable",
+            )
+            assert scheduled["reason"] == "Unschedulable"
+            assert why in scheduled["message"]
+            assert phase(kube, name) == "Pending"
+        assert fake.loads == []
+
+
+async def test_a_failed_load_is_reported_and_backed_off(kube: Kube, operator: Operator) -> None:
+    fake = FakeNeuron("n1", available={"broken": GiB})
+    fake.faults.load_error = "weights are corrupt"
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("broken", "broken"))
+        await until(lambda: phase(kube, "broken") == "Failed", "the placement to be Failed")
+        loaded = kube.condition("broken", "Loaded")
+        assert loaded["reason"] == "LoadFailed"
+        assert "weights are corrupt" in loaded["message"]
+        failed = [e for e in kube.events("broken") if e["reason"] == "LoadFailed"]
+        assert failed and failed[0]["type"] == "Warning"
+        # Several probes later, still one attempt: the next one waits out the 30 s backoff.
+        seen = {kube.status(NEURONS, "n1")["lastProbe"]}
+
+        def probed_again() -> bool:
+            seen.add(kube.status(NEURONS, "n1")["lastProbe"])
+            return len(seen) >= 3  # lastProbe has whole seconds: at least two seconds later
+
+        await until(probed_again, "more probes of the neuron")
+        assert loads_of(fake, "broken") == 1
+        assert phase(kube, "broken") == "Failed"
+
+
+async def test_a_neuron_pod_becomes_a_neuron_owned_by_it(kube: Kube, operator: Operator) -> None:
+    fake = FakeNeuron("gpu-node-1")
+    async with running(fake.app) as served, operator():
+        port = int(served.url.rsplit(":", 1)[1])
+        pod: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "cortex-neuron-x7k2p",
+                "labels": {
+                    "app.kubernetes.io/name": "cortex",
+                    "app.kubernetes.io/component": "neuron",
+                },
+            },
+            "spec": {
+                "nodeName": "gpu-node-1",
+                "containers": [
+                    {"name": "neuron", "ports": [{"name": "http", "containerPort": port}]}
+                ],
+            },
+            "status": {"podIP": "127.0.0.1"},
+        }
+        created = await kube.create("v1/pods", pod)
+        stray = {**pod, "metadata": {"name": "web", "labels": {"app": "web"}}}
+        await kube.create("v1/pods", stray)
+        made = await until(lambda: kube.get(NEURONS, "gpu-node-1"), "the Neuron for the pod")
+        assert made["spec"]["endpoint"] == served.url
+        assert made["spec"]["labels"] == {"kubernetes.io/hostname": "gpu-node-1"}
+        owner = made["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["uid"]) == (
+            "Pod",
+            "cortex-neuron-x7k2p",
+            created["metadata"]["uid"],
+        )
+        await until(
+            lambda: kube.status(NEURONS, "gpu-node-1").get("phase") == "Ready", "the Neuron Ready"
+        )
+        assert [key[2] for key in kube.cluster.objects if key[0].plural == "neurons"] == [
+            "gpu-node-1"
+        ]
+        assert made["metadata"]["namespace"] == NS
+
+
+async def test_a_replica_already_loaded_is_adopted_not_loaded_again(
+    kube: Kube, operator: Operator
+) -> None:
+    """The operator plans from the neurons' own /status: what is loaded counts from the start."""
+    fake = FakeNeuron("n1", available={"chat": GiB}, loaded={"chat": GiB})
+    async with running(fake.app) as served:
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        async with operator():
+            await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        assert fake.loads == []
+
+
+# What the chart's Role and ClusterRole grant the operator (docs/kubernetes.md, Permissions).
+GRANTED = {
+    ("cortex.helexa.ai", "neurons"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("cortex.helexa.ai", "neurons/status"): {"get", "patch"},
+    ("cortex.helexa.ai", "modelplacements"): {"get", "list", "watch", "patch"},
+    ("cortex.helexa.ai", "modelplacements/status"): {"get", "patch"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "events"): {"create"},
+    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+    ("", "namespaces"): {"list", "watch"},
+}
+VERBS = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create", "DELETE": "delete"}
+
+
+async def test_the_operator_needs_no_permission_beyond_what_the_chart_grants(
+    kube: Kube, operator: Operator
+) -> None:
+    """Every API call of a peered operator through its whole life, as (group, resource, verb)."""
+    peering = {
+        "apiVersion": "kopf.dev/v1",
+        "kind": "KopfPeering",
+        "metadata": {"name": "cortex-operator"},
+    }
+    await kube.create("kopf.dev/v1/kopfpeerings", peering)
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    async with running(fake.app) as served, operator(peering="cortex-operator", standalone=False):
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "neuron-pod",
+                "labels": {
+                    "app.kubernetes.io/name": "cortex",
+                    "app.kubernetes.io/component": "neuron",
+                },
+            },
+            "spec": {"nodeName": "node-2"},
+            "status": {"podIP": "127.0.0.1"},
+        }
+        await kube.create("v1/pods", pod)
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        await until(lambda: kube.get(NEURONS, "node-2"), "the pod's Neuron")
+        await kube.delete(PLACEMENTS, "chat")
+        await until(lambda: kube.get(PLACEMENTS, "chat") is None, "the placement to be gone")
+    used: set[tuple[str, str, str]] = set()
+    for request in kube.cluster:
+        kopf = "kopf" in request.headers.get("User-Agent", "")
+        if not kopf or request.resource is None or not request.resource.plural:
+            continue  # ours, or discovery (open to every authenticated client)
+        resource = request.resource.plural + (
+            f"/{request.subresource}" if request.subresource else ""
+        )
+        action = request.action.value if request.action is not None else ""
+        verb = VERBS.get(action, "patch" if request.method.value == "PATCH" else "update")
+        used.add((request.resource.group, resource, verb))
+    refused = {(g, r, v) for g, r, v in used if v not in GRANTED.get((g, r), set())}
+    assert refused == set(), f"calls the chart's RBAC does not allow: {sorted(refused)}"
+    assert ("kopf.dev", "kopfpeerings", "patch") in used  # it really ran as a peer
+    assert ("cortex.helexa.ai", "neurons", "create") in used
