@@ -158,6 +158,7 @@ def test_sigterm_drains_a_neuron_and_the_gateway_fails_over(
                 time.sleep(0.02)
             _refused(http.post(f"{n1.url}/v1/completions", json={**STREAM, "stream": False}))
             assert http.get(f"{n1.url}/status").json()["healthy"] is False
+            assert http.get(f"{n1.url}/livez").status_code == 200  # alive, not ready
             # Through the gateway, every request is answered (by n2, or retried onto it).
             for i in range(4):
                 body = {"model": MODEL, "prompt": f"question {i}", "max_tokens": 4}

@@ -39,9 +39,17 @@ Admin = Depends(require_admin)
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Liveness: 200 while at least one device worker accepts work, 503 otherwise."""
-    healthy = runtime_of(request).status().healthy
-    return JSONResponse({"status": "ok" if healthy else "unhealthy"}, 200 if healthy else 503)
+    """200 while at least one device worker accepts work and the neuron is not shutting down;
+    503 (with Retry-After) otherwise. /livez is the probe that the process still serves."""
+    if runtime_of(request).status().healthy:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "unhealthy"}, 503, headers={"Retry-After": "2"})
+
+
+@router.get("/livez")
+async def livez() -> dict[str, str]:
+    """The process serves (a liveness probe): 200 even while draining, when /health is 503."""
+    return {"status": "alive"}
 
 
 @router.get("/status")
