@@ -4,13 +4,14 @@ JSON and plot. No timing is asserted (SPEC §9: numbers come from the benchmarks
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from bench import coldstart, engine, engine_results, gateway, prefill
+from bench import coldstart, engine, engine_results, gateway, overload, prefill
 from bench.loadgen import percentile
 from bench.processes import free_port
 from bench.stub_backend import chat_completion, chat_stream, neuron_status
@@ -132,3 +133,19 @@ def test_prefill_quick_measures_both_settings(out: Path, cache: Path) -> None:
         assert all(
             times[0] <= result["long_prompt_started"] for times in result["streams_content_times"]
         )
+
+
+def test_overload_quick_counts_answers_by_status(out: Path, tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "neuron"))
+    from tiny_models import make_tiny_llama
+
+    tiny = make_tiny_llama(tmp_path / "tiny")
+    assert overload.main(["--quick", "--model", "tiny", "--source", f"file:{tiny}"]) == 0
+    document = written(out, "overload")
+    levels = document["levels"]
+    assert [level["clients"] for level in levels] == [2, 4, 12]
+    assert all(level["statuses"].get("200", 0) > 0 for level in levels)
+    assert sum(level["requests"] for level in levels) > sum(
+        level["statuses"].get("200", 0) for level in levels
+    )  # 12 clients against 2 running + 2 queued: some were refused
+    assert any(note.startswith("target 0 wrong-reason 503s") for note in document["notes"])

@@ -28,6 +28,8 @@ from cortex.core.errors import (
     ModelNotFound,
     NeuronUnavailable,
     Overloaded,
+    QueueTimeout,
+    ShuttingDown,
     Unauthorized,
 )
 from cortex.core.fleet import (
@@ -90,6 +92,8 @@ class Faults:
     load_gate: asyncio.Event | None = None  # loads wait here before becoming ready
     load_error: str | None = None  # loads fail with this message
     busy: bool = False  # inference answers 429 overloaded
+    shutting_down: bool = False  # inference answers 503 shutting_down
+    queue_timeout: float | None = None  # inference waits this long, then answers 429 queue_timeout
     reject: str | None = None  # inference answers 400 invalid_request with this message
     unhealthy: bool = False  # /status reports unhealthy
 
@@ -122,6 +126,10 @@ class FakeNeuron:
         self.disconnects = 0
         self.completed_streams = 0
         self.admin_headers: list[str | None] = []
+        self.principals: list[str | None] = []  # x-cortex-principal of each inference request
+        # Admission limits reported in /status (per model); None reports none.
+        self.max_running: int | None = None
+        self.max_queue: int | None = None
         self.app = self._build()
 
     # -- state helpers for tests
@@ -179,6 +187,8 @@ class FakeNeuron:
             devices=[device],
             models=[m.view() for m in self.models.values()],
             in_flight=self.in_flight(),
+            max_running=self.max_running,
+            max_queue=self.max_queue,
         )
         return status.model_dump()
 
@@ -244,11 +254,19 @@ class FakeNeuron:
 
     # -- inference
 
+    async def _queue(self) -> None:
+        """A full admission queue: the wait, then the real neuron's refusal."""
+        if self.faults.queue_timeout is not None:
+            await asyncio.sleep(self.faults.queue_timeout)
+            raise QueueTimeout(f"model busy: waited for a slot on {self.name}", retry_after=7)
+
     def _admit(self, path: str, body: dict[str, Any]) -> FakeModel:
         self.requests.append((path, body))
         faults = self.faults
         if faults.busy:
             raise Overloaded(f"{self.name} is busy", retry_after=2)
+        if faults.shutting_down:
+            raise ShuttingDown(f"neuron {self.name} is shutting down", retry_after=2)
         if faults.reject is not None:
             raise InvalidRequest(faults.reject, param="max_tokens")
         model = self.models.get(body.get("model", ""))
@@ -289,7 +307,9 @@ class FakeNeuron:
 
     async def _generate(self, request: Request, path: str) -> Response:
         body = await request.json()
+        self.principals.append(request.headers.get("x-cortex-principal"))
         model = self._admit(path, body)
+        await self._queue()
         if body.get("stream"):
             return StreamingResponse(
                 self._stream(model, body, path), media_type="text/event-stream"

@@ -18,6 +18,7 @@ from cortex.core.errors import (
     ModelNotFound,
     NeuronUnavailable,
     Overloaded,
+    ShuttingDown,
 )
 from cortex.core.fleet import (
     DeviceStatus,
@@ -61,7 +62,7 @@ class FakeServed:
         return [ord(c) for c in text]
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams
+        self, prompt_ids: list[int], params: SamplingParams, principal: str = "anonymous"
     ) -> AsyncIterator[GenerationEvent]:
         if self.refuse is not None:
             raise self.refuse
@@ -95,7 +96,9 @@ class FakeServed:
             if not done:
                 self.cancelled += 1
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(
+        self, texts: list[str], principal: str = "anonymous"
+    ) -> tuple[list[list[float]], int]:
         if self.kind != "embedding":
             raise InvalidRequest("not an embedding model")
         vectors = []
@@ -119,6 +122,14 @@ class FakeRuntime:
         ]
         self.healthy = True
         self.started = self.stopped = False
+        self.shutting_down = False
+
+    def begin_shutdown(self) -> None:
+        self.shutting_down = True
+
+    def check_open(self) -> None:
+        if self.shutting_down:
+            raise ShuttingDown("neuron fake is shutting down", retry_after=2.0)
 
     def add(self, served: FakeServed) -> FakeServed:
         self.models[served.id] = served
@@ -195,6 +206,7 @@ class FakeRuntime:
         del self.models[model]
 
     def served(self, model: str) -> FakeServed:
+        self.check_open()
         if model in self.loading:
             raise NeuronUnavailable(f"model {model!r} is still loading", retry_after=2.0)
         if model not in self.models:

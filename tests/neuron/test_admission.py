@@ -1,13 +1,17 @@
-"""Admission: bounded running, bounded timed queue, slots handed over in order."""
+"""Admission: bounded running, bounded timed queue, slots handed over in order and fairly."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
+from starlette.requests import Request
 
-from cortex.core.errors import NeuronUnavailable, Overloaded
+from cortex.core.config import NeuronSection
+from cortex.core.errors import Overloaded, QueueTimeout
 from cortex.neuron.admission import Admission
+from cortex.neuron.serving import principal_of
 
 
 async def test_full_queue_is_refused_with_retry_after() -> None:
@@ -24,13 +28,15 @@ async def test_full_queue_is_refused_with_retry_after() -> None:
     assert admission.running == 0 and admission.queued == 0
 
 
-async def test_queue_wait_times_out_as_unavailable() -> None:
+async def test_queue_wait_times_out_as_busy_not_unavailable() -> None:
     admission = Admission(max_running=1, max_queue=4, queue_timeout=0.05)
     async with admission.slot():
-        with pytest.raises(NeuronUnavailable) as timed_out:
+        with pytest.raises(QueueTimeout) as timed_out:
             async with admission.slot():
                 pass
-        assert timed_out.value.status == 503 and timed_out.value.retry_after
+        err = timed_out.value
+        assert err.status == 429 and err.code == "queue_timeout" and err.retry_after
+        assert "busy" in err.message
     assert admission.running == 0 and admission.queued == 0
 
 
@@ -50,15 +56,68 @@ async def test_slots_pass_to_waiters_in_order_and_cancelled_waiters_leave() -> N
     assert order == [0, 1, 3] and admission.running == 0 and admission.queued == 0
 
 
+async def test_one_request_is_not_starved_by_a_principal_with_many() -> None:
+    # The heavy principal fills every slot and the whole queue; the light one is still queued,
+    # and the next free slot is its, ahead of the heavy one's older waiters.
+    admission = Admission(max_running=2, max_queue=4, queue_timeout=30)
+    order: list[str] = []
+    release = asyncio.Event()
+    heavy = [asyncio.create_task(_hold(admission, release, order, "heavy")) for _ in range(6)]
+    while admission.queued < 4:
+        await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        async with admission.slot("heavy"):
+            pass
+    light = asyncio.create_task(_hold(admission, None, order, "light"))
+    while admission.queued < 5:
+        await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(*heavy, light)
+    assert order[:3] == ["heavy", "heavy", "light"]
+    assert admission.running == 0 and admission.queued == 0 and not admission.holding
+
+
+async def test_max_per_principal_keeps_slots_for_others() -> None:
+    admission = Admission(max_running=4, max_queue=8, queue_timeout=30, max_per_principal=2)
+    release = asyncio.Event()
+    heavy = [asyncio.create_task(_hold(admission, release, None, "heavy")) for _ in range(3)]
+    while admission.running + admission.queued < 3:
+        await asyncio.sleep(0)
+    assert admission.running == 2 and admission.queued == 1  # a slot is free, but not for it
+    async with asyncio.timeout(1):  # the light principal starts at once
+        async with admission.slot("light"):
+            assert admission.holding == {"heavy": 2, "light": 1}
+    release.set()
+    await asyncio.gather(*heavy)
+    assert admission.running == 0 and admission.queued == 0
+
+
 async def _hold(
     admission: Admission,
     release: asyncio.Event | None,
-    order: list[int] | None = None,
-    name: int = 0,
+    order: list[Any] | None = None,
+    name: Any = 0,
 ) -> None:
-    """Take a slot, note the order, and keep it until `release` is set (None: give it back at once)."""
-    async with admission.slot():
+    """Take a slot, note the order, and keep it until `release` is set (None: give it back at once).
+    A string name is also the principal."""
+    async with admission.slot(name if isinstance(name, str) else "anonymous"):
         if order is not None:
             order.append(name)
         if release is not None:
             await release.wait()
+
+
+def _request(headers: dict[str, str]) -> Request:
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return Request({"type": "http", "headers": raw, "client": ("10.0.0.7", 5555)})
+
+
+def test_the_principal_is_the_gateways_word_only_when_the_gateway_is_trusted() -> None:
+    open_neuron = NeuronSection(name="n")
+    assert principal_of(_request({"x-cortex-principal": "alice"}), open_neuron) == "alice"
+    assert principal_of(_request({}), open_neuron) == "10.0.0.7"
+    guarded = NeuronSection(name="n", admin_token="s3cret")
+    forged = {"x-cortex-principal": "alice"}
+    assert principal_of(_request(forged), guarded) == "10.0.0.7"
+    trusted = {**forged, "authorization": "Bearer s3cret"}
+    assert principal_of(_request(trusted), guarded) == "alice"

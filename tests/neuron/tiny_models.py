@@ -27,7 +27,8 @@ def tiny_llama_config(vocab_size: int, context: int = 256) -> LlamaConfig:
 
 
 def make_tiny_llama(directory: Path, context: int = 256) -> Path:
-    """A random-weight two-layer Llama with a real (borrowed) tokenizer, saved in HF layout."""
+    """A random-weight two-layer Llama with a real (borrowed) tokenizer, saved in HF layout;
+    a longer `context` allows streams long enough to outlast a test's actions."""
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(tokenizer.vocab_size, context)).save_pretrained(directory)

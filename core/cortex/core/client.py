@@ -9,11 +9,38 @@ from typing import Any
 
 import httpx
 
-from cortex.core.errors import CortexError, NeuronUnavailable, error_from_code
+from cortex.core.errors import (
+    CortexError,
+    NeuronUnavailable,
+    NeuronUnreachable,
+    Overloaded,
+    error_from_code,
+)
 from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, NeuronStatus, UnloadRequest
 
 # Reads while streaming can legitimately pause for a long prefill; connects must fail fast.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=600.0, write=30.0, pool=30.0)
+# Failures that say the neuron is not there (refused, reset, cut before answering).
+_CONNECTION_FAILURES = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+)
+
+
+def transport_error(neuron: str, exc: httpx.TransportError) -> CortexError:
+    """What a transport failure says of the neuron, in words fit for a client: its name and the
+    failure's kind, never its address. Waiting for one of our own connections is no fault of it."""
+    kind = type(exc).__name__
+    if isinstance(exc, httpx.PoolTimeout):
+        return Overloaded(
+            f"neuron {neuron} is busy: no connection to it came free", retry_after=1.0
+        )
+    if isinstance(exc, _CONNECTION_FAILURES):
+        return NeuronUnreachable(f"neuron {neuron} unreachable ({kind})", retry_after=1.0)
+    return NeuronUnavailable(f"neuron {neuron} failed ({kind})", retry_after=1.0)
 
 
 def _raise_for(response: httpx.Response, body: bytes) -> None:
@@ -43,11 +70,19 @@ class NeuronClient:
         admin_token: str | None = None,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
+        name: str | None = None,
+        limits: httpx.Limits | None = None,
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
+        # What errors call the neuron: clients of a gateway must not learn internal addresses.
+        self.name = name or self.endpoint
         headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
         self._http = httpx.AsyncClient(
-            base_url=self.endpoint, headers=headers, timeout=timeout, transport=transport
+            base_url=self.endpoint,
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
+            limits=limits or httpx.Limits(max_connections=100, max_keepalive_connections=20),
         )
 
     async def aclose(self) -> None:
@@ -57,7 +92,7 @@ class NeuronClient:
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise NeuronUnavailable(f"neuron {self.endpoint} unreachable: {exc!r}") from exc
+            raise transport_error(self.name, exc) from exc
         if response.status_code >= 400:
             _raise_for(response, response.content)
         return response
@@ -87,19 +122,24 @@ class NeuronClient:
     async def metrics(self) -> str:
         return (await self._request("GET", "/metrics")).text
 
-    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def post(
+        self, path: str, body: dict[str, Any], *, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """A non-streaming inference call (e.g. /v1/chat/completions); returns the JSON body."""
-        result: dict[str, Any] = (await self._request("POST", path, json=body)).json()
+        answer = await self._request("POST", path, json=body, headers=headers)
+        result: dict[str, Any] = answer.json()
         return result
 
     @asynccontextmanager
-    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
+    async def stream(
+        self, path: str, body: dict[str, Any], *, headers: dict[str, str] | None = None
+    ) -> AsyncIterator[httpx.Response]:
         """A streaming inference call. Errors before the first byte raise; the caller reads after."""
-        request = self._http.build_request("POST", path, json=body)
+        request = self._http.build_request("POST", path, json=body, headers=headers)
         try:
             response = await self._http.send(request, stream=True)
         except httpx.TransportError as exc:
-            raise NeuronUnavailable(f"neuron {self.endpoint} unreachable: {exc!r}") from exc
+            raise transport_error(self.name, exc) from exc
         try:
             if response.status_code >= 400:
                 _raise_for(response, await response.aread())

@@ -34,6 +34,7 @@ from cortex.core.config import (
 from cortex.core.console import NeuronRow, print_fleet
 from cortex.core.errors import CortexError
 from cortex.core.fleet import DeviceStatus, LoadedModel, LoadRequest, ModelState, NeuronStatus
+from cortex.core.shutdown import Drain, GracefulServer
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -66,11 +67,12 @@ def in_process_neuron(args: argparse.Namespace) -> NeuronConfig:
     return config
 
 
-async def serve(app: Any, host: str, port: int) -> None:
-    """Run one ASGI app with uvicorn inside the current event loop."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+async def serve(app: Any, host: str, port: int, drain: Drain | None = None) -> None:
+    """Run one ASGI app with uvicorn inside the current event loop; SIGTERM drains `drain` (the
+    app's requests in flight) first, or stops at once without one."""
+    config = uvicorn.Config(app, host=host, port=port, log_level="info")
     redact_access_log()
-    await server.serve()
+    await GracefulServer(config, drain or Drain(grace=0)).serve()
 
 
 async def neuron(args: argparse.Namespace) -> None:
@@ -79,7 +81,7 @@ async def neuron(args: argparse.Namespace) -> None:
 
     config = neuron_config(args)
     app = create_app(NeuronRuntime(config))  # the app's lifespan starts and stops the runtime
-    await serve(app, config.neuron.host, config.neuron.port)
+    await serve(app, config.neuron.host, config.neuron.port, app.state.drain)
 
 
 def operator(args: argparse.Namespace) -> int:

@@ -60,16 +60,27 @@ class NeuronSection(_Section):
         default=32, ge=1, description="sequences generating at once, per model"
     )
     max_queue: int = Field(default=128, ge=0, description="requests waiting for a slot, per model")
+    max_per_principal: int | None = Field(
+        default=None,
+        ge=1,
+        description="running slots one principal (API key, else client address) may hold, per "
+        "model; unset: all, though a freed slot always goes to whoever holds fewest",
+    )
     prefill_chunk: int = Field(
         default=256,
         ge=16,
         description="prompt tokens read per engine step: smaller keeps running streams' token "
         "gaps short while a long prompt is read, larger reads it in fewer passes",
     )
-    queue_timeout: Seconds = Field(default=30.0, description="longest wait for a slot before 503")
+    queue_timeout: Seconds = Field(
+        default=30.0, description="longest wait for a slot before a 429 queue_timeout"
+    )
     prompt_timeout: Seconds = Field(
         default=10.0,
         description="longest one request's prompt may take to render and tokenize before 400",
+    )
+    shutdown_grace: Seconds = Field(
+        default=30.0, description="on SIGTERM, how long in-flight requests may take to finish"
     )
     max_body_bytes: ByteSize = Field(default=8 * 2**20, description="larger bodies get 413")
     max_tokens_limit: int = Field(default=32768, ge=1, description="largest max_tokens accepted")
@@ -131,6 +142,9 @@ class GatewaySection(_Section):
     max_body_bytes: ByteSize = 16 * 2**20
     poll_interval: Seconds = 2.0
     unhealthy_after: int = Field(default=3, ge=1, description="consecutive failed polls")
+    shutdown_grace: Seconds = Field(
+        default=30.0, description="on SIGTERM, how long running streams may take to finish"
+    )
 
     _listen = field_validator("listen")(_check_listen)
 

@@ -73,6 +73,12 @@ class Overloaded(CortexError):
     status, code, kind = 429, "overloaded", "rate_limit_error"
 
 
+class QueueTimeout(Overloaded):
+    """A request waited its neuron's whole queue timeout for a slot: the neuron is busy, not down."""
+
+    code = "queue_timeout"
+
+
 class BudgetExceeded(CortexError):
     status, code, kind = 429, "budget_exceeded", "rate_limit_error"
 
@@ -87,6 +93,17 @@ class NeuronUnavailable(CortexError):
     """No healthy neuron could take the request (down, unreachable, or load wait timed out)."""
 
     status, code, kind = 503, "neuron_unavailable", "server_error"
+
+
+class NeuronUnreachable(NeuronUnavailable):
+    """The neuron could not be reached at all (connection refused or cut): suspect it at once.
+    Never built from a neuron's answer, so it shares NeuronUnavailable's code."""
+
+
+class ShuttingDown(CortexError):
+    """The neuron or gateway is draining for shutdown: it finishes what runs and takes nothing new."""
+
+    status, code, kind = 503, "shutting_down", "server_error"
 
 
 class DeviceUnhealthy(CortexError):
@@ -109,9 +126,11 @@ ERRORS_BY_CODE: dict[str, type[CortexError]] = {
         PayloadTooLarge,
         ModelLoadFailed,
         Overloaded,
+        QueueTimeout,
         BudgetExceeded,
         GenerationFailed,
         NeuronUnavailable,
+        ShuttingDown,
         DeviceUnhealthy,
     )
 }

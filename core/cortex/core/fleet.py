@@ -59,6 +59,9 @@ class NeuronStatus(BaseModel):
     models: list[LoadedModel] = Field(default_factory=list)
     in_flight: int = 0
     queued: int = 0
+    # Admission limits of each model here; a gateway sends no model more requests than these.
+    max_running: int | None = Field(default=None, description="running sequences, per model")
+    max_queue: int | None = Field(default=None, description="requests waiting, per model")
     lifecycle_open: bool = Field(
         default=False,
         description="load/unload need no admin token and the neuron listens beyond loopback",

@@ -13,6 +13,7 @@ from cortex.core.access_log import redact_access_log
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.core.kube_api import KubeLogin
+from cortex.core.shutdown import DrainGate, GracefulServer
 from cortex.gateway import errors, health, routes_anthropic, routes_openai, routes_responses, web
 from cortex.gateway.call import CallScope
 from cortex.gateway.metrics import CONTENT_TYPE
@@ -55,6 +56,7 @@ def create_app(
     app.add_api_route(
         "/metrics", metrics, methods=["GET"], include_in_schema=False, dependencies=admin
     )
+    app.add_middleware(DrainGate, drain=gateway.drain)
     return app
 
 
@@ -82,17 +84,17 @@ async def serve(
     extra_neurons: Iterable[NeuronEntry] = (),
     kubernetes: KubeLogin | None = None,
 ) -> None:
-    """Serve the API on `gateway.listen` and metrics on `gateway.metrics_listen` until stopped."""
+    """Serve the API on `gateway.listen` and metrics on `gateway.metrics_listen` until stopped;
+    the first SIGTERM drains the streams in flight before both stop (cortex.core.shutdown)."""
     app = create_app(config, catalogue, extra_neurons=extra_neurons, kubernetes=kubernetes)
+    drain = app.state.gateway.drain
     host, port = _split(config.gateway.listen)
-    servers = [uvicorn.Server(uvicorn.Config(app, host=host, port=port, lifespan="on"))]
+    servers = [GracefulServer(uvicorn.Config(app, host=host, port=port, lifespan="on"), drain)]
     if config.gateway.metrics_listen:
         host, port = _split(config.gateway.metrics_listen)
-        servers.append(
-            uvicorn.Server(
-                uvicorn.Config(create_metrics_app(app), host=host, port=port, lifespan="off")
-            )
-        )
+        metrics_app = create_metrics_app(app)
+        metrics_config = uvicorn.Config(metrics_app, host=host, port=port, lifespan="off")
+        servers.append(GracefulServer(metrics_config, drain))
     redact_access_log()  # after the uvicorn.Configs above, which set uvicorn's loggers up
     tasks = [asyncio.create_task(server.serve()) for server in servers]
     try:

@@ -27,6 +27,7 @@ class Call:
     principal: Principal
     deadline: float  # monotonic: the latest an on-demand load may keep the request waiting
     affinity: str | None = None
+    client: str | None = None  # the client's address: its fair-share key when auth is off
     started: float = field(default_factory=time.monotonic)
     neuron: str | None = None
     first_token: float | None = None

@@ -13,13 +13,17 @@ from typing import Any, TypeVar
 
 import httpx
 
+from cortex.core.client import transport_error
 from cortex.core.errors import (
     CortexError,
     DeviceUnhealthy,
     ModelNotFound,
     NeuronUnavailable,
+    NeuronUnreachable,
     Overloaded,
+    ShuttingDown,
 )
+from cortex.gateway.auth import ANONYMOUS
 from cortex.gateway.call import Call
 from cortex.gateway.fleet import Fleet
 from cortex.gateway.replicas import ColdStart, Replicas
@@ -31,6 +35,10 @@ T = TypeVar("T")
 
 # How often a request waiting for a cold load checks that its client is still there.
 DISCONNECT_POLL_INTERVAL = 0.25
+# Who a neuron's admission shares its running slots between (docs/architecture.md).
+PRINCIPAL_HEADER = "x-cortex-principal"
+# Retry-After when every replica already holds all the requests it admits.
+BUSY_RETRY_AFTER = 1.0
 
 
 class ClientGone(CortexError):
@@ -40,7 +48,7 @@ class ClientGone(CortexError):
 
 
 # Failures that say "this replica, not this request": another replica may well succeed.
-_RETRYABLE = (NeuronUnavailable, DeviceUnhealthy, Overloaded, ModelNotFound)
+_RETRYABLE = (NeuronUnavailable, DeviceUnhealthy, Overloaded, ModelNotFound, ShuttingDown)
 # What an unknown upstream code with these statuses means: a proxy or server in the way.
 _GATEWAY_STATUSES = (502, 503, 504)
 
@@ -54,6 +62,22 @@ def retryable(err: CortexError) -> bool:
     return type(err) is CortexError and err.status in _GATEWAY_STATUSES
 
 
+def _stream_error(neuron: str, exc: httpx.HTTPError, when: str) -> CortexError:
+    """A stream's transport failure, as a client may read it (the neuron's name, no address)."""
+    if isinstance(exc, httpx.TransportError):
+        err = transport_error(neuron, exc)
+        err.message = f"{err.message} {when}"
+        return err
+    return NeuronUnavailable(f"neuron {neuron} failed {when} ({type(exc).__name__})")
+
+
+def principal_of(call: Call) -> str:
+    """Whose share of a neuron's slots the call uses: the key's owner, else the client's address."""
+    if call.principal is ANONYMOUS and call.client:
+        return call.client
+    return call.principal.name
+
+
 class Upstream:
     """A neuron's stream whose first bytes have arrived; closing it closes the neuron's response."""
 
@@ -64,12 +88,14 @@ class Upstream:
         rest: AsyncIterator[bytes],
         stack: AsyncExitStack,
         on_close: Callable[[], None],
+        on_failure: Callable[[CortexError], None] = lambda _: None,
     ) -> None:
         self.neuron = neuron
         self._first: bytes | None = first
         self._rest = rest
         self._stack = stack
         self._on_close = on_close
+        self._on_failure = on_failure
         self._closed = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -81,7 +107,12 @@ class Upstream:
             async for chunk in self._rest:
                 yield chunk
         except httpx.HTTPError as exc:
-            raise NeuronUnavailable(f"neuron {self.neuron} failed mid-stream: {exc!r}") from exc
+            # A cut stream counts against the neuron, but need not mean it is gone: only a
+            # failure to connect makes it suspect at once.
+            kind = type(exc).__name__
+            err = NeuronUnavailable(f"neuron {self.neuron} failed mid-stream ({kind})")
+            self._on_failure(err)
+            raise err from exc
 
     async def aclose(self) -> None:
         if self._closed:
@@ -116,7 +147,8 @@ class Dispatcher:
         async def attempt(neuron: str) -> dict[str, Any]:
             self.fleet.begin(neuron, call.model)
             try:
-                answer = self.fleet[neuron].client.post(path, body)
+                headers = {PRINCIPAL_HEADER: principal_of(call)}
+                answer = self.fleet[neuron].client.post(path, body, headers=headers)
                 return await self._watching(call, answer, f"{neuron} was answering")
             finally:
                 self.fleet.end(neuron, call.model)
@@ -130,17 +162,19 @@ class Dispatcher:
         async def attempt(neuron: str) -> Upstream:
             self.fleet.begin(neuron, call.model)
             try:
-                return await self._open(neuron, call.model, path, body)
+                return await self._open(neuron, call, path, body)
             except BaseException:
                 self.fleet.end(neuron, call.model)
                 raise
 
         return await self._with_retries(call, attempt)
 
-    async def _open(self, neuron: str, model: str, path: str, body: dict[str, Any]) -> Upstream:
+    async def _open(self, neuron: str, call: Call, path: str, body: dict[str, Any]) -> Upstream:
         stack = AsyncExitStack()
+        headers = {PRINCIPAL_HEADER: principal_of(call)}
         try:
-            response = await stack.enter_async_context(self.fleet[neuron].client.stream(path, body))
+            opening = self.fleet[neuron].client.stream(path, body, headers=headers)
+            response = await stack.enter_async_context(opening)
             rest = response.aiter_bytes()
             first = await anext(rest)
         except StopAsyncIteration:
@@ -150,19 +184,30 @@ class Dispatcher:
             ) from None
         except httpx.HTTPError as exc:
             await stack.aclose()
-            raise NeuronUnavailable(
-                f"neuron {neuron} failed before the first byte: {exc!r}"
-            ) from exc
+            raise _stream_error(neuron, exc, "before the first byte") from exc
         except BaseException:
             await stack.aclose()
             raise
-        return Upstream(neuron, first, rest, stack, lambda: self.fleet.end(neuron, model))
+        model = call.model
+        return Upstream(
+            neuron,
+            first,
+            rest,
+            stack,
+            on_close=lambda: self.fleet.end(neuron, model),
+            on_failure=lambda err: self._note(neuron, err),
+        )
 
     async def _with_retries(self, call: Call, attempt: Callable[[str], Awaitable[T]]) -> T:
         tried: set[str] = set()
         last: CortexError | None = None
         for _ in range(self.max_attempts):
-            neuron = await self._choose(call, tried)
+            try:
+                neuron = await self._choose(call, tried)
+            except NeuronUnavailable:
+                if last is None:
+                    raise
+                break  # no other replica, nor a neuron to load one on: the first-hand reason
             if neuron is None:
                 break
             call.neuron = neuron
@@ -180,10 +225,18 @@ class Dispatcher:
         raise last
 
     async def _after_failure(self, neuron: str, err: CortexError) -> None:
-        if isinstance(err, NeuronUnavailable):
-            self.fleet.note_failure(neuron, err.message)
-        elif isinstance(err, ModelNotFound):
+        self._note(neuron, err)
+        if isinstance(err, ModelNotFound):
             await self.fleet.refresh(neuron)  # our picture of it was stale: the model is gone
+
+    def _note(self, neuron: str, err: CortexError) -> None:
+        """What a failure says of the neuron's health. A busy neuron (Overloaded, a queue
+        timeout, a wait for one of our connections) is healthy; one that cannot be reached, or
+        is going away, is skipped at once; other unavailability counts towards unhealthy."""
+        if isinstance(err, NeuronUnreachable | ShuttingDown):
+            self.fleet.mark_suspect(neuron, err.message)
+        elif isinstance(err, NeuronUnavailable):
+            self.fleet.note_failure(neuron, err.message)
 
     async def _watching(self, call: Call, work: Awaitable[T], doing: str) -> T:
         """Await `work`, giving it up when the client of a plain answer disconnects meanwhile:
@@ -207,13 +260,24 @@ class Dispatcher:
         """The next replica to try; loads one when the model has none ready anywhere."""
         ready = self.placer.ready(call.model)
         candidates = [name for name in ready if name not in tried]
+        roomy = [name for name in candidates if not self.fleet.full(name, call.model)]
+        if candidates and not roomy:
+            raise Overloaded(
+                f"model {call.model!r} is busy: every replica has all the requests it admits",
+                retry_after=BUSY_RETRY_AFTER,
+            )
+        candidates = roomy
         if not candidates:
             if ready:
                 return None  # every replica had its chance
             timeout = call.deadline - time.monotonic()
             ensured = self.ondemand.ensure(call.model, timeout=timeout)
             await self._watching(call, ensured, f"{call.model!r} was loading")
-            candidates = [name for name in self.placer.ready(call.model) if name not in tried]
+            candidates = [
+                name
+                for name in self.placer.ready(call.model)
+                if name not in tried and not self.fleet.full(name, call.model)
+            ]
             if not candidates:
                 return None
         return pick(

@@ -17,12 +17,16 @@ import httpx
 
 from cortex.core.client import DEFAULT_TIMEOUT, NeuronClient
 from cortex.core.config import NeuronEntry
-from cortex.core.errors import CortexError
+from cortex.core.errors import CortexError, NeuronUnreachable
 from cortex.core.fleet import LoadedModel, ModelListing, ModelState, NeuronStatus
 from cortex.core.placement.model import Usage
 from cortex.core.placement.snapshot import NeuronReport
 
 log = logging.getLogger(__name__)
+
+# No pool wait of ours may pass for a neuron's fault: the connections to a neuron are bounded by
+# the requests this gateway admits for it (`Fleet.full`, from the neuron's admission limits).
+POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)
 
 
 @dataclass
@@ -85,7 +89,13 @@ class Fleet:
     def add(self, entry: NeuronEntry, client: NeuronClient | None = None) -> NeuronHandle:
         """Register a neuron (a later entry of the same name replaces the earlier one)."""
         token = entry.admin_token or self._admin_token
-        client = client or NeuronClient(entry.endpoint, admin_token=token, timeout=self._timeout)
+        client = client or NeuronClient(
+            entry.endpoint,
+            admin_token=token,
+            timeout=self._timeout,
+            name=entry.name,
+            limits=POOL_LIMITS,
+        )
         handle = NeuronHandle(entry, client)
         self.neurons[entry.name] = handle
         return handle
@@ -107,6 +117,9 @@ class Fleet:
         generation = handle.generation
         try:
             status, listing = await asyncio.gather(handle.client.status(), handle.client.models())
+        except NeuronUnreachable as exc:
+            self.mark_suspect(name, exc.message)
+            return
         except (CortexError, ValueError) as exc:
             self.note_failure(name, str(exc))
             return
@@ -122,6 +135,22 @@ class Fleet:
         handle.last_error = error
         if handle.failures == self.unhealthy_after:
             log.warning("neuron %s unhealthy after %d failures: %s", name, handle.failures, error)
+
+    def mark_suspect(self, name: str, error: str) -> None:
+        """A connection failure: skip the neuron now, until a poll finds it answering again."""
+        handle = self.neurons[name]
+        if handle.failures < self.unhealthy_after:
+            log.warning("neuron %s suspect: %s", name, error)
+        handle.failures = max(handle.failures + 1, self.unhealthy_after)
+        handle.last_error = error
+
+    def full(self, name: str, model: str) -> bool:
+        """Whether this gateway already sends the model on this neuron all the requests its
+        admission takes (running + queued); past that the neuron could only refuse."""
+        status = self.neurons[name].status
+        if status is None or status.max_running is None or status.max_queue is None:
+            return False
+        return self.neurons[name].in_flight[model] >= status.max_running + status.max_queue
 
     def healthy(self, name: str) -> bool:
         handle = self.neurons[name]

@@ -1,6 +1,7 @@
 """Gateway health (SPEC G6): ok when every neuron is healthy, impaired when some are, degraded
 when none is or no model is known. /livez says the process serves; /readyz that it can take
-requests, as its fleet source says (a static fleet: not degraded; Kubernetes: watches established)."""
+requests, as its fleet source says (a static fleet: not degraded; Kubernetes: watches established),
+and is not shutting down. Every 503 here carries Retry-After."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from cortex.core.shutdown import SHUTDOWN_RETRY_AFTER
 from cortex.gateway.wiring import Gateway, gateway_of
 
 Health = Literal["ok", "impaired", "degraded"]
 
 router = APIRouter()
+_RETRY = {"Retry-After": str(round(SHUTDOWN_RETRY_AFTER))}
 
 
 def classify(neurons: int, healthy: int, models: int) -> Health:
@@ -50,7 +53,9 @@ async def health(request: Request) -> JSONResponse:
     report = _report(gateway)
     if not gateway.auth.is_admin(request.headers):
         report = {"status": report["status"]}
-    return JSONResponse(report, status_code=503 if report["status"] == "degraded" else 200)
+    if report["status"] != "degraded":
+        return JSONResponse(report)
+    return JSONResponse(report, status_code=503, headers=_RETRY)
 
 
 @router.get("/livez")
@@ -61,6 +66,10 @@ async def livez() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     gateway = gateway_of(request)
-    ready = gateway.source.routable()
-    status = health_of(gateway)
-    return JSONResponse({"ready": ready, "status": status}, status_code=200 if ready else 503)
+    if gateway.drain.draining:
+        ready, status = False, "shutting_down"
+    else:
+        ready, status = gateway.source.routable(), health_of(gateway)
+    headers = {} if ready else _RETRY
+    body = {"ready": ready, "status": status}
+    return JSONResponse(body, status_code=200 if ready else 503, headers=headers)

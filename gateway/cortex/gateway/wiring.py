@@ -18,6 +18,7 @@ from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.core.errors import CortexError
 from cortex.core.kube_api import KubeApi, KubeLogin
 from cortex.core.placement.model import Policy
+from cortex.core.shutdown import Drain
 from cortex.gateway.auth import Authenticator, Principal
 from cortex.gateway.budget import worst_case
 from cortex.gateway.call import Accounting, Call, Surface
@@ -44,6 +45,9 @@ class Tuning:
     affinity_slack: int = 2  # extra in-flight requests a conversation's replica may carry
     retry_after: float = 5.0  # Retry-After for "still loading" and "cannot place now"
     max_attempts: int = 3  # replicas tried per request before giving up
+    # How long a stream to a model with a ready replica waits, before its 200, for the neuron to
+    # admit it: past a neuron's default 30 s queue timeout, so "busy" comes as a 429 status.
+    admission_patience: float = 40.0
     demand_interval: float = 5.0  # Kubernetes: least time between demand patches of a placement
 
 
@@ -100,6 +104,8 @@ class Gateway:
             max_attempts=self.tuning.max_attempts,
         )
         self.metrics.watch(self.fleet)
+        # SIGTERM: /readyz fails and new calls get 503 shutting_down while streams finish.
+        self.drain = Drain(config.gateway.shutdown_grace)
 
     def _place_here(self, known: list[ModelSpec]) -> None:
         """A static fleet: this gateway polls its neurons and places models itself."""
@@ -171,6 +177,8 @@ class Gateway:
         """Resolve the model, check the caller may use it, and reserve the request's worst case
         (`body`'s; nothing for a body-less call) from their budget. The call, holding the
         reservation, is kept on the request: CallScope ends it, whatever happens."""
+        if self.drain.draining:
+            raise self.drain.refusal("the gateway")
         principal: Principal = request.state.principal
         spec = self.catalogue.resolve(model)
         self.auth.authorize(principal, spec)
@@ -186,6 +194,7 @@ class Gateway:
             principal=principal,
             deadline=time.monotonic() + self.config.gateway.load_timeout,
             affinity=affinity,
+            client=request.client.host if request.client else None,
             disconnected=request.is_disconnected,
             reservation=reservation,
         )
@@ -207,9 +216,14 @@ class Gateway:
         # A stream's client leaving cancels the response itself; polling receive() meanwhile
         # would race the server's own disconnect listener.
         call.disconnected = None
+        # A ready replica only needs admitting: wait for it without keep-alives, so a refusal
+        # is a status, not an error event after a 200. A cold load gets keep-alives early.
+        patience = self.tuning.keepalive_interval
+        if self.replicas.ready(call.model):
+            patience = max(patience, self.tuning.admission_patience)
         opening = asyncio.create_task(self.dispatcher.open_stream(call, path, body))
         try:
-            done, _ = await asyncio.wait({opening}, timeout=self.tuning.keepalive_interval)
+            done, _ = await asyncio.wait({opening}, timeout=patience)
         except BaseException:
             opening.cancel()
             raise

@@ -39,9 +39,17 @@ Admin = Depends(require_admin)
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Liveness: 200 while at least one device worker accepts work, 503 otherwise."""
-    healthy = runtime_of(request).status().healthy
-    return JSONResponse({"status": "ok" if healthy else "unhealthy"}, 200 if healthy else 503)
+    """200 while at least one device worker accepts work and the neuron is not shutting down;
+    503 (with Retry-After) otherwise. /livez is the probe that the process still serves."""
+    if runtime_of(request).status().healthy:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "unhealthy"}, 503, headers={"Retry-After": "2"})
+
+
+@router.get("/livez")
+async def livez() -> dict[str, str]:
+    """The process serves (a liveness probe): 200 even while draining, when /health is 503."""
+    return {"status": "alive"}
 
 
 @router.get("/status")
@@ -57,6 +65,7 @@ async def models(request: Request) -> ModelListing:
 @router.post("/models/load", dependencies=[Admin], response_model=LoadedModel)
 async def load(body: LoadRequest, request: Request) -> Any:
     """200 with the ready model; 202 while still loading when the caller asked not to wait."""
+    runtime_of(request).check_open()
     loaded = await runtime_of(request).load(body)
     code = 202 if loaded.state is ModelState.LOADING else 200
     return JSONResponse(loaded.model_dump(mode="json"), status_code=code)

@@ -43,7 +43,14 @@ from cortex.core.protocol.openai import (
 from cortex.neuron.api_lifecycle import runtime_of
 from cortex.neuron.generation import Finished
 from cortex.neuron.prompts import PromptPool, require_unicode
-from cortex.neuron.serving import Generation, failure, sampling, until_disconnect, usage
+from cortex.neuron.serving import (
+    Generation,
+    failure,
+    principal_of,
+    sampling,
+    until_disconnect,
+    usage,
+)
 from cortex.neuron.sse import DONE, EventStreamResponse, sse_data, sse_error
 from cortex.neuron.tools import ParsedToolCall, ToolCallStream, parse_tool_calls
 
@@ -171,7 +178,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         section,
         prompt_param="messages",
     )
-    generation = Generation(served, prompt, params, request.app.state.metrics)
+    generation = Generation(
+        served, prompt, params, request.app.state.metrics, principal_of(request, section)
+    )
     names = {t["function"]["name"] for t in tools} if tools else None
     await _start(request, generation)
     if body.stream:
@@ -335,7 +344,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     params = sampling(
         body, body.max_tokens, len(ids), served.context_length, section, prompt_param="prompt"
     )
-    generation = Generation(served, ids, params, request.app.state.metrics)
+    generation = Generation(
+        served, ids, params, request.app.state.metrics, principal_of(request, section)
+    )
     await _start(request, generation)
     echo = text if body.echo else ""
     if body.stream:
@@ -402,7 +413,8 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     """Inputs longer than the model's context are truncated, as sentence-transformers does."""
     served = _served(request, body.model, "embedding")
     texts = _texts(body.input)
-    vectors, tokens = await until_disconnect(request, served.embed(texts))
+    principal = principal_of(request, runtime_of(request).config.neuron)
+    vectors, tokens = await until_disconnect(request, served.embed(texts, principal))
     if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):
         raise InvalidRequest(
             f"model {served.id!r} has {len(vectors[0])} dimensions; it cannot return "

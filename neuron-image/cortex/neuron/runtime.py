@@ -20,11 +20,13 @@ from cortex.core.errors import (
     ModelBusy,
     ModelNotFound,
     NeuronUnavailable,
+    ShuttingDown,
     SourceConflict,
 )
 from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, ModelState, NeuronStatus
+from cortex.core.shutdown import SHUTDOWN_RETRY_AFTER
 from cortex.neuron import loader, sources
-from cortex.neuron.admission import Admission
+from cortex.neuron.admission import ANYONE, Admission
 from cortex.neuron.chat_template import render_chat
 from cortex.neuron.devices import Device, discover
 from cortex.neuron.engine import Engine, Sequence
@@ -85,7 +87,9 @@ class ServedModel:
         self.worker = worker
         # Rows of the token embedding: a prompt id at or past it would fail the forward.
         self.vocab_size: int = weights.model.get_input_embeddings().num_embeddings
-        self.admission = Admission(config.max_running, config.max_queue, config.queue_timeout)
+        self.admission = Admission(
+            config.max_running, config.max_queue, config.queue_timeout, config.max_per_principal
+        )
         self.engine: Engine | None = None
 
     def render_chat(
@@ -102,7 +106,7 @@ class ServedModel:
         return str(self.weights.tokenizer.decode(ids, skip_special_tokens=True))
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams
+        self, prompt_ids: list[int], params: SamplingParams, principal: str = ANYONE
     ) -> AsyncIterator[GenerationEvent]:
         """Stream a generation; leaving early (aclose, cancellation) cancels the sequence."""
         if self.engine is None:
@@ -110,7 +114,7 @@ class ServedModel:
         engine = self.engine
         if not self.worker.healthy:
             raise DeviceUnhealthy(f"model {self.id!r} is on unhealthy {self.worker.device.id}")
-        async with self.admission.slot():
+        async with self.admission.slot(principal):
             self.replica.last_used = time.time()
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
@@ -131,10 +135,12 @@ class ServedModel:
                     sequence.cancel()
                 self.replica.last_used = time.time()
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(
+        self, texts: list[str], principal: str = ANYONE
+    ) -> tuple[list[list[float]], int]:
         if self.kind != "embedding":
             raise InvalidRequest(f"model {self.id!r} is not an embedding model", param="model")
-        async with self.admission.slot():
+        async with self.admission.slot(principal):
             self.replica.last_used = time.time()
             weights, device = self.weights, self.worker.device
             return await self.worker.run(lambda: loader.embed(weights, texts, device))
@@ -152,6 +158,12 @@ class NeuronRuntime:
         self.workers: dict[str, DeviceWorker] = {}
         self.replicas: dict[str, Replica] = {}
         self._loads: dict[str, asyncio.Task[Replica]] = {}
+        # Set on SIGTERM: the neuron finishes what runs, and reports itself unfit for more.
+        self.shutting_down = False
+
+    def begin_shutdown(self) -> None:
+        """Take no new requests or loads (503 shutting_down); what runs goes on."""
+        self.shutting_down = True
 
     async def start(self) -> None:
         section = self.config.neuron
@@ -179,7 +191,8 @@ class NeuronRuntime:
 
     @property
     def healthy(self) -> bool:
-        return bool(self.devices) and any(d.healthy for d in self.devices)
+        alive = bool(self.devices) and any(d.healthy for d in self.devices)
+        return alive and not self.shutting_down
 
     def status(self) -> NeuronStatus:
         models = [r.record() for r in self.replicas.values()]
@@ -191,6 +204,8 @@ class NeuronRuntime:
             models=models,
             in_flight=sum(m.in_flight for m in models),
             queued=sum(m.queued for m in models),
+            max_running=self.config.neuron.max_running,
+            max_queue=self.config.neuron.max_queue,
             lifecycle_open=self.config.neuron.lifecycle_open,
         )
 
@@ -200,7 +215,14 @@ class NeuronRuntime:
         available = [s for s in self.catalogue if _source_present(s, hf_cache, self.allowed_paths)]
         return ModelListing(loaded=loaded, available=available)
 
+    def check_open(self) -> None:
+        """Raise ShuttingDown once the neuron drains for shutdown."""
+        if self.shutting_down:
+            name = self.config.neuron.name
+            raise ShuttingDown(f"neuron {name} is shutting down", retry_after=SHUTDOWN_RETRY_AFTER)
+
     def served(self, model: str) -> ServedModel:
+        self.check_open()
         replica = self._replica(model)
         if replica is None:
             raise ModelNotFound(f"model {model!r} is not loaded on {self.config.neuron.name}")

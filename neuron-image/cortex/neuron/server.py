@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cortex.core.errors import CortexError, InvalidRequest, PayloadTooLarge
 from cortex.core.protocol.errors import error_headers, openai_error
+from cortex.core.shutdown import Drain, DrainGate
 from cortex.neuron import api_lifecycle, api_openai
 from cortex.neuron.metrics import NeuronMetrics
 from cortex.neuron.prompts import PromptPool
@@ -181,9 +182,13 @@ def create_app(runtime: NeuronRuntime, *, manage_runtime: bool = True) -> FastAP
     app.state.runtime = runtime
     app.state.metrics = metrics
     app.state.prompts = prompts
+    # SIGTERM (served by a GracefulServer): refuse new work, finish what runs, then exit.
+    drain = Drain(runtime.config.neuron.shutdown_grace, on_begin=runtime.begin_shutdown)
+    app.state.drain = drain
     _install_error_handlers(app)
     app.include_router(api_lifecycle.router)
     app.include_router(api_openai.router)
     app.add_middleware(BodyLimit, limit=runtime.config.neuron.max_body_bytes)
     app.add_middleware(RequestCounter, metrics=metrics)
+    app.add_middleware(DrainGate, drain=drain)
     return app

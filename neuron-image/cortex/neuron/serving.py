@@ -4,6 +4,7 @@ metrics recorded once, and the engine's sequence cancelled when the client leave
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from cortex.neuron.runtime import ServedModel
 
 T = TypeVar("T")
+
+# Set by the gateway to the API key name it authenticated (dispatch.py sends it).
+PRINCIPAL_HEADER = "x-cortex-principal"
 
 
 class ClientGone(CortexError):
@@ -94,6 +98,21 @@ def failure(finished: Finished) -> CortexError | None:
     return None
 
 
+def principal_of(request: Request, section: NeuronSection) -> str:
+    """Whose share of the slots a request uses: the gateway's word for it when the gateway is
+    trusted (no admin token set, or the request carries it), else the client's address."""
+    named = request.headers.get(PRINCIPAL_HEADER)
+    if named and section.admin_token:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        trusted = scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip(), section.admin_token
+        )
+        named = named if trusted else None
+    if named:
+        return named[:200]
+    return request.client.host if request.client else "anonymous"
+
+
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it (and raising ClientGone) if the client disconnects first."""
     task = asyncio.ensure_future(work)
@@ -124,10 +143,11 @@ class Generation:
         prompt_ids: list[int],
         params: SamplingParams,
         metrics: NeuronMetrics,
+        principal: str = "anonymous",
     ) -> None:
         self.model = served.id
         self.prompt_tokens = len(prompt_ids)
-        self._events: Any = served.generate(prompt_ids, params)
+        self._events: Any = served.generate(prompt_ids, params, principal)
         self._metrics = metrics
         self._started = time.perf_counter()
         self._pending: GenerationEvent | None = None

@@ -35,8 +35,15 @@ def anthropic_error(err: CortexError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": err.message}}
 
 
+# Said when a 429 or 503 has no better estimate: every such answer tells the client when to retry.
+DEFAULT_RETRY_AFTER = 1.0
+
+
 def error_headers(err: CortexError) -> dict[str, str]:
-    """Retry-After for overload, budget and unavailability answers."""
-    if err.retry_after is None:
+    """Retry-After for overload, budget and unavailability answers (every 429 and 503)."""
+    retry_after = err.retry_after
+    if retry_after is None and err.status in (429, 503):
+        retry_after = DEFAULT_RETRY_AFTER
+    if retry_after is None:
         return {}
-    return {"Retry-After": str(max(1, round(err.retry_after)))}
+    return {"Retry-After": str(max(1, round(retry_after)))}

@@ -1,0 +1,171 @@
+"""Overload is not an outage, and readiness follows the fleet at once (docs/architecture.md):
+a busy neuron stays healthy and its clients get 429 + Retry-After saying "busy"; a connection
+failure marks a neuron suspect at once; every 503 carries Retry-After and names the neuron, never
+its address; a neuron shutting down is retried elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from fakes.neuron import FakeNeuron, GiB
+from gateway_cluster import chat_body, cluster, eventually, spec
+
+from cortex.core.client import NeuronClient
+from cortex.core.errors import CortexError, NeuronUnreachable, Overloaded, ShuttingDown
+from cortex.core.protocol.errors import error_headers
+
+MODEL = "chat-a"
+CATALOGUE = [spec(MODEL)]
+SLOW_POLLS = {"gateway": {"poll_interval": 30, "unhealthy_after": 3}}
+
+
+async def test_past_the_neurons_admission_limits_the_gateway_answers_busy() -> None:
+    # The neuron admits 1 running + 1 queued per model: a third request at once is the
+    # gateway's own 429, never sent to the neuron, and the neuron stays healthy.
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.max_running, n1.max_queue = 1, 1
+    n1.faults.hold = asyncio.Event()
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        await eventually(lambda: c.gateway.fleet["n1"].status.max_queue == 1)  # type: ignore[union-attr]
+        held = [
+            asyncio.create_task(c.http.post("/v1/chat/completions", json=chat_body(MODEL)))
+            for _ in range(2)
+        ]
+        await eventually(lambda: n1.in_flight() == 2)
+        refused = await c.http.post("/v1/chat/completions", json=chat_body(MODEL))
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"]
+        assert "busy" in refused.json()["error"]["message"]
+        assert len(n1.requests) == 2
+        assert c.gateway.fleet.healthy("n1")
+        n1.faults.hold.set()
+        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+
+
+async def test_a_busy_neuron_stays_healthy_and_ready() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.busy = True
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        for _ in range(5):
+            response = await c.http.post("/v1/chat/completions", json=chat_body(MODEL))
+            assert response.status_code == 429 and response.headers["retry-after"]
+        assert c.gateway.fleet["n1"].failures == 0
+        assert (await c.http.get("/readyz")).status_code == 200
+
+
+async def test_waiting_for_a_pooled_connection_is_busy_not_a_neuron_failure() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.hold = asyncio.Event()
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        pool = httpx.Limits(max_connections=1)
+        timeout = httpx.Timeout(5.0, pool=0.2)
+        url = c.served["n1"].url
+        client = NeuronClient(url, name="n1", limits=pool, timeout=timeout)
+        try:
+            first = asyncio.create_task(client.post("/v1/chat/completions", chat_body(MODEL)))
+            await eventually(lambda: n1.in_flight() == 1)
+            try:
+                await client.post("/v1/chat/completions", chat_body(MODEL))
+            except Overloaded as err:
+                assert "busy" in err.message and err.retry_after
+            else:
+                raise AssertionError("a pool wait must be Overloaded")
+            n1.faults.hold.set()
+            await first
+        finally:
+            await client.aclose()
+
+
+async def test_a_connection_failure_marks_the_neuron_suspect_and_readyz_follows() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    async with cluster(n1, catalogue=CATALOGUE, **SLOW_POLLS) as c:
+        url = c.served["n1"].url
+        await c.served["n1"].stop()
+        response = await c.http.post("/v1/chat/completions", json=chat_body(MODEL))
+        assert response.status_code == 503
+        assert response.headers["retry-after"]
+        message = response.json()["error"]["message"]
+        assert "n1" in message and url.removeprefix("http://") not in message
+        assert "127.0.0.1" not in message
+        # No poll came in between (30 s apart): the request's own failure made it suspect.
+        assert not c.gateway.fleet.healthy("n1")
+        ready = await c.http.get("/readyz")
+        assert ready.status_code == 503 and ready.headers["retry-after"]
+
+
+async def test_a_failed_poll_that_cannot_connect_suspects_the_neuron_at_once() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    async with cluster(n1, catalogue=CATALOGUE, **SLOW_POLLS) as c:
+        await c.served["n1"].stop()
+        await c.gateway.fleet.refresh("n1")
+        assert not c.gateway.fleet.healthy("n1")
+        assert "127.0.0.1" not in (c.gateway.fleet["n1"].last_error or "")
+
+
+async def test_the_client_names_the_neuron_never_its_address() -> None:
+    client = NeuronClient("http://127.0.0.1:9", name="n9")  # the discard port: refused
+    try:
+        await client.status()
+    except NeuronUnreachable as err:
+        assert "n9" in err.message and "127.0.0.1" not in err.message and err.retry_after
+    else:
+        raise AssertionError("a refused connection must be NeuronUnreachable")
+    finally:
+        await client.aclose()
+
+
+async def test_shutting_down_is_retried_on_another_replica() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: 2 * GiB})
+    n2 = FakeNeuron("n2", loaded={MODEL: 2 * GiB})
+    n1.faults.shutting_down = True
+    async with cluster(n1, n2, catalogue=CATALOGUE, **SLOW_POLLS) as c:
+        for stream in (False, True):
+            for i in range(3):
+                body = chat_body(MODEL, f"question {i} {stream}", stream=stream)
+                response = await c.http.post("/v1/chat/completions", json=body)
+                assert response.status_code == 200
+        # Refused once, then skipped until a poll says it answers again.
+        assert len(n1.requests) == 1 and len(n2.requests) == 6
+
+
+async def test_the_principal_is_forwarded_to_the_neuron() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    keys = {"auth": {"enabled": True, "keys": [{"key": "sk-alice", "name": "alice"}]}}
+    async with cluster(n1, catalogue=CATALOGUE, **keys) as c:
+        headers = {"Authorization": "Bearer sk-alice"}
+        response = await c.http.post("/v1/chat/completions", json=chat_body(MODEL), headers=headers)
+        assert response.status_code == 200
+        assert n1.principals == ["alice"]
+
+
+async def test_without_auth_the_principal_is_the_client_address() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        response = await c.http.post("/v1/chat/completions", json=chat_body(MODEL, stream=True))
+        assert response.status_code == 200
+        assert n1.principals == ["127.0.0.1"]
+
+
+async def test_a_stream_the_neuron_cannot_admit_gets_its_status_before_the_200() -> None:
+    # The neuron's queue wait outlasts the keep-alive interval (0.2 s here); the model is ready,
+    # so the gateway holds the 200 back and the refusal is a real 429.
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.queue_timeout = 0.6
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        body = chat_body(MODEL, stream=True)
+        async with c.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 429
+            assert response.headers["retry-after"] == "7"
+            await response.aread()
+        assert response.json()["error"]["code"] == "queue_timeout"
+        assert c.gateway.fleet.healthy("n1")
+
+
+def test_every_429_and_503_carries_retry_after() -> None:
+    unavailable = CortexError("a proxy said so")
+    unavailable.status = 503
+    assert error_headers(unavailable)["Retry-After"] == "1"
+    assert error_headers(Overloaded("busy"))["Retry-After"] == "1"
+    assert error_headers(ShuttingDown("going", retry_after=4))["Retry-After"] == "4"
+    assert error_headers(CortexError("broken")) == {}  # a 500: retrying will not help
