@@ -385,3 +385,19 @@ def test_the_gateway_runs_in_kubernetes_mode(render: Render) -> None:
     assert gateway["args"] == ["gateway", "--kubernetes", "--config=/etc/cortex/cortex.toml"]
     (namespace,) = (e for e in gateway["env"] if e["name"] == "CORTEX_NAMESPACE")
     assert namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
+def test_pods_outlive_their_own_drain_on_sigterm(render: Render) -> None:
+    """The kubelet waits longer than each process's shutdown_grace, so a rolling update lets
+    running streams finish instead of killing them."""
+    objects = render("--set", "neuron.shutdownGraceSeconds=50,gateway.shutdownGraceSeconds=20")
+    for kind, name, file, config_type in (
+        ("DaemonSet", "cortex-neuron", "neuron.toml", NeuronConfig),
+        ("Deployment", "cortex-gateway", "cortex.toml", GatewayConfig),
+    ):
+        toml = tomllib.loads(find(objects, "ConfigMap", name)["data"][file])
+        config = parse_config(toml, config_type, file)
+        section = config.neuron if isinstance(config, NeuronConfig) else config.gateway
+        pod = find(objects, kind, name)["spec"]["template"]["spec"]
+        assert section.shutdown_grace in (50, 20)
+        assert pod["terminationGracePeriodSeconds"] == section.shutdown_grace + 15
