@@ -142,7 +142,7 @@ def main(argv: list[str]) -> int:
             for i in range(level)
         ]
         _run(engine, prompts, constrained)  # warm-up: this batch size's first steps
-        trials = []
+        trials: list[dict[str, Any]] = []
         for _ in range(args.trials):
             free_s, free_n = _run(engine, prompts, free)
             cons_s, cons_n = _run(engine, prompts, constrained)

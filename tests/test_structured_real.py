@@ -21,7 +21,7 @@ import openai
 import pytest
 
 # Loading the model and ~25 generations take minutes on 2 shared cores.
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(1800)
 CHAT = "smollm2-135m-instruct"
 # An object with a string enum, a bounded integer and a required array of objects. Lengths are
 # bounded so that max_tokens always suffices, whatever the sampling (temperature 1.0).
@@ -37,7 +37,7 @@ ORDER = {
             "items": {
                 "type": "object",
                 "properties": {
-                    "name": {"type": "string", "maxLength": 12},
+                    "name": {"type": "string", "maxLength": 8},
                     "extra": {"type": "boolean"},
                 },
                 "required": ["name", "extra"],
@@ -99,6 +99,9 @@ def gateway(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"cortex up did not become ready:\n{log.read_text()[-3000:]}")
             time.sleep(0.1)
+        # The model loads on its first request: here, not inside a test's timed requests.
+        body = {"model": CHAT, "prompt": "Hi", "max_tokens": 1}
+        httpx.post(f"{url}/v1/completions", json=body, timeout=600).raise_for_status()
         yield url
     finally:
         process.terminate()
@@ -110,12 +113,12 @@ def gateway(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture(scope="module")
 def oai(gateway: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def claude(gateway: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=gateway, api_key="unused", max_retries=0, timeout=300)
+    return anthropic.Anthropic(base_url=gateway, api_key="unused", max_retries=0, timeout=900)
 
 
 def _order(oai: openai.OpenAI, seed: int) -> str:
