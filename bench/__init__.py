@@ -24,4 +24,5 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "placement": ("bench.placement", "P4 cold loads of lru/priority vs Belady on a Zipf trace"),
     "operator": ("bench.operator", "P5 operator reconcile at fleet scale"),
     "overload": ("bench.overload", "200 and 500 clients on cortex up: 429s, not an outage"),
+    "structured": ("bench.structured", "constrained decoding cost per token, grammar compile"),
 }

@@ -41,10 +41,12 @@ from cortex.core.protocol.openai import (
     new_id,
 )
 from cortex.neuron.api_lifecycle import runtime_of
+from cortex.neuron.constraints import chat_constraint, response_format_grammar
 from cortex.neuron.generation import Finished
 from cortex.neuron.prompts import PromptPool, require_unicode
 from cortex.neuron.serving import (
     Generation,
+    constrain,
     failure,
     principal_of,
     sampling,
@@ -164,6 +166,10 @@ def _tool_call(call: ParsedToolCall) -> ToolCall:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     served = _served(request, body.model, "chat")
+    offered = [t.model_dump(mode="json", exclude_none=True) for t in body.tools or []]
+    constraint = chat_constraint(
+        offered or None, body.tool_choice, body.parallel_tool_calls, body.response_format
+    )
     tools = _tools(body)
     messages = [_message(m, i, served.id) for i, m in enumerate(body.messages)]
     pool = prompts_of(request)
@@ -178,22 +184,25 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         section,
         prompt_param="messages",
     )
-    generation = Generation(
-        served, prompt, params, request.app.state.metrics, principal_of(request, section)
-    )
+    metrics = request.app.state.metrics
+    params = await constrain(served, params, constraint, metrics)
+    generation = Generation(served, prompt, params, metrics, principal_of(request, section))
     names = {t["function"]["name"] for t in tools} if tools else None
+    most_calls = 1 if body.parallel_tool_calls is False else None
     await _start(request, generation)
     if body.stream:
         options = body.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = bool(options and options.continuous_usage_stats)
-        return EventStreamResponse(_chat_stream(generation, names, include_usage, continuous))
+        return EventStreamResponse(
+            _chat_stream(generation, names, most_calls, include_usage, continuous)
+        )
     text, finished = await _finish(request, generation)
     content: str | None = text
     calls: list[ParsedToolCall] = []
     if names is not None:
         parsed = parse_tool_calls(text, names)
-        content, calls = parsed.content, parsed.tool_calls
+        content, calls = parsed.content, parsed.tool_calls[:most_calls]
     message = ResponseMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
     reason = "tool_calls" if calls else finished.reason
     answer = ChatCompletion(
@@ -207,9 +216,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 
 async def _chat_stream(
-    generation: Generation, tool_names: set[str] | None, include_usage: bool, continuous: bool
+    generation: Generation,
+    tool_names: set[str] | None,
+    most_calls: int | None,
+    include_usage: bool,
+    continuous: bool,
 ) -> AsyncIterator[bytes]:
-    """Role chunk, content (and tool call) deltas, finish chunk, usage chunk, [DONE]."""
+    """Role chunk, content (and tool call) deltas, finish chunk, usage chunk, [DONE].
+
+    Calls past `most_calls` (parallel_tool_calls false) are dropped."""
     base = ChatCompletionChunk(
         id=new_id("chatcmpl"), created=int(time.time()), model=generation.model, choices=[]
     )
@@ -227,8 +242,14 @@ async def _chat_stream(
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total
         )
 
-    def delta(piece: str | ParsedToolCall) -> bytes:
+    def delta(piece: str | ParsedToolCall) -> bytes | None:
         nonlocal sent_calls
+        if (
+            isinstance(piece, ParsedToolCall)
+            and most_calls is not None
+            and sent_calls >= most_calls
+        ):
+            return None
         if isinstance(piece, str):
             out = Delta(content=piece)
         else:
@@ -258,9 +279,11 @@ async def _chat_stream(
             completion_tokens = event.completion_tokens
             pieces = parser.feed(event.text) if parser else [event.text]
             for piece in pieces:
-                yield delta(piece)
+                if frame := delta(piece):
+                    yield frame
         for piece in parser.close() if parser else []:
-            yield delta(piece)
+            if frame := delta(piece):
+                yield frame
         for frame in _ending(event, end, base, include_usage):
             yield frame
     except Exception as exc:  # the headers are sent: only an error event can tell the client
@@ -344,9 +367,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     params = sampling(
         body, body.max_tokens, len(ids), served.context_length, section, prompt_param="prompt"
     )
-    generation = Generation(
-        served, ids, params, request.app.state.metrics, principal_of(request, section)
-    )
+    metrics = request.app.state.metrics
+    spec = response_format_grammar(body.response_format)
+    kind = str((body.response_format or {}).get("type"))
+    params = await constrain(served, params, (spec, kind) if spec else None, metrics)
+    generation = Generation(served, ids, params, metrics, principal_of(request, section))
     await _start(request, generation)
     echo = text if body.echo else ""
     if body.stream:

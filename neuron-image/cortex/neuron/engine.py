@@ -15,6 +15,8 @@ masks, the forward itself) is model_runner.py's.
 One sequence's failure is its own: when a batched forward or sampling raises, the step is run
 again for each sequence alone, only the ones that still fail end with an error, and the others
 go on (a device fault is different: it is re-raised for the worker to poison the device).
+A sequence with a grammar gets its disallowed tokens masked out of its logits row before sampling
+(grammar.py); it ends when the grammar is complete, and EOS is allowed only then.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cortex.neuron.detokenizer import Detokenizer, StopMatcher
 from cortex.neuron.devices import is_device_fault
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
+from cortex.neuron.grammar import Matcher, apply_bitmask
 from cortex.neuron.model_runner import ModelRunner
 from cortex.neuron.prefix_cache import PrefixCache
 from cortex.neuron.sampling import Sampler, sample
@@ -82,6 +85,7 @@ class _Active:
     row: int = -1  # staging row while prefilling (decoding: its index in Engine._decoding)
     pending: int = field(default=-1)  # last sampled token, fed at the next decode step
     reserved: int = 0  # KV tokens this sequence may grow to (prompt + max_tokens)
+    matcher: Matcher | None = None  # its place in its grammar, if its output is constrained
 
 
 class Engine:
@@ -204,7 +208,9 @@ class Engine:
         )
         ends = [i for i, (a, n) in enumerate(plan) if n == _remaining(a)]
         done = [plan[i][0] for i in ends]
-        tokens = sample(logits[ends], [a.sampler for a in done], [a.generator for a in done])
+        logits = logits[ends]
+        apply_bitmask(logits, [a.matcher for a in done])
+        tokens = sample(logits, [a.sampler for a in done], [a.generator for a in done])
         # State changes only once the forward and sampling went through, so a failed step can be
         # run again (each sequence alone, see _isolate) or abandoned (fail_all).
         for active, n in plan:
@@ -297,6 +303,7 @@ class Engine:
             stops=StopMatcher(seq.params.stop),
             row=min(set(range(self._max_running)) - taken),
             reserved=reserved,
+            matcher=seq.params.grammar.matcher() if seq.params.grammar is not None else None,
         )
         self._reuse_prefix(active)
         return active
@@ -355,6 +362,7 @@ class Engine:
         logits = self._runner.decode(
             [a.pending for a in batch], [a.kv_length for a in batch], first_row=first
         )
+        apply_bitmask(logits, [a.matcher for a in batch])
         tokens = sample(logits, [a.sampler for a in batch], [a.generator for a in batch])
         for active in batch:
             active.kv_length += 1
@@ -370,13 +378,17 @@ class Engine:
         seq.output_ids.append(token)
         active.pending = token
         count = len(seq.output_ids)
+        if active.matcher is not None and (refused := active.matcher.advance(token)) is not None:
+            self._release(active)  # the mask allowed it: a grammar engine fault, this one's only
+            self._emit_finished(seq, "error", error=f"grammar: {refused}")
+            return
         reason: Literal["stop", "length"] | None = None
         text = ""
         if token in self._eos:
             reason = "stop"
         else:
             text = active.stops.feed(active.detokenizer.add(token))
-            if active.stops.matched is not None:
+            if active.stops.matched is not None or (active.matcher and active.matcher.done):
                 reason = "stop"
         if reason is None and (
             count >= active.sampler.max_tokens

@@ -2,13 +2,17 @@
 
 The seam between the neuron's API (server.py) and its runtime (runtime.py, engine, device workers):
 the API turns requests into a prompt (token ids) plus SamplingParams, and reads a stream of
-GenerationEvents. Stop strings are applied by the engine, so stopped text never leaves it.
+GenerationEvents. Stop strings are applied by the engine, so stopped text never leaves it; so is a
+grammar, compiled by the API (a refusal is a 400 before admission) and enforced at every step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from cortex.neuron.grammar import CompiledGrammar
 
 # Used when neither the request nor the model's generation_config sets a value.
 FALLBACK_TEMPERATURE = 1.0
@@ -27,6 +31,8 @@ class SamplingParams:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # The output must follow this grammar (structured output, forced tool calls): grammar.py.
+    grammar: CompiledGrammar | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
@@ -106,6 +107,19 @@ class NeuronMetrics:
             "Whole request time, streams included",
             ["model", "route"],
             buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.constrained = Counter(
+            "cortex_neuron_constrained_requests",
+            "Requests whose output follows a grammar (json_object, json_schema, tool_call)",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.grammar_compile = Histogram(
+            "cortex_neuron_grammar_compile_seconds",
+            "Compiling a grammar that was not cached yet",
+            ["model"],
+            buckets=_COMPILE_BUCKETS,
             registry=r,
         )
         r.register(StatusCollector(status))

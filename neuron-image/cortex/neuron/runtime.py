@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from cortex.neuron.chat_template import render_chat
 from cortex.neuron.devices import Device, discover
 from cortex.neuron.engine import Engine, Sequence
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams
+from cortex.neuron.grammar import CompiledGrammar, GrammarCompiler, GrammarSpec
 from cortex.neuron.prompts import require_unicode
 from cortex.neuron.worker import DeviceWorker
 
@@ -91,6 +93,8 @@ class ServedModel:
             config.max_running, config.max_queue, config.queue_timeout, config.max_per_principal
         )
         self.engine: Engine | None = None
+        self._grammars: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
 
     def render_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
@@ -134,6 +138,24 @@ class ServedModel:
                 if not finished:
                     sequence.cancel()
                 self.replica.last_used = time.time()
+
+    async def compile_grammar(self, spec: GrammarSpec) -> tuple[CompiledGrammar, float | None]:
+        """The compiled grammar (cached) and its compile seconds, None on a hit; off the loop."""
+        if self.engine is None:
+            raise InvalidRequest(
+                f"model {self.id!r} is an embedding model; it cannot enforce a grammar",
+                param="model",
+            )
+        return await asyncio.to_thread(self._grammar_compiler().compile, spec)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        """Built on first use: converting the tokenizer for llguidance takes a second or two."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                tokenizer = self.weights.tokenizer
+                key = f"{self.id}:{getattr(tokenizer, 'name_or_path', '')}:{self.vocab_size}"
+                self._grammars = GrammarCompiler(tokenizer, self.vocab_size, key)
+            return self._grammars
 
     async def embed(
         self, texts: list[str], principal: str = ANYONE

@@ -4,6 +4,7 @@ metrics recorded once, and the engine's sequence cancelled when the client leave
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import time
 from collections.abc import Awaitable
@@ -21,6 +22,7 @@ from cortex.core.errors import (
 )
 from cortex.core.protocol.openai import PromptTokensDetails, SamplingFields, Usage
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
+from cortex.neuron.grammar import GrammarError, GrammarSpec
 from cortex.neuron.metrics import NeuronMetrics
 
 if TYPE_CHECKING:
@@ -71,6 +73,27 @@ def sampling(
         seed=body.seed,
         stop=tuple(body.stop_list()),
     )
+
+
+async def constrain(
+    served: ServedModel,
+    params: SamplingParams,
+    constraint: tuple[GrammarSpec, str] | None,
+    metrics: NeuronMetrics,
+) -> SamplingParams:
+    """`params` with the compiled grammar of `constraint` (spec, kind); a 400 if it cannot be."""
+    if constraint is None:
+        return params
+    spec, kind = constraint
+    try:
+        grammar, seconds = await served.compile_grammar(spec)
+    except GrammarError as exc:
+        param = "tools" if kind == "tool_call" else "response_format"
+        raise InvalidRequest(f"cannot enforce this {param}: {exc}", param=param) from exc
+    if seconds is not None:
+        metrics.grammar_compile.labels(served.id).observe(seconds)
+    metrics.constrained.labels(served.id, kind).inc()
+    return dataclasses.replace(params, grammar=grammar)
 
 
 def usage(finished: Finished) -> Usage:

@@ -144,6 +144,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] = Field(description="one prompt (a string or token ids)")
     echo: StrictBool = False
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None  # vLLM's extension: structured output
 
 
 class EmbeddingRequest(_Open):

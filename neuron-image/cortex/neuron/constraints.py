@@ -1,0 +1,103 @@
+"""What an OpenAI request asks the output to be, as a grammar: pure, request in, GrammarSpec out.
+
+`response_format` json_object / json_schema constrain the whole output to JSON. A forced
+`tool_choice` ("required" or a named function) constrains it to `<tool_call>` blocks, the form
+tools.py parses, whose JSON is `{"name": ..., "arguments": ...}` with that tool's parameter schema;
+one block when `parallel_tool_calls` is false. A forced tool call wins over `response_format`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cortex.core.errors import InvalidRequest
+from cortex.neuron.grammar import JSON_STYLE, GrammarSpec
+from cortex.neuron.tools import CLOSE, OPEN
+
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def response_format_grammar(response_format: dict[str, Any] | None) -> GrammarSpec | None:
+    """The grammar of `response_format`; None for plain text."""
+    if not response_format:
+        return None
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return GrammarSpec.json_schema(_ANY_OBJECT)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if schema is None:
+            schema = _ANY_OBJECT  # OpenAI allows a name without a schema: any JSON object
+        if not isinstance(schema, dict):
+            raise InvalidRequest(
+                "response_format.json_schema.schema must be an object",
+                param="response_format.json_schema.schema",
+            )
+        return GrammarSpec.json_schema(schema)
+    raise InvalidRequest(
+        f"response_format type {kind!r} is not supported; use text, json_object or json_schema",
+        param="response_format.type",
+    )
+
+
+def forced_tools(
+    tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None
+) -> list[dict[str, Any]] | None:
+    """The tools one of which must be called (OpenAI shape), or None when calling is optional."""
+    if tool_choice == "required":
+        if not tools:
+            raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")
+        return tools
+    if not isinstance(tool_choice, dict):
+        return None
+    name = (tool_choice.get("function") or {}).get("name")
+    named = [t for t in tools or [] if t["function"]["name"] == name]
+    if not named:
+        raise InvalidRequest(
+            f"tool_choice names {name!r}, which is not among the request's tools",
+            param="tool_choice",
+        )
+    return named
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], parallel: bool) -> GrammarSpec:
+    """`<tool_call>` blocks calling one of `tools` with schema-valid arguments; one unless parallel."""
+    calls = [_call_schema(t["function"]) for t in tools]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    newline, head, tail = json.dumps("\n"), json.dumps(OPEN + "\n"), json.dumps("\n" + CLOSE)
+    lines = [
+        f"start: block ({newline} block)*" if parallel else "start: block",
+        f"block: {head} call {tail}",
+        f"call: %json {json.dumps({**schema, 'x-guidance': JSON_STYLE})}",
+    ]
+    return GrammarSpec("lark", "\n".join(lines))
+
+
+def chat_constraint(
+    tools: list[dict[str, Any]] | None,
+    tool_choice: str | dict[str, Any] | None,
+    parallel_tool_calls: bool | None,
+    response_format: dict[str, Any] | None,
+) -> tuple[GrammarSpec, str] | None:
+    """The grammar a chat request's output must follow and its kind (for metrics); None if free."""
+    forced = forced_tools(tools, tool_choice) if tool_choice != "none" else None
+    if forced is not None:
+        return tool_call_grammar(forced, parallel_tool_calls is not False), "tool_call"
+    spec = response_format_grammar(response_format)
+    if spec is None:
+        return None
+    return spec, str((response_format or {}).get("type"))
+
+
+def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
+    parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": function["name"]}, "arguments": parameters},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }

