@@ -89,7 +89,13 @@ class NeuronClient:
 
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A non-streaming inference call (e.g. /v1/chat/completions); returns the JSON body."""
-        result: dict[str, Any] = (await self._request("POST", path, json=body)).json()
+        answer = await self._request("POST", path, json=body)
+        try:
+            result = answer.json()
+        except ValueError:  # a broken neuron (or something else on its port): not a gateway bug
+            result = None
+        if not isinstance(result, dict):
+            raise NeuronUnavailable(f"neuron {self.endpoint} answered {path} with no JSON object")
         return result
 
     @asynccontextmanager
