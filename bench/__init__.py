@@ -23,4 +23,5 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "coldstart": ("bench.coldstart", "P3 time from request to first token, model not loaded"),
     "placement": ("bench.placement", "P4 cold loads of lru/priority vs Belady on a Zipf trace"),
     "operator": ("bench.operator", "P5 operator reconcile at fleet scale"),
+    "soak": ("bench.soak", "gateway and neuron memory over 10,000 requests"),
 }
