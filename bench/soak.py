@@ -1,9 +1,10 @@
-"""Soak: 10,000 requests through a `cortex gateway` over the stub backend, memory sampled.
+"""Soak: 10,000 requests through a `cortex gateway`, the gateway's and the neuron's memory sampled.
 
-The gateway and the stub (standing in for the neuron, so that only the gateway's own memory moves)
-run as child processes; this process sends a mix of every dialect, streamed and not, from
-`--concurrency` workers and samples both processes' resident memory (VmRSS) every `--every`
-requests. Growth is the last sample minus the sample at the end of warm-up: a gateway that keeps
+The neuron is the stub backend by default (so that only the gateway's own memory moves), or with
+`--backend neuron` a real `cortex neuron` serving the default chat model. Both run as child
+processes; this process sends a mix of every dialect, streamed and not, from `--concurrency`
+workers and samples each process group's resident memory (VmRSS summed, so a neuron's device
+workers count) every `--every` requests. Growth is the last sample minus the sample at the end of warm-up: a gateway that keeps
 something per request shows it as a slope. Target: gateway growth < 5 MiB after warm-up.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -20,13 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
+import httpx
 
 from bench import machine
-from bench.gateway import MESSAGES, cortex_server, stub_server
+from bench.gateway import MESSAGES, stub_server
 from bench.loadgen import Call, LoadError, request, session
-from bench.processes import ServerProcess, free_port
+from bench.processes import ServerProcess, cortex_cli, free_port
 from bench.report import Report, publish
 from bench.stub_backend import STUB_MODEL
+from cortex.core.catalogue import DEFAULT_CHAT_MODEL
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -35,10 +39,10 @@ TARGET_MIB = 5.0
 MIB = 2**20
 
 
-def calls(base_url: str) -> list[Call]:
+def calls(base_url: str, model: str = STUB_MODEL, max_tokens: int = 16) -> list[Call]:
     """One of each: OpenAI chat, Anthropic messages and Responses, streamed and not."""
-    chat = {"model": STUB_MODEL, "messages": MESSAGES, "max_tokens": 16}
-    responses = {"model": STUB_MODEL, "input": "Say hello.", "max_output_tokens": 16}
+    chat = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens}
+    responses = {"model": model, "input": "Say hello.", "max_output_tokens": max_tokens}
     bodies = [
         ("/v1/chat/completions", chat),
         ("/v1/messages", chat),
@@ -51,13 +55,24 @@ def calls(base_url: str) -> list[Call]:
     ]
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process now (VmRSS from /proc)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+def rss_bytes(group: int) -> int:
+    """Resident memory of a server's process group now (VmRSS from /proc, summed)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != group:
+                continue
+            with (entry / "status").open() as status:
+                total += next(
+                    int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:")
+                )
+        except (OSError, StopIteration):  # gone meanwhile, or a zombie without memory
+            continue
+    if not total:
+        raise RuntimeError(f"no process of group {group} has memory")
+    return total
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,7 @@ class Soak:
     samples: list[Sample]
     errors: int
     seconds: float
+    neuron: str  # what served: "neuron (stub)" or "neuron (<model>)"
 
     def at_warmup(self) -> Sample:
         return next(s for s in self.samples if s.requests >= self.warmup)
@@ -95,7 +111,7 @@ async def soak(
     base_url: str, gateway: ServerProcess, stub: ServerProcess, sizes: argparse.Namespace
 ) -> Soak:
     """`sizes.total` requests from `sizes.concurrency` workers, taking the calls in turn."""
-    mix = calls(base_url)
+    mix = calls(base_url, sizes.model, sizes.max_tokens)
     started = time.perf_counter()
     samples = [Sample(0, 0.0, rss_bytes(gateway.pid), rss_bytes(stub.pid))]
     next_index, done, errors = 0, 0, 0
@@ -119,18 +135,55 @@ async def soak(
 
     async with session(sizes.concurrency) as http:
         await asyncio.gather(*(worker(http) for _ in range(sizes.concurrency)))
-    return Soak(sizes.total, sizes.warmup, samples, errors, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return Soak(sizes.total, sizes.warmup, samples, errors, seconds, neuron_label(sizes))
+
+
+def neuron_label(sizes: argparse.Namespace) -> str:
+    return "neuron (stub)" if sizes.backend == "stub" else f"neuron ({sizes.model})"
+
+
+def neuron_server(port: int, workdir: Path, model: str) -> ServerProcess:
+    """A real `cortex neuron` preloading `model`; ready once the model is."""
+    config = workdir / "neuron.toml"
+    config.write_text(f"[neuron]\nname = 'soak'\nport = {port}\npreload = ['{model}']\n")
+
+    def ready(client: httpx.Client) -> bool:
+        models = client.get("/status").json()["models"]
+        return any(m["id"] == model and m["state"] == "ready" for m in models)
+
+    argv = [*cortex_cli(), "neuron", "--config", str(config)]
+    return ServerProcess("neuron", argv, ready, base_url=f"http://127.0.0.1:{port}")
+
+
+def gateway_server(neuron_port: int, workdir: Path, model: str) -> ServerProcess:
+    """`cortex gateway` over the one neuron; ready once a chat completion goes through."""
+    port = free_port()
+    config = workdir / "cortex.toml"
+    config.write_text(
+        f"[gateway]\nlisten = '127.0.0.1:{port}'\nmetrics_listen = ''\n"
+        f"[[neurons]]\nname = 'soak'\nendpoint = 'http://127.0.0.1:{neuron_port}'\n"
+    )
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 1}
+
+    def ready(client: httpx.Client) -> bool:
+        return client.post("/v1/chat/completions", json=body).status_code == 200
+
+    argv = [*cortex_cli(), "gateway", "--config", str(config)]
+    return ServerProcess("gateway", argv, ready, base_url=f"http://127.0.0.1:{port}")
 
 
 def run(sizes: argparse.Namespace) -> Soak:
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp,
-        stub_server(free_port()) as stub,
-    ):
-        stub_port = int(stub.base_url.rsplit(":", 1)[1])
-        with cortex_server(stub_port, Path(tmp)) as gateway:
+    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
+        port = free_port()
+        backend = (
+            neuron_server(port, Path(tmp), sizes.model)
+            if sizes.backend == "neuron"
+            else stub_server(port)
+        )
+        with backend, gateway_server(port, Path(tmp), sizes.model) as gateway:
             print(f"soaking {gateway.base_url} with {sizes.total} requests ...", flush=True)
-            return asyncio.run(soak(gateway.base_url, gateway, stub, sizes))
+            return asyncio.run(soak(gateway.base_url, gateway, backend, sizes))
 
 
 def draw(result: Soak) -> Callable[[Figure], None]:
@@ -138,7 +191,7 @@ def draw(result: Soak) -> Callable[[Figure], None]:
         axes = figure.subplots()
         xs = [s.requests for s in result.samples]
         axes.plot(xs, [s.gateway_rss / MIB for s in result.samples], label="gateway")
-        axes.plot(xs, [s.neuron_rss / MIB for s in result.samples], label="neuron (stub)")
+        axes.plot(xs, [s.neuron_rss / MIB for s in result.samples], label=result.neuron)
         axes.axvline(result.warmup, color="grey", linestyle=":", label="end of warm-up")
         axes.set_xlabel("requests answered")
         axes.set_ylabel("RSS (MiB)")
@@ -154,7 +207,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--every", type=int, default=250, help="requests between two samples")
     parser.add_argument("--small", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument(
+        "--backend", choices=("stub", "neuron"), default="stub", help="what the gateway routes to"
+    )
+    parser.add_argument("--max-tokens", type=int, default=None, help="per request (16; neuron 4)")
     args = parser.parse_args(argv)
+    args.model = STUB_MODEL if args.backend == "stub" else DEFAULT_CHAT_MODEL
+    if args.max_tokens is None:
+        args.max_tokens = 16 if args.backend == "stub" else 4
     if args.small:
         args.total, args.warmup, args.concurrency, args.every = 240, 60, 4, 30
     if not 0 < args.warmup < args.total:
@@ -176,7 +236,7 @@ def main(argv: list[str]) -> int:
             result.growth(field),
             result.peak_growth(field),
         ]
-        for name, field in (("gateway", "gateway_rss"), ("neuron (stub)", "neuron_rss"))
+        for name, field in (("gateway", "gateway_rss"), (result.neuron, "neuron_rss"))
     ]
     notes = [
         f"target gateway RSS growth after warm-up < {TARGET_MIB:.0f} MiB: {growth:+.2f} MiB "
@@ -187,9 +247,8 @@ def main(argv: list[str]) -> int:
     publish(
         Report(
             name="soak",
-            title="Soak: gateway and neuron memory over 10,000 requests (stub backend)"
-            if not args.small
-            else "Soak (small): gateway and neuron memory (stub backend)",
+            title=f"Soak: gateway and neuron memory over {args.total:,} requests, "
+            f"{args.backend} backend ({args.model})",
             columns=[
                 "process",
                 "RSS after warm-up MiB",
