@@ -180,7 +180,7 @@ def test_with_every_neuron_dead_the_gateway_says_503_with_retry_after(fleet: Fle
     for dialect in DIALECTS:
         answer = _complete(fleet, dialect)
         assert answer.status_code == 503, answer.text
-        assert int(answer.headers["retry-after"]) >= 1
+        assert int(answer.headers.get("retry-after", 0)) >= 1, (answer.headers, answer.text)
         message = dialect.error_of(answer.json())["message"]
         assert "127.0.0.1" not in message  # names neurons, never their internal addresses
     eventually(lambda: status_is(f"{fleet.gateway}/readyz", 503), 10, "/readyz says not ready")
