@@ -25,4 +25,5 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "operator": ("bench.operator", "P5 operator reconcile at fleet scale"),
     "overload": ("bench.overload", "200 and 500 clients on cortex up: 429s, not an outage"),
     "structured": ("bench.structured", "constrained decoding cost per token, grammar compile"),
+    "soak": ("bench.soak", "gateway and neuron memory over 10,000 requests"),
 }

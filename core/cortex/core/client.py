@@ -127,7 +127,12 @@ class NeuronClient:
     ) -> dict[str, Any]:
         """A non-streaming inference call (e.g. /v1/chat/completions); returns the JSON body."""
         answer = await self._request("POST", path, json=body, headers=headers)
-        result: dict[str, Any] = answer.json()
+        try:
+            result = answer.json()
+        except ValueError:  # a broken neuron (or something else on its port): not a gateway bug
+            result = None
+        if not isinstance(result, dict):
+            raise NeuronUnavailable(f"neuron {self.name} answered {path} with no JSON object")
         return result
 
     @asynccontextmanager
