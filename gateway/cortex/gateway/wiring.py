@@ -19,7 +19,7 @@ from cortex.core.errors import CortexError
 from cortex.core.kube_api import KubeApi, KubeLogin
 from cortex.core.placement.model import Policy
 from cortex.gateway.auth import Authenticator, Principal
-from cortex.gateway.budget import worst_case
+from cortex.gateway.budget import check_output_limit, worst_case
 from cortex.gateway.call import Accounting, Call, Surface
 from cortex.gateway.catalogue import Catalogue, FleetModelCard, LiveCatalogue
 from cortex.gateway.demand import DemandSignal
@@ -174,6 +174,8 @@ class Gateway:
         principal: Principal = request.state.principal
         spec = self.catalogue.resolve(model)
         self.auth.authorize(principal, spec)
+        if body is not None:
+            check_output_limit(spec, body)
         tokens = (
             worst_case(body, embedding=spec.kind == "embedding", context=spec.context)
             if body is not None
@@ -188,6 +190,7 @@ class Gateway:
             affinity=affinity,
             disconnected=request.is_disconnected,
             reservation=reservation,
+            cost=spec.cost,
         )
         request.state.call = call
         return call
