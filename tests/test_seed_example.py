@@ -80,6 +80,7 @@ def test_the_seed_example_runs(tmp_path: Path) -> None:
     records = [json.loads(line) for line in err.splitlines() if line.strip()]
     messages = [r["message"] for r in records]
     assert sum("Started server process" in m for m in messages) == 1
+    assert sum("Finished server process" in m for m in messages) == 1
     polls = [m for m in messages if '"GET /status ' in m]
     assert polls == []
     refused_line = [r for r in records if "POST /v1/chat/completions" in r["message"]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import ClassVar
 
 from cortex.core.request_context import internal_poll, request_id
 
@@ -39,14 +40,17 @@ class SkipInternalPolls(logging.Filter):
 
 
 class StartedOnce(logging.Filter):
-    """Two uvicorn servers (API and metrics) in one process each say `Started server process`."""
+    """Two or three uvicorn servers (API, metrics, `cortex up`'s neuron) in one process each say
+    `Started server process` and `Finished server process`: say each once."""
 
-    said = False
+    ONCE = ("Started server process [%d]", "Finished server process [%d]")
+    said: ClassVar[set[str]] = set()  # per process: the servers share the logger
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg != "Started server process [%d]":
+        if record.msg not in self.ONCE:
             return True
-        first, StartedOnce.said = not StartedOnce.said, True
+        first = record.msg not in StartedOnce.said
+        StartedOnce.said.add(str(record.msg))
         return first
 
 
