@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -196,3 +197,36 @@ def test_preload_model_equals_source_becomes_a_catalogue_entry(tmp_path: Path) -
     config = neuron_config(args)
     assert config.neuron.preload == ["mine", "smollm2"]
     assert [(m.id, m.source) for m in config.models] == [("mine", f"file:{gguf}")]
+
+
+def test_gateway_prints_its_banner_on_start() -> None:
+    port, metrics = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORTEX_")}
+    argv = [
+        sys.executable,
+        "-m",
+        "cortex.core.cli",
+        "gateway",
+        "--config",
+        str(SEED / "cortex.toml"),
+    ]
+    argv += ["--port", str(port), "--metrics-port", str(metrics)]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    watchdog = threading.Timer(60, proc.kill)  # a missing banner line fails, never hangs
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        banner = [proc.stdout.readline() for _ in range(6)]  # blocks until printed, or EOF
+    finally:
+        watchdog.cancel()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    text = "".join(banner)
+    assert f"API      http://127.0.0.1:{port}/v1" in text
+    assert f"metrics  http://127.0.0.1:{metrics}/metrics" in text
+    assert f"config   {SEED / 'cortex.toml'}" in text
+    assert "model    smollm2-135m-instruct (chat)" in text
+    assert "model    all-minilm-l6-v2 (embedding)" in text
+    assert "no [[neurons]] in the config" in err and "Traceback" not in err
