@@ -97,3 +97,21 @@ async def test_a_request_id_goes_from_client_to_neuron_and_back() -> None:
     generated = made.headers["x-request-id"]
     assert len(generated) == 32 and generated != "req-42"
     assert recorder.seen == ["req-42", generated]
+
+
+async def test_the_guess_never_names_a_model_the_key_may_not_use() -> None:
+    n1 = FakeNeuron("n1", loaded={"secret-model": GiB, "open-model": GiB})
+    keys = [{"name": "narrow", "key": "sk-narrow", "models": ["open-model"]}]
+    async with cluster(
+        n1,
+        catalogue=[spec("secret-model"), spec("open-model")],
+        auth={"enabled": True, "keys": keys},
+    ) as c:
+        client = c.openai("sk-narrow")
+        for typo, guess in (("secret-modl", None), ("open-modl", "open-model")):
+            with pytest.raises(openai.NotFoundError) as caught:
+                await client.chat.completions.create(
+                    model=typo, messages=[{"role": "user", "content": "hi"}]
+                )
+            assert "secret-model" not in caught.value.message
+            assert (f"did you mean {guess}?" in caught.value.message) == (guess is not None)

@@ -13,9 +13,9 @@ from typing import Any
 
 from fastapi import Request
 
-from cortex.core.catalogue import ModelSpec, merge_catalogues
+from cortex.core.catalogue import ModelSpec, merge_catalogues, unknown_model
 from cortex.core.config import GatewayConfig, NeuronEntry
-from cortex.core.errors import CortexError
+from cortex.core.errors import CortexError, ModelNotFound
 from cortex.core.kube_api import KubeApi, KubeLogin
 from cortex.core.placement.model import Policy
 from cortex.gateway.auth import Authenticator, Principal
@@ -172,7 +172,12 @@ class Gateway:
         (`body`'s; nothing for a body-less call) from their budget. The call, holding the
         reservation, is kept on the request: CallScope ends it, whatever happens."""
         principal: Principal = request.state.principal
-        spec = self.catalogue.resolve(model)
+        try:
+            spec = self.catalogue.resolve(model)
+        except ModelNotFound:
+            # Guess only among models this caller may use: a hint must not reveal the others.
+            visible = [s for s in self.catalogue.specs() if self.auth.allows(principal, s)]
+            raise ModelNotFound(unknown_model(visible, model), param="model") from None
         self.auth.authorize(principal, spec)
         if body is not None:
             check_output_limit(spec, body)
