@@ -54,11 +54,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_gateway_on_a_taken_port(taken_port: int) -> None:
-    line = one_line_error(
-        cortex("gateway", "--port", str(taken_port), "--metrics-port", str(free_port()))
-    )
-    assert f"127.0.0.1:{taken_port}: already in use" in line and "--port" in line
+@pytest.mark.parametrize("command", ["gateway", "up"])
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_gateway_on_a_taken_port(command: str, flag: str, taken_port: int) -> None:
+    other = "--metrics-port" if flag == "--port" else "--port"
+    line = one_line_error(cortex(command, flag, str(taken_port), other, str(free_port())))
+    assert f"127.0.0.1:{taken_port}: already in use" in line and f"({flag})" in line
 
 
 def test_neuron_on_a_taken_port(taken_port: int) -> None:

@@ -197,12 +197,12 @@ async def gateway(args: argparse.Namespace) -> None:
 
 async def up(args: argparse.Namespace) -> None:
     """Gateway plus an in-process neuron on a private loopback port: one command, one machine."""
-    from cortex.gateway.app import serve as serve_gateway
+    config = gateway_config(args)
+    check_gateway_ports(config)
+    from cortex.gateway.app import serve as serve_gateway  # torch: after the one-line checks
     from cortex.neuron.runtime import NeuronRuntime
     from cortex.neuron.server import create_app
 
-    config = gateway_config(args)
-    check_gateway_ports(config)
     catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
     local = in_process_neuron(args)
     local.models = merge_catalogues(catalogue, local.models)
