@@ -256,7 +256,10 @@ class NeuronRuntime:
             base = known.model_dump() if known else {"id": request.model}
             return ModelSpec.model_validate(base | {"source": request.source})
         if known is None:
-            problem = "is not in this neuron's catalogue (give a source: --preload MODEL=SOURCE)"
+            problem = (
+                "is not in this neuron's catalogue; give a source "
+                "(`cortex models load MODEL --source ...`, `--preload MODEL=SOURCE`)"
+            )
             raise ModelNotFound(unknown_model(self.catalogue, request.model, problem))
         return known
 
