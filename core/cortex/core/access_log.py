@@ -91,7 +91,7 @@ def configure_logging(level: int, log_format: str = "text") -> None:
     handler.setFormatter(
         JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT)
     )
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler])  # a no-op where one is set (tests)
 
 
 def tidy_server_logs() -> None:
