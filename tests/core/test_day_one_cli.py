@@ -145,6 +145,9 @@ def test_config_check_names_a_bad_seed_key(tmp_path: Path) -> None:
     models.write_text('[[models]]\nid = "a"\nsource = "hf:x/a"\nlimit = { outptu = 5 }\n')
     line = one_line_error(cortex("config", "check", str(models)))
     assert "models[0].limit: unknown key" in line
+    models.write_text('[[models]]\nid = "a"\nsource = "hf:x/a"\nvram_mb = "lots"\n')
+    line = one_line_error(cortex("config", "check", str(models)))
+    assert line == f"cortex: {models}: models[0].vram_mb: expected a number of MiB, got 'lots'"
 
 
 def test_conversions_are_keyed_by_content(tmp_path: Path) -> None:

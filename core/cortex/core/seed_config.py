@@ -49,7 +49,10 @@ def from_seed_models(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
 def _model(entry: dict[str, Any], index: int, notes: list[str]) -> dict[str, Any]:
     where = f"models[{index}]"
     if "vram_mb" in entry:
-        entry["memory"] = int(entry.pop("vram_mb") * MIB)
+        vram = entry.pop("vram_mb")
+        if isinstance(vram, bool) or not isinstance(vram, int | float) or vram < 0:
+            raise ValueError(f"{where}.vram_mb: expected a number of MiB, got {vram!r}")
+        entry["memory"] = int(vram * MIB)
         notes.append(f"{where}.vram_mb -> memory (MiB)")
     if "residency_priority" in entry:
         entry["priority"] = entry.pop("residency_priority")
