@@ -1,9 +1,15 @@
-"""Access logs without secrets: uvicorn's access lines keep the path and drop the query string,
-where a client may have put an API key (`?api_key=`) or a token (docs/security.md)."""
+"""Server logs a user can read: uvicorn's access lines without secrets (the query string, where a
+client may have put an API key or a token: docs/security.md) and without cortex's own internal
+polls; `Started server process` once; every record with its request id; JSON on request."""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from typing import ClassVar
+
+from cortex.core.request_context import internal_poll, request_id
 
 ACCESS_LOGGER = "uvicorn.access"
 REDACTED = "[redacted]"
@@ -26,9 +32,81 @@ def _without_query(arg: object) -> object:
     return arg
 
 
-def redact_access_log() -> None:
-    """Install the filter on uvicorn's access logger (idempotent). Call it after building a
+class SkipInternalPolls(logging.Filter):
+    """The gateway polls each neuron every poll_interval; those lines would bury the real ones."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not internal_poll.get()
+
+
+class StartedOnce(logging.Filter):
+    """Two or three uvicorn servers (API, metrics, `cortex up`'s neuron) in one process each say
+    `Started server process` and `Finished server process`: say each once."""
+
+    ONCE = ("Started server process [%d]", "Finished server process [%d]")
+    said: ClassVar[set[str]] = set()  # per process: the servers share the logger
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in self.ONCE:
+            return True
+        first = record.msg not in StartedOnce.said
+        StartedOnce.said.add(str(record.msg))
+        return first
+
+
+class RequestIdField(logging.Filter):
+    """Puts the current request's id on every record (`-` outside a request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get() or "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id (and the exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", None) or request_id.get(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_LOG_FORMAT = {"value": "text"}
+
+
+def configure_logging(level: int, log_format: str = "text") -> None:
+    """The root handler for cortex's own records; uvicorn's are set up by tidy_server_logs."""
+    _LOG_FORMAT["value"] = log_format
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdField())
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT)
+    )
+    logging.basicConfig(level=level, handlers=[handler])  # a no-op where one is set (tests)
+
+
+def tidy_server_logs() -> None:
+    """Install the filters on uvicorn's loggers (idempotent), and with --log-format json send
+    uvicorn's records through the JSON root handler. Call it after building every
     uvicorn.Config, which (re)configures uvicorn's loggers."""
-    logger = logging.getLogger(ACCESS_LOGGER)
-    if not any(isinstance(f, RedactQuery) for f in logger.filters):
-        logger.addFilter(RedactQuery())
+    access, error = logging.getLogger(ACCESS_LOGGER), logging.getLogger("uvicorn.error")
+    for logger, kind in ((access, RedactQuery), (access, SkipInternalPolls), (error, StartedOnce)):
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
+    if _LOG_FORMAT["value"] == "json":
+        for name in ("uvicorn", "uvicorn.error", ACCESS_LOGGER):
+            logger = logging.getLogger(name)
+            logger.handlers.clear()
+            logger.propagate = True
+
+
+redact_access_log = tidy_server_logs  # the name call sites used before the other filters

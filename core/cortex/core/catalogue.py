@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Annotated, Literal
 
@@ -42,6 +43,17 @@ ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
 Seconds = Annotated[float, BeforeValidator(parse_seconds), Field(ge=0)]
 
 
+class ModelCost(BaseModel):
+    """US dollars per million tokens of each kind (the seed's `cost` table)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: float = Field(default=0.0, ge=0)
+    output: float = Field(default=0.0, ge=0)
+    cache_read: float = Field(default=0.0, ge=0)
+    cache_write: float = Field(default=0.0, ge=0)
+
+
 class ModelSpec(BaseModel):
     """One [[models]] entry of models.toml: a model cortex may serve."""
 
@@ -63,6 +75,17 @@ class ModelSpec(BaseModel):
     idle_ttl: Seconds | None = Field(default=None, description="unload after this long unused")
     context: int | None = Field(default=None, ge=1, description="context limit in tokens")
     dtype: str | None = Field(default=None, description="float32, bfloat16, float16 or auto")
+    max_input_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="the seed's limit.input: kept and shown; prompts are bounded by context",
+    )
+    max_output_tokens: int | None = Field(
+        default=None, ge=1, description="largest max_tokens a request may ask for (else 400)"
+    )
+    cost: ModelCost | None = Field(
+        default=None, description="prices per million tokens, for cortex_spend_usd_total"
+    )
 
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
@@ -92,6 +115,23 @@ def merge_catalogues(*catalogues: list[ModelSpec] | tuple[ModelSpec, ...]) -> li
         for spec in catalogue:
             merged[spec.id] = spec
     return list(merged.values())
+
+
+def close_match(catalogue: list[ModelSpec], name: str) -> str | None:
+    """The model id a mistyped name most likely meant (an alias's match names its model)."""
+    names = {spec.id: spec.id for spec in catalogue}
+    for spec in catalogue:
+        for alias in spec.aliases:
+            names.setdefault(alias, spec.id)
+    matches = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return names[matches[0]] if matches else None
+
+
+def unknown_model(catalogue: list[ModelSpec], name: str, problem: str = "does not exist") -> str:
+    """`model 'x' does not exist; did you mean 'y'?` when a close match exists."""
+    message = f"model {name!r} {problem}"
+    guess = close_match(catalogue, name)
+    return f"{message}; did you mean {guess}?" if guess else message
 
 
 def resolve_alias(catalogue: list[ModelSpec], name: str) -> ModelSpec | None:

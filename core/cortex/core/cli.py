@@ -9,8 +9,10 @@ import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
+from cortex.core.access_log import configure_logging
 from cortex.core.config import ConfigError
 from cortex.core.errors import CortexError
 
@@ -32,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="cortex", description="Self-hosted LLM fleet gateway (OpenAI + Anthropic APIs)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default=_env("log-format") or "text",
+        help="json: one object per line with a request_id, for log collectors "
+        "[env CORTEX_LOG_FORMAT]",
+    )  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="gateway + an in-process neuron on this machine")
@@ -48,8 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     _flag(neuron, "admin-token", "token required by load/unload (visible in ps: prefer the file)")
     _flag(neuron, "admin-token-file", "file holding the admin token")
     neuron.add_argument(
-        "--preload", nargs="*", default=_split(_env("preload")), metavar="MODEL",
-        help="models to load at start [env CORTEX_PRELOAD, comma separated]",
+        "--preload", nargs="*", default=_split(_env("preload")), metavar="MODEL[=SOURCE]",
+        help="models to load at start; MODEL=SOURCE loads one no catalogue names "
+        "(pkg:, file: or hf: source) [env CORTEX_PRELOAD, comma separated]",
     )  # fmt: skip
 
     gateway = commands.add_parser(
@@ -83,6 +91,22 @@ def _parser() -> argparse.ArgumentParser:
     unload = actions.add_parser("unload", help="unload a model")
     unload.add_argument("model")
     unload.add_argument("--force", action="store_true", help="even with requests in flight")
+
+    config = commands.add_parser("config", help="check a config file")
+    config_actions = config.add_subparsers(dest="action", metavar="ACTION", required=True)
+    check = config_actions.add_parser(
+        "check", help="validate cortex.toml, neuron.toml or models.toml and show what it means"
+    )
+    check.add_argument("file")
+
+    cache = commands.add_parser("cache", help="the converted-weights (GGUF) cache")
+    _flag(cache, "cache-dir", "cache directory (default ~/.cache/cortex)")
+    cache_actions = cache.add_subparsers(dest="action", metavar="ACTION", required=True)
+    cache_actions.add_parser("list", help="converted models, their size and source")
+    prune = cache_actions.add_parser(
+        "prune", help="remove conversions whose GGUF file is gone (--all: every conversion)"
+    )
+    prune.add_argument("--all", action="store_true", help="remove every conversion")
 
     bench = commands.add_parser("bench", help="run benchmarks (see bench/)")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to `python -m bench`")
@@ -137,10 +161,7 @@ def _split(value: str | None) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return _dispatch(args)
@@ -176,6 +197,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(commands.models(args))
     elif args.command == "operator":
         return commands.operator(args)
+    elif args.command == "config":
+        from cortex.core.config_check import check
+
+        print("\n".join(check(Path(args.file))))
+    elif args.command == "cache":
+        return commands.cache(args)
     elif args.command == "bench":
         return commands.bench(args.args)
     return 0

@@ -17,6 +17,7 @@ from cortex.core.errors import (
     error_from_code,
 )
 from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, NeuronStatus, UnloadRequest
+from cortex.core.request_context import INTERNAL_AGENT, REQUEST_ID_HEADER, request_id
 
 # Reads while streaming can legitimately pause for a long prefill; connects must fail fast.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=600.0, write=30.0, pool=30.0)
@@ -60,6 +61,13 @@ def _raise_for(response: httpx.Response, body: bytes) -> None:
     )
 
 
+async def _pass_request_id(request: httpx.Request) -> None:
+    """The client request's id goes on to the neuron, so both logs carry the same id."""
+    rid = request_id.get()
+    if rid and REQUEST_ID_HEADER not in request.headers:
+        request.headers[REQUEST_ID_HEADER] = rid
+
+
 class NeuronClient:
     """Async HTTP client for one neuron's lifecycle and inference APIs."""
 
@@ -77,12 +85,14 @@ class NeuronClient:
         # What errors call the neuron: clients of a gateway must not learn internal addresses.
         self.name = name or self.endpoint
         headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+        headers["User-Agent"] = f"{INTERNAL_AGENT}1"  # kept out of access logs
         self._http = httpx.AsyncClient(
             base_url=self.endpoint,
             headers=headers,
             timeout=timeout,
             transport=transport,
             limits=limits or httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            event_hooks={"request": [_pass_request_id]},
         )
 
     async def aclose(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import os
 import secrets
 import socket
@@ -21,19 +22,27 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cortex.core import kube_api
 from cortex.core.access_log import redact_access_log
-from cortex.core.catalogue import DEFAULT_CATALOGUE, merge_catalogues
+from cortex.core.catalogue import (
+    DEFAULT_CATALOGUE,
+    ModelSpec,
+    merge_catalogues,
+    resolve_alias,
+    unknown_model,
+)
 from cortex.core.client import NeuronClient
 from cortex.core.config import (
     ConfigError,
     GatewayConfig,
     NeuronConfig,
     NeuronEntry,
+    NeuronSection,
     load_config,
     load_gateway_config,
 )
 from cortex.core.console import NeuronRow, print_fleet
 from cortex.core.errors import CortexError
 from cortex.core.fleet import DeviceStatus, LoadedModel, LoadRequest, ModelState, NeuronStatus
+from cortex.core.request_context import RequestContext
 from cortex.core.shutdown import Drain, GracefulServer
 
 
@@ -54,8 +63,48 @@ def neuron_config(args: argparse.Namespace) -> NeuronConfig:
         if args.admin_token_file and not args.admin_token:
             section.admin_token, section.admin_token_file = None, Path(args.admin_token_file)
         section.preload = list(args.preload or section.preload)
+    preload_sources(config)
     section.admin_secret()  # a missing or empty token file fails at start, not at the first load
     return config
+
+
+def preload_sources(config: NeuronConfig) -> None:
+    """`MODEL=SOURCE` preload entries become catalogue entries; a bare id must be catalogued, so
+    a typo fails at start in one line rather than in the neuron's start-up."""
+    preload: list[str] = []
+    for entry in config.neuron.preload:
+        model, sep, source = entry.partition("=")
+        if sep:
+            config.models.append(ModelSpec(id=model.strip(), source=source.strip()))
+        preload.append(model.strip())
+    config.neuron.preload = preload
+    catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
+    for model in preload:
+        if resolve_alias(catalogue, model) is None:
+            problem = "is not in the catalogue: use --preload MODEL=SOURCE or a [[models]] entry"
+            raise ConfigError(f"preload: {unknown_model(catalogue, model, problem)}")
+
+
+def check_port(host: str, port: int, what: str) -> None:
+    """Fail in one line when the port is taken, before uvicorn logs a traceback about it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise CortexError(f"{what} {host}:{port}: {reason}") from None
+
+
+def check_gateway_ports(config: GatewayConfig) -> None:
+    for what, listen in (
+        ("gateway.listen (--port)", config.gateway.listen),
+        ("gateway.metrics_listen (--metrics-port)", config.gateway.metrics_listen),
+    ):
+        if listen:
+            host, _, port = listen.rpartition(":")
+            check_port(host, int(port), what)
 
 
 def in_process_neuron(args: argparse.Namespace) -> NeuronConfig:
@@ -76,12 +125,13 @@ async def serve(app: Any, host: str, port: int, drain: Drain | None = None) -> N
 
 
 async def neuron(args: argparse.Namespace) -> None:
-    from cortex.neuron.runtime import NeuronRuntime
+    config = neuron_config(args)
+    check_port(config.neuron.host, config.neuron.port, "neuron port (--port)")
+    from cortex.neuron.runtime import NeuronRuntime  # torch: after the one-line checks
     from cortex.neuron.server import create_app
 
-    config = neuron_config(args)
     app = create_app(NeuronRuntime(config))  # the app's lifespan starts and stops the runtime
-    await serve(app, config.neuron.host, config.neuron.port, app.state.drain)
+    await serve(RequestContext(app), config.neuron.host, config.neuron.port, app.state.drain)
 
 
 def operator(args: argparse.Namespace) -> int:
@@ -134,6 +184,7 @@ async def gateway(args: argparse.Namespace) -> None:
     from cortex.gateway.app import serve as serve_gateway
 
     config = gateway_config(args)
+    check_gateway_ports(config)
     kubernetes = kubernetes_login(args, config)
     if kubernetes is None and not config.neurons:
         print(
@@ -141,16 +192,18 @@ async def gateway(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
+    print(banner(config, args.config, catalogue), flush=True)
     await serve_gateway(config, catalogue, kubernetes=kubernetes)
 
 
 async def up(args: argparse.Namespace) -> None:
     """Gateway plus an in-process neuron on a private loopback port: one command, one machine."""
-    from cortex.gateway.app import serve as serve_gateway
+    config = gateway_config(args)
+    check_gateway_ports(config)
+    from cortex.gateway.app import serve as serve_gateway  # torch: after the one-line checks
     from cortex.neuron.runtime import NeuronRuntime
     from cortex.neuron.server import create_app
 
-    config = gateway_config(args)
     catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
     local = in_process_neuron(args)
     local.models = merge_catalogues(catalogue, local.models)
@@ -160,7 +213,10 @@ async def up(args: argparse.Namespace) -> None:
     entry = local_entry(local, port)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(runtime, manage_runtime=False), "127.0.0.1", port, log_level="warning"
+            RequestContext(create_app(runtime, manage_runtime=False)),
+            "127.0.0.1",
+            port,
+            log_level="warning",
         )
     )
     redact_access_log()
@@ -171,11 +227,27 @@ async def up(args: argparse.Namespace) -> None:
                 await neuron_task
                 raise CortexError(f"the local neuron could not listen on 127.0.0.1:{port}")
             await asyncio.sleep(0.05)
+        print(banner(config, args.config, catalogue), flush=True)
         await serve_gateway(config, catalogue, extra_neurons=[entry])
     finally:
         server.should_exit = True
         await asyncio.gather(neuron_task, return_exceptions=True)
         await runtime.stop()
+
+
+def banner(config: GatewayConfig, path: str | None, catalogue: list[ModelSpec]) -> str:
+    """What a user needs on start: where the API, the page and the metrics are, which config is
+    in use, and what models there are."""
+    listen = config.gateway.listen
+    metrics = config.gateway.metrics_listen or listen
+    lines = [
+        f"cortex gateway  API      http://{listen}/v1",
+        f"                web page http://{listen}/",
+        f"                metrics  http://{metrics}/metrics",
+        f"                config   {Path(path).expanduser().resolve() if path else '(defaults)'}",
+    ]
+    lines += [f"                model    {spec.id} ({spec.kind})" for spec in catalogue]
+    return "\n".join(lines)
 
 
 def local_entry(local: NeuronConfig, port: int) -> NeuronEntry:
@@ -207,6 +279,9 @@ async def status(endpoint: str, api_key: str | None = None) -> int:
                 ]
         except httpx.HTTPError as exc:
             print(f"cortex: cannot reach {endpoint}: {exc}", file=sys.stderr)
+            return 1
+        except (ValueError, AttributeError):  # not JSON, or JSON of another shape
+            print(f"cortex: {endpoint} is not a cortex gateway or neuron", file=sys.stderr)
             return 1
     print_fleet(rows)
     return 0
@@ -280,6 +355,27 @@ async def _load_with_progress(
     console.print(
         f"{record.id} ready on {', '.join(record.devices)} ({record.memory_bytes / 2**20:.0f} MiB)"
     )
+
+
+def cache(args: argparse.Namespace) -> int:
+    """`cortex cache list|prune`: the converted-weights cache."""
+    from cortex.core import weights_cache
+
+    cache_dir = Path(args.cache_dir or NeuronSection.model_fields["cache_dir"].default)
+    if args.action == "prune":
+        removed = weights_cache.prune(cache_dir, everything=args.all)
+        freed = sum(c.size for c in removed) / 2**20
+        print(f"removed {len(removed)} conversions ({freed:.0f} MiB)")
+        return 0
+    found = weights_cache.conversions(cache_dir)
+    for conversion in found:
+        mark = " (orphaned)" if conversion.orphaned else ""
+        print(f"{conversion.path.name:40} {conversion.size / 2**20:8.0f} MiB{mark}")
+        for source in conversion.sources:
+            print(f"  {source}")
+    if not found:
+        print(f"no conversions in {weights_cache.converted_root(cache_dir)}")
+    return 0
 
 
 def bench(args: list[str]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 import tomllib
@@ -13,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cortex.core.catalogue import ByteSize, ModelSpec, Seconds
 from cortex.core.placement.model import Strategy
+from cortex.core.seed_config import from_seed_gateway, from_seed_models
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -261,16 +265,36 @@ def parse_config(data: dict[str, object], model: type[Config], origin: str) -> C
         raise ConfigError("\n".join(lines)) from None
 
 
-def load_config(path: str | Path, model: type[Config]) -> Config:
-    """Read and validate a TOML config file."""
+def read_config(path: str | Path, model: type[Config]) -> tuple[Config, list[str]]:
+    """Read and validate a TOML config file, the seed's key names included; also returns how
+    seed keys were understood (`vram_mb -> memory`, or that a key is ignored)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(data, model, str(path))
+    notes: list[str] = []
+    try:
+        if model is GatewayConfig:
+            data = from_seed_gateway(data, notes)
+        if "models" in data or "aliases" in data:
+            data = from_seed_models(data, notes)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return parse_config(data, model, str(path)), notes
+
+
+def load_config(path: str | Path, model: type[Config]) -> Config:
+    """Read and validate a TOML config file; seed keys it ignores are logged once."""
+    config, notes = read_config(path, model)
+    for note in notes:
+        if "not supported" in note:
+            log.warning("%s: %s", path, note)
+    return config
 
 
 def load_gateway_config(path: str | Path | None) -> GatewayConfig:
@@ -282,5 +306,7 @@ def load_gateway_config(path: str | Path | None) -> GatewayConfig:
     if models_file is not None:
         if not models_file.is_absolute():
             models_file = Path(path).parent / models_file
+        if not models_file.is_file():
+            raise ConfigError(f"{path}: gateway.models_file: {models_file}: no such file")
         config.models.extend(load_config(models_file, ModelsFile).models)
     return config

@@ -13,6 +13,7 @@ from cortex.core.access_log import redact_access_log
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.core.kube_api import KubeLogin
+from cortex.core.request_context import RequestContext
 from cortex.core.shutdown import DrainGate, GracefulServer
 from cortex.gateway import errors, health, routes_anthropic, routes_openai, routes_responses, web
 from cortex.gateway.call import CallScope
@@ -49,6 +50,7 @@ def create_app(
     app.state.gateway = gateway
     errors.install(app)
     app.add_middleware(CallScope, accounting=lambda: gateway.accounting)
+    app.add_middleware(RequestContext)  # outermost: the id covers the whole call, and its logs
     for module in (routes_openai, routes_anthropic, routes_responses, health, web):
         app.include_router(module.router)
     # On the API port the metrics are part of the admin surface; `metrics_listen` serves them open.

@@ -14,6 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cortex.core.catalogue import ModelSpec
+from cortex.core.errors import InvalidRequest
+
 # A spent balance never refills on its own (an operator raises it); clients are told to wait long.
 BALANCE_RETRY_AFTER = 3600.0
 # The rest of the budget is held by requests in flight; it comes back when they settle.
@@ -58,6 +61,21 @@ def retry_after(
         if excess < 0:
             return max(0.0, at + budget.window - now)
     return RESERVED_RETRY_AFTER
+
+
+def check_output_limit(spec: ModelSpec, body: Mapping[str, Any]) -> None:
+    """A request may not ask for more output than the model's `max_output_tokens` (the seed's
+    `limit.output`)."""
+    if spec.max_output_tokens is None:
+        return
+    for name in _COMPLETION_LIMITS:
+        value = body.get(name)
+        if isinstance(value, int) and value > spec.max_output_tokens:
+            raise InvalidRequest(
+                f"{name} {value} is more than model {spec.id!r} allows "
+                f"({spec.max_output_tokens} output tokens)",
+                param=name,
+            )
 
 
 def worst_case(body: Mapping[str, Any], *, embedding: bool, context: int | None) -> int:

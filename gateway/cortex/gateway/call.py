@@ -9,6 +9,7 @@ from typing import Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cortex.core.catalogue import ModelCost
 from cortex.core.errors import CortexError
 from cortex.core.protocol.openai import Usage
 from cortex.gateway.auth import Principal
@@ -35,6 +36,7 @@ class Call:
     # Set for plain (non-streamed) answers, whose handler is not cancelled when the client goes.
     disconnected: Callable[[], Awaitable[bool]] | None = None
     reservation: Reservation | None = None  # the caller's budget held for this call
+    cost: ModelCost | None = None  # the model's prices, for the spend counters
 
     def token_arrived(self) -> float | None:
         """Mark the first token; returns time to first token the first time, else None."""
@@ -75,11 +77,27 @@ class Accounting:
             return
         m.prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
         m.completion_tokens.labels(*labels).inc(usage.completion_tokens)
+        if call.cost is not None:
+            self.spend(call, usage, call.cost)
         # Streamed: rate after the first token (prefill excluded); otherwise over the whole call.
         since = call.first_token if call.first_token is not None else call.started
         tokens = usage.completion_tokens - (1 if call.first_token is not None else 0)
         if tokens > 0 and now > since:
             m.tokens_per_second.labels(*labels).observe(tokens / (now - since))
+
+    def spend(self, call: Call, usage: Usage, cost: ModelCost) -> None:
+        """Dollars by key and model, at the model's per-million-token prices."""
+        details = usage.prompt_tokens_details
+        cached = details.cached_tokens if details is not None else 0
+        by_kind = {
+            "input": (usage.prompt_tokens - cached) * cost.input,
+            "cache_read": cached * cost.cache_read,
+            "output": usage.completion_tokens * cost.output,
+        }
+        for kind, micro_dollars in by_kind.items():
+            if micro_dollars > 0:
+                spend = self.metrics.spend.labels(call.principal.name, call.model, kind)
+                spend.inc(micro_dollars / 1e6)
 
 
 class CallScope:

@@ -6,7 +6,7 @@ from typing import Literal, Protocol
 
 from pydantic import Field
 
-from cortex.core.catalogue import ModelSpec, merge_catalogues, resolve_alias
+from cortex.core.catalogue import ModelSpec, merge_catalogues, resolve_alias, unknown_model
 from cortex.core.errors import ModelNotFound
 from cortex.core.fleet import ModelState
 from cortex.core.protocol.openai import ModelCard
@@ -98,7 +98,7 @@ class LiveCatalogue:
         """The spec a client's model name (id or alias) means."""
         spec = resolve_alias(self.specs(), name)
         if spec is None:
-            raise ModelNotFound(f"model {name!r} does not exist", param="model")
+            raise ModelNotFound(unknown_model(self.specs(), name), param="model")
         return spec
 
     def last_failure(self, model: str) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cortex.core.catalogue import ModelSpec, resolve_alias
+from cortex.core.catalogue import ModelSpec, resolve_alias, unknown_model
 from cortex.core.errors import ModelNotFound
 from cortex.core.resources import ModelPlacement
 from cortex.gateway.catalogue import FleetModelCard, ModelAvailability, model_card
@@ -55,7 +55,7 @@ class PlacementCatalogue:
     def resolve(self, name: str) -> ModelSpec:
         spec = resolve_alias(self.specs(), name)
         if spec is None:
-            raise ModelNotFound(f"model {name!r} does not exist", param="model")
+            raise ModelNotFound(unknown_model(self.specs(), name), param="model")
         return spec
 
     def card(

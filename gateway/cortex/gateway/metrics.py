@@ -27,6 +27,12 @@ class GatewayMetrics:
         r = self.registry
         per_request = ["model", "neuron", "surface"]
         per_replica = ["model", "neuron"]
+        self.spend = Counter(
+            "cortex_spend_usd",
+            "Spend in US dollars at the catalogue's `cost` prices, by key, model and token kind.",
+            ["key", "model", "kind"],
+            registry=r,
+        )
         self.requests = Counter(
             "cortex_requests", "Requests answered (any outcome).", per_request, registry=r
         )

@@ -13,14 +13,14 @@ from typing import Any
 
 from fastapi import Request
 
-from cortex.core.catalogue import ModelSpec, merge_catalogues
+from cortex.core.catalogue import ModelSpec, merge_catalogues, unknown_model
 from cortex.core.config import GatewayConfig, NeuronEntry
-from cortex.core.errors import CortexError
+from cortex.core.errors import CortexError, ModelNotFound
 from cortex.core.kube_api import KubeApi, KubeLogin
 from cortex.core.placement.model import Policy
 from cortex.core.shutdown import Drain
 from cortex.gateway.auth import Authenticator, Principal
-from cortex.gateway.budget import worst_case
+from cortex.gateway.budget import check_output_limit, worst_case
 from cortex.gateway.call import Accounting, Call, Surface
 from cortex.gateway.catalogue import Catalogue, FleetModelCard, LiveCatalogue
 from cortex.gateway.demand import DemandSignal
@@ -180,8 +180,15 @@ class Gateway:
         if self.drain.draining:
             raise self.drain.refusal("the gateway")
         principal: Principal = request.state.principal
-        spec = self.catalogue.resolve(model)
+        try:
+            spec = self.catalogue.resolve(model)
+        except ModelNotFound:
+            # Guess only among models this caller may use: a hint must not reveal the others.
+            visible = [s for s in self.catalogue.specs() if self.auth.allows(principal, s)]
+            raise ModelNotFound(unknown_model(visible, model), param="model") from None
         self.auth.authorize(principal, spec)
+        if body is not None:
+            check_output_limit(spec, body)
         tokens = (
             worst_case(body, embedding=spec.kind == "embedding", context=spec.context)
             if body is not None
@@ -197,6 +204,7 @@ class Gateway:
             client=request.client.host if request.client else None,
             disconnected=request.is_disconnected,
             reservation=reservation,
+            cost=spec.cost,
         )
         request.state.call = call
         return call

@@ -2,12 +2,11 @@
 
 GGUF files are de-quantized by transformers on every load (slow: the tokenizer and the tensors are
 converted); the converted model is saved once as safetensors under the cache dir, so the next load
-of the same file reads it directly.
+of the same file (by content: core/cortex/core/weights_cache.py) reads it directly.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from cortex.core.errors import ModelLoadFailed
+from cortex.core.weights_cache import conversion_dir, record_source
 from cortex.neuron.devices import Device
 from cortex.neuron.sources import LocalModel
 
@@ -75,22 +75,16 @@ def _materialize(local: LocalModel, cache_dir: Path, progress: Progress) -> tupl
     """A directory to load from: the model's own, or the converted-GGUF cache (filled on first use)."""
     if local.format == "hf":
         return local.path, None
-    cached = _cache_path(local.path, cache_dir)
-    if (cached / "config.json").is_file():
-        return cached, None
-    progress(0.1)
     try:
-        _convert_gguf(local.path, cached)
+        cached = conversion_dir(local.path, cache_dir)
+        if not (cached / "config.json").is_file():
+            progress(0.1)
+            _convert_gguf(local.path, cached)
+        record_source(cached, local.path)
     except OSError as exc:  # a read-only or full cache must not stop the load itself
         log.warning("cannot cache converted %s: %s", local.path, exc)
         return local.path.parent, local.path.name
     return cached, None
-
-
-def _cache_path(gguf: Path, cache_dir: Path) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    return cache_dir.expanduser() / "converted" / f"{gguf.stem}-{key[:16]}"
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:

@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cortex.core.catalogue import DEFAULT_CATALOGUE, ModelSpec, merge_catalogues, resolve_alias
+from cortex.core.catalogue import (
+    DEFAULT_CATALOGUE,
+    ModelSpec,
+    merge_catalogues,
+    resolve_alias,
+    unknown_model,
+)
 from cortex.core.config import NeuronConfig
 from cortex.core.errors import (
     CapacityExhausted,
@@ -294,9 +300,11 @@ class NeuronRuntime:
             base = known.model_dump() if known else {"id": request.model}
             return ModelSpec.model_validate(base | {"source": request.source})
         if known is None:
-            raise ModelNotFound(
-                f"model {request.model!r} is not in this neuron's catalogue; pass a source"
+            problem = (
+                "is not in this neuron's catalogue; give a source "
+                "(`cortex models load MODEL --source ...`, `--preload MODEL=SOURCE`)"
             )
+            raise ModelNotFound(unknown_model(self.catalogue, request.model, problem))
         return known
 
     async def _load(self, replica: Replica, request: LoadRequest) -> Replica:

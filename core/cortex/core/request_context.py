@@ -1,0 +1,47 @@
+"""Who a request is, for logs: its `x-request-id` (taken from the caller, else made here, and
+echoed in the response) and whether it is cortex's own internal poll. The gateway's NeuronClient
+sends the id on to the neuron, so one id follows a request through both logs."""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUEST_ID_HEADER = "x-request-id"
+# NeuronClient's user agent: a GET with it is the gateway's (or operator's) own polling.
+INTERNAL_AGENT = "cortex-gateway/"
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+internal_poll: contextvars.ContextVar[bool] = contextvars.ContextVar("internal_poll", default=False)
+
+
+class RequestContext:
+    """ASGI middleware (outermost): sets the context variables for the request's whole task,
+    where uvicorn also writes its access line, and adds `x-request-id` to the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        given = headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")[:128]
+        rid = given if given.isprintable() and given else uuid.uuid4().hex
+        agent = headers.get(b"user-agent", b"").decode("latin-1")
+        request_id.set(rid)
+        internal_poll.set(scope.get("method") == "GET" and agent.startswith(INTERNAL_AGENT))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (REQUEST_ID_HEADER.encode(), rid.encode("latin-1")),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

