@@ -151,7 +151,8 @@ def _operator_notes(run: OperatorRun) -> list[str]:
         ["plan_fleet() at rest, mean", f"{run.steady_plan_ms:.1f} ms"],
         ["planning share of the ramp", f"{run.ramp_plan_s:.1f} s"],
         ["load calls on the neurons (one per replica: no duplicates)", str(run.loads)],
-        ["Kubernetes Events posted", str(run.events)],
+        ["Kubernetes Events posted, by reason", f"{run.events} {run.event_reasons}"],
+        ["first LoadFailed messages", " | ".join(run.failures) or "none"],
         [
             "operator process RSS before / after / peak",
             f"{run.rss_before_mib:.0f} / {run.rss_after_mib:.0f} / {run.rss_peak_mib:.0f} MiB",

@@ -72,6 +72,7 @@ class OperatorRun:
     neurons_probed_s: float = 0.0
     create_s: float = 0.0  # creating the placements (the clock starts before the first)
     all_ready_s: float | None = None  # None: not all Ready before the timeout
+    ramp_s: float = 0.0  # from the first create until all Ready or the timeout
     ready: int = 0
     phases: dict[str, int] = field(default_factory=dict)
     curve: list[tuple[float, int]] = field(default_factory=list)  # (seconds, placements Ready)
@@ -83,6 +84,8 @@ class OperatorRun:
     plan_profile: list[str] = field(default_factory=list)  # one plan_fleet() at rest, cProfile
     loads: int = 0  # load calls the fake neurons received
     events: int = 0  # Kubernetes Events the operator posted
+    event_reasons: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # a few LoadFailed messages, verbatim
     rss_before_mib: float = 0.0
     rss_after_mib: float = 0.0
     rss_peak_mib: float = 0.0
@@ -90,7 +93,7 @@ class OperatorRun:
 
     @property
     def ramp_rate(self) -> float:
-        return self.ramp_reconciles / self.all_ready_s if self.all_ready_s else 0.0
+        return self.ramp_reconciles / self.ramp_s if self.ramp_s else 0.0
 
     @property
     def steady_rate(self) -> float:
@@ -313,7 +316,12 @@ async def _drive(scale: Scale, url: str, neurons_port: int) -> OperatorRun:
                 await _ramp(scale, http, counts, result, rng)
                 if result.all_ready_s is not None:
                     await _steady(scale, http, counts, result)
-                result.events = len(await listed(http, EVENTS))
+                events = await listed(http, EVENTS)
+                result.events = len(events)
+                result.event_reasons = dict(Counter(str(e.get("reason")) for e in events))
+                result.failures = [
+                    str(e.get("message")) for e in events if e.get("reason") == "LoadFailed"
+                ][:5]
                 result.rss_after_mib, result.rss_peak_mib = rss_mib()
     after = resource.getrusage(resource.RUSAGE_SELF)
     result.cpu_s["operator"] = round(
@@ -345,6 +353,7 @@ async def _ramp(
         if time.monotonic() > deadline:
             break
         await asyncio.sleep(scale.poll)
+    result.ramp_s = time.monotonic() - t0
     result.ramp_reconciles = counts.reconciles - before
     result.ramp_plan_s = counts.plan_seconds - planned
 
