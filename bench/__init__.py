@@ -22,7 +22,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "prefill": ("bench.prefill", "P2 a long prompt under load: chunked vs whole-prompt prefill"),
     "coldstart": ("bench.coldstart", "P3 time from request to first token, model not loaded"),
     "placement": ("bench.placement", "P4 cold loads of lru/priority vs Belady on a Zipf trace"),
-    "operator": ("bench.operator", "P5 operator reconcile at fleet scale"),
+    "operator-scale": (
+        "bench.operator_scale",
+        "P5 plan() time by fleet size; the operator over 100 neurons x 500 placements",
+    ),
     "overload": ("bench.overload", "200 and 500 clients on cortex up: 429s, not an outage"),
     "structured": ("bench.structured", "constrained decoding cost per token, grammar compile"),
     "soak": ("bench.soak", "gateway and neuron memory over 10,000 requests"),

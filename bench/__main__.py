@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         for name, (module, about) in BENCHMARKS.items():
             mark = "" if _available(module) else "  (not written yet)"
-            print(f"  {name:<10} {about}{mark}")
+            print(f"  {name:<15} {about}{mark}")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name == "all":

@@ -24,6 +24,7 @@ with a reason.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -134,6 +135,10 @@ class _Work:
             _Slot(view, view.memory_free, {r.model: r for r in view.replicas})
             for view in sorted(fleet, key=lambda v: v.name)
         ]
+        self.by_name = {slot.name: slot for slot in self.slots}
+        # Slots roomiest first, kept in order as loads and unloads change their free memory: worst
+        # fit then takes the first usable one instead of scanning the fleet for every load.
+        self.roomiest = sorted(self.slots, key=_roominess)
         self.catalogue, self.policy, self.now = catalogue, policy, now
         self.demand = sorted(_merge(demand).items(), key=lambda item: (-item[1], item[0]))
         self.demanded = frozenset(model for model, _ in self.demand)
@@ -155,7 +160,7 @@ class _Work:
     # -- what the snapshot says, as changed by the actions so far
 
     def slot(self, name: str) -> _Slot | None:
-        return next((slot for slot in self.slots if slot.name == name), None)
+        return self.by_name.get(name)
 
     def live_count(self, model: str) -> int:
         """Healthy neurons where the model is ready, loading, or loaded by this plan."""
@@ -217,8 +222,14 @@ class _Work:
 
     # -- actions
 
+    def set_free(self, slot: _Slot, free: int) -> None:
+        """Change a slot's free memory, keeping `roomiest` in order."""
+        del self.roomiest[bisect.bisect_left(self.roomiest, _roominess(slot), key=_roominess)]
+        slot.free = free
+        bisect.insort(self.roomiest, slot, key=_roominess)
+
     def load(self, slot: _Slot, model: str, size: int, *, protect: bool = True) -> None:
-        slot.free -= size
+        self.set_free(slot, slot.free - size)
         # Exactly what the next snapshot will show once the load is done, so plans are idempotent.
         slot.replicas[model] = ReplicaView(model, ModelState.READY, size, loaded_at=self.now)
         self.live[model] += 1  # loads only go to healthy neurons
@@ -227,7 +238,7 @@ class _Work:
         self.actions.append(Load(model, slot.name, size))
 
     def unload(self, slot: _Slot, replica: ReplicaView, reason: UnloadReason) -> None:
-        slot.free += replica.memory
+        self.set_free(slot, slot.free + replica.memory)
         del slot.replicas[replica.model]
         self.live[replica.model] -= 1  # only ready replicas on healthy neurons are unloaded
         self.actions.append(Unload(replica.model, slot.name, reason))
@@ -265,7 +276,7 @@ class _Work:
             self.minimums.items(), key=lambda i: (-self.priority(i[0]), i[0])
         ):
             while (have := self.live_count(model)) < wanted:
-                reason = self.place(model, self.eligible(model))
+                reason = self.place(model)
                 if reason is not None:
                     self.reasons[model] = f"{have} of {wanted} replicas placed: {reason}"
                     break
@@ -275,19 +286,28 @@ class _Work:
         for model, _ in self.demand:
             if self.live_count(model) > 0:
                 continue
-            reason = self.place(model, self.eligible(model))
+            reason = self.place(model)
             if reason is not None:
                 self.reasons[model] = reason
 
     # -- placing one replica
 
-    def place(self, model: str, slots: list[_Slot]) -> str | None:
-        """Load one replica on one of `slots`; None when done, else why it cannot be."""
+    def place(self, model: str, slots: list[_Slot] | None = None) -> str | None:
+        """Load one replica on one of `slots` (default: every eligible neuron); None when done,
+        else why it cannot be."""
         if model not in self.catalogue:
             return "not in the catalogue"
+        size = self.size(model)
+        if slots is None:
+            # The usual case, without a scan of the fleet: the roomiest eligible neuron where the
+            # model never failed is where worst fit would put it, if it fits there.
+            roomiest = self.roomiest_for(model)
+            if roomiest is not None and roomiest.free >= (size or 0):
+                self.load(roomiest, model, size or 0)
+                return None
+            slots = self.eligible(model)
         if not slots:
             return self.no_neuron(model)
-        size = self.size(model)
         # A neuron where this model's last load failed is tried only when no other one will do.
         failed = [slot for slot in slots if model in slot.replicas]
         for tier in ([slot for slot in slots if model not in slot.replicas], failed):
@@ -307,6 +327,12 @@ class _Work:
         if self.defrag and self.defragment(model, size, slots):
             return True
         return self.evict_for(model, size, slots)
+
+    def roomiest_for(self, model: str) -> _Slot | None:
+        """The eligible slot with the most free memory where the model has no replica at all."""
+        return next(
+            (s for s in self.roomiest if model not in s.replicas and self.usable(s, model)), None
+        )
 
     def evict_for(self, model: str, size: int, slots: list[_Slot]) -> bool:
         """Evict the fewest replicas on one neuron; among equals, where the hottest victim is coldest."""
@@ -436,6 +462,11 @@ class _Work:
             if self.live_count(model) < max(1, self.minimums.get(model, 0))
         }
         return Plan(tuple(self.actions), unplaceable)
+
+
+def _roominess(slot: _Slot) -> tuple[int, str]:
+    """Most free memory first, ties by name (the order worst fit chooses in)."""
+    return (-slot.free, slot.name)
 
 
 def _merge(demand: Sequence[Demand]) -> dict[str, int]:
