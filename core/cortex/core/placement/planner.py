@@ -9,7 +9,8 @@ Rules, in the order they run:
   unloaded unless it is in flight, pinned there, demanded, or needed for a minimum replica count;
 - pins: a model pinned on a healthy, uncordoned neuron and not there is loaded there;
 - minimums: replicas are added on distinct neurons up to `min_replicas`, highest priority first;
-- demand: a demanded model with no ready or loading replica is loaded, most waiting clients first.
+- demand: a demanded model with no ready or loading replica is loaded, most waiting clients first
+  (under `priority`, minimums and demand are taken together, highest priority first).
 Placement is worst fit (most memory left after the load) on healthy, uncordoned neurons whose
 labels match the model's selector. When nothing fits, defrag (on its cycles) moves the smallest
 idle replicas off one neuron; otherwise the fewest replicas are evicted from one neuron, coldest
@@ -61,15 +62,15 @@ def plan(
 ) -> Plan:
     """Decide what to load and unload so demanded, pinned and minimum replicas are placed.
 
-    Order: idle unloads, then pins, then minimum replica counts, then demand (most waiting first).
+    Order: idle unloads, then pins, then minimum replica counts, then demand (most waiting first;
+    under `priority` minimums and demand interleave by priority).
     `load_seconds`: measured load time by (neuron, model), read by the `cost` strategy.
     """
     work = _Work(fleet, catalogue, demand, policy, now, cycle, min_replicas, selectors, estimates)
     work.load_seconds = load_seconds or {}
     work.unload_idle()
     work.place_pins()
-    work.place_minimums()
-    work.place_demand()
+    work.place_requirements()
     return work.result()
 
 
@@ -269,26 +270,36 @@ class _Work:
                 if reason is not None:
                     self.reasons[model] = f"pinned on {name}: {reason}"
 
-    def place_minimums(self) -> None:
-        """Add replicas on distinct neurons until each model has its minimum, highest priority
-        first (a replica this plan loads is never evicted in it: the order decides who gets room)."""
-        for model, wanted in sorted(
-            self.minimums.items(), key=lambda i: (-self.priority(i[0]), i[0])
-        ):
-            while (have := self.live_count(model)) < wanted:
-                reason = self.place(model)
-                if reason is not None:
-                    self.reasons[model] = f"{have} of {wanted} replicas placed: {reason}"
-                    break
+    def place_requirements(self) -> None:
+        """Minimums, then demand (most waiting first). Under `priority` the two are interleaved
+        by priority, minimums first among equals: a replica this plan loads is never evicted in
+        it, so a lower-priority minimum placed first would keep a higher-priority demand out, and
+        the next plan would evict it for that demand (a plan must be a fixed point)."""
+        minimums = sorted(self.minimums.items(), key=lambda i: (-self.priority(i[0]), i[0]))
+        work: list[tuple[str, int | None]] = [*minimums, *((m, None) for m, _ in self.demand)]
+        if self.policy.strategy == "priority":
+            work.sort(key=lambda item: -self.priority(item[0]))  # stable: keeps the orders above
+        for model, wanted in work:
+            if wanted is None:
+                self.place_demanded(model)
+            else:
+                self.place_minimum(model, wanted)
 
-    def place_demand(self) -> None:
-        """Load each demanded model that has no ready or loading replica."""
-        for model, _ in self.demand:
-            if self.live_count(model) > 0:
-                continue
+    def place_minimum(self, model: str, wanted: int) -> None:
+        """Add replicas on distinct neurons until the model has its minimum."""
+        while (have := self.live_count(model)) < wanted:
             reason = self.place(model)
             if reason is not None:
-                self.reasons[model] = reason
+                self.reasons[model] = f"{have} of {wanted} replicas placed: {reason}"
+                break
+
+    def place_demanded(self, model: str) -> None:
+        """Load a demanded model that has no ready or loading replica."""
+        if self.live_count(model) > 0:
+            return
+        reason = self.place(model)
+        if reason is not None:
+            self.reasons[model] = reason
 
     # -- placing one replica
 
