@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import contextvars
 import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+# The ASGI shapes, spelled here so core needs no server library (docs/architecture.md, layers).
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_ID_HEADER = "x-request-id"
 # NeuronClient's user agent: a GET with it is the gateway's (or operator's) own polling.
