@@ -11,7 +11,7 @@ import secrets
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def neuron_config(args: argparse.Namespace) -> NeuronConfig:
+def neuron_config(args: argparse.Namespace, known: Sequence[ModelSpec] = ()) -> NeuronConfig:
+    """The neuron's config from its file and flags; `known`: catalogue entries it will also get
+    (`cortex up` hands its neuron the gateway's [[models]])."""
     path = getattr(args, "config", None) if args.command == "neuron" else args.neuron_config
     config = load_config(Path(path), NeuronConfig) if path else NeuronConfig()
     section = config.neuron
@@ -63,12 +65,12 @@ def neuron_config(args: argparse.Namespace) -> NeuronConfig:
         if args.admin_token_file and not args.admin_token:
             section.admin_token, section.admin_token_file = None, Path(args.admin_token_file)
         section.preload = list(args.preload or section.preload)
-    preload_sources(config)
+    preload_sources(config, known)
     section.admin_secret()  # a missing or empty token file fails at start, not at the first load
     return config
 
 
-def preload_sources(config: NeuronConfig) -> None:
+def preload_sources(config: NeuronConfig, known: Sequence[ModelSpec] = ()) -> None:
     """`MODEL=SOURCE` preload entries become catalogue entries; a bare id must be catalogued, so
     a typo fails at start in one line rather than in the neuron's start-up."""
     preload: list[str] = []
@@ -78,7 +80,7 @@ def preload_sources(config: NeuronConfig) -> None:
             config.models.append(ModelSpec(id=model.strip(), source=source.strip()))
         preload.append(model.strip())
     config.neuron.preload = preload
-    catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
+    catalogue = merge_catalogues(DEFAULT_CATALOGUE, list(known), config.models)
     for model in preload:
         if resolve_alias(catalogue, model) is None:
             problem = "is not in the catalogue: use --preload MODEL=SOURCE or a [[models]] entry"
@@ -107,10 +109,11 @@ def check_gateway_ports(config: GatewayConfig) -> None:
             check_port(host, int(port), what)
 
 
-def in_process_neuron(args: argparse.Namespace) -> NeuronConfig:
-    """`cortex up`'s neuron: its lifecycle routes take a fresh random token unless one is set, so
-    other local users cannot load or unload through its port."""
-    config = neuron_config(args)
+def in_process_neuron(args: argparse.Namespace, known: Sequence[ModelSpec] = ()) -> NeuronConfig:
+    """`cortex up`'s neuron, which also knows the gateway's catalogue (`known`): its lifecycle
+    routes take a fresh random token unless one is set, so other local users cannot load or
+    unload through its port."""
+    config = neuron_config(args, known)
     if not config.neuron.admin_secret():
         config.neuron.admin_token = secrets.token_urlsafe(32)
     return config
@@ -205,7 +208,7 @@ async def up(args: argparse.Namespace) -> None:
     from cortex.neuron.server import create_app
 
     catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
-    local = in_process_neuron(args)
+    local = in_process_neuron(args, catalogue)
     local.models = merge_catalogues(catalogue, local.models)
     runtime = NeuronRuntime(local, catalogue=[])
     await runtime.start()
