@@ -38,6 +38,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/mypy core/cortex gateway/cortex
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -61,7 +61,9 @@ def fleet_table(rows: list[NeuronRow]) -> Table:
             continue
         for device in status.devices:
             used = f"{escape(bar(device.memory_used, device.memory_total))} {gib(device.memory_used)}/{gib(device.memory_total)}"
-            models = [m for m in status.models if device.id in m.devices] or [None]
+            models: list[LoadedModel | None] = [
+                m for m in status.models if device.id in m.devices
+            ] or [None]
             device_id = device.id
             for model in models:
                 table.add_row(

@@ -10,6 +10,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _CHUNK = 4 * 2**20
 SOURCES = "sources.json"  # in each conversion: the GGUF paths it was made for
@@ -81,7 +82,7 @@ def prune(cache_dir: Path, everything: bool = False) -> list[Conversion]:
     return removed
 
 
-def _read_json(path: Path) -> dict[str, object]:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
