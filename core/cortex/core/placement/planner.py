@@ -13,7 +13,7 @@ Rules, in the order they run:
   (under `priority`, minimums and demand are taken together, highest priority first).
 Placement is worst fit (most memory left after the load) on healthy, uncordoned neurons whose
 labels match the model's selector. When nothing fits, defrag (on its cycles) moves the smallest
-idle replicas off one neuron; otherwise the fewest replicas are evicted from one neuron, coldest
+idle replicas off one neuron (a load this plan made is simply sent elsewhere); otherwise the fewest replicas are evicted from one neuron, coldest
 first by strategy (eviction.py; `cost` weighs each replica's request rate, from its `usage`,
 by the measured `load_seconds` of its model on its neuron, else elsewhere, per byte). Never
 evicted: pinned-there, in-flight, loading/unloading replicas, replicas of demanded models,
@@ -203,6 +203,14 @@ class _Work:
             and replica.model not in self.demanded
             and not self.pinned_here(replica.model, slot)
         )
+
+    def relocatable(self, slot: _Slot, replica: ReplicaView) -> bool:
+        """What defrag may move: a movable replica, or a load this plan made (not yet done, so it
+        can go elsewhere for nothing; left in place, the next plan would move it: not a fixed
+        point)."""
+        if replica.model in slot.planned:
+            return replica.model not in self.demanded and not self.pinned_here(replica.model, slot)
+        return self.movable(slot, replica)
 
     def evictable(self, slot: _Slot, replica: ReplicaView, for_model: str | None = None) -> bool:
         """Movable, and removing it keeps the model's minimum replica count; under `priority`,
@@ -408,15 +416,27 @@ class _Work:
             return False
         _, target, moves = best
         for replica, destination in moves:
-            self.load(destination, replica.model, replica.memory, protect=False)
-            self.unload(target, replica, "defrag")
+            if replica.model in target.planned:
+                self.retarget(target, destination, replica)
+            else:
+                self.load(destination, replica.model, replica.memory, protect=False)
+                self.unload(target, replica, "defrag")
         self.load(target, model, size)
         return True
+
+    def retarget(self, source: _Slot, destination: _Slot, replica: ReplicaView) -> None:
+        """Send a load this plan made to another neuron instead: no unload, nothing happened."""
+        self.actions.remove(Load(replica.model, source.name, replica.memory))
+        self.set_free(source, source.free + replica.memory)
+        del source.replicas[replica.model]
+        source.planned.discard(replica.model)
+        self.live[replica.model] -= 1
+        self.load(destination, replica.model, replica.memory)
 
     def moves_off(self, target: _Slot, shortfall: int) -> list[tuple[ReplicaView, _Slot]] | None:
         """Smallest movable replicas on `target` freeing `shortfall`, each with a best-fit home."""
         movable = sorted(
-            (r for r in target.replicas.values() if self.movable(target, r)),
+            (r for r in target.replicas.values() if self.relocatable(target, r)),
             key=lambda r: (r.memory, r.model),
         )
         chosen = choose_victims(movable, shortfall)
