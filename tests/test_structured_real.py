@@ -164,7 +164,15 @@ def test_openai_named_tool_choice_stream_and_not(oai: openai.OpenAI) -> None:
 
 
 def test_anthropic_named_tool_choice_stream_and_not(claude: anthropic.Anthropic) -> None:
-    kwargs: Any = {"model": CHAT, "max_tokens": 60, "messages": ASK, "tools": ANTHROPIC_TOOLS}
+    # Greedy, so the test does not depend on how a sampled run spends its max_tokens (with
+    # parallel calls allowed, a second call cut by the limit ends the message at max_tokens).
+    kwargs: Any = {
+        "model": CHAT,
+        "max_tokens": 90,
+        "extra_body": {"temperature": 0},  # this SDK's create() has no temperature argument
+        "messages": ASK,
+        "tools": ANTHROPIC_TOOLS,
+    }
     message = claude.messages.create(**kwargs, tool_choice={"type": "tool", "name": "get_time"})
     (use,) = [b for b in message.content if b.type == "tool_use"]
     assert message.stop_reason == "tool_use" and use.name == "get_time"
@@ -188,10 +196,11 @@ def test_required_and_any_yield_a_tool_call(
     assert calls and all(c.function.name in ("get_weather", "get_time") for c in calls)
     message = claude.messages.create(
         model=CHAT,
-        max_tokens=60,
+        max_tokens=90,
+        extra_body={"temperature": 0},
         messages=hello,
         tools=ANTHROPIC_TOOLS,
-        tool_choice={"type": "any"},
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
     )  # type: ignore[arg-type]
     assert any(b.type == "tool_use" for b in message.content) and message.stop_reason == "tool_use"
 
