@@ -69,8 +69,17 @@ def plan(
     work = _Work(fleet, catalogue, demand, policy, now, cycle, min_replicas, selectors, estimates)
     work.load_seconds = load_seconds or {}
     work.unload_idle()
-    work.place_pins()
-    work.place_requirements()
+    # A requirement met late (an eviction for a higher-priority pin, say) can free room one that
+    # failed earlier now fits in: the passes run again until they add nothing, so the next plan
+    # has nothing left to do. Each round that adds actions places a requirement for good (loads
+    # of this plan are never evicted), so the rounds are at most the requirements.
+    while True:
+        done = len(work.actions)
+        work.reasons.clear()  # the last round's failures are the plan's reasons
+        work.place_pins()
+        work.place_requirements()
+        if len(work.actions) == done:
+            break
     return work.result()
 
 
