@@ -1,4 +1,4 @@
-"""Sending a call to a replica (SPEC G3, G4): pick one, load one when none is ready, and retry a
+"""Sending a call to a replica: pick one, load one when none is ready, and retry a
 request that fails before its first byte on another replica."""
 
 from __future__ import annotations

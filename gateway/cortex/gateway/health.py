@@ -1,4 +1,4 @@
-"""Gateway health (SPEC G6): ok when every neuron is healthy, impaired when some are, degraded
+"""Gateway health: ok when every neuron is healthy, impaired when some are, degraded
 when none is or no model is known. /livez says the process serves; /readyz that it can take
 requests, as its fleet source says (a static fleet: not degraded; Kubernetes: watches established),
 and is not shutting down. Every 503 here carries Retry-After."""

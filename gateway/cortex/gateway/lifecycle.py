@@ -1,4 +1,4 @@
-"""The background loop (SPEC G5, G6): poll the fleet, then apply the planner's plan."""
+"""The background loop: poll the fleet, then apply the planner's plan."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The gateway's Prometheus metrics (SPEC G7), on a registry of their own per app."""
+"""The gateway's Prometheus metrics, on a registry of their own per app."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""On-demand loading: one placement per cold model, however many requests wait for it (SPEC G4)."""
+"""On-demand loading: one placement per cold model, however many requests wait for it."""
 
 from __future__ import annotations
 

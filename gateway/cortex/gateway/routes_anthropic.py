@@ -1,4 +1,4 @@
-"""The Anthropic surface (SPEC G2): /v1/messages and count_tokens, served by the neuron's chat API."""
+"""The Anthropic surface: /v1/messages and count_tokens, served by the neuron's chat API."""
 
 from __future__ import annotations
 

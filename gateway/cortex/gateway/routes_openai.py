@@ -1,4 +1,4 @@
-"""The OpenAI surface (SPEC G1): models, chat completions, completions, embeddings."""
+"""The OpenAI surface: models, chat completions, completions, embeddings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The OpenAI Responses surface (SPEC G1): /v1/responses, served by the neuron's chat API."""
+"""The OpenAI Responses surface: /v1/responses, served by the neuron's chat API."""
 
 from __future__ import annotations
 

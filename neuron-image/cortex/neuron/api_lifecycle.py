@@ -1,4 +1,4 @@
-"""Lifecycle routes of a neuron (SPEC N1): health, status, models, load, unload, metrics."""
+"""Lifecycle routes of a neuron: health, status, models, load, unload, metrics."""
 
 from __future__ import annotations
 

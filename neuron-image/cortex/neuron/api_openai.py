@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes of a neuron (SPEC N2, N3, N7): chat, completions, embeddings, models."""
+"""OpenAI-compatible routes of a neuron: chat, completions, embeddings, models."""
 
 from __future__ import annotations
 
