@@ -165,13 +165,7 @@ async def serve_cluster(port: int) -> None:
             return await super()._handle(request)
 
     async with LeanCluster() as cluster, kmock.Server(cluster, port=port):
-        cluster.register()
-        for namespace in ("default",):
-            cluster.objects["v1/namespaces", None, namespace] = {
-                "apiVersion": "v1",
-                "kind": "Namespace",
-                "metadata": {"name": namespace},
-            }
+        cluster.register(namespaces=("default",))
         await asyncio.Event().wait()
 
 

@@ -149,9 +149,13 @@ class CortexCluster(kmock.KubernetesEmulator):
     validators: dict[str, CrdValidator]
 
     def register(
-        self, names: tuple[str, ...] = ("neurons", "modelplacements", "kopfpeerings")
+        self,
+        names: tuple[str, ...] = ("neurons", "modelplacements", "kopfpeerings"),
+        *,
+        namespaces: tuple[str, ...] = (),
     ) -> None:
-        """Declare the built-in resources kopf discovers, and our CRDs from their manifests."""
+        """Declare the built-in resources kopf discovers, our CRDs from their manifests, and
+        create `namespaces`."""
         self.validators = {}
         verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
         for builtin, kind in (
@@ -180,6 +184,12 @@ class CortexCluster(kmock.KubernetesEmulator):
                 verbs=verbs,
             )
             self.validators[key] = CrdValidator(crd)
+        for namespace in namespaces:
+            self.objects["v1/namespaces", None, namespace] = {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": namespace},
+            }
 
     async def _handle(self, request: rendering.Request) -> Any:
         """Validate our CRDs' objects before the emulator stores them; reject like an API server.

@@ -90,12 +90,7 @@ def _path(plural: str) -> str:
 @asynccontextmanager
 async def emulator() -> AsyncIterator[Kube]:
     async with CortexCluster() as cluster, kmock.Server(cluster) as server:
-        cluster.register()
-        cluster.objects["v1/namespaces", None, NS] = {
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {"name": NS},
-        }
+        cluster.register(namespaces=(NS,))
         url = str(server.url).rstrip("/")
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             yield Kube(cluster, url, http)

@@ -22,12 +22,7 @@ from cortex.operator.cli import run
 @pytest.fixture
 async def kube() -> AsyncIterator[Kube]:
     async with CortexCluster() as cluster, kmock.Server(cluster) as server:
-        cluster.register()
-        cluster.objects["v1/namespaces", None, NS] = {
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {"name": NS},
-        }
+        cluster.register(namespaces=(NS,))
         url = str(server.url).rstrip("/")
         # A connection per request: the emulator drops idle keep-alive connections, and a
         # request sent on one just then would hang.
