@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from cortex_up import cortex_up
 from prometheus_client.parser import text_string_to_metric_families
 
 CHAT = "smollm2-135m-instruct"
@@ -24,44 +23,15 @@ WEATHER = {
 }
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def gateway(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port, metrics = _port(), _port()
-    log = tmp_path_factory.mktemp("up") / "cortex-up.log"
-    neuron_toml = log.with_name("neuron.toml")
-    neuron_toml.write_text(f"[neuron]\nname = 'local'\ncache_dir = '{model_cache}'\n")
-    command = [sys.executable, "-m", "cortex.core.cli", "up", "--port", str(port)]
-    command += ["--metrics-port", str(metrics), "--neuron-config", str(neuron_toml)]
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"cortex up did not become ready:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            code = process.wait(timeout=30)
-            # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly
-            assert code in (0, -15), f"exit {code}:\n{log.read_text()[-3000:]}"
-            assert "Application shutdown complete" in log.read_text()
-        finally:
-            process.kill()
+    with cortex_up(tmp_path_factory.mktemp("up"), model_cache) as up:
+        yield up.url
+        up.process.terminate()
+        code = up.process.wait(timeout=30)
+        # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly
+        assert code in (0, -15), f"exit {code}:\n{up.log.read_text()[-3000:]}"
+        assert "Application shutdown complete" in up.log.read_text()
 
 
 @pytest.fixture(scope="module")
