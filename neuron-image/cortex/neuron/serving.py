@@ -70,6 +70,7 @@ def sampling(
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
         seed=body.seed,
         stop=tuple(body.stop_list()),
     )
