@@ -123,13 +123,14 @@ def in_process_neuron(args: argparse.Namespace, known: Sequence[ModelSpec] = ())
 
 
 @contextmanager
-def needs_extra(command: str, extra: str) -> Iterator[None]:
-    """A library the command's extra brings is missing: say which extra, in one line."""
+def needs_extra(command: str, *extras: str) -> Iterator[None]:
+    """A library the command's extras bring is missing: say which extras, in one line."""
     try:
         yield
     except ModuleNotFoundError as exc:
+        which = " and ".join(extras) + (" extras" if len(extras) > 1 else " extra")
         raise CortexError(
-            f"{command} needs the {extra} extra (pip install 'cortex[{extra}]'): {exc}"
+            f"{command} needs the {which} (pip install 'cortex[{','.join(extras)}]'): {exc}"
         ) from None
 
 
@@ -217,7 +218,7 @@ async def up(args: argparse.Namespace) -> None:
     """Gateway plus an in-process neuron on a private loopback port: one command, one machine."""
     config = gateway_config(args)
     check_gateway_ports(config)
-    with needs_extra("up", "gateway,neuron"):  # torch: after the one-line checks
+    with needs_extra("up", "gateway", "neuron"):  # torch: after the one-line checks
         import uvicorn
 
         from cortex.gateway.app import serve as serve_gateway
