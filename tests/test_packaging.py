@@ -5,11 +5,13 @@ stack, only the neuron's brings torch; and what each package imports is what its
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import socket
 import subprocess
 import sys
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -120,8 +122,14 @@ def third_party_imports(source: Path, *, module_level_only: bool) -> dict[str, s
     return found
 
 
+@functools.cache
+def providers() -> Mapping[str, list[str]]:
+    """{top-level importable name: the installed distributions providing it}."""
+    return importlib.metadata.packages_distributions()
+
+
 def distributions(top: str) -> set[str]:
-    names = importlib.metadata.packages_distributions().get(top, [])
+    names = providers().get(top, [])
     assert names, f"{top}: imported, but no installed distribution provides it"
     return {n.lower().replace("_", "-") for n in names}
 
