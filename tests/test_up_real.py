@@ -200,7 +200,7 @@ def test_metrics_and_status_after_traffic(gateway: str) -> None:
     names = {family.name for family in text_string_to_metric_families(text)}
     assert {"cortex_requests", "cortex_completion_tokens", "cortex_cold_starts"} <= names
     status = subprocess.run(
-        [sys.executable, "-m", "cortex.core.cli", "status", "--endpoint", gateway],
+        [sys.executable, "-m", "cortex.cli", "status", "--endpoint", gateway],
         capture_output=True, text=True, timeout=30, check=True, env={**os.environ, "COLUMNS": "160"},
     )  # fmt: skip
     assert CHAT in status.stdout and "cpu-0" in status.stdout

@@ -182,7 +182,7 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from cortex.core import commands
+    from cortex.cli import commands
 
     if args.command == "up":
         _run(commands.up(args))
@@ -198,7 +198,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "operator":
         return commands.operator(args)
     elif args.command == "config":
-        from cortex.core.config_check import check
+        from cortex.cli.config_check import check
 
         print("\n".join(check(Path(args.file))))
     elif args.command == "cache":
@@ -206,7 +206,3 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "bench":
         return commands.bench(args.args)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
