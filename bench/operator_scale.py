@@ -148,8 +148,16 @@ def _operator_notes(run: OperatorRun) -> list[str]:
             f"reconciles/s at rest ({s.steady:.0f} s; timers alone ask {expected:.0f}/s)",
             f"{run.steady_rate:.1f}",
         ],
-        ["plan_fleet() at rest, mean", f"{run.steady_plan_ms:.1f} ms"],
-        ["planning share of the ramp", f"{run.ramp_plan_s:.1f} s"],
+        [
+            "plans computed while getting Ready (plan_fleet: once per change)",
+            f"{run.ramp_plans} in {run.ramp_plan_s:.1f} s"
+            f" ({run.ramp_plan_s / max(run.ramp_plans, 1) * 1000:.0f} ms each)",
+        ],
+        [
+            "plans computed at rest",
+            f"{run.steady_plans}"
+            + (f" ({run.steady_plan_ms:.1f} ms each)" if run.steady_plans else ""),
+        ],
         ["load calls on the neurons (one per replica: no duplicates)", str(run.loads)],
         ["Kubernetes Events posted, by reason", f"{run.events} {run.event_reasons}"],
         ["first LoadFailed messages", " | ".join(run.failures) or "none"],

@@ -5,7 +5,8 @@ Neuron objects are created first and the operator started; once every neuron is 
 ModelPlacements are created in a burst and the clock runs until all of them are Ready. Then the
 fleet is watched at rest for a while: the operator's timers still reconcile every placement once a
 probe interval, and it has to keep up. Reconciles are counted by wrapping `Controller.reconcile`
-(and the planning inside it by wrapping `plan_fleet`): instrumentation only, nothing changes.
+(and the plans computed in it by wrapping `plan_fleet` where planning.py calls it): instrumentation
+only, nothing changes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import aiohttp
 import kopf
 
 import cortex.operator.controller as controller_module
+import cortex.operator.planning as planning_module
 from bench.processes import PYTHON, ServerProcess, answers, free_port
 from cortex.core.resources import API_VERSION
 from cortex.operator.cli import run
@@ -77,8 +79,10 @@ class OperatorRun:
     phases: dict[str, int] = field(default_factory=dict)
     curve: list[tuple[float, int]] = field(default_factory=list)  # (seconds, placements Ready)
     ramp_reconciles: int = 0
+    ramp_plans: int = 0  # plans computed: one per change, not per reconcile
     ramp_plan_s: float = 0.0
     steady_reconciles: int = 0
+    steady_plans: int = 0
     steady_s: float = 0.0
     steady_plan_ms: float = 0.0  # mean plan_fleet time at rest
     plan_profile: list[str] = field(default_factory=list)  # one plan_fleet() at rest, cProfile
@@ -179,7 +183,7 @@ def counting() -> Any:
     """Wrap Controller.reconcile and plan_fleet to count reconciles and time the planning."""
     counts = Counts()
     original_reconcile = controller_module.Controller.reconcile
-    original_plan = controller_module.plan_fleet
+    original_plan = planning_module.plan_fleet
 
     async def reconcile(self: Any, *args: Any, **kwargs: Any) -> Any:
         counts.reconciles += 1
@@ -200,12 +204,12 @@ def counting() -> Any:
             counts.plan_seconds += time.perf_counter() - started
 
     controller_module.Controller.reconcile = reconcile  # type: ignore[method-assign]
-    controller_module.plan_fleet = plan_fleet
+    planning_module.plan_fleet = plan_fleet
     try:
         yield counts
     finally:
         controller_module.Controller.reconcile = original_reconcile  # type: ignore[method-assign]
-        controller_module.plan_fleet = original_plan
+        planning_module.plan_fleet = original_plan
 
 
 def _heaviest(profiler: cProfile.Profile, count: int = 12) -> list[str]:
@@ -335,7 +339,7 @@ async def _ramp(
     rng: random.Random,
 ) -> None:  # fmt: skip
     """Create the placements; poll until every one is Ready or the timeout passes."""
-    before, planned = counts.reconciles, counts.plan_seconds
+    before, plans, planned = counts.reconciles, counts.plans, counts.plan_seconds
     t0 = time.monotonic()
     bodies = [placement_object(i, rng) for i in range(scale.placements)]
     await create_all(http, PLACEMENTS, bodies)
@@ -355,6 +359,7 @@ async def _ramp(
         await asyncio.sleep(scale.poll)
     result.ramp_s = time.monotonic() - t0
     result.ramp_reconciles = counts.reconciles - before
+    result.ramp_plans = counts.plans - plans
     result.ramp_plan_s = counts.plan_seconds - planned
 
 
@@ -368,7 +373,7 @@ async def _steady(
     await asyncio.sleep(scale.steady)  # a fixed observation window, not a wait for state
     result.steady_s = time.monotonic() - started
     result.steady_reconciles = counts.reconciles - reconciles
-    done = counts.plans - plans
+    done = result.steady_plans = counts.plans - plans
     result.steady_plan_ms = (counts.plan_seconds - planned) / done * 1000 if done else 0.0
     result.plan_profile = counts.profile
     items = await listed(http, PLACEMENTS)

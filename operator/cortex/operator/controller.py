@@ -23,18 +23,20 @@ from cortex.core.placement.model import Load, Unload
 from cortex.core.resources import ModelPlacement, Neuron
 from cortex.operator.config import OperatorConfig
 from cortex.operator.neurons import Probe
+from cortex.operator.planning import KeptPlan, plan_once
 from cortex.operator.reconcile import (
     Fleet,
     FleetPlan,
     LoadFailure,
     PendingLoad,
     Unloaded,
-    plan_fleet,
     unprobed,
 )
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
+# The namespace's Neurons and ModelPlacements, as the kopf indexes hold them when called.
+Objects = Callable[[], tuple[Iterable[Neuron], Iterable[ModelPlacement]]]
 
 
 def body_of(obj: Neuron | ModelPlacement) -> kopf.Body:
@@ -55,6 +57,7 @@ class Controller:
         self.failures: dict[Key, LoadFailure] = {}  # (namespace, placement)
         self.unloaded: dict[Key, Unloaded] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._kept: dict[str, KeptPlan | None] = {}  # by namespace: its last plan, while it holds
         self._clients: dict[tuple[str, bool], NeuronClient] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -90,6 +93,8 @@ class Controller:
         now = self.clock()
         try:
             answer = await self.client(endpoint, probing=True).status()
+            if before is not None and before.status == answer:
+                answer = before.status  # the same object: the plan's key compares it by identity
             probe = Probe(endpoint, now, status=answer)
         except (CortexError, httpx.HTTPError, ValueError) as exc:
             same = before is not None and before.endpoint == endpoint
@@ -115,23 +120,27 @@ class Controller:
             unreachable_after=self.config.unreachable_after,
         )
 
-    async def reconcile(
-        self, namespace: str, neurons: list[Neuron], placements: list[ModelPlacement]
-    ) -> tuple[Fleet, FleetPlan] | None:
-        """Plan the namespace and start carrying the plan out; None while neurons are unprobed."""
+    async def reconcile(self, namespace: str, objects: Objects) -> tuple[Fleet, FleetPlan] | None:
+        """Plan the namespace and start carrying the plan out; None while neurons are unprobed.
+
+        `objects` is read once the namespace's lock is held, so reconciles queued behind one plan
+        all see the fleet as it is then, and share one plan while it stays so (planning.py)."""
         lock = self._locks.setdefault(namespace, asyncio.Lock())
         async with lock:
+            neurons, placements = (list(found) for found in objects())
             fleet = self.fleet(namespace, neurons, placements)
             if unprobed(fleet):
                 return None
-            planned = plan_fleet(fleet, self.clock())
+            planned, self._kept[namespace] = plan_once(
+                self._kept.get(namespace), fleet, self.clock()
+            )
             if planned.plan.actions or planned.excess:
                 await self._execute(namespace, fleet, planned)
                 fleet = self.fleet(namespace, neurons, placements)
             return fleet, planned
 
     async def _execute(self, namespace: str, fleet: Fleet, planned: FleetPlan) -> None:
-        owners = fleet.owners()
+        owners = fleet.owners
         neurons = {n.metadata.name: n for n in fleet.neurons}
         refused: set[str] = set()  # neurons where an unload failed: the loads after it would too
         touched: set[str] = set()
