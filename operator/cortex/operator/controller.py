@@ -23,7 +23,7 @@ from cortex.core.placement.model import Load, Unload
 from cortex.core.resources import ModelPlacement, Neuron
 from cortex.operator.config import OperatorConfig
 from cortex.operator.neurons import Probe
-from cortex.operator.planning import KeptPlan, plan_once
+from cortex.operator.planning import KeptPlan, plan_once, reuse
 from cortex.operator.reconcile import (
     Fleet,
     FleetPlan,
@@ -57,7 +57,12 @@ class Controller:
         self.failures: dict[Key, LoadFailure] = {}  # (namespace, placement)
         self.unloaded: dict[Key, Unloaded] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._kept: dict[str, KeptPlan | None] = {}  # by namespace: its last plan, while it holds
+        # By namespace: the plan kept while it holds, the latest plan, how many snapshots were
+        # planned from, and when planning may start again.
+        self._kept: dict[str, KeptPlan | None] = {}
+        self._latest: dict[str, FleetPlan] = {}
+        self._snapshots: dict[str, int] = {}
+        self._rested: dict[str, float] = {}
         self._clients: dict[tuple[str, bool], NeuronClient] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -121,23 +126,41 @@ class Controller:
         )
 
     async def reconcile(self, namespace: str, objects: Objects) -> tuple[Fleet, FleetPlan] | None:
-        """Plan the namespace and start carrying the plan out; None while neurons are unprobed.
+        """The namespace's plan for the fleet as `objects` give it now, carried out when it is
+        new; None while neurons are unprobed. A plan is made once per change (planning.py) and
+        one at a time: a reconcile that finds the fleet changed waits for the next plan, whose
+        snapshot is taken after it looked, and so does every reconcile queued meanwhile."""
+        fleet = self.fleet(namespace, *objects())
+        if unprobed(fleet):
+            return None
+        kept = reuse(self._kept.get(namespace), fleet, self.clock())
+        if kept is not None:
+            return fleet, kept
+        seen = self._snapshots.get(namespace, 0)
+        async with self._locks.setdefault(namespace, asyncio.Lock()):
+            latest = self._latest.get(namespace)
+            if latest is not None and self._snapshots[namespace] > seen:
+                return self.fleet(namespace, *objects()), latest  # planned after we looked
+            # Plan at most half the time: the loop has watch events, patches and loads to serve.
+            await asyncio.sleep(max(self._rested.get(namespace, 0.0) - time.monotonic(), 0.0))
+            return await self._plan(namespace, objects)
 
-        `objects` is read once the namespace's lock is held, so reconciles queued behind one plan
-        all see the fleet as it is then, and share one plan while it stays so (planning.py)."""
-        lock = self._locks.setdefault(namespace, asyncio.Lock())
-        async with lock:
-            neurons, placements = (list(found) for found in objects())
+    async def _plan(self, namespace: str, objects: Objects) -> tuple[Fleet, FleetPlan] | None:
+        """Plan from a fresh snapshot (under the namespace's lock) and carry the plan out."""
+        neurons, placements = (list(found) for found in objects())
+        fleet = self.fleet(namespace, neurons, placements)
+        if unprobed(fleet):
+            return None
+        started = time.monotonic()
+        planned, self._kept[namespace] = plan_once(self._kept.get(namespace), fleet, self.clock())
+        self._latest[namespace] = planned
+        self._snapshots[namespace] = self._snapshots.get(namespace, 0) + 1
+        ended = time.monotonic()
+        self._rested[namespace] = ended + (ended - started)
+        if planned.plan.actions or planned.excess:
+            await self._execute(namespace, fleet, planned)
             fleet = self.fleet(namespace, neurons, placements)
-            if unprobed(fleet):
-                return None
-            planned, self._kept[namespace] = plan_once(
-                self._kept.get(namespace), fleet, self.clock()
-            )
-            if planned.plan.actions or planned.excess:
-                await self._execute(namespace, fleet, planned)
-                fleet = self.fleet(namespace, neurons, placements)
-            return fleet, planned
+        return fleet, planned
 
     async def _execute(self, namespace: str, fleet: Fleet, planned: FleetPlan) -> None:
         owners = fleet.owners

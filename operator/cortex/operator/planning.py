@@ -74,13 +74,23 @@ def horizon(fleet: Fleet, planned: FleetPlan, now: float) -> float:
     return min((end for end in ends if end > now), default=math.inf)
 
 
+def reuse(kept: KeptPlan | None, fleet: Fleet, now: float) -> FleetPlan | None:
+    """The kept plan, if it still answers the fleet at `now`."""
+    return _holding(kept, plan_key(fleet, now), now)
+
+
 def plan_once(kept: KeptPlan | None, fleet: Fleet, now: float) -> tuple[FleetPlan, KeptPlan | None]:
     """The namespace's plan at `now`, and what to keep for the next call: the kept plan while
     its inputs are unchanged and its horizon not reached, else a new one."""
     key = plan_key(fleet, now)
-    if kept is not None and now < kept.until and kept.key == key:
-        return kept.planned, kept
+    held = _holding(kept, key, now)
+    if held is not None:
+        return held, kept
     planned = plan_fleet(fleet, now)
     if planned.plan.actions or planned.excess:
         return planned, None
     return planned, KeptPlan(key, planned, horizon(fleet, planned, now))
+
+
+def _holding(kept: KeptPlan | None, key: PlanKey, now: float) -> FleetPlan | None:
+    return kept.planned if kept is not None and now < kept.until and kept.key == key else None
