@@ -135,7 +135,8 @@ class Controller:
             return None
         kept = reuse(self._kept.get(namespace), fleet, self.clock())
         if kept is not None:
-            return fleet, kept
+            self._kept[namespace] = kept
+            return fleet, kept.planned
         seen = self._snapshots.get(namespace, 0)
         async with self._locks.setdefault(namespace, asyncio.Lock()):
             latest = self._latest.get(namespace)

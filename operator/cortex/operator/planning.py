@@ -11,14 +11,13 @@ fleet, so the next reconcile plans again. Pure, like reconcile.py: time is `now`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from operator import itemgetter
+from dataclasses import dataclass, replace
 
 from cortex.core.placement.eviction import last_touched
+from cortex.core.resources import DEMAND_ANNOTATION
 from cortex.operator.reconcile import Fleet, FleetPlan, active_demand, backing_off, plan_fleet
 
 PlanKey = tuple[object, ...]
-_BY_NAME = itemgetter(0)
 
 
 @dataclass(frozen=True)
@@ -33,27 +32,19 @@ class KeptPlan:
 def plan_key(fleet: Fleet, now: float) -> PlanKey:
     """Everything `plan_fleet` reads from the snapshot, as one value to compare. A placement's
     status is left out but for its demand: the operator writes it, and its own patches coming
-    back as events must not call for a new plan. Mostly the same objects from call to call, so
-    comparing two keys is mostly identity checks."""
+    back as events must not call for a new plan. The parts are the objects themselves, mostly
+    the very ones of the last call, so comparing two keys is mostly identity checks."""
     after = fleet.unreachable_after
     return (
-        tuple(
-            sorted(
-                ((n.metadata.name, n.spec, n.metadata.labels) for n in fleet.neurons), key=_BY_NAME
+        {n.metadata.name: (n.spec, n.metadata.labels) for n in fleet.neurons},
+        {name: (p.status, p.reachable(after)) for name, p in fleet.probes.items()},
+        {
+            p.metadata.name: (
+                p.spec,
+                DEMAND_ANNOTATION in p.metadata.annotations and active_demand(p),
             )
-        ),
-        tuple(
-            sorted(
-                ((name, p.status, p.reachable(after)) for name, p in fleet.probes.items()),
-                key=_BY_NAME,
-            )
-        ),
-        tuple(
-            sorted(
-                ((p.metadata.name, p.spec, active_demand(p)) for p in fleet.placements),
-                key=_BY_NAME,
-            )
-        ),
+            for p in fleet.placements
+        },
         frozenset(fleet.pending.items()),
         backing_off(fleet, now),
     )
@@ -74,23 +65,25 @@ def horizon(fleet: Fleet, planned: FleetPlan, now: float) -> float:
     return min((end for end in ends if end > now), default=math.inf)
 
 
-def reuse(kept: KeptPlan | None, fleet: Fleet, now: float) -> FleetPlan | None:
-    """The kept plan, if it still answers the fleet at `now`."""
-    return _holding(kept, plan_key(fleet, now), now)
+def reuse(kept: KeptPlan | None, fleet: Fleet, now: float) -> KeptPlan | None:
+    """The kept plan, if it still answers the fleet at `now`; it then keeps this call's key, equal
+    but made of the objects just read (re-parsed after a status patch), so that the next call
+    compares those by identity instead of field by field."""
+    key = plan_key(fleet, now)
+    return replace(kept, key=key) if _holds(kept, key, now) else None
 
 
 def plan_once(kept: KeptPlan | None, fleet: Fleet, now: float) -> tuple[FleetPlan, KeptPlan | None]:
     """The namespace's plan at `now`, and what to keep for the next call: the kept plan while
     its inputs are unchanged and its horizon not reached, else a new one."""
     key = plan_key(fleet, now)
-    held = _holding(kept, key, now)
-    if held is not None:
-        return held, kept
+    if kept is not None and _holds(kept, key, now):
+        return kept.planned, replace(kept, key=key)
     planned = plan_fleet(fleet, now)
     if planned.plan.actions or planned.excess:
         return planned, None
     return planned, KeptPlan(key, planned, horizon(fleet, planned, now))
 
 
-def _holding(kept: KeptPlan | None, key: PlanKey, now: float) -> FleetPlan | None:
-    return kept.planned if kept is not None and now < kept.until and kept.key == key else None
+def _holds(kept: KeptPlan | None, key: PlanKey, now: float) -> bool:
+    return kept is not None and now < kept.until and kept.key == key

@@ -84,10 +84,16 @@ class Fleet:
         probe = self.probes.get(neuron.metadata.name)
         return probe if probe is not None and probe.reachable(self.unreachable_after) else None
 
+    def owner(self, model: str) -> str | None:
+        """The name of the placement that places `model`, without sorting them all."""
+        return min(
+            (p.metadata.name for p in self.placements if p.spec.model == model), default=None
+        )
+
     @cached_property
     def owners(self) -> dict[str, ModelPlacement]:
         """model -> the placement that places it (the first by name when two name one model);
-        computed once per snapshot, as every placement's status asks for it."""
+        computed once per snapshot."""
         owners: dict[str, ModelPlacement] = {}
         for placement in sorted(self.placements, key=lambda p: p.metadata.name):
             owners.setdefault(placement.spec.model, placement)
@@ -210,11 +216,10 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
 
 def backing_off(fleet: Fleet, now: float) -> frozenset[str]:
     """Placements whose last load failed and whose backoff has not ended at `now`."""
-    return frozenset(
-        p.metadata.name
-        for p in fleet.owners.values()
-        if (failure := fleet.failures.get(p.metadata.name)) is not None and failure.retry_at > now
-    )
+    waiting = {name for name, failure in fleet.failures.items() if failure.retry_at > now}
+    if not waiting:
+        return frozenset()  # the usual case, without sorting every placement into `owners`
+    return frozenset(p.metadata.name for p in fleet.owners.values() if p.metadata.name in waiting)
 
 
 def _excess(
@@ -288,9 +293,9 @@ def _scheduled(
     want: int,
 ) -> Verdict:
     model = placement.spec.model
-    owner = fleet.owners.get(model)
-    if owner is not None and owner.metadata.name != placement.metadata.name:
-        why = f"model {model} is placed by ModelPlacement {owner.metadata.name}"
+    owner = fleet.owner(model)
+    if owner is not None and owner != placement.metadata.name:
+        why = f"model {model} is placed by ModelPlacement {owner}"
         return ("Scheduled", "False", "Unschedulable", why)
     if model in planned.plan.unplaceable:
         return ("Scheduled", "False", "Unschedulable", planned.plan.unplaceable[model])
