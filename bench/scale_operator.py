@@ -85,7 +85,7 @@ class OperatorRun:
     steady_plans: int = 0
     steady_s: float = 0.0
     steady_plan_ms: float = 0.0  # mean plan_fleet time at rest
-    plan_profile: list[str] = field(default_factory=list)  # one plan_fleet() at rest, cProfile
+    plan_profile: list[str] = field(default_factory=list)  # the first full-fleet plan, cProfile
     loads: int = 0  # load calls the fake neurons received
     events: int = 0  # Kubernetes Events the operator posted
     event_reasons: dict[str, int] = field(default_factory=dict)
@@ -344,6 +344,7 @@ async def _ramp(
     bodies = [placement_object(i, rng) for i in range(scale.placements)]
     await create_all(http, PLACEMENTS, bodies)
     result.create_s = time.monotonic() - t0
+    counts.profile_next = True  # the next plan is over every placement
     deadline = t0 + scale.timeout
     while True:
         items = await listed(http, PLACEMENTS)
@@ -361,20 +362,19 @@ async def _ramp(
     result.ramp_reconciles = counts.reconciles - before
     result.ramp_plans = counts.plans - plans
     result.ramp_plan_s = counts.plan_seconds - planned
+    result.plan_profile = counts.profile
 
 
 async def _steady(
     scale: Scale, http: aiohttp.ClientSession, counts: Counts, result: OperatorRun
 ) -> None:
-    """Watch the Ready fleet: the reconciles its timers drive, and the time each plan takes."""
+    """Watch the Ready fleet: the reconciles its timers drive, and the plans (if any) they make."""
     reconciles, plans, planned = counts.reconciles, counts.plans, counts.plan_seconds
-    counts.profile_next = True
     started = time.monotonic()
     await asyncio.sleep(scale.steady)  # a fixed observation window, not a wait for state
     result.steady_s = time.monotonic() - started
     result.steady_reconciles = counts.reconciles - reconciles
     done = result.steady_plans = counts.plans - plans
     result.steady_plan_ms = (counts.plan_seconds - planned) / done * 1000 if done else 0.0
-    result.plan_profile = counts.profile
     items = await listed(http, PLACEMENTS)
     result.phases = dict(Counter(phase_of(p) for p in items))

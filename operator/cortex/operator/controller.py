@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from typing import Literal, cast
@@ -64,6 +65,7 @@ class Controller:
         self._snapshots: dict[str, int] = {}
         self._rested: dict[str, float] = {}
         self._clients: dict[tuple[str, bool], NeuronClient] = {}
+        self._tls: ssl.SSLContext | None = None  # one for every client: each costs a CA bundle read
         self._tasks: set[asyncio.Task[None]] = set()
 
     def client(self, endpoint: str, *, probing: bool = False) -> NeuronClient:
@@ -72,8 +74,10 @@ class Controller:
         if key not in self._clients:
             quick = httpx.Timeout(max(min(self.config.probe_interval * 2, 10.0), 1.0))
             timeout = quick if probing else DEFAULT_TIMEOUT
+            if self._tls is None:
+                self._tls = httpx.create_ssl_context()
             self._clients[key] = NeuronClient(
-                endpoint, admin_token=self.config.admin_token, timeout=timeout
+                endpoint, admin_token=self.config.admin_token, timeout=timeout, tls=self._tls
             )
         return self._clients[key]
 
