@@ -142,6 +142,11 @@ def _operator_notes(run: OperatorRun) -> list[str]:
         [f"target <= {READY_TARGET_S:.0f} s", "met" if met else "missed"],
         ["placements Ready / phases", f"{run.ready} / {run.phases}"],
         ["creating the placements took", f"{run.create_s:.1f} s"],
+        [
+            "CPU of the operator's process (operator and driver) over the ramp",
+            f"{run.ramp_cpu_s:.1f} s in {run.ramp_s:.1f} s"
+            f" ({run.ramp_cpu_s / max(run.ramp_s, 1e-9):.0%} of one core)",
+        ],
         ["neurons probed after operator start", f"{run.neurons_probed_s:.1f} s"],
         ["reconciles/s while getting Ready", f"{run.ramp_rate:.1f}"],
         [

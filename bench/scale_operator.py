@@ -74,6 +74,7 @@ class OperatorRun:
     neurons_probed_s: float = 0.0
     create_s: float = 0.0  # creating the placements (the clock starts before the first)
     all_ready_s: float | None = None  # None: not all Ready before the timeout
+    ramp_cpu_s: float = 0.0  # this process's CPU (operator and driver) over the ramp
     ramp_s: float = 0.0  # from the first create until all Ready or the timeout
     ready: int = 0
     phases: dict[str, int] = field(default_factory=dict)
@@ -212,6 +213,11 @@ def counting() -> Any:
         planning_module.plan_fleet = original_plan
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _heaviest(profiler: cProfile.Profile, count: int = 12) -> list[str]:
     """The profile's heaviest cortex functions by cumulative time, one line each."""
     text = io.StringIO()
@@ -300,7 +306,7 @@ async def _drive(scale: Scale, url: str, neurons_port: int) -> OperatorRun:
     )
     # A connection per request: the emulator drops idle keep-alive connections.
     connector = aiohttp.TCPConnector(force_close=True)
-    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = _cpu_seconds()
     async with aiohttp.ClientSession(url, connector=connector) as http:
         await create_all(
             http, NEURONS, [neuron_object(i, neurons_port) for i in range(scale.neurons)]
@@ -327,10 +333,7 @@ async def _drive(scale: Scale, url: str, neurons_port: int) -> OperatorRun:
                     str(e.get("message")) for e in events if e.get("reason") == "LoadFailed"
                 ][:5]
                 result.rss_after_mib, result.rss_peak_mib = rss_mib()
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    result.cpu_s["operator"] = round(
-        after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, 1
-    )
+    result.cpu_s["operator"] = round(_cpu_seconds() - cpu, 1)
     return result
 
 
@@ -340,6 +343,7 @@ async def _ramp(
 ) -> None:  # fmt: skip
     """Create the placements; poll until every one is Ready or the timeout passes."""
     before, plans, planned = counts.reconciles, counts.plans, counts.plan_seconds
+    cpu = _cpu_seconds()
     t0 = time.monotonic()
     bodies = [placement_object(i, rng) for i in range(scale.placements)]
     await create_all(http, PLACEMENTS, bodies)
@@ -359,6 +363,7 @@ async def _ramp(
             break
         await asyncio.sleep(scale.poll)
     result.ramp_s = time.monotonic() - t0
+    result.ramp_cpu_s = round(_cpu_seconds() - cpu, 1)
     result.ramp_reconciles = counts.reconciles - before
     result.ramp_plans = counts.plans - plans
     result.ramp_plan_s = counts.plan_seconds - planned
