@@ -98,18 +98,27 @@ class Controller:
         if not endpoint:
             return None
         key = (namespace, neuron.metadata.name)
-        before = self.probes.get(key)
-        now = self.clock()
+        now = self.clock()  # when it was asked: of two probes in flight, the later question wins
+        answer: NeuronStatus | None = None
+        error: str | None = None
         try:
             answer = await self.client(endpoint, probing=True).status()
+        except (CortexError, httpx.HTTPError, ValueError) as exc:
+            error = _reason(exc)
+        before = self.probes.get(key)
+        if before is not None and before.at > now:
+            # Asked after this one and answered first (a probe after a load, say, overtaking the
+            # timer's): this answer is older and would bring back a replica still loading.
+            return before
+        if answer is not None:
             if before is not None and before.status == answer:
                 answer = before.status  # the same object: the plan's key compares it by identity
             probe = Probe(endpoint, now, status=answer)
-        except (CortexError, httpx.HTTPError, ValueError) as exc:
+        else:
             same = before is not None and before.endpoint == endpoint
             failures = before.failures + 1 if same and before is not None else 1
-            last: NeuronStatus | None = before.status if same and before is not None else None
-            probe = Probe(endpoint, now, status=last, error=_reason(exc), failures=failures)
+            last = before.status if same and before is not None else None
+            probe = Probe(endpoint, now, status=last, error=error, failures=failures)
         self.probes[key] = probe
         return probe
 
@@ -152,7 +161,8 @@ class Controller:
 
     async def _plan(self, namespace: str, objects: Objects) -> tuple[Fleet, FleetPlan] | None:
         """Plan from a fresh snapshot (under the namespace's lock) and carry the plan out."""
-        neurons, placements = (list(found) for found in objects())
+        indexed_neurons, indexed_placements = objects()
+        neurons, placements = list(indexed_neurons), list(indexed_placements)
         fleet = self.fleet(namespace, neurons, placements)
         if unprobed(fleet):
             return None

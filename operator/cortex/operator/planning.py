@@ -70,7 +70,9 @@ def reuse(kept: KeptPlan | None, fleet: Fleet, now: float) -> KeptPlan | None:
     but made of the objects just read (re-parsed after a status patch), so that the next call
     compares those by identity instead of field by field."""
     key = plan_key(fleet, now)
-    return replace(kept, key=key) if _holds(kept, key, now) else None
+    if kept is None or not _holds(kept, key, now):
+        return None
+    return replace(kept, key=key)
 
 
 def plan_once(kept: KeptPlan | None, fleet: Fleet, now: float) -> tuple[FleetPlan, KeptPlan | None]:
@@ -85,5 +87,5 @@ def plan_once(kept: KeptPlan | None, fleet: Fleet, now: float) -> tuple[FleetPla
     return planned, KeptPlan(key, planned, horizon(fleet, planned, now))
 
 
-def _holds(kept: KeptPlan | None, key: PlanKey, now: float) -> bool:
-    return kept is not None and now < kept.until and kept.key == key
+def _holds(kept: KeptPlan, key: PlanKey, now: float) -> bool:
+    return now < kept.until and kept.key == key
