@@ -19,14 +19,14 @@ from cortex.operator.reconcile import Fleet, FleetPlan, LoadFailure, PendingLoad
 NEURONS, PLACEMENTS = 4, 40
 
 
-def ready_fleet(**rest: object) -> Fleet:
+def ready_fleet() -> Fleet:
     """PLACEMENTS placements, each Ready on one of NEURONS neurons: nothing left to do."""
     held: dict[str, dict[str, tuple[ModelState, int]]] = {f"n{i}": {} for i in range(NEURONS)}
     for i in range(PLACEMENTS):
         held[f"n{i % NEURONS}"][f"m{i:02d}"] = (ModelState.READY, GIB // 8)
     probes = {name: probe(answer(name, **models)) for name, models in held.items()}
     placements = [mp(f"m{i:02d}", f"m{i:02d}") for i in range(PLACEMENTS)]
-    return fleet([nr(name) for name in held], probes, placements, **rest)  # type: ignore[arg-type]
+    return fleet([nr(name) for name in held], probes, placements)
 
 
 class Counted:
