@@ -316,8 +316,12 @@ async def test_a_failed_load_is_reported_and_backed_off(kube: Kube, operator: Op
         loaded = kube.condition("broken", "Loaded")
         assert loaded["reason"] == "LoadFailed"
         assert "weights are corrupt" in loaded["message"]
-        failed = [e for e in kube.events("broken") if e["reason"] == "LoadFailed"]
-        assert failed and failed[0]["type"] == "Warning"
+        # kopf posts Events in the background: the status patch may land first.
+        failed = await until(
+            lambda: [e for e in kube.events("broken") if e["reason"] == "LoadFailed"],
+            "the LoadFailed Event",
+        )
+        assert failed[0]["type"] == "Warning"
         # Several probes later, still one attempt: the next one waits out the 30 s backoff.
         seen = {kube.status(NEURONS, "n1")["lastProbe"]}
 
