@@ -86,6 +86,11 @@ class ModelSpec(BaseModel):
     cost: ModelCost | None = Field(
         default=None, description="prices per million tokens, for cortex_spend_usd_total"
     )
+    strict_max_tokens: bool | None = Field(
+        default=None,
+        description="a max_tokens beyond what the prompt leaves of the context is a 400, not "
+        "clamped; unset: the gateway's or the neuron's setting",
+    )
 
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"

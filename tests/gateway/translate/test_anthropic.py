@@ -566,6 +566,21 @@ def test_first_chunk_usage_gives_message_start_its_input_tokens() -> None:
     assert stream_final(events).usage.input_tokens == 12
 
 
+def test_message_start_and_message_delta_agree_on_cached_prompt_tokens() -> None:
+    """As the API counts them: input_tokens excludes the cache reads, in both events."""
+    translator = StreamTranslator(simple_request(stream=True), "msg_test")
+    events = translator.feed(chunk("", usage=usage(342, 0, cached=5)))
+    events += translator.feed(chunk("Hi", usage=usage(342, 1, cached=5)))
+    events += translator.feed(chunk(finish="stop", usage=usage(342, 1, cached=5)))
+    events += translator.finish()
+    start, delta = events[0], events[-2]
+    assert start.type == "message_start" and delta.type == "message_delta"
+    assert start.message.usage.input_tokens == delta.usage.input_tokens == 337
+    assert start.message.usage.cache_read_input_tokens == delta.usage.cache_read_input_tokens == 5
+    final = stream_final(events).usage
+    assert (final.input_tokens, final.cache_read_input_tokens) == (337, 5)
+
+
 def test_interleaved_tool_calls_stream_as_sequential_tool_use_blocks() -> None:
     """Upstream interleaves two calls' argument deltas; Anthropic gets one block at a time."""
     chunks = [

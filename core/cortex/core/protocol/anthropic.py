@@ -332,3 +332,25 @@ AnthropicEvent = (
     | PingEvent
     | ErrorEvent
 )
+
+
+# ---- models (GET /v1/models with an `anthropic-version` header) -----------------------------
+
+
+class ModelInfo(_Open):
+    """An entry of Anthropic's model list, with the model's limits (as the API reports them:
+    `max_input_tokens` is the context window, `max_tokens` the most one answer may hold)."""
+
+    type: Literal["model"] = "model"
+    id: str
+    display_name: str
+    created_at: str  # RFC 3339; the epoch when unknown, as the API does
+    max_input_tokens: int | None = None
+    max_tokens: int | None = None
+
+
+class ModelPage(_Open):
+    data: list[ModelInfo]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None

@@ -307,12 +307,16 @@ class StreamTranslator(ChatStreamTranslator[AnthropicEvent]):
         self._used_tools = False
 
     def _opening(self) -> list[AnthropicEvent]:
-        """message_start, carrying the prompt's token count when it is already known."""
+        """message_start, carrying the prompt's token count when it is already known: as the API
+        counts it, cached tokens apart (message_delta repeats the same numbers)."""
+        cached = self._prompt_cached
+        usage = Usage(
+            input_tokens=(self._prompt_tokens or 0) - cached,
+            output_tokens=0,
+            cache_read_input_tokens=cached,
+        )
         message = MessagesResponse(
-            id=self._message_id,
-            content=[],
-            model=self._req.model,
-            usage=Usage(input_tokens=self._prompt_tokens or 0, output_tokens=0),
+            id=self._message_id, content=[], model=self._req.model, usage=usage
         )
         return [MessageStartEvent(message=message)]
 
@@ -377,8 +381,13 @@ class StreamTranslator(ChatStreamTranslator[AnthropicEvent]):
         return index
 
 
+# What a stream sends while it waits before message_start (a model loading): an SSE comment,
+# which every SSE reader skips. The API's first event is always message_start, so no `ping` yet.
+KEEPALIVE = b": keep-alive\n\n"
+
+
 def ping() -> AnthropicEvent:
-    """The keep-alive Anthropic sends while a stream waits (e.g. for a model to load)."""
+    """The keep-alive Anthropic sends once a stream has begun (after message_start)."""
     return PingEvent()
 
 
