@@ -20,10 +20,15 @@ ANTHROPIC = {"anthropic-version": "2023-06-01"}
 
 async def test_anthropic_clients_get_anthropics_model_list_with_limits() -> None:
     n1 = FakeNeuron("n1", loaded={"chat-a": GiB})
-    catalogue = [spec("chat-a", context=8192), spec("chat-b", context=4096, max_output_tokens=512)]
+    catalogue = [
+        spec("chat-a", context=8192),
+        spec("chat-b", context=4096, max_output_tokens=512),
+        spec("embed", kind="embedding", context=256),
+    ]
     async with cluster(n1, catalogue=catalogue) as c:
         page = (await c.http.get("/v1/models", headers=ANTHROPIC)).json()
         assert set(page) == {"data", "has_more", "first_id", "last_id"}
+        assert "embed" not in {m["id"] for m in page["data"]}  # not for a messages client
         assert page["has_more"] is False
         models = {m["id"]: m for m in page["data"]}
         assert page["first_id"] == page["data"][0]["id"]

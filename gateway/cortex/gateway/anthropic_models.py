@@ -23,14 +23,15 @@ def wants_anthropic(headers: Mapping[str, str]) -> bool:
 
 def model_info(spec: ModelSpec, card: FleetModelCard) -> ModelInfo:
     """A model as Anthropic lists it: its context is `max_input_tokens`; `max_tokens` is the
-    catalogue's output limit, else the whole context (a larger max_tokens is clamped)."""
+    catalogue's output limit, else the whole context (a larger max_tokens is clamped); none for
+    an embedding model."""
     context = card.context_length or spec.context
     return ModelInfo(
         id=spec.id,
         display_name=spec.id,
         created_at=datetime.fromtimestamp(card.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         max_input_tokens=context,
-        max_tokens=spec.max_output_tokens or context,
+        max_tokens=None if spec.kind == "embedding" else spec.max_output_tokens or context,
     )
 
 

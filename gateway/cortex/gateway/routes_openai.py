@@ -33,7 +33,8 @@ async def list_models(request: Request) -> dict[str, Any]:
     specs = [s for s in gateway.catalogue.specs() if gateway.auth.allows(principal, s)]
     if wants_anthropic(request.headers):
         query = request.query_params
-        infos = [model_info(s, gateway.model_card(s)) for s in specs]
+        # Messages clients can only use chat models: embeddings are left out of their list.
+        infos = [model_info(s, gateway.model_card(s)) for s in specs if s.kind == "chat"]
         page = model_page(
             infos,
             limit=query.get("limit"),

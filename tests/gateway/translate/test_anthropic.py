@@ -245,6 +245,32 @@ def test_claude_code_request_becomes_a_chat_request() -> None:
     assert chat.stop is None
 
 
+def test_mid_conversation_system_messages_keep_their_place() -> None:
+    """Claude Code 2.1 sends `system` messages between turns (its mid-conversation-system beta)."""
+    req = simple_request(
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "system", "content": [{"type": "text", "text": "Agents: Explore, Plan."}]},
+            {"role": "system", "content": "Be brief."},
+        ]
+    )
+    roles = [(m.role, m.content) for m in to_chat_request(req).messages]
+    assert roles == [("user", "hi"), ("system", "Agents: Explore, Plan."), ("system", "Be brief.")]
+
+
+def test_output_config_format_becomes_a_json_schema_response_format() -> None:
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
+    format_ = {"type": "json_schema", "schema": schema}
+    chat = to_chat_request(simple_request(output_config={"effort": "high", "format": format_}))
+    assert chat.response_format == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": schema},
+    }
+    assert to_chat_request(simple_request(output_config={"effort": "high"})).response_format is None
+    with pytest.raises(InvalidRequest):
+        to_chat_request(simple_request(output_config={"format": {"type": "json_schema"}}))
+
+
 def test_sampling_fields_and_stop_sequences_are_copied() -> None:
     chat = to_chat_request(
         simple_request(temperature=0.2, top_p=0.9, top_k=40, stop_sequences=["\n\nHuman:", "END"])
@@ -458,7 +484,7 @@ def test_bad_requests_are_refused_by_validation() -> None:
     with pytest.raises(ValueError):
         simple_request(messages=[])
     with pytest.raises(ValueError):
-        simple_request(messages=[{"role": "system", "content": "x"}])
+        simple_request(messages=[{"role": "tool", "content": "x"}])
 
 
 # ---- non-streamed responses -------------------------------------------------------------------

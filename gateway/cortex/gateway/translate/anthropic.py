@@ -100,6 +100,7 @@ def to_chat_request(req: Conversation) -> ChatCompletionRequest:
                 else None
             ),
             "user": req.metadata.user_id if req.metadata else None,
+            "response_format": _response_format(req),
         }
     choice = req.tool_choice
     return ChatCompletionRequest(
@@ -112,6 +113,19 @@ def to_chat_request(req: Conversation) -> ChatCompletionRequest:
         else None,
         **sampling,
     )
+
+
+def _response_format(req: MessagesRequest) -> dict[str, Any] | None:
+    """Anthropic's structured outputs (`output_config.format`) as OpenAI's response_format."""
+    output = req.output_config.format if req.output_config else None
+    if not output or output.get("type") != "json_schema":
+        return None
+    schema = output.get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidRequest(
+            "output_config.format of type json_schema needs a schema", param="output_config"
+        )
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
 
 def _system_messages(system: str | list[TextBlock] | None) -> list[ChatMessage]:
@@ -133,6 +147,9 @@ def _tool_choice(choice: ToolChoice) -> ToolChoiceMode | dict[str, Any]:
 def _chat_messages(message: InputMessage) -> list[ChatMessage]:
     if isinstance(message.content, str):
         return [ChatMessage(role=message.role, content=message.content)]
+    if message.role == "system":  # mid-conversation: its text, where it stands
+        text = "\n\n".join(b.text for b in message.content if isinstance(b, TextBlock))
+        return [ChatMessage(role="system", content=text)] if text else []
     if message.role == "assistant":
         return _assistant_message(message)
     return _user_messages(message)
