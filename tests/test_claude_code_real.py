@@ -187,8 +187,8 @@ def test_eight_claude_code_streams_run_together(claude: anthropic.Anthropic) -> 
 
 
 def _claude_code_cli(cache: Path) -> Path:
-    """The CLI from npm, installed once into the test cache; skipped only when npm cannot
-    reach its registry."""
+    """The CLI from npm, installed once under `cache` (kept between runs); skipped only when npm
+    cannot reach its registry."""
     npm = shutil.which("npm")
     if npm is None:
         pytest.skip("npm is not installed")
@@ -205,10 +205,9 @@ def _claude_code_cli(cache: Path) -> Path:
     return binary
 
 
-def test_the_readme_claude_code_line_works_with_the_real_cli(
-    gateway: str, model_cache: Path, tmp_path: Path
-) -> None:
-    claude_cli = _claude_code_cli(model_cache)
+def test_the_readme_claude_code_line_works_with_the_real_cli(gateway: str, tmp_path: Path) -> None:
+    tools = Path(os.environ.get("CORTEX_TEST_TOOLS", "~/.cache/cortex-tests")).expanduser()
+    claude_cli = _claude_code_cli(tools)
     line = _readme_claude_code_line(gateway)
     env = {
         "PATH": f"{claude_cli.parent}:{os.environ['PATH']}",
