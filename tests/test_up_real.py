@@ -71,6 +71,20 @@ def test_openai_chat_loads_on_demand_then_streams(oai: openai.OpenAI) -> None:
     assert chunks[-1].usage and chunks[-1].usage.prompt_tokens == answer.usage.prompt_tokens
 
 
+def test_default_sampling_answers_sensibly(oai: openai.OpenAI) -> None:
+    # No sampling parameters: the catalogue's defaults for the model (temperature 0.2, top_p 0.9)
+    # apply, not 1.0, at which this small model's answers are gibberish.
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answers = [
+        oai.chat.completions.create(model=CHAT, messages=question, max_tokens=30)  # type: ignore[arg-type]
+        .choices[0]
+        .message.content
+        or ""
+        for _ in range(5)
+    ]
+    assert sum("Paris" in answer for answer in answers) >= 4, answers
+
+
 def test_openai_completions_and_embeddings(oai: openai.OpenAI) -> None:
     completion = oai.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=5)
     assert completion.choices[0].finish_reason in ("stop", "length") and completion.usage

@@ -62,6 +62,10 @@ class FakeServed:
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
 
+    async def compile_grammar(self, spec: Any) -> tuple[None, None]:
+        """No grammar is enforced: the script plays the constrained output."""
+        return None, None
+
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, principal: str = "anonymous"
     ) -> AsyncIterator[GenerationEvent]:

@@ -329,6 +329,35 @@ async def test_tool_call_stream(sdk: openai.AsyncOpenAI, runtime: FakeRuntime) -
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+# A forced call that the token limit cut in a second (array-less, hence ungrammatical here but
+# equally cut) block: the complete call stays, the fragment is no content, the finish is length.
+CUT_CALLS = [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+    '\n<tool_call>\n{"name": "get_wea',
+]
+
+
+async def test_a_forced_call_cut_by_the_limit_finishes_with_length(
+    sdk: openai.AsyncOpenAI, runtime: FakeRuntime
+) -> None:
+    runtime.models["tiny-chat"].script = CUT_CALLS
+    runtime.models["tiny-chat"].finish = "length"
+    kwargs: Any = {"model": "tiny-chat", "messages": USER, "tools": [WEATHER_TOOL]}
+    answer = await sdk.chat.completions.create(**kwargs, tool_choice="required")
+    choice = answer.choices[0]
+    assert choice.finish_reason == "length" and choice.message.content is None
+    assert [c.function.name for c in choice.message.tool_calls or []] == ["get_weather"]
+    stream = await sdk.chat.completions.create(**kwargs, tool_choice="required", stream=True)
+    chunks = [chunk async for chunk in stream]
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len([t for c in chunks for t in c.choices[0].delta.tool_calls or []]) == 1
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # Not forced: the same cut output keeps its text, as the model wrote it.
+    free = await sdk.chat.completions.create(**kwargs)
+    assert free.choices[0].finish_reason == "length"
+    assert "<tool_call>" in (free.choices[0].message.content or "")
+
+
 async def test_tool_choice_none_neither_renders_nor_parses(
     http: httpx.AsyncClient, runtime: FakeRuntime
 ) -> None:

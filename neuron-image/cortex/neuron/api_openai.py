@@ -161,6 +161,14 @@ async def _finish(request: Request, generation: Generation) -> tuple[str, Finish
     return text, finished
 
 
+def finish_reason(called: bool, finished: Finished) -> str:
+    """`tool_calls` when the output made calls, unless the token limit cut it: then `length`,
+    as OpenAI reports a truncated answer whatever it held."""
+    if called and finished.reason != "length":
+        return "tool_calls"
+    return finished.reason
+
+
 def _tool_call(call: ParsedToolCall) -> ToolCall:
     return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
@@ -187,13 +195,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     generation = Generation(served, prompt, params, metrics, principal_of(request, section))
     names = {t["function"]["name"] for t in tools} if tools else None
     most_calls = 1 if body.parallel_tool_calls is False else None
+    # Forced calls: the grammar allows nothing but call blocks, so any text is a block the
+    # token limit cut short, not content.
+    calls_only = constraint is not None and constraint[1] == "tool_call"
     await _start(request, generation)
     if body.stream:
         options = body.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = bool(options and options.continuous_usage_stats)
         return EventStreamResponse(
-            _chat_stream(generation, names, most_calls, include_usage, continuous),
+            _chat_stream(generation, names, most_calls, calls_only, include_usage, continuous),
             headers=limit.headers(),
         )
     text, finished = await _finish(request, generation)
@@ -202,8 +213,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if names is not None:
         parsed = parse_tool_calls(text, names)
         content, calls = parsed.content, parsed.tool_calls[:most_calls]
+    if calls_only:
+        content = None
     message = ResponseMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
-    reason = "tool_calls" if calls else finished.reason
+    reason = finish_reason(bool(calls), finished)
     answer = ChatCompletion(
         model=served.id,
         choices=[
@@ -218,12 +231,14 @@ async def _chat_stream(
     generation: Generation,
     tool_names: set[str] | None,
     most_calls: int | None,
+    calls_only: bool,
     include_usage: bool,
     continuous: bool,
 ) -> AsyncIterator[bytes]:
     """Role chunk, content (and tool call) deltas, finish chunk, usage chunk, [DONE].
 
-    Calls past `most_calls` (parallel_tool_calls false) are dropped."""
+    Calls past `most_calls` (parallel_tool_calls false) are dropped, and so is all text when
+    `calls_only` (a forced tool call)."""
     base = ChatCompletionChunk(
         id=new_id("chatcmpl"), created=int(time.time()), model=generation.model, choices=[]
     )
@@ -254,6 +269,8 @@ async def _chat_stream(
             and sent_calls >= most_calls
         ):
             return None
+        if isinstance(piece, str) and calls_only:
+            return None
         if isinstance(piece, str):
             out = Delta(content=piece)
         else:
@@ -265,7 +282,7 @@ async def _chat_stream(
 
     def end(finished: Finished) -> bytes:
         nonlocal completion_tokens
-        reason = "tool_calls" if parser and parser.calls else finished.reason
+        reason = finish_reason(bool(parser and parser.calls), finished)
         choice = ChunkChoice(
             delta=Delta(),
             finish_reason=reason,  # type: ignore[arg-type]

@@ -37,7 +37,7 @@ from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, 
 from cortex.neuron.grammar import Matcher, apply_bitmask
 from cortex.neuron.model_runner import ModelRunner
 from cortex.neuron.prefix_cache import PrefixCache
-from cortex.neuron.sampling import Sampler, sample
+from cortex.neuron.sampling import Sampler, recent_tokens, sample
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -210,7 +210,9 @@ class Engine:
         done = [plan[i][0] for i in ends]
         logits = logits[ends]
         apply_bitmask(logits, [a.matcher for a in done])
-        tokens = sample(logits, [a.sampler for a in done], [a.generator for a in done])
+        tokens = sample(
+            logits, [a.sampler for a in done], [a.generator for a in done], _recent(done)
+        )
         # State changes only once the forward and sampling went through, so a failed step can be
         # run again (each sequence alone, see _isolate) or abandoned (fail_all).
         for active, n in plan:
@@ -363,7 +365,9 @@ class Engine:
             [a.pending for a in batch], [a.kv_length for a in batch], first_row=first
         )
         apply_bitmask(logits, [a.matcher for a in batch])
-        tokens = sample(logits, [a.sampler for a in batch], [a.generator for a in batch])
+        tokens = sample(
+            logits, [a.sampler for a in batch], [a.generator for a in batch], _recent(batch)
+        )
         for active in batch:
             active.kv_length += 1
         # Accepting may finish sequences and move rows: all rows are decoded by then.
@@ -452,3 +456,13 @@ class Engine:
 def _remaining(active: _Active) -> int:
     """Prompt tokens not yet in the cache."""
     return len(active.seq.prompt_ids) - active.kv_length
+
+
+def _recent(batch: list[_Active]) -> list[list[int]]:
+    """Each row's recent tokens for its repetition penalty; empty for rows without one."""
+    return [
+        recent_tokens(a.seq.prompt_ids, a.seq.output_ids)
+        if a.sampler.repetition_penalty != 1.0
+        else []
+        for a in batch
+    ]

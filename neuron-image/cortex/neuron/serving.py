@@ -104,6 +104,7 @@ def sampling(body: SamplingFields, limit: CompletionLimit) -> SamplingParams:
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
         seed=body.seed,
         stop=tuple(body.stop_list()),
     )

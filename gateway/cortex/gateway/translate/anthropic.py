@@ -280,11 +280,12 @@ def stop_reason_for(
     choice_extra: dict[str, Any] | None,
     req: MessagesRequest,
 ) -> tuple[StopReason, str | None]:
-    """Anthropic's stop_reason (and matched stop sequence) for an OpenAI finish."""
-    if used_tools or finish_reason == "tool_calls":
-        return "tool_use", None
+    """Anthropic's stop_reason (and matched stop sequence) for an OpenAI finish. A cut answer is
+    `max_tokens` even when it holds complete tool calls, as the API reports it."""
     if finish_reason == "length":
         return "max_tokens", None
+    if used_tools or finish_reason == "tool_calls":
+        return "tool_use", None
     if finish_reason == "content_filter":
         return "refusal", None
     extra = choice_extra or {}
