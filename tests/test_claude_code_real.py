@@ -105,21 +105,31 @@ def claude_code_body(question: str) -> dict[str, Any]:
     }
 
 
-def test_claude_code_request_streams_through_the_sdk_with_max_tokens_clamped(
-    claude: anthropic.Anthropic,
-) -> None:
+def test_claude_code_request_streams_through_the_sdk(claude: anthropic.Anthropic) -> None:
     body = claude_code_body("What is the capital of France?")
     with claude.messages.stream(**body, extra_headers=CLAUDE_CODE_HEADERS) as stream:
         events = list(stream)
         final = stream.get_final_message()
-        clamped = stream.response.headers.get(CLAMPED_HEADER)
     assert events[0].type == "message_start"  # first, with no ping before it
     assert final.content and final.stop_reason in ("end_turn", "tool_use", "max_tokens")
-    # The prompt's size comes back in both events, the same; the rest of the context is granted.
+    # The prompt's size comes back in both events, the same, cached tokens apart in both.
     start, delta = events[0], next(e for e in events if e.type == "message_delta")
     assert start.message.usage.input_tokens == delta.usage.input_tokens  # type: ignore[union-attr]
-    prompt = final.usage.input_tokens + (final.usage.cache_read_input_tokens or 0)
-    assert clamped == f"32000->{CONTEXT - prompt}"
+    cached = start.message.usage.cache_read_input_tokens
+    assert cached == delta.usage.cache_read_input_tokens  # type: ignore[union-attr]
+
+
+def test_claude_codes_max_tokens_is_clamped_to_the_context_and_reported(
+    claude: anthropic.Anthropic,
+) -> None:
+    """Answered whole, so the header is there however long the prefill takes (a stream whose
+    first token comes after the gateway's keep-alives began has sent its headers already)."""
+    body = claude_code_body("What is the capital of France?")
+    raw = claude.messages.with_raw_response.create(**body, extra_headers=CLAUDE_CODE_HEADERS)
+    message = raw.parse()
+    prompt = message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)
+    assert raw.headers[CLAMPED_HEADER] == f"32000->{CONTEXT - prompt}"
+    assert message.content
 
 
 @pytest.mark.parametrize(
