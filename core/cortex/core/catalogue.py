@@ -99,6 +99,11 @@ class ModelSpec(BaseModel):
     cost: ModelCost | None = Field(
         default=None, description="prices per million tokens, for cortex_spend_usd_total"
     )
+    strict_max_tokens: bool | None = Field(
+        default=None,
+        description="a max_tokens beyond what the prompt leaves of the context is a 400, not "
+        "clamped; unset: the gateway's or the neuron's setting",
+    )
     defaults: SamplingDefaults = Field(
         default_factory=SamplingDefaults,
         description="sampling a request does not set; before the model's generation_config",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -30,6 +31,14 @@ _CONNECTION_FAILURES = (
     httpx.ReadError,
     httpx.WriteError,
 )
+
+
+@dataclass(frozen=True)
+class NeuronAnswer:
+    """A neuron's JSON answer and the headers it came with."""
+
+    body: dict[str, Any]
+    headers: Mapping[str, str]
 
 
 def transport_error(neuron: str, exc: httpx.TransportError) -> CortexError:
@@ -141,6 +150,13 @@ class NeuronClient:
         self, path: str, body: dict[str, Any], *, headers: dict[str, str] | None = None
     ) -> dict[str, Any]:
         """A non-streaming inference call (e.g. /v1/chat/completions); returns the JSON body."""
+        return (await self.post_answer(path, body, headers=headers)).body
+
+    async def post_answer(
+        self, path: str, body: dict[str, Any], *, headers: dict[str, str] | None = None
+    ) -> NeuronAnswer:
+        """`post`, keeping the response's headers too (what the neuron reports beside the body,
+        such as a clamped max_tokens)."""
         answer = await self._request("POST", path, json=body, headers=headers)
         try:
             result = answer.json()
@@ -148,7 +164,7 @@ class NeuronClient:
             result = None
         if not isinstance(result, dict):
             raise NeuronUnavailable(f"neuron {self.name} answered {path} with no JSON object")
-        return result
+        return NeuronAnswer(result, answer.headers)
 
     @asynccontextmanager
     async def stream(

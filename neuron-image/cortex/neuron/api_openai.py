@@ -34,6 +34,7 @@ from cortex.core.protocol.openai import (
     FunctionCall,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     ResponseMessage,
     ToolCall,
     Usage,
@@ -46,6 +47,7 @@ from cortex.neuron.generation import Finished
 from cortex.neuron.prompts import PromptPool, require_unicode
 from cortex.neuron.serving import (
     Generation,
+    completion_limit,
     constrain,
     failure,
     principal_of,
@@ -184,14 +186,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     pool.check_size(_chars(messages, tools), served.context_length, "messages")
     prompt = await pool.run(lambda: served.render_chat(messages, tools), "messages")
     section = runtime_of(request).config.neuron
-    params = sampling(
-        body,
-        body.token_limit(),
-        len(prompt),
-        served.context_length,
-        section,
-        prompt_param="messages",
+    limit = completion_limit(
+        request, served, body.token_limit(), len(prompt), prompt_param="messages"
     )
+    params = sampling(body, limit)
     metrics = request.app.state.metrics
     params = await constrain(served, params, constraint, metrics)
     generation = Generation(served, prompt, params, metrics, principal_of(request, section))
@@ -206,7 +204,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         include_usage = bool(options and options.include_usage)
         continuous = bool(options and options.continuous_usage_stats)
         return EventStreamResponse(
-            _chat_stream(generation, names, most_calls, calls_only, include_usage, continuous)
+            _chat_stream(generation, names, most_calls, calls_only, include_usage, continuous),
+            headers=limit.headers(),
         )
     text, finished = await _finish(request, generation)
     content: str | None = text
@@ -225,7 +224,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         ],
         usage=usage(finished),
     )
-    return JSONResponse(answer.model_dump(mode="json"))
+    return JSONResponse(answer.model_dump(mode="json"), headers=limit.headers())
 
 
 async def _chat_stream(
@@ -253,8 +252,13 @@ async def _chat_stream(
         if not continuous:
             return None
         total = prompt_tokens + completion_tokens
+        cached = generation.cached_tokens
         return Usage(
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=total,
+            # from the first chunk on, so a translated stream's opening event can report it
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached) if cached else None,
         )
 
     def delta(piece: str | ParsedToolCall) -> bytes | None:
@@ -381,9 +385,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if body.echo and not text:
         raise InvalidRequest("echo needs a text prompt", param="echo")
     section = runtime_of(request).config.neuron
-    params = sampling(
-        body, body.max_tokens, len(ids), served.context_length, section, prompt_param="prompt"
-    )
+    limit = completion_limit(request, served, body.max_tokens, len(ids), prompt_param="prompt")
+    params = sampling(body, limit)
     metrics = request.app.state.metrics
     spec = response_format_grammar(body.response_format)
     kind = str((body.response_format or {}).get("type"))
@@ -393,7 +396,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     echo = text if body.echo else ""
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(_completion_stream(generation, echo, include_usage))
+        return EventStreamResponse(
+            _completion_stream(generation, echo, include_usage), headers=limit.headers()
+        )
     output, finished = await _finish(request, generation)
     choice = CompletionChoice(
         text=echo + output,
@@ -401,7 +406,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         stop_reason=finished.stop_sequence,
     )
     answer = Completion(model=served.id, choices=[choice], usage=usage(finished))
-    return JSONResponse(answer.model_dump(mode="json"))
+    return JSONResponse(answer.model_dump(mode="json"), headers=limit.headers())
 
 
 async def _completion_stream(

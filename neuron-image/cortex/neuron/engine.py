@@ -405,7 +405,7 @@ class Engine:
             if active.stops.matched is not None:
                 reason = "stop"
         if text:
-            seq.emit(TextDelta(text=text, completion_tokens=count))
+            seq.emit(TextDelta(text, count, seq.cached_tokens))
         if reason is not None:
             self._finish(active, reason)
 

@@ -46,6 +46,7 @@ class TextDelta:
 
     text: str
     completion_tokens: int  # total so far
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (known from the first)
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,8 @@ class ServedModel:
         self.kind: Literal["chat", "embedding"] = weights.kind
         limit = replica.spec.context
         self.context_length = min(weights.context_length, limit or weights.context_length)
+        # Whether a max_tokens beyond the context is a 400 (the catalogue entry's say, if any).
+        self.strict_max_tokens: bool | None = replica.spec.strict_max_tokens
         self.weights = weights
         self.worker = worker
         # Rows of the token embedding: a prompt id at or past it would fail the forward.
