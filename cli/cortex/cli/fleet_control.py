@@ -34,7 +34,7 @@ def until(model: AdminModel, expires_at: float | None, pinned: bool, now: float)
 
 
 def duration(seconds: float) -> str:
-    seconds = round(seconds)
+    seconds = int(seconds)  # never more time than is left
     if seconds < 90:
         return f"{seconds}s"
     if seconds < 90 * 60:

@@ -2,8 +2,9 @@
 uncordon neurons. Behind the admin key when [auth] is on, open when it is off, as GET /fleet is.
 
 A static fleet is changed through this gateway's placer (the one that places on demand), so a
-load by hand is reserved like a planned one. On Kubernetes the operator places: these calls
-answer 501 there, and `kubectl` edits the ModelPlacement and Neuron objects instead."""
+load by hand is reserved like a planned one. On Kubernetes the operator places: these calls write
+the ModelPlacement and Neuron objects it reads (kube_admin.py); an unload, or a load on a chosen
+neuron, answers 501 there."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ from cortex.core.admin import (
 from cortex.core.catalogue import ModelSpec
 from cortex.core.errors import CortexError, FleetConflict, NeuronNotFound, NotSupported
 from cortex.core.fleet import LoadedModel, ModelState
+from cortex.gateway import kube_admin
 from cortex.gateway.fleet import NeuronHandle
+from cortex.gateway.kube_fleet import KubeFleet
 from cortex.gateway.wiring import Gateway, authenticate_admin, gateway_of
 
 log = logging.getLogger(__name__)
@@ -99,9 +102,17 @@ def _replica(handle: NeuronHandle, loaded: LoadedModel, spec: ModelSpec) -> Admi
 def _static(gateway: Gateway, what: str) -> None:
     if gateway.kubernetes is not None:
         raise NotSupported(
-            f"{what}: on Kubernetes the operator places models; edit the ModelPlacement or "
-            "Neuron object instead (docs/kubernetes.md)"
+            f"{what}: on Kubernetes the operator places models; edit the ModelPlacement "
+            "(spec.replicas, spec.pinned) instead (docs/kubernetes.md)"
         )
+
+
+def _kube(gateway: Gateway) -> KubeFleet | None:
+    """The watched CRDs on Kubernetes, else None (a static fleet)."""
+    if gateway.kubernetes is None:
+        return None
+    assert isinstance(gateway.source, KubeFleet)
+    return gateway.source
 
 
 def _handle(gateway: Gateway, name: str) -> NeuronHandle:
@@ -117,9 +128,14 @@ def _handle(gateway: Gateway, name: str) -> NeuronHandle:
 async def load(model: str, request: Request, body: AdminLoad | None = None) -> StreamingResponse:
     """Load on the named neuron, else where the planner says; streams NDJSON progress lines."""
     gateway = gateway_of(request)
-    _static(gateway, "load")
     spec = gateway.catalogue.resolve(model)
     neuron = body.neuron if body is not None else None
+    kube = _kube(gateway)
+    if kube is not None:
+        if neuron is not None:
+            _static(gateway, "load on a chosen neuron")
+        lines = await kube_admin.load(kube, spec.id, gateway.config.gateway.load_timeout)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
     if neuron is not None:
         handle = _handle(gateway, neuron)
         if handle.cordoned:
@@ -193,17 +209,19 @@ async def unload(model: str, request: Request, body: AdminUnload | None = None) 
 @router.post("/models/{model}/pin")
 async def pin(model: str, body: AdminPin, request: Request) -> AdminDone:
     """Keep the model loaded on the neuron: the lifecycle loads it there and never unloads it."""
-    return _pin(gateway_of(request), model, body.neuron, pinned=True)
+    return await _pin(gateway_of(request), model, body.neuron, pinned=True)
 
 
 @router.post("/models/{model}/unpin")
 async def unpin(model: str, body: AdminPin, request: Request) -> AdminDone:
-    return _pin(gateway_of(request), model, body.neuron, pinned=False)
+    return await _pin(gateway_of(request), model, body.neuron, pinned=False)
 
 
-def _pin(gateway: Gateway, model: str, neuron: str, *, pinned: bool) -> AdminDone:
-    _static(gateway, "pin" if pinned else "unpin")
+async def _pin(gateway: Gateway, model: str, neuron: str, *, pinned: bool) -> AdminDone:
     spec = gateway.catalogue.resolve(model)
+    kube = _kube(gateway)
+    if kube is not None:
+        return await kube_admin.pin(kube, spec.id, pinned=pinned)
     _handle(gateway, neuron)
     where = set(spec.pinned_on) | {neuron} if pinned else set(spec.pinned_on) - {neuron}
     gateway.placer.catalogue.pins[spec.id] = sorted(where)
@@ -214,16 +232,18 @@ def _pin(gateway: Gateway, model: str, neuron: str, *, pinned: bool) -> AdminDon
 @router.post("/neurons/{neuron}/cordon")
 async def cordon(neuron: str, request: Request) -> AdminDone:
     """No new loads on the neuron; what runs there keeps serving."""
-    return _cordon(gateway_of(request), neuron, cordoned=True)
+    return await _cordon(gateway_of(request), neuron, cordoned=True)
 
 
 @router.post("/neurons/{neuron}/uncordon")
 async def uncordon(neuron: str, request: Request) -> AdminDone:
-    return _cordon(gateway_of(request), neuron, cordoned=False)
+    return await _cordon(gateway_of(request), neuron, cordoned=False)
 
 
-def _cordon(gateway: Gateway, neuron: str, *, cordoned: bool) -> AdminDone:
-    _static(gateway, "cordon" if cordoned else "uncordon")
+async def _cordon(gateway: Gateway, neuron: str, *, cordoned: bool) -> AdminDone:
+    kube = _kube(gateway)
+    if kube is not None:
+        return await kube_admin.cordon(kube, neuron, cordoned=cordoned)
     _handle(gateway, neuron).cordoned = cordoned
     log.info("%s %s (by hand)", "cordoned" if cordoned else "uncordoned", neuron)
     return AdminDone(action="cordon" if cordoned else "uncordon", neurons=[neuron])
