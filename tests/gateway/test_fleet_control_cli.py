@@ -4,6 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from fakes.neuron import FakeNeuron, GiB
@@ -82,3 +91,48 @@ def test_durations_read_like_ollama_ps() -> None:
         "60m00s",
         "2h01m",
     ]
+
+
+async def test_status_watch_redraws_under_a_terminal_until_interrupted() -> None:
+    """`cortex status --watch` in a pseudo-terminal: a cordon made meanwhile shows up, Ctrl-C
+    (SIGINT) ends it quietly."""
+    async with cluster(FakeNeuron("gpu-1", loaded={"chat-a": GiB}), catalogue=CATALOGUE) as c:
+        main, terminal = pty.openpty()
+        env = {**os.environ, "COLUMNS": "80", "LINES": "40", "TERM": "xterm"}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cortex.cli", "status", "--endpoint", c.url, "--watch", "0.2",
+            stdout=terminal, stderr=terminal, env=env,
+        )  # fmt: skip
+        os.close(terminal)
+        screen = bytearray()
+
+        async def shown(text: bytes) -> None:
+            deadline = time.monotonic() + 30
+            while text not in screen:
+                assert time.monotonic() < deadline, bytes(screen)[-2000:]
+                readable, _, _ = await asyncio.to_thread(select.select, [main], [], [], 0.2)
+                if readable:
+                    screen.extend(os.read(main, 65536))
+
+        try:
+            await shown(b"chat-a")
+            await c.http.post("/admin/neurons/gpu-1/cordon")
+            await shown(b"cordoned")  # redrawn with what changed
+            process.send_signal(signal.SIGINT)
+            code = await asyncio.wait_for(process.wait(), 30)
+        finally:
+            if process.returncode is None:
+                process.kill()
+            os.close(main)
+    assert code in (0, 130) and b"Traceback" not in screen
+
+
+def test_serve_is_the_gateway_under_the_seeds_name(tmp_path: Path) -> None:
+    config = tmp_path / "cortex.toml"
+    config.write_text("[eviction]\nstrategy = 'random'\n")
+    served = subprocess.run(
+        [sys.executable, "-m", "cortex.cli", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert served.returncode == 2  # the gateway's own config check answered
+    assert "eviction.strategy" in served.stderr and str(config) in served.stderr
