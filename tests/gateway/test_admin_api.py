@@ -136,3 +136,10 @@ async def test_the_admin_key_guards_every_route() -> None:
         assert (await admin.cordon("n2")).neurons == ["n2"]
         assert await admin.is_gateway()
         await admin.aclose()
+
+
+async def test_a_model_id_with_a_slash_is_one_name() -> None:
+    async with cluster(*two_neurons(), catalogue=[spec("org/chat-c")]) as c:
+        response = await c.http.post("/admin/models/org/chat-c/load", json={"neuron": "n2"})
+        assert json.loads(response.text.splitlines()[-1])["state"] == "ready"
+        assert [load.model for load in c.neurons["n2"].loads] == ["org/chat-c"]

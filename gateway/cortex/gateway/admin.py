@@ -124,7 +124,7 @@ def _handle(gateway: Gateway, name: str) -> NeuronHandle:
     return handle
 
 
-@router.post("/models/{model}/load")
+@router.post("/models/{model:path}/load")
 async def load(model: str, request: Request, body: AdminLoad | None = None) -> StreamingResponse:
     """Load on the named neuron, else where the planner says; streams NDJSON progress lines."""
     gateway = gateway_of(request)
@@ -182,7 +182,7 @@ def _line(progress: LoadProgress) -> bytes:
     return progress.model_dump_json(exclude_none=True).encode() + b"\n"
 
 
-@router.post("/models/{model}/unload")
+@router.post("/models/{model:path}/unload")
 async def unload(model: str, request: Request, body: AdminUnload | None = None) -> AdminDone:
     """Unload from the named neuron, else from every neuron holding it."""
     gateway = gateway_of(request)
@@ -206,13 +206,13 @@ async def unload(model: str, request: Request, body: AdminUnload | None = None) 
     return AdminDone(action="unload", model=spec.id, neurons=names)
 
 
-@router.post("/models/{model}/pin")
+@router.post("/models/{model:path}/pin")
 async def pin(model: str, body: AdminPin, request: Request) -> AdminDone:
     """Keep the model loaded on the neuron: the lifecycle loads it there and never unloads it."""
     return await _pin(gateway_of(request), model, body.neuron, pinned=True)
 
 
-@router.post("/models/{model}/unpin")
+@router.post("/models/{model:path}/unpin")
 async def unpin(model: str, body: AdminPin, request: Request) -> AdminDone:
     return await _pin(gateway_of(request), model, body.neuron, pinned=False)
 
