@@ -151,9 +151,10 @@ async def _progress(gateway: Gateway, model: str, neuron: str | None) -> AsyncIt
     task: asyncio.Task[Any] = asyncio.create_task(
         placer.load_on(model, neuron) if neuron is not None else placer.place(model)
     )
+    where = neuron
     try:
         while True:
-            where = neuron or next(iter(placer.loading(model)), None)
+            where = neuron or next(iter(placer.loading(model)), where)
             yield _line(LoadProgress(model=model, neuron=where, state="loading",
                                      progress=_progress_on(gateway, model, where)))  # fmt: skip
             done, _ = await asyncio.wait({task}, timeout=PROGRESS_INTERVAL)
@@ -163,7 +164,7 @@ async def _progress(gateway: Gateway, model: str, neuron: str | None) -> AsyncIt
                 await gateway.fleet.refresh(where)
         result = task.result()
     except CortexError as err:
-        yield _line(LoadProgress(model=model, neuron=neuron, state="failed", error=err.message))
+        yield _line(LoadProgress(model=model, neuron=where, state="failed", error=err.message))
         return
     finally:
         if not task.done():  # the caller left: the load goes on, as asked
