@@ -45,6 +45,7 @@ GATEWAY_ROLE = {
         for v in ("get", "list", "watch")
     ),
     ("cortex.helexa.ai", "modelplacements", "patch"),
+    ("cortex.helexa.ai", "neurons", "patch"),  # the admin API's cordon
 }
 
 

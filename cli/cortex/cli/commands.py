@@ -21,9 +21,11 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cortex.cli import fleet_control
 from cortex.cli.console import NeuronRow, print_fleet
 from cortex.core import kube_api
 from cortex.core.access_log import redact_access_log
+from cortex.core.admin import GatewayAdmin
 from cortex.core.catalogue import (
     DEFAULT_CATALOGUE,
     ModelSpec,
@@ -280,8 +282,9 @@ def local_entry(local: NeuronConfig, port: int) -> NeuronEntry:
     )
 
 
-async def status(endpoint: str, api_key: str | None = None) -> int:
-    """Fleet table from a gateway's /fleet (an admin key when auth is on), or a neuron's /status."""
+async def status(endpoint: str, api_key: str | None = None, watch: float | None = None) -> int:
+    """Every model from a gateway's admin API (an admin key when auth is on), or the fleet table
+    from a neuron's /status."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(base_url=endpoint.rstrip("/"), timeout=5, headers=headers) as http:
         try:
@@ -290,7 +293,12 @@ async def status(endpoint: str, api_key: str | None = None) -> int:
                 print(f"cortex: {endpoint}/fleet needs an admin key (--api-key)", file=sys.stderr)
                 return 1
             if response.status_code == 200:
-                rows = fleet_rows(FleetView.model_validate_json(response.content))
+                FleetView.model_validate_json(response.content)  # a gateway, not a lookalike
+                admin = GatewayAdmin(endpoint, api_key=api_key)
+                try:
+                    return await fleet_control.status(admin, watch)
+                finally:
+                    await admin.aclose()
             else:
                 neuron_status = NeuronStatus.model_validate_json(
                     (await http.get("/status")).content
@@ -327,7 +335,18 @@ def fleet_rows(view: FleetView) -> list[NeuronRow]:
 
 
 async def models(args: argparse.Namespace) -> int:
-    client = NeuronClient(args.endpoint or "http://127.0.0.1:13131", admin_token=args.admin_token)
+    """`cortex models` and `cortex neurons`: through a gateway's admin API, or to one neuron."""
+    admin = GatewayAdmin(args.endpoint, api_key=args.api_key)
+    try:
+        if await admin.is_gateway():
+            if args.command == "neurons":
+                return await fleet_control.neurons(admin, args)
+            return await fleet_control.models(admin, args)
+    finally:
+        await admin.aclose()
+    if args.command == "neurons" or args.action in ("pin", "unpin"):
+        raise CortexError(f"{args.endpoint} is a neuron: {args.action} needs a gateway's endpoint")
+    client = NeuronClient(args.endpoint, admin_token=args.admin_token)
     console = Console()
     try:
         if args.action == "load":
