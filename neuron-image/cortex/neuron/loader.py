@@ -2,7 +2,8 @@
 
 GGUF files are de-quantized by transformers on every load (slow: the tokenizer and the tensors are
 converted); the converted model is saved once as safetensors under the cache dir, so the next load
-of the same file (by content: core/cortex/core/weights_cache.py) reads it directly.
+of the same file (by content: core/cortex/core/weights_cache.py) maps it directly
+(mapped_weights.py).
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import torch
 
 from cortex.core.errors import ModelLoadFailed
 from cortex.core.weights_cache import conversion_dir, record_source
+from cortex.neuron import cpu_linear
 from cortex.neuron.devices import Device
+from cortex.neuron.mapped_weights import load_causal_mapped
 from cortex.neuron.sources import LocalModel
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float], None]
+CPU_LINEAR_MEMO = "cpu_linear.json"  # under cache_dir: cpu_linear.py's kernel choices
 
 
 @dataclass
@@ -62,7 +66,7 @@ def load_weights(
         progress(0.6)
         if kind == "embedding":
             return _load_embedding(directory, devices[0], dtype)
-        return _load_causal(directory, gguf_file, devices, dtype)
+        return _load_causal(directory, gguf_file, devices, dtype, cache_dir)
     except ModelLoadFailed:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -106,24 +110,21 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def _load_causal(
-    directory: Path, gguf_file: str | None, devices: list[Device], dtype: str
+    directory: Path, gguf_file: str | None, devices: list[Device], dtype: str, cache_dir: Path
 ) -> LoadedWeights:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    # sdpa honours the engine's 4D masks (rows of different lengths); flash-attention would not.
-    kwargs: dict[str, Any] = {
-        "dtype": getattr(torch, dtype),
-        "gguf_file": gguf_file,
-        "attn_implementation": "sdpa",
-    }
-    if len(devices) > 1:  # split layers over the GPUs of this node
-        kwargs["device_map"] = "auto"
-        kwargs["max_memory"] = {d.index: d.memory_free() for d in devices}
-    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    model = None
+    if gguf_file is None and len(devices) == 1:
+        model = load_causal_mapped(directory, getattr(torch, dtype), devices[0].torch_device)
+    if model is None:
+        model = _from_pretrained(directory, gguf_file, devices, dtype)
     if len(devices) == 1:
         model.to(devices[0].torch_device)
     model.eval()
+    if devices[0].kind == "cpu":  # the engine's kernel choice, remembered per machine (P3)
+        cpu_linear.install(model, memo=cache_dir.expanduser() / CPU_LINEAR_MEMO)
     # only what the model sets itself: to_dict() would add library defaults (do_sample=False, ...)
     generation = model.generation_config.to_diff_dict() if model.generation_config else {}
     eos = generation.get("eos_token_id", tokenizer.eos_token_id)
@@ -138,6 +139,24 @@ def _load_causal(
         generation_config=generation,
         eos_token_ids=eos_ids,
     )
+
+
+def _from_pretrained(
+    directory: Path, gguf_file: str | None, devices: list[Device], dtype: str
+) -> Any:
+    """transformers' own loading: GGUF, renamed or quantized checkpoints, several devices."""
+    from transformers import AutoModelForCausalLM
+
+    # sdpa honours the engine's 4D masks (rows of different lengths); flash-attention would not.
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, dtype),
+        "gguf_file": gguf_file,
+        "attn_implementation": "sdpa",
+    }
+    if len(devices) > 1:  # split layers over the GPUs of this node
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {d.index: d.memory_free() for d in devices}
+    return AutoModelForCausalLM.from_pretrained(directory, **kwargs)
 
 
 def _load_embedding(directory: Path, device: Device, dtype: str) -> LoadedWeights:
