@@ -79,3 +79,10 @@ def test_tensor_names_the_model_does_not_know_fall_back(tiny: Path, tmp_path: Pa
 def test_a_directory_without_safetensors_falls_back(tiny: Path, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_bytes((tiny / "config.json").read_bytes())
     assert load_causal_mapped(tmp_path, torch.float32, CPU) is None
+
+
+def test_a_model_that_keeps_some_weights_in_float32_falls_back(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(LlamaForCausalLM, "_keep_in_fp32_modules", ["lm_head"])
+    assert load_causal_mapped(tiny, torch.bfloat16, CPU) is None

@@ -60,6 +60,12 @@ def load_causal_mapped(directory: Path, dtype: torch.dtype, device: torch.device
     with init_empty_weights(include_buffers=False), no_init_weights():
         # sdpa honours the engine's 4D masks (rows of different lengths); flash-attention would not.
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if getattr(model, "_keep_in_fp32_modules", None) or getattr(
+        model, "_keep_in_fp32_modules_strict", None
+    ):
+        return (
+            None  # some weights must stay float32 whatever the dtype: from_pretrained knows which
+        )
     state = {name: t.to(device).to(dtype) for name, t in tensors.items()}  # no-ops when equal
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # a tied head is not in the file: it shares the embedding's tensor
