@@ -66,3 +66,17 @@ def test_what_is_not_a_readable_gguf_is_refused(tmp_path: Path, content: bytes) 
     path.write_bytes(content)
     with pytest.raises((GgufFormatError, ValueError)):
         read_header(path)
+
+
+def test_a_conversion_opens_its_gguf_once(tmp_path: Path) -> None:
+    import gguf
+
+    from cortex.neuron import loader
+
+    path = write_gguf(tmp_path / "tiny.gguf")
+    with loader._one_gguf_reader():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(path) is first  # transformers' second and third opens
+        assert gguf.GGUFReader(write_gguf(tmp_path / "other.gguf")) is not first
+    assert gguf.GGUFReader is GGUFReader  # restored
+    assert GGUFReader(path) is not first

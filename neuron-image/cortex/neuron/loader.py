@@ -9,8 +9,11 @@ of the same file (by content: core/cortex/core/weights_cache.py) maps it directl
 from __future__ import annotations
 
 import logging
+import os
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -94,8 +97,9 @@ def _materialize(local: LocalModel, cache_dir: Path, progress: Progress) -> tupl
 def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _CONVERTING, _one_gguf_reader():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The tensors are plain de-quantized floats now; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -107,6 +111,31 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tokenizer.save_pretrained(staging)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)  # atomic: a crash mid-save never leaves a half cache behind
+
+
+_CONVERTING = threading.Lock()  # one conversion at a time: _one_gguf_reader patches a module
+
+
+@contextmanager
+def _one_gguf_reader() -> Iterator[None]:
+    """transformers opens the GGUF twice (tokenizer, then weights), and `GGUFReader` costs ~2-3 s
+    of CPU each time on SmolLM2 (it indexes the whole vocabulary): open it once per conversion."""
+    import gguf
+
+    real = gguf.GGUFReader
+    opened: dict[tuple[str, str], Any] = {}
+
+    def reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
+        key = (str(path), mode)
+        if key not in opened:
+            opened[key] = real(path, mode)  # type: ignore[arg-type]
+        return opened[key]
+
+    gguf.GGUFReader = reader  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real  # type: ignore[misc]
 
 
 def _load_causal(
