@@ -79,6 +79,8 @@ def neuron(workdir: Path, model_dir: Path, device: str, dtype: str, max_running:
     config.write_text(
         f'[neuron]\nport = {port}\ndevices = ["{device}"]\ndtype = "{dtype}"\n'
         f'max_running = {max_running}\ncache_dir = "{workdir / "cache"}"\n'
+        # room for every stream's prompt and output at once (the default admits ~12k tokens)
+        f"kv_tokens = {max(16384, max_running * 512)}\n"
     )
     argv = [*cortex_cli(), "neuron", "--config", str(config)]
     argv += ["--preload", f"{MODEL}=file:{model_dir}"]

@@ -11,6 +11,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 from pathlib import Path
 
+import pytest
+
 from bench import gpu_wheels
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,3 +87,17 @@ def test_the_carried_wheels_cover_what_a_neuron_imports() -> None:
     uncovered = neuron - present - carried - optional - {"cortex"}
     assert not uncovered, f"a neuron imports these, and no carried wheel provides them: {uncovered}"
     assert not gpu_wheels.missing()  # every listed module's name is right (it imports here)
+
+
+def test_what_is_missing_is_installed_from_the_wheels_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(gpu_wheels.PURE, "cortex-no-such-dist", "cortex_no_such_module")
+    assert gpu_wheels.missing() == ["cortex-no-such-dist"]
+    with pytest.raises(SystemExit, match="cortex-no-such-dist"):
+        gpu_wheels.install_missing(None)
+    (tmp_path / "wheels").mkdir()
+    # No index to fall back on: a wheel not carried is an error, not a download.
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        gpu_wheels.install_missing(tmp_path / "wheels")
+    assert "--no-index" in failed.value.cmd

@@ -118,8 +118,8 @@ _CONVERTING = threading.Lock()  # one conversion at a time: _one_gguf_reader pat
 
 @contextmanager
 def _one_gguf_reader() -> Iterator[None]:
-    """transformers opens the GGUF twice (tokenizer, then weights), and `GGUFReader` costs ~2-3 s
-    of CPU each time on SmolLM2 (it indexes the whole vocabulary): open it once per conversion."""
+    """transformers opens the GGUF three times (config, tokenizer, weights), and `GGUFReader` costs
+    ~3 s of CPU each time on SmolLM2 (it indexes the whole vocabulary): open it once per conversion."""
     import gguf
 
     real = gguf.GGUFReader
