@@ -508,7 +508,8 @@ async def test_max_tokens_beyond_the_context_is_clamped_and_reported(
     http: httpx.AsyncClient, runtime: FakeRuntime, path: str, stream: bool
 ) -> None:
     served = runtime.models["tiny-chat"]
-    body: dict[str, Any] = {"model": "tiny-chat", "max_tokens": 32000, "stream": stream}
+    # Over the context (400), within the neuron's max_tokens_limit (1000): clamped.
+    body: dict[str, Any] = {"model": "tiny-chat", "max_tokens": 900, "stream": stream}
     if path == "/v1/chat/completions":
         body["messages"] = USER
         prompt_len = len(served.render_chat(USER, None))
@@ -518,7 +519,7 @@ async def test_max_tokens_beyond_the_context_is_clamped_and_reported(
     room = 400 - prompt_len
     answer = await http.post(path, json=body)
     assert answer.status_code == 200, answer.text
-    assert answer.headers[CLAMPED_HEADER] == f"32000->{room}"
+    assert answer.headers[CLAMPED_HEADER] == f"900->{room}"
     assert served.last_params and served.last_params.max_tokens == room
     body["max_tokens"] = room  # what fits is left alone, and no header says otherwise
     assert CLAMPED_HEADER not in (await http.post(path, json=body)).headers

@@ -61,6 +61,12 @@ def completion_limit(
     section = runtime_of(request).config.neuron
     if prompt_tokens == 0:
         raise InvalidRequest("the prompt is empty", param=prompt_param)
+    # An absurd max_tokens is a mistake to name, not a size to clamp (Claude Code's 32,000 is not).
+    if requested is not None and requested > section.max_tokens_limit:
+        raise InvalidRequest(
+            f"max_tokens is {requested}; this neuron accepts at most {section.max_tokens_limit}",
+            param="max_tokens",
+        )
     limit = fit_max_tokens(
         requested,
         prompt_tokens,
@@ -68,12 +74,6 @@ def completion_limit(
         strict=strict_max_tokens(request, served, section),
         prompt_param=prompt_param,
     )
-    if limit.granted is not None and limit.granted > section.max_tokens_limit:
-        raise InvalidRequest(
-            f"max_tokens is {limit.granted}; this neuron accepts at most "
-            f"{section.max_tokens_limit}",
-            param="max_tokens",
-        )
     if limit.clamped:
         log.debug(
             "%s: max_tokens %s clamped to %s (%d prompt tokens, context %d)",
