@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from cortex.core.errors import (
     CortexError,
@@ -17,8 +18,16 @@ from cortex.core.errors import (
     error_from_code,
 )
 from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, NeuronStatus, UnloadRequest
+from cortex.core.protocol.openai import TokenizeRequest, TokenizeResponse
 from cortex.core.request_context import INTERNAL_AGENT, REQUEST_ID_HEADER, request_id
 
+# The neuron's inference APIs: the one place their paths are written.
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
+TOKENIZE_PATH = "/tokenize"
+# Whose share of a neuron's running slots a request takes (docs/architecture.md, "Fairness").
+PRINCIPAL_HEADER = "x-cortex-principal"
 # Reads while streaming can legitimately pause for a long prefill; connects must fail fast.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=600.0, write=30.0, pool=30.0)
 # Failures that say the neuron is not there (refused, reset, cut before answering).
@@ -132,10 +141,47 @@ class NeuronClient:
     async def metrics(self) -> str:
         return (await self._request("GET", "/metrics")).text
 
-    async def post(
-        self, path: str, body: dict[str, Any], *, headers: dict[str, str] | None = None
+    async def chat(self, body: dict[str, Any], *, principal: str | None = None) -> dict[str, Any]:
+        """An OpenAI chat completion, whole; returns the neuron's JSON answer."""
+        return await self._post(CHAT_PATH, body, principal)
+
+    async def complete(
+        self, body: dict[str, Any], *, principal: str | None = None
     ) -> dict[str, Any]:
-        """A non-streaming inference call (e.g. /v1/chat/completions); returns the JSON body."""
+        """An OpenAI (plain) completion, whole."""
+        return await self._post(COMPLETIONS_PATH, body, principal)
+
+    async def embed(self, body: dict[str, Any], *, principal: str | None = None) -> dict[str, Any]:
+        """OpenAI embeddings."""
+        return await self._post(EMBEDDINGS_PATH, body, principal)
+
+    async def tokenize(
+        self, request: TokenizeRequest, *, principal: str | None = None
+    ) -> TokenizeResponse:
+        """A chat's (or prompt's) token count, through the model's own tokenizer and template."""
+        answer = await self._post(TOKENIZE_PATH, request.model_dump(exclude_none=True), principal)
+        try:
+            return TokenizeResponse.model_validate(answer)
+        except ValidationError:
+            raise NeuronUnavailable(
+                f"neuron {self.name} answered {TOKENIZE_PATH} without a count"
+            ) from None
+
+    def stream_chat(
+        self, body: dict[str, Any], *, principal: str | None = None
+    ) -> AbstractAsyncContextManager[httpx.Response]:
+        """A streamed chat completion: its response once the headers are in (an error answer
+        raises); the caller reads the events."""
+        return self._stream(CHAT_PATH, body, principal)
+
+    def stream_complete(
+        self, body: dict[str, Any], *, principal: str | None = None
+    ) -> AbstractAsyncContextManager[httpx.Response]:
+        """A streamed (plain) completion."""
+        return self._stream(COMPLETIONS_PATH, body, principal)
+
+    async def _post(self, path: str, body: dict[str, Any], principal: str | None) -> dict[str, Any]:
+        headers = {PRINCIPAL_HEADER: principal} if principal else None
         answer = await self._request("POST", path, json=body, headers=headers)
         try:
             result = answer.json()
@@ -146,10 +192,10 @@ class NeuronClient:
         return result
 
     @asynccontextmanager
-    async def stream(
-        self, path: str, body: dict[str, Any], *, headers: dict[str, str] | None = None
+    async def _stream(
+        self, path: str, body: dict[str, Any], principal: str | None
     ) -> AsyncIterator[httpx.Response]:
-        """A streaming inference call. Errors before the first byte raise; the caller reads after."""
+        headers = {PRINCIPAL_HEADER: principal} if principal else None
         request = self._http.build_request("POST", path, json=body, headers=headers)
         try:
             response = await self._http.send(request, stream=True)

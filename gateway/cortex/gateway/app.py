@@ -15,10 +15,10 @@ from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.core.kube_api import KubeLogin
 from cortex.core.request_context import RequestContext
 from cortex.core.shutdown import DrainGate, GracefulServer
-from cortex.gateway import errors, health, routes_anthropic, routes_openai, routes_responses, web
-from cortex.gateway.call import CallScope
+from cortex.gateway.assembly import Gateway, Tuning
+from cortex.gateway.http import anthropic, errors, health, openai, responses, web
+from cortex.gateway.http.access import authenticate_admin, gateway_of
 from cortex.gateway.metrics import CONTENT_TYPE
-from cortex.gateway.wiring import Gateway, Tuning, authenticate_admin, gateway_of
 
 
 def create_app(
@@ -49,9 +49,8 @@ def create_app(
     )
     app.state.gateway = gateway
     errors.install(app)
-    app.add_middleware(CallScope, accounting=lambda: gateway.accounting)
     app.add_middleware(RequestContext)  # outermost: the id covers the whole call, and its logs
-    for module in (routes_openai, routes_anthropic, routes_responses, health, web):
+    for module in (openai, anthropic, responses, health, web):
         app.include_router(module.router)
     # On the API port the metrics are part of the admin surface; `metrics_listen` serves them open.
     admin = [Depends(authenticate_admin)]

@@ -74,7 +74,7 @@ class ChatStreamTranslator(ABC, Generic[E]):
         events.extend(self._closing())
         return events
 
-    def _final_usage(self) -> ChatUsage:
+    def usage(self) -> ChatUsage:
         """The last usage reported, or the prompt's size and the output estimate."""
         if self._usage is not None:
             return self._usage
