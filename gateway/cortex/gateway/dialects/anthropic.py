@@ -17,6 +17,7 @@ from cortex.core.protocol.openai import (
     TokenizeResponse,
     Usage,
 )
+from cortex.gateway.dialects.affinity import conversation_key
 from cortex.gateway.dialects.dialect import (
     Chat,
     ClientRequest,
@@ -27,7 +28,6 @@ from cortex.gateway.dialects.dialect import (
     chat_completion,
     validate,
 )
-from cortex.gateway.proxy.balancer import conversation_key
 from cortex.gateway.translate.anthropic import (
     StreamTranslator,
     encode_sse,

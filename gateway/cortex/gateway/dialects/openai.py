@@ -16,6 +16,7 @@ from cortex.core.protocol.openai import (
     EmbeddingRequest,
     Usage,
 )
+from cortex.gateway.dialects.affinity import conversation_key, prompt_key
 from cortex.gateway.dialects.dialect import (
     Chat,
     ClientRequest,
@@ -26,7 +27,6 @@ from cortex.gateway.dialects.dialect import (
     Surface,
     validate,
 )
-from cortex.gateway.proxy.balancer import conversation_key, prompt_key
 
 KEEPALIVE = b": keep-alive\n\n"
 DONE_FRAME = b"data: [DONE]\n\n"

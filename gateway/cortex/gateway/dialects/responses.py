@@ -12,6 +12,7 @@ from typing import Any
 from cortex.core.errors import CortexError
 from cortex.core.protocol.errors import openai_error
 from cortex.core.protocol.openai import ChatCompletionChunk, ChatCompletionRequest, Usage
+from cortex.gateway.dialects.affinity import conversation_key
 from cortex.gateway.dialects.dialect import (
     Chat,
     ClientRequest,
@@ -22,7 +23,6 @@ from cortex.gateway.dialects.dialect import (
     validate,
 )
 from cortex.gateway.dialects.openai import KEEPALIVE
-from cortex.gateway.proxy.balancer import conversation_key
 from cortex.gateway.translate.responses import (
     ResponsesStreamTranslator,
     encode_sse,

@@ -2,8 +2,9 @@
 
 A translator starts its stream once, follows choice 0's text and tool-call deltas (calls wait in
 a ToolCallBuffer for the finish), keeps the finish and the last usage the neuron reported, and
-counts content chunks as the output-token estimate for a neuron that reports none. Subclasses
-say only which events each step emits in their dialect.
+counts content chunks as the output-token estimate for a neuron that reports none: `usage()` is
+the stream's one count, which its dialect shows the client and the proxy settles the call with.
+Subclasses say only which events each step emits in their dialect.
 """
 
 from __future__ import annotations
