@@ -16,7 +16,7 @@ from cortex.core.kube_api import KubeLogin
 from cortex.core.request_context import RequestContext
 from cortex.core.shutdown import DrainGate, GracefulServer
 from cortex.gateway.assembly import Gateway, Tuning
-from cortex.gateway.http import anthropic, errors, health, openai, responses, web
+from cortex.gateway.http import anthropic, error_handler, health, openai, responses, web
 from cortex.gateway.http.access import authenticate_admin, gateway_of
 from cortex.gateway.metrics import CONTENT_TYPE
 
@@ -48,7 +48,7 @@ def create_app(
         title="cortex gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.gateway = gateway
-    errors.install(app)
+    error_handler.install(app)
     app.add_middleware(RequestContext)  # outermost: the id covers the whole call, and its logs
     for module in (openai, anthropic, responses, health, web):
         app.include_router(module.router)
