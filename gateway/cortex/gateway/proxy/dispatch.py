@@ -29,7 +29,14 @@ from cortex.core.errors import (
     ShuttingDown,
 )
 from cortex.gateway.auth import ANONYMOUS
-from cortex.gateway.dialects.dialect import Chat, Completion, Embedding, NeuronCall, StreamCall
+from cortex.gateway.dialects.dialect import (
+    Chat,
+    Completion,
+    Embedding,
+    NeuronCall,
+    StreamCall,
+    Tokenize,
+)
 from cortex.gateway.proxy.balancer import Candidate, pick
 from cortex.gateway.proxy.exchange import Exchange
 from cortex.gateway.registry import Fleet
@@ -151,8 +158,8 @@ async def _answer(client: NeuronClient, call: NeuronCall, principal: str) -> dic
             return await client.complete(body, principal=principal)
         case Embedding(body):
             return await client.embed(body, principal=principal)
-        case _:
-            counted = await client.tokenize(call.request, principal=principal)
+        case Tokenize(request):
+            counted = await client.tokenize(request, principal=principal)
             return counted.model_dump()
 
 

@@ -264,7 +264,9 @@ async def _nothing(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 class _Proxied(Response):
-    """The response of a call the proxy has taken on: it runs the call when served."""
+    """The response of a call the proxy has taken on: serving it runs the call. The server serves
+    a route's response in the same task, right after the route returns it, so the reservation
+    taken in `Proxy.serve` has its owner, and its `finally`, at once."""
 
     def __init__(
         self, proxy: Proxy, exchange: Exchange, dialect: Dialect, asked: ClientRequest
