@@ -112,6 +112,12 @@ class DeviceUnhealthy(CortexError):
     status, code, kind = 503, "device_unhealthy", "server_error"
 
 
+class ClientGone(CortexError):
+    """The client disconnected before its answer was ready (nginx's 499); nobody reads it."""
+
+    status, code, kind = 499, "client_closed_request", "invalid_request_error"
+
+
 ERRORS_BY_CODE: dict[str, type[CortexError]] = {
     cls.code: cls
     for cls in (

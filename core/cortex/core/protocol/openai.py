@@ -9,6 +9,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+# The data of a stream's last SSE event (`data: [DONE]`).
+DONE = "[DONE]"
+
 
 class _Open(BaseModel):
     """Unknown fields are kept; request booleans are StrictBool, so `"stream": "yes"` is refused."""

@@ -11,6 +11,7 @@ from typing import Any
 from cortex.core.errors import CortexError
 from cortex.core.protocol.errors import openai_error
 from cortex.core.protocol.openai import (
+    DONE,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -29,7 +30,7 @@ from cortex.gateway.dialects.dialect import (
 )
 
 KEEPALIVE = b": keep-alive\n\n"
-DONE_FRAME = b"data: [DONE]\n\n"
+DONE_FRAME = f"data: {DONE}\n\n".encode()
 
 
 def error_event(err: CortexError) -> bytes:

@@ -20,6 +20,7 @@ import httpx
 
 from cortex.core.client import NeuronClient, transport_error
 from cortex.core.errors import (
+    ClientGone,
     CortexError,
     DeviceUnhealthy,
     ModelNotFound,
@@ -50,12 +51,6 @@ T = TypeVar("T")
 DISCONNECT_POLL_INTERVAL = 0.25
 # Retry-After when every replica already holds all the requests it admits.
 BUSY_RETRY_AFTER = 1.0
-
-
-class ClientGone(CortexError):
-    """The client disconnected before its answer was ready (nginx's 499)."""
-
-    status, code, kind = 499, "client_closed_request", "invalid_request_error"
 
 
 # Failures that say "this replica, not this request": another replica may well succeed.

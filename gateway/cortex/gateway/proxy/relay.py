@@ -11,9 +11,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cortex.core.errors import CortexError, NeuronUnavailable, error_from_code
+from cortex.core.protocol.openai import DONE
 from cortex.gateway.proxy.dispatch import Upstream
-
-DONE = "[DONE]"
 
 
 async def sse_events(upstream: Upstream) -> AsyncIterator[bytes]:
