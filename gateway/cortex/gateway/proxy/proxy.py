@@ -209,8 +209,8 @@ class Proxy:
             for frame in reply.finish():
                 yield frame
         except (CortexError, ValueError) as exc:
-            bad = NeuronUnavailable(f"bad stream: {exc}")
-            err = outcome.error = exc if isinstance(exc, CortexError) else bad
+            err = exc if isinstance(exc, CortexError) else NeuronUnavailable(f"bad stream: {exc}")
+            outcome.error = err
             for frame in reply.fail(err):
                 yield frame
 
