@@ -63,16 +63,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
-    print(machine.describe(**machine.versions("cortex", "fastapi", "uvicorn", "aiohttp")))
+    machine.describe(**machine.versions("cortex", "fastapi", "uvicorn", "aiohttp"))
     watch = machine.CpuWatch()
     with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
         stub = stub_server(free_port())
-        with stub.start():
+        with stub:
             port = int(stub.base_url.rsplit(":", 1)[1])
             base = cortex_server(port, Path(a))
             base.env.update(base_env(args.base.resolve()))
             this = cortex_server(port, Path(b))
-            with base.start(), this.start():
+            with base, this:
                 urls = {"base": base.base_url, "this": this.base_url}
                 lines = asyncio.run(measure(urls, args))
     print(
