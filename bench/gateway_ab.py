@@ -26,6 +26,13 @@ from bench.processes import free_port
 PACKAGES = ("core", "gateway", "neuron-image", "operator")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used (Linux /proc): unlike wall time, it hardly moves
+    when neighbours load the machine, so it is the steadier measure of the work per request."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def base_env(base: Path) -> dict[str, str]:
     """PYTHONPATH that puts the other tree's packages before this checkout's editable install."""
     paths = [str(base / p) for p in PACKAGES] + [str(base)]
@@ -74,13 +81,25 @@ def main(argv: list[str]) -> int:
             this = cortex_server(port, Path(b))
             with base, this:
                 urls = {"base": base.base_url, "this": this.base_url}
+                pids = {"base": base.pid, "this": this.pid}
+                before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 lines = asyncio.run(measure(urls, args))
+                used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     print(
         "\n| scenario | p50 ms base | p50 ms this | p50 this/base | p99 ms base | p99 ms this "
         "| max req/s base | max req/s this | req/s this/base |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
+    served = len(SCENARIOS) * (
+        args.requests + args.warmup + args.rounds * (args.total + args.warmup)
+    )
+    per_request = {name: seconds * 1e3 / served for name, seconds in used.items()}
+    print(
+        f"\ngateway CPU per request (all scenarios, {served} requests a side): "
+        f"base {per_request['base']:.3f} ms, this {per_request['this']:.3f} ms, "
+        f"this/base {per_request['this'] / per_request['base']:.2f}"
+    )
     print(f"\n{machine.cpu_note({'run': watch.shares()})}")
     return 0
 
