@@ -3,10 +3,13 @@ client sent them (with the resolved model id) and answered as the neuron answere
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import ValidationError
 
 from cortex.core.errors import CortexError
 from cortex.core.protocol.errors import openai_error
@@ -65,7 +68,7 @@ class PassThrough:
 
     def __init__(self, include_usage: bool) -> None:
         self._include_usage = include_usage
-        self._usage: Usage | None = None
+        self._usage: dict[str, Any] | None = None  # the last reported, read once at the end
         self._tokens = 0  # output chunks: the estimate when the neuron reports no usage
 
     def keepalive(self) -> bytes:
@@ -76,7 +79,7 @@ class PassThrough:
             return [event]
         usage = payload.get("usage")
         if isinstance(usage, dict):
-            self._usage = Usage.model_validate(usage)
+            self._usage = usage
         if has_token(payload):
             self._tokens += 1
         if not self._include_usage and not payload.get("choices") and "usage" in payload:
@@ -91,7 +94,8 @@ class PassThrough:
 
     def usage(self) -> Usage:
         if self._usage is not None:
-            return self._usage
+            with contextlib.suppress(ValidationError):  # unreadable: the estimate stands
+                return Usage.model_validate(self._usage)
         return Usage(prompt_tokens=0, completion_tokens=self._tokens, total_tokens=self._tokens)
 
 

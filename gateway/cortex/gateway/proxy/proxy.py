@@ -202,7 +202,7 @@ class Proxy:
             upstream = opening.result()
             outcome.relayed = reply
             async for event, payload in upstream_events(upstream):
-                if payload is not None and has_token(payload):
+                if exchange.first_token is None and payload is not None and has_token(payload):
                     self.accounting.first_token(exchange)
                 for frame in reply.feed(event, payload):
                     yield frame
