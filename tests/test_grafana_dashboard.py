@@ -9,8 +9,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from cortex.core.fleet import NeuronStatus
-from cortex.gateway.fleet import Fleet
 from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.registry import Fleet
 from cortex.neuron.metrics import NeuronMetrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "cortex.json"

@@ -42,6 +42,7 @@ from cortex.core.fleet import (
     UnloadRequest,
 )
 from cortex.core.protocol.errors import error_headers, openai_error
+from cortex.core.protocol.openai import TokenizeResponse
 
 GiB = 2**30
 
@@ -422,11 +423,12 @@ class FakeNeuron:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
-    async def _tokenize(self, request: Request) -> dict[str, int]:
+    async def _tokenize(self, request: Request) -> TokenizeResponse:
         """POST /tokenize {model, messages, tools}: what the real neuron is asked to provide."""
         body = await request.json()
         self._admit("/tokenize", body)
-        return {"count": self._prompt_tokens(body) + 10 * len(body.get("tools") or [])}
+        count = self._prompt_tokens(body) + 10 * len(body.get("tools") or [])
+        return TokenizeResponse(model=body["model"], count=count)
 
 
 # -- serving -----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from fakes.neuron import FakeNeuron, GiB, Running, running
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import GatewayConfig
 from cortex.gateway.app import create_app, create_metrics_app
-from cortex.gateway.wiring import Gateway, Tuning
+from cortex.gateway.assembly import Gateway, Tuning
 
 FAST = Tuning(keepalive_interval=0.2, affinity_slack=2, retry_after=3.0)
 

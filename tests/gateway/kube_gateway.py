@@ -21,7 +21,7 @@ from cortex.core.config import GatewayConfig
 from cortex.core.kube_api import KubeLogin
 from cortex.core.resources import API_VERSION, DEMAND_ANNOTATION, NEURONS, PLACEMENTS
 from cortex.gateway.app import create_app
-from cortex.gateway.wiring import Gateway, Tuning
+from cortex.gateway.assembly import Gateway, Tuning
 
 NS = "default"
 # Long enough that a test never sees the demand renewed: one patch per wait.

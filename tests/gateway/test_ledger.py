@@ -13,11 +13,14 @@ import pytest
 from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import chat_body, cluster, eventually, spec
 
+from cortex.core.config import GatewayConfig
+from cortex.gateway.assembly import Gateway
 from cortex.gateway.auth import Principal
 from cortex.gateway.budget import Budget, worst_case
-from cortex.gateway.call import Accounting, Call, CallScope
+from cortex.gateway.dialects.dialect import NeuronCall
+from cortex.gateway.dialects.openai import CHAT
 from cortex.gateway.ledger import Ledger, SqliteSpendStore
-from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.proxy.exchange import Exchange
 
 KEY = "sk-tight-budget"
 HEADERS = {"x-api-key": KEY}
@@ -93,17 +96,22 @@ async def test_an_abandoned_stream_gives_its_reservation_back(tmp_path: Path) ->
         assert 0 < c.gateway.ledger.spent(tight, time.time()) < 50  # what it used, not reserved
 
 
-async def test_the_call_scope_settles_a_call_its_handler_left_unfinished() -> None:
+class Cancelled:
+    """A dispatcher whose call is cancelled before the neuron answers (the server stopping)."""
+
+    async def ask(self, exchange: Exchange, call: NeuronCall) -> dict[str, Any]:
+        raise asyncio.CancelledError
+
+
+async def test_the_proxy_settles_a_call_cancelled_before_its_answer() -> None:
     ledger = Ledger(SqliteSpendStore(":memory:"))
     principal = Principal("k", budget=Budget(100))
-    call = Call("m", "openai", principal, deadline=0, reservation=ledger.reserve(principal, 40, 0))
+    reservation = ledger.reserve(principal, 40, 0)
+    exchange = Exchange("m", "openai", principal, deadline=0, reservation=reservation)
     assert ledger.reserved("k") == 40
-
-    async def cancelled_handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        scope.setdefault("state", {})["call"] = call  # what Gateway.begin does via request.state
-        raise asyncio.CancelledError  # e.g. the server shutting down mid-request
-
-    scope = CallScope(cancelled_handler, lambda: Accounting(GatewayMetrics()))
+    proxy = Gateway(GatewayConfig(), []).proxy
+    proxy.dispatcher = Cancelled()  # type: ignore[assignment]
+    scope = {"type": "http", "path": "/v1/chat/completions"}
     with pytest.raises(asyncio.CancelledError):
-        await scope({"type": "http"}, None, None)  # type: ignore[arg-type]
-    assert call.finished and ledger.reserved("k") == 0
+        await proxy.run(exchange, CHAT, CHAT.parse(chat_body("m")), scope, None, None)  # type: ignore[arg-type]
+    assert ledger.reserved("k") == 0 and ledger.spent(principal, time.time()) == 0

@@ -35,7 +35,9 @@ async def test_hundred_concurrent_requests_make_one_load() -> None:
             for i in range(100)
         ]
         # The load is an HTTP call of its own: it may reach the neuron after the last waiter queued.
-        await eventually(lambda: c.gateway.ondemand.waiting(MODEL) == 100 and bool(n1.loads))
+        await eventually(
+            lambda: c.gateway.ondemand.waiting_all().get(MODEL, 0) == 100 and bool(n1.loads)
+        )
         assert len(n1.loads) == 1
         assert n1.loads[0].model == MODEL and n1.loads[0].source is None  # n1 lists it
         n1.faults.load_gate.set()  # type: ignore[union-attr]
@@ -63,9 +65,9 @@ async def test_the_model_more_clients_wait_for_is_placed_first() -> None:
         # Held as a placement that is planning holds it: demand for both models piles up behind.
         async with c.gateway.placer._lock:
             few = ask("a-few")
-            await eventually(lambda: ondemand.waiting("a-few") == 1)
+            await eventually(lambda: ondemand.waiting_all().get("a-few", 0) == 1)
             many = [ask("b-many") for _ in range(3)]
-            await eventually(lambda: ondemand.waiting("b-many") == 3)
+            await eventually(lambda: ondemand.waiting_all().get("b-many", 0) == 3)
         # a-few's placement plans first and finds b-many's three clients ahead of its one.
         assert (await few).status_code == 503
         assert [r.status_code for r in await asyncio.gather(*many)] == [200, 200, 200]
@@ -162,7 +164,7 @@ async def test_load_is_abandoned_when_every_waiter_leaves(stream: bool) -> None:
                 await request
         await eventually(lambda: n1.unloads == [MODEL])
         assert MODEL not in n1.models
-        await eventually(lambda: c.gateway.ondemand.waiting(MODEL) == 0)
+        await eventually(lambda: c.gateway.ondemand.waiting_all().get(MODEL, 0) == 0)
 
 
 async def test_failed_load_is_reported_to_every_waiter() -> None:

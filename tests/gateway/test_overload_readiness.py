@@ -63,10 +63,10 @@ async def test_waiting_for_a_pooled_connection_is_busy_not_a_neuron_failure() ->
         url = c.served["n1"].url
         client = NeuronClient(url, name="n1", limits=pool, timeout=timeout)
         try:
-            first = asyncio.create_task(client.post("/v1/chat/completions", chat_body(MODEL)))
+            first = asyncio.create_task(client.chat(chat_body(MODEL)))
             await eventually(lambda: n1.in_flight() == 1)
             try:
-                await client.post("/v1/chat/completions", chat_body(MODEL))
+                await client.chat(chat_body(MODEL))
             except Overloaded as err:
                 assert "busy" in err.message and err.retry_after
             else:

@@ -13,7 +13,7 @@ import pytest
 from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import FAST, chat_body, cluster, eventually, spec
 
-from cortex.gateway.wiring import Tuning
+from cortex.gateway.assembly import Tuning
 
 MODEL = "chat-a"
 CATALOGUE = [spec(MODEL)]

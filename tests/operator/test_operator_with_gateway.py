@@ -13,7 +13,7 @@ from cortex.core.config import GatewayConfig
 from cortex.core.kube_api import KubeLogin
 from cortex.core.resources import DEMAND_ANNOTATION
 from cortex.gateway.app import create_app
-from cortex.gateway.wiring import Tuning
+from cortex.gateway.assembly import Tuning
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
+from cortex.core.completion_limit import STRICT_HEADER
 from cortex.core.errors import (
     CortexError,
     NeuronUnavailable,
@@ -19,8 +21,16 @@ from cortex.core.errors import (
     error_from_code,
 )
 from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, NeuronStatus, UnloadRequest
+from cortex.core.protocol.openai import TokenizeRequest, TokenizeResponse
 from cortex.core.request_context import INTERNAL_AGENT, REQUEST_ID_HEADER, request_id
 
+# The neuron's inference APIs: the one place their paths are written.
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
+TOKENIZE_PATH = "/tokenize"
+# Whose share of a neuron's running slots a request takes (docs/architecture.md, "Fairness").
+PRINCIPAL_HEADER = "x-cortex-principal"
 # Reads while streaming can legitimately pause for a long prefill; connects must fail fast.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=600.0, write=30.0, pool=30.0)
 # Failures that say the neuron is not there (refused, reset, cut before answering).
@@ -39,6 +49,15 @@ class NeuronAnswer:
 
     body: dict[str, Any]
     headers: Mapping[str, str]
+
+
+def _headers(principal: str | None, strict_max_tokens: bool | None) -> dict[str, str] | None:
+    """What a neuron is told beside an inference body: whose slots it takes, and how strict to
+    be about a max_tokens beyond the context (unset: the neuron's own setting)."""
+    headers = {PRINCIPAL_HEADER: principal} if principal else {}
+    if strict_max_tokens is not None:
+        headers[STRICT_HEADER] = "true" if strict_max_tokens else "false"
+    return headers or None
 
 
 def transport_error(neuron: str, exc: httpx.TransportError) -> CortexError:
@@ -146,17 +165,67 @@ class NeuronClient:
     async def metrics(self) -> str:
         return (await self._request("GET", "/metrics")).text
 
-    async def post(
-        self, path: str, body: dict[str, Any], *, headers: dict[str, str] | None = None
-    ) -> dict[str, Any]:
-        """A non-streaming inference call (e.g. /v1/chat/completions); returns the JSON body."""
-        return (await self.post_answer(path, body, headers=headers)).body
-
-    async def post_answer(
-        self, path: str, body: dict[str, Any], *, headers: dict[str, str] | None = None
+    async def chat(
+        self,
+        body: dict[str, Any],
+        *,
+        principal: str | None = None,
+        strict_max_tokens: bool | None = None,
     ) -> NeuronAnswer:
-        """`post`, keeping the response's headers too (what the neuron reports beside the body,
-        such as a clamped max_tokens)."""
+        """An OpenAI chat completion, whole: the neuron's JSON answer and its headers."""
+        return await self._post(CHAT_PATH, body, _headers(principal, strict_max_tokens))
+
+    async def complete(
+        self,
+        body: dict[str, Any],
+        *,
+        principal: str | None = None,
+        strict_max_tokens: bool | None = None,
+    ) -> NeuronAnswer:
+        """An OpenAI (plain) completion, whole."""
+        return await self._post(COMPLETIONS_PATH, body, _headers(principal, strict_max_tokens))
+
+    async def embed(self, body: dict[str, Any], *, principal: str | None = None) -> NeuronAnswer:
+        """OpenAI embeddings."""
+        return await self._post(EMBEDDINGS_PATH, body, _headers(principal, None))
+
+    async def tokenize(
+        self, request: TokenizeRequest, *, principal: str | None = None
+    ) -> TokenizeResponse:
+        """A chat's (or prompt's) token count, through the model's own tokenizer and template."""
+        body = request.model_dump(exclude_none=True)
+        answer = await self._post(TOKENIZE_PATH, body, _headers(principal, None))
+        try:
+            return TokenizeResponse.model_validate(answer.body)
+        except ValidationError:
+            raise NeuronUnavailable(
+                f"neuron {self.name} answered {TOKENIZE_PATH} without a count"
+            ) from None
+
+    def stream_chat(
+        self,
+        body: dict[str, Any],
+        *,
+        principal: str | None = None,
+        strict_max_tokens: bool | None = None,
+    ) -> AbstractAsyncContextManager[httpx.Response]:
+        """A streamed chat completion: its response once the headers are in (an error answer
+        raises); the caller reads the events."""
+        return self._stream(CHAT_PATH, body, _headers(principal, strict_max_tokens))
+
+    def stream_complete(
+        self,
+        body: dict[str, Any],
+        *,
+        principal: str | None = None,
+        strict_max_tokens: bool | None = None,
+    ) -> AbstractAsyncContextManager[httpx.Response]:
+        """A streamed (plain) completion."""
+        return self._stream(COMPLETIONS_PATH, body, _headers(principal, strict_max_tokens))
+
+    async def _post(
+        self, path: str, body: dict[str, Any], headers: dict[str, str] | None
+    ) -> NeuronAnswer:
         answer = await self._request("POST", path, json=body, headers=headers)
         try:
             result = answer.json()
@@ -167,10 +236,9 @@ class NeuronClient:
         return NeuronAnswer(result, answer.headers)
 
     @asynccontextmanager
-    async def stream(
-        self, path: str, body: dict[str, Any], *, headers: dict[str, str] | None = None
+    async def _stream(
+        self, path: str, body: dict[str, Any], headers: dict[str, str] | None
     ) -> AsyncIterator[httpx.Response]:
-        """A streaming inference call. Errors before the first byte raise; the caller reads after."""
         request = self._http.build_request("POST", path, json=body, headers=headers)
         try:
             response = await self._http.send(request, stream=True)

@@ -130,6 +130,12 @@ class NotSupported(CortexError):
     status, code, kind = 501, "not_supported", "invalid_request_error"
 
 
+class ClientGone(CortexError):
+    """The client disconnected before its answer was ready (nginx's 499); nobody reads it."""
+
+    status, code, kind = 499, "client_closed_request", "invalid_request_error"
+
+
 ERRORS_BY_CODE: dict[str, type[CortexError]] = {
     cls.code: cls
     for cls in (

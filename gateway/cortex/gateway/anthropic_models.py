@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.errors import InvalidRequest, ModelNotFound
-from cortex.core.protocol.anthropic import ModelInfo, ModelPage
+from cortex.gateway.wire.anthropic import ModelInfo, ModelPage
 from cortex.gateway.catalogue import FleetModelCard
 
 VERSION_HEADER = "anthropic-version"

@@ -15,11 +15,11 @@ from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.core.kube_api import KubeLogin
 from cortex.core.request_context import RequestContext
 from cortex.core.shutdown import DrainGate, GracefulServer
-from cortex.gateway import errors, health, routes_anthropic, routes_openai, routes_responses, web
-from cortex.gateway.admin import router as fleet_control
-from cortex.gateway.call import CallScope
+from cortex.gateway.assembly import Gateway, Tuning
+from cortex.gateway.http import anthropic, error_handler, health, openai, responses, web
+from cortex.gateway.http.access import authenticate_admin, gateway_of
+from cortex.gateway.http.admin import router as fleet_control
 from cortex.gateway.metrics import CONTENT_TYPE
-from cortex.gateway.wiring import Gateway, Tuning, authenticate_admin, gateway_of
 
 
 def create_app(
@@ -49,10 +49,9 @@ def create_app(
         title="cortex gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.gateway = gateway
-    errors.install(app)
-    app.add_middleware(CallScope, accounting=lambda: gateway.accounting)
+    error_handler.install(app)
     app.add_middleware(RequestContext)  # outermost: the id covers the whole call, and its logs
-    for module in (routes_openai, routes_anthropic, routes_responses, health, web):
+    for module in (openai, anthropic, responses, health, web):
         app.include_router(module.router)
     app.include_router(fleet_control)  # /admin/*, behind the admin key (docs/fleet-control.md)
     # On the API port the metrics are part of the admin surface; `metrics_listen` serves them open.

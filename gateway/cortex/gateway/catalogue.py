@@ -10,7 +10,7 @@ from cortex.core.catalogue import ModelSpec, merge_catalogues, resolve_alias, un
 from cortex.core.errors import ModelNotFound
 from cortex.core.fleet import ModelState
 from cortex.core.protocol.openai import ModelCard
-from cortex.gateway.fleet import Fleet
+from cortex.gateway.registry import Fleet
 
 ModelAvailability = Literal["loaded", "loading", "available"]
 

@@ -31,7 +31,7 @@ from cortex.core.resources import (
     parse_rfc3339,
 )
 from cortex.gateway.catalogue import ModelAvailability
-from cortex.gateway.fleet import Fleet, NeuronHandle
+from cortex.gateway.registry import Fleet, NeuronHandle
 
 log = logging.getLogger(__name__)
 

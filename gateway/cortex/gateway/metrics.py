@@ -10,7 +10,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from cortex.core.fleet import ModelState
-from cortex.gateway.fleet import Fleet
+from cortex.gateway.registry import Fleet
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 NO_NEURON = "none"  # label for requests that never reached a neuron

@@ -33,10 +33,6 @@ class OnDemand:
         self.retry_after = retry_after
         self._flights: dict[str, _Flight] = {}
 
-    def waiting(self, model: str) -> int:
-        flight = self._flights.get(model)
-        return flight.waiters if flight is not None else 0
-
     def waiting_all(self) -> dict[str, int]:
         """Clients waiting per cold model: the placer's demand, most waited-for placed first."""
         return {

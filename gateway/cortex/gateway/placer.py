@@ -29,8 +29,8 @@ from cortex.core.placement.model import Action, Demand, Load, NeuronView, Plan, 
 from cortex.core.placement.planner import plan
 from cortex.core.placement.snapshot import Reservations, snapshot
 from cortex.gateway.catalogue import LiveCatalogue, ModelAvailability
-from cortex.gateway.fleet import Fleet
 from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.registry import Fleet
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The seam between routing and whoever owns placement (docs/architecture.md).
 
 Over a static fleet the gateway places models itself: `Placer` says where replicas are,
-`OnDemand` loads a cold model and `Lifecycle` polls the neurons. On Kubernetes the operator places
+`OnDemand` loads a cold model and `Poller` polls the neurons. On Kubernetes the operator places
 them: `KubeFleet` reads where replicas are from the watched ModelPlacements and Neurons, and
 `DemandSignal` asks the operator for a cold model. Dispatch, /v1/models and /readyz see only these
 protocols.

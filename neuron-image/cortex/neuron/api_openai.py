@@ -36,6 +36,8 @@ from cortex.core.protocol.openai import (
     ModelList,
     PromptTokensDetails,
     ResponseMessage,
+    TokenizeRequest,
+    TokenizeResponse,
     ToolCall,
     Usage,
     forced_tool,
@@ -349,17 +351,8 @@ async def _completion_prompt(
     return text, await pool.run(lambda: served.encode(text), "prompt")
 
 
-class TokenizeRequest(BaseModel):
-    """POST /tokenize: count a chat (through the model's template) or a plain prompt."""
-
-    model: str
-    messages: list[ChatMessage] | None = None
-    tools: list[dict[str, Any]] | None = None
-    prompt: str | None = None
-
-
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     served = _served(request, body.model, "chat")
     pool = prompts_of(request)
     if body.messages:
@@ -373,7 +366,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
         ids = await pool.run(lambda: served.encode(text), "prompt")
     else:
         raise InvalidRequest("send messages or prompt", param="messages")
-    return {"model": served.id, "count": len(ids), "max_model_len": served.context_length}
+    return TokenizeResponse(model=served.id, count=len(ids), max_model_len=served.context_length)
 
 
 @router.post("/v1/completions")

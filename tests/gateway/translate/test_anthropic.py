@@ -12,7 +12,6 @@ from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter, ValidationError
 
 from cortex.core.errors import InvalidRequest
-from cortex.core.protocol.anthropic import CountTokensRequest, MessagesRequest
 from cortex.core.protocol.openai import ChatCompletion, ChatCompletionChunk
 from cortex.gateway.translate.anthropic import (
     StreamTranslator,
@@ -21,6 +20,7 @@ from cortex.gateway.translate.anthropic import (
     ping,
     to_chat_request,
 )
+from cortex.gateway.wire.anthropic import CountTokensRequest, MessagesRequest
 
 from .chunks import (
     Handler,

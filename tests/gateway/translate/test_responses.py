@@ -13,13 +13,13 @@ from pydantic import TypeAdapter
 
 from cortex.core.errors import InvalidRequest
 from cortex.core.protocol.openai import ChatCompletion, ChatCompletionChunk
-from cortex.core.protocol.responses import ResponsesRequest
 from cortex.gateway.translate.responses import (
     ResponsesStreamTranslator,
     encode_sse,
     from_chat_response,
     to_chat_request,
 )
+from cortex.gateway.wire.responses import ResponsesRequest
 
 from .chunks import (
     Handler,

@@ -9,6 +9,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+# The data of a stream's last SSE event (`data: [DONE]`).
+DONE = "[DONE]"
+
 
 class _Open(BaseModel):
     """Unknown fields are kept; request booleans are StrictBool, so `"stream": "yes"` is refused."""
@@ -282,3 +285,21 @@ class ModelCard(_Open):
 class ModelList(_Open):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(BaseModel):
+    """A neuron's POST /tokenize (cortex's own): count a chat, through the model's template, or a
+    plain prompt. The gateway's count_tokens asks it."""
+
+    model: str
+    messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+
+
+class TokenizeResponse(BaseModel):
+    """The answer to /tokenize: the count, and the model's context length."""
+
+    model: str
+    count: int
+    max_model_len: int | None = None

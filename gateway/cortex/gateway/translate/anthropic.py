@@ -19,7 +19,21 @@ import json
 from typing import Any
 
 from cortex.core.errors import InvalidRequest
-from cortex.core.protocol.anthropic import (
+from cortex.core.protocol.openai import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessage,
+    FunctionCall,
+    FunctionDef,
+    StreamOptions,
+    Tool,
+    ToolCall,
+    ToolChoiceMode,
+)
+from cortex.core.protocol.openai import Usage as ChatUsage
+from cortex.gateway.translate.chat_stream import ChatStreamTranslator
+from cortex.gateway.translate.toolcalls import PendingToolCall, parse_arguments
+from cortex.gateway.wire.anthropic import (
     AnthropicEvent,
     ContentBlockDeltaEvent,
     ContentBlockStartEvent,
@@ -50,20 +64,6 @@ from cortex.core.protocol.anthropic import (
     ToolUseOutput,
     Usage,
 )
-from cortex.core.protocol.openai import (
-    ChatCompletion,
-    ChatCompletionRequest,
-    ChatMessage,
-    FunctionCall,
-    FunctionDef,
-    StreamOptions,
-    Tool,
-    ToolCall,
-    ToolChoiceMode,
-)
-from cortex.core.protocol.openai import Usage as ChatUsage
-from cortex.gateway.translate.chat_stream import ChatStreamTranslator
-from cortex.gateway.translate.toolcalls import PendingToolCall, parse_arguments
 
 # ---- request --------------------------------------------------------------------------------
 
@@ -343,7 +343,7 @@ class StreamTranslator(ChatStreamTranslator[AnthropicEvent]):
         stop_reason, stop_sequence = stop_reason_for(
             self._finish_reason, self._used_tools, self._choice_extra, self._req
         )
-        usage = _usage(self._final_usage())
+        usage = _usage(self.usage())
         return [
             MessageDeltaEvent(
                 delta=MessageDelta(stop_reason=stop_reason, stop_sequence=stop_sequence),

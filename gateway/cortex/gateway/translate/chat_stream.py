@@ -2,8 +2,9 @@
 
 A translator starts its stream once, follows choice 0's text and tool-call deltas (calls wait in
 a ToolCallBuffer for the finish), keeps the finish and the last usage the neuron reported, and
-counts content chunks as the output-token estimate for a neuron that reports none. Subclasses
-say only which events each step emits in their dialect.
+counts content chunks as the output-token estimate for a neuron that reports none: `usage()` is
+the stream's one count, which its dialect shows the client and the proxy settles the call with.
+Subclasses say only which events each step emits in their dialect.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class ChatStreamTranslator(ABC, Generic[E]):
         events.extend(self._closing())
         return events
 
-    def _final_usage(self) -> ChatUsage:
+    def usage(self) -> ChatUsage:
         """The last usage reported, or the prompt's size and the output estimate."""
         if self._usage is not None:
             return self._usage

@@ -29,7 +29,9 @@ from cortex.core.protocol.openai import (
     ToolChoiceMode,
 )
 from cortex.core.protocol.openai import Usage as ChatUsage
-from cortex.core.protocol.responses import (
+from cortex.gateway.translate.chat_stream import ChatStreamTranslator
+from cortex.gateway.translate.toolcalls import PendingToolCall, normalize_arguments
+from cortex.gateway.wire.responses import (
     ContentPart,
     ContentPartEvent,
     ErrorEvent,
@@ -58,8 +60,6 @@ from cortex.core.protocol.responses import (
     ResponseStatus,
     ResponseUsage,
 )
-from cortex.gateway.translate.chat_stream import ChatStreamTranslator
-from cortex.gateway.translate.toolcalls import PendingToolCall, normalize_arguments
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -345,7 +345,7 @@ class ResponsesStreamTranslator(ChatStreamTranslator[ResponsesEvent]):
             self._created_at,
             status,
             output=list(self._output),
-            usage=_usage(self._final_usage()),
+            usage=_usage(self.usage()),
             incomplete_details=incomplete,
         )
         kind: Literal["response.completed", "response.incomplete"] = (

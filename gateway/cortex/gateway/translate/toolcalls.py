@@ -46,9 +46,6 @@ class ToolCallBuffer:
         self._calls.clear()
         return calls
 
-    def __bool__(self) -> bool:
-        return bool(self._calls)
-
 
 def parse_arguments(raw: str) -> dict[str, Any]:
     """Tool arguments as an object: empty -> {}; invalid JSON or a non-object -> {"_raw": raw}.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cortex.core.protocol.openai import ChatMessage
-from cortex.gateway.router import Candidate, conversation_key, pick, prompt_key
+from cortex.gateway.dialects.affinity import conversation_key, prompt_key
+from cortex.gateway.proxy.balancer import Candidate, pick
 
 
 def load(**in_flight: int) -> list[Candidate]:

@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from cortex.core.shutdown import SHUTDOWN_RETRY_AFTER
-from cortex.gateway.wiring import Gateway, gateway_of
+from cortex.gateway.assembly import Gateway
+from cortex.gateway.http.access import gateway_of
 
 Health = Literal["ok", "impaired", "degraded"]
 

@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import logging
 
-from cortex.gateway.fleet import Fleet
 from cortex.gateway.placer import Placer
+from cortex.gateway.registry import Fleet
 
 log = logging.getLogger(__name__)
 
 
-class Lifecycle:
+class Poller:
     """Every `interval` seconds: one poll of every neuron, then one reconcile cycle. The static
     fleet's `FleetSource` (replicas.py)."""
 
@@ -42,7 +42,7 @@ class Lifecycle:
             try:
                 await self.tick()
             except Exception:  # a bug in one cycle must not stop polling, which routing needs
-                log.exception("lifecycle cycle %d failed", self.cycle)
+                log.exception("poll cycle %d failed", self.cycle)
                 self.cycle += 1
             await asyncio.sleep(self.interval)
 

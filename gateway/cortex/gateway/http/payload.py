@@ -1,4 +1,4 @@
-"""Request bodies: size-limited reading, JSON parsing and validation into wire models.
+"""Request bodies: size-limited reading and JSON parsing (dialects validate them into wire models).
 
 What the JSON parser accepts but nothing downstream can carry is refused here with a 400: text that
 is not UTF-8, nesting past MAX_DEPTH (the parser, the validators and the re-encoding for the neuron
@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, ValidationError
 
 from cortex.core.errors import InvalidRequest, PayloadTooLarge
-
-M = TypeVar("M", bound=BaseModel)
 
 # Far above real requests (tool schemas nest a dozen levels), far below Python's recursion limit.
 MAX_DEPTH = 64
@@ -88,14 +85,3 @@ def _check_text(data: Any) -> None:
                     "request text contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
                     "escape); it is not valid Unicode"
                 ) from None
-
-
-def parse(data: dict[str, Any], model: type[M]) -> M:
-    """Validate into `model`; the first problem is reported with its field path as `param`."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or None
-        message = f"{where}: {first['msg']}" if where else first["msg"]
-        raise InvalidRequest(message, param=where) from None

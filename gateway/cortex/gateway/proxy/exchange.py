@@ -5,22 +5,18 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
-
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cortex.core.catalogue import ModelCost
 from cortex.core.errors import CortexError
 from cortex.core.protocol.openai import Usage
 from cortex.gateway.auth import Principal
+from cortex.gateway.dialects.dialect import Surface
 from cortex.gateway.ledger import Reservation
 from cortex.gateway.metrics import NO_NEURON, GatewayMetrics
 
-Surface = Literal["openai", "anthropic", "responses"]
-
 
 @dataclass
-class Call:
+class Exchange:
     """A request for one model: who asked, through which API, where it went, how it went."""
 
     model: str
@@ -32,10 +28,9 @@ class Call:
     started: float = field(default_factory=time.monotonic)
     neuron: str | None = None
     first_token: float | None = None
-    finished: bool = False
     # Set for plain (non-streamed) answers, whose handler is not cancelled when the client goes.
     disconnected: Callable[[], Awaitable[bool]] | None = None
-    reservation: Reservation | None = None  # the caller's budget held for this call
+    reservation: Reservation | None = None  # the caller's budget held for this request
     cost: ModelCost | None = None  # the model's prices, for the spend counters
     # A max_tokens beyond the context: a 400 (True), clamped (False), the neuron's choice (None).
     strict_max_tokens: bool | None = None
@@ -51,45 +46,44 @@ class Call:
 
 
 class Accounting:
-    """Records how each call ended, once: metrics, and its budget reservation settled."""
+    """Records how each call ended: metrics, and its budget reservation settled."""
 
     def __init__(self, metrics: GatewayMetrics, clock: Callable[[], float] = time.time) -> None:
         self.metrics, self.clock = metrics, clock
 
-    def first_token(self, call: Call) -> None:
-        ttft = call.token_arrived()
+    def first_token(self, exchange: Exchange) -> None:
+        ttft = exchange.token_arrived()
         if ttft is not None:
-            self.metrics.ttft.labels(call.model, call.neuron or NO_NEURON).observe(ttft)
+            self.metrics.ttft.labels(exchange.model, exchange.neuron or NO_NEURON).observe(ttft)
 
     def finish(
-        self, call: Call, *, usage: Usage | None = None, error: CortexError | None = None
+        self, exchange: Exchange, *, usage: Usage | None = None, error: CortexError | None = None
     ) -> None:
-        if call.finished:
-            return
-        call.finished = True
+        """The call's end: counted, timed, its usage and spend recorded, its reservation settled.
+        The proxy calls it once per call, in the `finally` that owns the call."""
         now = time.monotonic()
         m = self.metrics
-        labels = (call.model, call.neuron or NO_NEURON)
-        m.requests.labels(*labels, call.surface).inc()
-        m.duration.labels(*labels, call.surface).observe(now - call.started)
+        labels = (exchange.model, exchange.neuron or NO_NEURON)
+        m.requests.labels(*labels, exchange.surface).inc()
+        m.duration.labels(*labels, exchange.surface).observe(now - exchange.started)
         if error is not None:
-            m.errors.labels(*labels, call.surface, error.code).inc()
-        if call.reservation is not None:
+            m.errors.labels(*labels, exchange.surface, error.code).inc()
+        if exchange.reservation is not None:
             used = usage.prompt_tokens + usage.completion_tokens if usage else 0
-            call.reservation.settle(used, self.clock())
+            exchange.reservation.settle(used, self.clock())
         if usage is None:
             return
         m.prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
         m.completion_tokens.labels(*labels).inc(usage.completion_tokens)
-        if call.cost is not None:
-            self.spend(call, usage, call.cost)
+        if exchange.cost is not None:
+            self.spend(exchange, usage, exchange.cost)
         # Streamed: rate after the first token (prefill excluded); otherwise over the whole call.
-        since = call.first_token if call.first_token is not None else call.started
-        tokens = usage.completion_tokens - (1 if call.first_token is not None else 0)
+        since = exchange.first_token if exchange.first_token is not None else exchange.started
+        tokens = usage.completion_tokens - (1 if exchange.first_token is not None else 0)
         if tokens > 0 and now > since:
             m.tokens_per_second.labels(*labels).observe(tokens / (now - since))
 
-    def spend(self, call: Call, usage: Usage, cost: ModelCost) -> None:
+    def spend(self, exchange: Exchange, usage: Usage, cost: ModelCost) -> None:
         """Dollars by key and model, at the model's per-million-token prices."""
         details = usage.prompt_tokens_details
         cached = details.cached_tokens if details is not None else 0
@@ -100,37 +94,5 @@ class Accounting:
         }
         for kind, micro_dollars in by_kind.items():
             if micro_dollars > 0:
-                spend = self.metrics.spend.labels(call.principal.name, call.model, kind)
+                spend = self.metrics.spend.labels(exchange.principal.name, exchange.model, kind)
                 spend.inc(micro_dollars / 1e6)
-
-
-class CallScope:
-    """ASGI middleware holding the one `finally` that ends every call, and so settles its budget
-    reservation, however the request ends: answered, failed, or abandoned by its client."""
-
-    def __init__(self, app: ASGIApp, accounting: Callable[[], Accounting]) -> None:
-        self.app, self.accounting = app, accounting
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def send_reported(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = _with_reported(message, scope)
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_reported)
-        finally:
-            # Gateway.begin keeps the call on request.state, which is this scope's "state".
-            call = scope.get("state", {}).get("call")
-            if isinstance(call, Call):
-                self.accounting().finish(call)
-
-
-def _with_reported(start: Message, scope: Scope) -> Message:
-    """The response's start with the headers the call's neuron reported (a clamped max_tokens),
-    when it answered before the response began (a stream still loading its model has not)."""
-    call = scope.get("state", {}).get("call")
-    if not isinstance(call, Call) or not call.reported:
-        return start
-    extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in call.reported.items()]
-    return {**start, "headers": [*start.get("headers", []), *extra]}

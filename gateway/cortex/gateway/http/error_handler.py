@@ -1,9 +1,8 @@
-"""Every error the gateway answers, mapped once: Anthropic's envelope on /v1/messages*, OpenAI's
-everywhere else. Framework errors (unknown path, wrong method) get the same treatment."""
+"""Every error a route raises, mapped once: Anthropic's envelope on /v1/messages*, OpenAI's
+everywhere else. Framework errors (unknown path, wrong method) get the same treatment. A call the
+proxy has taken on answers its own errors, in its dialect, and records them (proxy/proxy.py)."""
 
 from __future__ import annotations
-
-import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,10 +12,9 @@ from starlette.exceptions import HTTPException
 from cortex.core.errors import CortexError, InvalidRequest
 from cortex.core.protocol.errors import anthropic_error, error_headers, openai_error
 from cortex.gateway.anthropic_models import wants_anthropic
+from cortex.gateway.http.access import gateway_of
 from cortex.gateway.metrics import NO_NEURON
-from cortex.gateway.wiring import gateway_of
-
-log = logging.getLogger(__name__)
+from cortex.gateway.proxy.proxy import unexpected
 
 ANTHROPIC_PREFIX = "/v1/messages"
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -36,21 +34,16 @@ def _http_error(exc: HTTPException) -> CortexError:
 
 async def answer(request: Request, exc: Exception) -> JSONResponse:
     """The one handler: record the failure, then answer in the surface's envelope."""
-    if isinstance(exc, CortexError):
-        err = exc
-    elif isinstance(exc, HTTPException):
+    if isinstance(exc, HTTPException):
         err = _http_error(exc)
     elif isinstance(exc, RequestValidationError):
         err = InvalidRequest(str(exc.errors()[0].get("msg", "invalid request")))
     else:
-        log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        err = CortexError(f"internal error: {type(exc).__name__}")
-    gateway = gateway_of(request)
-    call = getattr(request.state, "call", None)
-    if call is not None:
-        gateway.accounting.finish(call, error=err)
-    elif request.url.path.startswith("/v1/"):
-        gateway.metrics.errors.labels(NO_NEURON, NO_NEURON, _surface(request), err.code).inc()
+        err = unexpected(exc, request.url.path)
+    if request.url.path.startswith("/v1/"):
+        # Refused before the proxy took the call: no model, no neuron.
+        metrics = gateway_of(request).metrics
+        metrics.errors.labels(NO_NEURON, NO_NEURON, _surface(request), err.code).inc()
     body = anthropic_error(err) if _anthropic_envelope(request) else openai_error(err)
     return JSONResponse(body, status_code=err.status, headers=error_headers(err))
 

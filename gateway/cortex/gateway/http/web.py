@@ -10,9 +10,10 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 
 from cortex.core.fleet import FleetNeuron, FleetReplica, FleetView
-from cortex.gateway.fleet import NeuronHandle
-from cortex.gateway.health import health_of
-from cortex.gateway.wiring import Gateway, authenticate_admin, gateway_of
+from cortex.gateway.assembly import Gateway
+from cortex.gateway.http.access import authenticate_admin, gateway_of
+from cortex.gateway.http.health import health_of
+from cortex.gateway.registry import NeuronHandle
 
 router = APIRouter(dependencies=[Depends(authenticate_admin)], include_in_schema=False)
 

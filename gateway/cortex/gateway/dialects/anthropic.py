@@ -1,0 +1,144 @@
+"""The Anthropic dialect: /v1/messages and /v1/messages/count_tokens, served by the neuron's chat
+and /tokenize APIs (translate/anthropic.py does the translation)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cortex.core.errors import CortexError
+from cortex.core.protocol.errors import anthropic_error
+from cortex.core.protocol.openai import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    Usage,
+)
+from cortex.gateway.dialects.affinity import conversation_key
+from cortex.gateway.dialects.dialect import (
+    Chat,
+    ClientRequest,
+    NeuronCall,
+    ReplyStream,
+    Surface,
+    Tokenize,
+    chat_completion,
+    validate,
+)
+from cortex.gateway.translate.anthropic import (
+    KEEPALIVE,
+    StreamTranslator,
+    encode_sse,
+    from_chat_response,
+    to_chat_request,
+)
+from cortex.gateway.wire.anthropic import CountTokensRequest, CountTokensResponse, MessagesRequest
+
+
+class MessagesStream:
+    """The neuron's chat stream as Anthropic's events."""
+
+    def __init__(self, req: MessagesRequest) -> None:
+        self._translator = StreamTranslator(req, f"msg_{uuid.uuid4().hex[:24]}")
+
+    def keepalive(self) -> bytes:
+        return KEEPALIVE
+
+    def feed(self, event: bytes, payload: dict[str, Any] | None) -> list[bytes]:
+        if payload is None:
+            return []
+        chunk = ChatCompletionChunk.model_validate(payload)
+        return [encode_sse(e) for e in self._translator.feed(chunk)]
+
+    def finish(self) -> list[bytes]:
+        return [encode_sse(e) for e in self._translator.finish()]
+
+    def fail(self, err: CortexError) -> list[bytes]:
+        kind = anthropic_error(err)["error"]["type"]
+        return [encode_sse(e) for e in self._translator.error(err.message, kind)]
+
+    def usage(self) -> Usage:
+        return self._translator.usage()
+
+
+@dataclass
+class Messages:
+    """A /v1/messages request and the chat request that serves it."""
+
+    req: MessagesRequest
+    chat: ChatCompletionRequest
+    budgeted: Mapping[str, Any]
+    model: str = field(init=False)
+    affinity: str = field(init=False)
+    stream: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model, self.stream = self.req.model, self.req.stream
+        self.affinity = conversation_key(self.chat.messages)
+
+    def neuron_call(self, model: str) -> NeuronCall:
+        return Chat({**self.chat.model_dump(exclude_none=True), "model": model})
+
+    def answer(self, reply: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:
+        completion = chat_completion(reply)
+        return from_chat_response(completion, self.req).model_dump(), completion.usage
+
+    def reply_stream(self) -> ReplyStream:
+        return MessagesStream(self.req)
+
+
+@dataclass
+class CountTokens:
+    """A /v1/messages/count_tokens request: the neuron's /tokenize, through the model's own
+    tokenizer and chat template. It reserves nothing and generates nothing."""
+
+    req: CountTokensRequest
+    chat: ChatCompletionRequest
+    budgeted: None = None
+    stream: bool = False
+    model: str = field(init=False)
+    affinity: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model, self.affinity = self.req.model, conversation_key(self.chat.messages)
+
+    def neuron_call(self, model: str) -> NeuronCall:
+        tools = [t.model_dump(exclude_none=True) for t in self.chat.tools or []] or None
+        return Tokenize(TokenizeRequest(model=model, messages=self.chat.messages, tools=tools))
+
+    def answer(self, reply: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:
+        count = TokenizeResponse.model_validate(reply).count
+        return CountTokensResponse(input_tokens=count).model_dump(), None
+
+    def reply_stream(self) -> ReplyStream:
+        raise NotImplementedError("count_tokens never streams")
+
+
+class AnthropicDialect:
+    surface: Surface = "anthropic"
+
+    def error_body(self, err: CortexError) -> dict[str, Any]:
+        return anthropic_error(err)
+
+
+class MessagesDialect(AnthropicDialect):
+    """/v1/messages."""
+
+    def parse(self, data: dict[str, Any]) -> ClientRequest:
+        req = validate(data, MessagesRequest)
+        return Messages(req, to_chat_request(req), data)
+
+
+class CountTokensDialect(AnthropicDialect):
+    """/v1/messages/count_tokens."""
+
+    def parse(self, data: dict[str, Any]) -> ClientRequest:
+        req = validate(data, CountTokensRequest)
+        return CountTokens(req, to_chat_request(req))
+
+
+MESSAGES = MessagesDialect()
+COUNT_TOKENS = CountTokensDialect()

@@ -1,0 +1,306 @@
+"""The proxy: one client request, from its authorisation to its last byte.
+
+`Proxy.serve` resolves the model, authorises the caller and reserves the request's worst case
+from its budget; the response it returns then dispatches (dispatch.py: a replica, a cold load,
+retries before the first byte), relays the neuron's answer through the request's dialect, and
+settles: usage, metrics and the reservation, in one `finally`, however the request ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+import anyio
+from fastapi import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from cortex.core.catalogue import unknown_model
+from cortex.core.errors import CortexError, ModelNotFound, NeuronUnavailable
+from cortex.core.protocol.errors import error_headers
+from cortex.core.protocol.openai import Usage
+from cortex.core.shutdown import Drain
+from cortex.gateway.auth import Authenticator, Principal
+from cortex.gateway.budget import check_output_limit, worst_case
+from cortex.gateway.catalogue import Catalogue
+from cortex.gateway.dialects.dialect import Chat, ClientRequest, Completion, Dialect, ReplyStream
+from cortex.gateway.dialects.openai import has_token
+from cortex.gateway.ledger import Ledger
+from cortex.gateway.proxy.dispatch import Dispatcher, Upstream
+from cortex.gateway.proxy.exchange import Accounting, Exchange
+from cortex.gateway.proxy.relay import upstream_events
+from cortex.gateway.replicas import Replicas
+
+log = logging.getLogger(__name__)
+
+STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def unexpected(exc: Exception, where: str) -> CortexError:
+    """What the client is told of a failure that is no domain error (a bug): a 500, logged."""
+    if isinstance(exc, CortexError):
+        return exc
+    log.error("unhandled error on %s", where, exc_info=exc)
+    return CortexError(f"internal error: {type(exc).__name__}")
+
+
+@dataclass(frozen=True)
+class Patience:
+    """How long a stream waits before its first byte (the gateway's Tuning)."""
+
+    keepalive_interval: float  # between keep-alives while a stream waits for a cold load
+    # How long a stream to a model with a ready replica waits, before its 200, for the neuron
+    # to admit it, so that "busy" comes as a 429 status, not an error event after a 200.
+    admission: float
+
+
+class Proxy:
+    """Serves every inference request: one owner of its reservation, its replica slot (through
+    the upstream it opens) and its accounting."""
+
+    def __init__(
+        self,
+        *,
+        catalogue: Catalogue,
+        auth: Authenticator,
+        ledger: Ledger,
+        replicas: Replicas,
+        dispatcher: Dispatcher,
+        accounting: Accounting,
+        drain: Drain,
+        patience: Patience,
+        load_timeout: float,
+        strict_max_tokens: bool | None = None,
+    ) -> None:
+        self.catalogue, self.auth, self.ledger = catalogue, auth, ledger
+        self.replicas, self.dispatcher, self.accounting = replicas, dispatcher, accounting
+        self.drain, self.patience, self.load_timeout = drain, patience, load_timeout
+        # The gateway's word on a max_tokens beyond the context, under each model's own.
+        self.strict_max_tokens = strict_max_tokens
+
+    def serve(self, request: Request, dialect: Dialect, asked: ClientRequest) -> Response:
+        """The answer to `asked`: refused here (resolve, authorise, budget), or a response that
+        owns the call from then on."""
+        exchange = self._begin(request, dialect, asked)
+        return _Proxied(self, exchange, dialect, asked)
+
+    def _begin(self, request: Request, dialect: Dialect, asked: ClientRequest) -> Exchange:
+        """Resolve the model, check the caller may use it, and reserve the request's worst case
+        from their budget (the reservation last: nothing may fail between it and its owner)."""
+        if self.drain.draining:
+            raise self.drain.refusal("the gateway")
+        principal: Principal = request.state.principal
+        try:
+            spec = self.catalogue.resolve(asked.model)
+        except ModelNotFound:
+            # Guess only among models this caller may use: a hint must not reveal the others.
+            visible = [s for s in self.catalogue.specs() if self.auth.allows(principal, s)]
+            raise ModelNotFound(unknown_model(visible, asked.model), param="model") from None
+        self.auth.authorize(principal, spec)
+        tokens = 0
+        if asked.budgeted is not None:
+            check_output_limit(spec, asked.budgeted)
+            embedding = spec.kind == "embedding"
+            tokens = worst_case(asked.budgeted, embedding=embedding, context=spec.context)
+        return Exchange(
+            model=spec.id,
+            surface=dialect.surface,
+            principal=principal,
+            deadline=time.monotonic() + self.load_timeout,
+            affinity=asked.affinity,
+            client=request.client.host if request.client else None,
+            # A stream's client leaving cancels the response itself; polling receive()
+            # meanwhile would race the server's own disconnect listener.
+            disconnected=None if asked.stream else request.is_disconnected,
+            cost=spec.cost,
+            strict_max_tokens=(
+                spec.strict_max_tokens
+                if spec.strict_max_tokens is not None
+                else self.strict_max_tokens
+            ),
+            reservation=self.ledger.reserve(principal, tokens, time.time()),
+        )
+
+    async def run(
+        self,
+        exchange: Exchange,
+        dialect: Dialect,
+        asked: ClientRequest,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """Dispatch, answer or relay, then settle, in the one `finally` that ends every call;
+        the answer's last byte goes out after it, so a client that has read it finds the call
+        settled."""
+        outcome = _Outcome()
+        try:
+            if asked.stream:
+                last: ASGIApp = await self._stream(exchange, asked, outcome, receive, send)
+            else:
+                reply = await self.dispatcher.ask(exchange, asked.neuron_call(exchange.model))
+                body, outcome.answered = asked.answer(reply)
+                last = JSONResponse(body, headers=exchange.reported)
+        except Exception as exc:
+            if outcome.started:
+                raise
+            err = outcome.error = unexpected(exc, scope.get("path", "?"))
+            envelope = dialect.error_body(err)
+            last = JSONResponse(envelope, status_code=err.status, headers=error_headers(err))
+        finally:
+            self.accounting.finish(exchange, usage=outcome.usage(), error=outcome.error)
+        await last(scope, receive, send)
+
+    async def _stream(
+        self,
+        exchange: Exchange,
+        asked: ClientRequest,
+        outcome: _Outcome,
+        receive: Receive,
+        send: Send,
+    ) -> ASGIApp:
+        """A streamed answer, all but its end (returned, to send once the call is settled).
+        Failures before the upstream opens are HTTP errors when they come quickly; once
+        keep-alives have begun they become the dialect's error events."""
+        call = asked.neuron_call(exchange.model)
+        if not isinstance(call, Chat | Completion):
+            raise TypeError(f"{type(call).__name__} does not stream")
+        reply = asked.reply_stream()
+        opening = asyncio.create_task(self.dispatcher.open(exchange, call))
+        try:
+            # A ready replica only needs admitting: wait for it without keep-alives, so a
+            # refusal is a status, not an error event after a 200. A cold load gets keep-alives.
+            patience = self.patience.keepalive_interval
+            if self.replicas.ready(exchange.model):
+                patience = max(patience, self.patience.admission)
+            done, _ = await asyncio.wait({opening}, timeout=patience)
+            headers = STREAM_HEADERS
+            if done:
+                opening.result()  # a quick failure raises here: an HTTP error, not an event
+                # What the neuron reported (a clamped max_tokens) can only travel with a start
+                # that waited for it: a stream sending keep-alives has no headers left to send.
+                headers = [*headers, *_encoded(exchange.reported)]
+            outcome.started = True
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            frames = self._relay(exchange, opening, reply, outcome)
+            stayed = await _send_all(frames, receive, send)
+        finally:
+            await _close(opening)
+        return _end_of_stream if stayed else _nothing
+
+    async def _relay(
+        self,
+        exchange: Exchange,
+        opening: asyncio.Task[Upstream],
+        reply: ReplyStream,
+        outcome: _Outcome,
+    ) -> AsyncGenerator[bytes]:
+        """Keep-alives until the upstream opens, then its events in the client's dialect; a
+        failure becomes the dialect's error events, and ends the stream."""
+        while not opening.done():
+            await asyncio.wait({opening}, timeout=self.patience.keepalive_interval)
+            if not opening.done():
+                yield reply.keepalive()
+        try:
+            upstream = opening.result()
+            outcome.relayed = reply
+            async for event, payload in upstream_events(upstream):
+                if exchange.first_token is None and payload is not None and has_token(payload):
+                    self.accounting.first_token(exchange)
+                for frame in reply.feed(event, payload):
+                    yield frame
+            for frame in reply.finish():
+                yield frame
+        except (CortexError, ValueError) as exc:
+            err = exc if isinstance(exc, CortexError) else NeuronUnavailable(f"bad stream: {exc}")
+            outcome.error = err
+            for frame in reply.fail(err):
+                yield frame
+
+
+def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
+
+class _Outcome:
+    """How a call went, as its `finally` settles it."""
+
+    def __init__(self) -> None:
+        self.started = False  # the stream's status is sent: errors can only be events now
+        self.error: CortexError | None = None
+        self.answered: Usage | None = None  # a plain answer's usage
+        self.relayed: ReplyStream | None = None  # a stream that opened, and counts its usage
+
+    def usage(self) -> Usage | None:
+        return self.relayed.usage() if self.relayed is not None else self.answered
+
+
+async def _send_all(frames: AsyncGenerator[bytes], receive: Receive, send: Send) -> bool:
+    """Send every frame as it comes; False when the client left first. Its leaving cancels the
+    relay (and so the neuron's stream), as starlette's StreamingResponse does."""
+    left = False
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        try:
+            async for frame in frames:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+        except OSError:  # ASGI 2.4 servers say so when the client is gone
+            left = True
+        finally:
+            with anyio.CancelScope(shield=True):
+                await frames.aclose()
+        group.cancel_scope.cancel()
+    return not left
+
+
+async def _end_of_stream(scope: Scope, receive: Receive, send: Send) -> None:
+    with contextlib.suppress(OSError):
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _nothing(scope: Scope, receive: Receive, send: Send) -> None:
+    """A stream whose client left ends without a word."""
+
+
+class _Proxied(Response):
+    """The response of a call the proxy has taken on: serving it runs the call. The server serves
+    a route's response in the same task, right after the route returns it, so the reservation
+    taken in `Proxy.serve` has its owner, and its `finally`, at once."""
+
+    def __init__(
+        self, proxy: Proxy, exchange: Exchange, dialect: Dialect, asked: ClientRequest
+    ) -> None:
+        self._proxy, self._exchange, self._dialect, self._asked = proxy, exchange, dialect, asked
+        self.background = None  # what FastAPI looks for on a returned response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._proxy.run(self._exchange, self._dialect, self._asked, scope, receive, send)
+
+
+async def _close(opening: asyncio.Task[Upstream]) -> None:
+    """Give the replica back: cancel an open still under way, or close the opened upstream.
+    Shielded: this runs while the client's disconnect is cancelling us, and must still finish."""
+    if not opening.done():
+        opening.cancel()
+        return
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+        await opening.result().aclose()
