@@ -12,8 +12,8 @@ from gateway_cluster import chat_body, cluster, spec
 
 from cortex.core.completion_limit import CLAMPED_HEADER, STRICT_HEADER
 from cortex.core.errors import InvalidRequest, ModelNotFound
-from cortex.core.protocol.anthropic import ModelInfo
 from cortex.gateway.anthropic_models import model_page
+from cortex.gateway.wire.anthropic import ModelInfo
 
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
 

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.errors import InvalidRequest, ModelNotFound
-from cortex.gateway.wire.anthropic import ModelInfo, ModelPage
 from cortex.gateway.catalogue import FleetModelCard
+from cortex.gateway.wire.anthropic import ModelInfo, ModelPage
 
 VERSION_HEADER = "anthropic-version"
 DEFAULT_LIMIT = 20  # the API's page size and bounds

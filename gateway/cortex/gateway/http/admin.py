@@ -32,10 +32,10 @@ from cortex.core.catalogue import ModelSpec
 from cortex.core.errors import CortexError, FleetConflict, NeuronNotFound, NotSupported
 from cortex.core.fleet import LoadedModel, ModelState
 from cortex.gateway import kube_admin
-from cortex.gateway.registry import NeuronHandle
-from cortex.gateway.kube_fleet import KubeFleet
 from cortex.gateway.assembly import Gateway
 from cortex.gateway.http.access import authenticate_admin, gateway_of
+from cortex.gateway.kube_fleet import KubeFleet
+from cortex.gateway.registry import NeuronHandle
 
 log = logging.getLogger(__name__)
 

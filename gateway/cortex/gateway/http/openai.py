@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from cortex.core.errors import ModelNotFound
+from cortex.gateway.anthropic_models import model_info, model_page, wants_anthropic
 from cortex.gateway.dialects.openai import CHAT, COMPLETIONS, EMBEDDINGS
 from cortex.gateway.http.access import authenticate, gateway_of, proxied
-from cortex.gateway.anthropic_models import model_info, model_page, wants_anthropic
 
 router = APIRouter(dependencies=[Depends(authenticate)])
 
