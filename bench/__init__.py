@@ -29,4 +29,5 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "overload": ("bench.overload", "200 and 500 clients on cortex up: 429s, not an outage"),
     "structured": ("bench.structured", "constrained decoding cost per token, grammar compile"),
     "soak": ("bench.soak", "gateway and neuron memory over 10,000 requests"),
+    "gpu-check": ("bench.gpu_check", "a neuron on cuda-dev-0 vs HF generate(), for a lent GPU"),
 }

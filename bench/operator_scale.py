@@ -142,14 +142,27 @@ def _operator_notes(run: OperatorRun) -> list[str]:
         [f"target <= {READY_TARGET_S:.0f} s", "met" if met else "missed"],
         ["placements Ready / phases", f"{run.ready} / {run.phases}"],
         ["creating the placements took", f"{run.create_s:.1f} s"],
+        [
+            "CPU of the operator's process (operator and driver) over the ramp",
+            f"{run.ramp_cpu_s:.1f} s in {run.ramp_s:.1f} s"
+            f" ({run.ramp_cpu_s / max(run.ramp_s, 1e-9):.0%} of one core)",
+        ],
         ["neurons probed after operator start", f"{run.neurons_probed_s:.1f} s"],
         ["reconciles/s while getting Ready", f"{run.ramp_rate:.1f}"],
         [
             f"reconciles/s at rest ({s.steady:.0f} s; timers alone ask {expected:.0f}/s)",
             f"{run.steady_rate:.1f}",
         ],
-        ["plan_fleet() at rest, mean", f"{run.steady_plan_ms:.1f} ms"],
-        ["planning share of the ramp", f"{run.ramp_plan_s:.1f} s"],
+        [
+            "plans computed while getting Ready (plan_fleet: once per change)",
+            f"{run.ramp_plans} in {run.ramp_plan_s:.1f} s"
+            f" ({run.ramp_plan_s / max(run.ramp_plans, 1) * 1000:.0f} ms each)",
+        ],
+        [
+            "plans computed at rest",
+            f"{run.steady_plans}"
+            + (f" ({run.steady_plan_ms:.1f} ms each)" if run.steady_plans else ""),
+        ],
         ["load calls on the neurons (one per replica: no duplicates)", str(run.loads)],
         ["Kubernetes Events posted, by reason", f"{run.events} {run.event_reasons}"],
         ["first LoadFailed messages", " | ".join(run.failures) or "none"],

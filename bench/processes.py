@@ -31,7 +31,7 @@ def free_port() -> int:
 
 def cortex_cli() -> list[str]:
     """The `cortex` console script of this interpreter (no PATH lookup)."""
-    return [PYTHON, "-m", "cortex.core.cli"]
+    return [PYTHON, "-m", "cortex.cli"]
 
 
 class ServerProcess:

@@ -5,7 +5,8 @@ Neuron objects are created first and the operator started; once every neuron is 
 ModelPlacements are created in a burst and the clock runs until all of them are Ready. Then the
 fleet is watched at rest for a while: the operator's timers still reconcile every placement once a
 probe interval, and it has to keep up. Reconciles are counted by wrapping `Controller.reconcile`
-(and the planning inside it by wrapping `plan_fleet`): instrumentation only, nothing changes.
+(and the plans computed in it by wrapping `plan_fleet` where planning.py calls it): instrumentation
+only, nothing changes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import aiohttp
 import kopf
 
 import cortex.operator.controller as controller_module
+import cortex.operator.planning as planning_module
 from bench.processes import PYTHON, ServerProcess, answers, free_port
 from cortex.core.resources import API_VERSION
 from cortex.operator.cli import run
@@ -72,16 +74,19 @@ class OperatorRun:
     neurons_probed_s: float = 0.0
     create_s: float = 0.0  # creating the placements (the clock starts before the first)
     all_ready_s: float | None = None  # None: not all Ready before the timeout
+    ramp_cpu_s: float = 0.0  # this process's CPU (operator and driver) over the ramp
     ramp_s: float = 0.0  # from the first create until all Ready or the timeout
     ready: int = 0
     phases: dict[str, int] = field(default_factory=dict)
     curve: list[tuple[float, int]] = field(default_factory=list)  # (seconds, placements Ready)
     ramp_reconciles: int = 0
+    ramp_plans: int = 0  # plans computed: one per change, not per reconcile
     ramp_plan_s: float = 0.0
     steady_reconciles: int = 0
+    steady_plans: int = 0
     steady_s: float = 0.0
     steady_plan_ms: float = 0.0  # mean plan_fleet time at rest
-    plan_profile: list[str] = field(default_factory=list)  # one plan_fleet() at rest, cProfile
+    plan_profile: list[str] = field(default_factory=list)  # the first full-fleet plan, cProfile
     loads: int = 0  # load calls the fake neurons received
     events: int = 0  # Kubernetes Events the operator posted
     event_reasons: dict[str, int] = field(default_factory=dict)
@@ -179,7 +184,7 @@ def counting() -> Any:
     """Wrap Controller.reconcile and plan_fleet to count reconciles and time the planning."""
     counts = Counts()
     original_reconcile = controller_module.Controller.reconcile
-    original_plan = controller_module.plan_fleet
+    original_plan = planning_module.plan_fleet
 
     async def reconcile(self: Any, *args: Any, **kwargs: Any) -> Any:
         counts.reconciles += 1
@@ -200,12 +205,17 @@ def counting() -> Any:
             counts.plan_seconds += time.perf_counter() - started
 
     controller_module.Controller.reconcile = reconcile  # type: ignore[method-assign]
-    controller_module.plan_fleet = plan_fleet
+    planning_module.plan_fleet = plan_fleet
     try:
         yield counts
     finally:
         controller_module.Controller.reconcile = original_reconcile  # type: ignore[method-assign]
-        controller_module.plan_fleet = original_plan
+        planning_module.plan_fleet = original_plan
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _heaviest(profiler: cProfile.Profile, count: int = 12) -> list[str]:
@@ -296,7 +306,7 @@ async def _drive(scale: Scale, url: str, neurons_port: int) -> OperatorRun:
     )
     # A connection per request: the emulator drops idle keep-alive connections.
     connector = aiohttp.TCPConnector(force_close=True)
-    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = _cpu_seconds()
     async with aiohttp.ClientSession(url, connector=connector) as http:
         await create_all(
             http, NEURONS, [neuron_object(i, neurons_port) for i in range(scale.neurons)]
@@ -323,10 +333,7 @@ async def _drive(scale: Scale, url: str, neurons_port: int) -> OperatorRun:
                     str(e.get("message")) for e in events if e.get("reason") == "LoadFailed"
                 ][:5]
                 result.rss_after_mib, result.rss_peak_mib = rss_mib()
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    result.cpu_s["operator"] = round(
-        after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, 1
-    )
+    result.cpu_s["operator"] = round(_cpu_seconds() - cpu, 1)
     return result
 
 
@@ -335,11 +342,13 @@ async def _ramp(
     rng: random.Random,
 ) -> None:  # fmt: skip
     """Create the placements; poll until every one is Ready or the timeout passes."""
-    before, planned = counts.reconciles, counts.plan_seconds
+    before, plans, planned = counts.reconciles, counts.plans, counts.plan_seconds
+    cpu = _cpu_seconds()
     t0 = time.monotonic()
     bodies = [placement_object(i, rng) for i in range(scale.placements)]
     await create_all(http, PLACEMENTS, bodies)
     result.create_s = time.monotonic() - t0
+    counts.profile_next = True  # the next plan is over every placement
     deadline = t0 + scale.timeout
     while True:
         items = await listed(http, PLACEMENTS)
@@ -354,22 +363,23 @@ async def _ramp(
             break
         await asyncio.sleep(scale.poll)
     result.ramp_s = time.monotonic() - t0
+    result.ramp_cpu_s = round(_cpu_seconds() - cpu, 1)
     result.ramp_reconciles = counts.reconciles - before
+    result.ramp_plans = counts.plans - plans
     result.ramp_plan_s = counts.plan_seconds - planned
+    result.plan_profile = counts.profile
 
 
 async def _steady(
     scale: Scale, http: aiohttp.ClientSession, counts: Counts, result: OperatorRun
 ) -> None:
-    """Watch the Ready fleet: the reconciles its timers drive, and the time each plan takes."""
+    """Watch the Ready fleet: the reconciles its timers drive, and the plans (if any) they make."""
     reconciles, plans, planned = counts.reconciles, counts.plans, counts.plan_seconds
-    counts.profile_next = True
     started = time.monotonic()
     await asyncio.sleep(scale.steady)  # a fixed observation window, not a wait for state
     result.steady_s = time.monotonic() - started
     result.steady_reconciles = counts.reconciles - reconciles
-    done = counts.plans - plans
+    done = result.steady_plans = counts.plans - plans
     result.steady_plan_ms = (counts.plan_seconds - planned) / done * 1000 if done else 0.0
-    result.plan_profile = counts.profile
     items = await listed(http, PLACEMENTS)
     result.phases = dict(Counter(phase_of(p) for p in items))

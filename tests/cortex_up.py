@@ -36,7 +36,7 @@ def cortex_up(workdir: Path, model_cache: Path, *, ready_timeout: float = 120) -
     log = workdir / "cortex-up.log"
     neuron_toml = workdir / "neuron.toml"
     neuron_toml.write_text(f"[neuron]\nname = 'local'\ncache_dir = '{model_cache}'\n")
-    command = [sys.executable, "-m", "cortex.core.cli", "up", "--port", str(port)]
+    command = [sys.executable, "-m", "cortex.cli", "up", "--port", str(port)]
     command += ["--metrics-port", str(free_port()), "--neuron-config", str(neuron_toml)]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ)

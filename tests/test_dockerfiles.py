@@ -5,7 +5,6 @@ gateway image's packages import without torch."""
 from __future__ import annotations
 
 import fnmatch
-import importlib.metadata
 import json
 import re
 import subprocess
@@ -15,17 +14,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from packaging.requirements import Requirement
+from test_packaging import HEAVY, closure
 
-from cortex.core.cli import _parser
+from cortex.cli.main import _parser
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 IMAGES = {
-    "gateway": {"extras": {"operator"}, "command": "gateway", "ports": {31313, 31314, 8080}},
+    "gateway": {
+        "extras": {"gateway", "operator"},
+        "command": "gateway",
+        "ports": {31313, 31314, 8080},
+    },
     "neuron": {"extras": {"neuron"}, "command": "neuron", "ports": {13131}},
 }
-HEAVY = {"torch", "transformers", "accelerate", "gguf", "safetensors", "sentencepiece"}
 
 
 def instructions(image: str) -> list[tuple[str, str]]:
@@ -82,9 +84,9 @@ def test_each_image_copies_only_its_own_source_roots() -> None:
         image: {a.split()[0] for op, a in instructions(image) if op == "COPY"} for image in IMAGES
     }
     assert "neuron-image" not in copied["gateway"]
-    assert {"core", "gateway", "operator"} <= copied["gateway"]
+    assert {"core", "cli", "gateway", "operator"} <= copied["gateway"]
     assert "gateway" not in copied["neuron"] and "operator" not in copied["neuron"]
-    assert {"core", "neuron-image"} <= copied["neuron"]
+    assert {"core", "cli", "neuron-image"} <= copied["neuron"]
 
 
 def installed_extras(image: str) -> set[str]:
@@ -97,29 +99,6 @@ def test_the_extras_an_image_installs_exist(image: str) -> None:
     extras = installed_extras(image)
     assert extras == IMAGES[image]["extras"]
     assert extras <= set(PYPROJECT["project"]["optional-dependencies"])
-
-
-def closure(requirements: list[str], extras: set[str]) -> set[str]:
-    """Names of every distribution these requirements pull in, as installed here."""
-    seen: set[str] = set()
-    queue = [(r, extras) for r in requirements]
-    while queue:
-        text, active = queue.pop()
-        requirement = Requirement(text)
-        if requirement.marker and not any(
-            requirement.marker.evaluate({"extra": e}) for e in (active or {""})
-        ):
-            continue
-        name = requirement.name.lower().replace("_", "-")
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            below = importlib.metadata.requires(name) or []
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        queue += [(r, set(requirement.extras)) for r in below]
-    return seen
 
 
 def test_the_gateway_images_dependencies_leave_torch_out() -> None:
@@ -144,11 +123,12 @@ class NotInTheImage:
         return None
 
 sys.meta_path.insert(0, NotInTheImage())
-for package in ("cortex.core", "cortex.gateway", "cortex.operator"):
+for package in ("cortex.core", "cortex.cli", "cortex.gateway", "cortex.operator"):
     root = importlib.import_module(package)
     for module in pkgutil.walk_packages(root.__path__, package + "."):
-        importlib.import_module(module.name)
-import cortex.gateway.app, cortex.core.cli
+        if not module.name.endswith(".__main__"):  # `python -m cortex.cli` would run the command
+            importlib.import_module(module.name)
+import cortex.gateway.app, cortex.cli.main
 assert not [m for m in sys.modules if m.split(".")[0] in {"torch", "transformers"}]
 print("imported", len([m for m in sys.modules if m.startswith("cortex.")]), "cortex modules")
 """

@@ -43,7 +43,7 @@ def test_the_seed_example_runs(tmp_path: Path) -> None:
     port, metrics = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORTEX_")}
     env["HOME"] = str(tmp_path)  # the neuron's caches stay in this test
-    argv = [sys.executable, "-m", "cortex.core.cli", "--log-format", "json", "up"]
+    argv = [sys.executable, "-m", "cortex.cli", "--log-format", "json", "up"]
     argv += ["--config", str(SEED), "--port", str(port), "--metrics-port", str(metrics)]
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env

@@ -70,7 +70,7 @@ class Proc:
 
 def _spawn(name: str, args: list[str], port: int, directory: Path) -> Proc:
     log = directory / f"{name}.log"
-    command = [sys.executable, "-m", "cortex.core.cli", *args]
+    command = [sys.executable, "-m", "cortex.cli", *args]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ)
     return Proc(name, f"http://127.0.0.1:{port}", process, log)

@@ -54,7 +54,11 @@ WEATHER = {
     "required": ["city", "unit"],
     "additionalProperties": False,
 }
-TIME = {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}}}
+TIME = {
+    "type": "object",
+    "properties": {"zone": {"type": "string", "maxLength": 20}},
+    "additionalProperties": False,
+}
 OPENAI_TOOLS: Any = [
     {"type": "function", "function": {"name": n, "description": d, "parameters": p}}
     for n, d, p in (("get_weather", "Weather of a city", WEATHER), ("get_time", "Time now", TIME))
@@ -134,8 +138,7 @@ def test_openai_named_tool_choice_stream_and_not(oai: openai.OpenAI) -> None:
 
 
 def test_anthropic_named_tool_choice_stream_and_not(claude: anthropic.Anthropic) -> None:
-    # Greedy, so the test does not depend on how a sampled run spends its max_tokens (with
-    # parallel calls allowed, a second call cut by the limit ends the message at max_tokens).
+    # Greedy, so the test does not depend on how a sampled run spends its max_tokens.
     kwargs: Any = {
         "model": CHAT,
         "max_tokens": 90,

@@ -71,6 +71,20 @@ def test_openai_chat_loads_on_demand_then_streams(oai: openai.OpenAI) -> None:
     assert chunks[-1].usage and chunks[-1].usage.prompt_tokens == answer.usage.prompt_tokens
 
 
+def test_default_sampling_answers_sensibly(oai: openai.OpenAI) -> None:
+    # No sampling parameters: the catalogue's defaults for the model (temperature 0.2, top_p 0.9)
+    # apply, not 1.0, at which this small model's answers are gibberish.
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answers = [
+        oai.chat.completions.create(model=CHAT, messages=question, max_tokens=30)  # type: ignore[arg-type]
+        .choices[0]
+        .message.content
+        or ""
+        for _ in range(5)
+    ]
+    assert sum("Paris" in answer for answer in answers) >= 4, answers
+
+
 def test_openai_completions_and_embeddings(oai: openai.OpenAI) -> None:
     completion = oai.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=5)
     assert completion.choices[0].finish_reason in ("stop", "length") and completion.usage
@@ -186,7 +200,7 @@ def test_metrics_and_status_after_traffic(gateway: str) -> None:
     names = {family.name for family in text_string_to_metric_families(text)}
     assert {"cortex_requests", "cortex_completion_tokens", "cortex_cold_starts"} <= names
     status = subprocess.run(
-        [sys.executable, "-m", "cortex.core.cli", "status", "--endpoint", gateway],
+        [sys.executable, "-m", "cortex.cli", "status", "--endpoint", gateway],
         capture_output=True, text=True, timeout=30, check=True, env={**os.environ, "COLUMNS": "160"},
     )  # fmt: skip
     assert CHAT in status.stdout and "cpu-0" in status.stdout

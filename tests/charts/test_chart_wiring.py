@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from rendered import CHART, Render, container, find, pod_labels, selects
 
-from cortex.core.cli import _parser
+from cortex.cli.main import _parser
 from cortex.core.config import GatewayConfig, NeuronConfig, parse_config
 
 CPU = ["-f", str(CHART / "values-cpu.yaml")]
@@ -45,6 +45,7 @@ GATEWAY_ROLE = {
         for v in ("get", "list", "watch")
     ),
     ("cortex.helexa.ai", "modelplacements", "patch"),
+    ("cortex.helexa.ai", "neurons", "patch"),  # the admin API's cordon
 }
 
 

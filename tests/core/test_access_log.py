@@ -12,7 +12,7 @@ import uvicorn
 from fakes.neuron import running
 from fastapi import FastAPI
 
-from cortex.core import commands
+from cortex.cli import commands
 from cortex.core.access_log import ACCESS_LOGGER, RedactQuery, redact_access_log
 from cortex.core.config import GatewayConfig, NeuronConfig
 from cortex.gateway import app as gateway_app

@@ -14,9 +14,9 @@ import httpx
 import pytest
 import yaml
 
+from cortex.cli.commands import kubernetes_login
+from cortex.cli.main import _parser
 from cortex.core import kube_api
-from cortex.core.cli import _parser
-from cortex.core.commands import kubernetes_login
 from cortex.core.config import GatewayConfig
 from cortex.core.kube_api import KubeApi, KubeApiError, KubeLogin, Reflector, Resource
 

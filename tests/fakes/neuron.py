@@ -127,6 +127,8 @@ class FakeNeuron:
         self.completed_streams = 0
         self.admin_headers: list[str | None] = []
         self.principals: list[str | None] = []  # x-cortex-principal of each inference request
+        self.strictness: list[str | None] = []  # x-cortex-strict-max-tokens of each one
+        self.answer_headers: dict[str, str] = {}  # sent on every inference answer
         # Admission limits reported in /status (per model); None reports none.
         self.max_running: int | None = None
         self.max_queue: int | None = None
@@ -308,11 +310,14 @@ class FakeNeuron:
     async def _generate(self, request: Request, path: str) -> Response:
         body = await request.json()
         self.principals.append(request.headers.get("x-cortex-principal"))
+        self.strictness.append(request.headers.get("x-cortex-strict-max-tokens"))
         model = self._admit(path, body)
         await self._queue()
         if body.get("stream"):
             return StreamingResponse(
-                self._stream(model, body, path), media_type="text/event-stream"
+                self._stream(model, body, path),
+                media_type="text/event-stream",
+                headers=self.answer_headers,
             )
         model.in_flight += 1
         try:
@@ -339,7 +344,8 @@ class FakeNeuron:
                 "model": model.id,
                 "choices": [choice],
                 "usage": self._usage(body),
-            }
+            },
+            headers=self.answer_headers,
         )
 
     @staticmethod

@@ -262,10 +262,10 @@ SPECIFIC = [
     Case("max-tokens-0", MESSAGES, 400, json=_with(MESSAGES, max_tokens=0)),
     Case("messages-empty", MESSAGES, 400, json=_with(MESSAGES, messages=[])),
     Case(
-        "role-system",
+        "role-tool",  # system is Claude Code's mid-conversation instruction; tool is nobody's
         MESSAGES,
         400,
-        json=_with(MESSAGES, messages=[{"role": "system", "content": "x"}]),
+        json=_with(MESSAGES, messages=[{"role": "tool", "content": "x"}]),
     ),
     Case(
         "tool-choice-unknown-tool",

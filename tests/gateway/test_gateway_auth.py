@@ -11,7 +11,7 @@ import pytest
 from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import chat_body, cluster, spec
 
-from cortex.core import commands
+from cortex.cli import commands
 
 SECRETS = {
     "alice": "sk-alice-0123",

@@ -36,7 +36,7 @@ def _port() -> int:
 @contextmanager
 def cortex(log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Path]:
     """A `cortex` subprocess, stopped at the end; yields its log file."""
-    command = [sys.executable, "-m", "cortex.core.cli", *args]
+    command = [sys.executable, "-m", "cortex.cli", *args]
     with log.open("w") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}

@@ -123,17 +123,19 @@ async def test_streaming_client_gets_keepalives_while_the_model_loads() -> None:
         assert any('"Hello"' in line for line in rest) and rest[-2] == "data: [DONE]"
 
 
-async def test_anthropic_streaming_client_gets_pings_while_the_model_loads() -> None:
+async def test_anthropic_stream_begins_with_message_start_after_comment_keepalives() -> None:
+    """The API's first event is message_start: while the model loads, the keep-alives are SSE
+    comments, never a `ping` event before it."""
     n1 = cold_neuron()
     async with cluster(n1, catalogue=CATALOGUE) as c:
         body = {**chat_body(MODEL, stream=True), "max_tokens": 16}
         async with c.http.stream("POST", "/v1/messages", json=body) as response:
             assert response.status_code == 200
             lines = response.aiter_lines()
-            assert await anext(lines) == "event: ping"
+            assert await anext(lines) == ": keep-alive"
             n1.faults.load_gate.set()  # type: ignore[union-attr]
             events = [line[7:] async for line in lines if line.startswith("event: ")]
-        assert events[0] == "ping" or events[0] == "message_start"
+        assert events[0] == "message_start" and "ping" not in events
         assert events[-2:] == ["message_delta", "message_stop"]
 
 

@@ -44,6 +44,7 @@ class FakeServed:
     refuse: Exception | None = None  # raised at the first __anext__ (admission)
     finish: Literal["stop", "length", "cancelled", "error"] | None = None
     cached_tokens: int = 0
+    strict_max_tokens: bool | None = None
     running: int = 0
     cancelled: int = 0
     generated: int = 0
@@ -60,6 +61,10 @@ class FakeServed:
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
+
+    async def compile_grammar(self, spec: Any) -> tuple[None, None]:
+        """No grammar is enforced: the script plays the constrained output."""
+        return None, None
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, principal: str = "anonymous"
@@ -84,9 +89,9 @@ class FakeServed:
                 if cut:
                     piece = piece[: len(piece) - (len(text) - min(cut))]
                     if piece:
-                        yield TextDelta(piece, sent)
+                        yield TextDelta(piece, sent, self.cached_tokens)
                     break
-                yield TextDelta(piece, sent)
+                yield TextDelta(piece, sent, self.cached_tokens)
             done = True
             yield Finished(
                 self.finish or reason, len(prompt_ids), sent, self.cached_tokens, error="boom"

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cortex.core import commands
-from cortex.core.cli import _parser
+from cortex.cli import commands
+from cortex.cli.main import _parser
 from cortex.core.config import NeuronConfig
 from cortex.neuron.runtime import NeuronRuntime
 from cortex.neuron.server import create_app

@@ -84,13 +84,19 @@ def test_a_named_tool_call_is_the_only_output_allowed(
     assert not _allowed(compiler, tokenizer, spec, "def get_weather(city):")
 
 
-def test_required_allows_any_tool_and_parallel_calls(
+def test_required_allows_any_tool_and_parallel_calls_as_one_array(
     compiler: GrammarCompiler, tokenizer: Any
 ) -> None:
     spec, _ = chat_constraint(TOOLS, "required", None, None)  # type: ignore[misc]
-    weather = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
-    time_ = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
-    assert _allowed(compiler, tokenizer, spec, f"{weather}\n{time_}")
+    weather = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    time_ = '{"name": "get_time", "arguments": {}}'
+    assert _allowed(compiler, tokenizer, spec, f"<tool_call>\n{weather}\n</tool_call>")
+    # Parallel calls are one block holding an array: a run of blocks never ends on a small model.
+    both = f"<tool_call>\n[{weather}, {time_}]\n</tool_call>"
+    assert _allowed(compiler, tokenizer, spec, both)
+    two_blocks = f"<tool_call>\n{weather}\n</tool_call>\n<tool_call>\n{time_}\n</tool_call>"
+    assert not _allowed(compiler, tokenizer, spec, two_blocks)
+    assert not _allowed(compiler, tokenizer, spec, "<tool_call>\n[]\n</tool_call>")
     assert not _allowed(compiler, tokenizer, spec, "Sure!")
 
 

@@ -76,3 +76,41 @@ def test_a_real_model_decodes_the_same_through_the_rerouted_layers(monkeypatch) 
         )  # 21 rows below: all rerouted
         after = model(input_ids=ids).logits
     assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_a_choice_is_remembered_per_shapes_and_threads(monkeypatch, tmp_path) -> None:
+    races = []
+    monkeypatch.setattr(cpu_linear, "_race", lambda plain, left: races.append(1) or (2.0, 1.0))
+    memo = tmp_path / "kernels" / "cpu_linear.json"
+    assert (
+        cpu_linear.install(nn.Sequential(nn.Linear(8, 8)), memo=memo) == cpu_linear.ROW_BUCKETS[-1]
+    )
+    timed = len(races)
+    # A new model of the same shapes (a fresh process loading it again) is not timed again ...
+    again = nn.Sequential(nn.Linear(8, 8))
+    assert (
+        cpu_linear.install(again, memo=memo) == cpu_linear.ROW_BUCKETS[-1] and len(races) == timed
+    )
+    assert "forward" in vars(again[0])  # ... and is still rerouted
+    # ... but other shapes, or other torch threads, are.
+    cpu_linear.install(nn.Sequential(nn.Linear(8, 16)), memo=memo)
+    assert len(races) == 2 * timed
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 977)
+    cpu_linear.install(nn.Sequential(nn.Linear(8, 8)), memo=memo)
+    assert len(races) == 3 * timed
+
+
+def test_a_remembered_loss_keeps_f_linear_and_a_broken_memo_is_retimed(
+    monkeypatch, tmp_path
+) -> None:
+    monkeypatch.setattr(cpu_linear, "_race", lambda plain, left: (1.0, 2.0))
+    memo = tmp_path / "cpu_linear.json"
+    assert cpu_linear.install(nn.Sequential(nn.Linear(8, 8)), memo=memo) is None
+    monkeypatch.setattr(cpu_linear, "_race", lambda plain, left: (2.0, 1.0))
+    kept = nn.Sequential(nn.Linear(8, 8))
+    assert cpu_linear.install(kept, memo=memo) is None  # remembered: no new timing
+    assert "forward" not in vars(kept[0])
+    memo.write_text("{not json")
+    assert (
+        cpu_linear.install(nn.Sequential(nn.Linear(8, 8)), memo=memo) == cpu_linear.ROW_BUCKETS[-1]
+    )

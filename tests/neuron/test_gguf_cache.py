@@ -37,7 +37,7 @@ async def test_two_copies_of_one_gguf_share_one_conversion(tmp_path: Path) -> No
     conversions = [p for p in (cache / "converted").iterdir() if p.is_dir()]
     assert len(conversions) == 1
     listing = subprocess.run(
-        [sys.executable, "-m", "cortex.core.cli", "cache", "--cache-dir", str(cache), "list"],
+        [sys.executable, "-m", "cortex.cli", "cache", "--cache-dir", str(cache), "list"],
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     assert listing.count(conversions[0].name) == 1

@@ -41,7 +41,7 @@ def _models(url: str, *args: str, token: str | None = TOKEN) -> subprocess.Compl
     if token:
         env["CORTEX_ADMIN_TOKEN"] = token  # the flag's environment variable
     return subprocess.run(
-        [sys.executable, "-m", "cortex.core.cli", "models", "--endpoint", url, *args],
+        [sys.executable, "-m", "cortex.cli", "models", "--endpoint", url, *args],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
 

@@ -16,6 +16,7 @@ from live_server import serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from cortex.core.catalogue import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
+from cortex.core.completion_limit import STRICT_HEADER
 from cortex.core.config import NeuronConfig
 from cortex.neuron.runtime import NeuronRuntime, ServedModel
 from cortex.neuron.server import create_app
@@ -261,7 +262,9 @@ def test_bad_inputs_leave_the_daemon_serving(neuron: Neuron) -> None:
         == 404
     )
     overflow = post(
-        "/v1/chat/completions", json={"model": CHAT, "messages": QUESTION, "max_tokens": 8192}
+        "/v1/chat/completions",
+        json={"model": CHAT, "messages": QUESTION, "max_tokens": 8192},
+        headers={STRICT_HEADER: "true"},  # lenient, it would be clamped and answered
     )
     assert overflow.json()["error"]["code"] == "context_length_exceeded"
     huge = [{"role": "user", "content": "word " * 9000}]

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from cortex.neuron.generation import FALLBACK_MAX_TOKENS, FALLBACK_TOP_P, SamplingParams
-from cortex.neuron.sampling import Sampler, sample
+from cortex.neuron.generation import (
+    FALLBACK_MAX_TOKENS,
+    FALLBACK_REPETITION_PENALTY,
+    FALLBACK_TEMPERATURE,
+    FALLBACK_TOP_P,
+    REPETITION_WINDOW,
+    SamplingParams,
+)
+from cortex.neuron.sampling import Sampler, recent_tokens, sample
 
 CPU = torch.device("cpu")
 
@@ -131,3 +139,41 @@ def test_greedy_rows_take_the_argmax_beside_sampled_ones() -> None:
     batch = [greedy[0], FILTERED[0], greedy[1], FILTERED[3]]
     chosen = sample(logits, batch, [s.generator(CPU) for s in batch])
     assert chosen[0] == int(logits[0].argmax()) and chosen[2] == int(logits[2].argmax())
+
+
+def test_fallbacks_are_a_sane_temperature_with_a_penalty_for_sampled_rows_only() -> None:
+    sampled = Sampler.resolve(SamplingParams(), SamplingParams())
+    assert (sampled.temperature, sampled.repetition_penalty) == (
+        FALLBACK_TEMPERATURE,
+        FALLBACK_REPETITION_PENALTY,
+    )
+    assert FALLBACK_TEMPERATURE < 1.0
+    greedy = Sampler.resolve(SamplingParams(temperature=0), SamplingParams())
+    assert greedy.repetition_penalty == 1.0  # temperature 0 is the model's own argmax
+    asked = Sampler.resolve(SamplingParams(temperature=0, repetition_penalty=1.3), SamplingParams())
+    assert asked.repetition_penalty == 1.3
+    model = Sampler.resolve(SamplingParams(), SamplingParams(repetition_penalty=1.0))
+    assert model.repetition_penalty == 1.0
+
+
+def test_repetition_penalty_turns_greedy_away_from_recent_tokens() -> None:
+    logits = torch.tensor([[2.0, 1.9, -1.0, 0.0], [2.0, 1.9, -1.0, 0.0]])
+    penalised = Sampler.resolve(
+        SamplingParams(temperature=0, repetition_penalty=1.5), SamplingParams()
+    )
+    plain = Sampler.resolve(SamplingParams(temperature=0), SamplingParams())
+    generators = [penalised.generator(CPU), plain.generator(CPU)]
+    # Row 0 recently said token 0 (twice) and 2: 2.0 / 1.5 < 1.9, and -1.0 * 1.5 is further down.
+    tokens = sample(logits.clone(), [penalised, plain], generators, [[0, 2, 0], [0]])
+    assert tokens == [1, 0]  # the unpenalised row ignores its history
+    changed = logits.clone()
+    sample(changed, [penalised, plain], generators, [[0, 2, 0], [0]])
+    assert changed[0].tolist() == pytest.approx([2.0 / 1.5, 1.9, -1.5, 0.0])
+    assert changed[1].tolist() == logits[1].tolist()
+
+
+def test_recent_tokens_reach_back_into_the_prompt() -> None:
+    prompt, output = list(range(100)), [7, 8]
+    recent = recent_tokens(prompt, output)
+    assert len(recent) == REPETITION_WINDOW and recent[-2:] == [7, 8] and recent[0] == 38
+    assert recent_tokens([1], list(range(200))) == list(range(200))[-REPETITION_WINDOW:]

@@ -17,6 +17,7 @@ from live_server import serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from cortex.core.client import NeuronClient
+from cortex.core.completion_limit import CLAMPED_HEADER, STRICT_HEADER
 from cortex.core.config import NeuronConfig
 from cortex.core.errors import ModelBusy, ModelNotFound, Unauthorized
 from cortex.core.fleet import LoadRequest, ModelState
@@ -328,6 +329,35 @@ async def test_tool_call_stream(sdk: openai.AsyncOpenAI, runtime: FakeRuntime) -
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+# A forced call that the token limit cut in a second (array-less, hence ungrammatical here but
+# equally cut) block: the complete call stays, the fragment is no content, the finish is length.
+CUT_CALLS = [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+    '\n<tool_call>\n{"name": "get_wea',
+]
+
+
+async def test_a_forced_call_cut_by_the_limit_finishes_with_length(
+    sdk: openai.AsyncOpenAI, runtime: FakeRuntime
+) -> None:
+    runtime.models["tiny-chat"].script = CUT_CALLS
+    runtime.models["tiny-chat"].finish = "length"
+    kwargs: Any = {"model": "tiny-chat", "messages": USER, "tools": [WEATHER_TOOL]}
+    answer = await sdk.chat.completions.create(**kwargs, tool_choice="required")
+    choice = answer.choices[0]
+    assert choice.finish_reason == "length" and choice.message.content is None
+    assert [c.function.name for c in choice.message.tool_calls or []] == ["get_weather"]
+    stream = await sdk.chat.completions.create(**kwargs, tool_choice="required", stream=True)
+    chunks = [chunk async for chunk in stream]
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len([t for c in chunks for t in c.choices[0].delta.tool_calls or []]) == 1
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # Not forced: the same cut output keeps its text, as the model wrote it.
+    free = await sdk.chat.completions.create(**kwargs)
+    assert free.choices[0].finish_reason == "length"
+    assert "<tool_call>" in (free.choices[0].message.content or "")
+
+
 async def test_tool_choice_none_neither_renders_nor_parses(
     http: httpx.AsyncClient, runtime: FakeRuntime
 ) -> None:
@@ -463,21 +493,80 @@ async def test_unknown_model_is_404(sdk: openai.AsyncOpenAI) -> None:
 
 
 async def test_context_overflow(http: httpx.AsyncClient) -> None:
-    prompt_len = len(FakeServed("x").render_chat(USER, None))
-    body = {"model": "tiny-chat", "messages": USER, "max_tokens": 400 - prompt_len + 1}
-    error = _error(
-        await http.post("/v1/chat/completions", json=body), 400, "context_length_exceeded"
-    )
-    assert error["param"] == "max_tokens" and "400" in error["message"]
-    body["max_tokens"] = 400 - prompt_len
-    assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
     long = {"model": "tiny-chat", "messages": [{"role": "user", "content": "x" * 400}]}
-    error = _error(
-        await http.post("/v1/chat/completions", json=long), 400, "context_length_exceeded"
-    )
-    assert error["param"] == "messages"
+    for strict in ("false", "true"):  # a prompt that fills the context is refused either way
+        answer = await http.post("/v1/chat/completions", json=long, headers={STRICT_HEADER: strict})
+        error = _error(answer, 400, "context_length_exceeded")
+        assert error["param"] == "messages" and "400" in error["message"]
     prompt = {"model": "tiny-chat", "prompt": "x" * 400}
     _error(await http.post("/v1/completions", json=prompt), 400, "context_length_exceeded")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_max_tokens_beyond_the_context_is_clamped_and_reported(
+    http: httpx.AsyncClient, runtime: FakeRuntime, path: str, stream: bool
+) -> None:
+    served = runtime.models["tiny-chat"]
+    # Over the context (400), within the neuron's max_tokens_limit (1000): clamped.
+    body: dict[str, Any] = {"model": "tiny-chat", "max_tokens": 900, "stream": stream}
+    if path == "/v1/chat/completions":
+        body["messages"] = USER
+        prompt_len = len(served.render_chat(USER, None))
+    else:
+        body["prompt"] = "Once upon a time"
+        prompt_len = len("Once upon a time")
+    room = 400 - prompt_len
+    answer = await http.post(path, json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers[CLAMPED_HEADER] == f"900->{room}"
+    assert served.last_params and served.last_params.max_tokens == room
+    body["max_tokens"] = room  # what fits is left alone, and no header says otherwise
+    assert CLAMPED_HEADER not in (await http.post(path, json=body)).headers
+
+
+async def test_strict_max_tokens_is_a_400_from_gateway_model_or_neuron(
+    runtime: FakeRuntime,
+) -> None:
+    over = {"model": "tiny-chat", "messages": USER, "max_tokens": 32000}
+
+    async def status(config: NeuronConfig, headers: dict[str, str] | None = None) -> int:
+        runtime.config = config
+        transport = httpx.ASGITransport(app=create_app(runtime))  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://neuron") as client:
+            answer = await client.post("/v1/chat/completions", json=over, headers=headers)
+        if answer.status_code == 400:
+            error = answer.json()["error"]
+            assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
+            assert "32000" in error["message"] and "400" in error["message"]
+        return answer.status_code
+
+    lenient, strict = _config(), _config(strict_max_tokens=True)
+    assert await status(lenient) == 200
+    assert await status(strict) == 400
+    assert await status(strict, {STRICT_HEADER: "false"}) == 200  # the gateway's word wins
+    assert await status(lenient, {STRICT_HEADER: "true"}) == 400
+    runtime.models["tiny-chat"].strict_max_tokens = True  # the catalogue entry's, then
+    assert await status(lenient) == 400
+    assert await status(lenient, {STRICT_HEADER: "false"}) == 200
+
+
+async def test_streamed_usage_reports_cached_prompt_tokens_from_the_first_chunk(
+    http: httpx.AsyncClient, runtime: FakeRuntime
+) -> None:
+    runtime.models["tiny-chat"].cached_tokens = 5
+    body = {
+        "model": "tiny-chat",
+        "messages": USER,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    answer = await http.post("/v1/chat/completions", json=body)
+    chunks = [
+        json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: {")
+    ]
+    cached = [c["usage"]["prompt_tokens_details"]["cached_tokens"] for c in chunks]
+    assert cached == [5] * len(chunks)
 
 
 async def test_absurd_max_tokens(http: httpx.AsyncClient, runtime: FakeRuntime) -> None:

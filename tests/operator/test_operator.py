@@ -20,7 +20,9 @@ from operator_harness import (
     until,
 )
 
+import cortex.operator.planning as planning
 from cortex.core.resources import DEMAND_ANNOTATION, PlacementDemand, rfc3339
+from cortex.operator.controller import Controller
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -223,6 +225,37 @@ async def test_a_restarted_operator_loads_nothing_twice(kube: Kube, operator: Op
         assert fake.unloads == []
 
 
+async def test_a_fleet_at_rest_is_planned_once_not_once_per_reconcile(
+    kube: Kube, operator: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Timers reconcile every placement each probe interval; nothing changes, so no new plan."""
+    counts = {"plans": 0, "reconciles": 0}
+    plan_fleet, reconcile = planning.plan_fleet, Controller.reconcile
+
+    def counted_plan(*args: Any) -> Any:
+        counts["plans"] += 1
+        return plan_fleet(*args)
+
+    async def counted_reconcile(self: Controller, *args: Any) -> Any:
+        counts["reconciles"] += 1
+        return await reconcile(self, *args)
+
+    monkeypatch.setattr(planning, "plan_fleet", counted_plan)
+    monkeypatch.setattr(Controller, "reconcile", counted_reconcile)
+    names = [f"m{i}" for i in range(6)]
+    fake = FakeNeuron("n1", available=dict.fromkeys(names, GiB // 2))
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        for name in names:
+            await kube.create(PLACEMENTS, placement(name, name))
+        await until(lambda: all(phase(kube, n) == "Ready" for n in names), "all Ready")
+        plans, reconciles = counts["plans"], counts["reconciles"]
+        await until(lambda: counts["reconciles"] >= reconciles + 60, "60 more reconciles")
+        # At most the last load's own changes (its probe, then its reservation dropped).
+        assert counts["plans"] - plans <= 2
+    assert sorted(load.model for load in fake.loads) == names
+
+
 async def test_a_lost_neuron_s_replica_is_rescheduled(kube: Kube, operator: Operator) -> None:
     big = FakeNeuron("big", memory=16 * GiB, available={"chat": GiB})
     small = FakeNeuron("small", memory=8 * GiB, available={"chat": GiB})
@@ -283,8 +316,12 @@ async def test_a_failed_load_is_reported_and_backed_off(kube: Kube, operator: Op
         loaded = kube.condition("broken", "Loaded")
         assert loaded["reason"] == "LoadFailed"
         assert "weights are corrupt" in loaded["message"]
-        failed = [e for e in kube.events("broken") if e["reason"] == "LoadFailed"]
-        assert failed and failed[0]["type"] == "Warning"
+        # kopf posts Events in the background: the status patch may land first.
+        failed = await until(
+            lambda: [e for e in kube.events("broken") if e["reason"] == "LoadFailed"],
+            "the LoadFailed Event",
+        )
+        assert failed[0]["type"] == "Warning"
         # Several probes later, still one attempt: the next one waits out the 30 s backoff.
         seen = {kube.status(NEURONS, "n1")["lastProbe"]}
 

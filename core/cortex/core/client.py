@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -29,6 +31,14 @@ _CONNECTION_FAILURES = (
     httpx.ReadError,
     httpx.WriteError,
 )
+
+
+@dataclass(frozen=True)
+class NeuronAnswer:
+    """A neuron's JSON answer and the headers it came with."""
+
+    body: dict[str, Any]
+    headers: Mapping[str, str]
 
 
 def transport_error(neuron: str, exc: httpx.TransportError) -> CortexError:
@@ -80,7 +90,10 @@ class NeuronClient:
         transport: httpx.AsyncBaseTransport | None = None,
         name: str | None = None,
         limits: httpx.Limits | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls`: a TLS context to share. Without one each client builds its own, reading the
+        CA bundle (tens of ms of CPU): a caller of hundreds of neurons passes one to all."""
         self.endpoint = endpoint.rstrip("/")
         # What errors call the neuron: clients of a gateway must not learn internal addresses.
         self.name = name or self.endpoint
@@ -92,6 +105,7 @@ class NeuronClient:
             timeout=timeout,
             transport=transport,
             limits=limits or httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            verify=tls if tls is not None else True,
             event_hooks={"request": [_pass_request_id]},
         )
 
@@ -136,6 +150,13 @@ class NeuronClient:
         self, path: str, body: dict[str, Any], *, headers: dict[str, str] | None = None
     ) -> dict[str, Any]:
         """A non-streaming inference call (e.g. /v1/chat/completions); returns the JSON body."""
+        return (await self.post_answer(path, body, headers=headers)).body
+
+    async def post_answer(
+        self, path: str, body: dict[str, Any], *, headers: dict[str, str] | None = None
+    ) -> NeuronAnswer:
+        """`post`, keeping the response's headers too (what the neuron reports beside the body,
+        such as a clamped max_tokens)."""
         answer = await self._request("POST", path, json=body, headers=headers)
         try:
             result = answer.json()
@@ -143,7 +164,7 @@ class NeuronClient:
             result = None
         if not isinstance(result, dict):
             raise NeuronUnavailable(f"neuron {self.name} answered {path} with no JSON object")
-        return result
+        return NeuronAnswer(result, answer.headers)
 
     @asynccontextmanager
     async def stream(

@@ -89,6 +89,11 @@ class NeuronSection(_Section):
     )
     max_body_bytes: ByteSize = Field(default=8 * 2**20, description="larger bodies get 413")
     max_tokens_limit: int = Field(default=32768, ge=1, description="largest max_tokens accepted")
+    strict_max_tokens: bool = Field(
+        default=False,
+        description="a max_tokens beyond what the prompt leaves of the context is a 400 (vLLM), "
+        "not clamped (llama.cpp, Ollama); a catalogue entry's or the gateway's setting wins",
+    )
     hf_cache: Path | None = Field(
         default=None, description="Hugging Face hub cache for hf: sources; the HF default if unset"
     )
@@ -147,6 +152,11 @@ class GatewaySection(_Section):
     max_body_bytes: ByteSize = 16 * 2**20
     poll_interval: Seconds = 2.0
     unhealthy_after: int = Field(default=3, ge=1, description="consecutive failed polls")
+    strict_max_tokens: bool | None = Field(
+        default=None,
+        description="a max_tokens beyond what the prompt leaves of the context is a 400, not "
+        "clamped; a catalogue entry's setting wins; unset: each neuron's own setting",
+    )
     shutdown_grace: Seconds = Field(
         default=30.0, description="on SIGTERM, how long running streams may take to finish"
     )

@@ -112,6 +112,24 @@ class DeviceUnhealthy(CortexError):
     status, code, kind = 503, "device_unhealthy", "server_error"
 
 
+class NeuronNotFound(CortexError):
+    """A fleet-control call named a neuron the gateway does not know."""
+
+    status, code, kind = 404, "neuron_not_found", "invalid_request_error"
+
+
+class FleetConflict(CortexError):
+    """A fleet-control call the fleet's state forbids (a cordoned neuron, a pinned replica)."""
+
+    status, code, kind = 409, "fleet_conflict", "invalid_request_error"
+
+
+class NotSupported(CortexError):
+    """A call this gateway's mode does not serve."""
+
+    status, code, kind = 501, "not_supported", "invalid_request_error"
+
+
 ERRORS_BY_CODE: dict[str, type[CortexError]] = {
     cls.code: cls
     for cls in (
@@ -132,6 +150,9 @@ ERRORS_BY_CODE: dict[str, type[CortexError]] = {
         NeuronUnavailable,
         ShuttingDown,
         DeviceUnhealthy,
+        NeuronNotFound,
+        FleetConflict,
+        NotSupported,
     )
 }
 

@@ -1,13 +1,15 @@
-"""Wire models of a neuron's state: what /status and /models return, what every consumer reads."""
+"""Wire models of the fleet's state: what a neuron's /status and /models return, and what a
+gateway's GET /fleet returns (the fleet page and `cortex status` read it)."""
 
 from __future__ import annotations
 
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, Field, StrictBool
+from pydantic import BaseModel, Field, SerializeAsAny, StrictBool
 
 from cortex.core.catalogue import ModelSpec
+from cortex.core.protocol.openai import ModelCard
 
 
 class ModelState(StrEnum):
@@ -90,3 +92,42 @@ class UnloadRequest(BaseModel):
 
     model: str
     force: StrictBool = False
+
+
+# ---- a gateway's GET /fleet -----------------------------------------------------------------
+
+FleetHealth = Literal["ok", "impaired", "degraded"]
+
+
+class FleetReplica(BaseModel):
+    """A model on one neuron, as the gateway sees it."""
+
+    id: str
+    state: ModelState
+    devices: list[str] = Field(default_factory=list)
+    memory_bytes: int = 0
+    queued: int = 0
+    progress: float = Field(default=0.0, ge=0.0, le=1.0)
+    in_flight: int = Field(default=0, description="the neuron's count or the gateway's, the larger")
+    last_used: float | None = None
+
+
+class FleetNeuron(BaseModel):
+    """One neuron of the gateway's fleet: its health, devices and replicas."""
+
+    name: str
+    endpoint: str
+    healthy: bool
+    error: str | None = Field(default=None, description="why its last poll failed")
+    last_seen: float | None = Field(default=None, description="unix seconds of its last answer")
+    devices: list[DeviceStatus] = Field(default_factory=list)
+    replicas: list[FleetReplica] = Field(default_factory=list)
+
+
+class FleetView(BaseModel):
+    """GET /fleet of a gateway (an admin route): its health, every neuron, the merged catalogue."""
+
+    status: FleetHealth
+    neurons: list[FleetNeuron] = Field(default_factory=list)
+    # The gateway's /v1/models cards: its own fields (state, locations, aliases...) ride along.
+    models: list[SerializeAsAny[ModelCard]] = Field(default_factory=list)

@@ -16,6 +16,7 @@ from cortex.core.kube_api import KubeLogin
 from cortex.core.request_context import RequestContext
 from cortex.core.shutdown import DrainGate, GracefulServer
 from cortex.gateway import errors, health, routes_anthropic, routes_openai, routes_responses, web
+from cortex.gateway.admin import router as fleet_control
 from cortex.gateway.call import CallScope
 from cortex.gateway.metrics import CONTENT_TYPE
 from cortex.gateway.wiring import Gateway, Tuning, authenticate_admin, gateway_of
@@ -53,6 +54,7 @@ def create_app(
     app.add_middleware(RequestContext)  # outermost: the id covers the whole call, and its logs
     for module in (routes_openai, routes_anthropic, routes_responses, health, web):
         app.include_router(module.router)
+    app.include_router(fleet_control)  # /admin/*, behind the admin key (docs/fleet-control.md)
     # On the API port the metrics are part of the admin surface; `metrics_listen` serves them open.
     admin = [Depends(authenticate_admin)]
     app.add_api_route(

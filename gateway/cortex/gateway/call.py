@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cortex.core.catalogue import ModelCost
 from cortex.core.errors import CortexError
@@ -37,6 +37,10 @@ class Call:
     disconnected: Callable[[], Awaitable[bool]] | None = None
     reservation: Reservation | None = None  # the caller's budget held for this call
     cost: ModelCost | None = None  # the model's prices, for the spend counters
+    # A max_tokens beyond the context: a 400 (True), clamped (False), the neuron's choice (None).
+    strict_max_tokens: bool | None = None
+    # What the neuron reported in headers that the client sees too (completion_limit.py).
+    reported: dict[str, str] = field(default_factory=dict)
 
     def token_arrived(self) -> float | None:
         """Mark the first token; returns time to first token the first time, else None."""
@@ -108,10 +112,25 @@ class CallScope:
         self.app, self.accounting = app, accounting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_reported(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = _with_reported(message, scope)
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_reported)
         finally:
             # Gateway.begin keeps the call on request.state, which is this scope's "state".
             call = scope.get("state", {}).get("call")
             if isinstance(call, Call):
                 self.accounting().finish(call)
+
+
+def _with_reported(start: Message, scope: Scope) -> Message:
+    """The response's start with the headers the call's neuron reported (a clamped max_tokens),
+    when it answered before the response began (a stream still loading its model has not)."""
+    call = scope.get("state", {}).get("call")
+    if not isinstance(call, Call) or not call.reported:
+        return start
+    extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in call.reported.items()]
+    return {**start, "headers": [*start.get("headers", []), *extra]}

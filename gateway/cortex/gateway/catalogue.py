@@ -74,6 +74,8 @@ class LiveCatalogue:
         self.configured = list(configured)
         self._configured_ids = {spec.id for spec in configured}
         self.fleet = fleet
+        # Pins set through the admin API: a model's whole pinned_on, over its catalogue entry's.
+        self.pins: dict[str, list[str]] = {}
 
     def specs(self) -> list[ModelSpec]:
         """Every model known: neuron listings first, so the gateway's own entries win."""
@@ -89,7 +91,13 @@ class LiveCatalogue:
                     # Loaded by someone else (a CLI, a preload) from a source no catalogue names.
                     known.add(loaded.id)
                     listed.append(ModelSpec(id=loaded.id, source=loaded.source, kind=loaded.kind))
-        return merge_catalogues(listed, self.configured)
+        merged = merge_catalogues(listed, self.configured)
+        return [
+            spec.model_copy(update={"pinned_on": self.pins[spec.id]})
+            if spec.id in self.pins
+            else spec
+            for spec in merged
+        ]
 
     def by_id(self) -> dict[str, ModelSpec]:
         return {spec.id: spec for spec in self.specs()}

@@ -7,13 +7,14 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
 import httpx
 
 from cortex.core.client import transport_error
+from cortex.core.completion_limit import CLAMPED_HEADER, STRICT_HEADER
 from cortex.core.errors import (
     CortexError,
     DeviceUnhealthy,
@@ -37,6 +38,8 @@ T = TypeVar("T")
 DISCONNECT_POLL_INTERVAL = 0.25
 # Who a neuron's admission shares its running slots between (docs/architecture.md).
 PRINCIPAL_HEADER = "x-cortex-principal"
+# A neuron's answer headers that its client sees too.
+REPORTED_HEADERS = (CLAMPED_HEADER,)
 # Retry-After when every replica already holds all the requests it admits.
 BUSY_RETRY_AFTER = 1.0
 
@@ -76,6 +79,19 @@ def principal_of(call: Call) -> str:
     if call.principal is ANONYMOUS and call.client:
         return call.client
     return call.principal.name
+
+
+def _headers(call: Call) -> dict[str, str]:
+    """What the neuron is told beside the body: whose slots, and how strict about max_tokens."""
+    headers = {PRINCIPAL_HEADER: principal_of(call)}
+    if call.strict_max_tokens is not None:
+        headers[STRICT_HEADER] = "true" if call.strict_max_tokens else "false"
+    return headers
+
+
+def reported(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of a neuron's answer that its client sees too."""
+    return {name: headers[name] for name in REPORTED_HEADERS if name in headers}
 
 
 class Upstream:
@@ -147,9 +163,10 @@ class Dispatcher:
         async def attempt(neuron: str) -> dict[str, Any]:
             self.fleet.begin(neuron, call.model)
             try:
-                headers = {PRINCIPAL_HEADER: principal_of(call)}
-                answer = self.fleet[neuron].client.post(path, body, headers=headers)
-                return await self._watching(call, answer, f"{neuron} was answering")
+                posting = self.fleet[neuron].client.post_answer(path, body, headers=_headers(call))
+                answer = await self._watching(call, posting, f"{neuron} was answering")
+                call.reported = reported(answer.headers)
+                return answer.body
             finally:
                 self.fleet.end(neuron, call.model)
 
@@ -171,10 +188,10 @@ class Dispatcher:
 
     async def _open(self, neuron: str, call: Call, path: str, body: dict[str, Any]) -> Upstream:
         stack = AsyncExitStack()
-        headers = {PRINCIPAL_HEADER: principal_of(call)}
         try:
-            opening = self.fleet[neuron].client.stream(path, body, headers=headers)
+            opening = self.fleet[neuron].client.stream(path, body, headers=_headers(call))
             response = await stack.enter_async_context(opening)
+            call.reported = reported(response.headers)
             rest = response.aiter_bytes()
             first = await anext(rest)
         except StopAsyncIteration:

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 
 from cortex.core.errors import CortexError, InvalidRequest
 from cortex.core.protocol.errors import anthropic_error, error_headers, openai_error
+from cortex.gateway.anthropic_models import wants_anthropic
 from cortex.gateway.metrics import NO_NEURON
 from cortex.gateway.wiring import gateway_of
 
@@ -50,8 +51,15 @@ async def answer(request: Request, exc: Exception) -> JSONResponse:
         gateway.accounting.finish(call, error=err)
     elif request.url.path.startswith("/v1/"):
         gateway.metrics.errors.labels(NO_NEURON, NO_NEURON, _surface(request), err.code).inc()
-    body = anthropic_error(err) if is_anthropic(request.url.path) else openai_error(err)
+    body = anthropic_error(err) if _anthropic_envelope(request) else openai_error(err)
     return JSONResponse(body, status_code=err.status, headers=error_headers(err))
+
+
+def _anthropic_envelope(request: Request) -> bool:
+    """Anthropic's paths, and the model list asked for in Anthropic's shape."""
+    path = request.url.path
+    listing = path == "/v1/models" or path.startswith("/v1/models/")
+    return is_anthropic(path) or (listing and wants_anthropic(request.headers))
 
 
 def _surface(request: Request) -> str:

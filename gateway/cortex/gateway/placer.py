@@ -215,6 +215,27 @@ class Placer:
             f"model {model!r} cannot be loaded now: {reason}", retry_after=self.retry_after
         )
 
+    # -- by hand (the admin API, gateway/admin.py)
+
+    async def load_on(self, model: str, neuron: str) -> LoadedModel:
+        """An operator's load of `model` on `neuron`, reserved like a planned one."""
+        spec = self.catalogue.by_id().get(model)
+        load = Load(model, neuron, spec.memory if spec is not None and spec.memory else 0)
+        async with self._lock:
+            if (neuron, model) not in self._loads:
+                self._reserve([load])
+        return await self._run_load(load)
+
+    async def unload_from(self, model: str, neuron: str, *, force: bool = False) -> None:
+        """An operator's unload; a refusal (busy, not loaded) is the caller's to report."""
+        self._reserve([Unload(model, neuron, "evict")])  # leaving: routing stops at once
+        try:
+            await self.fleet[neuron].client.unload(model, force=force)
+        finally:
+            self._release(neuron, model)
+        self.fleet.apply_unloaded(neuron, model)
+        log.info("unloaded %s from %s (by hand)", model, neuron)
+
     # -- lifecycle
 
     def reconcile(self, cycle: int) -> list[Action]:

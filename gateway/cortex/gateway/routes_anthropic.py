@@ -15,10 +15,10 @@ from cortex.core.protocol.errors import anthropic_error
 from cortex.gateway.payload import parse, read_json
 from cortex.gateway.router import conversation_key
 from cortex.gateway.translate.anthropic import (
+    KEEPALIVE,
     StreamTranslator,
     encode_sse,
     from_chat_response,
-    ping,
     to_chat_request,
 )
 from cortex.gateway.translated import chat_completion, chat_stream
@@ -54,7 +54,7 @@ async def messages(request: Request) -> Response:
         body,
         translator,
         encode_sse,
-        keepalive=lambda: encode_sse(ping()),
+        keepalive=lambda: KEEPALIVE,
         on_error=failed,
     )
 

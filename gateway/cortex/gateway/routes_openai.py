@@ -14,6 +14,7 @@ from cortex.core.protocol.openai import (
     EmbeddingRequest,
     Usage,
 )
+from cortex.gateway.anthropic_models import model_info, model_page, wants_anthropic
 from cortex.gateway.call import Call
 from cortex.gateway.payload import parse, read_json
 from cortex.gateway.relay import OPENAI_KEEPALIVE, openai_error_event, relay_openai
@@ -25,10 +26,22 @@ router = APIRouter(dependencies=[Depends(authenticate)])
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    """The models the caller's key may use (its allowlist, by id or alias)."""
+    """The models the caller's key may use (its allowlist, by id or alias); in Anthropic's
+    shape, with each model's limits, for a client that sends `anthropic-version`."""
     gateway = gateway_of(request)
     principal = request.state.principal
     specs = [s for s in gateway.catalogue.specs() if gateway.auth.allows(principal, s)]
+    if wants_anthropic(request.headers):
+        query = request.query_params
+        # Messages clients can only use chat models: embeddings are left out of their list.
+        infos = [model_info(s, gateway.model_card(s)) for s in specs if s.kind == "chat"]
+        page = model_page(
+            infos,
+            limit=query.get("limit"),
+            after_id=query.get("after_id"),
+            before_id=query.get("before_id"),
+        )
+        return page.model_dump()
     # Dumped card by card: ModelList's declared item type would drop the cortex fields.
     return {"object": "list", "data": [gateway.model_card(s).model_dump() for s in specs]}
 
@@ -41,6 +54,8 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     spec = gateway.catalogue.resolve(model_id)
     if not gateway.auth.allows(request.state.principal, spec):
         raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
+    if wants_anthropic(request.headers):
+        return model_info(spec, gateway.model_card(spec)).model_dump()
     return gateway.model_card(spec).model_dump()
 
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 
+from cortex.core.fleet import FleetNeuron, FleetReplica, FleetView
 from cortex.gateway.fleet import NeuronHandle
 from cortex.gateway.health import health_of
 from cortex.gateway.wiring import Gateway, authenticate_admin, gateway_of
@@ -16,41 +17,45 @@ from cortex.gateway.wiring import Gateway, authenticate_admin, gateway_of
 router = APIRouter(dependencies=[Depends(authenticate_admin)], include_in_schema=False)
 
 
-def fleet_snapshot(gateway: Gateway) -> dict[str, Any]:
-    """What the page shows: health, each neuron's devices and replicas, the merged catalogue."""
+def fleet_view(gateway: Gateway) -> FleetView:
+    """What the page and `cortex status` show: health, each neuron's devices and replicas, the
+    merged catalogue."""
     fleet = gateway.fleet
-    return {
-        "status": health_of(gateway),
-        "neurons": [_neuron(handle, fleet.healthy(name)) for name, handle in fleet.neurons.items()],
-        "models": [card.model_dump() for card in gateway.model_cards()],
-    }
+    return FleetView(
+        status=health_of(gateway),
+        neurons=[_neuron(handle, fleet.healthy(name)) for name, handle in fleet.neurons.items()],
+        models=list(gateway.model_cards()),
+    )
 
 
-def _neuron(handle: NeuronHandle, healthy: bool) -> dict[str, Any]:
+def _neuron(handle: NeuronHandle, healthy: bool) -> FleetNeuron:
     status = handle.status
-    return {
-        "name": handle.name,
-        "endpoint": handle.entry.endpoint,
-        "healthy": healthy,
-        "error": handle.last_error,
-        "last_seen": handle.last_seen,
-        "devices": [d.model_dump() for d in status.devices] if status else [],
-        "replicas": [
-            {
-                **m.model_dump(
-                    include={"id", "state", "devices", "memory_bytes", "queued", "progress"}
-                ),
-                "in_flight": max(m.in_flight, handle.in_flight[m.id]),
-                "last_used": m.last_used,
-            }
+    return FleetNeuron(
+        name=handle.name,
+        endpoint=handle.entry.endpoint,
+        healthy=healthy,
+        error=handle.last_error,
+        last_seen=handle.last_seen,
+        devices=status.devices if status else [],
+        replicas=[
+            FleetReplica(
+                id=m.id,
+                state=m.state,
+                devices=m.devices,
+                memory_bytes=m.memory_bytes,
+                queued=m.queued,
+                progress=m.progress,
+                in_flight=max(m.in_flight, handle.in_flight[m.id]),
+                last_used=m.last_used,
+            )
             for m in (status.models if status else [])
         ],
-    }
+    )
 
 
 @router.get("/fleet")
-async def fleet(request: Request) -> dict[str, Any]:
-    return fleet_snapshot(gateway_of(request))
+async def fleet(request: Request) -> FleetView:
+    return fleet_view(gateway_of(request))
 
 
 @router.get("/", response_class=HTMLResponse)

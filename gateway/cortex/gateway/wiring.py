@@ -205,6 +205,9 @@ class Gateway:
             disconnected=request.is_disconnected,
             reservation=reservation,
             cost=spec.cost,
+            strict_max_tokens=_first_set(
+                spec.strict_max_tokens, self.config.gateway.strict_max_tokens
+            ),
         )
         request.state.call = call
         return call
@@ -261,6 +264,10 @@ class Gateway:
             self.accounting.finish(call)
 
         return EventStream(content, cleanup)
+
+
+def _first_set(*choices: bool | None) -> bool | None:
+    return next((choice for choice in choices if choice is not None), None)
 
 
 def gateway_of(request: Request) -> Gateway:

@@ -34,6 +34,7 @@ from cortex.core.protocol.openai import (
     FunctionCall,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     ResponseMessage,
     ToolCall,
     Usage,
@@ -46,6 +47,7 @@ from cortex.neuron.generation import Finished
 from cortex.neuron.prompts import PromptPool, require_unicode
 from cortex.neuron.serving import (
     Generation,
+    completion_limit,
     constrain,
     failure,
     principal_of,
@@ -159,6 +161,14 @@ async def _finish(request: Request, generation: Generation) -> tuple[str, Finish
     return text, finished
 
 
+def finish_reason(called: bool, finished: Finished) -> str:
+    """`tool_calls` when the output made calls, unless the token limit cut it: then `length`,
+    as OpenAI reports a truncated answer whatever it held."""
+    if called and finished.reason != "length":
+        return "tool_calls"
+    return finished.reason
+
+
 def _tool_call(call: ParsedToolCall) -> ToolCall:
     return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
@@ -176,26 +186,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     pool.check_size(_chars(messages, tools), served.context_length, "messages")
     prompt = await pool.run(lambda: served.render_chat(messages, tools), "messages")
     section = runtime_of(request).config.neuron
-    params = sampling(
-        body,
-        body.token_limit(),
-        len(prompt),
-        served.context_length,
-        section,
-        prompt_param="messages",
+    limit = completion_limit(
+        request, served, body.token_limit(), len(prompt), prompt_param="messages"
     )
+    params = sampling(body, limit)
     metrics = request.app.state.metrics
     params = await constrain(served, params, constraint, metrics)
     generation = Generation(served, prompt, params, metrics, principal_of(request, section))
     names = {t["function"]["name"] for t in tools} if tools else None
     most_calls = 1 if body.parallel_tool_calls is False else None
+    # Forced calls: the grammar allows nothing but call blocks, so any text is a block the
+    # token limit cut short, not content.
+    calls_only = constraint is not None and constraint[1] == "tool_call"
     await _start(request, generation)
     if body.stream:
         options = body.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = bool(options and options.continuous_usage_stats)
         return EventStreamResponse(
-            _chat_stream(generation, names, most_calls, include_usage, continuous)
+            _chat_stream(generation, names, most_calls, calls_only, include_usage, continuous),
+            headers=limit.headers(),
         )
     text, finished = await _finish(request, generation)
     content: str | None = text
@@ -203,8 +213,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if names is not None:
         parsed = parse_tool_calls(text, names)
         content, calls = parsed.content, parsed.tool_calls[:most_calls]
+    if calls_only:
+        content = None
     message = ResponseMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
-    reason = "tool_calls" if calls else finished.reason
+    reason = finish_reason(bool(calls), finished)
     answer = ChatCompletion(
         model=served.id,
         choices=[
@@ -212,19 +224,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         ],
         usage=usage(finished),
     )
-    return JSONResponse(answer.model_dump(mode="json"))
+    return JSONResponse(answer.model_dump(mode="json"), headers=limit.headers())
 
 
 async def _chat_stream(
     generation: Generation,
     tool_names: set[str] | None,
     most_calls: int | None,
+    calls_only: bool,
     include_usage: bool,
     continuous: bool,
 ) -> AsyncIterator[bytes]:
     """Role chunk, content (and tool call) deltas, finish chunk, usage chunk, [DONE].
 
-    Calls past `most_calls` (parallel_tool_calls false) are dropped."""
+    Calls past `most_calls` (parallel_tool_calls false) are dropped, and so is all text when
+    `calls_only` (a forced tool call)."""
     base = ChatCompletionChunk(
         id=new_id("chatcmpl"), created=int(time.time()), model=generation.model, choices=[]
     )
@@ -238,8 +252,13 @@ async def _chat_stream(
         if not continuous:
             return None
         total = prompt_tokens + completion_tokens
+        cached = generation.cached_tokens
         return Usage(
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=total,
+            # from the first chunk on, so a translated stream's opening event can report it
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached) if cached else None,
         )
 
     def delta(piece: str | ParsedToolCall) -> bytes | None:
@@ -249,6 +268,8 @@ async def _chat_stream(
             and most_calls is not None
             and sent_calls >= most_calls
         ):
+            return None
+        if isinstance(piece, str) and calls_only:
             return None
         if isinstance(piece, str):
             out = Delta(content=piece)
@@ -261,7 +282,7 @@ async def _chat_stream(
 
     def end(finished: Finished) -> bytes:
         nonlocal completion_tokens
-        reason = "tool_calls" if parser and parser.calls else finished.reason
+        reason = finish_reason(bool(parser and parser.calls), finished)
         choice = ChunkChoice(
             delta=Delta(),
             finish_reason=reason,  # type: ignore[arg-type]
@@ -364,9 +385,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if body.echo and not text:
         raise InvalidRequest("echo needs a text prompt", param="echo")
     section = runtime_of(request).config.neuron
-    params = sampling(
-        body, body.max_tokens, len(ids), served.context_length, section, prompt_param="prompt"
-    )
+    limit = completion_limit(request, served, body.max_tokens, len(ids), prompt_param="prompt")
+    params = sampling(body, limit)
     metrics = request.app.state.metrics
     spec = response_format_grammar(body.response_format)
     kind = str((body.response_format or {}).get("type"))
@@ -376,7 +396,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     echo = text if body.echo else ""
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(_completion_stream(generation, echo, include_usage))
+        return EventStreamResponse(
+            _completion_stream(generation, echo, include_usage), headers=limit.headers()
+        )
     output, finished = await _finish(request, generation)
     choice = CompletionChoice(
         text=echo + output,
@@ -384,7 +406,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         stop_reason=finished.stop_sequence,
     )
     answer = Completion(model=served.id, choices=[choice], usage=usage(finished))
-    return JSONResponse(answer.model_dump(mode="json"))
+    return JSONResponse(answer.model_dump(mode="json"), headers=limit.headers())
 
 
 async def _completion_stream(

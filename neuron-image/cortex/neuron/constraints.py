@@ -1,9 +1,10 @@
 """What an OpenAI request asks the output to be, as a grammar: pure, request in, GrammarSpec out.
 
 `response_format` json_object / json_schema constrain the whole output to JSON. A forced
-`tool_choice` ("required" or a named function) constrains it to `<tool_call>` blocks, the form
-tools.py parses, whose JSON is `{"name": ..., "arguments": ...}` with that tool's parameter schema;
-one block when `parallel_tool_calls` is false. A forced tool call wins over `response_format`.
+`tool_choice` ("required" or a named function) constrains it to one `<tool_call>` block, the form
+tools.py parses, whose JSON is `{"name": ..., "arguments": ...}` with that tool's parameter schema,
+or an array of those unless `parallel_tool_calls` is false. A forced tool call wins over
+`response_format`.
 """
 
 from __future__ import annotations
@@ -65,13 +66,18 @@ def forced_tools(
 
 
 def tool_call_grammar(tools: list[dict[str, Any]], parallel: bool) -> GrammarSpec:
-    """`<tool_call>` blocks calling one of `tools` with schema-valid arguments; one unless parallel."""
+    """One `<tool_call>` block calling one of `tools` with schema-valid arguments; when parallel,
+    the block may hold a JSON array of such calls instead (vLLM's "required" shape).
+
+    One block, not a run of them: a small model that may open another block after each one
+    keeps opening them until its token limit."""
     calls = [_call_schema(t["function"]) for t in tools]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    newline, head, tail = json.dumps("\n"), json.dumps(OPEN + "\n"), json.dumps("\n" + CLOSE)
+    if parallel:
+        schema = {"anyOf": [schema, {"type": "array", "items": schema, "minItems": 1}]}
+    head, tail = json.dumps(OPEN + "\n"), json.dumps("\n" + CLOSE)
     lines = [
-        f"start: block ({newline} block)*" if parallel else "start: block",
-        f"block: {head} call {tail}",
+        f"start: {head} call {tail}",
         f"call: %json {json.dumps({**schema, 'x-guidance': JSON_STYLE})}",
     ]
     return GrammarSpec("lark", "\n".join(lines))

@@ -6,14 +6,21 @@ this project is measured on, ~10 GB/s against 30+ GB/s for `W @ x.T`, which made
 decode step 27% faster at 1 row, 39% at 4 and 11% at 16 (docs/benchmarks.md, P2). A single row
 is padded to two, since a one-column product falls back to the slow matrix-vector kernel. Which
 kernel wins depends on the CPU's BLAS, so `install` times both on the model's own weights and
-keeps the weight-left form only for the row counts where it was faster.
+keeps the weight-left form only for the row counts where it was faster. The outcome depends only on
+the weights' shapes, the CPU, torch and its threads, so it is remembered under that key in a file
+(the neuron's cache_dir): later loads skip the timing (~0.3 s, and more on a busy machine).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 import time
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,21 +30,68 @@ _INSTALLED = "_cortex_linear_rows"  # set on a model once its layers were measur
 TIE = 1.05  # within 5% is timing noise: the whole decode step gained more than single matmuls show
 
 
-def install(model: nn.Module) -> int | None:
+def install(model: nn.Module, memo: Path | None = None) -> int | None:
     """Route the model's CPU linear layers through the faster kernel for decode-sized inputs.
 
     Returns the largest row count that takes the weight-left form (None: F.linear won). A model
     already set up keeps its first measurement (every engine built on it shares its layers).
+    With `memo` (a JSON file), a choice made before on this machine for these shapes is reused.
     """
     if hasattr(model, _INSTALLED):
         return getattr(model, _INSTALLED)
     layers = [m for m in model.modules() if _plain_cpu_linear(m)]
-    limit = _calibrate([m.weight for m in layers]) if layers else None
+    weights = [m.weight for m in layers]
+    key = _key(weights)
+    remembered = _read_memo(memo)
+    if key in remembered:
+        limit = remembered[key]
+    else:
+        limit = _calibrate(weights) if layers else None
+        if memo is not None and layers:
+            _write_memo(memo, {**remembered, key: limit})
     if limit is not None:
         for layer in layers:
             layer.forward = types.MethodType(_forward(limit), layer)
     setattr(model, _INSTALLED, limit)
     return limit
+
+
+def _key(weights: list[torch.Tensor]) -> str:
+    """What the timing depends on: the weights' shapes and dtypes, the CPU, torch, its threads."""
+    shapes = sorted({(tuple(w.shape), str(w.dtype)) for w in weights})
+    parts = [repr(shapes), _cpu_name(), torch.__version__, str(torch.get_num_threads())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _read_memo(memo: Path | None) -> dict[str, int | None]:
+    try:
+        data = json.loads(memo.read_text()) if memo is not None else {}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if v is None or isinstance(v, int)}
+
+
+def _write_memo(memo: Path, data: dict[str, int | None]) -> None:
+    """Atomic, so a neuron loading beside this one never reads half a file; best effort."""
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        staging = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        staging.write_text(json.dumps(data, indent=1))
+        staging.replace(memo)
+    except OSError:
+        pass  # a read-only cache: the next load times the kernels again
 
 
 def weight_left(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, 
 from cortex.neuron.grammar import Matcher, apply_bitmask
 from cortex.neuron.model_runner import ModelRunner
 from cortex.neuron.prefix_cache import PrefixCache
-from cortex.neuron.sampling import Sampler, sample
+from cortex.neuron.sampling import Sampler, recent_tokens, sample
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -227,7 +227,9 @@ class Engine:
         fresh = [plan[i][0] for i in ends]
         logits = logits[ends]
         apply_bitmask(logits, [a.matcher for a in fresh])
-        tokens = sample(logits, [a.sampler for a in fresh], [a.generator for a in fresh])
+        tokens = sample(
+            logits, [a.sampler for a in fresh], [a.generator for a in fresh], _recent(fresh)
+        )
         # State changes only once the forward and sampling went through, so a failed step can be
         # run again (each sequence alone, see _isolate) or abandoned (fail_all).
         for active, n in plan:
@@ -411,7 +413,9 @@ class Engine:
             ]
         )
         apply_bitmask(logits, [a.matcher for a in batch])
-        tokens = sample(logits, [a.sampler for a in batch], [a.generator for a in batch])
+        tokens = sample(
+            logits, [a.sampler for a in batch], [a.generator for a in batch], _recent(batch)
+        )
         for active in batch:
             active.kv_length += 1
         # Accepting may finish sequences and move rows: all rows are decoded by then.
@@ -449,7 +453,7 @@ class Engine:
             if active.stops.matched is not None:
                 reason = "stop"
         if text:
-            seq.emit(TextDelta(text=text, completion_tokens=count))
+            seq.emit(TextDelta(text, count, seq.cached_tokens))
         if reason is not None:
             self._finish(active, reason)
 
@@ -511,3 +515,13 @@ def _remaining(active: _Active) -> int:
 def _holds(active: _Active) -> int:
     """KV tokens the sequence holds once its next token is in: prompt plus generated so far."""
     return len(active.seq.prompt_ids) + max(len(active.seq.output_ids), 1)
+
+
+def _recent(batch: list[_Active]) -> list[list[int]]:
+    """Each row's recent tokens for its repetition penalty; empty for rows without one."""
+    return [
+        recent_tokens(a.seq.prompt_ids, a.seq.output_ids)
+        if a.sampler.repetition_penalty != 1.0
+        else []
+        for a in batch
+    ]

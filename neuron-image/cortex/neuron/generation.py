@@ -14,21 +14,26 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from cortex.neuron.grammar import CompiledGrammar
 
-# Used when neither the request nor the model's generation_config sets a value.
-FALLBACK_TEMPERATURE = 1.0
+# Used when neither the request, the catalogue's defaults nor the model's generation_config sets
+# a value: a temperature that keeps small models coherent, not 1.0, and (for sampled rows only) a
+# mild penalty on the last REPETITION_WINDOW tokens, as llama.cpp and Ollama ship.
+FALLBACK_TEMPERATURE = 0.7
 FALLBACK_TOP_P = 1.0
 FALLBACK_TOP_K = 0  # 0 = off
+FALLBACK_REPETITION_PENALTY = 1.1
 FALLBACK_MAX_TOKENS = 512
+REPETITION_WINDOW = 64
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-sequence sampling; None means: the model's generation_config, then the fallback."""
+    """Per-sequence sampling; None means: the model's defaults, then the fallback."""
 
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     # The output must follow this grammar (structured output, forced tool calls): grammar.py.
@@ -41,6 +46,7 @@ class TextDelta:
 
     text: str
     completion_tokens: int  # total so far
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (known from the first)
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,18 @@
 
 GGUF files are de-quantized by transformers on every load (slow: the tokenizer and the tensors are
 converted); the converted model is saved once as safetensors under the cache dir, so the next load
-of the same file (by content: core/cortex/core/weights_cache.py) reads it directly.
+of the same file (by content: core/cortex/core/weights_cache.py) maps it directly
+(mapped_weights.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,11 +22,14 @@ import torch
 
 from cortex.core.errors import ModelLoadFailed
 from cortex.core.weights_cache import conversion_dir, record_source
+from cortex.neuron import cpu_linear
 from cortex.neuron.devices import Device
+from cortex.neuron.mapped_weights import load_causal_mapped
 from cortex.neuron.sources import LocalModel
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float], None]
+CPU_LINEAR_MEMO = "cpu_linear.json"  # under cache_dir: cpu_linear.py's kernel choices
 
 
 @dataclass
@@ -62,7 +69,7 @@ def load_weights(
         progress(0.6)
         if kind == "embedding":
             return _load_embedding(directory, devices[0], dtype)
-        return _load_causal(directory, gguf_file, devices, dtype)
+        return _load_causal(directory, gguf_file, devices, dtype, cache_dir)
     except ModelLoadFailed:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -90,8 +97,9 @@ def _materialize(local: LocalModel, cache_dir: Path, progress: Progress) -> tupl
 def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _CONVERTING, _one_gguf_reader():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The tensors are plain de-quantized floats now; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -105,25 +113,47 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     staging.rename(target)  # atomic: a crash mid-save never leaves a half cache behind
 
 
+_CONVERTING = threading.Lock()  # one conversion at a time: _one_gguf_reader patches a module
+
+
+@contextmanager
+def _one_gguf_reader() -> Iterator[None]:
+    """transformers opens the GGUF three times (config, tokenizer, weights), and `GGUFReader` costs
+    ~3 s of CPU each time on SmolLM2 (it indexes the whole vocabulary): open it once per conversion."""
+    import gguf
+
+    real = gguf.GGUFReader
+    opened: dict[tuple[str, str], Any] = {}
+
+    def reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
+        key = (str(path), mode)
+        if key not in opened:
+            opened[key] = real(path, mode)  # type: ignore[arg-type]
+        return opened[key]
+
+    gguf.GGUFReader = reader  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real  # type: ignore[misc]
+
+
 def _load_causal(
-    directory: Path, gguf_file: str | None, devices: list[Device], dtype: str
+    directory: Path, gguf_file: str | None, devices: list[Device], dtype: str, cache_dir: Path
 ) -> LoadedWeights:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    # sdpa honours the engine's 4D masks (rows of different lengths); flash-attention would not.
-    kwargs: dict[str, Any] = {
-        "dtype": getattr(torch, dtype),
-        "gguf_file": gguf_file,
-        "attn_implementation": "sdpa",
-    }
-    if len(devices) > 1:  # split layers over the GPUs of this node
-        kwargs["device_map"] = "auto"
-        kwargs["max_memory"] = {d.index: d.memory_free() for d in devices}
-    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    model = None
+    if gguf_file is None and len(devices) == 1:
+        model = load_causal_mapped(directory, getattr(torch, dtype), devices[0].torch_device)
+    if model is None:
+        model = _from_pretrained(directory, gguf_file, devices, dtype)
     if len(devices) == 1:
         model.to(devices[0].torch_device)
     model.eval()
+    if devices[0].kind == "cpu":  # the engine's kernel choice, remembered per machine (P3)
+        cpu_linear.install(model, memo=cache_dir.expanduser() / CPU_LINEAR_MEMO)
     # only what the model sets itself: to_dict() would add library defaults (do_sample=False, ...)
     generation = model.generation_config.to_diff_dict() if model.generation_config else {}
     eos = generation.get("eos_token_id", tokenizer.eos_token_id)
@@ -138,6 +168,24 @@ def _load_causal(
         generation_config=generation,
         eos_token_ids=eos_ids,
     )
+
+
+def _from_pretrained(
+    directory: Path, gguf_file: str | None, devices: list[Device], dtype: str
+) -> Any:
+    """transformers' own loading: GGUF, renamed or quantized checkpoints, several devices."""
+    from transformers import AutoModelForCausalLM
+
+    # sdpa honours the engine's 4D masks (rows of different lengths); flash-attention would not.
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, dtype),
+        "gguf_file": gguf_file,
+        "attn_implementation": "sdpa",
+    }
+    if len(devices) > 1:  # split layers over the GPUs of this node
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {d.index: d.memory_free() for d in devices}
+    return AutoModelForCausalLM.from_pretrained(directory, **kwargs)
 
 
 def _load_embedding(directory: Path, device: Device, dtype: str) -> LoadedWeights:

@@ -91,6 +91,8 @@ class ServedModel:
         self.kind: Literal["chat", "embedding"] = weights.kind
         limit = replica.spec.context
         self.context_length = min(weights.context_length, limit or weights.context_length)
+        # Whether a max_tokens beyond the context is a 400 (the catalogue entry's say, if any).
+        self.strict_max_tokens: bool | None = replica.spec.strict_max_tokens
         self.weights = weights
         self.worker = worker
         # Rows of the token embedding: a prompt id at or past it would fail the forward.
@@ -373,6 +375,7 @@ class NeuronRuntime:
         """Worker thread: build the model's engine and let the worker drive it."""
         generation = weights.generation_config
         greedy = generation.get("do_sample") is False
+        chosen = served.replica.spec.defaults  # the catalogue's, before generation_config
         kv_tokens = self.config.neuron.kv_tokens
         engine = Engine(
             weights.model,
@@ -380,9 +383,14 @@ class NeuronRuntime:
             device=worker.device.torch_device,
             max_running=self.config.neuron.max_running,
             defaults=SamplingParams(
-                temperature=0.0 if greedy else generation.get("temperature"),
-                top_p=generation.get("top_p"),
-                top_k=generation.get("top_k"),
+                temperature=_first(
+                    chosen.temperature, 0.0 if greedy else generation.get("temperature")
+                ),
+                top_p=_first(chosen.top_p, generation.get("top_p")),
+                top_k=_first(chosen.top_k, generation.get("top_k")),
+                repetition_penalty=_first(
+                    chosen.repetition_penalty, generation.get("repetition_penalty")
+                ),
             ),
             eos_token_ids=weights.eos_token_ids,
             context_length=served.context_length,
@@ -461,3 +469,8 @@ def _source_present(spec: ModelSpec, hf_cache: Path | None, allowed: list[Path])
     except CortexError:
         return False
     return True
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is set."""
+    return next((v for v in values if v is not None), None)

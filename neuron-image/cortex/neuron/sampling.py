@@ -12,20 +12,28 @@ kept too (exact float ties among the best logits; which of them stays is topk's 
 Each sequence's own torch.Generator gives one uniform number per step, which picks the token by
 inverse CDF over its row alone: a seeded request gives the same tokens whichever batch it shares.
 Greedy rows take one batched argmax.
+
+A repetition penalty (>1) first divides the positive logits and multiplies the negative ones of
+the tokens among a row's last REPETITION_WINDOW, as Hugging Face's and llama.cpp's do. Only an
+explicit penalty (request, catalogue, generation_config) reaches greedy rows: temperature 0 keeps
+meaning the model's most likely continuation.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from cortex.neuron.generation import (
     FALLBACK_MAX_TOKENS,
+    FALLBACK_REPETITION_PENALTY,
     FALLBACK_TEMPERATURE,
     FALLBACK_TOP_K,
     FALLBACK_TOP_P,
+    REPETITION_WINDOW,
     SamplingParams,
 )
 
@@ -39,6 +47,7 @@ class Sampler:
     top_k: int
     max_tokens: int
     seed: int
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
@@ -53,13 +62,17 @@ class Sampler:
                     return value
             return fallback
 
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        temperature = float(pick("temperature", FALLBACK_TEMPERATURE))
+        top_k = int(pick("top_k", FALLBACK_TOP_K))
+        greedy = temperature <= 0.0 or top_k == 1
+        penalty = pick("repetition_penalty", 1.0 if greedy else FALLBACK_REPETITION_PENALTY)
         return cls(
-            temperature=float(pick("temperature", FALLBACK_TEMPERATURE)),
+            temperature=temperature,
             top_p=float(pick("top_p", FALLBACK_TOP_P)),
-            top_k=int(pick("top_k", FALLBACK_TOP_K)),
+            top_k=top_k,
             max_tokens=int(pick("max_tokens", FALLBACK_MAX_TOKENS)),
-            seed=seed,
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
+            repetition_penalty=float(penalty),
         )
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -73,9 +86,15 @@ WIDEN = 8
 
 
 def sample(
-    logits: torch.Tensor, samplers: list[Sampler], generators: list[torch.Generator]
+    logits: torch.Tensor,
+    samplers: list[Sampler],
+    generators: list[torch.Generator],
+    recent: Sequence[Sequence[int]] = (),
 ) -> list[int]:
-    """Next token per row of logits [rows, vocab]; one host copy for the whole batch."""
+    """Next token per row of logits [rows, vocab], which it may change; one host copy for the
+    whole batch. `recent[row]` (see `recent_tokens`) is read by rows with a repetition penalty."""
+    if recent:
+        _penalise(logits, samplers, recent)
     rows = [row for row, sampler in enumerate(samplers) if not sampler.greedy]
     if not rows:
         return torch.argmax(logits, dim=-1).tolist()
@@ -87,6 +106,34 @@ def sample(
     index = torch.tensor(rows, device=logits.device)
     chosen[index] = _draw(logits[index].float(), picked, uniforms)
     return chosen.tolist()
+
+
+def recent_tokens(prompt: list[int], output: list[int]) -> list[int]:
+    """A sequence's last REPETITION_WINDOW tokens, prompt included (llama.cpp's repeat_last_n)."""
+    tail = output[-REPETITION_WINDOW:]
+    missing = REPETITION_WINDOW - len(tail)
+    return (prompt[-missing:] + tail) if missing and prompt else tail
+
+
+def _penalise(
+    logits: torch.Tensor, samplers: list[Sampler], recent: Sequence[Sequence[int]]
+) -> None:
+    """Penalise, in place, each penalised row's recent tokens (a history is never empty: the
+    prompt has a token). Short histories are padded with their own first token: no-op repeats."""
+    rows = [r for r, s in enumerate(samplers) if s.repetition_penalty != 1.0 and recent[r]]
+    if not rows:
+        return
+    device = logits.device
+    width = max(len(recent[r]) for r in rows)
+    ids = torch.tensor(
+        [[*recent[r], *[recent[r][0]] * (width - len(recent[r]))] for r in rows], device=device
+    )
+    penalty = torch.tensor([[samplers[r].repetition_penalty] for r in rows], device=device)
+    at = torch.tensor(rows, device=device)
+    picked = logits[at]
+    scores = picked.gather(1, ids).float()
+    scores = torch.where(scores > 0, scores / penalty, scores * penalty)
+    logits[at] = picked.scatter_(1, ids, scores.to(picked.dtype))
 
 
 def _uniform(generator: torch.Generator) -> torch.Tensor:

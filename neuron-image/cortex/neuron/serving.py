@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import logging
 import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -13,14 +14,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 from fastapi import Request
 
+from cortex.core.completion_limit import (
+    STRICT_HEADER,
+    CompletionLimit,
+    fit_max_tokens,
+    parse_strict,
+)
 from cortex.core.config import NeuronSection
 from cortex.core.errors import (
-    ContextLengthExceeded,
     CortexError,
     GenerationFailed,
     InvalidRequest,
 )
 from cortex.core.protocol.openai import PromptTokensDetails, SamplingFields, Usage
+from cortex.neuron.api_lifecycle import runtime_of
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
 from cortex.neuron.grammar import GrammarError, GrammarSpec
 from cortex.neuron.metrics import NeuronMetrics
@@ -28,6 +35,7 @@ from cortex.neuron.metrics import NeuronMetrics
 if TYPE_CHECKING:
     from cortex.neuron.runtime import ServedModel
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Set by the gateway to the API key name it authenticated (dispatch.py sends it).
@@ -40,36 +48,63 @@ class ClientGone(CortexError):
     status, code, kind = 499, "client_closed_request", "invalid_request_error"
 
 
-def sampling(
-    body: SamplingFields,
-    max_tokens: int | None,
+def completion_limit(
+    request: Request,
+    served: ServedModel,
+    requested: int | None,
     prompt_tokens: int,
-    context: int,
-    section: NeuronSection,
     *,
     prompt_param: str,
-) -> SamplingParams:
-    """The request's sampling fields, after the token limits it must respect."""
-    if max_tokens is not None and max_tokens > section.max_tokens_limit:
-        raise InvalidRequest(
-            f"max_tokens is {max_tokens}; this neuron accepts at most {section.max_tokens_limit}",
-            param="max_tokens",
-        )
+) -> CompletionLimit:
+    """The request's max_tokens fitted to what its prompt leaves of the context: clamped (and
+    logged), or a 400 where the model, the gateway or this neuron is strict about it."""
+    section = runtime_of(request).config.neuron
     if prompt_tokens == 0:
         raise InvalidRequest("the prompt is empty", param=prompt_param)
-    requested = prompt_tokens + (max_tokens or 0)
-    if prompt_tokens >= context or requested > context:
-        raise ContextLengthExceeded(
-            f"This model's maximum context length is {context} tokens. However, you requested "
-            f"{requested} tokens ({prompt_tokens} in the prompt, {max_tokens or 0} in the "
-            "completion). Please reduce the length of the prompt or completion.",
-            param=prompt_param if prompt_tokens >= context else "max_tokens",
+    # An absurd max_tokens is a mistake to name, not a size to clamp (Claude Code's 32,000 is not).
+    if requested is not None and requested > section.max_tokens_limit:
+        raise InvalidRequest(
+            f"max_tokens is {requested}; this neuron accepts at most {section.max_tokens_limit}",
+            param="max_tokens",
         )
+    limit = fit_max_tokens(
+        requested,
+        prompt_tokens,
+        served.context_length,
+        strict=strict_max_tokens(request, served, section),
+        prompt_param=prompt_param,
+    )
+    if limit.clamped:
+        log.debug(
+            "%s: max_tokens %s clamped to %s (%d prompt tokens, context %d)",
+            served.id,
+            limit.requested,
+            limit.granted,
+            prompt_tokens,
+            served.context_length,
+        )
+    return limit
+
+
+def strict_max_tokens(request: Request, served: ServedModel, section: NeuronSection) -> bool:
+    """Whether an oversized max_tokens is a 400: the gateway's word for this request, else the
+    model's catalogue entry, else this neuron's setting."""
+    said = parse_strict(request.headers.get(STRICT_HEADER))
+    if said is not None:
+        return said
+    if served.strict_max_tokens is not None:
+        return served.strict_max_tokens
+    return section.strict_max_tokens
+
+
+def sampling(body: SamplingFields, limit: CompletionLimit) -> SamplingParams:
+    """The request's sampling fields, with the max_tokens it was granted."""
     return SamplingParams(
-        max_tokens=max_tokens,
+        max_tokens=limit.granted,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
         seed=body.seed,
         stop=tuple(body.stop_list()),
     )
@@ -178,6 +213,7 @@ class Generation:
         self._closed = False
         self._first_token_at: float | None = None
         self.completion_tokens = 0
+        self.cached_tokens = 0  # of the prompt, from the prefix cache
         self.finished: Finished | None = None
 
     async def start(self) -> None:
@@ -205,9 +241,11 @@ class Generation:
             if self._first_token_at is None and event.text:
                 self._first_token_at = time.perf_counter()
             self.completion_tokens = event.completion_tokens
+            self.cached_tokens = event.cached_tokens
         else:
             self.finished = event
             self.completion_tokens = event.completion_tokens
+            self.cached_tokens = event.cached_tokens
         return event
 
     async def collect(self) -> tuple[str, Finished]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from cortex.core.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
+from cortex.neuron.gguf_header import read_header
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -146,26 +147,13 @@ def _kv_bytes(layers: int, kv_heads: int, head_dim: int) -> int:
 
 
 def _gguf_footprint(path: Path) -> Footprint:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    parameters = sum(int(t.n_elements) for t in reader.tensors)
-    arch = _gguf_field(reader, "general.architecture")
-    layers = int(_gguf_field(reader, f"{arch}.block_count") or 0)
-    heads = int(_gguf_field(reader, f"{arch}.attention.head_count") or 1)
-    kv_heads = int(_gguf_field(reader, f"{arch}.attention.head_count_kv") or heads)
-    width = int(_gguf_field(reader, f"{arch}.embedding_length") or 0)
-    return Footprint(parameters, _kv_bytes(layers, kv_heads, width // heads if heads else 0))
-
-
-def _gguf_field(reader: object, key: str) -> str | int | None:
-    field = reader.fields.get(key)  # type: ignore[attr-defined]
-    if field is None:
-        return None
-    value = field.parts[field.data[0]]
-    if key == "general.architecture":
-        return bytes(value).decode()
-    return int(value[0])
+    header = read_header(path)
+    arch = str(header.fields.get("general.architecture", ""))
+    layers = header.int_field(f"{arch}.block_count")
+    heads = header.int_field(f"{arch}.attention.head_count", 1) or 1
+    kv_heads = header.int_field(f"{arch}.attention.head_count_kv", heads)
+    width = header.int_field(f"{arch}.embedding_length")
+    return Footprint(sum(header.tensor_elements), _kv_bytes(layers, kv_heads, width // heads))
 
 
 def _hf_footprint(directory: Path) -> Footprint:

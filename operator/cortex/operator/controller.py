@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from typing import Literal, cast
@@ -23,18 +24,20 @@ from cortex.core.placement.model import Load, Unload
 from cortex.core.resources import ModelPlacement, Neuron
 from cortex.operator.config import OperatorConfig
 from cortex.operator.neurons import Probe
+from cortex.operator.planning import KeptPlan, plan_once, reuse
 from cortex.operator.reconcile import (
     Fleet,
     FleetPlan,
     LoadFailure,
     PendingLoad,
     Unloaded,
-    plan_fleet,
     unprobed,
 )
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
+# The namespace's Neurons and ModelPlacements, as the kopf indexes hold them when called.
+Objects = Callable[[], tuple[Iterable[Neuron], Iterable[ModelPlacement]]]
 
 
 def body_of(obj: Neuron | ModelPlacement) -> kopf.Body:
@@ -55,7 +58,14 @@ class Controller:
         self.failures: dict[Key, LoadFailure] = {}  # (namespace, placement)
         self.unloaded: dict[Key, Unloaded] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # By namespace: the plan kept while it holds, the latest plan, how many snapshots were
+        # planned from, and when planning may start again.
+        self._kept: dict[str, KeptPlan | None] = {}
+        self._latest: dict[str, FleetPlan] = {}
+        self._snapshots: dict[str, int] = {}
+        self._rested: dict[str, float] = {}
         self._clients: dict[tuple[str, bool], NeuronClient] = {}
+        self._tls: ssl.SSLContext | None = None  # one for every client: each costs a CA bundle read
         self._tasks: set[asyncio.Task[None]] = set()
 
     def client(self, endpoint: str, *, probing: bool = False) -> NeuronClient:
@@ -64,8 +74,10 @@ class Controller:
         if key not in self._clients:
             quick = httpx.Timeout(max(min(self.config.probe_interval * 2, 10.0), 1.0))
             timeout = quick if probing else DEFAULT_TIMEOUT
+            if self._tls is None:
+                self._tls = httpx.create_ssl_context()
             self._clients[key] = NeuronClient(
-                endpoint, admin_token=self.config.admin_token, timeout=timeout
+                endpoint, admin_token=self.config.admin_token, timeout=timeout, tls=self._tls
             )
         return self._clients[key]
 
@@ -86,16 +98,27 @@ class Controller:
         if not endpoint:
             return None
         key = (namespace, neuron.metadata.name)
-        before = self.probes.get(key)
-        now = self.clock()
+        now = self.clock()  # when it was asked: of two probes in flight, the later question wins
+        answer: NeuronStatus | None = None
+        error: str | None = None
         try:
             answer = await self.client(endpoint, probing=True).status()
-            probe = Probe(endpoint, now, status=answer)
         except (CortexError, httpx.HTTPError, ValueError) as exc:
+            error = _reason(exc)
+        before = self.probes.get(key)
+        if before is not None and before.at > now:
+            # Asked after this one and answered first (a probe after a load, say, overtaking the
+            # timer's): this answer is older and would bring back a replica still loading.
+            return before
+        if answer is not None:
+            if before is not None and before.status == answer:
+                answer = before.status  # the same object: the plan's key compares it by identity
+            probe = Probe(endpoint, now, status=answer)
+        else:
             same = before is not None and before.endpoint == endpoint
             failures = before.failures + 1 if same and before is not None else 1
-            last: NeuronStatus | None = before.status if same and before is not None else None
-            probe = Probe(endpoint, now, status=last, error=_reason(exc), failures=failures)
+            last = before.status if same and before is not None else None
+            probe = Probe(endpoint, now, status=last, error=error, failures=failures)
         self.probes[key] = probe
         return probe
 
@@ -115,23 +138,47 @@ class Controller:
             unreachable_after=self.config.unreachable_after,
         )
 
-    async def reconcile(
-        self, namespace: str, neurons: list[Neuron], placements: list[ModelPlacement]
-    ) -> tuple[Fleet, FleetPlan] | None:
-        """Plan the namespace and start carrying the plan out; None while neurons are unprobed."""
-        lock = self._locks.setdefault(namespace, asyncio.Lock())
-        async with lock:
+    async def reconcile(self, namespace: str, objects: Objects) -> tuple[Fleet, FleetPlan] | None:
+        """The namespace's plan for the fleet as `objects` give it now, carried out when it is
+        new; None while neurons are unprobed. A plan is made once per change (planning.py) and
+        one at a time: a reconcile that finds the fleet changed waits for the next plan, whose
+        snapshot is taken after it looked, and so does every reconcile queued meanwhile."""
+        fleet = self.fleet(namespace, *objects())
+        if unprobed(fleet):
+            return None
+        kept = reuse(self._kept.get(namespace), fleet, self.clock())
+        if kept is not None:
+            self._kept[namespace] = kept
+            return fleet, kept.planned
+        seen = self._snapshots.get(namespace, 0)
+        async with self._locks.setdefault(namespace, asyncio.Lock()):
+            latest = self._latest.get(namespace)
+            if latest is not None and self._snapshots[namespace] > seen:
+                return self.fleet(namespace, *objects()), latest  # planned after we looked
+            # Plan at most half the time: the loop has watch events, patches and loads to serve.
+            await asyncio.sleep(max(self._rested.get(namespace, 0.0) - time.monotonic(), 0.0))
+            return await self._plan(namespace, objects)
+
+    async def _plan(self, namespace: str, objects: Objects) -> tuple[Fleet, FleetPlan] | None:
+        """Plan from a fresh snapshot (under the namespace's lock) and carry the plan out."""
+        indexed_neurons, indexed_placements = objects()
+        neurons, placements = list(indexed_neurons), list(indexed_placements)
+        fleet = self.fleet(namespace, neurons, placements)
+        if unprobed(fleet):
+            return None
+        started = time.monotonic()
+        planned, self._kept[namespace] = plan_once(self._kept.get(namespace), fleet, self.clock())
+        self._latest[namespace] = planned
+        self._snapshots[namespace] = self._snapshots.get(namespace, 0) + 1
+        ended = time.monotonic()
+        self._rested[namespace] = ended + (ended - started)
+        if planned.plan.actions or planned.excess:
+            await self._execute(namespace, fleet, planned)
             fleet = self.fleet(namespace, neurons, placements)
-            if unprobed(fleet):
-                return None
-            planned = plan_fleet(fleet, self.clock())
-            if planned.plan.actions or planned.excess:
-                await self._execute(namespace, fleet, planned)
-                fleet = self.fleet(namespace, neurons, placements)
-            return fleet, planned
+        return fleet, planned
 
     async def _execute(self, namespace: str, fleet: Fleet, planned: FleetPlan) -> None:
-        owners = fleet.owners()
+        owners = fleet.owners
         neurons = {n.metadata.name: n for n in fleet.neurons}
         refused: set[str] = set()  # neurons where an unload failed: the loads after it would too
         touched: set[str] = set()

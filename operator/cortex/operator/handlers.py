@@ -70,11 +70,16 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
         placement = ModelPlacement.model_validate(body)
         if placement.metadata.deletion_timestamp:
             return
-        name = placement.metadata.name
-        others = [p for p in placements.get(namespace, []) if p.metadata.name != name]
-        result = await controller.reconcile(
-            namespace, list(neurons.get(namespace, [])), [*others, placement]
-        )
+
+        def objects() -> tuple[list[Neuron], list[ModelPlacement]]:
+            """The indexes as they are when the namespace's lock is ours. kopf indexes an event
+            before its handlers run, so they hold this body or a newer one."""
+            found = list(placements.get(namespace, []))
+            if all(p.metadata.name != placement.metadata.name for p in found):
+                found.append(placement)
+            return list(neurons.get(namespace, [])), found
+
+        result = await controller.reconcile(namespace, objects)
         if result is None:
             return  # some neuron has not answered its first probe yet
         fleet, planned = result

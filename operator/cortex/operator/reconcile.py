@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal, cast
 
 from cortex.core.catalogue import ModelSpec
@@ -83,8 +84,16 @@ class Fleet:
         probe = self.probes.get(neuron.metadata.name)
         return probe if probe is not None and probe.reachable(self.unreachable_after) else None
 
+    def owner(self, model: str) -> str | None:
+        """The name of the placement that places `model`, without sorting them all."""
+        return min(
+            (p.metadata.name for p in self.placements if p.spec.model == model), default=None
+        )
+
+    @cached_property
     def owners(self) -> dict[str, ModelPlacement]:
-        """model -> the placement that places it (the first by name when two name one model)."""
+        """model -> the placement that places it (the first by name when two name one model);
+        computed once per snapshot."""
         owners: dict[str, ModelPlacement] = {}
         for placement in sorted(self.placements, key=lambda p: p.metadata.name):
             owners.setdefault(placement.spec.model, placement)
@@ -131,13 +140,19 @@ def neuron_views(fleet: Fleet) -> tuple[NeuronView, ...]:
     return tuple(snapshot(reports, Reservations(arriving=arriving)))
 
 
-def live_on(views: tuple[NeuronView, ...], model: str) -> list[str]:
-    """Healthy neurons where the model is ready or loading."""
-    return [
-        view.name
-        for view in views
-        if view.healthy and any(r.model == model and r.state in _LIVE for r in view.replicas)
-    ]
+def live_neurons(views: tuple[NeuronView, ...]) -> dict[str, list[str]]:
+    """model -> the healthy neurons where it is ready or loading, in the views' order. One pass
+    over every replica: scanning the views once per model costs placements x replicas."""
+    live: dict[str, list[str]] = {}
+    for view in views:
+        if not view.healthy:
+            continue
+        for replica in view.replicas:
+            if replica.state in _LIVE:
+                names = live.setdefault(replica.model, [])
+                if not names or names[-1] != view.name:
+                    names.append(view.name)
+    return live
 
 
 def active_demand(placement: ModelPlacement) -> PlacementDemand | None:
@@ -160,18 +175,15 @@ def active_demand(placement: ModelPlacement) -> PlacementDemand | None:
 def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
     """Run the shared planner over the namespace's neurons and placements."""
     views = neuron_views(fleet)
-    owners = fleet.owners()
-    blocked = frozenset(
-        p.metadata.name
-        for p in owners.values()
-        if (failure := fleet.failures.get(p.metadata.name)) is not None and failure.retry_at > now
-    )
+    owners = fleet.owners
+    blocked = backing_off(fleet, now)
+    everywhere = live_neurons(views)
     catalogue: dict[str, ModelSpec] = {}
     minimums: dict[str, int] = {}
     demand: list[Demand] = []
     for model, placement in owners.items():
         spec = placement.spec
-        live = live_on(views, model)
+        live = everywhere.get(model, [])
         catalogue[model] = ModelSpec(
             id=model,
             source=spec.source or "",
@@ -198,19 +210,33 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
     planned = plan(
         views, catalogue, demand, POLICY, now, min_replicas=minimums, selectors=selectors
     )
-    return FleetPlan(planned, views, blocked, _excess(views, owners, planned))
+    excess = _excess(views, everywhere, owners, planned)
+    return FleetPlan(planned, views, blocked, excess)
+
+
+def backing_off(fleet: Fleet, now: float) -> frozenset[str]:
+    """Placements whose last load failed and whose backoff has not ended at `now`."""
+    waiting = {name for name, failure in fleet.failures.items() if failure.retry_at > now}
+    if not waiting:
+        return frozenset()  # the usual case, without sorting every placement into `owners`
+    return frozenset(p.metadata.name for p in fleet.owners.values() if p.metadata.name in waiting)
 
 
 def _excess(
-    views: tuple[NeuronView, ...], owners: Mapping[str, ModelPlacement], planned: Plan
+    views: tuple[NeuronView, ...],
+    live: Mapping[str, list[str]],
+    owners: Mapping[str, ModelPlacement],
+    planned: Plan,
 ) -> tuple[Unload, ...]:
     """The planner never adds beyond a minimum or one demanded replica, but a neuron that answers
     again after its replica was placed elsewhere brings one more: above `replicas.max`, the
     least recently used idle ready replicas go."""
+    change: dict[str, int] = {}
+    for action in planned.actions:
+        change[action.model] = change.get(action.model, 0) + (1 if isinstance(action, Load) else -1)
     excess: list[Unload] = []
     for model, placement in owners.items():
-        change = sum(1 if isinstance(a, Load) else -1 for a in planned.actions if a.model == model)
-        over = len(live_on(views, model)) + change - placement.spec.replicas.max
+        over = len(live.get(model, ())) + change.get(model, 0) - placement.spec.replicas.max
         if over <= 0:
             continue
         leaving = {a.neuron for a in planned.actions if isinstance(a, Unload) and a.model == model}
@@ -267,9 +293,9 @@ def _scheduled(
     want: int,
 ) -> Verdict:
     model = placement.spec.model
-    owner = fleet.owners().get(model)
-    if owner is not None and owner.metadata.name != placement.metadata.name:
-        why = f"model {model} is placed by ModelPlacement {owner.metadata.name}"
+    owner = fleet.owner(model)
+    if owner is not None and owner != placement.metadata.name:
+        why = f"model {model} is placed by ModelPlacement {owner}"
         return ("Scheduled", "False", "Unschedulable", why)
     if model in planned.plan.unplaceable:
         return ("Scheduled", "False", "Unschedulable", planned.plan.unplaceable[model])

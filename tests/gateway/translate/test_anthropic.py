@@ -245,6 +245,32 @@ def test_claude_code_request_becomes_a_chat_request() -> None:
     assert chat.stop is None
 
 
+def test_mid_conversation_system_messages_keep_their_place() -> None:
+    """Claude Code 2.1 sends `system` messages between turns (its mid-conversation-system beta)."""
+    req = simple_request(
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "system", "content": [{"type": "text", "text": "Agents: Explore, Plan."}]},
+            {"role": "system", "content": "Be brief."},
+        ]
+    )
+    roles = [(m.role, m.content) for m in to_chat_request(req).messages]
+    assert roles == [("user", "hi"), ("system", "Agents: Explore, Plan."), ("system", "Be brief.")]
+
+
+def test_output_config_format_becomes_a_json_schema_response_format() -> None:
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
+    format_ = {"type": "json_schema", "schema": schema}
+    chat = to_chat_request(simple_request(output_config={"effort": "high", "format": format_}))
+    assert chat.response_format == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": schema},
+    }
+    assert to_chat_request(simple_request(output_config={"effort": "high"})).response_format is None
+    with pytest.raises(InvalidRequest):
+        to_chat_request(simple_request(output_config={"format": {"type": "json_schema"}}))
+
+
 def test_sampling_fields_and_stop_sequences_are_copied() -> None:
     chat = to_chat_request(
         simple_request(temperature=0.2, top_p=0.9, top_k=40, stop_sequences=["\n\nHuman:", "END"])
@@ -458,7 +484,7 @@ def test_bad_requests_are_refused_by_validation() -> None:
     with pytest.raises(ValueError):
         simple_request(messages=[])
     with pytest.raises(ValueError):
-        simple_request(messages=[{"role": "system", "content": "x"}])
+        simple_request(messages=[{"role": "tool", "content": "x"}])
 
 
 # ---- non-streamed responses -------------------------------------------------------------------
@@ -564,6 +590,21 @@ def test_first_chunk_usage_gives_message_start_its_input_tokens() -> None:
     events += translator.feed(chunk(finish="stop", usage=usage(12, 1))) + translator.finish()
     assert events[0].type == "message_start" and events[0].message.usage.input_tokens == 12
     assert stream_final(events).usage.input_tokens == 12
+
+
+def test_message_start_and_message_delta_agree_on_cached_prompt_tokens() -> None:
+    """As the API counts them: input_tokens excludes the cache reads, in both events."""
+    translator = StreamTranslator(simple_request(stream=True), "msg_test")
+    events = translator.feed(chunk("", usage=usage(342, 0, cached=5)))
+    events += translator.feed(chunk("Hi", usage=usage(342, 1, cached=5)))
+    events += translator.feed(chunk(finish="stop", usage=usage(342, 1, cached=5)))
+    events += translator.finish()
+    start, delta = events[0], events[-2]
+    assert start.type == "message_start" and delta.type == "message_delta"
+    assert start.message.usage.input_tokens == delta.usage.input_tokens == 337
+    assert start.message.usage.cache_read_input_tokens == delta.usage.cache_read_input_tokens == 5
+    final = stream_final(events).usage
+    assert (final.input_tokens, final.cache_read_input_tokens) == (337, 5)
 
 
 def test_interleaved_tool_calls_stream_as_sequential_tool_use_blocks() -> None:

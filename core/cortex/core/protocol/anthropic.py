@@ -136,7 +136,10 @@ ContentBlock = Annotated[
 
 
 class InputMessage(_Open):
-    role: Literal["user", "assistant"]
+    """`system`: an instruction in the middle of the conversation, as Claude Code sends them
+    (its `mid-conversation-system` beta)."""
+
+    role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]
 
 
@@ -165,6 +168,13 @@ class ThinkingConfig(_Open):
 
     type: str
     budget_tokens: int | None = None
+
+
+class OutputConfig(_Open):
+    """Structured outputs: `format` is {"type": "json_schema", "schema": {...}}; `effort` and
+    other fields are kept and ignored."""
+
+    format: dict[str, Any] | None = None
 
 
 class Conversation(_Open):
@@ -200,6 +210,7 @@ class MessagesRequest(Conversation):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     metadata: Metadata | None = None
+    output_config: OutputConfig | None = None
 
 
 class CountTokensRequest(Conversation):
@@ -332,3 +343,25 @@ AnthropicEvent = (
     | PingEvent
     | ErrorEvent
 )
+
+
+# ---- models (GET /v1/models with an `anthropic-version` header) -----------------------------
+
+
+class ModelInfo(_Open):
+    """An entry of Anthropic's model list, with the model's limits (as the API reports them:
+    `max_input_tokens` is the context window, `max_tokens` the most one answer may hold)."""
+
+    type: Literal["model"] = "model"
+    id: str
+    display_name: str
+    created_at: str  # RFC 3339; the epoch when unknown, as the API does
+    max_input_tokens: int | None = None
+    max_tokens: int | None = None
+
+
+class ModelPage(_Open):
+    data: list[ModelInfo]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None

@@ -106,6 +106,9 @@ class SamplingFields(_Open):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=2, description="vLLM's extension: >1 discourages repeats"
+    )
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int | None = Field(default=None, ge=1, le=1, description="only n=1 is served")

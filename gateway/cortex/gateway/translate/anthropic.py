@@ -100,6 +100,7 @@ def to_chat_request(req: Conversation) -> ChatCompletionRequest:
                 else None
             ),
             "user": req.metadata.user_id if req.metadata else None,
+            "response_format": _response_format(req),
         }
     choice = req.tool_choice
     return ChatCompletionRequest(
@@ -112,6 +113,19 @@ def to_chat_request(req: Conversation) -> ChatCompletionRequest:
         else None,
         **sampling,
     )
+
+
+def _response_format(req: MessagesRequest) -> dict[str, Any] | None:
+    """Anthropic's structured outputs (`output_config.format`) as OpenAI's response_format."""
+    output = req.output_config.format if req.output_config else None
+    if not output or output.get("type") != "json_schema":
+        return None
+    schema = output.get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidRequest(
+            "output_config.format of type json_schema needs a schema", param="output_config"
+        )
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
 
 def _system_messages(system: str | list[TextBlock] | None) -> list[ChatMessage]:
@@ -133,6 +147,9 @@ def _tool_choice(choice: ToolChoice) -> ToolChoiceMode | dict[str, Any]:
 def _chat_messages(message: InputMessage) -> list[ChatMessage]:
     if isinstance(message.content, str):
         return [ChatMessage(role=message.role, content=message.content)]
+    if message.role == "system":  # mid-conversation: its text, where it stands
+        text = "\n\n".join(b.text for b in message.content if isinstance(b, TextBlock))
+        return [ChatMessage(role="system", content=text)] if text else []
     if message.role == "assistant":
         return _assistant_message(message)
     return _user_messages(message)
@@ -263,11 +280,12 @@ def stop_reason_for(
     choice_extra: dict[str, Any] | None,
     req: MessagesRequest,
 ) -> tuple[StopReason, str | None]:
-    """Anthropic's stop_reason (and matched stop sequence) for an OpenAI finish."""
-    if used_tools or finish_reason == "tool_calls":
-        return "tool_use", None
+    """Anthropic's stop_reason (and matched stop sequence) for an OpenAI finish. A cut answer is
+    `max_tokens` even when it holds complete tool calls, as the API reports it."""
     if finish_reason == "length":
         return "max_tokens", None
+    if used_tools or finish_reason == "tool_calls":
+        return "tool_use", None
     if finish_reason == "content_filter":
         return "refusal", None
     extra = choice_extra or {}
@@ -307,12 +325,16 @@ class StreamTranslator(ChatStreamTranslator[AnthropicEvent]):
         self._used_tools = False
 
     def _opening(self) -> list[AnthropicEvent]:
-        """message_start, carrying the prompt's token count when it is already known."""
+        """message_start, carrying the prompt's token count when it is already known: as the API
+        counts it, cached tokens apart (message_delta repeats the same numbers)."""
+        cached = self._prompt_cached
+        usage = Usage(
+            input_tokens=(self._prompt_tokens or 0) - cached,
+            output_tokens=0,
+            cache_read_input_tokens=cached,
+        )
         message = MessagesResponse(
-            id=self._message_id,
-            content=[],
-            model=self._req.model,
-            usage=Usage(input_tokens=self._prompt_tokens or 0, output_tokens=0),
+            id=self._message_id, content=[], model=self._req.model, usage=usage
         )
         return [MessageStartEvent(message=message)]
 
@@ -377,8 +399,13 @@ class StreamTranslator(ChatStreamTranslator[AnthropicEvent]):
         return index
 
 
+# What a stream sends while it waits before message_start (a model loading): an SSE comment,
+# which every SSE reader skips. The API's first event is always message_start, so no `ping` yet.
+KEEPALIVE = b": keep-alive\n\n"
+
+
 def ping() -> AnthropicEvent:
-    """The keep-alive Anthropic sends while a stream waits (e.g. for a model to load)."""
+    """The keep-alive Anthropic sends once a stream has begun (after message_start)."""
     return PingEvent()
 
 

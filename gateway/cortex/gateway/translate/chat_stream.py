@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Generic, TypeVar
 
-from cortex.core.protocol.openai import ChatCompletionChunk
+from cortex.core.protocol.openai import ChatCompletionChunk, PromptTokensDetails
 from cortex.core.protocol.openai import Usage as ChatUsage
 from cortex.gateway.translate.toolcalls import ToolCallBuffer
 
@@ -23,6 +23,7 @@ class ChatStreamTranslator(ABC, Generic[E]):
 
     def __init__(self, prompt_tokens: int | None = None) -> None:
         self._prompt_tokens = prompt_tokens
+        self._prompt_cached = 0
         self._started = False
         self._done = False
         self._tools = ToolCallBuffer()
@@ -41,8 +42,10 @@ class ChatStreamTranslator(ABC, Generic[E]):
     def feed(self, chunk: ChatCompletionChunk) -> list[E]:
         """Events for one upstream chunk (often none: tool calls wait for the finish)."""
         if not self._started and chunk.usage is not None and self._prompt_tokens is None:
-            # continuous usage stats: the first chunk tells the opening events the prompt's size
+            # continuous usage stats: the first chunk tells the opening events the prompt's size,
+            # and how much of it the prefix cache served
             self._prompt_tokens = chunk.usage.prompt_tokens
+            self._prompt_cached = _cached(chunk.usage)
         events = self.start()
         if self._done:
             return events
@@ -79,10 +82,12 @@ class ChatStreamTranslator(ABC, Generic[E]):
         if self._usage is not None:
             return self._usage
         prompt = self._prompt_tokens or 0
+        cached = PromptTokensDetails(cached_tokens=self._prompt_cached)
         return ChatUsage(
             prompt_tokens=prompt,
             completion_tokens=self._output_chunks,
             total_tokens=prompt + self._output_chunks,
+            prompt_tokens_details=cached if self._prompt_cached else None,
         )
 
     @abstractmethod
@@ -97,3 +102,8 @@ class ChatStreamTranslator(ABC, Generic[E]):
 
     @abstractmethod
     def _closing(self) -> list[E]: ...
+
+
+def _cached(usage: ChatUsage) -> int:
+    details = usage.prompt_tokens_details
+    return details.cached_tokens if details is not None else 0

@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     gateway = commands.add_parser(
-        "gateway", help="run the gateway over [[neurons]], or over the CRDs with --kubernetes"
+        "gateway",
+        aliases=["serve"],  # the seed's name for it
+        help="run the gateway over [[neurons]], or over the CRDs with --kubernetes",
     )
     _flag(gateway, "config", "cortex.toml")
     _flag(gateway, "host", "listen address (overrides [gateway].listen)")
@@ -77,20 +79,24 @@ def _parser() -> argparse.ArgumentParser:
     _operator_parser(commands)
 
     status = commands.add_parser("status", help="show the fleet (gateway or neuron endpoint)")
-    _flag(status, "endpoint", "gateway or neuron URL (default http://127.0.0.1:31313)")
-    _flag(status, "api-key", "an admin API key, for a gateway with [auth] on")
+    _endpoint_flags(status)
+    status.add_argument(
+        "--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until interrupted",
+    )  # fmt: skip
 
-    models = commands.add_parser("models", help="list, load or unload models")
-    _flag(models, "endpoint", "neuron URL (default http://127.0.0.1:13131)")
-    _flag(models, "admin-token", "neuron admin token")
-    actions = models.add_subparsers(dest="action", metavar="ACTION")
-    actions.add_parser("list", help="models loaded and loadable")
-    load = actions.add_parser("load", help="load a model, with a progress bar")
-    load.add_argument("model")
-    load.add_argument("--source", help="pkg:, file: or hf: source (catalogued models need none)")
-    unload = actions.add_parser("unload", help="unload a model")
-    unload.add_argument("model")
-    unload.add_argument("--force", action="store_true", help="even with requests in flight")
+    _models_parser(commands)
+
+    neurons = commands.add_parser("neurons", help="cordon or uncordon a neuron (gateway)")
+    _endpoint_flags(neurons)
+    neuron_actions = neurons.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in (("cordon", "no new loads there"), ("uncordon", "loads there again")):
+        neuron_actions.add_parser(action, help=text).add_argument("neuron")
+
+    chat = commands.add_parser("chat", help="chat with a model through the gateway (/bye quits)")
+    _endpoint_flags(chat, "gateway URL")
+    chat.add_argument("model")
+    chat.add_argument("--system", help="a system prompt")
 
     config = commands.add_parser("config", help="check a config file")
     config_actions = config.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -114,6 +120,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _TRUE = ("1", "true", "yes", "on")
+DEFAULT_ENDPOINT = "http://127.0.0.1:31313"
+
+
+def _endpoint_flags(parser: argparse.ArgumentParser, what: str = "gateway or neuron URL") -> None:
+    _flag(parser, "endpoint", f"{what} (default {DEFAULT_ENDPOINT})")
+    _flag(parser, "api-key", "an API key (an admin one for fleet control), with [auth] on")
+
+
+def _models_parser(commands: Any) -> None:
+    models = commands.add_parser("models", help="list, load, unload, pin or unpin models")
+    _endpoint_flags(models)
+    _flag(models, "admin-token", "neuron admin token (with a neuron's endpoint)")
+    actions = models.add_subparsers(dest="action", metavar="ACTION")
+    actions.add_parser("list", help="every model, where it is loaded, and until when")
+    load = actions.add_parser("load", help="load a model, with a progress bar")
+    load.add_argument("model")
+    load.add_argument("--neuron", help="where (gateway; default: where the planner says)")
+    load.add_argument("--source", help="pkg:, file: or hf: source (neuron endpoint only)")
+    unload = actions.add_parser("unload", help="unload a model")
+    unload.add_argument("model")
+    unload.add_argument("--neuron", help="from this neuron only (gateway; default: everywhere)")
+    unload.add_argument("--force", action="store_true", help="even with requests in flight")
+    for action, text in (("pin", "keep it loaded there"), ("unpin", "let it go when idle")):
+        pin = actions.add_parser(action, help=f"{text} (gateway)")
+        pin.add_argument("model")
+        pin.add_argument("--neuron", required=True)
 
 
 OPERATOR_HELP = """\
@@ -182,23 +214,28 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from cortex.core import commands
+    from cortex.cli import commands
 
     if args.command == "up":
         _run(commands.up(args))
     elif args.command == "neuron":
         _run(commands.neuron(args))
-    elif args.command == "gateway":
+    elif args.command in ("gateway", "serve"):
         _run(commands.gateway(args))
     elif args.command == "status":
-        endpoint = args.endpoint or "http://127.0.0.1:31313"
-        return asyncio.run(commands.status(endpoint, args.api_key))
-    elif args.command == "models":
+        endpoint = args.endpoint or DEFAULT_ENDPOINT
+        return asyncio.run(commands.status(endpoint, args.api_key, args.watch))
+    elif args.command in ("models", "neurons"):
+        args.endpoint = args.endpoint or DEFAULT_ENDPOINT
         return asyncio.run(commands.models(args))
+    elif args.command == "chat":
+        from cortex.cli.chat import chat
+
+        return chat(args.endpoint or DEFAULT_ENDPOINT, args.model, args.api_key, args.system)
     elif args.command == "operator":
         return commands.operator(args)
     elif args.command == "config":
-        from cortex.core.config_check import check
+        from cortex.cli.config_check import check
 
         print("\n".join(check(Path(args.file))))
     elif args.command == "cache":
@@ -206,7 +243,3 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "bench":
         return commands.bench(args.args)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

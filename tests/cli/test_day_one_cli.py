@@ -26,7 +26,7 @@ def cortex(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
     env = {**os.environ, "HOME": os.environ.get("HOME", "/tmp")}
     env = {k: v for k, v in env.items() if not k.startswith("CORTEX_")}
     return subprocess.run(
-        [sys.executable, "-m", "cortex.core.cli", *args],
+        [sys.executable, "-m", "cortex.cli", *args],
         capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
 
@@ -193,8 +193,8 @@ def test_cache_list_and_prune(tmp_path: Path) -> None:
 
 
 def test_preload_model_equals_source_becomes_a_catalogue_entry(tmp_path: Path) -> None:
-    from cortex.core.cli import _parser
-    from cortex.core.commands import neuron_config
+    from cortex.cli.commands import neuron_config
+    from cortex.cli.main import _parser
 
     gguf = tmp_path / "mine.gguf"
     args = _parser().parse_args(["neuron", "--preload", f"mine=file:{gguf}", "smollm2"])
@@ -209,7 +209,7 @@ def test_gateway_prints_its_banner_on_start() -> None:
     argv = [
         sys.executable,
         "-m",
-        "cortex.core.cli",
+        "cortex.cli",
         "gateway",
         "--config",
         str(SEED / "cortex.toml"),

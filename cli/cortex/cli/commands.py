@@ -1,4 +1,5 @@
-"""What each `cortex` subcommand does; heavy imports (torch, kopf) happen only in the command that needs them."""
+"""What each `cortex` subcommand does. A component and its server stack (uvicorn, FastAPI, torch,
+kopf) are imported only by the command that runs it, so the client commands work on a base install."""
 
 from __future__ import annotations
 
@@ -11,17 +12,20 @@ import secrets
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import uvicorn
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cortex.cli import fleet_control
+from cortex.cli.console import NeuronRow, print_fleet
 from cortex.core import kube_api
 from cortex.core.access_log import redact_access_log
+from cortex.core.admin import GatewayAdmin
 from cortex.core.catalogue import (
     DEFAULT_CATALOGUE,
     ModelSpec,
@@ -39,11 +43,12 @@ from cortex.core.config import (
     load_config,
     load_gateway_config,
 )
-from cortex.core.console import NeuronRow, print_fleet
 from cortex.core.errors import CortexError
-from cortex.core.fleet import DeviceStatus, LoadedModel, LoadRequest, ModelState, NeuronStatus
+from cortex.core.fleet import FleetView, LoadedModel, LoadRequest, ModelState, NeuronStatus
 from cortex.core.request_context import RequestContext
-from cortex.core.shutdown import Drain, GracefulServer
+
+if TYPE_CHECKING:
+    from cortex.core.shutdown import Drain
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -119,9 +124,25 @@ def in_process_neuron(args: argparse.Namespace, known: Sequence[ModelSpec] = ())
     return config
 
 
+@contextmanager
+def needs_extra(command: str, *extras: str) -> Iterator[None]:
+    """A library the command's extras bring is missing: say which extras, in one line."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        which = " and ".join(extras) + (" extras" if len(extras) > 1 else " extra")
+        raise CortexError(
+            f"{command} needs the {which} (pip install 'cortex[{','.join(extras)}]'): {exc}"
+        ) from None
+
+
 async def serve(app: Any, host: str, port: int, drain: Drain | None = None) -> None:
     """Run one ASGI app with uvicorn inside the current event loop; SIGTERM drains `drain` (the
     app's requests in flight) first, or stops at once without one."""
+    import uvicorn
+
+    from cortex.core.shutdown import Drain, GracefulServer
+
     config = uvicorn.Config(app, host=host, port=port, log_level="info")
     redact_access_log()
     await GracefulServer(config, drain or Drain(grace=0)).serve()
@@ -130,8 +151,9 @@ async def serve(app: Any, host: str, port: int, drain: Drain | None = None) -> N
 async def neuron(args: argparse.Namespace) -> None:
     config = neuron_config(args)
     check_port(config.neuron.host, config.neuron.port, "neuron port (--port)")
-    from cortex.neuron.runtime import NeuronRuntime  # torch: after the one-line checks
-    from cortex.neuron.server import create_app
+    with needs_extra("neuron", "neuron"):  # torch: after the one-line checks
+        from cortex.neuron.runtime import NeuronRuntime
+        from cortex.neuron.server import create_app
 
     app = create_app(NeuronRuntime(config))  # the app's lifespan starts and stops the runtime
     await serve(RequestContext(app), config.neuron.host, config.neuron.port, app.state.drain)
@@ -139,14 +161,8 @@ async def neuron(args: argparse.Namespace) -> None:
 
 def operator(args: argparse.Namespace) -> int:
     """The kopf operator, until interrupted; kopf is imported only here."""
-    try:
+    with needs_extra("operator", "operator"):
         from cortex.operator.cli import check_credentials, config_from_args, run
-    except ImportError as exc:
-        print(
-            f"cortex operator needs the operator extra (pip install 'cortex[operator]'): {exc}",
-            file=sys.stderr,
-        )
-        return 2
     try:
         config = config_from_args(args)
         check_credentials()
@@ -184,7 +200,8 @@ def kubernetes_login(
 
 
 async def gateway(args: argparse.Namespace) -> None:
-    from cortex.gateway.app import serve as serve_gateway
+    with needs_extra("gateway", "gateway"):
+        from cortex.gateway.app import serve as serve_gateway
 
     config = gateway_config(args)
     check_gateway_ports(config)
@@ -203,9 +220,12 @@ async def up(args: argparse.Namespace) -> None:
     """Gateway plus an in-process neuron on a private loopback port: one command, one machine."""
     config = gateway_config(args)
     check_gateway_ports(config)
-    from cortex.gateway.app import serve as serve_gateway  # torch: after the one-line checks
-    from cortex.neuron.runtime import NeuronRuntime
-    from cortex.neuron.server import create_app
+    with needs_extra("up", "gateway", "neuron"):  # torch: after the one-line checks
+        import uvicorn
+
+        from cortex.gateway.app import serve as serve_gateway
+        from cortex.neuron.runtime import NeuronRuntime
+        from cortex.neuron.server import create_app
 
     catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
     local = in_process_neuron(args, catalogue)
@@ -262,8 +282,9 @@ def local_entry(local: NeuronConfig, port: int) -> NeuronEntry:
     )
 
 
-async def status(endpoint: str, api_key: str | None = None) -> int:
-    """Fleet table from a gateway's /fleet (an admin key when auth is on), or a neuron's /status."""
+async def status(endpoint: str, api_key: str | None = None, watch: float | None = None) -> int:
+    """Every model from a gateway's admin API (an admin key when auth is on), or the fleet table
+    from a neuron's /status."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(base_url=endpoint.rstrip("/"), timeout=5, headers=headers) as http:
         try:
@@ -272,7 +293,12 @@ async def status(endpoint: str, api_key: str | None = None) -> int:
                 print(f"cortex: {endpoint}/fleet needs an admin key (--api-key)", file=sys.stderr)
                 return 1
             if response.status_code == 200:
-                rows = [_row(item) for item in response.json().get("neurons", [])]
+                FleetView.model_validate_json(response.content)  # a gateway, not a lookalike
+                admin = GatewayAdmin(endpoint, api_key=api_key)
+                try:
+                    return await fleet_control.status(admin, watch)
+                finally:
+                    await admin.aclose()
             else:
                 neuron_status = NeuronStatus.model_validate_json(
                     (await http.get("/status")).content
@@ -283,32 +309,44 @@ async def status(endpoint: str, api_key: str | None = None) -> int:
         except httpx.HTTPError as exc:
             print(f"cortex: cannot reach {endpoint}: {exc}", file=sys.stderr)
             return 1
-        except (ValueError, AttributeError):  # not JSON, or JSON of another shape
+        except ValueError:  # not JSON, or JSON of another shape (pydantic's ValidationError)
             print(f"cortex: {endpoint} is not a cortex gateway or neuron", file=sys.stderr)
             return 1
     print_fleet(rows)
     return 0
 
 
-def _row(item: dict[str, Any]) -> NeuronRow:
-    """A neuron of the gateway's GET /fleet as a table row."""
-    replicas = [LoadedModel.model_validate({"source": "", **r}) for r in item.get("replicas", [])]
-    status = NeuronStatus(
-        node=item.get("name", "?"),
-        version="",
-        devices=[DeviceStatus.model_validate(d) for d in item.get("devices", [])],
-        models=replicas,
-    )
-    return NeuronRow(
-        name=status.node,
-        endpoint=item.get("endpoint", ""),
-        healthy=bool(item.get("healthy")),
-        status=status,
-    )
+def fleet_rows(view: FleetView) -> list[NeuronRow]:
+    """The neurons of a gateway's GET /fleet as table rows."""
+    return [
+        NeuronRow(
+            name=neuron.name,
+            endpoint=neuron.endpoint,
+            healthy=neuron.healthy,
+            status=NeuronStatus(
+                node=neuron.name,
+                version="",
+                devices=neuron.devices,
+                models=[LoadedModel(source="", **r.model_dump()) for r in neuron.replicas],
+            ),
+        )
+        for neuron in view.neurons
+    ]
 
 
 async def models(args: argparse.Namespace) -> int:
-    client = NeuronClient(args.endpoint or "http://127.0.0.1:13131", admin_token=args.admin_token)
+    """`cortex models` and `cortex neurons`: through a gateway's admin API, or to one neuron."""
+    admin = GatewayAdmin(args.endpoint, api_key=args.api_key)
+    try:
+        if await admin.is_gateway():
+            if args.command == "neurons":
+                return await fleet_control.neurons(admin, args)
+            return await fleet_control.models(admin, args)
+    finally:
+        await admin.aclose()
+    if args.command == "neurons" or args.action in ("pin", "unpin"):
+        raise CortexError(f"{args.endpoint} is a neuron: {args.action} needs a gateway's endpoint")
+    client = NeuronClient(args.endpoint, admin_token=args.admin_token)
     console = Console()
     try:
         if args.action == "load":

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from cortex.core.cli import _parser, main
+from cortex.cli.main import _parser, main
 
 
 def _cortex(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cortex.core.cli", *args],
+        [sys.executable, "-m", "cortex.cli", *args],
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from cortex.core.console import NeuronRow, bar, print_fleet
+from cortex.cli.console import NeuronRow, bar, print_fleet
 from cortex.core.fleet import DeviceStatus, LoadedModel, ModelState, NeuronStatus
 
 GIB = 2**30

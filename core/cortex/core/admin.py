@@ -1,0 +1,196 @@
+"""Fleet control through a gateway (docs/fleet-control.md): the admin API's wire models, and
+`GatewayAdmin`, the client `cortex models` and `cortex status` use to reach it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import httpx
+from pydantic import BaseModel, Field
+
+from cortex.core.errors import CortexError, NeuronUnreachable, error_from_code
+from cortex.core.fleet import FleetView, ModelState
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:31313"
+ModelAvailability = Literal["loaded", "loading", "available"]
+
+
+class AdminReplica(BaseModel):
+    """A model on one neuron, with what keeps it there."""
+
+    neuron: str
+    state: ModelState
+    progress: float = Field(default=0.0, ge=0.0, le=1.0)
+    memory_bytes: int = 0
+    in_flight: int = 0
+    pinned: bool = False
+    last_used: float | None = Field(default=None, description="unix seconds, else when loaded")
+    expires_at: float | None = Field(
+        default=None, description="unix seconds its idle TTL unloads it, if unused; None: never"
+    )
+
+
+class AdminModel(BaseModel):
+    """One catalogue model, loaded or not: GET /admin/models."""
+
+    id: str
+    kind: Literal["chat", "embedding"] = "chat"
+    state: ModelAvailability = "available"
+    aliases: list[str] = Field(default_factory=list)
+    pinned_on: list[str] = Field(default_factory=list)
+    idle_ttl: float | None = Field(default=None, description="seconds unused before an unload")
+    replicas: list[AdminReplica] = Field(default_factory=list)
+    last_error: str | None = None
+
+
+class AdminNeuron(BaseModel):
+    name: str
+    healthy: bool
+    cordoned: bool = False
+
+
+class AdminModels(BaseModel):
+    """GET /admin/models: every catalogue model and every neuron."""
+
+    mode: Literal["static", "kubernetes"] = "static"
+    models: list[AdminModel] = Field(default_factory=list)
+    neurons: list[AdminNeuron] = Field(default_factory=list)
+
+
+class AdminLoad(BaseModel):
+    """POST /admin/models/{model}/load: on `neuron`, else where the planner says."""
+
+    neuron: str | None = None
+
+
+class AdminUnload(BaseModel):
+    """POST /admin/models/{model}/unload: from `neuron`, else from every neuron holding it."""
+
+    neuron: str | None = None
+    force: bool = False
+
+
+class AdminPin(BaseModel):
+    """POST /admin/models/{model}/pin and /unpin."""
+
+    neuron: str
+
+
+class AdminDone(BaseModel):
+    """What an unload, pin, unpin, cordon or uncordon did."""
+
+    action: str
+    model: str | None = None
+    neurons: list[str] = Field(default_factory=list)
+
+
+LoadState = Literal["loading", "ready", "failed"]
+
+
+class LoadProgress(BaseModel):
+    """One NDJSON line of a load's stream; the last says ready or failed."""
+
+    model: str
+    neuron: str | None = None
+    state: LoadState
+    progress: float = Field(default=0.0, ge=0.0, le=1.0)
+    error: str | None = None
+
+
+def raise_for(response: httpx.Response, body: bytes) -> None:
+    """A gateway's OpenAI error envelope back into the domain error it came from."""
+    try:
+        error = json.loads(body).get("error") or {}
+        message, code = str(error.get("message", "")), error.get("code")
+    except (ValueError, AttributeError):
+        message, code = body.decode(errors="replace")[:300], None
+    raise error_from_code(code, message or f"answered {response.status_code}", response.status_code)
+
+
+class GatewayAdmin:
+    """Async client of a gateway's admin API (and GET /fleet), with an admin key if auth is on."""
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        api_key: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        timeout = httpx.Timeout(connect=3.0, read=600.0, write=30.0, pool=30.0)
+        self._http = httpx.AsyncClient(
+            base_url=self.endpoint, headers=headers, timeout=timeout, transport=transport
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, body: BaseModel | None = None) -> bytes:
+        try:
+            response = await self._http.request(
+                method, path, json=body.model_dump(exclude_none=True) if body else None
+            )
+        except httpx.TransportError as exc:
+            raise NeuronUnreachable(f"cannot reach {self.endpoint} ({type(exc).__name__})") from exc
+        if response.status_code >= 400:
+            raise_for(response, response.content)
+        return response.content
+
+    async def is_gateway(self) -> bool:
+        """Whether the endpoint is a gateway (it serves /fleet; a neuron serves /status)."""
+        try:
+            response = await self._http.get("/fleet")
+        except httpx.TransportError as exc:
+            raise NeuronUnreachable(f"cannot reach {self.endpoint} ({type(exc).__name__})") from exc
+        if response.status_code in (401, 403):
+            return True  # only a gateway guards /fleet with keys
+        return response.status_code == 200 and b'"neurons"' in response.content
+
+    async def fleet(self) -> FleetView:
+        return FleetView.model_validate_json(await self._request("GET", "/fleet"))
+
+    async def models(self) -> AdminModels:
+        return AdminModels.model_validate_json(await self._request("GET", "/admin/models"))
+
+    async def load(self, model: str, neuron: str | None = None) -> AsyncIterator[LoadProgress]:
+        """The load's progress lines as they come, the last one ready or failed."""
+        body = AdminLoad(neuron=neuron).model_dump(exclude_none=True)
+        request = self._http.build_request("POST", f"/admin/models/{model}/load", json=body)
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise NeuronUnreachable(f"cannot reach {self.endpoint} ({type(exc).__name__})") from exc
+        try:
+            if response.status_code >= 400:
+                raise_for(response, await response.aread())
+            async for line in response.aiter_lines():
+                if line.strip():
+                    yield LoadProgress.model_validate_json(line)
+        finally:
+            await response.aclose()
+
+    async def _done(self, path: str, body: BaseModel | None = None) -> AdminDone:
+        return AdminDone.model_validate_json(await self._request("POST", path, body))
+
+    async def unload(self, model: str, neuron: str | None = None, force: bool = False) -> AdminDone:
+        return await self._done(
+            f"/admin/models/{model}/unload", AdminUnload(neuron=neuron, force=force)
+        )
+
+    async def pin(self, model: str, neuron: str) -> AdminDone:
+        return await self._done(f"/admin/models/{model}/pin", AdminPin(neuron=neuron))
+
+    async def unpin(self, model: str, neuron: str) -> AdminDone:
+        return await self._done(f"/admin/models/{model}/unpin", AdminPin(neuron=neuron))
+
+    async def cordon(self, neuron: str, *, on: bool = True) -> AdminDone:
+        return await self._done(f"/admin/neurons/{neuron}/{'cordon' if on else 'uncordon'}")
+
+
+def load_failure(line: LoadProgress) -> CortexError:
+    """The error a failed load's last line stands for."""
+    return CortexError(f"load of {line.model} failed: {line.error or 'no reason given'}")

@@ -1,0 +1,79 @@
+"""How many tokens a request may generate: its max_tokens fitted to what the prompt leaves of
+the model's context (docs/architecture.md, "Completion limits").
+
+Lenient (the default), a max_tokens larger than what is left is clamped to it, as llama.cpp and
+Ollama do: agents such as Claude Code ask for 32,000 whatever the model. Strict, it is a 400, as
+vLLM answers. A prompt that alone fills the context is a 400 either way. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cortex.core.errors import ContextLengthExceeded, InvalidRequest
+
+# On a response whose max_tokens was clamped: "<requested>-><granted>", e.g. "32000->7850".
+CLAMPED_HEADER = "x-cortex-max-tokens-clamped"
+# On a request from the gateway to a neuron: "true" or "false", the gateway's choice (catalogue
+# entry or [gateway] setting) for this request; absent, the neuron's own setting decides.
+STRICT_HEADER = "x-cortex-strict-max-tokens"
+
+
+@dataclass(frozen=True)
+class CompletionLimit:
+    """What the request asked for (None: no limit given) and what it is granted."""
+
+    requested: int | None
+    granted: int | None
+
+    @property
+    def clamped(self) -> bool:
+        return self.requested is not None and self.granted != self.requested
+
+    def headers(self) -> dict[str, str]:
+        """The response header that reports a clamp; none when nothing was clamped."""
+        if not self.clamped:
+            return {}
+        return {CLAMPED_HEADER: f"{self.requested}->{self.granted}"}
+
+
+def fit_max_tokens(
+    requested: int | None,
+    prompt_tokens: int,
+    context: int,
+    *,
+    strict: bool,
+    prompt_param: str,
+) -> CompletionLimit:
+    """`requested` within `context - prompt_tokens`: clamped, or (strict) refused with a 400
+    that names the numbers. A prompt that leaves no room for one token is always refused."""
+    if prompt_tokens >= context:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context} tokens. However, your prompt "
+            f"has {prompt_tokens} tokens, which leaves no room for a completion. Please reduce "
+            "the length of the prompt.",
+            param=prompt_param,
+        )
+    room = context - prompt_tokens
+    if requested is None or requested <= room:
+        return CompletionLimit(requested, requested)
+    if strict:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} in "
+            "the completion). Please reduce the length of the prompt or completion.",
+            param="max_tokens",
+        )
+    return CompletionLimit(requested, room)
+
+
+def parse_strict(value: str | None) -> bool | None:
+    """STRICT_HEADER's value: True, False, or None when absent; anything else is a 400."""
+    if value is None:
+        return None
+    lowered = value.strip().lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise InvalidRequest(f"{STRICT_HEADER} must be true or false, not {value!r}")

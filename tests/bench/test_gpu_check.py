@@ -1,0 +1,103 @@
+"""The GPU check's CPU path, end to end at tiny sizes, so its CUDA run is known to work before a
+GPU ever runs it; and its wheel list covers every package a neuron imports beyond torch and
+transformers (a lent GPU machine has no registry to fetch a forgotten one)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, packages_distributions, requires
+from pathlib import Path
+
+import pytest
+
+from bench import gpu_wheels
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_cpu_path_writes_every_phase(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["--device", "cpu-0", "--size", "tiny", "--levels", "1,2", "--max-tokens", "6"]
+    argv += ["--out", str(out), "--wheels", str(tmp_path / "no-wheels")]
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads((out / "gpu-check.json").read_text())
+    assert result["errors"] == []
+    phases = result["phases"]
+    assert phases["installed"] == {"from_wheels": []}  # nothing missing here
+    assert phases["model"]["parameters"] > 0 and phases["model"]["dtype"] == "float32"
+    assert phases["neuron ready"]["startup_s"] > 0
+    assert phases["chat"]["usage"]["completion_tokens"] > 0 and phases["chat"]["content"]
+    assert [level["streams"] for level in result["levels"]] == [1, 2]
+    for level in result["levels"]:
+        streams = level["streams"]
+        # The head never picks end-of-sequence: both sides produce every token asked for.
+        assert level["neuron"]["tokens"] == level["generate"]["tokens"] == 6 * streams
+        assert level["x"] == level["neuron"]["tokens_per_s"] / level["generate"]["tokens_per_s"]
+    assert result["machine"]["torch"]
+
+
+def test_the_carried_wheels_cover_what_a_neuron_imports() -> None:
+    def third_party(code: str) -> set[str]:
+        listing = "import sys; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+        run = subprocess.run(
+            [sys.executable, "-c", f"{code}\n{listing}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        names = set(run.stdout.split()) - set(sys.stdlib_module_names) - {"cython_runtime"}
+        return {name for name in names if not name.startswith("_")}  # __main__, _cython_3_2_4...
+
+    # What the GPU machine has: torch, transformers and all they require.
+    installed, todo = set(), ["torch", "transformers"]
+    while todo:
+        dist = todo.pop()
+        if dist in installed:
+            continue
+        try:
+            needs = [r for r in requires(dist) or [] if "extra ==" not in r]
+        except PackageNotFoundError:  # a requirement for another platform
+            continue
+        installed.add(dist)
+        todo += [re.split(r"[ <>=!~;\[(]", r)[0].lower().replace("_", "-") for r in needs]
+    present = {
+        module
+        for module, dists in packages_distributions().items()
+        if any(d.lower().replace("_", "-") in installed for d in dists)
+    }
+    neuron = third_party(
+        "import cortex.core.cli, cortex.core.commands, cortex.neuron.server\n"
+        "import cortex.neuron.runtime, cortex.neuron.grammar, cortex.neuron.mapped_weights\n"
+        "import accelerate, llguidance, llguidance.hf, llguidance.torch"
+    )
+    carried = set(gpu_wheels.PURE.values()) | set(gpu_wheels.COMPILED.values())
+    # Imported only where installed: uvicorn's extras, and Pillow by transformers.
+    optional = {"uvloop", "httptools", "watchfiles", "websockets", "dotenv", "PIL"}
+    uncovered = neuron - present - carried - optional - {"cortex"}
+    assert not uncovered, f"a neuron imports these, and no carried wheel provides them: {uncovered}"
+    assert not gpu_wheels.missing()  # every listed module's name is right (it imports here)
+
+
+def test_what_is_missing_is_installed_from_the_wheels_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(gpu_wheels.PURE, "cortex-no-such-dist", "cortex_no_such_module")
+    assert gpu_wheels.missing() == ["cortex-no-such-dist"]
+    with pytest.raises(SystemExit, match="cortex-no-such-dist"):
+        gpu_wheels.install_missing(None)
+    (tmp_path / "wheels").mkdir()
+    # No index to fall back on: a wheel not carried is an error, not a download.
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        gpu_wheels.install_missing(tmp_path / "wheels")
+    assert "--no-index" in failed.value.cmd
