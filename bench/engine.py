@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from bench import engine_mixed as mixed
 from bench import machine
 from bench.engine_results import Level, Trial, draw, level_data, rows, verdicts
 from bench.hf_generate import Generated, generate, load_reference, one_stream
@@ -236,10 +237,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="neuron cache_dir (default its own)"
     )
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help="the mixed-workload scenario instead: --batch short streams beside long-context ones",
+    )
+    parser.add_argument(
+        "--long-tokens",
+        default="2000,6000",
+        help="prompt tokens of the long streams (--mixed), comma separated",
+    )
+    parser.add_argument(
+        "--long-max-tokens", type=int, default=512, help="max_tokens of the long streams"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         args.levels, args.rounds, args.max_tokens, args.batch, args.trials = "1,2", 1, 8, 2, 1
+        args.long_tokens, args.long_max_tokens = "300", 32
+    args.long_tokens = [int(v) for v in str(args.long_tokens).split(",")]
     args.levels = [int(v) for v in str(args.levels).split(",")]
     return args
 
@@ -250,6 +266,8 @@ def main(argv: list[str]) -> int:
         threads=args.threads, **machine.versions("cortex", "torch", "transformers", "aiohttp")
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.mixed:
+        return run_mixed(args, info)
     watch = machine.CpuWatch()
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         server = neuron_server(
@@ -299,6 +317,91 @@ def main(argv: list[str]) -> int:
             },
             notes=[*verdicts(trials, args.batch), idle, machine.cpu_note(cpu)],
             draw=draw(levels, trials),
+        )
+    )
+    return 0
+
+
+def run_mixed(args: argparse.Namespace, info: dict) -> int:
+    """The mixed-workload scenario (engine_mixed.py): its own report, engine_mixed.json."""
+    shorts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    longs = [mixed.long_prompt(tokens) for tokens in args.long_tokens]
+    watch = machine.CpuWatch()
+    kv_tokens = 4 * (sum(args.long_tokens) + args.long_max_tokens * len(longs))
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        server = neuron_server(
+            args.threads,
+            args.batch + len(longs),
+            args.cache_dir,
+            Path(tmp),
+            {"kv_tokens": kv_tokens},
+        )
+        with server:
+            asyncio.run(run_level(server.base_url, 1, 1, 4))  # warm-up
+            trials = [mixed.trial(server.base_url, args, shorts, longs) for _ in range(args.trials)]
+    steps = mixed.step_costs(args.cache_dir, args.threads, repeats=3 if args.quick else 15)
+    print("decode step ms, KV MiB: " + ", ".join(f"{k}: {v}" for k, v in steps.items()), flush=True)
+    cpu = {"whole run": watch.shares()}
+    budget = 16384 - 16384 // 4  # the default kv_tokens, less its prefix share
+    shapes = {
+        "bench short stream (prompt 40, max_tokens 128)": (40, 128),
+        "Claude Code, trimmed (prompt 364, max_tokens clamped to 7,828)": (364, 7828),
+        "long context (prompt 6,000, max_tokens 256)": (6000, 256),
+    }
+    reach = {name: mixed.reachable(p, m, budget) for name, (p, m) in shapes.items()}
+    shorts_ratios = [t["shorts_ratio"] for t in trials]
+    shorts_ratio = mixed.median(shorts_ratios)
+    long_ratios = [mixed.median([t["longs_ratio"][i] for t in trials]) for i in range(len(longs))]
+    notes = [
+        f"target shorts mixed >= 0.95x alone: median {shorts_ratio:.2f}x "
+        f"(trials {', '.join(f'{ratio:.2f}' for ratio in shorts_ratios)}) -> "
+        f"{'met' if shorts_ratio >= 0.95 else 'NOT met'}",
+        *(
+            f"target long stream of {n} tokens, decode mixed >= 1.0x alone: median {r:.2f}x -> "
+            f"{'met' if r >= 1.0 else 'NOT met'}"
+            for n, r in zip(args.long_tokens, long_ratios, strict=True)
+        ),
+        *(
+            f"reachable batch under the default KV budget ({budget} tokens), {name}: "
+            f"before {r['before']}, after {r['after']} (at admission; it grows as they decode)"
+            for name, r in reach.items()
+        ),
+        *(
+            f"decode step, {name}: {ms:.1f} ms (best of 15), KV allocated {mib:,.0f} MiB"
+            for name, (ms, mib) in steps.items()
+        ),
+        machine.cpu_note(cpu),
+    ]
+    rows = [
+        [f"trial {i + 1}", t["shorts_alone_tok_s"], t["shorts_mixed_tok_s"], t["shorts_ratio"]]
+        + [
+            f"{a:.2f} / {m:.2f}"
+            for a, m in zip(t["longs_alone_tok_s"], t["longs_mixed_tok_s"], strict=True)
+        ]
+        for i, t in enumerate(trials)
+    ]
+    publish(
+        Report(
+            name="engine_mixed",
+            title=f"P2 mixed: {args.batch} short streams beside long ones ({args.threads} threads)",
+            columns=[
+                "trial",
+                "shorts alone tok/s",
+                "shorts mixed tok/s",
+                "mixed / alone",
+                *(f"long {n} alone / mixed tok/s" for n in args.long_tokens),
+            ],
+            rows=rows,
+            data={
+                "machine": info,
+                "cpu_shares": cpu,
+                "sizes": {k: v for k, v in vars(args).items() if k not in {"quick", "cache_dir"}},
+                "kv_tokens": kv_tokens,
+                "trials": trials,
+                "decode_step_ms": steps,
+                "reachable": reach,
+            },
+            notes=notes,
         )
     )
     return 0

@@ -19,8 +19,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from cortex.neuron import kv_budget
 from cortex.neuron.engine import Engine, Sequence
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
+from cortex.neuron.kv_bands import BAND_BASE, band_of
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path("/tmp/cortex-test-cache/smollm2-135m-engine")
@@ -304,19 +306,97 @@ def test_max_running_bounds_the_batch(model, tokenizer, prompts) -> None:
 
 
 def test_kv_budget_queues_what_does_not_fit(model, tokenizer, prompts) -> None:
-    """Sequences whose prompt + max_tokens exceed the KV budget together wait for room."""
+    """Sequences whose prompts overrun the KV budget together wait for room."""
     lengths = [len(p) for p in prompts.values()]
     budget = 2 * (min(lengths) + 8) - 1  # no two sequences fit together
     assert_one_at_a_time(make_engine(model, tokenizer, kv_budget_tokens=budget), prompts.values())
 
 
-def test_kv_budget_counts_rows_padded_to_the_longest(model, tokenizer, prompts) -> None:
-    """A short sequence beside a long one holds a row as long as the long one's."""
+def test_kv_budget_counts_real_tokens_not_padding_nor_max_tokens(model, tokenizer, prompts) -> None:
+    """A short sequence beside a long one holds its own tokens, and max_tokens holds nothing."""
     short = prompts["colors"]
     long = chat(tokenizer, " ".join(f"Box {i} is blue." for i in range(20)) + " Count the boxes.")
-    assert len(long) > len(short) + 16
-    budget = len(long) + len(short) + 2 * 8 + 4  # their sum fits; two long rows do not
-    assert_one_at_a_time(make_engine(model, tokenizer, kv_budget_tokens=budget), [long, short])
+    holding = [len(long) + 1, len(short) + 1]
+    budget = kv_budget.held(holding) + 2 * kv_budget.KV_BLOCK  # both, with room to grow
+    assert budget < kv_budget.padded(holding)  # rows padded to the longest would not fit
+    engine = make_engine(model, tokenizer, kv_budget_tokens=budget)
+    rs = [Recorder(p, max_tokens=8000, temperature=0) for p in (long, short)]
+    for r in rs:
+        engine.add(r.seq)
+    engine.step()
+    assert engine.running == 2 and engine.waiting == 0
+    assert engine.kv_tokens_held == kv_budget.held(holding)
+    for r in rs:
+        r.seq.cancel()
+    drain(engine)
+    assert all(r.finished.reason == "cancelled" for r in rs)
+
+
+def test_kv_reservation_grows_as_sequences_decode(model, tokenizer, prompts) -> None:
+    engine = make_engine(model, tokenizer)
+    r = Recorder(prompts["sea"], max_tokens=70, temperature=0, stop=("never",))
+    engine.add(r.seq)
+    seen = []
+    while engine.has_work():
+        engine.step()
+        if engine.running:
+            held = engine.kv_tokens_held
+            assert held == kv_budget.held([len(r.seq.prompt_ids) + len(r.seq.output_ids)])
+            seen.append(held)
+    assert seen == sorted(seen) and seen[-1] >= seen[0] + 2 * kv_budget.KV_BLOCK
+
+
+def test_preempted_sequences_resume_and_finish_as_alone(
+    model, tokenizer, prompts, greedy_alone
+) -> None:
+    """All three fit when admitted, not once they grow: the newest give their KV back, wait,
+    and resume where they were; no sequence fails and each says what it says alone."""
+    names = [n for n, r in greedy_alone.items() if len(r.seq.output_ids) == 40][:3]
+    assert len(names) == 3
+    lengths = [len(prompts[n]) + 1 for n in names]
+    budget = kv_budget.held(lengths) + 2 * kv_budget.KV_BLOCK
+    engine = make_engine(model, tokenizer, kv_budget_tokens=budget, prefix_cache_tokens=0)
+    rs = {n: Recorder(prompts[n], max_tokens=40, temperature=0) for n in names}
+    for r in rs.values():
+        engine.add(r.seq)
+    engine.step()
+    assert engine.running == 3
+    preempted = 0
+    while engine.has_work():
+        engine.step()
+        preempted = max(preempted, engine.waiting)
+        if engine.running > 1:
+            assert engine.kv_tokens_held <= budget + engine.running * kv_budget.KV_BLOCK
+    assert preempted >= 1
+    for name, r in rs.items():
+        assert r.seq.output_ids == greedy_alone[name].seq.output_ids
+        assert_consistent(tokenizer, r)
+
+
+def test_rows_in_different_length_bands_decode_as_alone(
+    model, tokenizer, prompts, greedy_alone
+) -> None:
+    """Short rows beside long ones, and a row crossing into the next band while it decodes."""
+    filler = " ".join(f"Item {i} is a small blue box on shelf {i % 7}." for i in range(80))
+    text = chat(tokenizer, filler + " How many items are there?")
+    crossing, long = text[-(BAND_BASE - 10) :], text[-700:]
+    assert band_of(len(long)) == 2 and band_of(len(crossing) + 30) == 1
+    together = [Recorder(p, max_tokens=30, temperature=0) for p in (crossing, long)]
+    together += [Recorder(prompts[n], max_tokens=40, temperature=0) for n in ("story", "colors")]
+    engine = make_engine(model, tokenizer)
+    for r in together:
+        engine.add(r.seq)
+    bands = set()
+    while engine.has_work():
+        engine.step()
+        bands |= {a.band for a in engine._decoding}
+    assert bands == {0, 1, 2}
+    assert together[2].seq.output_ids == greedy_alone["story"].seq.output_ids
+    assert together[3].seq.output_ids == greedy_alone["colors"].seq.output_ids
+    for r in together[:2]:
+        alone = Recorder(r.seq.prompt_ids, max_tokens=30, temperature=0)
+        generate(make_engine(model, tokenizer), alone)
+        assert r.seq.output_ids == alone.seq.output_ids
 
 
 def assert_one_at_a_time(engine: Engine, prompts: Iterable[list[int]]) -> None:

@@ -57,8 +57,9 @@ class NeuronSection(_Section):
     kv_tokens: int = Field(
         default=16384,
         ge=256,
-        description="KV cache budget per chat model in tokens (running prompts + max_tokens); "
-        "reserved in memory at load, a quarter of it keeps reusable prefixes",
+        description="KV cache budget per chat model in tokens (what running sequences hold: "
+        "prompt + generated so far); reserved in memory at load, a quarter of it keeps "
+        "reusable prefixes",
     )
     max_running: int = Field(
         default=32, ge=1, description="sequences generating at once, per model"

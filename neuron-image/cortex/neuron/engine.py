@@ -2,12 +2,15 @@
 
 Design (measured on CPU with SmolLM2-135M, see tests/neuron/test_engine.py): a decode step costs
 about the same for 1 sequence as for 16, so every step runs ONE forward for all decoding sequences.
-Their KV lives in one BatchKVCache, a row per sequence; each row keeps its own length, and the
-attention mask plus explicit position_ids let rows of different lengths share the forward. A
-leaving sequence's row is refilled by moving the last row into it: no per-step stacking or
-re-padding of KV, which would copy every sequence's cache on every token.
-Prompts are prefilled apart (a staging cache), at most `prefill_chunk` tokens per step, packed
-into one unpadded forward, shortest first; a finished prompt's KV is copied into the batch once.
+Their KV sits in length bands (kv_bands.py, decode_rows.py): rows of similar length share a cache,
+each row keeps its own length, and attention runs once per band, so a short row never attends
+over a long one's padding. A leaving sequence's row is refilled by moving its band's last row
+into it: no per-step stacking or re-padding of KV.
+Prompts are prefilled apart (a staging cache each), at most `prefill_chunk` tokens per step, packed
+into one unpadded forward, shortest first; a finished prompt's KV is copied into its band once.
+KV admission counts what sequences really hold, prompt plus generated so far (kv_budget.py): new
+work waits when the budget is full, and when growing sequences overrun it the newest are
+preempted: their KV is dropped (kept as a prefix when it fits) and recomputed when they resume.
 So a long prompt delays the running streams by one chunk per step instead of stalling them, and a
 short prompt arriving meanwhile is not queued behind it. A finished sequence leaves its KV as a
 prefix for later prompts that start the same way (prefix_cache.py). The tensor work (inputs,
@@ -31,6 +34,8 @@ from typing import Literal, TypeVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cortex.neuron import kv_budget
+from cortex.neuron.decode_rows import DecodeRows
 from cortex.neuron.detokenizer import Detokenizer, StopMatcher
 from cortex.neuron.devices import is_device_fault
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
@@ -82,9 +87,10 @@ class _Active:
     detokenizer: Detokenizer
     stops: StopMatcher
     kv_length: int = 0  # this sequence's tokens in the cache
-    row: int = -1  # staging row while prefilling (decoding: its index in Engine._decoding)
+    row: int = -1  # staging row while prefilling (decoding: its row in its band)
+    band: int = -1  # decoding: its length band
     pending: int = field(default=-1)  # last sampled token, fed at the next decode step
-    reserved: int = 0  # KV tokens this sequence may grow to (prompt + max_tokens)
+    order: int = 0  # admission order: the newest are preempted first
     matcher: Matcher | None = None  # its place in its grammar, if its output is constrained
 
 
@@ -114,12 +120,14 @@ class Engine:
         self._vocab = model.get_input_embeddings().num_embeddings
         self._prefill_chunk = max(1, prefill_chunk)
         self._prefixes = PrefixCache(prefix_cache_tokens)
-        # Tokens (prompt + max_tokens) admitted sequences may reach together: the KV memory the
-        # runtime reserved for this model. Beyond it, sequences wait for others to finish.
+        # KV tokens running sequences may hold together (prompt + generated so far, in blocks):
+        # the KV memory the runtime reserved for this model.
         self._kv_budget = kv_budget_tokens
         self._waiting: deque[Sequence] = deque()
-        self._decoding: list[_Active] = []  # row i of the batch cache holds _decoding[i]
+        self._preempted: list[_Active] = []  # KV dropped for room; resumed first, oldest first
+        self._decoding: DecodeRows[_Active] = DecodeRows(self._runner)
         self._prefilling: list[_Active] = []  # admitted, prompt not all in the cache; oldest first
+        self._admitted = 0
 
     # -- the worker's interface --------------------------------------------------------------
 
@@ -128,7 +136,7 @@ class Engine:
         self._waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._decoding or self._prefilling)
+        return bool(self._waiting or self._preempted or self._decoding or self._prefilling)
 
     @property
     def running(self) -> int:
@@ -136,11 +144,16 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._preempted)
+
+    @property
+    def kv_tokens_held(self) -> int:
+        """KV tokens the running sequences hold against the budget (in whole blocks)."""
+        return kv_budget.held([_holds(a) for a in self._live()])
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return self._runner.batch.bytes_per_token
+        return self._runner.kv_bytes_per_token
 
     def kv_bytes(self) -> int:
         """Device memory held for KV now: running sequences (with room to grow) and kept prefixes."""
@@ -153,21 +166,17 @@ class Engine:
         self._prefill()
         if self._decoding:
             self._decode()
-        longest = max((a.kv_length + 1 for a in self._decoding), default=0)
-        self._runner.batch.shrink(len(self._decoding), longest)
-        if not self._prefilling:
-            self._runner.staging.shrink(0, 0)
+        self._decoding.shrink()
 
     def fail_all(self, message: str) -> None:
         """Finish every sequence with an error (after a failed step, or on unload)."""
-        live = self._live()
-        self._decoding, self._prefilling = [], []
+        live = [*self._live(), *self._preempted]
+        self._decoding.clear()
+        self._prefilling, self._preempted = [], []
         for active in live:
             self._emit_finished(active.seq, "error", error=message)
         while self._waiting:
             self._emit_finished(self._waiting.popleft(), "error", error=message)
-        self._runner.batch.shrink(0, 0)
-        self._runner.staging.shrink(0, 0)
         self._prefixes.clear()
 
     # -- steps -------------------------------------------------------------------------------
@@ -175,10 +184,16 @@ class Engine:
     def _live(self) -> list[_Active]:
         return [*self._decoding, *self._prefilling]
 
+    def _by_age(self) -> list[_Active]:
+        return sorted(self._live(), key=lambda a: a.order)
+
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self._waiting if s.cancelled]:
             self._waiting.remove(seq)
             self._emit_finished(seq, "cancelled")
+        for active in [a for a in self._preempted if a.seq.cancelled]:
+            self._preempted.remove(active)
+            self._emit_finished(active.seq, "cancelled")
         for active in self._live():
             if active.seq.cancelled:
                 self._finish(active, "cancelled")
@@ -186,7 +201,7 @@ class Engine:
     def _prefill(self) -> None:
         """Spend up to one chunk budget of prompt tokens in one packed forward."""
         admitted = 0
-        while self._waiting and admitted < self._prefill_chunk:
+        while (self._waiting or self._preempted) and admitted < self._prefill_chunk:
             active = self._admit()
             if active is None:
                 break
@@ -204,23 +219,25 @@ class Engine:
     def _prefill_chunks(self, plan: list[tuple[_Active, int]]) -> None:
         """One packed forward over the plan's chunks; prompts it completes join the batch."""
         logits = self._runner.prefill(
-            [(a.row, a.kv_length, a.seq.prompt_ids[a.kv_length : a.kv_length + n]) for a, n in plan]
+            [(a.row, a.kv_length, _feed(a)[a.kv_length : a.kv_length + n]) for a, n in plan]
         )
-        ends = [i for i, (a, n) in enumerate(plan) if n == _remaining(a)]
-        done = [plan[i][0] for i in ends]
+        done = [a for a, n in plan if n == _remaining(a)]
+        # A resumed sequence (preempted before) already sampled the token it feeds next.
+        ends = [i for i, (a, n) in enumerate(plan) if n == _remaining(a) and not a.seq.output_ids]
+        fresh = [plan[i][0] for i in ends]
         logits = logits[ends]
-        apply_bitmask(logits, [a.matcher for a in done])
+        apply_bitmask(logits, [a.matcher for a in fresh])
         tokens = sample(
-            logits, [a.sampler for a in done], [a.generator for a in done], _recent(done)
+            logits, [a.sampler for a in fresh], [a.generator for a in fresh], _recent(fresh)
         )
         # State changes only once the forward and sampling went through, so a failed step can be
         # run again (each sequence alone, see _isolate) or abandoned (fail_all).
         for active, n in plan:
             active.kv_length += n
-        for active, token in zip(done, tokens, strict=True):
+        for active in done:
             self._prefilling.remove(active)
-            self._runner.promote(active.row, len(self._decoding), active.kv_length)
-            self._decoding.append(active)
+            self._decoding.join(active)
+        for active, token in zip(fresh, tokens, strict=True):
             self._accept(active, token)
 
     def _isolate(self, batch: list[T], run: Callable[[list[T]], None], exc: Exception) -> None:
@@ -271,7 +288,16 @@ class Engine:
         return plan
 
     def _admit(self) -> _Active | None:
-        """Take the next valid waiting sequence into a free staging row, if one is free."""
+        """Take the next valid waiting sequence into a free staging row, if one is free and its
+        KV fits; preempted sequences come first."""
+        if self._preempted and self.running < self._max_running:
+            active = self._preempted[0]
+            if not self._fits(_holds(active)):
+                return None
+            self._preempted.pop(0)
+            self._stage(active)
+            self._prefilling.append(active)
+            return active
         while self._waiting and self.running < self._max_running:
             seq = self._waiting.popleft()
             try:
@@ -280,11 +306,10 @@ class Engine:
                 if problem is not None:
                     self._emit_finished(seq, "error", error=problem)
                     continue
-                reserved = min(len(seq.prompt_ids) + sampler.max_tokens, self._context_length)
-                if not self._fits(reserved):
+                if not self._fits(len(seq.prompt_ids) + 1):
                     self._waiting.appendleft(seq)  # KV budget full: wait for one to leave
                     return None
-                active = self._start(seq, sampler, reserved)
+                active = self._start(seq, sampler)
             except Exception as exc:
                 if is_device_fault(exc):
                     raise
@@ -294,44 +319,60 @@ class Engine:
             return active
         return None
 
-    def _start(self, seq: Sequence, sampler: Sampler, reserved: int) -> _Active:
-        """The engine-side state of a sequence, in a free staging row, with any kept prefix."""
-        taken = {a.row for a in self._prefilling}
+    def _start(self, seq: Sequence, sampler: Sampler) -> _Active:
+        """The engine-side state of a new sequence, staged with any kept prefix."""
+        self._admitted += 1
         active = _Active(
             seq=seq,
             sampler=sampler,
             generator=sampler.generator(self._device),
             detokenizer=Detokenizer(self._tokenizer, seq.prompt_ids),
             stops=StopMatcher(seq.params.stop),
-            row=min(set(range(self._max_running)) - taken),
-            reserved=reserved,
+            order=self._admitted,
             matcher=seq.params.grammar.matcher() if seq.params.grammar is not None else None,
         )
-        self._reuse_prefix(active)
+        self._stage(active)
         return active
 
-    def _reuse_prefix(self, active: _Active) -> None:
-        """Start the row with a kept prefix's KV; at least one prompt token is left to prefill."""
-        prompt = active.seq.prompt_ids
-        hit = self._prefixes.lookup(prompt)
+    def _stage(self, active: _Active) -> None:
+        """Give the sequence a free staging row, started with a kept prefix's KV if one matches;
+        at least one token is left to prefill."""
+        taken = {a.row for a in self._prefilling}
+        active.row = min(set(range(self._max_running)) - taken)
+        active.kv_length = 0
+        tokens = _feed(active)
+        hit = self._prefixes.lookup(tokens)
         if hit is None:
             return
         kv, shared = hit
-        reuse = min(shared, len(prompt) - 1)
+        reuse = min(shared, len(tokens) - 1)
         if reuse > 0:
-            self._runner.staging.reserve(active.row + 1, reuse)
-            self._runner.staging.write_row(active.row, kv, reuse)
-            active.kv_length = active.seq.cached_tokens = reuse
+            stage = self._runner.stage(active.row)
+            stage.reserve(1, reuse)
+            stage.write_row(0, kv, reuse)
+            active.kv_length = reuse
+            if not active.seq.output_ids:  # usage reports what the prompt reused
+                active.seq.cached_tokens = reuse
 
-    def _fits(self, reserved: int) -> bool:
-        """Within the KV budget; a lone sequence always runs (its context bounds it).
+    def _fits(self, tokens: int) -> bool:
+        """Whether a sequence holding `tokens` joins the running ones within the KV budget."""
+        holding = [_holds(a) for a in self._live()]
+        return kv_budget.admits(holding, tokens, self._kv_budget)
 
-        Rows are as long as the longest, so n sequences hold n times the longest reservation.
-        """
-        if self._kv_budget is None or not self.running:
-            return True
-        held = [a.reserved for a in self._live()]
-        return (len(held) + 1) * max(*held, reserved) <= self._kv_budget
+    def _make_room(self) -> None:
+        """Preempt the newest sequences while the running ones' KV overruns the budget."""
+        live = self._by_age()
+        leaving = kv_budget.preemptions([_holds(a) for a in live], self._kv_budget)
+        for active in reversed(live[len(live) - leaving :]):
+            log.info(
+                "KV budget of %s tokens full: preempting a sequence of %d tokens",
+                self._kv_budget,
+                _holds(active),
+            )
+            self._keep_prefix(active)
+            self._release(active)
+            self._preempted.append(active)
+        self._preempted.sort(key=lambda a: a.order)
 
     def _refuse(self, seq: Sequence, sampler: Sampler) -> str | None:
         """Why a sequence cannot run at all (the runtime should have refused it already)."""
@@ -350,7 +391,11 @@ class Engine:
 
     def _decode(self) -> None:
         """One batched forward: every decoding sequence feeds its pending token."""
+        self._make_room()
+        self._decoding.reband()
         batch = list(self._decoding)
+        if not batch:
+            return
         try:
             self._decode_rows(batch)
         except Exception as exc:
@@ -359,10 +404,13 @@ class Engine:
             self._isolate(batch, self._decode_rows, exc)
 
     def _decode_rows(self, batch: list[_Active]) -> None:
-        """Decode contiguous batch rows (all of them, or one while isolating a failure)."""
-        first = self._decoding.index(batch[0])
+        """Decode batch rows (all of them, or one while isolating a failure)."""
+        segments = self._decoding.segments(batch)
         logits = self._runner.decode(
-            [a.pending for a in batch], [a.kv_length for a in batch], first_row=first
+            [
+                (band, first, [a.pending for a in rows], [a.kv_length for a in rows])
+                for band, first, rows in segments
+            ]
         )
         apply_bitmask(logits, [a.matcher for a in batch])
         tokens = sample(
@@ -410,26 +458,26 @@ class Engine:
             self._finish(active, reason)
 
     def _finish(self, active: _Active, reason: Literal["stop", "length", "cancelled"]) -> None:
-        seq = active.seq
-        if active in self._prefilling:
-            cache, row = self._runner.staging, active.row
-        else:
-            cache, row = self._runner.batch, self._decoding.index(active)
-        kept = (seq.prompt_ids + seq.output_ids)[: active.kv_length]
-        self._prefixes.store(kept, lambda n: cache.read_row(row, n))
+        self._keep_prefix(active)
         self._release(active)
-        self._emit_finished(seq, reason, stop_sequence=active.stops.matched)
+        self._emit_finished(active.seq, reason, stop_sequence=active.stops.matched)
+
+    def _keep_prefix(self, active: _Active) -> None:
+        """Leave the sequence's KV in the prefix cache, for prompts that start the same way."""
+        if active in self._prefilling:
+            cache, row = self._runner.stage(active.row), 0
+        else:
+            cache, row = self._runner.band(active.band), active.row
+        kept = (active.seq.prompt_ids + active.seq.output_ids)[: active.kv_length]
+        self._prefixes.store(kept, lambda n: cache.read_row(row, n))
 
     def _release(self, active: _Active) -> None:
-        """Free the sequence's row; decoding rows stay contiguous from row 0."""
+        """Free the sequence's row; a band's decoding rows stay contiguous from row 0."""
         if active in self._prefilling:
             self._prefilling.remove(active)
-            return
-        row = self._decoding.index(active)
-        last = self._decoding.pop()
-        if last is not active:
-            self._runner.batch.move_row(len(self._decoding), row, last.kv_length)
-            self._decoding[row] = last
+            self._runner.unstage(active.row)
+        else:
+            self._decoding.leave(active)
 
     def _emit_finished(
         self,
@@ -453,9 +501,20 @@ class Engine:
         )
 
 
+def _feed(active: _Active) -> list[int]:
+    """The tokens to put in the cache before decoding: the prompt, and for a sequence resumed
+    after preemption what it generated up to the pending token."""
+    return active.seq.prompt_ids + active.seq.output_ids[:-1]
+
+
 def _remaining(active: _Active) -> int:
-    """Prompt tokens not yet in the cache."""
-    return len(active.seq.prompt_ids) - active.kv_length
+    """Tokens to prefill not yet in the cache."""
+    return len(_feed(active)) - active.kv_length
+
+
+def _holds(active: _Active) -> int:
+    """KV tokens the sequence holds once its next token is in: prompt plus generated so far."""
+    return len(active.seq.prompt_ids) + max(len(active.seq.output_ids), 1)
 
 
 def _recent(batch: list[_Active]) -> list[list[int]]:

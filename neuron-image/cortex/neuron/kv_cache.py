@@ -1,27 +1,27 @@
-"""The running batch's KV cache: one row per sequence, each row with its own length.
+"""KV storage: rows of sequences, each row with its own length.
 
 Each layer's keys and values live in one buffer [2, rows, kv_heads, capacity, head_dim] on that
 layer's device (a model split over several GPUs keeps each layer's KV beside its weights).
-A decode forward is bound to a contiguous range of rows, each new token written at its row's own
-position, so rows of different lengths share one batched forward and attention reads them in place
-(the engine masks what a row must not see). A prefill forward packs several prompts into one row
-with no padding; their tokens are scattered to their own rows. Rows are moved, not re-packed, when
-sequences leave, and the buffers grow by doubling.
+A decode forward writes one token per row at that row's own position and reads the rows in place;
+a prefill forward writes a run of tokens into a row. Rows are moved, not re-packed, when sequences
+leave, and the buffers grow by doubling. The engine keeps rows of similar length together (one
+cache per length band) and each prompt being prefilled in a cache of its own, so no row is padded
+to a much longer one; kv_bands.py binds them to a forward.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel
-from transformers.cache_utils import Cache
 
 _GROW_ALIGN = 64  # capacity grows in multiples of this many tokens
 
 RowKV = list[torch.Tensor]  # one sequence's KV, per layer [2, kv_heads, length, head_dim]
 
 
-class BatchKVCache(Cache):
-    """A transformers Cache whose rows are independent sequences of different lengths."""
+class BatchKVCache:
+    """Rows of KV, each an independent sequence with its own length (kv_bands.py binds them to
+    a forward)."""
 
     def __init__(
         self,
@@ -33,15 +33,9 @@ class BatchKVCache(Cache):
         max_length: int,
         dtype: torch.dtype,
     ) -> None:
-        # The parent only holds per-layer objects; this cache keeps its own buffers instead.
-        super().__init__(layers=[])
         self.devices, self.kv_heads, self.head_dim = devices, kv_heads, head_dim
         self.max_rows, self.max_length, self.dtype = max_rows, max_length, dtype
         self._buffers: list[torch.Tensor] = []
-        self._write: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._read_rows: slice | None = None
-        self._history: list[tuple[int, int]] = []
-        self._kv_length = 0
 
     @classmethod
     def for_model(
@@ -132,63 +126,36 @@ class BatchKVCache(Cache):
         for buffer, saved in zip(self._buffers, kv, strict=True):
             buffer[:, row, :, :length] = saved[:, :, :length]
 
-    def bind_rows(self, rows: slice, positions: torch.Tensor, kv_length: int) -> None:
-        """Aim the next forward at a batch of rows; positions [rows, q]: where each new token goes.
-
-        Attention reads the rows' first kv_length tokens in place (a view, no copy).
-        """
-        assert rows.stop <= self.rows and kv_length <= self.capacity
-        index = torch.arange(rows.start, rows.stop, device=positions.device).unsqueeze(1)
-        self._write = (index, positions)
-        self._read_rows, self._history, self._kv_length = rows, [], kv_length
-
-    def bind_packed(
-        self, rows: torch.Tensor, positions: torch.Tensor, history: list[tuple[int, int]]
+    def write_tokens(
+        self,
+        layer: int,
+        rows: slice,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
     ) -> None:
-        """Aim the next forward at one packed row of several sequences' tokens.
+        """One new token per row: row rows.start + i gets keys[i] [kv_heads, 1, head_dim] at
+        positions[i] (each row at its own length)."""
+        buffer = self._buffers[layer]
+        index = torch.arange(rows.start, rows.stop, device=buffer.device)
+        at = positions.to(buffer.device)
+        # Advanced indices (row, position) around the head slice come first: [n, heads, dim].
+        buffer[0][index, :, at] = keys[:, :, -1]
+        buffer[1][index, :, at] = values[:, :, -1]
 
-        rows/positions [1, q] say where each token goes; attention reads the (row, length)
-        histories, then the new tokens, in that order (the caller's mask follows that layout).
-        """
-        assert self._buffers
-        self._write = (rows, positions)
-        self._read_rows, self._history = None, history
-        self._kv_length = sum(length for _, length in history) + rows.shape[1]
+    def write_span(
+        self, layer: int, row: int, start: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """A run of tokens [kv_heads, n, head_dim] into one row from position `start`."""
+        buffer = self._buffers[layer]
+        end = start + keys.shape[1]
+        buffer[0, row, :, start:end] = keys
+        buffer[1, row, :, start:end] = values
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Called by each attention layer: store the new keys/values, return what attention reads."""
-        assert self._write is not None
-        keys, values = self._buffers[layer_idx]
-        rows, positions = (t.to(keys.device) for t in self._write)
-        # Advanced indices (row, position) around the head slice come first: [n, q, heads, dim].
-        keys[rows, :, positions] = key_states.transpose(1, 2)
-        values[rows, :, positions] = value_states.transpose(1, 2)
-        if self._read_rows is not None:
-            read = self._read_rows
-            return keys[read, :, : self._kv_length], values[read, :, : self._kv_length]
-        if not self._history:
-            return key_states, value_states
-        # Key order is free: RoPE is already in the keys, and the mask names what each query sees.
-        past_keys = [keys[row, :, :length] for row, length in self._history]
-        past_values = [values[row, :, :length] for row, length in self._history]
-        return (
-            torch.cat([*past_keys, key_states[0]], dim=1).unsqueeze(0),
-            torch.cat([*past_values, value_states[0]], dim=1).unsqueeze(0),
-        )
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._kv_length
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self._kv_length, 0
-
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return self.max_length
-
-    def __len__(self) -> int:
-        return len(self.devices)
+    def view(self, layer: int, rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' first `length` keys and values in place [rows, kv_heads, length, head_dim]."""
+        buffer = self._buffers[layer]
+        return buffer[0, rows, :, :length], buffer[1, rows, :, :length]
 
 
 def _layer_devices(model: PreTrainedModel, count: int, default: torch.device) -> list[torch.device]:

@@ -1,7 +1,7 @@
-"""Running the model over the batch's KV cache: one decode forward, or one packed prefill.
+"""Running the model over its KV: one decode forward over the length bands, or one packed prefill.
 
-The tensor side of the engine: it builds input ids, positions and the 4D attention mask, binds
-the cache and calls the model; the engine decides which sequences go in and what comes out.
+The tensor side of the engine: it builds input ids, positions and the 4D attention masks, binds
+the caches and calls the model; the engine decides which sequences go in and what comes out.
 Needs an attention implementation that honours a 4D mask (sdpa or eager, not flash-attention);
 sliding-window models get the window in that mask (one mask per layer type where they mix).
 """
@@ -12,15 +12,24 @@ import inspect
 
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
 
 from cortex.neuron import cpu_linear
+from cortex.neuron.kv_bands import (
+    BANDED_ATTENTION,
+    BandRows,
+    DecodeBands,
+    PackedPrefill,
+    band_limit,
+    band_of,
+)
 from cortex.neuron.kv_cache import BatchKVCache
 
-_MASKED_ATTENTION = {"sdpa", "eager"}
+_MASKED_ATTENTION = {"sdpa", "eager", BANDED_ATTENTION}
 
 
 class ModelRunner:
-    """One model and its KV: the decoding batch's rows, and the rows of prompts being prefilled."""
+    """One model and its KV: decoding rows in length bands, prompts being prefilled apart."""
 
     def __init__(
         self, model: PreTrainedModel, *, device: torch.device, max_rows: int, max_length: int
@@ -29,59 +38,91 @@ class ModelRunner:
         if attention not in _MASKED_ATTENTION:
             raise ValueError(f"engine needs sdpa or eager attention, model uses {attention!r}")
         self._model, self._device = model, device
+        self._max_rows, self._max_length = max_rows, max_length
+        self._layers = model.config.get_text_config().num_hidden_layers
         if device.type == "cpu":
             cpu_linear.install(model)
-        self.batch = BatchKVCache.for_model(
-            model, max_rows=max_rows, max_length=max_length, device=device
-        )
-        # Prompts prefill apart, in any row, so a long one never blocks the batch's rows.
-        self.staging = BatchKVCache.for_model(
-            model, max_rows=max_rows, max_length=max_length, device=device
-        )
         self._window, self._mixed_layers = _sliding_window(model.config.get_text_config())
+        # Bands need one attention call per band: sdpa models without a window get them; the
+        # others keep every row in band 0 (one cache, rows padded to the longest).
+        self.banded = attention in {"sdpa", BANDED_ATTENTION} and self._window is None
+        if self.banded and attention != BANDED_ATTENTION:
+            model.set_attn_implementation(BANDED_ATTENTION)
+        self.bands: dict[int, BatchKVCache] = {}  # decoding rows, by length band
+        # Each prompt prefills in a cache of its own, so a long one pads no other.
+        self.staging: dict[int, BatchKVCache] = {}
         # transformers 5 renamed the forward's `past_key_values` to `cache`.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
-    def decode(self, tokens: list[int], starts: list[int], first_row: int = 0) -> torch.Tensor:
-        """Row first_row + i feeds tokens[i] at position starts[i]; logits [rows, vocab]."""
-        ids = self._longs(tokens).unsqueeze(1)
-        positions = self._longs(starts).unsqueeze(1)
+    def band_of(self, length: int) -> int:
+        """The band a decoding row of `length` tokens belongs in."""
+        return band_of(length) if self.banded else 0
+
+    def band(self, band: int) -> BatchKVCache:
+        if band not in self.bands:
+            limit = min(band_limit(band), self._max_length) if self.banded else self._max_length
+            self.bands[band] = self._cache(self._max_rows, limit)
+        return self.bands[band]
+
+    def stage(self, row: int) -> BatchKVCache:
+        """The staging cache of a prompt being prefilled (one row)."""
+        if row not in self.staging:
+            self.staging[row] = self._cache(1, self._max_length)
+        return self.staging[row]
+
+    def unstage(self, row: int) -> None:
+        self.staging.pop(row, None)
+
+    def clear(self) -> None:
+        self.bands.clear()
+        self.staging.clear()
+
+    def decode(self, segments: list[tuple[int, int, list[int], list[int]]]) -> torch.Tensor:
+        """Segments (band, first row, tokens, starts): row first + i of the band feeds tokens[i]
+        at position starts[i]. One forward; logits [rows, vocab] in segment order."""
+        bands = [self._band_rows(*segment) for segment in segments]
+        ids = self._longs([t for _, _, tokens, _ in segments for t in tokens]).unsqueeze(1)
+        positions = torch.cat([b.positions for b in bands]).unsqueeze(1)
+        binding = DecodeBands(bands, self._layers)
+        if len(bands) == 1:  # the model's own attention, with this band's mask
+            return self._run(binding, ids, positions, bands[0].mask, logits_to_keep=1)[:, -1, :]
+        logits = self._run(binding, ids, positions, None, logits_to_keep=1, row_bands=binding)
+        return logits[:, -1, :]
+
+    def _band_rows(self, band: int, first: int, tokens: list[int], starts: list[int]) -> BandRows:
+        cache = self.band(band)
         kv_length = max(starts) + 1
-        rows = slice(first_row, first_row + len(tokens))
-        self.batch.reserve(rows.stop, kv_length)
-        self.batch.bind_rows(rows, positions, kv_length)
+        rows = slice(first, first + len(tokens))
+        cache.reserve(rows.stop, kv_length)
+        positions = self._longs(starts)
         mask = None  # rows of one length see every key: no mask, and sdpa takes a faster path
         if min(starts) != max(starts) or (self._window is not None and kv_length > self._window):
             # Each row sees its own tokens only, not the stale tail beyond a shorter row's length.
-            distance = positions.unsqueeze(-1) - torch.arange(kv_length, device=self._device)
+            distance = positions[:, None, None] - torch.arange(kv_length, device=self._device)
             mask = self._attention_mask(distance >= 0, distance)
-        return self._run(self.batch, ids, positions, mask, logits_to_keep=1)[:, -1, :]
+        return BandRows(cache, rows, positions, kv_length, mask)
 
     def prefill(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
         """Chunks (staging row, start, tokens) packed into one forward row, unpadded.
 
         Returns the logits [chunks, vocab] of each chunk's last token.
         """
-        history: list[tuple[int, int]] = []
         q_seq: list[int] = []  # which chunk each new token belongs to
-        q_row: list[int] = []
         q_pos: list[int] = []
         k_seq: list[int] = []  # the same for each key attention reads: histories, then new tokens
         k_pos: list[int] = []
         for i, (row, start, chunk) in enumerate(chunks):
             q_seq += [i] * len(chunk)
-            q_row += [row] * len(chunk)
             q_pos += range(start, start + len(chunk))
+            self.stage(row).reserve(1, start + len(chunk))
             if start:
-                history.append((row, start))
                 k_seq += [i] * start
                 k_pos += range(start)
         queries, query_positions = self._longs(q_seq), self._longs(q_pos)
         keys, key_positions = self._longs(k_seq + q_seq), self._longs(k_pos + q_pos)
-        self.staging.reserve(max(q_row) + 1, max(s + len(c) for _, s, c in chunks))
-        self.staging.bind_packed(
-            self._longs(q_row).unsqueeze(0), query_positions.unsqueeze(0), history
+        binding = PackedPrefill(
+            [(self.stage(row), start, len(chunk)) for row, start, chunk in chunks], self._layers
         )
         # A token sees its own sequence's earlier tokens: kept history and this chunk, causally.
         distance = (query_positions[:, None] - key_positions).unsqueeze(0)
@@ -90,28 +131,48 @@ class ModelRunner:
         ends = self._longs([len(c) for _, _, c in chunks]).cumsum(0) - 1
         positions = query_positions.unsqueeze(0)
         mask = self._attention_mask(visible, distance)
-        return self._run(self.staging, ids, positions, mask, ends)[0]
+        return self._run(binding, ids, positions, mask, ends)[0]
 
-    def promote(self, staging_row: int, batch_row: int, length: int) -> None:
-        """A prefilled prompt joins the decoding batch."""
-        self.batch.copy_row_from(self.staging, staging_row, batch_row, length)
+    def promote(self, staging_row: int, band: int, row: int, length: int) -> None:
+        """A prefilled prompt joins a band of the decoding batch; its staging cache goes."""
+        self.band(band).copy_row_from(self.stage(staging_row), 0, row, length)
+        self.unstage(staging_row)
+
+    def move(self, source: tuple[int, int], target: tuple[int, int], length: int) -> None:
+        """A decoding row changes (band, row): it left its band, or its band's last row fills
+        a leaver's place."""
+        if source[0] == target[0]:
+            self.band(source[0]).move_row(source[1], target[1], length)
+        else:
+            self.band(target[0]).copy_row_from(self.band(source[0]), source[1], target[1], length)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self._cache(1, 1).bytes_per_token  # allocates nothing until rows are reserved
 
     @property
     def kv_bytes(self) -> int:
-        return self.batch.allocated_bytes + self.staging.allocated_bytes
+        caches = [*self.bands.values(), *self.staging.values()]
+        return sum(c.allocated_bytes for c in caches)
+
+    def _cache(self, rows: int, length: int) -> BatchKVCache:
+        return BatchKVCache.for_model(
+            self._model, max_rows=rows, max_length=length, device=self._device
+        )
 
     def _longs(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self._device)
 
     def _run(
         self,
-        cache: BatchKVCache,
+        cache: Cache,
         ids: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor | dict[str, torch.Tensor] | None,
         logits_to_keep: int | torch.Tensor,
+        **attention: object,
     ) -> torch.Tensor:
-        """The model forward over a bound cache."""
+        """The model forward over a bound cache; `attention` goes to the attention function."""
         out = self._model(
             input_ids=ids,
             position_ids=positions,
@@ -119,6 +180,7 @@ class ModelRunner:
             use_cache=True,
             logits_to_keep=logits_to_keep,
             **{self._cache_arg: cache},
+            **attention,
         )
         return out.logits
 
