@@ -159,11 +159,6 @@ def test_a_prompt_alone_over_the_context_is_a_400_naming_the_numbers(
         assert error["code"] == "context_length_exceeded"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="admission reserves the whole clamped context per sequence until the engine branch "
-    "reserves what a sequence uses; strict: passing, it fails, so this mark goes with that merge",
-)
 def test_eight_claude_code_streams_run_together(claude: anthropic.Anthropic) -> None:
     """Each stream notes when its first event came and when it stopped reading (after a few
     tokens): all eight were generating at once if every start precedes every stop."""

@@ -81,6 +81,11 @@ def test_a_named_tool_call_is_the_only_output_allowed(
     assert not _allowed(compiler, tokenizer, spec, call.replace("get_weather", "get_time"))
     assert not _allowed(compiler, tokenizer, spec, call.replace('"city"', '"town"'))
     assert not _allowed(compiler, tokenizer, spec, f"{call}\n{call}")  # parallel_tool_calls false
+    # Parallel calls allowed or not, a named function is one call, never a list of them.
+    spec, _ = chat_constraint(TOOLS, named, None, None)  # type: ignore[misc]
+    assert _allowed(compiler, tokenizer, spec, call)
+    inner = call.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>")
+    assert not _allowed(compiler, tokenizer, spec, f"<tool_call>\n[{inner}]\n</tool_call>")
     assert not _allowed(compiler, tokenizer, spec, "def get_weather(city):")
 
 

@@ -2,9 +2,9 @@
 
 `response_format` json_object / json_schema constrain the whole output to JSON. A forced
 `tool_choice` ("required" or a named function) constrains it to one `<tool_call>` block, the form
-tools.py parses, whose JSON is `{"name": ..., "arguments": ...}` with that tool's parameter schema,
-or an array of those unless `parallel_tool_calls` is false. A forced tool call wins over
-`response_format`.
+tools.py parses, whose JSON is `{"name": ..., "arguments": ...}` with that tool's parameter schema;
+for "required", an array of those unless `parallel_tool_calls` is false. A forced tool call wins
+over `response_format`.
 """
 
 from __future__ import annotations
@@ -92,7 +92,10 @@ def chat_constraint(
     """The grammar a chat request's output must follow and its kind (for metrics); None if free."""
     forced = forced_tools(tools, tool_choice) if tool_choice != "none" else None
     if forced is not None:
-        return tool_call_grammar(forced, parallel_tool_calls is not False), "tool_call"
+        # A named function is one call, as vLLM makes it: a list of calls to the same function
+        # has no end a small model finds before its token limit.
+        parallel = tool_choice == "required" and parallel_tool_calls is not False
+        return tool_call_grammar(forced, parallel), "tool_call"
     spec = response_format_grammar(response_format)
     if spec is None:
         return None
