@@ -77,7 +77,7 @@ def test_the_carried_wheels_cover_what_a_neuron_imports() -> None:
         if any(d.lower().replace("_", "-") in installed for d in dists)
     }
     neuron = third_party(
-        "import cortex.core.cli, cortex.core.commands, cortex.neuron.server\n"
+        "import cortex.cli.main, cortex.cli.commands, cortex.neuron.server\n"
         "import cortex.neuron.runtime, cortex.neuron.grammar, cortex.neuron.mapped_weights\n"
         "import accelerate, llguidance, llguidance.hf, llguidance.torch"
     )
