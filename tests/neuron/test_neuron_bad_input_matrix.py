@@ -107,7 +107,15 @@ SPECIFIC = [
     Case("n-3", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, n=3)),
     Case("max-tokens-0", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, max_tokens=0)),
     Case("max-tokens-huge", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, max_tokens=10**9)),
-    Case("max-tokens-past-context", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, max_tokens=399)),
+    # A max_tokens past the context is clamped (docs/architecture.md, "Completion limits"); a
+    # prompt that alone fills it is refused, naming the numbers.
+    Case(
+        "prompt-fills-context",
+        CHAT_ROUTE,
+        400,
+        json=_with(CHAT_ROUTE, messages=[{"role": "user", "content": "x" * 400}]),
+        says="maximum context length",
+    ),
     Case("embedding-model", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, model=EMBED)),
     Case(
         "tool-choice-unknown-tool",
