@@ -27,7 +27,7 @@ from cortex.core.catalogue import DEFAULT_CHAT_MODEL
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-CACHED_TARGET_S = 5.0
+CACHED_TARGET_S = 2.0  # issue 15 (round two); round one's was 5 s
 
 
 @dataclass
@@ -104,7 +104,7 @@ def verdicts(starts: list[Start]) -> list[str]:
     worst = max(cached)
     speedup = starts[0].cold.ttft / worst
     return [
-        f"target cached cold start <= {CACHED_TARGET_S:.0f} s: worst {worst:.2f} s -> "
+        f"target cached cold start <= {CACHED_TARGET_S:.1f} s: worst {worst:.2f} s -> "
         f"{'met' if worst <= CACHED_TARGET_S else 'NOT met'} ({speedup:.1f}x faster than the first load)"
     ]
 
