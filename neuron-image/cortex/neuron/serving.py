@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 from fastapi import Request
 
+from cortex.core.client import PRINCIPAL_HEADER  # the gateway sends the key's name under it
 from cortex.core.completion_limit import (
     STRICT_HEADER,
     CompletionLimit,
@@ -22,6 +23,7 @@ from cortex.core.completion_limit import (
 )
 from cortex.core.config import NeuronSection
 from cortex.core.errors import (
+    ClientGone,
     CortexError,
     GenerationFailed,
     InvalidRequest,
@@ -37,15 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Set by the gateway to the API key name it authenticated (dispatch.py sends it).
-PRINCIPAL_HEADER = "x-cortex-principal"
-
-
-class ClientGone(CortexError):
-    """The client disconnected before the answer was ready; nobody reads this response."""
-
-    status, code, kind = 499, "client_closed_request", "invalid_request_error"
 
 
 def completion_limit(

@@ -11,9 +11,10 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from cortex.core.errors import CortexError
+from cortex.core.protocol import openai
 from cortex.core.protocol.errors import openai_error
 
-DONE = b"data: [DONE]\n\n"
+DONE = f"data: {openai.DONE}\n\n".encode()
 
 
 def sse_data(payload: dict[str, Any]) -> bytes:
