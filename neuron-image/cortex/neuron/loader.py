@@ -63,13 +63,16 @@ def load_weights(
     cache_dir: Path,
     progress: Progress,
 ) -> LoadedWeights:
-    """Load a chat or embedding model onto devices[0] (split over all of them when several)."""
+    """Load a chat or embedding model onto devices[0] (split over all of them when several).
+
+    `progress` hears 0..1 as the load goes: a first conversion takes it to 0.5, the tensors
+    (one step each when mapped) take it on to 0.9; the caller says 1.0 when it serves."""
     try:
         directory, gguf_file = _materialize(local, cache_dir, progress)
-        progress(0.6)
+        progress(0.55)
         if kind == "embedding":
-            return _load_embedding(directory, devices[0], dtype)
-        return _load_causal(directory, gguf_file, devices, dtype, cache_dir)
+            return _load_embedding(directory, devices[0], dtype, progress)
+        return _load_causal(directory, gguf_file, devices, dtype, cache_dir, progress)
     except ModelLoadFailed:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -86,7 +89,7 @@ def _materialize(local: LocalModel, cache_dir: Path, progress: Progress) -> tupl
         cached = conversion_dir(local.path, cache_dir)
         if not (cached / "config.json").is_file():
             progress(0.1)
-            _convert_gguf(local.path, cached)
+            _convert_gguf(local.path, cached, scaled(progress, 0.1, 0.5))
         record_source(cached, local.path)
     except OSError as exc:  # a read-only or full cache must not stop the load itself
         log.warning("cannot cache converted %s: %s", local.path, exc)
@@ -94,12 +97,19 @@ def _materialize(local: LocalModel, cache_dir: Path, progress: Progress) -> tupl
     return cached, None
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
+def scaled(progress: Progress, low: float, high: float) -> Progress:
+    """A stage's own 0..1 reported as its share, low..high, of the whole load."""
+    return lambda value: progress(low + (high - low) * min(max(value, 0.0), 1.0))
+
+
+def _convert_gguf(gguf: Path, target: Path, progress: Progress) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _CONVERTING, _one_gguf_reader():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        progress(0.2)  # transformers de-quantizes in one call: the steps are its stages
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        progress(0.7)
     # The tensors are plain de-quantized floats now; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -139,21 +149,31 @@ def _one_gguf_reader() -> Iterator[None]:
 
 
 def _load_causal(
-    directory: Path, gguf_file: str | None, devices: list[Device], dtype: str, cache_dir: Path
+    directory: Path,
+    gguf_file: str | None,
+    devices: list[Device],
+    dtype: str,
+    cache_dir: Path,
+    progress: Progress,
 ) -> LoadedWeights:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    progress(0.6)
     model = None
     if gguf_file is None and len(devices) == 1:
-        model = load_causal_mapped(directory, getattr(torch, dtype), devices[0].torch_device)
+        model = load_causal_mapped(
+            directory, getattr(torch, dtype), devices[0].torch_device, scaled(progress, 0.6, 0.85)
+        )
     if model is None:
         model = _from_pretrained(directory, gguf_file, devices, dtype)
+    progress(0.85)
     if len(devices) == 1:
         model.to(devices[0].torch_device)
     model.eval()
     if devices[0].kind == "cpu":  # the engine's kernel choice, remembered per machine (P3)
         cpu_linear.install(model, memo=cache_dir.expanduser() / CPU_LINEAR_MEMO)
+    progress(0.9)
     # only what the model sets itself: to_dict() would add library defaults (do_sample=False, ...)
     generation = model.generation_config.to_diff_dict() if model.generation_config else {}
     eos = generation.get("eos_token_id", tokenizer.eos_token_id)
@@ -188,12 +208,17 @@ def _from_pretrained(
     return AutoModelForCausalLM.from_pretrained(directory, **kwargs)
 
 
-def _load_embedding(directory: Path, device: Device, dtype: str) -> LoadedWeights:
+def _load_embedding(
+    directory: Path, device: Device, dtype: str, progress: Progress
+) -> LoadedWeights:
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    progress(0.6)
     model = AutoModel.from_pretrained(directory, dtype=getattr(torch, dtype))
+    progress(0.8)
     model.to(device.torch_device).eval()
+    progress(0.9)
     context = min(
         int(getattr(model.config, "max_position_embeddings", 512)),
         int(getattr(tokenizer, "model_max_length", 512) or 512),

@@ -15,6 +15,7 @@ import json
 import logging
 import mmap
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,15 @@ _DTYPES = {
 _MAX_HEADER = 100 * 2**20
 
 
-def load_causal_mapped(directory: Path, dtype: torch.dtype, device: torch.device) -> Any | None:
+def load_causal_mapped(
+    directory: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: Callable[[float], None] = lambda _: None,
+) -> Any | None:
     """The model in eval mode on `device` with every weight from the directory, or None to fall
-    back. On the CPU the weights stay mapped; elsewhere each is copied over, then cast there."""
+    back. On the CPU the weights stay mapped; elsewhere each is copied over, then cast there.
+    `progress` hears each tensor's share of the bytes as it is placed (0..1)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -66,7 +73,7 @@ def load_causal_mapped(directory: Path, dtype: torch.dtype, device: torch.device
         return (
             None  # some weights must stay float32 whatever the dtype: from_pretrained knows which
         )
-    state = {name: t.to(device).to(dtype) for name, t in tensors.items()}  # no-ops when equal
+    state = _placed(tensors, dtype, device, progress)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # a tied head is not in the file: it shares the embedding's tensor
     if unexpected or any(p.is_meta for p in model.parameters()):
@@ -80,6 +87,22 @@ def load_causal_mapped(directory: Path, dtype: torch.dtype, device: torch.device
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model.eval()
+
+
+def _placed(
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: Callable[[float], None],
+) -> dict[str, torch.Tensor]:
+    """Each tensor on the device in the dtype (no-ops when equal), the bytes done told as it goes."""
+    total = sum(t.nbytes for t in tensors.values()) or 1
+    done, state = 0, {}
+    for name, tensor in tensors.items():
+        state[name] = tensor.to(device).to(dtype)
+        done += tensor.nbytes
+        progress(done / total)
+    return state
 
 
 def map_safetensors(path: Path) -> dict[str, torch.Tensor]:

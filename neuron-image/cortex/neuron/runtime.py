@@ -358,7 +358,7 @@ class NeuronRuntime:
         cache = self.config.neuron.cache_dir
 
         def progress(value: float) -> None:
-            replica.progress = value
+            replica.progress = max(replica.progress, value)  # stages never step back
 
         weights = await worker.run(
             lambda: loader.load_weights(local, spec.kind, devices, dtype, cache, progress)
