@@ -49,7 +49,7 @@ def test_models_list_and_status_show_every_model(gateway: str) -> None:
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines() if line.strip()}
     assert rows[CHAT][1:3] == ["ready", "local"]
-    assert rows["all-minilm-l6-v2"][1] == "available"  # never loaded, still listed
+    assert rows["all-minilm-l6-v2"][1:3] == ["not", "loaded"]  # never loaded, still listed
 
     status = cortex(gateway, "status")
     assert status.returncode == 0, status.stderr

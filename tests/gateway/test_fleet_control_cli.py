@@ -45,7 +45,7 @@ async def test_status_lists_every_model_with_until_in_80_columns(
     row = next(line for line in lines if line.startswith("chat-a"))
     assert "ready" in row and "gpu-1" in row and "in 4m" in row  # expires in under 5 minutes
     unloaded = next(line for line in lines if line.startswith("chat-b"))
-    assert "available" in unloaded and "ttl 60m00s" in unloaded
+    assert "not loaded" in unloaded and "ttl 60m00s" in unloaded
     assert any(line.startswith("a-model-with") for line in lines)  # cut, not dropped
 
 
@@ -80,7 +80,7 @@ async def test_models_still_talk_to_a_neuron_endpoint(capsys: pytest.CaptureFixt
                 args("models", "--endpoint", direct, "pin", "chat-a", "--neuron", "gpu-1")
             )
     out = capsys.readouterr().out
-    assert "chat-a" in out and "chat-b" in out and "available" in out
+    assert "chat-a" in out and "chat-b" in out and "not loaded" in out
 
 
 def test_durations_read_like_ollama_ps() -> None:

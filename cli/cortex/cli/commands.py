@@ -44,7 +44,15 @@ from cortex.core.config import (
     load_gateway_config,
 )
 from cortex.core.errors import CortexError
-from cortex.core.fleet import FleetView, LoadedModel, LoadRequest, ModelState, NeuronStatus
+from cortex.core.fleet import (
+    NOT_LOADED,
+    FleetView,
+    LoadedModel,
+    LoadRequest,
+    ModelState,
+    NeuronStatus,
+    shown_state,
+)
 from cortex.core.request_context import RequestContext
 
 if TYPE_CHECKING:
@@ -358,12 +366,12 @@ async def models(args: argparse.Namespace) -> int:
             listing = await client.models()
             for model in listing.loaded:
                 console.print(
-                    f"{model.id:32} {model.state.value:10} {model.memory_bytes / 2**20:8.0f} MiB  {','.join(model.devices)}"
+                    f"{model.id:32} {shown_state(model.state):10} {model.memory_bytes / 2**20:8.0f} MiB  {','.join(model.devices)}"
                 )
             loaded = {m.id for m in listing.loaded}
             for spec in listing.available:
                 if spec.id not in loaded:
-                    console.print(f"{spec.id:32} {'available':10} {spec.source}")
+                    console.print(f"{spec.id:32} {NOT_LOADED:10} {spec.source}")
     finally:
         await client.aclose()
     return 0

@@ -16,10 +16,11 @@ from rich.table import Table
 from cortex.cli.console import bar, gib
 from cortex.core.admin import AdminModel, AdminModels, GatewayAdmin, load_failure
 from cortex.core.errors import CortexError
-from cortex.core.fleet import FleetView, ModelState
+from cortex.core.fleet import FleetView, ModelState, shown_state
 
 WIDTH = 80  # the status view fits a terminal this wide
 _STYLE = {"ready": "green", "loading": "yellow", "unloading": "magenta", "failed": "red"}
+# The words are the fleet page's (core/fleet.py shown_state): one vocabulary for both.
 
 
 def until(model: AdminModel, expires_at: float | None, pinned: bool, now: float) -> str:
@@ -52,7 +53,7 @@ def models_table(listing: AdminModels, now: float) -> Table:
     table.add_column("UNTIL", no_wrap=True)
     for model in listing.models:
         for replica in model.replicas:
-            state = replica.state.value
+            state = shown_state(replica.state)
             text = f"[{_STYLE.get(state, 'white')}]{state}[/]"
             if replica.state is ModelState.LOADING:
                 text += f" {replica.progress:.0%}"
@@ -64,8 +65,14 @@ def models_table(listing: AdminModels, now: float) -> Table:
                 until(model, replica.expires_at, replica.pinned, now),
             )
         if not model.replicas:
-            state = "[red]failed[/]" if model.last_error else model.state
-            table.add_row(model.id, state, "-", "-", until(model, None, False, now))
+            state = shown_state(model.state, model.last_error)
+            table.add_row(
+                model.id,
+                f"[{_STYLE.get(state, 'white')}]{state}[/]",
+                "-",
+                "-",
+                until(model, None, False, now),
+            )
     return table
 
 

@@ -19,6 +19,23 @@ class ModelState(StrEnum):
     FAILED = "failed"
 
 
+# The one word the fleet page and `cortex status` show for a model or a replica. A replica's own
+# state reads as it is; a catalogue model loaded nowhere is "not loaded", or "failed" while its
+# last load's failure stands (docs/fleet-control.md).
+ShownState = Literal["ready", "loading", "unloading", "failed", "not loaded"]
+NOT_LOADED = "not loaded"
+
+
+def shown_state(state: str, last_error: str | None = None) -> ShownState:
+    """A replica's ModelState, or a catalogue model's availability (loaded, loading, available),
+    as the shown word."""
+    if state in ("ready", "loaded"):
+        return "ready"
+    if state in ("loading", "unloading", "failed"):
+        return state  # type: ignore[return-value]
+    return "failed" if last_error else NOT_LOADED
+
+
 class DeviceStatus(BaseModel):
     """One compute device of a neuron, as its worker sees it."""
 
@@ -110,6 +127,7 @@ class FleetReplica(BaseModel):
     progress: float = Field(default=0.0, ge=0.0, le=1.0)
     in_flight: int = Field(default=0, description="the neuron's count or the gateway's, the larger")
     last_used: float | None = None
+    error: str | None = Field(default=None, description="why it failed, when it did")
 
 
 class FleetNeuron(BaseModel):
@@ -131,3 +149,21 @@ class FleetView(BaseModel):
     neurons: list[FleetNeuron] = Field(default_factory=list)
     # The gateway's /v1/models cards: its own fields (state, locations, aliases...) ride along.
     models: list[SerializeAsAny[ModelCard]] = Field(default_factory=list)
+
+
+class ModelActivity(BaseModel):
+    """One model's traffic through the gateway over the last window, from its own counters."""
+
+    model: str
+    requests_per_second: float = 0.0
+    tokens_per_second: float = Field(default=0.0, description="completion tokens")
+    ttft_seconds: float | None = Field(
+        default=None, description="mean time to first token of the window's streams; None: none"
+    )
+
+
+class FleetActivity(BaseModel):
+    """GET /activity of a gateway (an admin route): live rates per model, for the fleet page."""
+
+    window_seconds: float
+    models: list[ModelActivity] = Field(default_factory=list)
