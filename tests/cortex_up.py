@@ -29,15 +29,21 @@ def free_port() -> int:
 
 
 @contextmanager
-def cortex_up(workdir: Path, model_cache: Path, *, ready_timeout: float = 120) -> Iterator[Up]:
-    """Start `cortex up` (its neuron caching converted weights in `model_cache`), yield once
-    /readyz answers 200; the process is killed on the way out if it has not exited."""
+def cortex_up(
+    workdir: Path, model_cache: Path, *, ready_timeout: float = 120, config: str | None = None
+) -> Iterator[Up]:
+    """Start `cortex up` (its neuron caching converted weights in `model_cache`, the gateway
+    reading `config` as its cortex.toml when given), yield once /readyz answers 200; the process
+    is killed on the way out if it has not exited."""
     port = free_port()
     log = workdir / "cortex-up.log"
     neuron_toml = workdir / "neuron.toml"
     neuron_toml.write_text(f"[neuron]\nname = 'local'\ncache_dir = '{model_cache}'\n")
     command = [sys.executable, "-m", "cortex.cli", "up", "--port", str(port)]
     command += ["--metrics-port", str(free_port()), "--neuron-config", str(neuron_toml)]
+    if config is not None:
+        (workdir / "cortex.toml").write_text(config)
+        command += ["--config", str(workdir / "cortex.toml")]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ)
     url = f"http://127.0.0.1:{port}"

@@ -85,7 +85,7 @@ async def test_fleet_page_and_its_json() -> None:
     async with cluster(neuron(), catalogue=CATALOGUE) as c:
         page = await c.http.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-        assert 'fetch("/fleet")' in page.text
+        assert 'fetch("/fleet/panel"' in page.text
         fleet = (await c.http.get("/fleet")).json()
         assert fleet["status"] == "ok"
         (n1,) = fleet["neurons"]

@@ -14,6 +14,7 @@ from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.core.kube_api import KubeApi, KubeLogin
 from cortex.core.placement.model import Policy
 from cortex.core.shutdown import Drain
+from cortex.gateway.activity import Activity
 from cortex.gateway.auth import Authenticator
 from cortex.gateway.catalogue import Catalogue, FleetModelCard, LiveCatalogue
 from cortex.gateway.demand import DemandSignal
@@ -70,6 +71,7 @@ class Gateway:
         self.kubernetes = kubernetes
         section = config.gateway
         self.metrics = GatewayMetrics()
+        self.activity = Activity(self.metrics)  # the fleet page's live rates
         self.fleet = Fleet(
             [*config.neurons, *extra_neurons] if kubernetes is None else [],
             unhealthy_after=section.unhealthy_after,

@@ -47,7 +47,11 @@ _detached: set[asyncio.Task[Any]] = set()  # loads whose caller left: they finis
 
 @router.get("/models")
 async def models(request: Request) -> AdminModels:
-    gateway = gateway_of(request)
+    return listing(gateway_of(request))
+
+
+def listing(gateway: Gateway) -> AdminModels:
+    """Every catalogue model and every neuron, with what keeps each model where it is."""
     return AdminModels(
         mode="static" if gateway.kubernetes is None else "kubernetes",
         models=[_model(gateway, spec) for spec in gateway.catalogue.specs()],
