@@ -4,7 +4,7 @@ gateway's GET /fleet returns (the fleet page and `cortex status` read it)."""
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, Field, SerializeAsAny, StrictBool
 
@@ -23,7 +23,7 @@ class ModelState(StrEnum):
 # state reads as it is; a catalogue model loaded nowhere is "not loaded", or "failed" while its
 # last load's failure stands (docs/fleet-control.md).
 ShownState = Literal["ready", "loading", "unloading", "failed", "not loaded"]
-NOT_LOADED = "not loaded"
+NOT_LOADED: Final = "not loaded"
 
 
 def shown_state(state: str, last_error: str | None = None) -> ShownState:
@@ -31,8 +31,9 @@ def shown_state(state: str, last_error: str | None = None) -> ShownState:
     as the shown word."""
     if state in ("ready", "loaded"):
         return "ready"
-    if state in ("loading", "unloading", "failed"):
-        return state  # type: ignore[return-value]
+    for word in ("loading", "unloading", "failed"):
+        if state == word:
+            return word
     return "failed" if last_error else NOT_LOADED
 
 
