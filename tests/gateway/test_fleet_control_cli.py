@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes.neuron import FakeNeuron, GiB
+from fakes.neuron import FakeModel, FakeNeuron, GiB
 from gateway_cluster import cluster, spec
 
 from cortex.cli import commands
 from cortex.cli.fleet_control import duration
 from cortex.cli.main import _parser
 from cortex.core.errors import CortexError
+from cortex.core.fleet import ModelState
 
 LONG = "a-model-with-a-name-far-too-long-for-any-column-of-an-80-column-terminal"
 CATALOGUE = [spec("chat-a", idle_ttl=300), spec("chat-b", idle_ttl=3600), spec(LONG)]
@@ -47,6 +48,17 @@ async def test_status_lists_every_model_with_until_in_80_columns(
     unloaded = next(line for line in lines if line.startswith("chat-b"))
     assert "not loaded" in unloaded and "ttl 60m00s" in unloaded
     assert any(line.startswith("a-model-with") for line in lines)  # cut, not dropped
+
+
+async def test_status_says_why_a_model_failed(capsys: pytest.CaptureFixture[str]) -> None:
+    oom = "needs 9000 MiB; cpu-0 has 800 MiB free"
+    neuron = FakeNeuron("gpu-1", loaded={"chat-a": GiB})
+    neuron.models["chat-b"] = FakeModel("chat-b", 0, state=ModelState.FAILED, error=oom)
+    async with cluster(neuron, catalogue=CATALOGUE) as c:
+        assert await commands.status(c.url) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert any("chat-b on gpu-1 failed: needs 9000 MiB" in line for line in lines), lines
 
 
 async def test_models_load_pin_cordon_through_the_gateway(

@@ -12,6 +12,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from cortex.cli.console import bar, gib
 from cortex.core.admin import AdminModel, AdminModels, GatewayAdmin, load_failure
@@ -102,10 +103,24 @@ def neurons_table(fleet: FleetView, listing: AdminModels) -> Table:
     return table
 
 
+def failures(fleet: FleetView, listing: AdminModels) -> list[Text]:
+    """Why each failed replica (or failed catalogue model) failed, one wrapped line each."""
+    why = [
+        (f"{replica.id} on {neuron.name}", replica.error or "no reason given")
+        for neuron in fleet.neurons
+        for replica in neuron.replicas
+        if replica.state is ModelState.FAILED
+    ]
+    why += [(m.id, m.last_error) for m in listing.models if not m.replicas and m.last_error]
+    return [Text.assemble((f"{what} failed: ", "red"), reason) for what, reason in why]
+
+
 async def view(admin: GatewayAdmin) -> Group:
     fleet, listing = await asyncio.gather(admin.fleet(), admin.models())
     now = time.time()
-    return Group(neurons_table(fleet, listing), "", models_table(listing, now))
+    return Group(
+        neurons_table(fleet, listing), "", models_table(listing, now), *failures(fleet, listing)
+    )
 
 
 async def status(admin: GatewayAdmin, watch: float | None) -> int:
