@@ -169,6 +169,22 @@ def test_cheapest_victim_set_beats_taking_the_cheapest_bytes_one_by_one() -> Non
     assert cheapest_victims([s1], 0, by_worth) == ()
 
 
+def test_a_crowded_neuron_gets_a_victim_set_no_worse_than_greedy() -> None:
+    # Past the search's node budget the answer is the best found, never worse than the greedy one.
+    rng = random.Random(4)
+    crowd = [rep(f"r{i:02d}", rng.choice((1, 2, 3))) for i in range(60)]
+    worths = {r.model: rng.random() for r in crowd}
+
+    def worth(r: ReplicaView) -> float:
+        return worths[r.model]
+
+    victims = cheapest_victims(crowd, 20 * GIB, worth)
+    assert victims is not None and sum(r.memory for r in victims) >= 20 * GIB
+    greedy = choose_victims(sorted(crowd, key=lambda r: worth(r) / r.memory), 20 * GIB)
+    assert greedy is not None
+    assert sum(map(worth, victims)) <= sum(map(worth, greedy))
+
+
 def test_evicts_the_fewest_replicas_then_the_coldest_neuron() -> None:
     fleet = [
         neuron("a", 4, rep("hot", 4, last_used=90)),
