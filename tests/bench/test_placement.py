@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import main as bench_main
-from bench.placement import GIB, TRACES, Workload, fleet_for, main, simulate, workload
+from bench.placement import (
+    GIB,
+    SHIFT_EVERY,
+    TRACES,
+    Workload,
+    fleet_for,
+    main,
+    simulate,
+    workload,
+)
+from bench.placement_static import StaticSet, best_static_set, replay_static
 from bench.report import Report, publish, table
 from cortex.core.catalogue import ModelSpec
 
@@ -45,11 +55,49 @@ def test_mixed_trace_spans_small_to_8b_footprints_and_fleets_scale_with_it() -> 
 
 def test_a_fleet_holding_everything_only_pays_the_first_loads() -> None:
     work = workload(seed=1, models=6, requests=300, zipf=1.0, noise=0.2)
-    for strategy in ("lru", "priority", "cost", "oracle", "belady"):
+    for strategy in ("lru", "priority", "cost", "oracle", "static", "belady"):
         outcome = simulate(work, [100], strategy)
         assert outcome.cold_loads == len(set(work.trace))
         assert outcome.evictions == 0
         assert outcome.curve[-1] == outcome.cold_loads and len(outcome.curve) == 300
+
+
+def test_static_set_packs_the_neurons_and_keeps_room_for_the_rest() -> None:
+    sizes = {"big": 2 * GIB, "s1": GIB, "s2": GIB, "s3": GIB}
+    popularity = {"big": 0.5, "s1": 0.2, "s2": 0.2, "s3": 0.1}
+    static = best_static_set(sizes, popularity, [3 * GIB, GIB])
+    # 4 GiB of neurons, 1 GiB kept free for the rest: big + one small (0.7), never s1 + s2 + s3.
+    assert static.room == GIB and set(static.homes) in ({"big", "s1"}, {"big", "s2"})
+    assert abs(static.kept_popularity - 0.7) < 1e-9
+    # Kept models load once; the others share the room, one at a time.
+    loads = replay_static(
+        list("bbxyxxb"), {"b": GIB, "x": GIB, "y": GIB}, [2 * GIB], [(0, _keep("b"))]
+    )
+    assert loads == ["b", None, "x", "y", "x", None, None]
+
+
+def _keep(model: str) -> StaticSet:
+    """Keep `model` on neuron 0; every other model uses the room left there."""
+    return StaticSet({model: 0}, spare=0, room=GIB, kept_popularity=1.0)
+
+
+def test_shifting_trace_reshuffles_the_popular_models() -> None:
+    work = workload(7, 10, 2000, 1.0, 0.0, TRACES["shifting"], shift_every=500)
+    phases = work.phases()
+    assert [start for start, _ in phases] == [0, 500, 1000, 1500] and SHIFT_EVERY["shifting"]
+    tops = [max(p, key=p.__getitem__) for _, p in phases]
+    assert len(set(tops)) > 1
+    for (start, _), top in zip(phases, tops, strict=True):
+        window = work.trace[start : start + 500]
+        assert max(set(window), key=window.count) == top
+
+
+def test_static_set_beats_lru_on_independent_requests() -> None:
+    work = workload(seed=5, models=12, requests=1500, zipf=1.0, noise=0.2)
+    neurons = fleet_for(work, 0.7)
+    static = simulate(work, neurons, "static")
+    assert static.cold_loads < simulate(work, neurons, "lru").cold_loads
+    assert static.curve[-1] == static.cold_loads and len(static.curve) == 1500
 
 
 def test_placement_benchmark_writes_table_json_and_plot(
@@ -64,10 +112,11 @@ def test_placement_benchmark_writes_table_json_and_plot(
         "priority",
         "cost",
         "oracle",
+        "static",
         "belady",
     }
-    assert {r["trace"] for r in document["runs"]} == {"zipf", "mixed"}
-    assert len(document["table"]["rows"]) == 4  # two traces at two capacities
+    assert {r["trace"] for r in document["runs"]} == {"zipf", "mixed", "shifting"}
+    assert len(document["table"]["rows"]) == 6  # three traces at two capacities
     assert (tmp_path / "placement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

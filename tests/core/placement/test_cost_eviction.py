@@ -57,15 +57,37 @@ def test_cost_evicts_the_big_cheap_replica_lru_would_keep() -> None:
     # 10 GiB neuron: big (8 GiB, used at 90) and small (1 GiB, used at 80); a 2 GiB model arrives.
     fleet = [NeuronView("n1", 10 * GIB, 1 * GIB, (rep("big", 8, 90), rep("small", 1, 80)))]
     models = catalogue(big=8, small=1, new=2)
-    seconds = {("n1", "big"): 11.0, ("n1", "small"): 4.0}
+    seconds = {("n1", "big"): 2.0, ("n1", "small"): 8.0}
     assert plan(fleet, models, [Demand("new")], LRU, NOW, load_seconds=seconds).actions == (
         Unload("small", "n1", "evict"),
         Load("new", "n1", 2 * GIB),
     )
-    # big: 11 s / 8 GiB / 10 s idle = 0.14 s/GiB/s; small: 4 s / 1 GiB / 20 s = 0.2.
+    # Lost load seconds per second: big 2 s / 10 s idle = 0.2; small 8 s / 20 s = 0.4.
     assert plan(fleet, models, [Demand("new")], COST, NOW, load_seconds=seconds).actions == (
         Unload("big", "n1", "evict"),
         Load("new", "n1", 2 * GIB),
+    )
+
+
+def test_cost_takes_two_cold_replicas_where_fewest_victims_takes_one_warm() -> None:
+    # n1: one warm 4 GiB replica; n2: two cold 2 GiB ones. A 3 GiB model arrives, nothing free.
+    fleet = [
+        NeuronView("n1", 4 * GIB, 0, (rep("warm", 4, 95),)),
+        NeuronView("n2", 4 * GIB, 0, (rep("c1", 2, 10), rep("c2", 2, 20))),
+    ]
+    models = catalogue(warm=4, c1=2, c2=2, new=3)
+    seconds = {("n1", "warm"): 7.0, ("n2", "c1"): 5.0, ("n2", "c2"): 5.0}
+    # LRU takes the fewest victims: warm, on n1.
+    assert plan(fleet, models, [Demand("new")], LRU, NOW, load_seconds=seconds).actions == (
+        Unload("warm", "n1", "evict"),
+        Load("new", "n1", 3 * GIB),
+    )
+    # cost: warm loses 7 s / 5 s idle = 1.4 s/s; c1 + c2 lose 5/90 + 5/80 = 0.12 s/s.
+    result = plan(fleet, models, [Demand("new")], COST, NOW, load_seconds=seconds)
+    assert result.actions == (
+        Unload("c1", "n2", "evict"),
+        Unload("c2", "n2", "evict"),
+        Load("new", "n2", 3 * GIB),
     )
 
 

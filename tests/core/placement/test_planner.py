@@ -6,7 +6,7 @@ import random
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.fleet import ModelState
-from cortex.core.placement.eviction import choose_victims
+from cortex.core.placement.eviction import cheapest_victims, choose_victims
 from cortex.core.placement.model import Demand, Load, NeuronView, Policy, ReplicaView, Unload
 from cortex.core.placement.planner import apply_plan, plan
 
@@ -146,6 +146,43 @@ def test_fewest_victims_spares_the_unneeded_ones() -> None:
     assert choose_victims([small1, small2, big], 5 * GIB) == (small1, big)
     assert choose_victims([small1, small2], 5 * GIB) is None
     assert choose_victims([small1], 0) == ()
+
+
+def test_cheapest_victim_set_beats_taking_the_cheapest_bytes_one_by_one() -> None:
+    big, s1, s2 = rep("big", 8), rep("s1", 1), rep("s2", 1)
+    worth = {"big": 2.0, "s1": 0.5, "s2": 0.5}.__getitem__
+
+    def by_worth(r: ReplicaView) -> float:
+        return worth(r.model)
+
+    # Cheapest per byte first, one by one, takes big (0.25/GiB) and loses 2.0; the set s1 + s2
+    # frees the 2 GiB needed and loses 1.0.
+    by_density = sorted([big, s1, s2], key=lambda r: by_worth(r) / r.memory)
+    assert choose_victims(by_density, 2 * GIB) == (big,)
+    assert set(cheapest_victims([big, s1, s2], 2 * GIB, by_worth)) == {s1, s2}
+    # When the big one is the cheaper set, it goes alone.
+    cheap_big = {"big": 0.6, "s1": 0.5, "s2": 0.5}.__getitem__
+    assert cheapest_victims([big, s1, s2], 2 * GIB, lambda r: cheap_big(r.model)) == (big,)
+    # Equal worth: fewer replicas.
+    assert cheapest_victims([s1, s2, rep("s3", 2)], 2 * GIB, lambda r: 0.0) == (rep("s3", 2),)
+    assert cheapest_victims([s1, s2], 3 * GIB, by_worth) is None
+    assert cheapest_victims([s1], 0, by_worth) == ()
+
+
+def test_a_crowded_neuron_gets_a_victim_set_no_worse_than_greedy() -> None:
+    # Past the search's node budget the answer is the best found, never worse than the greedy one.
+    rng = random.Random(4)
+    crowd = [rep(f"r{i:02d}", rng.choice((1, 2, 3))) for i in range(60)]
+    worths = {r.model: rng.random() for r in crowd}
+
+    def worth(r: ReplicaView) -> float:
+        return worths[r.model]
+
+    victims = cheapest_victims(crowd, 20 * GIB, worth)
+    assert victims is not None and sum(r.memory for r in victims) >= 20 * GIB
+    greedy = choose_victims(sorted(crowd, key=lambda r: worth(r) / r.memory), 20 * GIB)
+    assert greedy is not None
+    assert sum(map(worth, victims)) <= sum(map(worth, greedy))
 
 
 def test_evicts_the_fewest_replicas_then_the_coldest_neuron() -> None:

@@ -1,9 +1,9 @@
-"""Eviction scoring: which resident replicas give way first, and the fewest that free enough memory."""
+"""Eviction scoring: which resident replicas give way first, and which set of them frees enough."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.placement.model import ReplicaView, Strategy
@@ -48,9 +48,14 @@ def reload_value(replica: ReplicaView, now: float, load_seconds: float | None) -
     `usage`, else the inverse of its idle time (size-adjusted LRU). Unknown cost counts one second
     per GiB (then: LFU or LRU weighted by size).
     """
-    size = max(replica.memory, 1)
-    cost = load_seconds if load_seconds is not None else size / 2**30
-    return cost / size * request_rate(replica, now)
+    return reload_worth(replica, now, load_seconds) / max(replica.memory, 1)
+
+
+def reload_worth(replica: ReplicaView, now: float, load_seconds: float | None) -> float:
+    """Load seconds per second that evicting the replica is expected to cost: its reload time
+    (unknown: one second per GiB) times its request rate. What `cost` victim sets minimise."""
+    cost = load_seconds if load_seconds is not None else replica.memory / 2**30
+    return cost * request_rate(replica, now)
 
 
 def request_rate(replica: ReplicaView, now: float) -> float:
@@ -87,3 +92,61 @@ def choose_victims(
             spared.add(index)
             freed -= taken[index].memory
     return tuple(r for i, r in enumerate(taken) if i not in spared)
+
+
+# Search nodes one neuron's victim set may take: exact for the few replicas a GPU holds, the
+# greedy answer (or the best found so far) for a neuron crowded past that.
+VICTIM_SEARCH_NODES = 4096
+
+
+def cheapest_victims(
+    candidates: Sequence[ReplicaView], shortfall: int, worth: Callable[[ReplicaView], float]
+) -> tuple[ReplicaView, ...] | None:
+    """The replicas freeing at least `shortfall` bytes whose summed `worth` is least.
+
+    A covering knapsack, solved as a set rather than one replica at a time: two small cold
+    replicas may cost less than the one large warm one coldest-first would take, and one large
+    cold replica less than several small warm ones. Ties go to fewer replicas. None when even
+    all of them are not enough.
+    """
+    if shortfall <= 0:
+        return ()
+    if sum(r.memory for r in candidates) < shortfall:
+        return None
+    # Cheapest worth per byte first: the order of the greedy answer and of the search's bound.
+    items = sorted(candidates, key=lambda r: (worth(r) / max(r.memory, 1), -r.memory, r.model))
+    values = [worth(r) for r in items]
+    greedy = choose_victims(items, shortfall)
+    assert greedy is not None  # all of them free enough
+    best_key = (sum(worth(r) for r in greedy), len(greedy))
+    best: tuple[int, ...] = tuple(items.index(r) for r in greedy)
+    nodes = 0
+
+    def bound(start: int, missing: int) -> float:
+        """Least worth the rest could still add: the cheapest bytes, a fraction of the last."""
+        extra = 0.0
+        for index in range(start, len(items)):
+            take = min(items[index].memory, missing)
+            extra += values[index] * take / max(items[index].memory, 1)
+            missing -= take
+            if missing <= 0:
+                return extra
+        return math.inf
+
+    def search(start: int, missing: int, lost: float, chosen: tuple[int, ...]) -> None:
+        nonlocal best, best_key, nodes
+        nodes += 1
+        if missing <= 0:
+            if (lost, len(chosen)) < best_key:
+                best, best_key = chosen, (lost, len(chosen))
+            return
+        if nodes > VICTIM_SEARCH_NODES or start >= len(items):
+            return
+        if (lost + bound(start, missing), len(chosen) + 1) >= best_key:
+            return
+        item = items[start]
+        search(start + 1, missing - item.memory, lost + values[start], (*chosen, start))
+        search(start + 1, missing, lost, chosen)
+
+    search(0, shortfall, 0.0, ())
+    return tuple(items[index] for index in best)

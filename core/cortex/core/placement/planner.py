@@ -13,9 +13,11 @@ Rules, in the order they run:
   (under `priority`, minimums and demand are taken together, highest priority first).
 Placement is worst fit (most memory left after the load) on healthy, uncordoned neurons whose
 labels match the model's selector. When nothing fits, defrag (on its cycles) moves the smallest
-idle replicas off one neuron (a load this plan made is simply sent elsewhere); otherwise the fewest replicas are evicted from one neuron, coldest
-first by strategy (eviction.py; `cost` weighs each replica's request rate, from its `usage`,
-by the measured `load_seconds` of its model on its neuron, else elsewhere, per byte). Never
+idle replicas off one neuron (a load this plan made is simply sent elsewhere); otherwise replicas
+are evicted from one neuron (eviction.py): under `lru` and `priority` the fewest, coldest first;
+under `cost` the set, on whichever neuron, whose summed worth is least (a replica's worth: its
+request rate, from its `usage`, times the measured `load_seconds` of its model on its neuron,
+else elsewhere). Never
 evicted: pinned-there, in-flight, loading/unloading replicas, replicas of demanded models,
 replicas loaded by this plan, and the last ones a minimum needs (under the `priority` strategy a
 minimum holds only against models of equal or lower priority: a higher-priority model may take a
@@ -33,7 +35,13 @@ from functools import partial
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.fleet import ModelState
-from cortex.core.placement.eviction import EvictionKey, choose_victims, eviction_key
+from cortex.core.placement.eviction import (
+    EvictionKey,
+    cheapest_victims,
+    choose_victims,
+    eviction_key,
+    reload_worth,
+)
 from cortex.core.placement.model import (
     Action,
     Demand,
@@ -103,6 +111,12 @@ def apply_plan(fleet: Sequence[NeuronView], planned: Plan, now: float) -> tuple[
 
 _LIVE = frozenset({ModelState.READY, ModelState.LOADING})
 Coldness = tuple[EvictionKey, str]  # eviction key, then the model id for a stable order
+_NONE: Coldness = ((), "")  # the coldness of no victim at all
+
+
+def _no_worth(replica: ReplicaView) -> float:
+    """`lru` and `priority` rank without a worth: every victim set weighs nothing."""
+    return 0.0
 
 
 @dataclass
@@ -363,18 +377,25 @@ class _Work:
         )
 
     def evict_for(self, model: str, size: int, slots: list[_Slot]) -> bool:
-        """Evict the fewest replicas on one neuron; among equals, where the hottest victim is coldest."""
-        best: tuple[tuple[int, Coldness, str], _Slot, tuple[ReplicaView, ...]] | None = None
+        """Evict on one neuron: under `cost` the victim set worth least (summed over the set, on
+        whichever neuron); otherwise the fewest replicas, where the hottest victim is coldest."""
+        best: tuple[tuple[float, int, Coldness, str], _Slot, tuple[ReplicaView, ...]] | None = None
         for slot in slots:
             coldness = partial(self.coldness, slot)
             ordered = sorted(
                 (r for r in slot.replicas.values() if self.evictable(slot, r, for_model=model)),
                 key=coldness,
             )
-            victims = choose_victims(ordered, size - slot.free)
+            if self.policy.strategy == "cost":
+                worth = partial(self.worth, slot)
+                victims = cheapest_victims(ordered, size - slot.free, worth)
+            else:
+                worth = _no_worth
+                victims = choose_victims(ordered, size - slot.free)
             if victims is None:
                 continue
-            cost = (len(victims), max(map(coldness, victims)), slot.name)
+            lost = sum(map(worth, victims))
+            cost = (lost, len(victims), max(map(coldness, victims), default=_NONE), slot.name)
             if best is None or cost < best[0]:
                 best = (cost, slot, victims)
         if best is None:
@@ -384,6 +405,10 @@ class _Work:
             self.unload(slot, victim, "evict")
         self.load(slot, model, size)
         return True
+
+    def worth(self, slot: _Slot, replica: ReplicaView) -> float:
+        """Load seconds per second lost if the replica leaves this neuron (`cost` strategy)."""
+        return reload_worth(replica, self.now, self.load_cost(slot.name, replica.model))
 
     def coldness(self, slot: _Slot, replica: ReplicaView) -> Coldness:
         key = eviction_key(
