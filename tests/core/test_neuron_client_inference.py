@@ -153,3 +153,35 @@ async def test_a_neuron_silent_past_the_read_timeout_is_unavailable() -> None:
     assert time.monotonic() - started < 5
     assert not isinstance(silent.value, NeuronUnreachable)  # slow is not gone
     assert "timeout" in silent.value.message.lower() and "n1" in silent.value.message
+
+
+async def test_a_kept_alive_connection_the_neuron_closes_is_retried_on_a_new_one() -> None:
+    # The first connection answers once, then closes when its second request comes (as a neuron
+    # closing an idle connection just as it is reused); every other connection answers.
+    connections: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = len(connections)
+        connections.append(0)
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            connections[number] += 1
+            if number == 0 and connections[number] == 2:
+                writer.close()
+                return
+            answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+            writer.write(answer + str(len(ANSWER)).encode() + b"\r\n\r\n" + ANSWER)
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = NeuronClient(f"http://127.0.0.1:{port}", name="n1")
+    try:
+        assert (await client.chat({"model": "m"})).raw == ANSWER
+        assert (await client.chat({"model": "m"})).raw == ANSWER
+    finally:
+        await client.aclose()
+        server.close()
+    assert connections == [2, 1]

@@ -21,6 +21,10 @@ import httpx
 from cortex.core.errors import CortexError, NeuronUnavailable, NeuronUnreachable, Overloaded
 from cortex.core.request_context import REQUEST_ID_HEADER, request_id
 
+# A neuron (uvicorn) closes a connection idle for 5 s. Ours are dropped sooner, so that a request
+# never goes out on one the neuron is closing that very moment (a reset, seen under bursts).
+KEEPALIVE_S = 4.0
+
 
 @dataclass(frozen=True)
 class WireAnswer:
@@ -91,7 +95,7 @@ class InferenceWire:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=timeout.connect, sock_read=timeout.read
         )
-        self._keepalive = limits.keepalive_expiry or 5.0
+        self._keepalive = min(limits.keepalive_expiry or KEEPALIVE_S, KEEPALIVE_S)
         self._tls: ssl.SSLContext | bool = tls if tls is not None else True
         # The pool's bound and its wait are ours, so that a wait for one of our own connections
         # can be told apart (Overloaded) from a neuron slow to accept one (unreachable).
@@ -135,12 +139,7 @@ class InferenceWire:
         """POST a JSON body; the answer once its headers are in. Leaving before its end closes
         the connection, which is how a neuron learns that its client has gone."""
         async with self._connection():
-            try:
-                response = await self._http().post(
-                    self.endpoint + path, data=encode(body), headers=self._request_headers(headers)
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise wire_error(self.name, exc) from exc
+            response = await self._send(path, encode(body), self._request_headers(headers))
             try:
                 yield WireStream(self.name, response)
             finally:
@@ -148,6 +147,23 @@ class InferenceWire:
                     response.release()  # read to its end: the connection is kept alive
                 else:
                     response.close()
+
+    async def _send(
+        self, path: str, data: bytes, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """The answer's headers. A kept-alive connection found closed (reset, or cut before any
+        answer) is tried once more: the neuron may have closed it as we took it, and the next
+        connection is a new one. A refused connection is not: the neuron is not there."""
+        for tries_left in (1, 0):
+            try:
+                return await self._http().post(self.endpoint + path, data=data, headers=headers)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if tries_left and not isinstance(exc, aiohttp.ClientConnectorError):
+                    continue
+                raise wire_error(self.name, exc) from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise wire_error(self.name, exc) from exc
+        raise AssertionError("unreachable")
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[None]:
