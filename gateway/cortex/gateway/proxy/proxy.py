@@ -215,18 +215,23 @@ class Proxy:
         try:
             upstream = opening.result()
             outcome.relayed = reply
-            async for event, payload in upstream_events(upstream):
-                if exchange.first_token is None and payload is not None and has_token(payload):
-                    self.accounting.first_token(exchange)
-                for frame in reply.feed(event, payload):
-                    yield frame
-            for frame in reply.finish():
-                yield frame
+            # What arrived together goes out together: one write to the client, not one per
+            # event (a neuron's tokens come one by one; a burst is one chunk, and one send).
+            async for batch in upstream_events(upstream):
+                frames: list[bytes] = []
+                for event, payload in batch:
+                    if exchange.first_token is None and payload is not None and has_token(payload):
+                        self.accounting.first_token(exchange)
+                    frames += reply.feed(event, payload)
+                if frames:
+                    yield b"".join(frames)
+            if closing := b"".join(reply.finish()):
+                yield closing
         except (CortexError, ValueError) as exc:
             err = exc if isinstance(exc, CortexError) else NeuronUnavailable(f"bad stream: {exc}")
             outcome.error = err
-            for frame in reply.fail(err):
-                yield frame
+            if failing := b"".join(reply.fail(err)):
+                yield failing
 
 
 def _answer(body: dict[str, Any], reply: NeuronAnswer, headers: dict[str, str]) -> Response:
