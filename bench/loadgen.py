@@ -125,6 +125,20 @@ async def throughput(call: Call, total: int, concurrency: int, warmup: int) -> T
         return Throughput(total, errors, seconds, time.process_time() - cpu)
 
 
+async def paced(call: Call, rate: float, count: int, connections: int = 64) -> list[Timing]:
+    """`count` requests started at a steady `rate` per second (open loop: a slow answer does not
+    delay the next start), each timed from its own start: latency at a given load."""
+    async with session(connections) as http:
+        started = time.perf_counter()
+        tasks = []
+        for index in range(count):
+            delay = started + index / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(request(http, call)))
+        return list(await asyncio.gather(*tasks))
+
+
 @dataclass(frozen=True)
 class StreamResult:
     """One streamed chat completion, timed on this side (perf_counter seconds)."""

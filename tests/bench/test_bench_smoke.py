@@ -83,7 +83,10 @@ def test_gateway_quick_compares_direct_and_cortex(out: Path) -> None:
     assert all(r["errors"] == 0 and r["requests_per_s"] > 0 for r in measured.values())
     assert set(measured["cortex", "anthropic"]["added"]) == {"p50_ms", "p99_ms"}
     notes = document["notes"]
-    assert any(n.startswith("target added p50 <= 2 ms") for n in notes)
+    assert any(n.startswith("target added p50 <= 1 ms") for n in notes)
+    cortex = measured["cortex", "openai"]
+    assert cortex["half_load_p99_ms"] > 0 and cortex["server_cpu_ms_per_request"] > 0
+    assert measured["direct", "openai"]["server_cpu_ms_per_request"] is None
     assert "LiteLLM not measured: skipped (--no-litellm)" in notes
 
 

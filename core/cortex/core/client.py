@@ -21,6 +21,7 @@ from cortex.core.errors import (
     error_from_code,
 )
 from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, NeuronStatus, UnloadRequest
+from cortex.core.neuron_wire import InferenceWire, WireStream
 from cortex.core.protocol.openai import TokenizeRequest, TokenizeResponse
 from cortex.core.request_context import INTERNAL_AGENT, REQUEST_ID_HEADER, request_id
 
@@ -45,10 +46,12 @@ _CONNECTION_FAILURES = (
 
 @dataclass(frozen=True)
 class NeuronAnswer:
-    """A neuron's JSON answer and the headers it came with."""
+    """A neuron's JSON answer, the headers it came with, and its bytes as they came (what a
+    caller passing the answer on unchanged sends, rather than encoding `body` again)."""
 
     body: dict[str, Any]
     headers: Mapping[str, str]
+    raw: bytes | None = None
 
 
 def _headers(principal: str | None, strict_max_tokens: bool | None) -> dict[str, str] | None:
@@ -73,18 +76,18 @@ def transport_error(neuron: str, exc: httpx.TransportError) -> CortexError:
     return NeuronUnavailable(f"neuron {neuron} failed ({kind})", retry_after=1.0)
 
 
-def _raise_for(response: httpx.Response, body: bytes) -> None:
+def _raise_for(status: int, headers: Mapping[str, str], body: bytes) -> None:
     """Turn a neuron's OpenAI-shaped error answer back into the domain error it came from."""
     try:
         error = json.loads(body).get("error") or {}
         message, code, param = str(error.get("message", "")), error.get("code"), error.get("param")
     except (ValueError, AttributeError):
         message, code, param = body.decode(errors="replace")[:500], None, None
-    retry = response.headers.get("retry-after")
+    retry = headers.get("retry-after")
     raise error_from_code(
         code,
-        message or f"neuron answered {response.status_code}",
-        response.status_code,
+        message or f"neuron answered {status}",
+        status,
         retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
         param=param if isinstance(param, str) else None,
     )
@@ -98,7 +101,9 @@ async def _pass_request_id(request: httpx.Request) -> None:
 
 
 class NeuronClient:
-    """Async HTTP client for one neuron's lifecycle and inference APIs."""
+    """Async HTTP client for one neuron's lifecycle and inference APIs. The inference calls, a
+    gateway's hot path, go over aiohttp (neuron_wire.py); the lifecycle calls over httpx, where
+    `transport` can put an app in the neuron's place."""
 
     def __init__(
         self,
@@ -112,24 +117,30 @@ class NeuronClient:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         """`tls`: a TLS context to share. Without one each client builds its own, reading the
-        CA bundle (tens of ms of CPU): a caller of hundreds of neurons passes one to all."""
+        CA bundle (tens of ms of CPU): a caller of hundreds of neurons passes one to all.
+        `transport` serves the lifecycle calls only; `limits` and `timeout` bound both."""
         self.endpoint = endpoint.rstrip("/")
         # What errors call the neuron: clients of a gateway must not learn internal addresses.
         self.name = name or self.endpoint
         headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
         headers["User-Agent"] = f"{INTERNAL_AGENT}1"  # kept out of access logs
+        limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
         self._http = httpx.AsyncClient(
             base_url=self.endpoint,
             headers=headers,
             timeout=timeout,
             transport=transport,
-            limits=limits or httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            limits=limits,
             verify=tls if tls is not None else True,
             event_hooks={"request": [_pass_request_id]},
+        )
+        self._wire = InferenceWire(
+            self.endpoint, name=self.name, headers=headers, timeout=timeout, limits=limits, tls=tls
         )
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._wire.aclose()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -137,7 +148,7 @@ class NeuronClient:
         except httpx.TransportError as exc:
             raise transport_error(self.name, exc) from exc
         if response.status_code >= 400:
-            _raise_for(response, response.content)
+            _raise_for(response.status_code, response.headers, response.content)
         return response
 
     async def health(self) -> bool:
@@ -208,9 +219,9 @@ class NeuronClient:
         *,
         principal: str | None = None,
         strict_max_tokens: bool | None = None,
-    ) -> AbstractAsyncContextManager[httpx.Response]:
+    ) -> AbstractAsyncContextManager[WireStream]:
         """A streamed chat completion: its response once the headers are in (an error answer
-        raises); the caller reads the events."""
+        raises); the caller reads its chunks, whose transport failures are domain errors."""
         return self._stream(CHAT_PATH, body, _headers(principal, strict_max_tokens))
 
     def stream_complete(
@@ -219,34 +230,29 @@ class NeuronClient:
         *,
         principal: str | None = None,
         strict_max_tokens: bool | None = None,
-    ) -> AbstractAsyncContextManager[httpx.Response]:
+    ) -> AbstractAsyncContextManager[WireStream]:
         """A streamed (plain) completion."""
         return self._stream(COMPLETIONS_PATH, body, _headers(principal, strict_max_tokens))
 
     async def _post(
         self, path: str, body: dict[str, Any], headers: dict[str, str] | None
     ) -> NeuronAnswer:
-        answer = await self._request("POST", path, json=body, headers=headers)
+        answer = await self._wire.post(path, body, headers)
+        if answer.status >= 400:
+            _raise_for(answer.status, answer.headers, answer.body)
         try:
-            result = answer.json()
+            result = json.loads(answer.body)
         except ValueError:  # a broken neuron (or something else on its port): not a gateway bug
             result = None
         if not isinstance(result, dict):
             raise NeuronUnavailable(f"neuron {self.name} answered {path} with no JSON object")
-        return NeuronAnswer(result, answer.headers)
+        return NeuronAnswer(result, answer.headers, answer.body)
 
     @asynccontextmanager
     async def _stream(
         self, path: str, body: dict[str, Any], headers: dict[str, str] | None
-    ) -> AsyncIterator[httpx.Response]:
-        request = self._http.build_request("POST", path, json=body, headers=headers)
-        try:
-            response = await self._http.send(request, stream=True)
-        except httpx.TransportError as exc:
-            raise transport_error(self.name, exc) from exc
-        try:
-            if response.status_code >= 400:
-                _raise_for(response, await response.aread())
-            yield response
-        finally:
-            await response.aclose()
+    ) -> AsyncIterator[WireStream]:
+        async with self._wire.stream(path, body, headers) as stream:
+            if stream.status >= 400:
+                _raise_for(stream.status, stream.headers, await stream.read())
+            yield stream

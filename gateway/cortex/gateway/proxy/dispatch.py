@@ -14,11 +14,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import httpx
-
-from cortex.core.client import NeuronAnswer, NeuronClient, transport_error
+from cortex.core.client import NeuronAnswer, NeuronClient
 from cortex.core.completion_limit import CLAMPED_HEADER
 from cortex.core.errors import (
     ClientGone,
@@ -30,6 +28,7 @@ from cortex.core.errors import (
     Overloaded,
     ShuttingDown,
 )
+from cortex.core.neuron_wire import WireStream
 from cortex.gateway.auth import ANONYMOUS
 from cortex.gateway.dialects.dialect import (
     Chat,
@@ -134,10 +133,10 @@ class Upstream:
         try:
             async for chunk in self._rest:
                 yield chunk
-        except httpx.HTTPError as exc:
+        except CortexError as exc:  # the transport's, as NeuronClient words it
             # A cut stream counts against the neuron, but need not mean it is gone: only a
             # failure to connect makes it suspect at once.
-            kind = type(exc).__name__
+            kind = type(exc.__cause__ or exc).__name__
             err = NeuronUnavailable(f"neuron {self.neuron} failed mid-stream ({kind})")
             self.slot.failed(err)
             raise err from exc
@@ -169,20 +168,11 @@ async def _answer(client: NeuronClient, call: NeuronCall, exchange: Exchange) ->
 
 def _opening(
     client: NeuronClient, call: StreamCall, exchange: Exchange
-) -> AbstractAsyncContextManager[httpx.Response]:
+) -> AbstractAsyncContextManager[WireStream]:
     principal, strict = principal_of(exchange), exchange.strict_max_tokens
     if isinstance(call, Chat):
         return client.stream_chat(call.body, principal=principal, strict_max_tokens=strict)
     return client.stream_complete(call.body, principal=principal, strict_max_tokens=strict)
-
-
-def _stream_error(neuron: str, exc: httpx.HTTPError, when: str) -> CortexError:
-    """A stream's transport failure, as a client may read it (the neuron's name, no address)."""
-    if isinstance(exc, httpx.TransportError):
-        err = transport_error(neuron, exc)
-        err.message = f"{err.message} {when}"
-        return err
-    return NeuronUnavailable(f"neuron {neuron} failed {when} ({type(exc).__name__})")
 
 
 class Dispatcher:
@@ -202,15 +192,15 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self._turn = itertools.count()
 
-    async def ask(self, exchange: Exchange, call: NeuronCall) -> dict[str, Any]:
+    async def ask(self, exchange: Exchange, call: NeuronCall) -> NeuronAnswer:
         """A plain (non-streamed) call; returns the neuron's JSON answer."""
 
-        async def attempt(slot: Slot) -> dict[str, Any]:
+        async def attempt(slot: Slot) -> NeuronAnswer:
             try:
                 answer = _answer(slot.client, call, exchange)
                 answered = await self._watching(exchange, answer, f"{slot.neuron} was answering")
                 exchange.reported = reported(answered.headers)
-                return answered.body
+                return answered
             finally:
                 slot.release()
 
@@ -233,18 +223,19 @@ class Dispatcher:
         stack = AsyncExitStack()
         neuron = slot.neuron
         try:
-            response = await stack.enter_async_context(_opening(slot.client, call, exchange))
-            exchange.reported = reported(response.headers)
-            rest = response.aiter_bytes()
-            first = await anext(rest)
+            stream = await stack.enter_async_context(_opening(slot.client, call, exchange))
+            exchange.reported = reported(stream.headers)
+            rest = stream.chunks()
+            try:
+                first = await anext(rest)
+            except CortexError as err:  # the transport's: say when it failed
+                err.message = f"{err.message} before the first byte"
+                raise
         except StopAsyncIteration:
             await stack.aclose()
             raise NeuronUnavailable(
                 f"neuron {neuron} ended the stream before its first byte"
             ) from None
-        except httpx.HTTPError as exc:
-            await stack.aclose()
-            raise _stream_error(neuron, exc, "before the first byte") from exc
         except BaseException:
             await stack.aclose()
             raise

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from fastapi import Request
@@ -21,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cortex.core.catalogue import unknown_model
+from cortex.core.client import NeuronAnswer
 from cortex.core.errors import CortexError, ModelNotFound, NeuronUnavailable
 from cortex.core.protocol.errors import error_headers
 from cortex.core.protocol.openai import Usage
@@ -148,8 +150,8 @@ class Proxy:
                 last: ASGIApp = await self._stream(exchange, asked, outcome, receive, send)
             else:
                 reply = await self.dispatcher.ask(exchange, asked.neuron_call(exchange.model))
-                body, outcome.answered = asked.answer(reply)
-                last = JSONResponse(body, headers=exchange.reported)
+                body, outcome.answered = asked.answer(reply.body)
+                last = _answer(body, reply, exchange.reported)
         except Exception as exc:
             if outcome.started:
                 raise
@@ -213,18 +215,31 @@ class Proxy:
         try:
             upstream = opening.result()
             outcome.relayed = reply
-            async for event, payload in upstream_events(upstream):
-                if exchange.first_token is None and payload is not None and has_token(payload):
-                    self.accounting.first_token(exchange)
-                for frame in reply.feed(event, payload):
-                    yield frame
-            for frame in reply.finish():
-                yield frame
+            # What arrived together goes out together: one write to the client, not one per
+            # event (a neuron's tokens come one by one; a burst is one chunk, and one send).
+            async for batch in upstream_events(upstream):
+                frames: list[bytes] = []
+                for event, payload in batch:
+                    if exchange.first_token is None and payload is not None and has_token(payload):
+                        self.accounting.first_token(exchange)
+                    frames += reply.feed(event, payload)
+                if frames:
+                    yield b"".join(frames)
+            if closing := b"".join(reply.finish()):
+                yield closing
         except (CortexError, ValueError) as exc:
             err = exc if isinstance(exc, CortexError) else NeuronUnavailable(f"bad stream: {exc}")
             outcome.error = err
-            for frame in reply.fail(err):
-                yield frame
+            if failing := b"".join(reply.fail(err)):
+                yield failing
+
+
+def _answer(body: dict[str, Any], reply: NeuronAnswer, headers: dict[str, str]) -> Response:
+    """A plain answer. One the dialect passed on as the neuron gave it goes out in the neuron's
+    own bytes: encoding again what was just decoded would change nothing but the cost."""
+    if body is reply.body and reply.raw is not None:
+        return Response(reply.raw, media_type="application/json", headers=headers)
+    return JSONResponse(body, headers=headers)
 
 
 def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:

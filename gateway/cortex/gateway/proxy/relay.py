@@ -15,16 +15,20 @@ from cortex.core.protocol.openai import DONE
 from cortex.gateway.proxy.dispatch import Upstream
 
 
-async def sse_events(upstream: Upstream) -> AsyncIterator[bytes]:
-    """Whole SSE events (each ending in a blank line), yielded as soon as each is complete."""
+async def sse_events(upstream: Upstream) -> AsyncIterator[list[bytes]]:
+    """Whole SSE events (each ending in a blank line), as soon as each is complete: those that
+    one chunk of the neuron's completed come together, to go on to the client together."""
     buffer = b""
     async for chunk in upstream.chunks():
         buffer += chunk.replace(b"\r\n", b"\n")
+        events = []
         while (end := buffer.find(b"\n\n")) >= 0:
             event, buffer = buffer[: end + 2], buffer[end + 2 :]
-            yield event
+            events.append(event)
+        if events:
+            yield events
     if buffer.strip():
-        yield buffer + b"\n\n"
+        yield [buffer + b"\n\n"]
 
 
 def event_data(event: bytes) -> str | None:
@@ -42,16 +46,26 @@ def upstream_error(payload: dict[str, Any]) -> CortexError:
     return error_from_code(error.get("code"), message, 503)
 
 
-async def upstream_events(upstream: Upstream) -> AsyncIterator[tuple[bytes, dict[str, Any] | None]]:
-    """Each event before the neuron's [DONE], with its JSON data (None for a comment). An error
-    event raises its domain error; a stream that ends without [DONE] raises NeuronUnavailable,
-    and one that is not JSON a ValueError."""
-    async for event in sse_events(upstream):
-        data = event_data(event)
-        if data == DONE:
-            return
-        payload = json.loads(data) if data else None
-        if payload is not None and "error" in payload and "choices" not in payload:
-            raise upstream_error(payload)
-        yield event, payload
+async def upstream_events(
+    upstream: Upstream,
+) -> AsyncIterator[list[tuple[bytes, dict[str, Any] | None]]]:
+    """The events before the neuron's [DONE], each with its JSON data (None for a comment), in
+    the batches they arrived in. An error event raises its domain error (after the events that
+    came before it); a stream that ends without [DONE] raises NeuronUnavailable, and one that
+    is not JSON a ValueError."""
+    async for events in sse_events(upstream):
+        batch: list[tuple[bytes, dict[str, Any] | None]] = []
+        for event in events:
+            data = event_data(event)
+            if data == DONE:
+                if batch:
+                    yield batch
+                return
+            payload = json.loads(data) if data else None
+            if payload is not None and "error" in payload and "choices" not in payload:
+                if batch:
+                    yield batch
+                raise upstream_error(payload)
+            batch.append((event, payload))
+        yield batch
     raise NeuronUnavailable(f"neuron {upstream.neuron} ended the stream without [DONE]")
