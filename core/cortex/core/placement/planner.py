@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -386,6 +386,7 @@ class _Work:
                 (r for r in slot.replicas.values() if self.evictable(slot, r, for_model=model)),
                 key=coldness,
             )
+            worth: Callable[[ReplicaView], float]
             if self.policy.strategy == "cost":
                 worth = partial(self.worth, slot)
                 victims = cheapest_victims(ordered, size - slot.free, worth)
