@@ -132,8 +132,9 @@ def trial(base_url: str, args: argparse.Namespace, prompts: list[str], longs: li
 
 def step_costs(cache_dir: object, threads: int, repeats: int = 15) -> dict[str, list[float]]:
     """Decode-step milliseconds (best of `repeats`) and KV MiB allocated, in this process on the
-    same weights: 16 short rows alone; beside the long ones in length bands; beside them padded
-    to the longest (one band, as before); and the long rows alone."""
+        same weights: 16 short rows alone; beside the long ones in length bands; beside them padded
+        to the longest (one band, as before); the long rows alone; and the parts of the physical floor of
+    the mixed step: 18 short rows (the linear cost of 2 more rows) and one read of the long rows' KV."""
     import torch
 
     from bench.hf_generate import load_reference
@@ -158,9 +159,26 @@ def step_costs(cache_dir: object, threads: int, repeats: int = 15) -> dict[str, 
                 times.append(time.perf_counter() - started)
         return [1000 * min(times), runner.kv_bytes / 2**20]
 
+    def kv_read() -> list[float]:
+        """The floor of the long rows' attention: one read of their KV (a sum at memory speed)."""
+        kv = torch.empty(sum(longs) * runner_bytes_per_token() // 4).normal_()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            kv.sum()
+            times.append(time.perf_counter() - started)
+        return [1000 * min(times), kv.numel() * 4 / 2**20]
+
+    def runner_bytes_per_token() -> int:
+        return ModelRunner(
+            model, device=torch.device("cpu"), max_rows=1, max_length=1
+        ).kv_bytes_per_token
+
     return {
         "16 short rows alone": best(True, shorts),
         "16 short + 2 long rows, length bands": best(True, shorts + longs),
         "16 short + 2 long rows, padded to the longest (before)": best(False, shorts + longs),
         "2 long rows alone": best(True, longs),
+        "18 short rows (16 + 2 rows of linear)": best(True, shorts + shorts[:2]),
+        "read the 2 long rows' KV once (memory floor)": kv_read(),
     }
