@@ -131,36 +131,70 @@ def trial(base_url: str, args: argparse.Namespace, prompts: list[str], longs: li
 
 
 def step_costs(cache_dir: object, threads: int, repeats: int = 15) -> dict[str, list[float]]:
-    """Decode-step milliseconds (best of `repeats`) and KV MiB allocated, in this process on the
-    same weights: 16 short rows alone; beside the long ones in length bands; beside them padded
-    to the longest (one band, as before); and the long rows alone."""
+    """Decode-step milliseconds (best of `repeats`, the cases taking turns) and KV MiB, in this
+    process on the same weights: 16 short rows alone, beside the long ones (length bands, and
+    padded to the longest as before bands), the long rows alone; the same with sdpa's
+    `enable_gqa` (before kv_bands.decode_sdpa); and the parts of the mixed step's physical floor:
+    18 short rows (2 more rows of linear) and one read of the long rows' KV at memory speed."""
     import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from bench.hf_generate import load_reference
+    from cortex.neuron import kv_bands
     from cortex.neuron.model_runner import ModelRunner
 
     torch.set_num_threads(threads)
     model = load_reference(cache_dir).model
     shorts, longs = [150 + 7 * i for i in range(16)], list(LONG_TOKENS)
+    packed = kv_bands.decode_sdpa
 
-    def best(banded: bool, lengths: list[int]) -> list[float]:
+    def case(lengths: list[int], banded: bool = True, gqa: bool = False) -> tuple:
         runner = ModelRunner(model, device=torch.device("cpu"), max_rows=18, max_length=8192)
         runner.banded = banded
         rows: dict[int, list[int]] = {}
         for length in lengths:
             rows.setdefault(runner.band_of(length + 1), []).append(length)
         segments = [(band, 0, [0] * len(ls), ls) for band, ls in sorted(rows.items())]
-        times = []
-        with torch.inference_mode():
-            for _ in range(repeats):
-                started = time.perf_counter()
-                runner.decode(segments)
-                times.append(time.perf_counter() - started)
-        return [1000 * min(times), runner.kv_bytes / 2**20]
 
-    return {
-        "16 short rows alone": best(True, shorts),
-        "16 short + 2 long rows, length bands": best(True, shorts + longs),
-        "16 short + 2 long rows, padded to the longest (before)": best(False, shorts + longs),
-        "2 long rows alone": best(True, longs),
+        def step() -> None:
+            kv_bands.decode_sdpa = sdpa_attention_forward if gqa else packed
+            try:
+                runner.decode(segments)
+            finally:
+                kv_bands.decode_sdpa = packed
+
+        return step, runner
+
+    kv = torch.empty(sum(longs) * case([1])[1].kv_bytes_per_token // 4).normal_()
+    cases = {
+        "16 short rows alone": case(shorts),
+        "16 short + 2 long rows, length bands": case(shorts + longs),
+        "16 short + 2 long rows, padded to the longest (before bands)": case(
+            shorts + longs, banded=False
+        ),
+        "2 long rows alone": case(longs),
+        "16 short rows alone, enable_gqa (before)": case(shorts, gqa=True),
+        "16 short + 2 long rows, bands, enable_gqa (before)": case(shorts + longs, gqa=True),
+        "2 long rows alone, enable_gqa (before)": case(longs, gqa=True),
+        "18 short rows (16 + 2 rows of linear)": case(shorts + shorts[:2]),
+        "read the 2 long rows' KV once (memory floor)": (kv.sum, None),
     }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, (step, _) in cases.items():
+                started = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - started)
+    return {
+        name: [1000 * min(times[name]), (runner.kv_bytes if runner else kv.numel() * 4) / 2**20]
+        for name, (_, runner) in cases.items()
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    for name, (ms, mib) in step_costs(None, threads).items():
+        print(f"{name}: {ms:.1f} ms, {mib:,.0f} MiB", flush=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -102,9 +103,7 @@ class DecodeBands(_Binding):
         outputs, offset = [], 0
         for band, (keys, values) in zip(self.bands, self._views, strict=True):
             rows = slice(offset, offset + band.count)
-            out, _ = sdpa_attention_forward(
-                module, query[rows], keys, values, band.mask, scaling=scaling
-            )
+            out, _ = decode_sdpa(module, query[rows], keys, values, band.mask, scaling=scaling)
             outputs.append(out)
             offset = rows.stop
         return torch.cat(outputs)
@@ -143,6 +142,31 @@ class PackedPrefill(_Binding):
         )
 
 
+def decode_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa, except that a one-token query on CPU always runs on the KV heads.
+
+    Without a mask transformers asks sdpa for `enable_gqa`, and torch's CPU kernel then reads each
+    KV head once per query head of its group (3x for SmolLM2: 1.5-1.7x the attention time,
+    docs/benchmarks.md "P2, mixed workloads"). With a mask it already packs the query heads
+    [rows, heads, 1, dim] as [rows, kv_heads, groups, dim], which reads each KV head once; this
+    does the same without one. GPU kernels take `enable_gqa` natively: they keep its path.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    rows, heads, q_length, dim = query.shape
+    if query.device.type != "cpu" or q_length != 1 or groups == 1 or attention_mask is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    packed = query.reshape(rows, heads // groups, groups, dim)
+    out = F.scaled_dot_product_attention(packed, key, value, scale=kwargs.get("scaling"))
+    return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
 def banded_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -154,7 +178,7 @@ def banded_attention(
 ) -> tuple[torch.Tensor, None]:
     """sdpa, or with `row_bands` (a decode step over several bands) one sdpa per band."""
     if row_bands is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return decode_sdpa(module, query, key, value, attention_mask, **kwargs)
     return row_bands.attend(module, query, kwargs["scaling"]), None
 
 
