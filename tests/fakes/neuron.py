@@ -129,6 +129,7 @@ class FakeNeuron:
         self.admin_headers: list[str | None] = []
         self.principals: list[str | None] = []  # x-cortex-principal of each inference request
         self.strictness: list[str | None] = []  # x-cortex-strict-max-tokens of each one
+        self.caps: list[str | None] = []  # x-cortex-max-output-tokens of each one
         self.answer_headers: dict[str, str] = {}  # sent on every inference answer
         # Admission limits reported in /status (per model); None reports none.
         self.max_running: int | None = None
@@ -312,6 +313,7 @@ class FakeNeuron:
         body = await request.json()
         self.principals.append(request.headers.get("x-cortex-principal"))
         self.strictness.append(request.headers.get("x-cortex-strict-max-tokens"))
+        self.caps.append(request.headers.get("x-cortex-max-output-tokens"))
         model = self._admit(path, body)
         await self._queue()
         if body.get("stream"):

@@ -30,15 +30,24 @@ async def test_a_typo_is_a_404_that_names_the_close_match() -> None:
 
 
 async def test_limit_output_bounds_max_tokens() -> None:
-    n1 = FakeNeuron("n1", loaded={"small": GiB})
-    async with cluster(n1, catalogue=[spec("small", max_output_tokens=64)]) as c:
+    """Lenient (the default), a max_tokens over the model's output limit goes to the neuron with
+    the limit, which fits it (tests/neuron/test_server.py); strict, the gateway refuses it."""
+    n1 = FakeNeuron("n1", loaded={"small": GiB, "exact": GiB})
+    catalogue = [
+        spec("small", max_output_tokens=64),
+        spec("exact", max_output_tokens=64, strict_max_tokens=True),
+    ]
+    async with cluster(n1, catalogue=catalogue) as c:
+        over = chat_body("small", max_tokens=32000)
+        assert (await c.http.post("/v1/chat/completions", json=over)).status_code == 200
+        assert n1.caps[-1] == "64" and n1.strictness[-1] is None
         with pytest.raises(openai.BadRequestError) as caught:
             await c.openai().chat.completions.create(
-                model="small", max_tokens=65, messages=[{"role": "user", "content": "hi"}]
+                model="exact", max_tokens=65, messages=[{"role": "user", "content": "hi"}]
             )
         assert "64 output tokens" in caught.value.message
-        fits = await c.http.post("/v1/chat/completions", json=chat_body("small", max_tokens=64))
-        assert fits.status_code == 200
+        fits = await c.http.post("/v1/chat/completions", json=chat_body("exact", max_tokens=64))
+        assert fits.status_code == 200 and n1.strictness[-1] == "true"
 
 
 def _spend(text: str) -> dict[tuple[str, str, str], float]:

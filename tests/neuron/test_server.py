@@ -17,7 +17,7 @@ from live_server import serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from cortex.core.client import NeuronClient
-from cortex.core.completion_limit import CLAMPED_HEADER, STRICT_HEADER
+from cortex.core.completion_limit import CLAMPED_HEADER, OUTPUT_CAP_HEADER, STRICT_HEADER
 from cortex.core.config import NeuronConfig
 from cortex.core.errors import ModelBusy, ModelNotFound, Unauthorized
 from cortex.core.fleet import LoadRequest, ModelState
@@ -523,6 +523,25 @@ async def test_max_tokens_beyond_the_context_is_clamped_and_reported(
     assert served.last_params and served.last_params.max_tokens == room
     body["max_tokens"] = room  # what fits is left alone, and no header says otherwise
     assert CLAMPED_HEADER not in (await http.post(path, json=body)).headers
+
+
+async def test_the_gateways_output_limit_clamps_max_tokens_too(
+    http: httpx.AsyncClient, runtime: FakeRuntime
+) -> None:
+    """A seed catalogue's `limit.output` reaches the neuron as a header: a max_tokens over it is
+    clamped to it and reported, or, strict, a 400 that names the limit."""
+    served = runtime.models["tiny-chat"]
+    body = {"model": "tiny-chat", "messages": USER, "max_tokens": 300}
+    capped = await http.post("/v1/chat/completions", json=body, headers={OUTPUT_CAP_HEADER: "8"})
+    assert capped.status_code == 200, capped.text
+    assert capped.headers[CLAMPED_HEADER] == "300->8"
+    assert served.last_params and served.last_params.max_tokens == 8
+    strict = {OUTPUT_CAP_HEADER: "8", STRICT_HEADER: "true"}
+    refused = await http.post("/v1/chat/completions", json=body, headers=strict)
+    error = _error(refused, 400, "invalid_request")
+    assert error["param"] == "max_tokens" and "8 output tokens" in error["message"]
+    bad = await http.post("/v1/chat/completions", json=body, headers={OUTPUT_CAP_HEADER: "x"})
+    _error(bad, 400, "invalid_request")
 
 
 async def test_strict_max_tokens_is_a_400_from_gateway_model_or_neuron(

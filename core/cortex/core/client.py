@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from cortex.core.completion_limit import STRICT_HEADER
+from cortex.core.completion_limit import CompletionPolicy
 from cortex.core.errors import (
     CortexError,
     NeuronUnavailable,
@@ -54,12 +54,12 @@ class NeuronAnswer:
     raw: bytes | None = None
 
 
-def _headers(principal: str | None, strict_max_tokens: bool | None) -> dict[str, str] | None:
-    """What a neuron is told beside an inference body: whose slots it takes, and how strict to
-    be about a max_tokens beyond the context (unset: the neuron's own setting)."""
+def _headers(principal: str | None, completion: CompletionPolicy | None) -> dict[str, str] | None:
+    """What a neuron is told beside an inference body: whose slots it takes, and how to fit its
+    max_tokens (completion_limit.py; unset: the neuron's own settings)."""
     headers = {PRINCIPAL_HEADER: principal} if principal else {}
-    if strict_max_tokens is not None:
-        headers[STRICT_HEADER] = "true" if strict_max_tokens else "false"
+    if completion is not None:
+        headers.update(completion.headers())
     return headers or None
 
 
@@ -181,20 +181,20 @@ class NeuronClient:
         body: dict[str, Any],
         *,
         principal: str | None = None,
-        strict_max_tokens: bool | None = None,
+        completion: CompletionPolicy | None = None,
     ) -> NeuronAnswer:
         """An OpenAI chat completion, whole: the neuron's JSON answer and its headers."""
-        return await self._post(CHAT_PATH, body, _headers(principal, strict_max_tokens))
+        return await self._post(CHAT_PATH, body, _headers(principal, completion))
 
     async def complete(
         self,
         body: dict[str, Any],
         *,
         principal: str | None = None,
-        strict_max_tokens: bool | None = None,
+        completion: CompletionPolicy | None = None,
     ) -> NeuronAnswer:
         """An OpenAI (plain) completion, whole."""
-        return await self._post(COMPLETIONS_PATH, body, _headers(principal, strict_max_tokens))
+        return await self._post(COMPLETIONS_PATH, body, _headers(principal, completion))
 
     async def embed(self, body: dict[str, Any], *, principal: str | None = None) -> NeuronAnswer:
         """OpenAI embeddings."""
@@ -218,21 +218,21 @@ class NeuronClient:
         body: dict[str, Any],
         *,
         principal: str | None = None,
-        strict_max_tokens: bool | None = None,
+        completion: CompletionPolicy | None = None,
     ) -> AbstractAsyncContextManager[WireStream]:
         """A streamed chat completion: its response once the headers are in (an error answer
         raises); the caller reads its chunks, whose transport failures are domain errors."""
-        return self._stream(CHAT_PATH, body, _headers(principal, strict_max_tokens))
+        return self._stream(CHAT_PATH, body, _headers(principal, completion))
 
     def stream_complete(
         self,
         body: dict[str, Any],
         *,
         principal: str | None = None,
-        strict_max_tokens: bool | None = None,
+        completion: CompletionPolicy | None = None,
     ) -> AbstractAsyncContextManager[WireStream]:
         """A streamed (plain) completion."""
-        return self._stream(COMPLETIONS_PATH, body, _headers(principal, strict_max_tokens))
+        return self._stream(COMPLETIONS_PATH, body, _headers(principal, completion))
 
     async def _post(
         self, path: str, body: dict[str, Any], headers: dict[str, str] | None

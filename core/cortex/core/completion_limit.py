@@ -17,6 +17,22 @@ CLAMPED_HEADER = "x-cortex-max-tokens-clamped"
 # On a request from the gateway to a neuron: "true" or "false", the gateway's choice (catalogue
 # entry or [gateway] setting) for this request; absent, the neuron's own setting decides.
 STRICT_HEADER = "x-cortex-strict-max-tokens"
+# On a request from the gateway to a neuron: the model's output limit in the gateway's catalogue
+# (`max_output_tokens`, the seed's `limit.output`); a larger max_tokens is fitted to it too.
+OUTPUT_CAP_HEADER = "x-cortex-max-output-tokens"
+
+
+@dataclass(frozen=True)
+class CompletionPolicy:
+    """What the gateway tells a neuron about one request's max_tokens: how strict to be (None:
+    the neuron's own setting) and the model's output limit (None: only the context bounds it)."""
+
+    strict: bool | None = None
+    cap: int | None = None
+
+    def headers(self) -> dict[str, str]:
+        said = {} if self.strict is None else {STRICT_HEADER: "true" if self.strict else "false"}
+        return said if self.cap is None else {**said, OUTPUT_CAP_HEADER: str(self.cap)}
 
 
 @dataclass(frozen=True)
@@ -44,9 +60,10 @@ def fit_max_tokens(
     *,
     strict: bool,
     prompt_param: str,
+    cap: int | None = None,
 ) -> CompletionLimit:
-    """`requested` within `context - prompt_tokens`: clamped, or (strict) refused with a 400
-    that names the numbers. A prompt that leaves no room for one token is always refused."""
+    """`requested` within `context - prompt_tokens` and `cap`: clamped, or (strict) refused with
+    a 400 that names the numbers. A prompt that leaves no room for one token is always refused."""
     if prompt_tokens >= context:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {context} tokens. However, your prompt "
@@ -55,6 +72,13 @@ def fit_max_tokens(
             param=prompt_param,
         )
     room = context - prompt_tokens
+    if cap is not None and requested is not None and requested > cap:
+        if strict:
+            raise InvalidRequest(
+                f"max_tokens {requested} is more than this model allows ({cap} output tokens)",
+                param="max_tokens",
+            )
+        room = min(room, cap)
     if requested is None or requested <= room:
         return CompletionLimit(requested, requested)
     if strict:
@@ -65,6 +89,19 @@ def fit_max_tokens(
             param="max_tokens",
         )
     return CompletionLimit(requested, room)
+
+
+def parse_cap(value: str | None) -> int | None:
+    """OUTPUT_CAP_HEADER's value: a positive count, or None when absent; anything else a 400."""
+    if value is None:
+        return None
+    try:
+        cap = int(value)
+    except ValueError:
+        cap = 0
+    if cap < 1:
+        raise InvalidRequest(f"{OUTPUT_CAP_HEADER} must be a positive count, not {value!r}")
+    return cap
 
 
 def parse_strict(value: str | None) -> bool | None:

@@ -64,8 +64,8 @@ def retry_after(
 
 
 def check_output_limit(spec: ModelSpec, body: Mapping[str, Any]) -> None:
-    """A request may not ask for more output than the model's `max_output_tokens` (the seed's
-    `limit.output`)."""
+    """Where max_tokens is strict, a request may not ask for more output than the model's
+    `max_output_tokens` (the seed's `limit.output`); refused here, before anything is reserved."""
     if spec.max_output_tokens is None:
         return
     for name in _COMPLETION_LIMITS:
@@ -78,14 +78,18 @@ def check_output_limit(spec: ModelSpec, body: Mapping[str, Any]) -> None:
             )
 
 
-def worst_case(body: Mapping[str, Any], *, embedding: bool, context: int | None) -> int:
-    """What a request may cost at most: the prompt's estimate plus its completion limit (the
-    model's context, or UNBOUNDED_COMPLETION, when the request sets none)."""
+def worst_case(
+    body: Mapping[str, Any], *, embedding: bool, context: int | None, cap: int | None = None
+) -> int:
+    """What a request may cost at most: the prompt's estimate plus its completion limit, which
+    the model's context and output limit `cap` bound (the neuron fits max_tokens to both), or
+    the context or UNBOUNDED_COMPLETION when the request sets none."""
     prompt = len(json.dumps(body).encode()) // BYTES_PER_TOKEN + 1
     if embedding:
         return prompt
     for name in _COMPLETION_LIMITS:
         limit = body.get(name)
         if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
-            return prompt + limit
-    return prompt + (context or UNBOUNDED_COMPLETION)
+            bounds = [b for b in (context, cap) if b is not None]
+            return prompt + min([limit, *bounds])
+    return prompt + (cap or context or UNBOUNDED_COMPLETION)

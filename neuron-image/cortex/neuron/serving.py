@@ -16,9 +16,11 @@ from fastapi import Request
 
 from cortex.core.client import PRINCIPAL_HEADER  # the gateway sends the key's name under it
 from cortex.core.completion_limit import (
+    OUTPUT_CAP_HEADER,
     STRICT_HEADER,
     CompletionLimit,
     fit_max_tokens,
+    parse_cap,
     parse_strict,
 )
 from cortex.core.config import NeuronSection
@@ -49,8 +51,9 @@ def completion_limit(
     *,
     prompt_param: str,
 ) -> CompletionLimit:
-    """The request's max_tokens fitted to what its prompt leaves of the context: clamped (and
-    logged), or a 400 where the model, the gateway or this neuron is strict about it."""
+    """The request's max_tokens fitted to what its prompt leaves of the context (and to the
+    gateway's output limit for the model): clamped (and logged), or a 400 where the model, the
+    gateway or this neuron is strict about it."""
     section = runtime_of(request).config.neuron
     if prompt_tokens == 0:
         raise InvalidRequest("the prompt is empty", param=prompt_param)
@@ -66,6 +69,7 @@ def completion_limit(
         served.context_length,
         strict=strict_max_tokens(request, served, section),
         prompt_param=prompt_param,
+        cap=parse_cap(request.headers.get(OUTPUT_CAP_HEADER)),
     )
     if limit.clamped:
         log.debug(

@@ -153,12 +153,12 @@ class Upstream:
 
 async def _answer(client: NeuronClient, call: NeuronCall, exchange: Exchange) -> NeuronAnswer:
     """A neuron's whole answer to `call`, through the NeuronClient method that serves it."""
-    principal, strict = principal_of(exchange), exchange.strict_max_tokens
+    principal, limits = principal_of(exchange), exchange.completion
     match call:
         case Chat(body):
-            return await client.chat(body, principal=principal, strict_max_tokens=strict)
+            return await client.chat(body, principal=principal, completion=limits)
         case Completion(body):
-            return await client.complete(body, principal=principal, strict_max_tokens=strict)
+            return await client.complete(body, principal=principal, completion=limits)
         case Embedding(body):
             return await client.embed(body, principal=principal)
         case Tokenize(request):
@@ -169,10 +169,10 @@ async def _answer(client: NeuronClient, call: NeuronCall, exchange: Exchange) ->
 def _opening(
     client: NeuronClient, call: StreamCall, exchange: Exchange
 ) -> AbstractAsyncContextManager[WireStream]:
-    principal, strict = principal_of(exchange), exchange.strict_max_tokens
+    principal, limits = principal_of(exchange), exchange.completion
     if isinstance(call, Chat):
-        return client.stream_chat(call.body, principal=principal, strict_max_tokens=strict)
-    return client.stream_complete(call.body, principal=principal, strict_max_tokens=strict)
+        return client.stream_chat(call.body, principal=principal, completion=limits)
+    return client.stream_complete(call.body, principal=principal, completion=limits)
 
 
 class Dispatcher:

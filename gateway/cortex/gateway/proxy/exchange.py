@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from cortex.core.catalogue import ModelCost
+from cortex.core.completion_limit import CompletionPolicy
 from cortex.core.errors import CortexError
 from cortex.core.protocol.openai import Usage
 from cortex.gateway.auth import Principal
@@ -32,8 +33,8 @@ class Exchange:
     disconnected: Callable[[], Awaitable[bool]] | None = None
     reservation: Reservation | None = None  # the caller's budget held for this request
     cost: ModelCost | None = None  # the model's prices, for the spend counters
-    # A max_tokens beyond the context: a 400 (True), clamped (False), the neuron's choice (None).
-    strict_max_tokens: bool | None = None
+    # How the neuron fits max_tokens: strict or clamped, and the model's output limit.
+    completion: CompletionPolicy = field(default_factory=CompletionPolicy)
     # What the neuron reported in headers that the client sees too (completion_limit.py).
     reported: dict[str, str] = field(default_factory=dict)
 

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cortex.core.catalogue import unknown_model
 from cortex.core.client import NeuronAnswer
+from cortex.core.completion_limit import CompletionPolicy
 from cortex.core.errors import CortexError, ModelNotFound, NeuronUnavailable
 from cortex.core.protocol.errors import error_headers
 from cortex.core.protocol.openai import Usage
@@ -108,11 +109,19 @@ class Proxy:
             visible = [s for s in self.catalogue.specs() if self.auth.allows(principal, s)]
             raise ModelNotFound(unknown_model(visible, asked.model), param="model") from None
         self.auth.authorize(principal, spec)
+        strict = (
+            self.strict_max_tokens if spec.strict_max_tokens is None else spec.strict_max_tokens
+        )
         tokens = 0
         if asked.budgeted is not None:
-            check_output_limit(spec, asked.budgeted)
-            embedding = spec.kind == "embedding"
-            tokens = worst_case(asked.budgeted, embedding=embedding, context=spec.context)
+            if strict:
+                check_output_limit(spec, asked.budgeted)
+            tokens = worst_case(
+                asked.budgeted,
+                embedding=spec.kind == "embedding",
+                context=spec.context,
+                cap=spec.max_output_tokens,
+            )
         return Exchange(
             model=spec.id,
             surface=dialect.surface,
@@ -124,11 +133,7 @@ class Proxy:
             # meanwhile would race the server's own disconnect listener.
             disconnected=None if asked.stream else request.is_disconnected,
             cost=spec.cost,
-            strict_max_tokens=(
-                spec.strict_max_tokens
-                if spec.strict_max_tokens is not None
-                else self.strict_max_tokens
-            ),
+            completion=CompletionPolicy(strict, spec.max_output_tokens),
             reservation=self.ledger.reserve(principal, tokens, time.time()),
         )
 
