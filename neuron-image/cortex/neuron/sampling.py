@@ -98,6 +98,8 @@ WIDEN = 8
 # gives subnormal floats, tens of times slower to make and add (a 49k-token row at temperature
 # 0.2 spans hundreds): what the floor adds is at most vocab * e^-80 to a total of at least 1.
 EXPONENT_FLOOR = -80.0
+# Logits per chunk of rows in the whole-row mass (1 MiB of float32).
+MASS_CHUNK = 2**18
 
 
 def sample(
@@ -274,11 +276,16 @@ def _mass(
     """Per row, the whole vocabulary's weight relative to its best logit `best` [rows, 1]: what
     top-p without top-k renormalises over. 1 for the other rows, which never read it."""
     mass = torch.ones(len(logits), device=logits.device)
-    if unlimited.any():
-        at = unlimited.nonzero().flatten().to(logits.device)
-        rows = logits if len(at) == len(logits) else logits[at]
-        exponents = (rows.float() - best[at]).div_(temperature[at]).clamp_(min=EXPONENT_FLOOR)
-        mass[at] = exponents.exp_().sum(dim=-1)
+    if not unlimited.any():
+        return mass
+    at = unlimited.nonzero().flatten().to(logits.device)
+    rows = logits if len(at) == len(logits) else logits[at]
+    # A few rows at a time: their intermediate weights stay in a core's L2 across the passes.
+    step = max(1, MASS_CHUNK // rows.shape[-1])
+    for first in range(0, len(at), step):
+        part = slice(first, first + step)
+        exponents = (rows[part].float() - best[at[part]]).div_(temperature[at[part]])
+        mass[at[part]] = exponents.clamp_(min=EXPONENT_FLOOR).exp_().sum(dim=-1)
     return mass
 
 
