@@ -84,6 +84,7 @@ FILTERED = [
     resolve(temperature=1.0, top_k=40, seed=2),
     resolve(temperature=0.7, top_k=300, top_p=0.9, seed=3),  # top_k wider than the candidates
     resolve(temperature=1.5, top_p=0.99, seed=4),  # flat: widened past the first candidates
+    resolve(temperature=0.2, top_p=0.9, seed=5),  # most weights below float32's normal range
 ]
 
 
@@ -104,6 +105,57 @@ def test_filtered_draws_match_the_per_row_definition() -> None:
             for i, s in enumerate(FILTERED)
         ]
         assert batch == expected
+
+
+def test_candidates_from_the_best_blocks_match_the_per_row_definition() -> None:
+    """A vocabulary wide enough that candidates come from each row's best blocks (the last one
+    shorter), rows whose kept tokens number from a few to past the first candidates."""
+    vocab, strong = 20000, [3, 40, 60, 100, 8]
+    generator = torch.Generator().manual_seed(16)
+    logits = torch.randn(len(strong), vocab, generator=generator)
+    for row, count in enumerate(strong):  # spread over the vocabulary, ~97% of the mass
+        at = torch.randperm(vocab, generator=generator)[:count]
+        logits[row, at] = 10.0 + torch.rand(count, generator=generator)
+    logits[4, -1] = 12.0  # the best token in the short last block
+    samplers = [resolve(temperature=1.0, top_p=0.95, seed=30 + row) for row in range(4)]
+    samplers.append(resolve(temperature=1.0, top_k=6, top_p=0.99, seed=34))
+    generators = [s.generator(CPU) for s in samplers]
+    uniforms = [s.generator(CPU) for s in samplers]
+    seen: set[int] = set()
+    for _ in range(60):
+        batch = sample(logits.clone(), samplers, generators)
+        expected = [
+            reference(logits[i], s, float(torch.rand((), generator=uniforms[i])))
+            for i, s in enumerate(samplers)
+        ]
+        assert batch == expected
+        seen.add(batch[2])
+    ranks = [int((logits[2] > logits[2, token]).sum()) for token in seen]
+    assert max(ranks) >= 32  # row 2 drew from past its best 32 tokens
+
+
+def in_vocabulary_order(logits: torch.Tensor, temperature: float, uniform: float) -> int:
+    """The definition without filters: inverse CDF of the softmax, token ids in order."""
+    cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(dim=-1)
+    at = int(torch.searchsorted(cdf, torch.tensor([uniform * float(cdf[-1])]), right=True)[0])
+    return min(at, int((cdf < cdf[-1]).sum()))
+
+
+def test_unfiltered_draws_match_the_definition_and_skip_masked_tokens() -> None:
+    logits = rows(3, 20000, seed=14)
+    logits[:, ::3] = float("-inf")  # masked out, as a grammar does
+    logits[:, :256] = float("-inf")  # whole blocks of them
+    samplers = [resolve(temperature=t, seed=20 + i) for i, t in enumerate([1.0, 0.7, 0.2])]
+    generators = [s.generator(CPU) for s in samplers]
+    uniforms = [s.generator(CPU) for s in samplers]
+    for _ in range(40):
+        batch = sample(logits.clone(), samplers, generators)
+        expected = [
+            in_vocabulary_order(logits[i], s.temperature, float(torch.rand((), generator=u)))
+            for i, (s, u) in enumerate(zip(samplers, uniforms, strict=True))
+        ]
+        assert batch == expected
+        assert all(logits[i, token] > float("-inf") for i, token in enumerate(batch))
 
 
 def test_unfiltered_rows_draw_from_the_whole_softmax() -> None:
@@ -139,6 +191,17 @@ def test_greedy_rows_take_the_argmax_beside_sampled_ones() -> None:
     batch = [greedy[0], FILTERED[0], greedy[1], FILTERED[3]]
     chosen = sample(logits, batch, [s.generator(CPU) for s in batch])
     assert chosen[0] == int(logits[0].argmax()) and chosen[2] == int(logits[2].argmax())
+
+
+def test_greedy_is_torch_argmax_wherever_the_best_token_lies() -> None:
+    logits = rows(5, 20000, seed=15)
+    logits[1, -3] = 50.0  # in the short last block
+    logits[2, [700, 9000]] = 50.0  # a tie: the first one
+    logits[3] = float("-inf")  # nothing allowed: as torch.argmax, token 0
+    logits[4, 64:128] = 50.0  # a whole block tied
+    greedy = [resolve(temperature=0)] * 5
+    chosen = sample(logits, greedy, [s.generator(CPU) for s in greedy])
+    assert chosen == torch.argmax(logits, dim=-1).tolist() == [chosen[0], 19997, 700, 0, 64]
 
 
 def test_fallbacks_are_a_sane_temperature_with_a_penalty_for_sampled_rows_only() -> None:

@@ -1,17 +1,22 @@
 """Choosing the next token of each sequence from its logits, with its own parameters and generator.
 
+Every row first makes one pass over its logits: the maximum of each BLOCK of tokens, a vectorised
+reduction several times cheaper than argmax or topk over the row. A row's best token lies in its
+best block, and its best n tokens in its best n blocks, so greedy rows (one batched argmax) and
+the candidates of sampled rows read those blocks only.
+
 Sampled rows are filtered and drawn together: temperature, then top-k, then top-p (the smallest
 set of best tokens whose probability reaches top_p; the best token always stays), then one draw
 from what is left, renormalised. Top-p works on a partial top-k of `CANDIDATES` tokens per row
 instead of sorting the whole vocabulary, as vLLM and llama.cpp do; a row whose candidates hold less
-than top_p of its probability is redone with more of them (up to the whole vocabulary), so the cap
-never changes which tokens are kept. The one difference from filtering the whole sorted
-vocabulary: top-k keeps exactly k tokens, where a token tied exactly with the k-th best logit was
-kept too (exact float ties among the best logits; which of them stays is topk's choice).
+than top_p of its probability (the whole row's weight is one more pass) is redone with more of
+them (up to the whole vocabulary), so the cap never changes which tokens are kept. The one
+difference from filtering the whole sorted vocabulary: top-k keeps exactly k tokens, where a token
+tied exactly with the k-th best logit was kept too (which of the tied tokens stays is topk's
+choice). Rows with neither top-k nor top-p draw from the whole softmax in vocabulary order.
 
 Each sequence's own torch.Generator gives one uniform number per step, which picks the token by
 inverse CDF over its row alone: a seeded request gives the same tokens whichever batch it shares.
-Greedy rows take one batched argmax.
 
 A repetition penalty (>1) first divides the positive logits and multiplies the negative ones of
 the tokens among a row's last REPETITION_WINDOW, as Hugging Face's and llama.cpp's do. Only an
@@ -21,8 +26,10 @@ meaning the model's most likely continuation.
 
 from __future__ import annotations
 
+import math
 import secrets
-from collections.abc import Sequence
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,10 +86,20 @@ class Sampler:
         return torch.Generator(device=device).manual_seed(self.seed)
 
 
+# Tokens per block of a row. The blocks' maxima are one vectorised pass over the logits (several
+# times cheaper than argmax or topk over the row); the row's best few tokens lie in its best few
+# blocks, so argmax and the candidates read those blocks only.
+BLOCK = 64
 # Candidates per row before top-p: the tokens holding top_p of the mass are usually far fewer, and
 # rows where they are not are widened by WIDEN until they are.
 CANDIDATES = 64
 WIDEN = 8
+# Weights are exp((logit - best) / temperature) with the exponent floored here. Below it exp()
+# gives subnormal floats, tens of times slower to make and add (a 49k-token row at temperature
+# 0.2 spans hundreds): what the floor adds is at most vocab * e^-80 to a total of at least 1.
+EXPONENT_FLOOR = -80.0
+# Logits per chunk of rows in the whole-row mass (1 MiB of float32).
+MASS_CHUNK = 2**18
 
 
 def sample(
@@ -93,18 +110,39 @@ def sample(
 ) -> list[int]:
     """Next token per row of logits [rows, vocab], which it may change; one host copy for the
     whole batch. `recent[row]` (see `recent_tokens`) is read by rows with a repetition penalty."""
+    threads = torch.get_num_threads()
+    if logits.device.type != "cpu" or threads == 1:
+        return _sample(logits, samplers, generators, recent)
+    # On one CPU thread: sampling is dozens of small ops, and each parallel one waits for every
+    # intra-op thread, so a core busy elsewhere (the event loop, the HTTP clients) stalls it for
+    # milliseconds; 16 sampled rows took 4x longer at 2 threads than at 1 on a shared 2-vCPU box.
+    # The setting is this thread's own (OpenMP), restored before the next forward.
+    torch.set_num_threads(1)
+    try:
+        return _sample(logits, samplers, generators, recent)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sample(
+    logits: torch.Tensor,
+    samplers: list[Sampler],
+    generators: list[torch.Generator],
+    recent: Sequence[Sequence[int]],
+) -> list[int]:
     if recent:
         _penalise(logits, samplers, recent)
+    maxima = _block_maxima(logits)
     rows = [row for row, sampler in enumerate(samplers) if not sampler.greedy]
     if not rows:
-        return torch.argmax(logits, dim=-1).tolist()
+        return _argmax(logits, maxima).tolist()
     uniforms = torch.stack([_uniform(generators[row]) for row in rows]).to(logits.device)
     picked = [samplers[row] for row in rows]
     if len(rows) == len(samplers):  # no greedy row: spare the copy and the argmax
-        return _draw(logits.float(), picked, uniforms).tolist()
-    chosen = torch.argmax(logits, dim=-1)
+        return _draw(logits, maxima, picked, uniforms).tolist()
+    chosen = _argmax(logits, maxima)
     index = torch.tensor(rows, device=logits.device)
-    chosen[index] = _draw(logits[index].float(), picked, uniforms)
+    chosen[index] = _draw(logits[index], maxima[index], picked, uniforms)
     return chosen.tolist()
 
 
@@ -119,21 +157,23 @@ def _penalise(
     logits: torch.Tensor, samplers: list[Sampler], recent: Sequence[Sequence[int]]
 ) -> None:
     """Penalise, in place, each penalised row's recent tokens (a history is never empty: the
-    prompt has a token). Short histories are padded with their own first token: no-op repeats."""
+    prompt has a token): one gather and one scatter over [rows, window], whatever the vocabulary.
+    Short histories are padded with their own first token, a repeat that changes nothing."""
     rows = [r for r, s in enumerate(samplers) if s.repetition_penalty != 1.0 and recent[r]]
     if not rows:
         return
     device = logits.device
     width = max(len(recent[r]) for r in rows)
-    ids = torch.tensor(
-        [[*recent[r], *[recent[r][0]] * (width - len(recent[r]))] for r in rows], device=device
+    # array() then one buffer copy: torch.tensor() over nested lists costs several times more.
+    flat = array(
+        "q", [t for r in rows for t in (*recent[r], *[recent[r][0]] * (width - len(recent[r])))]
     )
+    ids = torch.frombuffer(flat, dtype=torch.long).view(len(rows), width).to(device)
     penalty = torch.tensor([[samplers[r].repetition_penalty] for r in rows], device=device)
-    at = torch.tensor(rows, device=device)
-    picked = logits[at]
-    scores = picked.gather(1, ids).float()
+    at = (torch.tensor(rows, device=device).unsqueeze(1), ids)
+    scores = logits[at].float()  # a repeated token reads and writes the same value
     scores = torch.where(scores > 0, scores / penalty, scores * penalty)
-    logits[at] = picked.scatter_(1, ids, scores.to(picked.dtype))
+    logits.index_put_(at, scores.to(logits.dtype))
 
 
 def _uniform(generator: torch.Generator) -> torch.Tensor:
@@ -141,36 +181,113 @@ def _uniform(generator: torch.Generator) -> torch.Tensor:
     return torch.rand((), generator=generator, device=generator.device)
 
 
-def _draw(logits: torch.Tensor, samplers: list[Sampler], uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row of float logits [rows, vocab], each row with its own sampler."""
+def _block_tokens(logits: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and ids [rows, n * BLOCK] of blocks [rows, n]; -inf past the vocabulary."""
+    vocab = logits.shape[-1]
+    ids = (blocks.unsqueeze(-1) * BLOCK + torch.arange(BLOCK, device=blocks.device)).flatten(1)
+    values = logits.gather(1, ids.clamp(max=vocab - 1))
+    if vocab % BLOCK:
+        values = values.masked_fill(ids >= vocab, float("-inf"))
+    return values, ids
+
+
+def _argmax(logits: torch.Tensor, maxima: torch.Tensor) -> torch.Tensor:
+    """torch.argmax per row (the first best token, NaN first) from the blocks' maxima."""
+    values, ids = _block_tokens(logits, maxima.argmax(dim=-1, keepdim=True))
+    return ids.gather(1, values.argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
+def _candidates(
+    logits: torch.Tensor, maxima: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's `width` best logits, best first, and their ids. The best `width` tokens lie in
+    the `width` blocks with the best maxima: when those are a small part of the row, only they
+    are searched."""
+    if width * BLOCK * 4 > logits.shape[-1]:
+        return torch.topk(logits, width, dim=-1)
+    values, ids = _block_tokens(logits, torch.topk(maxima, width, dim=-1).indices)
+    best, at = torch.topk(values, width, dim=-1)
+    return best, ids.gather(1, at)
+
+
+def _per_block(values: torch.Tensor, reduce: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """`reduce` (torch.amax, torch.sum) of each BLOCK of each row [rows, blocks]; the last block
+    is shorter when BLOCK does not divide the vocabulary."""
+    rows, vocab = values.shape
+    whole = vocab - vocab % BLOCK
+    blocks = reduce(values[:, :whole].reshape(rows, -1, BLOCK), dim=-1)
+    if whole == vocab:
+        return blocks
+    return torch.cat([blocks, reduce(values[:, whole:], dim=-1, keepdim=True)], dim=1)
+
+
+def _block_maxima(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's maximum per block [rows, blocks]: the one pass over the vocabulary all rows make."""
+    return _per_block(logits, torch.amax)
+
+
+def _draw(
+    logits: torch.Tensor, maxima: torch.Tensor, samplers: list[Sampler], uniforms: torch.Tensor
+) -> torch.Tensor:
+    """One token per row of logits [rows, vocab], each row with its own sampler."""
     vocab, device = logits.shape[-1], logits.device
     temperature = torch.tensor([[s.temperature] for s in samplers], device=device)
     top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in samplers])
     top_p = torch.tensor([s.top_p for s in samplers])
+    best = maxima.amax(dim=-1, keepdim=True).float()
     tokens = torch.empty(len(samplers), dtype=torch.long, device=device)
-    whole = (top_k == vocab) & (top_p >= 1.0)  # nothing filtered: no sorting needed
+    whole = (top_k == vocab) & (top_p >= 1.0)  # nothing filtered: no candidates needed
     if whole.any():
         at = whole.nonzero().flatten().to(device)
-        cumulative = torch.softmax(logits[at] / temperature[at], dim=-1).cumsum(dim=-1)
-        tokens[at] = _inverse_cdf(cumulative, uniforms[at], None)
+        every = len(at) == len(samplers)
+        tokens[at] = _draw_whole(
+            logits if every else logits[at], best[at], temperature[at], uniforms[at]
+        )
     pending = (~whole).nonzero().flatten()
+    if not len(pending):
+        return tokens
+    mass = _mass(logits, best, temperature, (top_k == vocab) & ~whole)
     width = max([CANDIDATES, *(s.top_k for s in samplers if 0 < s.top_k < vocab)])
     while len(pending):
         width = min(width, vocab)
         every = len(pending) == len(samplers)
         at = pending.to(device)
         decided, picked = _draw_candidates(
-            logits if every else logits[at],
+            _candidates(logits if every else logits[at], maxima[at], width),
             temperature[at],
             top_k[pending].to(device),
             top_p[pending].to(device),
+            mass[at],
             uniforms[at],
-            width,
+            vocab,
         )
         tokens[at[decided]] = picked[decided]
         pending = pending[~decided.cpu()]
         width *= WIDEN
     return tokens
+
+
+def _draw_whole(
+    logits: torch.Tensor, best: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor
+) -> torch.Tensor:
+    """Inverse CDF over the whole softmax in vocabulary order: first over the blocks' weights,
+    then within the block it lands in. One pass over the vocabulary, no cumulative sum of it."""
+    exponents = (logits.float() - best).div_(temperature).clamp_(min=EXPONENT_FLOOR)
+    # Less the floor's own weight: tokens below it (masked ones: -inf) weigh exactly 0.
+    weights = exponents.exp_().sub_(math.exp(EXPONENT_FLOOR))
+    cumulative = _per_block(weights, torch.sum).cumsum_(dim=-1)
+    total = cumulative[:, -1:]
+    target = uniforms.unsqueeze(1) * total
+    # The last block with weight: u * total may round up to total itself.
+    last = (cumulative < total).sum(dim=-1, keepdim=True)
+    block = torch.searchsorted(cumulative, target, right=True).clamp_(max=last)
+    before = torch.where(block > 0, cumulative.gather(1, (block - 1).clamp(min=0)), 0.0)
+    values, ids = _block_tokens(logits, block)
+    within = (values.float() - best).div_(temperature).clamp_(min=EXPONENT_FLOOR).exp_()
+    within = within.sub_(math.exp(EXPONENT_FLOOR)).cumsum_(dim=-1)
+    column = torch.searchsorted(within, target - before, right=True)
+    end = (within < within[:, -1:]).sum(dim=-1, keepdim=True)  # the block's last token with weight
+    return ids.gather(1, torch.minimum(column, end)).squeeze(1)
 
 
 def _mass(
@@ -179,37 +296,43 @@ def _mass(
     """Per row, the whole vocabulary's weight relative to its best logit `best` [rows, 1]: what
     top-p without top-k renormalises over. 1 for the other rows, which never read it."""
     mass = torch.ones(len(logits), device=logits.device)
-    if unlimited.any():
-        at = unlimited.nonzero().flatten()
-        rows = logits if len(at) == len(logits) else logits[at]
-        mass[at] = (rows - best[at]).div_(temperature[at]).exp_().sum(dim=-1)
+    if not unlimited.any():
+        return mass
+    at = unlimited.nonzero().flatten().to(logits.device)
+    rows = logits if len(at) == len(logits) else logits[at]
+    # A few rows at a time: their intermediate weights stay in a core's L2 across the passes.
+    step = max(1, MASS_CHUNK // rows.shape[-1])
+    for first in range(0, len(at), step):
+        part = slice(first, first + step)
+        exponents = (rows[part].float() - best[at[part]]).div_(temperature[at[part]])
+        mass[at[part]] = exponents.clamp_(min=EXPONENT_FLOOR).exp_().sum(dim=-1)
     return mass
 
 
 def _draw_candidates(
-    logits: torch.Tensor,
+    candidates: tuple[torch.Tensor, torch.Tensor],
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
+    mass: torch.Tensor,
     uniforms: torch.Tensor,
-    width: int,
+    vocab: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k, top-p and the draw over each row's `width` best tokens.
+    """Top-k, top-p and the draw over each row's best tokens (logits and ids, best first).
 
     Returns which rows were decided (their kept tokens all lie among the candidates) and the token
     of each decided row. Sums run left to right over the best-first candidates, so a row's result
-    does not depend on `width` once it is decided, nor on the other rows.
+    does not depend on how many candidates it got once it is decided, nor on the other rows.
     """
-    vocab = logits.shape[-1]
-    best, ids = torch.topk(logits, width, dim=-1)  # sorted, best first (temperature keeps order)
-    in_top_k = torch.arange(width, device=logits.device) < top_k.unsqueeze(1)
+    best, ids = candidates
+    best = best.float()
+    width = best.shape[-1]
+    in_top_k = torch.arange(width, device=best.device) < top_k.unsqueeze(1)
     weights = (best - best[:, :1]).div_(temperature).exp_().masked_fill_(~in_top_k, 0.0)
     cumulative = weights.cumsum(dim=-1)
-    limited = top_k < vocab
     # Top-k renormalises over the k best (all candidates); otherwise over the whole row.
-    total = torch.where(
-        limited, cumulative[:, -1], _mass(logits, best[:, :1], temperature, ~limited)
-    )
+    limited = top_k < vocab
+    total = torch.where(limited, cumulative[:, -1], mass)
     # A token stays while the mass before it is below top_p (the best token always stays).
     kept = (cumulative - weights < top_p.unsqueeze(1) * total.unsqueeze(1)) & in_top_k
     decided = limited | (width == vocab) | ~kept[:, -1]
@@ -218,15 +341,11 @@ def _draw_candidates(
 
 
 def _inverse_cdf(
-    cumulative: torch.Tensor, uniforms: torch.Tensor, kept: torch.Tensor | None
+    cumulative: torch.Tensor, uniforms: torch.Tensor, kept: torch.Tensor
 ) -> torch.Tensor:
     """Column per row where the kept prefix's cumulative weight first exceeds uniform * its total."""
-    if kept is None:
-        total = cumulative[:, -1]
-        last = torch.full_like(uniforms, cumulative.shape[-1] - 1, dtype=torch.long)
-    else:
-        last = kept.sum(dim=-1) - 1
-        total = cumulative.gather(1, last.unsqueeze(1)).squeeze(1)
+    last = kept.sum(dim=-1) - 1
+    total = cumulative.gather(1, last.unsqueeze(1)).squeeze(1)
     target = (uniforms * total).unsqueeze(1)
     column = torch.searchsorted(cumulative, target, right=True).squeeze(1)
     return torch.minimum(column, last)
