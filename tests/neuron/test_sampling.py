@@ -33,6 +33,11 @@ def test_zero_temperature_and_top_k_one_are_greedy() -> None:
     assert not Sampler.resolve(SamplingParams(temperature=0.7), SamplingParams()).greedy
 
 
+def test_no_rows_sample_nothing() -> None:
+    """A prefill chunk that completes no prompt asks for no token (a 300-token prompt failed)."""
+    assert sample(torch.empty(0, 49_152), [], []) == []
+
+
 def draws(sampler: Sampler, logits: torch.Tensor, n: int) -> list[int]:
     generator = sampler.generator(CPU)
     return [sample(logits, [sampler], [generator])[0] for _ in range(n)]

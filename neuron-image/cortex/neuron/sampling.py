@@ -110,6 +110,8 @@ def sample(
 ) -> list[int]:
     """Next token per row of logits [rows, vocab], which it may change; one host copy for the
     whole batch. `recent[row]` (see `recent_tokens`) is read by rows with a repetition penalty."""
+    if not samplers:  # a prefill chunk that completes no prompt samples nothing
+        return []
     threads = torch.get_num_threads()
     if logits.device.type != "cpu" or threads == 1:
         return _sample(logits, samplers, generators, recent)
