@@ -4,14 +4,15 @@ and /tokenize APIs (translate/anthropic.py does the translation)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import BaseModel
 
 from cortex.core.errors import CortexError
 from cortex.core.protocol.errors import anthropic_error
 from cortex.core.protocol.openai import (
-    ChatCompletionChunk,
+    ChatCompletion,
     ChatCompletionRequest,
     TokenizeRequest,
     TokenizeResponse,
@@ -19,15 +20,14 @@ from cortex.core.protocol.openai import (
 )
 from cortex.gateway.dialects.affinity import conversation_key
 from cortex.gateway.dialects.dialect import (
-    Chat,
     ClientRequest,
     NeuronCall,
     ReplyStream,
     Surface,
     Tokenize,
-    chat_completion,
     validate,
 )
+from cortex.gateway.dialects.translated import ChatBacked, TranslatedStream
 from cortex.gateway.translate.anthropic import (
     KEEPALIVE,
     StreamTranslator,
@@ -35,56 +35,31 @@ from cortex.gateway.translate.anthropic import (
     from_chat_response,
     to_chat_request,
 )
-from cortex.gateway.wire.anthropic import CountTokensRequest, CountTokensResponse, MessagesRequest
+from cortex.gateway.wire.anthropic import (
+    AnthropicEvent,
+    CountTokensRequest,
+    CountTokensResponse,
+    MessagesRequest,
+)
 
 
-class MessagesStream:
+class MessagesStream(TranslatedStream[AnthropicEvent]):
     """The neuron's chat stream as Anthropic's events."""
 
     def __init__(self, req: MessagesRequest) -> None:
-        self._translator = StreamTranslator(req, f"msg_{uuid.uuid4().hex[:24]}")
-
-    def keepalive(self) -> bytes:
-        return KEEPALIVE
-
-    def feed(self, event: bytes, payload: dict[str, Any] | None) -> list[bytes]:
-        if payload is None:
-            return []
-        chunk = ChatCompletionChunk.model_validate(payload)
-        return [encode_sse(e) for e in self._translator.feed(chunk)]
-
-    def finish(self) -> list[bytes]:
-        return [encode_sse(e) for e in self._translator.finish()]
+        self._events = StreamTranslator(req, f"msg_{uuid.uuid4().hex[:24]}")
+        super().__init__(self._events, encode_sse, KEEPALIVE)
 
     def fail(self, err: CortexError) -> list[bytes]:
         kind = anthropic_error(err)["error"]["type"]
-        return [encode_sse(e) for e in self._translator.error(err.message, kind)]
-
-    def usage(self) -> Usage:
-        return self._translator.usage()
+        return self.frames(self._events.error(err.message, kind))
 
 
-@dataclass
-class Messages:
+class Messages(ChatBacked[MessagesRequest]):
     """A /v1/messages request and the chat request that serves it."""
 
-    req: MessagesRequest
-    chat: ChatCompletionRequest
-    budgeted: Mapping[str, Any]
-    model: str = field(init=False)
-    affinity: str = field(init=False)
-    stream: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.model, self.stream = self.req.model, self.req.stream
-        self.affinity = conversation_key(self.chat.messages)
-
-    def neuron_call(self, model: str) -> NeuronCall:
-        return Chat({**self.chat.model_dump(exclude_none=True), "model": model})
-
-    def answer(self, reply: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:
-        completion = chat_completion(reply)
-        return from_chat_response(completion, self.req).model_dump(), completion.usage
+    def translate(self, completion: ChatCompletion) -> BaseModel:
+        return from_chat_response(completion, self.req)
 
     def reply_stream(self) -> ReplyStream:
         return MessagesStream(self.req)
