@@ -23,7 +23,7 @@ from bench.gateway import SCENARIOS, cortex_server, stub_server
 from bench.loadgen import Call, latencies, percentile, throughput
 from bench.processes import free_port
 
-PACKAGES = ("core", "gateway", "neuron-image", "operator")
+PACKAGES = ("cli", "core", "gateway", "neuron-image", "operator")  # the source roots
 
 
 def cpu_seconds(pid: int) -> float:
