@@ -40,6 +40,9 @@ PURE = {
     "pygments": "pygments",
     "accelerate": "accelerate",
     "opentelemetry-api": "opentelemetry",  # fastapi's, since 0.13x
+    "aiohappyeyeballs": "aiohappyeyeballs",  # aiohttp's (NeuronClient's inference transport)
+    "aiosignal": "aiosignal",
+    "attrs": "attrs",
 }
 COMPILED = {
     "pydantic-core": "pydantic_core",
@@ -47,6 +50,11 @@ COMPILED = {
     "psutil": "psutil",
     "safetensors": "safetensors",
     "llguidance": "llguidance",
+    "aiohttp": "aiohttp",
+    "multidict": "multidict",
+    "yarl": "yarl",
+    "frozenlist": "frozenlist",
+    "propcache": "propcache",
 }
 PYTHONS = ("3.11", "3.12", "3.13")
 PLATFORMS = (*(f"manylinux_2_{n}_x86_64" for n in (17, 28, 31, 34)), "manylinux2014_x86_64")

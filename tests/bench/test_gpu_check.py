@@ -81,9 +81,16 @@ def test_the_carried_wheels_cover_what_a_neuron_imports() -> None:
         "import cortex.neuron.runtime, cortex.neuron.grammar, cortex.neuron.mapped_weights\n"
         "import accelerate, llguidance, llguidance.hf, llguidance.torch"
     )
-    carried = set(gpu_wheels.PURE.values()) | set(gpu_wheels.COMPILED.values())
-    # Imported only where installed: uvicorn's extras, and Pillow by transformers.
+    wheels = {d.lower() for d in (*gpu_wheels.PURE, *gpu_wheels.COMPILED)}
+    carried = {  # every module the carried distributions provide (attrs: attr and attrs)
+        module
+        for module, dists in packages_distributions().items()
+        if any(d.lower().replace("_", "-") in wheels for d in dists)
+    }
+    # Imported only where installed: uvicorn's extras, Pillow by transformers, and trio (with
+    # its outcome, sortedcontainers) by an HTTP core's backend here, where selenium brought it.
     optional = {"uvloop", "httptools", "watchfiles", "websockets", "dotenv", "PIL"}
+    optional |= {"trio", "outcome", "sortedcontainers"}
     uncovered = neuron - present - carried - optional - {"cortex"}
     assert not uncovered, f"a neuron imports these, and no carried wheel provides them: {uncovered}"
     assert not gpu_wheels.missing()  # every listed module's name is right (it imports here)
