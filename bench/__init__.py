@@ -1,4 +1,4 @@
-"""cortex benchmarks (SPEC §9): scripts a user runs, never timed tests.
+"""cortex benchmarks (docs/benchmarks.md): scripts a user runs, never timed tests.
 
 Run one with `python -m bench <name> [options]` (or `cortex bench <name>`), all with
 `python -m bench all`, and list them with `python -m bench --list`.

@@ -1,4 +1,4 @@
-"""docs/grafana/cortex.json (SPEC U3): every series it queries is one cortex really exports."""
+"""docs/grafana/cortex.json (docs/grafana/README.md): every series it queries is one cortex really exports."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_every_queried_series_is_exported() -> None:
 
 
 def test_every_g7_series_has_a_panel() -> None:
-    """Each metric SPEC G7 names is on the dashboard."""
+    """Each metric the gateway must export is on the dashboard."""
     text = " ".join(queries())
     for name in (
         "cortex_requests_total",

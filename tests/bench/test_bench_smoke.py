@@ -1,5 +1,5 @@
 """P1-P3 (and P2's long-prompt run) end to end at minimal sizes: each starts its servers, measures, stops them and writes its
-JSON and plot. No timing is asserted (SPEC §9: numbers come from the benchmarks, not from tests)."""
+JSON and plot. No timing is asserted (docs/benchmarks.md: numbers come from the benchmarks, not from tests)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input on every route (SPEC §7): the right status, in the route's own error shape, and the
+"""Bad input on every route (docs/architecture.md): the right status, in the route's own error shape, and the
 gateway stays healthy."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""API keys, allowlists and token budgets (SPEC G8), through both SDKs and both header styles."""
+"""API keys, allowlists and token budgets (docs/security.md), through both SDKs and both header styles."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Prometheus exposition (SPEC G7), parsed with prometheus_client's own parser."""
+"""The Prometheus exposition (docs/grafana/README.md charts them), parsed with prometheus_client's own parser."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Lifecycle (SPEC G5) through the gateway: eviction under lru and priority, pins, in-flight
+"""Lifecycle (docs/architecture.md) through the gateway: eviction under lru and priority, pins, in-flight
 protection, idle unload, defragmentation, and the neuron admin token."""
 
 from __future__ import annotations

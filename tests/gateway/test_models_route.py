@@ -1,4 +1,4 @@
-"""GET /v1/models (SPEC G1): one catalogue merged from the gateway's config and every neuron."""
+"""GET /v1/models: one catalogue merged from the gateway's config and every neuron."""
 
 from __future__ import annotations
 

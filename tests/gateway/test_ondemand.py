@@ -1,4 +1,4 @@
-"""On-demand loading (SPEC G4): single-flight, bounded wait with 503 + Retry-After, keep-alives while
+"""On-demand loading (docs/architecture.md): single-flight, bounded wait with 503 + Retry-After, keep-alives while
 a streaming client waits, a load abandoned when every waiter has gone."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Routing across replicas (SPEC G3): least-loaded, prefix affinity, failover before the first byte,
+"""Routing across replicas (docs/architecture.md): least-loaded, prefix affinity, failover before the first byte,
 mid-stream death, client disconnect, unhealthy neurons."""
 
 from __future__ import annotations
