@@ -19,6 +19,7 @@ from cortex.core.protocol.openai import (
     Usage,
 )
 from cortex.gateway.dialects.affinity import conversation_key
+from cortex.gateway.dialects.chat_surface import ChatBacked, TranslatedStream
 from cortex.gateway.dialects.dialect import (
     ClientRequest,
     NeuronCall,
@@ -27,7 +28,6 @@ from cortex.gateway.dialects.dialect import (
     Tokenize,
     validate,
 )
-from cortex.gateway.dialects.translated import ChatBacked, TranslatedStream
 from cortex.gateway.translate.anthropic import (
     KEEPALIVE,
     StreamTranslator,

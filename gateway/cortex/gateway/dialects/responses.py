@@ -12,9 +12,9 @@ from pydantic import BaseModel
 from cortex.core.errors import CortexError
 from cortex.core.protocol.errors import openai_error
 from cortex.core.protocol.openai import ChatCompletion
+from cortex.gateway.dialects.chat_surface import ChatBacked, TranslatedStream
 from cortex.gateway.dialects.dialect import ClientRequest, ReplyStream, Surface, validate
 from cortex.gateway.dialects.openai import KEEPALIVE
-from cortex.gateway.dialects.translated import ChatBacked, TranslatedStream
 from cortex.gateway.translate.responses import (
     ResponsesStreamTranslator,
     encode_sse,
