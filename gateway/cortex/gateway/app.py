@@ -14,11 +14,11 @@ from starlette.types import Receive, Scope, Send
 from cortex.core.access_log import redact_access_log
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import GatewayConfig, NeuronEntry
-from cortex.core.corked import CorkedHttpToolsProtocol
 from cortex.core.kube_api import KubeLogin
 from cortex.core.request_context import RequestContext
 from cortex.core.shutdown import Drain, DrainGate, GracefulServer
 from cortex.gateway.assembly import Gateway, Tuning
+from cortex.gateway.corked import CorkedHttpToolsProtocol
 from cortex.gateway.http import anthropic, error_handler, health, openai, responses, web
 from cortex.gateway.http.access import authenticate_admin, gateway_of
 from cortex.gateway.http.admin import router as fleet_control

@@ -1,5 +1,5 @@
 """Corked writes: a response's head and body leave in one send, and a stream's chunks still leave
-one by one, as they are written (the gateway's server protocol, cortex.core.corked)."""
+one by one, as they are written (the gateway's server protocol, cortex.gateway.corked)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import uvicorn
 
-from cortex.core.corked import CorkedHttpToolsProtocol, CorkedTransport
+from cortex.gateway.corked import CorkedHttpToolsProtocol, CorkedTransport
 
 
 class Sends:
