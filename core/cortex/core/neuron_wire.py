@@ -214,12 +214,16 @@ class InferenceWire:
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
         """A place in the pool's bound (Overloaded when none comes free in the pool timeout)."""
-        if self._gate is None:
+        gate = self._gate
+        if gate is None:
             yield
             return
         try:
-            async with asyncio.timeout(self._pool_wait):
-                await self._gate.acquire()
+            if gate.locked():  # a free place is taken at once, with no timer to set up
+                async with asyncio.timeout(self._pool_wait):
+                    await gate.acquire()
+            else:
+                await gate.acquire()
         except TimeoutError:
             raise Overloaded(
                 f"neuron {self.name} is busy: no connection to it came free", retry_after=1.0
@@ -227,7 +231,7 @@ class InferenceWire:
         try:
             yield
         finally:
-            self._gate.release()
+            gate.release()
 
 
 def _checked(value: str) -> str:
