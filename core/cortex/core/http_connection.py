@@ -128,8 +128,17 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if not self.complete:
-            self._fail(ConnectionClosed(str(exc) if exc else "connection closed"))
+        if self.complete:
+            return
+        if exc is None and self.head_done and self._read_to_close():
+            self.complete = True  # an answer with neither length nor chunks ends with its close
+            self._wake()
+            return
+        self._fail(ConnectionClosed(str(exc) if exc else "connection closed"))
+
+    def _read_to_close(self) -> bool:
+        chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        return "content-length" not in self.headers and not chunked
 
     # httptools' callbacks.
 
