@@ -40,9 +40,6 @@ PURE = {
     "pygments": "pygments",
     "accelerate": "accelerate",
     "opentelemetry-api": "opentelemetry",  # fastapi's, since 0.13x
-    "aiohappyeyeballs": "aiohappyeyeballs",  # aiohttp's (NeuronClient's inference transport)
-    "aiosignal": "aiosignal",
-    "attrs": "attrs",
 }
 COMPILED = {
     "pydantic-core": "pydantic_core",
@@ -50,11 +47,7 @@ COMPILED = {
     "psutil": "psutil",
     "safetensors": "safetensors",
     "llguidance": "llguidance",
-    "aiohttp": "aiohttp",
-    "multidict": "multidict",
-    "yarl": "yarl",
-    "frozenlist": "frozenlist",
-    "propcache": "propcache",
+    "httptools": "httptools",  # NeuronClient's inference transport parses with it
 }
 PYTHONS = ("3.11", "3.12", "3.13")
 PLATFORMS = (*(f"manylinux_2_{n}_x86_64" for n in (17, 28, 31, 34)), "manylinux2014_x86_64")

@@ -70,8 +70,8 @@ def install(extra: str | None) -> set[str]:
 
 def test_the_base_dependencies_are_cores_and_the_command_lines() -> None:
     base = {name_of(r) for r in PROJECT["dependencies"]}
-    # aiohttp: NeuronClient's inference calls (core/neuron_wire.py); its client only, no server.
-    assert base == {"pydantic", "httpx", "aiohttp", "pyyaml", "rich"}
+    # httptools: NeuronClient's inference calls (core/http_connection.py) parse with it.
+    assert base == {"pydantic", "httpx", "httptools", "pyyaml", "rich"}
     assert not install(None) & (HEAVY | SERVER | {"kopf", "kubernetes"})
 
 

@@ -88,9 +88,10 @@ def test_the_carried_wheels_cover_what_a_neuron_imports() -> None:
         if any(d.lower().replace("_", "-") in wheels for d in dists)
     }
     # Imported only where installed: uvicorn's extras, Pillow by transformers, and trio (with
-    # its outcome, sortedcontainers) by an HTTP core's backend here, where selenium brought it.
-    optional = {"uvloop", "httptools", "watchfiles", "websockets", "dotenv", "PIL"}
-    optional |= {"trio", "outcome", "sortedcontainers"}
+    # its outcome, sortedcontainers, attrs) by an HTTP core's backend here, where selenium
+    # brought it.
+    optional = {"uvloop", "watchfiles", "websockets", "dotenv", "PIL"}
+    optional |= {"trio", "outcome", "sortedcontainers", "attr", "attrs"}
     uncovered = neuron - present - carried - optional - {"cortex"}
     assert not uncovered, f"a neuron imports these, and no carried wheel provides them: {uncovered}"
     assert not gpu_wheels.missing()  # every listed module's name is right (it imports here)

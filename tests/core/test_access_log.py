@@ -13,7 +13,7 @@ from fakes.neuron import running
 from fastapi import FastAPI
 
 from cortex.cli import commands
-from cortex.core.access_log import ACCESS_LOGGER, RedactQuery, redact_access_log
+from cortex.core.access_log import ACCESS_LOGGER, AccessLine, RedactQuery, redact_access_log
 from cortex.core.config import GatewayConfig, NeuronConfig
 from cortex.gateway import app as gateway_app
 
@@ -92,3 +92,23 @@ def test_configs_never_print_their_secrets() -> None:
     neuron = NeuronConfig.model_validate({"neuron": {"admin_token": TOKEN}})
     shown = f"{gateway!r} {gateway} {neuron!r} {neuron}"
     assert SECRET not in shown and TOKEN not in shown and "'a'" in shown
+
+
+def test_the_lean_access_line_reads_as_uvicorns() -> None:
+    """cortex swaps uvicorn's access formatter for a cheaper one: the lines must not change."""
+    uvicorn.Config(FastAPI())  # sets uvicorn's access handler and formatter up
+    handler = logging.getLogger(ACCESS_LOGGER).handlers[0]
+    uvicorns = handler.formatter
+    assert uvicorns is not None
+    redact_access_log()
+    assert isinstance(handler.formatter, AccessLine)
+    fmt = '%s - "%s %s HTTP/%s" %d'
+    for args in (
+        ("127.0.0.1:5000", "POST", "/v1/chat/completions", "1.1", 200),
+        ("[::1]:80", "GET", "/v1/models?[redacted]", "1.1", 404),
+        ("10.0.0.1:1", "GET", "/x", "1.0", 599),  # no phrase
+    ):
+        record = logging.LogRecord(ACCESS_LOGGER, logging.INFO, __file__, 1, fmt, args, None)
+        assert handler.format(record) == uvicorns.format(record)
+    warned = logging.LogRecord(ACCESS_LOGGER, logging.WARNING, __file__, 1, fmt, args, None)
+    assert handler.format(warned) == uvicorns.format(warned)  # uvicorn's own, other prefix

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -185,3 +188,39 @@ async def test_a_kept_alive_connection_the_neuron_closes_is_retried_on_a_new_one
         await client.aclose()
         server.close()
     assert connections == [2, 1]
+
+
+async def test_an_answer_read_to_its_close_and_a_tls_neuron(tmp_path: Path) -> None:
+    """HTTPS with the caller's TLS context; an answer framed by neither length nor chunks ends
+    where the neuron closes the connection (HTTP/1.1 allows it; uvicorn never does it)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n" + ANSWER)
+        await writer.drain()
+        writer.close()
+
+    serving = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    serving.load_cert_chain(cert, key)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=serving)
+    port = server.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context(cafile=str(cert))
+    client = NeuronClient(f"https://127.0.0.1:{port}", name="n1", tls=trusting)
+    stranger = NeuronClient(f"https://127.0.0.1:{port}", name="n1")  # the system's CAs only
+    try:
+        assert (await client.chat({"model": "m"})).raw == ANSWER
+        with pytest.raises(NeuronUnreachable):
+            await stranger.chat({"model": "m"})
+    finally:
+        await client.aclose()
+        await stranger.aclose()
+        server.close()

@@ -4,6 +4,7 @@ polls; `Started server process` once; every record with its request id; JSON on 
 
 from __future__ import annotations
 
+import http
 import json
 import logging
 import time
@@ -79,6 +80,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+# uvicorn's access format, and the fixed part of its INFO prefix when colours are off.
+UVICORN_ACCESS_FORMAT = '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'
+_INFO_PREFIX = "INFO:" + " " * 5
+_STATUS = {status.value: f"{status.value} {status.phrase}" for status in http.HTTPStatus}
+
+
+class AccessLine(logging.Formatter):
+    """uvicorn's access line, the same text at a third of its formatter's cost (that copies the
+    record and looks the status phrase up on every line): it is written once per request
+    (docs/benchmarks.md, P1)."""
+
+    def __init__(self, uvicorns: logging.Formatter) -> None:
+        super().__init__()
+        self.uvicorns = uvicorns  # for any record not of the usual shape
+
+    def format(self, record: logging.LogRecord) -> str:
+        args = record.args
+        if record.levelno != logging.INFO or not isinstance(args, tuple) or len(args) != 5:
+            return self.uvicorns.format(record)
+        client, method, path, version, status = args
+        phrase = _STATUS.get(status) or f"{status} "  # type: ignore[call-overload]
+        return f'{_INFO_PREFIX}{client} - "{method} {path} HTTP/{version}" {phrase}'
+
+
+def _plain_uvicorn_access(formatter: logging.Formatter) -> bool:
+    """uvicorn's own access formatter, with its format and without colours."""
+    return (
+        type(formatter).__name__ == "AccessFormatter"
+        and getattr(formatter, "_fmt", None) == UVICORN_ACCESS_FORMAT
+        and not getattr(formatter, "use_colors", True)
+    )
+
+
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _LOG_FORMAT = {"value": "text"}
 
@@ -95,13 +129,16 @@ def configure_logging(level: int, log_format: str = "text") -> None:
 
 
 def tidy_server_logs() -> None:
-    """Install the filters on uvicorn's loggers (idempotent), and with --log-format json send
-    uvicorn's records through the JSON root handler. Call it after building every
+    """Install the filters on uvicorn's loggers and the lean access formatter (idempotent), and
+    with --log-format json send uvicorn's records through the JSON root handler. Call it after building every
     uvicorn.Config, which (re)configures uvicorn's loggers."""
     access, error = logging.getLogger(ACCESS_LOGGER), logging.getLogger("uvicorn.error")
     for logger, kind in ((access, RedactQuery), (access, SkipInternalPolls), (error, StartedOnce)):
         if not any(isinstance(f, kind) for f in logger.filters):
             logger.addFilter(kind())
+    for handler in access.handlers:
+        if handler.formatter is not None and _plain_uvicorn_access(handler.formatter):
+            handler.setFormatter(AccessLine(handler.formatter))
     if _LOG_FORMAT["value"] == "json":
         for name in ("uvicorn", "uvicorn.error", ACCESS_LOGGER):
             logger = logging.getLogger(name)

@@ -102,7 +102,7 @@ async def _pass_request_id(request: httpx.Request) -> None:
 
 class NeuronClient:
     """Async HTTP client for one neuron's lifecycle and inference APIs. The inference calls, a
-    gateway's hot path, go over aiohttp (neuron_wire.py); the lifecycle calls over httpx, where
+    gateway's hot path, go over their own lean transport (neuron_wire.py); the lifecycle calls over httpx, where
     `transport` can put an app in the neuron's place."""
 
     def __init__(

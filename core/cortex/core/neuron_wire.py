@@ -1,5 +1,7 @@
-"""The transport of NeuronClient's inference calls: aiohttp, whose C parser and lean pool answer
-in under half the time of httpx's (docs/benchmarks.md, "P1 gateway overhead").
+"""The transport of NeuronClient's inference calls: a pool of kept-alive HTTP/1.1 connections
+parsed by httptools (http_connection.py). aiohttp's client, before it, took 3.5x the CPU per call
+of this bare protocol, and the call is most of a gateway's work per request (docs/benchmarks.md,
+P1); httpx's took twice aiohttp's time.
 
 Only NeuronClient uses it. Its failures come out as domain errors that name the neuron, never
 its address; a neuron's error answer is left to the caller, which knows the API's error shape.
@@ -14,11 +16,12 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import httpx
 
 from cortex.core.errors import CortexError, NeuronUnavailable, NeuronUnreachable, Overloaded
+from cortex.core.http_connection import BadAnswer, ConnectionClosed, HttpConnection
 from cortex.core.request_context import REQUEST_ID_HEADER, request_id
 
 # A neuron (uvicorn) closes a connection idle for 5 s. Ours are dropped sooner, so that a request
@@ -28,7 +31,7 @@ KEEPALIVE_S = 4.0
 
 @dataclass(frozen=True)
 class WireAnswer:
-    """A whole answer: its status, headers and body bytes, as the neuron sent them."""
+    """A whole answer: its status, headers (names in lower case) and body bytes, as sent."""
 
     status: int
     headers: Mapping[str, str]
@@ -38,36 +41,40 @@ class WireAnswer:
 class WireStream:
     """An answer whose headers are in; `chunks()` yields its body as it arrives."""
 
-    def __init__(self, neuron: str, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, neuron: str, connection: HttpConnection) -> None:
         self.neuron = neuron
-        self.status = response.status
-        self.headers: Mapping[str, str] = response.headers
-        self._response = response
+        self.status = connection.status
+        self.headers: Mapping[str, str] = connection.headers
+        self._connection = connection
 
     async def read(self) -> bytes:
         try:
-            return await self._response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            return await self._connection.body()
+        except (OSError, ValueError) as exc:
             raise wire_error(self.neuron, exc) from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they come; a transport failure raises its domain error."""
         try:
-            async for chunk in self._response.content.iter_any():
+            async for chunk in self._connection.chunks():
                 yield chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (OSError, ValueError) as exc:
             raise wire_error(self.neuron, exc) from exc
+
+
+class ConnectTimeout(TimeoutError):
+    """No connection to the neuron within the connect timeout."""
 
 
 def wire_error(neuron: str, exc: BaseException) -> CortexError:
     """What a transport failure says of the neuron, as httpx's did (core/client.py): a refused,
     reset or cut connection is NeuronUnreachable, a read timeout or anything else unavailable."""
     kind = type(exc).__name__
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, ConnectTimeout | ConnectionClosed):
         return NeuronUnreachable(f"neuron {neuron} unreachable ({kind})", retry_after=1.0)
-    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
+    if isinstance(exc, TimeoutError | BadAnswer):
         return NeuronUnavailable(f"neuron {neuron} failed ({kind})", retry_after=1.0)
-    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+    if isinstance(exc, OSError):  # refused, reset, no route, a TLS failure
         return NeuronUnreachable(f"neuron {neuron} unreachable ({kind})", retry_after=1.0)
     return NeuronUnavailable(f"neuron {neuron} failed ({kind})", retry_after=1.0)
 
@@ -78,8 +85,8 @@ def encode(body: dict[str, Any]) -> bytes:
 
 
 class InferenceWire:
-    """One neuron's pool of kept-alive connections for inference calls. The session is made on
-    first use: aiohttp binds it to the running event loop."""
+    """One neuron's pool of kept-alive connections for inference calls (made on first use, in
+    the running event loop; the most recently used is reused first)."""
 
     def __init__(
         self,
@@ -91,39 +98,41 @@ class InferenceWire:
         limits: httpx.Limits,
         tls: ssl.SSLContext | None,
     ) -> None:
-        self.endpoint, self.name, self._headers = endpoint, name, dict(headers)
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=timeout.connect, sock_read=timeout.read
-        )
+        self.endpoint, self.name = endpoint, name
+        url = urlsplit(endpoint)
+        self._https = url.scheme == "https"
+        self._host = url.hostname or "localhost"
+        self._port = url.port or (443 if self._https else 80)
+        self._prefix = url.path.rstrip("/")  # a neuron served under a path (bench/scale_fleet.py)
+        self._tls = tls
+        # What every request says of itself: written once, sent with each.
+        fixed = {"host": url.netloc, **headers, "content-type": "application/json"}
+        self._fixed = "".join(f"{k}: {_checked(v)}\r\n" for k, v in fixed.items()).encode()
+        self._connect_timeout = timeout.connect
+        self._read_timeout = timeout.read
         self._keepalive = min(limits.keepalive_expiry or KEEPALIVE_S, KEEPALIVE_S)
-        self._tls: ssl.SSLContext | bool = tls if tls is not None else True
+        self._idle: list[HttpConnection] = []
         # The pool's bound and its wait are ours, so that a wait for one of our own connections
         # can be told apart (Overloaded) from a neuron slow to accept one (unreachable).
         bound = limits.max_connections
         self._gate = asyncio.Semaphore(bound) if bound is not None else None
         self._pool_wait = timeout.pool
-        self._session: aiohttp.ClientSession | None = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=0, keepalive_timeout=self._keepalive, ssl=self._tls
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, headers=self._headers
-            )
-        return self._session
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
 
-    def _request_headers(self, headers: Mapping[str, str] | None) -> dict[str, str]:
-        sent = {"content-type": "application/json", **(headers or {})}
+    def _request(self, path: str, body: bytes, headers: Mapping[str, str] | None) -> bytes:
+        lines = [f"POST {self._prefix}{path} HTTP/1.1\r\n".encode(), self._fixed]
+        sent = dict(headers or {})
         rid = request_id.get()  # the client request's id, so both logs carry the same one
         if rid:
             sent.setdefault(REQUEST_ID_HEADER, rid)
-        return sent
+        sent["content-length"] = str(len(body))
+        lines.append("".join(f"{k}: {_checked(v)}\r\n" for k, v in sent.items()).encode())
+        lines += (b"\r\n", body)
+        return b"".join(lines)
 
     async def post(
         self, path: str, body: dict[str, Any], headers: Mapping[str, str] | None
@@ -138,41 +147,83 @@ class InferenceWire:
     ) -> AsyncIterator[WireStream]:
         """POST a JSON body; the answer once its headers are in. Leaving before its end closes
         the connection, which is how a neuron learns that its client has gone."""
-        async with self._connection():
-            response = await self._send(path, encode(body), self._request_headers(headers))
+        request = self._request(path, encode(body), headers)
+        async with self._turn():
+            connection = await self._send(request)
             try:
-                yield WireStream(self.name, response)
+                yield WireStream(self.name, connection)
             finally:
-                if response.content.at_eof():
-                    response.release()  # read to its end: the connection is kept alive
+                if connection.reusable():  # read to its end: kept for the next call
+                    connection.idle_since = connection.loop.time()
+                    self._idle.append(connection)
                 else:
-                    response.close()
+                    connection.close()
 
-    async def _send(
-        self, path: str, data: bytes, headers: dict[str, str]
-    ) -> aiohttp.ClientResponse:
-        """The answer's headers. A kept-alive connection found closed (reset, or cut before any
-        answer) is tried once more: the neuron may have closed it as we took it, and the next
+    async def _send(self, request: bytes) -> HttpConnection:
+        """The connection whose answer's head is in. A kept-alive connection closed before any
+        answer is tried once more: the neuron may have closed it as we took it, and the next
         connection is a new one. A refused connection is not: the neuron is not there."""
         for tries_left in (1, 0):
+            connection = self._kept() or await self._connect()
             try:
-                return await self._http().post(self.endpoint + path, data=data, headers=headers)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if tries_left and not isinstance(exc, aiohttp.ClientConnectorError):
+                connection.send(request)
+                await connection.head()
+                return connection
+            except ConnectionClosed as exc:
+                connection.close()
+                if tries_left and not connection.answered:
                     continue
                 raise wire_error(self.name, exc) from exc
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (OSError, ValueError) as exc:
+                connection.close()
                 raise wire_error(self.name, exc) from exc
+            except BaseException:
+                connection.close()
+                raise
         raise AssertionError("unreachable")
 
+    def _kept(self) -> HttpConnection | None:
+        """The most recent idle connection still open and young enough; older ones are closed."""
+        while self._idle:
+            connection = self._idle.pop()
+            fresh = connection.loop.time() - connection.idle_since < self._keepalive
+            if fresh and not connection.lost:
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self) -> HttpConnection:
+        loop = asyncio.get_running_loop()
+        tls = None
+        if self._https:
+            tls = self._tls if self._tls is not None else _default_tls()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: HttpConnection(loop, self._read_timeout),
+                    self._host,
+                    self._port,
+                    ssl=tls,
+                )
+        except TimeoutError:
+            raise wire_error(self.name, ConnectTimeout()) from None
+        except OSError as exc:
+            raise wire_error(self.name, exc) from exc
+        return connection
+
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[None]:
-        if self._gate is None:
+    async def _turn(self) -> AsyncIterator[None]:
+        """A place in the pool's bound (Overloaded when none comes free in the pool timeout)."""
+        gate = self._gate
+        if gate is None:
             yield
             return
         try:
-            async with asyncio.timeout(self._pool_wait):
-                await self._gate.acquire()
+            if gate.locked():  # a free place is taken at once, with no timer to set up
+                async with asyncio.timeout(self._pool_wait):
+                    await gate.acquire()
+            else:
+                await gate.acquire()
         except TimeoutError:
             raise Overloaded(
                 f"neuron {self.name} is busy: no connection to it came free", retry_after=1.0
@@ -180,4 +231,21 @@ class InferenceWire:
         try:
             yield
         finally:
-            self._gate.release()
+            gate.release()
+
+
+def _checked(value: str) -> str:
+    """A header value as sent: a line break in it would start a header of the caller's."""
+    if "\r" in value or "\n" in value:
+        raise ValueError("a header value cannot hold a line break")
+    return value
+
+
+_TLS: list[ssl.SSLContext] = []
+
+
+def _default_tls() -> ssl.SSLContext:
+    """The system's CA bundle, read once per process (tens of ms of CPU)."""
+    if not _TLS:
+        _TLS.append(ssl.create_default_context())
+    return _TLS[0]

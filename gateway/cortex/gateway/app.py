@@ -5,20 +5,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request, Response
+from starlette.types import Receive, Scope, Send
 
 from cortex.core.access_log import redact_access_log
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.core.kube_api import KubeLogin
 from cortex.core.request_context import RequestContext
-from cortex.core.shutdown import DrainGate, GracefulServer
+from cortex.core.shutdown import Drain, DrainGate, GracefulServer
 from cortex.gateway.assembly import Gateway, Tuning
+from cortex.gateway.corked import CorkedHttpToolsProtocol
 from cortex.gateway.http import anthropic, error_handler, health, openai, responses, web
 from cortex.gateway.http.access import authenticate_admin, gateway_of
 from cortex.gateway.http.admin import router as fleet_control
+from cortex.gateway.http.inference import InferenceRoutes
 from cortex.gateway.metrics import CONTENT_TYPE
 
 
@@ -45,12 +49,16 @@ def create_app(
             await gateway.aclose()
 
     # /docs and /openapi.json are served by `web`, behind the admin key when auth is on.
-    app = FastAPI(
-        title="cortex gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    app = GatewayAPI(
+        gateway.drain,
+        title="cortex gateway",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.gateway = gateway
     error_handler.install(app)
-    app.add_middleware(RequestContext)  # outermost: the id covers the whole call, and its logs
     for module in (openai, anthropic, responses, health, web):
         app.include_router(module.router)
     app.include_router(fleet_control)  # /admin/*, behind the admin key (docs/fleet-control.md)
@@ -59,8 +67,22 @@ def create_app(
     app.add_api_route(
         "/metrics", metrics, methods=["GET"], include_in_schema=False, dependencies=admin
     )
-    app.add_middleware(DrainGate, drain=gateway.drain)
     return app
+
+
+class GatewayAPI(FastAPI):
+    """FastAPI behind three plain ASGI layers: the drain's count of requests in flight, the request
+    id (outermost but for the drain: the id covers the whole call, and its logs), and the
+    inference routes' short road to the proxy (http/inference.py); the rest is FastAPI's."""
+
+    def __init__(self, drain: Drain, **settings: Any) -> None:
+        super().__init__(**settings)
+        front = InferenceRoutes(super().__call__)
+        self._front = DrainGate(RequestContext(front), drain=drain)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self  # what Request.app reads, on the short road as in FastAPI's stack
+        await self._front(scope, receive, send)
 
 
 async def metrics(request: Request) -> Response:
@@ -92,7 +114,8 @@ async def serve(
     app = create_app(config, catalogue, extra_neurons=extra_neurons, kubernetes=kubernetes)
     drain = app.state.gateway.drain
     host, port = _split(config.gateway.listen)
-    servers = [GracefulServer(uvicorn.Config(app, host=host, port=port, lifespan="on"), drain)]
+    api = uvicorn.Config(app, host=host, port=port, lifespan="on", http=CorkedHttpToolsProtocol)
+    servers = [GracefulServer(api, drain)]
     if config.gateway.metrics_listen:
         host, port = _split(config.gateway.metrics_listen)
         metrics_app = create_metrics_app(app)

@@ -272,19 +272,40 @@ class Dispatcher:
     async def _watching(self, exchange: Exchange, work: Awaitable[T], doing: str) -> T:
         """Await `work`, giving it up when the client of a plain answer disconnects meanwhile:
         its handler is not cancelled by the server, so without this a neuron would go on
-        generating (and a load go on) for nobody."""
-        task = asyncio.ensure_future(work)
-        if exchange.disconnected is None:
-            return await task  # a stream's own cancellation reaches us
+        generating (and a load go on) for nobody. The work runs in this task and a timer looks
+        at the client now and then: a quick answer costs one timer, no task of its own."""
+        disconnected = exchange.disconnected
+        if disconnected is None:
+            return await work  # a stream's own cancellation reaches us
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.current_task()
+        assert waiting is not None
+        state = {"waiting": True, "gone": False}
+        looks: set[asyncio.Task[None]] = set()
+
+        async def look() -> None:
+            nonlocal timer
+            if not await disconnected():
+                timer = loop.call_later(DISCONNECT_POLL_INTERVAL, start_look)
+            elif state["waiting"]:  # not yet answered: the cancel can only land on `work`
+                state["gone"] = True
+                waiting.cancel()
+
+        def start_look() -> None:
+            looks.add(loop.create_task(look()))
+
+        timer = loop.call_later(DISCONNECT_POLL_INTERVAL, start_look)
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_INTERVAL)
-                if done:
-                    return task.result()
-                if await exchange.disconnected():
-                    raise ClientGone(f"client left while {doing}")
+            return await work
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+            waiting.uncancel()
+            raise ClientGone(f"client left while {doing}") from None
         finally:
-            if not task.done():
+            state["waiting"] = False
+            timer.cancel()
+            for task in looks:
                 task.cancel()
 
     async def _choose(self, exchange: Exchange, tried: set[str]) -> str | None:
