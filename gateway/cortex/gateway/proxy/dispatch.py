@@ -282,6 +282,7 @@ class Dispatcher:
         assert waiting is not None
         state = {"waiting": True, "gone": False}
         looks: set[asyncio.Task[None]] = set()
+        timer: asyncio.TimerHandle
 
         async def look() -> None:
             nonlocal timer
@@ -292,7 +293,9 @@ class Dispatcher:
                 waiting.cancel()
 
         def start_look() -> None:
-            looks.add(loop.create_task(look()))
+            task = loop.create_task(look())
+            looks.add(task)
+            task.add_done_callback(looks.discard)
 
         timer = loop.call_later(DISCONNECT_POLL_INTERVAL, start_look)
         try:
