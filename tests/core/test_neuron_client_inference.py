@@ -190,6 +190,28 @@ async def test_a_kept_alive_connection_the_neuron_closes_is_retried_on_a_new_one
     assert connections == [2, 1]
 
 
+async def test_a_new_connection_the_neuron_closes_before_answering_is_not_retried() -> None:
+    # The neuron read the request and may have acted on it (then died): sending it again could
+    # run it twice, so the call fails and names the neuron.
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = NeuronClient(f"http://127.0.0.1:{port}", name="n1")
+    try:
+        with pytest.raises(NeuronUnreachable) as closed:
+            await client.chat({"model": "m"})
+    finally:
+        await client.aclose()
+        server.close()
+    assert len(received) == 1
+    assert "n1" in closed.value.message
+
+
 async def test_an_answer_read_to_its_close_and_a_tls_neuron(tmp_path: Path) -> None:
     """HTTPS with the caller's TLS context; an answer framed by neither length nor chunks ends
     where the neuron closes the connection (HTTP/1.1 allows it; uvicorn never does it)."""

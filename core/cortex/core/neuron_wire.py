@@ -164,14 +164,15 @@ class InferenceWire:
         answer is tried once more: the neuron may have closed it as we took it, and the next
         connection is a new one. A refused connection is not: the neuron is not there."""
         for tries_left in (1, 0):
-            connection = self._kept() or await self._connect()
+            kept = self._kept()
+            connection = kept or await self._connect()
             try:
                 connection.send(request)
                 await connection.head()
                 return connection
             except ConnectionClosed as exc:
                 connection.close()
-                if tries_left and not connection.answered:
+                if tries_left and kept is not None and not connection.answered:
                     continue
                 raise wire_error(self.name, exc) from exc
             except (OSError, ValueError) as exc:
