@@ -331,13 +331,20 @@ def _mass(
     if not unlimited.any():
         return mass
     at = unlimited.nonzero().flatten().to(logits.device)
-    rows = logits if len(at) == len(logits) else logits[at]
+    every = len(at) == len(logits)  # the usual case: no row copies, no per-chunk indexing
+    rows, best, temperature = (
+        (logits, best, temperature) if every else (logits[at], best[at], temperature[at])
+    )
+    sums = torch.empty(len(rows), device=logits.device)
     # A few rows at a time: their intermediate weights stay in a core's L2 across the passes.
     step = max(1, MASS_CHUNK // rows.shape[-1])
-    for first in range(0, len(at), step):
+    for first in range(0, len(rows), step):
         part = slice(first, first + step)
-        exponents = (rows[part].float() - best[at[part]]).div_(temperature[at[part]])
-        mass[at[part]] = exponents.clamp_(min=EXPONENT_FLOOR).exp_().sum(dim=-1)
+        exponents = (rows[part].float() - best[part]).div_(temperature[part])
+        sums[part] = exponents.clamp_(min=EXPONENT_FLOOR).exp_().sum(dim=-1)
+    if every:
+        return sums
+    mass[at] = sums
     return mass
 
 
