@@ -10,10 +10,11 @@ set of best tokens whose probability reaches top_p; the best token always stays)
 from what is left, renormalised. Top-p works on a partial top-k of `CANDIDATES` tokens per row
 instead of sorting the whole vocabulary, as vLLM and llama.cpp do; a row whose candidates hold less
 than top_p of its probability (the whole row's weight is one more pass) is redone with more of
-them (up to the whole vocabulary), so the cap never changes which tokens are kept. The one
-difference from filtering the whole sorted vocabulary: top-k keeps exactly k tokens, where a token
-tied exactly with the k-th best logit was kept too (which of the tied tokens stays is topk's
-choice). Rows with neither top-k nor top-p draw from the whole softmax in vocabulary order.
+them (up to the whole vocabulary), so the cap never changes which tokens are kept. Candidates
+are narrowed through groups of columns before each topk (see _narrow): topk's cost grows with
+its input. The one difference from filtering the whole sorted vocabulary: top-k keeps exactly k
+tokens, where a token tied exactly with the k-th best logit was kept too (which of the tied
+tokens stays is topk's choice). Rows with neither top-k nor top-p draw from the whole softmax in vocabulary order.
 
 Each sequence's own torch.Generator gives one uniform number per step, which picks the token by
 inverse CDF over its row alone: a seeded request gives the same tokens whichever batch it shares.
