@@ -13,7 +13,13 @@ from cortex.neuron.generation import (
     REPETITION_WINDOW,
     SamplingParams,
 )
-from cortex.neuron.sampling import Sampler, recent_tokens, sample
+from cortex.neuron.sampling import (
+    Sampler,
+    _block_maxima,
+    _candidates,
+    recent_tokens,
+    sample,
+)
 
 CPU = torch.device("cpu")
 
@@ -137,6 +143,46 @@ def test_candidates_from_the_best_blocks_match_the_per_row_definition() -> None:
         seen.add(batch[2])
     ranks = [int((logits[2] > logits[2, token]).sum()) for token in seen]
     assert max(ranks) >= 32  # row 2 drew from past its best 32 tokens
+
+
+def test_widened_rows_narrowed_through_groups_match_the_per_row_definition() -> None:
+    """Rows whose kept tokens outnumber the first candidates, in a vocabulary that is not a
+    multiple of the narrowing's groups (the last group is short): their candidates are found
+    through the groups' maxima, draw for draw the same as over the whole sorted row."""
+    vocab, strong = 20003, [90, 200, 700]
+    generator = torch.Generator().manual_seed(17)
+    logits = torch.randn(len(strong), vocab, generator=generator)
+    for row, count in enumerate(strong):
+        at = torch.randperm(vocab, generator=generator)[:count]
+        logits[row, at] = 8.0 + torch.rand(count, generator=generator)
+    logits[0, -2:] = 9.5  # the best tokens in the short last group
+    logits[1, ::5] = float("-inf")  # masked, as a grammar does
+    samplers = [resolve(temperature=1.0, top_p=0.97, seed=40 + row) for row in range(3)]
+    generators = [s.generator(CPU) for s in samplers]
+    uniforms = [s.generator(CPU) for s in samplers]
+    ranks: list[int] = []
+    for _ in range(60):
+        batch = sample(logits.clone(), samplers, generators)
+        expected = [
+            reference(logits[i], s, float(torch.rand((), generator=uniforms[i])))
+            for i, s in enumerate(samplers)
+        ]
+        assert batch == expected
+        ranks += [int((logits[i] > logits[i, token]).sum()) for i, token in enumerate(batch)]
+    assert max(ranks) >= 512  # drawn from past the second round's candidates too
+
+
+@pytest.mark.parametrize(("vocab", "width"), [(49152, 64), (49155, 512), (5000, 64), (3001, 64)])
+def test_candidates_are_each_rows_best_tokens_best_first(vocab: int, width: int) -> None:
+    """Narrowing through blocks and groups finds exactly topk's values, each id once."""
+    logits = rows(6, vocab, seed=18)
+    logits[1, : vocab // 2] = float("-inf")
+    logits[2, -3:] = 40.0  # the best tokens in the last, short block and group
+    logits[3] = logits[3].round()  # many ties
+    best, ids = _candidates(logits, _block_maxima(logits), width)
+    assert torch.equal(best, torch.topk(logits, width, dim=-1).values)
+    assert torch.equal(logits.gather(1, ids), best)
+    assert all(len(set(row)) == width for row in ids.tolist())
 
 
 def in_vocabulary_order(logits: torch.Tensor, temperature: float, uniform: float) -> int:

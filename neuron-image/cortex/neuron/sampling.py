@@ -10,10 +10,11 @@ set of best tokens whose probability reaches top_p; the best token always stays)
 from what is left, renormalised. Top-p works on a partial top-k of `CANDIDATES` tokens per row
 instead of sorting the whole vocabulary, as vLLM and llama.cpp do; a row whose candidates hold less
 than top_p of its probability (the whole row's weight is one more pass) is redone with more of
-them (up to the whole vocabulary), so the cap never changes which tokens are kept. The one
-difference from filtering the whole sorted vocabulary: top-k keeps exactly k tokens, where a token
-tied exactly with the k-th best logit was kept too (which of the tied tokens stays is topk's
-choice). Rows with neither top-k nor top-p draw from the whole softmax in vocabulary order.
+them (up to the whole vocabulary), so the cap never changes which tokens are kept. Candidates
+are narrowed through groups of columns before each topk (see _narrow): topk's cost grows with
+its input. The one difference from filtering the whole sorted vocabulary: top-k keeps exactly k
+tokens, where a token tied exactly with the k-th best logit was kept too (which of the tied
+tokens stays is topk's choice). Rows with neither top-k nor top-p draw from the whole softmax in vocabulary order.
 
 Each sequence's own torch.Generator gives one uniform number per step, which picks the token by
 inverse CDF over its row alone: a seeded request gives the same tokens whichever batch it shares.
@@ -93,6 +94,9 @@ BLOCK = 64
 # Candidates per row before top-p: the tokens holding top_p of the mass are usually far fewer, and
 # rows where they are not are widened by WIDEN until they are.
 CANDIDATES = 64
+# Tokens per group when candidates are narrowed: topk over n values costs several times more than
+# the maxima of n / SUB_BLOCK groups, a topk over them and one over the best groups' tokens.
+SUB_BLOCK = 8
 WIDEN = 8
 # Weights are exp((logit - best) / temperature) with the exponent floored here. Below it exp()
 # gives subnormal floats, tens of times slower to make and add (a 49k-token row at temperature
@@ -204,12 +208,39 @@ def _candidates(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's `width` best logits, best first, and their ids. The best `width` tokens lie in
     the `width` blocks with the best maxima: when those are a small part of the row, only they
-    are searched."""
-    if width * BLOCK * 4 > logits.shape[-1]:
-        return torch.topk(logits, width, dim=-1)
-    values, ids = _block_tokens(logits, torch.topk(maxima, width, dim=-1).indices)
-    best, at = torch.topk(values, width, dim=-1)
-    return best, ids.gather(1, at)
+    are searched, else the whole row is narrowed through its sub-blocks."""
+    vocab = logits.shape[-1]
+    if width * BLOCK * 4 <= vocab:
+        blocks = torch.topk(maxima, width, dim=-1, sorted=False).indices  # a set: any order
+        values, ids = _block_tokens(logits, blocks)
+        return _narrow(values, ids, width)
+    ids = torch.arange(vocab, device=logits.device).expand_as(logits)
+    return _narrow(logits, ids, width)
+
+
+def _narrow(
+    values: torch.Tensor, ids: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `width` best of values [rows, n] (best first) and their ids. topk's cost grows with n,
+    so while n is many times `width`, the columns are split into groups of SUB_BLOCK and only
+    the `width` groups with the best maxima are kept (they hold the `width` best values)."""
+    rows, n = values.shape
+    if width * SUB_BLOCK * 4 > n:
+        best, at = torch.topk(values, width, dim=-1)
+        return best, ids.gather(1, at)
+    # Group g is columns g, g + stride, g + 2 * stride...: the maxima are SUB_BLOCK - 1
+    # elementwise maxima of whole slices, several times cheaper than a reduction over each
+    # run of SUB_BLOCK columns. Columns past the end (n not a multiple) read -inf.
+    stride = -(-n // SUB_BLOCK)
+    if stride * SUB_BLOCK > n:
+        pad = stride * SUB_BLOCK - n
+        values = torch.cat([values, values.new_full((rows, pad), float("-inf"))], dim=1)
+        ids = torch.cat([ids, ids[:, -1:].expand(rows, pad)], dim=1)
+    maxima = values.view(rows, SUB_BLOCK, stride).amax(dim=1)
+    groups = torch.topk(maxima, width, dim=-1, sorted=False).indices
+    offsets = torch.arange(0, stride * SUB_BLOCK, stride, device=groups.device)
+    columns = (groups.unsqueeze(-1) + offsets).flatten(1)
+    return _narrow(values.gather(1, columns), ids.gather(1, columns), width)
 
 
 def _per_block(values: torch.Tensor, reduce: Callable[..., torch.Tensor]) -> torch.Tensor:
@@ -301,13 +332,20 @@ def _mass(
     if not unlimited.any():
         return mass
     at = unlimited.nonzero().flatten().to(logits.device)
-    rows = logits if len(at) == len(logits) else logits[at]
+    every = len(at) == len(logits)  # the usual case: no row copies, no per-chunk indexing
+    rows, best, temperature = (
+        (logits, best, temperature) if every else (logits[at], best[at], temperature[at])
+    )
+    sums = torch.empty(len(rows), device=logits.device)
     # A few rows at a time: their intermediate weights stay in a core's L2 across the passes.
     step = max(1, MASS_CHUNK // rows.shape[-1])
-    for first in range(0, len(at), step):
+    for first in range(0, len(rows), step):
         part = slice(first, first + step)
-        exponents = (rows[part].float() - best[at[part]]).div_(temperature[at[part]])
-        mass[at[part]] = exponents.clamp_(min=EXPONENT_FLOOR).exp_().sum(dim=-1)
+        exponents = (rows[part].float() - best[part]).div_(temperature[part])
+        sums[part] = exponents.clamp_(min=EXPONENT_FLOOR).exp_().sum(dim=-1)
+    if every:
+        return sums
+    mass[at] = sums
     return mass
 
 
