@@ -176,3 +176,14 @@ def test_a_remembered_loss_keeps_f_linear_and_a_broken_or_old_memo_is_retimed(
     # The format before per-shape choices: one row limit per model, keyed otherwise.
     memo.write_text('{"e414037023cfc21bcb26f9b1": null, "c56a9ef5faeba3a5c54f1cc3": 32}')
     assert cpu_linear.install(nn.Sequential(nn.Linear(8, 8)), memo=memo) == lefts
+
+
+def test_uninstall_gives_back_the_stock_layers(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_linear, "_race", timings(2.0, 1.0, 0.5 if CAN_PACK else 9.0))
+    layers = nn.Sequential(nn.Linear(8, 8))
+    cpu_linear.install(layers)
+    assert "forward" in vars(layers[0])
+    cpu_linear.uninstall(layers)
+    assert "forward" not in vars(layers[0]) and cpu_linear.packed_bytes(layers) == 0
+    monkeypatch.setattr(cpu_linear, "_race", timings(1.0, 2.0, 3.0))
+    assert cpu_linear.install(layers) == {(8, 8): ("linear",) * BUCKETS}  # measured anew

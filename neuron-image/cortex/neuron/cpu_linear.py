@@ -72,6 +72,15 @@ def install(model: nn.Module, memo: Path | None = None) -> dict[Shape, tuple[For
     return chosen
 
 
+def uninstall(model: nn.Module) -> None:
+    """Give the model's linear layers back their stock forward (a stock reference to compare with)."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            vars(module).pop("forward", None)
+            vars(module).pop(_PACKED, None)
+    vars(model).pop(_INSTALLED, None)
+
+
 def packed_bytes(model: nn.Module) -> int:
     """Memory the packed weight copies take (about the size of the weights they copy)."""
     return sum(
