@@ -28,18 +28,25 @@ class Generated:
         return self.tokens / self.wall_s
 
 
-def load_reference(cache_dir: Path | None) -> Any:
-    """The default model through the neuron's own loader: same files, same dtype, same class."""
+def load_reference(cache_dir: Path | None, stock: bool = False) -> Any:
+    """The default model through the neuron's own loader: same files, same dtype, same class.
+
+    With `stock`, its linear layers keep transformers' own kernel (the loader gives a CPU model
+    the engine's choice, cpu_linear.py): what `generate()` runs for a user of transformers.
+    """
     from cortex.core.config import NeuronSection
-    from cortex.neuron import loader, sources
+    from cortex.neuron import cpu_linear, loader, sources
     from cortex.neuron.devices import discover
 
     spec = next(s for s in DEFAULT_CATALOGUE if s.id == DEFAULT_CHAT_MODEL)
     cache = cache_dir or NeuronSection().cache_dir
     devices = discover(only=["cpu-0"])
-    return loader.load_weights(
+    weights = loader.load_weights(
         sources.resolve(spec.source), "chat", devices, "float32", cache, lambda _: None
     )
+    if stock:
+        cpu_linear.uninstall(weights.model)
+    return weights
 
 
 def prompt_ids(weights: Any, prompt: str) -> list[int]:

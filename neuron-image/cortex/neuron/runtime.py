@@ -32,7 +32,7 @@ from cortex.core.errors import (
 )
 from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, ModelState, NeuronStatus
 from cortex.core.shutdown import SHUTDOWN_RETRY_AFTER
-from cortex.neuron import loader, sources
+from cortex.neuron import cpu_linear, loader, sources
 from cortex.neuron.admission import ANYONE, Admission
 from cortex.neuron.chat_template import render_chat
 from cortex.neuron.devices import Device, discover
@@ -363,6 +363,11 @@ class NeuronRuntime:
         weights = await worker.run(
             lambda: loader.load_weights(local, spec.kind, devices, dtype, cache, progress)
         )
+        # On a CPU, cpu_linear may keep packed copies of weights: memory the footprint left out.
+        extra = cpu_linear.packed_bytes(weights.model)
+        replica.memory += extra
+        for device in devices:
+            device.committed += extra // len(devices)
         served = ServedModel(replica, weights, worker, self.config.neuron)
         if weights.kind == "chat":
             served.engine = await worker.run(lambda: self._start_engine(served, weights, worker))
