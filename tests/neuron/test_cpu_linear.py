@@ -110,6 +110,18 @@ def test_packed_weights_only_where_clearly_fastest(monkeypatch) -> None:
     assert cpu_linear.packed_bytes(layers) == 48 * 24 * 4
 
 
+@pytest.mark.skipif(not CAN_PACK, reason="this torch build has no MKL packed GEMM")
+def test_packed_copies_are_made_only_while_they_fit_the_room(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_linear, "_race", lambda *runs: [1.0, 2.0, 0.5][: len(runs)])
+    layers = nn.Sequential(nn.Linear(24, 48), nn.Linear(24, 48), nn.Linear(48, 24))
+    shape_bytes = 2 * 48 * 24 * 4  # the two (48, 24) layers' copies
+    with torch.inference_mode():
+        forms = cpu_linear.install(layers, room=shape_bytes)
+    # the first shape's copies fit exactly; nothing is left for the second, which keeps F.linear
+    assert forms == {(48, 24): ("packed",) * BUCKETS, (24, 48): ("linear",) * BUCKETS}
+    assert cpu_linear.packed_bytes(layers) == shape_bytes
+
+
 def test_a_packed_product_that_differs_is_never_chosen(monkeypatch) -> None:
     monkeypatch.setattr(cpu_linear, "_can_pack", lambda dtype: True)
     monkeypatch.setattr(cpu_linear, "pack", lambda weight: weight)

@@ -42,13 +42,16 @@ Shape = tuple[int, ...]
 Form = Literal["linear", "left", "packed"]
 
 
-def install(model: nn.Module, memo: Path | None = None) -> dict[Shape, tuple[Form, ...]]:
+def install(
+    model: nn.Module, memo: Path | None = None, room: int | None = None
+) -> dict[Shape, tuple[Form, ...]]:
     """Route the model's CPU linear layers through the fastest kernel for decode-sized inputs.
 
     Returns, per weight shape, the form each of ROW_BUCKETS takes (a row count takes the choice
     of the first bucket at least as large). A model already set up keeps its first measurement
     (every engine built on it shares its layers). With `memo` (a JSON file), choices made before
-    on this machine for these shapes are reused.
+    on this machine for these shapes are reused. With `room` (bytes the device can still give),
+    packed copies are made only while they fit; a shape whose copies would not takes F.linear.
     """
     if hasattr(model, _INSTALLED):
         return getattr(model, _INSTALLED)
@@ -63,7 +66,14 @@ def install(model: nn.Module, memo: Path | None = None) -> dict[Shape, tuple[For
         key = _key(shape, dtype)
         if key not in remembered:
             remembered[key] = _calibrate([m.weight for m in layers])
-        chosen[shape] = forms = tuple(remembered[key])
+        forms = tuple(remembered[key])
+        if "packed" in forms:
+            copies = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+            if room is not None and copies > room:
+                forms = tuple("linear" if f == "packed" else f for f in forms)
+            elif room is not None:
+                room -= copies
+        chosen[shape] = forms
         if set(forms) != {"linear"}:
             _reroute(layers, forms)
     if memo is not None and by_shape:

@@ -172,7 +172,9 @@ def _load_causal(
         model.to(devices[0].torch_device)
     model.eval()
     if devices[0].kind == "cpu":  # the engine's kernel choice, remembered per machine (P3)
-        cpu_linear.install(model, memo=cache_dir.expanduser() / CPU_LINEAR_MEMO)
+        memo = cache_dir.expanduser() / CPU_LINEAR_MEMO
+        # The model's footprint is committed already: what is free is the room for packed copies.
+        cpu_linear.install(model, memo=memo, room=devices[0].memory_free())
     progress(0.9)
     # only what the model sets itself: to_dict() would add library defaults (do_sample=False, ...)
     generation = model.generation_config.to_diff_dict() if model.generation_config else {}
