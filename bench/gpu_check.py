@@ -70,7 +70,9 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
-def neuron(workdir: Path, model_dir: Path, device: str, dtype: str, max_running: int) -> Any:
+def neuron(
+    workdir: Path, model_dir: Path, device: str, dtype: str, max_running: int, kv_tokens: int
+) -> Any:
     """A `cortex neuron` process on `device` that preloads the random model."""
     from bench.processes import ServerProcess, cortex_cli, free_port
 
@@ -79,8 +81,7 @@ def neuron(workdir: Path, model_dir: Path, device: str, dtype: str, max_running:
     config.write_text(
         f'[neuron]\nport = {port}\ndevices = ["{device}"]\ndtype = "{dtype}"\n'
         f'max_running = {max_running}\ncache_dir = "{workdir / "cache"}"\n'
-        # room for every stream's prompt and output at once (the default admits ~12k tokens)
-        f"kv_tokens = {max(16384, max_running * 512)}\n"
+        f"kv_tokens = {kv_tokens}\n"
     )
     argv = [*cortex_cli(), "neuron", "--config", str(config)]
     argv += ["--preload", f"{MODEL}=file:{model_dir}"]
@@ -134,36 +135,17 @@ async def stream_level(base_url: str, prompts: list[str], max_tokens: int) -> di
 
     import httpx
 
-    async def one(client: httpx.AsyncClient, prompt: str) -> tuple[float, int]:
-        body = {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        sent, first, tokens = time.perf_counter(), None, 0
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                event = json.loads(line[6:])
-                if event.get("usage"):
-                    tokens = int(event["usage"]["completion_tokens"])
-                delta = (event.get("choices") or [{}])[0].get("delta") or {}
-                if first is None and delta.get("content"):
-                    first = time.perf_counter()
-        return (first or time.perf_counter()) - sent, tokens
+    from bench.gpu_mixed import stream_chat
 
     limits = httpx.Limits(max_connections=len(prompts) + 4)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
         started = time.perf_counter()
-        results = await asyncio.gather(*(one(client, p) for p in prompts))
+        results = await asyncio.gather(
+            *(stream_chat(client, MODEL, p, max_tokens) for p in prompts)
+        )
         wall = time.perf_counter() - started
-    ttfts = sorted(r[0] for r in results)
-    tokens = sum(r[1] for r in results)
+    ttfts = sorted(r.ttft for r in results)
+    tokens = sum(r.tokens for r in results)
     return {
         "streams": len(prompts),
         "tokens": tokens,
@@ -235,6 +217,36 @@ def compare(check: Check, args: argparse.Namespace, model_dir: Path, base_url: s
         check.phase(f"{streams} streams", {"neuron x generate()": round(ratio, 3)})
 
 
+def mixed_phase(check: Check, args: argparse.Namespace, base_url: str) -> None:
+    """Issue #15's P2 mixed scenario (bench/gpu_mixed.py): shorts alone, beside the long
+    streams, then the longs alone."""
+    from bench.gpu_mixed import mixed
+    from bench.random_llama import SIZES, prompts
+
+    if check.elapsed() > args.budget_s * 0.8:
+        check.data["errors"].append("budget: skipped the mixed phase")
+        return
+    vocab = SIZES[args.size]["vocab_size"]
+    shorts = prompts(args.mixed_shorts, args.prompt_words, vocab)
+    # one word is one token of the random model's tokenizer; other seeds: no shared prefix
+    longs = [prompts(1, n, vocab, seed=n)[0] for n in args.long_tokens]
+    result = mixed(base_url, MODEL, shorts, longs, args.max_tokens, args.long_max_tokens)
+    check.data["mixed"] = {"long_prompt_tokens": args.long_tokens, **result}
+    summary = {"shorts mixed/alone": round(result["shorts_ratio"], 3)}
+    summary["longs mixed/alone"] = [round(r, 3) for r in result["longs_ratio"]]
+    check.phase("mixed", summary)
+
+
+def kv_tokens(args: argparse.Namespace) -> int:
+    """Room for every stream's prompt and output at once, the largest level's or the mixed
+    phase's, plus the quarter the neuron keeps for prefixes (the default admits ~12k tokens)."""
+    short = args.prompt_words + 16 + args.max_tokens  # the template's few tokens, rounded up
+    levels = max(args.levels) * max(512, short)
+    mixed = args.mixed_shorts * short + sum(args.long_tokens)
+    mixed += len(args.long_tokens) * (16 + args.long_max_tokens)
+    return max(16384, levels, mixed * 4 // 3 + 1024)
+
+
 def run(check: Check, args: argparse.Namespace) -> None:
     import tempfile
 
@@ -248,13 +260,17 @@ def run(check: Check, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         workdir = Path(scratch)
         model_dir = workdir / "model"
-        check.phase("model", build(model_dir, args.size, args.torch_device, args.dtype))
-        server = neuron(workdir, model_dir, args.device, args.dtype, max(args.levels))
+        context = max(args.long_tokens) + args.long_max_tokens + 64  # the longest stream fits
+        built = build(model_dir, args.size, args.torch_device, args.dtype, context)
+        check.phase("model", built)
+        running = max(*args.levels, args.mixed_shorts + len(args.long_tokens))
+        server = neuron(workdir, model_dir, args.device, args.dtype, running, kv_tokens(args))
         try:
             server.start()
             check.phase("neuron ready", {"startup_s": server.startup_s, **status(server.base_url)})
             check.phase("chat", chat(server.base_url, "w1 w2 w3 say hello", 16))
             compare(check, args, model_dir, server.base_url)
+            mixed_phase(check, args, server.base_url)
         finally:
             server.stop()
             check.data["neuron_log_tail"] = server.tail(40)
@@ -278,9 +294,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-words", type=int, default=32)
-    parser.add_argument("--budget-s", type=float, default=420.0, help="stop adding levels after")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="stop adding phases after")
+    parser.add_argument("--mixed-shorts", type=int, default=16, help="short streams, mixed phase")
+    parser.add_argument(
+        "--long-tokens",
+        default=None,
+        help="mixed phase's long prompts (1b: 2000,6000; tiny: 200,600)",
+    )
+    parser.add_argument("--long-max-tokens", type=int, default=None, help="default 3x max tokens")
     args = parser.parse_args(argv)
     args.levels = [int(n) for n in str(args.levels).split(",")]
+    longs = args.long_tokens or ("2000,6000" if args.size == "1b" else "200,600")
+    args.long_tokens = [int(n) for n in str(longs).split(",")]
+    args.long_max_tokens = args.long_max_tokens or 3 * args.max_tokens  # outlast the shorts
     cuda = args.device.startswith("cuda-dev-")
     args.torch_device = f"cuda:{args.device.removeprefix('cuda-dev-')}" if cuda else "cpu"
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")

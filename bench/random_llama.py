@@ -42,12 +42,15 @@ TEMPLATE = (
 )
 
 
-def build(directory: Path, size: str, device: str, dtype: str) -> dict[str, Any]:
-    """Create, save (safetensors) and describe the model; returns its figures."""
+def build(directory: Path, size: str, device: str, dtype: str, context: int = 0) -> dict[str, Any]:
+    """Create, save (safetensors) and describe the model, its context at least `context` tokens
+    (RoPE has no learned positions: random weights serve any length); returns its figures."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = SIZES[size]
+    shape = SIZES[size] | {
+        "max_position_embeddings": max(SIZES[size]["max_position_embeddings"], context)
+    }
     tokenizer = make_tokenizer(shape["vocab_size"])
     config = LlamaConfig(
         **shape,
@@ -72,6 +75,7 @@ def build(directory: Path, size: str, device: str, dtype: str) -> dict[str, Any]
         "size": size,
         "parameters": parameters,
         "dtype": dtype,
+        "context": shape["max_position_embeddings"],
         "build_s": built,
         "save_s": time.perf_counter() - started - built,
     }
@@ -93,8 +97,8 @@ def make_tokenizer(vocab_size: int) -> Any:
     return tokenizer
 
 
-def prompts(count: int, words: int, vocab_size: int) -> list[str]:
+def prompts(count: int, words: int, vocab_size: int, seed: int = 7) -> list[str]:
     """`count` different prompts of `words` vocabulary words each (fixed seed)."""
-    pick = random.Random(7)
+    pick = random.Random(seed)
     top = vocab_size - len(SPECIAL)
     return [" ".join(f"w{pick.randrange(top)}" for _ in range(words)) for _ in range(count)]

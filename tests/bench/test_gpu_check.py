@@ -44,6 +44,19 @@ def test_the_cpu_path_writes_every_phase(tmp_path: Path) -> None:
         assert level["neuron"]["tokens"] == level["generate"]["tokens"] == 6 * streams
         assert level["x"] == level["neuron"]["tokens_per_s"] / level["generate"]["tokens_per_s"]
     assert result["machine"]["torch"]
+    # The mixed phase: the long prompts fit the model's context and the neuron's KV budget, the
+    # longs outlast the shorts (3x their tokens), every ratio is measured.
+    mixed = result["mixed"]
+    assert phases["model"]["context"] >= 600 + 18
+    assert mixed["long_prompt_tokens"] == [200, 600] and mixed["shorts"] == 16
+    assert mixed["shorts_alone"]["short_tokens"] == mixed["mixed"]["short_tokens"] == 16 * 6
+    assert mixed["mixed"]["long_tokens"] == mixed["longs_alone"]["long_tokens"] == [18, 18]
+    assert mixed["longs_alone"]["shorts_tok_s"] is None
+    ratio = mixed["mixed"]["shorts_tok_s"] / mixed["shorts_alone"]["shorts_tok_s"]
+    assert mixed["shorts_ratio"] == ratio > 0
+    assert len(mixed["longs_ratio"]) == 2 and all(r > 0 for r in mixed["longs_ratio"])
+    assert mixed["targets"] == {"shorts_ratio": 0.95, "longs_ratio": 1.0}
+    assert phases["mixed"]["shorts mixed/alone"] == round(ratio, 3)
 
 
 def test_the_carried_wheels_cover_what_a_neuron_imports() -> None:
