@@ -5,8 +5,9 @@ Made for a lent GPU machine with torch and transformers and no registry, in a 15
 builds a random-weight ~1B Llama in bf16 on the GPU (bench/random_llama.py), starts `cortex neuron`
 on it, sends one chat, then at each level of streams times the neuron (streamed greedy chats,
 aggregate tokens/s, TTFT) against one static `generate()` batch of that many prompts on the same
-GPU and weights. Results go to `<out>/gpu-check.json`, rewritten after every phase, so a run cut
-short still leaves what it measured. `--device cpu-0 --size tiny` is the CI run of the same path.
+GPU and weights; last, issue #15's P2 mixed scenario (bench/gpu_mixed.py). Results go to
+`<out>/gpu-check.json`, rewritten after every phase, so a run cut short still leaves what it
+measured. `--device cpu-0 --size tiny` is the CI run of the same path.
 
     make gpu-wheels     # here: the wheels, into .gpu-wheels/ (ignored, ~16 MiB)
     make gpu-check      # there: OUT=<folder> (default gpu-check-out/)
