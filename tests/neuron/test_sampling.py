@@ -118,6 +118,25 @@ def test_filtered_draws_match_the_per_row_definition() -> None:
         assert batch == expected
 
 
+def draws_as_the_reference(
+    logits: torch.Tensor, samplers: list[Sampler], rounds: int
+) -> list[list[int]]:
+    """`rounds` batched draws, each asserted equal to the per-row definition drawn with the
+    same seeds' uniforms."""
+    generators = [s.generator(CPU) for s in samplers]
+    uniforms = [s.generator(CPU) for s in samplers]
+    batches = []
+    for _ in range(rounds):
+        batch = sample(logits.clone(), samplers, generators)
+        expected = [
+            reference(logits[i], s, float(torch.rand((), generator=uniforms[i])))
+            for i, s in enumerate(samplers)
+        ]
+        assert batch == expected
+        batches.append(batch)
+    return batches
+
+
 def test_candidates_from_the_best_blocks_match_the_per_row_definition() -> None:
     """A vocabulary wide enough that candidates come from each row's best blocks (the last one
     shorter), rows whose kept tokens number from a few to past the first candidates."""
@@ -130,17 +149,7 @@ def test_candidates_from_the_best_blocks_match_the_per_row_definition() -> None:
     logits[4, -1] = 12.0  # the best token in the short last block
     samplers = [resolve(temperature=1.0, top_p=0.95, seed=30 + row) for row in range(4)]
     samplers.append(resolve(temperature=1.0, top_k=6, top_p=0.99, seed=34))
-    generators = [s.generator(CPU) for s in samplers]
-    uniforms = [s.generator(CPU) for s in samplers]
-    seen: set[int] = set()
-    for _ in range(60):
-        batch = sample(logits.clone(), samplers, generators)
-        expected = [
-            reference(logits[i], s, float(torch.rand((), generator=uniforms[i])))
-            for i, s in enumerate(samplers)
-        ]
-        assert batch == expected
-        seen.add(batch[2])
+    seen = {batch[2] for batch in draws_as_the_reference(logits, samplers, 60)}
     ranks = [int((logits[2] > logits[2, token]).sum()) for token in seen]
     assert max(ranks) >= 32  # row 2 drew from past its best 32 tokens
 
@@ -158,17 +167,11 @@ def test_widened_rows_narrowed_through_groups_match_the_per_row_definition() -> 
     logits[0, -2:] = 9.5  # the best tokens in the short last group
     logits[1, ::5] = float("-inf")  # masked, as a grammar does
     samplers = [resolve(temperature=1.0, top_p=0.97, seed=40 + row) for row in range(3)]
-    generators = [s.generator(CPU) for s in samplers]
-    uniforms = [s.generator(CPU) for s in samplers]
-    ranks: list[int] = []
-    for _ in range(60):
-        batch = sample(logits.clone(), samplers, generators)
-        expected = [
-            reference(logits[i], s, float(torch.rand((), generator=uniforms[i])))
-            for i, s in enumerate(samplers)
-        ]
-        assert batch == expected
-        ranks += [int((logits[i] > logits[i, token]).sum()) for i, token in enumerate(batch)]
+    ranks = [
+        int((logits[i] > logits[i, token]).sum())
+        for batch in draws_as_the_reference(logits, samplers, 60)
+        for i, token in enumerate(batch)
+    ]
     assert max(ranks) >= 512  # drawn from past the second round's candidates too
 
 
