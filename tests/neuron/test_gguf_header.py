@@ -68,15 +68,22 @@ def test_what_is_not_a_readable_gguf_is_refused(tmp_path: Path, content: bytes) 
         read_header(path)
 
 
-def test_a_conversion_opens_its_gguf_once(tmp_path: Path) -> None:
+def test_a_conversion_opens_its_gguf_once_and_builds_one_name_table(tmp_path: Path) -> None:
     import gguf
 
     from cortex.neuron import loader
 
     path = write_gguf(tmp_path / "tiny.gguf")
-    with loader._one_gguf_reader():
+    names = gguf.get_tensor_name_map
+    with loader._gguf_read_once():
         first = gguf.GGUFReader(path)
         assert gguf.GGUFReader(path) is first  # transformers' second and third opens
         assert gguf.GGUFReader(write_gguf(tmp_path / "other.gguf")) is not first
-    assert gguf.GGUFReader is GGUFReader  # restored
+        table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is table  # once per module
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 4) is not table
+        assert table.get_name("blk.0.attn_q") == names(gguf.MODEL_ARCH.LLAMA, 3).get_name(
+            "blk.0.attn_q"
+        )
+    assert gguf.GGUFReader is GGUFReader and gguf.get_tensor_name_map is names  # restored
     assert GGUFReader(path) is not first

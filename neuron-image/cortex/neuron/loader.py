@@ -8,6 +8,7 @@ of the same file (by content: core/cortex/core/weights_cache.py) maps it directl
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -105,7 +106,7 @@ def scaled(progress: Progress, low: float, high: float) -> Progress:
 def _convert_gguf(gguf: Path, target: Path, progress: Progress) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _CONVERTING, _one_gguf_reader():
+    with _CONVERTING, _gguf_read_once():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         progress(0.2)  # transformers de-quantizes in one call: the steps are its stages
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -123,29 +124,32 @@ def _convert_gguf(gguf: Path, target: Path, progress: Progress) -> None:
     staging.rename(target)  # atomic: a crash mid-save never leaves a half cache behind
 
 
-_CONVERTING = threading.Lock()  # one conversion at a time: _one_gguf_reader patches a module
+_CONVERTING = threading.Lock()  # one conversion at a time: _gguf_read_once patches a module
 
 
 @contextmanager
-def _one_gguf_reader() -> Iterator[None]:
-    """transformers opens the GGUF three times (config, tokenizer, weights), and `GGUFReader` costs
-    ~3 s of CPU each time on SmolLM2 (it indexes the whole vocabulary): open it once per conversion."""
+def _gguf_read_once() -> Iterator[None]:
+    """Work transformers repeats while converting a GGUF, done once (docs/benchmarks.md, P3):
+    it opens the file with `GGUFReader` three times (config, tokenizer, weights; ~3 s of CPU each
+    on SmolLM2, which indexes the whole vocabulary), and builds gguf's tensor-name table, the same
+    for one architecture and depth, once per module of the model (397 times for SmolLM2)."""
     import gguf
 
-    real = gguf.GGUFReader
+    real_reader, real_names = gguf.GGUFReader, gguf.get_tensor_name_map
     opened: dict[tuple[str, str], Any] = {}
 
     def reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
         key = (str(path), mode)
         if key not in opened:
-            opened[key] = real(path, mode)  # type: ignore[arg-type]
+            opened[key] = real_reader(path, mode)  # type: ignore[arg-type]
         return opened[key]
 
     gguf.GGUFReader = reader  # type: ignore[assignment,misc]
+    gguf.get_tensor_name_map = functools.cache(real_names)  # read-only tables: safe to share
     try:
         yield
     finally:
-        gguf.GGUFReader = real  # type: ignore[misc]
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_names  # type: ignore[misc]
 
 
 def _load_causal(
