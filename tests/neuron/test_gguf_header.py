@@ -78,6 +78,18 @@ def test_a_conversion_opens_its_gguf_once_and_builds_one_name_table(tmp_path: Pa
     with loader._gguf_read_once():
         first = gguf.GGUFReader(path)
         assert gguf.GGUFReader(path) is first  # transformers' second and third opens
+        assert type(first.data) is np.ndarray  # not np.memmap: see _gguf_read_once
+        plain = GGUFReader(path)
+        assert first.fields.keys() == plain.fields.keys()
+        assert all(
+            [bytes(part) for part in first.fields[key].parts]
+            == [bytes(part) for part in plain.fields[key].parts]
+            for key in plain.fields
+        )
+        assert all(
+            np.array_equal(mine.data, theirs.data)
+            for mine, theirs in zip(first.tensors, plain.tensors, strict=True)
+        )
         assert gguf.GGUFReader(write_gguf(tmp_path / "other.gguf")) is not first
         table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3)
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is table  # once per module

@@ -134,14 +134,27 @@ def _gguf_read_once() -> Iterator[None]:
     on SmolLM2, which indexes the whole vocabulary), and builds gguf's tensor-name table, the same
     for one architecture and depth, once per module of the model (397 times for SmolLM2)."""
     import gguf
+    import numpy as np
 
     real_reader, real_names = gguf.GGUFReader, gguf.get_tensor_name_map
     opened: dict[tuple[str, str], Any] = {}
 
+    class ArrayReader(real_reader):  # type: ignore[misc,valid-type]
+        """gguf's reader over a plain array of the mapped file: indexing an `np.memmap` runs
+        Python on every slice, and reading the header slices millions of times."""
+
+        @property
+        def data(self) -> Any:
+            return self._array
+
+        @data.setter
+        def data(self, mapped: Any) -> None:
+            self._array = mapped.view(np.ndarray)  # still the mapped pages: the view keeps them
+
     def reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
         key = (str(path), mode)
         if key not in opened:
-            opened[key] = real_reader(path, mode)  # type: ignore[arg-type]
+            opened[key] = ArrayReader(path, mode)
         return opened[key]
 
     gguf.GGUFReader = reader  # type: ignore[assignment,misc]
