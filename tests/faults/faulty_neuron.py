@@ -51,7 +51,15 @@ def main() -> None:
     parser.add_argument("--mode", choices=("hang", "garbage"), required=True)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    uvicorn.run(FaultyNeuron(args.mode), host="127.0.0.1", port=args.port, log_level="warning")
+    # Its hung answers never end by themselves: on SIGTERM, cancel them rather than wait for them
+    # (uvicorn waits forever by default, and the fixture's stop would take its 15 s SIGKILL path).
+    uvicorn.run(
+        FaultyNeuron(args.mode),
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=1,
+    )
 
 
 if __name__ == "__main__":
