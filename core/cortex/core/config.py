@@ -170,7 +170,11 @@ class GatewaySection(_Section):
 
 
 class EvictionSection(_Section):
-    strategy: Strategy = "lru"
+    strategy: Strategy = Field(
+        default="lru",
+        description="which replicas give way when a neuron is full: `lru`, `priority`, or `cost`"
+        " (what is asked for least goes; docs/benchmarks.md, P4)",
+    )
     defrag_after_cycles: int = Field(default=0, ge=0, description="0 turns defragmentation off")
 
 

@@ -1,6 +1,10 @@
-"""The `cost` eviction strategy: reload seconds per byte over idle time (pure)."""
+"""The `cost` eviction strategy: the victim set whose counted requests miss least (pure)."""
 
 from __future__ import annotations
+
+import math
+
+import pytest
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.fleet import ModelState
@@ -53,16 +57,13 @@ def test_unknown_cost_is_lru_weighted_by_size() -> None:
     assert keys[0] < keys[1]
 
 
-def test_cost_evicts_the_big_cheap_replica_lru_would_keep() -> None:
-    # 10 GiB neuron: big (8 GiB, used at 90) and small (1 GiB, used at 80); a 2 GiB model arrives.
-    fleet = [NeuronView("n1", 10 * GIB, 1 * GIB, (rep("big", 8, 90), rep("small", 1, 80)))]
+def test_cost_counts_the_cold_loads_an_eviction_causes_not_their_seconds() -> None:
+    # 10 GiB neuron: big (8 GiB, 11 s to load, idle 20 s) and small (1 GiB, 4 s, idle 10 s).
+    fleet = [NeuronView("n1", 10 * GIB, 1 * GIB, (rep("big", 8, 80), rep("small", 1, 90)))]
     models = catalogue(big=8, small=1, new=2)
-    seconds = {("n1", "big"): 2.0, ("n1", "small"): 8.0}
-    assert plan(fleet, models, [Demand("new")], LRU, NOW, load_seconds=seconds).actions == (
-        Unload("small", "n1", "evict"),
-        Load("new", "n1", 2 * GIB),
-    )
-    # Lost load seconds per second: big 2 s / 10 s idle = 0.2; small 8 s / 20 s = 0.4.
+    seconds = {("n1", "big"): 11.0, ("n1", "small"): 4.0}
+    # big is asked for half as often (1/20 s against 1/10 s): evicting it misses least, though
+    # each of its misses costs more load time (0.55 s/s against small's 0.4 s/s).
     assert plan(fleet, models, [Demand("new")], COST, NOW, load_seconds=seconds).actions == (
         Unload("big", "n1", "evict"),
         Load("new", "n1", 2 * GIB),
@@ -82,7 +83,7 @@ def test_cost_takes_two_cold_replicas_where_fewest_victims_takes_one_warm() -> N
         Unload("warm", "n1", "evict"),
         Load("new", "n1", 3 * GIB),
     )
-    # cost: warm loses 7 s / 5 s idle = 1.4 s/s; c1 + c2 lose 5/90 + 5/80 = 0.12 s/s.
+    # cost: warm misses once per 5 s idle (0.2/s); c1 + c2 once per 90 s and 80 s (0.024/s).
     result = plan(fleet, models, [Demand("new")], COST, NOW, load_seconds=seconds)
     assert result.actions == (
         Unload("c1", "n2", "evict"),
@@ -91,17 +92,20 @@ def test_cost_takes_two_cold_replicas_where_fewest_victims_takes_one_warm() -> N
     )
 
 
-def test_a_load_measured_on_another_neuron_stands_in() -> None:
-    # Only n2 has loaded small, and it was slow there: n1 keeps small and evicts big.
-    fleet = [NeuronView("n1", 10 * GIB, 1 * GIB, (rep("big", 8, 90), rep("small", 1, 80)))]
-    models = catalogue(big=8, small=1, new=2)
-    slow_small = {("n1", "big"): 11.0, ("n2", "small"): 40.0}
-    result = plan(fleet, models, [Demand("new")], COST, NOW, load_seconds=slow_small)
-    assert Unload("big", "n1", "evict") in result.actions
-    # Cheap elsewhere (1 s for its GiB over 20 s idle: 0.05): small goes instead.
-    cheap_small = {("n1", "big"): 11.0, ("n2", "small"): 1.0}
-    result = plan(fleet, models, [Demand("new")], COST, NOW, load_seconds=cheap_small)
-    assert Unload("small", "n1", "evict") in result.actions
+def test_equal_misses_go_where_reloading_is_cheaper_measured_elsewhere_standing_in() -> None:
+    # Two full neurons, one replica each, asked for equally (both idle 20 s): the miss rates tie,
+    # so the load seconds decide. b was never loaded on n2: its time on n3 stands in.
+    fleet = [
+        NeuronView("n1", 2 * GIB, 0, (rep("a", 2, 80),)),
+        NeuronView("n2", 2 * GIB, 0, (rep("b", 2, 80),)),
+    ]
+    models = catalogue(a=2, b=2, new=2)
+    fast_b = {("n1", "a"): 10.0, ("n3", "b"): 2.0}
+    result = plan(fleet, models, [Demand("new")], COST, NOW, load_seconds=fast_b)
+    assert result.actions == (Unload("b", "n2", "evict"), Load("new", "n2", 2 * GIB))
+    slow_b = {("n1", "a"): 10.0, ("n3", "b"): 20.0}
+    result = plan(fleet, models, [Demand("new")], COST, NOW, load_seconds=slow_b)
+    assert result.actions == (Unload("a", "n1", "evict"), Load("new", "n1", 2 * GIB))
 
 
 def test_usage_decays_by_half_each_half_life() -> None:
@@ -109,6 +113,29 @@ def test_usage_decays_by_half_each_half_life() -> None:
     assert usage.decayed(USAGE_HALF_LIFE) == 1.0
     assert usage.add(USAGE_HALF_LIFE).decayed(USAGE_HALF_LIFE) == 2.0
     assert usage.rate(0.0) > usage.rate(2 * USAGE_HALF_LIFE) > 0.0
+
+
+def test_a_burst_in_the_last_minutes_counts_at_its_own_rate() -> None:
+    # 20 requests 10 s ago: per hour that is 0.004/s, over the last five minutes 0.045/s.
+    burst = _usage(20, NOW - 10)
+    assert burst.rate(NOW) == pytest.approx(
+        max(burst.decayed(NOW) * math.log(2) / USAGE_HALF_LIFE, 0.045), rel=0.02
+    )
+    assert burst.rate(NOW) > 10 * burst.decayed(NOW) * math.log(2) / USAGE_HALF_LIFE
+    # An hour on, the five-minute count has decayed away: the hourly rate is what is left.
+    later = NOW + USAGE_HALF_LIFE
+    assert burst.rate(later) == pytest.approx(burst.decayed(later) * math.log(2) / USAGE_HALF_LIFE)
+
+
+def test_a_newly_popular_model_outranks_one_popular_an_hour_ago() -> None:
+    # "was" served 200 requests an hour ago (100 left in the hourly count); "now" 20, just now.
+    was = ReplicaView("was", ModelState.READY, GIB, last_used=70, usage=_usage(200, NOW - 3600))
+    now = ReplicaView("now", ModelState.READY, GIB, last_used=90, usage=_usage(20, NOW - 10))
+    fleet = [NeuronView("n1", 2 * GIB, 0, (was, now))]
+    models = catalogue(was=1, now=1, new=1)
+    seconds = {("n1", "was"): 4.0, ("n1", "now"): 4.0}
+    result = plan(fleet, models, [Demand("new")], COST, NOW, load_seconds=seconds)
+    assert Unload("was", "n1", "evict") in result.actions
 
 
 def test_counted_requests_outrank_a_recent_touch() -> None:

@@ -97,7 +97,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         fleet=tuple(draw(neurons(name, catalogue, plain)) for name in names),
         catalogue=catalogue,
         demand=tuple(Demand(model, draw(st.integers(1, 3))) for model in wanted),
-        policy=Policy(draw(st.sampled_from(["lru", "priority"])), draw(st.integers(0, 3))),
+        policy=Policy(draw(st.sampled_from(["lru", "priority", "cost"])), draw(st.integers(0, 3))),
         cycle=draw(st.integers(0, 6)),
         minimums=draw(st.dictionaries(st.sampled_from(MODELS), st.integers(0, 3), max_size=3)),
         selectors=draw(st.dictionaries(st.sampled_from(MODELS), zones, max_size=2)),

@@ -53,13 +53,15 @@ def reload_value(replica: ReplicaView, now: float, load_seconds: float | None) -
 
 def reload_worth(replica: ReplicaView, now: float, load_seconds: float | None) -> float:
     """Load seconds per second that evicting the replica is expected to cost: its reload time
-    (unknown: one second per GiB) times its request rate. What `cost` victim sets minimise."""
+    (unknown: one second per GiB) times its request rate. Between `cost` victim sets that miss
+    equally often, the one that loses least of it goes."""
     cost = load_seconds if load_seconds is not None else replica.memory / 2**30
     return cost * request_rate(replica, now)
 
 
 def request_rate(replica: ReplicaView, now: float) -> float:
-    """Requests per second the replica can expect: from its usage, else from its idle time."""
+    """Requests per second the replica can expect: from its usage, else from its idle time. What
+    `cost` victim sets minimise (summed: the cold loads per second the eviction will cause)."""
     if replica.usage is not None:
         return replica.usage.rate(now)
     idle = max(now - last_touched(replica), MIN_IDLE)

@@ -12,27 +12,36 @@ from cortex.core.fleet import ModelState
 # Which replicas give way first when a neuron is full ([eviction] strategy of cortex.toml).
 Strategy = Literal["lru", "priority", "cost"]
 UnloadReason = Literal["evict", "idle", "defrag"]
-# Requests older than this count half (`cost` strategy): popularity over hours, not one burst.
+# Requests older than this count half (`cost` strategy): popularity over hours.
 USAGE_HALF_LIFE = 3600.0
+# The same requests counted again with this half-life: a model that just became popular shows it
+# within minutes, not after an hour (docs/benchmarks.md, "P4 placement": the `shifting` trace).
+RECENT_HALF_LIFE = 300.0
 
 
 @dataclass(frozen=True)
 class Usage:
-    """Requests for a model, decayed by USAGE_HALF_LIFE: `count` as of time `at` (unix seconds)."""
+    """Requests for a model as of time `at` (unix seconds): `count` decayed by USAGE_HALF_LIFE,
+    `recent` by RECENT_HALF_LIFE."""
 
     count: float = 0.0
     at: float = 0.0
+    recent: float = 0.0
 
     def decayed(self, now: float) -> float:
         return self.count * 0.5 ** (max(now - self.at, 0.0) / USAGE_HALF_LIFE)
 
+    def recent_decayed(self, now: float) -> float:
+        return self.recent * 0.5 ** (max(now - self.at, 0.0) / RECENT_HALF_LIFE)
+
     def add(self, now: float) -> Usage:
         """One more request at `now`."""
-        return Usage(self.decayed(now) + 1.0, now)
+        return Usage(self.decayed(now) + 1.0, now, self.recent_decayed(now) + 1.0)
 
     def rate(self, now: float) -> float:
-        """Requests per second over about the last half-life."""
-        return self.decayed(now) * math.log(2) / USAGE_HALF_LIFE
+        """Requests per second: over about the last hour, or the last five minutes if higher."""
+        hourly = self.decayed(now) * math.log(2) / USAGE_HALF_LIFE
+        return max(hourly, self.recent_decayed(now) * math.log(2) / RECENT_HALF_LIFE)
 
 
 @dataclass(frozen=True)

@@ -15,21 +15,21 @@ Placement is worst fit (most memory left after the load) on healthy, uncordoned 
 labels match the model's selector. When nothing fits, defrag (on its cycles) moves the smallest
 idle replicas off one neuron (a load this plan made is simply sent elsewhere); otherwise replicas
 are evicted from one neuron (eviction.py): under `lru` and `priority` the fewest, coldest first;
-under `cost` the set, on whichever neuron, whose summed worth is least (a replica's worth: its
-request rate, from its `usage`, times the measured `load_seconds` of its model on its neuron,
-else elsewhere). Never
-evicted: pinned-there, in-flight, loading/unloading replicas, replicas of demanded models,
-replicas loaded by this plan, and the last ones a minimum needs (under the `priority` strategy a
-minimum holds only against models of equal or lower priority: a higher-priority model may take a
-lower one below its minimum). A requirement that cannot be met is reported in `Plan.unplaceable`
-with a reason.
+under `cost` the set, on whichever neuron, whose summed request rate (from each replica's `usage`:
+the cold loads per second the eviction will cause) is least, ties going to the set that loses
+the fewest load seconds per second (rate times the measured `load_seconds` of the model on that
+neuron, else elsewhere). Never evicted: pinned-there, in-flight, loading/unloading replicas,
+replicas of demanded models, replicas loaded by this plan, and the last ones a minimum needs
+(under the `priority` strategy a minimum holds only against models of equal or lower priority: a
+higher-priority model may take a lower one below its minimum). A requirement that cannot be met
+is reported in `Plan.unplaceable` with a reason.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -41,6 +41,7 @@ from cortex.core.placement.eviction import (
     choose_victims,
     eviction_key,
     reload_worth,
+    request_rate,
 )
 from cortex.core.placement.model import (
     Action,
@@ -114,9 +115,8 @@ Coldness = tuple[EvictionKey, str]  # eviction key, then the model id for a stab
 _NONE: Coldness = ((), "")  # the coldness of no victim at all
 
 
-def _no_worth(replica: ReplicaView) -> float:
-    """`lru` and `priority` rank without a worth: every victim set weighs nothing."""
-    return 0.0
+# Requests per second lost, load seconds per second lost, victims, the hottest victim, neuron.
+_VictimCost = tuple[float, float, int, Coldness, str]
 
 
 @dataclass
@@ -377,26 +377,28 @@ class _Work:
         )
 
     def evict_for(self, model: str, size: int, slots: list[_Slot]) -> bool:
-        """Evict on one neuron: under `cost` the victim set worth least (summed over the set, on
-        whichever neuron); otherwise the fewest replicas, where the hottest victim is coldest."""
-        best: tuple[tuple[float, int, Coldness, str], _Slot, tuple[ReplicaView, ...]] | None = None
+        """Evict on one neuron: under `cost` the victim set asked for least (summed over the set,
+        on whichever neuron; then the fewest load seconds lost); otherwise the fewest replicas,
+        where the hottest victim is coldest."""
+        best: tuple[_VictimCost, _Slot, tuple[ReplicaView, ...]] | None = None
         for slot in slots:
             coldness = partial(self.coldness, slot)
             ordered = sorted(
                 (r for r in slot.replicas.values() if self.evictable(slot, r, for_model=model)),
                 key=coldness,
             )
-            worth: Callable[[ReplicaView], float]
             if self.policy.strategy == "cost":
-                worth = partial(self.worth, slot)
-                victims = cheapest_victims(ordered, size - slot.free, worth)
+                victims = cheapest_victims(ordered, size - slot.free, self.rate)
             else:
-                worth = _no_worth
                 victims = choose_victims(ordered, size - slot.free)
             if victims is None:
                 continue
-            lost = sum(map(worth, victims))
-            cost = (lost, len(victims), max(map(coldness, victims), default=_NONE), slot.name)
+            cost = (
+                *self.loss(slot, victims),
+                len(victims),
+                max(map(coldness, victims), default=_NONE),
+                slot.name,
+            )
             if best is None or cost < best[0]:
                 best = (cost, slot, victims)
         if best is None:
@@ -407,9 +409,19 @@ class _Work:
         self.load(slot, model, size)
         return True
 
-    def worth(self, slot: _Slot, replica: ReplicaView) -> float:
-        """Load seconds per second lost if the replica leaves this neuron (`cost` strategy)."""
-        return reload_worth(replica, self.now, self.load_cost(slot.name, replica.model))
+    def rate(self, replica: ReplicaView) -> float:
+        """Requests per second that will miss if the replica leaves (`cost` strategy)."""
+        return request_rate(replica, self.now)
+
+    def loss(self, slot: _Slot, victims: Sequence[ReplicaView]) -> tuple[float, float]:
+        """What evicting `victims` from `slot` costs under `cost`: requests per second that will
+        miss, then load seconds per second spent reloading them. Nothing under `lru`, `priority`."""
+        if self.policy.strategy != "cost":
+            return (0.0, 0.0)
+        seconds = sum(
+            reload_worth(r, self.now, self.load_cost(slot.name, r.model)) for r in victims
+        )
+        return (sum(map(self.rate, victims)), seconds)
 
     def coldness(self, slot: _Slot, replica: ReplicaView) -> Coldness:
         key = eviction_key(
