@@ -171,7 +171,7 @@ class GatewaySection(_Section):
 
 class EvictionSection(_Section):
     strategy: Strategy = Field(
-        default="lru",
+        default="cost",
         description="which replicas give way when a neuron is full: `lru`, `priority`, or `cost`"
         " (what is asked for least goes; docs/benchmarks.md, P4)",
     )

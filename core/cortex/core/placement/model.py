@@ -82,7 +82,7 @@ class Demand:
 class Policy:
     """Eviction strategy and defragmentation cadence ([eviction] of cortex.toml)."""
 
-    strategy: Strategy = "lru"
+    strategy: Strategy = "cost"
     defrag_after_cycles: int = 0
 
 
