@@ -24,7 +24,7 @@ def test_examples_validate() -> None:
     assert neuron.neuron.queue_timeout == 30.0
     gateway = load_gateway_config(EXAMPLES / "cortex.toml")
     assert [n.name for n in gateway.neurons] == ["gpu-node-a", "gpu-node-b"]
-    assert gateway.eviction.strategy == "lru" and gateway.auth.keys[0].budget_window == 86400
+    assert gateway.eviction.strategy == "cost" and gateway.auth.keys[0].budget_window == 86400
     assert {m.id for m in gateway.models} >= {"smollm2-135m-instruct", "qwen2.5-7b-instruct"}
     assert next(m for m in gateway.models if m.id.startswith("qwen")).memory == 18 * 2**30
 
