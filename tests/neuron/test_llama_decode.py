@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
+from cortex.neuron import llama_decode
 from cortex.neuron.llama_decode import unsupported
 from cortex.neuron.model_runner import ModelRunner
 
@@ -121,6 +122,20 @@ def test_lean_decode_equals_the_hf_forward(config: str, case: str) -> None:
                 strict=True,
             )
             assert all(torch.equal(a, b) for a, b in saved)
+
+
+def test_the_norm_without_torch_rms_norm_equals_it_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch's fused rms_norm would differ, the lean step spells out transformers' ops."""
+    monkeypatch.setattr(llama_decode, "_fused_rms_equal", lambda weight, eps: False)
+    model = configured("grouped-query")
+    lean, stock = runner(model), runner(model)
+    assert lean.lean is not None and lean.lean._rms is llama_decode._rms
+    stock.lean = None
+    segments = SEGMENTS["rows of several lengths (masked)"]
+    fill(lean, segments, seed=3)
+    fill(stock, segments, seed=3)
+    with torch.inference_mode():
+        assert torch.equal(lean.decode(segments), stock.decode(segments))
 
 
 def _hooked(model: torch.nn.Module) -> None:
