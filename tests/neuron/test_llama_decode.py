@@ -138,6 +138,22 @@ def test_the_norm_without_torch_rms_norm_equals_it_too(monkeypatch: pytest.Monke
         assert torch.equal(lean.decode(segments), stock.decode(segments))
 
 
+def test_a_forward_swapped_in_after_load_runs_instead() -> None:
+    """A model whose forward is replaced later (a wrapper, a test's simulated fault) runs it."""
+    model = tiny_llama()
+    decoding = runner(model)
+    assert decoding.lean is not None
+    segments = SEGMENTS["one row"]
+    fill(decoding, segments, seed=4)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the swapped-in forward ran")
+
+    model.forward = broken
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="swapped-in forward ran"):
+        decoding.decode(segments)
+
+
 def _hooked(model: torch.nn.Module) -> None:
     model.model.layers[1].mlp.register_forward_hook(lambda *_: None)
 
