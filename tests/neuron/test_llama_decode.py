@@ -28,6 +28,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
     },
     "head_dim apart from hidden / heads": {"num_key_value_heads": 1, "head_dim": 32},
+    "linear rope": {
+        "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    },
     "llama3 rope": {
         "rope_parameters": {
             "rope_type": "llama3",
