@@ -157,6 +157,21 @@ def test_a_forward_swapped_in_after_load_runs_instead() -> None:
         decoding.decode(segments)
 
 
+def test_a_hook_added_after_load_runs() -> None:
+    """A hook added to a layer later (tests inject faults so) runs: the HF forward takes over."""
+    model = tiny_llama()
+    decoding = runner(model)
+    segments = SEGMENTS["one row"]
+    fill(decoding, segments, seed=5)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("the hook ran")
+
+    model.get_input_embeddings().register_forward_pre_hook(broken)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="the hook ran"):
+        decoding.decode(segments)
+
+
 def _hooked(model: torch.nn.Module) -> None:
     model.model.layers[1].mlp.register_forward_hook(lambda *_: None)
 

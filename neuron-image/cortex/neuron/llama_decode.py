@@ -11,6 +11,8 @@ does not reproduce; such a model keeps the HF forward.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +46,8 @@ def unsupported(model: nn.Module) -> str | None:
         "weights not all float32 on the CPU": any(
             p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()
         ),
-        "module hooks": _hooked(model),
+        "module hooks": _hooked(model.modules()),
+        "accelerate's offloading": any(hasattr(m, "_hf_hook") for m in model.modules()),
     }
     for reason, failed in checks.items():
         if failed:
@@ -66,6 +69,12 @@ class LlamaDecode:
         ]
         weight, eps = self._norms[0][0]
         self._rms = _fused_rms if _fused_rms_equal(weight, eps) else _rms
+        self._model, self._modules = model, list(model.modules())
+
+    def overridden(self) -> bool:
+        """A forward set on the model or a hook added since load (a wrapper, a fault injector):
+        the HF forward runs them and this step would not, so it must not stand in."""
+        return "forward" in vars(self._model) or _hooked(self._modules)
 
     def __call__(
         self, binding: DecodeBands, ids: torch.Tensor, positions: torch.Tensor
@@ -165,14 +174,10 @@ def _rope_type(config: object) -> str:
     return str(params.get("rope_type", params.get("type", "default")))
 
 
-def _hooked(model: nn.Module) -> bool:
-    """Hooks (accelerate's offloading, output capture) would run in the HF forward, not here."""
+def _hooked(modules: Iterable[nn.Module]) -> bool:
+    """Hooks (output capture, a test's fault) run in the HF forward only."""
     global_hooks = (
         nn.modules.module._global_forward_hooks,
         nn.modules.module._global_forward_pre_hooks,
     )
-    if any(global_hooks):
-        return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in model.modules()
-    )
+    return any(global_hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in modules)

@@ -89,7 +89,7 @@ class ModelRunner:
         ids = self._longs([t for _, _, tokens, _ in segments for t in tokens]).unsqueeze(1)
         positions = torch.cat([b.positions for b in bands]).unsqueeze(1)
         binding = DecodeBands(bands, self._layers)
-        if self.lean is not None and not _forward_replaced(self._model):
+        if self.lean is not None and not self.lean.overridden():
             return self.lean(binding, ids, positions)
         if len(bands) == 1:  # the model's own attention, with this band's mask
             return self._run(binding, ids, positions, bands[0].mask, logits_to_keep=1)[:, -1, :]
@@ -206,11 +206,6 @@ class ModelRunner:
         dtype = self._model.dtype
         mask = torch.zeros(visible.shape, dtype=dtype, device=self._device)
         return mask.masked_fill(~visible, torch.finfo(dtype).min).unsqueeze(1)
-
-
-def _forward_replaced(model: PreTrainedModel) -> bool:
-    """A forward set on the model or hooked since load (a wrapper, a test's fault) must run."""
-    return "forward" in vars(model) or bool(model._forward_hooks or model._forward_pre_hooks)
 
 
 def _sliding_window(config: PreTrainedConfig) -> tuple[int | None, bool]:
