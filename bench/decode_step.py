@@ -1,12 +1,12 @@
-"""The engine's decode step on CPU, with its linear kernels and with stock ones (`python -m
-bench.decode_step`).
+"""The engine's decode step on CPU: stock kernels, its linear kernels, and its lean Llama forward
+(`python -m bench.decode_step`).
 
 One process, the default model (SmolLM2-135M, float32) through the neuron's loader, the engine's
 ModelRunner: a decode step of `--rows` rows (lengths 60, 71, 82 ... tokens, one length band) with
-the kernels cpu_linear.py chose for this machine, and with transformers' stock `F.linear`, in
-alternating blocks (3 warm-up steps, then `--steps` timed; the order flips every block, so drift
-hits both). Reported: each block's median step, the median of the per-block ratios, and whether
-both give the same logits. Also the linear layers alone (every layer of the model once, each
+transformers' stock `F.linear` and HF forward, with the kernels cpu_linear.py chose for this
+machine, and with those kernels under llama_decode.py's forward, in alternating blocks (3 warm-up
+steps, then `--steps` timed; the order flips every block, so drift hits all). Reported: each
+block's median step, the medians of the per-block ratios, and whether they give the same logits. Also the linear layers alone (every layer of the model once, each
 kernel form) at the same row counts, which shows what each form does without the rest of the step.
 """
 
@@ -33,39 +33,57 @@ FORMS = {
 }
 
 
+VARIANTS = ("stock", "engine", "lean")  # kernels stock / engine's, HF forward; engine's + lean
+
+
 def step_blocks(model: nn.Module, rows: int, blocks: int, steps: int) -> dict[str, object]:
-    """Median step ms per block for the engine's kernels ("engine") and stock ("stock")."""
+    """Median step ms per block: stock kernels and the HF forward ("stock"), the engine's kernels
+    and the HF forward ("engine"), the engine's kernels and llama_decode's forward ("lean")."""
     chosen = {m: vars(m)["forward"] for m in model.modules() if "forward" in vars(m)}
-
-    def use(kernels: str) -> None:
-        for layer, forward in chosen.items():
-            if kernels == "engine":
-                layer.forward = forward
-            else:
-                vars(layer).pop("forward", None)
-
     runner = ModelRunner(model, device=torch.device("cpu"), max_rows=32, max_length=2048)
+    lean = runner.lean
+
+    def use(variant: str) -> None:
+        for layer, forward in chosen.items():
+            if variant == "stock":
+                vars(layer).pop("forward", None)
+            else:
+                layer.forward = forward
+        runner.lean = lean if variant == "lean" else None
+
     segments = [(0, 0, [0] * rows, [60 + 11 * i for i in range(rows)])]
-    medians: dict[str, list[float]] = {"stock": [], "engine": []}
+    variants = VARIANTS if lean is not None else VARIANTS[:2]
+    medians: dict[str, list[float]] = {v: [] for v in variants}
     logits = {}
     for block in range(blocks):
-        for kernels in ("stock", "engine") if block % 2 == 0 else ("engine", "stock"):
-            use(kernels)
+        for variant in variants if block % 2 == 0 else variants[::-1]:
+            use(variant)
             for _ in range(3):
-                logits[kernels] = runner.decode(segments)
+                logits[variant] = runner.decode(segments)
             times = []
             for _ in range(steps):
                 started = time.perf_counter()
                 runner.decode(segments)
                 times.append(time.perf_counter() - started)
-            medians[kernels].append(1000 * statistics.median(times))
-    use("engine")
-    ratios = [e / s for e, s in zip(medians["engine"], medians["stock"], strict=True)]
+            medians[variant].append(1000 * statistics.median(times))
+    use(variants[-1])
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(medians[a], medians[b], strict=True))
+
+    tokens = {v: logits[v].argmax(-1) for v in variants}
     return {
         "block medians ms": medians,
-        "engine / stock": statistics.median(ratios),
-        "same logits": bool(torch.equal(logits["stock"], logits["engine"])),
-        "same tokens": bool(torch.equal(logits["stock"].argmax(-1), logits["engine"].argmax(-1))),
+        "engine / stock": ratio("engine", "stock"),
+        "lean / engine": ratio("lean", "engine") if lean is not None else None,
+        "lean / stock": ratio("lean", "stock") if lean is not None else None,
+        "same logits, engine kernels and stock": bool(
+            torch.equal(logits["stock"], logits["engine"])
+        ),
+        "same logits, lean and HF forward": bool(
+            torch.equal(logits["engine"], logits[variants[-1]])
+        ),
+        "same tokens": all(torch.equal(tokens["stock"], t) for t in tokens.values()),
     }
 
 
@@ -93,6 +111,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--blocks", type=int, default=6, help="blocks per kernel choice")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per block")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="decode-step", help="file stem under docs/benchmarks/")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = machine.describe(args.threads, **machine.versions("torch", "transformers"))
@@ -110,25 +129,30 @@ def main(argv: list[str]) -> int:
     for rows, r in results.items():
         medians = r["block medians ms"]
         alone = r["linear layers alone ms"]
+        lean = medians.get("lean")
         table.append(
             [
                 rows,
                 f"{statistics.median(medians['stock']):.1f}",
                 f"{statistics.median(medians['engine']):.1f}",
+                f"{statistics.median(lean):.1f}" if lean else "-",
                 f"{r['engine / stock']:.2f}",
+                f"{r['lean / engine']:.2f}" if lean else "-",
                 r["same tokens"],
                 " / ".join(f"{alone[k]:.1f}" for k in alone),
             ]
         )
     publish(
         Report(
-            name="decode-step",
+            name=args.name,
             title=f"decode step, SmolLM2-135M float32, {args.threads} threads",
             columns=[
                 "rows",
                 "stock step ms",
                 "engine kernels step ms",
+                "engine kernels + lean forward step ms",
                 "engine / stock (median of blocks)",
+                "lean / engine (median of blocks)",
                 "same tokens",
                 "linear layers alone ms: " + " / ".join(FORMS),
             ],

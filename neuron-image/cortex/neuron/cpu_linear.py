@@ -102,10 +102,9 @@ def packed_bytes(model: nn.Module) -> int:
 
 def weight_left(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ weight.T` for a 2-D x of few rows, computed as `(weight @ x.T).T`."""
-    rows = x.shape[0]
-    if rows == 1:  # one column would take the slow matrix-vector kernel
-        x = torch.cat([x, x])
-    return torch.mm(weight, x.T).T[:rows].contiguous()
+    if x.shape[0] == 1:  # one column would take the slow matrix-vector kernel
+        return torch.mm(weight, torch.cat([x, x]).T).T[:1].contiguous()
+    return torch.mm(weight, x.T).T.contiguous()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -144,7 +143,7 @@ def _reroute(layers: list[nn.Linear], forms: tuple[Form, ...]) -> None:
 
 def _forward(by_rows: dict[int, Form]) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a lean caller passes 2-D
         form = by_rows.get(flat.shape[0])
         if form is None or torch.is_grad_enabled():
             return nn.functional.linear(x, self.weight, self.bias)
@@ -154,7 +153,7 @@ def _forward(by_rows: dict[int, Form]) -> Callable[[nn.Linear, torch.Tensor], to
             out = packed_linear(flat, getattr(self, _PACKED), self.weight)
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out if out.dim() == x.dim() else out.reshape(*x.shape[:-1], out.shape[-1])
 
     return forward
 

@@ -82,6 +82,7 @@ class DecodeBands(_Binding):
     def __init__(self, bands: list[BandRows], layers: int) -> None:
         super().__init__(layers, max(b.kv_length for b in bands))
         self.bands = bands
+        self._slots = [b.cache.token_slots(b.rows, b.positions) for b in bands]  # for all layers
         self._views: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def update(
@@ -89,11 +90,13 @@ class DecodeBands(_Binding):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store each row's new token in its band; return what a lone band's attention reads."""
         self._views, offset = [], 0
-        for band in self.bands:
+        for band, slots in zip(self.bands, self._slots, strict=True):
             new = slice(offset, offset + band.count)
-            band.cache.write_tokens(
-                layer_idx, band.rows, band.positions, key_states[new], value_states[new]
-            )
+            if len(self.bands) > 1:
+                keys, values = key_states[new], value_states[new]
+            else:
+                keys, values = key_states, value_states
+            band.cache.write_tokens(layer_idx, slots, keys, values)
             self._views.append(band.cache.view(layer_idx, band.rows, band.kv_length))
             offset = new.stop
         return self._views[0]  # with several bands, attend() reads them all instead

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 _GROW_ALIGN = 64  # capacity grows in multiples of this many tokens
 
 RowKV = list[torch.Tensor]  # one sequence's KV, per layer [2, kv_heads, length, head_dim]
+TokenSlots = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class BatchKVCache:
@@ -126,22 +127,26 @@ class BatchKVCache:
         for buffer, saved in zip(self._buffers, kv, strict=True):
             buffer[:, row, :, :length] = saved[:, :, :length]
 
+    def token_slots(self, rows: slice, positions: torch.Tensor) -> TokenSlots:
+        """Where write_tokens puts one new token per row (row rows.start + i at positions[i]),
+        computed once for a step's layers: indices of [keys or values, row, head, position]."""
+        device, n = positions.device, rows.stop - rows.start
+        return (
+            torch.arange(2, device=device).view(1, 1, 2),
+            torch.arange(rows.start, rows.stop, device=device).view(n, 1, 1),
+            torch.arange(self.kv_heads, device=device).view(1, -1, 1),
+            positions.view(n, 1, 1),
+        )
+
     def write_tokens(
-        self,
-        layer: int,
-        rows: slice,
-        positions: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
+        self, layer: int, slots: TokenSlots, keys: torch.Tensor, values: torch.Tensor
     ) -> None:
-        """One new token per row: row rows.start + i gets keys[i] [kv_heads, 1, head_dim] at
-        positions[i] (each row at its own length)."""
+        """One new token per row, keys and values [rows, kv_heads, 1, head_dim], into the slots
+        token_slots gave (each row at its own length)."""
         buffer = self._buffers[layer]
-        index = torch.arange(rows.start, rows.stop, device=buffer.device)
-        at = positions.to(buffer.device)
-        # Advanced indices (row, position) around the head slice come first: [n, heads, dim].
-        buffer[0][index, :, at] = keys[:, :, -1]
-        buffer[1][index, :, at] = values[:, :, -1]
+        if slots[0].device != buffer.device:  # a model split over devices keeps KV by its layer
+            slots = tuple(s.to(buffer.device) for s in slots)  # type: ignore[assignment]
+        buffer.index_put_(slots, torch.cat((keys, values), dim=2))
 
     def write_span(
         self, layer: int, row: int, start: int, keys: torch.Tensor, values: torch.Tensor
@@ -154,8 +159,8 @@ class BatchKVCache:
 
     def view(self, layer: int, rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' first `length` keys and values in place [rows, kv_heads, length, head_dim]."""
-        buffer = self._buffers[layer]
-        return buffer[0, rows, :, :length], buffer[1, rows, :, :length]
+        keys, values = self._buffers[layer][:, rows, :, :length].unbind()
+        return keys, values
 
 
 def _layer_devices(model: PreTrainedModel, count: int, default: torch.device) -> list[torch.device]:

@@ -24,6 +24,7 @@ from cortex.neuron.kv_bands import (
     band_of,
 )
 from cortex.neuron.kv_cache import BatchKVCache
+from cortex.neuron.llama_decode import LlamaDecode, unsupported
 
 _MASKED_ATTENTION = {"sdpa", "eager", BANDED_ATTENTION}
 
@@ -51,6 +52,9 @@ class ModelRunner:
         self.bands: dict[int, BatchKVCache] = {}  # decoding rows, by length band
         # Each prompt prefills in a cache of its own, so a long one pads no other.
         self.staging: dict[int, BatchKVCache] = {}
+        # Decode steps of a plain Llama skip transformers' per-layer plumbing (same arithmetic);
+        # None: the HF forward (every other model; a bench sets it to compare the two).
+        self.lean: LlamaDecode | None = None if unsupported(model) else LlamaDecode(model)
         # transformers 5 renamed the forward's `past_key_values` to `cache`.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -85,6 +89,8 @@ class ModelRunner:
         ids = self._longs([t for _, _, tokens, _ in segments for t in tokens]).unsqueeze(1)
         positions = torch.cat([b.positions for b in bands]).unsqueeze(1)
         binding = DecodeBands(bands, self._layers)
+        if self.lean is not None and not self.lean.overridden():
+            return self.lean(binding, ids, positions)
         if len(bands) == 1:  # the model's own attention, with this band's mask
             return self._run(binding, ids, positions, bands[0].mask, logits_to_keep=1)[:, -1, :]
         logits = self._run(binding, ids, positions, None, logits_to_keep=1, row_bands=binding)
