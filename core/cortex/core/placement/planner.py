@@ -12,13 +12,14 @@ Rules, in the order they run:
 - demand: a demanded model with no ready or loading replica is loaded, most waiting clients first
   (under `priority`, minimums and demand are taken together, highest priority first).
 Placement is worst fit (most memory left after the load) on healthy, uncordoned neurons whose
-labels match the model's selector. When nothing fits, defrag (on its cycles) moves the smallest
-idle replicas off one neuron (a load this plan made is simply sent elsewhere); otherwise replicas
-are evicted from one neuron (eviction.py): under `lru` and `priority` the fewest, coldest first;
-under `cost` the set, on whichever neuron, whose summed request rate (from each replica's `usage`:
-the cold loads per second the eviction will cause) is least, ties going to the set that loses
-the fewest load seconds per second (rate times the measured `load_seconds` of the model on that
-neuron, else elsewhere). Never evicted: pinned-there, in-flight, loading/unloading replicas,
+labels match the model's selector. When nothing fits, defrag (on its cycles; under `cost`, on
+every plan) moves the smallest idle replicas off one neuron into free memory elsewhere (a load
+this plan made is simply sent elsewhere); otherwise replicas are evicted from one neuron
+(eviction.py): under `lru` and `priority` the fewest, coldest first; under `cost` the set, on
+whichever neuron, whose summed request rate (from each replica's `usage`: the cold loads per
+second the eviction will cause) is least, ties going to the set that loses the fewest load
+seconds per second (rate times the measured `load_seconds` of the model on that neuron, else
+elsewhere). Never evicted: pinned-there, in-flight, loading/unloading replicas,
 replicas of demanded models, replicas loaded by this plan, and the last ones a minimum needs
 (under the `priority` strategy a minimum holds only against models of equal or lower priority: a
 higher-priority model may take a lower one below its minimum). A requirement that cannot be met
@@ -170,7 +171,12 @@ class _Work:
         self.selectors = selectors or {}
         self.estimates = estimates or {}
         self.load_seconds: Mapping[tuple[str, str], float] = {}  # plan() sets it; `cost` reads it
-        self.defrag = policy.defrag_after_cycles > 0 and cycle % policy.defrag_after_cycles == 0
+        # Under `cost` a move (a load now) beats an eviction whenever one will do: with the free
+        # memory split over neurons, each large model evicts a popular one to fit and is evicted
+        # back by it, load after load (docs/benchmarks.md, "P4 placement", `mixed` at 90-95%).
+        self.defrag = policy.strategy == "cost" or (
+            policy.defrag_after_cycles > 0 and cycle % policy.defrag_after_cycles == 0
+        )
         self.actions: list[Action] = []
         self.reasons: dict[str, str] = {}
         self.live = Counter(
