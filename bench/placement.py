@@ -171,7 +171,9 @@ def simulate(work: Workload, neurons_gib: Sequence[float], strategy: StrategyNam
                 outcome.gib_loaded += load.memory / GIB
                 outcome.cold_loads += 1
                 outcome.moves += load.model != model
-            outcome.evictions += sum(isinstance(a, Unload) for a in result.actions)
+            outcome.evictions += sum(
+                isinstance(a, Unload) and a.reason == "evict" for a in result.actions
+            )
         usage[model] = usage.get(model, Usage()).add(now)
         if strategy == "oracle":  # the true popularity, as requests per second
             usage = {
