@@ -89,7 +89,8 @@ class Outcome:
     """What one strategy cost on one fleet."""
 
     strategy: StrategyName
-    cold_loads: int = 0
+    cold_loads: int = 0  # every load planned: one per miss, plus each replica moved to make room
+    moves: int = 0  # of those, loads that moved a resident replica (defrag), not a miss's model
     gib_loaded: float = 0.0
     load_seconds: float = 0.0
     evictions: int = 0
@@ -167,9 +168,12 @@ def simulate(work: Workload, neurons_gib: Sequence[float], strategy: StrategyNam
             for load in (a for a in result.actions if isinstance(a, Load)):
                 measured[load.neuron, load.model] = load_seconds(load.memory)
                 outcome.load_seconds += load_seconds(load.memory)
-            outcome.cold_loads += 1
-            outcome.gib_loaded += (work.catalogue[model].memory or 0) / GIB
-            outcome.evictions += sum(isinstance(a, Unload) for a in result.actions)
+                outcome.gib_loaded += load.memory / GIB
+                outcome.cold_loads += 1
+                outcome.moves += load.model != model
+            outcome.evictions += sum(
+                isinstance(a, Unload) and a.reason == "evict" for a in result.actions
+            )
         usage[model] = usage.get(model, Usage()).add(now)
         if strategy == "oracle":  # the true popularity, as requests per second
             usage = {
@@ -355,6 +359,7 @@ def main(argv: list[str]) -> int:
                 "neurons_gib": [round(g, 2) for g in w.neurons_gib],
                 "strategy": o.strategy,
                 "cold_loads": o.cold_loads,
+                "moves": o.moves,
                 "gib_loaded": round(o.gib_loaded, 1),
                 "load_seconds": round(o.load_seconds, 1),
                 "evictions": o.evictions,

@@ -50,6 +50,7 @@ class Snapshot:
     minimums: dict[str, int]
     demand: tuple[Demand, ...]
     selectors: dict[str, dict[str, str]]
+    policy: Policy = POLICY
 
     @property
     def size(self) -> int:
@@ -61,7 +62,7 @@ class Snapshot:
             self.fleet,
             self.catalogue,
             self.demand,
-            POLICY,
+            self.policy,
             NOW,
             min_replicas=self.minimums,
             selectors=self.selectors,
@@ -121,6 +122,29 @@ def synthetic(neurons: int, replicas: int, seed: int = 11) -> Snapshot:
     demanded = [m for i, m in enumerate(catalogue) if i % 50 == 11][:20]
     demand = tuple(Demand(model, 1 + i % 4) for i, model in enumerate(demanded))
     return Snapshot(neurons, placed, fleet, catalogue, minimums, demand, selectors)
+
+
+def split_free(neurons: int, demanded: int = 10) -> Snapshot:
+    """The defrag's worst case, under `cost` (which defragments on every plan): every neuron has
+    2 GiB free and a 2 GiB replica beside a 12 GiB one, and each demanded model needs 4 GiB, so
+    each load is a move into free memory elsewhere, with every neuron a candidate."""
+    fleet = tuple(
+        NeuronView(
+            f"neuron-{i:04d}",
+            16 * GIB,
+            2 * GIB,
+            (
+                ReplicaView(f"large-{i:04d}", ModelState.READY, 12 * GIB, last_used=NOW - 60),
+                ReplicaView(f"small-{i:04d}", ModelState.READY, 2 * GIB, last_used=NOW - 30),
+            ),
+        )
+        for i in range(neurons)
+    )
+    sizes = {r.model: r.memory for view in fleet for r in view.replicas}
+    sizes.update({f"new-{j:02d}": 4 * GIB for j in range(demanded)})
+    catalogue = {m: ModelSpec(id=m, source=f"file:/models/{m}", memory=b) for m, b in sizes.items()}
+    demand = tuple(Demand(f"new-{j:02d}") for j in range(demanded))
+    return Snapshot(neurons, 2 * neurons, fleet, catalogue, {}, demand, {}, Policy("cost"))
 
 
 def _homes(

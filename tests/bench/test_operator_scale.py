@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from bench import operator_scale
-from bench.planner_scale import synthetic
+from bench.planner_scale import split_free, synthetic
+from cortex.core.placement.model import Load, Unload
 
 
 def test_synthetic_snapshots_are_fixed_and_give_the_planner_work() -> None:
@@ -18,6 +19,12 @@ def test_synthetic_snapshots_are_fixed_and_give_the_planner_work() -> None:
     planned = first.run()
     assert planned.actions and planned == again.run()
     assert first.neurons == 30 and 190 <= first.replicas <= 200
+
+
+def test_split_free_memory_makes_every_demanded_load_a_move() -> None:
+    actions = split_free(30).run().actions
+    assert sum(isinstance(a, Load) for a in actions) == 20  # 10 demanded, each after one move
+    assert all(a.reason == "defrag" for a in actions if isinstance(a, Unload))
 
 
 def test_small_run_brings_every_placement_ready(

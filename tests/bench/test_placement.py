@@ -62,6 +62,19 @@ def test_a_fleet_holding_everything_only_pays_the_first_loads() -> None:
         assert outcome.curve[-1] == outcome.cold_loads and len(outcome.curve) == 300
 
 
+def test_a_replica_moved_to_join_free_memory_counts_as_a_cold_load() -> None:
+    # a and b land on one 2 GiB neuron each (worst fit), 1 GiB free on both; c (2 GiB) fits only
+    # once cost moves a next to b. Three misses and one move: four loads, no eviction.
+    sizes = {"a": GIB, "b": GIB, "c": 2 * GIB}
+    catalogue = {m: ModelSpec(id=m, source=f"file:/{m}", memory=size) for m, size in sizes.items()}
+    work = Workload(catalogue, tuple("abc"), {m: 1 / 3 for m in sizes})
+    outcome = simulate(work, [2, 2], "cost")
+    assert (outcome.cold_loads, outcome.moves, outcome.evictions) == (4, 1, 0)
+    assert outcome.gib_loaded == 5.0
+    lru = simulate(work, [2, 2], "lru")
+    assert (lru.cold_loads, lru.moves, lru.evictions) == (3, 0, 1)
+
+
 def test_static_set_packs_the_neurons_and_keeps_room_for_the_rest() -> None:
     sizes = {"big": 2 * GIB, "s1": GIB, "s2": GIB, "s3": GIB}
     popularity = {"big": 0.5, "s1": 0.2, "s2": 0.2, "s3": 0.1}

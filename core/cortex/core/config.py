@@ -175,7 +175,11 @@ class EvictionSection(_Section):
         description="which replicas give way when a neuron is full: `lru`, `priority`, or `cost`"
         " (what is asked for least goes; docs/benchmarks.md, P4)",
     )
-    defrag_after_cycles: int = Field(default=0, ge=0, description="0 turns defragmentation off")
+    defrag_after_cycles: int = Field(
+        default=0,
+        ge=0,
+        description="0 turns periodic defragmentation off (`cost` defragments on every plan)",
+    )
 
 
 class NeuronEntry(_Section):

@@ -19,7 +19,7 @@ from cortex.core.placement.model import (
     Unload,
     Usage,
 )
-from cortex.core.placement.planner import plan
+from cortex.core.placement.planner import apply_plan, plan
 
 GIB = 2**30
 NOW = 100.0
@@ -106,6 +106,41 @@ def test_equal_misses_go_where_reloading_is_cheaper_measured_elsewhere_standing_
     slow_b = {("n1", "a"): 10.0, ("n3", "b"): 20.0}
     result = plan(fleet, models, [Demand("new")], COST, NOW, load_seconds=slow_b)
     assert result.actions == (Unload("a", "n1", "evict"), Load("new", "n1", 2 * GIB))
+
+
+def split_free_memory() -> tuple[list[NeuronView], dict[str, ModelSpec]]:
+    """2 GiB free on each of two neurons, each holding a popular model; a 4 GiB one is asked for."""
+    fleet = [
+        NeuronView("n1", 8 * GIB, 2 * GIB, (rep("chat", 2, 95), rep("code", 4, 90))),
+        NeuronView("n2", 6 * GIB, 2 * GIB, (rep("embed", 4, 98),)),
+    ]
+    return fleet, catalogue(chat=2, code=4, embed=4, big=4)
+
+
+def test_cost_joins_split_free_memory_by_moving_a_replica_instead_of_evicting() -> None:
+    fleet, models = split_free_memory()
+    # lru (defrag off) evicts a popular model (code, the coldest) to fit big; cost moves chat into n2's free 2 GiB
+    # (a load, counted as one by bench/placement) and evicts nothing.
+    assert plan(fleet, models, [Demand("big")], LRU, NOW).actions == (
+        Unload("code", "n1", "evict"),
+        Load("big", "n1", 4 * GIB),
+    )
+    result = plan(fleet, models, [Demand("big")], COST, NOW)
+    assert result.actions == (
+        Load("chat", "n2", 2 * GIB),
+        Unload("chat", "n1", "defrag"),
+        Load("big", "n1", 4 * GIB),
+    )
+    after = apply_plan(fleet, result, NOW)
+    assert plan(after, models, [Demand("big")], COST, NOW).actions == ()
+
+
+def test_cost_evicts_when_the_free_memory_together_cannot_hold_the_model() -> None:
+    fleet, models = split_free_memory()
+    models["big"] = catalogue(big=5)["big"]  # 5 GiB: more than the 4 GiB free in all
+    result = plan(fleet, models, [Demand("big")], COST, NOW)
+    assert not any(isinstance(a, Unload) and a.reason == "defrag" for a in result.actions)
+    assert Load("big", "n1", 5 * GIB) in result.actions
 
 
 def test_usage_decays_by_half_each_half_life() -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from cortex.core.catalogue import ModelSpec
 from cortex.core.fleet import ModelState
 from cortex.core.placement.model import Demand, Load, NeuronView, Plan, Policy, ReplicaView, Unload
-from cortex.core.placement.planner import apply_plan, plan
+from cortex.core.placement.planner import _Work, apply_plan, plan
 
 MODELS = [f"m{i}" for i in range(6)]
 NEURONS = ["n0", "n1", "n2", "n3"]
@@ -183,3 +183,29 @@ def test_every_demanded_model_is_served_or_explained(s: Scenario) -> None:
             v.healthy and r.model == d.model and r.state in LIVE for v in after for r in v.replicas
         )
         assert live or result.unplaceable.get(d.model)
+
+
+@SETTINGS
+@given(scenarios(), st.data())
+def test_defrag_finds_the_best_fit_home_a_scan_of_the_fleet_would(
+    s: Scenario, data: st.DataObject
+) -> None:
+    """The home search walks `roomiest` from the tightest fit; a scan of every neuron (what it
+    replaced) must agree, ties by name and bytes already promised to a neuron included."""
+    work = _Work(s.fleet, s.catalogue, s.demand, s.policy, NOW, 0, None, s.selectors, None)
+    source = data.draw(st.sampled_from(work.slots))
+    moved = ReplicaView(
+        data.draw(st.sampled_from(MODELS)), ModelState.READY, data.draw(st.integers(1, 6))
+    )
+    names = [slot.name for slot in work.slots]
+    taken = data.draw(st.dictionaries(st.sampled_from(names), st.integers(1, 4), max_size=2))
+    homes = [
+        (slot.free - taken.get(slot.name, 0), slot.name)
+        for slot in work.slots
+        if slot.free - taken.get(slot.name, 0) >= moved.memory
+        and slot is not source
+        and work.usable(slot, moved.model)
+        and not slot.hosts(moved.model)
+    ]
+    found = work.best_fit_home(moved, source, taken)
+    assert (found.name if found else None) == (min(homes)[1] if homes else None)

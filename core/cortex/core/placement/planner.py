@@ -12,13 +12,14 @@ Rules, in the order they run:
 - demand: a demanded model with no ready or loading replica is loaded, most waiting clients first
   (under `priority`, minimums and demand are taken together, highest priority first).
 Placement is worst fit (most memory left after the load) on healthy, uncordoned neurons whose
-labels match the model's selector. When nothing fits, defrag (on its cycles) moves the smallest
-idle replicas off one neuron (a load this plan made is simply sent elsewhere); otherwise replicas
-are evicted from one neuron (eviction.py): under `lru` and `priority` the fewest, coldest first;
-under `cost` the set, on whichever neuron, whose summed request rate (from each replica's `usage`:
-the cold loads per second the eviction will cause) is least, ties going to the set that loses
-the fewest load seconds per second (rate times the measured `load_seconds` of the model on that
-neuron, else elsewhere). Never evicted: pinned-there, in-flight, loading/unloading replicas,
+labels match the model's selector. When nothing fits, defrag (on its cycles; under `cost`, on
+every plan) moves the smallest idle replicas off one neuron into free memory elsewhere (a load
+this plan made is simply sent elsewhere); otherwise replicas are evicted from one neuron
+(eviction.py): under `lru` and `priority` the fewest, coldest first; under `cost` the set, on
+whichever neuron, whose summed request rate (from each replica's `usage`: the cold loads per
+second the eviction will cause) is least, ties going to the set that loses the fewest load
+seconds per second (rate times the measured `load_seconds` of the model on that neuron, else
+elsewhere). Never evicted: pinned-there, in-flight, loading/unloading replicas,
 replicas of demanded models, replicas loaded by this plan, and the last ones a minimum needs
 (under the `priority` strategy a minimum holds only against models of equal or lower priority: a
 higher-priority model may take a lower one below its minimum). A requirement that cannot be met
@@ -28,6 +29,7 @@ is reported in `Plan.unplaceable` with a reason.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -170,7 +172,12 @@ class _Work:
         self.selectors = selectors or {}
         self.estimates = estimates or {}
         self.load_seconds: Mapping[tuple[str, str], float] = {}  # plan() sets it; `cost` reads it
-        self.defrag = policy.defrag_after_cycles > 0 and cycle % policy.defrag_after_cycles == 0
+        # Under `cost` a move (a load now) beats an eviction whenever one will do: with the free
+        # memory split over neurons, each large model evicts a popular one to fit and is evicted
+        # back by it, load after load (docs/benchmarks.md, "P4 placement", `mixed` at 90-95%).
+        self.defrag = policy.strategy == "cost" or (
+            policy.defrag_after_cycles > 0 and cycle % policy.defrag_after_cycles == 0
+        )
         self.actions: list[Action] = []
         self.reasons: dict[str, str] = {}
         self.live = Counter(
@@ -489,23 +496,55 @@ class _Work:
         chosen = choose_victims(movable, shortfall)
         if not chosen:
             return None
-        room = {slot.name: slot.free for slot in self.slots}
+        taken: dict[str, int] = {}  # bytes this set of moves already sends to a neuron
         moves: list[tuple[ReplicaView, _Slot]] = []
         for replica in sorted(chosen, key=lambda r: (-r.memory, r.model)):  # big first packs better
-            homes = [
-                slot
-                for slot in self.slots
-                if room[slot.name] >= replica.memory  # cheap test first: fleets can be large
-                and slot is not target
-                and self.usable(slot, replica.model)
-                and not slot.hosts(replica.model)
-            ]
-            if not homes:
+            home = self.best_fit_home(replica, target, taken)
+            if home is None:
                 return None
-            home = min(homes, key=lambda s: (room[s.name] - replica.memory, s.name))
-            room[home.name] -= replica.memory
+            taken[home.name] = taken.get(home.name, 0) + replica.memory
             moves.append((replica, home))
         return moves
+
+    def best_fit_home(
+        self, replica: ReplicaView, source: _Slot, taken: Mapping[str, int]
+    ) -> _Slot | None:
+        """The neuron other than `source` left with the least room once it takes the replica (ties
+        by name), `taken` bytes already promised away. `roomiest` is in order of free memory and
+        then name, so the search walks up from the tightest fit one group of equal free memory at a
+        time and stops at the first home: `cost` defragments on every plan, on fleets of any size."""
+
+        def fits(slot: _Slot, room: int) -> bool:
+            return (
+                room >= replica.memory
+                and slot is not source
+                and self.usable(slot, replica.model)
+                and not slot.hosts(replica.model)
+            )
+
+        promised = (self.by_name[name] for name in taken)
+        best = min(
+            ((s.free - taken[s.name], s.name) for s in promised if fits(s, s.free - taken[s.name])),
+            default=None,
+        )
+        # Every slot before `end` has at least the replica's size free.
+        end = bisect.bisect_left(self.roomiest, (1 - replica.memory, ""), key=_roominess)
+        while end > 0 and (best is None or self.roomiest[end - 1].free <= best[0]):
+            free = self.roomiest[end - 1].free
+            start = bisect.bisect_left(self.roomiest, (-free, ""), key=_roominess)
+            home = next(
+                (
+                    (slot.free, slot.name)
+                    for slot in itertools.islice(self.roomiest, start, end)
+                    if slot.name not in taken and fits(slot, slot.free)
+                ),
+                None,
+            )
+            if home is not None:
+                best = home if best is None else min(best, home)
+                break
+            end = start
+        return None if best is None else self.by_name[best[1]]
 
     # -- explaining failures
 
