@@ -315,11 +315,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--threads", type=int, help="torch threads of the neuron (OMP_NUM_THREADS); its default"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes: levels 4 and 12, 3 s each, limits 2 + 2"
+        "--quick", action="store_true", help="tiny sizes: levels 4 and 12, 1 s each, limits 2 + 2"
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.levels, args.seconds, args.max_tokens = [4, 12], 3.0, 4
+        args.levels, args.seconds, args.max_tokens = [4, 12], 1.0, 4
         args.max_running, args.max_queue = 2, 2
     return args
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cortex_up import Up, cortex_up
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +16,17 @@ def model_cache() -> Path:
     path = Path(os.environ.get("CORTEX_TEST_CACHE", "~/.cache/cortex")).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def shared_up(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    """One `cortex up` with the default config, for the files that need nothing else of it: each
+    starts from nothing loaded (`unload_all`), as on a process of its own, without paying for a
+    process start of its own. It must shut down cleanly at the end."""
+    with cortex_up(tmp_path_factory.mktemp("shared-up"), model_cache) as up:
+        yield up
+        up.process.terminate()
+        code = up.process.wait(timeout=30)
+        # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly
+        assert code in (0, -15), f"exit {code}:\n{up.log.read_text()[-3000:]}"
+        assert "Application shutdown complete" in up.log.read_text()

@@ -61,3 +61,22 @@ def cortex_up(
         yield Up(url, process, log)
     finally:
         process.kill()
+
+
+def unload_all(url: str, timeout: float = 120) -> None:
+    """Unload every model the `cortex up` at `url` holds, retrying one still busy with a stream a
+    previous test left, until its fleet shows none: the state a fresh `cortex up` starts in."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fleet = httpx.get(f"{url}/fleet", timeout=10).json()
+        held = [(n["name"], r) for n in fleet["neurons"] for r in n["replicas"]]
+        if not held:
+            return
+        for neuron, replica in held:
+            if replica["state"] == "ready":
+                body = {"neuron": neuron}
+                httpx.post(f"{url}/admin/models/{replica['id']}/unload", json=body, timeout=60)
+        failed = any(replica["state"] == "failed" for _, replica in held)
+        if failed or time.monotonic() > deadline:
+            raise RuntimeError(f"cortex up cannot start afresh, it holds {held}")
+        time.sleep(0.1)  # polling the fleet's state, with a deadline

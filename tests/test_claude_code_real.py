@@ -8,14 +8,13 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
 import pytest
-from cortex_up import cortex_up
+from cortex_up import Up, unload_all
 
 from cortex.core.completion_limit import CLAMPED_HEADER
 
@@ -32,9 +31,10 @@ CLAUDE_CODE_HEADERS = {"anthropic-beta": BETAS, "x-app": "cli", "user-agent": "c
 
 
 @pytest.fixture(scope="module")
-def gateway(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with cortex_up(tmp_path_factory.mktemp("claude-code"), model_cache) as up:
-        yield up.url
+def gateway(shared_up: Up) -> str:
+    """The session's `cortex up` (tests/conftest.py), with nothing loaded."""
+    unload_all(shared_up.url)
+    return shared_up.url
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,19 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-from cortex_up import cortex_up
+from cortex_up import Up, unload_all
 
 CHAT = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def gateway(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with cortex_up(tmp_path_factory.mktemp("fleet-control"), model_cache) as up:
-        yield up.url
+def gateway(shared_up: Up) -> str:
+    """The session's `cortex up` (tests/conftest.py), with nothing loaded."""
+    unload_all(shared_up.url)
+    return shared_up.url
 
 
 def cortex(gateway: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

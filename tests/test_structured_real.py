@@ -4,9 +4,7 @@ driven by the official openai and anthropic SDKs (docs/architecture.md, "Structu
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -14,7 +12,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from cortex_up import cortex_up
+from cortex_up import Up, unload_all
 
 # Loading the model and ~25 generations take minutes on 2 shared cores.
 pytestmark = pytest.mark.timeout(1800)
@@ -72,14 +70,13 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def gateway(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with cortex_up(tmp_path_factory.mktemp("structured"), model_cache) as up:
-        # The model loads on its first request: here, not inside a test's timed requests.
-        body = {"model": CHAT, "prompt": "Hi", "max_tokens": 1}
-        httpx.post(f"{up.url}/v1/completions", json=body, timeout=600).raise_for_status()
-        yield up.url
-        up.process.terminate()
-        up.process.wait(timeout=30)
+def gateway(shared_up: Up) -> str:
+    """The session's `cortex up` (tests/conftest.py), with nothing loaded; then the model loads
+    on a first request here, not inside a test's timed requests."""
+    unload_all(shared_up.url)
+    body = {"model": CHAT, "prompt": "Hi", "max_tokens": 1}
+    httpx.post(f"{shared_up.url}/v1/completions", json=body, timeout=600).raise_for_status()
+    return shared_up.url
 
 
 @pytest.fixture(scope="module")

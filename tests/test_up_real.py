@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import anthropic
 import httpx
 import openai
 import pytest
-from cortex_up import cortex_up
+from cortex_up import Up, unload_all
 from prometheus_client.parser import text_string_to_metric_families
 
 CHAT = "smollm2-135m-instruct"
@@ -24,14 +22,10 @@ WEATHER = {
 
 
 @pytest.fixture(scope="module")
-def gateway(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with cortex_up(tmp_path_factory.mktemp("up"), model_cache) as up:
-        yield up.url
-        up.process.terminate()
-        code = up.process.wait(timeout=30)
-        # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly
-        assert code in (0, -15), f"exit {code}:\n{up.log.read_text()[-3000:]}"
-        assert "Application shutdown complete" in up.log.read_text()
+def gateway(shared_up: Up) -> str:
+    """The session's `cortex up` (tests/conftest.py), with nothing loaded."""
+    unload_all(shared_up.url)
+    return shared_up.url
 
 
 @pytest.fixture(scope="module")

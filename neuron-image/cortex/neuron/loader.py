@@ -69,7 +69,7 @@ def load_weights(
     `progress` hears 0..1 as the load goes: a first conversion takes it to 0.5, the tensors
     (one step each when mapped) take it on to 0.9; the caller says 1.0 when it serves."""
     try:
-        directory, gguf_file = _materialize(local, cache_dir, progress)
+        directory, gguf_file = materialize(local, cache_dir, progress)
         progress(0.55)
         if kind == "embedding":
             return _load_embedding(directory, devices[0], dtype, progress)
@@ -82,7 +82,7 @@ def load_weights(
         raise ModelLoadFailed(f"cannot load {local.source}: {type(exc).__name__}: {exc}") from exc
 
 
-def _materialize(local: LocalModel, cache_dir: Path, progress: Progress) -> tuple[Path, str | None]:
+def materialize(local: LocalModel, cache_dir: Path, progress: Progress) -> tuple[Path, str | None]:
     """A directory to load from: the model's own, or the converted-GGUF cache (filled on first use)."""
     if local.format == "hf":
         return local.path, None

@@ -41,34 +41,55 @@ class Scenario:
         )
 
 
+# The strategies are built once, here: built inside the composites below, each example paid for
+# their construction and validation again (most of these tests' time). The draws are the same.
+MEMORY, PRIORITY = st.integers(1, 6), st.integers(-2, 2)
+IDLE_TTL = st.sampled_from([None, None, None, 10.0, 500.0])
+PINNED_ON = st.lists(st.sampled_from(NEURONS), max_size=2, unique=True)
+TOTAL, HOW_MANY, ORDER = st.integers(3, 10), st.integers(0, 6), st.permutations(MODELS)
+TIMES = st.none() | st.floats(0, NOW)
+STATES = st.sampled_from([ModelState.READY] * 5 + list(ModelState))
+IN_FLIGHT = st.sampled_from([0, 0, 0, 1, 2])
+HEALTHY, CORDONED = (
+    st.sampled_from([True, True, True, False]),
+    st.sampled_from([False] * 3 + [True]),
+)
+ZONE = st.sampled_from("ab")
+NAMES = st.lists(st.sampled_from(NEURONS), min_size=1, unique=True)
+WANTED = st.lists(st.sampled_from([*MODELS, *MODELS, "ghost"]), unique=True, max_size=4)
+COUNT, POLICIES = st.integers(1, 3), st.sampled_from(["lru", "priority", "cost"])
+HEADROOM, CYCLE = st.integers(0, 3), st.integers(0, 6)
+MINIMUMS = st.dictionaries(st.sampled_from(MODELS), st.integers(0, 3), max_size=3)
+SELECTORS = st.dictionaries(
+    st.sampled_from(MODELS), st.fixed_dictionaries({"zone": ZONE}), max_size=2
+)
+
+
 @st.composite
 def specs(draw: st.DrawFn, model: str, plain: bool) -> ModelSpec:
     return ModelSpec(
         id=model,
         source=f"file:/models/{model}",
-        memory=draw(st.integers(1, 6)),
-        priority=draw(st.integers(-2, 2)),
-        idle_ttl=draw(st.sampled_from([None, None, None, 10.0, 500.0])),
-        pinned_on=[]
-        if plain
-        else draw(st.lists(st.sampled_from(NEURONS), max_size=2, unique=True)),
+        memory=draw(MEMORY),
+        priority=draw(PRIORITY),
+        idle_ttl=draw(IDLE_TTL),
+        pinned_on=[] if plain else draw(PINNED_ON),
     )
 
 
 @st.composite
 def neurons(draw: st.DrawFn, name: str, catalogue: dict[str, ModelSpec], plain: bool) -> NeuronView:
-    total = draw(st.integers(3, 10))
+    total = draw(TOTAL)
     replicas: list[ReplicaView] = []
-    for model in draw(st.permutations(MODELS))[: draw(st.integers(0, 6))]:
+    for model in draw(ORDER)[: draw(HOW_MANY)]:
         size = catalogue[model].memory or 0
         if sum(r.memory for r in replicas) + size > total:
             continue
-        times = st.none() | st.floats(0, NOW)
-        state = draw(st.sampled_from([ModelState.READY] * 5 + list(ModelState)))
-        in_flight = draw(st.sampled_from([0, 0, 0, 1, 2]))
+        state = draw(STATES)
+        in_flight = draw(IN_FLIGHT)
         if plain:
             state, in_flight = ModelState.READY, 0
-        replicas.append(ReplicaView(model, state, size, in_flight, draw(times), draw(times)))
+        replicas.append(ReplicaView(model, state, size, in_flight, draw(TIMES), draw(TIMES)))
     used = sum(r.memory for r in replicas)
     overhead = draw(
         st.integers(0, total - used) | st.just(0)
@@ -78,9 +99,9 @@ def neurons(draw: st.DrawFn, name: str, catalogue: dict[str, ModelSpec], plain: 
         total,
         total - used - overhead,
         tuple(replicas),
-        healthy=plain or draw(st.sampled_from([True, True, True, False])),
-        cordoned=not plain and draw(st.sampled_from([False, False, False, True])),
-        labels={"zone": draw(st.sampled_from("ab"))},
+        healthy=plain or draw(HEALTHY),
+        cordoned=not plain and draw(CORDONED),
+        labels={"zone": draw(ZONE)},
     )
 
 
@@ -90,17 +111,16 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     # pressure; the others mix in every state.
     plain = draw(st.booleans())
     catalogue = {model: draw(specs(model, plain)) for model in MODELS}
-    names = draw(st.lists(st.sampled_from(NEURONS), min_size=1, unique=True))
-    wanted = draw(st.lists(st.sampled_from([*MODELS, *MODELS, "ghost"]), unique=True, max_size=4))
-    zones = st.fixed_dictionaries({"zone": st.sampled_from("ab")})
+    names = draw(NAMES)
+    wanted = draw(WANTED)
     return Scenario(
         fleet=tuple(draw(neurons(name, catalogue, plain)) for name in names),
         catalogue=catalogue,
-        demand=tuple(Demand(model, draw(st.integers(1, 3))) for model in wanted),
-        policy=Policy(draw(st.sampled_from(["lru", "priority", "cost"])), draw(st.integers(0, 3))),
-        cycle=draw(st.integers(0, 6)),
-        minimums=draw(st.dictionaries(st.sampled_from(MODELS), st.integers(0, 3), max_size=3)),
-        selectors=draw(st.dictionaries(st.sampled_from(MODELS), zones, max_size=2)),
+        demand=tuple(Demand(model, draw(COUNT)) for model in wanted),
+        policy=Policy(draw(POLICIES), draw(HEADROOM)),
+        cycle=draw(CYCLE),
+        minimums=draw(MINIMUMS),
+        selectors=draw(SELECTORS),
     )
 
 
