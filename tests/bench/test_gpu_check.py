@@ -92,7 +92,7 @@ def test_the_carried_wheels_cover_what_a_neuron_imports() -> None:
     neuron = third_party(
         "import cortex.cli.main, cortex.cli.commands, cortex.neuron.server\n"
         "import cortex.neuron.runtime, cortex.neuron.grammar, cortex.neuron.mapped_weights\n"
-        "import accelerate, llguidance, llguidance.hf, llguidance.torch"
+        "import accelerate, llguidance, llguidance.hf"
     )
     wheels = {d.lower() for d in (*gpu_wheels.PURE, *gpu_wheels.COMPILED)}
     carried = {  # every module the carried distributions provide (attrs: attr and attrs)

@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 
 DEFAULT_CACHE_SIZE = 256
@@ -67,7 +66,17 @@ class Matcher:
         """Write the allowed next tokens into row `row` of a CPU bitmask [rows, words]."""
         if self._matcher.is_error():
             raise GrammarError(f"grammar matcher failed: {self._matcher.get_error()}")
-        llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
+        words = bitmask[row]
+        if (
+            bitmask.device.type != "cpu"
+            or bitmask.dtype != torch.int32
+            or not words.is_contiguous()
+        ):
+            raise ValueError("a bitmask row is contiguous int32 words in CPU memory")
+        # What llguidance.torch.fill_next_token_bitmask does, without importing that module: it
+        # declares a torch.compile kernel, which imports torch._dynamo and inductor (~5 s of
+        # every neuron start on a 2-vCPU box) for a function cortex never calls.
+        self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
 
     def advance(self, token: int) -> str | None:
         """Accept a sampled token; the error if the grammar refuses it."""
