@@ -74,8 +74,8 @@ class Matcher:
         ):
             raise ValueError("a bitmask row is contiguous int32 words in CPU memory")
         # What llguidance.torch.fill_next_token_bitmask does, without importing that module: it
-        # declares a torch.compile kernel, which imports torch._dynamo and inductor (~5 s of
-        # every neuron start on a 2-vCPU box) for a function cortex never calls.
+        # declares a torch.compile kernel at import, which pulls in torch._dynamo and inductor
+        # for a function cortex never calls (docs/benchmarks.md, P3: time to ready).
         self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
 
     def advance(self, token: int) -> str | None:
