@@ -4,8 +4,9 @@ What `cortex.neuron.sampling.sample` costs per decode step on 16 rows of the def
 real logits (SmolLM2-135M, 49,152 tokens, the `bench engine` story prompts, captured from a
 sampled `generate()` in this process) and on 16 rows of random logits of the same shape, for the
 sampling a client gets: greedy, the bench's sampled rows (temperature 0.8, top_p 0.95, a seed,
-and the fallback repetition penalty they get), the same without the penalty, the default model's
-catalogue defaults, the fallback (temperature 0.7, no top-p) and half greedy, half sampled.
+and the fallback repetition penalty they get), the same without the penalty, the same at
+temperature 1.0 (flatter rows: top_p keeps thousands of tokens), the default model's catalogue
+defaults, the fallback (temperature 0.7, no top-p) and half greedy, half sampled.
 `--before REV` times the same calls on sampling.py as it was at REV, interleaved step by step
 with the current one, and counts how many tokens the two chose alike (same seeds).
 """
@@ -40,6 +41,9 @@ SCENARIOS: dict[str, list[SamplingParams]] = {
     "t 0.8, top_p 0.95, no penalty": [
         SamplingParams(temperature=0.8, top_p=0.95, seed=row, repetition_penalty=1.0)
         for row in range(ROWS)
+    ],
+    "t 1.0, top_p 0.95, penalty 1.1 (flatter: rows keep thousands)": [
+        SamplingParams(temperature=1.0, top_p=0.95, seed=row) for row in range(ROWS)
     ],
     "catalogue defaults (t 0.2, top_p 0.9, penalty 1.1)": [
         SamplingParams(temperature=0.2, top_p=0.9, seed=row) for row in range(ROWS)

@@ -17,6 +17,8 @@ from cortex.neuron.sampling import (
     Sampler,
     _block_maxima,
     _candidates,
+    _mass,
+    _reaching,
     recent_tokens,
     sample,
 )
@@ -164,7 +166,7 @@ def test_widened_rows_narrowed_through_groups_match_the_per_row_definition() -> 
     for row, count in enumerate(strong):
         at = torch.randperm(vocab, generator=generator)[:count]
         logits[row, at] = 8.0 + torch.rand(count, generator=generator)
-    logits[0, -2:] = 9.5  # the best tokens in the short last group
+    logits[0, -2:] = torch.tensor([9.5, 9.45])  # the best tokens in the short last group
     logits[1, ::5] = float("-inf")  # masked, as a grammar does
     samplers = [resolve(temperature=1.0, top_p=0.97, seed=40 + row) for row in range(3)]
     ranks = [
@@ -173,6 +175,30 @@ def test_widened_rows_narrowed_through_groups_match_the_per_row_definition() -> 
         for i, token in enumerate(batch)
     ]
     assert max(ranks) >= 512  # drawn from past the second round's candidates too
+
+
+def test_rows_keeping_thousands_are_decided_from_a_histogram_of_their_weights() -> None:
+    """Rows of a 49,152-token vocabulary whose top-p keeps thousands of tokens: the histogram
+    selects fewer tokens than the row, best first, holding every kept one and the next; the
+    draws are the definition's."""
+    vocab, temperature, top_p = 49152, 1.2, 0.95
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(19))
+    logits *= torch.tensor([[2.5], [1.5], [3.5]])
+    logits[1, ::7] = float("-inf")  # masked, as a grammar does
+    best = logits.amax(dim=-1, keepdim=True)
+    temperatures = torch.full((3, 1), temperature)
+    mass = _mass(logits, best, temperatures, torch.ones(3, dtype=torch.bool))
+    values, ids = _reaching(logits, best, temperatures, torch.full((3,), top_p), mass)
+    assert values.shape[1] < vocab
+    for row in range(3):
+        probs = torch.softmax(logits[row].double() / temperature, dim=-1)
+        ordered = probs.sort(descending=True).values
+        kept = int((ordered.cumsum(dim=0) - ordered < top_p).sum())
+        assert 1000 < kept < int((values[row] > float("-inf")).sum())
+        assert torch.equal(values[row, :kept], logits[row].topk(kept).values)
+        assert torch.equal(logits[row, ids[row, :kept]], values[row, :kept])
+    samplers = [resolve(temperature=temperature, top_p=top_p, seed=50 + row) for row in range(3)]
+    draws_as_the_reference(logits, samplers, 10)
 
 
 @pytest.mark.parametrize(("vocab", "width"), [(49152, 64), (49155, 512), (5000, 64), (3001, 64)])
