@@ -15,8 +15,8 @@ top_p, then the whole vocabulary), so the cap never changes which tokens are kep
 are narrowed through groups of columns before each topk (see _narrow): topk's cost grows with
 its input. The one difference from filtering the whole sorted vocabulary: top-k keeps exactly k
 tokens, where a token tied exactly with the k-th best logit was kept too (which of the tied
-tokens stays is topk's choice; tied tokens are drawn in the order the search left them). Rows with neither top-k nor top-p draw from the whole softmax in
-vocabulary order.
+tokens stays is topk's choice, and tied tokens are drawn in the order the search left them).
+Rows with neither top-k nor top-p draw from the whole softmax in vocabulary order.
 
 Each sequence's own torch.Generator gives one uniform number per step, which picks the token by
 inverse CDF over its row alone: a seeded request gives the same tokens whichever batch it shares.
