@@ -303,14 +303,14 @@ def _draw(
             break
         every = len(pending) == len(samplers)
         at = pending.to(device)
-        rows = logits if every else logits[at]
+        rows, rows_top_p = (logits if every else logits[at]), top_p[pending].to(device)
         decided, picked = _draw_candidates(
             _candidates(rows, maxima[at], width)
             if width is not None
-            else _reaching(rows, best[at], temperature[at], top_p[pending].to(device), mass[at]),
+            else _reaching(rows, best[at], temperature[at], rows_top_p, mass[at]),
             temperature[at],
             top_k[pending].to(device),
-            top_p[pending].to(device),
+            rows_top_p,
             mass[at],
             uniforms[at],
             vocab,
