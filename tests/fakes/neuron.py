@@ -97,6 +97,7 @@ class Faults:
     queue_timeout: float | None = None  # inference waits this long, then answers 429 queue_timeout
     reject: str | None = None  # inference answers 400 invalid_request with this message
     unhealthy: bool = False  # /status reports unhealthy
+    status_gate: asyncio.Event | None = None  # /status answers wait here
 
 
 class FakeNeuron:
@@ -124,6 +125,7 @@ class FakeNeuron:
         self.loads: list[LoadRequest] = []
         self.unloads: list[str] = []
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.status_calls = 0  # /status requests received (answered or waiting)
         self.disconnects = 0
         self.completed_streams = 0
         self.admin_headers: list[str | None] = []
@@ -174,6 +176,9 @@ class FakeNeuron:
         return {"status": "ok"}
 
     async def _status(self) -> dict[str, Any]:
+        self.status_calls += 1
+        if self.faults.status_gate is not None:
+            await self.faults.status_gate.wait()
         used = self.memory - self.free()
         device = DeviceStatus(
             id="cpu-0",

@@ -129,6 +129,23 @@ async def test_shutting_down_is_retried_on_another_replica() -> None:
         assert len(n1.requests) == 1 and len(n2.requests) == 6
 
 
+async def test_a_poll_begun_before_a_failure_does_not_clear_it() -> None:
+    # The neuron's /status still answers while it refuses work; only a poll sent after the
+    # refusal may say it answers again.
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    async with cluster(n1, catalogue=CATALOGUE, **SLOW_POLLS) as c:
+        fleet, calls = c.gateway.fleet, n1.status_calls
+        n1.faults.status_gate = gate = asyncio.Event()
+        begun = asyncio.create_task(fleet.refresh("n1"))
+        await eventually(lambda: n1.status_calls > calls)
+        fleet.mark_suspect("n1", "neuron n1 is shutting down")
+        gate.set()
+        await begun
+        assert not fleet.healthy("n1")
+        await fleet.refresh("n1")
+        assert fleet.healthy("n1")
+
+
 async def test_the_principal_is_forwarded_to_the_neuron() -> None:
     n1 = FakeNeuron("n1", loaded={MODEL: GiB})
     keys = {"auth": {"enabled": True, "keys": [{"key": "sk-alice", "name": "alice"}]}}

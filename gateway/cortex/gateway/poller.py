@@ -38,13 +38,15 @@ class Poller:
         self.cycle += 1
 
     async def run(self) -> None:
+        """The loop after `open`'s first poll: a second one at once would only race the first
+        requests' news of the neurons."""
         while True:
+            await asyncio.sleep(self.interval)
             try:
                 await self.tick()
             except Exception:  # a bug in one cycle must not stop polling, which routing needs
                 log.exception("poll cycle %d failed", self.cycle)
                 self.cycle += 1
-            await asyncio.sleep(self.interval)
 
     def start(self) -> None:
         if self._task is None:

@@ -38,6 +38,9 @@ class NeuronHandle:
     status: NeuronStatus | None = None
     listing: ModelListing | None = None
     failures: int = 0
+    # Counts every failure noted: a poll answered after a failure it began before does not
+    # clear that failure.
+    setbacks: int = 0
     last_seen: float | None = None
     last_error: str | None = None
     cordoned: bool = False
@@ -114,7 +117,7 @@ class Fleet:
 
     async def refresh(self, name: str) -> None:
         handle = self.neurons[name]
-        generation = handle.generation
+        generation, setbacks = handle.generation, handle.setbacks
         try:
             status, listing = await asyncio.gather(handle.client.status(), handle.client.models())
         except NeuronUnreachable as exc:
@@ -123,7 +126,9 @@ class Fleet:
         except (CortexError, ValueError) as exc:
             self.note_failure(name, str(exc))
             return
-        handle.failures, handle.last_error, handle.last_seen = 0, None, time.time()
+        handle.last_seen = time.time()
+        if handle.setbacks == setbacks:
+            handle.failures, handle.last_error = 0, None
         if handle.generation != generation:
             return  # overtaken by a local change; the next poll brings the newer picture
         handle.status, handle.listing = status, listing
@@ -132,6 +137,7 @@ class Fleet:
         """A failed poll or request; after `unhealthy_after` in a row the neuron is skipped."""
         handle = self.neurons[name]
         handle.failures += 1
+        handle.setbacks += 1
         handle.last_error = error
         if handle.failures == self.unhealthy_after:
             log.warning("neuron %s unhealthy after %d failures: %s", name, handle.failures, error)
@@ -142,6 +148,7 @@ class Fleet:
         if handle.failures < self.unhealthy_after:
             log.warning("neuron %s suspect: %s", name, error)
         handle.failures = max(handle.failures + 1, self.unhealthy_after)
+        handle.setbacks += 1
         handle.last_error = error
 
     def full(self, name: str, model: str) -> bool:
