@@ -2,19 +2,23 @@
 environments (two venvs, two copies of one .gguf) is converted and stored once, and `cortex cache
 list` shows both copies using that one conversion. The conversion is the session's (conftest.py),
 placed in a fresh cache under the content's key: a key from anything else (a path) would miss it
-and convert each copy again."""
+and convert each copy again. Neurons sharing a cache convert a file once between them."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from cortex.core import weights_cache
 from cortex.core.config import NeuronConfig
 from cortex.core.fleet import LoadRequest, ModelState
-from cortex.neuron import sources
+from cortex.neuron import loader, sources
 from cortex.neuron.runtime import NeuronRuntime
 
 
@@ -49,3 +53,36 @@ async def test_two_copies_of_one_gguf_share_one_conversion(
     ).stdout  # fmt: skip
     assert listing.count(conversions[0].name) == 1
     assert all(str(copy) in listing for copy in copies)
+
+
+def test_neurons_sharing_a_cache_convert_a_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The conversion is faked (the real one takes ~20 s): the first waits to see whether the
+    # second starts converting too while it works; with the lock the second waits, then finds
+    # the conversion made. flock holds between threads as between processes.
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    local = sources.LocalModel(source=f"file:{gguf}", format="gguf", path=gguf)
+    started, overlapped = threading.Event(), threading.Event()
+    made: list[Path] = []
+
+    def convert(source: Path, target: Path, progress: loader.Progress) -> None:
+        if started.is_set():
+            overlapped.set()
+        started.set()
+        overlapped.wait(0.5)  # long enough for the other thread to get here, were it let in
+        made.append(target)
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loader, "_convert_gguf", convert)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(loader.materialize, local, tmp_path / "cache", lambda _: None)
+        started.wait(30)
+        second = pool.submit(loader.materialize, local, tmp_path / "cache", lambda _: None)
+        results = [first.result(30), second.result(30)]
+    assert not overlapped.is_set()
+    assert len(made) == 1
+    assert results == [(made[0], None)] * 2
+    assert weights_cache.conversions(tmp_path / "cache")[0].sources == [str(gguf.resolve())]

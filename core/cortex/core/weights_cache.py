@@ -1,13 +1,18 @@
 """The converted-weights cache (GGUF -> safetensors) under a neuron's cache_dir, keyed by the
 GGUF file's content: the same model installed in two venvs is converted and stored once. A file
-is hashed once; the hash is remembered by (path, size, mtime) in `hashes.json`."""
+is hashed once; the hash is remembered by (path, size, mtime) in `hashes.json`. Neurons may share
+one cache (pods on one node, a rolling update beside the pods it replaces): a conversion is made
+by one of them while the others wait (`converting`)."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,17 @@ def content_hash(gguf: Path, cache_dir: Path) -> str:
 def conversion_dir(gguf: Path, cache_dir: Path) -> Path:
     """Where the conversion of this file's content lives (made or not)."""
     return converted_root(cache_dir) / f"{gguf.stem}-{content_hash(gguf, cache_dir)[:16]}"
+
+
+@contextmanager
+def converting(conversion: Path) -> Iterator[None]:
+    """Held while this conversion is made or its sources are noted: whoever comes second waits,
+    then finds it made. The lock is the kernel's (flock on a file beside it), so it goes with a
+    holder that crashes, and it holds between threads too (each opens its own description)."""
+    conversion.parent.mkdir(parents=True, exist_ok=True)
+    with open(conversion.with_name(f"{conversion.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def record_source(conversion: Path, gguf: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 
 from cortex.core.errors import ModelLoadFailed
-from cortex.core.weights_cache import conversion_dir, record_source
+from cortex.core.weights_cache import conversion_dir, converting, record_source
 from cortex.neuron import cpu_linear
 from cortex.neuron.devices import Device
 from cortex.neuron.mapped_weights import load_causal_mapped
@@ -88,10 +88,11 @@ def materialize(local: LocalModel, cache_dir: Path, progress: Progress) -> tuple
         return local.path, None
     try:
         cached = conversion_dir(local.path, cache_dir)
-        if not (cached / "config.json").is_file():
-            progress(0.1)
-            _convert_gguf(local.path, cached, scaled(progress, 0.1, 0.5))
-        record_source(cached, local.path)
+        with converting(cached):  # another neuron on this cache may be making it: wait for it
+            if not (cached / "config.json").is_file():
+                progress(0.1)
+                _convert_gguf(local.path, cached, scaled(progress, 0.1, 0.5))
+            record_source(cached, local.path)
     except OSError as exc:  # a read-only or full cache must not stop the load itself
         log.warning("cannot cache converted %s: %s", local.path, exc)
         return local.path.parent, local.path.name
