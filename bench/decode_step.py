@@ -4,7 +4,8 @@
 One process, the default model (SmolLM2-135M, float32) through the neuron's loader, the engine's
 ModelRunner: a decode step of `--rows` rows (lengths 60, 71, 82 ... tokens, one length band) with
 transformers' stock `F.linear` and HF forward, with the kernels cpu_linear.py chose for this
-machine, and with those kernels under llama_decode.py's forward, in alternating blocks (3 warm-up
+machine, with those kernels under llama_decode.py's forward, and the same with `left8`'s padding
+off (cpu_linear.py: rows padded to a multiple of 8; where the machine chose it), in alternating blocks (3 warm-up
 steps, then `--steps` timed; the order flips every block, so drift hits all). Reported: each
 block's median step, the medians of the per-block ratios, and whether they give the same logits. Also the linear layers alone (every layer of the model once, each
 kernel form) at the same row counts, which shows what each form does without the rest of the step.
@@ -33,13 +34,16 @@ FORMS = {
 }
 
 
-VARIANTS = ("stock", "engine", "lean")  # kernels stock / engine's, HF forward; engine's + lean
+# kernels stock / engine's, HF forward; engine's + lean; the same without left8's padding
+VARIANTS = ("stock", "engine", "lean", "unpadded")
 
 
 def step_blocks(model: nn.Module, rows: int, blocks: int, steps: int) -> dict[str, object]:
     """Median step ms per block: stock kernels and the HF forward ("stock"), the engine's kernels
-    and the HF forward ("engine"), the engine's kernels and llama_decode's forward ("lean")."""
+    and the HF forward ("engine"), the engine's kernels and llama_decode's forward ("lean"), and
+    "lean" with the `left8` form's rows not padded ("unpadded")."""
     chosen = {m: vars(m)["forward"] for m in model.modules() if "forward" in vars(m)}
+    tile = cpu_linear.LEFT_TILE
     runner = ModelRunner(model, device=torch.device("cpu"), max_rows=32, max_length=2048)
     lean = runner.lean
 
@@ -49,7 +53,8 @@ def step_blocks(model: nn.Module, rows: int, blocks: int, steps: int) -> dict[st
                 vars(layer).pop("forward", None)
             else:
                 layer.forward = forward
-        runner.lean = lean if variant == "lean" else None
+        runner.lean = lean if variant in ("lean", "unpadded") else None
+        cpu_linear.LEFT_TILE = 1 if variant == "unpadded" else tile
 
     segments = [(0, 0, [0] * rows, [60 + 11 * i for i in range(rows)])]
     variants = VARIANTS if lean is not None else VARIANTS[:2]
@@ -66,7 +71,7 @@ def step_blocks(model: nn.Module, rows: int, blocks: int, steps: int) -> dict[st
                 runner.decode(segments)
                 times.append(time.perf_counter() - started)
             medians[variant].append(1000 * statistics.median(times))
-    use(variants[-1])
+    use(variants[2] if lean is not None else "engine")  # as the runner serves: padding on
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(medians[a], medians[b], strict=True))
@@ -77,6 +82,7 @@ def step_blocks(model: nn.Module, rows: int, blocks: int, steps: int) -> dict[st
         "engine / stock": ratio("engine", "stock"),
         "lean / engine": ratio("lean", "engine") if lean is not None else None,
         "lean / stock": ratio("lean", "stock") if lean is not None else None,
+        "lean / unpadded": ratio("lean", "unpadded") if lean is not None else None,
         "same logits, engine kernels and stock": bool(
             torch.equal(logits["stock"], logits["engine"])
         ),
@@ -129,15 +135,17 @@ def main(argv: list[str]) -> int:
     for rows, r in results.items():
         medians = r["block medians ms"]
         alone = r["linear layers alone ms"]
-        lean = medians.get("lean")
+        lean, unpadded = medians.get("lean"), medians.get("unpadded")
         table.append(
             [
                 rows,
                 f"{statistics.median(medians['stock']):.1f}",
                 f"{statistics.median(medians['engine']):.1f}",
                 f"{statistics.median(lean):.1f}" if lean else "-",
+                f"{statistics.median(unpadded):.1f}" if unpadded else "-",
                 f"{r['engine / stock']:.2f}",
                 f"{r['lean / engine']:.2f}" if lean else "-",
+                f"{r['lean / unpadded']:.2f}" if lean else "-",
                 r["same tokens"],
                 " / ".join(f"{alone[k]:.1f}" for k in alone),
             ]
@@ -151,8 +159,10 @@ def main(argv: list[str]) -> int:
                 "stock step ms",
                 "engine kernels step ms",
                 "engine kernels + lean forward step ms",
+                "the same, left8 unpadded, step ms",
                 "engine / stock (median of blocks)",
                 "lean / engine (median of blocks)",
+                "lean / unpadded (median of blocks)",
                 "same tokens",
                 "linear layers alone ms: " + " / ".join(FORMS),
             ],

@@ -21,6 +21,8 @@ def test_decode_step_compares_both_kernel_choices(tmp_path: Path, monkeypatch) -
     assert (
         len(result["block medians ms"]["stock"]) == len(result["block medians ms"]["engine"]) == 2
     )
+    assert len(result["block medians ms"]["unpadded"]) == 2  # left8 without its padding
+    assert cpu_linear.LEFT_TILE == 8  # ... put back: the model serves padded after the bench
     assert result["same tokens"] is True
     assert set(result["linear layers alone ms"]) >= {"F.linear", "weight_left"}
     assert document["kernel choice"]  # per weight shape

@@ -14,6 +14,14 @@ from cortex.neuron import cpu_linear
 
 BUCKETS = len(cpu_linear.ROW_BUCKETS)
 CAN_PACK = cpu_linear._can_pack(torch.float32)
+PADDING_PAYS = cpu_linear._padding_pays
+
+
+@pytest.fixture(autouse=True)
+def padding_never_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether `left` pads its rows is its own race (the tests that name it put it back); the
+    tests of the bucket choices leave it out."""
+    monkeypatch.setattr(cpu_linear, "_padding_pays", lambda sample: False)
 
 
 class QuantizedLinear(nn.Linear):
@@ -30,6 +38,37 @@ def test_weight_left_equals_linear(rows: int) -> None:
     weight, x = torch.randn(48, 24), torch.randn(rows, 24)
     assert torch.allclose(cpu_linear.weight_left(x, weight), x @ weight.T, atol=1e-5)
     assert cpu_linear.weight_left(x, weight).is_contiguous()
+
+
+@pytest.mark.parametrize("rows", [2, 8, 9, 15, 17, 24, 31])
+def test_weight_left_on_rows_padded_to_a_tile_equals_linear(rows: int) -> None:
+    weight, x = torch.randn(48, 24), torch.randn(rows, 24)
+    out = cpu_linear.weight_left(x, weight, cpu_linear.LEFT_TILE)
+    assert out.shape == (rows, 48) and out.is_contiguous()
+    assert torch.allclose(out, x @ weight.T, atol=1e-5)
+
+
+@pytest.mark.parametrize(("padded", "form"), [(0.5, "left8"), (0.98, "left")])
+def test_left_pads_its_rows_only_where_padding_is_clearly_faster(
+    monkeypatch: pytest.MonkeyPatch, padded: float, form: str
+) -> None:
+    monkeypatch.setattr(cpu_linear, "_padding_pays", PADDING_PAYS)
+    monkeypatch.setattr(cpu_linear, "_can_pack", lambda dtype: False)
+    outcomes = iter([[2.0, 1.0]] * BUCKETS + [[1.0, padded]])  # the buckets, then padding
+    monkeypatch.setattr(cpu_linear, "_race", lambda *runs: next(outcomes))
+    layer = nn.Linear(8, 8)
+    assert cpu_linear.install(nn.Sequential(layer)) == {(8, 8): (form,) * BUCKETS}
+    tiles: list[int] = []
+    real = cpu_linear.weight_left
+    monkeypatch.setattr(
+        cpu_linear, "weight_left", lambda x, w, tile=1: tiles.append(tile) or real(x, w, tile)
+    )
+    x = torch.randn(15, 8)
+    with torch.inference_mode():
+        assert torch.allclose(
+            layer(x), nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5
+        )
+    assert tiles == [cpu_linear.LEFT_TILE if form == "left8" else 1]
 
 
 @pytest.mark.skipif(not CAN_PACK, reason="this torch build has no MKL packed GEMM")
@@ -135,9 +174,11 @@ def test_a_packed_product_that_differs_is_never_chosen(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "fastest", ["left", pytest.param("packed", marks=pytest.mark.skipif(not CAN_PACK, reason=""))]
+    "fastest",
+    ["left", "left8", pytest.param("packed", marks=pytest.mark.skipif(not CAN_PACK, reason=""))],
 )
 def test_a_real_model_decodes_the_same_through_the_rerouted_layers(monkeypatch, fastest) -> None:
+    monkeypatch.setattr(cpu_linear, "_padding_pays", lambda sample: fastest == "left8")
     monkeypatch.setattr(
         cpu_linear, "_race", timings(2.0, 1.0, 0.5) if fastest == "packed" else timings(2.0, 1.0)
     )
@@ -146,7 +187,7 @@ def test_a_real_model_decodes_the_same_through_the_rerouted_layers(monkeypatch, 
     ids = torch.randint(0, 64, (3, 7))
     with torch.inference_mode():
         before = model(input_ids=ids).logits
-        chosen = cpu_linear.install(model)  # 21 rows below: all rerouted
+        chosen = cpu_linear.install(model)  # 21 rows below: all rerouted (left8: padded to 24)
         after = model(input_ids=ids).logits
     assert {form for forms in chosen.values() for form in forms} == {fastest}
     assert torch.allclose(before, after, atol=1e-4)

@@ -11,6 +11,10 @@ better depends on the CPU, the weight's shape and the row count (docs/benchmarks
   small-M products once, at load). On the Xeon box at 16 rows it is 20-50% faster than F.linear
   for every SmolLM2 shape, with bit-identical results there; it costs a second copy of the weight,
   so it is kept only where it beats the other two clearly.
+- `left8`: `weight_left` on rows padded with zeros to a multiple of 8 (above 8). On the AMD EPYC
+  box the product's cost jumps between multiples of 8 rows: 15 rows took 1.9x as long as 16 in
+  the linear layers of a whole step, which made a 15-row decode step slower than a 16-row one.
+  Taken where `left` won and padding measures faster (it then replaces `left`).
 `install` times the forms per weight shape and row bucket on the model's own weights and routes
 each row count to its bucket's winner. The outcome depends only on the shape, the CPU, torch and
 its threads, so it is remembered under that key in a file (the neuron's cache_dir): later loads
@@ -36,10 +40,13 @@ ROW_BUCKETS = (1, 4, 16, 32)  # row counts timed at load; more rows than the las
 _INSTALLED = "_cortex_linear_rows"  # set on a model once its layers were measured
 _PACKED = "_cortex_packed_weight"  # a layer's MKL-packed copy of its weight, when it uses one
 PACK_ROWS = 16  # the row count MKL is told to lay a packed weight out for (any count runs on it)
+LEFT_TILE = 8  # `left8` pads more rows than this to a multiple of it
+PAD_PROBE_ROWS = (11, 15, 23, 27)  # row counts between tiles, where padding may pay
 TIE = 1.05  # within 5% is timing noise: the whole decode step gained more than single matmuls show
 
 Shape = tuple[int, ...]
-Form = Literal["linear", "left", "packed"]
+Form = Literal["linear", "left", "left8", "packed"]
+FORMS: tuple[Form, ...] = ("linear", "left", "left8", "packed")
 
 
 def install(
@@ -100,10 +107,15 @@ def packed_bytes(model: nn.Module) -> int:
     )
 
 
-def weight_left(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` for a 2-D x of few rows, computed as `(weight @ x.T).T`."""
-    if x.shape[0] == 1:  # one column would take the slow matrix-vector kernel
+def weight_left(x: torch.Tensor, weight: torch.Tensor, tile: int = 1) -> torch.Tensor:
+    """`x @ weight.T` for a 2-D x of few rows, computed as `(weight @ x.T).T`. With `tile`, more
+    rows than a tile are padded with zeros to a multiple of it (their products are dropped)."""
+    rows = x.shape[0]
+    if rows == 1:  # one column would take the slow matrix-vector kernel
         return torch.mm(weight, torch.cat([x, x]).T).T[:1].contiguous()
+    if rows > tile and rows % tile:
+        x = torch.cat([x, x.new_zeros(tile - rows % tile, x.shape[1])])
+        return torch.mm(weight, x.T).T[:rows].contiguous()
     return torch.mm(weight, x.T).T.contiguous()
 
 
@@ -149,6 +161,8 @@ def _forward(by_rows: dict[int, Form]) -> Callable[[nn.Linear, torch.Tensor], to
             return nn.functional.linear(x, self.weight, self.bias)
         if form == "left":
             out = weight_left(flat, self.weight)
+        elif form == "left8":
+            out = weight_left(flat, self.weight, LEFT_TILE)
         else:
             out = packed_linear(flat, getattr(self, _PACKED), self.weight)
         if self.bias is not None:
@@ -160,7 +174,7 @@ def _forward(by_rows: dict[int, Form]) -> Callable[[nn.Linear, torch.Tensor], to
 
 def _key(shape: Shape, dtype: torch.dtype) -> str:
     """What one shape's timing depends on: the shape and dtype, the CPU, torch, its threads."""
-    parts = ["forms", repr(shape), str(dtype), _cpu_name(), torch.__version__]
+    parts = ["forms-left8", repr(shape), str(dtype), _cpu_name(), torch.__version__]
     parts.append(str(torch.get_num_threads()))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
@@ -186,9 +200,7 @@ def _read_memo(memo: Path | None) -> dict[str, list[Form]]:
     return {
         k: v
         for k, v in data.items()
-        if isinstance(v, list)
-        and len(v) == len(ROW_BUCKETS)
-        and all(f in ("linear", "left", "packed") for f in v)
+        if isinstance(v, list) and len(v) == len(ROW_BUCKETS) and all(f in FORMS for f in v)
     }
 
 
@@ -239,7 +251,23 @@ def _calibrate(weights: list[torch.Tensor]) -> list[Form]:
         if len(times) > 2 and times[2] * TIE < min(times[:2]):
             best = "packed"
         forms.append(best)
+    if "left" in forms and _padding_pays(sample):
+        forms = ["left8" if form == "left" else form for form in forms]
     return forms
+
+
+def _padding_pays(sample: list[torch.Tensor]) -> bool:
+    """Whether weight_left is clearly faster on rows padded to a multiple of LEFT_TILE, timed at
+    row counts between tiles (at a multiple of the tile both forms are the same product)."""
+    xs = [[torch.randn(rows, w.shape[1], dtype=w.dtype) for w in sample] for rows in PAD_PROBE_ROWS]
+
+    def run(tile: int) -> None:
+        for batch in xs:
+            for x, w in zip(batch, sample, strict=True):
+                weight_left(x, w, tile)
+
+    plain, padded = _race(lambda: run(1), lambda: run(LEFT_TILE))
+    return padded * TIE < plain
 
 
 def _packed_matches(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor) -> bool:
