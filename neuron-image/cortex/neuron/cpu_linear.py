@@ -41,7 +41,7 @@ _INSTALLED = "_cortex_linear_rows"  # set on a model once its layers were measur
 _PACKED = "_cortex_packed_weight"  # a layer's MKL-packed copy of its weight, when it uses one
 PACK_ROWS = 16  # the row count MKL is told to lay a packed weight out for (any count runs on it)
 LEFT_TILE = 8  # `left8` pads more rows than this to a multiple of it
-PAD_PROBE_ROWS = (11, 15, 23, 27)  # row counts between tiles, where padding may pay
+PAD_PROBE_ROWS = (13, 21)  # row counts between tiles, 3 rows short of one: where padding may pay
 TIE = 1.05  # within 5% is timing noise: the whole decode step gained more than single matmuls show
 
 Shape = tuple[int, ...]
