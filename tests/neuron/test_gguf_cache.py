@@ -6,6 +6,7 @@ and convert each copy again. Neurons sharing a cache convert a file once between
 
 from __future__ import annotations
 
+import errno
 import shutil
 import subprocess
 import sys
@@ -55,15 +56,26 @@ async def test_two_copies_of_one_gguf_share_one_conversion(
     assert all(str(copy) in listing for copy in copies)
 
 
+def fake_gguf(tmp_path: Path) -> sources.LocalModel:
+    """A file to convert: its content is hashed, never parsed, once the conversion is faked."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    return sources.LocalModel(source=f"file:{gguf}", format="gguf", path=gguf)
+
+
+def make_conversion(target: Path) -> None:
+    """What a finished conversion holds, as far as `materialize` looks."""
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+
+
 def test_neurons_sharing_a_cache_convert_a_file_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The conversion is faked (the real one takes ~20 s): the first waits to see whether the
     # second starts converting too while it works; with the lock the second waits, then finds
     # the conversion made. flock holds between threads as between processes.
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF" + bytes(60))
-    local = sources.LocalModel(source=f"file:{gguf}", format="gguf", path=gguf)
+    local = fake_gguf(tmp_path)
     started, overlapped = threading.Event(), threading.Event()
     made: list[Path] = []
 
@@ -73,8 +85,7 @@ def test_neurons_sharing_a_cache_convert_a_file_once(
         started.set()
         overlapped.wait(0.5)  # long enough for the other thread to get here, were it let in
         made.append(target)
-        target.mkdir()
-        (target / "config.json").write_text("{}")
+        make_conversion(target)
 
     monkeypatch.setattr(loader, "_convert_gguf", convert)
     with ThreadPoolExecutor(2) as pool:
@@ -85,4 +96,20 @@ def test_neurons_sharing_a_cache_convert_a_file_once(
     assert not overlapped.is_set()
     assert len(made) == 1
     assert results == [(made[0], None)] * 2
-    assert weights_cache.conversions(tmp_path / "cache")[0].sources == [str(gguf.resolve())]
+    assert weights_cache.conversions(tmp_path / "cache")[0].sources == [str(local.path.resolve())]
+
+
+def test_a_cache_without_file_locks_still_converts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # NFS mounted without locks answers flock with ENOLCK: the conversion is made unguarded,
+    # as before the lock, rather than never cached.
+    def no_locks(file: object, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(weights_cache.fcntl, "flock", no_locks)
+    monkeypatch.setattr(loader, "_convert_gguf", lambda source, target, _: make_conversion(target))
+    directory, gguf_file = loader.materialize(
+        fake_gguf(tmp_path), tmp_path / "cache", lambda _: None
+    )
+    assert gguf_file is None and (directory / "config.json").is_file()

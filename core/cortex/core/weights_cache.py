@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 _CHUNK = 4 * 2**20
 SOURCES = "sources.json"  # in each conversion: the GGUF paths it was made for
 
@@ -54,7 +56,10 @@ def converting(conversion: Path) -> Iterator[None]:
     holder that crashes, and it holds between threads too (each opens its own description)."""
     conversion.parent.mkdir(parents=True, exist_ok=True)
     with open(conversion.with_name(f"{conversion.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as exc:  # a filesystem without locks (NFS mounted nolock): unguarded
+            log.warning("cannot lock %s (%s): converting without it", conversion.name, exc)
         yield
 
 
