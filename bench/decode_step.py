@@ -5,10 +5,11 @@ One process, the default model (SmolLM2-135M, float32) through the neuron's load
 ModelRunner: a decode step of `--rows` rows (lengths 60, 71, 82 ... tokens, one length band) with
 transformers' stock `F.linear` and HF forward, with the kernels cpu_linear.py chose for this
 machine, with those kernels under llama_decode.py's forward, and the same with `left8`'s padding
-off (cpu_linear.py: rows padded to a multiple of 8; where the machine chose it), in alternating blocks (3 warm-up
-steps, then `--steps` timed; the order flips every block, so drift hits all). Reported: each
-block's median step, the medians of the per-block ratios, and whether they give the same logits. Also the linear layers alone (every layer of the model once, each
-kernel form) at the same row counts, which shows what each form does without the rest of the step.
+off (cpu_linear.py: rows padded to a multiple of 8, where the machine chose it), in alternating
+blocks (3 warm-up steps, then `--steps` timed; the order flips every block, so drift hits all).
+Reported: each block's median step, the medians of the per-block ratios, and whether they give
+the same logits. Also the linear layers alone (every layer of the model once, each kernel form)
+at the same row counts, which shows what each form does without the rest of the step.
 """
 
 from __future__ import annotations
