@@ -113,3 +113,23 @@ def test_a_cache_without_file_locks_still_converts(
         fake_gguf(tmp_path), tmp_path / "cache", lambda _: None
     )
     assert gguf_file is None and (directory / "config.json").is_file()
+
+
+def test_a_read_only_cache_made_elsewhere_is_read_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cache filled on another machine and mounted read-only (an image, a shared volume): no
+    # hash is remembered for this path and nothing can be written, yet its conversion is used
+    # rather than de-quantizing the GGUF on every load.
+    local, cache = fake_gguf(tmp_path), tmp_path / "cache"
+    monkeypatch.setattr(loader, "_convert_gguf", lambda source, target, _: make_conversion(target))
+    made, _ = loader.materialize(local, cache, lambda _: None)
+    (cache / "converted" / "hashes.json").unlink()
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(weights_cache, "_write_json", read_only)
+    monkeypatch.setattr(loader, "converting", read_only)  # its lock file cannot be created
+    monkeypatch.setattr(loader, "_convert_gguf", read_only)
+    assert loader.materialize(local, cache, lambda _: None) == (made, None)

@@ -6,6 +6,7 @@ by one of them while the others wait (`converting`)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -40,7 +41,8 @@ def content_hash(gguf: Path, cache_dir: Path) -> str:
         while chunk := file.read(_CHUNK):
             digest.update(chunk)
     index[stamp] = digest.hexdigest()
-    _write_json(index_path, index)
+    with contextlib.suppress(OSError):  # a read-only cache: hashed again next time, still right
+        _write_json(index_path, index)
     return index[stamp]
 
 

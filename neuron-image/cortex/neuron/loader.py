@@ -86,6 +86,7 @@ def materialize(local: LocalModel, cache_dir: Path, progress: Progress) -> tuple
     """A directory to load from: the model's own, or the converted-GGUF cache (filled on first use)."""
     if local.format == "hf":
         return local.path, None
+    cached: Path | None = None
     try:
         cached = conversion_dir(local.path, cache_dir)
         with converting(cached):  # another neuron on this cache may be making it: wait for it
@@ -94,6 +95,10 @@ def materialize(local: LocalModel, cache_dir: Path, progress: Progress) -> tuple
                 _convert_gguf(local.path, cached, scaled(progress, 0.1, 0.5))
             record_source(cached, local.path)
     except OSError as exc:  # a read-only or full cache must not stop the load itself
+        if cached is not None and (cached / "config.json").is_file():
+            # made elsewhere, on a cache this neuron cannot write (an image, a read-only volume)
+            log.info("reading converted %s from a cache it cannot write (%s)", cached.name, exc)
+            return cached, None
         log.warning("cannot cache converted %s: %s", local.path, exc)
         return local.path.parent, local.path.name
     return cached, None
