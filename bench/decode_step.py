@@ -37,6 +37,7 @@ FORMS = {
 
 # kernels stock / engine's, HF forward; engine's + lean; the same without left8's padding
 VARIANTS = ("stock", "engine", "lean", "unpadded")
+TILE = cpu_linear.LEFT_TILE  # what the engine pads to; "unpadded" sets 1 for its own blocks
 
 
 def step_blocks(model: nn.Module, rows: int, blocks: int, steps: int) -> dict[str, object]:
@@ -44,7 +45,6 @@ def step_blocks(model: nn.Module, rows: int, blocks: int, steps: int) -> dict[st
     and the HF forward ("engine"), the engine's kernels and llama_decode's forward ("lean"), and
     "lean" with the `left8` form's rows not padded ("unpadded")."""
     chosen = {m: vars(m)["forward"] for m in model.modules() if "forward" in vars(m)}
-    tile = cpu_linear.LEFT_TILE
     runner = ModelRunner(model, device=torch.device("cpu"), max_rows=32, max_length=2048)
     lean = runner.lean
 
@@ -55,7 +55,7 @@ def step_blocks(model: nn.Module, rows: int, blocks: int, steps: int) -> dict[st
             else:
                 layer.forward = forward
         runner.lean = lean if variant in ("lean", "unpadded") else None
-        cpu_linear.LEFT_TILE = 1 if variant == "unpadded" else tile
+        cpu_linear.LEFT_TILE = 1 if variant == "unpadded" else TILE
 
     segments = [(0, 0, [0] * rows, [60 + 11 * i for i in range(rows)])]
     variants = VARIANTS if lean is not None else VARIANTS[:2]

@@ -72,21 +72,32 @@ def make_conversion(target: Path) -> None:
 def test_neurons_sharing_a_cache_convert_a_file_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The conversion is faked (the real one takes ~20 s): the first waits to see whether the
-    # second starts converting too while it works; with the lock the second waits, then finds
-    # the conversion made. flock holds between threads as between processes.
+    # The conversion is faked (the real one takes ~20 s). The first holds its conversion until
+    # the second has reached the lock, or (were there none) started converting beside it; with
+    # the lock the second then waits, and finds the conversion made. flock holds between threads
+    # as between processes.
     local = fake_gguf(tmp_path)
-    started, overlapped = threading.Event(), threading.Event()
+    started, arrived, overlapped = threading.Event(), threading.Event(), threading.Event()
     made: list[Path] = []
+    locks: list[int] = []
+    real_flock = weights_cache.fcntl.flock
+
+    def flock(file: object, operation: int) -> None:
+        locks.append(operation)
+        if len(locks) == 2:
+            arrived.set()
+        real_flock(file, operation)
 
     def convert(source: Path, target: Path, progress: loader.Progress) -> None:
         if started.is_set():
             overlapped.set()
+            arrived.set()
         started.set()
-        overlapped.wait(0.5)  # long enough for the other thread to get here, were it let in
+        assert arrived.wait(30)
         made.append(target)
         make_conversion(target)
 
+    monkeypatch.setattr(weights_cache.fcntl, "flock", flock)
     monkeypatch.setattr(loader, "_convert_gguf", convert)
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(loader.materialize, local, tmp_path / "cache", lambda _: None)
