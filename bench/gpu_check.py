@@ -25,7 +25,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [ROOT / part for part in ("core", "gateway", "operator", "neuron-image")]
+
+
+def sources() -> list[Path]:
+    """The folders the `cortex` namespace package is built from (pyproject.toml's wheel
+    `sources`), put on the path instead of installing cortex on the GPU machine."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return [ROOT / part for part in project["tool"]["hatch"]["build"]["targets"]["wheel"]["sources"]]
+
+
+SOURCES = sources()
 MODEL = "gpu-check-llama"
 LEVELS = (1, 16, 64)
 

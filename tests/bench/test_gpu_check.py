@@ -59,6 +59,30 @@ def test_the_cpu_path_writes_every_phase(tmp_path: Path) -> None:
     assert phases["mixed"]["shorts mixed/alone"] == round(ratio, 3)
 
 
+def test_the_neuron_command_runs_from_the_checkout_without_cortex_installed() -> None:
+    # The GPU machine has no cortex installed: the check puts the checkout's folders on the path
+    # (bench.gpu_check.SOURCES) and starts `python -m cortex.cli neuron`. Here cortex is
+    # installed (an editable .pth), so without -S every import would find it there; -S skips the
+    # .pth files and site-packages is added by hand for the third-party packages.
+    import site
+
+    from bench.gpu_check import SOURCES
+
+    path = [*map(str, SOURCES), *site.getsitepackages()]
+    code = (
+        f"import runpy, sys; sys.path[:0] = {path!r}\n"
+        "import cortex\n"
+        "assert all(p.startswith(tuple(sys.path[:%d])) for p in cortex.__path__), cortex.__path__\n"
+        "sys.argv = ['cortex', 'neuron', '--help']\n"
+        "runpy.run_module('cortex.cli', run_name='__main__', alter_sys=True)" % len(SOURCES)
+    )
+    run = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "--preload" in run.stdout  # the flag the check starts its neuron with
+
+
 def test_the_carried_wheels_cover_what_a_neuron_imports() -> None:
     def third_party(code: str) -> set[str]:
         listing = "import sys; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
