@@ -10,6 +10,7 @@ whose module is not importable. Stdlib only: it runs before anything is installe
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -59,8 +60,13 @@ def missing() -> list[str]:
     return [dist for dist, module in wanted.items() if importlib.util.find_spec(module) is None]
 
 
-def install_missing(wheels: Path | None) -> list[str]:
-    """Install what is missing from `wheels` (no index); returns what was installed."""
+def install_missing(wheels: Path | None, fallback: Path | None = None) -> list[str]:
+    """Install what is missing from `wheels` (no index); returns what was installed.
+
+    Into this interpreter's environment, its installed packages kept where they satisfy the
+    carried ones. If that fails (a read-only or conflicting environment) and `fallback` is given,
+    the carried closure goes into that folder instead, which is put first on `sys.path` and on
+    PYTHONPATH (for the processes started after)."""
     absent = missing()
     if not absent:
         return []
@@ -68,7 +74,19 @@ def install_missing(wheels: Path | None) -> list[str]:
         raise SystemExit(f"missing {', '.join(absent)} and no wheels folder to install them from")
     # Dependencies resolve against what is installed and the carried wheels, never an index.
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index"]
-    subprocess.run([*command, "--find-links", str(wheels), *absent], check=True)
+    command += ["--find-links", str(wheels)]
+    try:
+        subprocess.run([*command, *absent], check=True)
+    except subprocess.CalledProcessError:
+        if fallback is None:
+            raise
+        print(f"installing into the environment failed; into {fallback} instead", file=sys.stderr)
+        # --target ignores what is installed: the whole closure comes from the carried wheels.
+        subprocess.run([*command, "--upgrade", "--target", str(fallback), *absent], check=True)
+        sys.path.insert(0, str(fallback))
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(fallback), os.environ.get("PYTHONPATH")])
+        )
     importlib.invalidate_caches()
     return absent
 

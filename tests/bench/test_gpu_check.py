@@ -5,9 +5,11 @@ transformers (a lent GPU machine has no registry to fetch a forgotten one)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import zipfile
 from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 from pathlib import Path
 
@@ -146,3 +148,48 @@ def test_what_is_missing_is_installed_from_the_wheels_only(
     with pytest.raises(subprocess.CalledProcessError) as failed:
         gpu_wheels.install_missing(tmp_path / "wheels")
     assert "--no-index" in failed.value.cmd
+
+
+def test_a_failing_environment_install_falls_back_to_a_target_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A lent machine's environment may refuse the install (read-only, conflicting): the carried
+    # closure then goes into a folder put on sys.path and PYTHONPATH. A real pip --target install
+    # of a real (tiny) wheel; only the install into this environment is made to fail.
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    info = "cortex_probe-0.1.dist-info"
+    files = {
+        "cortex_probe/__init__.py": "VALUE = 7\n",
+        f"{info}/METADATA": "Metadata-Version: 2.1\nName: cortex-probe\nVersion: 0.1\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(wheels / "cortex_probe-0.1-py3-none-any.whl", "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+    monkeypatch.setitem(gpu_wheels.PURE, "cortex-probe", "cortex_probe")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    real_run = subprocess.run
+
+    def read_only_environment(command: list[str], **kwargs: object) -> object:
+        if "--target" not in command:
+            raise subprocess.CalledProcessError(1, command)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(gpu_wheels.subprocess, "run", read_only_environment)
+    with pytest.raises(subprocess.CalledProcessError):  # no fallback given: the error stands
+        gpu_wheels.install_missing(wheels)
+    site = tmp_path / "site"
+    assert gpu_wheels.install_missing(wheels, fallback=site) == ["cortex-probe"]
+    assert (site / "cortex_probe" / "__init__.py").is_file()
+    assert sys.path[0] == str(site) and gpu_wheels.missing() == []
+    assert os.environ["PYTHONPATH"] == f"{site}{os.pathsep}/elsewhere"
+    child = real_run(
+        [sys.executable, "-c", "import cortex_probe; print(cortex_probe.VALUE)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert child.stdout.strip() == "7"
