@@ -100,3 +100,30 @@ def test_fault_classification() -> None:
     assert is_device_fault(RuntimeError("CUDA error: device-side assert triggered"))
     assert not is_device_fault(RuntimeError("shape mismatch"))
     assert not is_device_fault(MemoryError())
+
+
+async def test_a_cuda_worker_makes_its_gpu_current_on_its_own_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No GPU here: torch.cuda.set_device is recorded instead of called. Without it, what a
+    # library allocates with no device named on cuda-dev-1's thread would land on GPU 0.
+    import torch
+
+    current: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        torch.cuda,
+        "set_device",
+        lambda index: current.append((threading.current_thread().name, index)),
+    )
+    workers = [
+        DeviceWorker(Device("cuda-dev-1", 1, "cuda", "stand-in", 2**30)),
+        DeviceWorker(Device("cpu-0", 0, "cpu", "test cpu", 2**30)),
+    ]
+    for each in workers:
+        each.start()
+    try:
+        assert [await each.run(lambda: 1) for each in workers] == [1, 1]
+    finally:
+        for each in workers:
+            each.stop()
+    assert current == [("cuda-dev-1", 1)]  # the CPU worker sets nothing

@@ -46,6 +46,12 @@ class Device:
     def torch_device(self) -> torch.device:
         return self._torch
 
+    def make_current(self) -> None:
+        """Make this device the calling thread's current CUDA device (a no-op for the CPU), so
+        what a library allocates or launches without naming a device lands here, not on GPU 0."""
+        if self.kind == "cuda":
+            torch.cuda.set_device(self.index)
+
     def memory_free(self) -> int:
         """What a new model may still take: the budget left, and on CUDA what the driver reports."""
         budget_left = max(0, self.memory_total - self.committed)

@@ -83,6 +83,7 @@ class DeviceWorker:
             self._engines.remove(engine)
 
     def _loop(self) -> None:
+        self.device.make_current()
         while True:
             busy = any(engine.has_work() for engine in self._engines)
             try:
