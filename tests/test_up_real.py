@@ -120,6 +120,19 @@ def test_anthropic_messages_stream_and_not(claude: anthropic.Anthropic) -> None:
     assert text == message.content[0].text and final.usage.output_tokens > 0
 
 
+def test_anthropic_prefill_is_continued(claude: anthropic.Anthropic) -> None:
+    # A last assistant message is the start of the reply (Anthropic's prefill): the model goes on
+    # from it rather than opening a turn of its own, which would count from 1 again.
+    counting = [
+        {"role": "user", "content": "Count from 1 to 10, separated by commas."},
+        {"role": "assistant", "content": "1, 2, 3, 4,"},
+    ]
+    message = claude.messages.create(
+        model=CHAT, max_tokens=8, messages=counting, extra_body={"temperature": 0}
+    )
+    assert message.content[0].text.startswith(" 5, 6")
+
+
 def test_anthropic_count_tokens_uses_the_real_tokenizer(
     claude: anthropic.Anthropic, oai: openai.OpenAI
 ) -> None:

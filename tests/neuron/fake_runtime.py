@@ -53,11 +53,17 @@ class FakeServed:
     last_tools: list[dict[str, Any]] | None = None
 
     def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        *,
+        continue_final: bool = False,
+        generation_prompt: bool = True,
     ) -> list[int]:
         self.last_messages, self.last_tools = messages, tools
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return self.encode(text + "assistant:")
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+        opened = generation_prompt and not continue_final
+        return self.encode(text + ("\nassistant:" if opened else ""))
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]

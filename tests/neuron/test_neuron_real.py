@@ -116,6 +116,65 @@ def test_same_seed_same_output(neuron: Neuron) -> None:
     assert len(texts) == 1
 
 
+def test_logit_bias_and_penalties_steer_the_real_model(neuron: Neuron) -> None:
+    served = neuron.served()
+    forced = served.encode(" cortex")[0]
+    answer = _chat(neuron, max_tokens=6, temperature=0, logit_bias={str(forced): 100})
+    assert answer.usage.completion_tokens == 6
+    assert answer.choices[0].message.content == served.decode([forced] * 6)
+    # A greedy count repeats its commas and spaces: penalised per occurrence, it cannot go on.
+    counting = {"model": CHAT, "prompt": COUNTING, "max_tokens": 24, "temperature": 0}
+    free = neuron.sdk.completions.create(**counting).choices[0].text
+    penalised = neuron.sdk.completions.create(**counting, frequency_penalty=2.0).choices[0].text
+    assert free.startswith(" 11, 12, 13, 14,") and not penalised.startswith(" 11, 12, 13, 14,")
+    dogs = [{"role": "user", "content": "Repeat the word dog ten times."}]
+    plain = _chat(neuron, messages=dogs, max_tokens=16, temperature=0).choices[0].message
+    present = _chat(neuron, messages=dogs, max_tokens=16, temperature=0, presence_penalty=2.0)
+    assert present.choices[0].message.content != plain.content
+
+
+def test_continue_final_message_goes_on_from_the_last_assistant_message(neuron: Neuron) -> None:
+    counting = [
+        {"role": "user", "content": "Count from 1 to 10, separated by commas."},
+        {"role": "assistant", "content": "1, 2, 3, 4,"},
+    ]
+    served = neuron.served()
+    ids = served.render_chat(counting, None, continue_final=True)
+    assert served.decode(ids).endswith("1, 2, 3, 4,")  # left open: no end of turn after it
+    assert not served.decode(served.render_chat(counting, None)).endswith("1, 2, 3, 4,")
+    body = {"continue_final_message": True}
+    answer = _chat(neuron, messages=counting, max_tokens=8, temperature=0, extra_body=body)
+    assert answer.choices[0].message.content.startswith(" 5, 6")
+    assert answer.usage.prompt_tokens == len(ids)
+    # vLLM's rules: not both, and only an assistant's text can be continued.
+    both = {"continue_final_message": True, "add_generation_prompt": True}
+    with pytest.raises(openai.BadRequestError, match="cannot both be true"):
+        _chat(neuron, messages=counting, max_tokens=2, extra_body=both)
+    with pytest.raises(openai.BadRequestError, match="an assistant's text"):
+        _chat(neuron, messages=counting[:1], max_tokens=2, extra_body=body)
+
+
+def test_what_cortex_cannot_honour_is_refused_not_ignored(neuron: Neuron) -> None:
+    vocab = neuron.served().vocab_size
+    with pytest.raises(openai.BadRequestError, match="logprobs are not returned"):
+        _chat(neuron, max_tokens=2, logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="logprobs are not returned"):
+        _chat(neuron, max_tokens=2, top_logprobs=3)
+    with pytest.raises(openai.BadRequestError, match="logprobs are not returned"):
+        neuron.sdk.completions.create(model=CHAT, prompt=COUNTING, max_tokens=2, logprobs=1)
+    with pytest.raises(openai.BadRequestError, match=f"from 0 to {vocab - 1}") as outside:
+        _chat(neuron, max_tokens=2, logit_bias={str(vocab): 5})
+    assert outside.value.body["param"] == "logit_bias"
+    for bad in ({"1": 101}, {"x": 1}):
+        with pytest.raises(openai.BadRequestError, match="logit_bias"):
+            _chat(neuron, max_tokens=2, logit_bias=bad)
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        _chat(neuron, max_tokens=2, presence_penalty=2.5)
+    # What clients send by default is accepted as it is.
+    answer = _chat(neuron, max_tokens=2, logprobs=False, presence_penalty=0, frequency_penalty=0)
+    assert answer.choices[0].message.content
+
+
 def test_max_tokens_ends_with_length(neuron: Neuron) -> None:
     answer = _chat(neuron, max_tokens=3, temperature=0)
     assert answer.choices[0].finish_reason == "length"

@@ -320,3 +320,38 @@ def test_recent_tokens_reach_back_into_the_prompt() -> None:
     recent = recent_tokens(prompt, output)
     assert len(recent) == REPETITION_WINDOW and recent[-2:] == [7, 8] and recent[0] == 38
     assert recent_tokens([1], list(range(200))) == list(range(200))[-REPETITION_WINDOW:]
+
+
+def test_logit_bias_and_openai_penalties_shift_greedy_rows() -> None:
+    logits = torch.tensor([[2.0, 1.9, 1.0, float("-inf")]] * 4)
+
+    def resolve(**asked: object) -> Sampler:
+        return Sampler.resolve(SamplingParams(temperature=0, **asked), SamplingParams())  # type: ignore[arg-type]
+
+    samplers = [
+        resolve(logit_bias=((2, 1.5), (3, 100.0))),  # 1.0 + 1.5 wins; the masked token stays out
+        resolve(frequency_penalty=0.1),  # token 0 twice in the output: 2.0 - 0.2 < 1.9
+        resolve(presence_penalty=0.15, frequency_penalty=-0.05),  # 2.0 - 0.15 + 0.1 > 1.9
+        resolve(),
+    ]
+    generators = [s.generator(CPU) for s in samplers]
+    outputs = [[0, 0]] * 4
+    shifted = logits.clone()
+    assert sample(shifted, samplers, generators, outputs=outputs) == [2, 1, 0, 0]
+    assert shifted[0].tolist() == pytest.approx([2.0, 1.9, 2.5, float("-inf")])
+    assert shifted[1].tolist() == pytest.approx([1.8, 1.9, 1.0, float("-inf")])
+    assert shifted[2].tolist() == pytest.approx([1.95, 1.9, 1.0, float("-inf")])
+    assert shifted[3].tolist() == logits[3].tolist()  # nothing asked, nothing changed
+    # Penalties read the output only: without one (the first token), nothing is subtracted.
+    fresh = logits.clone()
+    assert sample(fresh, samplers, generators, outputs=[[], [], [], []]) == [2, 0, 0, 0]
+
+
+def test_the_openai_adjustments_are_resolved_from_the_request_alone() -> None:
+    asked = SamplingParams(presence_penalty=0.5, frequency_penalty=-1.0, logit_bias=((7, -100.0),))
+    sampler = Sampler.resolve(asked, SamplingParams(temperature=0.3))
+    assert (sampler.presence_penalty, sampler.frequency_penalty) == (0.5, -1.0)
+    assert sampler.logit_bias == ((7, -100.0),) and sampler.counts_output
+    assert not Sampler.resolve(
+        SamplingParams(logit_bias=((7, 1.0),)), SamplingParams()
+    ).counts_output

@@ -656,7 +656,7 @@ async def test_unexpected_errors_are_500_and_the_app_keeps_serving(
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     http = httpx.AsyncClient(transport=transport, base_url="http://neuron")
 
-    def explode(*_: object) -> list[int]:
+    def explode(*_: object, **__: object) -> list[int]:
         raise RuntimeError("template blew up")
 
     served = runtime.models["tiny-chat"]

@@ -186,12 +186,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     messages = [_message(m, i, served.id) for i, m in enumerate(body.messages)]
     pool = prompts_of(request)
     pool.check_size(_chars(messages, tools), served.context_length, "messages")
-    prompt = await pool.run(lambda: served.render_chat(messages, tools), "messages")
+    continued, opened = bool(body.continue_final_message), body.generation_prompt()
+    prompt = await pool.run(
+        lambda: served.render_chat(
+            messages, tools, continue_final=continued, generation_prompt=opened
+        ),
+        "messages",
+    )
     section = runtime_of(request).config.neuron
     limit = completion_limit(
         request, served, body.token_limit(), len(prompt), prompt_param="messages"
     )
-    params = sampling(body, limit)
+    params = sampling(body, limit, served.vocab_size)
     metrics = request.app.state.metrics
     params = await constrain(served, params, constraint, metrics)
     generation = Generation(served, prompt, params, metrics, principal_of(request, section))
@@ -379,7 +385,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         raise InvalidRequest("echo needs a text prompt", param="echo")
     section = runtime_of(request).config.neuron
     limit = completion_limit(request, served, body.max_tokens, len(ids), prompt_param="prompt")
-    params = sampling(body, limit)
+    params = sampling(body, limit, served.vocab_size)
     metrics = request.app.state.metrics
     spec = response_format_grammar(body.response_format)
     kind = str((body.response_format or {}).get("type"))

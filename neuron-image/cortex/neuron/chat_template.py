@@ -22,23 +22,28 @@ def template_knows_tools(tokenizer: Any) -> bool:
 
 
 def render_chat(
-    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    continue_final: bool = False,
+    generation_prompt: bool = True,
 ) -> str:
-    """The prompt text the model expects, ending with the assistant's generation prompt."""
+    """The prompt text the model expects, ending with the assistant's generation prompt; or,
+    `continue_final`, with the last (assistant) message left open for the model to go on with."""
+    ending = {
+        "add_generation_prompt": generation_prompt and not continue_final,
+        "continue_final_message": continue_final,
+    }
     if tools and template_knows_tools(tokenizer):
         messages = [_plain(m) for m in messages]
-        return str(
-            tokenizer.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=True
-            )
-        )
+        return str(tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **ending))
     messages = [_hermes(m) for m in messages]
     if tools:
         messages = _with_tools_prompt(messages, tools)
     if not tokenizer.chat_template:  # base models: a plain transcript
         lines = [f"{m['role']}: {m['content']}" for m in messages]
-        return "\n".join([*lines, "assistant:"])
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        return "\n".join([*lines, "assistant:"] if ending["add_generation_prompt"] else lines)
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, **ending))
 
 
 def _plain(message: dict[str, Any]) -> dict[str, Any]:

@@ -228,7 +228,11 @@ class Engine:
         logits = logits[ends]
         apply_bitmask(logits, [a.matcher for a in fresh])
         tokens = sample(
-            logits, [a.sampler for a in fresh], [a.generator for a in fresh], _recent(fresh)
+            logits,
+            [a.sampler for a in fresh],
+            [a.generator for a in fresh],
+            _recent(fresh),
+            _outputs(fresh),
         )
         # State changes only once the forward and sampling went through, so a failed step can be
         # run again (each sequence alone, see _isolate) or abandoned (fail_all).
@@ -414,7 +418,11 @@ class Engine:
         )
         apply_bitmask(logits, [a.matcher for a in batch])
         tokens = sample(
-            logits, [a.sampler for a in batch], [a.generator for a in batch], _recent(batch)
+            logits,
+            [a.sampler for a in batch],
+            [a.generator for a in batch],
+            _recent(batch),
+            _outputs(batch),
         )
         for active in batch:
             active.kv_length += 1
@@ -515,6 +523,11 @@ def _remaining(active: _Active) -> int:
 def _holds(active: _Active) -> int:
     """KV tokens the sequence holds once its next token is in: prompt plus generated so far."""
     return len(active.seq.prompt_ids) + max(len(active.seq.output_ids), 1)
+
+
+def _outputs(batch: list[_Active]) -> list[list[int]]:
+    """Each row's output so far for its presence and frequency penalties; empty without one."""
+    return [a.seq.output_ids if a.sampler.counts_output else [] for a in batch]
 
 
 def _recent(batch: list[_Active]) -> list[list[int]]:

@@ -34,6 +34,11 @@ class SamplingParams:
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
+    # OpenAI's: subtracted from a token's logit once it is in the output (presence), or per time
+    # it is (frequency); and token id -> a bias added to its logit. The request's own only.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
     # The output must follow this grammar (structured output, forced tool calls): grammar.py.

@@ -105,9 +105,15 @@ class ServedModel:
         self._grammar_lock = threading.Lock()
 
     def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        *,
+        continue_final: bool = False,
+        generation_prompt: bool = True,
     ) -> list[int]:
-        text = render_chat(self.weights.tokenizer, messages, tools)
+        tokenizer = self.weights.tokenizer
+        text = render_chat(tokenizer, messages, tools, continue_final, generation_prompt)
         return self.encode(text)
 
     def encode(self, text: str) -> list[int]:

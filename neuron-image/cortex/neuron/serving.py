@@ -94,14 +94,25 @@ def strict_max_tokens(request: Request, served: ServedModel, section: NeuronSect
     return section.strict_max_tokens
 
 
-def sampling(body: SamplingFields, limit: CompletionLimit) -> SamplingParams:
-    """The request's sampling fields, with the max_tokens it was granted."""
+def sampling(body: SamplingFields, limit: CompletionLimit, vocab: int) -> SamplingParams:
+    """The request's sampling fields, with the max_tokens it was granted; a 400 for a logit
+    bias on a token the model does not have (`vocab` of them)."""
+    bias = body.logit_bias or {}
+    outside = sorted(token for token in bias if not 0 <= token < vocab)
+    if outside:
+        raise InvalidRequest(
+            f"logit_bias names token {outside[0]}; this model's token ids run from 0 to {vocab - 1}",
+            param="logit_bias",
+        )
     return SamplingParams(
         max_tokens=limit.granted,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=tuple(bias.items()),
         seed=body.seed,
         stop=tuple(body.stop_list()),
     )

@@ -280,6 +280,28 @@ def test_sampling_fields_and_stop_sequences_are_copied() -> None:
     assert chat.stream is False and chat.stream_options is None and chat.user is None
 
 
+def test_a_last_assistant_message_is_a_prefill_the_reply_continues() -> None:
+    counting = [
+        {"role": "user", "content": "Count to 10."},
+        {"role": "assistant", "content": [{"type": "text", "text": "1, 2, 3,"}]},
+    ]
+    chat = to_chat_request(simple_request(messages=counting))
+    assert chat.continue_final_message is True and chat.messages[-1].content == "1, 2, 3,"
+    assert "continue_final_message" in chat.model_dump(exclude_none=True)
+    # A last user message, or an assistant's tool call: nothing to continue, nothing sent.
+    assert "continue_final_message" not in to_chat_request(simple_request()).model_dump(
+        exclude_none=True
+    )
+    called = [
+        counting[0],
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}],
+        },
+    ]
+    assert to_chat_request(simple_request(messages=called)).continue_final_message is None
+
+
 def test_requests_the_sdk_sends_are_accepted() -> None:
     """Whatever the official SDK puts on the wire validates and translates."""
     sent: list[dict[str, Any]] = []

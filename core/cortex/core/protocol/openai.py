@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -94,6 +94,14 @@ def check_tool_choice(name: str | None, tools: list[str], *, required: bool = Fa
         )
 
 
+def refuse_logprobs(asked: Any) -> Any:
+    """Asked-for logprobs are refused (a validator's error, so a 400) rather than answered with
+    none: a client that reads them must not take a missing field for a model's certainty."""
+    if asked:
+        raise PydanticCustomError("unsupported", "logprobs are not returned by cortex")
+    return asked
+
+
 class StreamOptions(_Open):
     include_usage: StrictBool = False
     continuous_usage_stats: StrictBool = Field(
@@ -111,6 +119,11 @@ class SamplingFields(_Open):
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(
         default=None, gt=0, le=2, description="vLLM's extension: >1 discourages repeats"
+    )
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, description="token id -> a bias added to its logit"
     )
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -132,6 +145,48 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: ToolChoiceMode | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
     response_format: dict[str, Any] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # vLLM's extensions: the reply continues the last (assistant) message instead of opening a
+    # turn of its own (a prefill: Anthropic's API does this for a last assistant message); or the
+    # prompt ends with no generation prompt at all.
+    continue_final_message: StrictBool | None = None
+    add_generation_prompt: StrictBool | None = None
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _an_assistant_message_to_continue(
+        cls, go_on: bool | None, info: ValidationInfo
+    ) -> bool | None:
+        messages = info.data.get("messages") or []
+        last = messages[-1] if messages else None
+        if go_on and (
+            last is None or last.role != "assistant" or last.tool_calls or not last.text()
+        ):
+            raise PydanticCustomError(
+                "continue_final_message",
+                "continue_final_message needs the last message to be an assistant's text",
+            )
+        return go_on
+
+    @field_validator("add_generation_prompt")
+    @classmethod
+    def _not_both(cls, prompt: bool | None, info: ValidationInfo) -> bool | None:
+        if prompt and info.data.get("continue_final_message"):
+            raise PydanticCustomError(
+                "add_generation_prompt",
+                "add_generation_prompt and continue_final_message cannot both be true",
+            )
+        return prompt
+
+    def generation_prompt(self) -> bool:
+        """Whether the prompt ends by opening the assistant's turn (not when continuing one)."""
+        return not self.continue_final_message and self.add_generation_prompt is not False
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, asked: bool | int | None) -> bool | int | None:
+        return refuse_logprobs(asked)
 
     @field_validator("tool_choice")
     @classmethod
@@ -151,6 +206,13 @@ class CompletionRequest(SamplingFields):
     echo: StrictBool = False
     suffix: str | None = None
     response_format: dict[str, Any] | None = None  # vLLM's extension: structured output
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, asked: int | None) -> int | None:
+        refuse_logprobs(asked is not None)  # legacy: logprobs=0 asks for the chosen token's
+        return asked
 
 
 class EmbeddingRequest(_Open):

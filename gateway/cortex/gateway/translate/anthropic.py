@@ -103,9 +103,13 @@ def to_chat_request(req: Conversation) -> ChatCompletionRequest:
             "response_format": _response_format(req),
         }
     choice = req.tool_choice
+    last = messages[-1]
+    # A last assistant message is a prefill: the reply continues it (Anthropic's semantics).
+    prefill = last.role == "assistant" and not last.tool_calls and bool(last.text())
     return ChatCompletionRequest(
         model=req.model,
         messages=messages,
+        continue_final_message=True if prefill else None,
         tools=tools or None,
         tool_choice=_tool_choice(choice) if tools and choice else None,
         parallel_tool_calls=False

@@ -19,7 +19,7 @@ from pydantic import (
     field_validator,
 )
 
-from cortex.core.protocol.openai import check_tool_choice
+from cortex.core.protocol.openai import check_tool_choice, refuse_logprobs
 
 
 class _Open(BaseModel):
@@ -131,6 +131,19 @@ class ResponsesRequest(_Open):
     reasoning: dict[str, Any] | None = None
     store: StrictBool | None = None
     previous_response_id: str | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    include: list[str] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, asked: int | None) -> int | None:
+        return refuse_logprobs(asked)
+
+    @field_validator("include")
+    @classmethod
+    def _no_logprobs_included(cls, include: list[str] | None) -> list[str] | None:
+        refuse_logprobs("message.output_text.logprobs" in (include or []))
+        return include
 
     @field_validator("tool_choice")
     @classmethod
