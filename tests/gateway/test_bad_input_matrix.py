@@ -246,6 +246,18 @@ SPECIFIC = [
         says="continue_final_message",
     ),
     Case(
+        "continue-under-a-schema",
+        CHAT_ROUTE,
+        400,
+        json=_with(
+            CHAT_ROUTE,
+            messages=[*USER, {"role": "assistant", "content": '{"a":'}],
+            continue_final_message=True,
+            response_format={"type": "json_object"},
+        ),
+        says="structured output",
+    ),
+    Case(
         "continue-and-open-a-turn",
         CHAT_ROUTE,
         400,
@@ -368,6 +380,18 @@ SPECIFIC = [
         says="tool_result",
     ),
     Case("stop-sequences-string", MESSAGES, 400, json=_with(MESSAGES, stop_sequences="END")),
+    Case(
+        "prefill-with-a-forced-tool",
+        MESSAGES,
+        400,
+        json=_with(
+            MESSAGES,
+            messages=[*USER, {"role": "assistant", "content": "Let me"}],
+            tools=[ANTHROPIC_TOOL],
+            tool_choice={"type": "any"},
+        ),
+        says="prefilled",
+    ),
     Case("prompt-7MB", MESSAGES, 400, json=_with(MESSAGES, messages=_user("x" * 7_000_000))),
     # Anthropic count_tokens
     Case(

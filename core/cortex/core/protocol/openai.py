@@ -167,6 +167,15 @@ class ChatCompletionRequest(SamplingFields):
                 "continue_final_message",
                 "continue_final_message needs the last message to be an assistant's text",
             )
+        format_type = (info.data.get("response_format") or {}).get("type", "text")
+        forced = info.data.get("tool_choice") not in (None, "none", "auto")
+        if go_on and (format_type != "text" or forced):
+            # The grammar would start at the reply, not at the prefill it must go on from.
+            raise PydanticCustomError(
+                "continue_final_message",
+                "a prefilled (last) assistant message cannot be combined with structured output "
+                "or a forced tool call",
+            )
         return go_on
 
     @field_validator("add_generation_prompt")

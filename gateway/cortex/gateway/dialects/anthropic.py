@@ -26,6 +26,7 @@ from cortex.gateway.dialects.dialect import (
     ReplyStream,
     Surface,
     Tokenize,
+    translated,
     validate,
 )
 from cortex.gateway.translate.anthropic import (
@@ -104,7 +105,7 @@ class MessagesDialect(AnthropicDialect):
 
     def parse(self, data: dict[str, Any]) -> ClientRequest:
         req = validate(data, MessagesRequest)
-        return Messages(req, to_chat_request(req), data)
+        return Messages(req, translated(to_chat_request, req), data)
 
 
 class CountTokensDialect(AnthropicDialect):
@@ -112,7 +113,7 @@ class CountTokensDialect(AnthropicDialect):
 
     def parse(self, data: dict[str, Any]) -> ClientRequest:
         req = validate(data, CountTokensRequest)
-        return CountTokens(req, to_chat_request(req))
+        return CountTokens(req, translated(to_chat_request, req))
 
 
 MESSAGES = MessagesDialect()

@@ -10,7 +10,7 @@ are pure: the proxy does the I/O, and ends every call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -20,6 +20,7 @@ from cortex.core.errors import CortexError, InvalidRequest, NeuronUnavailable
 from cortex.core.protocol.openai import ChatCompletion, TokenizeRequest, Usage
 
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
 
 # The API a request came in through: a label of the gateway's metrics.
 Surface = Literal["openai", "anthropic", "responses"]
@@ -131,10 +132,23 @@ def validate(data: dict[str, Any], model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or None
-        message = f"{where}: {first['msg']}" if where else first["msg"]
-        raise InvalidRequest(message, param=where) from None
+        raise _invalid(exc) from None
+
+
+def translated(translate: Callable[[R], M], req: R) -> M:
+    """`req` translated into the chat request a neuron serves. What that request refuses (a
+    combination of fields the client's surface lets through) is the client's 400, not a 500."""
+    try:
+        return translate(req)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or None
+    message = f"{where}: {first['msg']}" if where else first["msg"]
+    return InvalidRequest(message, param=where)
 
 
 def chat_completion(reply: dict[str, Any]) -> ChatCompletion:

@@ -13,7 +13,13 @@ from cortex.core.errors import CortexError
 from cortex.core.protocol.errors import openai_error
 from cortex.core.protocol.openai import ChatCompletion
 from cortex.gateway.dialects.chat_surface import ChatBacked, TranslatedStream
-from cortex.gateway.dialects.dialect import ClientRequest, ReplyStream, Surface, validate
+from cortex.gateway.dialects.dialect import (
+    ClientRequest,
+    ReplyStream,
+    Surface,
+    translated,
+    validate,
+)
 from cortex.gateway.dialects.openai import KEEPALIVE
 from cortex.gateway.translate.responses import (
     ResponsesStreamTranslator,
@@ -54,7 +60,7 @@ class ResponsesDialect:
 
     def parse(self, data: dict[str, Any]) -> ClientRequest:
         req = validate(data, ResponsesRequest)
-        return Responses(req, to_chat_request(req), data)
+        return Responses(req, translated(to_chat_request, req), data)
 
     def error_body(self, err: CortexError) -> dict[str, Any]:
         return openai_error(err)
