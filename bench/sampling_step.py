@@ -6,9 +6,11 @@ sampled `generate()` in this process) and on 16 rows of random logits of the sam
 sampling a client gets: greedy, the bench's sampled rows (temperature 0.8, top_p 0.95, a seed,
 and the fallback repetition penalty they get), the same without the penalty, the same at
 temperature 1.0 (flatter rows: top_p keeps thousands of tokens), the default model's catalogue
-defaults, the fallback (temperature 0.7, no top-p) and half greedy, half sampled.
+defaults, the fallback (temperature 0.7, no top-p), OpenAI's presence and frequency penalties and
+half greedy, half sampled.
 `--before REV` times the same calls on sampling.py as it was at REV, interleaved step by step
-with the current one, and counts how many tokens the two chose alike (same seeds).
+with the current one, and counts how many tokens the two chose alike (same seeds). A REV from
+before OpenAI's presence and frequency penalties samples that scenario's rows without them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from inspect import signature
 
 import torch
 
@@ -49,6 +52,17 @@ SCENARIOS: dict[str, list[SamplingParams]] = {
         SamplingParams(temperature=0.2, top_p=0.9, seed=row) for row in range(ROWS)
     ],
     "fallback (t 0.7, no top_p, penalty 1.1)": [SamplingParams(seed=row) for row in range(ROWS)],
+    "t 0.8, top_p 0.95, presence 0.5, frequency 0.5 (OpenAI's penalties)": [
+        SamplingParams(
+            temperature=0.8,
+            top_p=0.95,
+            seed=row,
+            repetition_penalty=1.0,
+            presence_penalty=0.5,
+            frequency_penalty=0.5,
+        )
+        for row in range(ROWS)
+    ],
     "8 greedy + 8 bench sampled": [
         SamplingParams(temperature=0 if row % 2 else 0.8, top_p=0.95, seed=row)
         for row in range(ROWS)
@@ -125,6 +139,8 @@ def run_scenario(
     """Milliseconds per step and the tokens chosen, with fresh generators."""
     samplers = [Sampler.resolve(p, SamplingParams()) for p in params]
     generators = [s.generator(torch.device("cpu")) for s in samplers]
+    # A revision from before OpenAI's penalties samples those rows without them.
+    counted = any(s.counts_output for s in samplers) and "outputs" in signature(sample).parameters
     times, tokens = [], []
     for step in steps:
         logits = step.logits.clone()
@@ -133,7 +149,10 @@ def run_scenario(
             recent_tokens(prompt, output) if s.repetition_penalty != 1.0 else []
             for s, prompt, output in zip(samplers, step.prompts, step.outputs, strict=True)
         ]
-        tokens += sample(logits, samplers, generators, recent)
+        if counted:  # the rows' output so far, for OpenAI's penalties
+            tokens += sample(logits, samplers, generators, recent, outputs=step.outputs)
+        else:
+            tokens += sample(logits, samplers, generators, recent)
         times.append(1000 * (time.perf_counter() - started))
     return times, tokens
 

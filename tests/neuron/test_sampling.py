@@ -355,3 +355,25 @@ def test_the_openai_adjustments_are_resolved_from_the_request_alone() -> None:
     assert not Sampler.resolve(
         SamplingParams(logit_bias=((7, 1.0),)), SamplingParams()
     ).counts_output
+
+
+def test_output_penalties_over_rows_of_any_length_match_the_per_token_definition() -> None:
+    generator = torch.Generator().manual_seed(3)
+    vocab, rows = 50, 5
+    logits = torch.randn(rows, vocab, generator=generator)
+    outputs = [torch.randint(0, 12, (n,), generator=generator).tolist() for n in (0, 1, 7, 30, 30)]
+    penalties = [(0.5, 0.3), (1.0, 0.0), (0.0, 0.7), (-0.4, 1.2), (0.0, 0.0)]
+    samplers = [
+        Sampler.resolve(
+            SamplingParams(temperature=0, presence_penalty=p, frequency_penalty=f),
+            SamplingParams(),
+        )
+        for p, f in penalties
+    ]
+    expected = logits.clone()
+    for row, ((presence, frequency), output) in enumerate(zip(penalties, outputs, strict=True)):
+        for token in set(output):
+            expected[row, token] -= output.count(token) * frequency + presence
+    shifted = logits.clone()
+    sample(shifted, samplers, [s.generator(CPU) for s in samplers], outputs=outputs)
+    assert torch.allclose(shifted, expected)

@@ -211,20 +211,41 @@ def _penalise(
 
 
 def _shift(logits: torch.Tensor, samplers: list[Sampler], outputs: Sequence[Sequence[int]]) -> None:
-    """OpenAI's additive adjustments, in place, row by row (few rows ask for them): each token's
-    count in the row's output times the frequency penalty, plus the presence penalty where it is
-    there at all, is subtracted; the logit bias is added. A masked token (-inf) stays masked."""
-    vocab, device = logits.shape[-1], logits.device
-    for row, sampler in enumerate(samplers):
-        if sampler.counts_output and outputs and outputs[row]:
-            ids = torch.frombuffer(array("q", outputs[row]), dtype=torch.long).to(device)
-            counts = torch.bincount(ids, minlength=vocab).to(torch.float32)
-            shift = counts * sampler.frequency_penalty + (counts > 0) * sampler.presence_penalty
-            logits[row] = (logits[row].float() - shift).to(logits.dtype)
+    """OpenAI's additive adjustments, in place: a token's count in the row's output times the
+    frequency penalty, plus the presence penalty where it is there at all, is subtracted; the
+    logit bias is added. A masked token (-inf) stays masked."""
+    _penalise_output(logits, samplers, outputs)
+    for row, sampler in enumerate(samplers):  # few rows ask for a bias: row by row
         if sampler.logit_bias:
-            ids = torch.tensor([token for token, _ in sampler.logit_bias], device=device)
-            bias = torch.tensor([value for _, value in sampler.logit_bias], device=device)
+            ids = torch.tensor([token for token, _ in sampler.logit_bias], device=logits.device)
+            bias = torch.tensor([value for _, value in sampler.logit_bias], device=logits.device)
             logits[row, ids] = (logits[row, ids].float() + bias).to(logits.dtype)
+
+
+def _penalise_output(
+    logits: torch.Tensor, samplers: list[Sampler], outputs: Sequence[Sequence[int]]
+) -> None:
+    """The presence and frequency penalties of every row that has them, over [rows, output
+    length] and never the vocabulary: each occurrence's count is found in the row's sorted
+    output. Short outputs are padded with their own first token, a repeat of a real occurrence
+    that reads and writes the same value (and is not counted)."""
+    rows = [r for r, s in enumerate(samplers) if s.counts_output and outputs and outputs[r]]
+    if not rows:
+        return
+    device = logits.device
+    width = max(len(outputs[r]) for r in rows)
+    flat = array(
+        "q", [t for r in rows for t in (*outputs[r], *[outputs[r][0]] * (width - len(outputs[r])))]
+    )
+    ids = torch.frombuffer(flat, dtype=torch.long).view(len(rows), width).to(device)
+    lengths = torch.tensor([len(outputs[r]) for r in rows], device=device)
+    real = torch.arange(width, device=device) < lengths.unsqueeze(1)
+    ordered = torch.where(real, ids, -1).sort(dim=1).values  # padding (-1) sorts first
+    counts = torch.searchsorted(ordered, ids, right=True) - torch.searchsorted(ordered, ids)
+    frequency = torch.tensor([[samplers[r].frequency_penalty] for r in rows], device=device)
+    presence = torch.tensor([[samplers[r].presence_penalty] for r in rows], device=device)
+    at = (torch.tensor(rows, device=device).unsqueeze(1), ids)
+    logits.index_put_(at, (logits[at].float() - counts * frequency - presence).to(logits.dtype))
 
 
 def _uniform(generator: torch.Generator) -> torch.Tensor:
