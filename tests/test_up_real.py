@@ -120,6 +120,20 @@ def test_anthropic_messages_stream_and_not(claude: anthropic.Anthropic) -> None:
     assert text == message.content[0].text and final.usage.output_tokens > 0
 
 
+def test_logprobs_come_through_the_gateway(oai: openai.OpenAI) -> None:
+    answer = oai.chat.completions.create(
+        model=CHAT,
+        messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    entries = answer.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == answer.choices[0].message.content
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+
+
 def test_anthropic_prefill_is_continued(claude: anthropic.Anthropic) -> None:
     # A last assistant message is the start of the reply (Anthropic's prefill): the model goes on
     # from it rather than opening a turn of its own, which would count from 1 again.

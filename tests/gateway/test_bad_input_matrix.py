@@ -197,7 +197,14 @@ SPECIFIC = [
     Case("token-id-negative", COMPLETIONS, 400, json=_with(COMPLETIONS, prompt=[-1])),
     Case("prompts-several", COMPLETIONS, 400, json=_with(COMPLETIONS, prompt=["a", "b"])),
     Case("suffix", COMPLETIONS, 400, json=_with(COMPLETIONS, suffix="end"), says="suffix"),
-    Case("logprobs", COMPLETIONS, 400, json=_with(COMPLETIONS, logprobs=0), says="logprobs"),
+    Case(
+        "logprobs-of-the-prompt",
+        COMPLETIONS,
+        400,
+        json=_with(COMPLETIONS, logprobs=0, echo=True),
+        says="echo",
+    ),
+    Case("logprobs-6", COMPLETIONS, 400, json=_with(COMPLETIONS, logprobs=6)),
     Case("echo-yes", COMPLETIONS, 400, json=_with(COMPLETIONS, echo="yes")),
     Case("temperature-negative", COMPLETIONS, 400, json=_with(COMPLETIONS, temperature=-1)),
     Case("prompt-empty", COMPLETIONS, 400, json=_with(COMPLETIONS, prompt="")),
@@ -226,8 +233,23 @@ SPECIFIC = [
         says="logprobs",
     ),
     # Asked for and not given: refused, never silently dropped (chat).
-    Case("logprobs", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, logprobs=True), says="logprobs"),
-    Case("top-logprobs", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, top_logprobs=1), says="logprobs"),
+    Case(
+        "logprobs-with-tools",
+        CHAT_ROUTE,
+        400,
+        json=_with(CHAT_ROUTE, logprobs=True, tools=[WEATHER]),
+        says="tools",
+    ),
+    Case(
+        "top-logprobs-alone",
+        CHAT_ROUTE,
+        400,
+        json=_with(CHAT_ROUTE, top_logprobs=1),
+        says="needs logprobs",
+    ),
+    Case(
+        "top-logprobs-21", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, logprobs=True, top_logprobs=21)
+    ),
     Case("logit-bias-101", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, logit_bias={"5": 101})),
     Case("logit-bias-word", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, logit_bias={"a": 1})),
     Case(

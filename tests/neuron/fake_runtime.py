@@ -68,6 +68,9 @@ class FakeServed:
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
 
+    def token_text(self, token: int) -> str:
+        return chr(token)
+
     async def compile_grammar(self, spec: Any) -> tuple[None, None]:
         """No grammar is enforced: the script plays the constrained output."""
         return None, None

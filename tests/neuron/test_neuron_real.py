@@ -154,14 +154,63 @@ def test_continue_final_message_goes_on_from_the_last_assistant_message(neuron: 
         _chat(neuron, messages=counting[:1], max_tokens=2, extra_body=body)
 
 
+def test_chat_logprobs_name_each_token_of_the_answer(neuron: Neuron) -> None:
+    answer = _chat(neuron, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    choice = answer.choices[0]
+    entries = choice.logprobs.content
+    # Every token the content shows, and no other (an end-of-sequence token shows nothing).
+    shown = answer.usage.completion_tokens - (choice.finish_reason == "stop")
+    assert len(entries) == shown and "".join(e.token for e in entries) == choice.message.content
+    for entry in entries:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        values = [top.logprob for top in entry.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True)
+        assert sum(math.exp(v) for v in values) <= 1.0 + 1e-6
+        # Greedy, unpenalised, unconstrained: the chosen token is the most likely one.
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+    stream = _chat(neuron, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+    streamed = [
+        e
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.top_logprobs[1].token) for e in streamed] == [
+        (e.token, e.top_logprobs[1].token) for e in entries
+    ]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-4)
+    plain = _chat(neuron, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_in_the_legacy_lists(neuron: Neuron) -> None:
+    counting = {"model": CHAT, "prompt": COUNTING, "max_tokens": 6, "temperature": 0}
+    choice = neuron.sdk.completions.create(**counting, logprobs=2).choices[0]
+    lists = choice.logprobs
+    assert "".join(lists.tokens) == choice.text and len(lists.token_logprobs) == 6
+    starts = [sum(map(len, lists.tokens[:i])) for i in range(6)]
+    assert lists.text_offset == starts
+    assert all(len(top) <= 2 and max(top.values()) <= 0 for top in lists.top_logprobs)
+    chunks = list(neuron.sdk.completions.create(**counting, logprobs=2, stream=True))
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [
+        o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset
+    ]
+    assert streamed == lists.tokens and offsets == starts
+
+
 def test_what_cortex_cannot_honour_is_refused_not_ignored(neuron: Neuron) -> None:
     vocab = neuron.served().vocab_size
-    with pytest.raises(openai.BadRequestError, match="logprobs are not returned"):
-        _chat(neuron, max_tokens=2, logprobs=True)
-    with pytest.raises(openai.BadRequestError, match="logprobs are not returned"):
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         _chat(neuron, max_tokens=2, top_logprobs=3)
-    with pytest.raises(openai.BadRequestError, match="logprobs are not returned"):
-        neuron.sdk.completions.create(model=CHAT, prompt=COUNTING, max_tokens=2, logprobs=1)
+    with pytest.raises(openai.BadRequestError, match="requests with tools"):
+        weather = {"type": "function", "function": {"name": "weather", "parameters": {}}}
+        _chat(neuron, max_tokens=2, logprobs=True, tools=[weather])
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        neuron.sdk.completions.create(
+            model=CHAT, prompt=COUNTING, max_tokens=2, logprobs=1, echo=True
+        )
     with pytest.raises(openai.BadRequestError, match=f"from 0 to {vocab - 1}") as outside:
         _chat(neuron, max_tokens=2, logit_bias={str(vocab): 5})
     assert outside.value.body["param"] == "logit_bias"

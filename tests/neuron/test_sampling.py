@@ -19,6 +19,8 @@ from cortex.neuron.sampling import (
     _candidates,
     _mass,
     _reaching,
+    picked_logprobs,
+    raw_logprobs,
     recent_tokens,
     sample,
 )
@@ -377,3 +379,26 @@ def test_output_penalties_over_rows_of_any_length_match_the_per_token_definition
     shifted = logits.clone()
     sample(shifted, samplers, [s.generator(CPU) for s in samplers], outputs=outputs)
     assert torch.allclose(shifted, expected)
+
+
+def test_logprobs_are_the_raw_distribution_of_the_rows_that_ask() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 0.0, 0.0], [1.0, 1.0, 5.0, 1.0]])
+    asked = [2, None, 0]
+    samplers = [
+        Sampler.resolve(SamplingParams(temperature=0, logprobs=n), SamplingParams()) for n in asked
+    ]
+    scores = raw_logprobs(logits, samplers)
+    assert scores is not None and scores.shape == (2, 4)  # rows 0 and 2 only
+    logits[0, 0] = float("-inf")  # a mask after the fact changes nothing reported
+    picked = picked_logprobs(scores, samplers, [1, 1, 3])
+    expected = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0], [1.0, 1.0, 5.0, 1.0]]), -1)
+    assert picked[1] is None
+    first, third = picked[0], picked[2]
+    assert first is not None and third is not None
+    assert (first.token, third.token) == (1, 3)
+    assert first.logprob == pytest.approx(expected[0, 1].item())
+    assert third.logprob == pytest.approx(expected[1, 3].item())
+    assert [token for token, _ in first.top] == [0, 1] and third.top == ()
+    assert first.top[0][1] == pytest.approx(expected[0, 0].item())
+    assert raw_logprobs(logits, [samplers[1]]) is None
+    assert picked_logprobs(None, [samplers[1]], [0]) == [None]

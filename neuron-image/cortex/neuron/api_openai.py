@@ -6,7 +6,7 @@ import base64
 import json
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -45,7 +45,8 @@ from cortex.core.protocol.openai import (
 )
 from cortex.neuron.api_lifecycle import runtime_of
 from cortex.neuron.constraints import chat_constraint, response_format_grammar
-from cortex.neuron.generation import Finished
+from cortex.neuron.generation import Finished, TokenLogprob
+from cortex.neuron.logprobs import TextOf, chat_logprobs, completion_logprobs
 from cortex.neuron.prompts import PromptPool, require_unicode
 from cortex.neuron.serving import (
     Generation,
@@ -197,7 +198,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     limit = completion_limit(
         request, served, body.token_limit(), len(prompt), prompt_param="messages"
     )
-    params = sampling(body, limit, served.vocab_size)
+    asked = body.logprobs_asked()
+    params = sampling(body, limit, served.vocab_size, asked)
     metrics = request.app.state.metrics
     params = await constrain(served, params, constraint, metrics)
     generation = Generation(served, prompt, params, metrics, principal_of(request, section))
@@ -212,7 +214,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         include_usage = bool(options and options.include_usage)
         continuous = bool(options and options.continuous_usage_stats)
         return EventStreamResponse(
-            _chat_stream(generation, names, most_calls, calls_only, include_usage, continuous),
+            _chat_stream(
+                generation,
+                names,
+                most_calls,
+                calls_only,
+                include_usage,
+                continuous,
+                served.token_text if asked is not None else None,
+            ),
             headers=limit.headers(),
         )
     text, finished = await _finish(request, generation)
@@ -228,7 +238,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     answer = ChatCompletion(
         model=served.id,
         choices=[
-            ChatChoice(message=message, finish_reason=reason, stop_reason=finished.stop_sequence)  # type: ignore[arg-type]
+            ChatChoice(
+                message=message,
+                finish_reason=reason,  # type: ignore[arg-type]
+                stop_reason=finished.stop_sequence,
+                logprobs=chat_logprobs(served.token_text, generation.logprobs)
+                if asked is not None
+                else None,
+            )
         ],
         usage=usage(finished),
     )
@@ -242,11 +259,13 @@ async def _chat_stream(
     calls_only: bool,
     include_usage: bool,
     continuous: bool,
+    text_of: TextOf | None = None,
 ) -> AsyncIterator[bytes]:
     """Role chunk, content (and tool call) deltas, finish chunk, usage chunk, [DONE].
 
     Calls past `most_calls` (parallel_tool_calls false) are dropped, and so is all text when
-    `calls_only` (a forced tool call)."""
+    `calls_only` (a forced tool call). With `text_of`, each content delta carries the logprobs
+    of the tokens it completes (a request with logprobs has no tools: one delta per event)."""
     base = ChatCompletionChunk(
         id=new_id("chatcmpl"), created=int(time.time()), model=generation.model, choices=[]
     )
@@ -269,7 +288,7 @@ async def _chat_stream(
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached) if cached else None,
         )
 
-    def delta(piece: str | ParsedToolCall) -> bytes | None:
+    def delta(piece: str | ParsedToolCall, logprobs: Sequence[TokenLogprob] = ()) -> bytes | None:
         nonlocal sent_calls
         if (
             isinstance(piece, ParsedToolCall)
@@ -285,7 +304,8 @@ async def _chat_stream(
             function = DeltaFunctionCall(name=piece.name, arguments=piece.arguments)
             call = DeltaToolCall(index=sent_calls, id=piece.id, type="function", function=function)
             out, sent_calls = Delta(tool_calls=[call]), sent_calls + 1
-        update = {"choices": [ChunkChoice(delta=out)], "usage": so_far()}
+        scored = chat_logprobs(text_of, logprobs) if text_of is not None else None
+        update = {"choices": [ChunkChoice(delta=out, logprobs=scored)], "usage": so_far()}
         return _chunk(base.model_copy(update=update))
 
     def end(finished: Finished) -> bytes:
@@ -307,8 +327,8 @@ async def _chat_stream(
         while not isinstance(event := await generation.next(), Finished):
             completion_tokens = event.completion_tokens
             pieces = parser.feed(event.text) if parser else [event.text]
-            for piece in pieces:
-                if frame := delta(piece):
+            for i, piece in enumerate(pieces):
+                if frame := delta(piece, event.logprobs if i == 0 else ()):
                     yield frame
         for piece in parser.close() if parser else []:
             if frame := delta(piece):
@@ -385,7 +405,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         raise InvalidRequest("echo needs a text prompt", param="echo")
     section = runtime_of(request).config.neuron
     limit = completion_limit(request, served, body.max_tokens, len(ids), prompt_param="prompt")
-    params = sampling(body, limit, served.vocab_size)
+    params = sampling(body, limit, served.vocab_size, body.logprobs)
     metrics = request.app.state.metrics
     spec = response_format_grammar(body.response_format)
     kind = str((body.response_format or {}).get("type"))
@@ -395,26 +415,43 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     echo = text if body.echo else ""
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        scored = (served.token_text, body.logprobs) if body.logprobs is not None else None
         return EventStreamResponse(
-            _completion_stream(generation, echo, include_usage), headers=limit.headers()
+            _completion_stream(generation, echo, include_usage, scored), headers=limit.headers()
         )
     output, finished = await _finish(request, generation)
     choice = CompletionChoice(
         text=echo + output,
         finish_reason=finished.reason,  # type: ignore[arg-type]
         stop_reason=finished.stop_sequence,
+        logprobs=completion_logprobs(
+            served.token_text, generation.logprobs, len(echo), body.logprobs
+        )
+        if body.logprobs is not None
+        else None,
     )
     answer = Completion(model=served.id, choices=[choice], usage=usage(finished))
     return JSONResponse(answer.model_dump(mode="json"), headers=limit.headers())
 
 
 async def _completion_stream(
-    generation: Generation, echo: str, include_usage: bool
+    generation: Generation,
+    echo: str,
+    include_usage: bool,
+    scored: tuple[TextOf, int] | None = None,
 ) -> AsyncIterator[bytes]:
+    """Text chunks; with `scored` (token texts, alternatives per token), each carries the
+    logprobs of the tokens it completes, offsets counted from the start of the choice's text."""
     base = Completion(model=generation.model, choices=[])
+    offset = len(echo)
 
-    def chunk(text: str, reason: str | None = None) -> bytes:
-        choice = CompletionChoice(text=text, finish_reason=reason)  # type: ignore[arg-type]
+    def chunk(text: str, reason: str | None = None, logprobs: Sequence[TokenLogprob] = ()) -> bytes:
+        nonlocal offset
+        lists = None
+        if scored is not None and reason is None:
+            lists = completion_logprobs(scored[0], logprobs, offset, scored[1])
+            offset += sum(map(len, lists.tokens))
+        choice = CompletionChoice(text=text, finish_reason=reason, logprobs=lists)  # type: ignore[arg-type]
         return _chunk(base.model_copy(update={"choices": [choice]}))
 
     try:
@@ -422,7 +459,7 @@ async def _completion_stream(
             yield chunk(echo)
         while not isinstance(event := await generation.next(), Finished):
             if event.text:
-                yield chunk(event.text)
+                yield chunk(event.text, logprobs=event.logprobs)
         for frame in _ending(
             event, lambda finished: chunk("", finished.reason), base, include_usage
         ):

@@ -38,11 +38,23 @@ from cortex.neuron import kv_budget
 from cortex.neuron.decode_rows import DecodeRows
 from cortex.neuron.detokenizer import Detokenizer, StopMatcher
 from cortex.neuron.devices import is_device_fault
-from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
+from cortex.neuron.generation import (
+    Finished,
+    GenerationEvent,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+)
 from cortex.neuron.grammar import Matcher, apply_bitmask
 from cortex.neuron.model_runner import ModelRunner
 from cortex.neuron.prefix_cache import PrefixCache
-from cortex.neuron.sampling import Sampler, recent_tokens, sample
+from cortex.neuron.sampling import (
+    Sampler,
+    picked_logprobs,
+    raw_logprobs,
+    recent_tokens,
+    sample,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,6 +104,7 @@ class _Active:
     pending: int = field(default=-1)  # last sampled token, fed at the next decode step
     order: int = 0  # admission order: the newest are preempted first
     matcher: Matcher | None = None  # its place in its grammar, if its output is constrained
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens whose text is pending
 
 
 class Engine:
@@ -226,6 +239,7 @@ class Engine:
         ends = [i for i, (a, n) in enumerate(plan) if n == _remaining(a) and not a.seq.output_ids]
         fresh = [plan[i][0] for i in ends]
         logits = logits[ends]
+        scores = raw_logprobs(logits, [a.sampler for a in fresh])
         apply_bitmask(logits, [a.matcher for a in fresh])
         tokens = sample(
             logits,
@@ -241,8 +255,9 @@ class Engine:
         for active in done:
             self._prefilling.remove(active)
             self._decoding.join(active)
-        for active, token in zip(fresh, tokens, strict=True):
-            self._accept(active, token)
+        picked = picked_logprobs(scores, [a.sampler for a in fresh], tokens)
+        for active, token, logprob in zip(fresh, tokens, picked, strict=True):
+            self._accept(active, token, logprob)
 
     def _isolate(self, batch: list[T], run: Callable[[list[T]], None], exc: Exception) -> None:
         """A batched step failed: run it for each member alone and fail only those that fail.
@@ -416,6 +431,7 @@ class Engine:
                 for band, first, rows in segments
             ]
         )
+        scores = raw_logprobs(logits, [a.sampler for a in batch])
         apply_bitmask(logits, [a.matcher for a in batch])
         tokens = sample(
             logits,
@@ -426,16 +442,19 @@ class Engine:
         )
         for active in batch:
             active.kv_length += 1
+        picked = picked_logprobs(scores, [a.sampler for a in batch], tokens)
         # Accepting may finish sequences and move rows: all rows are decoded by then.
-        for active, token in zip(batch, tokens, strict=True):
-            self._accept(active, token)
+        for active, token, logprob in zip(batch, tokens, picked, strict=True):
+            self._accept(active, token, logprob)
 
     # -- tokens, text and endings ------------------------------------------------------------
 
-    def _accept(self, active: _Active, token: int) -> None:
+    def _accept(self, active: _Active, token: int, logprob: TokenLogprob | None = None) -> None:
         """Record a sampled token, emit the text it completes, finish the sequence if it ends."""
         seq = active.seq
         seq.output_ids.append(token)
+        if logprob is not None:
+            active.logprobs.append(logprob)
         active.pending = token
         count = len(seq.output_ids)
         if active.matcher is not None and (refused := active.matcher.advance(token)) is not None:
@@ -461,7 +480,10 @@ class Engine:
             if active.stops.matched is not None:
                 reason = "stop"
         if text:
-            seq.emit(TextDelta(text, count, seq.cached_tokens))
+            if token in self._eos:
+                active.logprobs = active.logprobs[:-1]  # it ended the text, it shows none
+            seq.emit(TextDelta(text, count, seq.cached_tokens, tuple(active.logprobs)))
+            active.logprobs = []
         if reason is not None:
             self._finish(active, reason)
 

@@ -39,10 +39,23 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Report each output token's log-probability and this many of the most likely alternatives
+    # (0-20); None: report none.
+    logprobs: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     # The output must follow this grammar (structured output, forced tool calls): grammar.py.
     grammar: CompiledGrammar | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """An output token's log-probability under the model (its raw distribution: before the
+    temperature, penalties, bias and any grammar), with the most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,9 @@ class TextDelta:
     text: str
     completion_tokens: int  # total so far
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (known from the first)
+    # Of the tokens whose text this delta completes, when the request asked for them. Tokens
+    # that never show (end of sequence, a stop string) have none.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,7 @@ class ServedModel:
         )
         self.engine: Engine | None = None
         self._grammars: GrammarCompiler | None = None
+        self._token_texts: dict[int, str] = {}
         self._grammar_lock = threading.Lock()
 
     def render_chat(
@@ -122,6 +123,15 @@ class ServedModel:
 
     def decode(self, ids: list[int]) -> str:
         return str(self.weights.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def token_text(self, token: int) -> str:
+        """One token's text, special tokens included (logprobs name their tokens by it); part
+        of a UTF-8 character shows as U+FFFD. Remembered: the same few thousand recur."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = str(self.weights.tokenizer.decode([token], skip_special_tokens=False))
+            self._token_texts[token] = text
+        return text
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, principal: str = ANYONE

@@ -48,6 +48,7 @@ from cortex.neuron.generation import (
     FALLBACK_TOP_P,
     REPETITION_WINDOW,
     SamplingParams,
+    TokenLogprob,
 )
 
 
@@ -64,6 +65,7 @@ class Sampler:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    top_logprobs: int | None = None  # None: no logprobs reported
 
     @property
     def greedy(self) -> bool:
@@ -97,6 +99,7 @@ class Sampler:
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
             logit_bias=params.logit_bias,
+            top_logprobs=params.logprobs,
         )
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -246,6 +249,35 @@ def _penalise_output(
     presence = torch.tensor([[samplers[r].presence_penalty] for r in rows], device=device)
     at = (torch.tensor(rows, device=device).unsqueeze(1), ids)
     logits.index_put_(at, (logits[at].float() - counts * frequency - presence).to(logits.dtype))
+
+
+def raw_logprobs(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor | None:
+    """Log-softmax of the rows that report logprobs [those rows, vocab], taken before anything
+    changes the logits (mask, penalties, bias); None when no row does."""
+    rows = [r for r, s in enumerate(samplers) if s.top_logprobs is not None]
+    if not rows:
+        return None
+    return torch.log_softmax(logits[rows].float(), dim=-1)
+
+
+def picked_logprobs(
+    scores: torch.Tensor | None, samplers: list[Sampler], tokens: list[int]
+) -> list[TokenLogprob | None]:
+    """Per row, the chosen token's logprob and its row's top alternatives (`raw_logprobs`'
+    rows); None for rows that report none. One host copy for all rows."""
+    if scores is None:
+        return [None] * len(samplers)
+    rows = [r for r, s in enumerate(samplers) if s.top_logprobs is not None]
+    chosen = scores.gather(1, torch.tensor([[tokens[r]] for r in rows], device=scores.device))
+    width = max(samplers[r].top_logprobs or 0 for r in rows)
+    values, ids = scores.topk(width, dim=-1) if width else (scores[:, :0], scores[:, :0].long())
+    picked: list[TokenLogprob | None] = [None] * len(samplers)
+    for row, lp, best, best_ids in zip(
+        rows, chosen.squeeze(1).tolist(), values.tolist(), ids.tolist(), strict=True
+    ):
+        n = samplers[row].top_logprobs or 0
+        picked[row] = TokenLogprob(tokens[row], lp, tuple(zip(best_ids[:n], best[:n], strict=True)))
+    return picked
 
 
 def _uniform(generator: torch.Generator) -> torch.Tensor:

@@ -32,7 +32,13 @@ from cortex.core.errors import (
 )
 from cortex.core.protocol.openai import PromptTokensDetails, SamplingFields, Usage
 from cortex.neuron.api_lifecycle import runtime_of
-from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
+from cortex.neuron.generation import (
+    Finished,
+    GenerationEvent,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+)
 from cortex.neuron.grammar import GrammarError, GrammarSpec
 from cortex.neuron.metrics import NeuronMetrics
 
@@ -94,9 +100,12 @@ def strict_max_tokens(request: Request, served: ServedModel, section: NeuronSect
     return section.strict_max_tokens
 
 
-def sampling(body: SamplingFields, limit: CompletionLimit, vocab: int) -> SamplingParams:
-    """The request's sampling fields, with the max_tokens it was granted; a 400 for a logit
-    bias on a token the model does not have (`vocab` of them)."""
+def sampling(
+    body: SamplingFields, limit: CompletionLimit, vocab: int, logprobs: int | None = None
+) -> SamplingParams:
+    """The request's sampling fields, with the max_tokens it was granted and the `logprobs`
+    alternatives it asked for; a 400 for a logit bias on a token the model does not have
+    (`vocab` of them)."""
     bias = body.logit_bias or {}
     outside = sorted(token for token in bias if not 0 <= token < vocab)
     if outside:
@@ -113,6 +122,7 @@ def sampling(body: SamplingFields, limit: CompletionLimit, vocab: int) -> Sampli
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=tuple(bias.items()),
+        logprobs=logprobs,
         seed=body.seed,
         stop=tuple(body.stop_list()),
     )
@@ -223,6 +233,7 @@ class Generation:
         self.completion_tokens = 0
         self.cached_tokens = 0  # of the prompt, from the prefix cache
         self.finished: Finished | None = None
+        self.logprobs: list[TokenLogprob] = []  # of the text so far, when they were asked for
 
     async def start(self) -> None:
         """Wait for admission and the first event, so refusals are answered before any byte."""
@@ -250,6 +261,7 @@ class Generation:
                 self._first_token_at = time.perf_counter()
             self.completion_tokens = event.completion_tokens
             self.cached_tokens = event.cached_tokens
+            self.logprobs.extend(event.logprobs)
         else:
             self.finished = event
             self.completion_tokens = event.completion_tokens

@@ -95,10 +95,11 @@ def check_tool_choice(name: str | None, tools: list[str], *, required: bool = Fa
 
 
 def refuse_logprobs(asked: Any) -> Any:
-    """Asked-for logprobs are refused (a validator's error, so a 400) rather than answered with
-    none: a client that reads them must not take a missing field for a model's certainty."""
+    """Logprobs a surface does not return are refused (a validator's error, so a 400) rather
+    than answered with none: a client that reads them must not take a missing field for a
+    model's certainty."""
     if asked:
-        raise PydanticCustomError("unsupported", "logprobs are not returned by cortex")
+        raise PydanticCustomError("unsupported", "logprobs are not returned on this API")
     return asked
 
 
@@ -192,10 +193,25 @@ class ChatCompletionRequest(SamplingFields):
         """Whether the prompt ends by opening the assistant's turn (not when continuing one)."""
         return not self.continue_final_message and self.add_generation_prompt is not False
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator("logprobs")
     @classmethod
-    def _no_logprobs(cls, asked: bool | int | None) -> bool | int | None:
-        return refuse_logprobs(asked)
+    def _logprobs_without_tools(cls, asked: bool | None, info: ValidationInfo) -> bool | None:
+        if asked and info.data.get("tools"):
+            raise PydanticCustomError(
+                "logprobs", "logprobs are not returned for requests with tools"
+            )
+        return asked
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError("top_logprobs", "top_logprobs needs logprobs: true")
+        return top
+
+    def logprobs_asked(self) -> int | None:
+        """Alternatives per token to report (0-20), None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("tool_choice")
     @classmethod
@@ -215,12 +231,17 @@ class CompletionRequest(SamplingFields):
     echo: StrictBool = False
     suffix: str | None = None
     response_format: dict[str, Any] | None = None  # vLLM's extension: structured output
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    logprobs: int | None = Field(
+        default=None, ge=0, le=5, description="alternatives per token; 0: the chosen one's only"
+    )
 
     @field_validator("logprobs")
     @classmethod
-    def _no_logprobs(cls, asked: int | None) -> int | None:
-        refuse_logprobs(asked is not None)  # legacy: logprobs=0 asks for the chosen token's
+    def _no_prompt_logprobs(cls, asked: int | None, info: ValidationInfo) -> int | None:
+        if asked is not None and info.data.get("echo"):
+            raise PydanticCustomError(
+                "logprobs", "logprobs with echo (the prompt's) are not returned by cortex"
+            )
         return asked
 
 
@@ -255,11 +276,34 @@ class ResponseMessage(_Open):
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
+class TopLogprob(_Open):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ContentLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Open):
+    content: list[ContentLogprob] | None = None
+
+
+class CompletionLogprobs(_Open):
+    """The legacy completions' shape: parallel lists, one entry per output token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class ChatChoice(_Open):
     index: int = 0
     message: ResponseMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 def new_id(prefix: str) -> str:
@@ -298,7 +342,7 @@ class ChunkChoice(_Open):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(_Open):
@@ -314,7 +358,7 @@ class CompletionChoice(_Open):
     index: int = 0
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(_Open):
