@@ -71,6 +71,9 @@ class FakeServed:
     def token_text(self, token: int) -> str:
         return chr(token)
 
+    def token_bytes(self, token: int) -> bytes:
+        return chr(token).encode()
+
     async def compile_grammar(self, spec: Any) -> tuple[None, None]:
         """No grammar is enforced: the script plays the constrained output."""
         return None, None

@@ -184,6 +184,15 @@ def test_chat_logprobs_name_each_token_of_the_answer(neuron: Neuron) -> None:
     assert plain.choices[0].logprobs is None
 
 
+def test_logprob_bytes_rebuild_a_character_split_over_tokens(neuron: Neuron) -> None:
+    # The emoji's four bytes lie in three tokens: each one's text is U+FFFD, its bytes its own.
+    served = neuron.served()
+    text = "é😀 the"
+    ids = served.encode(text)
+    assert b"".join(served.token_bytes(token) for token in ids) == text.encode()
+    assert [served.token_text(token) for token in ids].count("\ufffd") == 3
+
+
 def test_completion_logprobs_in_the_legacy_lists(neuron: Neuron) -> None:
     counting = {"model": CHAT, "prompt": COUNTING, "max_tokens": 6, "temperature": 0}
     choice = neuron.sdk.completions.create(**counting, logprobs=2).choices[0]

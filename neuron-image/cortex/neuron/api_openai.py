@@ -46,7 +46,7 @@ from cortex.core.protocol.openai import (
 from cortex.neuron.api_lifecycle import runtime_of
 from cortex.neuron.constraints import chat_constraint, response_format_grammar
 from cortex.neuron.generation import Finished, TokenLogprob
-from cortex.neuron.logprobs import TextOf, chat_logprobs, completion_logprobs
+from cortex.neuron.logprobs import Tokens, chat_logprobs, completion_logprobs
 from cortex.neuron.prompts import PromptPool, require_unicode
 from cortex.neuron.serving import (
     Generation,
@@ -221,7 +221,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                 calls_only,
                 include_usage,
                 continuous,
-                served.token_text if asked is not None else None,
+                served if asked is not None else None,
             ),
             headers=limit.headers(),
         )
@@ -242,9 +242,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                 message=message,
                 finish_reason=reason,  # type: ignore[arg-type]
                 stop_reason=finished.stop_sequence,
-                logprobs=chat_logprobs(served.token_text, generation.logprobs)
-                if asked is not None
-                else None,
+                logprobs=chat_logprobs(served, generation.logprobs) if asked is not None else None,
             )
         ],
         usage=usage(finished),
@@ -259,12 +257,12 @@ async def _chat_stream(
     calls_only: bool,
     include_usage: bool,
     continuous: bool,
-    text_of: TextOf | None = None,
+    tokens: Tokens | None = None,
 ) -> AsyncIterator[bytes]:
     """Role chunk, content (and tool call) deltas, finish chunk, usage chunk, [DONE].
 
     Calls past `most_calls` (parallel_tool_calls false) are dropped, and so is all text when
-    `calls_only` (a forced tool call). With `text_of`, each content delta carries the logprobs
+    `calls_only` (a forced tool call). With `tokens`, each content delta carries the logprobs
     of the tokens it completes (a request with logprobs has no tools: one delta per event)."""
     base = ChatCompletionChunk(
         id=new_id("chatcmpl"), created=int(time.time()), model=generation.model, choices=[]
@@ -304,7 +302,7 @@ async def _chat_stream(
             function = DeltaFunctionCall(name=piece.name, arguments=piece.arguments)
             call = DeltaToolCall(index=sent_calls, id=piece.id, type="function", function=function)
             out, sent_calls = Delta(tool_calls=[call]), sent_calls + 1
-        scored = chat_logprobs(text_of, logprobs) if text_of is not None else None
+        scored = chat_logprobs(tokens, logprobs) if tokens is not None else None
         update = {"choices": [ChunkChoice(delta=out, logprobs=scored)], "usage": so_far()}
         return _chunk(base.model_copy(update=update))
 
@@ -415,7 +413,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     echo = text if body.echo else ""
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        scored = (served.token_text, body.logprobs) if body.logprobs is not None else None
+        scored = (served, body.logprobs) if body.logprobs is not None else None
         return EventStreamResponse(
             _completion_stream(generation, echo, include_usage, scored), headers=limit.headers()
         )
@@ -424,9 +422,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         text=echo + output,
         finish_reason=finished.reason,  # type: ignore[arg-type]
         stop_reason=finished.stop_sequence,
-        logprobs=completion_logprobs(
-            served.token_text, generation.logprobs, len(echo), body.logprobs
-        )
+        logprobs=completion_logprobs(served, generation.logprobs, len(echo), body.logprobs)
         if body.logprobs is not None
         else None,
     )
@@ -438,9 +434,9 @@ async def _completion_stream(
     generation: Generation,
     echo: str,
     include_usage: bool,
-    scored: tuple[TextOf, int] | None = None,
+    scored: tuple[Tokens, int] | None = None,
 ) -> AsyncIterator[bytes]:
-    """Text chunks; with `scored` (token texts, alternatives per token), each carries the
+    """Text chunks; with `scored` (the model's tokens, alternatives per token), each carries the
     logprobs of the tokens it completes, offsets counted from the start of the choice's text."""
     base = Completion(model=generation.model, choices=[])
     offset = len(echo)

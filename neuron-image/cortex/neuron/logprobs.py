@@ -4,7 +4,8 @@ token by its text."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from cortex.core.protocol.openai import (
     ChoiceLogprobs,
@@ -14,13 +15,18 @@ from cortex.core.protocol.openai import (
 )
 from cortex.neuron.generation import TokenLogprob
 
-TextOf = Callable[[int], str]
+
+class Tokens(Protocol):
+    """How a served model names its tokens (ServedModel)."""
+
+    def token_text(self, token: int) -> str: ...
+    def token_bytes(self, token: int) -> bytes: ...
 
 
-def chat_logprobs(text_of: TextOf, logprobs: Sequence[TokenLogprob]) -> ChoiceLogprobs:
+def chat_logprobs(tokens: Tokens, logprobs: Sequence[TokenLogprob]) -> ChoiceLogprobs:
     def entry(token: int, logprob: float) -> TopLogprob:
-        text = text_of(token)
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+        text, raw = tokens.token_text(token), tokens.token_bytes(token)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(raw))
 
     content = [
         ContentLogprob(
@@ -33,17 +39,17 @@ def chat_logprobs(text_of: TextOf, logprobs: Sequence[TokenLogprob]) -> ChoiceLo
 
 
 def completion_logprobs(
-    text_of: TextOf, logprobs: Sequence[TokenLogprob], offset: int, alternatives: int
+    tokens: Tokens, logprobs: Sequence[TokenLogprob], offset: int, alternatives: int
 ) -> CompletionLogprobs:
     """`offset`: where the first token's text starts in the choice's text (after any echo)."""
-    tokens = [text_of(lp.token) for lp in logprobs]
+    texts = [tokens.token_text(lp.token) for lp in logprobs]
     starts = []
-    for text in tokens:
+    for text in texts:
         starts.append(offset)
         offset += len(text)
-    top = [{text_of(token): value for token, value in lp.top} for lp in logprobs]
+    top = [{tokens.token_text(token): value for token, value in lp.top} for lp in logprobs]
     return CompletionLogprobs(
-        tokens=tokens,
+        tokens=texts,
         token_logprobs=[lp.logprob for lp in logprobs],
         top_logprobs=top if alternatives else None,
         text_offset=starts,

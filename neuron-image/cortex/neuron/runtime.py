@@ -34,7 +34,7 @@ from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, ModelState
 from cortex.core.shutdown import SHUTDOWN_RETRY_AFTER
 from cortex.neuron import cpu_linear, loader, sources
 from cortex.neuron.admission import ANYONE, Admission
-from cortex.neuron.chat_template import render_chat
+from cortex.neuron.chat_template import render_chat, token_bytes
 from cortex.neuron.devices import Device, discover
 from cortex.neuron.engine import Engine, Sequence
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams
@@ -132,6 +132,11 @@ class ServedModel:
             text = str(self.weights.tokenizer.decode([token], skip_special_tokens=False))
             self._token_texts[token] = text
         return text
+
+    def token_bytes(self, token: int) -> bytes:
+        """One token's own bytes, also where it holds part of a UTF-8 character (logprobs'
+        `bytes`, which a client joins to rebuild such a character)."""
+        return token_bytes(self.weights.tokenizer, token, self.token_text(token))
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, principal: str = ANYONE
