@@ -200,17 +200,20 @@ def _penalise(
     if not rows:
         return
     device = logits.device
-    width = max(len(recent[r]) for r in rows)
-    # array() then one buffer copy: torch.tensor() over nested lists costs several times more.
-    flat = array(
-        "q", [t for r in rows for t in (*recent[r], *[recent[r][0]] * (width - len(recent[r])))]
-    )
-    ids = torch.frombuffer(flat, dtype=torch.long).view(len(rows), width).to(device)
+    ids = _padded([recent[r] for r in rows], device)
     penalty = torch.tensor([[samplers[r].repetition_penalty] for r in rows], device=device)
     at = (torch.tensor(rows, device=device).unsqueeze(1), ids)
     scores = logits[at].float()  # a repeated token reads and writes the same value
     scores = torch.where(scores > 0, scores / penalty, scores * penalty)
     logits.index_put_(at, scores.to(logits.dtype))
+
+
+def _padded(histories: list[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """Token histories (none empty) as [rows, longest], each padded with its own first token.
+    array() then one buffer copy: torch.tensor() over nested lists costs several times more."""
+    width = max(map(len, histories))
+    flat = array("q", [t for h in histories for t in (*h, *[h[0]] * (width - len(h)))])
+    return torch.frombuffer(flat, dtype=torch.long).view(len(histories), width).to(device)
 
 
 def _shift(logits: torch.Tensor, samplers: list[Sampler], outputs: Sequence[Sequence[int]]) -> None:
@@ -236,11 +239,8 @@ def _penalise_output(
     if not rows:
         return
     device = logits.device
-    width = max(len(outputs[r]) for r in rows)
-    flat = array(
-        "q", [t for r in rows for t in (*outputs[r], *[outputs[r][0]] * (width - len(outputs[r])))]
-    )
-    ids = torch.frombuffer(flat, dtype=torch.long).view(len(rows), width).to(device)
+    ids = _padded([outputs[r] for r in rows], device)
+    width = ids.shape[1]
     lengths = torch.tensor([len(outputs[r]) for r in rows], device=device)
     real = torch.arange(width, device=device) < lengths.unsqueeze(1)
     ordered = torch.where(real, ids, -1).sort(dim=1).values  # padding (-1) sorts first
