@@ -31,6 +31,17 @@ async def test_an_ad_hoc_failed_load_is_not_a_model() -> None:
         assert 'model="adhoc"' not in scraped
 
 
+async def test_a_failed_load_shows_on_the_card_before_any_poll() -> None:
+    # No poll after the gateway's first: the failure comes from the load's own answer. (With
+    # the gateway waiting for a poll, a card read right after a failed load said nothing.)
+    quiet = {"poll_interval": 3600}
+    async with cluster(neuron(), catalogue=[spec("broken")], gateway=quiet) as c:
+        asked = await c.http.post("/v1/chat/completions", json=chat_body("broken"))
+        assert OOM in asked.json()["error"]["message"]
+        cards = {m["id"]: m for m in (await c.http.get("/v1/models")).json()["data"]}
+        assert cards["broken"]["last_error"] == f"n1: {OOM}"
+
+
 async def test_a_failed_catalogue_model_names_the_real_cause() -> None:
     async with cluster(neuron(), catalogue=[spec("chat-a"), spec("broken")]) as c:
         first = await c.http.post("/v1/chat/completions", json=chat_body("broken"))

@@ -342,9 +342,12 @@ class Placer:
             self._release(load.neuron, load.model)
             if isinstance(err, NeuronUnavailable):
                 self.fleet.note_failure(load.neuron, err.message)
+            else:  # the neuron answered: its status now says what failed (the model's card too)
+                await self.fleet.refresh(load.neuron, fresh=True)
             raise
         if loaded.state != ModelState.READY:
             self._release(load.neuron, load.model)
+            await self.fleet.refresh(load.neuron, fresh=True)
             raise ModelLoadFailed(f"loading {load.model!r} on {load.neuron} failed: {loaded.error}")
         self.fleet.apply_loaded(load.neuron, loaded)
         self._release(load.neuron, load.model)

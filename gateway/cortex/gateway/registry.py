@@ -115,8 +115,12 @@ class Fleet:
         """Refresh every neuron at once; one slow neuron does not delay the others' news."""
         await asyncio.gather(*(self.refresh(name) for name in list(self.neurons)))
 
-    async def refresh(self, name: str) -> None:
+    async def refresh(self, name: str, *, fresh: bool = False) -> None:
+        """Read the neuron's status and listing. `fresh`: after a change this gateway caused (a
+        failed load), so a poll begun before it cannot put the older picture back."""
         handle = self.neurons[name]
+        if fresh:
+            handle.generation += 1
         generation, setbacks = handle.generation, handle.setbacks
         try:
             status, listing = await asyncio.gather(handle.client.status(), handle.client.models())
