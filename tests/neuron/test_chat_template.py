@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from cortex.neuron.chat_template import render_chat, token_bytes
+from cortex.neuron.chat_template import render_chat
+from cortex.neuron.logprobs import token_bytes
 
 
 def test_a_base_model_transcript_continues_or_opens_the_assistant_turn() -> None:

@@ -91,38 +91,3 @@ def _loads(arguments: Any) -> Any:
         return json.loads(arguments)
     except ValueError:
         return arguments
-
-
-def token_bytes(tokenizer: Any, token: int, text: str) -> bytes:
-    """The bytes a token stands for, `text` being its decoded text. Byte-level BPE (GPT-2,
-    SmolLM2, Llama 3, Qwen) spells each byte as one printable character; SentencePiece spells
-    a byte it has no piece for as <0xNN> and a space as U+2581. Other tokens: their text."""
-    piece = tokenizer.convert_ids_to_tokens(token)
-    if not isinstance(piece, str):
-        return text.encode()
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        try:
-            return bytes([int(piece[3:5], 16)])
-        except ValueError:
-            pass
-    if "\ufffd" in text and all(c in _BYTE_OF for c in piece):
-        return bytes(_BYTE_OF[c] for c in piece)
-    return text.encode()
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the other 68 are
-    shifted past 255, so every byte has a visible character."""
-    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    visible += range(ord("®"), ord("ÿ") + 1)
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in visible:
-            chars[chr(byte)] = byte
-        else:
-            chars[chr(256 + extra)] = byte
-            extra += 1
-    return chars
-
-
-_BYTE_OF = _byte_level_alphabet()

@@ -239,14 +239,11 @@ class Engine:
         ends = [i for i, (a, n) in enumerate(plan) if n == _remaining(a) and not a.seq.output_ids]
         fresh = [plan[i][0] for i in ends]
         logits = logits[ends]
-        scores = raw_logprobs(logits, [a.sampler for a in fresh])
+        samplers = [a.sampler for a in fresh]
+        scores = raw_logprobs(logits, samplers)
         apply_bitmask(logits, [a.matcher for a in fresh])
         tokens = sample(
-            logits,
-            [a.sampler for a in fresh],
-            [a.generator for a in fresh],
-            _recent(fresh),
-            _outputs(fresh),
+            logits, samplers, [a.generator for a in fresh], _recent(fresh), _outputs(fresh)
         )
         # State changes only once the forward and sampling went through, so a failed step can be
         # run again (each sequence alone, see _isolate) or abandoned (fail_all).
@@ -255,7 +252,7 @@ class Engine:
         for active in done:
             self._prefilling.remove(active)
             self._decoding.join(active)
-        picked = picked_logprobs(scores, [a.sampler for a in fresh], tokens)
+        picked = picked_logprobs(scores, samplers, tokens)
         for active, token, logprob in zip(fresh, tokens, picked, strict=True):
             self._accept(active, token, logprob)
 
@@ -431,18 +428,15 @@ class Engine:
                 for band, first, rows in segments
             ]
         )
-        scores = raw_logprobs(logits, [a.sampler for a in batch])
+        samplers = [a.sampler for a in batch]
+        scores = raw_logprobs(logits, samplers)
         apply_bitmask(logits, [a.matcher for a in batch])
         tokens = sample(
-            logits,
-            [a.sampler for a in batch],
-            [a.generator for a in batch],
-            _recent(batch),
-            _outputs(batch),
+            logits, samplers, [a.generator for a in batch], _recent(batch), _outputs(batch)
         )
         for active in batch:
             active.kv_length += 1
-        picked = picked_logprobs(scores, [a.sampler for a in batch], tokens)
+        picked = picked_logprobs(scores, samplers, tokens)
         # Accepting may finish sequences and move rows: all rows are decoded by then.
         for active, token, logprob in zip(batch, tokens, picked, strict=True):
             self._accept(active, token, logprob)

@@ -5,7 +5,8 @@ token by its text."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from functools import cache
+from typing import Any, Protocol
 
 from cortex.core.protocol.openai import (
     ChoiceLogprobs,
@@ -24,14 +25,14 @@ class Tokens(Protocol):
 
 
 def chat_logprobs(tokens: Tokens, logprobs: Sequence[TokenLogprob]) -> ChoiceLogprobs:
-    def entry(token: int, logprob: float) -> TopLogprob:
-        text, raw = tokens.token_text(token), tokens.token_bytes(token)
-        return TopLogprob(token=text, logprob=logprob, bytes=list(raw))
+    def named(token: int) -> dict[str, Any]:
+        return {"token": tokens.token_text(token), "bytes": list(tokens.token_bytes(token))}
 
     content = [
         ContentLogprob(
-            **entry(lp.token, lp.logprob).model_dump(),
-            top_logprobs=[entry(token, value) for token, value in lp.top],
+            **named(lp.token),
+            logprob=lp.logprob,
+            top_logprobs=[TopLogprob(**named(token), logprob=value) for token, value in lp.top],
         )
         for lp in logprobs
     ]
@@ -54,3 +55,29 @@ def completion_logprobs(
         top_logprobs=top if alternatives else None,
         text_offset=starts,
     )
+
+
+def token_bytes(tokenizer: Any, token: int, text: str) -> bytes:
+    """The bytes a token stands for, `text` being its decoded text. Byte-level BPE (GPT-2,
+    SmolLM2, Llama 3, Qwen) spells each byte as one printable character; SentencePiece spells
+    a byte it has no piece for as <0xNN> and a space as U+2581. Other tokens: their text."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if not isinstance(piece, str):
+        return text.encode()
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            pass
+    byte_of = _byte_level()
+    if "\ufffd" in text and all(c in byte_of for c in piece):
+        return bytes(byte_of[c] for c in piece)
+    return text.encode()
+
+
+@cache
+def _byte_level() -> dict[str, int]:
+    """Byte-level BPE's character for each byte, reversed (transformers' own table)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}

@@ -34,11 +34,12 @@ from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, ModelState
 from cortex.core.shutdown import SHUTDOWN_RETRY_AFTER
 from cortex.neuron import cpu_linear, loader, sources
 from cortex.neuron.admission import ANYONE, Admission
-from cortex.neuron.chat_template import render_chat, token_bytes
+from cortex.neuron.chat_template import render_chat
 from cortex.neuron.devices import Device, discover
 from cortex.neuron.engine import Engine, Sequence
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams
 from cortex.neuron.grammar import CompiledGrammar, GrammarCompiler, GrammarSpec
+from cortex.neuron.logprobs import token_bytes
 from cortex.neuron.prompts import require_unicode
 from cortex.neuron.worker import DeviceWorker
 
@@ -102,7 +103,7 @@ class ServedModel:
         )
         self.engine: Engine | None = None
         self._grammars: GrammarCompiler | None = None
-        self._token_texts: dict[int, str] = {}
+        self._token_names: dict[int, tuple[str, bytes]] = {}
         self._grammar_lock = threading.Lock()
 
     def render_chat(
@@ -126,17 +127,22 @@ class ServedModel:
 
     def token_text(self, token: int) -> str:
         """One token's text, special tokens included (logprobs name their tokens by it); part
-        of a UTF-8 character shows as U+FFFD. Remembered: the same few thousand recur."""
-        text = self._token_texts.get(token)
-        if text is None:
-            text = str(self.weights.tokenizer.decode([token], skip_special_tokens=False))
-            self._token_texts[token] = text
-        return text
+        of a UTF-8 character shows as U+FFFD."""
+        return self._named(token)[0]
 
     def token_bytes(self, token: int) -> bytes:
         """One token's own bytes, also where it holds part of a UTF-8 character (logprobs'
         `bytes`, which a client joins to rebuild such a character)."""
-        return token_bytes(self.weights.tokenizer, token, self.token_text(token))
+        return self._named(token)[1]
+
+    def _named(self, token: int) -> tuple[str, bytes]:
+        """Remembered: the same few thousand tokens recur."""
+        named = self._token_names.get(token)
+        if named is None:
+            tokenizer = self.weights.tokenizer
+            text = str(tokenizer.decode([token], skip_special_tokens=False))
+            named = self._token_names[token] = (text, token_bytes(tokenizer, token, text))
+        return named
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, principal: str = ANYONE
