@@ -60,6 +60,7 @@ async def test_exposition_has_every_g7_metric_with_model_and_neuron_labels() -> 
         values = samples(text)
         chat_a = (("model", "chat-a"), ("neuron", "n1"))
         assert values[("cortex_requests_total", (*chat_a, ("surface", "openai")))] == 2
+        assert values[("cortex_in_flight_requests", chat_a)] == 0  # idle, yet still a series
         assert values[("cortex_prompt_tokens_total", chat_a)] == 1 + 2  # "hi", then "hello there"
         assert values[("cortex_completion_tokens_total", chat_a)] == 6
         assert values[("cortex_time_to_first_token_seconds_count", chat_a)] == 1  # the stream

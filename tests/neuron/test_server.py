@@ -445,7 +445,8 @@ async def test_embedding_errors(http: httpx.AsyncClient) -> None:
         assert _error(response, 400, "invalid_request")["param"] == param
     chat = {"model": "tiny-embed", "messages": USER}
     response = await http.post("/v1/chat/completions", json=chat)
-    assert "/v1/embeddings" in _error(response, 400, "invalid_request")["message"]
+    message = _error(response, 400, "invalid_request")["message"]
+    assert message == "model 'tiny-embed' is an embedding model; use /v1/embeddings"
 
 
 async def test_v1_models_lists_loaded_models(sdk: openai.AsyncOpenAI) -> None:

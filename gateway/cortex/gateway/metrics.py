@@ -127,13 +127,17 @@ class _FleetCollector(Collector):
         )
         for name, handle in self.fleet.neurons.items():
             healthy.add_metric([name], 1.0 if self.fleet.healthy(name) else 0.0)
-            for model, count in handle.in_flight.items():
+            status = handle.status
+            held = [m for m in status.models if m.state != ModelState.FAILED] if status else []
+            # A resident replica with nothing in flight reads 0 rather than vanishing, so a
+            # dashboard's sum is 0 when idle, not "no data".
+            counts = {loaded.id: 0 for loaded in held} | dict(handle.in_flight)
+            for model, count in counts.items():
                 in_flight.add_metric([model, name], count)
-            for device in handle.status.devices if handle.status else []:
+            for device in status.devices if status else []:
                 device_memory.add_metric([name, device.id, "total"], device.memory_total)
                 device_memory.add_metric([name, device.id, "free"], device.memory_free)
                 device_memory.add_metric([name, device.id, "used"], device.memory_used)
-            for loaded in handle.status.models if handle.status else []:
-                if loaded.state != ModelState.FAILED:  # holds no memory; no label to keep
-                    replica_memory.add_metric([loaded.id, name], loaded.memory_bytes)
+            for loaded in held:  # a failed load holds no memory; no label to keep
+                replica_memory.add_metric([loaded.id, name], loaded.memory_bytes)
         yield from (in_flight, device_memory, replica_memory, healthy)

@@ -71,10 +71,10 @@ MAX_EMBEDDING_INPUTS = 2048
 def _served(request: Request, model: str, kind: str) -> ServedModel:
     served = runtime_of(request).served(model)
     if served.kind != kind:
-        route = "/v1/embeddings" if served.kind == "embedding" else "/v1/chat/completions"
-        raise InvalidRequest(
-            f"model {served.id!r} is a {served.kind} model; use {route}", param="model"
-        )
+        what = "an embedding model; use /v1/embeddings"
+        if served.kind != "embedding":
+            what = f"a {served.kind} model; use /v1/chat/completions"
+        raise InvalidRequest(f"model {served.id!r} is {what}", param="model")
     request.state.model = served.id
     return served
 
