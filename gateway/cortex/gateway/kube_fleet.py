@@ -56,9 +56,6 @@ class KubeFleet:
         self.placements: dict[str, ModelPlacement] = {}
         self.neurons: dict[str, Neuron] = {}
         self._probes: dict[str, str | None] = {}
-        # Handles replaced or removed while requests still ran on them; closed once drained.
-        self._retired: list[NeuronHandle] = []
-        self._closing: set[asyncio.Task[None]] = set()
         self._change = asyncio.Event()
 
     # -- FleetSource
@@ -75,9 +72,6 @@ class KubeFleet:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(
-            *self._closing, *(h.client.aclose() for h in self._retired), return_exceptions=True
-        )
         await self.api.aclose()
 
     def routable(self) -> bool:
@@ -153,26 +147,14 @@ class KubeFleet:
                 continue
             handle = self.fleet.neurons.get(name)
             if handle is None or handle.entry.endpoint != endpoint:
-                handle = self._replace(handle, entry)
-            handle.entry = entry
+                handle = self.fleet.replace(entry)
+            handle.entry, handle.leaving = entry, False  # back, if it was leaving
             handle.status = _status_of(name, neuron)
             handle.cordoned = bool(neuron and neuron.spec.cordoned)
             self._note_probe(handle, neuron)
-        for name, handle in list(self.fleet.neurons.items()):
+        for name in list(self.fleet.neurons):
             if name not in endpoints:
-                handle.status = None  # unhealthy: no new requests
-                if not _busy(handle):
-                    del self.fleet.neurons[name]
-                    self._retired.append(handle)
-        self._close_drained()
-
-    def _replace(self, old: NeuronHandle | None, entry: NeuronEntry) -> NeuronHandle:
-        """A handle for a new endpoint; requests running on the old one keep their counts."""
-        handle = self.fleet.add(entry)
-        if old is not None:
-            handle.in_flight, handle.last_used = old.in_flight, old.last_used
-            self._retired.append(old)
-        return handle
+                self.fleet.retire(name)
 
     def _note_probe(self, handle: NeuronHandle, neuron: Neuron | None) -> None:
         """A newer successful probe by the operator clears this gateway's failure count, as a
@@ -182,18 +164,6 @@ class KubeFleet:
             handle.failures, handle.last_error = 0, None
             handle.last_seen = parse_rfc3339(probe) if probe else handle.last_seen
         self._probes[handle.name] = probe
-
-    def _close_drained(self) -> None:
-        drained = [h for h in self._retired if not _busy(h)]
-        self._retired = [h for h in self._retired if _busy(h)]
-        for handle in drained:
-            task = asyncio.get_running_loop().create_task(handle.client.aclose())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
-
-def _busy(handle: NeuronHandle) -> bool:
-    return any(count > 0 for count in handle.in_flight.values())
 
 
 def _parsed(objects: dict[str, dict[str, Any]], model: type[M]) -> dict[str, M]:

@@ -92,8 +92,9 @@ class Placer:
         neuron does not report yet."""
         names = self.fleet.polled(model, ModelState.LOADING)
         for neuron, arriving in self.reservations.arriving:
-            unseen = arriving == model and self.fleet[neuron].model(model) is None
-            if unseen and neuron not in names and self.fleet.healthy(neuron):
+            if arriving != model or not self.fleet.healthy(neuron):
+                continue  # healthy: also still in the fleet (a reload may take neurons out)
+            if self.fleet[neuron].model(model) is None and neuron not in names:
                 names.append(neuron)
         return names
 
@@ -359,15 +360,22 @@ class Placer:
 
     async def _abandon(self, load: Load) -> None:
         """Every waiter left: the neuron need not keep what nobody asked for any more."""
+        handle = self.fleet.neurons.get(load.neuron)
+        if handle is None:
+            return  # taken out of the fleet meanwhile (a reload)
         try:
-            await self.fleet[load.neuron].client.unload(load.model)
+            await handle.client.unload(load.model)
         except CortexError as err:
             log.info("abandoned load of %s on %s: unload said %s", load.model, load.neuron, err)
         await self.fleet.refresh(load.neuron)
 
     async def _unload(self, action: Unload) -> bool:
+        handle = self.fleet.neurons.get(action.neuron)
+        if handle is None:  # taken out of the fleet since the plan (a reload)
+            self._release(action.neuron, action.model)
+            return False
         try:
-            await self.fleet[action.neuron].client.unload(action.model)
+            await handle.client.unload(action.model)
         except ModelNotFound:
             self.fleet.apply_unloaded(action.neuron, action.model)
             self._release(action.neuron, action.model)

@@ -50,10 +50,16 @@ class NeuronHandle:
     # Bumped by every local change (a load's or unload's answer): a poll that was already on
     # its way when one happened carries older news and must not overwrite it.
     generation: int = 0
+    # Taken out of the fleet (Fleet.retire): no new requests; gone once those running end.
+    leaving: bool = False
 
     @property
     def name(self) -> str:
         return self.entry.name
+
+    @property
+    def busy(self) -> bool:
+        return any(count > 0 for count in self.in_flight.values())
 
     def model(self, model: str) -> LoadedModel | None:
         if self.status is None:
@@ -86,6 +92,9 @@ class Fleet:
                 pool=DEFAULT_TIMEOUT.pool,
             )
         self.neurons: dict[str, NeuronHandle] = {}
+        # Handles replaced or retired while requests still ran on them; closed once drained.
+        self._retired: list[NeuronHandle] = []
+        self._closing: set[asyncio.Task[None]] = set()
         for entry in entries:
             self.add(entry)
 
@@ -103,22 +112,59 @@ class Fleet:
         self.neurons[entry.name] = handle
         return handle
 
+    def replace(self, entry: NeuronEntry) -> NeuronHandle:
+        """A new handle for a neuron whose endpoint or token changed (or a new one). Requests
+        running on the old handle keep their counts; its client is closed once they end."""
+        old = self.neurons.get(entry.name)
+        handle = self.add(entry)
+        if old is not None:
+            handle.in_flight, handle.last_used = old.in_flight, old.last_used
+            self._retired.append(old)
+            self._close_drained()
+        return handle
+
+    def retire(self, name: str) -> None:
+        """Take a neuron out of the fleet: from now on it is neither routed to nor polled, nor
+        a place for loads; it leaves the registry, its client closed, once its requests end."""
+        handle = self.neurons.get(name)
+        if handle is not None:
+            handle.leaving, handle.status = True, None
+            self._close_drained()
+
+    def _close_drained(self) -> None:
+        for name, handle in list(self.neurons.items()):
+            if handle.leaving and not handle.busy:
+                del self.neurons[name]
+                self._retired.append(handle)
+        drained = [h for h in self._retired if not h.busy]
+        self._retired = [h for h in self._retired if h.busy]
+        for handle in drained:
+            task = asyncio.get_running_loop().create_task(handle.client.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     def __getitem__(self, name: str) -> NeuronHandle:
         return self.neurons[name]
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(h.client.aclose() for h in self.neurons.values()))
+        clients = [h.client for h in [*self.neurons.values(), *self._retired]]
+        await asyncio.gather(
+            *self._closing, *(client.aclose() for client in clients), return_exceptions=True
+        )
 
     # -- polling
 
     async def poll(self) -> None:
         """Refresh every neuron at once; one slow neuron does not delay the others' news."""
-        await asyncio.gather(*(self.refresh(name) for name in list(self.neurons)))
+        names = [name for name, handle in self.neurons.items() if not handle.leaving]
+        await asyncio.gather(*(self.refresh(name) for name in names))
 
     async def refresh(self, name: str, *, fresh: bool = False) -> None:
         """Read the neuron's status and listing. `fresh`: after a change this gateway caused (a
         failed load), so a poll begun before it cannot put the older picture back."""
-        handle = self.neurons[name]
+        handle = self.neurons.get(name)
+        if handle is None or handle.leaving:
+            return  # taken out of the fleet meanwhile
         if fresh:
             handle.generation += 1
         generation, setbacks = handle.generation, handle.setbacks
@@ -133,13 +179,15 @@ class Fleet:
         handle.last_seen = time.time()
         if handle.setbacks == setbacks:
             handle.failures, handle.last_error = 0, None
-        if handle.generation != generation:
+        if handle.generation != generation or handle.leaving:
             return  # overtaken by a local change; the next poll brings the newer picture
         handle.status, handle.listing = status, listing
 
     def note_failure(self, name: str, error: str) -> None:
         """A failed poll or request; after `unhealthy_after` in a row the neuron is skipped."""
-        handle = self.neurons[name]
+        handle = self.neurons.get(name)
+        if handle is None:
+            return
         handle.failures += 1
         handle.setbacks += 1
         handle.last_error = error
@@ -148,7 +196,9 @@ class Fleet:
 
     def mark_suspect(self, name: str, error: str) -> None:
         """A connection failure: skip the neuron now, until a poll finds it answering again."""
-        handle = self.neurons[name]
+        handle = self.neurons.get(name)
+        if handle is None:
+            return
         if handle.failures < self.unhealthy_after:
             log.warning("neuron %s suspect: %s", name, error)
         handle.failures = max(handle.failures + 1, self.unhealthy_after)
@@ -164,9 +214,11 @@ class Fleet:
         return self.neurons[name].in_flight[model] >= status.max_running + status.max_queue
 
     def healthy(self, name: str) -> bool:
-        handle = self.neurons[name]
+        handle = self.neurons.get(name)
         return (
-            handle.status is not None
+            handle is not None
+            and not handle.leaving
+            and handle.status is not None
             and handle.status.healthy
             and handle.failures < self.unhealthy_after
         )
@@ -196,17 +248,23 @@ class Fleet:
         handle.last_used[model] = time.time()
         if handle.in_flight[model] <= 0:
             del handle.in_flight[model]
+            if handle.leaving or self._retired:
+                self._close_drained()
 
     def apply_loaded(self, name: str, loaded: LoadedModel) -> None:
         """Record a load's answer now rather than at the next poll."""
-        handle = self.neurons[name]
+        handle = self.neurons.get(name)
+        if handle is None:
+            return  # taken out of the fleet meanwhile
         handle.generation += 1
         if handle.status is not None:
             others = [m for m in handle.status.models if m.id != loaded.id]
             handle.status.models = [*others, loaded]
 
     def apply_unloaded(self, name: str, model: str) -> None:
-        handle = self.neurons[name]
+        handle = self.neurons.get(name)
+        if handle is None:
+            return  # taken out of the fleet meanwhile
         handle.generation += 1
         if handle.status is not None:
             handle.status.models = [m for m in handle.status.models if m.id != model]
