@@ -173,6 +173,13 @@ async def test_api_keys_from_a_mounted_secret_file_authenticate(kube: Kube, tmp_
             await g.http.post("/v1/chat/completions", json=body, headers=wrong)
         ).status_code == 401
         assert (await g.http.post("/v1/chat/completions", json=body)).status_code == 401
+        # The Secret rotated (the kubelet rewrites the file in place): a reload (SIGHUP) reads it.
+        (secret / "team-a").write_text("sk-team-a-rotated\n")
+        assert await g.gateway.reload(g.gateway.config) == []
+        rotated = {"Authorization": "Bearer sk-team-a-rotated"}
+        for headers, code in ((rotated, 200), (good, 401)):
+            answer = await g.http.post("/v1/chat/completions", json=body, headers=headers)
+            assert answer.status_code == code
 
 
 async def test_ready_once_the_watches_are_up_even_with_nothing_loaded(kube: Kube) -> None:

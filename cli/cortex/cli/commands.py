@@ -221,7 +221,10 @@ async def gateway(args: argparse.Namespace) -> None:
         )
     catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
     print(banner(config, args.config, catalogue), flush=True)
-    await serve_gateway(config, catalogue, kubernetes=kubernetes)
+    # The built-in models go as the base a reload keeps; the config's come with the config.
+    await serve_gateway(
+        config, DEFAULT_CATALOGUE, kubernetes=kubernetes, reread=lambda: gateway_config(args)
+    )
 
 
 async def up(args: argparse.Namespace) -> None:
@@ -259,7 +262,9 @@ async def up(args: argparse.Namespace) -> None:
                 raise CortexError(f"the local neuron could not listen on 127.0.0.1:{port}")
             await asyncio.sleep(0.05)
         print(banner(config, args.config, catalogue), flush=True)
-        await serve_gateway(config, catalogue, extra_neurons=[entry])
+        await serve_gateway(
+            config, DEFAULT_CATALOGUE, extra_neurons=[entry], reread=lambda: gateway_config(args)
+        )
     finally:
         server.should_exit = True
         await asyncio.gather(neuron_task, return_exceptions=True)

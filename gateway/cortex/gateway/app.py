@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from cortex.core.access_log import redact_access_log
 from cortex.core.catalogue import ModelSpec
-from cortex.core.config import GatewayConfig, NeuronEntry
+from cortex.core.config import ConfigError, GatewayConfig, NeuronEntry
 from cortex.core.kube_api import KubeLogin
 from cortex.core.request_context import RequestContext
 from cortex.core.shutdown import Drain, DrainGate, GracefulServer
@@ -24,6 +26,8 @@ from cortex.gateway.http.access import authenticate_admin, gateway_of
 from cortex.gateway.http.admin import router as fleet_control
 from cortex.gateway.http.inference import InferenceRoutes
 from cortex.gateway.metrics import CONTENT_TYPE
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -108,9 +112,11 @@ async def serve(
     *,
     extra_neurons: Iterable[NeuronEntry] = (),
     kubernetes: KubeLogin | None = None,
+    reread: Callable[[], GatewayConfig] | None = None,
 ) -> None:
     """Serve the API on `gateway.listen` and metrics on `gateway.metrics_listen` until stopped;
-    the first SIGTERM drains the streams in flight before both stop (cortex.core.shutdown)."""
+    the first SIGTERM drains the streams in flight before both stop (cortex.core.shutdown).
+    SIGHUP applies what `reread` reads (the config file again) to the running gateway."""
     app = create_app(config, catalogue, extra_neurons=extra_neurons, kubernetes=kubernetes)
     drain = app.state.gateway.drain
     host, port = _split(config.gateway.listen)
@@ -123,13 +129,41 @@ async def serve(
         servers.append(GracefulServer(metrics_config, drain))
     redact_access_log()  # after the uvicorn.Configs above, which set uvicorn's loggers up
     tasks = [asyncio.create_task(server.serve()) for server in servers]
+    loop = asyncio.get_running_loop()
+    if reread is not None:
+        loop.add_signal_handler(signal.SIGHUP, reloader(app.state.gateway, reread))
     try:
         # One server stopping (a signal, a bind failure) stops the other.
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        if reread is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
         for server in servers:
             server.should_exit = True
         results = await asyncio.gather(*tasks, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
+
+
+def reloader(gateway: Gateway, reread: Callable[[], GatewayConfig]) -> Callable[[], None]:
+    """A SIGHUP handler: re-read the config and apply it, one reload at a time. A file that does
+    not read or validate changes nothing; the log says why."""
+    lock = asyncio.Lock()
+    running: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        async with lock:
+            try:
+                changes = await gateway.reload(reread())
+            except (ConfigError, OSError) as exc:
+                log.error("reload refused, the config in use stays: %s", exc)
+                return
+        log.info("config reloaded: %s", "; ".join(changes) or "no change")
+
+    def on_hangup() -> None:
+        task = asyncio.get_running_loop().create_task(reload())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    return on_hangup

@@ -6,11 +6,13 @@ Who places replicas is the one choice made here (replicas.py): this gateway over
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cortex.core.catalogue import ModelSpec, merge_catalogues
-from cortex.core.config import GatewayConfig, NeuronEntry
+from cortex.core.config import GatewayConfig, GatewaySection, NeuronEntry
 from cortex.core.kube_api import KubeApi, KubeLogin
 from cortex.core.placement.model import Policy
 from cortex.core.shutdown import Drain
@@ -69,11 +71,13 @@ class Gateway:
         self.config = config
         self.tuning = tuning or Tuning()
         self.kubernetes = kubernetes
+        # Kept for a reload, which re-reads cortex.toml only.
+        self._base_catalogue, self._extra_neurons = list(catalogue), list(extra_neurons)
         section = config.gateway
         self.metrics = GatewayMetrics()
         self.activity = Activity(self.metrics)  # the fleet page's live rates
         self.fleet = Fleet(
-            [*config.neurons, *extra_neurons] if kubernetes is None else [],
+            [*config.neurons, *self._extra_neurons] if kubernetes is None else [],
             unhealthy_after=section.unhealthy_after,
             admin_token=config.auth.neuron_admin_token,
             request_timeout=section.request_timeout,
@@ -149,6 +153,65 @@ class Gateway:
         """The fleet's first picture before serving (routing needs it), then keep it current."""
         await self.source.open()
 
+    async def reload(self, config: GatewayConfig) -> list[str]:
+        """Apply a re-read cortex.toml to the running gateway (SIGHUP; README.md, "Changing it
+        while the gateway runs"). The API keys, the models, the [[neurons]] and the eviction
+        strategy change at once; a change to anything else waits for a restart, and the answer
+        says so. A key that cannot be read (ConfigError) changes nothing. Returns one line per
+        change, for the log."""
+        old = self.config
+        self.auth.use(config.auth)  # first: the one step that can fail
+        changes = [_named_change("api keys", _key_names(old), _key_names(config))]
+        if self._spend is None and any(k.budget_tokens is not None for k in config.auth.keys):
+            self._spend = self.ledger.store = SqliteSpendStore(old.auth.spend_db)
+        known = merge_catalogues(self._base_catalogue, config.models)
+        before = {spec.id: spec for spec in merge_catalogues(self._base_catalogue, old.models)}
+        self.catalogue.use(known)
+        changes.append(_named_change("models", before, {spec.id: spec for spec in known}))
+        if self.kubernetes is None:  # on Kubernetes the Neurons and the operator say these
+            changes.append(await self._reload_neurons([*config.neurons, *self._extra_neurons]))
+            eviction = config.eviction
+            if eviction != old.eviction:
+                self.placer.policy = Policy(eviction.strategy, eviction.defrag_after_cycles)
+                cycles = eviction.defrag_after_cycles
+                changes.append(f"eviction: {eviction.strategy}, defrag_after_cycles {cycles}")
+        later = [f"gateway.{name}" for name in _differing(old.gateway, config.gateway)]
+        later += [
+            f"auth.{name}"
+            for name in ("spend_db", "neuron_admin_token")
+            if getattr(old.auth, name) != getattr(config.auth, name)
+        ]
+        if later:
+            changes.append(f"needs a restart to change: {', '.join(later)}")
+        kept = {"spend_db": old.auth.spend_db, "neuron_admin_token": old.auth.neuron_admin_token}
+        self.config = old.model_copy(
+            update={
+                "auth": config.auth.model_copy(update=kept),
+                "models": config.models,
+                "neurons": config.neurons,
+                "eviction": config.eviction,
+            }
+        )
+        return [line for line in changes if line]
+
+    async def _reload_neurons(self, entries: list[NeuronEntry]) -> str:
+        """A new neuron is polled before this returns; one taken out takes no new requests and
+        leaves once those running end; a new endpoint or token is a new client."""
+        wanted = {entry.name: entry for entry in entries}
+        present = {n: h.entry for n, h in self.fleet.neurons.items() if not h.leaving}
+        for name in present.keys() - wanted.keys():
+            self.fleet.retire(name)
+        fresh = []
+        for name, entry in wanted.items():
+            was = present.get(name)
+            if was is not None and _address(was) == _address(entry):
+                self.fleet[name].entry = entry  # its labels may have changed
+            else:
+                self.fleet.replace(entry)
+                fresh.append(name)
+        await asyncio.gather(*(self.fleet.refresh(name) for name in fresh))
+        return _named_change("neurons", present, wanted)
+
     async def aclose(self) -> None:
         if self.kubernetes is None:
             await self.poller.aclose()
@@ -168,3 +231,35 @@ class Gateway:
 
     def model_cards(self) -> list[FleetModelCard]:
         return [self.model_card(spec) for spec in self.catalogue.specs()]
+
+
+def _key_names(config: GatewayConfig) -> dict[str, Any]:
+    return {key.name: key for key in config.auth.keys}
+
+
+def _address(entry: NeuronEntry) -> tuple[str, str | None]:
+    """Where and as whom a neuron is reached: a change needs a new client."""
+    return entry.endpoint, entry.admin_token
+
+
+def _named_change(what: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """A line such as "models: added a; removed b; changed c"; empty when nothing changed."""
+    parts = [
+        f"{verb} {', '.join(sorted(names))}"
+        for verb, names in (
+            ("added", after.keys() - before.keys()),
+            ("removed", before.keys() - after.keys()),
+            ("changed", {n for n in before.keys() & after.keys() if before[n] != after[n]}),
+        )
+        if names
+    ]
+    return f"{what}: {'; '.join(parts)}" if parts else ""
+
+
+def _differing(old: GatewaySection, new: GatewaySection) -> list[str]:
+    """Fields of [gateway] that differ, but `models_file`: its models are re-read either way."""
+    return [
+        name
+        for name in type(old).model_fields
+        if name != "models_file" and getattr(old, name) != getattr(new, name)
+    ]

@@ -44,8 +44,13 @@ class Authenticator:
     """Maps presented keys to principals and enforces allowlists and budgets."""
 
     def __init__(self, section: AuthSection) -> None:
-        self.enabled = section.enabled
+        self.enabled = False
         self._keys: list[tuple[bytes, Principal]] = []
+        self.use(section)
+
+    def use(self, section: AuthSection) -> None:
+        """Take these keys (at start, and on a reload): the next request is judged by them."""
+        keys: list[tuple[bytes, Principal]] = []
         for key in section.keys:
             budget = (
                 Budget(key.budget_tokens, key.budget_window)
@@ -53,7 +58,8 @@ class Authenticator:
                 else None
             )
             principal = Principal(key.name, frozenset(key.models), budget, key.admin)
-            self._keys.append((key.secret().encode(), principal))
+            keys.append((key.secret().encode(), principal))
+        self.enabled, self._keys = section.enabled, keys
 
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
         if not self.enabled:

@@ -58,6 +58,10 @@ class Catalogue(Protocol):
 
     def specs(self) -> list[ModelSpec]: ...
 
+    def use(self, known: list[ModelSpec]) -> None:
+        """The models the config knows, replaced (a reload)."""
+        ...
+
     def resolve(self, name: str) -> ModelSpec:
         """The spec a client's model name (id or alias) means; ModelNotFound otherwise."""
         ...
@@ -71,11 +75,15 @@ class LiveCatalogue:
     """Resolves client model names and lists models, from config plus the fleet's last polls."""
 
     def __init__(self, configured: list[ModelSpec], fleet: Fleet) -> None:
-        self.configured = list(configured)
-        self._configured_ids = {spec.id for spec in configured}
         self.fleet = fleet
+        self.use(configured)
         # Pins set through the admin API: a model's whole pinned_on, over its catalogue entry's.
         self.pins: dict[str, list[str]] = {}
+
+    def use(self, configured: list[ModelSpec]) -> None:
+        """The configured models (at start, and on a reload)."""
+        self.configured = list(configured)
+        self._configured_ids = {spec.id for spec in configured}
 
     def specs(self) -> list[ModelSpec]:
         """Every model known: neuron listings first, so the gateway's own entries win."""

@@ -38,6 +38,10 @@ class PlacementCatalogue:
 
     def __init__(self, kube: KubeFleet, known: Sequence[ModelSpec]) -> None:
         self.kube = kube
+        self.use(known)
+
+    def use(self, known: Sequence[ModelSpec]) -> None:
+        """What is known of models beyond their placements (at start, and on a reload)."""
         self.known = {spec.id: spec for spec in known}
 
     def specs(self) -> list[ModelSpec]:
