@@ -197,6 +197,7 @@ SPECIFIC = [
     Case("token-id-negative", COMPLETIONS, 400, json=_with(COMPLETIONS, prompt=[-1])),
     Case("prompts-several", COMPLETIONS, 400, json=_with(COMPLETIONS, prompt=["a", "b"])),
     Case("suffix", COMPLETIONS, 400, json=_with(COMPLETIONS, suffix="end"), says="suffix"),
+    Case("best-of-2", COMPLETIONS, 400, json=_with(COMPLETIONS, best_of=2), says="best_of"),
     Case(
         "logprobs-of-the-prompt",
         COMPLETIONS,

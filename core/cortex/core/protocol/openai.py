@@ -230,6 +230,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] = Field(description="one prompt (a string or token ids)")
     echo: StrictBool = False
     suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1, le=1, description="only best_of=1 is served")
     response_format: dict[str, Any] | None = None  # vLLM's extension: structured output
     logprobs: int | None = Field(
         default=None, ge=0, le=5, description="alternatives per token; 0: the chosen one's only"
