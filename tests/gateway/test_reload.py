@@ -217,3 +217,45 @@ async def test_sighup_reloads_a_real_gateway_process(tmp_path: Path) -> None:
         finally:
             process.terminate()
             await process.wait()
+
+
+async def test_reloads_under_traffic_lose_no_request_and_leak_no_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Twenty reloads that move n1 between two spellings of its address, while sixty streamed
+    and plain requests run: every request succeeds, no poll or request finds a client closed
+    under it (the neuron is never suspected), and every old client is closed."""
+    n1 = FakeNeuron("n1", loaded={"chat-a": GiB})
+    async with cluster(n1, catalogue=[spec("chat-a")]) as c:
+        fleet, url = c.gateway.fleet, c.served["n1"].url
+        spellings = [url, url.replace("127.0.0.1", "localhost")]
+        sdk = c.openai()
+
+        async def ask(i: int) -> str:
+            if i % 2:
+                stream = await sdk.chat.completions.create(
+                    model="chat-a", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                return "".join(
+                    [
+                        chunk.choices[0].delta.content or ""
+                        async for chunk in stream
+                        if chunk.choices
+                    ]
+                )
+            answer = await c.http.post("/v1/chat/completions", json=chat_body("chat-a"))
+            assert answer.status_code == 200, answer.text
+            return str(answer.json()["choices"][0]["message"]["content"])
+
+        async def reloads() -> None:
+            for turn in range(20):
+                entry = {"name": "n1", "endpoint": spellings[turn % 2 == 0]}
+                await c.gateway.reload(reloaded(c.gateway.config, neurons=[entry]))
+                await asyncio.sleep(0)
+
+        answers, _ = await asyncio.gather(asyncio.gather(*(ask(i) for i in range(60))), reloads())
+        assert answers == ["Hello from n1."] * 60
+        await eventually(lambda: not fleet._retired and not fleet._closing)
+        assert list(fleet.neurons) == ["n1"] and fleet.healthy("n1")
+        assert fleet["n1"].entry.endpoint == spellings[0]  # the last reload's spelling
+        assert "suspect" not in caplog.text and "unhealthy" not in caplog.text

@@ -231,7 +231,8 @@ class Placer:
         """An operator's unload; a refusal (busy, not loaded) is the caller's to report."""
         self._reserve([Unload(model, neuron, "evict")])  # leaving: routing stops at once
         try:
-            await self.fleet[neuron].client.unload(model, force=force)
+            with self.fleet.calling(self.fleet[neuron]) as client:
+                await client.unload(model, force=force)
         finally:
             self._release(neuron, model)
         self.fleet.apply_unloaded(neuron, model)
@@ -328,7 +329,8 @@ class Placer:
         )
         started = time.monotonic()
         try:
-            loaded = await handle.client.load(request)
+            with self.fleet.calling(handle) as client:
+                loaded = await client.load(request)
             while loaded.state == ModelState.LOADING:
                 await asyncio.sleep(LOAD_POLL_INTERVAL)
                 await self.fleet.refresh(load.neuron)
@@ -364,7 +366,8 @@ class Placer:
         if handle is None:
             return  # taken out of the fleet meanwhile (a reload)
         try:
-            await handle.client.unload(load.model)
+            with self.fleet.calling(handle) as client:
+                await client.unload(load.model)
         except CortexError as err:
             log.info("abandoned load of %s on %s: unload said %s", load.model, load.neuron, err)
         await self.fleet.refresh(load.neuron)
@@ -375,7 +378,8 @@ class Placer:
             self._release(action.neuron, action.model)
             return False
         try:
-            await handle.client.unload(action.model)
+            with self.fleet.calling(handle) as client:
+                await client.unload(action.model)
         except ModelNotFound:
             self.fleet.apply_unloaded(action.neuron, action.model)
             self._release(action.neuron, action.model)

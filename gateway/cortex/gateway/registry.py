@@ -10,7 +10,8 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpx
@@ -52,6 +53,7 @@ class NeuronHandle:
     generation: int = 0
     # Taken out of the fleet (Fleet.retire): no new requests; gone once those running end.
     leaving: bool = False
+    calls: int = 0  # polls, loads and unloads on their way (Fleet.calling)
 
     @property
     def name(self) -> str:
@@ -59,7 +61,7 @@ class NeuronHandle:
 
     @property
     def busy(self) -> bool:
-        return any(count > 0 for count in self.in_flight.values())
+        return self.calls > 0 or any(count > 0 for count in self.in_flight.values())
 
     def model(self, model: str) -> LoadedModel | None:
         if self.status is None:
@@ -114,11 +116,15 @@ class Fleet:
 
     def replace(self, entry: NeuronEntry) -> NeuronHandle:
         """A new handle for a neuron whose endpoint or token changed (or a new one). Requests
-        running on the old handle keep their counts; its client is closed once they end."""
+        running on the old handle keep their counts; its client is closed once they end. Until
+        its first poll the new handle is taken to hold what the old one last showed."""
         old = self.neurons.get(entry.name)
         handle = self.add(entry)
         if old is not None:
             handle.in_flight, handle.last_used = old.in_flight, old.last_used
+            if not old.leaving:
+                handle.status, handle.listing = old.status, old.listing
+                handle.failures, handle.last_error = old.failures, old.last_error
             self._retired.append(old)
             self._close_drained()
         return handle
@@ -142,6 +148,18 @@ class Fleet:
             task = asyncio.get_running_loop().create_task(handle.client.aclose())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+
+    @contextmanager
+    def calling(self, handle: NeuronHandle) -> Iterator[NeuronClient]:
+        """The handle's client for a call that is not a request (a poll, a load, an unload): a
+        replaced or retired handle's client stays open until such calls end too."""
+        handle.calls += 1
+        try:
+            yield handle.client
+        finally:
+            handle.calls -= 1
+            if handle.leaving or self._retired:
+                self._close_drained()
 
     def __getitem__(self, name: str) -> NeuronHandle:
         return self.neurons[name]
@@ -169,12 +187,13 @@ class Fleet:
             handle.generation += 1
         generation, setbacks = handle.generation, handle.setbacks
         try:
-            status, listing = await asyncio.gather(handle.client.status(), handle.client.models())
+            with self.calling(handle) as client:
+                status, listing = await asyncio.gather(client.status(), client.models())
         except NeuronUnreachable as exc:
-            self.mark_suspect(name, exc.message)
+            self._suspect(handle, exc.message)
             return
         except (CortexError, ValueError) as exc:
-            self.note_failure(name, str(exc))
+            self._failed(handle, str(exc))
             return
         handle.last_seen = time.time()
         if handle.setbacks == setbacks:
@@ -186,21 +205,29 @@ class Fleet:
     def note_failure(self, name: str, error: str) -> None:
         """A failed poll or request; after `unhealthy_after` in a row the neuron is skipped."""
         handle = self.neurons.get(name)
-        if handle is None:
-            return
-        handle.failures += 1
-        handle.setbacks += 1
-        handle.last_error = error
-        if handle.failures == self.unhealthy_after:
-            log.warning("neuron %s unhealthy after %d failures: %s", name, handle.failures, error)
+        if handle is not None:
+            self._failed(handle, error)
 
     def mark_suspect(self, name: str, error: str) -> None:
         """A connection failure: skip the neuron now, until a poll finds it answering again."""
         handle = self.neurons.get(name)
-        if handle is None:
-            return
+        if handle is not None:
+            self._suspect(handle, error)
+
+    # A poll's failure is its handle's: one replaced meanwhile (a new address) keeps it.
+
+    def _failed(self, handle: NeuronHandle, error: str) -> None:
+        handle.failures += 1
+        handle.setbacks += 1
+        handle.last_error = error
+        if handle.failures == self.unhealthy_after:
+            log.warning(
+                "neuron %s unhealthy after %d failures: %s", handle.name, handle.failures, error
+            )
+
+    def _suspect(self, handle: NeuronHandle, error: str) -> None:
         if handle.failures < self.unhealthy_after:
-            log.warning("neuron %s suspect: %s", name, error)
+            log.warning("neuron %s suspect: %s", handle.name, error)
         handle.failures = max(handle.failures + 1, self.unhealthy_after)
         handle.setbacks += 1
         handle.last_error = error
