@@ -124,9 +124,11 @@ async def test_a_changed_endpoint_gets_a_new_client_and_an_unreadable_key_change
         assert ok.json()["choices"][0]["message"]["content"] == "Hello from n1."  # all as before
 
         old_client = gateway.fleet["n1"].client
+        gateway.fleet["n1"].cordoned = True  # as POST /admin/neurons/n1/cordon does
         config = reloaded(gateway.config, neurons=[{"name": "n1", "endpoint": served_moved.url}])
         assert await gateway.reload(config) == ["neurons: changed n1"]
         assert gateway.fleet["n1"].client is not old_client
+        assert gateway.fleet["n1"].cordoned  # a cordon outlives the move
         moved_answer = await c.http.post(
             "/v1/chat/completions", json=chat_body("chat-a"), headers=bearer("sk-alice")
         )

@@ -125,6 +125,7 @@ class Fleet:
             if not old.leaving:
                 handle.status, handle.listing = old.status, old.listing
                 handle.failures, handle.last_error = old.failures, old.last_error
+                handle.cordoned = old.cordoned
             self._retired.append(old)
             self._close_drained()
         return handle
