@@ -261,3 +261,23 @@ async def test_reloads_under_traffic_lose_no_request_and_leak_no_client(
         assert list(fleet.neurons) == ["n1"] and fleet.healthy("n1")
         assert fleet["n1"].entry.endpoint == spellings[0]  # the last reload's spelling
         assert "suspect" not in caplog.text and "unhealthy" not in caplog.text
+
+
+async def test_a_load_on_a_neuron_taken_out_ends_failed_not_broken() -> None:
+    """An admin load's progress stream whose neuron a reload takes out ends with a `failed`
+    line once the neuron answers the load (the stream stays whole), and the gateway serves on."""
+    n1 = FakeNeuron("n1", loaded={"chat-a": GiB}, available={"cold": GiB})
+    gate = n1.faults.load_gate = asyncio.Event()  # the load is answered when the test says
+    async with cluster(n1, catalogue=[spec("chat-a"), spec("cold")]) as c:
+        async with c.http.stream("POST", "/admin/models/cold/load", json={"neuron": "n1"}) as load:
+            lines = load.aiter_lines()
+            assert '"state":"loading"' in await anext(lines)
+            await eventually(lambda: c.gateway.placer.loading("cold") == ["n1"])
+            assert await c.gateway.reload(reloaded(c.gateway.config, neurons=[])) == [
+                "neurons: removed n1"
+            ]
+            gate.set()
+            rest = [line async for line in lines]
+        assert '"state":"failed"' in rest[-1] and "n1" in rest[-1], rest
+        assert (await c.http.get("/health")).status_code in (200, 503)
+        assert "n1" not in c.gateway.fleet.neurons

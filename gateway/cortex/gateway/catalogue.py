@@ -137,7 +137,8 @@ class LiveCatalogue:
 
     def load_source(self, model: str, neuron: str) -> str | None:
         """The source to send with a load; None lets a neuron that lists the model use its own."""
-        listing = self.fleet[neuron].listing
+        handle = self.fleet.neurons.get(neuron)  # gone after a reload: its load fails anyway
+        listing = handle.listing if handle is not None else None
         if listing is not None and any(s.id == model for s in listing.available):
             return None
         spec = self.by_id().get(model)

@@ -152,7 +152,7 @@ class Placer:
         if task is not None:
             await asyncio.shield(task)
             return
-        handle = self.fleet[neuron]
+        handle = self.fleet.present(neuron)
         while (loaded := handle.model(model)) is not None and loaded.state == ModelState.LOADING:
             await asyncio.sleep(LOAD_POLL_INTERVAL)
             await self.fleet.refresh(neuron)
@@ -231,7 +231,7 @@ class Placer:
         """An operator's unload; a refusal (busy, not loaded) is the caller's to report."""
         self._reserve([Unload(model, neuron, "evict")])  # leaving: routing stops at once
         try:
-            with self.fleet.calling(self.fleet[neuron]) as client:
+            with self.fleet.calling(self.fleet.present(neuron)) as client:
                 await client.unload(model, force=force)
         finally:
             self._release(neuron, model)
@@ -320,7 +320,6 @@ class Placer:
             log.warning("load of %s on %s failed: %s", key[1], key[0], task.exception())
 
     async def _load(self, load: Load) -> LoadedModel:
-        handle = self.fleet[load.neuron]
         spec = self.catalogue.by_id().get(load.model)
         request = LoadRequest(
             model=load.model,
@@ -329,6 +328,7 @@ class Placer:
         )
         started = time.monotonic()
         try:
+            handle = self.fleet.present(load.neuron)  # planned before an await
             with self.fleet.calling(handle) as client:
                 loaded = await client.load(request)
             while loaded.state == ModelState.LOADING:
@@ -337,6 +337,7 @@ class Placer:
                 loaded = handle.model(load.model) or loaded.model_copy(
                     update={"state": ModelState.FAILED, "error": "vanished while loading"}
                 )
+            self.fleet.present(load.neuron)  # not taken out by a reload meanwhile
         except asyncio.CancelledError:
             self._release(load.neuron, load.model)
             self._spawn(self._abandon(load))

@@ -18,7 +18,7 @@ import httpx
 
 from cortex.core.client import DEFAULT_TIMEOUT, NeuronClient
 from cortex.core.config import NeuronEntry
-from cortex.core.errors import CortexError, NeuronUnreachable
+from cortex.core.errors import CortexError, NeuronUnavailable, NeuronUnreachable
 from cortex.core.fleet import LoadedModel, ModelListing, ModelState, NeuronStatus
 from cortex.core.placement.model import Usage
 from cortex.core.placement.snapshot import NeuronReport
@@ -164,6 +164,13 @@ class Fleet:
 
     def __getitem__(self, name: str) -> NeuronHandle:
         return self.neurons[name]
+
+    def present(self, name: str) -> NeuronHandle:
+        """The handle of a neuron named before an await: a reload may have taken it out since."""
+        handle = self.neurons.get(name)
+        if handle is None or handle.leaving:
+            raise NeuronUnavailable(f"neuron {name} has left the fleet")
+        return handle
 
     async def aclose(self) -> None:
         clients = [h.client for h in [*self.neurons.values(), *self._retired]]

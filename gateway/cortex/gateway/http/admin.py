@@ -180,7 +180,8 @@ async def _progress(gateway: Gateway, model: str, neuron: str | None) -> AsyncIt
 
 
 def _progress_on(gateway: Gateway, model: str, neuron: str | None) -> float:
-    loaded = gateway.fleet[neuron].model(model) if neuron is not None else None
+    handle = gateway.fleet.neurons.get(neuron) if neuron is not None else None
+    loaded = handle.model(model) if handle is not None else None
     return loaded.progress if loaded is not None and loaded.state == ModelState.LOADING else 0.0
 
 
