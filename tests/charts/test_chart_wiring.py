@@ -260,7 +260,7 @@ def test_api_keys_reach_the_gateway_as_files(render: Render, tmp_path: Path) -> 
     objects = render(
         "--set-json",
         'gateway.auth.keys=[{"name": "ci", "models": ["smollm2-135m-instruct"], '
-        '"budgetTokens": 1000, "budgetWindow": "1d"}, {"name": "alice"}]',
+        '"budgetTokens": 1000, "budgetWindow": "1d", "maxInFlight": 4}, {"name": "alice"}]',
     )
     secret = find(objects, "Secret", "cortex-api-keys")["data"]
     deployment = find(objects, "Deployment", "cortex-gateway")
@@ -285,6 +285,7 @@ def test_api_keys_reach_the_gateway_as_files(render: Render, tmp_path: Path) -> 
     )
     assert keys["ci"].models == ["smollm2-135m-instruct"] and keys["ci"].budget_window == 86400
     assert keys["ci"].budget_tokens == 1000 and keys["alice"].budget_tokens is None
+    assert keys["ci"].max_in_flight == 4 and keys["alice"].max_in_flight is None
 
 
 def test_budget_spend_is_written_where_the_read_only_gateway_may_write(render: Render) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -9,7 +10,7 @@ import anthropic
 import openai
 import pytest
 from fakes.neuron import FakeNeuron, GiB
-from gateway_cluster import chat_body, cluster, spec
+from gateway_cluster import chat_body, cluster, eventually, spec
 
 from cortex.cli import commands
 
@@ -19,6 +20,7 @@ SECRETS = {
     "carol": "sk-carol-89",
     "dave": "sk-dave",
     "root": "sk-root-admin",
+    "erin": "sk-erin-2",
 }
 AUTH = {
     "enabled": True,
@@ -33,6 +35,7 @@ AUTH = {
             "budget_window": "60s",
         },
         {"name": "root", "key": SECRETS["root"], "admin": True},
+        {"name": "erin", "key": SECRETS["erin"], "max_in_flight": 2},
     ],
 }
 CATALOGUE = [spec("chat-a", aliases=["a-alias"]), spec("chat-b")]
@@ -126,6 +129,42 @@ async def test_token_budget_ends_in_429_with_retry_after(who: str, window: bool)
         retry = int(caught.value.response.headers["retry-after"])
         assert caught.value.body["code"] == "budget_exceeded"  # type: ignore[index]
         assert (0 < retry <= 60) if window else retry == 3600
+
+
+async def test_max_in_flight_caps_the_requests_a_key_runs_at_once() -> None:
+    n1 = neuron()
+    gate = n1.faults.hold = asyncio.Event()  # answers wait here until the test lets them go
+    hi = [{"role": "user", "content": "hi"}]
+    async with cluster(n1, catalogue=CATALOGUE, auth=AUTH) as c:
+        erin, ledger = c.openai(SECRETS["erin"]), c.gateway.ledger
+        running = [
+            asyncio.create_task(erin.chat.completions.create(model="chat-a", messages=hi)),
+            asyncio.create_task(
+                erin.chat.completions.create(model="chat-a", messages=hi, stream=True)
+            ),
+        ]
+        await eventually(lambda: len(n1.requests) == 2)
+        with pytest.raises(openai.RateLimitError) as caught:
+            await erin.chat.completions.create(model="chat-a", messages=hi)
+        assert caught.value.body["code"] == "too_many_in_flight"  # type: ignore[index]
+        assert caught.value.response.headers["retry-after"] == "1"
+        with pytest.raises(anthropic.RateLimitError) as refused:
+            await c.anthropic(SECRETS["erin"]).messages.create(
+                model="chat-a", max_tokens=5, messages=hi
+            )
+        assert "max_in_flight" in refused.value.message
+        # Another key is not held back by erin's limit.
+        alice = asyncio.create_task(
+            c.openai(SECRETS["alice"]).chat.completions.create(model="chat-a", messages=hi)
+        )
+        await eventually(lambda: len(n1.requests) == 3)
+        gate.set()
+        answer, stream, _ = await asyncio.gather(*running, alice)
+        assert answer.choices[0].message.content == "Hello from n1."
+        assert [chunk async for chunk in stream]
+        assert ledger.running("erin") == 0  # every slot back, the stream's once it ended
+        again = await erin.chat.completions.create(model="chat-a", messages=hi)
+        assert again.choices[0].message.content == "Hello from n1."
 
 
 async def test_streamed_usage_is_charged_to_the_key() -> None:

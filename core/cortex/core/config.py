@@ -210,6 +210,9 @@ class ApiKey(_Section):
     budget_window: Seconds | None = Field(
         default=None, description="rolling window for budget_tokens; unset = a balance"
     )
+    max_in_flight: int | None = Field(
+        default=None, ge=1, description="requests this key may have running at once; more: 429"
+    )
 
     def secret(self) -> str:
         value = self.key or (os.environ.get(self.key_env) if self.key_env else None)

@@ -83,6 +83,12 @@ class BudgetExceeded(CortexError):
     status, code, kind = 429, "budget_exceeded", "rate_limit_error"
 
 
+class TooManyInFlight(CortexError):
+    """The key already has its `max_in_flight` requests running."""
+
+    status, code, kind = 429, "too_many_in_flight", "rate_limit_error"
+
+
 class GenerationFailed(CortexError):
     """The generation of this request broke on the neuron; it would break on any replica."""
 

@@ -1,5 +1,6 @@
 """API keys ([auth] of cortex.toml): who is calling, which models they may use, their token budget
-(enforced by gateway/ledger.py), whether they may read the admin surface.
+and how many requests they may run at once (both enforced by gateway/ledger.py), whether they may
+read the admin surface.
 
 Keys are compared in constant time and never logged: logs name the key's owner instead.
 """
@@ -24,6 +25,7 @@ class Principal:
     models: frozenset[str] = field(default_factory=frozenset)  # empty: every model
     budget: Budget | None = None
     admin: bool = False
+    max_in_flight: int | None = None  # requests running at once; None: no limit
 
 
 ANONYMOUS = Principal("anonymous", admin=True)  # auth off: every surface is open
@@ -57,7 +59,9 @@ class Authenticator:
                 if key.budget_tokens is not None
                 else None
             )
-            principal = Principal(key.name, frozenset(key.models), budget, key.admin)
+            principal = Principal(
+                key.name, frozenset(key.models), budget, key.admin, key.max_in_flight
+            )
             keys.append((key.secret().encode(), principal))
         self.enabled, self._keys = section.enabled, keys
 

@@ -11,9 +11,9 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from cortex.core.errors import BudgetExceeded
+from cortex.core.errors import BudgetExceeded, TooManyInFlight
 from cortex.gateway.auth import Principal
-from cortex.gateway.budget import Charge, retry_after
+from cortex.gateway.budget import RESERVED_RETRY_AFTER, Budget, Charge, retry_after
 
 IN_MEMORY = ":memory:"
 
@@ -81,19 +81,40 @@ class Reservation:
 
 
 class Ledger:
-    """Admits requests against their key's budget by reserving their worst case."""
+    """Admits requests against their key's limits: its budget, by reserving their worst case, and
+    its `max_in_flight`, by counting the requests it runs."""
 
     def __init__(self, store: SpendStore | None) -> None:
         self.store = store
         self._reserved: dict[str, int] = defaultdict(int)
+        self._running: dict[str, int] = defaultdict(int)
 
     def reserve(self, principal: Principal, tokens: int, now: float) -> Reservation | None:
-        """A reservation of `tokens` for the caller (None without a budget); 429 when the key's
-        spend plus its open reservations has reached its limit."""
-        budget = principal.budget
-        if budget is None or self.store is None:
+        """A reservation for one request of the caller: `tokens` of its budget and one of its
+        `max_in_flight` (None for a key with neither). 429 when the key already runs
+        `max_in_flight` requests, or its spend plus open reservations has reached its budget."""
+        key, limit = principal.name, principal.max_in_flight
+        budget = principal.budget if self.store is not None else None
+        if budget is None and limit is None:
             return None
-        key, since = principal.name, budget.since(now)
+        if limit is not None and self._running[key] >= limit:
+            raise TooManyInFlight(
+                f"key {key!r} already runs {limit} requests, its max_in_flight: retry when one "
+                "ends",
+                retry_after=RESERVED_RETRY_AFTER,
+            )
+        if budget is not None:
+            self._check_budget(key, budget, now)
+        else:
+            tokens = 0
+        self._reserved[key] += tokens
+        self._running[key] += 1
+        budgeted = budget is not None
+        return Reservation(key, tokens, partial(self._give_back, key, tokens, budgeted))
+
+    def _check_budget(self, key: str, budget: Budget, now: float) -> None:
+        assert self.store is not None
+        since = budget.since(now)
         if budget.window is None:
             charges, used = [], self.store.spent(key, since)
         else:
@@ -103,11 +124,13 @@ class Ledger:
         if wait is not None:
             kind = f"per {budget.window:g}s" if budget.window is not None else "in total"
             raise BudgetExceeded(
-                f"key {principal.name!r} has used its budget of {budget.limit} tokens {kind}",
+                f"key {key!r} has used its budget of {budget.limit} tokens {kind}",
                 retry_after=wait,
             )
-        self._reserved[key] += tokens
-        return Reservation(key, tokens, partial(self._give_back, key, tokens))
+
+    def running(self, key: str) -> int:
+        """Requests of this key running now (counted for a key with a limit or a budget)."""
+        return self._running.get(key, 0)
 
     def reserved(self, key: str) -> int:
         return self._reserved.get(key, 0)
@@ -118,7 +141,8 @@ class Ledger:
             return 0
         return self.store.spent(principal.name, principal.budget.since(now))
 
-    def _give_back(self, key: str, reserved: int, used: int, now: float) -> None:
+    def _give_back(self, key: str, reserved: int, budgeted: bool, used: int, now: float) -> None:
         self._reserved[key] -= reserved
-        if used > 0 and self.store is not None:
+        self._running[key] -= 1
+        if budgeted and used > 0 and self.store is not None:
             self.store.record(key, used, now)
