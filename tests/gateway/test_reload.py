@@ -93,6 +93,8 @@ async def test_a_neuron_taken_out_finishes_its_requests_and_takes_no_new_ones() 
         assert await c.gateway.reload(config) == ["neurons: added n2; removed n1"]
 
         assert fleet["n1"].leaving and not fleet.healthy("n1")  # still counted: busy
+        health = (await c.http.get("/health")).json()["neurons"]["n1"]
+        assert not health["healthy"] and "taken out of the fleet" in health["error"]
         answer = await c.http.post("/v1/chat/completions", json=chat_body("chat-a"))
         assert answer.json()["choices"][0]["message"]["content"] == "Hello from n2."
         gate.set()

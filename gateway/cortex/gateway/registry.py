@@ -136,6 +136,8 @@ class Fleet:
         handle = self.neurons.get(name)
         if handle is not None:
             handle.leaving, handle.status = True, None
+            # What /health, /fleet and the fleet page say while its last requests finish.
+            handle.last_error = "taken out of the fleet: leaves once its running requests end"
             self._close_drained()
 
     def _close_drained(self) -> None:
@@ -198,15 +200,19 @@ class Fleet:
             with self.calling(handle) as client:
                 status, listing = await asyncio.gather(client.status(), client.models())
         except NeuronUnreachable as exc:
-            self._suspect(handle, exc.message)
+            if not handle.leaving:
+                self._suspect(handle, exc.message)
             return
         except (CortexError, ValueError) as exc:
-            self._failed(handle, str(exc))
+            if not handle.leaving:
+                self._failed(handle, str(exc))
             return
+        if handle.leaving:
+            return  # taken out while the poll was on its way: its news change nothing
         handle.last_seen = time.time()
         if handle.setbacks == setbacks:
             handle.failures, handle.last_error = 0, None
-        if handle.generation != generation or handle.leaving:
+        if handle.generation != generation:
             return  # overtaken by a local change; the next poll brings the newer picture
         handle.status, handle.listing = status, listing
 
