@@ -93,8 +93,8 @@ class Ledger:
         """A reservation for one request of the caller: `tokens` of its budget and one of its
         `max_in_flight` (None for a key with neither). 429 when the key already runs
         `max_in_flight` requests, or its spend plus open reservations has reached its budget."""
-        key, limit = principal.name, principal.max_in_flight
-        budget = principal.budget if self.store is not None else None
+        key, limit, store = principal.name, principal.max_in_flight, self.store
+        budget = principal.budget if store is not None else None
         if budget is None and limit is None:
             return None
         if limit is not None and self._running[key] >= limit:
@@ -103,8 +103,8 @@ class Ledger:
                 "ends",
                 retry_after=RESERVED_RETRY_AFTER,
             )
-        if budget is not None:
-            self._check_budget(key, budget, now)
+        if store is not None and budget is not None:
+            self._check_budget(store, key, budget, now)
         else:
             tokens = 0
         self._reserved[key] += tokens
@@ -112,13 +112,12 @@ class Ledger:
         budgeted = budget is not None
         return Reservation(key, tokens, partial(self._give_back, key, tokens, budgeted))
 
-    def _check_budget(self, key: str, budget: Budget, now: float) -> None:
-        assert self.store is not None
+    def _check_budget(self, store: SpendStore, key: str, budget: Budget, now: float) -> None:
         since = budget.since(now)
         if budget.window is None:
-            charges, used = [], self.store.spent(key, since)
+            charges, used = [], store.spent(key, since)
         else:
-            charges = self.store.charges(key, since)
+            charges = store.charges(key, since)
             used = sum(tokens for _, tokens in charges)
         wait = retry_after(budget, used, self._reserved[key], charges, now)
         if wait is not None:

@@ -443,7 +443,7 @@ class Engine:
 
     # -- tokens, text and endings ------------------------------------------------------------
 
-    def _accept(self, active: _Active, token: int, logprob: TokenLogprob | None = None) -> None:
+    def _accept(self, active: _Active, token: int, logprob: TokenLogprob | None) -> None:
         """Record a sampled token, emit the text it completes, finish the sequence if it ends."""
         seq = active.seq
         seq.output_ids.append(token)
