@@ -17,7 +17,8 @@ import pytest
 from fakes.neuron import FakeNeuron, GiB, running
 from gateway_cluster import chat_body, cluster, eventually, spec
 
-from cortex.core.config import ConfigError, GatewayConfig
+from cortex.core.config import ConfigError, GatewayConfig, NeuronEntry
+from cortex.gateway.registry import Fleet
 
 AUTH = {"enabled": True, "spend_db": ":memory:", "keys": [{"name": "alice", "key": "sk-alice"}]}
 
@@ -283,3 +284,22 @@ async def test_a_load_on_a_neuron_taken_out_ends_failed_not_broken() -> None:
         assert '"state":"failed"' in rest[-1] and "n1" in rest[-1], rest
         assert (await c.http.get("/health")).status_code in (200, 503)
         assert "n1" not in c.gateway.fleet.neurons
+
+
+async def test_a_neuron_back_before_it_drained_gets_a_fresh_handle() -> None:
+    """Retire, then the same neuron again while a request still runs on the old handle (a
+    Neuron deleted and recreated, a reload undone): a new handle that does not say it is
+    leaving, and the old client closes with that request."""
+    fleet = Fleet([NeuronEntry(name="n1", endpoint="http://127.0.0.1:1")])
+    old = fleet["n1"]
+    fleet.begin("n1", "chat-a")
+    fleet.retire("n1")
+    assert fleet["n1"] is old and old.leaving and "taken out" in (old.last_error or "")
+    back = fleet.replace(NeuronEntry(name="n1", endpoint="http://127.0.0.1:1"))
+    assert back is not old and not back.leaving and back.last_error is None
+    assert back.in_flight is old.in_flight  # the running request is still counted
+    assert fleet._retired == [old]
+    fleet.end("n1", "chat-a")
+    await eventually(lambda: not fleet._retired and not fleet._closing)  # old closed
+    assert list(fleet.neurons.values()) == [back]
+    await fleet.aclose()

@@ -146,9 +146,10 @@ class KubeFleet:
                 log.warning("neuron %s: endpoint %r is not an http(s) URL", name, endpoint)
                 continue
             handle = self.fleet.neurons.get(name)
-            if handle is None or handle.entry.endpoint != endpoint:
+            # A neuron back before its old handle drained gets a new one, as a new address does.
+            if handle is None or handle.leaving or handle.entry.endpoint != endpoint:
                 handle = self.fleet.replace(entry)
-            handle.entry, handle.leaving = entry, False  # back, if it was leaving
+            handle.entry = entry
             handle.status = _status_of(name, neuron)
             handle.cordoned = bool(neuron and neuron.spec.cordoned)
             self._note_probe(handle, neuron)
