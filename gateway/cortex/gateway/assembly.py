@@ -198,7 +198,7 @@ class Gateway:
         """A new neuron is polled before this returns; one taken out takes no new requests and
         leaves once those running end; a new endpoint or token is a new client."""
         wanted = {entry.name: entry for entry in entries}
-        present = {n: h.entry for n, h in self.fleet.neurons.items() if not h.leaving}
+        present = {name: handle.entry for name, handle in self.fleet.members().items()}
         for name in present.keys() - wanted.keys():
             self.fleet.retire(name)
         fresh = []

@@ -145,9 +145,9 @@ class KubeFleet:
             except ValidationError:
                 log.warning("neuron %s: endpoint %r is not an http(s) URL", name, endpoint)
                 continue
-            handle = self.fleet.neurons.get(name)
             # A neuron back before its old handle drained gets a new one, as a new address does.
-            if handle is None or handle.leaving or handle.entry.endpoint != endpoint:
+            handle = self.fleet.members().get(name)
+            if handle is None or handle.entry.endpoint != endpoint:
                 handle = self.fleet.replace(entry)
             handle.entry = entry
             handle.status = _status_of(name, neuron)

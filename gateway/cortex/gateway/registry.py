@@ -167,10 +167,14 @@ class Fleet:
     def __getitem__(self, name: str) -> NeuronHandle:
         return self.neurons[name]
 
+    def members(self) -> dict[str, NeuronHandle]:
+        """The neurons in the fleet, without those taken out whose last requests still run."""
+        return {name: handle for name, handle in self.neurons.items() if not handle.leaving}
+
     def present(self, name: str) -> NeuronHandle:
         """The handle of a neuron named before an await: a reload may have taken it out since."""
-        handle = self.neurons.get(name)
-        if handle is None or handle.leaving:
+        handle = self.members().get(name)
+        if handle is None:
             raise NeuronUnavailable(f"neuron {name} has left the fleet")
         return handle
 
@@ -184,8 +188,7 @@ class Fleet:
 
     async def poll(self) -> None:
         """Refresh every neuron at once; one slow neuron does not delay the others' news."""
-        names = [name for name, handle in self.neurons.items() if not handle.leaving]
-        await asyncio.gather(*(self.refresh(name) for name in names))
+        await asyncio.gather(*(self.refresh(name) for name in self.members()))
 
     async def refresh(self, name: str, *, fresh: bool = False) -> None:
         """Read the neuron's status and listing. `fresh`: after a change this gateway caused (a
