@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -121,3 +122,15 @@ def test_the_principal_is_the_gateways_word_only_when_the_gateway_is_trusted() -
     assert principal_of(_request(forged), guarded) == "10.0.0.7"
     trusted = {**forged, "authorization": "Bearer s3cret"}
     assert principal_of(_request(trusted), guarded) == "alice"
+
+
+def test_a_token_kept_in_a_file_guards_the_principal_too(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    guarded = NeuronSection(name="n", admin_token_file=token_file)
+    forged = {"x-cortex-principal": "alice"}
+    assert principal_of(_request(forged), guarded) == "10.0.0.7"
+    trusted = {**forged, "authorization": "Bearer s3cret"}
+    assert principal_of(_request(trusted), guarded) == "alice"
+    token_file.unlink()  # a Secret unmounted: nobody's word is taken
+    assert principal_of(_request(trusted), guarded) == "10.0.0.7"

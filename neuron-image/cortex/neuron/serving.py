@@ -23,7 +23,7 @@ from cortex.core.completion_limit import (
     parse_cap,
     parse_strict,
 )
-from cortex.core.config import NeuronSection
+from cortex.core.config import ConfigError, NeuronSection
 from cortex.core.errors import (
     ClientGone,
     CortexError,
@@ -178,10 +178,16 @@ def principal_of(request: Request, section: NeuronSection) -> str:
     """Whose share of the slots a request uses: the gateway's word for it when the gateway is
     trusted (no admin token set, or the request carries it), else the client's address."""
     named = request.headers.get(PRINCIPAL_HEADER)
-    if named and section.admin_token:
+    if named and (section.admin_token or section.admin_token_file):
+        try:
+            token = section.admin_secret()
+        except ConfigError:
+            token = None  # the token file is gone: trust no one's word for it
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        trusted = scheme.lower() == "bearer" and hmac.compare_digest(
-            given.strip(), section.admin_token
+        trusted = (
+            token is not None
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(given.strip(), token)
         )
         named = named if trusted else None
     if named:
