@@ -9,10 +9,11 @@ import dataclasses
 import errno
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,7 @@ from cortex.core.fleet import (
     NeuronStatus,
     shown_state,
 )
+from cortex.core.reload import hangup_handler
 from cortex.core.request_context import RequestContext
 
 if TYPE_CHECKING:
@@ -144,16 +146,29 @@ def needs_extra(command: str, *extras: str) -> Iterator[None]:
         ) from None
 
 
-async def serve(app: Any, host: str, port: int, drain: Drain | None = None) -> None:
+async def serve(
+    app: Any,
+    host: str,
+    port: int,
+    drain: Drain | None = None,
+    on_hangup: Callable[[], None] | None = None,
+) -> None:
     """Run one ASGI app with uvicorn inside the current event loop; SIGTERM drains `drain` (the
-    app's requests in flight) first, or stops at once without one."""
+    app's requests in flight) first, or stops at once without one; SIGHUP calls `on_hangup`."""
     import uvicorn
 
     from cortex.core.shutdown import Drain, GracefulServer
 
     config = uvicorn.Config(app, host=host, port=port, log_level="info")
     redact_access_log()
-    await GracefulServer(config, drain or Drain(grace=0)).serve()
+    loop = asyncio.get_running_loop()
+    if on_hangup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    try:
+        await GracefulServer(config, drain or Drain(grace=0)).serve()
+    finally:
+        if on_hangup is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
 
 
 async def neuron(args: argparse.Namespace) -> None:
@@ -163,8 +178,12 @@ async def neuron(args: argparse.Namespace) -> None:
         from cortex.neuron.runtime import NeuronRuntime
         from cortex.neuron.server import create_app
 
-    app = create_app(NeuronRuntime(config))  # the app's lifespan starts and stops the runtime
-    await serve(RequestContext(app), config.neuron.host, config.neuron.port, app.state.drain)
+    runtime = NeuronRuntime(config)
+    app = create_app(runtime)  # the app's lifespan starts and stops the runtime
+    # SIGHUP: neuron.toml (and the flags) read again, applied to the running neuron.
+    reload = hangup_handler(lambda: neuron_config(args), runtime.reload)
+    section = config.neuron
+    await serve(RequestContext(app), section.host, section.port, app.state.drain, reload)
 
 
 def operator(args: argparse.Namespace) -> int:

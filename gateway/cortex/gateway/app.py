@@ -15,8 +15,9 @@ from starlette.types import Receive, Scope, Send
 
 from cortex.core.access_log import redact_access_log
 from cortex.core.catalogue import ModelSpec
-from cortex.core.config import ConfigError, GatewayConfig, NeuronEntry
+from cortex.core.config import GatewayConfig, NeuronEntry
 from cortex.core.kube_api import KubeLogin
+from cortex.core.reload import hangup_handler
 from cortex.core.request_context import RequestContext
 from cortex.core.shutdown import Drain, DrainGate, GracefulServer
 from cortex.gateway.assembly import Gateway, Tuning
@@ -131,7 +132,8 @@ async def serve(
     tasks = [asyncio.create_task(server.serve()) for server in servers]
     loop = asyncio.get_running_loop()
     if reread is not None:
-        loop.add_signal_handler(signal.SIGHUP, reloader(app.state.gateway, reread))
+        gateway: Gateway = app.state.gateway
+        loop.add_signal_handler(signal.SIGHUP, hangup_handler(reread, gateway.reload))
     try:
         # One server stopping (a signal, a bind failure) stops the other.
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -144,26 +146,3 @@ async def serve(
     for result in results:
         if isinstance(result, BaseException):
             raise result
-
-
-def reloader(gateway: Gateway, reread: Callable[[], GatewayConfig]) -> Callable[[], None]:
-    """A SIGHUP handler: re-read the config and apply it, one reload at a time. A file that does
-    not read or validate changes nothing; the log says why."""
-    lock = asyncio.Lock()
-    running: set[asyncio.Task[None]] = set()
-
-    async def reload() -> None:
-        async with lock:
-            try:
-                changes = await gateway.reload(reread())
-            except (ConfigError, OSError) as exc:
-                log.error("reload refused, the config in use stays: %s", exc)
-                return
-        log.info("config reloaded: %s", "; ".join(changes) or "no change")
-
-    def on_hangup() -> None:
-        task = asyncio.get_running_loop().create_task(reload())
-        running.add(task)
-        task.add_done_callback(running.discard)
-
-    return on_hangup

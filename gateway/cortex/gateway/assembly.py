@@ -7,7 +7,7 @@ Who places replicas is the one choice made here (replicas.py): this gateway over
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ from cortex.core.catalogue import ModelSpec, merge_catalogues
 from cortex.core.config import GatewayConfig, GatewaySection, NeuronEntry
 from cortex.core.kube_api import KubeApi, KubeLogin
 from cortex.core.placement.model import Policy
+from cortex.core.reload import differing, named_change
 from cortex.core.shutdown import Drain
 from cortex.gateway.activity import Activity
 from cortex.gateway.auth import Authenticator
@@ -161,13 +162,13 @@ class Gateway:
         change, for the log."""
         old = self.config
         self.auth.use(config.auth)  # first: the one step that can fail
-        changes = [_named_change("api keys", _key_names(old), _key_names(config))]
+        changes = [named_change("api keys", _key_names(old), _key_names(config))]
         if self._spend is None and any(k.budget_tokens is not None for k in config.auth.keys):
             self._spend = self.ledger.store = SqliteSpendStore(old.auth.spend_db)
         known = merge_catalogues(self._base_catalogue, config.models)
         before = {spec.id: spec for spec in merge_catalogues(self._base_catalogue, old.models)}
         self.catalogue.use(known)
-        changes.append(_named_change("models", before, {spec.id: spec for spec in known}))
+        changes.append(named_change("models", before, {spec.id: spec for spec in known}))
         if self.kubernetes is None:  # on Kubernetes the Neurons and the operator say these
             changes.append(await self._reload_neurons([*config.neurons, *self._extra_neurons]))
             eviction = config.eviction
@@ -175,12 +176,11 @@ class Gateway:
                 self.placer.policy = Policy(eviction.strategy, eviction.defrag_after_cycles)
                 cycles = eviction.defrag_after_cycles
                 changes.append(f"eviction: {eviction.strategy}, defrag_after_cycles {cycles}")
-        later = [f"gateway.{name}" for name in _differing(old.gateway, config.gateway)]
-        later += [
-            f"auth.{name}"
-            for name in ("spend_db", "neuron_admin_token")
-            if getattr(old.auth, name) != getattr(config.auth, name)
-        ]
+        # models_file is not among them: its models were read again above.
+        fields = [name for name in GatewaySection.model_fields if name != "models_file"]
+        later = [f"gateway.{name}" for name in differing(old.gateway, config.gateway, fields)]
+        restart = ("spend_db", "neuron_admin_token")
+        later += [f"auth.{name}" for name in differing(old.auth, config.auth, restart)]
         if later:
             changes.append(f"needs a restart to change: {', '.join(later)}")
         kept = {"spend_db": old.auth.spend_db, "neuron_admin_token": old.auth.neuron_admin_token}
@@ -210,7 +210,7 @@ class Gateway:
                 self.fleet.replace(entry)
                 fresh.append(name)
         await asyncio.gather(*(self.fleet.refresh(name) for name in fresh))
-        return _named_change("neurons", present, wanted)
+        return named_change("neurons", present, wanted)
 
     async def aclose(self) -> None:
         if self.kubernetes is None:
@@ -240,26 +240,3 @@ def _key_names(config: GatewayConfig) -> dict[str, Any]:
 def _address(entry: NeuronEntry) -> tuple[str, str | None]:
     """Where and as whom a neuron is reached: a change needs a new client."""
     return entry.endpoint, entry.admin_token
-
-
-def _named_change(what: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
-    """A line such as "models: added a; removed b; changed c"; empty when nothing changed."""
-    parts = [
-        f"{verb} {', '.join(sorted(names))}"
-        for verb, names in (
-            ("added", after.keys() - before.keys()),
-            ("removed", before.keys() - after.keys()),
-            ("changed", {n for n in before.keys() & after.keys() if before[n] != after[n]}),
-        )
-        if names
-    ]
-    return f"{what}: {'; '.join(parts)}" if parts else ""
-
-
-def _differing(old: GatewaySection, new: GatewaySection) -> list[str]:
-    """Fields of [gateway] that differ, but `models_file`: its models are re-read either way."""
-    return [
-        name
-        for name in type(old).model_fields
-        if name != "models_file" and getattr(old, name) != getattr(new, name)
-    ]

@@ -31,6 +31,7 @@ from cortex.core.errors import (
     SourceConflict,
 )
 from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, ModelState, NeuronStatus
+from cortex.core.reload import differing, named_change
 from cortex.core.shutdown import SHUTDOWN_RETRY_AFTER
 from cortex.neuron import cpu_linear, loader, sources
 from cortex.neuron.admission import ANYONE, Admission
@@ -203,13 +204,18 @@ class ServedModel:
             return await self.worker.run(lambda: loader.embed(weights, texts, device))
 
 
+# The fields of [neuron] a reload applies at once (each request reads them); the others are read
+# at start or when a model loads, and wait for a restart.
+LIVE = ("admin_token", "admin_token_file", "allowed_paths", "max_tokens_limit", "strict_max_tokens")
+
+
 class NeuronRuntime:
     """Everything a neuron holds; the HTTP layer (server.py) only calls these methods."""
 
     def __init__(self, config: NeuronConfig, catalogue: list[ModelSpec] | None = None) -> None:
         self.config = config
-        base = list(DEFAULT_CATALOGUE) if catalogue is None else catalogue
-        self.catalogue = merge_catalogues(base, config.models)
+        self._base_catalogue = list(DEFAULT_CATALOGUE) if catalogue is None else catalogue
+        self.catalogue = merge_catalogues(self._base_catalogue, config.models)
         self.allowed_paths = allowed_roots(config, self.catalogue)
         self.devices: list[Device] = []
         self.workers: dict[str, DeviceWorker] = {}
@@ -217,6 +223,28 @@ class NeuronRuntime:
         self._loads: dict[str, asyncio.Task[Replica]] = {}
         # Set on SIGTERM: the neuron finishes what runs, and reports itself unfit for more.
         self.shutting_down = False
+
+    async def reload(self, config: NeuronConfig) -> list[str]:
+        """Apply a re-read neuron.toml (SIGHUP; docs/security.md, "Rotating a key"): the
+        [[models]], the admin token and the fields of LIVE change at once; models already loaded
+        stay as they are. Any other field waits for a restart, and the answer says so. A token
+        file that cannot be read (ConfigError) changes nothing. One line per change, for the log."""
+        old, new = self.config.neuron, config.neuron
+        new.admin_secret()  # first: the one step that can fail
+        catalogue = merge_catalogues(self._base_catalogue, config.models)
+        before = {spec.id: spec for spec in self.catalogue}
+        changes = [named_change("models", before, {spec.id: spec for spec in catalogue})]
+        now = differing(old, new, LIVE)
+        if now:
+            changes.append(f"changed {', '.join(f'neuron.{name}' for name in now)}")
+        later = [f"neuron.{name}" for name in differing(old, new) if name not in LIVE]
+        if later:
+            changes.append(f"needs a restart to change: {', '.join(later)}")
+        section = old.model_copy(update={name: getattr(new, name) for name in LIVE})
+        self.config = NeuronConfig(neuron=section, models=config.models)
+        self.catalogue = catalogue
+        self.allowed_paths = allowed_roots(self.config, catalogue)
+        return changes
 
     def begin_shutdown(self) -> None:
         """Take no new requests or loads (503 shutting_down); what runs goes on."""
