@@ -403,3 +403,20 @@ def test_pods_outlive_their_own_drain_on_sigterm(render: Render) -> None:
         pod = find(objects, kind, name)["spec"]["template"]["spec"]
         assert section.shutdown_grace in (50, 20)
         assert pod["terminationGracePeriodSeconds"] == section.shutdown_grace + 15
+
+
+def test_several_gateway_pods_get_a_disruption_budget_that_selects_them(render: Render) -> None:
+    """A node drain takes one gateway pod at a time; a single pod gets no budget, which would
+    only block the drain."""
+    assert not [o for o in render() if o["kind"] == "PodDisruptionBudget"]
+    objects = render("--set", "gateway.replicas=3")
+    budget = find(objects, "PodDisruptionBudget", "cortex-gateway")
+    gateway = find(objects, "Deployment", "cortex-gateway")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert selects(budget["spec"]["selector"]["matchLabels"], pod_labels(gateway))
+    others = [o for o in objects if o["kind"] in ("Deployment", "DaemonSet") and o is not gateway]
+    assert not any(
+        selects(budget["spec"]["selector"]["matchLabels"], pod_labels(o)) for o in others
+    )
+    off = render("--set", "gateway.replicas=3,gateway.podDisruptionBudget.enabled=false")
+    assert not [o for o in off if o["kind"] == "PodDisruptionBudget"]
