@@ -46,6 +46,10 @@ GATEWAY_ROLE = {
     ),
     ("cortex.helexa.ai", "modelplacements", "patch"),
     ("cortex.helexa.ai", "neurons", "patch"),  # the admin API's cordon
+    # The budget spend's ConfigMap: created by the first gateway, then read and written by name.
+    ("", "configmaps", "create"),
+    ("", "configmaps", "get"),
+    ("", "configmaps", "patch"),
 }
 
 
@@ -288,18 +292,22 @@ def test_api_keys_reach_the_gateway_as_files(render: Render, tmp_path: Path) -> 
     assert keys["ci"].max_in_flight == 4 and keys["alice"].max_in_flight is None
 
 
-def test_budget_spend_is_written_where_the_read_only_gateway_may_write(render: Render) -> None:
-    """The root filesystem is read-only: the SQLite spend file must lie on a mounted volume."""
+def test_budget_spend_goes_to_the_configmap_the_gateway_may_write(render: Render) -> None:
+    """Spend is shared by the gateway pods in one ConfigMap: the one cortex.toml names is the one
+    the Role lets the gateway read and write (and no other)."""
     objects = render(
         "--set-json",
         'gateway.auth.keys=[{"name": "ci", "budgetTokens": 1000}, {"name": "ops", "admin": true}]',
     )
-    gateway = container(find(objects, "Deployment", "cortex-gateway"), "gateway")
-    assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
     toml = find(objects, "ConfigMap", "cortex-gateway")["data"]["cortex.toml"]
     config = tomllib.loads(toml)["auth"]
-    writable = [m["mountPath"] for m in gateway["volumeMounts"] if not m.get("readOnly")]
-    assert any(config["spend_db"].startswith(path + "/") for path in writable), writable
+    rules = find(objects, "Role", "cortex-gateway")["rules"]
+    by_name = [r for r in rules if r["resources"] == ["configmaps"] and "resourceNames" in r]
+    assert [r["resourceNames"] for r in by_name] == [[config["spend_configmap"]]]
+    assert sorted(by_name[0]["verbs"]) == ["get", "patch"]
+    create = [r for r in rules if r["resources"] == ["configmaps"] and "resourceNames" not in r]
+    assert [r["verbs"] for r in create] == [["create"]]
+    assert "spend_db" not in config  # a pod's own file would not be shared, nor outlive it
     admins = {key["name"]: key.get("admin", False) for key in config["keys"]}
     assert admins == {"ci": False, "ops": True}
 

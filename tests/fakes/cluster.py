@@ -162,6 +162,7 @@ class CortexCluster(kmock.KubernetesEmulator):
             ("v1/namespaces", "Namespace"),
             ("v1/events", "Event"),
             ("v1/pods", "Pod"),
+            ("v1/configmaps", "ConfigMap"),
         ):
             self.resources[builtin] = kmock.ResourceInfo(
                 kind=kind, namespaced=kind != "Namespace", verbs=verbs
@@ -207,6 +208,10 @@ class CortexCluster(kmock.KubernetesEmulator):
                 meta["name"] = f"{meta['generateName']}{self.generated:05d}"
         if request.resource is not None:
             key = f"{request.resource.group}/{request.resource.version}/{request.resource.plural}"
+            if key == "/v1/configmaps" and request.action == enums.action.UPDATE:
+                conflict = self._versioned_write(request, key)
+                if conflict is not None:
+                    return await self._render_error(conflict)
             validator = getattr(self, "validators", {}).get(key)
             if validator is not None:
                 try:
@@ -216,6 +221,22 @@ class CortexCluster(kmock.KubernetesEmulator):
                         kmock.KubernetesError(status=422, reason="Invalid", message=str(exc))
                     )
         return await super()._handle(request)
+
+    def _versioned_write(
+        self, request: rendering.Request, key: str
+    ) -> kmock.KubernetesError | None:
+        """A ConfigMap write as an API server takes it: a resourceVersion in the write must be
+        the stored one (else 409 Conflict), and the write gives the object a new one."""
+        where = (kmock.resource(key), request.namespace, request.name)
+        if where not in self.objects or not isinstance(request.data, dict):
+            return None
+        stored = self.objects[where].raw.get("metadata", {}).get("resourceVersion")
+        meta = request.data.setdefault("metadata", {})
+        if meta.get("resourceVersion") not in (None, stored):
+            return kmock.KubernetesError(status=409, reason="Conflict", message="changed since")
+        self.versions = getattr(self, "versions", 0) + 1
+        meta["resourceVersion"] = str(self.versions)
+        return None
 
     def _check(self, request: rendering.Request, key: str, validator: CrdValidator) -> None:
         if request.action == enums.action.CREATE:

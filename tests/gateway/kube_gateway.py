@@ -25,7 +25,7 @@ from cortex.gateway.assembly import Gateway, Tuning
 
 NS = "default"
 # Long enough that a test never sees the demand renewed: one patch per wait.
-KUBE_FAST = replace(FAST, demand_interval=60.0)
+KUBE_FAST = replace(FAST, demand_interval=60.0, spend_interval=0.05)
 _uids = itertools.count(1)
 
 

@@ -242,6 +242,12 @@ class AuthSection(_Section):
         description="SQLite file keeping the keys' token spend across restarts (opened only when "
         'a key has a budget); ":memory:" keeps it in memory',
     )
+    spend_configmap: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="on Kubernetes, keep the spend in this ConfigMap of the gateway's namespace "
+        "instead of spend_db: every gateway replica shares it, and it outlives the pods",
+    )
 
 
 class GatewayConfig(_Section):

@@ -1,5 +1,6 @@
 """A small async client of the Kubernetes API for the gateway on Kubernetes (docs/kubernetes.md):
-log in, list, watch and merge-patch namespaced resources, and keep a watched copy of them.
+log in, list, watch, get, create and merge-patch namespaced resources, and keep a watched copy of
+them.
 
 The operator logs in through kopf; this client keeps the gateway free of kopf and of the
 `kubernetes` package. Login is the pod's service account in a cluster, else the kubeconfig's
@@ -45,6 +46,11 @@ class KubeApiError(Exception):
 
 class Gone(KubeApiError):
     """410: the resourceVersion a watch resumed from has expired; list again."""
+
+
+class Conflict(KubeApiError):
+    """409: a write named a resourceVersion the object no longer has (or created one that is
+    there): read it again and redo the change."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,7 @@ class WatchEvent:
 
 
 class KubeApi:
-    """List, watch and merge-patch namespaced objects of one API server."""
+    """List, watch, get, create and merge-patch namespaced objects of one API server."""
 
     def __init__(
         self,
@@ -244,6 +250,21 @@ class KubeApi:
                     raise _refusal(int(status.get("code") or 500), status)
                 yield WatchEvent(event["type"], event.get("object") or {})
 
+    async def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        """One object, or None when there is none."""
+        try:
+            return await self._call("GET", resource.path(namespace, name))
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def create(
+        self, resource: Resource, namespace: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Create one object; returns it as stored (Conflict when its name is taken)."""
+        return await self._call("POST", resource.path(namespace), json=body)
+
     async def merge_patch(
         self, resource: Resource, namespace: str, name: str, patch: dict[str, Any]
     ) -> dict[str, Any]:
@@ -274,7 +295,8 @@ def _json(content: bytes) -> dict[str, Any]:
 
 def _refusal(status: int, body: Mapping[str, Any]) -> KubeApiError:
     message = str(body.get("message") or body.get("reason") or "refused")
-    return Gone(status, message) if status == 410 else KubeApiError(status, message)
+    kind = {410: Gone, 409: Conflict}.get(status, KubeApiError)
+    return kind(status, message)
 
 
 class Reflector:

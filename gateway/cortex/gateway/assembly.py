@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cortex.core.catalogue import ModelSpec, merge_catalogues
-from cortex.core.config import GatewayConfig, GatewaySection, NeuronEntry
+from cortex.core.config import AuthSection, GatewayConfig, GatewaySection, NeuronEntry
 from cortex.core.kube_api import KubeApi, KubeLogin
 from cortex.core.placement.model import Policy
 from cortex.core.reload import differing, named_change
@@ -23,6 +23,7 @@ from cortex.gateway.catalogue import Catalogue, FleetModelCard, LiveCatalogue
 from cortex.gateway.demand import DemandSignal
 from cortex.gateway.kube_catalogue import PlacementCatalogue
 from cortex.gateway.kube_fleet import KubeFleet
+from cortex.gateway.kube_spend import KubeSpendStore
 from cortex.gateway.ledger import Ledger, SqliteSpendStore
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.ondemand import OnDemand
@@ -47,6 +48,7 @@ class Tuning:
     # admit it: past a neuron's default 30 s queue timeout, so "busy" comes as a 429 status.
     admission_patience: float = 40.0
     demand_interval: float = 5.0  # Kubernetes: least time between demand patches of a placement
+    spend_interval: float = 2.0  # Kubernetes: seconds between syncs of the shared budget spend
 
 
 class Gateway:
@@ -84,9 +86,8 @@ class Gateway:
             request_timeout=section.request_timeout,
         )
         self.auth = Authenticator(config.auth)
-        budgeted = any(key.budget_tokens is not None for key in config.auth.keys)
-        self._spend = SqliteSpendStore(config.auth.spend_db) if budgeted else None
-        self.ledger = Ledger(self._spend)
+        self._spend: SqliteSpendStore | KubeSpendStore | None = None  # opened for a budget
+        self.ledger = Ledger(None)
         known = merge_catalogues(list(catalogue), config.models)
         self.catalogue: Catalogue
         self.replicas: Replicas
@@ -96,6 +97,7 @@ class Gateway:
             self._place_here(known)
         else:
             self._follow_operator(kubernetes, known)
+        self._use_spend(config.auth)
         self.metrics.watch(self.fleet)
         # SIGTERM: /readyz fails and new calls get 503 shutting_down while streams finish.
         self.drain = Drain(config.gateway.shutdown_grace)
@@ -140,7 +142,7 @@ class Gateway:
     def _follow_operator(self, login: KubeLogin, known: list[ModelSpec]) -> None:
         """Kubernetes: the fleet is what the ModelPlacements and Neurons of the namespace say;
         a cold model is asked of the operator (docs/kubernetes.md)."""
-        kube = KubeFleet(KubeApi(login), login.namespace, self.fleet)
+        kube = self._kube = KubeFleet(KubeApi(login), login.namespace, self.fleet)
         self.catalogue = PlacementCatalogue(kube, known)
         self.demand = DemandSignal(
             kube,
@@ -153,6 +155,30 @@ class Gateway:
     async def start(self) -> None:
         """The fleet's first picture before serving (routing needs it), then keep it current."""
         await self.source.open()
+        if isinstance(self._spend, KubeSpendStore):
+            await self._spend.open()
+
+    def _use_spend(self, auth: AuthSection) -> bool:
+        """Open the spend store when a key first has a budget (a ConfigMap on Kubernetes when
+        `spend_configmap` names one, else `spend_db`); tell it each key's window. True when
+        this call opened it."""
+        windows = {k.name: k.budget_window for k in auth.keys if k.budget_tokens is not None}
+        opened = self._spend is None and bool(windows)
+        if opened:
+            name = self.config.auth.spend_configmap  # both read at start only
+            if self.kubernetes is not None and name is not None:
+                self._spend = KubeSpendStore(
+                    self._kube.api,
+                    self.kubernetes.namespace,
+                    name,
+                    interval=self.tuning.spend_interval,
+                )
+            else:
+                self._spend = SqliteSpendStore(self.config.auth.spend_db)
+            self.ledger.store = self._spend
+        if isinstance(self._spend, KubeSpendStore):
+            self._spend.windows = windows
+        return opened
 
     async def reload(self, config: GatewayConfig) -> list[str]:
         """Apply a re-read cortex.toml to the running gateway (SIGHUP; README.md, "Changing it
@@ -163,8 +189,8 @@ class Gateway:
         old = self.config
         self.auth.use(config.auth)  # first: the one step that can fail
         changes = [named_change("api keys", _key_names(old), _key_names(config))]
-        if self._spend is None and any(k.budget_tokens is not None for k in config.auth.keys):
-            self._spend = self.ledger.store = SqliteSpendStore(old.auth.spend_db)
+        if self._use_spend(config.auth) and isinstance(self._spend, KubeSpendStore):
+            await self._spend.open()
         known = merge_catalogues(self._base_catalogue, config.models)
         before = {spec.id: spec for spec in merge_catalogues(self._base_catalogue, old.models)}
         self.catalogue.use(known)
@@ -179,11 +205,11 @@ class Gateway:
         # models_file is not among them: its models were read again above.
         fields = [name for name in GatewaySection.model_fields if name != "models_file"]
         later = [f"gateway.{name}" for name in differing(old.gateway, config.gateway, fields)]
-        restart = ("spend_db", "neuron_admin_token")
+        restart = ("spend_db", "spend_configmap", "neuron_admin_token")
         later += [f"auth.{name}" for name in differing(old.auth, config.auth, restart)]
         if later:
             changes.append(f"needs a restart to change: {', '.join(later)}")
-        kept = {"spend_db": old.auth.spend_db, "neuron_admin_token": old.auth.neuron_admin_token}
+        kept = {name: getattr(old.auth, name) for name in restart}
         self.config = old.model_copy(
             update={
                 "auth": config.auth.model_copy(update=kept),
@@ -213,6 +239,10 @@ class Gateway:
         return named_change("neurons", present, wanted)
 
     async def aclose(self) -> None:
+        if isinstance(self._spend, KubeSpendStore):
+            await self._spend.aclose()  # its last charges, before the API client closes
+        elif self._spend is not None:
+            self._spend.close()
         if self.kubernetes is None:
             await self.poller.aclose()
             await self.placer.aclose()
@@ -220,8 +250,6 @@ class Gateway:
             await self.demand.aclose()
             await self.source.aclose()
         await self.fleet.aclose()
-        if self._spend is not None:
-            self._spend.close()
 
     # -- models
 

@@ -19,8 +19,8 @@ IN_MEMORY = ":memory:"
 
 
 class SpendStore(Protocol):
-    """Settled spend per key name. SQLite serves one gateway; several gateway replicas would share
-    one store (Redis, Postgres) implementing these three calls."""
+    """Settled spend per key name: SQLite for one gateway, a shared ConfigMap for the replicas
+    on Kubernetes (kube_spend.py). Called on the event loop: they answer without waiting."""
 
     def spent(self, key: str, since: float) -> int: ...
     def charges(self, key: str, since: float) -> list[Charge]: ...

@@ -1,0 +1,201 @@
+"""Budget spend kept in a ConfigMap, shared by every gateway replica on Kubernetes (docs/security.md,
+"Where spend is stored"). It outlives the pods, so a rollout or a rescheduled pod keeps every
+key's spend, and N replicas together hold a key to its budget rather than N times it.
+
+The ledger asks on the event loop and cannot wait for the API server, so the store answers from
+a copy: the ConfigMap as last read, plus the charges of this replica not yet written. `sync`
+writes those and reads the others' every `interval` seconds, with the object's resourceVersion
+as a precondition (a replica that wrote in between makes it read and merge again). So what other
+replicas spent shows here within about one interval.
+
+One data entry per key: `{"total": tokens, "spend": {"<end of a period>": tokens}}`. A key with a
+window keeps its spend in up to WINDOW_PERIODS periods of that window (a charge counts until its
+period ends: a Retry-After is at most one period long); a balance keeps the total only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import math
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from cortex.core.kube_api import Conflict, KubeApi, KubeApiError, Resource
+from cortex.gateway.budget import Charge
+
+log = logging.getLogger(__name__)
+
+CONFIGMAPS = Resource("", "v1", "configmaps")
+WINDOW_PERIODS = 240  # a window's spend is kept in this many periods at most
+MIN_PERIOD = 10.0  # seconds
+WRITE_ATTEMPTS = 5  # reads and merges in a row before a sync gives up until the next
+_PLAIN = re.compile(r"[-._a-zA-Z0-9]{1,200}")  # what a ConfigMap data key may be
+
+
+class KubeSpendStore:
+    """The `SpendStore` of a gateway on Kubernetes: spend per key name in one ConfigMap."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        namespace: str,
+        name: str,
+        *,
+        interval: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.api, self.namespace, self.name = api, namespace, name
+        self.interval, self.clock = interval, clock
+        # Each key's budget window (None: a balance), which decides how its spend is kept.
+        self.windows: dict[str, float | None] = {}
+        self._stored: dict[str, _Entry] = {}  # the ConfigMap as last read
+        self._unwritten: dict[str, list[Charge]] = defaultdict(list)
+        self._writing: dict[str, list[Charge]] = {}  # taken by a sync, not yet stored
+        self._task: asyncio.Task[None] | None = None
+
+    # -- SpendStore (on the event loop, never waiting)
+
+    def spent(self, key: str, since: float) -> int:
+        if since == -math.inf:
+            return self._stored.get(key, _Entry()).total + sum(t for _, t in self._local(key))
+        return sum(tokens for _, tokens in self.charges(key, since))
+
+    def charges(self, key: str, since: float) -> list[Charge]:
+        stored = self._stored.get(key, _Entry()).spend.items()
+        found = [(end, tokens) for end, tokens in stored if end > since]
+        found += [(at, tokens) for at, tokens in self._local(key) if at > since]
+        return sorted(found)
+
+    def record(self, key: str, tokens: int, at: float) -> None:
+        self._unwritten[key].append((at, tokens))
+
+    def _local(self, key: str) -> list[Charge]:
+        return [*self._writing.get(key, []), *self._unwritten.get(key, [])]
+
+    # -- keeping the copy and the ConfigMap in step
+
+    async def open(self) -> None:
+        """The first read (spend already recorded counts from the first request), then syncs
+        every `interval` in the background."""
+        try:
+            await self.sync()
+        except KubeApiError as exc:
+            log.warning("budget spend: first read of ConfigMap %s failed: %s", self.name, exc)
+        self._task = asyncio.create_task(self._run())
+
+    async def aclose(self) -> None:
+        """Stop syncing, and write what this replica spent since the last sync."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self.sync()
+        except KubeApiError as exc:
+            log.error("budget spend: the last charges were not written: %s", exc)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.sync()
+            except KubeApiError as exc:  # the charges wait for the next sync
+                log.warning("budget spend: sync with ConfigMap %s failed: %s", self.name, exc)
+
+    async def sync(self) -> None:
+        """Write this replica's new charges into the ConfigMap and read everyone's."""
+        self._writing, self._unwritten = dict(self._unwritten), defaultdict(list)
+        try:
+            for _ in range(WRITE_ATTEMPTS):
+                try:
+                    stored = await self._write_once()
+                except Conflict:
+                    continue  # another replica wrote first: read its spend and merge again
+                self._stored = _read(stored)
+                self._writing = {}
+                return
+            raise KubeApiError(409, f"ConfigMap {self.name}: {WRITE_ATTEMPTS} writes in a row lost")
+        finally:
+            for key, charges in self._writing.items():  # not stored: write them next time
+                self._unwritten[key][:0] = charges
+            self._writing = {}
+
+    async def _write_once(self) -> dict[str, Any]:
+        current = await self.api.get(CONFIGMAPS, self.namespace, self.name)
+        if current is None:
+            body = {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": self.name},
+                "data": {},
+            }
+            current = await self.api.create(CONFIGMAPS, self.namespace, body)
+        if not self._writing:
+            return current
+        entries, now = _read(current), self.clock()
+        changed = {}
+        for key, charges in self._writing.items():
+            entry = entries.get(key, _Entry())
+            entry.add(charges, self.windows.get(key), now)
+            changed[_data_key(key)] = entry.dump()
+        version = current.get("metadata", {}).get("resourceVersion")
+        patch = {"metadata": {"resourceVersion": version}, "data": changed}
+        return await self.api.merge_patch(CONFIGMAPS, self.namespace, self.name, patch)
+
+
+class _Entry:
+    """One key's stored spend."""
+
+    def __init__(self, total: int = 0, spend: Mapping[float, int] | None = None) -> None:
+        self.total = total
+        self.spend = dict(spend or {})  # end of a period -> tokens charged in it
+
+    def add(self, charges: list[Charge], window: float | None, now: float) -> None:
+        """Charges in; periods that left the window (all of them, for a balance) out."""
+        self.total += sum(tokens for _, tokens in charges)
+        if window is None:
+            self.spend = {}
+            return
+        period = max(MIN_PERIOD, window / WINDOW_PERIODS)
+        for at, tokens in charges:
+            end = math.ceil(at / period) * period
+            self.spend[end] = self.spend.get(end, 0) + tokens
+        self.spend = {end: t for end, t in self.spend.items() if end > now - window}
+
+    def dump(self) -> str:
+        spend = {f"{end:g}": tokens for end, tokens in sorted(self.spend.items())}
+        return json.dumps({"total": self.total, "spend": spend}, separators=(",", ":"))
+
+
+def _read(configmap: Mapping[str, Any]) -> dict[str, _Entry]:
+    entries = {}
+    for data_key, value in (configmap.get("data") or {}).items():
+        try:
+            raw = json.loads(value)
+            entry = _Entry(
+                int(raw["total"]), {float(end): int(t) for end, t in raw["spend"].items()}
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("budget spend: entry %r of the ConfigMap is not spend; ignored", data_key)
+            continue
+        entries[_key_name(data_key)] = entry
+    return entries
+
+
+def _data_key(key: str) -> str:
+    """A key's name as a ConfigMap data key: itself where it may be one, else base64url."""
+    if _PLAIN.fullmatch(key) and not key.startswith("b64."):
+        return key
+    return "b64." + base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
+def _key_name(data_key: str) -> str:
+    if not data_key.startswith("b64."):
+        return data_key
+    encoded = data_key[4:]
+    return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
