@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from rendered import CHART, Render, container, find, pod_labels, selects
+from rendered import CHART, Render, container, find, pod_labels, run_helm, selects
 
 from cortex.cli.main import _parser
 from cortex.core.config import GatewayConfig, NeuronConfig, parse_config
@@ -428,3 +428,27 @@ def test_several_gateway_pods_get_a_disruption_budget_that_selects_them(render: 
     )
     off = render("--set", "gateway.replicas=3,gateway.podDisruptionBudget.enabled=false")
     assert not [o for o in off if o["kind"] == "PodDisruptionBudget"]
+
+
+def test_an_autoscaled_gateway_leaves_the_pod_count_to_the_autoscaler(render: Render) -> None:
+    assert not [o for o in render() if o["kind"] == "HorizontalPodAutoscaler"]
+    objects = render("--set", "gateway.autoscaling.enabled=true,gateway.autoscaling.maxReplicas=6")
+    autoscaler = find(objects, "HorizontalPodAutoscaler", "cortex-gateway")
+    gateway = find(objects, "Deployment", "cortex-gateway")
+    target = autoscaler["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", gateway["metadata"]["name"])
+    assert (autoscaler["spec"]["minReplicas"], autoscaler["spec"]["maxReplicas"]) == (2, 6)
+    assert "replicas" not in gateway["spec"]  # a fixed count would fight the autoscaler
+    # CPU utilisation is measured against the request, which the container must make.
+    assert container(gateway, "gateway")["resources"]["requests"]["cpu"]
+    # Two pods at least, so the disruption budget comes with it.
+    assert find(objects, "PodDisruptionBudget", "cortex-gateway")["spec"]["maxUnavailable"] == 1
+
+
+def test_an_autoscaler_whose_floor_is_above_its_ceiling_fails(helm: Path) -> None:
+    values = ",".join(
+        f"gateway.autoscaling.{v}" for v in ("enabled=true", "minReplicas=5", "maxReplicas=3")
+    )
+    result = run_helm(helm, "template", "cortex", str(CHART), "--set", values)
+    assert result.returncode != 0
+    assert "minReplicas is above maxReplicas" in result.stderr
