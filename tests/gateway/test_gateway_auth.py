@@ -21,6 +21,7 @@ SECRETS = {
     "dave": "sk-dave",
     "root": "sk-root-admin",
     "erin": "sk-erin-2",
+    "frank": "sk-frank-3",
 }
 AUTH = {
     "enabled": True,
@@ -36,6 +37,7 @@ AUTH = {
         },
         {"name": "root", "key": SECRETS["root"], "admin": True},
         {"name": "erin", "key": SECRETS["erin"], "max_in_flight": 2},
+        {"name": "frank", "key": SECRETS["frank"], "budget_tokens": 1000},
     ],
 }
 CATALOGUE = [spec("chat-a", aliases=["a-alias"]), spec("chat-b")]
@@ -165,6 +167,41 @@ async def test_max_in_flight_caps_the_requests_a_key_runs_at_once() -> None:
         assert ledger.running("erin") == 0  # every slot back, the stream's once it ended
         again = await erin.chat.completions.create(model="chat-a", messages=hi)
         assert again.choices[0].message.content == "Hello from n1."
+
+
+async def test_a_budgeted_key_reads_what_is_left_in_each_surfaces_headers() -> None:
+    """OpenAI's x-ratelimit-*-tokens and Anthropic's anthropic-ratelimit-tokens-*: the limit, and
+    what is left once this request's worst case is held; the key's tokens are also a metric."""
+    hi = [{"role": "user", "content": "hi"}]
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        frank = c.openai(SECRETS["frank"])
+        first = await frank.chat.completions.with_raw_response.create(
+            model="chat-a", messages=hi, max_tokens=5
+        )
+        usage = first.parse().usage
+        assert usage is not None and first.headers["x-ratelimit-limit-tokens"] == "1000"
+        left = int(first.headers["x-ratelimit-remaining-tokens"])
+        assert 900 < left < 1000
+        second = await frank.chat.completions.with_raw_response.create(
+            model="chat-a", messages=hi, max_tokens=5
+        )
+        assert int(second.headers["x-ratelimit-remaining-tokens"]) == left - usage.total_tokens
+        streamed = await frank.chat.completions.with_raw_response.create(
+            model="chat-a", messages=hi, max_tokens=5, stream=True
+        )
+        assert int(streamed.headers["x-ratelimit-remaining-tokens"]) < left - usage.total_tokens
+        _ = [chunk async for chunk in streamed.parse()]
+        message = await c.anthropic(SECRETS["frank"]).messages.with_raw_response.create(
+            model="chat-a", max_tokens=5, messages=hi
+        )
+        assert message.headers["anthropic-ratelimit-tokens-limit"] == "1000"
+        assert int(message.headers["anthropic-ratelimit-tokens-remaining"]) < left
+        unbudgeted = await c.openai(SECRETS["alice"]).chat.completions.with_raw_response.create(
+            model="chat-a", messages=hi
+        )
+        assert "x-ratelimit-limit-tokens" not in unbudgeted.headers
+        scraped = (await c.http.get(f"{c.metrics_url}/metrics")).text
+        assert 'cortex_key_tokens_total{key="frank",kind="completion"} 12.0' in scraped
 
 
 async def test_streamed_usage_is_charged_to_the_key() -> None:

@@ -73,6 +73,10 @@ class Reservation:
     tokens: int
     give_back: Callable[[int, float], None] = field(repr=False)
     settled: bool = False
+    # For a key with a budget: its limit, and what is left of it once this request's worst case
+    # is held (told to the client in its answer's headers).
+    limit: int | None = None
+    remaining: int | None = None
 
     def settle(self, used: int, now: float) -> None:
         if not self.settled:
@@ -103,16 +107,22 @@ class Ledger:
                 "ends",
                 retry_after=RESERVED_RETRY_AFTER,
             )
+        used = None
         if store is not None and budget is not None:
-            self._check_budget(store, key, budget, now)
+            used = self._check_budget(store, key, budget, now)
         else:
             tokens = 0
         self._reserved[key] += tokens
         self._running[key] += 1
         budgeted = budget is not None
-        return Reservation(key, tokens, partial(self._give_back, key, tokens, budgeted))
+        reservation = Reservation(key, tokens, partial(self._give_back, key, tokens, budgeted))
+        if budget is not None and used is not None:
+            reservation.limit = budget.limit
+            reservation.remaining = max(0, budget.limit - used - self._reserved[key])
+        return reservation
 
-    def _check_budget(self, store: SpendStore, key: str, budget: Budget, now: float) -> None:
+    def _check_budget(self, store: SpendStore, key: str, budget: Budget, now: float) -> int:
+        """The key's settled spend in its budget's reach; BudgetExceeded when it may not start."""
         since = budget.since(now)
         if budget.window is None:
             charges, used = [], store.spent(key, since)
@@ -126,6 +136,7 @@ class Ledger:
                 f"key {key!r} has used its budget of {budget.limit} tokens {kind}",
                 retry_after=wait,
             )
+        return used
 
     def running(self, key: str) -> int:
         """Requests of this key running now (counted for a key with a limit or a budget)."""

@@ -33,6 +33,12 @@ class GatewayMetrics:
             ["key", "model", "kind"],
             registry=r,
         )
+        self.key_tokens = Counter(
+            "cortex_key_tokens",
+            "Tokens used per key (what budgets count), by kind (prompt, completion).",
+            ["key", "kind"],
+            registry=r,
+        )
         self.requests = Counter(
             "cortex_requests", "Requests answered (any outcome).", per_request, registry=r
         )

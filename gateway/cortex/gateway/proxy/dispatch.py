@@ -199,7 +199,7 @@ class Dispatcher:
             try:
                 answer = _answer(slot.client, call, exchange)
                 answered = await self._watching(exchange, answer, f"{slot.neuron} was answering")
-                exchange.reported = reported(answered.headers)
+                exchange.reported.update(reported(answered.headers))
                 return answered
             finally:
                 slot.release()
@@ -224,7 +224,7 @@ class Dispatcher:
         neuron = slot.neuron
         try:
             stream = await stack.enter_async_context(_opening(slot.client, call, exchange))
-            exchange.reported = reported(stream.headers)
+            exchange.reported.update(reported(stream.headers))
             rest = stream.chunks()
             try:
                 first = await anext(rest)

@@ -76,6 +76,9 @@ class Accounting:
             return
         m.prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
         m.completion_tokens.labels(*labels).inc(usage.completion_tokens)
+        key = exchange.principal.name
+        m.key_tokens.labels(key, "prompt").inc(usage.prompt_tokens)
+        m.key_tokens.labels(key, "completion").inc(usage.completion_tokens)
         if exchange.cost is not None:
             self.spend(exchange, usage, exchange.cost)
         # Streamed: rate after the first token (prefill excluded); otherwise over the whole call.

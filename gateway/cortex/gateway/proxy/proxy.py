@@ -31,9 +31,16 @@ from cortex.core.shutdown import Drain
 from cortex.gateway.auth import Authenticator, Principal
 from cortex.gateway.budget import check_output_limit, worst_case
 from cortex.gateway.catalogue import Catalogue
-from cortex.gateway.dialects.dialect import Chat, ClientRequest, Completion, Dialect, ReplyStream
+from cortex.gateway.dialects.dialect import (
+    Chat,
+    ClientRequest,
+    Completion,
+    Dialect,
+    ReplyStream,
+    Surface,
+)
 from cortex.gateway.dialects.openai import has_token
-from cortex.gateway.ledger import Ledger
+from cortex.gateway.ledger import Ledger, Reservation
 from cortex.gateway.proxy.dispatch import Dispatcher, Upstream
 from cortex.gateway.proxy.exchange import Accounting, Exchange
 from cortex.gateway.proxy.relay import upstream_events
@@ -122,7 +129,7 @@ class Proxy:
                 context=spec.context,
                 cap=spec.max_output_tokens,
             )
-        return Exchange(
+        exchange = Exchange(
             model=spec.id,
             surface=dialect.surface,
             principal=principal,
@@ -136,6 +143,8 @@ class Proxy:
             completion=CompletionPolicy(strict, spec.max_output_tokens),
             reservation=self.ledger.reserve(principal, tokens, time.time()),
         )
+        exchange.reported.update(_budget_headers(dialect.surface, exchange.reservation))
+        return exchange
 
     async def run(
         self,
@@ -237,6 +246,19 @@ class Proxy:
             outcome.error = err
             if failing := b"".join(reply.fail(err)):
                 yield failing
+
+
+def _budget_headers(surface: Surface, reservation: Reservation | None) -> dict[str, str]:
+    """A budgeted key's limit and what is left of it (this request's worst case held), under
+    the names each API's own clients read (docs/security.md, "Token budgets")."""
+    if reservation is None or reservation.limit is None or reservation.remaining is None:
+        return {}
+    names = (
+        ("anthropic-ratelimit-tokens-limit", "anthropic-ratelimit-tokens-remaining")
+        if surface == "anthropic"
+        else ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens")
+    )
+    return dict(zip(names, (str(reservation.limit), str(reservation.remaining)), strict=True))
 
 
 def _answer(body: dict[str, Any], reply: NeuronAnswer, headers: dict[str, str]) -> Response:
