@@ -294,3 +294,31 @@ async def test_cortex_status_reads_the_fleet_with_an_admin_key(
         assert "needs an admin key" in capsys.readouterr().err
         assert await commands.status(c.url, SECRETS["root"]) == 0
         assert "n1" in capsys.readouterr().out
+
+
+async def test_the_admin_api_lists_keys_with_what_they_spent_and_never_a_secret(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        answer = await c.openai(SECRETS["frank"]).chat.completions.create(
+            model="chat-a", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert answer.usage is not None
+        refused = await c.http.get("/admin/keys", headers={"x-api-key": SECRETS["frank"]})
+        assert refused.status_code == 403
+        listed = await c.http.get("/admin/keys", headers={"x-api-key": SECRETS["root"]})
+        assert listed.status_code == 200
+        assert not any(secret in listed.text for secret in SECRETS.values())
+        keys = {key["name"]: key for key in listed.json()["keys"]}
+        assert list(keys) == [k["name"] for k in AUTH["keys"]]  # type: ignore[index]
+        spent = answer.usage.total_tokens
+        assert keys["frank"] | {"spent": spent, "remaining": 1000 - spent} == keys["frank"]
+        assert keys["frank"]["budget_tokens"] == 1000 and keys["frank"]["running"] == 0
+        assert keys["dave"]["budget_window"] == 60 and keys["dave"]["spent"] == 0
+        assert keys["erin"]["max_in_flight"] == 2 and keys["erin"]["spent"] is None
+        assert keys["bob"]["models"] == ["a-alias"] and keys["root"]["admin"]
+
+        assert await commands.keys(c.url, SECRETS["root"]) == 0
+        table = capsys.readouterr().out
+        assert "frank" in table and "1,000 in total" in table and f"{1000 - spent:,}" in table
+        assert "10 per 60s" in table and "0/2" in table

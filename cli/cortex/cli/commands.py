@@ -366,6 +366,15 @@ def fleet_rows(view: FleetView) -> list[NeuronRow]:
     ]
 
 
+async def keys(endpoint: str, api_key: str | None) -> int:
+    """`cortex keys`: a gateway's API keys through its admin API."""
+    admin = GatewayAdmin(endpoint, api_key=api_key)
+    try:
+        return await fleet_control.keys(admin)
+    finally:
+        await admin.aclose()
+
+
 async def models(args: argparse.Namespace) -> int:
     """`cortex models` and `cortex neurons`: through a gateway's admin API, or to one neuron."""
     admin = GatewayAdmin(args.endpoint, api_key=args.api_key)

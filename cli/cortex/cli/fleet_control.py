@@ -1,5 +1,6 @@
-"""`cortex models` and `cortex status` against a gateway's admin API (docs/fleet-control.md): every
-catalogue model, loaded or not, with where it is and when its idle TTL unloads it."""
+"""`cortex models`, `cortex status` and `cortex keys` against a gateway's admin API
+(docs/fleet-control.md): every catalogue model, loaded or not, with where it is and when its idle
+TTL unloads it; every API key, with what it spent."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cortex.cli.console import bar, gib
-from cortex.core.admin import AdminModel, AdminModels, GatewayAdmin, load_failure
+from cortex.core.admin import AdminKeys, AdminModel, AdminModels, GatewayAdmin, load_failure
 from cortex.core.errors import CortexError
 from cortex.core.fleet import FleetView, ModelState, shown_state
 
@@ -179,4 +180,38 @@ async def load(admin: GatewayAdmin, model: str, neuron: str | None, console: Con
 async def neurons(admin: GatewayAdmin, args: argparse.Namespace) -> int:
     done = await admin.cordon(args.neuron, on=args.action == "cordon")
     print(f"{done.action}ed {', '.join(done.neurons)}")
+    return 0
+
+
+def keys_table(listing: AdminKeys) -> Table:
+    """One row per key: what it may use, its budget and what is left, its requests running."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False)
+    for column in ("KEY", "MODELS", "BUDGET"):
+        table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=24)
+    for column in ("SPENT", "LEFT", "RUNNING"):
+        table.add_column(column, no_wrap=True, justify="right")
+    for key in listing.keys:
+        name = f"{key.name} [cyan]admin[/]" if key.admin else key.name
+        budget = "-"
+        if key.budget_tokens is not None:
+            per = f" per {duration(key.budget_window)}" if key.budget_window else " in total"
+            budget = f"{key.budget_tokens:,}{per}"
+        cap = f"/{key.max_in_flight}" if key.max_in_flight is not None else ""
+        table.add_row(
+            name,
+            ", ".join(key.models) or "all",
+            budget,
+            f"{key.spent:,}" if key.spent is not None else "-",
+            f"{key.remaining:,}" if key.remaining is not None else "-",
+            f"{key.running}{cap}",
+        )
+    return table
+
+
+async def keys(admin: GatewayAdmin) -> int:
+    listing = await admin.keys()
+    if not listing.auth:
+        print("auth is off: every caller is anonymous, with no key, budget or limit")
+        return 0
+    Console(width=WIDTH).print(keys_table(listing))
     return 0

@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
 
     _models_parser(commands)
 
+    keys = commands.add_parser(
+        "keys", help="the API keys, their budgets and what is left (gateway)"
+    )
+    _endpoint_flags(keys)
+
     neurons = commands.add_parser("neurons", help="cordon or uncordon a neuron (gateway)")
     _endpoint_flags(neurons)
     neuron_actions = neurons.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -225,6 +230,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "status":
         endpoint = args.endpoint or DEFAULT_ENDPOINT
         return asyncio.run(commands.status(endpoint, args.api_key, args.watch))
+    elif args.command == "keys":
+        return asyncio.run(commands.keys(args.endpoint or DEFAULT_ENDPOINT, args.api_key))
     elif args.command in ("models", "neurons"):
         args.endpoint = args.endpoint or DEFAULT_ENDPOINT
         return asyncio.run(commands.models(args))

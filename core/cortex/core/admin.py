@@ -59,6 +59,28 @@ class AdminModels(BaseModel):
     neurons: list[AdminNeuron] = Field(default_factory=list)
 
 
+class AdminKey(BaseModel):
+    """One API key as GET /admin/keys shows it: what it may do, and where its limits stand."""
+
+    name: str
+    admin: bool = False
+    models: list[str] = Field(default_factory=list)  # empty: every model
+    budget_tokens: int | None = None
+    budget_window: float | None = None  # seconds; None with a budget: a balance
+    spent: int | None = None  # settled tokens in the budget's reach (None: no budget)
+    reserved: int = 0  # worst cases held by its requests in flight
+    remaining: int | None = None  # budget_tokens - spent - reserved, at least 0
+    running: int = 0  # its requests in flight (counted with a budget or max_in_flight)
+    max_in_flight: int | None = None
+
+
+class AdminKeys(BaseModel):
+    """GET /admin/keys: every API key, with what it spent (no secret, ever)."""
+
+    auth: bool
+    keys: list[AdminKey] = Field(default_factory=list)
+
+
 class AdminLoad(BaseModel):
     """POST /admin/models/{model}/load: on `neuron`, else where the planner says."""
 
@@ -155,6 +177,9 @@ class GatewayAdmin:
 
     async def models(self) -> AdminModels:
         return AdminModels.model_validate_json(await self._request("GET", "/admin/models"))
+
+    async def keys(self) -> AdminKeys:
+        return AdminKeys.model_validate_json(await self._request("GET", "/admin/keys"))
 
     async def load(self, model: str, neuron: str | None = None) -> AsyncIterator[LoadProgress]:
         """The load's progress lines as they come, the last one ready or failed."""

@@ -65,6 +65,10 @@ class Authenticator:
             keys.append((key.secret().encode(), principal))
         self.enabled, self._keys = section.enabled, keys
 
+    def principals(self) -> list[Principal]:
+        """The keys' owners, in the config's order."""
+        return [principal for _, principal in self._keys]
+
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
         if not self.enabled:
             return ANONYMOUS

@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
+from cortex.core.admin import AdminKey
 from cortex.core.errors import BudgetExceeded, TooManyInFlight
 from cortex.gateway.auth import Principal
 from cortex.gateway.budget import RESERVED_RETRY_AFTER, Budget, Charge, retry_after
@@ -137,6 +138,23 @@ class Ledger:
                 retry_after=wait,
             )
         return used
+
+    def standing(self, principal: Principal, now: float) -> AdminKey:
+        """Where the key's limits stand now, for the admin API."""
+        key, budget = principal.name, principal.budget
+        shown = AdminKey(
+            name=key,
+            admin=principal.admin,
+            models=sorted(principal.models),
+            reserved=self.reserved(key),
+            running=self.running(key),
+            max_in_flight=principal.max_in_flight,
+        )
+        if budget is not None:
+            shown.budget_tokens, shown.budget_window = budget.limit, budget.window
+            shown.spent = self.spent(principal, now)
+            shown.remaining = max(0, budget.limit - shown.spent - shown.reserved)
+        return shown
 
     def running(self, key: str) -> int:
         """Requests of this key running now (counted for a key with a limit or a budget)."""

@@ -1,5 +1,6 @@
 """Fleet control (docs/fleet-control.md): list, load, unload, pin and unpin models, cordon and
-uncordon neurons. Behind the admin key when [auth] is on, open when it is off, as GET /fleet is.
+uncordon neurons, and list the API keys with what they spent. Behind the admin key when [auth]
+is on, open when it is off, as GET /fleet is.
 
 A static fleet is changed through this gateway's placer (the one that places on demand), so a
 load by hand is reserved like a planned one. On Kubernetes the operator places: these calls write
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from cortex.core.admin import (
     AdminDone,
+    AdminKeys,
     AdminLoad,
     AdminModel,
     AdminModels,
@@ -127,6 +130,17 @@ def _handle(gateway: Gateway, name: str) -> NeuronHandle:
         hint = f"; did you mean {close[0]}?" if close else ""
         raise NeuronNotFound(f"no neuron named {name!r}{hint}", param="neuron")
     return handle
+
+
+@router.get("/keys")
+async def keys(request: Request) -> AdminKeys:
+    """Every API key with its limits and what it spent; never the key itself."""
+    gateway = gateway_of(request)
+    now = time.time()
+    return AdminKeys(
+        auth=gateway.auth.enabled,
+        keys=[gateway.ledger.standing(p, now) for p in gateway.auth.principals()],
+    )
 
 
 @router.post("/models/{model:path}/load")
