@@ -452,3 +452,27 @@ def test_an_autoscaler_whose_floor_is_above_its_ceiling_fails(helm: Path) -> Non
     result = run_helm(helm, "template", "cortex", str(CHART), "--set", values)
     assert result.returncode != 0
     assert "minReplicas is above maxReplicas" in result.stderr
+
+
+def test_an_ingress_routes_its_hosts_to_the_gateways_api_port(render: Render) -> None:
+    assert not [o for o in render() if o["kind"] == "Ingress"]
+    objects = render(
+        "--set",
+        "gateway.ingress.enabled=true,gateway.ingress.className=nginx,"
+        "gateway.ingress.tlsSecret=llm-tls",
+        "--set-json",
+        'gateway.ingress.hosts=["llm.example.com"]',
+    )
+    ingress = find(objects, "Ingress", "cortex-gateway")["spec"]
+    service = find(objects, "Service", "cortex-gateway")
+    (rule,) = ingress["rules"]
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    assert rule["host"] == "llm.example.com" and path["pathType"] == "Prefix"
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    assert backend["port"]["name"] == "api"  # the API only: the metrics stay inside
+    assert ingress["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}]
+    assert ingress["ingressClassName"] == "nginx"
+    anywhere = find(render("--set", "gateway.ingress.enabled=true"), "Ingress")["spec"]
+    assert "host" not in anywhere["rules"][0] and "tls" not in anywhere
