@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -13,6 +14,7 @@ from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import chat_body, cluster, eventually, spec
 
 from cortex.cli import commands
+from cortex.core.access_log import JsonFormatter
 
 SECRETS = {
     "alice": "sk-alice-0123",
@@ -322,3 +324,35 @@ async def test_the_admin_api_lists_keys_with_what_they_spent_and_never_a_secret(
         table = capsys.readouterr().out
         assert "frank" in table and "1,000 in total" in table and f"{1000 - spent:,}" in table
         assert "10 per 60s" in table and "0/2" in table
+
+
+async def test_the_usage_log_has_a_line_per_request_and_no_content(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="cortex.usage")
+    hi = [{"role": "user", "content": "a secret prompt"}]
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH, gateway={"usage_log": True}) as c:
+        await c.openai(SECRETS["frank"]).chat.completions.create(model="chat-a", messages=hi)
+        stream = await c.anthropic(SECRETS["alice"]).messages.create(
+            model="a-alias", max_tokens=5, messages=hi, stream=True
+        )
+        _ = [event async for event in stream]
+    lines = [r for r in caplog.records if r.name == "cortex.usage"]
+    assert [(r.usage["key"], r.usage["surface"]) for r in lines] == [  # type: ignore[attr-defined]
+        ("frank", "openai"),
+        ("alice", "anthropic"),
+    ]
+    first, second = (r.usage for r in lines)  # type: ignore[attr-defined]
+    assert first | {"model": "chat-a", "neuron": "n1", "outcome": "ok"} == first
+    assert (first["prompt_tokens"], first["completion_tokens"]) == (3, 3)
+    assert first["ttft_ms"] is None and second["ttft_ms"] is not None  # only a stream has one
+    assert second["model"] == "chat-a" and second["duration_ms"] >= second["ttft_ms"]
+    assert "key=frank model=chat-a neuron=n1 surface=openai outcome=ok" in lines[0].getMessage()
+    assert not any(
+        "secret prompt" in r.getMessage() or SECRETS["frank"] in r.getMessage()
+        for r in caplog.records
+    )
+
+    record = lines[0]
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["logger"] == "cortex.usage" and entry["usage"] == first

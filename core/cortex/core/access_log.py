@@ -77,6 +77,8 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        if isinstance(usage := getattr(record, "usage", None), dict):
+            entry["usage"] = usage  # the gateway's per-request line ([gateway] usage_log)
         return json.dumps(entry)
 
 

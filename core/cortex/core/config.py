@@ -160,6 +160,11 @@ class GatewaySection(_Section):
     shutdown_grace: Seconds = Field(
         default=30.0, description="on SIGTERM, how long running streams may take to finish"
     )
+    usage_log: bool = Field(
+        default=False,
+        description="log one line per request (logger cortex.usage): key, model, neuron, "
+        "surface, outcome, tokens, duration and time to first token; never the content",
+    )
 
     _listen = field_validator("listen")(_check_listen)
 

@@ -113,7 +113,7 @@ class Gateway:
                 affinity_slack=self.tuning.affinity_slack,
                 max_attempts=self.tuning.max_attempts,
             ),
-            accounting=Accounting(self.metrics),
+            accounting=Accounting(self.metrics, usage_log=section.usage_log),
             drain=self.drain,
             patience=Patience(self.tuning.keepalive_interval, self.tuning.admission_patience),
             load_timeout=section.load_timeout,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from cortex.gateway.auth import Principal
 from cortex.gateway.dialects.dialect import Surface
 from cortex.gateway.ledger import Reservation
 from cortex.gateway.metrics import NO_NEURON, GatewayMetrics
+
+usage_logger = logging.getLogger("cortex.usage")
 
 
 @dataclass
@@ -47,10 +50,17 @@ class Exchange:
 
 
 class Accounting:
-    """Records how each call ended: metrics, and its budget reservation settled."""
+    """Records how each call ended: metrics, its budget reservation settled, and with
+    `usage_log` a line for it under the cortex.usage logger."""
 
-    def __init__(self, metrics: GatewayMetrics, clock: Callable[[], float] = time.time) -> None:
-        self.metrics, self.clock = metrics, clock
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.time,
+        *,
+        usage_log: bool = False,
+    ) -> None:
+        self.metrics, self.clock, self.usage_log = metrics, clock, usage_log
 
     def first_token(self, exchange: Exchange) -> None:
         ttft = exchange.token_arrived()
@@ -72,6 +82,8 @@ class Accounting:
         if exchange.reservation is not None:
             used = usage.prompt_tokens + usage.completion_tokens if usage else 0
             exchange.reservation.settle(used, self.clock())
+        if self.usage_log:
+            _log_usage(exchange, usage, error, now)
         if usage is None:
             return
         m.prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
@@ -100,3 +112,23 @@ class Accounting:
             if micro_dollars > 0:
                 spend = self.metrics.spend.labels(exchange.principal.name, exchange.model, kind)
                 spend.inc(micro_dollars / 1e6)
+
+
+def _log_usage(
+    exchange: Exchange, usage: Usage | None, error: CortexError | None, now: float
+) -> None:
+    """One line per call: who, what, where, how it ended, what it used; never the content. With
+    --log-format json the fields are the entry's `usage` object as well."""
+    ttft = exchange.first_token - exchange.started if exchange.first_token is not None else None
+    fields = {
+        "key": exchange.principal.name,
+        "model": exchange.model,
+        "neuron": exchange.neuron or "-",
+        "surface": exchange.surface,
+        "outcome": error.code if error is not None else "ok",
+        "prompt_tokens": usage.prompt_tokens if usage else 0,
+        "completion_tokens": usage.completion_tokens if usage else 0,
+        "duration_ms": round((now - exchange.started) * 1000, 1),
+        "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None,
+    }
+    usage_logger.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"usage": fields})
