@@ -257,6 +257,10 @@ def test_the_configs_the_chart_writes_are_valid_cortex_configs(render: Render) -
     gateway = parse_config(tomllib.loads(gateway_toml), GatewayConfig, "cortex.toml")
     assert gateway.gateway.load_timeout == 120 and gateway.gateway.max_body_bytes == 16 * 2**20
     assert gateway.auth.enabled and not gateway.neurons  # the fleet comes from the CRDs
+    assert not gateway.gateway.usage_log
+    logged = find(render("--set", "gateway.usageLog=true"), "ConfigMap", "cortex-gateway")
+    toml = tomllib.loads(logged["data"]["cortex.toml"])
+    assert parse_config(toml, GatewayConfig, "cortex.toml").gateway.usage_log
 
 
 def test_api_keys_reach_the_gateway_as_files(render: Render, tmp_path: Path) -> None:
