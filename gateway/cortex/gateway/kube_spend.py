@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -58,6 +59,7 @@ class KubeSpendStore:
         self._unwritten: dict[str, list[Charge]] = defaultdict(list)
         self._writing: dict[str, list[Charge]] = {}  # taken by a sync, not yet stored
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     # -- SpendStore (on the event loop, never waiting)
 
@@ -83,29 +85,33 @@ class KubeSpendStore:
     async def open(self) -> None:
         """The first read (spend already recorded counts from the first request), then syncs
         every `interval` in the background."""
-        try:
-            await self.sync()
-        except KubeApiError as exc:
-            log.warning("budget spend: first read of ConfigMap %s failed: %s", self.name, exc)
+        await self._sync_logged("first read of")
         self._task = asyncio.create_task(self._run())
 
     async def aclose(self) -> None:
-        """Stop syncing, and write what this replica spent since the last sync."""
+        """Stop syncing after one last sync, which writes what this replica spent since the one
+        before. A sync is never cancelled: one cut off after the server took its write would
+        leave its charges unwritten here, and write them twice."""
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        try:
-            await self.sync()
-        except KubeApiError as exc:
-            log.error("budget spend: the last charges were not written: %s", exc)
+            await self._task
+        else:
+            await self._sync_logged("last write to")
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.sync()
-            except KubeApiError as exc:  # the charges wait for the next sync
-                log.warning("budget spend: sync with ConfigMap %s failed: %s", self.name, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
+            stopping = self._stopping.is_set()
+            await self._sync_logged("last write to" if stopping else "sync with")
+            if stopping:
+                return
+
+    async def _sync_logged(self, what: str) -> None:
+        try:
+            await self.sync()
+        except KubeApiError as exc:  # the charges wait for the next sync
+            log.warning("budget spend: %s ConfigMap %s failed: %s", what, self.name, exc)
 
     async def sync(self) -> None:
         """Write this replica's new charges into the ConfigMap and read everyone's."""
