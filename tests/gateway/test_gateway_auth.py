@@ -15,6 +15,7 @@ from gateway_cluster import chat_body, cluster, eventually, spec
 
 from cortex.cli import commands
 from cortex.core.access_log import JsonFormatter
+from cortex.core.errors import CortexError
 
 SECRETS = {
     "alice": "sk-alice-0123",
@@ -324,6 +325,8 @@ async def test_the_admin_api_lists_keys_with_what_they_spent_and_never_a_secret(
         table = capsys.readouterr().out
         assert "frank" in table and "1,000 in total" in table and f"{1000 - spent:,}" in table
         assert "10 per 60s" in table and "0/2" in table
+        with pytest.raises(CortexError, match="is not a cortex gateway"):
+            await commands.keys(c.served["n1"].url, None)  # a neuron's endpoint
 
 
 async def test_the_usage_log_has_a_line_per_request_and_no_content(

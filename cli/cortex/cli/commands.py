@@ -370,6 +370,8 @@ async def keys(endpoint: str, api_key: str | None) -> int:
     """`cortex keys`: a gateway's API keys through its admin API."""
     admin = GatewayAdmin(endpoint, api_key=api_key)
     try:
+        if not await admin.is_gateway():
+            raise CortexError(f"{endpoint} is not a cortex gateway: cortex keys needs one")
         return await fleet_control.keys(admin)
     finally:
         await admin.aclose()
