@@ -24,7 +24,7 @@ IMAGES = {
     "gateway": {
         "extras": {"gateway", "operator"},
         "command": "gateway",
-        "ports": {31313, 31314, 8080},
+        "ports": {31313, 31314, 8080, 31315},
     },
     "neuron": {"extras": {"neuron"}, "command": "neuron", "ports": {13131}},
 }

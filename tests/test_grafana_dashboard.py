@@ -6,12 +6,14 @@ import json
 import re
 from pathlib import Path
 
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cortex.core.fleet import NeuronStatus
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.registry import Fleet
 from cortex.neuron.metrics import NeuronMetrics
+from cortex.operator.metrics import OperatorMetrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "cortex.json"
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
@@ -36,7 +38,9 @@ def test_every_queried_series_is_exported() -> None:
     gateway = GatewayMetrics()
     gateway.watch(Fleet([]))
     neuron = NeuronMetrics(lambda: NeuronStatus(node="n", version="0"))
+    operator = OperatorMetrics(pending=[], backing_off=[])
     series = exported(gateway.exposition()) | exported(neuron.exposition())
+    series |= exported(generate_latest(operator.registry))
     queried = {name for expr in queries() for name in re.findall(r"\bcortex_\w+", expr)}
     assert queried, "the dashboard queries nothing"
     assert queried <= series, f"not exported: {sorted(queried - series)}"
@@ -64,9 +68,9 @@ def test_every_g7_series_has_a_panel() -> None:
 def test_queries_select_the_jobs_and_datasource_from_variables() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     names = {v["name"] for v in dashboard["templating"]["list"]}
-    assert names == {"datasource", "gateway_job", "neuron_job"}
+    assert names == {"datasource", "gateway_job", "neuron_job", "operator_job"}
     for expr in queries():
-        assert '$gateway_job"' in expr or '$neuron_job"' in expr, expr
+        assert any(f'${job}"' in expr for job in ("gateway_job", "neuron_job", "operator_job"))
     for panel in dashboard["panels"]:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}"

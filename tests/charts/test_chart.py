@@ -51,7 +51,7 @@ def test_lint_is_clean(helm: Path, install: str) -> None:
     [
         ("gpu", {"Secret": 2}),
         ("cpu", {"Secret": 2, "ModelPlacement": 1}),
-        ("monitoring", {"Secret": 2, "ServiceMonitor": 2, "ConfigMap": 1}),
+        ("monitoring", {"Secret": 2, "ServiceMonitor": 2, "PodMonitor": 1, "ConfigMap": 1}),
         ("existing-secrets", {}),
         ("peered-operator", {"Secret": 2, "KopfPeering": 1}),
     ],

@@ -94,6 +94,16 @@ def test_service_monitors_scrape_the_metrics_ports(render: Render) -> None:
         assert target in pod_ports
     neurons = find(objects, "Service", "cortex-neuron")
     assert neurons["spec"]["clusterIP"] == "None"  # headless: one endpoint per neuron pod
+    pods = find(objects, "PodMonitor", "cortex-operator")
+    operator = find(objects, "Deployment", "cortex-operator")
+    assert selects(pods["spec"]["selector"]["matchLabels"], pod_labels(operator))
+    assert pods["metadata"]["labels"]["release"] == "kube-prom"
+    (endpoint,) = pods["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in container(operator, "operator")["ports"]}
+    args = container(operator, "operator")["args"]
+    assert f"--metrics-port={ports[endpoint['port']]}" in args  # scraped where it serves
+    off = render("--set", "serviceMonitor.enabled=true,operator.enabled=false")
+    assert not [o for o in off if o["kind"] == "PodMonitor"]
 
 
 def test_example_placements_fit_the_modelplacement_crd(render: Render) -> None:

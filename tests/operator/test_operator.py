@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import httpx
 import pytest
 from fakes.neuron import FakeNeuron, GiB, running
 from operator_harness import (
@@ -19,8 +20,10 @@ from operator_harness import (
     placement,
     until,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 import cortex.operator.planning as planning
+from cortex.cli.commands import free_port
 from cortex.core.resources import DEMAND_ANNOTATION, PlacementDemand, rfc3339
 from cortex.operator.controller import Controller
 
@@ -452,3 +455,32 @@ async def test_the_operator_needs_no_permission_beyond_what_the_chart_grants(
     assert refused == set(), f"calls the chart's RBAC does not allow: {sorted(refused)}"
     assert ("kopf.dev", "kopfpeerings", "patch") in used  # it really ran as a peer
     assert ("cortex.helexa.ai", "neurons", "create") in used
+
+
+async def test_the_operator_counts_what_it_asked_of_the_neurons(
+    kube: Kube, operator: Operator
+) -> None:
+    """Its /metrics: loads, unloads by reason, probes and plans, as they happen."""
+    fake = FakeNeuron("n1", memory=4 * GiB, available={"chat": 2 * GiB}, loaded={"stray": 3 * GiB})
+    port = free_port()
+    async with running(fake.app) as served, operator(metrics_port=port):
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat", resources={"memory": "2Gi"}))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        await kube.delete(PLACEMENTS, "chat")
+        await until(lambda: "chat" in fake.unloads, "the deleted placement's unload")
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("cortex_operator_loads_total", (("outcome", "ok"),))] == 1
+    evicted = (("outcome", "ok"), ("reason", "evict"))
+    assert samples[("cortex_operator_unloads_total", evicted)] == 1  # the stray model
+    deleted = (("outcome", "ok"), ("reason", "delete"))
+    assert samples[("cortex_operator_unloads_total", deleted)] == 1
+    assert samples[("cortex_operator_probes_total", (("outcome", "ok"),))] >= 1
+    assert samples[("cortex_operator_plan_duration_seconds_count", ())] >= 1
+    assert samples[("cortex_operator_pending_loads", ())] == 0

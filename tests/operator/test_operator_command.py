@@ -46,6 +46,16 @@ def test_flags_and_environment_make_the_config(
         _parser().parse_args(["operator", "--all-namespaces", "--standalone", "--liveness", "off"])
     )
     assert (everywhere.namespaces, everywhere.standalone, everywhere.liveness) == ((), True, None)
+    assert config.metrics_port == 31315  # the operator's /metrics, unless told otherwise
+    off = config_from_args(_parser().parse_args(["operator", "--metrics-port", "0"]))
+    assert off.metrics_port is None
+
+
+def test_a_bad_metrics_port_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["operator", "--metrics-port", "http"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "cortex operator: --metrics-port 'http': not a port number (0 turns the metrics off)"
+    )
 
 
 def test_contradicting_flags_are_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:

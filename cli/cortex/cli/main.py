@@ -190,6 +190,7 @@ def _operator_parser(commands: Any) -> None:
         help="no peering: this is the only operator [env CORTEX_STANDALONE]",
     )  # fmt: skip
     _flag(operator, "liveness", "kopf liveness endpoint (default http://0.0.0.0:8080/healthz; off)")
+    _flag(operator, "metrics-port", "port of the operator's /metrics (default 31315; 0: off)")
 
 
 def _split(value: str | None) -> list[str]:

@@ -48,8 +48,10 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         if args.probe_interval <= 0:
             raise ValueError("--probe-interval must be positive")
         extra["probe_interval"] = float(args.probe_interval)
+    metrics_port = _port(args.metrics_port)
     return OperatorConfig(
         namespaces=namespaces,
+        metrics_port=metrics_port or None,
         admin_token=read_admin_token(args.admin_token_file),
         peering=args.peering or None,
         standalone=bool(args.standalone),
@@ -59,6 +61,20 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
 
 
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
+DEFAULT_METRICS_PORT = 31315
+
+
+def _port(flag: str | None) -> int:
+    """--metrics-port: 31315 unless set; 0 turns the metrics off."""
+    if flag is None:
+        return DEFAULT_METRICS_PORT
+    try:
+        port = int(flag)
+    except ValueError:
+        port = -1
+    if not 0 <= port < 65536:
+        raise ValueError(f"--metrics-port {flag!r}: not a port number (0 turns the metrics off)")
+    return port
 
 
 def _liveness(flag: str | None) -> str | None:
@@ -96,6 +112,8 @@ async def run(
     if customize is not None:
         customize(registry)
     controller.settings = operator_settings(config)
+    if config.metrics_port is not None:
+        controller.metrics.serve(config.metrics_port)
     try:
         await kopf.operator(
             registry=registry,

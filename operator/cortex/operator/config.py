@@ -25,6 +25,7 @@ class OperatorConfig:
     peering: str | None = None  # None with standalone False: kopf's default, non-mandatory
     standalone: bool = False
     liveness: str | None = None
+    metrics_port: int | None = None  # the operator's /metrics on this port (None: not served)
     unreachable_after: int = 2  # consecutive failed probes before a neuron is Unreachable
     retry_backoff: float = 10.0  # first wait after a failed load; doubles up to retry_backoff_max
     retry_backoff_max: float = 600.0

@@ -23,6 +23,7 @@ from cortex.core.fleet import LoadRequest, NeuronStatus
 from cortex.core.placement.model import Load, Unload
 from cortex.core.resources import ModelPlacement, Neuron
 from cortex.operator.config import OperatorConfig
+from cortex.operator.metrics import OperatorMetrics, UnloadReason
 from cortex.operator.neurons import Probe
 from cortex.operator.planning import KeptPlan, plan_once, reuse
 from cortex.operator.reconcile import (
@@ -67,6 +68,7 @@ class Controller:
         self._clients: dict[tuple[str, bool], NeuronClient] = {}
         self._tls: ssl.SSLContext | None = None  # one for every client: each costs a CA bundle read
         self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics = OperatorMetrics(pending=self.pending, backing_off=self.failures)
 
     def client(self, endpoint: str, *, probing: bool = False) -> NeuronClient:
         """One client per neuron; probes get a short timeout, loads the long default."""
@@ -88,6 +90,7 @@ class Controller:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+        await asyncio.to_thread(self.metrics.close)  # waits out its serving thread
 
     # -- probing
 
@@ -105,6 +108,7 @@ class Controller:
             answer = await self.client(endpoint, probing=True).status()
         except (CortexError, httpx.HTTPError, ValueError) as exc:
             error = _reason(exc)
+        self.metrics.probes.labels("ok" if error is None else "failed").inc()
         before = self.probes.get(key)
         if before is not None and before.at > now:
             # Asked after this one and answered first (a probe after a load, say, overtaking the
@@ -171,6 +175,7 @@ class Controller:
         self._latest[namespace] = planned
         self._snapshots[namespace] = self._snapshots.get(namespace, 0) + 1
         ended = time.monotonic()
+        self.metrics.plan_seconds.observe(ended - started)
         self._rested[namespace] = ended + (ended - started)
         if planned.plan.actions or planned.excess:
             await self._execute(namespace, fleet, planned)
@@ -205,14 +210,18 @@ class Controller:
     ) -> bool:
         """Unload one replica and say so on its placement (or, unowned, on its neuron)."""
         subject = body_of(placement if placement is not None else neuron)
+        kind: UnloadReason = "excess" if why else "idle" if action.reason == "idle" else "evict"
         try:
             await self.client(neuron.spec.endpoint or "").unload(action.model)
         except ModelNotFound:
+            self.metrics.unloads.labels(kind, "ok").inc()  # gone already: what it wanted
             return True
         except CortexError as exc:
+            self.metrics.unloads.labels(kind, "failed").inc()
             message = f"{action.model} on {neuron.metadata.name}: {exc}"
             kopf.warn(subject, reason="UnloadFailed", message=message)
             return False
+        self.metrics.unloads.labels(kind, "ok").inc()
         reason: Literal["Evicted", "Idle"] = "Idle" if action.reason == "idle" else "Evicted"
         default = (
             "unused for longer than its idleTimeout"
@@ -257,6 +266,7 @@ class Controller:
                 self.client(neuron.spec.endpoint or "").load(request), self.config.load_timeout
             )
         except (CortexError, httpx.HTTPError, TimeoutError) as exc:
+            self.metrics.loads.labels("failed").inc()
             before = self.failures.get((namespace, name))
             attempts = before.attempts + 1 if before is not None else 1
             now = self.clock()
@@ -270,6 +280,7 @@ class Controller:
                 message=f"{where}: {_reason(exc)}; next try in {wait:.0f}s",
             )
         else:
+            self.metrics.loads.labels("ok").inc()
             self.failures.pop((namespace, name), None)
             kopf.info(
                 body_of(placement), reason="Loaded", message=f"{request.model} ready on {where}"
@@ -297,8 +308,10 @@ class Controller:
                 except ModelNotFound:
                     pass
                 except CortexError as exc:
+                    self.metrics.unloads.labels("delete", "failed").inc()
                     busy.append(f"{neuron.metadata.name} ({exc})")
                     continue
+                self.metrics.unloads.labels("delete", "ok").inc()
                 message = f"unloaded from {neuron.metadata.name}: placement deleted"
                 kopf.info(body_of(placement), reason="Unloaded", message=message)
                 await self.probe(namespace, neuron)
