@@ -340,22 +340,29 @@ async def test_the_usage_log_has_a_line_per_request_and_no_content(
             model="a-alias", max_tokens=5, messages=hi, stream=True
         )
         _ = [event async for event in stream]
-    lines = [r for r in caplog.records if r.name == "cortex.usage"]
-    assert [(r.usage["key"], r.usage["surface"]) for r in lines] == [  # type: ignore[attr-defined]
+        with pytest.raises(openai.APIStatusError) as refused:
+            await c.openai(SECRETS["bob"]).chat.completions.create(model="chat-b", messages=hi)
+        anonymous = await c.http.post("/v1/chat/completions", json=chat_body("chat-a"))
+        assert anonymous.status_code == 401
+    records = [r for r in caplog.records if r.name == "cortex.usage"]
+    first, second, bobs, nobodys = (getattr(r, "usage") for r in records)  # noqa: B009
+    assert [(u["key"], u["surface"]) for u in (first, second)] == [
         ("frank", "openai"),
         ("alice", "anthropic"),
     ]
-    first, second = (r.usage for r in lines)  # type: ignore[attr-defined]
     assert first | {"model": "chat-a", "neuron": "n1", "outcome": "ok"} == first
     assert (first["prompt_tokens"], first["completion_tokens"]) == (3, 3)
     assert first["ttft_ms"] is None and second["ttft_ms"] is not None  # only a stream has one
     assert second["model"] == "chat-a" and second["duration_ms"] >= second["ttft_ms"]
-    assert "key=frank model=chat-a neuron=n1 surface=openai outcome=ok" in lines[0].getMessage()
+    assert "key=frank model=chat-a neuron=n1 surface=openai outcome=ok" in records[0].getMessage()
+    # Refused before dispatch: who asked and why not (no key: "-").
+    code = refused.value.body["code"]  # type: ignore[index]
+    assert bobs | {"key": "bob", "outcome": code, "model": "-"} == bobs
+    assert (nobodys["key"], nobodys["outcome"]) == ("-", "invalid_api_key")
     assert not any(
         "secret prompt" in r.getMessage() or SECRETS["frank"] in r.getMessage()
         for r in caplog.records
     )
 
-    record = lines[0]
-    entry = json.loads(JsonFormatter().format(record))
+    entry = json.loads(JsonFormatter().format(records[0]))
     assert entry["logger"] == "cortex.usage" and entry["usage"] == first

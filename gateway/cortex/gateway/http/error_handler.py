@@ -14,6 +14,7 @@ from cortex.core.protocol.errors import anthropic_error, error_headers, openai_e
 from cortex.gateway.anthropic_models import wants_anthropic
 from cortex.gateway.http.access import gateway_of
 from cortex.gateway.metrics import NO_NEURON
+from cortex.gateway.proxy.exchange import log_refusal
 from cortex.gateway.proxy.proxy import unexpected
 
 ANTHROPIC_PREFIX = "/v1/messages"
@@ -42,8 +43,11 @@ async def answer(request: Request, exc: Exception) -> JSONResponse:
         err = unexpected(exc, request.url.path)
     if request.url.path.startswith("/v1/"):
         # Refused before the proxy took the call: no model, no neuron.
-        metrics = gateway_of(request).metrics
-        metrics.errors.labels(NO_NEURON, NO_NEURON, _surface(request), err.code).inc()
+        gateway = gateway_of(request)
+        gateway.metrics.errors.labels(NO_NEURON, NO_NEURON, _surface(request), err.code).inc()
+        if gateway.config.gateway.usage_log:
+            principal = getattr(request.state, "principal", None)
+            log_refusal(principal.name if principal else "-", _surface(request), err.code)
     body = anthropic_error(err) if _anthropic_envelope(request) else openai_error(err)
     return JSONResponse(body, status_code=err.status, headers=error_headers(err))
 

@@ -131,4 +131,26 @@ def _log_usage(
         "duration_ms": round((now - exchange.started) * 1000, 1),
         "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None,
     }
+    _usage_line(fields)
+
+
+def log_refusal(key: str, surface: str, code: str) -> None:
+    """The usage line of a call refused before dispatch (a model the key may not use, a spent
+    budget): who asked, through which API, and why not."""
+    _usage_line(
+        {
+            "key": key,
+            "model": "-",
+            "neuron": "-",
+            "surface": surface,
+            "outcome": code,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "duration_ms": None,
+            "ttft_ms": None,
+        }
+    )
+
+
+def _usage_line(fields: dict[str, object]) -> None:
     usage_logger.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"usage": fields})
