@@ -97,6 +97,26 @@ async def test_a_window_keeps_its_spend_in_periods_and_drops_what_left_it() -> N
         await store.api.aclose()
 
 
+async def test_periods_at_todays_clock_keep_their_own_ends() -> None:
+    """Epoch seconds need all their digits: two periods a minute apart stay two periods."""
+    now = 1_796_296_620.0
+    async with emulator() as kube:
+        store = _store(kube, now=now)
+        store.windows = {"daily": 86_400.0}  # periods of 360 s
+        store.record("daily", 3, now - 700)
+        store.record("daily", 4, now - 100)
+        await store.sync()
+        other = _store(kube, now=now)
+        await other.sync()
+        ends = [end for end, _ in other.charges("daily", now - 86_400)]
+        assert other.charges("daily", now - 86_400) == [(ends[0], 3), (ends[1], 4)]
+        for end, at in zip(ends, (now - 700, now - 100), strict=True):
+            assert end % 360 == 0 and at <= end < at + 360  # its own period's end
+        assert other.spent("daily", now - 86_400) == 7
+        await store.api.aclose()
+        await other.api.aclose()
+
+
 async def test_a_failed_sync_keeps_the_charges_and_a_key_name_of_any_shape_round_trips() -> None:
     async with emulator() as kube:
         down = KubeApi(KubeLogin(server="http://127.0.0.1:9", namespace=NS, token="t"))

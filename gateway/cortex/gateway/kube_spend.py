@@ -169,12 +169,12 @@ class _Entry:
             return
         period = max(MIN_PERIOD, window / WINDOW_PERIODS)
         for at, tokens in charges:
-            end = math.ceil(at / period) * period
+            end = math.ceil(math.ceil(at / period) * period)  # whole seconds, never earlier
             self.spend[end] = self.spend.get(end, 0) + tokens
         self.spend = {end: t for end, t in self.spend.items() if end > now - window}
 
     def dump(self) -> str:
-        spend = {f"{end:g}": tokens for end, tokens in sorted(self.spend.items())}
+        spend = {str(int(end)): tokens for end, tokens in sorted(self.spend.items())}
         return json.dumps({"total": self.total, "spend": spend}, separators=(",", ":"))
 
 
