@@ -9,7 +9,6 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-Outcome = Literal["ok", "failed"]
 UnloadReason = Literal["evict", "idle", "excess", "delete"]
 _PLAN_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 

@@ -120,37 +120,46 @@ def _log_usage(
     """One line per call: who, what, where, how it ended, what it used; never the content. With
     --log-format json the fields are the entry's `usage` object as well."""
     ttft = exchange.first_token - exchange.started if exchange.first_token is not None else None
-    fields = {
-        "key": exchange.principal.name,
-        "model": exchange.model,
-        "neuron": exchange.neuron or "-",
-        "surface": exchange.surface,
-        "outcome": error.code if error is not None else "ok",
-        "prompt_tokens": usage.prompt_tokens if usage else 0,
-        "completion_tokens": usage.completion_tokens if usage else 0,
-        "duration_ms": round((now - exchange.started) * 1000, 1),
-        "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None,
-    }
-    _usage_line(fields)
+    _usage_line(
+        exchange.principal.name,
+        exchange.surface,
+        error.code if error is not None else "ok",
+        model=exchange.model,
+        neuron=exchange.neuron or "-",
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+        duration_ms=round((now - exchange.started) * 1000, 1),
+        ttft_ms=round(ttft * 1000, 1) if ttft is not None else None,
+    )
 
 
 def log_refusal(key: str, surface: str, code: str) -> None:
     """The usage line of a call refused before dispatch (a model the key may not use, a spent
     budget): who asked, through which API, and why not."""
-    _usage_line(
-        {
-            "key": key,
-            "model": "-",
-            "neuron": "-",
-            "surface": surface,
-            "outcome": code,
-            "prompt_tokens": 0,
-            "completion_tokens": 0,
-            "duration_ms": None,
-            "ttft_ms": None,
-        }
-    )
+    _usage_line(key, surface, code)
 
 
-def _usage_line(fields: dict[str, object]) -> None:
+def _usage_line(
+    key: str,
+    surface: str,
+    outcome: str,
+    *,
+    model: str = "-",
+    neuron: str = "-",
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    duration_ms: float | None = None,
+    ttft_ms: float | None = None,
+) -> None:
+    fields = {
+        "key": key,
+        "model": model,
+        "neuron": neuron,
+        "surface": surface,
+        "outcome": outcome,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "duration_ms": duration_ms,
+        "ttft_ms": ttft_ms,
+    }
     usage_logger.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"usage": fields})
