@@ -329,6 +329,37 @@ async def test_the_admin_api_lists_keys_with_what_they_spent_and_never_a_secret(
             await commands.keys(c.served["n1"].url, None)  # a neuron's endpoint
 
 
+async def test_an_admin_resets_a_spent_key_and_its_budget_is_whole_again(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    hi = [{"role": "user", "content": "hi"}]
+    async with cluster(neuron(), catalogue=CATALOGUE, auth=AUTH) as c:
+        carol = c.openai(SECRETS["carol"])  # 10 tokens in total
+        while True:
+            try:
+                await carol.chat.completions.create(model="chat-a", messages=hi)
+            except openai.RateLimitError:
+                break
+        root = {"x-api-key": SECRETS["root"]}
+        refused = await c.http.post(
+            "/admin/keys/carol/reset", headers={"x-api-key": SECRETS["carol"]}
+        )
+        assert refused.status_code == 403
+        unknown = await c.http.post("/admin/keys/karol/reset", headers=root)
+        assert unknown.status_code == 404
+        assert unknown.json()["error"]["code"] == "key_not_found"
+        assert "did you mean carol?" in unknown.json()["error"]["message"]
+
+        assert await commands.keys(c.url, SECRETS["root"], reset="carol") == 0
+        assert "reset carol: spent 0, 10 tokens left" in capsys.readouterr().out
+        answer = await carol.chat.completions.create(model="chat-a", messages=hi)
+        assert answer.usage is not None
+        again = (await c.http.post("/admin/keys/carol/reset", headers=root)).json()
+        assert again["spent"] == 0 and again["remaining"] == 10
+        with pytest.raises(CortexError, match="no API key named 'nobody'"):
+            await commands.keys(c.url, SECRETS["root"], reset="nobody")
+
+
 async def test_the_usage_log_has_a_line_per_request_and_no_content(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

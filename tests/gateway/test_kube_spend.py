@@ -169,9 +169,33 @@ async def test_closing_during_a_write_lets_it_finish_and_counts_it_once() -> Non
         await store.api.aclose()
 
 
+ADMIN = "sk-admin-key"
+
+
+async def test_a_reset_forgets_the_stored_spend_and_the_other_replica_follows() -> None:
+    async with emulator() as kube:
+        a, b = _store(kube), _store(kube)
+        a.record("team", 100, 9_000.0)
+        a.record("other", 5, 9_000.0)
+        await a.sync()
+        await b.sync()
+        a.record("team", 7, 9_100.0)  # not yet written: the reset forgets it too
+        b.record("team", 3, 9_100.0)  # another replica's, not yet written: it still counts
+        await a.reset("team")
+        assert a.spent("team", -math.inf) == 0 and a.spent("other", -math.inf) == 5
+        assert await _data(kube) == {"other": {"total": 5, "spend": {}}}
+        await b.sync()
+        await a.sync()
+        assert a.spent("team", -math.inf) == b.spent("team", -math.inf) == 3
+        await a.reset("nobody")  # a key that never spent: nothing to remove
+        await a.api.aclose()
+        await b.api.aclose()
+
+
 def _auth(budget: int) -> dict[str, Any]:
     key = {"name": "team", "key": KEY, "budget_tokens": budget}
-    return {"enabled": True, "keys": [key], "spend_configmap": NAME}
+    admin = {"name": "ops", "key": ADMIN, "admin": True}
+    return {"enabled": True, "keys": [key, admin], "spend_configmap": NAME}
 
 
 async def _ask(http: httpx.AsyncClient) -> int:
@@ -204,6 +228,14 @@ async def test_gateway_replicas_share_a_budget_and_a_new_one_keeps_it() -> None:
             assert await _ask(three.http) == 429  # read at its start
             ledger = three.gateway.ledger
             assert ledger.store is not None and ledger.store.spent("team", -math.inf) == spent
+            # An admin resets the key through this replica: the ConfigMap forgets it at once.
+            reset = await three.http.post(
+                "/admin/keys/team/reset", headers={"authorization": f"Bearer {ADMIN}"}
+            )
+            assert reset.status_code == 200 and reset.json()["spent"] == 0, reset.text
+            assert reset.json()["remaining"] == 1
+            assert "team" not in await _data(kube)
+            assert ledger.store.spent("team", -math.inf) == 0
 
 
 async def _wait_for_spend(kube: Kube) -> int:

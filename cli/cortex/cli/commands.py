@@ -366,12 +366,15 @@ def fleet_rows(view: FleetView) -> list[NeuronRow]:
     ]
 
 
-async def keys(endpoint: str, api_key: str | None) -> int:
-    """`cortex keys`: a gateway's API keys through its admin API."""
+async def keys(endpoint: str, api_key: str | None, reset: str | None = None) -> int:
+    """`cortex keys`: a gateway's API keys through its admin API; `reset NAME` forgets a key's
+    spend."""
     admin = GatewayAdmin(endpoint, api_key=api_key)
     try:
         if not await admin.is_gateway():
             raise CortexError(f"{endpoint} is not a cortex gateway: cortex keys needs one")
+        if reset is not None:
+            return await fleet_control.reset_key(admin, reset)
         return await fleet_control.keys(admin)
     finally:
         await admin.aclose()

@@ -215,3 +215,10 @@ async def keys(admin: GatewayAdmin) -> int:
         return 0
     Console(width=WIDTH).print(keys_table(listing))
     return 0
+
+
+async def reset_key(admin: GatewayAdmin, name: str) -> int:
+    key = await admin.reset_key(name)
+    left = f"{key.remaining:,} tokens left" if key.remaining is not None else "no budget"
+    print(f"reset {key.name}: spent {key.spent or 0:,}, {left}")
+    return 0

@@ -88,9 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     _models_parser(commands)
 
     keys = commands.add_parser(
-        "keys", help="the API keys, their budgets and what is left (gateway)"
+        "keys", help="the API keys, their budgets and what is left; reset a key's spend (gateway)"
     )
     _endpoint_flags(keys)
+    keys_actions = keys.add_subparsers(dest="action", metavar="ACTION")
+    keys_actions.add_parser("list", help="every key, its budget, what it spent and what is left")
+    keys_actions.add_parser(
+        "reset", help="forget what a key spent: its budget is whole again"
+    ).add_argument("name", help="the key's name in [[auth.keys]]")
 
     neurons = commands.add_parser("neurons", help="cordon or uncordon a neuron (gateway)")
     _endpoint_flags(neurons)
@@ -232,7 +237,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         endpoint = args.endpoint or DEFAULT_ENDPOINT
         return asyncio.run(commands.status(endpoint, args.api_key, args.watch))
     elif args.command == "keys":
-        return asyncio.run(commands.keys(args.endpoint or DEFAULT_ENDPOINT, args.api_key))
+        endpoint = args.endpoint or DEFAULT_ENDPOINT
+        return asyncio.run(commands.keys(endpoint, args.api_key, getattr(args, "name", None)))
     elif args.command in ("models", "neurons"):
         args.endpoint = args.endpoint or DEFAULT_ENDPOINT
         return asyncio.run(commands.models(args))

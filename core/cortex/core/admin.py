@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from typing import Literal
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, Field
@@ -180,6 +181,11 @@ class GatewayAdmin:
 
     async def keys(self) -> AdminKeys:
         return AdminKeys.model_validate_json(await self._request("GET", "/admin/keys"))
+
+    async def reset_key(self, name: str) -> AdminKey:
+        """Forget what a key spent; where it stands afterwards."""
+        path = f"/admin/keys/{quote(name, safe='')}/reset"
+        return AdminKey.model_validate_json(await self._request("POST", path))
 
     async def load(self, model: str, neuron: str | None = None) -> AsyncIterator[LoadProgress]:
         """The load's progress lines as they come, the last one ready or failed."""

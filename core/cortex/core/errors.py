@@ -124,6 +124,12 @@ class NeuronNotFound(CortexError):
     status, code, kind = 404, "neuron_not_found", "invalid_request_error"
 
 
+class KeyNotFound(CortexError):
+    """An admin call named an API key the gateway does not know."""
+
+    status, code, kind = 404, "key_not_found", "invalid_request_error"
+
+
 class FleetConflict(CortexError):
     """A fleet-control call the fleet's state forbids (a cordoned neuron, a pinned replica)."""
 
@@ -163,6 +169,7 @@ ERRORS_BY_CODE: dict[str, type[CortexError]] = {
         ShuttingDown,
         DeviceUnhealthy,
         NeuronNotFound,
+        KeyNotFound,
         FleetConflict,
         NotSupported,
     )

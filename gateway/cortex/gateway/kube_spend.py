@@ -27,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from cortex.core.errors import error_from_code
 from cortex.core.kube_api import Conflict, KubeApi, KubeApiError, Resource
 from cortex.gateway.budget import Charge
 
@@ -60,6 +61,7 @@ class KubeSpendStore:
         self._writing: dict[str, list[Charge]] = {}  # taken by a sync, not yet stored
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._writes = asyncio.Lock()  # a sync and a reset never interleave
 
     # -- SpendStore (on the event loop, never waiting)
 
@@ -76,6 +78,20 @@ class KubeSpendStore:
 
     def record(self, key: str, tokens: int, at: float) -> None:
         self._unwritten[key].append((at, tokens))
+
+    async def reset(self, key: str) -> None:
+        """Remove the key's entry from the ConfigMap, and this replica's charges not yet written.
+        Charges other replicas have not written yet (at most one interval's) still count."""
+        async with self._writes:
+            try:
+                if await self.api.get(CONFIGMAPS, self.namespace, self.name) is not None:
+                    patch = {"data": {_data_key(key): None}}  # null removes it (a merge patch)
+                    await self.api.merge_patch(CONFIGMAPS, self.namespace, self.name, patch)
+            except KubeApiError as exc:
+                message = f"budget spend: ConfigMap {self.name} could not be written: {exc}"
+                raise error_from_code(None, message, 503) from exc
+            self._unwritten.pop(key, None)
+            self._stored.pop(key, None)
 
     def _local(self, key: str) -> list[Charge]:
         return [*self._writing.get(key, []), *self._unwritten.get(key, [])]
@@ -115,6 +131,10 @@ class KubeSpendStore:
 
     async def sync(self) -> None:
         """Write this replica's new charges into the ConfigMap and read everyone's."""
+        async with self._writes:
+            await self._sync()
+
+    async def _sync(self) -> None:
         self._writing, self._unwritten = dict(self._unwritten), defaultdict(list)
         try:
             for _ in range(WRITE_ATTEMPTS):

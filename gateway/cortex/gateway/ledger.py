@@ -26,6 +26,7 @@ class SpendStore(Protocol):
     def spent(self, key: str, since: float) -> int: ...
     def charges(self, key: str, since: float) -> list[Charge]: ...
     def record(self, key: str, tokens: int, at: float) -> None: ...
+    async def reset(self, key: str) -> None: ...
 
 
 class SqliteSpendStore:
@@ -60,6 +61,9 @@ class SqliteSpendStore:
 
     def record(self, key: str, tokens: int, at: float) -> None:
         self._db.execute("INSERT INTO spend (key, at, tokens) VALUES (?, ?, ?)", (key, at, tokens))
+
+    async def reset(self, key: str) -> None:
+        self._db.execute("DELETE FROM spend WHERE key = ?", (key,))
 
     def close(self) -> None:
         self._db.close()
@@ -155,6 +159,12 @@ class Ledger:
             shown.spent = self.spent(principal, now)
             shown.remaining = max(0, budget.limit - shown.spent - shown.reserved)
         return shown
+
+    async def reset(self, key: str) -> None:
+        """Forget the key's settled spend: its budget is whole again. Its requests in flight keep
+        their reservations and are charged when they end."""
+        if self.store is not None:
+            await self.store.reset(key)
 
     def running(self, key: str) -> int:
         """Requests of this key running now (counted for a key with a limit or a budget)."""

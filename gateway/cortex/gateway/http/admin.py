@@ -1,5 +1,5 @@
 """Fleet control (docs/fleet-control.md): list, load, unload, pin and unpin models, cordon and
-uncordon neurons, and list the API keys with what they spent. Behind the admin key when [auth]
+uncordon neurons, list the API keys with what they spent, and reset a key's spend. Behind the admin key when [auth]
 is on, open when it is off, as GET /fleet is.
 
 A static fleet is changed through this gateway's placer (the one that places on demand), so a
@@ -21,6 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from cortex.core.admin import (
     AdminDone,
+    AdminKey,
     AdminKeys,
     AdminLoad,
     AdminModel,
@@ -32,7 +33,13 @@ from cortex.core.admin import (
     LoadProgress,
 )
 from cortex.core.catalogue import ModelSpec
-from cortex.core.errors import CortexError, FleetConflict, NeuronNotFound, NotSupported
+from cortex.core.errors import (
+    CortexError,
+    FleetConflict,
+    KeyNotFound,
+    NeuronNotFound,
+    NotSupported,
+)
 from cortex.core.fleet import LoadedModel, ModelState
 from cortex.gateway import kube_admin
 from cortex.gateway.assembly import Gateway
@@ -141,6 +148,21 @@ async def keys(request: Request) -> AdminKeys:
         auth=gateway.auth.enabled,
         keys=[gateway.ledger.standing(p, now) for p in gateway.auth.principals()],
     )
+
+
+@router.post("/keys/{name:path}/reset")
+async def reset_key(name: str, request: Request) -> AdminKey:
+    """Forget what the key spent, so its budget is whole again; answers where it stands now."""
+    gateway = gateway_of(request)
+    principals = {p.name: p for p in gateway.auth.principals()}
+    principal = principals.get(name)
+    if principal is None:
+        close = difflib.get_close_matches(name, list(principals), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise KeyNotFound(f"no API key named {name!r}{hint}", param="name")
+    await gateway.ledger.reset(name)
+    log.info("key %r: its spend was reset through the admin API", name)
+    return gateway.ledger.standing(principal, time.time())
 
 
 @router.post("/models/{model:path}/load")
