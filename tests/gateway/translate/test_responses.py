@@ -229,12 +229,47 @@ def test_requests_the_sdk_sends_are_accepted() -> None:
         ("none", "none"),
         ("required", "required"),
         ({"type": "function", "name": "f"}, {"type": "function", "function": {"name": "f"}}),
-        ({"type": "web_search"}, None),
     ],
 )
 def test_tool_choice_is_mapped(choice: Any, expected: Any) -> None:
     tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
     assert to_chat_request(simple_request(tools=tools, tool_choice=choice)).tool_choice == expected
+
+
+def test_allowed_tools_offers_its_subset_with_its_mode() -> None:
+    tools = [
+        {"type": "function", "name": name, "parameters": {"type": "object"}}
+        for name in ("f", "g", "h")
+    ]
+    allowed = {"type": "allowed_tools", "mode": "required", "tools": [
+        {"type": "function", "name": "f"}, {"type": "function", "name": "h"},
+    ]}  # fmt: skip
+    chat = to_chat_request(simple_request(tools=tools, tool_choice=allowed))
+    assert [t.function.name for t in chat.tools or []] == ["f", "h"]
+    assert chat.tool_choice == "required"
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "named"),
+    [
+        ([{"type": "function", "name": "f"}], "bogus", "not one of auto, none, required"),
+        ([{"type": "web_search"}], "required", "needs at least one function tool"),
+        ([{"type": "function", "name": "f"}, {"type": "web_search"}], {"type": "web_search"},
+         "force a function tool only"),
+        ([{"type": "custom", "name": "apply_patch"}], None, "'custom' are not supported"),
+        ([{"type": "local_shell"}], None, "'local_shell' are not supported"),
+    ],
+)  # fmt: skip
+def test_tools_and_choices_cortex_cannot_honour_are_refused(
+    tools: list[dict[str, Any]], choice: Any, named: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=named):
+        to_chat_request(simple_request(tools=tools, tool_choice=choice))
+
+
+def test_hosted_tools_are_dropped_and_auto_without_functions_is_nothing() -> None:
+    chat = to_chat_request(simple_request(tools=[{"type": "web_search"}], tool_choice="auto"))
+    assert chat.tools is None and chat.tool_choice is None
 
 
 def test_json_object_format_and_plain_text_format() -> None:
@@ -270,9 +305,27 @@ def test_function_calls_without_preceding_text_and_list_outputs() -> None:
     assert [(m.tool_call_id, m.content) for m in messages[2:]] == [("a", "A"), ("b", "B")]
 
 
-def test_previous_response_id_is_refused() -> None:
-    with pytest.raises(InvalidRequest, match="previous_response_id"):
-        to_chat_request(simple_request(previous_response_id="resp_old"))
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"previous_response_id": "resp_old"},
+        {"conversation": "conv_123"},
+        {"conversation": {"id": "conv_123"}},
+        {"prompt": {"id": "pmpt_1", "version": "2"}},
+        {"background": True},
+    ],
+)
+def test_what_refers_to_stored_state_is_refused(stored: dict[str, Any]) -> None:
+    [field] = stored
+    with pytest.raises(InvalidRequest, match=f"{field} is not supported") as caught:
+        to_chat_request(simple_request(**stored))
+    assert caught.value.param == field
+
+
+def test_an_item_reference_is_refused() -> None:
+    refs = [{"role": "user", "content": "and then?"}, {"type": "item_reference", "id": "msg_1"}]
+    with pytest.raises(InvalidRequest, match="item_reference"):
+        to_chat_request(simple_request(input=refs))
 
 
 def test_input_with_nothing_usable_is_refused() -> None:
@@ -318,6 +371,8 @@ def test_length_finish_is_incomplete() -> None:
     sdk = Response.model_validate(obj.model_dump())
     assert sdk.status == "incomplete" and sdk.incomplete_details is not None
     assert sdk.incomplete_details.reason == "max_output_tokens" and sdk.max_output_tokens == 5
+    # The item the finish cut is incomplete too, with the text it has (as OpenAI answers).
+    assert sdk.output[0].status == "incomplete" and sdk.output_text == "trunc"
 
 
 def test_empty_output() -> None:
@@ -406,6 +461,9 @@ def test_length_finish_streams_incomplete() -> None:
     assert last.type == "response.incomplete"
     assert last.response.incomplete_details.reason == "max_output_tokens"
     assert last.response.output[0].content[0].text == "ab"
+    assert last.response.output[0].status == "incomplete"
+    done = next(e for e in events if e.type == "response.output_item.done")
+    assert done.item.status == "incomplete"
 
 
 def test_empty_stream() -> None:

@@ -1,8 +1,12 @@
 """OpenAI Responses <-> OpenAI chat: pure translation of requests, responses and stream events.
 
 Decisions a client can observe:
-- cortex stores no responses: `previous_response_id` is refused (send the whole conversation);
-  `store` is accepted and answered as false.
+- cortex stores no responses: what refers to stored state (`previous_response_id`,
+  `conversation`, `prompt`, `background`, `item_reference` items) is refused (send the whole
+  conversation); `store` is accepted and answered as false.
+- Hosted tools (web search, ...) are dropped; client-run tools that are not functions (custom,
+  local_shell, ...) and a `tool_choice` that forces anything but a function are a 400;
+  `allowed_tools` offers its subset with its mode.
 - `instructions` and `developer` messages become system messages (chat templates know no
   developer role); reasoning items, hosted tools and other item kinds are dropped. Images become
   `image_url` parts, which a neuron refuses (400) for a text-only model; content parts cortex
@@ -46,6 +50,7 @@ from cortex.gateway.wire.responses import (
     ItemStatus,
     LifecycleEvent,
     MessageItem,
+    OtherItem,
     OutputFunctionCall,
     OutputItem,
     OutputItemEvent,
@@ -62,18 +67,15 @@ from cortex.gateway.wire.responses import (
 )
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
+# Tools the client runs that are not functions: a model behind cortex has no way to call them.
+_CLIENT_TOOLS = ("custom", "local_shell", "shell", "apply_patch", "computer_use_preview")
 
 # ---- request --------------------------------------------------------------------------------
 
 
 def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     """A Responses request as the OpenAI chat request a neuron serves."""
-    if req.previous_response_id:
-        raise InvalidRequest(
-            "previous_response_id is not supported: cortex keeps no responses; "
-            "send the whole conversation as input",
-            param="previous_response_id",
-        )
+    _refuse_stored_state(req)
     messages = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
     if isinstance(req.input, str):
         messages.append(ChatMessage(role="user", content=req.input))
@@ -82,16 +84,12 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
             _add_item(messages, item)
     if not messages:
         raise InvalidRequest("input contains nothing cortex can send to a model", param="input")
-    tools = [
-        Tool(function=FunctionDef(name=t.name, description=t.description, parameters=t.parameters))
-        for t in req.tools or []
-        if isinstance(t, FunctionTool)
-    ]
+    tools, tool_choice = _tools(req)
     return ChatCompletionRequest(
         model=req.model,
         messages=messages,
         tools=tools or None,
-        tool_choice=_tool_choice(req.tool_choice) if tools else None,
+        tool_choice=tool_choice,
         parallel_tool_calls=req.parallel_tool_calls if tools else None,
         max_tokens=req.max_output_tokens,
         temperature=req.temperature,
@@ -103,7 +101,31 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     )
 
 
+def _refuse_stored_state(req: ResponsesRequest) -> None:
+    """What would need responses, conversations or prompts stored on the server: a 400 naming
+    it, never an answer that silently lacks the history or instructions it refers to."""
+    stored = {
+        "previous_response_id": req.previous_response_id,
+        "conversation": req.conversation,
+        "prompt": req.prompt,
+        "background": req.background,
+    }
+    for field, value in stored.items():
+        if value:
+            raise InvalidRequest(
+                f"{field} is not supported: cortex keeps no responses, conversations or "
+                "prompts; send the whole conversation as input",
+                param=field,
+            )
+
+
 def _add_item(messages: list[ChatMessage], item: InputItem) -> None:
+    if isinstance(item, OtherItem) and item.type == "item_reference":
+        raise InvalidRequest(
+            "item_reference input items are not supported: cortex keeps no responses; send "
+            "the item itself",
+            param="input",
+        )
     if isinstance(item, MessageItem):
         messages.extend(_message(item))
     elif isinstance(item, FunctionCallItem):
@@ -167,13 +189,51 @@ def _text(parts: list[ContentPart], separator: str) -> str:
     return separator.join(t for t in texts if t)
 
 
-def _tool_choice(choice: str | dict[str, Any] | None) -> ToolChoiceMode | dict[str, Any] | None:
-    modes: dict[str, ToolChoiceMode] = {"auto": "auto", "none": "none", "required": "required"}
+def _tools(req: ResponsesRequest) -> tuple[list[Tool], ToolChoiceMode | dict[str, Any] | None]:
+    """The function tools as chat tools, and the tool choice for them. Hosted tools (web search,
+    file search, ...) are dropped, since a model behind cortex cannot run them; tools the client
+    runs that are not functions (custom, local_shell, ...) and a choice cortex cannot honour are
+    a 400."""
+    functions = []
+    for tool in req.tools or []:
+        if isinstance(tool, FunctionTool):
+            functions.append(tool)
+        elif tool.type in _CLIENT_TOOLS:
+            raise InvalidRequest(
+                f"tools of type {tool.type!r} are not supported: offer it as a function tool",
+                param="tools",
+            )
+    choice = req.tool_choice
+    mode: ToolChoiceMode | dict[str, Any] | None = None
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = {t.get("name") for t in choice.get("tools") or [] if isinstance(t, dict)}
+        functions = [t for t in functions if t.name in allowed]
+        choice = choice.get("mode") or "auto"
     if isinstance(choice, str):
-        return modes.get(choice)
-    if isinstance(choice, dict) and choice.get("type") == "function" and choice.get("name"):
-        return {"type": "function", "function": {"name": choice["name"]}}
-    return None
+        modes: dict[str, ToolChoiceMode] = {"auto": "auto", "none": "none", "required": "required"}
+        if choice not in modes:
+            raise InvalidRequest(
+                f"tool_choice {choice!r} is not one of auto, none, required",
+                param="tool_choice",
+            )
+        if choice == "required" and not functions:
+            raise InvalidRequest(
+                "tool_choice 'required' needs at least one function tool", param="tool_choice"
+            )
+        mode = modes[choice] if functions else None
+    elif isinstance(choice, dict):
+        if choice.get("type") != "function" or not choice.get("name"):
+            raise InvalidRequest(
+                f"tool_choice of type {choice.get('type')!r} is not supported: cortex can "
+                "force a function tool only",
+                param="tool_choice",
+            )
+        mode = {"type": "function", "function": {"name": choice["name"]}}
+    tools = [
+        Tool(function=FunctionDef(name=t.name, description=t.description, parameters=t.parameters))
+        for t in functions
+    ]
+    return tools, mode
 
 
 def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -213,6 +273,8 @@ def from_chat_response(
             )
             output.append(_output_call(response_id, len(output), pending, "completed"))
     status, incomplete = _status(finish_reason)
+    if status == "incomplete" and output:
+        output[-1].status = "incomplete"  # the item the finish cut, as OpenAI marks it
     return response_object(
         req,
         response_id,
@@ -285,7 +347,7 @@ def _item_suffix(response_id: str, output_index: int) -> str:
 def _output_message(
     response_id: str, output_index: int, text: str, status: ItemStatus
 ) -> OutputMessage:
-    content = [OutputText(text=text)] if status == "completed" else []
+    content = [OutputText(text=text)] if status != "in_progress" else []
     return OutputMessage(
         id=f"msg_{_item_suffix(response_id, output_index)}", status=status, content=content
     )
@@ -299,7 +361,7 @@ def _output_call(
         id=f"fc_{suffix}",
         call_id=call.id or f"call_{suffix}",
         name=call.name,
-        arguments=normalize_arguments(call.arguments) if status == "completed" else "",
+        arguments=normalize_arguments(call.arguments) if status != "in_progress" else "",
         status=status,
     )
 
@@ -393,16 +455,20 @@ class ResponsesStreamTranslator(ChatStreamTranslator[ResponsesEvent]):
         return events
 
     def _close_open(self) -> list[ResponsesEvent]:
+        calls = self._tools.drain()
+        # A finish that cut the answer (length) leaves its last item incomplete, as OpenAI does.
+        cut = _status(self._finish_reason)[0] == "incomplete"
+        last: ItemStatus = "incomplete" if cut else "completed"
         events: list[ResponsesEvent] = []
         if self._text is not None:
-            events.extend(self._close_text(self._text))
-        for call in self._tools.drain():
-            events.extend(self._call_events(call))
+            events.extend(self._close_text(self._text, "completed" if calls else last))
+        for n, call in enumerate(calls, 1):
+            events.extend(self._call_events(call, last if n == len(calls) else "completed"))
         return events
 
-    def _close_text(self, item: OutputMessage) -> list[ResponsesEvent]:
+    def _close_text(self, item: OutputMessage, status: ItemStatus) -> list[ResponsesEvent]:
         index, text = len(self._output), self._text_so_far
-        done = _output_message(self._id, index, text, "completed")
+        done = _output_message(self._id, index, text, status)
         self._text = None
         self._output.append(done)
         return [
@@ -417,10 +483,10 @@ class ResponsesStreamTranslator(ChatStreamTranslator[ResponsesEvent]):
             self._item_event("response.output_item.done", index, done),
         ]
 
-    def _call_events(self, call: PendingToolCall) -> list[ResponsesEvent]:
+    def _call_events(self, call: PendingToolCall, status: ItemStatus) -> list[ResponsesEvent]:
         index = len(self._output)
         added = _output_call(self._id, index, call, "in_progress")
-        done = _output_call(self._id, index, call, "completed")
+        done = _output_call(self._id, index, call, status)
         self._output.append(done)
         return [
             self._item_event("response.output_item.added", index, added),

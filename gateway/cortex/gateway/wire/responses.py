@@ -113,7 +113,7 @@ ResponsesTool = Annotated[
 
 
 class ResponsesRequest(_Open):
-    """POST /v1/responses. cortex stores nothing: `previous_response_id` is refused."""
+    """POST /v1/responses. cortex stores nothing: fields that refer to stored state are refused."""
 
     model: str
     input: str | list[InputItem]
@@ -130,7 +130,11 @@ class ResponsesRequest(_Open):
     text: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
     store: StrictBool | None = None
+    # State kept on OpenAI's servers, which cortex does not keep: refused when set.
     previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+    background: StrictBool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     include: list[str] | None = None
 
