@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cortex.core.errors import CortexError, InvalidRequest, PayloadTooLarge
-from cortex.core.protocol.errors import error_headers, openai_error
+from cortex.core.protocol.errors import error_headers, invalid_request, openai_error
 from cortex.core.shutdown import Drain, DrainGate
 from cortex.neuron import api_lifecycle, api_openai
 from cortex.neuron.metrics import NeuronMetrics
@@ -38,15 +38,9 @@ def _validation_error(exc: RequestValidationError) -> CortexError:
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return InvalidRequest(f"request body is not valid JSON: {detail}".rstrip(": "))
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    field = ".".join(loc) or None
-    message = str(first.get("msg", "invalid request"))
-    if first.get("type") == "missing":
-        message = "field required"
-    text = f"{field}: {message}" if field else message
-    if len(errors) > 1:
-        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return InvalidRequest(text, param=field)
+    # Locations start with "body": what follows is a path into the body.
+    in_body = [{**error, "loc": tuple(error.get("loc", ()))[1:]} for error in errors]
+    return invalid_request(in_body, exc.body)
 
 
 def _http_error(exc: StarletteHTTPException) -> CortexError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cortex.core.errors import CortexError
+from cortex.core.errors import CortexError, InvalidRequest
 
 # Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
 _ANTHROPIC_TYPES = {
@@ -47,3 +47,43 @@ def error_headers(err: CortexError) -> dict[str, str]:
     if retry_after is None:
         return {}
     return {"Retry-After": str(max(1, round(retry_after)))}
+
+
+def invalid_request(errors: list[Any], data: Any) -> InvalidRequest:
+    """A pydantic validation report on `data` as one 400 naming the problem that says most.
+
+    A field that takes a string or a list (message content, Responses input) fails once per
+    alternative; the deepest failure is the one the client made (`content.0.text: Field
+    required`, not `content: Input should be a valid string`). Union member names pydantic puts
+    in a location (`str`, `list[...]`, a tag) are left out of the field path."""
+    if not errors:
+        return InvalidRequest("invalid request")
+    named = [(_field_path(error.get("loc", ()), data), error) for error in errors]
+    depth = max(len(path) for path, _ in named)
+    deepest = [(path, error) for path, error in named if len(path) == depth]
+    path = deepest[0][0]
+    said = dict.fromkeys(_said(error) for p, error in deepest if p == path)
+    where = ".".join(str(part) for part in path) or None
+    message = " or ".join(said)
+    return InvalidRequest(f"{where}: {message}" if where else message, param=where)
+
+
+def _said(error: Any) -> str:
+    return "field required" if error.get("type") == "missing" else str(error.get("msg"))
+
+
+def _field_path(loc: tuple[Any, ...], data: Any) -> list[str | int]:
+    """`loc` walked over the data it points into: keys and indexes kept, the names of union
+    members dropped (a missing field, last in `loc`, is kept too)."""
+    path: list[str | int] = []
+    node = data
+    for n, part in enumerate(loc):
+        if isinstance(node, list) and isinstance(part, int):
+            path.append(part)
+            node = node[part] if 0 <= part < len(node) else None
+        elif (
+            isinstance(node, dict) and isinstance(part, str) and (part in node or n == len(loc) - 1)
+        ):
+            path.append(part)
+            node = node.get(part)
+    return path

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from cortex.core.errors import CortexError, InvalidRequest, NeuronUnavailable
+from cortex.core.protocol.errors import invalid_request
 from cortex.core.protocol.openai import ChatCompletion, TokenizeRequest, Usage
 
 M = TypeVar("M", bound=BaseModel)
@@ -128,11 +129,11 @@ class Dialect(Protocol):
 
 
 def validate(data: dict[str, Any], model: type[M]) -> M:
-    """Validate into `model`; the first problem is reported with its field path as `param`."""
+    """Validate into `model`; the problem is reported with its field path as `param`."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        raise invalid_request(exc.errors(), data) from None
 
 
 def translated(translate: Callable[[R], M], req: R) -> M:
