@@ -113,3 +113,34 @@ async def test_neuron_rejection_is_relayed_in_the_route_shape_not_retried(route:
         error = assert_shape(route, response, 400)
         assert error["message"] == "max_tokens exceeds the limit of 32768"
         assert len(n1.requests) + len(n2.requests) == 1
+
+
+# route -> (a body whose string-or-list content is a list with a bad element, the field named)
+NESTED: dict[str, tuple[dict[str, Any], str]] = {
+    "/v1/messages": (
+        {
+            "model": MODEL,
+            "max_tokens": 8,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "tool_use", "name": "f", "input": {}}]},
+            ],
+        },
+        "messages.1.content.0.id: field required",
+    ),
+    "/v1/responses": (
+        {"model": MODEL, "input": [{"role": "tool", "content": "x"}]},
+        "input.0.role: Input should be 'user', 'assistant', 'system' or 'developer'",
+    ),
+}  # the chat route passes its body to the neuron, which names the field (tests/neuron)
+
+
+@pytest.mark.parametrize("route", list(NESTED))
+async def test_a_bad_element_of_a_list_is_named_not_the_string_alternative(route: str) -> None:
+    body, said = NESTED[route]
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    async with cluster(n1, catalogue=[spec(MODEL)]) as c:
+        error = assert_shape(route, await c.http.post(route, json=body), 400)
+        assert error["message"] == said
+        if not route.startswith("/v1/messages"):
+            assert error["param"] == said.split(":")[0]

@@ -478,6 +478,10 @@ async def test_wrong_types_and_missing_fields_name_the_field(http: httpx.AsyncCl
             {"model": "tiny-chat", "messages": [{"role": "robot", "content": "x"}]},
             "messages.0.role",
         ),
+        (  # content may be a string or a list: the list's bad part is named
+            {"model": "tiny-chat", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages.0.content.0.text",
+        ),
     ]
     for body, param in cases:
         response = await http.post("/v1/chat/completions", json=body)

@@ -107,6 +107,8 @@ def _text(message: ChatMessage, index: int, model: str) -> str:
         where, kind = f"messages.{index}.content.{j}", part.get("type")
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif kind == "text":
+            raise InvalidRequest(f"{where}.text: a text part needs its text", param=f"{where}.text")
         elif kind in ("image_url", "image", "input_image"):
             raise InvalidRequest(
                 f"model {model!r} reads text only: it cannot take the image in {where}",
