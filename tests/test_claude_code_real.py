@@ -4,6 +4,7 @@ eight of them at once, and the real CLI from npm running the README's line."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -152,10 +153,11 @@ def test_a_prompt_alone_over_the_context_is_a_400_naming_the_numbers(
     assert answer.status_code == 400
     error = answer.json()["error"]
     assert error["type"] == "invalid_request_error"
-    assert "8192" in error["message"] and "your prompt has" in error["message"]
-    if path == "/v1/messages":
+    if path == "/v1/messages":  # Anthropic's words, which Claude Code reads to offer /compact
         assert answer.json()["type"] == "error"
+        assert re.fullmatch(r"prompt is too long: \d+ tokens > 8191 maximum", error["message"])
     else:
+        assert "8192" in error["message"] and "your prompt has" in error["message"]
         assert error["code"] == "context_length_exceeded"
 
 

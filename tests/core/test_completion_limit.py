@@ -8,11 +8,13 @@ import pytest
 from cortex.core.completion_limit import (
     CLAMPED_HEADER,
     CompletionLimit,
+    anthropic_wording,
     fit_max_tokens,
     parse_strict,
 )
 from cortex.core.errors import ContextLengthExceeded, InvalidRequest
 from cortex.core.protocol.errors import anthropic_error, openai_error
+from cortex.neuron.prompts import PromptPool
 
 
 def test_claude_codes_32000_is_clamped_to_what_the_prompt_leaves() -> None:
@@ -57,3 +59,27 @@ def test_strict_header_values() -> None:
     assert parse_strict("false") is False and parse_strict("0") is False
     with pytest.raises(InvalidRequest):
         parse_strict("maybe")
+
+
+def test_an_overflow_on_the_anthropic_surface_is_in_anthropics_words() -> None:
+    """Claude Code offers to compact on "prompt is too long" and lowers max_tokens from the
+    numbers of "exceed context limit": the same overflows, worded as Anthropic's API words them."""
+    with pytest.raises(ContextLengthExceeded) as full:
+        fit_max_tokens(100, 8500, 8192, strict=False, prompt_param="messages")
+    assert anthropic_error(full.value)["error"] == {
+        "type": "invalid_request_error",
+        "message": "prompt is too long: 8500 tokens > 8191 maximum",
+    }
+    assert "your prompt has 8500 tokens" in openai_error(full.value)["error"]["message"]
+    with pytest.raises(ContextLengthExceeded) as asked:
+        fit_max_tokens(32000, 342, 8192, strict=True, prompt_param="messages")
+    assert anthropic_error(asked.value)["error"]["message"] == (
+        "input length and `max_tokens` exceed context limit: 342 + 32000 > 8192, decrease "
+        "input length or `max_tokens` and try again"
+    )
+    with pytest.raises(ContextLengthExceeded) as chars:  # the neuron's check before tokenizing
+        PromptPool.check_size(300_000, 8192, "messages")
+    assert anthropic_error(chars.value)["error"]["message"] == (
+        "prompt is too long: 300000 characters > 262144 maximum"
+    )
+    assert anthropic_wording("something else") == "prompt is too long: something else"

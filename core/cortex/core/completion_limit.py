@@ -8,6 +8,7 @@ vLLM answers. A prompt that alone fills the context is a 400 either way. Pure: n
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from cortex.core.errors import ContextLengthExceeded, InvalidRequest
@@ -114,3 +115,33 @@ def parse_strict(value: str | None) -> bool | None:
     if lowered in ("false", "0"):
         return False
     raise InvalidRequest(f"{STRICT_HEADER} must be true or false, not {value!r}")
+
+
+# What a context overflow says (above, and prompts.py's size check), read back for the Anthropic
+# surface, whose clients look for Anthropic's own wording: Claude Code offers to compact on
+# "prompt is too long", and lowers max_tokens from the numbers of "exceed context limit".
+_PROMPT_FILLS = re.compile(
+    r"context length is (\d+) tokens\. However, your prompt has (\d+) tokens"
+)
+_ASKED_TOO_MUCH = re.compile(
+    r"context length is (\d+) tokens\. However, you requested \d+ tokens \((\d+) in the prompt, "
+    r"(\d+) in the completion\)"
+)
+_TOO_MANY_CHARS = re.compile(r"The prompt has (\d+) characters; .* cannot hold more than (\d+)")
+
+
+def anthropic_wording(message: str) -> str:
+    """A context overflow's message in the words Anthropic's API uses for it."""
+    if found := _ASKED_TOO_MUCH.search(message):
+        context, prompt, asked = found.groups()
+        return (
+            f"input length and `max_tokens` exceed context limit: {prompt} + {asked} > "
+            f"{context}, decrease input length or `max_tokens` and try again"
+        )
+    if found := _PROMPT_FILLS.search(message):
+        context, prompt = found.groups()
+        return f"prompt is too long: {prompt} tokens > {int(context) - 1} maximum"
+    if found := _TOO_MANY_CHARS.search(message):
+        chars, limit = found.groups()
+        return f"prompt is too long: {chars} characters > {limit} maximum"
+    return f"prompt is too long: {message}"

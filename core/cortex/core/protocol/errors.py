@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cortex.core.errors import CortexError, InvalidRequest
+from cortex.core.completion_limit import anthropic_wording
+from cortex.core.errors import ContextLengthExceeded, CortexError, InvalidRequest
 
 # Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
 _ANTHROPIC_TYPES = {
@@ -32,7 +33,10 @@ def openai_error(err: CortexError) -> dict[str, Any]:
 def anthropic_error(err: CortexError) -> dict[str, Any]:
     """Anthropic's envelope: {"type": "error", "error": {"type", "message"}}."""
     kind = _ANTHROPIC_TYPES.get(err.status, "api_error")
-    return {"type": "error", "error": {"type": kind, "message": err.message}}
+    message = err.message
+    if err.code == ContextLengthExceeded.code:
+        message = anthropic_wording(message)
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 # Said when a 429 or 503 has no better estimate: every such answer tells the client when to retry.

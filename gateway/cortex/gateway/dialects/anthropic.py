@@ -52,8 +52,8 @@ class MessagesStream(TranslatedStream[AnthropicEvent]):
         super().__init__(self._events, encode_sse, KEEPALIVE)
 
     def fail(self, err: CortexError) -> list[bytes]:
-        kind = anthropic_error(err)["error"]["type"]
-        return self.frames(self._events.error(err.message, kind))
+        said = anthropic_error(err)["error"]
+        return self.frames(self._events.error(said["message"], said["type"]))
 
 
 class Messages(ChatBacked[MessagesRequest]):
