@@ -302,6 +302,50 @@ def test_a_last_assistant_message_is_a_prefill_the_reply_continues() -> None:
     assert to_chat_request(simple_request(messages=called)).continue_final_message is None
 
 
+@pytest.mark.parametrize("content", [[], [{"type": "some_future_block"}]])
+def test_a_last_user_turn_left_with_nothing_is_refused_not_taken_for_a_prefill(
+    content: list[dict[str, Any]],
+) -> None:
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": content},
+    ]
+    with pytest.raises(InvalidRequest, match="non-empty content"):
+        to_chat_request(simple_request(messages=turns))
+
+
+def test_search_results_reach_the_model_as_text() -> None:
+    result = {
+        "type": "search_result",
+        "source": "https://docs.test/paris",
+        "title": "Paris",
+        "content": [{"type": "text", "text": "Paris is the capital of France."}],
+        "citations": {"enabled": True},
+    }
+    asked = {"type": "text", "text": "What is the capital of France?"}
+    chat = to_chat_request(simple_request(messages=[{"role": "user", "content": [result, asked]}]))
+    assert chat.messages[-1].content == (
+        "Search result: Paris (https://docs.test/paris)\nParis is the capital of France."
+        "\n\nWhat is the capital of France?"
+    )
+    called = [
+        {"role": "user", "content": "Search for Paris."},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t1", "name": "search", "input": {}}],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [result]}],
+        },
+    ]
+    tool = to_chat_request(simple_request(messages=called)).messages[-1]
+    assert (
+        tool.role == "tool" and tool.content is not None and "Paris is the capital" in tool.content
+    )
+
+
 def test_requests_the_sdk_sends_are_accepted() -> None:
     """Whatever the official SDK puts on the wire validates and translates."""
     sent: list[dict[str, Any]] = []

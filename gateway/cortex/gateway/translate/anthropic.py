@@ -3,8 +3,10 @@
 Decisions a client can observe:
 - `thinking` is ignored, thinking blocks in history are dropped, and so are server tools (no
   `input_schema`) and blocks of history cortex cannot serve; images become OpenAI `image_url`
-  parts, which a neuron refuses (400) for a text-only model. User content cortex cannot send
-  (documents, images in tool results) is a 400, never dropped in silence.
+  parts, which a neuron refuses (400) for a text-only model. Search results (in a user message
+  or a tool result) become text headed by their title and source. User content cortex cannot
+  send (documents, images in tool results) is a 400, never dropped in silence, and so is a user
+  message left with nothing (as Anthropic answers: a prefill is only ever the client's own).
 - Tool arguments that are not a JSON object come back as `{"_raw": "<text>"}` (see toolcalls).
 - `stop_sequence`: the neuron stops *before* the stop string, so the text cannot show which one
   ended generation. cortex reports `stop_sequence` when the upstream choice names the matched
@@ -105,7 +107,8 @@ def to_chat_request(req: Conversation) -> ChatCompletionRequest:
     choice = req.tool_choice
     last = messages[-1]
     # A last assistant message is a prefill: the reply continues it (Anthropic's semantics).
-    prefill = last.role == "assistant" and not last.tool_calls and bool(last.text())
+    prefill = req.messages[-1].role == "assistant" and last.role == "assistant"
+    prefill = prefill and not last.tool_calls and bool(last.text())
     return ChatCompletionRequest(
         model=req.model,
         messages=messages,
@@ -156,7 +159,14 @@ def _chat_messages(message: InputMessage) -> list[ChatMessage]:
         return [ChatMessage(role="system", content=text)] if text else []
     if message.role == "assistant":
         return _assistant_message(message)
-    return _user_messages(message)
+    said = _user_messages(message)
+    if not said:  # as Anthropic answers; else the turn before would be taken for a prefill
+        raise InvalidRequest(
+            "messages: all messages must have non-empty content except for the optional final "
+            "assistant message",
+            param="messages",
+        )
+    return said
 
 
 def _assistant_message(message: InputMessage) -> list[ChatMessage]:
@@ -188,15 +198,7 @@ def _user_messages(message: InputMessage) -> list[ChatMessage]:
         if isinstance(block, ToolResultBlock):
             out.extend(_user_parts_message(parts))
             parts = []
-            if isinstance(block.content, list) and not all(
-                isinstance(p, TextBlock) for p in block.content
-            ):
-                raise InvalidRequest(
-                    "tool_result content can only be text here: the models cortex serves take "
-                    "tool results as text",
-                    param="messages",
-                )
-            text = block.text()
+            text = _result_text(block)
             out.append(
                 ChatMessage(
                     role="tool",
@@ -208,6 +210,8 @@ def _user_messages(message: InputMessage) -> list[ChatMessage]:
             parts.append({"type": "text", "text": block.text})
         elif isinstance(block, ImageBlock):
             parts.append({"type": "image_url", "image_url": {"url": _image_url(block)}})
+        elif isinstance(block, OtherBlock) and block.type == "search_result":
+            parts.append({"type": "text", "text": _search_result_text(block)})
         elif isinstance(block, OtherBlock) and block.type in _USER_CONTENT:
             raise InvalidRequest(
                 f"content blocks of type {block.type!r} are not supported: send text",
@@ -215,6 +219,35 @@ def _user_messages(message: InputMessage) -> list[ChatMessage]:
             )
     out.extend(_user_parts_message(parts))
     return out
+
+
+def _result_text(block: ToolResultBlock) -> str:
+    """A tool result as text; a part a text model cannot read (an image) is a 400."""
+    if not isinstance(block.content, list):
+        return block.text()
+    texts = []
+    for part in block.content:
+        if isinstance(part, TextBlock):
+            texts.append(part.text)
+        elif isinstance(part, OtherBlock) and part.type == "search_result":
+            texts.append(_search_result_text(part))
+        else:
+            raise InvalidRequest(
+                "tool_result content can only be text or search results here: the models "
+                "cortex serves take tool results as text",
+                param="messages",
+            )
+    return "\n".join(texts)
+
+
+def _search_result_text(block: OtherBlock) -> str:
+    """A search result (title, source, text blocks) as text the model reads as its source."""
+    extra = block.model_extra or {}
+    title, source = extra.get("title") or "", extra.get("source") or ""
+    content = extra.get("content") or []
+    texts = [c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text"]
+    head = f"Search result: {title}" + (f" ({source})" if source else "")
+    return "\n".join([head, *texts])
 
 
 def _user_parts_message(parts: list[dict[str, Any]]) -> list[ChatMessage]:
