@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 from fakes.neuron import FakeNeuron, GiB
@@ -106,6 +107,18 @@ async def test_a_request_id_goes_from_client_to_neuron_and_back() -> None:
     generated = made.headers["x-request-id"]
     assert len(generated) == 32 and generated != "req-42"
     assert recorder.seen == ["req-42", generated]
+    assert "request-id" not in given.headers  # Anthropic's name, on Anthropic's routes only
+
+
+async def test_the_anthropic_sdk_sees_the_request_id() -> None:
+    async with cluster(FakeNeuron("n1", loaded={"chat-a": GiB}), catalogue=[spec("chat-a")]) as c:
+        client = c.anthropic()
+        hi = [{"role": "user", "content": "hi"}]
+        message = await client.messages.create(model="chat-a", max_tokens=5, messages=hi)
+        assert message._request_id is not None and len(message._request_id) == 32
+        with pytest.raises(anthropic.NotFoundError) as caught:
+            await client.messages.create(model="nope", max_tokens=5, messages=hi)
+        assert caught.value.request_id is not None
 
 
 async def test_the_guess_never_names_a_model_the_key_may_not_use() -> None:

@@ -17,6 +17,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_ID_HEADER = "x-request-id"
+# What the Anthropic SDK reads as a response's id (`message._request_id`, an error's request_id).
+ANTHROPIC_ID_HEADER = b"request-id"
+ANTHROPIC_PATHS = "/v1/messages"
 # NeuronClient's user agent: a GET with it is the gateway's (or operator's) own polling.
 INTERNAL_AGENT = "cortex-gateway/"
 
@@ -26,7 +29,8 @@ internal_poll: contextvars.ContextVar[bool] = contextvars.ContextVar("internal_p
 
 class RequestContext:
     """ASGI middleware (outermost): sets the context variables for the request's whole task,
-    where uvicorn also writes its access line, and adds `x-request-id` to the response."""
+    where uvicorn also writes its access line, and adds `x-request-id` to the response (and
+    `request-id` on Anthropic's routes)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -43,13 +47,14 @@ class RequestContext:
         request_id.set(rid)
         internal_poll.set(scope.get("method") == "GET" and agent.startswith(INTERNAL_AGENT))
 
+        said = [(REQUEST_ID_HEADER.encode(), rid.encode("latin-1"))]
+        if scope.get("path", "").startswith(ANTHROPIC_PATHS):
+            said.append((ANTHROPIC_ID_HEADER, said[0][1]))
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message = dict(message)
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (REQUEST_ID_HEADER.encode(), rid.encode("latin-1")),
-                ]
+                message["headers"] = [*message.get("headers", []), *said]
             await send(message)
 
         await self.app(scope, receive, send_with_id)
