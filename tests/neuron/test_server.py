@@ -478,6 +478,11 @@ async def test_wrong_types_and_missing_fields_name_the_field(http: httpx.AsyncCl
             {"model": "tiny-chat", "messages": [{"role": "robot", "content": "x"}]},
             "messages.0.role",
         ),
+        (  # OpenAI's deprecated functions: refused, never silently ignored
+            {"model": "tiny-chat", "messages": USER, "functions": [{"name": "f"}]},
+            "functions",
+        ),
+        ({"model": "tiny-chat", "messages": USER, "function_call": "auto"}, "function_call"),
         (  # content may be a string or a list: the list's bad part is named
             {"model": "tiny-chat", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
             "messages.0.content.0.text",

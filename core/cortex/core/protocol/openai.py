@@ -153,6 +153,20 @@ class ChatCompletionRequest(SamplingFields):
     # prompt ends with no generation prompt at all.
     continue_final_message: StrictBool | None = None
     add_generation_prompt: StrictBool | None = None
+    # OpenAI's deprecated forerunners of tools and tool_choice: refused, since an answer in
+    # tool_calls would go unread by a client that asked this way, and ignoring them is silent.
+    functions: Any = None
+    function_call: Any = None
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _not_the_legacy_functions(cls, given: Any, info: ValidationInfo) -> Any:
+        if given is not None:
+            raise PydanticCustomError(
+                "deprecated_functions",
+                "the deprecated form of tools and tool_choice is not supported: send those",
+            )
+        return given
 
     @field_validator("continue_final_message")
     @classmethod
