@@ -8,13 +8,17 @@ from typing import Any
 
 import anyio
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from cortex.core.errors import CortexError
 from cortex.core.protocol import openai
 from cortex.core.protocol.errors import openai_error
 
 DONE = f"data: {openai.DONE}\n\n".encode()
+# Sent after this long without an event: a tool call is held back until it is whole, so a long
+# one is minutes of silence that read timeouts (the gateway's, a proxy's) would take for a hang.
+KEEPALIVE = b": keep-alive\n\n"
+KEEPALIVE_AFTER_S = 5.0
 
 
 def sse_data(payload: dict[str, Any]) -> bytes:
@@ -36,20 +40,28 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: Any, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        content: Any,
+        headers: dict[str, str] | None = None,
+        keepalive_after: float = KEEPALIVE_AFTER_S,
+    ) -> None:
         base = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         super().__init__(content, headers=base | (headers or {}))
+        self.keepalive_after = keepalive_after
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             async with anyio.create_task_group() as group:
+                sender = _KeptAlive(send)
 
                 async def stream() -> None:
                     with suppress(OSError):  # the client went away between two writes
-                        await self.stream_response(send)
+                        await self.stream_response(sender.send)
                     group.cancel_scope.cancel()
 
                 group.start_soon(stream)
+                group.start_soon(sender.keep_alive, self.keepalive_after)
                 await self.listen_for_disconnect(receive)
                 group.cancel_scope.cancel()
         finally:
@@ -57,3 +69,37 @@ class EventStreamResponse(StreamingResponse):
             if close is not None:
                 with anyio.CancelScope(shield=True):
                     await close()
+
+
+class _KeptAlive:
+    """The response's `send`, and a keep-alive comment whenever the body has said nothing for a
+    while. One send at a time: a comment never lands inside another message."""
+
+    def __init__(self, send: Send) -> None:
+        self._send, self._lock = send, anyio.Lock()
+        self._last = anyio.current_time()
+        self._begun = self._ended = False
+
+    async def send(self, message: Message) -> None:
+        async with self._lock:
+            if message["type"] == "http.response.start":
+                self._begun = True
+            elif not message.get("more_body", False):
+                self._ended = True
+            self._last = anyio.current_time()
+            await self._send(message)
+
+    async def keep_alive(self, after: float) -> None:
+        while True:
+            await anyio.sleep(max(0.0, self._last + after - anyio.current_time()))
+            async with self._lock:
+                if self._ended:
+                    return
+                if anyio.current_time() - self._last < after:
+                    continue  # something was sent meanwhile
+                if self._begun:
+                    with suppress(OSError):
+                        await self._send(
+                            {"type": "http.response.body", "body": KEEPALIVE, "more_body": True}
+                        )
+                self._last = anyio.current_time()

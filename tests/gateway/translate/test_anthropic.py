@@ -13,6 +13,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from cortex.core.errors import InvalidRequest
 from cortex.core.protocol.openai import ChatCompletion, ChatCompletionChunk
+from cortex.gateway.dialects.anthropic import MessagesStream
+from cortex.gateway.dialects.responses import ResponsesStream
 from cortex.gateway.translate.anthropic import (
     StreamTranslator,
     encode_sse,
@@ -21,6 +23,7 @@ from cortex.gateway.translate.anthropic import (
     to_chat_request,
 )
 from cortex.gateway.wire.anthropic import CountTokensRequest, MessagesRequest
+from cortex.gateway.wire.responses import ResponsesRequest
 
 from .chunks import (
     Handler,
@@ -786,3 +789,37 @@ def test_encode_sse_frames() -> None:
     assert head == "event: message_start" and frame.endswith("\n\n")
     body = json.loads(data.removeprefix("data: "))
     assert body["message"]["stop_reason"] is None and body["message"]["usage"]["input_tokens"] == 3
+
+
+def test_the_neurons_keep_alive_is_a_comment_before_message_start_and_a_ping_after() -> None:
+    """While the neuron holds a long tool call back (it streams it whole), its keep-alive
+    comments reach an Anthropic client as Anthropic's own `ping` once the message has begun;
+    before message_start only a comment may come (the SDK refuses any other first event)."""
+    stream = MessagesStream(simple_request(stream=True))
+    comment = b": keep-alive\n\n"
+    frames = [*stream.feed(comment, None)]
+    assert frames == [comment]
+    frames += stream.feed(b"", chunk("Let me write it.").model_dump())
+    kept = stream.feed(comment, None)
+    assert kept == [encode_sse(ping())]
+    call = {
+        "index": 0,
+        "id": "t1",
+        "type": "function",
+        "function": {"name": "Write", "arguments": "{}"},
+    }
+    frames += kept + stream.feed(b"", chunk(tool_calls=[call], finish="tool_calls").model_dump())
+    frames += stream.finish()
+    client = sdk_client(replay(frames))
+    with client.messages.stream(
+        model="m", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+    ) as s:
+        final = s.get_final_message()
+    assert [b.type for b in final.content] == ["text", "tool_use"]
+    assert stream.feed(comment, None) == [comment]  # after the end: nothing Anthropic-shaped
+
+
+def test_a_responses_stream_passes_the_keep_alive_as_a_comment() -> None:
+    stream = ResponsesStream(ResponsesRequest(model="m", input="hi", stream=True))
+    stream.feed(b"", chunk("hi").model_dump())
+    assert stream.feed(b": keep-alive\n\n", None) == [b": keep-alive\n\n"]

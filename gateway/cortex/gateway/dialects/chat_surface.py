@@ -36,7 +36,9 @@ class TranslatedStream(Generic[E]):
 
     def feed(self, event: bytes, payload: dict[str, Any] | None) -> list[bytes]:
         if payload is None:
-            return []
+            # The neuron's keep-alive (a comment): it generates what it does not stream yet, so
+            # the client hears the dialect's own (Anthropic's ping once begun), not silence.
+            return self.frames(self._translator.idle()) or [self._keepalive]
         return self.frames(self._translator.feed(ChatCompletionChunk.model_validate(payload)))
 
     def finish(self) -> list[bytes]:

@@ -430,6 +430,9 @@ class StreamTranslator(ChatStreamTranslator[AnthropicEvent]):
             ContentBlockStopEvent(index=index),
         ]
 
+    def idle(self) -> list[AnthropicEvent]:
+        return [ping()] if self._started and not self._done else []
+
     def _take_index(self) -> int:
         index = self._next_index
         self._next_index += 1

@@ -78,6 +78,11 @@ class ChatStreamTranslator(ABC, Generic[E]):
         events.extend(self._closing())
         return events
 
+    def idle(self) -> list[E]:
+        """The dialect's keep-alive events while the neuron generates what it does not stream
+        yet (a tool call); none where the dialect has no such event, or before the opening."""
+        return []
+
     def usage(self) -> ChatUsage:
         """The last usage reported, or the prompt's size and the output estimate."""
         if self._usage is not None:
