@@ -109,6 +109,31 @@ def test_json_schema_output_validates_every_time_at_temperature_one(oai: openai.
     assert len(set(outputs)) > 1, "sampling at temperature 1.0 should vary the orders"
 
 
+def test_tools_beside_a_format_give_a_call_or_the_answer_never_free_text(
+    oai: openai.OpenAI,
+) -> None:
+    """An agent with tools and a typed answer: each output is a valid call or a valid answer."""
+    for seed in range(4):
+        answer = oai.chat.completions.create(
+            model=CHAT,
+            messages=ASK,  # type: ignore[arg-type]
+            tools=OPENAI_TOOLS,
+            response_format=ORDER_FORMAT,  # type: ignore[arg-type]
+            temperature=1.0,
+            seed=seed,
+            max_tokens=90,
+        )
+        choice = answer.choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls"
+            call = choice.message.tool_calls[0]
+            schema = WEATHER if call.function.name == "get_weather" else TIME
+            jsonschema.validate(json.loads(call.function.arguments), schema)
+        else:  # which of the two a small model picks is its own; either is well formed
+            assert choice.finish_reason == "stop"
+            jsonschema.validate(json.loads(choice.message.content or ""), ORDER)
+
+
 def test_openai_named_tool_choice_stream_and_not(oai: openai.OpenAI) -> None:
     forced = {"type": "function", "function": {"name": "get_time"}}
     answer = oai.chat.completions.create(

@@ -103,6 +103,26 @@ def test_required_allows_any_tool_and_parallel_calls_as_one_array(
     assert not _allowed(compiler, tokenizer, spec, "Sure!")
 
 
+def test_tools_offered_with_a_format_allow_a_call_or_the_answer(
+    compiler: GrammarCompiler, tokenizer: Any
+) -> None:
+    """An agent with tools and a typed final answer (the Agents SDK's output_type) must still be
+    able to call a tool: the output is one call, or the answer in its format, nothing else."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": CITY}}
+    spec, kind = chat_constraint(TOOLS, "auto", None, fmt)  # type: ignore[misc]
+    assert kind == "json_schema"
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert _allowed(compiler, tokenizer, spec, call)
+    assert _allowed(compiler, tokenizer, spec, '{"city": "Paris"}')
+    assert not _allowed(compiler, tokenizer, spec, '{"town": "Paris"}')
+    assert not _allowed(compiler, tokenizer, spec, "The weather is fine.")
+    assert not _allowed(compiler, tokenizer, spec, f'{call}\n{{"city": "Paris"}}')
+    # tool_choice none: the answer alone.
+    only, _ = chat_constraint(TOOLS, "none", None, fmt)  # type: ignore[misc]
+    assert not _allowed(compiler, tokenizer, only, call)
+    assert _allowed(compiler, tokenizer, only, '{"city": "Paris"}')
+
+
 def test_grammars_are_cached_and_refusals_name_the_feature(compiler: GrammarCompiler) -> None:
     spec = GrammarSpec.json_schema({"type": "object", "properties": {"n": {"type": "integer"}}})
     first, seconds = compiler.compile(spec)

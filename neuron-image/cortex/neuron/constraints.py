@@ -4,7 +4,8 @@
 `tool_choice` ("required" or a named function) constrains it to one `<tool_call>` block, the form
 tools.py parses, whose JSON is `{"name": ..., "arguments": ...}` with that tool's parameter schema;
 for "required", an array of those unless `parallel_tool_calls` is false. A forced tool call wins
-over `response_format`.
+over `response_format`. With tools offered but not forced, the output is either such a block or
+the `response_format` JSON: an agent asks for both (tools to call, then a typed final answer).
 """
 
 from __future__ import annotations
@@ -21,13 +22,19 @@ _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 def response_format_grammar(response_format: dict[str, Any] | None) -> GrammarSpec | None:
     """The grammar of `response_format`; None for plain text."""
+    schema = response_format_schema(response_format)
+    return GrammarSpec.json_schema(schema) if schema is not None else None
+
+
+def response_format_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema `response_format` asks the output to follow; None for plain text."""
     if not response_format:
         return None
     kind = response_format.get("type")
     if kind in (None, "text"):
         return None
     if kind == "json_object":
-        return GrammarSpec.json_schema(_ANY_OBJECT)
+        return _ANY_OBJECT
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
@@ -38,7 +45,7 @@ def response_format_grammar(response_format: dict[str, Any] | None) -> GrammarSp
                 "response_format.json_schema.schema must be an object",
                 param="response_format.json_schema.schema",
             )
-        return GrammarSpec.json_schema(schema)
+        return schema
     raise InvalidRequest(
         f"response_format type {kind!r} is not supported; use text, json_object or json_schema",
         param="response_format.type",
@@ -65,9 +72,12 @@ def forced_tools(
     return named
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], parallel: bool) -> GrammarSpec:
+def tool_call_grammar(
+    tools: list[dict[str, Any]], parallel: bool, answer: dict[str, Any] | None = None
+) -> GrammarSpec:
     """One `<tool_call>` block calling one of `tools` with schema-valid arguments; when parallel,
-    the block may hold a JSON array of such calls instead (vLLM's "required" shape).
+    the block may hold a JSON array of such calls instead (vLLM's "required" shape). With an
+    `answer` schema, that JSON is allowed instead of the block.
 
     One block, not a run of them: a small model that may open another block after each one
     keeps opening them until its token limit."""
@@ -77,10 +87,16 @@ def tool_call_grammar(tools: list[dict[str, Any]], parallel: bool) -> GrammarSpe
         schema = {"anyOf": [schema, {"type": "array", "items": schema, "minItems": 1}]}
     head, tail = json.dumps(OPEN + "\n"), json.dumps("\n" + CLOSE)
     lines = [
-        f"start: {head} call {tail}",
-        f"call: %json {json.dumps({**schema, 'x-guidance': JSON_STYLE})}",
+        f"start: {head} call {tail}" + (" | answer" if answer is not None else ""),
+        f"call: %json {_styled(schema)}",
     ]
+    if answer is not None:
+        lines.append(f"answer: %json {_styled(answer)}")
     return GrammarSpec("lark", "\n".join(lines))
+
+
+def _styled(schema: dict[str, Any]) -> str:
+    return json.dumps({**schema, "x-guidance": {**JSON_STYLE, **schema.get("x-guidance", {})}})
 
 
 def chat_constraint(
@@ -96,10 +112,13 @@ def chat_constraint(
         # has no end a small model finds before its token limit.
         parallel = tool_choice == "required" and parallel_tool_calls is not False
         return tool_call_grammar(forced, parallel), "tool_call"
-    spec = response_format_grammar(response_format)
-    if spec is None:
+    answer = response_format_schema(response_format)
+    if answer is None:
         return None
-    return spec, str((response_format or {}).get("type"))
+    kind = str((response_format or {}).get("type"))
+    if tools and tool_choice != "none":  # a call, or the answer in its format
+        return tool_call_grammar(tools, parallel_tool_calls is not False, answer), kind
+    return GrammarSpec.json_schema(answer), kind
 
 
 def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
