@@ -137,6 +137,17 @@ def test_bare_json_naming_an_unknown_tool_is_content_when_tools_are_known() -> N
     assert parse_tool_calls(WEATHER, {"search"}).tool_calls == []
 
 
+def test_a_block_naming_a_tool_not_offered_stays_text() -> None:
+    """A small model may call a tool it was never given: the client gets the text, never a call
+    it cannot run (the Agents SDK fails the whole run on an unknown tool)."""
+    text = '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>'
+    assert parse_tool_calls(text, {"get_weather"}).tool_calls == []
+    assert parse_tool_calls(text, {"get_weather"}).content == text
+    assert [c.name for c in parse_tool_calls(text, {"rm_rf"}).tool_calls] == ["rm_rf"]
+    mixed = '<tool_call>\n[{"name": "get_weather", "arguments": {}}, {"name": "rm_rf", "arguments": {}}]\n</tool_call>'
+    assert parse_tool_calls(mixed, {"get_weather"}).tool_calls == []
+
+
 def test_json_in_the_middle_of_prose_is_not_a_call() -> None:
     text = f"Here is an example call: {WEATHER} - that is the format."
     assert parse_tool_calls(text).tool_calls == []

@@ -191,7 +191,7 @@ class ToolCallStream:
             self._mode = "text"
             self._scan(out)
         if self._mode == "block":  # truncated block: a call if its JSON is complete
-            calls = decode_block(self._held[len(OPEN) :])
+            calls = self._offered(decode_block(self._held[len(OPEN) :]))
             for call in calls or []:
                 self._call(out, call)
             if calls:
@@ -219,12 +219,19 @@ class ToolCallStream:
             if end < 0:
                 return
             block, self._held = self._held[: end + len(CLOSE)], self._held[end + len(CLOSE) :]
-            calls = decode_block(block[len(OPEN) : end])
+            calls = self._offered(decode_block(block[len(OPEN) : end]))
             if calls is None:
                 self._text(out, block)
             for call in calls or []:
                 self._call(out, call)
             self._mode = "text"
+
+    def _offered(self, calls: list[ParsedToolCall] | None) -> list[ParsedToolCall] | None:
+        """A block's calls if every one names a tool the request offered; else None, and the
+        block stays text: a client never gets a call to a tool it does not have."""
+        if calls is None or self._tool_names is None:
+            return calls
+        return calls if all(call.name in self._tool_names for call in calls) else None
 
     def _text(self, out: list[ToolStreamEvent], text: str) -> None:
         if not text:
