@@ -3,6 +3,8 @@ messages (streamed and not) and count_tokens, Responses, completions, embeddings
 
 from __future__ import annotations
 
+from typing import Any
+
 from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import cluster, spec
 
@@ -54,6 +56,31 @@ async def test_count_tokens_asks_the_neurons_tokenizer() -> None:
         assert [m["role"] for m in body["messages"]] == ["system", "user"]
         assert body["tools"][0]["function"]["name"] == "f"
         assert counted.input_tokens == 1 + 3 + 10  # the fake's count: words, plus 10 per tool
+
+
+async def test_count_tokens_counts_the_prompt_that_messages_would_render() -> None:
+    """The tools shown (none with tool_choice none, the named one when forced) and a prefill
+    left open: as /v1/messages renders them, so the count matches its input_tokens."""
+    tools: Any = [{"name": name, "input_schema": {"type": "object"}} for name in ("f", "g", "h")]
+    ask = [{"role": "user", "content": "one two three"}]
+    prefilled = [*ask, {"role": "assistant", "content": "Sure:"}]
+    async with cluster(neuron(), catalogue=CATALOGUE) as c:
+        client = c.anthropic()
+        cases: list[tuple[dict[str, Any], list[Any], list[str] | None, bool | None]] = [
+            ({"type": "auto"}, ask, ["f", "g", "h"], None),
+            ({"type": "none"}, ask, None, None),
+            ({"type": "tool", "name": "g"}, ask, ["g"], None),
+            ({"type": "auto"}, prefilled, ["f", "g", "h"], True),
+            ({"type": "tool", "name": "g"}, prefilled, ["f", "g", "h"], True),  # nothing forced
+        ]
+        for choice, messages, shown, continued in cases:
+            await client.messages.count_tokens(
+                model="chat-a", messages=messages, tools=tools, tool_choice=choice
+            )
+            path, body = c.neurons["n1"].requests[-1]
+            assert path == "/tokenize"
+            names = [t["function"]["name"] for t in body.get("tools") or []] or None
+            assert (names, body.get("continue_final_message")) == (shown, continued), choice
 
 
 async def test_responses_non_streamed_and_streamed() -> None:

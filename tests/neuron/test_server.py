@@ -764,6 +764,12 @@ async def test_tokenize_counts_the_rendered_chat_and_plain_prompts(
     chat = await http.post("/tokenize", json={"model": "tiny-chat", "messages": USER})
     assert chat.status_code == 200, chat.text
     assert chat.json()["count"] == len(served.render_chat(USER, None))
+    prefilled = [*USER, {"role": "assistant", "content": "Sure"}]
+    body = {"model": "tiny-chat", "messages": prefilled, "continue_final_message": True}
+    open_ended = await http.post("/tokenize", json=body)
+    assert open_ended.json()["count"] == len(
+        served.render_chat(prefilled, None, continue_final=True)
+    )
     plain = await http.post("/tokenize", json={"model": "tiny-chat", "prompt": "one two three"})
     assert plain.json()["count"] == len(served.encode("one two three"))
     _error(await http.post("/tokenize", json={"model": "tiny-chat"}), 400, "invalid_request")

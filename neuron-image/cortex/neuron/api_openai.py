@@ -40,7 +40,6 @@ from cortex.core.protocol.openai import (
     TokenizeResponse,
     ToolCall,
     Usage,
-    forced_tool,
     new_id,
 )
 from cortex.neuron.api_lifecycle import runtime_of
@@ -128,17 +127,6 @@ def _chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -
     return text + (len(json.dumps(tools)) if tools else 0)
 
 
-def _tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
-    """Tools to offer the model: none with tool_choice=none, only the named one when forced."""
-    if not body.tools or body.tool_choice == "none":
-        return None
-    tools = [tool.model_dump(mode="json", exclude_none=True) for tool in body.tools]
-    name = forced_tool(body.tool_choice)
-    if name is not None:
-        tools = [t for t in tools if t["function"]["name"] == name]
-    return tools
-
-
 def _chunk(model: BaseModel) -> bytes:
     data = model.model_dump(mode="json", exclude_none=True)
     for choice in data.get("choices", []):
@@ -185,7 +173,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     constraint = chat_constraint(
         offered or None, body.tool_choice, body.parallel_tool_calls, body.response_format
     )
-    tools = _tools(body)
+    tools = body.offered_tools()
     messages = [_message(m, i, served.id) for i, m in enumerate(body.messages)]
     pool = prompts_of(request)
     pool.check_size(_chars(messages, tools), served.context_length, "messages")
@@ -384,8 +372,11 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if body.messages:
         messages = [_message(m, i, served.id) for i, m in enumerate(body.messages)]
         tools = body.tools or None
+        continued = bool(body.continue_final_message)
         pool.check_size(_chars(messages, tools), served.context_length, "messages")
-        ids = await pool.run(lambda: served.render_chat(messages, tools), "messages")
+        ids = await pool.run(
+            lambda: served.render_chat(messages, tools, continue_final=continued), "messages"
+        )
     elif body.prompt is not None:
         text = body.prompt
         pool.check_size(len(text), served.context_length, "prompt")

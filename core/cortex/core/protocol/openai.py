@@ -207,6 +207,17 @@ class ChatCompletionRequest(SamplingFields):
         """Whether the prompt ends by opening the assistant's turn (not when continuing one)."""
         return not self.continue_final_message and self.add_generation_prompt is not False
 
+    def offered_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the prompt shows the model: none with tool_choice none, only the named one
+        when one is forced. A count of the prompt (/tokenize) shows the same."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        tools = [tool.model_dump(mode="json", exclude_none=True) for tool in self.tools]
+        name = forced_tool(self.tool_choice)
+        if name is not None:
+            tools = [t for t in tools if t["function"]["name"] == name]
+        return tools
+
     @field_validator("logprobs")
     @classmethod
     def _logprobs_without_tools(cls, asked: bool | None, info: ValidationInfo) -> bool | None:
@@ -424,6 +435,8 @@ class TokenizeRequest(BaseModel):
     model: str
     messages: list[ChatMessage] | None = None
     tools: list[dict[str, Any]] | None = None
+    # The last (assistant) message is a prefill, rendered open as the chat request renders it.
+    continue_final_message: StrictBool | None = None
     prompt: str | None = None
 
 

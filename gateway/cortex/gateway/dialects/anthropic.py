@@ -82,8 +82,15 @@ class CountTokens:
         self.model, self.affinity = self.req.model, conversation_key(self.chat.messages)
 
     def neuron_call(self, model: str) -> NeuronCall:
-        tools = [t.model_dump(exclude_none=True) for t in self.chat.tools or []] or None
-        return Tokenize(TokenizeRequest(model=model, messages=self.chat.messages, tools=tools))
+        # The prompt /v1/messages would render: the tools it shows, a prefill left open.
+        return Tokenize(
+            TokenizeRequest(
+                model=model,
+                messages=self.chat.messages,
+                tools=self.chat.offered_tools(),
+                continue_final_message=self.chat.continue_final_message,
+            )
+        )
 
     def answer(self, reply: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:
         count = TokenizeResponse.model_validate(reply).count

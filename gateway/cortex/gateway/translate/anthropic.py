@@ -109,12 +109,17 @@ def to_chat_request(req: Conversation) -> ChatCompletionRequest:
     # A last assistant message is a prefill: the reply continues it (Anthropic's semantics).
     prefill = req.messages[-1].role == "assistant" and last.role == "assistant"
     prefill = prefill and not last.tool_calls and bool(last.text())
+    mode = _tool_choice(choice) if tools and choice else None
+    if prefill and not isinstance(req, MessagesRequest) and mode not in (None, "auto", "none"):
+        # A count generates nothing: no grammar, so nothing against a forced call after a
+        # prefill (a /v1/messages refuses that pair, and it says so there).
+        mode = None
     return ChatCompletionRequest(
         model=req.model,
         messages=messages,
         continue_final_message=True if prefill else None,
         tools=tools or None,
-        tool_choice=_tool_choice(choice) if tools and choice else None,
+        tool_choice=mode,
         parallel_tool_calls=False
         if tools and choice and choice.disable_parallel_tool_use
         else None,
