@@ -322,6 +322,16 @@ def test_what_refers_to_stored_state_is_refused(stored: dict[str, Any]) -> None:
     assert caught.value.param == field
 
 
+def test_a_file_beside_an_image_is_refused_not_dropped() -> None:
+    content = [
+        {"type": "input_text", "text": "compare"},
+        {"type": "input_image", "image_url": "https://x.test/a.png"},
+        {"type": "input_file", "file_id": "file-1"},
+    ]
+    with pytest.raises(InvalidRequest, match="'input_file' are not supported"):
+        to_chat_request(simple_request(input=[{"role": "user", "content": content}]))
+
+
 def test_an_item_reference_is_refused() -> None:
     refs = [{"role": "user", "content": "and then?"}, {"type": "item_reference", "id": "msg_1"}]
     with pytest.raises(InvalidRequest, match="item_reference"):

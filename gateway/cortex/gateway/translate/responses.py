@@ -166,6 +166,10 @@ def _message(item: MessageItem) -> list[ChatMessage]:
             if part.detail:
                 image["detail"] = part.detail
             parts.append({"type": "image_url", "image_url": image})
+        elif part.type == "refusal" and part.refusal:
+            parts.append({"type": "text", "text": part.refusal})
+        else:
+            _text([part], "")  # refuses what cannot be sent (files, audio), as without images
     return [ChatMessage(role="user", content=parts)]
 
 
