@@ -513,6 +513,21 @@ def test_error_mid_stream() -> None:
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
 
+@pytest.mark.parametrize(
+    ("status", "code", "known"),
+    [(429, "overloaded", "rate_limit_exceeded"), (503, "neuron_unavailable", "server_error"),
+     (400, "context_length_exceeded", "invalid_prompt")],
+)  # fmt: skip
+def test_a_failed_response_carries_an_error_code_openais_clients_know(
+    status: int, code: str, known: str
+) -> None:
+    translator = ResponsesStreamTranslator(simple_request(stream=True), "resp_e", created_at=1)
+    events = translator.start() + translator.error("no", code, status)
+    error, failed = sdk_events(events)[-2:]
+    assert error.code == code  # the error event says cortex's own code
+    assert failed.response.error.code == known
+
+
 def test_encode_sse_frame() -> None:
     event = ResponsesStreamTranslator(simple_request(), "resp_1", created_at=9).start()[0]
     frame = encode_sse(event).decode()

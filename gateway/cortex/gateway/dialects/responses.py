@@ -40,7 +40,8 @@ class ResponsesStream(TranslatedStream[ResponsesEvent]):
 
     def fail(self, err: CortexError) -> list[bytes]:
         # response.created first when the stream fails before it began (a failed cold load).
-        return self.frames([*self._events.start(), *self._events.error(err.message, err.code)])
+        failed = self._events.error(err.message, err.code, err.status)
+        return self.frames([*self._events.start(), *failed])
 
 
 class Responses(ChatBacked[ResponsesRequest]):

@@ -419,16 +419,21 @@ class ResponsesStreamTranslator(ChatStreamTranslator[ResponsesEvent]):
         )
         return [LifecycleEvent(type=kind, response=response, sequence_number=self._next())]
 
-    def error(self, message: str, code: str = "server_error") -> list[ResponsesEvent]:
-        """An `error` event then `response.failed`, for a stream that dies mid-way."""
+    def error(
+        self, message: str, code: str = "server_error", status: int = 500
+    ) -> list[ResponsesEvent]:
+        """An `error` event (with cortex's code) then `response.failed`, whose error code is one
+        of the few OpenAI's typed clients know (a 429 is rate_limit_exceeded, a 400
+        invalid_prompt, the rest server_error)."""
         self._done = True
+        known = {429: "rate_limit_exceeded", 400: "invalid_prompt"}.get(status, "server_error")
         failed = response_object(
             self._req,
             self._id,
             self._created_at,
             "failed",
             output=list(self._output),
-            error=ResponseError(code=code, message=message),
+            error=ResponseError(code=known, message=message),
         )
         return [
             ErrorEvent(code=code, message=message, sequence_number=self._next()),
