@@ -221,6 +221,7 @@ class NeuronRuntime:
         self.workers: dict[str, DeviceWorker] = {}
         self.replicas: dict[str, Replica] = {}
         self._loads: dict[str, asyncio.Task[Replica]] = {}
+        self._unloads: dict[str, asyncio.Event] = {}  # set when the model's unload is done
         # Set on SIGTERM: the neuron finishes what runs, and reports itself unfit for more.
         self.shutting_down = False
 
@@ -327,6 +328,10 @@ class NeuronRuntime:
         """Idempotent and single-flight: concurrent loads of one model share one task. A load that
         names another source than the one the model is loaded (or loading) from is a 409."""
         current = self._replica(request.model)
+        unloading = current and self._unloads.get(current.spec.id)
+        if unloading:  # its unload would take a new copy with it: load once it is done
+            await unloading.wait()
+            current = self._replica(request.model)
         if current is not None and current.state is not ModelState.FAILED:
             if request.source and request.source != current.spec.source:
                 raise SourceConflict(
@@ -375,7 +380,7 @@ class NeuronRuntime:
             replica.error = exc.message if isinstance(exc, CortexError) else repr(exc)
             log.warning("load of %s failed: %s", replica.spec.id, replica.error)
             if resolve_alias(self.catalogue, replica.spec.id) is None:
-                self.replicas.pop(replica.spec.id, None)
+                self._forget(replica)
             raise
         return replica
 
@@ -473,9 +478,22 @@ class NeuronRuntime:
         return sorted(healthy, key=lambda d: d.memory_free(), reverse=True)[:count]
 
     async def unload(self, model: str, *, force: bool = False) -> None:
+        """One at a time per model: a second unload, or a load, waits for the one under way."""
         replica = self._replica(model)
         if replica is None:
             raise ModelNotFound(f"model {model!r} is not loaded")
+        unloading = self._unloads.get(replica.spec.id)
+        if unloading is not None:
+            await unloading.wait()
+            return
+        self._unloads[replica.spec.id] = done = asyncio.Event()
+        try:
+            await self._unload(replica, force)
+        finally:
+            del self._unloads[replica.spec.id]
+            done.set()
+
+    async def _unload(self, replica: Replica, force: bool) -> None:
         task = self._loads.get(replica.spec.id)
         if task is not None:  # a load in progress: stop waiting for it, then clean up
             task.cancel()
@@ -483,13 +501,19 @@ class NeuronRuntime:
         served = replica.served
         if served and served.admission.running and not force:
             raise ModelBusy(
-                f"model {model!r} has {served.admission.running} requests in flight; force to unload"
+                f"model {replica.spec.id!r} has {served.admission.running} requests in flight; "
+                "force to unload"
             )
         replica.state = ModelState.UNLOADING
         if served is not None:
             await served.worker.run(lambda: self._stop_engine(served))
         self._release(replica)
-        self.replicas.pop(replica.spec.id, None)
+        self._forget(replica)
+
+    def _forget(self, replica: Replica) -> None:
+        """Take the replica out of the table, unless a later load of its model has taken its place."""
+        if self.replicas.get(replica.spec.id) is replica:
+            del self.replicas[replica.spec.id]
 
     @staticmethod
     def _stop_engine(served: ServedModel) -> None:
