@@ -13,11 +13,12 @@ import pytest
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import NeuronConfig, NeuronSection
+from cortex.core.errors import ModelNotFound
 from cortex.core.fleet import LoadRequest, ModelState
 from cortex.neuron import loader
 from cortex.neuron.devices import Device
 from cortex.neuron.engine import Sequence
-from cortex.neuron.generation import Finished, TextDelta
+from cortex.neuron.generation import Finished, SamplingParams, TextDelta
 from cortex.neuron.runtime import NeuronRuntime, Replica, ServedModel
 from cortex.neuron.worker import DeviceWorker
 
@@ -49,6 +50,9 @@ class EndlessEngine:
         for seq in self.sequences:
             seq.emit(Finished("error", 1, 0, error=message))
         self.sequences = []
+
+    def close(self, message: str) -> None:
+        self.fail_all(message)
 
 
 def _weights(kind: str) -> loader.LoadedWeights:
@@ -114,3 +118,35 @@ async def test_a_reload_during_an_unload_is_not_taken_with_it(runtime: NeuronRun
     new = runtime.replicas[MODEL]
     assert new is not old and runtime.served(MODEL) is new.served
     assert runtime.devices[0].committed == SHARE  # the old copy's share given back, the new kept
+
+
+async def test_a_request_waiting_for_a_slot_during_an_unload_is_told_the_model_is_gone(
+    runtime: NeuronRuntime,
+) -> None:
+    await runtime.load(LoadRequest(model=MODEL))
+    served = runtime.served(MODEL)
+    running = served.generate([1, 2], SamplingParams())  # holds the one running slot
+    assert isinstance(await anext(running), TextDelta)
+    waiting = asyncio.create_task(anext(served.generate([1, 2], SamplingParams())))
+    await _until(lambda: served.admission.queued == 1)
+    await runtime.unload(MODEL, force=True)
+    events = [event async for event in running]
+    assert isinstance(events[-1], Finished) and events[-1].error == "model unloaded"
+    # It takes the freed slot: the model is gone (which the gateway retries elsewhere), not a
+    # sequence left in an engine that nothing steps any more.
+    with pytest.raises(ModelNotFound, match="unloaded"):
+        await asyncio.wait_for(waiting, 10)
+    assert served.admission.running == 0
+
+
+async def test_an_embedding_waiting_during_an_unload_never_runs_on_released_weights(
+    runtime: NeuronRuntime,
+) -> None:
+    await runtime.load(LoadRequest(model="e"))
+    served = runtime.served("e")
+    async with served.admission.slot():  # the one running slot
+        waiting = asyncio.create_task(served.embed(["hi"]))
+        await _until(lambda: served.admission.queued == 1)
+        await runtime.unload("e", force=True)
+    with pytest.raises(ModelNotFound, match="unloaded"):
+        await asyncio.wait_for(waiting, 10)

@@ -141,11 +141,16 @@ class Engine:
         self._decoding: DecodeRows[_Active] = DecodeRows(self._runner)
         self._prefilling: list[_Active] = []  # admitted, prompt not all in the cache; oldest first
         self._admitted = 0
+        self._closed: str | None = None  # why, once closed
 
     # -- the worker's interface --------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
-        """Queue a sequence; it is admitted and prefilled at a step boundary."""
+        """Queue a sequence; it is admitted and prefilled at a step boundary. A closed engine
+        finishes it at once: nothing steps it any more."""
+        if self._closed is not None:
+            self._emit_finished(seq, "error", error=self._closed)
+            return
         self._waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -191,6 +196,11 @@ class Engine:
         while self._waiting:
             self._emit_finished(self._waiting.popleft(), "error", error=message)
         self._prefixes.clear()
+
+    def close(self, message: str) -> None:
+        """Finish every sequence, and every one added later (its model is being unloaded)."""
+        self._closed = message
+        self.fail_all(message)
 
     # -- steps -------------------------------------------------------------------------------
 

@@ -103,6 +103,8 @@ class ServedModel:
             config.max_running, config.max_queue, config.queue_timeout, config.max_per_principal
         )
         self.engine: Engine | None = None
+        # Set (on the event loop) when an unload begins: requests still waiting for a slot leave.
+        self.closed = False
         self._grammars: GrammarCompiler | None = None
         self._token_names: dict[int, tuple[str, bytes]] = {}
         self._grammar_lock = threading.Lock()
@@ -149,12 +151,13 @@ class ServedModel:
         self, prompt_ids: list[int], params: SamplingParams, principal: str = ANYONE
     ) -> AsyncIterator[GenerationEvent]:
         """Stream a generation; leaving early (aclose, cancellation) cancels the sequence."""
-        if self.engine is None:
+        if self.kind != "chat":
             raise InvalidRequest(f"model {self.id!r} is an embedding model", param="model")
-        engine = self.engine
-        if not self.worker.healthy:
-            raise DeviceUnhealthy(f"model {self.id!r} is on unhealthy {self.worker.device.id}")
+        self._check_open()
         async with self.admission.slot(principal):
+            self._check_open()  # the model may have been unloaded while this waited
+            engine = self.engine
+            assert engine is not None  # a chat model's, until it is closed
             self.replica.last_used = time.time()
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
@@ -177,7 +180,7 @@ class ServedModel:
 
     async def compile_grammar(self, spec: GrammarSpec) -> tuple[CompiledGrammar, float | None]:
         """The compiled grammar (cached) and its compile seconds, None on a hit; off the loop."""
-        if self.engine is None:
+        if self.kind != "chat":
             raise InvalidRequest(
                 f"model {self.id!r} is an embedding model; it cannot enforce a grammar",
                 param="model",
@@ -199,9 +202,18 @@ class ServedModel:
         if self.kind != "embedding":
             raise InvalidRequest(f"model {self.id!r} is not an embedding model", param="model")
         async with self.admission.slot(principal):
+            self._check_open()  # the model may have been unloaded while this waited
             self.replica.last_used = time.time()
             weights, device = self.weights, self.worker.device
             return await self.worker.run(lambda: loader.embed(weights, texts, device))
+
+    def _check_open(self) -> None:
+        """ModelNotFound once unloaded (the gateway retries elsewhere); DeviceUnhealthy once its
+        device is lost."""
+        if self.closed:
+            raise ModelNotFound(f"model {self.id!r} was unloaded")
+        if not self.worker.healthy:
+            raise DeviceUnhealthy(f"model {self.id!r} is on unhealthy {self.worker.device.id}")
 
 
 # The fields of [neuron] a reload applies at once (each request reads them); the others are read
@@ -506,6 +518,9 @@ class NeuronRuntime:
             )
         replica.state = ModelState.UNLOADING
         if served is not None:
+            # Before the job is queued: a request that saw the model open has queued its
+            # sequence ahead of the job, so the engine fails it with the rest.
+            served.closed = True
             await served.worker.run(lambda: self._stop_engine(served))
         self._release(replica)
         self._forget(replica)
@@ -519,7 +534,7 @@ class NeuronRuntime:
     def _stop_engine(served: ServedModel) -> None:
         """Worker thread: fail what is still running, detach, free the weights."""
         if served.engine is not None:
-            served.engine.fail_all("model unloaded")
+            served.engine.close("model unloaded")
             served.worker.detach(served.engine)
             served.engine = None
         loader.release(served.weights, [served.worker.device])
