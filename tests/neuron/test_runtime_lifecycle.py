@@ -150,3 +150,29 @@ async def test_an_embedding_waiting_during_an_unload_never_runs_on_released_weig
         await runtime.unload("e", force=True)
     with pytest.raises(ModelNotFound, match="unloaded"):
         await asyncio.wait_for(waiting, 10)
+
+
+async def test_a_model_on_a_poisoned_device_can_be_unloaded(runtime: NeuronRuntime) -> None:
+    await runtime.load(LoadRequest(model=MODEL))
+    device = runtime.devices[0]
+    device.healthy, device.error = False, "CUDA error: an illegal memory access"  # as _poison
+    await runtime.unload(MODEL, force=True)
+    assert MODEL not in runtime.replicas and device.committed == 0
+
+
+async def test_stop_unloads_every_model_whatever_one_of_them_raises(
+    runtime: NeuronRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await runtime.load(LoadRequest(model=MODEL))
+    await runtime.load(LoadRequest(model="e"))
+    stop_engine = runtime._stop_engine
+
+    def failing(served: ServedModel) -> None:
+        if served.id == MODEL:
+            raise RuntimeError("release failed")
+        stop_engine(served)
+
+    monkeypatch.setattr(runtime, "_stop_engine", failing)
+    await runtime.stop()
+    assert runtime.replicas == {} and runtime.devices[0].committed == 0
+    assert not runtime.workers["cpu-0"]._thread.is_alive()

@@ -283,7 +283,10 @@ class NeuronRuntime:
         for task in self._loads.values():
             task.cancel()
         for model in list(self.replicas):
-            await self.unload(model, force=True)
+            try:
+                await self.unload(model, force=True)
+            except Exception:  # one model must not keep the others, or the workers, up
+                log.exception("unloading %s at shutdown failed", model)
         for worker in self.workers.values():
             await asyncio.to_thread(worker.stop)
 
@@ -517,13 +520,17 @@ class NeuronRuntime:
                 "force to unload"
             )
         replica.state = ModelState.UNLOADING
-        if served is not None:
-            # Before the job is queued: a request that saw the model open has queued its
-            # sequence ahead of the job, so the engine fails it with the rest.
-            served.closed = True
-            await served.worker.run(lambda: self._stop_engine(served))
-        self._release(replica)
-        self._forget(replica)
+        try:
+            if served is not None:
+                # Before the job is queued: a request that saw the model open has queued its
+                # sequence ahead of the job, so the engine fails it with the rest.
+                served.closed = True
+                # A poisoned worker runs no job; its engine failed every sequence when poisoned.
+                if served.worker.healthy:
+                    await served.worker.run(lambda: self._stop_engine(served))
+        finally:  # a replica left UNLOADING could never be unloaded nor loaded again
+            self._release(replica)
+            self._forget(replica)
 
     def _forget(self, replica: Replica) -> None:
         """Take the replica out of the table, unless a later load of its model has taken its place."""
