@@ -176,3 +176,19 @@ async def test_stop_unloads_every_model_whatever_one_of_them_raises(
     await runtime.stop()
     assert runtime.replicas == {} and runtime.devices[0].committed == 0
     assert not runtime.workers["cpu-0"]._thread.is_alive()
+
+
+async def test_an_unload_whose_caller_leaves_still_frees_the_weights(
+    runtime: NeuronRuntime,
+) -> None:
+    await runtime.load(LoadRequest(model=MODEL))
+    served = runtime.served(MODEL)
+    gate = _hold(runtime.workers["cpu-0"])
+    unloading = asyncio.create_task(runtime.unload(MODEL, force=True))
+    await _until(lambda: served.closed)
+    unloading.cancel()  # e.g. the admin's client disconnected
+    with pytest.raises(asyncio.CancelledError):
+        await unloading
+    gate.set()
+    await _until(lambda: served.weights.model is None and served.engine is None)
+    assert MODEL not in runtime.replicas

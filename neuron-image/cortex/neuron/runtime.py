@@ -527,7 +527,9 @@ class NeuronRuntime:
                 served.closed = True
                 # A poisoned worker runs no job; its engine failed every sequence when poisoned.
                 if served.worker.healthy:
-                    await served.worker.run(lambda: self._stop_engine(served))
+                    # Shielded: the weights must go even if whoever asked stops waiting.
+                    stopping = served.worker.run(lambda: self._stop_engine(served))
+                    await asyncio.shield(stopping)
         finally:  # a replica left UNLOADING could never be unloaded nor loaded again
             self._release(replica)
             self._forget(replica)
