@@ -570,4 +570,5 @@ def test_a_closed_engine_finishes_what_it_holds_and_what_comes_later() -> None:
     engine.close("model unloaded")
     engine.add(late.seq)  # a sequence queued before the close reached the worker
     assert held.finished.error == late.finished.error == "model unloaded"
+    assert held.finished.reason == late.finished.reason == "cancelled"  # a 503, retried elsewhere
     assert not engine.has_work()

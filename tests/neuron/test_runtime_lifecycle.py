@@ -46,13 +46,13 @@ class EndlessEngine:
             else:
                 seq.emit(TextDelta("x", 1))
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, message: str, reason: str = "error") -> None:
         for seq in self.sequences:
-            seq.emit(Finished("error", 1, 0, error=message))
+            seq.emit(Finished(reason, 1, 0, error=message))  # type: ignore[arg-type]
         self.sequences = []
 
     def close(self, message: str) -> None:
-        self.fail_all(message)
+        self.fail_all(message, "cancelled")
 
 
 def _weights(kind: str) -> loader.LoadedWeights:
@@ -132,6 +132,7 @@ async def test_a_request_waiting_for_a_slot_during_an_unload_is_told_the_model_i
     await runtime.unload(MODEL, force=True)
     events = [event async for event in running]
     assert isinstance(events[-1], Finished) and events[-1].error == "model unloaded"
+    assert events[-1].reason == "cancelled"  # a 503 the gateway retries, not a 500
     # It takes the freed slot: the model is gone (which the gateway retries elsewhere), not a
     # sequence left in an engine that nothing steps any more.
     with pytest.raises(ModelNotFound, match="unloaded"):
