@@ -436,7 +436,9 @@ class NeuronRuntime:
             replica.progress = max(replica.progress, value)  # stages never step back
 
         weights = await worker.run(
-            lambda: loader.load_weights(local, spec.kind, devices, dtype, cache, progress)
+            lambda: loader.load_weights(
+                local, spec.kind, devices, dtype, cache, progress, share=per_device
+            )
         )
         # On a CPU, cpu_linear may keep packed copies of weights: memory the footprint left out.
         extra = cpu_linear.packed_bytes(weights.model)
