@@ -13,7 +13,9 @@ import pytest
 from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import FAST, chat_body, cluster, eventually, spec
 
+from cortex.core.errors import error_from_code
 from cortex.gateway.assembly import Tuning
+from cortex.gateway.proxy.dispatch import retryable
 
 MODEL = "chat-a"
 CATALOGUE = [spec(MODEL)]
@@ -171,6 +173,12 @@ async def test_a_request_that_failed_itself_is_not_retried(stream: bool) -> None
         assert response.status_code == 500
         assert sorted(n.faults.fail_requests for n in (n1, n2)) == [0, 1]  # one neuron tried
         assert c.gateway.fleet.healthy("n1") and c.gateway.fleet.healthy("n2")
+
+
+def test_a_generation_its_neuron_cancelled_is_retried_elsewhere() -> None:
+    """How a neuron ends the requests a forced unload dropped: the replica's doing, not theirs."""
+    err = error_from_code("generation_cancelled", "generation cancelled: model unloaded", 503)
+    assert retryable(err)
 
 
 async def test_unreachable_neuron_is_failed_over_then_marked_unhealthy() -> None:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_llama_config
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Qwen2Config,
@@ -558,3 +560,15 @@ def test_sliding_window_models_match_hf_generate(tokenizer, prompts, kind: str) 
     ]
     generate(make_engine(model, tokenizer, eos_token_ids=set(), prefill_chunk=12), *batched)
     assert batched[0].seq.output_ids == reference
+
+
+def test_a_closed_engine_finishes_what_it_holds_and_what_comes_later() -> None:
+    torch.manual_seed(0)
+    engine = make_engine(LlamaForCausalLM(tiny_llama_config(64)).eval(), None)
+    held, late = Recorder([1, 2, 3], max_tokens=5), Recorder([1, 2], max_tokens=5)
+    engine.add(held.seq)
+    engine.close("model unloaded")
+    engine.add(late.seq)  # a sequence queued before the close reached the worker
+    assert held.finished.error == late.finished.error == "model unloaded"
+    assert held.finished.reason == late.finished.reason == "cancelled"  # a 503, retried elsewhere
+    assert not engine.has_work()

@@ -105,6 +105,14 @@ SPECIFIC = [
     Case("temperature-3", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, temperature=3)),
     Case("top-p-2", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, top_p=2)),
     Case("n-3", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, n=3)),
+    Case("seed-past-64-bits", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, seed=2**64), says="seed"),
+    Case(
+        "seed-below-64-bits",
+        COMPLETIONS,
+        400,
+        json=_with(COMPLETIONS, seed=-(2**63) - 1),
+        says="seed",
+    ),
     Case("max-tokens-0", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, max_tokens=0)),
     Case("max-tokens-huge", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, max_tokens=10**9)),
     # A max_tokens past the context is clamped (docs/architecture.md, "Completion limits"); a

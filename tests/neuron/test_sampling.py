@@ -267,6 +267,15 @@ def test_a_seed_gives_the_same_tokens_whichever_batch_it_shares() -> None:
     assert len(set(alone)) > 1  # sampled, not greedy
 
 
+def test_every_seed_the_api_accepts_seeds_a_generator() -> None:
+    """The API takes -2**63 .. 2**64-1 (protocol/openai.py); a negative seed is its value
+    modulo 2**64."""
+    for seed in (-(2**63), -1, 0, 2**63, 2**64 - 1):
+        resolve(temperature=1.0, seed=seed).generator(CPU)
+    draws = [torch.rand(4, generator=resolve(seed=s).generator(CPU)) for s in (-1, 2**64 - 1)]
+    assert torch.equal(*draws)
+
+
 def test_greedy_rows_take_the_argmax_beside_sampled_ones() -> None:
     logits = rows(4, 3000, seed=13)
     greedy = [resolve(temperature=0), resolve(top_k=1, temperature=0.9)]

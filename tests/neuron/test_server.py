@@ -659,6 +659,20 @@ async def test_generation_error_mid_stream_is_an_error_event(
     assert "boom" in _error(response, 500, "generation_failed")["message"]
 
 
+async def test_a_stream_that_ends_badly_before_its_first_token_is_an_error_status(
+    http: httpx.AsyncClient, runtime: FakeRuntime
+) -> None:
+    """Not a 200 and then an error event: the status is what the gateway retries on."""
+    served = runtime.models["tiny-chat"]
+    served.script, served.finish = [], "cancelled"  # as an unload's casualties end
+    chat = {"model": "tiny-chat", "messages": USER, "stream": True}
+    _error(await http.post("/v1/chat/completions", json=chat), 503, "generation_cancelled")
+    completion = {"model": "tiny-chat", "prompt": "hi", "stream": True}
+    _error(await http.post("/v1/completions", json=completion), 503, "generation_cancelled")
+    served.finish = "error"
+    _error(await http.post("/v1/chat/completions", json=chat), 500, "generation_failed")
+
+
 async def test_unexpected_errors_are_500_and_the_app_keeps_serving(
     app: FastAPI, runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:

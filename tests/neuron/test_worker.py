@@ -96,6 +96,27 @@ async def test_a_cuda_error_poisons_only_this_worker(worker: DeviceWorker) -> No
         other.stop()
 
 
+async def test_a_job_whose_caller_left_before_its_turn_never_runs(worker: DeviceWorker) -> None:
+    started, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def blocking() -> None:
+        started.set()
+        release.wait(30)
+
+    busy = asyncio.create_task(worker.run(blocking))
+    assert await asyncio.to_thread(started.wait, 30)
+    gone = asyncio.create_task(worker.run(lambda: ran.append("gone")))
+    await asyncio.sleep(0)  # its job is queued behind the blocking one
+    gone.cancel()  # the client disconnected
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    release.set()
+    await busy
+    assert await worker.run(lambda: "after") == "after"  # jobs run in order: its turn has passed
+    assert ran == []
+
+
 def test_fault_classification() -> None:
     assert is_device_fault(RuntimeError("CUDA error: device-side assert triggered"))
     assert not is_device_fault(RuntimeError("shape mismatch"))

@@ -52,9 +52,10 @@ class Device:
         if self.kind == "cuda":
             torch.cuda.set_device(self.index)
 
-    def memory_free(self) -> int:
-        """What a new model may still take: the budget left, and on CUDA what the driver reports."""
-        budget_left = max(0, self.memory_total - self.committed)
+    def memory_free(self, own: int = 0) -> int:
+        """What a new model may still take: the budget left, and on CUDA what the driver reports.
+        `own`, what the asking model has committed here already, is room of its own."""
+        budget_left = max(0, self.memory_total - self.committed + own)
         if self.kind == "cuda":
             free, _ = torch.cuda.mem_get_info(self.index)
             return min(budget_left, free)

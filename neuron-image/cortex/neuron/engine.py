@@ -141,11 +141,16 @@ class Engine:
         self._decoding: DecodeRows[_Active] = DecodeRows(self._runner)
         self._prefilling: list[_Active] = []  # admitted, prompt not all in the cache; oldest first
         self._admitted = 0
+        self._closed: str | None = None  # why, once closed
 
     # -- the worker's interface --------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
-        """Queue a sequence; it is admitted and prefilled at a step boundary."""
+        """Queue a sequence; it is admitted and prefilled at a step boundary. A closed engine
+        finishes it at once: nothing steps it any more."""
+        if self._closed is not None:
+            self._emit_finished(seq, "cancelled", error=self._closed)
+            return
         self._waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -181,16 +186,22 @@ class Engine:
             self._decode()
         self._decoding.shrink()
 
-    def fail_all(self, message: str) -> None:
-        """Finish every sequence with an error (after a failed step, or on unload)."""
+    def fail_all(self, message: str, reason: Literal["error", "cancelled"] = "error") -> None:
+        """Finish every sequence: an error after a failed step, cancelled when the neuron drops
+        them though they did nothing wrong (an unload: another replica may serve them)."""
         live = [*self._live(), *self._preempted]
         self._decoding.clear()
         self._prefilling, self._preempted = [], []
         for active in live:
-            self._emit_finished(active.seq, "error", error=message)
+            self._emit_finished(active.seq, reason, error=message)
         while self._waiting:
-            self._emit_finished(self._waiting.popleft(), "error", error=message)
+            self._emit_finished(self._waiting.popleft(), reason, error=message)
         self._prefixes.clear()
+
+    def close(self, message: str) -> None:
+        """Finish every sequence, and every one added later (its model is being unloaded)."""
+        self._closed = message
+        self.fail_all(message, "cancelled")
 
     # -- steps -------------------------------------------------------------------------------
 

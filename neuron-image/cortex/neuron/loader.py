@@ -63,9 +63,11 @@ def load_weights(
     dtype: str,
     cache_dir: Path,
     progress: Progress,
+    share: int = 0,
 ) -> LoadedWeights:
     """Load a chat or embedding model onto devices[0] (split over all of them when several).
 
+    `share`: the memory committed for this model on each device before the load.
     `progress` hears 0..1 as the load goes: a first conversion takes it to 0.5, the tensors
     (one step each when mapped) take it on to 0.9; the caller says 1.0 when it serves."""
     try:
@@ -73,7 +75,7 @@ def load_weights(
         progress(0.55)
         if kind == "embedding":
             return _load_embedding(directory, devices[0], dtype, progress)
-        return _load_causal(directory, gguf_file, devices, dtype, cache_dir, progress)
+        return _load_causal(directory, gguf_file, devices, dtype, cache_dir, progress, share)
     except ModelLoadFailed:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -178,6 +180,7 @@ def _load_causal(
     dtype: str,
     cache_dir: Path,
     progress: Progress,
+    share: int,
 ) -> LoadedWeights:
     from transformers import AutoTokenizer
 
@@ -189,7 +192,7 @@ def _load_causal(
             directory, getattr(torch, dtype), devices[0].torch_device, scaled(progress, 0.6, 0.85)
         )
     if model is None:
-        model = _from_pretrained(directory, gguf_file, devices, dtype)
+        model = _from_pretrained(directory, gguf_file, devices, dtype, share)
     progress(0.85)
     if len(devices) == 1:
         model.to(devices[0].torch_device)
@@ -216,7 +219,7 @@ def _load_causal(
 
 
 def _from_pretrained(
-    directory: Path, gguf_file: str | None, devices: list[Device], dtype: str
+    directory: Path, gguf_file: str | None, devices: list[Device], dtype: str, share: int
 ) -> Any:
     """transformers' own loading: GGUF, renamed or quantized checkpoints, several devices."""
     from transformers import AutoModelForCausalLM
@@ -229,8 +232,15 @@ def _from_pretrained(
     }
     if len(devices) > 1:  # split layers over the GPUs of this node
         kwargs["device_map"] = "auto"
-        kwargs["max_memory"] = {d.index: d.memory_free() for d in devices}
+        kwargs["max_memory"] = split_memory(devices, share)
     return AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+
+
+def split_memory(devices: list[Device], share: int) -> dict[int, int]:
+    """accelerate's max_memory for a model split over devices: what each has free, the `share`
+    this model committed there before loading included (without it a split model was capped
+    below its own footprint and offloaded or failed)."""
+    return {d.index: d.memory_free(own=share) for d in devices}
 
 
 def _load_embedding(

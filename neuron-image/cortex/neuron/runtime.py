@@ -103,6 +103,8 @@ class ServedModel:
             config.max_running, config.max_queue, config.queue_timeout, config.max_per_principal
         )
         self.engine: Engine | None = None
+        # Set (on the event loop) when an unload begins: requests still waiting for a slot leave.
+        self.closed = False
         self._grammars: GrammarCompiler | None = None
         self._token_names: dict[int, tuple[str, bytes]] = {}
         self._grammar_lock = threading.Lock()
@@ -149,12 +151,13 @@ class ServedModel:
         self, prompt_ids: list[int], params: SamplingParams, principal: str = ANYONE
     ) -> AsyncIterator[GenerationEvent]:
         """Stream a generation; leaving early (aclose, cancellation) cancels the sequence."""
-        if self.engine is None:
+        if self.kind != "chat":
             raise InvalidRequest(f"model {self.id!r} is an embedding model", param="model")
-        engine = self.engine
-        if not self.worker.healthy:
-            raise DeviceUnhealthy(f"model {self.id!r} is on unhealthy {self.worker.device.id}")
+        self._check_open()
         async with self.admission.slot(principal):
+            self._check_open()  # the model may have been unloaded while this waited
+            engine = self.engine
+            assert engine is not None  # a chat model's, until it is closed
             self.replica.last_used = time.time()
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
@@ -177,7 +180,7 @@ class ServedModel:
 
     async def compile_grammar(self, spec: GrammarSpec) -> tuple[CompiledGrammar, float | None]:
         """The compiled grammar (cached) and its compile seconds, None on a hit; off the loop."""
-        if self.engine is None:
+        if self.kind != "chat":
             raise InvalidRequest(
                 f"model {self.id!r} is an embedding model; it cannot enforce a grammar",
                 param="model",
@@ -199,9 +202,18 @@ class ServedModel:
         if self.kind != "embedding":
             raise InvalidRequest(f"model {self.id!r} is not an embedding model", param="model")
         async with self.admission.slot(principal):
+            self._check_open()  # the model may have been unloaded while this waited
             self.replica.last_used = time.time()
             weights, device = self.weights, self.worker.device
             return await self.worker.run(lambda: loader.embed(weights, texts, device))
+
+    def _check_open(self) -> None:
+        """ModelNotFound once unloaded (the gateway retries elsewhere); DeviceUnhealthy once its
+        device is lost."""
+        if self.closed:
+            raise ModelNotFound(f"model {self.id!r} was unloaded")
+        if not self.worker.healthy:
+            raise DeviceUnhealthy(f"model {self.id!r} is on unhealthy {self.worker.device.id}")
 
 
 # The fields of [neuron] a reload applies at once (each request reads them); the others are read
@@ -221,6 +233,7 @@ class NeuronRuntime:
         self.workers: dict[str, DeviceWorker] = {}
         self.replicas: dict[str, Replica] = {}
         self._loads: dict[str, asyncio.Task[Replica]] = {}
+        self._unloads: dict[str, asyncio.Event] = {}  # set when the model's unload is done
         # Set on SIGTERM: the neuron finishes what runs, and reports itself unfit for more.
         self.shutting_down = False
 
@@ -270,7 +283,10 @@ class NeuronRuntime:
         for task in self._loads.values():
             task.cancel()
         for model in list(self.replicas):
-            await self.unload(model, force=True)
+            try:
+                await self.unload(model, force=True)
+            except Exception:  # one model must not keep the others, or the workers, up
+                log.exception("unloading %s at shutdown failed", model)
         for worker in self.workers.values():
             await asyncio.to_thread(worker.stop)
 
@@ -327,6 +343,10 @@ class NeuronRuntime:
         """Idempotent and single-flight: concurrent loads of one model share one task. A load that
         names another source than the one the model is loaded (or loading) from is a 409."""
         current = self._replica(request.model)
+        unloading = current and self._unloads.get(current.spec.id)
+        if unloading:  # its unload would take a new copy with it: load once it is done
+            await unloading.wait()
+            current = self._replica(request.model)
         if current is not None and current.state is not ModelState.FAILED:
             if request.source and request.source != current.spec.source:
                 raise SourceConflict(
@@ -375,7 +395,7 @@ class NeuronRuntime:
             replica.error = exc.message if isinstance(exc, CortexError) else repr(exc)
             log.warning("load of %s failed: %s", replica.spec.id, replica.error)
             if resolve_alias(self.catalogue, replica.spec.id) is None:
-                self.replicas.pop(replica.spec.id, None)
+                self._forget(replica)
             raise
         return replica
 
@@ -416,7 +436,9 @@ class NeuronRuntime:
             replica.progress = max(replica.progress, value)  # stages never step back
 
         weights = await worker.run(
-            lambda: loader.load_weights(local, spec.kind, devices, dtype, cache, progress)
+            lambda: loader.load_weights(
+                local, spec.kind, devices, dtype, cache, progress, share=per_device
+            )
         )
         # On a CPU, cpu_linear may keep packed copies of weights: memory the footprint left out.
         extra = cpu_linear.packed_bytes(weights.model)
@@ -473,9 +495,22 @@ class NeuronRuntime:
         return sorted(healthy, key=lambda d: d.memory_free(), reverse=True)[:count]
 
     async def unload(self, model: str, *, force: bool = False) -> None:
+        """One at a time per model: a second unload, or a load, waits for the one under way."""
         replica = self._replica(model)
         if replica is None:
             raise ModelNotFound(f"model {model!r} is not loaded")
+        unloading = self._unloads.get(replica.spec.id)
+        if unloading is not None:
+            await unloading.wait()
+            return
+        self._unloads[replica.spec.id] = done = asyncio.Event()
+        try:
+            await self._unload(replica, force)
+        finally:
+            del self._unloads[replica.spec.id]
+            done.set()
+
+    async def _unload(self, replica: Replica, force: bool) -> None:
         task = self._loads.get(replica.spec.id)
         if task is not None:  # a load in progress: stop waiting for it, then clean up
             task.cancel()
@@ -483,19 +518,34 @@ class NeuronRuntime:
         served = replica.served
         if served and served.admission.running and not force:
             raise ModelBusy(
-                f"model {model!r} has {served.admission.running} requests in flight; force to unload"
+                f"model {replica.spec.id!r} has {served.admission.running} requests in flight; "
+                "force to unload"
             )
         replica.state = ModelState.UNLOADING
-        if served is not None:
-            await served.worker.run(lambda: self._stop_engine(served))
-        self._release(replica)
-        self.replicas.pop(replica.spec.id, None)
+        try:
+            if served is not None:
+                # Before the job is queued: a request that saw the model open has queued its
+                # sequence ahead of the job, so the engine fails it with the rest.
+                served.closed = True
+                # A poisoned worker runs no job; its engine failed every sequence when poisoned.
+                if served.worker.healthy:
+                    # Shielded: the weights must go even if whoever asked stops waiting.
+                    stopping = served.worker.run(lambda: self._stop_engine(served))
+                    await asyncio.shield(stopping)
+        finally:  # a replica left UNLOADING could never be unloaded nor loaded again
+            self._release(replica)
+            self._forget(replica)
+
+    def _forget(self, replica: Replica) -> None:
+        """Take the replica out of the table, unless a later load of its model has taken its place."""
+        if self.replicas.get(replica.spec.id) is replica:
+            del self.replicas[replica.spec.id]
 
     @staticmethod
     def _stop_engine(served: ServedModel) -> None:
         """Worker thread: fail what is still running, detach, free the weights."""
         if served.engine is not None:
-            served.engine.fail_all("model unloaded")
+            served.engine.close("model unloaded")
             served.worker.detach(served.engine)
             served.engine = None
         loader.release(served.weights, [served.worker.device])

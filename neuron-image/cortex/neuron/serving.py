@@ -242,9 +242,13 @@ class Generation:
         self.logprobs: list[TokenLogprob] = []  # of the text so far, when they were asked for
 
     async def start(self) -> None:
-        """Wait for admission and the first event, so refusals are answered before any byte."""
+        """Wait for admission and the first event, so refusals, and a generation that ended
+        badly before its first token, are answered with their status before any byte."""
         self._pending = await self._next_event()
         self._admitted = True
+        err = failure(self._pending) if isinstance(self._pending, Finished) else None
+        if err is not None:
+            raise err
 
     async def next(self) -> GenerationEvent:
         if self._pending is not None:

@@ -50,13 +50,21 @@ class DeviceWorker:
         return self.device.healthy
 
     async def run(self, fn: Callable[[], T]) -> T:
-        """Run fn on this device's thread and await its result."""
+        """Run fn on this device's thread and await its result; fn is skipped if the caller has
+        stopped waiting (cancelled) before its turn."""
         if not self.device.healthy:
             raise DeviceUnhealthy(f"device {self.device.id} is unhealthy: {self.device.error}")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        # A client that left cancels its request and frees its admission slot; its job would
+        # still hold the device (an embedding, or a stall between decode steps) for nobody.
+        # Set on the loop, read here: a Future is not for other threads to look at.
+        abandoned = threading.Event()
+        future.add_done_callback(lambda done: abandoned.set() if done.cancelled() else None)
 
         def job() -> None:
+            if abandoned.is_set():
+                return
             try:
                 result = fn()
             except BaseException as exc:  # delivered to the awaiting caller

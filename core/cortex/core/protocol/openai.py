@@ -126,7 +126,8 @@ class SamplingFields(_Open):
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         default=None, description="token id -> a bias added to its logit"
     )
-    seed: int | None = None
+    # What a torch generator takes (a negative seed is the same as its value modulo 2**64).
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     n: int | None = Field(default=None, ge=1, le=1, description="only n=1 is served")
     stream: StrictBool = False
