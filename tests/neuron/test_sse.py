@@ -54,3 +54,28 @@ async def test_a_stream_that_keeps_talking_sends_no_keep_alive() -> None:
 
     await EventStreamResponse(body(), keepalive_after=60)({"type": "http"}, receive, send)
     assert KEEPALIVE not in sent
+
+
+async def test_a_client_gone_before_the_first_chunk_still_closes_what_streams() -> None:
+    """Closing a body iterator that never started runs none of its cleanup: `on_close` runs
+    anyway, so the generation behind it stops instead of running to its token limit."""
+    closed = asyncio.Event()
+    started = False
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal started
+        started = True
+        yield b"data: 1\n\n"
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}  # gone at once
+
+    async def send(message: dict[str, Any]) -> None:
+        await asyncio.Event().wait()  # never gets to write: the disconnect wins
+
+    async def close() -> None:
+        closed.set()
+
+    response = EventStreamResponse(body(), on_close=close)
+    await asyncio.wait_for(response({"type": "http"}, receive, send), timeout=10)
+    assert closed.is_set() and not started

@@ -214,6 +214,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                 served if asked is not None else None,
             ),
             headers=limit.headers(),
+            on_close=generation.close,
         )
     text, finished = await _finish(request, generation)
     content: str | None = text
@@ -408,7 +409,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         scored = (served, body.logprobs) if body.logprobs is not None else None
         return EventStreamResponse(
-            _completion_stream(generation, echo, include_usage, scored), headers=limit.headers()
+            _completion_stream(generation, echo, include_usage, scored),
+            headers=limit.headers(),
+            on_close=generation.close,
         )
     output, finished = await _finish(request, generation)
     choice = CompletionChoice(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
 
@@ -45,10 +46,14 @@ class EventStreamResponse(StreamingResponse):
         content: Any,
         headers: dict[str, str] | None = None,
         keepalive_after: float = KEEPALIVE_AFTER_S,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         base = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         super().__init__(content, headers=base | (headers or {}))
         self.keepalive_after = keepalive_after
+        # Run at the end whatever happened: closing a body iterator that never started runs none
+        # of its own cleanup (a client gone before the first chunk would leave it generating).
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -66,9 +71,11 @@ class EventStreamResponse(StreamingResponse):
                 group.cancel_scope.cancel()
         finally:
             close = getattr(self.body_iterator, "aclose", None)
-            if close is not None:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                if close is not None:
                     await close()
+                if self.on_close is not None:
+                    await self.on_close()
 
 
 class _KeptAlive:
