@@ -188,6 +188,34 @@ async def test_deleting_a_placement_unloads_it_everywhere(kube: Kube, operator: 
         assert one.models == {} and two.models == {}
 
 
+async def test_deleting_a_placement_keeps_a_model_another_placement_places(
+    kube: Kube, operator: Operator
+) -> None:
+    """A refused duplicate deleted, then a rename (delete and create): nothing is unloaded."""
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        for name in ("chat-copy", "chat-renamed"):
+            await kube.create(PLACEMENTS, placement(name, "chat"))
+            await until(
+                lambda n=name: kube.condition(n, "Scheduled").get("status") == "False",
+                f"{name} to be refused as a duplicate",
+            )
+            await until(
+                lambda n=name: kube.get(PLACEMENTS, n)["metadata"].get("finalizers"),
+                f"{name}'s finalizer",
+            )
+        await kube.delete(PLACEMENTS, "chat-copy")
+        await until(lambda: kube.get(PLACEMENTS, "chat-copy") is None, "the duplicate to be gone")
+        await kube.delete(PLACEMENTS, "chat")
+        await until(lambda: kube.get(PLACEMENTS, "chat") is None, "the old name to be gone")
+        await until(lambda: phase(kube, "chat-renamed") == "Ready", "the new name to be Ready")
+        assert fake.unloads == []
+        assert loads_of(fake, "chat") == 1
+
+
 async def test_a_neuron_that_is_down_does_not_hold_a_deletion(
     kube: Kube, operator: Operator
 ) -> None:

@@ -32,6 +32,7 @@ from cortex.operator.reconcile import (
     LoadFailure,
     PendingLoad,
     Unloaded,
+    successor,
     unprobed,
 )
 
@@ -293,30 +294,47 @@ class Controller:
     # -- deletion
 
     async def unload_everywhere(
-        self, namespace: str, placement: ModelPlacement, neurons: list[Neuron]
+        self,
+        namespace: str,
+        placement: ModelPlacement,
+        neurons: list[Neuron],
+        placements: list[ModelPlacement],
     ) -> list[str]:
-        """Unload the placement's model from every neuron holding it; the neurons still busy.
-        An unreachable neuron is skipped: waiting for it would hold the deletion."""
+        """Unload the placement's model from every neuron holding it, unless another placement
+        still places it; what holds the deletion (neurons still busy, a load in flight)."""
         lock = self._locks.setdefault(namespace, asyncio.Lock())
         model, busy = placement.spec.model, []
         async with lock:
-            if any(ns == namespace and m == model for ns, m, _ in self.pending):
+            heir = successor(placement, placements)
+            if heir is not None:
+                log.info("%s stays loaded: ModelPlacement %s places it too", model, heir)
+            elif any(ns == namespace and m == model for ns, m, _ in self.pending):
                 return ["a load still in flight"]
-            for neuron in self._holding(namespace, neurons, model):
-                try:
-                    await self.client(neuron.spec.endpoint or "").unload(model)
-                except ModelNotFound:
-                    pass
-                except CortexError as exc:
-                    self.metrics.unloads.labels("delete", "failed").inc()
-                    busy.append(f"{neuron.metadata.name} ({exc})")
-                    continue
-                self.metrics.unloads.labels("delete", "ok").inc()
-                message = f"unloaded from {neuron.metadata.name}: placement deleted"
-                kopf.info(body_of(placement), reason="Unloaded", message=message)
-                await self.probe(namespace, neuron)
+            else:
+                busy = await self._unload_held(namespace, placement, neurons)
             self.failures.pop((namespace, placement.metadata.name), None)
             self.unloaded.pop((namespace, placement.metadata.name), None)
+        return busy
+
+    async def _unload_held(
+        self, namespace: str, placement: ModelPlacement, neurons: list[Neuron]
+    ) -> list[str]:
+        """Unload a deleted placement's model; the neurons still busy with it. An unreachable
+        neuron is skipped: waiting for it would hold the deletion."""
+        model, busy = placement.spec.model, []
+        for neuron in self._holding(namespace, neurons, model):
+            try:
+                await self.client(neuron.spec.endpoint or "").unload(model)
+            except ModelNotFound:
+                pass
+            except CortexError as exc:
+                self.metrics.unloads.labels("delete", "failed").inc()
+                busy.append(f"{neuron.metadata.name} ({exc})")
+                continue
+            self.metrics.unloads.labels("delete", "ok").inc()
+            message = f"unloaded from {neuron.metadata.name}: placement deleted"
+            kopf.info(body_of(placement), reason="Unloaded", message=message)
+            await self.probe(namespace, neuron)
         return busy
 
     def _holding(self, namespace: str, neurons: list[Neuron], model: str) -> list[Neuron]:

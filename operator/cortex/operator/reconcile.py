@@ -8,7 +8,7 @@ last load failed and are waiting out their backoff (`failures`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal, cast
@@ -117,6 +117,21 @@ def unprobed(fleet: Fleet) -> list[str]:
         n.metadata.name
         for n in fleet.neurons
         if n.spec.endpoint and n.metadata.name not in fleet.probes
+    )
+
+
+def successor(placement: ModelPlacement, placements: Iterable[ModelPlacement]) -> str | None:
+    """Another placement of the same model, not being deleted: a deleted placement leaves its
+    replicas to it (a refused duplicate, or a rename as delete and create)."""
+    return min(
+        (
+            p.metadata.name
+            for p in placements
+            if p.spec.model == placement.spec.model
+            and p.metadata.name != placement.metadata.name
+            and not p.metadata.deletion_timestamp
+        ),
+        default=None,
     )
 
 
