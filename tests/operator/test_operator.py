@@ -4,6 +4,7 @@ own record of load and unload calls."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -36,6 +37,12 @@ def phase(kube: Kube, name: str) -> str | None:
 
 def loads_of(fake: FakeNeuron, model: str) -> int:
     return sum(1 for load in fake.loads if load.model == model)
+
+
+def retried(kube: Kube, name: str) -> bool:
+    """kopf recorded a temporary failure of the placement's deletion handler (its progress)."""
+    annotations = (kube.get(PLACEMENTS, name) or {}).get("metadata", {}).get("annotations", {})
+    return any(key.endswith("placement_deleted") for key in annotations)
 
 
 async def demand(kube: Kube, name: str, waiting: int = 1) -> None:
@@ -254,6 +261,27 @@ async def test_a_restarted_operator_loads_nothing_twice(kube: Kube, operator: Op
             await until(lambda: phase(kube, "a") == phase(kube, "b") == "Ready", "both Ready again")
         assert (loads_of(fake, "a"), loads_of(fake, "b")) == (1, 1)
         assert fake.unloads == []
+
+
+async def test_a_restarted_operator_unloads_a_deleted_placement_once_neurons_answer(
+    kube: Kube, operator: Operator
+) -> None:
+    """Deleted while no operator ran: the new one waits for the neuron's first answer instead of
+    releasing the finalizer with the replica still loaded."""
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    async with running(fake.app) as served:
+        async with operator():
+            await kube.create(NEURONS, neuron("n1", served.url))
+            await kube.create(PLACEMENTS, placement("chat", "chat"))
+            await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        await kube.delete(PLACEMENTS, "chat")
+        fake.faults.status_gate = gate = asyncio.Event()
+        # Probes time out after 2 s here: the neuron stays unprobed, not unreachable, meanwhile.
+        async with operator(probe_interval=1.0):
+            await until(lambda: retried(kube, "chat"), "the deletion to be retried")
+            gate.set()
+            await until(lambda: kube.get(PLACEMENTS, "chat") is None, "the placement to be gone")
+        assert fake.unloads == ["chat"]
 
 
 async def test_a_fleet_at_rest_is_planned_once_not_once_per_reconcile(

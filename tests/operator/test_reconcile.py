@@ -23,6 +23,7 @@ from cortex.operator.reconcile import (
     active_demand,
     placement_status,
     plan_fleet,
+    unanswered,
     unprobed,
 )
 
@@ -81,6 +82,12 @@ def test_planning_waits_until_every_neuron_answered_once() -> None:
     assert unprobed(waiting) == ["b"]
     ready = fleet([nr("a"), nr("b")], {"a": probe(answer("a")), "b": probe(None, 1)}, placements)
     assert unprobed(ready) == []
+
+
+def test_a_deletion_waits_for_neurons_that_have_not_answered_unless_unreachable() -> None:
+    neurons = [nr("new"), nr("failed-once"), nr("down"), nr("up"), nr("away", endpoint=None)]
+    probes = {"failed-once": probe(None, 1), "down": probe(None, 2), "up": probe(answer("up"))}
+    assert unanswered(fleet(neurons, probes, [])) == ["failed-once", "new"]
 
 
 def test_a_replica_already_on_a_neuron_is_counted_not_loaded_again() -> None:

@@ -33,6 +33,7 @@ from cortex.operator.reconcile import (
     PendingLoad,
     Unloaded,
     successor,
+    unanswered,
     unprobed,
 )
 
@@ -308,6 +309,9 @@ class Controller:
             heir = successor(placement, placements)
             if heir is not None:
                 log.info("%s stays loaded: ModelPlacement %s places it too", model, heir)
+            elif waiting := unanswered(self.fleet(namespace, neurons, [])):
+                # A restarted operator knows nothing of what they hold until they answer.
+                return [f"{name} (not probed yet)" for name in waiting]
             elif any(ns == namespace and m == model for ns, m, _ in self.pending):
                 return ["a load still in flight"]
             else:

@@ -120,6 +120,19 @@ def unprobed(fleet: Fleet) -> list[str]:
     )
 
 
+def unanswered(fleet: Fleet) -> list[str]:
+    """Neurons with an endpoint that have not answered yet and are not unreachable: what they
+    hold is unknown, so a deletion waits for them rather than leave a replica behind."""
+    waiting = []
+    for neuron in fleet.neurons:
+        probe = fleet.probes.get(neuron.metadata.name)
+        if neuron.spec.endpoint and (
+            probe is None or (probe.status is None and probe.failures < fleet.unreachable_after)
+        ):
+            waiting.append(neuron.metadata.name)
+    return sorted(waiting)
+
+
 def successor(placement: ModelPlacement, placements: Iterable[ModelPlacement]) -> str | None:
     """Another placement of the same model, not being deleted: a deleted placement leaves its
     replicas to it (a refused duplicate, or a rename as delete and create)."""
