@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -199,6 +200,27 @@ async def test_not_ready_while_the_api_server_cannot_be_reached() -> None:
     async with kube_gateway(Kube(kube.cluster, url, kube.http), wait_ready=False) as g:
         assert (await g.http.get("/livez")).status_code == 200
         assert (await g.http.get("/readyz")).status_code == 503
+
+
+async def test_an_api_server_outage_keeps_the_gateway_ready_on_what_it_last_saw() -> None:
+    """The kubelet must not pull every gateway from the Service when the API server goes away:
+    the replicas still serve, so /readyz stays 200 and /health says the picture is stale."""
+    n1 = serving("n1")
+    async with AsyncExitStack() as api_server:
+        kube = await api_server.enter_async_context(emulator())
+        await kube.create(PLACEMENTS, placement("chat", MODEL))
+        async with kube_gateway(kube, n1) as g:
+            await g.add_neuron("n1")
+            await kube.set_replicas("chat", ("n1", g.endpoint("n1"), "ready"))
+            await eventually(lambda: g.gateway.replicas.ready(MODEL) == ["n1"])
+            assert (await g.http.get("/health")).json()["fleet_view"] == "current"
+            await api_server.aclose()
+            await eventually(lambda: not g.gateway.source.current())
+            ready = await g.http.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["status"] == "impaired"
+            health = (await g.http.get("/health")).json()
+            assert (health["status"], health["fleet_view"]) == ("impaired", "stale")
+            assert await answers(g.http, MODEL, 1) == ["Hello from n1."]
 
 
 async def test_gateway_replicas_side_by_side_count_their_own_in_flight(kube: Kube) -> None:

@@ -75,8 +75,13 @@ class KubeFleet:
         await self.api.aclose()
 
     def routable(self) -> bool:
-        """The CRD watches are established: a min-0 fleet is routable before any replica exists,
-        since a request is what asks the operator for one."""
+        """Both CRDs have been listed: a min-0 fleet is routable before any replica exists, since
+        a request is what asks the operator for one. An API server outage after that does not
+        stop routing: the fleet last seen stays, and the replicas serve without the API server."""
+        return all(watch.listed.is_set() for watch in self._watches)
+
+    def current(self) -> bool:
+        """Both watches are connected: the fleet routed on is up to date."""
         return all(watch.connected for watch in self._watches)
 
     # -- Replicas
