@@ -151,6 +151,24 @@ async def test_models_are_the_placements_and_their_aliases_as_they_change(kube: 
         assert missing.status_code == 404
 
 
+async def test_a_placement_being_deleted_is_no_longer_routed_or_listed(kube: Kube) -> None:
+    """Its finalizer waits for idle replicas: traffic sent to them would hold it forever."""
+    n1 = serving("n1")
+    held = placement("chat", MODEL)
+    held["metadata"]["finalizers"] = ["cortex.helexa.ai/finalizer"]  # as the operator's
+    await kube.create(PLACEMENTS, held)
+    async with kube_gateway(kube, n1) as g:
+        await kube.set_replicas("chat", ("n1", g.endpoint("n1"), "ready"))
+        await eventually(lambda: g.gateway.replicas.ready(MODEL) == ["n1"])
+        await kube.delete(PLACEMENTS, "chat")
+        await eventually(lambda: not g.gateway.replicas.ready(MODEL))
+        assert (await kube.get(PLACEMENTS, "chat"))["metadata"]["deletionTimestamp"]
+        assert (await g.http.get("/v1/models")).json()["data"] == []
+        refused = await g.http.post("/v1/chat/completions", json=chat_body(MODEL))
+        assert refused.status_code == 404
+        assert not n1.requests
+
+
 async def test_api_keys_from_a_mounted_secret_file_authenticate(kube: Kube, tmp_path: Path) -> None:
     secret = tmp_path / "api-keys"
     secret.mkdir()

@@ -120,7 +120,13 @@ class KubeFleet:
         return self._change
 
     def _changed(self) -> None:
-        self.placements = _parsed(self._watches[0].objects, ModelPlacement)
+        # A placement being deleted is no longer served: the operator's finalizer is unloading
+        # its replicas, and new requests would keep them busy and the deletion waiting.
+        self.placements = {
+            name: placement
+            for name, placement in _parsed(self._watches[0].objects, ModelPlacement).items()
+            if not placement.metadata.deletion_timestamp
+        }
         self.neurons = _parsed(self._watches[1].objects, Neuron)
         self._sync_handles()
         self._change.set()

@@ -34,6 +34,7 @@ from cortex.operator.reconcile import (
     Unloaded,
     successor,
     unanswered,
+    unload_forced,
     unprobed,
 )
 
@@ -323,12 +324,13 @@ class Controller:
     async def _unload_held(
         self, namespace: str, placement: ModelPlacement, neurons: list[Neuron]
     ) -> list[str]:
-        """Unload a deleted placement's model; the neurons still busy with it. An unreachable
-        neuron is skipped: waiting for it would hold the deletion."""
+        """Unload a deleted placement's model (busy or not, after the grace); the neurons still
+        busy with it. An unreachable neuron is skipped: waiting for it would hold the deletion."""
         model, busy = placement.spec.model, []
+        force = unload_forced(placement, self.clock())
         for neuron in self._holding(namespace, neurons, model):
             try:
-                await self.client(neuron.spec.endpoint or "").unload(model)
+                await self.client(neuron.spec.endpoint or "").unload(model, force=force)
             except ModelNotFound:
                 pass
             except CortexError as exc:

@@ -34,6 +34,9 @@ from cortex.operator.neurons import Probe
 
 # Higher priority wins: lower-priority replicas give way first, then the least recently used.
 POLICY = Policy(strategy="priority")
+# A deleted placement's replicas still serving requests hold its deletion this long (seconds);
+# then they are unloaded anyway, so a client that keeps a replica busy cannot hold it forever.
+DELETION_GRACE = 300.0
 _LIVE = frozenset({ModelState.READY, ModelState.LOADING})
 
 
@@ -131,6 +134,12 @@ def unanswered(fleet: Fleet) -> list[str]:
         ):
             waiting.append(neuron.metadata.name)
     return sorted(waiting)
+
+
+def unload_forced(placement: ModelPlacement, now: float) -> bool:
+    """A deleted placement's replicas are unloaded even when busy once DELETION_GRACE is over."""
+    deleted = placement.metadata.deletion_timestamp
+    return deleted is not None and now - parse_rfc3339(deleted) >= DELETION_GRACE
 
 
 def successor(placement: ModelPlacement, placements: Iterable[ModelPlacement]) -> str | None:
