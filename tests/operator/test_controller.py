@@ -14,7 +14,7 @@ from operator_harness import FAST, NS, until
 from test_reconcile import GIB, answer, nr
 
 from cortex.core.client import NeuronClient
-from cortex.core.fleet import ModelState
+from cortex.core.fleet import LoadRequest, ModelState
 from cortex.core.resources import ModelPlacement, rfc3339
 from cortex.operator.controller import Controller
 from cortex.operator.neurons import Probe
@@ -84,4 +84,30 @@ async def test_a_deleted_placement_s_busy_replica_is_forced_out_after_the_grace(
     assert await controller.unload_everywhere(NS, deleted(10), [nr("a")], []) != []
     assert await controller.unload_everywhere(NS, deleted(DELETION_GRACE), [nr("a")], []) == []
     assert forced == [False, True]
+    await client.aclose()
+
+
+async def test_a_load_may_take_the_operator_s_load_timeout_not_the_client_s_read_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The neuron answers a load only once the model is ready: the read waits as long as the
+    operator allows a load (30 min), not the 10 min any other read of a neuron may take."""
+    controller = Controller(FAST)
+    reads: dict[str, float] = {}
+
+    async def neuron(request: httpx.Request) -> httpx.Response:
+        reads[request.url.path] = request.extensions["timeout"]["read"]
+        if request.url.path == "/status":
+            return httpx.Response(200, json=answer("a").model_dump(mode="json"))
+        return httpx.Response(
+            200, json=answer("a", chat=(ModelState.READY, GIB)).models[0].model_dump(mode="json")
+        )
+
+    client = NeuronClient("http://a:13131", transport=httpx.MockTransport(neuron))
+    monkeypatch.setattr(controller, "client", lambda *_, **__: client)
+    monkeypatch.setattr(kopf, "info", lambda *_, **__: None)
+    chat = ModelPlacement.model_validate({"metadata": {"name": "chat"}, "spec": {"model": "chat"}})
+    await controller._load(NS, chat, nr("a"), LoadRequest(model="chat"))
+    assert controller.failures == {}
+    assert reads["/models/load"] == FAST.load_timeout > reads["/status"]
     await client.aclose()

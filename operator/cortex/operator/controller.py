@@ -265,9 +265,9 @@ class Controller:
         """One load, awaited in the background; a failure starts (or lengthens) the backoff."""
         name, where = placement.metadata.name, neuron.metadata.name
         try:
-            await asyncio.wait_for(
-                self.client(neuron.spec.endpoint or "").load(request), self.config.load_timeout
-            )
+            limit = self.config.load_timeout
+            client = self.client(neuron.spec.endpoint or "")
+            await asyncio.wait_for(client.load(request, timeout=limit), limit)
         except (CortexError, httpx.HTTPError, TimeoutError) as exc:
             self.metrics.loads.labels("failed").inc()
             before = self.failures.get((namespace, name))
