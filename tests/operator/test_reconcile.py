@@ -17,6 +17,7 @@ from cortex.operator.conditions import set_condition
 from cortex.operator.config import OperatorConfig, parse_selector
 from cortex.operator.neurons import Probe, neuron_drift, neuron_for_pod, neuron_status, quantity
 from cortex.operator.reconcile import (
+    DEMAND_TTL,
     Fleet,
     LoadFailure,
     PendingLoad,
@@ -172,13 +173,23 @@ def test_two_placements_of_one_model_the_second_is_refused() -> None:
 def test_demand_counts_until_a_ready_transition_after_it() -> None:
     at = rfc3339(NOW)
     demanded = {"annotations": PlacementDemand(at=at, waiting=2).annotation()}
-    assert active_demand(mp("m", "m", **dict(demanded))) is not None
+    assert active_demand(mp("m", "m", **dict(demanded)), NOW) is not None
     loaded_before = {"conditions": [_condition("Loaded", "True", NOW - 60)]}
-    assert active_demand(mp("m", "m", status=loaded_before, **dict(demanded))) is not None
+    assert active_demand(mp("m", "m", status=loaded_before, **dict(demanded)), NOW) is not None
     loaded_after = {"conditions": [_condition("Loaded", "True", NOW + 5)]}
-    assert active_demand(mp("m", "m", status=loaded_after, **dict(demanded))) is None
+    assert active_demand(mp("m", "m", status=loaded_after, **dict(demanded)), NOW) is None
     garbage = {"annotations": {DEMAND_ANNOTATION: "soon"}}
-    assert active_demand(mp("m", "m", **garbage)) is None
+    assert active_demand(mp("m", "m", **garbage), NOW) is None
+
+
+def test_a_demand_nobody_renews_expires() -> None:
+    """Gateways renew a demand while clients wait; an old one has nobody waiting for it."""
+    stale = PlacementDemand(at=rfc3339(NOW - DEMAND_TTL - 1)).annotation()
+    placement = mp("m", "m", replicas={"min": 0, "max": 1}, annotations=stale)
+    state = fleet([nr("a")], {"a": probe(answer("a"))}, [placement])
+    assert plan_fleet(state, NOW).plan.actions == ()
+    assert placement_status(placement, state, plan_fleet(state, NOW), NOW).phase == "Idle"
+    assert plan_fleet(state, NOW - 2).plan.actions == (Load("m", "a", 0),)  # younger then
 
 
 def test_min_zero_is_idle_and_demand_makes_it_want_one() -> None:

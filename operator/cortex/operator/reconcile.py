@@ -37,6 +37,9 @@ POLICY = Policy(strategy="priority")
 # A deleted placement's replicas still serving requests hold its deletion this long (seconds);
 # then they are unloaded anyway, so a client that keeps a replica busy cannot hold it forever.
 DELETION_GRACE = 300.0
+# Gateways renew a demand every 5 s while clients wait for the model (docs/kubernetes.md, "The
+# demand annotation"); one not renewed for this long (seconds) has nobody waiting and is ignored.
+DEMAND_TTL = 30.0
 _LIVE = frozenset({ModelState.READY, ModelState.LOADING})
 
 
@@ -192,11 +195,11 @@ def live_neurons(views: tuple[NeuronView, ...]) -> dict[str, list[str]]:
     return live
 
 
-def active_demand(placement: ModelPlacement) -> PlacementDemand | None:
-    """The demand annotation, unless it is older than the placement's last Ready transition
-    (a replica was ready after it: that demand was served)."""
+def active_demand(placement: ModelPlacement, now: float) -> PlacementDemand | None:
+    """The demand annotation, unless it is older than DEMAND_TTL (nobody renews it: no client
+    waits any more) or than the placement's last Ready transition (that demand was served)."""
     demand = PlacementDemand.from_annotations(placement.metadata.annotations)
-    if demand is None:
+    if demand is None or now - demand.at_seconds > DEMAND_TTL:
         return None
     loaded = placement.status.condition("Loaded") if placement.status else None
     served = loaded is not None and loaded.status == "True"
@@ -236,7 +239,7 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
             minimums[model] = min(spec.floor, len(live))
             continue
         minimums[model] = spec.floor
-        wanted = active_demand(placement)
+        wanted = active_demand(placement, now)
         if wanted is not None:
             demand.append(Demand(model, max(wanted.waiting, 1)))
     selectors = {
@@ -300,7 +303,7 @@ def placement_status(
     ready = sum(r.state == "ready" for r in replicas)
     loading = sum(r.state == "loading" for r in replicas)
     name = placement.metadata.name
-    want = max(placement.spec.floor, 1 if active_demand(placement) is not None else 0)
+    want = max(placement.spec.floor, 1 if active_demand(placement, now) is not None else 0)
     failure = fleet.failures.get(name)
     failing = failure is not None and (name in planned.blocked or ready == 0)
     generation = placement.metadata.generation
