@@ -18,7 +18,7 @@ from cortex.core.fleet import LoadRequest, ModelState
 from cortex.core.resources import ModelPlacement, rfc3339
 from cortex.operator.controller import Controller
 from cortex.operator.neurons import Probe
-from cortex.operator.reconcile import DELETION_GRACE
+from cortex.operator.reconcile import DELETION_GRACE, LoadFailure
 
 
 async def test_a_slow_older_probe_does_not_overwrite_a_newer_one(
@@ -111,3 +111,12 @@ async def test_a_load_may_take_the_operator_s_load_timeout_not_the_client_s_read
     assert controller.failures == {}
     assert reads["/models/load"] == FAST.load_timeout > reads["/status"]
     await client.aclose()
+
+
+def test_only_placements_still_backing_off_count_in_the_gauge() -> None:
+    now = 1_800_000_000.0
+    controller = Controller(FAST, clock=lambda: now)
+    controller.failures[(NS, "over")] = LoadFailure("a", "corrupt", 3, now - 90, now - 10)
+    controller.failures[(NS, "waiting")] = LoadFailure("a", "corrupt", 1, now - 5, now + 5)
+    gauge = controller.metrics.registry.get_sample_value("cortex_operator_backing_off_placements")
+    assert gauge == 1

@@ -24,6 +24,7 @@ from cortex.operator.reconcile import (
     active_demand,
     placement_status,
     plan_fleet,
+    settled_failures,
     unanswered,
     unprobed,
 )
@@ -137,6 +138,21 @@ def test_a_failed_placement_asks_for_nothing_until_its_backoff_ends() -> None:
     assert loaded is not None and loaded.reason == "LoadFailed"
     assert "weights are corrupt" in loaded.message and "attempt 2" in loaded.message
     assert plan_fleet(state, NOW + 21).plan.actions == (Load("bad", "a", 0),)  # then it retries
+
+
+def test_a_failure_past_its_backoff_is_dropped_once_nothing_is_wanted() -> None:
+    """A min-0 placement nobody waits for is Idle once its backoff is over, not Failed forever."""
+    failure = LoadFailure("a", "weights are corrupt", 1, NOW - 60, NOW - 30)
+    lazy = mp("lazy", "lazy", replicas={"min": 0, "max": 1})
+    state = fleet([nr("a")], {"a": probe(answer("a"))}, [lazy], failures={"lazy": failure})
+    planned = plan_fleet(state, NOW)
+    assert placement_status(lazy, state, planned, NOW).phase == "Idle"
+    assert settled_failures(state, planned, NOW) == ["lazy"]
+    waiting = plan_fleet(state, NOW - 31)  # still backing off: kept, and reported
+    assert settled_failures(state, waiting, NOW - 31) == []
+    assert placement_status(lazy, state, waiting, NOW - 31).phase == "Failed"
+    wanting = fleet([nr("a")], state.probes, [mp("bad", "bad")], failures={"bad": failure})
+    assert settled_failures(wanting, plan_fleet(wanting, NOW), NOW) == []  # it retries
 
 
 def test_unschedulable_names_the_selector_that_matched_nothing() -> None:

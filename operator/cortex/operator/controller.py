@@ -32,6 +32,7 @@ from cortex.operator.reconcile import (
     LoadFailure,
     PendingLoad,
     Unloaded,
+    settled_failures,
     successor,
     unanswered,
     unload_forced,
@@ -71,7 +72,12 @@ class Controller:
         self._clients: dict[tuple[str, bool], NeuronClient] = {}
         self._tls: ssl.SSLContext | None = None  # one for every client: each costs a CA bundle read
         self._tasks: set[asyncio.Task[None]] = set()
-        self.metrics = OperatorMetrics(pending=self.pending, backing_off=self.failures)
+        self.metrics = OperatorMetrics(pending=self.pending, backing_off=self.backing_off)
+
+    def backing_off(self) -> int:
+        """Placements waiting out the backoff of a failed load now."""
+        now = self.clock()
+        return sum(1 for failure in self.failures.values() if failure.retry_at > now)
 
     def client(self, endpoint: str, *, probing: bool = False) -> NeuronClient:
         """One client per neuron; probes get a short timeout, loads the long default."""
@@ -175,6 +181,8 @@ class Controller:
             return None
         started = time.monotonic()
         planned, self._kept[namespace] = plan_once(self._kept.get(namespace), fleet, self.clock())
+        for name in settled_failures(fleet, planned, self.clock()):
+            self.failures.pop((namespace, name), None)
         self._latest[namespace] = planned
         self._snapshots[namespace] = self._snapshots.get(namespace, 0) + 1
         ended = time.monotonic()

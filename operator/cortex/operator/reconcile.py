@@ -8,6 +8,7 @@ last load failed and are waiting out their backoff (`failures`)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -254,6 +255,32 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
     return FleetPlan(planned, views, blocked, excess)
 
 
+def settled_failures(fleet: Fleet, planned: FleetPlan, now: float) -> list[str]:
+    """Placements whose failed load no longer matters: its backoff is over and they have the
+    ready replicas they want (none, for a min-0 placement nobody waits for)."""
+    if not fleet.failures:
+        return []
+    ready = Counter(
+        r.model
+        for view in planned.views
+        if view.healthy
+        for r in view.replicas
+        if r.state == ModelState.READY
+    )
+    return sorted(
+        p.metadata.name
+        for p in fleet.placements
+        if p.metadata.name in fleet.failures
+        and p.metadata.name not in planned.blocked
+        and ready[p.spec.model] >= wanted(p, now)
+    )
+
+
+def wanted(placement: ModelPlacement, now: float) -> int:
+    """Ready replicas the placement asks for now: its floor, or one while a client waits."""
+    return max(placement.spec.floor, 1 if active_demand(placement, now) is not None else 0)
+
+
 def backing_off(fleet: Fleet, now: float) -> frozenset[str]:
     """Placements whose last load failed and whose backoff has not ended at `now`."""
     waiting = {name for name, failure in fleet.failures.items() if failure.retry_at > now}
@@ -303,9 +330,10 @@ def placement_status(
     ready = sum(r.state == "ready" for r in replicas)
     loading = sum(r.state == "loading" for r in replicas)
     name = placement.metadata.name
-    want = max(placement.spec.floor, 1 if active_demand(placement, now) is not None else 0)
+    want = wanted(placement, now)
     failure = fleet.failures.get(name)
-    failing = failure is not None and (name in planned.blocked or ready == 0)
+    # Past its backoff a failure only counts while the placement still wants a replica.
+    failing = failure is not None and (name in planned.blocked or (ready == 0 and want > 0))
     generation = placement.metadata.generation
     conditions = list(previous.conditions)
     for verdict in (
