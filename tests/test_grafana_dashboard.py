@@ -38,7 +38,7 @@ def test_every_queried_series_is_exported() -> None:
     gateway = GatewayMetrics()
     gateway.watch(Fleet([]))
     neuron = NeuronMetrics(lambda: NeuronStatus(node="n", version="0"))
-    operator = OperatorMetrics(pending=[], backing_off=[])
+    operator = OperatorMetrics(pending=[], backing_off=lambda: 0)
     series = exported(gateway.exposition()) | exported(neuron.exposition())
     series |= exported(generate_latest(operator.registry))
     queried = {name for expr in queries() for name in re.findall(r"\bcortex_\w+", expr)}

@@ -110,6 +110,10 @@ def test_object_names_follow_the_release(render: Render) -> None:
         (["--set", "neuron.gpu.count=0"], "at '/neuron/gpu/count': minimum: got 0, want 1"),
         (["--set", "neuron.modelCache.type=pvc"], "at '/neuron/modelCache/type'"),
         (["--set", "neuron.config.port=1"], "invalid propertyName 'port'"),
+        (
+            ["--set", "neuron.config.shutdown_grace=5"],
+            "at '/neuron/config/shutdown_grace': value must be 'set neuron.shutdownGraceSeconds",
+        ),
         (["--set", "gateway.loadTimeout=soon"], "at '/gateway/loadTimeout'"),
     ],
 )

@@ -90,6 +90,8 @@ def _path(plural: str) -> str:
 @asynccontextmanager
 async def emulator() -> AsyncIterator[Kube]:
     async with CortexCluster() as cluster, kmock.Server(cluster) as server:
+        # Stopping waits this long for open watches (aiohttp's default: 60 s) before cutting them.
+        server.server.runner._shutdown_timeout = 0.5
         cluster.register(namespaces=(NS,))
         url = str(server.url).rstrip("/")
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:

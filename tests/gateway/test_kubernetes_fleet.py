@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -150,6 +151,24 @@ async def test_models_are_the_placements_and_their_aliases_as_they_change(kube: 
         assert missing.status_code == 404
 
 
+async def test_a_placement_being_deleted_is_no_longer_routed_or_listed(kube: Kube) -> None:
+    """Its finalizer waits for idle replicas: traffic sent to them would hold it forever."""
+    n1 = serving("n1")
+    held = placement("chat", MODEL)
+    held["metadata"]["finalizers"] = ["cortex.helexa.ai/finalizer"]  # as the operator's
+    await kube.create(PLACEMENTS, held)
+    async with kube_gateway(kube, n1) as g:
+        await kube.set_replicas("chat", ("n1", g.endpoint("n1"), "ready"))
+        await eventually(lambda: g.gateway.replicas.ready(MODEL) == ["n1"])
+        await kube.delete(PLACEMENTS, "chat")
+        await eventually(lambda: not g.gateway.replicas.ready(MODEL))
+        assert (await kube.get(PLACEMENTS, "chat"))["metadata"]["deletionTimestamp"]
+        assert (await g.http.get("/v1/models")).json()["data"] == []
+        refused = await g.http.post("/v1/chat/completions", json=chat_body(MODEL))
+        assert refused.status_code == 404
+        assert not n1.requests
+
+
 async def test_api_keys_from_a_mounted_secret_file_authenticate(kube: Kube, tmp_path: Path) -> None:
     secret = tmp_path / "api-keys"
     secret.mkdir()
@@ -199,6 +218,27 @@ async def test_not_ready_while_the_api_server_cannot_be_reached() -> None:
     async with kube_gateway(Kube(kube.cluster, url, kube.http), wait_ready=False) as g:
         assert (await g.http.get("/livez")).status_code == 200
         assert (await g.http.get("/readyz")).status_code == 503
+
+
+async def test_an_api_server_outage_keeps_the_gateway_ready_on_what_it_last_saw() -> None:
+    """The kubelet must not pull every gateway from the Service when the API server goes away:
+    the replicas still serve, so /readyz stays 200 and /health says the picture is stale."""
+    n1 = serving("n1")
+    async with AsyncExitStack() as api_server:
+        kube = await api_server.enter_async_context(emulator())
+        await kube.create(PLACEMENTS, placement("chat", MODEL))
+        async with kube_gateway(kube, n1) as g:
+            await g.add_neuron("n1")
+            await kube.set_replicas("chat", ("n1", g.endpoint("n1"), "ready"))
+            await eventually(lambda: g.gateway.replicas.ready(MODEL) == ["n1"])
+            assert (await g.http.get("/health")).json()["fleet_view"] == "current"
+            await api_server.aclose()
+            await eventually(lambda: not g.gateway.source.current())
+            ready = await g.http.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["status"] == "impaired"
+            health = (await g.http.get("/health")).json()
+            assert (health["status"], health["fleet_view"]) == ("impaired", "stale")
+            assert await answers(g.http, MODEL, 1) == ["Hello from n1."]
 
 
 async def test_gateway_replicas_side_by_side_count_their_own_in_flight(kube: Kube) -> None:

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 
 import httpx
+import kopf
 import pytest
 from operator_harness import FAST, NS, until
 from test_reconcile import GIB, answer, nr
 
 from cortex.core.client import NeuronClient
-from cortex.core.fleet import ModelState
+from cortex.core.fleet import LoadRequest, ModelState
+from cortex.core.resources import ModelPlacement, rfc3339
 from cortex.operator.controller import Controller
+from cortex.operator.neurons import Probe
+from cortex.operator.reconcile import DELETION_GRACE, LoadFailure
 
 
 async def test_a_slow_older_probe_does_not_overwrite_a_newer_one(
@@ -45,3 +50,73 @@ async def test_a_slow_older_probe_does_not_overwrite_a_newer_one(
     kept = controller.probes[(NS, "a")]
     assert kept.status is not None and kept.status.models[0].state == ModelState.READY
     await client.aclose()
+
+
+async def test_a_deleted_placement_s_busy_replica_is_forced_out_after_the_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before the grace a busy replica holds the deletion; after it, it is unloaded anyway."""
+    now = 1_800_000_000.0
+    controller = Controller(FAST, clock=lambda: now)
+    forced: list[bool] = []
+
+    async def neuron(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/status":  # the probe after an unload
+            return httpx.Response(200, json=answer("a").model_dump(mode="json"))
+        force = json.loads(request.content)["force"]
+        forced.append(force)
+        if force:
+            return httpx.Response(200, json={})
+        busy = {"error": {"message": "chat has 1 request in flight", "code": "model_busy"}}
+        return httpx.Response(409, json=busy)
+
+    client = NeuronClient("http://a:13131", transport=httpx.MockTransport(neuron))
+    monkeypatch.setattr(controller, "client", lambda *_, **__: client)
+    monkeypatch.setattr(kopf, "info", lambda *_, **__: None)
+    controller.probes[(NS, "a")] = Probe(
+        "http://a:13131", now, status=answer("a", chat=(ModelState.READY, GIB))
+    )
+
+    def deleted(ago: float) -> ModelPlacement:
+        meta = {"name": "chat", "deletionTimestamp": rfc3339(now - ago)}
+        return ModelPlacement.model_validate({"metadata": meta, "spec": {"model": "chat"}})
+
+    assert await controller.unload_everywhere(NS, deleted(10), [nr("a")], []) != []
+    assert await controller.unload_everywhere(NS, deleted(DELETION_GRACE), [nr("a")], []) == []
+    assert forced == [False, True]
+    await client.aclose()
+
+
+async def test_a_load_may_take_the_operator_s_load_timeout_not_the_client_s_read_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The neuron answers a load only once the model is ready: the read waits as long as the
+    operator allows a load (30 min), not the 10 min any other read of a neuron may take."""
+    controller = Controller(FAST)
+    reads: dict[str, float] = {}
+
+    async def neuron(request: httpx.Request) -> httpx.Response:
+        reads[request.url.path] = request.extensions["timeout"]["read"]
+        if request.url.path == "/status":
+            return httpx.Response(200, json=answer("a").model_dump(mode="json"))
+        return httpx.Response(
+            200, json=answer("a", chat=(ModelState.READY, GIB)).models[0].model_dump(mode="json")
+        )
+
+    client = NeuronClient("http://a:13131", transport=httpx.MockTransport(neuron))
+    monkeypatch.setattr(controller, "client", lambda *_, **__: client)
+    monkeypatch.setattr(kopf, "info", lambda *_, **__: None)
+    chat = ModelPlacement.model_validate({"metadata": {"name": "chat"}, "spec": {"model": "chat"}})
+    await controller._load(NS, chat, nr("a"), LoadRequest(model="chat"))
+    assert controller.failures == {}
+    assert reads["/models/load"] == FAST.load_timeout > reads["/status"]
+    await client.aclose()
+
+
+def test_only_placements_still_backing_off_count_in_the_gauge() -> None:
+    now = 1_800_000_000.0
+    controller = Controller(FAST, clock=lambda: now)
+    controller.failures[(NS, "over")] = LoadFailure("a", "corrupt", 3, now - 90, now - 10)
+    controller.failures[(NS, "waiting")] = LoadFailure("a", "corrupt", 1, now - 5, now + 5)
+    gauge = controller.metrics.registry.get_sample_value("cortex_operator_backing_off_placements")
+    assert gauge == 1

@@ -4,6 +4,7 @@ own record of load and unload calls."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -36,6 +37,12 @@ def phase(kube: Kube, name: str) -> str | None:
 
 def loads_of(fake: FakeNeuron, model: str) -> int:
     return sum(1 for load in fake.loads if load.model == model)
+
+
+def retried(kube: Kube, name: str) -> bool:
+    """kopf recorded a temporary failure of the placement's deletion handler (its progress)."""
+    annotations = (kube.get(PLACEMENTS, name) or {}).get("metadata", {}).get("annotations", {})
+    return any(key.endswith("placement_deleted") for key in annotations)
 
 
 async def demand(kube: Kube, name: str, waiting: int = 1) -> None:
@@ -188,6 +195,34 @@ async def test_deleting_a_placement_unloads_it_everywhere(kube: Kube, operator: 
         assert one.models == {} and two.models == {}
 
 
+async def test_deleting_a_placement_keeps_a_model_another_placement_places(
+    kube: Kube, operator: Operator
+) -> None:
+    """A refused duplicate deleted, then a rename (delete and create): nothing is unloaded."""
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        for name in ("chat-copy", "chat-renamed"):
+            await kube.create(PLACEMENTS, placement(name, "chat"))
+            await until(
+                lambda n=name: kube.condition(n, "Scheduled").get("status") == "False",
+                f"{name} to be refused as a duplicate",
+            )
+            await until(
+                lambda n=name: kube.get(PLACEMENTS, n)["metadata"].get("finalizers"),
+                f"{name}'s finalizer",
+            )
+        await kube.delete(PLACEMENTS, "chat-copy")
+        await until(lambda: kube.get(PLACEMENTS, "chat-copy") is None, "the duplicate to be gone")
+        await kube.delete(PLACEMENTS, "chat")
+        await until(lambda: kube.get(PLACEMENTS, "chat") is None, "the old name to be gone")
+        await until(lambda: phase(kube, "chat-renamed") == "Ready", "the new name to be Ready")
+        assert fake.unloads == []
+        assert loads_of(fake, "chat") == 1
+
+
 async def test_a_neuron_that_is_down_does_not_hold_a_deletion(
     kube: Kube, operator: Operator
 ) -> None:
@@ -226,6 +261,27 @@ async def test_a_restarted_operator_loads_nothing_twice(kube: Kube, operator: Op
             await until(lambda: phase(kube, "a") == phase(kube, "b") == "Ready", "both Ready again")
         assert (loads_of(fake, "a"), loads_of(fake, "b")) == (1, 1)
         assert fake.unloads == []
+
+
+async def test_a_restarted_operator_unloads_a_deleted_placement_once_neurons_answer(
+    kube: Kube, operator: Operator
+) -> None:
+    """Deleted while no operator ran: the new one waits for the neuron's first answer instead of
+    releasing the finalizer with the replica still loaded."""
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    async with running(fake.app) as served:
+        async with operator():
+            await kube.create(NEURONS, neuron("n1", served.url))
+            await kube.create(PLACEMENTS, placement("chat", "chat"))
+            await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        await kube.delete(PLACEMENTS, "chat")
+        fake.faults.status_gate = gate = asyncio.Event()
+        # Probes time out after 2 s here: the neuron stays unprobed, not unreachable, meanwhile.
+        async with operator(probe_interval=1.0):
+            await until(lambda: retried(kube, "chat"), "the deletion to be retried")
+            gate.set()
+            await until(lambda: kube.get(PLACEMENTS, "chat") is None, "the placement to be gone")
+        assert fake.unloads == ["chat"]
 
 
 async def test_a_fleet_at_rest_is_planned_once_not_once_per_reconcile(

@@ -17,12 +17,15 @@ from cortex.operator.conditions import set_condition
 from cortex.operator.config import OperatorConfig, parse_selector
 from cortex.operator.neurons import Probe, neuron_drift, neuron_for_pod, neuron_status, quantity
 from cortex.operator.reconcile import (
+    DEMAND_TTL,
     Fleet,
     LoadFailure,
     PendingLoad,
     active_demand,
     placement_status,
     plan_fleet,
+    settled_failures,
+    unanswered,
     unprobed,
 )
 
@@ -83,6 +86,12 @@ def test_planning_waits_until_every_neuron_answered_once() -> None:
     assert unprobed(ready) == []
 
 
+def test_a_deletion_waits_for_neurons_that_have_not_answered_unless_unreachable() -> None:
+    neurons = [nr("new"), nr("failed-once"), nr("down"), nr("up"), nr("away", endpoint=None)]
+    probes = {"failed-once": probe(None, 1), "down": probe(None, 2), "up": probe(answer("up"))}
+    assert unanswered(fleet(neurons, probes, [])) == ["failed-once", "new"]
+
+
 def test_a_replica_already_on_a_neuron_is_counted_not_loaded_again() -> None:
     probes = {"a": probe(answer("a", chat=(ModelState.READY, GIB))), "b": probe(answer("b"))}
     planned = plan_fleet(fleet([nr("a"), nr("b")], probes, [mp("chat", "chat")]), NOW)
@@ -131,6 +140,21 @@ def test_a_failed_placement_asks_for_nothing_until_its_backoff_ends() -> None:
     assert plan_fleet(state, NOW + 21).plan.actions == (Load("bad", "a", 0),)  # then it retries
 
 
+def test_a_failure_past_its_backoff_is_dropped_once_nothing_is_wanted() -> None:
+    """A min-0 placement nobody waits for is Idle once its backoff is over, not Failed forever."""
+    failure = LoadFailure("a", "weights are corrupt", 1, NOW - 60, NOW - 30)
+    lazy = mp("lazy", "lazy", replicas={"min": 0, "max": 1})
+    state = fleet([nr("a")], {"a": probe(answer("a"))}, [lazy], failures={"lazy": failure})
+    planned = plan_fleet(state, NOW)
+    assert placement_status(lazy, state, planned, NOW).phase == "Idle"
+    assert settled_failures(state, planned, NOW) == ["lazy"]
+    waiting = plan_fleet(state, NOW - 31)  # still backing off: kept, and reported
+    assert settled_failures(state, waiting, NOW - 31) == []
+    assert placement_status(lazy, state, waiting, NOW - 31).phase == "Failed"
+    wanting = fleet([nr("a")], state.probes, [mp("bad", "bad")], failures={"bad": failure})
+    assert settled_failures(wanting, plan_fleet(wanting, NOW), NOW) == []  # it retries
+
+
 def test_unschedulable_names_the_selector_that_matched_nothing() -> None:
     placement = mp("picky", "picky", neuronSelector={"matchLabels": {"gpu": "a100"}})
     state = fleet([nr("a", labels={"gpu": "t4"})], {"a": probe(answer("a"))}, [placement])
@@ -165,13 +189,23 @@ def test_two_placements_of_one_model_the_second_is_refused() -> None:
 def test_demand_counts_until_a_ready_transition_after_it() -> None:
     at = rfc3339(NOW)
     demanded = {"annotations": PlacementDemand(at=at, waiting=2).annotation()}
-    assert active_demand(mp("m", "m", **dict(demanded))) is not None
+    assert active_demand(mp("m", "m", **dict(demanded)), NOW) is not None
     loaded_before = {"conditions": [_condition("Loaded", "True", NOW - 60)]}
-    assert active_demand(mp("m", "m", status=loaded_before, **dict(demanded))) is not None
+    assert active_demand(mp("m", "m", status=loaded_before, **dict(demanded)), NOW) is not None
     loaded_after = {"conditions": [_condition("Loaded", "True", NOW + 5)]}
-    assert active_demand(mp("m", "m", status=loaded_after, **dict(demanded))) is None
+    assert active_demand(mp("m", "m", status=loaded_after, **dict(demanded)), NOW) is None
     garbage = {"annotations": {DEMAND_ANNOTATION: "soon"}}
-    assert active_demand(mp("m", "m", **garbage)) is None
+    assert active_demand(mp("m", "m", **garbage), NOW) is None
+
+
+def test_a_demand_nobody_renews_expires() -> None:
+    """Gateways renew a demand while clients wait; an old one has nobody waiting for it."""
+    stale = PlacementDemand(at=rfc3339(NOW - DEMAND_TTL - 1)).annotation()
+    placement = mp("m", "m", replicas={"min": 0, "max": 1}, annotations=stale)
+    state = fleet([nr("a")], {"a": probe(answer("a"))}, [placement])
+    assert plan_fleet(state, NOW).plan.actions == ()
+    assert placement_status(placement, state, plan_fleet(state, NOW), NOW).phase == "Idle"
+    assert plan_fleet(state, NOW - 2).plan.actions == (Load("m", "a", 0),)  # younger then
 
 
 def test_min_zero_is_idle_and_demand_makes_it_want_one() -> None:

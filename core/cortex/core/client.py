@@ -163,10 +163,16 @@ class NeuronClient:
     async def models(self) -> ModelListing:
         return ModelListing.model_validate_json((await self._request("GET", "/models")).content)
 
-    async def load(self, request: LoadRequest) -> LoadedModel:
-        """Load a model; with request.wait (default) returns once it is ready."""
+    async def load(self, request: LoadRequest, *, timeout: float | None = None) -> LoadedModel:
+        """Load a model; with request.wait (default) returns once it is ready. The neuron sends
+        nothing until then, so `timeout` (seconds) replaces the read timeout for this call."""
         body = request.model_dump(exclude_none=True)
-        response = await self._request("POST", "/models/load", json=body)
+        limits = self._http.timeout
+        if timeout is not None:
+            limits = httpx.Timeout(
+                connect=limits.connect, read=timeout, write=limits.write, pool=limits.pool
+            )
+        response = await self._request("POST", "/models/load", json=body, timeout=limits)
         return LoadedModel.model_validate_json(response.content)
 
     async def unload(self, model: str, *, force: bool = False) -> None:

@@ -317,7 +317,8 @@ class Reflector:
         self.changed = changed
         self.backoff = backoff
         self.objects: dict[str, dict[str, Any]] = {}
-        # Listed and not failing since: what readiness reports.
+        # Listed and not failing since: `objects` is current. Once listed they are kept while
+        # the watch reconnects, stale but usable.
         self.connected = False
         self.listed = asyncio.Event()
         self.tried = asyncio.Event()  # the first list has answered or failed
@@ -330,6 +331,8 @@ class Reflector:
                 if version is None:
                     items, version = await self.api.list(self.resource, self.namespace)
                     self.objects = {_name(item): item for item in items}
+                    if self.listed.is_set() and not self.connected:
+                        log.info("watch of %s is back", self.resource.plural)
                     self.connected = True
                     self.listed.set()
                     self.tried.set()

@@ -75,8 +75,13 @@ class KubeFleet:
         await self.api.aclose()
 
     def routable(self) -> bool:
-        """The CRD watches are established: a min-0 fleet is routable before any replica exists,
-        since a request is what asks the operator for one."""
+        """Both CRDs have been listed: a min-0 fleet is routable before any replica exists, since
+        a request is what asks the operator for one. An API server outage after that does not
+        stop routing: the fleet last seen stays, and the replicas serve without the API server."""
+        return all(watch.listed.is_set() for watch in self._watches)
+
+    def current(self) -> bool:
+        """Both watches are connected: the fleet routed on is up to date."""
         return all(watch.connected for watch in self._watches)
 
     # -- Replicas
@@ -115,7 +120,13 @@ class KubeFleet:
         return self._change
 
     def _changed(self) -> None:
-        self.placements = _parsed(self._watches[0].objects, ModelPlacement)
+        # A placement being deleted is no longer served: the operator's finalizer is unloading
+        # its replicas, and new requests would keep them busy and the deletion waiting.
+        self.placements = {
+            name: placement
+            for name, placement in _parsed(self._watches[0].objects, ModelPlacement).items()
+            if not placement.metadata.deletion_timestamp
+        }
         self.neurons = _parsed(self._watches[1].objects, Neuron)
         self._sync_handles()
         self._change.set()

@@ -32,6 +32,10 @@ class Poller:
         healthy = any(self.fleet.healthy(name) for name in self.fleet.neurons)
         return healthy and bool(self.placer.catalogue.specs())
 
+    def current(self) -> bool:
+        """Always: each poll's failures show as unhealthy neurons, not as a stale picture."""
+        return True
+
     async def tick(self) -> None:
         await self.fleet.poll()
         self.placer.reconcile(self.cycle)

@@ -47,3 +47,7 @@ class FleetSource(Protocol):
     def routable(self) -> bool:
         """What /readyz says: whether this gateway can take requests now."""
         ...
+
+    def current(self) -> bool:
+        """Whether the fleet's picture is up to date (false: routing on the last one seen)."""
+        ...

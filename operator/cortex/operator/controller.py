@@ -32,6 +32,10 @@ from cortex.operator.reconcile import (
     LoadFailure,
     PendingLoad,
     Unloaded,
+    settled_failures,
+    successor,
+    unanswered,
+    unload_forced,
     unprobed,
 )
 
@@ -68,7 +72,12 @@ class Controller:
         self._clients: dict[tuple[str, bool], NeuronClient] = {}
         self._tls: ssl.SSLContext | None = None  # one for every client: each costs a CA bundle read
         self._tasks: set[asyncio.Task[None]] = set()
-        self.metrics = OperatorMetrics(pending=self.pending, backing_off=self.failures)
+        self.metrics = OperatorMetrics(pending=self.pending, backing_off=self.backing_off)
+
+    def backing_off(self) -> int:
+        """Placements waiting out the backoff of a failed load now."""
+        now = self.clock()
+        return sum(1 for failure in self.failures.values() if failure.retry_at > now)
 
     def client(self, endpoint: str, *, probing: bool = False) -> NeuronClient:
         """One client per neuron; probes get a short timeout, loads the long default."""
@@ -172,6 +181,8 @@ class Controller:
             return None
         started = time.monotonic()
         planned, self._kept[namespace] = plan_once(self._kept.get(namespace), fleet, self.clock())
+        for name in settled_failures(fleet, planned, self.clock()):
+            self.failures.pop((namespace, name), None)
         self._latest[namespace] = planned
         self._snapshots[namespace] = self._snapshots.get(namespace, 0) + 1
         ended = time.monotonic()
@@ -262,9 +273,9 @@ class Controller:
         """One load, awaited in the background; a failure starts (or lengthens) the backoff."""
         name, where = placement.metadata.name, neuron.metadata.name
         try:
-            await asyncio.wait_for(
-                self.client(neuron.spec.endpoint or "").load(request), self.config.load_timeout
-            )
+            limit = self.config.load_timeout
+            client = self.client(neuron.spec.endpoint or "")
+            await asyncio.wait_for(client.load(request, timeout=limit), limit)
         except (CortexError, httpx.HTTPError, TimeoutError) as exc:
             self.metrics.loads.labels("failed").inc()
             before = self.failures.get((namespace, name))
@@ -293,30 +304,51 @@ class Controller:
     # -- deletion
 
     async def unload_everywhere(
-        self, namespace: str, placement: ModelPlacement, neurons: list[Neuron]
+        self,
+        namespace: str,
+        placement: ModelPlacement,
+        neurons: list[Neuron],
+        placements: list[ModelPlacement],
     ) -> list[str]:
-        """Unload the placement's model from every neuron holding it; the neurons still busy.
-        An unreachable neuron is skipped: waiting for it would hold the deletion."""
+        """Unload the placement's model from every neuron holding it, unless another placement
+        still places it; what holds the deletion (neurons still busy, a load in flight)."""
         lock = self._locks.setdefault(namespace, asyncio.Lock())
         model, busy = placement.spec.model, []
         async with lock:
-            if any(ns == namespace and m == model for ns, m, _ in self.pending):
+            heir = successor(placement, placements)
+            if heir is not None:
+                log.info("%s stays loaded: ModelPlacement %s places it too", model, heir)
+            elif waiting := unanswered(self.fleet(namespace, neurons, [])):
+                # A restarted operator knows nothing of what they hold until they answer.
+                return [f"{name} (not probed yet)" for name in waiting]
+            elif any(ns == namespace and m == model for ns, m, _ in self.pending):
                 return ["a load still in flight"]
-            for neuron in self._holding(namespace, neurons, model):
-                try:
-                    await self.client(neuron.spec.endpoint or "").unload(model)
-                except ModelNotFound:
-                    pass
-                except CortexError as exc:
-                    self.metrics.unloads.labels("delete", "failed").inc()
-                    busy.append(f"{neuron.metadata.name} ({exc})")
-                    continue
-                self.metrics.unloads.labels("delete", "ok").inc()
-                message = f"unloaded from {neuron.metadata.name}: placement deleted"
-                kopf.info(body_of(placement), reason="Unloaded", message=message)
-                await self.probe(namespace, neuron)
+            else:
+                busy = await self._unload_held(namespace, placement, neurons)
             self.failures.pop((namespace, placement.metadata.name), None)
             self.unloaded.pop((namespace, placement.metadata.name), None)
+        return busy
+
+    async def _unload_held(
+        self, namespace: str, placement: ModelPlacement, neurons: list[Neuron]
+    ) -> list[str]:
+        """Unload a deleted placement's model (busy or not, after the grace); the neurons still
+        busy with it. An unreachable neuron is skipped: waiting for it would hold the deletion."""
+        model, busy = placement.spec.model, []
+        force = unload_forced(placement, self.clock())
+        for neuron in self._holding(namespace, neurons, model):
+            try:
+                await self.client(neuron.spec.endpoint or "").unload(model, force=force)
+            except ModelNotFound:
+                pass
+            except CortexError as exc:
+                self.metrics.unloads.labels("delete", "failed").inc()
+                busy.append(f"{neuron.metadata.name} ({exc})")
+                continue
+            self.metrics.unloads.labels("delete", "ok").inc()
+            message = f"unloaded from {neuron.metadata.name}: placement deleted"
+            kopf.info(body_of(placement), reason="Unloaded", message=message)
+            await self.probe(namespace, neuron)
         return busy
 
     def _holding(self, namespace: str, neurons: list[Neuron], model: str) -> list[Neuron]:

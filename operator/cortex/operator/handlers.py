@@ -111,12 +111,13 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
 
     @kopf.on.delete(GROUP, VERSION, PLACEMENTS, backoff=every, registry=registry)
     async def placement_deleted(
-        body: kopf.Body, namespace: str, neuron_index: Index, **_: Any
+        body: kopf.Body, namespace: str, neuron_index: Index, placement_index: Index, **_: Any
     ) -> None:
         """The finalizer: unload the model everywhere before the placement goes."""
         placement = ModelPlacement.model_validate(body)
         neurons = list(neuron_index.get(namespace, []))
-        busy = await controller.unload_everywhere(namespace, placement, neurons)
+        placements = list(placement_index.get(namespace, []))
+        busy = await controller.unload_everywhere(namespace, placement, neurons, placements)
         if busy:
             raise kopf.TemporaryError(
                 f"still loaded: {', '.join(busy)}", delay=config.probe_interval

@@ -16,7 +16,7 @@ _PLAN_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 class OperatorMetrics:
     """Every metric one operator process exports, in a registry of its own."""
 
-    def __init__(self, pending: Sized, backing_off: Sized) -> None:
+    def __init__(self, pending: Sized, backing_off: Callable[[], int]) -> None:
         self.registry = r = CollectorRegistry()
         self._server: WSGIServer | None = None
         self.loads = Counter(
@@ -40,7 +40,8 @@ class OperatorMetrics:
         _gauge(r, "cortex_operator_pending_loads", "Loads on their way.", pending.__len__)
         _gauge(
             r, "cortex_operator_backing_off_placements",
-            "Placements whose last load failed, waiting to try again.", backing_off.__len__,
+            "Placements whose last load failed, waiting out the backoff before the next try.",
+            backing_off,
         )  # fmt: skip
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:

@@ -41,7 +41,7 @@ def plan_key(fleet: Fleet, now: float) -> PlanKey:
         {
             p.metadata.name: (
                 p.spec,
-                DEMAND_ANNOTATION in p.metadata.annotations and active_demand(p),
+                DEMAND_ANNOTATION in p.metadata.annotations and active_demand(p, now),
             )
             for p in fleet.placements
         },

@@ -8,7 +8,8 @@ last load failed and are waiting out their backoff (`failures`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal, cast
@@ -34,6 +35,12 @@ from cortex.operator.neurons import Probe
 
 # Higher priority wins: lower-priority replicas give way first, then the least recently used.
 POLICY = Policy(strategy="priority")
+# A deleted placement's replicas still serving requests hold its deletion this long (seconds);
+# then they are unloaded anyway, so a client that keeps a replica busy cannot hold it forever.
+DELETION_GRACE = 300.0
+# Gateways renew a demand every 5 s while clients wait for the model (docs/kubernetes.md, "The
+# demand annotation"); one not renewed for this long (seconds) has nobody waiting and is ignored.
+DEMAND_TTL = 30.0
 _LIVE = frozenset({ModelState.READY, ModelState.LOADING})
 
 
@@ -120,6 +127,40 @@ def unprobed(fleet: Fleet) -> list[str]:
     )
 
 
+def unanswered(fleet: Fleet) -> list[str]:
+    """Neurons with an endpoint that have not answered yet and are not unreachable: what they
+    hold is unknown, so a deletion waits for them rather than leave a replica behind."""
+    waiting = []
+    for neuron in fleet.neurons:
+        probe = fleet.probes.get(neuron.metadata.name)
+        if neuron.spec.endpoint and (
+            probe is None or (probe.status is None and probe.failures < fleet.unreachable_after)
+        ):
+            waiting.append(neuron.metadata.name)
+    return sorted(waiting)
+
+
+def unload_forced(placement: ModelPlacement, now: float) -> bool:
+    """A deleted placement's replicas are unloaded even when busy once DELETION_GRACE is over."""
+    deleted = placement.metadata.deletion_timestamp
+    return deleted is not None and now - parse_rfc3339(deleted) >= DELETION_GRACE
+
+
+def successor(placement: ModelPlacement, placements: Iterable[ModelPlacement]) -> str | None:
+    """Another placement of the same model, not being deleted: a deleted placement leaves its
+    replicas to it (a refused duplicate, or a rename as delete and create)."""
+    return min(
+        (
+            p.metadata.name
+            for p in placements
+            if p.spec.model == placement.spec.model
+            and p.metadata.name != placement.metadata.name
+            and not p.metadata.deletion_timestamp
+        ),
+        default=None,
+    )
+
+
 def neuron_views(fleet: Fleet) -> tuple[NeuronView, ...]:
     """The planner's view of each neuron (the shared snapshot): its last probe, with loads asked
     for and not yet visible reserved. An unreachable neuron is unhealthy: its replicas no longer
@@ -155,11 +196,11 @@ def live_neurons(views: tuple[NeuronView, ...]) -> dict[str, list[str]]:
     return live
 
 
-def active_demand(placement: ModelPlacement) -> PlacementDemand | None:
-    """The demand annotation, unless it is older than the placement's last Ready transition
-    (a replica was ready after it: that demand was served)."""
+def active_demand(placement: ModelPlacement, now: float) -> PlacementDemand | None:
+    """The demand annotation, unless it is older than DEMAND_TTL (nobody renews it: no client
+    waits any more) or than the placement's last Ready transition (that demand was served)."""
     demand = PlacementDemand.from_annotations(placement.metadata.annotations)
-    if demand is None:
+    if demand is None or now - demand.at_seconds > DEMAND_TTL:
         return None
     loaded = placement.status.condition("Loaded") if placement.status else None
     served = loaded is not None and loaded.status == "True"
@@ -199,7 +240,7 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
             minimums[model] = min(spec.floor, len(live))
             continue
         minimums[model] = spec.floor
-        wanted = active_demand(placement)
+        wanted = active_demand(placement, now)
         if wanted is not None:
             demand.append(Demand(model, max(wanted.waiting, 1)))
     selectors = {
@@ -212,6 +253,32 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
     )
     excess = _excess(views, everywhere, owners, planned)
     return FleetPlan(planned, views, blocked, excess)
+
+
+def settled_failures(fleet: Fleet, planned: FleetPlan, now: float) -> list[str]:
+    """Placements whose failed load no longer matters: its backoff is over and they have the
+    ready replicas they want (none, for a min-0 placement nobody waits for)."""
+    if not fleet.failures:
+        return []
+    ready = Counter(
+        r.model
+        for view in planned.views
+        if view.healthy
+        for r in view.replicas
+        if r.state == ModelState.READY
+    )
+    return sorted(
+        p.metadata.name
+        for p in fleet.placements
+        if p.metadata.name in fleet.failures
+        and p.metadata.name not in planned.blocked
+        and ready[p.spec.model] >= wanted(p, now)
+    )
+
+
+def wanted(placement: ModelPlacement, now: float) -> int:
+    """Ready replicas the placement asks for now: its floor, or one while a client waits."""
+    return max(placement.spec.floor, 1 if active_demand(placement, now) is not None else 0)
 
 
 def backing_off(fleet: Fleet, now: float) -> frozenset[str]:
@@ -263,9 +330,10 @@ def placement_status(
     ready = sum(r.state == "ready" for r in replicas)
     loading = sum(r.state == "loading" for r in replicas)
     name = placement.metadata.name
-    want = max(placement.spec.floor, 1 if active_demand(placement) is not None else 0)
+    want = wanted(placement, now)
     failure = fleet.failures.get(name)
-    failing = failure is not None and (name in planned.blocked or ready == 0)
+    # Past its backoff a failure only counts while the placement still wants a replica.
+    failing = failure is not None and (name in planned.blocked or (ready == 0 and want > 0))
     generation = placement.metadata.generation
     conditions = list(previous.conditions)
     for verdict in (

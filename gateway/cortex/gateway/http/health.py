@@ -1,7 +1,7 @@
-"""Gateway health: ok when every neuron is healthy, impaired when some are, degraded
-when none is or no model is known. /livez says the process serves; /readyz that it can take
-requests, as its fleet source says (a static fleet: not degraded; Kubernetes: watches established),
-and is not shutting down. Every 503 here carries Retry-After."""
+"""Gateway health: ok when every neuron is healthy, impaired when some are (or the fleet's
+picture is stale), degraded when none is or no model is known. /livez says the process serves;
+/readyz that it can take requests, as its fleet source says (a static fleet: not degraded;
+Kubernetes: both CRDs listed once), and is not shutting down. Every 503 here carries Retry-After."""
 
 from __future__ import annotations
 
@@ -29,13 +29,16 @@ def classify(neurons: int, healthy: int, models: int) -> Health:
 def health_of(gateway: Gateway) -> Health:
     fleet = gateway.fleet
     healthy = sum(1 for name in fleet.neurons if fleet.healthy(name))
-    return classify(len(fleet.neurons), healthy, len(gateway.catalogue.specs()))
+    health = classify(len(fleet.neurons), healthy, len(gateway.catalogue.specs()))
+    # Routing on a stale picture (the API server is away) works, but is not all well.
+    return "impaired" if health == "ok" and not gateway.source.current() else health
 
 
 def _report(gateway: Gateway) -> dict[str, Any]:
     fleet = gateway.fleet
     return {
         "status": health_of(gateway),
+        "fleet_view": "current" if gateway.source.current() else "stale",
         "neurons": {
             name: {
                 "healthy": fleet.healthy(name),
