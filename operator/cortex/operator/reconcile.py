@@ -40,7 +40,8 @@ POLICY = Policy(strategy="priority")
 DELETION_GRACE = 300.0
 # Gateways renew a demand every 5 s while clients wait for the model (docs/kubernetes.md, "The
 # demand annotation"); one not renewed for this long (seconds) has nobody waiting and is ignored.
-DEMAND_TTL = 30.0
+# Twelve renewals: the gateways' clocks and the operator's may disagree by a few seconds.
+DEMAND_TTL = 60.0
 _LIVE = frozenset({ModelState.READY, ModelState.LOADING})
 
 
