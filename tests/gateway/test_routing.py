@@ -14,7 +14,9 @@ from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import FAST, chat_body, cluster, eventually, spec
 
 from cortex.core.errors import error_from_code
+from cortex.gateway import registry
 from cortex.gateway.assembly import Tuning
+from cortex.gateway.poller import Poller
 from cortex.gateway.proxy.dispatch import retryable
 
 MODEL = "chat-a"
@@ -192,6 +194,27 @@ async def test_unreachable_neuron_is_failed_over_then_marked_unhealthy() -> None
         health = (await c.http.get("/health")).json()
         assert health["status"] == "impaired"
         assert health["neurons"]["n1"]["healthy"] is False
+
+
+async def test_a_neuron_that_never_answers_a_poll_holds_no_other_poll_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host that dies without closing its connections leaves a poll waiting for its read
+    timeout (minutes): the poll gives up after POLL_TIMEOUT, the neuron is unhealthy, and the
+    polls of the others (and reconcile) go on."""
+    monkeypatch.setattr(registry, "POLL_TIMEOUT", 0.2)
+    n1, n2 = pair()
+    async with cluster(n1, n2, catalogue=CATALOGUE) as c:
+        n1.faults.status_gate = asyncio.Event()  # never set: n1's /status never answers
+        poller = c.gateway.source
+        assert isinstance(poller, Poller)
+        cycles = poller.cycle
+        await eventually(lambda: not c.gateway.fleet.healthy("n1"))
+        await eventually(lambda: poller.cycle >= cycles + 3)
+        assert c.gateway.fleet.healthy("n2")
+        assert "no answer to a poll" in (c.gateway.fleet.neurons["n1"].last_error or "")
+        answer = await _chat(c.http, "still there?")
+        assert answer["choices"][0]["message"]["content"] == "Hello from n2."  # type: ignore[index]
 
 
 async def test_all_replicas_failing_is_a_503_with_retry_after() -> None:

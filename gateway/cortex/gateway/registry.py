@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 # No pool wait of ours may pass for a neuron's fault: the connections to a neuron are bounded by
 # the requests this gateway admits for it (`Fleet.full`, from the neuron's admission limits).
 POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+# A poll's answer takes milliseconds; one that has not come in this long is from a host that
+# died without closing its connections (power loss), and would hold every later poll up.
+POLL_TIMEOUT = 10.0
 
 
 @dataclass
@@ -201,7 +204,13 @@ class Fleet:
         generation, setbacks = handle.generation, handle.setbacks
         try:
             with self.calling(handle) as client:
-                status, listing = await asyncio.gather(client.status(), client.models())
+                status, listing = await asyncio.wait_for(
+                    asyncio.gather(client.status(), client.models()), POLL_TIMEOUT
+                )
+        except TimeoutError:
+            if not handle.leaving:
+                self._suspect(handle, f"no answer to a poll in {POLL_TIMEOUT:g} s")
+            return
         except NeuronUnreachable as exc:
             if not handle.leaving:
                 self._suspect(handle, exc.message)
