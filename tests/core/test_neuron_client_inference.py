@@ -18,8 +18,9 @@ from fakes.neuron import running
 from starlette.types import Receive, Scope, Send
 
 from cortex.core.client import NeuronClient
-from cortex.core.errors import NeuronUnavailable, NeuronUnreachable
+from cortex.core.errors import AnswerTimeout, NeuronUnavailable, NeuronUnreachable
 from cortex.core.request_context import request_id
+from cortex.gateway.proxy.dispatch import retryable
 
 # Spaced and escaped as no re-encoding would write it: a relayed answer must keep these bytes.
 ANSWER = (
@@ -142,20 +143,23 @@ async def test_a_refused_connection_is_unreachable_and_names_the_neuron_only() -
     assert refused.value.retry_after
 
 
-async def test_a_neuron_silent_past_the_read_timeout_is_unavailable() -> None:
+async def test_a_neuron_silent_past_the_read_timeout_is_a_timeout_not_retried() -> None:
+    """It took the request and may be generating still: another replica would take as long,
+    so the gateway does not run it again there (504, never retried)."""
     neuron = Neuron()
     async with running(neuron) as served:
         timeout = httpx.Timeout(5.0, read=0.3)
         client = NeuronClient(served.url, name="n1", timeout=timeout)
         try:
             started = time.monotonic()
-            with pytest.raises(NeuronUnavailable) as silent:
+            with pytest.raises(AnswerTimeout) as silent:
                 await client._post("/hang", {"model": "m"}, None)
         finally:
             await client.aclose()
     assert time.monotonic() - started < 5
-    assert not isinstance(silent.value, NeuronUnreachable)  # slow is not gone
+    assert not isinstance(silent.value, NeuronUnavailable)  # slow is not gone
     assert "timeout" in silent.value.message.lower() and "n1" in silent.value.message
+    assert silent.value.status == 504 and not retryable(silent.value)
 
 
 async def test_a_kept_alive_connection_the_neuron_closes_is_retried_on_a_new_one() -> None:

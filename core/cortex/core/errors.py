@@ -101,6 +101,13 @@ class NeuronUnavailable(CortexError):
     status, code, kind = 503, "neuron_unavailable", "server_error"
 
 
+class AnswerTimeout(CortexError):
+    """A neuron took the request and answered nothing for the whole read timeout: it may still
+    be generating, so another replica would take as long (not retried)."""
+
+    status, code, kind = 504, "neuron_timeout", "server_error"
+
+
 class NeuronUnreachable(NeuronUnavailable):
     """The neuron could not be reached at all (connection refused or cut): suspect it at once.
     Never built from a neuron's answer, so it shares NeuronUnavailable's code."""
@@ -166,6 +173,7 @@ ERRORS_BY_CODE: dict[str, type[CortexError]] = {
         BudgetExceeded,
         GenerationFailed,
         NeuronUnavailable,
+        AnswerTimeout,
         ShuttingDown,
         DeviceUnhealthy,
         NeuronNotFound,

@@ -20,8 +20,14 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from cortex.core.errors import CortexError, NeuronUnavailable, NeuronUnreachable, Overloaded
-from cortex.core.http_connection import BadAnswer, ConnectionClosed, HttpConnection
+from cortex.core.errors import (
+    AnswerTimeout,
+    CortexError,
+    NeuronUnavailable,
+    NeuronUnreachable,
+    Overloaded,
+)
+from cortex.core.http_connection import BadAnswer, ConnectionClosed, HttpConnection, ReadTimeout
 from cortex.core.request_context import REQUEST_ID_HEADER, request_id
 
 # A neuron (uvicorn) closes a connection idle for 5 s. Ours are dropped sooner, so that a request
@@ -68,10 +74,16 @@ class ConnectTimeout(TimeoutError):
 
 def wire_error(neuron: str, exc: BaseException) -> CortexError:
     """What a transport failure says of the neuron, as httpx's did (core/client.py): a refused,
-    reset or cut connection is NeuronUnreachable, a read timeout or anything else unavailable."""
+    reset or cut connection is NeuronUnreachable, a read timeout AnswerTimeout (not retried: the
+    neuron may be generating still), anything else unavailable."""
     kind = type(exc).__name__
     if isinstance(exc, ConnectTimeout | ConnectionClosed):
         return NeuronUnreachable(f"neuron {neuron} unreachable ({kind})", retry_after=1.0)
+    if isinstance(exc, ReadTimeout):
+        return AnswerTimeout(
+            f"neuron {neuron} took the request and answered nothing in the read timeout "
+            "([gateway] request_timeout)"
+        )
     if isinstance(exc, TimeoutError | BadAnswer):
         return NeuronUnavailable(f"neuron {neuron} failed ({kind})", retry_after=1.0)
     if isinstance(exc, OSError):  # refused, reset, no route, a TLS failure
