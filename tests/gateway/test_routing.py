@@ -300,6 +300,29 @@ async def test_client_disconnect_closes_the_upstream_stream() -> None:
         await eventually(lambda: c.gateway.fleet["n1"].in_flight[MODEL] == 0)
 
 
+async def test_a_stream_whose_client_leaves_while_it_waits_for_admission_lets_go() -> None:
+    """Before the answer begins nothing read the client's disconnect: an abandoned request kept
+    its place in the neuron's queue (up to the admission wait, then a whole prefill)."""
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.queue_timeout = 120.0  # the neuron keeps the request queued for two minutes
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        async with httpx.AsyncClient(base_url=c.url) as client:
+
+            async def ask() -> None:
+                body = chat_body(MODEL, stream=True)
+                async with client.stream("POST", "/v1/chat/completions", json=body) as answer:
+                    await answer.aread()
+
+            request = asyncio.create_task(ask())
+            await eventually(lambda: c.gateway.fleet["n1"].in_flight[MODEL] == 1)
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+        await eventually(lambda: c.gateway.fleet["n1"].in_flight[MODEL] == 0, timeout=10)
+        errors = c.gateway.metrics.errors.labels(MODEL, "n1", "openai", "client_closed_request")
+        assert errors._value.get() == 1
+
+
 async def test_unhealthy_neuron_is_skipped() -> None:
     n1, n2 = pair()
     n1.faults.unhealthy = True

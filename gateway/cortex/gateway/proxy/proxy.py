@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cortex.core.catalogue import unknown_model
 from cortex.core.client import NeuronAnswer
 from cortex.core.completion_limit import CompletionPolicy
-from cortex.core.errors import CortexError, ModelNotFound, NeuronUnavailable
+from cortex.core.errors import ClientGone, CortexError, ModelNotFound, NeuronUnavailable
 from cortex.core.protocol.errors import error_headers
 from cortex.core.protocol.openai import Usage
 from cortex.core.shutdown import Drain
@@ -192,15 +192,23 @@ class Proxy:
             raise TypeError(f"{type(call).__name__} does not stream")
         reply = asked.reply_stream()
         opening = asyncio.create_task(self.dispatcher.open(exchange, call))
+        # Until the answer begins nobody else reads receive(): a client that leaves while its
+        # request waits for admission would otherwise keep its place in the neuron's queue.
+        left = asyncio.create_task(_departure(receive))
         try:
             # A ready replica only needs admitting: wait for it without keep-alives, so a
             # refusal is a status, not an error event after a 200. A cold load gets keep-alives.
             patience = self.patience.keepalive_interval
             if self.replicas.ready(exchange.model):
                 patience = max(patience, self.patience.admission)
-            done, _ = await asyncio.wait({opening}, timeout=patience)
+            done, _ = await asyncio.wait(
+                {opening, left}, timeout=patience, return_when=asyncio.FIRST_COMPLETED
+            )
+            if left in done:
+                raise ClientGone("client left before its stream began")
+            await _stopped(left)  # from here _send_all listens for the client
             headers = STREAM_HEADERS
-            if done:
+            if opening in done:
                 opening.result()  # a quick failure raises here: an HTTP error, not an event
                 # What the neuron reported (a clamped max_tokens) can only travel with a start
                 # that waited for it: a stream sending keep-alives has no headers left to send.
@@ -210,6 +218,7 @@ class Proxy:
             frames = self._relay(exchange, opening, reply, outcome)
             stayed = await _send_all(frames, receive, send)
         finally:
+            await _stopped(left)
             await _close(opening)
         return _end_of_stream if stayed else _nothing
 
@@ -310,6 +319,20 @@ async def _send_all(frames: AsyncGenerator[bytes], receive: Receive, send: Send)
                 await frames.aclose()
         group.cancel_scope.cancel()
     return not left
+
+
+async def _departure(receive: Receive) -> None:
+    """Returns when the client disconnects (the request's body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    """Cancel the task and wait until it has stopped (our own cancellation still propagates)."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: a receive() that failed says nothing more than a leave
 
 
 async def _end_of_stream(scope: Scope, receive: Receive, send: Send) -> None:
