@@ -161,6 +161,21 @@ async def test_a_model_on_a_poisoned_device_can_be_unloaded(runtime: NeuronRunti
     assert MODEL not in runtime.replicas and device.committed == 0
 
 
+async def test_a_ready_model_on_a_poisoned_device_is_reported_failed(
+    runtime: NeuronRuntime,
+) -> None:
+    """Its replica can serve nothing more: reported ready, the gateway kept routing to it (and,
+    its requests failing at once, least-in-flight picked it first every time)."""
+    await runtime.load(LoadRequest(model=MODEL))
+    device = runtime.devices[0]
+    device.healthy, device.error = False, "CUDA error: an illegal memory access"  # as _poison
+    (record,) = runtime.status().models
+    assert record.state is ModelState.FAILED
+    assert record.error == f"device {device.id} is unhealthy: CUDA error: an illegal memory access"
+    with pytest.raises(ModelNotFound, match="failed"):
+        runtime.served(MODEL)
+
+
 async def test_stop_unloads_every_model_whatever_one_of_them_raises(
     runtime: NeuronRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -62,7 +62,16 @@ class Replica:
     last_used: float | None = None
     served: ServedModel | None = None
 
+    def fail_if_device_lost(self) -> None:
+        """A ready replica whose device a fault poisoned is failed: it can serve nothing more,
+        so routers must not pick it, and a load of its model places it again."""
+        lost = [d for d in self.devices if not d.healthy]
+        if self.state is ModelState.READY and lost:
+            self.state = ModelState.FAILED
+            self.error = f"device {lost[0].id} is unhealthy: {lost[0].error}"
+
     def record(self) -> LoadedModel:
+        self.fail_if_device_lost()
         served = self.served
         return LoadedModel(
             id=self.spec.id,
@@ -334,10 +343,13 @@ class NeuronRuntime:
         return replica.served
 
     def _replica(self, name: str) -> Replica | None:
-        if name in self.replicas:
-            return self.replicas[name]
-        spec = resolve_alias(self.catalogue, name)
-        return self.replicas.get(spec.id) if spec else None
+        replica = self.replicas.get(name)
+        if replica is None:
+            spec = resolve_alias(self.catalogue, name)
+            replica = self.replicas.get(spec.id) if spec else None
+        if replica is not None:
+            replica.fail_if_device_lost()
+        return replica
 
     async def load(self, request: LoadRequest) -> LoadedModel:
         """Idempotent and single-flight: concurrent loads of one model share one task. A load that
