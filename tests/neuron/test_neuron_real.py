@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from cortex.core.catalogue import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
 from cortex.core.completion_limit import STRICT_HEADER
 from cortex.core.config import NeuronConfig
-from cortex.neuron.runtime import NeuronRuntime, ServedModel
+from cortex.neuron.replica import ServedModel
+from cortex.neuron.runtime import NeuronRuntime
 from cortex.neuron.server import create_app
 
 CHAT = DEFAULT_CHAT_MODEL

@@ -19,7 +19,8 @@ from cortex.neuron import loader
 from cortex.neuron.devices import Device
 from cortex.neuron.engine import Sequence
 from cortex.neuron.generation import Finished, SamplingParams, TextDelta
-from cortex.neuron.runtime import NeuronRuntime, Replica, ServedModel
+from cortex.neuron.replica import Replica, ServedModel
+from cortex.neuron.runtime import NeuronRuntime
 from cortex.neuron.worker import DeviceWorker
 
 MODEL = "m"

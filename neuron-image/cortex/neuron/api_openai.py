@@ -61,7 +61,7 @@ from cortex.neuron.sse import DONE, EventStreamResponse, sse_data, sse_error
 from cortex.neuron.tools import ParsedToolCall, ToolCallStream, parse_tool_calls
 
 if TYPE_CHECKING:
-    from cortex.neuron.runtime import ServedModel
+    from cortex.neuron.replica import ServedModel
 
 router = APIRouter()
 MAX_EMBEDDING_INPUTS = 2048

@@ -43,7 +43,7 @@ from cortex.neuron.grammar import GrammarError, GrammarSpec
 from cortex.neuron.metrics import NeuronMetrics
 
 if TYPE_CHECKING:
-    from cortex.neuron.runtime import ServedModel
+    from cortex.neuron.replica import ServedModel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
