@@ -365,6 +365,34 @@ async def test_an_unschedulable_placement_says_why(kube: Kube, operator: Operato
         assert fake.loads == []
 
 
+async def test_a_placement_naming_an_alias_is_refused_not_loaded_forever(
+    kube: Kube, operator: Operator
+) -> None:
+    """The neuron loads an alias under the model's own id; the operator says so and stops."""
+    fake = FakeNeuron("n1", available={"smollm2-135m": GiB}, aliases={"smol": "smollm2-135m"})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("smol", "smol"))
+        scheduled = await until(
+            lambda: (c := kube.condition("smol", "Scheduled")).get("status") == "False" and c,
+            "the alias to be refused",
+        )
+        assert scheduled["reason"] == "Unschedulable"
+        assert scheduled["message"] == (
+            "spec.model smol is an alias of smollm2-135m: use smollm2-135m"
+        )
+        seen = {kube.status(NEURONS, "n1")["lastProbe"]}
+
+        def probed_again() -> bool:
+            seen.add(kube.status(NEURONS, "n1")["lastProbe"])
+            return len(seen) >= 3  # lastProbe has whole seconds: at least two seconds later
+
+        await until(probed_again, "more probes of the neuron")
+        assert len(fake.loads) == 1
+        assert phase(kube, "smol") == "Pending"
+        assert "Unschedulable" in {e["reason"] for e in kube.events("smol")}
+
+
 async def test_a_failed_load_is_reported_and_backed_off(kube: Kube, operator: Operator) -> None:
     fake = FakeNeuron("n1", available={"broken": GiB})
     fake.faults.load_error = "weights are corrupt"

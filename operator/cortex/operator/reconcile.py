@@ -86,6 +86,8 @@ class Fleet:
     pending: Mapping[tuple[str, str], PendingLoad] = field(default_factory=dict)  # (model, neuron)
     failures: Mapping[str, LoadFailure] = field(default_factory=dict)  # by placement name
     unloaded: Mapping[str, Unloaded] = field(default_factory=dict)  # by placement name
+    # spec.model -> the id a neuron loaded it as: an alias, refused rather than loaded again
+    aliases: Mapping[str, str] = field(default_factory=dict)
     unreachable_after: int = 2
 
     def reachable(self, neuron: Neuron) -> Probe | None:
@@ -197,6 +199,11 @@ def live_neurons(views: tuple[NeuronView, ...]) -> dict[str, list[str]]:
     return live
 
 
+def alias_refusal(model: str, canonical: str) -> str:
+    """Why a placement naming an alias is not placed: the neurons report the canonical id."""
+    return f"spec.model {model} is an alias of {canonical}: use {canonical}"
+
+
 def active_demand(placement: ModelPlacement, now: float) -> PlacementDemand | None:
     """The demand annotation, unless it is older than DEMAND_TTL (nobody renews it: no client
     waits any more) or than the placement's last Ready transition (that demand was served)."""
@@ -224,6 +231,8 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
     minimums: dict[str, int] = {}
     demand: list[Demand] = []
     for model, placement in owners.items():
+        if model in fleet.aliases:
+            continue  # its replicas are reported under another id: loading it never ends
         spec = placement.spec
         live = everywhere.get(model, [])
         catalogue[model] = ModelSpec(
@@ -366,6 +375,8 @@ def _scheduled(
     if owner is not None and owner != placement.metadata.name:
         why = f"model {model} is placed by ModelPlacement {owner}"
         return ("Scheduled", "False", "Unschedulable", why)
+    if model in fleet.aliases:
+        return ("Scheduled", "False", "Unschedulable", alias_refusal(model, fleet.aliases[model]))
     if model in planned.plan.unplaceable:
         return ("Scheduled", "False", "Unschedulable", planned.plan.unplaceable[model])
     where = ", ".join(r.neuron for r in replicas if r.state != "failed")
