@@ -344,6 +344,35 @@ async def test_a_lost_neuron_s_replica_is_rescheduled(kube: Kube, operator: Oper
         assert "Unreachable" in {e["reason"] for e in kube.events("big")}
 
 
+async def test_a_draining_neuron_is_not_ready_and_its_replica_moves(
+    kube: Kube, operator: Operator
+) -> None:
+    """A neuron that answers unhealthy (SIGTERM: shutting down) leaves Ready, and its replica is
+    no longer listed ready while the replica is placed again elsewhere."""
+    first = FakeNeuron("a", available={"chat": GiB}, loaded={"chat": GiB})
+    second = FakeNeuron("b", available={"chat": GiB})
+    async with running(first.app) as one, running(second.app) as two, operator():
+        await kube.create(NEURONS, neuron("a", one.url))
+        await kube.create(NEURONS, neuron("b", two.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        first.faults.unhealthy = True
+        await until(
+            lambda: kube.status(NEURONS, "a").get("phase") == "Pending", "the draining neuron"
+        )
+        conditions = kube.status(NEURONS, "a")["conditions"]
+        healthy = next(c for c in conditions if c["type"] == "Healthy")
+        assert (healthy["status"], healthy["reason"]) == ("False", "ShuttingDown")
+        await until(
+            lambda: (
+                [(r["neuron"], r["state"]) for r in kube.status(PLACEMENTS, "chat")["replicas"]]
+                == [("b", "ready")]
+            ),
+            "the replica to be listed on b only",
+        )
+        assert kube.status(PLACEMENTS, "chat")["readyReplicas"] == 1
+
+
 async def test_an_unschedulable_placement_says_why(kube: Kube, operator: Operator) -> None:
     fake = FakeNeuron("n1", memory=4 * GiB, available={"huge": 8 * GiB, "picky": GiB})
     async with running(fake.app) as served, operator():

@@ -419,15 +419,15 @@ def _loaded(
 def _replicas(
     placement: ModelPlacement, fleet: Fleet, previous: ModelPlacementStatus, now: float
 ) -> list[PlacementReplica]:
-    """One entry per reachable neuron holding (or loading) the model; `since` kept while the
-    state stays. Replicas on unreachable neurons are lost and left out."""
+    """One entry per reachable, healthy neuron holding (or loading) the model; `since` kept while
+    the state stays. Replicas on unreachable or unhealthy (draining) neurons are left out."""
     model = placement.spec.model
     before = {(r.neuron, r.state): r.since for r in previous.replicas}
     replicas = []
     for neuron in sorted(fleet.neurons, key=lambda n: n.metadata.name):
         name = neuron.metadata.name
         probe = fleet.reachable(neuron)
-        if probe is None or probe.status is None:
+        if probe is None or probe.status is None or not probe.status.healthy:
             continue
         state: ReplicaState | None = next(
             (cast(ReplicaState, m.state.value) for m in probe.status.models if m.id == model), None
