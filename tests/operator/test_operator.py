@@ -493,6 +493,53 @@ async def test_a_neuron_pod_becomes_a_neuron_owned_by_it(kube: Kube, operator: O
         assert made["metadata"]["namespace"] == NS
 
 
+def neuron_pod(name: str, node: str, port: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/name": "cortex", "app.kubernetes.io/component": "neuron"},
+        },
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "neuron", "ports": [{"name": "http", "containerPort": port}]}],
+        },
+        "status": {"podIP": "127.0.0.1"},
+    }
+
+
+async def test_a_neuron_still_going_when_its_new_pod_comes_is_made_again_once_gone(
+    kube: Kube, operator: Operator
+) -> None:
+    """A rollout: the old pod's Neuron is still terminating when the new pod is up; it is not
+    patched (it goes anyway) but made again for the new pod once it is gone."""
+    fake = FakeNeuron("gpu-node-1")
+    async with running(fake.app) as served, operator():
+        port = int(served.url.rsplit(":", 1)[1])
+        await kube.create("v1/pods", neuron_pod("neuron-old", "gpu-node-1", port))
+        await until(lambda: kube.get(NEURONS, "gpu-node-1"), "the Neuron for the old pod")
+        # Something else holds its deletion for a while, as kopf's finalizer does.
+        await kube.patch(NEURONS, "gpu-node-1", {"metadata": {"finalizers": ["test/hold"]}})
+        await kube.delete(NEURONS, "gpu-node-1")
+        await kube.delete("v1/pods", "neuron-old")
+        new = await kube.create("v1/pods", neuron_pod("neuron-new", "gpu-node-1", port))
+        await until(
+            lambda: (
+                (kube.get(NEURONS, "gpu-node-1") or {}).get("metadata", {}).get("deletionTimestamp")
+            ),
+            "the Neuron to be terminating",
+        )
+        await kube.patch(NEURONS, "gpu-node-1", {"metadata": {"finalizers": []}})
+
+        def remade() -> bool:
+            meta = (kube.get(NEURONS, "gpu-node-1") or {}).get("metadata", {})
+            owners = [o["uid"] for o in meta.get("ownerReferences", [])]
+            return not meta.get("deletionTimestamp") and owners == [new["metadata"]["uid"]]
+
+        await until(remade, "the Neuron made again for the new pod")
+
+
 async def test_a_replica_already_loaded_is_adopted_not_loaded_again(
     kube: Kube, operator: Operator
 ) -> None:
