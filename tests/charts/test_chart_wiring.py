@@ -263,6 +263,31 @@ def test_the_configs_the_chart_writes_are_valid_cortex_configs(render: Render) -
     assert parse_config(toml, GatewayConfig, "cortex.toml").gateway.usage_log
 
 
+@pytest.mark.parametrize(("listen_host", "address"), [(None, "0.0.0.0:{}"), ("::", "[::]:{}")])
+def test_everything_listens_on_the_listen_host(
+    render: Render, listen_host: str | None, address: str
+) -> None:
+    """IPv4 by default; `::` for IPv6 clusters, where the operator probes http://[pod IP]:13131."""
+    from cortex.gateway.app import _split
+
+    objects = render(*(["--set-string", f"listenHost={listen_host}"] if listen_host else []))
+    host = listen_host or "0.0.0.0"
+    neuron = container(find(objects, "DaemonSet", "cortex-neuron"), "neuron")
+    assert _parser().parse_args(neuron["args"]).host == host
+    neuron_toml = find(objects, "ConfigMap", "cortex-neuron")["data"]["neuron.toml"]
+    assert parse_config(tomllib.loads(neuron_toml), NeuronConfig, "neuron.toml").neuron.host == host
+    gateway_toml = find(objects, "ConfigMap", "cortex-gateway")["data"]["cortex.toml"]
+    gateway = parse_config(tomllib.loads(gateway_toml), GatewayConfig, "cortex.toml").gateway
+    assert (gateway.listen, gateway.metrics_listen) == (
+        address.format(31313),
+        address.format(31314),
+    )
+    assert _split(gateway.listen) == (host, 31313)
+    operator = container(find(objects, "Deployment", "cortex-operator"), "operator")
+    liveness = _parser().parse_args(operator["args"]).liveness
+    assert liveness == f"http://{address.format(8080)}/healthz"
+
+
 def test_api_keys_reach_the_gateway_as_files(render: Render, tmp_path: Path) -> None:
     """The gateway reads each key from the Secret entry mounted where cortex.toml says."""
     objects = render(

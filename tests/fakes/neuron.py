@@ -112,8 +112,10 @@ class FakeNeuron:
         loaded: dict[str, int] | None = None,
         admin_token: str | None = None,
         reply: str | None = None,
+        aliases: dict[str, str] | None = None,
     ) -> None:
         self.name = name
+        self.aliases = dict(aliases or {})  # alias -> model id, resolved by loads as a neuron does
         self.memory = memory
         self.available = dict(available or {})
         self.admin_token = admin_token
@@ -221,6 +223,7 @@ class FakeNeuron:
         self._check_admin(request)
         load = LoadRequest.model_validate(await request.json())
         self.loads.append(load)
+        load = load.model_copy(update={"model": self.aliases.get(load.model, load.model)})
         existing = self.models.get(load.model)
         if existing is not None and existing.state != ModelState.FAILED:  # failed: try again
             await existing.ready.wait()

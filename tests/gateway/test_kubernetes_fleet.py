@@ -83,6 +83,21 @@ async def test_stops_routing_to_a_replica_the_moment_status_drops_it(kube: Kube)
         assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
 
 
+async def test_a_neuron_that_is_not_ready_gets_no_requests(kube: Kube) -> None:
+    """A draining neuron (phase Pending: it answers unhealthy) still listed ready by a placement
+    status not yet rewritten gets nothing."""
+    n1, n2 = serving("n1"), serving("n2")
+    await kube.create(PLACEMENTS, placement("chat", MODEL))
+    async with kube_gateway(kube, n1, n2, tuning=replace(KUBE_FAST, affinity_slack=0)) as g:
+        await g.add_neuron("n1")
+        await g.add_neuron("n2", phase="Pending")
+        both = (("n1", g.endpoint("n1"), "ready"), ("n2", g.endpoint("n2"), "ready"))
+        await kube.set_replicas("chat", *both)
+        await eventually(lambda: g.gateway.replicas.ready(MODEL) == ["n1"])
+        assert set(await answers(g.http, MODEL, 4)) == {"Hello from n1."}
+        assert not n2.requests
+
+
 async def test_a_cold_model_makes_one_demand_patch_for_fifty_waiting_requests(kube: Kube) -> None:
     n1 = FakeNeuron("n1", available={MODEL: 2 * GiB})
     await kube.create(PLACEMENTS, placement("chat", MODEL, min_replicas=0))

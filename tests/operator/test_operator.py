@@ -344,6 +344,35 @@ async def test_a_lost_neuron_s_replica_is_rescheduled(kube: Kube, operator: Oper
         assert "Unreachable" in {e["reason"] for e in kube.events("big")}
 
 
+async def test_a_draining_neuron_is_not_ready_and_its_replica_moves(
+    kube: Kube, operator: Operator
+) -> None:
+    """A neuron that answers unhealthy (SIGTERM: shutting down) leaves Ready, and its replica is
+    no longer listed ready while the replica is placed again elsewhere."""
+    first = FakeNeuron("a", available={"chat": GiB}, loaded={"chat": GiB})
+    second = FakeNeuron("b", available={"chat": GiB})
+    async with running(first.app) as one, running(second.app) as two, operator():
+        await kube.create(NEURONS, neuron("a", one.url))
+        await kube.create(NEURONS, neuron("b", two.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        first.faults.unhealthy = True
+        await until(
+            lambda: kube.status(NEURONS, "a").get("phase") == "Pending", "the draining neuron"
+        )
+        conditions = kube.status(NEURONS, "a")["conditions"]
+        healthy = next(c for c in conditions if c["type"] == "Healthy")
+        assert (healthy["status"], healthy["reason"]) == ("False", "ShuttingDown")
+        await until(
+            lambda: (
+                [(r["neuron"], r["state"]) for r in kube.status(PLACEMENTS, "chat")["replicas"]]
+                == [("b", "ready")]
+            ),
+            "the replica to be listed on b only",
+        )
+        assert kube.status(PLACEMENTS, "chat")["readyReplicas"] == 1
+
+
 async def test_an_unschedulable_placement_says_why(kube: Kube, operator: Operator) -> None:
     fake = FakeNeuron("n1", memory=4 * GiB, available={"huge": 8 * GiB, "picky": GiB})
     async with running(fake.app) as served, operator():
@@ -363,6 +392,34 @@ async def test_an_unschedulable_placement_says_why(kube: Kube, operator: Operato
             assert why in scheduled["message"]
             assert phase(kube, name) == "Pending"
         assert fake.loads == []
+
+
+async def test_a_placement_naming_an_alias_is_refused_not_loaded_forever(
+    kube: Kube, operator: Operator
+) -> None:
+    """The neuron loads an alias under the model's own id; the operator says so and stops."""
+    fake = FakeNeuron("n1", available={"smollm2-135m": GiB}, aliases={"smol": "smollm2-135m"})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("smol", "smol"))
+        scheduled = await until(
+            lambda: (c := kube.condition("smol", "Scheduled")).get("status") == "False" and c,
+            "the alias to be refused",
+        )
+        assert scheduled["reason"] == "Unschedulable"
+        assert scheduled["message"] == (
+            "spec.model smol is an alias of smollm2-135m: use smollm2-135m"
+        )
+        seen = {kube.status(NEURONS, "n1")["lastProbe"]}
+
+        def probed_again() -> bool:
+            seen.add(kube.status(NEURONS, "n1")["lastProbe"])
+            return len(seen) >= 3  # lastProbe has whole seconds: at least two seconds later
+
+        await until(probed_again, "more probes of the neuron")
+        assert len(fake.loads) == 1
+        assert phase(kube, "smol") == "Pending"
+        assert "Unschedulable" in {e["reason"] for e in kube.events("smol")}
 
 
 async def test_a_failed_load_is_reported_and_backed_off(kube: Kube, operator: Operator) -> None:
@@ -434,6 +491,53 @@ async def test_a_neuron_pod_becomes_a_neuron_owned_by_it(kube: Kube, operator: O
             "gpu-node-1"
         ]
         assert made["metadata"]["namespace"] == NS
+
+
+def neuron_pod(name: str, node: str, port: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/name": "cortex", "app.kubernetes.io/component": "neuron"},
+        },
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "neuron", "ports": [{"name": "http", "containerPort": port}]}],
+        },
+        "status": {"podIP": "127.0.0.1"},
+    }
+
+
+async def test_a_neuron_still_going_when_its_new_pod_comes_is_made_again_once_gone(
+    kube: Kube, operator: Operator
+) -> None:
+    """A rollout: the old pod's Neuron is still terminating when the new pod is up; it is not
+    patched (it goes anyway) but made again for the new pod once it is gone."""
+    fake = FakeNeuron("gpu-node-1")
+    async with running(fake.app) as served, operator():
+        port = int(served.url.rsplit(":", 1)[1])
+        await kube.create("v1/pods", neuron_pod("neuron-old", "gpu-node-1", port))
+        await until(lambda: kube.get(NEURONS, "gpu-node-1"), "the Neuron for the old pod")
+        # Something else holds its deletion for a while, as kopf's finalizer does.
+        await kube.patch(NEURONS, "gpu-node-1", {"metadata": {"finalizers": ["test/hold"]}})
+        await kube.delete(NEURONS, "gpu-node-1")
+        await kube.delete("v1/pods", "neuron-old")
+        new = await kube.create("v1/pods", neuron_pod("neuron-new", "gpu-node-1", port))
+        await until(
+            lambda: (
+                (kube.get(NEURONS, "gpu-node-1") or {}).get("metadata", {}).get("deletionTimestamp")
+            ),
+            "the Neuron to be terminating",
+        )
+        await kube.patch(NEURONS, "gpu-node-1", {"metadata": {"finalizers": []}})
+
+        def remade() -> bool:
+            meta = (kube.get(NEURONS, "gpu-node-1") or {}).get("metadata", {})
+            owners = [o["uid"] for o in meta.get("ownerReferences", [])]
+            return not meta.get("deletionTimestamp") and owners == [new["metadata"]["uid"]]
+
+        await until(remade, "the Neuron made again for the new pod")
 
 
 async def test_a_replica_already_loaded_is_adopted_not_loaded_again(

@@ -80,3 +80,9 @@ of them are valid TOML too.
 {{- toJson . -}}
 {{- end -}}
 {{- end -}}
+
+{{/* host:port to listen on, for the chart's listenHost; an IPv6 host goes in brackets. */}}
+{{- define "cortex.listen" -}}
+{{- $host := .root.Values.listenHost -}}
+{{- if contains ":" $host }}[{{ $host }}]:{{ .port }}{{ else }}{{ $host }}:{{ .port }}{{ end -}}
+{{- end }}

@@ -223,7 +223,8 @@ def _status_of(name: str, neuron: Neuron | None) -> NeuronStatus:
     return NeuronStatus(
         node=name,
         version="",
-        healthy=status.phase != "Unreachable",
+        # Pending: it answers unhealthy (draining, no healthy device), or has not answered yet.
+        healthy=status.phase in ("Ready", "Cordoned"),
         devices=devices,
         models=models,
     )

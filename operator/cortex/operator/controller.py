@@ -32,6 +32,7 @@ from cortex.operator.reconcile import (
     LoadFailure,
     PendingLoad,
     Unloaded,
+    alias_refusal,
     settled_failures,
     successor,
     unanswered,
@@ -62,6 +63,7 @@ class Controller:
         self.pending: dict[tuple[str, str, str], PendingLoad] = {}  # (namespace, model, neuron)
         self.failures: dict[Key, LoadFailure] = {}  # (namespace, placement)
         self.unloaded: dict[Key, Unloaded] = {}
+        self.aliases: dict[Key, str] = {}  # (namespace, spec.model) -> the id it loaded as
         self._locks: dict[str, asyncio.Lock] = {}
         # By namespace: the plan kept while it holds, the latest plan, how many snapshots were
         # planned from, and when planning may start again.
@@ -148,6 +150,7 @@ class Controller:
             pending={(m, n): p for (ns, m, n), p in self.pending.items() if ns == namespace},
             failures={name: f for (ns, name), f in self.failures.items() if ns == namespace},
             unloaded={name: u for (ns, name), u in self.unloaded.items() if ns == namespace},
+            aliases={m: c for (ns, m), c in self.aliases.items() if ns == namespace},
             unreachable_after=self.config.unreachable_after,
         )
 
@@ -275,7 +278,7 @@ class Controller:
         try:
             limit = self.config.load_timeout
             client = self.client(neuron.spec.endpoint or "")
-            await asyncio.wait_for(client.load(request, timeout=limit), limit)
+            loaded = await asyncio.wait_for(client.load(request, timeout=limit), limit)
         except (CortexError, httpx.HTTPError, TimeoutError) as exc:
             self.metrics.loads.labels("failed").inc()
             before = self.failures.get((namespace, name))
@@ -293,9 +296,15 @@ class Controller:
         else:
             self.metrics.loads.labels("ok").inc()
             self.failures.pop((namespace, name), None)
-            kopf.info(
-                body_of(placement), reason="Loaded", message=f"{request.model} ready on {where}"
-            )
+            if loaded.id != request.model:
+                # The neuron resolved an alias and reports the replica under its own id.
+                self.aliases[(namespace, request.model)] = loaded.id
+                message = alias_refusal(request.model, loaded.id)
+                kopf.warn(body_of(placement), reason="Unschedulable", message=message)
+            else:
+                kopf.info(
+                    body_of(placement), reason="Loaded", message=f"{request.model} ready on {where}"
+                )
         finally:
             with contextlib.suppress(Exception):
                 await self.probe(namespace, neuron)

@@ -123,6 +123,12 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
                 f"still loaded: {', '.join(busy)}", delay=config.probe_interval
             )
 
+    @kopf.index("", "v1", "pods", labels=config.neuron_selector, id="pod_index", registry=registry)
+    def pod_index(namespace: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
+        """(namespace, node) -> the Neuron a live neuron pod stands for."""
+        wanted = neuron_for_pod(body, NEURON_PORT)
+        return {(namespace, wanted["metadata"]["name"]): wanted} if wanted is not None else {}
+
     @kopf.on.event("", "v1", "pods", labels=config.neuron_selector, registry=registry)
     async def neuron_pod(
         type: str, body: kopf.Body, namespace: str, neuron_index: Index, **_: Any
@@ -139,8 +145,18 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
         )
         if existing is None:
             await kube.create_neuron(controller.settings, namespace, wanted)
+        elif existing.metadata.deletion_timestamp:
+            return  # going (its old pod's garbage collection): made again once gone
         elif (drift := neuron_drift(existing, wanted)) is not None:
             await kube.patch_neuron(controller.settings, namespace, name, drift)
+
+    @kopf.on.event(GROUP, VERSION, NEURONS, registry=registry)
+    async def neuron_gone(type: str, name: str, namespace: str, pod_index: Index, **_: Any) -> None:
+        """A Neuron deleted while its node still runs a neuron pod is made again for that pod."""
+        if type == "DELETED":
+            for wanted in pod_index.get((namespace, name), []):
+                await kube.create_neuron(controller.settings, namespace, wanted)
+                return
 
     @kopf.on.cleanup(registry=registry)
     async def close(**_: Any) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from cortex.core.fleet import NeuronStatus
 from cortex.core.resources import (
@@ -49,8 +49,8 @@ def neuron_phase(neuron: Neuron, probe: Probe | None, unreachable_after: int) ->
         return "Pending"
     if probe.failures >= unreachable_after:
         return "Unreachable"
-    if probe.status is None:
-        return "Pending"
+    if probe.status is None or not probe.status.healthy:
+        return "Pending"  # no answer yet, or it answers but serves nothing (draining, no device)
     return "Cordoned" if neuron.spec.cordoned else "Ready"
 
 
@@ -105,12 +105,21 @@ def neuron_status(
         )
         for m in answer.models
     ]
-    healthy = "healthy" if answer.healthy else "answering, but a device is unhealthy"
-    status.conditions = set_condition(
-        previous.conditions, "Reachable", "True", "Probed", f"{answer.node} {healthy}", now,
+    conditions = set_condition(
+        previous.conditions, "Reachable", "True", "Probed", f"{answer.node} answers", now,
         neuron.metadata.generation,
     )  # fmt: skip
+    status.conditions = set_condition(conditions, *_health(answer), now, neuron.metadata.generation)
     return status
+
+
+def _health(answer: NeuronStatus) -> tuple[str, Literal["True", "False"], str, str]:
+    """The Healthy condition: a neuron that answers unhealthy takes no requests."""
+    if answer.healthy:
+        return ("Healthy", "True", "Healthy", "serving")
+    if any(d.healthy for d in answer.devices):
+        return ("Healthy", "False", "ShuttingDown", "shutting down: takes no new requests")
+    return ("Healthy", "False", "NoHealthyDevice", "no healthy device: takes no requests")
 
 
 # -- neuron pods

@@ -47,6 +47,7 @@ def plan_key(fleet: Fleet, now: float) -> PlanKey:
         },
         frozenset(fleet.pending.items()),
         backing_off(fleet, now),
+        frozenset(fleet.aliases.items()),
     )
 
 

@@ -86,6 +86,8 @@ class Fleet:
     pending: Mapping[tuple[str, str], PendingLoad] = field(default_factory=dict)  # (model, neuron)
     failures: Mapping[str, LoadFailure] = field(default_factory=dict)  # by placement name
     unloaded: Mapping[str, Unloaded] = field(default_factory=dict)  # by placement name
+    # spec.model -> the id a neuron loaded it as: an alias, refused rather than loaded again
+    aliases: Mapping[str, str] = field(default_factory=dict)
     unreachable_after: int = 2
 
     def reachable(self, neuron: Neuron) -> Probe | None:
@@ -197,6 +199,11 @@ def live_neurons(views: tuple[NeuronView, ...]) -> dict[str, list[str]]:
     return live
 
 
+def alias_refusal(model: str, canonical: str) -> str:
+    """Why a placement naming an alias is not placed: the neurons report the canonical id."""
+    return f"spec.model {model} is an alias of {canonical}: use {canonical}"
+
+
 def active_demand(placement: ModelPlacement, now: float) -> PlacementDemand | None:
     """The demand annotation, unless it is older than DEMAND_TTL (nobody renews it: no client
     waits any more) or than the placement's last Ready transition (that demand was served)."""
@@ -224,6 +231,8 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
     minimums: dict[str, int] = {}
     demand: list[Demand] = []
     for model, placement in owners.items():
+        if model in fleet.aliases:
+            continue  # its replicas are reported under another id: loading it never ends
         spec = placement.spec
         live = everywhere.get(model, [])
         catalogue[model] = ModelSpec(
@@ -366,6 +375,8 @@ def _scheduled(
     if owner is not None and owner != placement.metadata.name:
         why = f"model {model} is placed by ModelPlacement {owner}"
         return ("Scheduled", "False", "Unschedulable", why)
+    if model in fleet.aliases:
+        return ("Scheduled", "False", "Unschedulable", alias_refusal(model, fleet.aliases[model]))
     if model in planned.plan.unplaceable:
         return ("Scheduled", "False", "Unschedulable", planned.plan.unplaceable[model])
     where = ", ".join(r.neuron for r in replicas if r.state != "failed")
@@ -408,15 +419,15 @@ def _loaded(
 def _replicas(
     placement: ModelPlacement, fleet: Fleet, previous: ModelPlacementStatus, now: float
 ) -> list[PlacementReplica]:
-    """One entry per reachable neuron holding (or loading) the model; `since` kept while the
-    state stays. Replicas on unreachable neurons are lost and left out."""
+    """One entry per reachable, healthy neuron holding (or loading) the model; `since` kept while
+    the state stays. Replicas on unreachable or unhealthy (draining) neurons are left out."""
     model = placement.spec.model
     before = {(r.neuron, r.state): r.since for r in previous.replicas}
     replicas = []
     for neuron in sorted(fleet.neurons, key=lambda n: n.metadata.name):
         name = neuron.metadata.name
         probe = fleet.reachable(neuron)
-        if probe is None or probe.status is None:
+        if probe is None or probe.status is None or not probe.status.healthy:
             continue
         state: ReplicaState | None = next(
             (cast(ReplicaState, m.state.value) for m in probe.status.models if m.id == model), None
