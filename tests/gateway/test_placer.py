@@ -1,9 +1,29 @@
-"""Which part of a plan an on-demand load waits for (pure)."""
+"""The placer (docs/architecture.md, "Placement"): which part of a plan a demand waits for (pure),
+and how plans run against neurons whose lifecycle calls are answered from memory."""
 
 from __future__ import annotations
 
-from cortex.core.placement.model import Load, Unload
-from cortex.gateway.placer import needed_for
+import asyncio
+import time
+
+from cortex.core.catalogue import ModelSpec
+from cortex.core.config import NeuronEntry
+from cortex.core.errors import CapacityExhausted, ModelBusy, ModelNotFound
+from cortex.core.fleet import (
+    DeviceStatus,
+    LoadedModel,
+    LoadRequest,
+    ModelListing,
+    ModelState,
+    NeuronStatus,
+)
+from cortex.core.placement.model import Load, Policy, Unload
+from cortex.gateway.catalogue import LiveCatalogue
+from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.placer import Placer, needed_for
+from cortex.gateway.registry import Fleet
+
+GiB = 2**30
 
 
 def test_a_demand_waits_for_its_evictions_and_moves_only() -> None:
@@ -23,3 +43,122 @@ def test_a_demand_waits_for_its_evictions_and_moves_only() -> None:
         Unload("cold", "n1", "evict"),
         demanded,
     ]
+
+
+class Neuron:
+    """A neuron's lifecycle calls answered from memory; a gate holds loads or unloads."""
+
+    def __init__(self, name: str, memory: int, **resident: tuple[int, float]) -> None:
+        self.name, self.memory = name, memory
+        self.resident = {m: _loaded(m, size, used) for m, (size, used) in resident.items()}
+        self.calls: list[tuple[str, str]] = []
+        self.load_gate: asyncio.Event | None = None
+        self.unload_gate: asyncio.Event | None = None
+        self.busy: set[str] = set()  # unloads of these are refused, as with requests in flight
+
+    def status_now(self) -> NeuronStatus:
+        used = sum(m.memory_bytes for m in self.resident.values())
+        models = [
+            m.model_copy(update={"in_flight": int(m.id in self.busy)})
+            for m in self.resident.values()
+        ]
+        device = DeviceStatus(
+            id="cuda-0",
+            index=0,
+            kind="cuda",
+            name="fake",
+            memory_total=self.memory,
+            memory_free=self.memory - used,
+            memory_used=used,
+        )
+        return NeuronStatus(node=self.name, version="test", devices=[device], models=models)
+
+    async def status(self) -> NeuronStatus:
+        return self.status_now()
+
+    async def models(self) -> ModelListing:
+        return ModelListing(loaded=list(self.resident.values()))
+
+    async def load(self, request: LoadRequest) -> LoadedModel:
+        self.calls.append(("load", request.model))
+        if self.load_gate is not None:
+            await self.load_gate.wait()
+        size = SIZES[request.model]
+        used = sum(m.memory_bytes for m in self.resident.values())
+        if used + size > self.memory:
+            raise CapacityExhausted(f"{request.model} needs {size}, {self.memory - used} free")
+        self.resident[request.model] = _loaded(request.model, size, time.time())
+        return self.resident[request.model]
+
+    async def unload(self, model: str, force: bool = False) -> None:
+        self.calls.append(("unload", model))
+        if self.unload_gate is not None:
+            await self.unload_gate.wait()
+        if model in self.busy:
+            raise ModelBusy(f"{model!r} has requests in flight")
+        if self.resident.pop(model, None) is None:
+            raise ModelNotFound(f"{model!r} is not loaded")
+
+    async def aclose(self) -> None:
+        pass
+
+
+SIZES = {"a": 6 * GiB, "b": 6 * GiB, "x": 4 * GiB, "y": 3 * GiB, "w": 7 * GiB, "m": 7 * GiB}
+
+
+def _loaded(model: str, size: int, used: float) -> LoadedModel:
+    return LoadedModel(
+        id=model,
+        source="file:/m",
+        state=ModelState.READY,
+        memory_bytes=size,
+        loaded_at=used,
+        last_used=used,
+    )
+
+
+def placer_over(*neurons: Neuron, strategy: str = "lru", **specs: dict[str, object]) -> Placer:
+    """A placer over these neurons, polled once; `specs`: the catalogue, fields by model."""
+    fleet = Fleet([])
+    for neuron in neurons:
+        fleet.add(NeuronEntry(name=neuron.name, endpoint=f"http://{neuron.name}"), neuron)  # type: ignore[arg-type]
+        fleet[neuron.name].status = neuron.status_now()
+        fleet[neuron.name].listing = ModelListing()
+    catalogue = LiveCatalogue(
+        [
+            ModelSpec(id=m, source="file:/m", memory=SIZES[m], **fields)  # type: ignore[arg-type]
+            for m, fields in specs.items()
+        ],
+        fleet,
+    )
+    return Placer(fleet, catalogue, Policy(strategy, 0), GatewayMetrics())  # type: ignore[arg-type]
+
+
+async def test_switching_models_before_a_poll_evicts_the_one_just_loaded() -> None:
+    # `cortex up` with room for one of two models: the second one asked for must evict the first
+    # even though no poll has yet said how much memory the first load took.
+    n1 = Neuron("n1", 10 * GiB)
+    placer = placer_over(n1, a={}, b={})
+    assert await placer.place("a") == "n1"
+    assert await placer.place("b") == "n1"
+    assert n1.calls == [("load", "a"), ("unload", "a"), ("load", "b")]
+    assert await placer.place("a") == "n1"  # and back, still without a poll
+    assert n1.calls[3:] == [("unload", "b"), ("load", "a")]
+
+
+async def test_a_load_refused_for_memory_is_planned_again_with_evictions() -> None:
+    # The last poll predates x's load (by another gateway): m looks like it fits as it is.
+    n1 = Neuron("n1", 10 * GiB)
+    placer = placer_over(n1, x={}, m={})
+    n1.resident["x"] = _loaded("x", SIZES["x"], time.time() - 60)
+    assert await placer.place("m") == "n1"
+    assert n1.calls == [("load", "m"), ("unload", "x"), ("load", "m")]
+
+
+async def test_an_eviction_refused_is_planned_again_with_another_victim() -> None:
+    old = time.time() - 600
+    n1 = Neuron("n1", 10 * GiB, x=(4 * GiB, old), y=(3 * GiB, old + 60))
+    placer = placer_over(n1, x={}, y={}, a={})
+    n1.busy.add("x")  # a request through another gateway since the last poll
+    assert await placer.place("a") == "n1"
+    assert n1.calls == [("unload", "x"), ("unload", "y"), ("load", "a")]

@@ -42,6 +42,10 @@ MAX_PLANS = 3
 Waiting = Callable[[], Mapping[str, int]]  # clients waiting per model, read when a plan is made
 
 
+class EvictionRefused(NeuronUnavailable):
+    """A neuron kept a replica a plan evicted (a request arrived since): the room is not there."""
+
+
 def _no_one_else() -> Mapping[str, int]:
     return {}
 
@@ -115,7 +119,10 @@ class Placer:
 
         `waiting` says how many clients wait for each model: the plan serves the most waited-for
         first. Cancelling abandons a load this call started; loads started elsewhere are only left.
+        A neuron refusing the plan (no room for the load, a victim busy) is planned for once more:
+        its status, read again on the refusal, may be newer than the poll the plan saw.
         """
+        refused = False
         for _ in range(MAX_PLANS):
             ready = self.ready(model)
             if ready:
@@ -128,7 +135,13 @@ class Placer:
                 if self.ready(model) or self._arriving(model) is not None:
                     continue  # another placement got there while this one waited for the lock
                 load, actions = self._plan_demand(model, waiting())
-            await self._execute(actions)
+            try:
+                await self._execute(actions)
+            except (CapacityExhausted, EvictionRefused):
+                if refused:
+                    raise
+                refused = True
+                continue
             if self.ready(model):
                 self.metrics.cold_starts.labels(model, load.neuron).inc()
         ready = self.ready(model)
@@ -296,7 +309,7 @@ class Placer:
                 if isinstance(action, Load):
                     await self._run_load(action)
                 elif not await self._unload(action):
-                    raise NeuronUnavailable(
+                    raise EvictionRefused(
                         f"could not unload {action.model!r} from {action.neuron} to make room",
                         retry_after=self.retry_after,
                     )
@@ -389,6 +402,7 @@ class Placer:
             # Typically ModelBusy: a request arrived since the snapshot. It stays; next plan decides.
             log.info("unload of %s from %s refused: %s", action.model, action.neuron, err)
             self._release(action.neuron, action.model)
+            await self.fleet.refresh(action.neuron, fresh=True)  # what the next plan must see
             return False
         self.fleet.apply_unloaded(action.neuron, action.model)
         self._release(action.neuron, action.model)
