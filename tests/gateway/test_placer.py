@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+from gateway_cluster import eventually
+
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import NeuronEntry
 from cortex.core.errors import CapacityExhausted, ModelBusy, ModelNotFound
@@ -162,3 +165,20 @@ async def test_an_eviction_refused_is_planned_again_with_another_victim() -> Non
     n1.busy.add("x")  # a request through another gateway since the last poll
     assert await placer.place("a") == "n1"
     assert n1.calls == [("unload", "x"), ("unload", "y"), ("load", "a")]
+
+
+async def test_an_eviction_under_way_completes_when_its_waiter_leaves() -> None:
+    n1 = Neuron("n1", 10 * GiB, x=(4 * GiB, time.time() - 600))
+    placer = placer_over(n1, x={}, m={})
+    n1.unload_gate = asyncio.Event()
+    waiter = asyncio.create_task(placer.place("m"))
+    await eventually(lambda: n1.calls == [("unload", "x")])
+    waiter.cancel()  # the client leaves while the neuron unloads x
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    n1.unload_gate.set()
+    # Recorded and released: x is neither routed to nor stuck leaving, and can come back.
+    await eventually(lambda: placer.fleet["n1"].model("x") is None, timeout=5)
+    assert placer.reservations.leaving == frozenset()
+    assert placer.reservations.arriving == {}
+    assert await placer.place("x") == "n1"

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from cortex.core.errors import (
     CapacityExhausted,
@@ -39,6 +39,7 @@ LOAD_POLL_INTERVAL = 0.25
 # Plans tried for one demand before giving up (a plan can be undone by a racing eviction).
 MAX_PLANS = 3
 
+T = TypeVar("T")
 Waiting = Callable[[], Mapping[str, int]]  # clients waiting per model, read when a plan is made
 
 
@@ -301,14 +302,18 @@ class Placer:
         self.reservations = self.reservations.release(neuron, model)
 
     async def _execute(self, actions: Sequence[Action]) -> None:
-        """Apply actions in order; a failed eviction stops the rest (their room is not there)."""
+        """Apply actions in order; a failed eviction stops the rest (their room is not there).
+
+        Each action releases its own reservation once it ends; the ones never begun are released
+        here. An unload begun goes on when the caller leaves: the neuron acts on it anyway.
+        """
         remaining = list(actions)
         try:
             while remaining:
                 action = remaining.pop(0)
                 if isinstance(action, Load):
                     await self._run_load(action)
-                elif not await self._unload(action):
+                elif not await asyncio.shield(self._spawn(self._unload(action))):
                     raise EvictionRefused(
                         f"could not unload {action.model!r} from {action.neuron} to make room",
                         retry_after=self.retry_after,
@@ -351,23 +356,22 @@ class Placer:
                     update={"state": ModelState.FAILED, "error": "vanished while loading"}
                 )
             self.fleet.present(load.neuron)  # not taken out by a reload meanwhile
+            if loaded.state != ModelState.READY:
+                raise ModelLoadFailed(
+                    f"loading {load.model!r} on {load.neuron} failed: {loaded.error}"
+                )
+            self.fleet.apply_loaded(load.neuron, loaded)
         except asyncio.CancelledError:
-            self._release(load.neuron, load.model)
             self._spawn(self._abandon(load))
             raise
         except CortexError as err:
-            self._release(load.neuron, load.model)
             if isinstance(err, NeuronUnavailable):
                 self.fleet.note_failure(load.neuron, err.message)
             else:  # the neuron answered: its status now says what failed (the model's card too)
                 await self.fleet.refresh(load.neuron, fresh=True)
             raise
-        if loaded.state != ModelState.READY:
+        finally:
             self._release(load.neuron, load.model)
-            await self.fleet.refresh(load.neuron, fresh=True)
-            raise ModelLoadFailed(f"loading {load.model!r} on {load.neuron} failed: {loaded.error}")
-        self.fleet.apply_loaded(load.neuron, loaded)
-        self._release(load.neuron, load.model)
         took = time.monotonic() - started
         self.load_seconds[load.neuron, load.model] = took
         self.metrics.load_seconds.labels(load.model, load.neuron).observe(took)
@@ -387,30 +391,33 @@ class Placer:
         await self.fleet.refresh(load.neuron)
 
     async def _unload(self, action: Unload) -> bool:
+        """Unload and record it; False when the replica stays (refused, or its neuron left)."""
+        try:
+            return await self._call_unload(action)
+        finally:
+            self._release(action.neuron, action.model)
+
+    async def _call_unload(self, action: Unload) -> bool:
         handle = self.fleet.neurons.get(action.neuron)
         if handle is None:  # taken out of the fleet since the plan (a reload)
-            self._release(action.neuron, action.model)
             return False
         try:
             with self.fleet.calling(handle) as client:
                 await client.unload(action.model)
         except ModelNotFound:
             self.fleet.apply_unloaded(action.neuron, action.model)
-            self._release(action.neuron, action.model)
             return True
         except CortexError as err:
             # Typically ModelBusy: a request arrived since the snapshot. It stays; next plan decides.
             log.info("unload of %s from %s refused: %s", action.model, action.neuron, err)
-            self._release(action.neuron, action.model)
             await self.fleet.refresh(action.neuron, fresh=True)  # what the next plan must see
             return False
         self.fleet.apply_unloaded(action.neuron, action.model)
-        self._release(action.neuron, action.model)
         self.metrics.evictions.labels(action.model, action.neuron, action.reason).inc()
         log.info("unloaded %s from %s (%s)", action.model, action.neuron, action.reason)
         return True
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _spawn(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background_done)
