@@ -182,3 +182,17 @@ async def test_an_eviction_under_way_completes_when_its_waiter_leaves() -> None:
     assert placer.reservations.leaving == frozenset()
     assert placer.reservations.arriving == {}
     assert await placer.place("x") == "n1"
+
+
+async def test_a_request_for_a_pin_waits_for_its_load_planned_behind_an_eviction() -> None:
+    n1 = Neuron("n1", 10 * GiB, a=(6 * GiB, time.time() - 3600))
+    placer = placer_over(n1, a={}, b={"pinned_on": ["n1"]})
+    n1.unload_gate = asyncio.Event()
+    assert placer.reconcile(0) == [Unload("a", "n1", "evict"), Load("b", "n1", 6 * GiB)]
+    await eventually(lambda: n1.calls == [("unload", "a")])
+    request = asyncio.create_task(placer.place("b"))  # b is reserved, its load not begun
+    await asyncio.sleep(0)  # one turn of the loop: it waits rather than answering at once
+    assert not request.done()
+    n1.unload_gate.set()
+    assert await request == "n1"
+    assert n1.calls == [("unload", "a"), ("load", "b")]

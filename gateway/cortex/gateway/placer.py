@@ -73,6 +73,8 @@ class Placer:
         self._reconciling: asyncio.Task[None] | None = None
         self._unplaceable: dict[str, str] = {}
         self.reservations = Reservations()
+        # Set, and replaced by a fresh one, at every change of the reservations or loads (`_until`).
+        self._changed = asyncio.Event()
         # Seconds the last successful load of each (neuron, model) took: the `cost` strategy's cost.
         self.load_seconds: dict[tuple[str, str], float] = {}
 
@@ -163,6 +165,13 @@ class Placer:
         return None
 
     async def _join(self, model: str, neuron: str, task: asyncio.Task[LoadedModel] | None) -> None:
+        key = (neuron, model)
+        if task is None and key in self.reservations.arriving:
+            # Planned, and behind another action of its plan (an eviction): wait for it to begin.
+            await self._until(lambda: key in self._loads or key not in self.reservations.arriving)
+            task = self._loads.get(key)
+            if task is None:
+                return  # given up before it began: plan again
         if task is not None:
             await asyncio.shield(task)
             return
@@ -296,10 +305,21 @@ class Placer:
 
     def _reserve(self, actions: Sequence[Action]) -> None:
         self.reservations = self.reservations.reserve(actions)
+        self._notify()
 
     def _release(self, neuron: str, model: str) -> None:
         """Forget a reservation whose action finished, failed or was abandoned."""
         self.reservations = self.reservations.release(neuron, model)
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _until(self, done: Callable[[], bool]) -> None:
+        """Wait until `done()` holds, asking again at each change of the reservations or loads."""
+        while not done():
+            await self._changed.wait()
 
     async def _execute(self, actions: Sequence[Action]) -> None:
         """Apply actions in order; a failed eviction stops the rest (their room is not there).
@@ -329,6 +349,7 @@ class Placer:
             task = asyncio.create_task(self._load(load))
             self._loads[key] = task
             task.add_done_callback(partial(self._load_done, key))
+            self._notify()  # a placement waiting for this load to begin joins it
         return await task
 
     def _load_done(self, key: tuple[str, str], task: asyncio.Task[LoadedModel]) -> None:
