@@ -184,6 +184,20 @@ async def test_an_eviction_under_way_completes_when_its_waiter_leaves() -> None:
     assert await placer.place("x") == "n1"
 
 
+async def test_a_request_racing_an_idle_unload_waits_and_loads_the_model_back() -> None:
+    n1 = Neuron("n1", 10 * GiB, x=(4 * GiB, time.time() - 3600))
+    placer = placer_over(n1, x={"idle_ttl": 60})
+    n1.unload_gate = asyncio.Event()
+    assert placer.reconcile(0) == [Unload("x", "n1", "idle")]
+    await eventually(lambda: n1.calls == [("unload", "x")])
+    request = asyncio.create_task(placer.place("x"))  # a request for x, too late to keep it
+    await asyncio.sleep(0)  # one turn of the loop: it waits rather than answering at once
+    assert not request.done()
+    n1.unload_gate.set()
+    assert await request == "n1"
+    assert n1.calls == [("unload", "x"), ("load", "x")]
+
+
 async def test_a_request_for_a_pin_waits_for_its_load_planned_behind_an_eviction() -> None:
     n1 = Neuron("n1", 10 * GiB, a=(6 * GiB, time.time() - 3600))
     placer = placer_over(n1, a={}, b={"pinned_on": ["n1"]})

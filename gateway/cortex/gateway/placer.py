@@ -127,15 +127,12 @@ class Placer:
         """
         refused = False
         for _ in range(MAX_PLANS):
-            ready = self.ready(model)
+            while not (ready := self.ready(model)) and await self._wait_in_transit(model):
+                pass  # a replica arrived or left: look again
             if ready:
                 return ready[0]
-            arriving = self._arriving(model)
-            if arriving is not None:
-                await self._join(model, *arriving)
-                continue
             async with self._lock:
-                if self.ready(model) or self._arriving(model) is not None:
+                if self.ready(model) or self._in_transit(model):
                     continue  # another placement got there while this one waited for the lock
                 load, actions = self._plan_demand(model, waiting())
             try:
@@ -155,10 +152,36 @@ class Placer:
             retry_after=self.retry_after,
         )
 
+    def _in_transit(self, model: str) -> bool:
+        return self._arriving(model) is not None or bool(self._leaving(model))
+
+    async def _wait_in_transit(self, model: str) -> bool:
+        """Wait out a replica of `model` on its way in or out; False when there is none."""
+        arriving = self._arriving(model)
+        if arriving is not None:
+            await self._join(model, *arriving)
+            return True
+        leaving = self._leaving(model)
+        if leaving:
+            # Too late to keep it (an idle unload or an eviction is sent): plan it back once gone.
+            await self._until(
+                lambda: not any(self.reservations.is_leaving(n, model) for n in leaving)
+            )
+            return True
+        return False
+
+    def _leaving(self, model: str) -> list[str]:
+        """Healthy neurons where `model` is ready and we are unloading it."""
+        return [
+            name
+            for name in self.fleet.polled(model, ModelState.READY)
+            if self.reservations.is_leaving(name, model)
+        ]
+
     def _arriving(self, model: str) -> tuple[str, asyncio.Task[LoadedModel] | None] | None:
         """A replica on its way: a load this gateway runs, or one a poll shows loading."""
         for (neuron, loading), task in self._loads.items():
-            if loading == model:
+            if loading == model and not task.done():  # a done one has nothing left to wait for
                 return neuron, task
         for neuron in self.loading(model):
             return neuron, None
