@@ -106,7 +106,15 @@ class Neuron:
         pass
 
 
-SIZES = {"a": 6 * GiB, "b": 6 * GiB, "x": 4 * GiB, "y": 3 * GiB, "w": 7 * GiB, "m": 7 * GiB}
+SIZES = {
+    "a": 6 * GiB,
+    "b": 6 * GiB,
+    "x": 4 * GiB,
+    "y": 3 * GiB,
+    "w": 7 * GiB,
+    "m": 7 * GiB,
+    "big": 8 * GiB,
+}
 
 
 def _loaded(model: str, size: int, used: float) -> LoadedModel:
@@ -210,3 +218,18 @@ async def test_a_request_for_a_pin_waits_for_its_load_planned_behind_an_eviction
     n1.unload_gate.set()
     assert await request == "n1"
     assert n1.calls == [("unload", "a"), ("load", "b")]
+
+
+async def test_a_replica_moved_by_defrag_serves_until_its_new_copy_is_ready() -> None:
+    now = time.time()
+    n1 = Neuron("n1", 10 * GiB, y=(3 * GiB, now - 600))
+    n2 = Neuron("n2", 10 * GiB, w=(7 * GiB, now - 5))
+    placer = placer_over(n1, n2, strategy="cost", y={}, w={}, big={})
+    n2.load_gate = asyncio.Event()
+    placing = asyncio.create_task(placer.place("big"))  # room on n1 by moving y to n2
+    await eventually(lambda: n2.calls == [("load", "y")])
+    assert placer.ready("y") == ["n1"]
+    n2.load_gate.set()
+    assert await placing == "n1"
+    assert n1.calls == [("unload", "y"), ("load", "big")]
+    assert placer.ready("y") == ["n2"]

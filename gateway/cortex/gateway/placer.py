@@ -1,11 +1,12 @@
 """Placement execution: the shared planner's actions turned into neuron load and unload calls.
 
 Planning happens under one lock, and every action a plan chooses is reserved at once (loads as
-arriving replicas holding their memory, unloads as leaving ones), so a plan made while another one
-is still executing never double-books memory or evicts the same replica twice. The placer alone
-owns these reservations; the snapshot joins them with the fleet's polls, and routing asks the
-placer, so a leaving replica gets no new requests. The actions themselves run outside the lock, in
-plan order (evictions before the load they make room for; a defrag move's load before its unload).
+arriving replicas holding their memory, unloads as leaving ones; a defrag move's unload only when
+it begins), so a plan made while another one is still executing never double-books memory or
+evicts the same replica twice. The placer alone owns these reservations; the snapshot joins them
+with the fleet's polls, and routing asks the placer, so a leaving replica gets no new requests.
+The actions themselves run outside the lock, in plan order (evictions before the load they make
+room for; a defrag move's load before its unload).
 """
 
 from __future__ import annotations
@@ -327,6 +328,11 @@ class Placer:
     # -- applying actions
 
     def _reserve(self, actions: Sequence[Action]) -> None:
+        """Hold what a plan's actions take; a defrag move's unload only once it begins (`_execute`):
+        until its new copy is ready, the moved replica still serves."""
+        self._hold([a for a in actions if not _moves(a)])
+
+    def _hold(self, actions: Sequence[Action]) -> None:
         self.reservations = self.reservations.reserve(actions)
         self._notify()
 
@@ -356,14 +362,20 @@ class Placer:
                 action = remaining.pop(0)
                 if isinstance(action, Load):
                     await self._run_load(action)
-                elif not await asyncio.shield(self._spawn(self._unload(action))):
+                    continue
+                if _moves(action):
+                    if self.reservations.is_leaving(action.neuron, action.model):
+                        continue  # another plan's eviction took it meanwhile
+                    self._hold([action])  # its new copy is ready: routing stops here now
+                if not await asyncio.shield(self._spawn(self._unload(action))):
                     raise EvictionRefused(
                         f"could not unload {action.model!r} from {action.neuron} to make room",
                         retry_after=self.retry_after,
                     )
         finally:
             for action in remaining:
-                self._release(action.neuron, action.model)
+                if not _moves(action):  # held by whoever holds it, not by this plan
+                    self._release(action.neuron, action.model)
 
     async def _run_load(self, load: Load) -> LoadedModel:
         key = (load.neuron, load.model)
@@ -490,6 +502,11 @@ def needed_for(actions: Sequence[Action], load: Load) -> list[Action]:
         or (isinstance(a, Unload) and a.neuron == load.neuron)
         or (isinstance(a, Load) and a.model in moved and a.neuron != load.neuron)
     ]
+
+
+def _moves(action: Action) -> bool:
+    """A defrag move's unload: the moved replica serves until it begins."""
+    return isinstance(action, Unload) and action.reason == "defrag"
 
 
 def _describe(actions: Sequence[Action]) -> str:
