@@ -32,15 +32,18 @@ GiB = 2**30
 def test_a_demand_waits_for_its_evictions_and_moves_only() -> None:
     demanded = Load("big", "n1", 3)
     plan = [
-        Unload("stale", "n2", "idle"),  # elsewhere: lifecycle business
+        Unload("stale", "n3", "idle"),  # elsewhere: lifecycle business
+        Unload("idle", "n2", "idle"),  # room on n2 that the move below may rely on
         Load("pinned", "n1", 1),  # a pin on the same neuron: not waited for
         Load("x", "n2", 2),  # a defrag move of x off n1 ...
         Unload("x", "n1", "defrag"),  # ... which the demanded load needs
+        Unload("after", "n2", "evict"),  # after the move's load on n2: not for it
         Unload("cold", "n1", "evict"),
         demanded,
         Load("later", "n1", 1),  # after the demanded load: not needed
     ]
     assert needed_for(plan, demanded) == [
+        Unload("idle", "n2", "idle"),
         Load("x", "n2", 2),
         Unload("x", "n1", "defrag"),
         Unload("cold", "n1", "evict"),
@@ -114,6 +117,8 @@ SIZES = {
     "w": 7 * GiB,
     "m": 7 * GiB,
     "big": 8 * GiB,
+    "z": 6 * GiB,
+    "v": 3 * GiB,
 }
 
 
@@ -233,3 +238,14 @@ async def test_a_replica_moved_by_defrag_serves_until_its_new_copy_is_ready() ->
     assert await placing == "n1"
     assert n1.calls == [("unload", "y"), ("load", "big")]
     assert placer.ready("y") == ["n2"]
+
+
+async def test_a_defrag_move_gets_the_idle_unload_that_makes_its_room() -> None:
+    now = time.time()
+    n1 = Neuron("n1", 10 * GiB, y=(3 * GiB, now - 30))
+    n2 = Neuron("n2", 10 * GiB, z=(6 * GiB, now - 7200), v=(3 * GiB, now - 1))
+    placer = placer_over(n1, n2, strategy="cost", y={}, z={"idle_ttl": 3600}, v={}, big={})
+    placer.fleet["n2"].in_flight["v"] = 1  # busy: y moves to n2 only once idle z has left
+    assert await placer.place("big") == "n1"
+    assert n2.calls == [("unload", "z"), ("load", "y")]
+    assert n1.calls == [("unload", "y"), ("load", "big")]

@@ -486,21 +486,21 @@ class Placer:
 
 
 def needed_for(actions: Sequence[Action], load: Load) -> list[Action]:
-    """The part of a plan that `load` depends on: the unloads on its neuron before it, and the
-    loads elsewhere of replicas a defrag moves off that neuron. Other loads (pins, minimums) are
-    left to the lifecycle, so a waiting request never waits for them."""
+    """The part of a plan that `load` depends on: the loads elsewhere of replicas a defrag moves
+    off its neuron, and the unloads before each of those loads on its neuron (their room). Other
+    loads (pins, minimums) are left to the lifecycle, so a waiting request never waits for them."""
     upto = actions[: actions.index(load) + 1]
     moved = {
         a.model
         for a in upto
         if isinstance(a, Unload) and a.neuron == load.neuron and a.reason == "defrag"
     }
+    loads = [a for a in upto if isinstance(a, Load) and (a is load or a.model in moved)]
+    last = {a.neuron: upto.index(a) for a in loads}  # the last load each neuron must make room for
     return [
         a
-        for a in upto
-        if a is load
-        or (isinstance(a, Unload) and a.neuron == load.neuron)
-        or (isinstance(a, Load) and a.model in moved and a.neuron != load.neuron)
+        for i, a in enumerate(upto)
+        if a in loads or (isinstance(a, Unload) and i < last.get(a.neuron, -1))
     ]
 
 
