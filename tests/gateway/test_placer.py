@@ -23,6 +23,7 @@ from cortex.core.fleet import (
 from cortex.core.placement.model import Load, Policy, Unload
 from cortex.gateway.catalogue import LiveCatalogue
 from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.ondemand import OnDemand
 from cortex.gateway.placer import Placer, needed_for
 from cortex.gateway.registry import Fleet
 
@@ -249,3 +250,34 @@ async def test_a_defrag_move_gets_the_idle_unload_that_makes_its_room() -> None:
     assert await placer.place("big") == "n1"
     assert n2.calls == [("unload", "z"), ("load", "y")]
     assert n1.calls == [("unload", "y"), ("load", "big")]
+
+
+@pytest.mark.parametrize("turns", range(4))
+async def test_a_request_right_after_a_load_was_abandoned_loads_it_anew(turns: int) -> None:
+    n1 = Neuron("n1", 10 * GiB)
+    ondemand = OnDemand(placer_over(n1, m={}), timeout=30)
+    n1.load_gate = asyncio.Event()
+    first = asyncio.create_task(ondemand.ensure("m"))
+    await eventually(lambda: n1.calls == [("load", "m")])
+    first.cancel()  # its only client left: the load is abandoned ...
+    for _ in range(turns):  # ... and a new request comes that many turns of the loop later
+        await asyncio.sleep(0)
+    second = asyncio.create_task(ondemand.ensure("m"))
+    n1.load_gate.set()
+    left, joined = await asyncio.gather(first, second, return_exceptions=True)
+    assert isinstance(left, asyncio.CancelledError)
+    assert joined == "n1"  # not the abandoned load's cancellation
+
+
+async def test_a_request_joined_to_a_load_its_starter_cancels_loads_it_anew() -> None:
+    n1 = Neuron("n1", 10 * GiB)
+    placer = placer_over(n1, m={})
+    n1.load_gate = asyncio.Event()
+    by_hand = asyncio.create_task(placer.load_on("m", "n1"))  # an operator's load
+    await eventually(lambda: n1.calls == [("load", "m")])
+    request = asyncio.create_task(placer.place("m"))
+    await asyncio.sleep(0)  # one turn of the loop: the request joins the load
+    by_hand.cancel()  # the operator's client leaves, cancelling the load
+    n1.load_gate.set()
+    assert await request == "n1"
+    assert n1.calls == [("load", "m"), ("unload", "m"), ("load", "m")]

@@ -197,7 +197,10 @@ class Placer:
             if task is None:
                 return  # given up before it began: plan again
         if task is not None:
-            await asyncio.shield(task)
+            # Its outcome, not its cancellation: a load its own waiters abandoned is planned again.
+            await asyncio.wait([task])
+            if not task.cancelled():
+                task.result()  # its failure is this caller's too
             return
         handle = self.fleet.present(neuron)
         while (loaded := handle.model(model)) is not None and loaded.state == ModelState.LOADING:
@@ -380,7 +383,7 @@ class Placer:
     async def _run_load(self, load: Load) -> LoadedModel:
         key = (load.neuron, load.model)
         task = self._loads.get(key)
-        if task is None:
+        if task is None or task.done():  # done: an abandoned one whose callback has yet to run
             task = asyncio.create_task(self._load(load))
             self._loads[key] = task
             task.add_done_callback(partial(self._load_done, key))
