@@ -31,7 +31,9 @@ from cortex.core.placement.planner import plan
 from cortex.core.placement.snapshot import Reservations, snapshot
 from cortex.gateway.catalogue import LiveCatalogue, ModelAvailability
 from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.plan_scope import describe, is_move, needed_for
 from cortex.gateway.registry import Fleet
+from cortex.gateway.reservation_book import ReservationBook
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,7 @@ class Placer:
         self._background: set[asyncio.Task[Any]] = set()
         self._reconciling: asyncio.Task[None] | None = None
         self._unplaceable: dict[str, str] = {}
-        self.reservations = Reservations()
-        # Set, and replaced by a fresh one, at every change of the reservations or loads (`_until`).
-        self._changed = asyncio.Event()
+        self.book = ReservationBook()  # also told when a load begins: a placement may wait for it
         # Seconds the last successful load of each (neuron, model) took: the `cost` strategy's cost.
         self.load_seconds: dict[tuple[str, str], float] = {}
 
@@ -165,7 +165,7 @@ class Placer:
         leaving = self._leaving(model)
         if leaving:
             # Too late to keep it (an idle unload or an eviction is sent): plan it back once gone.
-            await self._until(
+            await self.book.until(
                 lambda: not any(self.reservations.is_leaving(n, model) for n in leaving)
             )
             return True
@@ -192,7 +192,9 @@ class Placer:
         key = (neuron, model)
         if task is None and key in self.reservations.arriving:
             # Planned, and behind another action of its plan (an eviction): wait for it to begin.
-            await self._until(lambda: key in self._loads or key not in self.reservations.arriving)
+            await self.book.until(
+                lambda: key in self._loads or key not in self.reservations.arriving
+            )
             task = self._loads.get(key)
             if task is None:
                 return  # given up before it began: plan again
@@ -228,7 +230,7 @@ class Placer:
             raise self._cannot_place(model, result, views)
         actions = needed_for(result.actions, load)
         self._reserve(actions)
-        log.info("placing %s on %s: %s", model, load.neuron, _describe(actions))
+        log.info("placing %s on %s: %s", model, load.neuron, describe(actions))
         return load, actions
 
     def _demand(self, model: str, waiting: Mapping[str, int], neurons: list[str]) -> list[Demand]:
@@ -284,7 +286,7 @@ class Placer:
             with self.fleet.calling(self.fleet.present(neuron)) as client:
                 await client.unload(model, force=force)
         finally:
-            self._release(neuron, model)
+            self.book.release(neuron, model)
         self.fleet.apply_unloaded(neuron, model)
         log.info("unloaded %s from %s (by hand)", model, neuron)
 
@@ -318,7 +320,7 @@ class Placer:
         if not actions:
             return []
         self._reserve(actions)
-        log.info("lifecycle cycle %d: %s", cycle, _describe(actions))
+        log.info("lifecycle cycle %d: %s", cycle, describe(actions))
         self._reconciling = self._spawn(self._execute(actions))
         return actions
 
@@ -330,28 +332,14 @@ class Placer:
 
     # -- applying actions
 
+    @property
+    def reservations(self) -> Reservations:
+        return self.book.current
+
     def _reserve(self, actions: Sequence[Action]) -> None:
         """Hold what a plan's actions take; a defrag move's unload only once it begins (`_execute`):
         until its new copy is ready, the moved replica still serves."""
-        self._hold([a for a in actions if not _moves(a)])
-
-    def _hold(self, actions: Sequence[Action]) -> None:
-        self.reservations = self.reservations.reserve(actions)
-        self._notify()
-
-    def _release(self, neuron: str, model: str) -> None:
-        """Forget a reservation whose action finished, failed or was abandoned."""
-        self.reservations = self.reservations.release(neuron, model)
-        self._notify()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def _until(self, done: Callable[[], bool]) -> None:
-        """Wait until `done()` holds, asking again at each change of the reservations or loads."""
-        while not done():
-            await self._changed.wait()
+        self.book.hold([a for a in actions if not is_move(a)])
 
     async def _execute(self, actions: Sequence[Action]) -> None:
         """Apply actions in order; a failed eviction stops the rest (their room is not there).
@@ -366,10 +354,10 @@ class Placer:
                 if isinstance(action, Load):
                     await self._run_load(action)
                     continue
-                if _moves(action):
+                if is_move(action):
                     if self.reservations.is_leaving(action.neuron, action.model):
                         continue  # another plan's eviction took it meanwhile
-                    self._hold([action])  # its new copy is ready: routing stops here now
+                    self.book.hold([action])  # its new copy is ready: routing stops here now
                 if not await asyncio.shield(self._spawn(self._unload(action))):
                     raise EvictionRefused(
                         f"could not unload {action.model!r} from {action.neuron} to make room",
@@ -377,8 +365,8 @@ class Placer:
                     )
         finally:
             for action in remaining:
-                if not _moves(action):  # held by whoever holds it, not by this plan
-                    self._release(action.neuron, action.model)
+                if not is_move(action):  # held by whoever holds it, not by this plan
+                    self.book.release(action.neuron, action.model)
 
     async def _run_load(self, load: Load) -> LoadedModel:
         key = (load.neuron, load.model)
@@ -387,7 +375,7 @@ class Placer:
             task = asyncio.create_task(self._load(load))
             self._loads[key] = task
             task.add_done_callback(partial(self._load_done, key))
-            self._notify()  # a placement waiting for this load to begin joins it
+            self.book.changed()  # a placement waiting for this load to begin joins it
         return await task
 
     def _load_done(self, key: tuple[str, str], task: asyncio.Task[LoadedModel]) -> None:
@@ -430,7 +418,7 @@ class Placer:
                 await self.fleet.refresh(load.neuron, fresh=True)
             raise
         finally:
-            self._release(load.neuron, load.model)
+            self.book.release(load.neuron, load.model)
         took = time.monotonic() - started
         self.load_seconds[load.neuron, load.model] = took
         self.metrics.load_seconds.labels(load.model, load.neuron).observe(took)
@@ -454,7 +442,7 @@ class Placer:
         try:
             return await self._call_unload(action)
         finally:
-            self._release(action.neuron, action.model)
+            self.book.release(action.neuron, action.model)
 
     async def _call_unload(self, action: Unload) -> bool:
         handle = self.fleet.neurons.get(action.neuron)
@@ -486,36 +474,3 @@ class Placer:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("placement stopped: %s", task.exception())
-
-
-def needed_for(actions: Sequence[Action], load: Load) -> list[Action]:
-    """The part of a plan that `load` depends on: the loads elsewhere of replicas a defrag moves
-    off its neuron, and the unloads before each of those loads on its neuron (their room). Other
-    loads (pins, minimums) are left to the lifecycle, so a waiting request never waits for them."""
-    upto = actions[: actions.index(load) + 1]
-    moved = {
-        a.model
-        for a in upto
-        if isinstance(a, Unload) and a.neuron == load.neuron and a.reason == "defrag"
-    }
-    loads = [a for a in upto if isinstance(a, Load) and (a is load or a.model in moved)]
-    last = {a.neuron: upto.index(a) for a in loads}  # the last load each neuron must make room for
-    return [
-        a
-        for i, a in enumerate(upto)
-        if a in loads or (isinstance(a, Unload) and i < last.get(a.neuron, -1))
-    ]
-
-
-def _moves(action: Action) -> bool:
-    """A defrag move's unload: the moved replica serves until it begins."""
-    return isinstance(action, Unload) and action.reason == "defrag"
-
-
-def _describe(actions: Sequence[Action]) -> str:
-    return ", ".join(
-        f"load {a.model} on {a.neuron}"
-        if isinstance(a, Load)
-        else f"unload {a.model} from {a.neuron} ({a.reason})"
-        for a in actions
-    )
