@@ -1,11 +1,12 @@
 """Placement execution: the shared planner's actions turned into neuron load and unload calls.
 
 Planning happens under one lock, and every action a plan chooses is reserved at once (loads as
-arriving replicas holding their memory, unloads as leaving ones), so a plan made while another one
-is still executing never double-books memory or evicts the same replica twice. The placer alone
-owns these reservations; the snapshot joins them with the fleet's polls, and routing asks the
-placer, so a leaving replica gets no new requests. The actions themselves run outside the lock, in
-plan order (evictions before the load they make room for; a defrag move's load before its unload).
+arriving replicas holding their memory, unloads as leaving ones; a defrag move's unload only when
+it begins), so a plan made while another one is still executing never double-books memory or
+evicts the same replica twice. The placer alone owns these reservations; the snapshot joins them
+with the fleet's polls, and routing asks the placer, so a leaving replica gets no new requests.
+The actions themselves run outside the lock, in plan order (evictions before the load they make
+room for; a defrag move's load before its unload).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from cortex.core.errors import (
     CapacityExhausted,
@@ -30,7 +31,9 @@ from cortex.core.placement.planner import plan
 from cortex.core.placement.snapshot import Reservations, snapshot
 from cortex.gateway.catalogue import LiveCatalogue, ModelAvailability
 from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.plan_scope import describe, is_move, needed_for
 from cortex.gateway.registry import Fleet
+from cortex.gateway.reservation_book import ReservationBook
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,12 @@ LOAD_POLL_INTERVAL = 0.25
 # Plans tried for one demand before giving up (a plan can be undone by a racing eviction).
 MAX_PLANS = 3
 
+T = TypeVar("T")
 Waiting = Callable[[], Mapping[str, int]]  # clients waiting per model, read when a plan is made
+
+
+class EvictionRefused(NeuronUnavailable):
+    """A neuron kept a replica a plan evicted (a request arrived since): the room is not there."""
 
 
 def _no_one_else() -> Mapping[str, int]:
@@ -67,7 +75,7 @@ class Placer:
         self._background: set[asyncio.Task[Any]] = set()
         self._reconciling: asyncio.Task[None] | None = None
         self._unplaceable: dict[str, str] = {}
-        self.reservations = Reservations()
+        self.book = ReservationBook()  # also told when a load begins: a placement may wait for it
         # Seconds the last successful load of each (neuron, model) took: the `cost` strategy's cost.
         self.load_seconds: dict[tuple[str, str], float] = {}
 
@@ -115,20 +123,26 @@ class Placer:
 
         `waiting` says how many clients wait for each model: the plan serves the most waited-for
         first. Cancelling abandons a load this call started; loads started elsewhere are only left.
+        A neuron refusing the plan (no room for the load, a victim busy) is planned for once more:
+        its status, read again on the refusal, may be newer than the poll the plan saw.
         """
+        refused = False
         for _ in range(MAX_PLANS):
-            ready = self.ready(model)
+            while not (ready := self.ready(model)) and await self._wait_in_transit(model):
+                pass  # a replica arrived or left: look again
             if ready:
                 return ready[0]
-            arriving = self._arriving(model)
-            if arriving is not None:
-                await self._join(model, *arriving)
-                continue
             async with self._lock:
-                if self.ready(model) or self._arriving(model) is not None:
+                if self.ready(model) or self._in_transit(model):
                     continue  # another placement got there while this one waited for the lock
                 load, actions = self._plan_demand(model, waiting())
-            await self._execute(actions)
+            try:
+                await self._execute(actions)
+            except (CapacityExhausted, EvictionRefused):
+                if refused:
+                    raise
+                refused = True
+                continue
             if self.ready(model):
                 self.metrics.cold_starts.labels(model, load.neuron).inc()
         ready = self.ready(model)
@@ -139,18 +153,56 @@ class Placer:
             retry_after=self.retry_after,
         )
 
+    def _in_transit(self, model: str) -> bool:
+        return self._arriving(model) is not None or bool(self._leaving(model))
+
+    async def _wait_in_transit(self, model: str) -> bool:
+        """Wait out a replica of `model` on its way in or out; False when there is none."""
+        arriving = self._arriving(model)
+        if arriving is not None:
+            await self._join(model, *arriving)
+            return True
+        leaving = self._leaving(model)
+        if leaving:
+            # Too late to keep it (an idle unload or an eviction is sent): plan it back once gone.
+            await self.book.until(
+                lambda: not any(self.reservations.is_leaving(n, model) for n in leaving)
+            )
+            return True
+        return False
+
+    def _leaving(self, model: str) -> list[str]:
+        """Healthy neurons where `model` is ready and we are unloading it."""
+        return [
+            name
+            for name in self.fleet.polled(model, ModelState.READY)
+            if self.reservations.is_leaving(name, model)
+        ]
+
     def _arriving(self, model: str) -> tuple[str, asyncio.Task[LoadedModel] | None] | None:
         """A replica on its way: a load this gateway runs, or one a poll shows loading."""
         for (neuron, loading), task in self._loads.items():
-            if loading == model:
+            if loading == model and not task.done():  # a done one has nothing left to wait for
                 return neuron, task
         for neuron in self.loading(model):
             return neuron, None
         return None
 
     async def _join(self, model: str, neuron: str, task: asyncio.Task[LoadedModel] | None) -> None:
+        key = (neuron, model)
+        if task is None and key in self.reservations.arriving:
+            # Planned, and behind another action of its plan (an eviction): wait for it to begin.
+            await self.book.until(
+                lambda: key in self._loads or key not in self.reservations.arriving
+            )
+            task = self._loads.get(key)
+            if task is None:
+                return  # given up before it began: plan again
         if task is not None:
-            await asyncio.shield(task)
+            # Its outcome, not its cancellation: a load its own waiters abandoned is planned again.
+            await asyncio.wait([task])
+            if not task.cancelled():
+                task.result()  # its failure is this caller's too
             return
         handle = self.fleet.present(neuron)
         while (loaded := handle.model(model)) is not None and loaded.state == ModelState.LOADING:
@@ -178,7 +230,7 @@ class Placer:
             raise self._cannot_place(model, result, views)
         actions = needed_for(result.actions, load)
         self._reserve(actions)
-        log.info("placing %s on %s: %s", model, load.neuron, _describe(actions))
+        log.info("placing %s on %s: %s", model, load.neuron, describe(actions))
         return load, actions
 
     def _demand(self, model: str, waiting: Mapping[str, int], neurons: list[str]) -> list[Demand]:
@@ -234,7 +286,7 @@ class Placer:
             with self.fleet.calling(self.fleet.present(neuron)) as client:
                 await client.unload(model, force=force)
         finally:
-            self._release(neuron, model)
+            self.book.release(neuron, model)
         self.fleet.apply_unloaded(neuron, model)
         log.info("unloaded %s from %s (by hand)", model, neuron)
 
@@ -268,7 +320,7 @@ class Placer:
         if not actions:
             return []
         self._reserve(actions)
-        log.info("lifecycle cycle %d: %s", cycle, _describe(actions))
+        log.info("lifecycle cycle %d: %s", cycle, describe(actions))
         self._reconciling = self._spawn(self._execute(actions))
         return actions
 
@@ -280,37 +332,50 @@ class Placer:
 
     # -- applying actions
 
-    def _reserve(self, actions: Sequence[Action]) -> None:
-        self.reservations = self.reservations.reserve(actions)
+    @property
+    def reservations(self) -> Reservations:
+        return self.book.current
 
-    def _release(self, neuron: str, model: str) -> None:
-        """Forget a reservation whose action finished, failed or was abandoned."""
-        self.reservations = self.reservations.release(neuron, model)
+    def _reserve(self, actions: Sequence[Action]) -> None:
+        """Hold what a plan's actions take; a defrag move's unload only once it begins (`_execute`):
+        until its new copy is ready, the moved replica still serves."""
+        self.book.hold([a for a in actions if not is_move(a)])
 
     async def _execute(self, actions: Sequence[Action]) -> None:
-        """Apply actions in order; a failed eviction stops the rest (their room is not there)."""
+        """Apply actions in order; a failed eviction stops the rest (their room is not there).
+
+        Each action releases its own reservation once it ends; the ones never begun are released
+        here. An unload begun goes on when the caller leaves: the neuron acts on it anyway.
+        """
         remaining = list(actions)
         try:
             while remaining:
                 action = remaining.pop(0)
                 if isinstance(action, Load):
                     await self._run_load(action)
-                elif not await self._unload(action):
-                    raise NeuronUnavailable(
+                    continue
+                if is_move(action):
+                    if self.reservations.is_leaving(action.neuron, action.model):
+                        continue  # another plan's eviction took it meanwhile
+                    self.book.hold([action])  # its new copy is ready: routing stops here now
+                if not await asyncio.shield(self._spawn(self._unload(action))):
+                    raise EvictionRefused(
                         f"could not unload {action.model!r} from {action.neuron} to make room",
                         retry_after=self.retry_after,
                     )
         finally:
             for action in remaining:
-                self._release(action.neuron, action.model)
+                if not is_move(action):  # held by whoever holds it, not by this plan
+                    self.book.release(action.neuron, action.model)
 
     async def _run_load(self, load: Load) -> LoadedModel:
         key = (load.neuron, load.model)
         task = self._loads.get(key)
-        if task is None:
+        if task is None or task.done():  # done: an abandoned one whose callback has yet to run
             task = asyncio.create_task(self._load(load))
             self._loads[key] = task
             task.add_done_callback(partial(self._load_done, key))
+            self.book.changed()  # a placement waiting for this load to begin joins it
         return await task
 
     def _load_done(self, key: tuple[str, str], task: asyncio.Task[LoadedModel]) -> None:
@@ -338,23 +403,22 @@ class Placer:
                     update={"state": ModelState.FAILED, "error": "vanished while loading"}
                 )
             self.fleet.present(load.neuron)  # not taken out by a reload meanwhile
+            if loaded.state != ModelState.READY:
+                raise ModelLoadFailed(
+                    f"loading {load.model!r} on {load.neuron} failed: {loaded.error}"
+                )
+            self.fleet.apply_loaded(load.neuron, loaded)
         except asyncio.CancelledError:
-            self._release(load.neuron, load.model)
             self._spawn(self._abandon(load))
             raise
         except CortexError as err:
-            self._release(load.neuron, load.model)
             if isinstance(err, NeuronUnavailable):
                 self.fleet.note_failure(load.neuron, err.message)
             else:  # the neuron answered: its status now says what failed (the model's card too)
                 await self.fleet.refresh(load.neuron, fresh=True)
             raise
-        if loaded.state != ModelState.READY:
-            self._release(load.neuron, load.model)
-            await self.fleet.refresh(load.neuron, fresh=True)
-            raise ModelLoadFailed(f"loading {load.model!r} on {load.neuron} failed: {loaded.error}")
-        self.fleet.apply_loaded(load.neuron, loaded)
-        self._release(load.neuron, load.model)
+        finally:
+            self.book.release(load.neuron, load.model)
         took = time.monotonic() - started
         self.load_seconds[load.neuron, load.model] = took
         self.metrics.load_seconds.labels(load.model, load.neuron).observe(took)
@@ -374,29 +438,33 @@ class Placer:
         await self.fleet.refresh(load.neuron)
 
     async def _unload(self, action: Unload) -> bool:
+        """Unload and record it; False when the replica stays (refused, or its neuron left)."""
+        try:
+            return await self._call_unload(action)
+        finally:
+            self.book.release(action.neuron, action.model)
+
+    async def _call_unload(self, action: Unload) -> bool:
         handle = self.fleet.neurons.get(action.neuron)
         if handle is None:  # taken out of the fleet since the plan (a reload)
-            self._release(action.neuron, action.model)
             return False
         try:
             with self.fleet.calling(handle) as client:
                 await client.unload(action.model)
         except ModelNotFound:
             self.fleet.apply_unloaded(action.neuron, action.model)
-            self._release(action.neuron, action.model)
             return True
         except CortexError as err:
             # Typically ModelBusy: a request arrived since the snapshot. It stays; next plan decides.
             log.info("unload of %s from %s refused: %s", action.model, action.neuron, err)
-            self._release(action.neuron, action.model)
+            await self.fleet.refresh(action.neuron, fresh=True)  # what the next plan must see
             return False
         self.fleet.apply_unloaded(action.neuron, action.model)
-        self._release(action.neuron, action.model)
         self.metrics.evictions.labels(action.model, action.neuron, action.reason).inc()
         log.info("unloaded %s from %s (%s)", action.model, action.neuron, action.reason)
         return True
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _spawn(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background_done)
@@ -406,31 +474,3 @@ class Placer:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("placement stopped: %s", task.exception())
-
-
-def needed_for(actions: Sequence[Action], load: Load) -> list[Action]:
-    """The part of a plan that `load` depends on: the unloads on its neuron before it, and the
-    loads elsewhere of replicas a defrag moves off that neuron. Other loads (pins, minimums) are
-    left to the lifecycle, so a waiting request never waits for them."""
-    upto = actions[: actions.index(load) + 1]
-    moved = {
-        a.model
-        for a in upto
-        if isinstance(a, Unload) and a.neuron == load.neuron and a.reason == "defrag"
-    }
-    return [
-        a
-        for a in upto
-        if a is load
-        or (isinstance(a, Unload) and a.neuron == load.neuron)
-        or (isinstance(a, Load) and a.model in moved and a.neuron != load.neuron)
-    ]
-
-
-def _describe(actions: Sequence[Action]) -> str:
-    return ", ".join(
-        f"load {a.model} on {a.neuron}"
-        if isinstance(a, Load)
-        else f"unload {a.model} from {a.neuron} ({a.reason})"
-        for a in actions
-    )

@@ -305,21 +305,28 @@ class Fleet:
                 self._close_drained()
 
     def apply_loaded(self, name: str, loaded: LoadedModel) -> None:
-        """Record a load's answer now rather than at the next poll."""
+        """Record a load's answer now rather than at the next poll, its memory no longer free."""
         handle = self.neurons.get(name)
         if handle is None:
             return  # taken out of the fleet meanwhile
         handle.generation += 1
         if handle.status is not None:
+            before = handle.model(loaded.id)  # a poll during the load may have counted some
+            _charge(
+                handle.status, loaded, loaded.memory_bytes - (before.memory_bytes if before else 0)
+            )
             others = [m for m in handle.status.models if m.id != loaded.id]
             handle.status.models = [*others, loaded]
 
     def apply_unloaded(self, name: str, model: str) -> None:
+        """Record an unload now rather than at the next poll, its memory free again."""
         handle = self.neurons.get(name)
         if handle is None:
             return  # taken out of the fleet meanwhile
         handle.generation += 1
-        if handle.status is not None:
+        gone = handle.model(model)
+        if handle.status is not None and gone is not None:
+            _charge(handle.status, gone, -gone.memory_bytes)
             handle.status.models = [m for m in handle.status.models if m.id != model]
 
     def estimates(self) -> dict[str, int]:
@@ -350,3 +357,16 @@ class Fleet:
             )
             for handle in chosen.values()
         ]
+
+
+def _charge(status: NeuronStatus, model: LoadedModel, used: int) -> None:
+    """Count `used` more bytes taken on the model's devices (all when it names none): until the
+    next poll, the planner must not see the memory a load took as free, nor an unload's as taken."""
+    devices = [d for d in status.devices if d.id in model.devices] or status.devices
+    if not devices:
+        return
+    share, rest = divmod(used, len(devices))
+    for index, device in enumerate(devices):
+        taken = share + (rest if index == 0 else 0)
+        device.memory_free -= taken
+        device.memory_used += taken
