@@ -17,8 +17,15 @@ BYE = "/bye"
 HELP = "Type a message; /bye or end of input (Ctrl-D) quits, /clear forgets the conversation."
 
 
-def chat(endpoint: str, model: str, api_key: str | None, system: str | None) -> int:
-    """Read messages from stdin until /bye or EOF, streaming each answer to stdout."""
+def chat(
+    endpoint: str,
+    model: str,
+    api_key: str | None,
+    system: str | None,
+    temperature: float | None = None,
+) -> int:
+    """Read messages from stdin until /bye or EOF, streaming each answer to stdout. Without a
+    `temperature`, the model's own sampling defaults apply."""
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -39,7 +46,7 @@ def chat(endpoint: str, model: str, api_key: str | None, system: str | None) -> 
             if not text:
                 continue
             history.append({"role": "user", "content": text})
-            answer = "".join(_echo(_stream(http, model, history)))
+            answer = "".join(_echo(_stream(http, model, history, temperature)))
             print(flush=True)
             history.append({"role": "assistant", "content": answer})
     return 0
@@ -51,9 +58,13 @@ def _echo(pieces: Iterator[str]) -> Iterator[str]:
         yield piece
 
 
-def _stream(http: httpx.Client, model: str, history: list[dict[str, str]]) -> Iterator[str]:
+def _stream(
+    http: httpx.Client, model: str, history: list[dict[str, str]], temperature: float | None
+) -> Iterator[str]:
     """The answer's text pieces, from the gateway's OpenAI chat stream."""
     body: dict[str, Any] = {"model": model, "messages": history, "stream": True}
+    if temperature is not None:
+        body["temperature"] = temperature
     try:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code >= 400:

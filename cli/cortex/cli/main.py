@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     _endpoint_flags(chat, "gateway URL")
     chat.add_argument("model")
     chat.add_argument("--system", help="a system prompt")
+    chat.add_argument(
+        "--temperature", type=float, help="sampling temperature (0: greedy); default: the model's"
+    )
 
     config = commands.add_parser("config", help="check a config file")
     config_actions = config.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -245,7 +248,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "chat":
         from cortex.cli.chat import chat
 
-        return chat(args.endpoint or DEFAULT_ENDPOINT, args.model, args.api_key, args.system)
+        endpoint = args.endpoint or DEFAULT_ENDPOINT
+        return chat(endpoint, args.model, args.api_key, args.system, args.temperature)
     elif args.command == "operator":
         return commands.operator(args)
     elif args.command == "config":
