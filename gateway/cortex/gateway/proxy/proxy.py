@@ -53,6 +53,9 @@ STREAM_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+# A stream opening within this (seconds) is not watched for its client leaving: a ready replica
+# answers in milliseconds, and the watch would cost every stream a task.
+UNWATCHED_OPEN = 0.05
 
 
 def unexpected(exc: Exception, where: str) -> CortexError:
@@ -192,21 +195,27 @@ class Proxy:
             raise TypeError(f"{type(call).__name__} does not stream")
         reply = asked.reply_stream()
         opening = asyncio.create_task(self.dispatcher.open(exchange, call))
-        # Until the answer begins nobody else reads receive(): a client that leaves while its
-        # request waits for admission would otherwise keep its place in the neuron's queue.
-        left = asyncio.create_task(_departure(receive))
+        left: asyncio.Task[None] | None = None
         try:
             # A ready replica only needs admitting: wait for it without keep-alives, so a
             # refusal is a status, not an error event after a 200. A cold load gets keep-alives.
             patience = self.patience.keepalive_interval
             if self.replicas.ready(exchange.model):
                 patience = max(patience, self.patience.admission)
-            done, _ = await asyncio.wait(
-                {opening, left}, timeout=patience, return_when=asyncio.FIRST_COMPLETED
-            )
-            if left in done:
-                raise ClientGone("client left before its stream began")
-            await _stopped(left)  # from here _send_all listens for the client
+            done, _ = await asyncio.wait({opening}, timeout=min(patience, UNWATCHED_OPEN))
+            if not done:
+                # Until the answer begins nobody else reads receive(): a client that leaves while
+                # its request waits for admission would otherwise keep its place in the queue.
+                left = asyncio.create_task(_departure(receive))
+                either: set[asyncio.Task[Any]] = {opening, left}
+                done, _ = await asyncio.wait(
+                    either,
+                    timeout=max(0.0, patience - UNWATCHED_OPEN),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if left in done:
+                    raise ClientGone("client left before its stream began")
+                await _stopped(left)  # from here _send_all listens for the client
             headers = STREAM_HEADERS
             if opening in done:
                 opening.result()  # a quick failure raises here: an HTTP error, not an event
@@ -218,7 +227,8 @@ class Proxy:
             frames = self._relay(exchange, opening, reply, outcome)
             stayed = await _send_all(frames, receive, send)
         finally:
-            await _stopped(left)
+            if left is not None:
+                await _stopped(left)
             await _close(opening)
         return _end_of_stream if stayed else _nothing
 
