@@ -4,6 +4,7 @@ a streaming client waits, a load abandoned when every waiter has gone."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import openai
@@ -11,6 +12,10 @@ import pytest
 from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import chat_body, cluster, eventually, spec
 from prometheus_client.parser import text_string_to_metric_families
+
+from cortex.core.client import NeuronClient
+from cortex.core.fleet import LoadRequest
+from cortex.gateway.placer import LOAD_READ_TIMEOUT
 
 MODEL = "cold"
 CATALOGUE = [spec(MODEL)]
@@ -90,6 +95,28 @@ async def test_catalogue_source_is_sent_for_models_the_neuron_does_not_list() ->
         assert n1.loads[0].source == f"file:/models/{MODEL}"
         models = (await c.http.get("/v1/models")).json()["data"]
         assert {m["id"]: m["state"] for m in models}[MODEL] == "loaded"
+
+
+async def test_a_load_may_outlast_the_read_timeout_of_inference_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The neuron answers a load only once the model is ready (a first conversion: minutes):
+    the load call waits LOAD_READ_TIMEOUT, not [gateway] request_timeout."""
+    asked: list[float | None] = []
+    real_load = NeuronClient.load
+
+    async def load(
+        self: NeuronClient, request: LoadRequest, *, timeout: float | None = None
+    ) -> Any:
+        asked.append(timeout)
+        return await real_load(self, request, timeout=timeout)
+
+    monkeypatch.setattr(NeuronClient, "load", load)
+    n1 = FakeNeuron("n1", available={MODEL: 2 * GiB})
+    async with cluster(n1, catalogue=CATALOGUE, gateway={"request_timeout": 5}) as c:
+        response = await c.http.post("/v1/chat/completions", json=chat_body(MODEL))
+        assert response.status_code == 200, response.text
+    assert asked == [LOAD_READ_TIMEOUT] and LOAD_READ_TIMEOUT > 5
 
 
 async def test_load_wait_is_bounded_then_503_with_retry_after() -> None:

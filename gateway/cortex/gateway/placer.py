@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 LOAD_POLL_INTERVAL = 0.25
 # Plans tried for one demand before giving up (a plan can be undone by a racing eviction).
 MAX_PLANS = 3
+# A neuron answers a load only once the model is ready: a first GGUF conversion or a large hf:
+# model takes many minutes, past the read timeout of inference calls ([gateway] request_timeout).
+LOAD_READ_TIMEOUT = 1800.0
 
 T = TypeVar("T")
 Waiting = Callable[[], Mapping[str, int]]  # clients waiting per model, read when a plan is made
@@ -395,7 +398,7 @@ class Placer:
         try:
             handle = self.fleet.present(load.neuron)  # planned before an await
             with self.fleet.calling(handle) as client:
-                loaded = await client.load(request)
+                loaded = await client.load(request, timeout=LOAD_READ_TIMEOUT)
             while loaded.state == ModelState.LOADING:
                 await asyncio.sleep(LOAD_POLL_INTERVAL)
                 await self.fleet.refresh(load.neuron)
