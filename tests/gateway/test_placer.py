@@ -64,7 +64,7 @@ class Neuron:
     async def models(self) -> ModelListing:
         return ModelListing(loaded=list(self.resident.values()))
 
-    async def load(self, request: LoadRequest) -> LoadedModel:
+    async def load(self, request: LoadRequest, *, timeout: float | None = None) -> LoadedModel:
         self.calls.append(("load", request.model))
         if self.load_gate is not None:
             await self.load_gate.wait()
