@@ -48,3 +48,59 @@ def test_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
 def test_status_of_an_unreachable_endpoint_fails_cleanly() -> None:
     result = _cortex("status", "--endpoint", "http://127.0.0.1:9")
     assert result.returncode == 1 and "cannot reach" in result.stderr
+
+
+def test_connection_flags_also_come_after_the_action(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the README writes them: `cortex models list --endpoint URL`."""
+    monkeypatch.setenv("CORTEX_ENDPOINT", "http://from-env:1")
+    for argv in (["models", "list"], ["keys", "reset", "ci"], ["neurons", "cordon", "gpu-1"]):
+        after = _parser().parse_args([*argv, "--endpoint", "http://after:1", "--api-key", "k"])
+        assert (after.endpoint, after.api_key) == ("http://after:1", "k")
+        assert _parser().parse_args(argv).endpoint == "http://from-env:1"  # absent: untouched
+    before = _parser().parse_args(["models", "--endpoint", "http://before:1", "list"])
+    assert before.endpoint == "http://before:1"
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "http"])
+def test_a_port_out_of_range_is_one_line_not_a_traceback(port: str) -> None:
+    done = _cortex("neuron", "--port", port)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "argument --port:" in done.stderr.splitlines()[-1]
+
+
+def test_an_admin_token_file_flag_wins_over_the_token_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from cortex.cli.commands import neuron_config
+
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", "from-env")
+    captured: dict[str, object] = {}
+    monkeypatch.setattr(
+        "cortex.cli.main._dispatch", lambda args: captured.setdefault("a", args) and 0
+    )
+    main(["neuron", "--admin-token-file", str(token_file)])
+    assert neuron_config(captured["a"]).neuron.admin_secret() == "from-file"  # type: ignore[arg-type]
+    captured.clear()
+    main(["neuron"])  # no flag: the variable
+    assert neuron_config(captured["a"]).neuron.admin_secret() == "from-env"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (b"\xff\xfe[gateway]\n", "not UTF-8 text"),
+        (b'[models]\nid = "x"\n', "models: expected [[models]] entries"),
+        (b'[[models]]\nid = "x"\nsource = "pkg:a/b"\n[aliases]\ny = ["x"]\n', "aliases.y: expected a model id"),
+        (b'[gateway]\nlisten = "127.0.0.1:1"\n[[neuron]]\nname = "a"\n', "neuron: unknown key"),
+    ],
+)  # fmt: skip
+def test_config_mistakes_are_one_line_naming_the_key(
+    tmp_path: Path, text: bytes, said: str
+) -> None:
+    path = tmp_path / "cortex.toml"
+    path.write_bytes(text)
+    done = _cortex("config", "check", str(path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert said in done.stderr

@@ -234,3 +234,32 @@ def test_gateway_prints_its_banner_on_start() -> None:
     assert "model    smollm2-135m-instruct (chat)" in text
     assert "model    all-minilm-l6-v2 (embedding)" in text
     assert "no [[neurons]] in the config" in err and "Traceback" not in err
+
+
+class SinglePageApp(http.server.BaseHTTPRequestHandler):
+    """A web app answering every path with 200 and HTML."""
+
+    def _html(self) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<html><body>app</body></html>")
+
+    do_GET = do_POST = _html
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("action", [["list"], ["unload", "m"], ["load", "m"]])
+def test_models_against_a_port_that_is_not_cortex(action: list[str]) -> None:
+    """Not a gateway is not yet a neuron: a 200 of HTML was read as a neuron (a traceback for
+    list, 'unloaded m' for unload)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SinglePageApp)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        line = one_line_error(cortex("models", *action, "--endpoint", endpoint))
+    finally:
+        server.shutdown()
+    assert line == f"cortex: {endpoint} is not a cortex gateway or neuron"

@@ -395,6 +395,10 @@ async def models(args: argparse.Namespace) -> int:
     client = NeuronClient(args.endpoint, admin_token=args.admin_token)
     console = Console()
     try:
+        try:  # not a gateway: a neuron, or something else answering on that port
+            await client.status()
+        except ValueError:  # not JSON, or JSON of another shape (pydantic's ValidationError)
+            raise CortexError(f"{args.endpoint} is not a cortex gateway or neuron") from None
         if args.action == "load":
             await _load_with_progress(client, args.model, args.source, console)
         elif args.action == "unload":

@@ -21,13 +21,14 @@ _GATEWAY_KEYS = {"gateway", "eviction", "neurons", "auth", "models_config"}
 def kind_of(path: Path) -> type[GatewayConfig] | type[NeuronConfig] | type[ModelsFile]:
     """Which of the three files this is, from its top-level tables."""
     try:
-        keys = set(tomllib.loads(path.read_text()))
-    except (OSError, tomllib.TOMLDecodeError):
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return GatewayConfig  # read_config then reports the real problem
+    keys = set(data)
+    if keys & _GATEWAY_KEYS:  # a cortex.toml, where `neuron` is a typo read as an unknown key
+        return GatewayConfig
     if "neuron" in keys:
         return NeuronConfig
-    if keys & _GATEWAY_KEYS:
-        return GatewayConfig
     return ModelsFile
 
 

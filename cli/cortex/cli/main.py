@@ -1,4 +1,5 @@
-"""The `cortex` command. Every flag can also come from an environment variable (CORTEX_<FLAG>)
+"""The `cortex` command. Every flag that configures a server (up, neuron, gateway, operator) or
+reaches one (--endpoint, --api-key) can also come from an environment variable (CORTEX_<FLAG>)
 and, where it has one, from the config file; the flag wins, then the variable, then the file."""
 
 from __future__ import annotations
@@ -23,6 +24,24 @@ def _env(name: str) -> str | None:
     return os.environ.get(f"CORTEX_{name.upper().replace('-', '_')}") or None
 
 
+def _port(value: str) -> int:
+    """A TCP port, checked here: out of range, bind() would end in a traceback."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (1-65535)")
+    return port
+
+
+def _again(parser: argparse.ArgumentParser, *names: str) -> None:
+    """The command's connection flags, accepted after its action too (`cortex models list
+    --endpoint URL`); absent there, they leave the command's values (flag or variable) alone."""
+    for name in names:
+        parser.add_argument(f"--{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def _flag(parser: argparse.ArgumentParser, name: str, help: str, **kwargs: Any) -> None:
     """A flag whose default is CORTEX_<NAME> (shown in --help)."""
     env = f"CORTEX_{name.upper().replace('-', '_')}"
@@ -43,17 +62,25 @@ def _parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="gateway + an in-process neuron on this machine")
     _flag(up, "host", "listen address (default 127.0.0.1)")
-    _flag(up, "port", "API port (default 31313)", type=int)
-    _flag(up, "metrics-port", "Prometheus port (default 31314)", type=int)
+    _flag(up, "port", "API port (default 31313)", type=_port)
+    _flag(up, "metrics-port", "Prometheus port (default 31314)", type=_port)
     _flag(up, "config", "cortex.toml")
     _flag(up, "neuron-config", "neuron.toml for the in-process neuron")
 
     neuron = commands.add_parser("neuron", help="run the neuron daemon on this machine")
     _flag(neuron, "host", "listen address (default 127.0.0.1)")
-    _flag(neuron, "port", "port (default 13131)", type=int)
+    _flag(neuron, "port", "port (default 13131)", type=_port)
     _flag(neuron, "config", "neuron.toml")
-    _flag(neuron, "admin-token", "token required by load/unload (visible in ps: prefer the file)")
-    _flag(neuron, "admin-token-file", "file holding the admin token")
+    # No variable defaults here: a flag of either kind must win over a variable of the other
+    # (main() applies the variables when neither flag is given).
+    neuron.add_argument(
+        "--admin-token",
+        help="token required by load/unload (visible in ps: prefer the file) "
+        "[env CORTEX_ADMIN_TOKEN]",
+    )
+    neuron.add_argument(
+        "--admin-token-file", help="file holding the admin token [env CORTEX_ADMIN_TOKEN_FILE]"
+    )
     neuron.add_argument(
         "--preload", nargs="*", default=_split(_env("preload")), metavar="MODEL[=SOURCE]",
         help="models to load at start; MODEL=SOURCE loads one no catalogue names "
@@ -67,8 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     _flag(gateway, "config", "cortex.toml")
     _flag(gateway, "host", "listen address (overrides [gateway].listen)")
-    _flag(gateway, "port", "API port (overrides [gateway].listen)", type=int)
-    _flag(gateway, "metrics-port", "Prometheus port (overrides [gateway].metrics_listen)", type=int)
+    _flag(gateway, "port", "API port (overrides [gateway].listen)", type=_port)
+    _flag(
+        gateway, "metrics-port", "Prometheus port (overrides [gateway].metrics_listen)", type=_port
+    )
     gateway.add_argument(
         "--kubernetes", action="store_true", default=_env("kubernetes") in _TRUE,
         help="take the fleet from the ModelPlacement and Neuron objects (on by itself in a "
@@ -92,16 +121,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     _endpoint_flags(keys)
     keys_actions = keys.add_subparsers(dest="action", metavar="ACTION")
-    keys_actions.add_parser("list", help="every key, its budget, what it spent and what is left")
-    keys_actions.add_parser(
+    listed = keys_actions.add_parser(
+        "list", help="every key, its budget, what it spent and what is left"
+    )
+    reset = keys_actions.add_parser(
         "reset", help="forget what a key spent: its budget is whole again"
-    ).add_argument("name", help="the key's name in [[auth.keys]]")
+    )
+    reset.add_argument("name", help="the key's name in [[auth.keys]]")
+    for key_action in (listed, reset):
+        _again(key_action, "endpoint", "api-key")
 
     neurons = commands.add_parser("neurons", help="cordon or uncordon a neuron (gateway)")
     _endpoint_flags(neurons)
     neuron_actions = neurons.add_subparsers(dest="action", metavar="ACTION", required=True)
     for action, text in (("cordon", "no new loads there"), ("uncordon", "loads there again")):
-        neuron_actions.add_parser(action, help=text).add_argument("neuron")
+        cordon = neuron_actions.add_parser(action, help=text)
+        cordon.add_argument("neuron")
+        _again(cordon, "endpoint", "api-key")
 
     chat = commands.add_parser("chat", help="chat with a model through the gateway (/bye quits)")
     _endpoint_flags(chat, "gateway URL")
@@ -146,7 +182,7 @@ def _models_parser(commands: Any) -> None:
     _endpoint_flags(models)
     _flag(models, "admin-token", "neuron admin token (with a neuron's endpoint)")
     actions = models.add_subparsers(dest="action", metavar="ACTION")
-    actions.add_parser("list", help="every model, where it is loaded, and until when")
+    listed = actions.add_parser("list", help="every model, where it is loaded, and until when")
     load = actions.add_parser("load", help="load a model, with a progress bar")
     load.add_argument("model")
     load.add_argument("--neuron", help="where (gateway; default: where the planner says)")
@@ -155,10 +191,14 @@ def _models_parser(commands: Any) -> None:
     unload.add_argument("model")
     unload.add_argument("--neuron", help="from this neuron only (gateway; default: everywhere)")
     unload.add_argument("--force", action="store_true", help="even with requests in flight")
+    pins = []
     for action, text in (("pin", "keep it loaded there"), ("unpin", "let it go when idle")):
         pin = actions.add_parser(action, help=f"{text} (gateway)")
         pin.add_argument("model")
         pin.add_argument("--neuron", required=True)
+        pins.append(pin)
+    for parser in (listed, load, unload, *pins):
+        _again(parser, "endpoint", "api-key", "admin-token")
 
 
 OPERATOR_HELP = """\
@@ -207,6 +247,8 @@ def _split(value: str | None) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "neuron" and args.admin_token is None and args.admin_token_file is None:
+        args.admin_token, args.admin_token_file = _env("admin-token"), _env("admin-token-file")
     configure_logging(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:

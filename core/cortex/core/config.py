@@ -310,6 +310,10 @@ def read_config(path: str | Path, model: type[Config]) -> tuple[Config, list[str
         raise ConfigError(f"{path}: a directory, not a config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text, as TOML must be") from None
+    except OSError as exc:  # permission denied, an I/O error
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     notes: list[str] = []
     try:
         if model is GatewayConfig:

@@ -31,13 +31,18 @@ def from_seed_gateway(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
 def from_seed_models(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     """models.toml: seed [[models]] keys and the top-level [aliases] table (alias = "model id")."""
     data = dict(data)
-    models = [
-        _model(dict(entry), index, notes) for index, entry in enumerate(data.get("models", []))
-    ]
+    entries = data.get("models", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError("models: expected [[models]] entries (an array of tables)")
+    models = [_model(dict(entry), index, notes) for index, entry in enumerate(entries)]
     aliases = data.pop("aliases", None)
+    if aliases is not None and not isinstance(aliases, dict):
+        raise ValueError('aliases: expected a table of alias = "model id"')
     if isinstance(aliases, dict):
         by_id = {m.get("id"): m for m in models}
         for alias, target in aliases.items():
+            if not isinstance(target, str):
+                raise ValueError(f"aliases.{alias}: expected a model id, got {target!r}")
             if target not in by_id:
                 raise ValueError(f"aliases.{alias}: {target!r} is no [[models]] id")
             by_id[target].setdefault("aliases", []).append(alias)
