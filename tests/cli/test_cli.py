@@ -76,15 +76,10 @@ def test_an_admin_token_file_flag_wins_over_the_token_variable(
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
     monkeypatch.setenv("CORTEX_ADMIN_TOKEN", "from-env")
-    captured: dict[str, object] = {}
-    monkeypatch.setattr(
-        "cortex.cli.main._dispatch", lambda args: captured.setdefault("a", args) and 0
-    )
-    main(["neuron", "--admin-token-file", str(token_file)])
-    assert neuron_config(captured["a"]).neuron.admin_secret() == "from-file"  # type: ignore[arg-type]
-    captured.clear()
-    main(["neuron"])  # no flag: the variable
-    assert neuron_config(captured["a"]).neuron.admin_secret() == "from-env"  # type: ignore[arg-type]
+    flagged = _parser().parse_args(["neuron", "--admin-token-file", str(token_file)])
+    assert neuron_config(flagged).neuron.admin_secret() == "from-file"
+    unflagged = _parser().parse_args(["neuron"])  # no flag: the variable
+    assert neuron_config(unflagged).neuron.admin_secret() == "from-env"
 
 
 @pytest.mark.parametrize(

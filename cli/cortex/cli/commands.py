@@ -76,9 +76,13 @@ def neuron_config(args: argparse.Namespace, known: Sequence[ModelSpec] = ()) -> 
     if args.command == "neuron":
         section.host = args.host or section.host
         section.port = int(args.port or section.port)
-        section.admin_token = args.admin_token or section.admin_token
-        if args.admin_token_file and not args.admin_token:
-            section.admin_token, section.admin_token_file = None, Path(args.admin_token_file)
+        token, token_file = args.admin_token, args.admin_token_file
+        if token is None and token_file is None:  # a flag of either kind wins over a variable
+            token = os.environ.get("CORTEX_ADMIN_TOKEN") or None
+            token_file = os.environ.get("CORTEX_ADMIN_TOKEN_FILE") or None
+        section.admin_token = token or section.admin_token
+        if token_file and not token:
+            section.admin_token, section.admin_token_file = None, Path(token_file)
         section.preload = list(args.preload or section.preload)
     preload_sources(config, known)
     section.admin_secret()  # a missing or empty token file fails at start, not at the first load

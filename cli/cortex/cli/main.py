@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     _flag(neuron, "port", "port (default 13131)", type=_port)
     _flag(neuron, "config", "neuron.toml")
     # No variable defaults here: a flag of either kind must win over a variable of the other
-    # (main() applies the variables when neither flag is given).
+    # (commands.neuron_config reads the variables when neither flag is given).
     neuron.add_argument(
         "--admin-token",
         help="token required by load/unload (visible in ps: prefer the file) "
@@ -247,8 +247,6 @@ def _split(value: str | None) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "neuron" and args.admin_token is None and args.admin_token_file is None:
-        args.admin_token, args.admin_token_file = _env("admin-token"), _env("admin-token-file")
     configure_logging(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
