@@ -13,7 +13,7 @@ import asyncio
 import difflib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -133,10 +133,15 @@ def _kube(gateway: Gateway) -> KubeFleet | None:
 def _handle(gateway: Gateway, name: str) -> NeuronHandle:
     handle = gateway.fleet.neurons.get(name)
     if handle is None:
-        close = difflib.get_close_matches(name, list(gateway.fleet.neurons), n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
+        hint = _guess(name, gateway.fleet.neurons)
         raise NeuronNotFound(f"no neuron named {name!r}{hint}", param="neuron")
     return handle
+
+
+def _guess(name: str, names: Iterable[str]) -> str:
+    """`; did you mean x?` for the closest of `names`, else nothing."""
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 @router.get("/keys")
@@ -157,8 +162,7 @@ async def reset_key(name: str, request: Request) -> AdminKey:
     principals = {p.name: p for p in gateway.auth.principals()}
     principal = principals.get(name)
     if principal is None:
-        close = difflib.get_close_matches(name, list(principals), n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
+        hint = _guess(name, principals)
         raise KeyNotFound(f"no API key named {name!r}{hint}", param="name")
     await gateway.ledger.reset(name)
     log.info("key %r: its spend was reset through the admin API", name)
