@@ -4,6 +4,7 @@ in flight, the answer to the later question is kept, whichever arrives last."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import json
 
@@ -18,6 +19,7 @@ from cortex.core.fleet import LoadRequest, ModelState
 from cortex.core.resources import ModelPlacement, rfc3339
 from cortex.operator.controller import Controller
 from cortex.operator.neurons import Probe
+from cortex.operator.probing import leads
 from cortex.operator.reconcile import DELETION_GRACE, LoadFailure
 
 
@@ -120,3 +122,19 @@ def test_only_placements_still_backing_off_count_in_the_gauge() -> None:
     controller.failures[(NS, "waiting")] = LoadFailure("a", "corrupt", 1, now - 5, now + 5)
     gauge = controller.metrics.registry.get_sample_value("cortex_operator_backing_off_placements")
     assert gauge == 1
+
+
+def test_a_peer_leads_unless_a_live_peer_is_at_or_above_its_priority() -> None:
+    """kopf's rule, read from a peering object's status: the dead and this peer do not count."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def peer(priority: int, seen_ago: float) -> dict[str, object]:
+        seen = now - datetime.timedelta(seconds=seen_ago)
+        return {"priority": priority, "lifetime": 60, "lastseen": seen.isoformat()}
+
+    assert leads({}, "me", 5)
+    assert leads({"me": peer(5, 0), "b": peer(4, 0)}, "me", 5)
+    assert not leads({"me": peer(5, 0), "b": peer(6, 0)}, "me", 5)
+    assert not leads({"me": peer(5, 0), "b": peer(5, 0)}, "me", 5)  # kopf pauses both
+    assert leads({"me": peer(5, 0), "b": peer(9, 61)}, "me", 5)  # b is dead
+    assert leads({"b": {"priority": "?"}}, "me", 5)  # unreadable: kopf cannot parse it either

@@ -540,6 +540,67 @@ async def test_a_neuron_still_going_when_its_new_pod_comes_is_made_again_once_go
         await until(remade, "the Neuron made again for the new pod")
 
 
+async def test_a_neuron_holds_no_finalizer_so_it_goes_after_the_operator(
+    kube: Kube, operator: Operator
+) -> None:
+    """A `helm uninstall` stops the operator and deletes the Neurons (with their pods) at once:
+    a Neuron the operator probes must not wait for it to come back. One still carrying an older
+    operator's finalizer loses it at its next event."""
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    async with running(fake.app) as served:
+        old = neuron("old", served.url)
+        old["metadata"]["finalizers"] = ["cortex.helexa.ai/finalizer"]
+        await kube.create(NEURONS, old)
+        async with operator():
+            await kube.create(NEURONS, neuron("n1", served.url))
+            await until(lambda: kube.status(NEURONS, "n1").get("phase") == "Ready", "n1 probed")
+            await until(lambda: kube.status(NEURONS, "old").get("phase") == "Ready", "old probed")
+            await until(
+                lambda: not kube.get(NEURONS, "old")["metadata"].get("finalizers"),
+                "the older operator's finalizer dropped",
+            )
+            assert not kube.get(NEURONS, "n1")["metadata"].get("finalizers")
+        await kube.delete(NEURONS, "n1")
+        assert kube.get(NEURONS, "n1") is None  # gone at once, with no operator running
+
+
+async def test_of_peered_operators_one_acts_and_the_others_stand_by(
+    kube: Kube, operator: Operator
+) -> None:
+    """The chart's operator.replicas > 1: peers at one priority would all pause (kopf's rule),
+    so each draws its own; the highest acts, and only it probes and loads."""
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "peers"}}
+    await kube.create("kopf.dev/v1/kopfpeerings", peering)
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    ports = free_port(), free_port()
+    peered = {"peering": "peers", "standalone": False}
+    async with (
+        running(fake.app) as served,
+        operator(metrics_port=ports[0], **peered),
+        operator(metrics_port=ports[1], **peered),
+    ):
+        await until(
+            lambda: len(kube.status("kopf.dev/v1/kopfpeerings", "peers")) == 2, "both peers"
+        )
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        probes = [await _probes(port) for port in ports]
+    assert [load.model for load in fake.loads] == ["chat"]
+    assert sorted(p > 0 for p in probes) == [False, True], probes  # the standby probed nothing
+
+
+async def _probes(port: int) -> float:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "cortex_operator_probes_total"
+    )
+
+
 async def test_a_replica_already_loaded_is_adopted_not_loaded_again(
     kube: Kube, operator: Operator
 ) -> None:

@@ -6,13 +6,16 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import kopf
 
 from cortex.core.resources import GROUP
+from cortex.operator import kube
 from cortex.operator.config import (
     OperatorConfig,
     default_namespace,
@@ -107,6 +110,9 @@ async def run(
     ready_flag: asyncio.Event | None = None,
 ) -> None:
     """Run the operator until stopped (a signal, or `stop_flag` for an embedded one)."""
+    if config.peering is not None and config.priority is None:
+        # kopf pauses every peer when two share the top priority: each pod draws its own.
+        config = replace(config, priority=secrets.randbelow(2**31 - 1) + 1)
     controller = Controller(config)
     registry = build_registry(controller, login=login)
     if customize is not None:
@@ -120,6 +126,8 @@ async def run(
             settings=controller.settings,
             standalone=config.standalone,
             peering_name=config.peering,
+            priority=config.priority,
+            identity=kube.peer_identity(controller.identity),
             namespaces=config.namespaces,
             clusterwide=config.all_namespaces,
             liveness_endpoint=config.liveness,

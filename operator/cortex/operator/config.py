@@ -24,6 +24,7 @@ class OperatorConfig:
     probe_interval: float = 5.0
     peering: str | None = None  # None with standalone False: kopf's default, non-mandatory
     standalone: bool = False
+    priority: int | None = None  # kopf peering priority; None: a random one for each peer
     liveness: str | None = None
     metrics_port: int | None = None  # the operator's /metrics on this port (None: not served)
     unreachable_after: int = 2  # consecutive failed probes before a neuron is Unreachable

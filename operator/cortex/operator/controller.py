@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Literal, cast
 
 import httpx
@@ -59,6 +62,8 @@ class Controller:
         self.config = config
         self.clock = clock
         self.settings = kopf.OperatorSettings()  # the running operator's, once it starts
+        # This process among kopf peers (the pod's name where it runs in one).
+        self.identity = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         self.probes: dict[Key, Probe] = {}
         self.pending: dict[tuple[str, str, str], PendingLoad] = {}  # (namespace, model, neuron)
         self.failures: dict[Key, LoadFailure] = {}  # (namespace, placement)
@@ -266,7 +271,11 @@ class Controller:
             reason="Loading",
             message=f"loading {action.model} on {action.neuron}",
         )
-        task = asyncio.create_task(self._load(namespace, placement, neuron, request))
+        self.spawn(self._load(namespace, placement, neuron, request))
+
+    def spawn(self, work: Coroutine[object, object, None]) -> None:
+        """Run `work` in the background until it ends or the operator closes."""
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -24,7 +24,8 @@ from cortex.core.resources import (
 from cortex.operator import kube
 from cortex.operator.config import NEURON_PORT
 from cortex.operator.controller import Controller, body_of
-from cortex.operator.neurons import neuron_drift, neuron_for_pod, neuron_status
+from cortex.operator.neurons import neuron_drift, neuron_for_pod
+from cortex.operator.probing import Prober
 from cortex.operator.reconcile import Fleet, placement_status
 
 log = logging.getLogger(__name__)
@@ -50,19 +51,14 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
 
     # Timers tick, and failed handlers are retried, once a probe interval (not kopf's minute).
     every = config.probe_interval
+    prober: Prober | None = None
 
-    @kopf.timer(GROUP, VERSION, NEURONS, interval=every, backoff=every, registry=registry)
-    async def probe_neuron(body: kopf.Body, namespace: str, patch: kopf.Patch, **_: Any) -> None:
-        """Probe the neuron and write what it said into the Neuron's status."""
-        neuron = Neuron.model_validate(body)
-        probe = await controller.probe(namespace, neuron)
-        status = neuron_status(neuron, probe, config.unreachable_after, controller.clock())
-        before = neuron.status.phase if neuron.status else "Pending"
-        if status.phase != before and status.phase == "Unreachable":
-            kopf.warn(body_of(neuron), reason="Unreachable", message=probe.error if probe else "")
-        elif status.phase != before and before == "Unreachable":
-            kopf.info(body_of(neuron), reason="Reachable", message="answering again")
-        patch.status.update(status.wire())
+    @kopf.on.startup(registry=registry)
+    async def start_probing(neuron_index: Index, **_: Any) -> None:
+        """Probe the Neurons from a task of this process (probing.py says why not a timer)."""
+        nonlocal prober
+        prober = Prober(controller, neuron_index)
+        controller.spawn(prober.run())
 
     async def reconcile(
         body: kopf.Body, namespace: str, patch: kopf.Patch, neurons: Index, placements: Index
@@ -151,8 +147,13 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
             await kube.patch_neuron(controller.settings, namespace, name, drift)
 
     @kopf.on.event(GROUP, VERSION, NEURONS, registry=registry)
-    async def neuron_gone(type: str, name: str, namespace: str, pod_index: Index, **_: Any) -> None:
-        """A Neuron deleted while its node still runs a neuron pod is made again for that pod."""
+    async def neuron_event(
+        type: str, name: str, namespace: str, pod_index: Index, **_: Any
+    ) -> None:
+        """A new Neuron is probed at once; one deleted while its node still runs a neuron pod is
+        made again for that pod."""
+        if prober is not None:
+            prober.notice(namespace, name)
         if type == "DELETED":
             for wanted in pod_index.get((namespace, name), []):
                 await kube.create_neuron(controller.settings, namespace, wanted)

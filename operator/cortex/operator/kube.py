@@ -1,5 +1,6 @@
-"""The operator's own writes to the Kubernetes API beyond what kopf patches for a handler: creating
-and correcting the Neuron objects that stand for neuron pods.
+"""The operator's own calls to the Kubernetes API beyond what kopf does for a handler: creating and
+correcting the Neuron objects that stand for neuron pods, writing a Neuron's status and Events from
+the probe loop (probing.py), and reading the peering object it asks whether this peer is active.
 
 They go through kopf's authenticated client, so they use whatever login kopf made (service
 account, kubeconfig, or a test's `@kopf.on.login`) and its retries; that client is not part of
@@ -11,9 +12,13 @@ import logging
 from typing import Any
 
 import kopf
-from kopf._cogs.clients import api, errors
+from kopf._cogs.clients import api, errors, events
+from kopf._cogs.structs import bodies, references
+from kopf._core.engines import peering
 
 from cortex.core.resources import API_VERSION, NEURONS
+
+EVENTS = references.Resource(group="", version="v1", plural="events", namespaced=True)
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +50,56 @@ async def patch_neuron(
         settings=settings,
         logger=log,
     )
+
+
+def peer_identity(name: str) -> peering.Identity:
+    """`name` as the identity kopf records this process under in the peering objects."""
+    return peering.Identity(name)
+
+
+async def patch_neuron_status(
+    settings: kopf.OperatorSettings, namespace: str, name: str, status: dict[str, Any]
+) -> bool:
+    """Merge-patch a Neuron's status; False when the Neuron is gone."""
+    try:
+        await api.patch(
+            f"{_url(namespace, name)}/status",
+            payload={"status": status},
+            headers={"Content-Type": "application/merge-patch+json"},
+            settings=settings,
+            logger=log,
+        )
+    except errors.APINotFoundError:
+        return False
+    return True
+
+
+async def post_event(
+    settings: kopf.OperatorSettings, about: kopf.Body, type: str, reason: str, message: str
+) -> None:
+    """A Kubernetes Event about an object, as kopf posts one for a handler."""
+    await events.post_event(
+        ref=bodies.build_object_reference(about),
+        type=type,
+        reason=reason,
+        message=message,
+        resource=EVENTS,
+        settings=settings,
+        logger=log,
+    )
+
+
+async def peering_status(
+    settings: kopf.OperatorSettings, name: str, namespace: str | None
+) -> dict[str, Any] | None:
+    """The peers a kopf peering object lists (its status: identity -> priority, lastseen,
+    lifetime); None when there is no such object."""
+    if namespace is None:
+        url = f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}"
+    else:
+        url = f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/{name}"
+    try:
+        body = await api.get(url, settings=settings, logger=log)
+    except errors.APINotFoundError:
+        return None
+    return dict(body.get("status") or {})
