@@ -529,6 +529,15 @@ async def test_nul_characters_in_text_are_served(gateway: Gateway) -> None:
     assert message.stop_reason == "end_turn"
 
 
+@pytest.mark.parametrize("route", [CHAT_ROUTE, COMPLETIONS, RESPONSES])
+async def test_stream_null_is_no_stream(gateway: Gateway, route: str) -> None:
+    """OpenAI's `stream` is boolean or null: null is the default, one JSON answer."""
+    response = await gateway.http.post(route, json=_with(route, stream=None))
+    assert response.status_code == 200, response.text[:500]
+    assert response.headers["content-type"].startswith("application/json")
+    assert "Hello there!" in response.text
+
+
 async def test_sdk_typed_calls_get_their_error_classes(gateway: Gateway) -> None:
     """The typed SDK methods see the same refusals as their own exception classes."""
     with pytest.raises(openai.BadRequestError) as chat:

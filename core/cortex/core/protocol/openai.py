@@ -6,7 +6,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 # The data of a stream's last SSE event (`data: [DONE]`).
@@ -20,6 +28,10 @@ class _Open(BaseModel):
 
 
 # ---- requests -------------------------------------------------------------------------------
+
+# OpenAI's `stream` is "boolean or null, default false": a client that sends null asks for no
+# stream (a string or a number is still refused).
+Stream = Annotated[StrictBool, BeforeValidator(lambda given: False if given is None else given)]
 
 
 class FunctionCall(_Open):
@@ -130,7 +142,7 @@ class SamplingFields(_Open):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     n: int | None = Field(default=None, ge=1, le=1, description="only n=1 is served")
-    stream: StrictBool = False
+    stream: Stream = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 

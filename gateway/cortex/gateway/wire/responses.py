@@ -19,7 +19,7 @@ from pydantic import (
     field_validator,
 )
 
-from cortex.core.protocol.openai import check_tool_choice, refuse_logprobs
+from cortex.core.protocol.openai import Stream, check_tool_choice, refuse_logprobs
 
 
 class _Open(BaseModel):
@@ -124,7 +124,7 @@ class ResponsesRequest(_Open):
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stream: StrictBool = False
+    stream: Stream = False
     metadata: dict[str, str] | None = None
     user: str | None = None
     text: dict[str, Any] | None = None
