@@ -540,6 +540,31 @@ async def test_a_neuron_still_going_when_its_new_pod_comes_is_made_again_once_go
         await until(remade, "the Neuron made again for the new pod")
 
 
+async def test_a_cordon_outlives_the_neuron_pod(kube: Kube, operator: Operator) -> None:
+    """A Neuron goes with its pod; the one made for the node's next pod (a rollout, a restart)
+    is still cordoned, so a node being drained takes no new replicas meanwhile."""
+    fake = FakeNeuron("gpu-node-1")
+    async with running(fake.app) as served, operator():
+        port = int(served.url.rsplit(":", 1)[1])
+        await kube.create("v1/pods", neuron_pod("neuron-old", "gpu-node-1", port))
+        await until(lambda: kube.get(NEURONS, "gpu-node-1"), "the Neuron for the old pod")
+        await kube.patch(NEURONS, "gpu-node-1", {"spec": {"cordoned": True}})
+        await until(
+            lambda: kube.status(NEURONS, "gpu-node-1").get("phase") == "Cordoned", "Cordoned"
+        )
+        await kube.delete("v1/pods", "neuron-old")
+        await kube.delete(NEURONS, "gpu-node-1")  # what the garbage collector does
+        new = await kube.create("v1/pods", neuron_pod("neuron-new", "gpu-node-1", port))
+
+        def remade() -> dict[str, Any] | None:
+            made = kube.get(NEURONS, "gpu-node-1") or {}
+            owners = [o["uid"] for o in made.get("metadata", {}).get("ownerReferences", [])]
+            return made if owners == [new["metadata"]["uid"]] else None
+
+        made = await until(remade, "the Neuron made for the new pod")
+        assert made["spec"].get("cordoned") is True
+
+
 async def test_a_neuron_holds_no_finalizer_so_it_goes_after_the_operator(
     kube: Kube, operator: Operator
 ) -> None:

@@ -119,6 +119,15 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
                 f"still loaded: {', '.join(busy)}", delay=config.probe_interval
             )
 
+    # Neurons cordoned when last seen: a Neuron goes with its pod, and the one made for the next
+    # pod on that node (a rollout, a restart) keeps the cordon. Kept by this process only.
+    cordoned: set[tuple[str, str]] = set()
+
+    def remembered(namespace: str, wanted: dict[str, Any]) -> dict[str, Any]:
+        if (namespace, wanted["metadata"]["name"]) not in cordoned:
+            return wanted
+        return {**wanted, "spec": {**wanted["spec"], "cordoned": True}}
+
     @kopf.index("", "v1", "pods", labels=config.neuron_selector, id="pod_index", registry=registry)
     def pod_index(namespace: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
         """(namespace, node) -> the Neuron a live neuron pod stands for."""
@@ -140,7 +149,7 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
             (n for n in neuron_index.get(namespace, []) if n.metadata.name == name), None
         )
         if existing is None:
-            await kube.create_neuron(controller.settings, namespace, wanted)
+            await kube.create_neuron(controller.settings, namespace, remembered(namespace, wanted))
         elif existing.metadata.deletion_timestamp:
             return  # going (its old pod's garbage collection): made again once gone
         elif (drift := neuron_drift(existing, wanted)) is not None:
@@ -148,16 +157,21 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
 
     @kopf.on.event(GROUP, VERSION, NEURONS, registry=registry)
     async def neuron_event(
-        type: str, name: str, namespace: str, pod_index: Index, **_: Any
+        type: str, body: kopf.Body, name: str, namespace: str, pod_index: Index, **_: Any
     ) -> None:
         """A new Neuron is probed at once; one deleted while its node still runs a neuron pod is
-        made again for that pod."""
+        made again for that pod. Its cordon is remembered across the two."""
         if prober is not None:
             prober.notice(namespace, name)
-        if type == "DELETED":
-            for wanted in pod_index.get((namespace, name), []):
-                await kube.create_neuron(controller.settings, namespace, wanted)
-                return
+        if type != "DELETED":
+            if (body.get("spec") or {}).get("cordoned"):
+                cordoned.add((namespace, name))
+            else:
+                cordoned.discard((namespace, name))
+            return
+        for wanted in pod_index.get((namespace, name), []):
+            await kube.create_neuron(controller.settings, namespace, remembered(namespace, wanted))
+            return
 
     @kopf.on.cleanup(registry=registry)
     async def close(**_: Any) -> None:
