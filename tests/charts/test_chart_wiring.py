@@ -265,9 +265,14 @@ def test_the_configs_the_chart_writes_are_valid_cortex_configs(render: Render) -
 
 @pytest.mark.parametrize(("listen_host", "address"), [(None, "0.0.0.0:{}"), ("::", "[::]:{}")])
 def test_everything_listens_on_the_listen_host(
-    render: Render, listen_host: str | None, address: str
+    render: Render,
+    listen_host: str | None,
+    address: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """IPv4 by default; `::` for IPv6 clusters, where the operator probes http://[pod IP]:13131."""
+    from cortex.cli import commands
     from cortex.gateway.app import _split
 
     objects = render(*(["--set-string", f"listenHost={listen_host}"] if listen_host else []))
@@ -283,6 +288,19 @@ def test_everything_listens_on_the_listen_host(
         address.format(31314),
     )
     assert _split(gateway.listen) == (host, 31313)
+    # What the gateway pod resolves: its command line over cortex.toml, under the image's
+    # CORTEX_HOST (Dockerfile.gateway sets one), which must not win over listenHost.
+    monkeypatch.setenv("CORTEX_HOST", "192.0.2.1")
+    pod = container(find(objects, "Deployment", "cortex-gateway"), "gateway")
+    args = _parser().parse_args(pod["args"])
+    (tmp_path / "cortex.toml").write_text(gateway_toml)
+    args.config = str(tmp_path / "cortex.toml")
+    resolved = commands.gateway_config(args).gateway
+    assert (resolved.listen, resolved.metrics_listen) == (gateway.listen, gateway.metrics_listen)
+    bound: list[str] = []
+    monkeypatch.setattr(commands, "check_port", lambda host, *_: bound.append(host))
+    commands.check_gateway_ports(commands.gateway_config(args))
+    assert bound == [host, host]  # bind() takes ::, not [::]
     operator = container(find(objects, "Deployment", "cortex-operator"), "operator")
     liveness = _parser().parse_args(operator["args"]).liveness
     assert liveness == f"http://{address.format(8080)}/healthz"
@@ -421,7 +439,12 @@ def test_the_gateway_runs_in_kubernetes_mode(render: Render) -> None:
     """`--kubernetes`: the fleet comes from the CRDs (docs/kubernetes.md)."""
     gateway = container(find(render(), "Deployment", "cortex-gateway"), "gateway")
     assert gateway["command"] == ["cortex"]
-    assert gateway["args"] == ["gateway", "--kubernetes", "--config=/etc/cortex/cortex.toml"]
+    assert gateway["args"] == [
+        "gateway",
+        "--kubernetes",
+        "--config=/etc/cortex/cortex.toml",
+        "--host=0.0.0.0",
+    ]
     (namespace,) = (e for e in gateway["env"] if e["name"] == "CORTEX_NAMESPACE")
     assert namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
 
