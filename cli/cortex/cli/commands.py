@@ -41,6 +41,7 @@ from cortex.core.config import (
     NeuronConfig,
     NeuronEntry,
     NeuronSection,
+    admin_token_from_env,
     load_config,
     load_gateway_config,
 )
@@ -78,7 +79,7 @@ def neuron_config(args: argparse.Namespace, known: Sequence[ModelSpec] = ()) -> 
         section.port = int(args.port or section.port)
         token, token_file = args.admin_token, args.admin_token_file
         if token is None and token_file is None:  # a flag of either kind wins over a variable
-            token = os.environ.get("CORTEX_ADMIN_TOKEN") or None
+            token = admin_token_from_env()
             token_file = os.environ.get("CORTEX_ADMIN_TOKEN_FILE") or None
         section.admin_token = token or section.admin_token
         if token_file and not token:
