@@ -115,6 +115,7 @@ def test_object_names_follow_the_release(render: Render) -> None:
             "at '/neuron/config/shutdown_grace': value must be 'set neuron.shutdownGraceSeconds",
         ),
         (["--set", "gateway.loadTimeout=soon"], "at '/gateway/loadTimeout'"),
+        (["--set", "gateway.preStopSeconds=-1"], "at '/gateway/preStopSeconds': minimum"),
     ],
 )
 def test_a_bad_value_fails_with_a_message_naming_it(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -462,7 +463,23 @@ def test_pods_outlive_their_own_drain_on_sigterm(render: Render) -> None:
         section = config.neuron if isinstance(config, NeuronConfig) else config.gateway
         pod = find(objects, kind, name)["spec"]["template"]["spec"]
         assert section.shutdown_grace in (50, 20)
-        assert pod["terminationGracePeriodSeconds"] == section.shutdown_grace + 15
+        pre_stop = 5 if kind == "Deployment" else 0  # the gateway's preStop delay comes first
+        assert pod["terminationGracePeriodSeconds"] == pre_stop + section.shutdown_grace + 15
+
+
+def test_the_gateway_keeps_serving_until_it_has_left_the_service(render: Render) -> None:
+    """Kubernetes signals the pod as it takes it out of the endpoints; proxies notice later, and an
+    idle gateway exits at once on SIGTERM. A preStop sleep bridges that (its time counts against
+    the grace period)."""
+    dockerfile = (CHART.parents[1] / "Dockerfile.gateway").read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:[\d.]+-slim$", dockerfile, re.M)  # has sleep
+    for args, delay in (((), 5), (("--set", "gateway.preStopSeconds=12"), 12)):
+        pod = find(render(*args), "Deployment", "cortex-gateway")["spec"]["template"]["spec"]
+        (gateway,) = pod["containers"]
+        assert gateway["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", str(delay)]}}
+        assert pod["terminationGracePeriodSeconds"] == delay + 30 + 15
+    off = find(render("--set", "gateway.preStopSeconds=0"), "Deployment", "cortex-gateway")
+    assert "lifecycle" not in container(off, "gateway")
 
 
 def test_several_gateway_pods_get_a_disruption_budget_that_selects_them(render: Render) -> None:
