@@ -34,7 +34,7 @@ ALWAYS = {
     "ConfigMap": 2,
     "Deployment": 2,
     "DaemonSet": 1,
-    "Service": 2,
+    "Service": 3,
     "NetworkPolicy": 1,
 }
 

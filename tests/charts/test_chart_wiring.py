@@ -117,14 +117,27 @@ def test_gateway_probes_and_ports_are_the_ones_it_serves(render: Render) -> None
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "api"}
     assert client.get("/readyz").status_code == 503
     assert TestClient(create_metrics_app(app)).get("/metrics").status_code == 200
-    service = find(objects, "Service", "cortex-gateway")
-    assert {(p["name"], p["targetPort"]) for p in service["spec"]["ports"]} == {
-        ("api", "api"),
-        ("metrics", "metrics"),
-    }
-    assert selects(
-        service["spec"]["selector"], pod_labels(find(objects, "Deployment", "cortex-gateway"))
-    )
+    for name, port in (("cortex-gateway", "api"), ("cortex-gateway-metrics", "metrics")):
+        service = find(objects, "Service", name)
+        assert [(p["name"], p["targetPort"]) for p in service["spec"]["ports"]] == [(port, port)]
+        assert selects(
+            service["spec"]["selector"], pod_labels(find(objects, "Deployment", "cortex-gateway"))
+        )
+
+
+@pytest.mark.parametrize("service_type", ["NodePort", "LoadBalancer"])
+def test_an_exposed_gateway_service_carries_the_api_only(render: Render, service_type: str) -> None:
+    """/metrics on 31314 needs no key: a NodePort or a LoadBalancer must not publish it."""
+    objects = render("--set", f"gateway.service.type={service_type}")
+    exposed = [
+        o
+        for o in objects
+        if o["kind"] == "Service" and o["spec"].get("type", "ClusterIP") != "ClusterIP"
+    ]
+    assert [o["metadata"]["name"] for o in exposed] == ["cortex-gateway"]
+    assert [p["targetPort"] for p in exposed[0]["spec"]["ports"]] == ["api"]
+    metrics = find(objects, "Service", "cortex-gateway-metrics")
+    assert metrics["spec"]["type"] == "ClusterIP"
 
 
 def test_neuron_probes_and_port_are_the_ones_it_serves(render: Render) -> None:
