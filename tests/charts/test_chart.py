@@ -111,6 +111,10 @@ def test_object_names_follow_the_release(render: Render) -> None:
         (["--set", "neuron.modelCache.type=pvc"], "at '/neuron/modelCache/type'"),
         (["--set", "neuron.config.port=1"], "invalid propertyName 'port'"),
         (
+            ["--set", "neuron.config.kv_token=8192"],
+            "at '/neuron/config': additional properties 'kv_token' not allowed",
+        ),
+        (
             ["--set", "neuron.config.shutdown_grace=5"],
             "at '/neuron/config/shutdown_grace': value must be 'set neuron.shutdownGraceSeconds",
         ),

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from rendered import CHART, Render, container, find, pod_labels, run_helm, selects
 
 from cortex.cli.main import _parser
-from cortex.core.config import GatewayConfig, NeuronConfig, parse_config
+from cortex.core.config import GatewayConfig, NeuronConfig, NeuronSection, parse_config
 
 CPU = ["-f", str(CHART / "values-cpu.yaml")]
 
@@ -250,6 +250,22 @@ def test_cpu_install_requests_no_gpu_and_serves_the_small_model(
     (placement,) = (o for o in objects if o["kind"] == "ModelPlacement")
     assert placement["spec"]["model"] == "smollm2-135m-instruct"
     assert placement["spec"]["replicas"]["min"] >= 1
+
+
+def test_neuron_config_takes_exactly_the_keys_the_chart_leaves_to_you(render: Render) -> None:
+    """values.schema.json lists neuron.config's keys, so a misspelt one fails `helm install`
+    rather than every neuron's start; the list is NeuronSection's fields less the chart's own."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    config = schema["properties"]["neuron"]["properties"]["config"]
+    refused = set(config["propertyNames"]["not"]["enum"])
+    fields = set(NeuronSection.model_fields)
+    assert refused <= fields  # a renamed field leaves no stale refusal behind
+    assert set(config["properties"]) - refused == fields - refused
+    assert config["additionalProperties"] is False
+    objects = render("--set", "neuron.preload={smollm2-135m-instruct}")
+    neuron_toml = find(objects, "ConfigMap", "cortex-neuron")["data"]["neuron.toml"]
+    assert set(tomllib.loads(neuron_toml)["neuron"]) <= refused  # what the chart writes itself
+    assert {"admin_token", "admin_token_file"} <= refused  # the token comes from adminToken
 
 
 def test_the_configs_the_chart_writes_are_valid_cortex_configs(render: Render) -> None:
