@@ -4,6 +4,7 @@ objects a cluster needs, and rejects a misspelt value with a message that names 
 from __future__ import annotations
 
 import re
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -214,3 +215,32 @@ def test_two_api_keys_with_one_name_fail(helm: Path) -> None:
     done = run_helm(helm, "template", "cortex", str(CHART), "--set-json", keys)
     assert done.returncode != 0
     assert 'gateway.auth.keys: the name "ci" appears twice' in done.stderr
+
+
+def helm_installs(markdown: Path) -> list[list[str]]:
+    """The `helm install ... charts/cortex` commands of a page's sh blocks: what follows the
+    chart, with paths made absolute and the namespace flags dropped."""
+    text = re.sub(r"\\\n\s*", "", markdown.read_text())  # continuation lines joined
+    installs = []
+    for line in re.findall(r"^helm install \S+ charts/cortex(.*)$", text, re.M):
+        args, kept = iter(shlex.split(line.split("#")[0])), []
+        for arg in args:
+            if arg == "-n":
+                next(args)
+            elif arg != "--create-namespace":
+                kept.append(str(CHART.parents[1] / arg) if arg.startswith("charts/") else arg)
+        installs.append(kept)
+    return installs
+
+
+def test_the_documented_gpu_installs_keep_the_neurons_on_gpu_nodes(render: Render) -> None:
+    """A DaemonSet with no nodeSelector puts a neuron pod on every node; on a mixed cluster those
+    on CPU nodes wait Pending for a GPU forever. The README shows docs/kubernetes.md's selector."""
+    selectors = []
+    for page in (CHART.parents[1] / "README.md", CHART.parents[1] / "docs" / "kubernetes.md"):
+        gpu = [a for a in helm_installs(page) if not any("values-cpu" in x for x in a)]
+        assert gpu, f"{page.name}: no GPU install"
+        for args in gpu:
+            neuron = find(render(*args), "DaemonSet", "cortex-neuron")
+            selectors.append(neuron["spec"]["template"]["spec"].get("nodeSelector"))
+    assert selectors[0] and all(s == selectors[0] for s in selectors), selectors
