@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import tomllib
 from collections import Counter
 from pathlib import Path
 
@@ -244,3 +245,16 @@ def test_the_documented_gpu_installs_keep_the_neurons_on_gpu_nodes(render: Rende
             neuron = find(render(*args), "DaemonSet", "cortex-neuron")
             selectors.append(neuron["spec"]["template"]["spec"].get("nodeSelector"))
     assert selectors[0] and all(s == selectors[0] for s in selectors), selectors
+
+
+def test_the_object_names_the_docs_give_are_the_ones_the_chart_makes(render: Render) -> None:
+    """`<release>-...` in the docs, with release "cortex": a rendered object, or the spend
+    ConfigMap the gateway creates under the name cortex.toml gives it."""
+    objects = render()
+    names = {o["metadata"]["name"] for o in objects}
+    gateway_toml = find(objects, "ConfigMap", "cortex-gateway")["data"]["cortex.toml"]
+    names.add(tomllib.loads(gateway_toml)["auth"]["spend_configmap"])
+    repo = CHART.parents[1]
+    for page in (repo / "README.md", *sorted((repo / "docs").glob("*.md"))):
+        for name in re.findall(r"<release>-([a-z0-9-]*[a-z0-9])", page.read_text()):
+            assert f"cortex-{name}" in names, f"{page.name}: <release>-{name}"
