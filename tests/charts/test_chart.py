@@ -121,6 +121,7 @@ def test_object_names_follow_the_release(render: Render) -> None:
             "at '/neuron/config/shutdown_grace': value must be 'set neuron.shutdownGraceSeconds",
         ),
         (["--set", "gateway.loadTimeout=soon"], "at '/gateway/loadTimeout'"),
+        (["--set", "serviceMonitor.interval=1.5m"], "at '/serviceMonitor/interval'"),
         (["--set", "gateway.preStopSeconds=-1"], "at '/gateway/preStopSeconds': minimum"),
     ],
 )

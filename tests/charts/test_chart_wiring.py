@@ -336,6 +336,31 @@ def test_everything_listens_on_the_listen_host(
     assert liveness == f"http://{address.format(8080)}/healthz"
 
 
+def test_durations_may_be_numbers_of_seconds(render: Render, tmp_path: Path) -> None:
+    """cortex reads 90 as 90 seconds; the schema lets it through, and the ServiceMonitors (which
+    want a Prometheus duration string) get 90s."""
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "gateway:\n  loadTimeout: 90\n  requestTimeout: 90.5\n  auth:\n    keys:\n"
+        "      - {name: ci, budgetTokens: 1000, budgetWindow: 3600}\n"
+        "serviceMonitor: {enabled: true, interval: 60, scrapeTimeout: 15}\n"
+    )
+    for args in (["-f", str(values)], ["-f", str(values), "--set", "gateway.loadTimeout=90"]):
+        objects = render(*args)
+        toml = find(objects, "ConfigMap", "cortex-gateway")["data"]["cortex.toml"]
+        config = parse_config(tomllib.loads(toml), GatewayConfig, "cortex.toml")
+        assert (config.gateway.load_timeout, config.gateway.request_timeout) == (90, 90.5)
+        assert config.auth.keys[0].budget_window == 3600
+        monitors = [o for o in objects if o["kind"] in ("ServiceMonitor", "PodMonitor")]
+        endpoints = [
+            e
+            for m in monitors
+            for e in m["spec"].get("endpoints", m["spec"].get("podMetricsEndpoints"))
+        ]
+        assert len(endpoints) == 3
+        assert {(e["interval"], e["scrapeTimeout"]) for e in endpoints} == {("60s", "15s")}
+
+
 def test_api_keys_reach_the_gateway_as_files(render: Render, tmp_path: Path) -> None:
     """The gateway reads each key from the Secret entry mounted where cortex.toml says."""
     objects = render(
