@@ -4,6 +4,8 @@ objects a cluster needs, and rejects a misspelt value with a message that names 
 from __future__ import annotations
 
 import re
+import shlex
+import tomllib
 from collections import Counter
 from pathlib import Path
 
@@ -34,7 +36,7 @@ ALWAYS = {
     "ConfigMap": 2,
     "Deployment": 2,
     "DaemonSet": 1,
-    "Service": 2,
+    "Service": 3,
     "NetworkPolicy": 1,
 }
 
@@ -111,10 +113,16 @@ def test_object_names_follow_the_release(render: Render) -> None:
         (["--set", "neuron.modelCache.type=pvc"], "at '/neuron/modelCache/type'"),
         (["--set", "neuron.config.port=1"], "invalid propertyName 'port'"),
         (
+            ["--set", "neuron.config.kv_token=8192"],
+            "at '/neuron/config': additional properties 'kv_token' not allowed",
+        ),
+        (
             ["--set", "neuron.config.shutdown_grace=5"],
             "at '/neuron/config/shutdown_grace': value must be 'set neuron.shutdownGraceSeconds",
         ),
         (["--set", "gateway.loadTimeout=soon"], "at '/gateway/loadTimeout'"),
+        (["--set", "serviceMonitor.interval=1.5m"], "at '/serviceMonitor/interval'"),
+        (["--set", "gateway.preStopSeconds=-1"], "at '/gateway/preStopSeconds': minimum"),
     ],
 )
 def test_a_bad_value_fails_with_a_message_naming_it(
@@ -209,3 +217,45 @@ def test_two_api_keys_with_one_name_fail(helm: Path) -> None:
     done = run_helm(helm, "template", "cortex", str(CHART), "--set-json", keys)
     assert done.returncode != 0
     assert 'gateway.auth.keys: the name "ci" appears twice' in done.stderr
+
+
+def helm_installs(markdown: Path) -> list[list[str]]:
+    """The `helm install ... charts/cortex` commands of a page's sh blocks: what follows the
+    chart, with paths made absolute and the namespace flags dropped."""
+    text = re.sub(r"\\\n\s*", "", markdown.read_text())  # continuation lines joined
+    installs = []
+    for line in re.findall(r"^helm install \S+ charts/cortex(.*)$", text, re.M):
+        args, kept = iter(shlex.split(line.split("#")[0])), []
+        for arg in args:
+            if arg == "-n":
+                next(args)
+            elif arg != "--create-namespace":
+                kept.append(str(CHART.parents[1] / arg) if arg.startswith("charts/") else arg)
+        installs.append(kept)
+    return installs
+
+
+def test_the_documented_gpu_installs_keep_the_neurons_on_gpu_nodes(render: Render) -> None:
+    """A DaemonSet with no nodeSelector puts a neuron pod on every node; on a mixed cluster those
+    on CPU nodes wait Pending for a GPU forever. The README shows docs/kubernetes.md's selector."""
+    selectors = []
+    for page in (CHART.parents[1] / "README.md", CHART.parents[1] / "docs" / "kubernetes.md"):
+        gpu = [a for a in helm_installs(page) if not any("values-cpu" in x for x in a)]
+        assert gpu, f"{page.name}: no GPU install"
+        for args in gpu:
+            neuron = find(render(*args), "DaemonSet", "cortex-neuron")
+            selectors.append(neuron["spec"]["template"]["spec"].get("nodeSelector"))
+    assert selectors[0] and all(s == selectors[0] for s in selectors), selectors
+
+
+def test_the_object_names_the_docs_give_are_the_ones_the_chart_makes(render: Render) -> None:
+    """`<release>-...` in the docs, with release "cortex": a rendered object, or the spend
+    ConfigMap the gateway creates under the name cortex.toml gives it."""
+    objects = render()
+    names = {o["metadata"]["name"] for o in objects}
+    gateway_toml = find(objects, "ConfigMap", "cortex-gateway")["data"]["cortex.toml"]
+    names.add(tomllib.loads(gateway_toml)["auth"]["spend_configmap"])
+    repo = CHART.parents[1]
+    for page in (repo / "README.md", *sorted((repo / "docs").glob("*.md"))):
+        for name in re.findall(r"<release>-([a-z0-9-]*[a-z0-9])", page.read_text()):
+            assert f"cortex-{name}" in names, f"{page.name}: <release>-{name}"

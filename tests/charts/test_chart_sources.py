@@ -85,8 +85,11 @@ def test_service_monitors_scrape_the_metrics_ports(render: Render) -> None:
             and selects(monitor["spec"]["selector"]["matchLabels"], o["metadata"]["labels"])
         ]
         (service,) = services  # exactly one Service, hence one scrape job per component
-        # The job is the Service's name: the dashboard's default jobs for release "cortex".
-        assert service["metadata"]["name"] == f"cortex-{component}"
+        # The job: the Service's jobLabel label, else its name (the Prometheus Operator's rule);
+        # the dashboard's default jobs for release "cortex".
+        job_label = monitor["spec"].get("jobLabel", "")
+        job = service["metadata"]["labels"].get(job_label, service["metadata"]["name"])
+        assert job == f"cortex-{component}"
         workload = find(objects, workload_kind, f"cortex-{component}")
         assert selects(service["spec"]["selector"], pod_labels(workload))
         target = service_port(service, port)["targetPort"]

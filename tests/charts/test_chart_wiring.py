@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from fastapi.testclient import TestClient
 from rendered import CHART, Render, container, find, pod_labels, run_helm, selects
 
 from cortex.cli.main import _parser
-from cortex.core.config import GatewayConfig, NeuronConfig, parse_config
+from cortex.core.config import GatewayConfig, NeuronConfig, NeuronSection, parse_config
 
 CPU = ["-f", str(CHART / "values-cpu.yaml")]
 
@@ -116,14 +117,27 @@ def test_gateway_probes_and_ports_are_the_ones_it_serves(render: Render) -> None
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "api"}
     assert client.get("/readyz").status_code == 503
     assert TestClient(create_metrics_app(app)).get("/metrics").status_code == 200
-    service = find(objects, "Service", "cortex-gateway")
-    assert {(p["name"], p["targetPort"]) for p in service["spec"]["ports"]} == {
-        ("api", "api"),
-        ("metrics", "metrics"),
-    }
-    assert selects(
-        service["spec"]["selector"], pod_labels(find(objects, "Deployment", "cortex-gateway"))
-    )
+    for name, port in (("cortex-gateway", "api"), ("cortex-gateway-metrics", "metrics")):
+        service = find(objects, "Service", name)
+        assert [(p["name"], p["targetPort"]) for p in service["spec"]["ports"]] == [(port, port)]
+        assert selects(
+            service["spec"]["selector"], pod_labels(find(objects, "Deployment", "cortex-gateway"))
+        )
+
+
+@pytest.mark.parametrize("service_type", ["NodePort", "LoadBalancer"])
+def test_an_exposed_gateway_service_carries_the_api_only(render: Render, service_type: str) -> None:
+    """/metrics on 31314 needs no key: a NodePort or a LoadBalancer must not publish it."""
+    objects = render("--set", f"gateway.service.type={service_type}")
+    exposed = [
+        o
+        for o in objects
+        if o["kind"] == "Service" and o["spec"].get("type", "ClusterIP") != "ClusterIP"
+    ]
+    assert [o["metadata"]["name"] for o in exposed] == ["cortex-gateway"]
+    assert [p["targetPort"] for p in exposed[0]["spec"]["ports"]] == ["api"]
+    metrics = find(objects, "Service", "cortex-gateway-metrics")
+    assert metrics["spec"]["type"] == "ClusterIP"
 
 
 def test_neuron_probes_and_port_are_the_ones_it_serves(render: Render) -> None:
@@ -238,6 +252,22 @@ def test_cpu_install_requests_no_gpu_and_serves_the_small_model(
     assert placement["spec"]["replicas"]["min"] >= 1
 
 
+def test_neuron_config_takes_exactly_the_keys_the_chart_leaves_to_you(render: Render) -> None:
+    """values.schema.json lists neuron.config's keys, so a misspelt one fails `helm install`
+    rather than every neuron's start; the list is NeuronSection's fields less the chart's own."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    config = schema["properties"]["neuron"]["properties"]["config"]
+    refused = set(config["propertyNames"]["not"]["enum"])
+    fields = set(NeuronSection.model_fields)
+    assert refused <= fields  # a renamed field leaves no stale refusal behind
+    assert set(config["properties"]) - refused == fields - refused
+    assert config["additionalProperties"] is False
+    objects = render("--set", "neuron.preload={smollm2-135m-instruct}")
+    neuron_toml = find(objects, "ConfigMap", "cortex-neuron")["data"]["neuron.toml"]
+    assert set(tomllib.loads(neuron_toml)["neuron"]) <= refused  # what the chart writes itself
+    assert {"admin_token", "admin_token_file"} <= refused  # the token comes from adminToken
+
+
 def test_the_configs_the_chart_writes_are_valid_cortex_configs(render: Render) -> None:
     objects = render(
         *CPU,
@@ -265,9 +295,14 @@ def test_the_configs_the_chart_writes_are_valid_cortex_configs(render: Render) -
 
 @pytest.mark.parametrize(("listen_host", "address"), [(None, "0.0.0.0:{}"), ("::", "[::]:{}")])
 def test_everything_listens_on_the_listen_host(
-    render: Render, listen_host: str | None, address: str
+    render: Render,
+    listen_host: str | None,
+    address: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """IPv4 by default; `::` for IPv6 clusters, where the operator probes http://[pod IP]:13131."""
+    from cortex.cli import commands
     from cortex.gateway.app import _split
 
     objects = render(*(["--set-string", f"listenHost={listen_host}"] if listen_host else []))
@@ -283,9 +318,47 @@ def test_everything_listens_on_the_listen_host(
         address.format(31314),
     )
     assert _split(gateway.listen) == (host, 31313)
+    # What the gateway pod resolves: its command line over cortex.toml, under the image's
+    # CORTEX_HOST (Dockerfile.gateway sets one), which must not win over listenHost.
+    monkeypatch.setenv("CORTEX_HOST", "192.0.2.1")
+    pod = container(find(objects, "Deployment", "cortex-gateway"), "gateway")
+    args = _parser().parse_args(pod["args"])
+    (tmp_path / "cortex.toml").write_text(gateway_toml)
+    args.config = str(tmp_path / "cortex.toml")
+    resolved = commands.gateway_config(args).gateway
+    assert (resolved.listen, resolved.metrics_listen) == (gateway.listen, gateway.metrics_listen)
+    bound: list[str] = []
+    monkeypatch.setattr(commands, "check_port", lambda host, *_: bound.append(host))
+    commands.check_gateway_ports(commands.gateway_config(args))
+    assert bound == [host, host]  # bind() takes ::, not [::]
     operator = container(find(objects, "Deployment", "cortex-operator"), "operator")
     liveness = _parser().parse_args(operator["args"]).liveness
     assert liveness == f"http://{address.format(8080)}/healthz"
+
+
+def test_durations_may_be_numbers_of_seconds(render: Render, tmp_path: Path) -> None:
+    """cortex reads 90 as 90 seconds; the schema lets it through, and the ServiceMonitors (which
+    want a Prometheus duration string) get 90s."""
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "gateway:\n  loadTimeout: 90\n  requestTimeout: 90.5\n  auth:\n    keys:\n"
+        "      - {name: ci, budgetTokens: 1000, budgetWindow: 3600}\n"
+        "serviceMonitor: {enabled: true, interval: 60, scrapeTimeout: 15}\n"
+    )
+    for args in (["-f", str(values)], ["-f", str(values), "--set", "gateway.loadTimeout=90"]):
+        objects = render(*args)
+        toml = find(objects, "ConfigMap", "cortex-gateway")["data"]["cortex.toml"]
+        config = parse_config(tomllib.loads(toml), GatewayConfig, "cortex.toml")
+        assert (config.gateway.load_timeout, config.gateway.request_timeout) == (90, 90.5)
+        assert config.auth.keys[0].budget_window == 3600
+        monitors = [o for o in objects if o["kind"] in ("ServiceMonitor", "PodMonitor")]
+        endpoints = [
+            e
+            for m in monitors
+            for e in m["spec"].get("endpoints", m["spec"].get("podMetricsEndpoints"))
+        ]
+        assert len(endpoints) == 3
+        assert {(e["interval"], e["scrapeTimeout"]) for e in endpoints} == {("60s", "15s")}
 
 
 def test_api_keys_reach_the_gateway_as_files(render: Render, tmp_path: Path) -> None:
@@ -421,7 +494,12 @@ def test_the_gateway_runs_in_kubernetes_mode(render: Render) -> None:
     """`--kubernetes`: the fleet comes from the CRDs (docs/kubernetes.md)."""
     gateway = container(find(render(), "Deployment", "cortex-gateway"), "gateway")
     assert gateway["command"] == ["cortex"]
-    assert gateway["args"] == ["gateway", "--kubernetes", "--config=/etc/cortex/cortex.toml"]
+    assert gateway["args"] == [
+        "gateway",
+        "--kubernetes",
+        "--config=/etc/cortex/cortex.toml",
+        "--host=0.0.0.0",
+    ]
     (namespace,) = (e for e in gateway["env"] if e["name"] == "CORTEX_NAMESPACE")
     assert namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
 
@@ -439,7 +517,23 @@ def test_pods_outlive_their_own_drain_on_sigterm(render: Render) -> None:
         section = config.neuron if isinstance(config, NeuronConfig) else config.gateway
         pod = find(objects, kind, name)["spec"]["template"]["spec"]
         assert section.shutdown_grace in (50, 20)
-        assert pod["terminationGracePeriodSeconds"] == section.shutdown_grace + 15
+        pre_stop = 5 if kind == "Deployment" else 0  # the gateway's preStop delay comes first
+        assert pod["terminationGracePeriodSeconds"] == pre_stop + section.shutdown_grace + 15
+
+
+def test_the_gateway_keeps_serving_until_it_has_left_the_service(render: Render) -> None:
+    """Kubernetes signals the pod as it takes it out of the endpoints; proxies notice later, and an
+    idle gateway exits at once on SIGTERM. A preStop sleep bridges that (its time counts against
+    the grace period)."""
+    dockerfile = (CHART.parents[1] / "Dockerfile.gateway").read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:[\d.]+-slim$", dockerfile, re.M)  # has sleep
+    for args, delay in (((), 5), (("--set", "gateway.preStopSeconds=12"), 12)):
+        pod = find(render(*args), "Deployment", "cortex-gateway")["spec"]["template"]["spec"]
+        (gateway,) = pod["containers"]
+        assert gateway["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", str(delay)]}}
+        assert pod["terminationGracePeriodSeconds"] == delay + 30 + 15
+    off = find(render("--set", "gateway.preStopSeconds=0"), "Deployment", "cortex-gateway")
+    assert "lifecycle" not in container(off, "gateway")
 
 
 def test_several_gateway_pods_get_a_disruption_budget_that_selects_them(render: Render) -> None:

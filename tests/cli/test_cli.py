@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,18 @@ def test_config_mistakes_are_one_line_naming_the_key(
     done = _cortex("config", "check", str(path))
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert said in done.stderr
+
+
+def test_an_ipv6_listen_address_is_checked_without_its_brackets() -> None:
+    """cortex.toml writes `[::1]:port`; bind() takes `::1` ("Name or service not known" else)."""
+    from cortex.cli.commands import check_gateway_ports
+    from cortex.core.config import GatewayConfig, GatewaySection
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    section = GatewaySection(listen=f"[::1]:{port}", metrics_listen=None)
+    check_gateway_ports(GatewayConfig(gateway=section))  # free: no error

@@ -33,6 +33,24 @@ def test_the_token_comes_from_a_file_and_a_rotation_needs_no_restart(
     assert from_env.neuron.admin_secret() == "second-token" and not from_env.neuron.lifecycle_open
 
 
+def test_a_token_variable_ending_in_a_newline_is_the_token_the_operator_sends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Secret made with --from-file keeps the file's newline: the neuron gets it in
+    CORTEX_ADMIN_TOKEN, the operator reads the same Secret mounted as a file (the chart)."""
+    from cortex.operator.config import read_admin_token
+
+    mounted = tmp_path / "token"
+    mounted.write_text("s3cret\n")
+    monkeypatch.delenv("CORTEX_ADMIN_TOKEN", raising=False)
+    sent = read_admin_token(str(mounted))
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", "s3cret\n")
+    expected = commands.neuron_config(_parser().parse_args(["neuron"])).neuron.admin_secret()
+    assert expected == sent == "s3cret"
+    assert read_admin_token(None) == "s3cret"  # the operator given the variable instead
+    assert _parser().parse_args(["models", "list"]).admin_token == "s3cret"  # and the CLI
+
+
 def test_cortex_up_gives_its_neuron_a_random_token_and_the_gateway_the_same() -> None:
     args = _parser().parse_args(["up"])
     first, second = commands.in_process_neuron(args), commands.in_process_neuron(args)

@@ -86,3 +86,9 @@ of them are valid TOML too.
 {{- $host := .root.Values.listenHost -}}
 {{- if contains ":" $host }}[{{ $host }}]:{{ .port }}{{ else }}{{ $host }}:{{ .port }}{{ end -}}
 {{- end }}
+
+{{/* A Prometheus duration (a ServiceMonitor interval): a number, or only digits, is seconds. */}}
+{{- define "cortex.scrapeDuration" -}}
+{{- $text := toString . -}}
+{{- if regexMatch "^[0-9]+$" $text }}{{ printf "%ss" $text | quote }}{{ else }}{{ $text | quote }}{{ end -}}
+{{- end }}

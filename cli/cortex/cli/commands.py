@@ -41,6 +41,7 @@ from cortex.core.config import (
     NeuronConfig,
     NeuronEntry,
     NeuronSection,
+    admin_token_from_env,
     load_config,
     load_gateway_config,
 )
@@ -78,7 +79,7 @@ def neuron_config(args: argparse.Namespace, known: Sequence[ModelSpec] = ()) -> 
         section.port = int(args.port or section.port)
         token, token_file = args.admin_token, args.admin_token_file
         if token is None and token_file is None:  # a flag of either kind wins over a variable
-            token = os.environ.get("CORTEX_ADMIN_TOKEN") or None
+            token = admin_token_from_env()
             token_file = os.environ.get("CORTEX_ADMIN_TOKEN_FILE") or None
         section.admin_token = token or section.admin_token
         if token_file and not token:
@@ -125,7 +126,7 @@ def check_gateway_ports(config: GatewayConfig) -> None:
     ):
         if listen:
             host, _, port = listen.rpartition(":")
-            check_port(host, int(port), what)
+            check_port(host.strip("[]"), int(port), what)  # [::]:31313: bind() takes ::
 
 
 def in_process_neuron(args: argparse.Namespace, known: Sequence[ModelSpec] = ()) -> NeuronConfig:
@@ -207,11 +208,13 @@ def operator(args: argparse.Namespace) -> int:
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     config = load_gateway_config(Path(args.config).expanduser() if args.config else None)
     section = config.gateway
+    bare = (args.host or "").strip("[]")
+    flag_host = f"[{bare}]" if ":" in bare else bare  # --host :: listens on [::]:31313
     host, _, port = section.listen.rpartition(":")
-    section.listen = f"{args.host or host}:{args.port or port}"
+    section.listen = f"{flag_host or host}:{args.port or port}"
     if section.metrics_listen and (args.host or args.metrics_port):
         metrics_host, _, metrics_port = section.metrics_listen.rpartition(":")
-        section.metrics_listen = f"{args.host or metrics_host}:{args.metrics_port or metrics_port}"
+        section.metrics_listen = f"{flag_host or metrics_host}:{args.metrics_port or metrics_port}"
     return config
 
 

@@ -21,7 +21,8 @@ T = TypeVar("T")
 
 
 def _env(name: str) -> str | None:
-    return os.environ.get(f"CORTEX_{name.upper().replace('-', '_')}") or None
+    """CORTEX_<NAME>, stripped: a variable filled from a Secret file often ends in a newline."""
+    return os.environ.get(f"CORTEX_{name.upper().replace('-', '_')}", "").strip() or None
 
 
 def _port(value: str) -> int:

@@ -125,6 +125,12 @@ class NeuronSection(_Section):
         return not (self.admin_token or self.admin_token_file) and not is_loopback(self.host)
 
 
+def admin_token_from_env() -> str | None:
+    """CORTEX_ADMIN_TOKEN without surrounding whitespace (a Secret made with --from-file keeps the
+    file's newline), as admin_token_file's token is read; None when unset or blank."""
+    return os.environ.get("CORTEX_ADMIN_TOKEN", "").strip() or None
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

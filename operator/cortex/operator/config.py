@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cortex.core.config import admin_token_from_env
+
 DEFAULT_NEURON_SELECTOR = {
     "app.kubernetes.io/name": "cortex",
     "app.kubernetes.io/component": "neuron",
@@ -62,9 +64,10 @@ def default_namespace() -> str:
 
 
 def read_admin_token(path: str | None) -> str | None:
-    """The neurons' admin token: CORTEX_ADMIN_TOKEN, else the file's first line."""
-    if os.environ.get("CORTEX_ADMIN_TOKEN"):
-        return os.environ["CORTEX_ADMIN_TOKEN"]
+    """The neurons' admin token: CORTEX_ADMIN_TOKEN, else the file's first line; stripped both
+    ways, as the neuron strips it (cortex.core.config.admin_token_from_env)."""
+    if token := admin_token_from_env():
+        return token
     if path:
         return Path(path).expanduser().read_text().strip() or None
     return None
