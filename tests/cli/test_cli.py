@@ -115,3 +115,26 @@ def test_an_ipv6_listen_address_is_checked_without_its_brackets() -> None:
         pytest.skip("no IPv6 loopback here")
     section = GatewaySection(listen=f"[::1]:{port}", metrics_listen=None)
     check_gateway_ports(GatewayConfig(gateway=section))  # free: no error
+
+
+def test_host_does_not_move_a_metrics_listen_the_config_chose(tmp_path: Path) -> None:
+    """The metrics port has no key: `--host 0.0.0.0` opens the API, not a metrics port that
+    cortex.toml keeps on loopback; with no metrics_listen in the file, it moves both."""
+    from cortex.cli.commands import gateway_config
+
+    chosen = tmp_path / "chosen.toml"
+    chosen.write_text('[gateway]\nmetrics_listen = "127.0.0.1:9100"\n')
+    plain = tmp_path / "plain.toml"
+    plain.write_text("[gateway]\n")
+    args = _parser().parse_args(["gateway", "--host", "0.0.0.0", "--config", str(chosen)])
+    config = gateway_config(args)
+    assert (config.gateway.listen, config.gateway.metrics_listen) == (
+        "0.0.0.0:31313",
+        "127.0.0.1:9100",
+    )
+    args = _parser().parse_args(["gateway", "--host", "0.0.0.0", "--config", str(plain)])
+    config = gateway_config(args)
+    assert (config.gateway.listen, config.gateway.metrics_listen) == (
+        "0.0.0.0:31313",
+        "0.0.0.0:31314",
+    )

@@ -213,8 +213,12 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     host, _, port = section.listen.rpartition(":")
     section.listen = f"{flag_host or host}:{args.port or port}"
     if section.metrics_listen and (args.host or args.metrics_port):
+        # The metrics port has no key: --host moves it only where cortex.toml leaves it at its
+        # default, never off an address the config chose for it (docs/security.md).
+        chosen = "metrics_listen" in section.model_fields_set
         metrics_host, _, metrics_port = section.metrics_listen.rpartition(":")
-        section.metrics_listen = f"{flag_host or metrics_host}:{args.metrics_port or metrics_port}"
+        metrics_host = metrics_host if chosen else flag_host or metrics_host
+        section.metrics_listen = f"{metrics_host}:{args.metrics_port or metrics_port}"
     return config
 
 
