@@ -439,6 +439,18 @@ def test_admin_token_reaches_the_operator_and_the_neurons(render: Render) -> Non
             "items": [{"key": key, "path": "token"}],
         }
         assert path == f"{mount['mountPath']}/token"
+        # The gateway holds it too: the neurons trust a request's key (per-key fairness) only
+        # from a caller with their token.
+        gateway = find(objects, "Deployment", "cortex-gateway")
+        (gateway_mount,) = (
+            m for m in container(gateway, "gateway")["volumeMounts"] if m["name"] == "admin-token"
+        )
+        (gateway_volume,) = (
+            v for v in gateway["spec"]["template"]["spec"]["volumes"] if v["name"] == "admin-token"
+        )
+        assert gateway_volume["secret"] == volume["secret"]
+        toml = tomllib.loads(find(objects, "ConfigMap", "cortex-gateway")["data"]["cortex.toml"])
+        assert toml["auth"]["neuron_admin_token_file"] == f"{gateway_mount['mountPath']}/token"
         generated = [
             o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == secret_name
         ]

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from cortex.core.catalogue import parse_bytes, parse_seconds
 from cortex.core.config import (
+    AuthSection,
     ConfigError,
     GatewayConfig,
     NeuronConfig,
@@ -109,3 +111,14 @@ def test_an_api_key_can_come_from_a_file(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="key_file to a non-empty file"):
         empty.auth.keys[0].secret()
+
+
+def test_the_neuron_admin_token_comes_from_one_place(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    assert AuthSection(neuron_admin_token_file=token).neuron_admin_secret() == "s3cret"
+    assert AuthSection(neuron_admin_token="t").neuron_admin_secret() == "t"
+    with pytest.raises(ValidationError, match="not both"):
+        AuthSection(neuron_admin_token="t", neuron_admin_token_file=token)
+    with pytest.raises(ConfigError, match="neuron_admin_token_file"):
+        AuthSection(neuron_admin_token_file=tmp_path / "missing").neuron_admin_secret()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 from fakes.neuron import FakeNeuron, GiB
@@ -108,13 +109,21 @@ async def test_defragmentation_moves_a_replica_instead_of_evicting() -> None:
         assert len(n1.unloads + n2.unloads) == 1
 
 
-async def test_admin_token_is_sent_on_load_and_unload() -> None:
+@pytest.mark.parametrize("given", ["value", "file"])
+async def test_admin_token_is_sent_on_load_and_unload(given: str, tmp_path: Path) -> None:
+    """From `neuron_admin_token`, or from `neuron_admin_token_file` (the chart's gateway: a
+    mounted Secret, whose file may end in a newline)."""
     n1 = crowded(old=100)
     n1.admin_token = "s3cret"
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    auth = {"neuron_admin_token": "s3cret"} if given == "value" else {}
+    if given == "file":
+        auth = {"neuron_admin_token_file": str(token)}
     async with cluster(
         n1,
         catalogue=[spec("old"), spec("a"), spec("b", memory=3 * GiB)],
-        auth={"neuron_admin_token": "s3cret"},
+        auth=auth,
     ) as c:
         assert (await c.http.post("/v1/chat/completions", json=chat_body("a"))).status_code == 200
         assert (await c.http.post("/v1/chat/completions", json=chat_body("b"))).status_code == 200

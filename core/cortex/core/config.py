@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cortex.core.catalogue import ByteSize, ModelSpec, Seconds
 from cortex.core.placement.model import Strategy
@@ -246,7 +246,13 @@ class AuthSection(_Section):
     enabled: bool = False
     keys: list[ApiKey] = Field(default_factory=list)
     neuron_admin_token: str | None = Field(
-        default=None, repr=False, description="sent to neurons on load/unload"
+        default=None,
+        repr=False,
+        description="sent to neurons on load/unload, and with the principal of each request "
+        "(a neuron trusts the principal it is told only with its token)",
+    )
+    neuron_admin_token_file: Path | None = Field(
+        default=None, description="neuron_admin_token from this file (read at start)"
     )
     spend_db: Path = Field(
         default=Path("~/.cache/cortex/gateway.sqlite3"),
@@ -259,6 +265,25 @@ class AuthSection(_Section):
         description="on Kubernetes, keep the spend in this ConfigMap of the gateway's namespace "
         "instead of spend_db: every gateway replica shares it, and it outlives the pods",
     )
+
+    @model_validator(mode="after")
+    def _one_neuron_token(self) -> AuthSection:
+        if self.neuron_admin_token and self.neuron_admin_token_file:
+            raise ValueError("set neuron_admin_token or neuron_admin_token_file, not both")
+        return self
+
+    def neuron_admin_secret(self) -> str | None:
+        """neuron_admin_token, or the contents of neuron_admin_token_file."""
+        if self.neuron_admin_token_file is None:
+            return self.neuron_admin_token
+        path = self.neuron_admin_token_file.expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"neuron_admin_token_file {path}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(f"neuron_admin_token_file {path}: empty")
+        return token
 
 
 class GatewayConfig(_Section):

@@ -82,7 +82,7 @@ class Gateway:
         self.fleet = Fleet(
             [*config.neurons, *self._extra_neurons] if kubernetes is None else [],
             unhealthy_after=section.unhealthy_after,
-            admin_token=config.auth.neuron_admin_token,
+            admin_token=config.auth.neuron_admin_secret(),
             request_timeout=section.request_timeout,
         )
         self.auth = Authenticator(config.auth)
@@ -205,7 +205,7 @@ class Gateway:
         # models_file is not among them: its models were read again above.
         fields = [name for name in GatewaySection.model_fields if name != "models_file"]
         later = [f"gateway.{name}" for name in differing(old.gateway, config.gateway, fields)]
-        restart = ("spend_db", "spend_configmap", "neuron_admin_token")
+        restart = ("spend_db", "spend_configmap", "neuron_admin_token", "neuron_admin_token_file")
         later += [f"auth.{name}" for name in differing(old.auth, config.auth, restart)]
         if later:
             changes.append(f"needs a restart to change: {', '.join(later)}")
