@@ -29,7 +29,7 @@ from cortex.core.protocol.errors import error_headers
 from cortex.core.protocol.openai import Usage
 from cortex.core.shutdown import Drain
 from cortex.gateway.auth import Authenticator, Principal
-from cortex.gateway.budget import check_output_limit, worst_case
+from cortex.gateway.budget import check_output_limit, completion_reserve, prompt_estimate
 from cortex.gateway.catalogue import Catalogue
 from cortex.gateway.dialects.dialect import (
     Chat,
@@ -122,11 +122,12 @@ class Proxy:
         strict = (
             self.strict_max_tokens if spec.strict_max_tokens is None else spec.strict_max_tokens
         )
-        tokens = 0
+        prompt = completion = 0
         if asked.budgeted is not None:
             if strict:
                 check_output_limit(spec, asked.budgeted)
-            tokens = worst_case(
+            prompt = prompt_estimate(asked.budgeted)
+            completion = completion_reserve(
                 asked.budgeted,
                 embedding=spec.kind == "embedding",
                 context=spec.context,
@@ -144,7 +145,8 @@ class Proxy:
             disconnected=None if asked.stream else request.is_disconnected,
             cost=spec.cost,
             completion=CompletionPolicy(strict, spec.max_output_tokens),
-            reservation=self.ledger.reserve(principal, tokens, time.time()),
+            reservation=self.ledger.reserve(principal, prompt + completion, time.time()),
+            prompt_estimate=prompt,
         )
         exchange.reported.update(_budget_headers(dialect.surface, exchange.reservation))
         return exchange
