@@ -97,12 +97,17 @@ def completion_reserve(
 ) -> int:
     """The most output a request may be charged: its completion limit, which the model's
     context and output limit `cap` bound (the neuron fits max_tokens to both), or the context
-    or UNBOUNDED_COMPLETION when the request sets none; nothing for an embedding."""
+    or UNBOUNDED_COMPLETION when the request sets none; nothing for an embedding. Of several
+    limits the largest: which one the neuron obeys depends on the API (chat prefers
+    max_completion_tokens, Responses has max_output_tokens), and the reserve must cover it."""
     if embedding:
         return 0
-    for name in _COMPLETION_LIMITS:
-        limit = body.get(name)
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
-            bounds = [b for b in (context, cap) if b is not None]
-            return min([limit, *bounds])
-    return cap or context or UNBOUNDED_COMPLETION
+    limits = [
+        limit
+        for name in _COMPLETION_LIMITS
+        if isinstance(limit := body.get(name), int) and not isinstance(limit, bool) and limit >= 0
+    ]
+    if not limits:
+        return cap or context or UNBOUNDED_COMPLETION
+    bounds = [b for b in (context, cap) if b is not None]
+    return min([max(limits), *bounds])
