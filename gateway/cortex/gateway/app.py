@@ -91,7 +91,9 @@ class GatewayAPI(FastAPI):
     def __init__(self, drain: Drain, **settings: Any) -> None:
         super().__init__(**settings)
         control = BodyLimit(super().__call__, limit=CONTROL_BODY_BYTES, refuse=_refuse_body)
-        self._front = DrainGate(RequestContext(InferenceRoutes(control)), drain=drain)
+        # Any client of the API port can send cortex's agent: none is taken for an internal poll.
+        front = RequestContext(InferenceRoutes(control), polls=frozenset())
+        self._front = DrainGate(front, drain=drain)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope["app"] = self  # what Request.app reads, on the short road as in FastAPI's stack
