@@ -21,14 +21,13 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cortex.core.catalogue import unknown_model
 from cortex.core.client import NeuronAnswer
 from cortex.core.completion_limit import CompletionPolicy
 from cortex.core.errors import ClientGone, CortexError, ModelNotFound, NeuronUnavailable
 from cortex.core.protocol.errors import error_headers
 from cortex.core.protocol.openai import Usage
 from cortex.core.shutdown import Drain
-from cortex.gateway.auth import Authenticator, Principal
+from cortex.gateway.auth import Authenticator, Principal, unseen
 from cortex.gateway.budget import check_output_limit, completion_reserve, prompt_estimate
 from cortex.gateway.catalogue import Catalogue
 from cortex.gateway.dialects.dialect import (
@@ -115,9 +114,7 @@ class Proxy:
         try:
             spec = self.catalogue.resolve(asked.model)
         except ModelNotFound:
-            # Guess only among models this caller may use: a hint must not reveal the others.
-            visible = [s for s in self.catalogue.specs() if self.auth.allows(principal, s)]
-            raise ModelNotFound(unknown_model(visible, asked.model), param="model") from None
+            raise unseen(principal, self.catalogue.specs(), asked.model) from None
         self.auth.authorize(principal, spec)
         strict = (
             self.strict_max_tokens if spec.strict_max_tokens is None else spec.strict_max_tokens
