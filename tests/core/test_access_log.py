@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from cortex.cli import commands
 from cortex.core.access_log import ACCESS_LOGGER, AccessLine, RedactQuery, redact_access_log
 from cortex.core.config import GatewayConfig, NeuronConfig
+from cortex.core.request_context import RequestContext
 from cortex.gateway import app as gateway_app
 
 SECRET = "sk-query-secret-123"
@@ -60,6 +61,33 @@ async def test_query_strings_never_reach_the_access_log(access: Lines) -> None:
     logged = "\n".join(access.lines)
     assert "/v1/models?[redacted]" in logged and '"GET /v1/models HTTP/1.1" 200' in logged
     assert SECRET not in logged and TOKEN not in logged
+
+
+async def test_only_a_neurons_state_polls_are_left_out(access: Lines) -> None:
+    """cortex's own agent keeps the gateway's polls of a neuron's state out of its log; anyone
+    can send that agent, so it hides nothing else, and nothing at all on the gateway."""
+    gateway = gateway_app.create_app(GatewayConfig.model_validate({"neurons": []}), [])
+    neuron = FastAPI()
+    for path in ("/status", "/v1/models"):
+        neuron.add_api_route(path, lambda: {}, methods=["GET"])
+    agent = {"user-agent": "cortex-gateway/1"}
+    async with (
+        running(gateway, lifespan="on") as gateway_live,
+        running(RequestContext(neuron)) as neuron_live,
+    ):
+        redact_access_log()
+        logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
+        logging.getLogger(ACCESS_LOGGER).addHandler(access)
+        async with httpx.AsyncClient(headers=agent) as http:
+            for path in ("/livez", "/v1/models", "/health"):
+                await http.get(gateway_live.url + path)
+            for path in ("/status", "/v1/models"):
+                await http.get(neuron_live.url + path)
+    logged = "\n".join(access.lines)
+    for path in ("/livez", "/v1/models", "/health"):
+        assert f'"GET {path} HTTP/1.1"' in logged
+    assert logged.count('"GET /v1/models HTTP/1.1"') == 2  # the gateway's and the neuron's
+    assert "/status" not in logged
 
 
 def _installed() -> bool:

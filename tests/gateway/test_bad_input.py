@@ -144,3 +144,27 @@ async def test_a_bad_element_of_a_list_is_named_not_the_string_alternative(route
         assert error["message"] == said
         if not route.startswith("/v1/messages"):
             assert error["param"] == said.split(":")[0]
+
+
+@pytest.mark.parametrize("path", ["/session", "/admin/models/chat-a/load", "/admin/keys/x/reset"])
+async def test_control_routes_cap_their_bodies_before_the_key_check(path: str) -> None:
+    """FastAPI reads a body before the key is checked: without a cap on /admin/* and /session, a
+    caller with no key could make the gateway hold any amount (docs/security.md)."""
+    auth = {"enabled": True, "keys": [{"name": "root", "key": "sk-root", "admin": True}]}
+    async with cluster(FakeNeuron("n1"), catalogue=[spec(MODEL)], auth=auth) as c:
+        headers = {"content-type": "application/json"}
+        for body in (b"x" * 2**20, _megabytes(4)):  # with Content-Length, then without
+            too_large = await c.http.post(path, content=body, headers=headers)
+            error = assert_shape(path, too_large, 413)
+            assert error["code"] == "request_too_large"
+        # A form of the usual size is still read: the key is judged, not the size.
+        small = await c.http.post(path, content=b"key=sk-root", headers=headers)
+        assert small.status_code != 413
+
+
+def _megabytes(n: int) -> Any:
+    async def gen() -> Any:
+        for _ in range(n):
+            yield b"x" * 2**20
+
+    return gen()

@@ -60,3 +60,19 @@ def test_spend_outlives_the_store(tmp_path: Path) -> None:
     assert reopened.spent("carol", since=10) == 12  # a window starting at 10 excludes t=10
     assert reopened.charges("carol", since=0) == [(10.0, 30), (70.0, 12)]
     assert reopened.spent("nobody", since=0) == 0
+
+
+def test_the_reserve_covers_whichever_completion_limit_the_neuron_obeys() -> None:
+    """Chat obeys max_completion_tokens over max_tokens, Responses max_output_tokens: a small
+    max_tokens beside a large one of those must not reserve the small one."""
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+    def reserved_output(body: dict[str, object], context: int | None = None) -> int:
+        prompt = worst_case(body, embedding=True, context=context)
+        return worst_case(body, embedding=False, context=context) - prompt
+
+    for name in ("max_completion_tokens", "max_output_tokens"):
+        body = {**base, "max_tokens": 1, name: 50_000}
+        assert reserved_output(body) == 50_000
+        assert reserved_output({**body, name: 3}) == 3
+        assert reserved_output(body, context=8192) == 8192

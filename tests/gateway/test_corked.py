@@ -9,6 +9,7 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import uvicorn
 
 from cortex.gateway.corked import CorkedHttpToolsProtocol, CorkedTransport
@@ -100,4 +101,43 @@ async def test_a_stream_still_leaves_chunk_by_chunk() -> None:
         first_read.set()
         rest = await asyncio.wait_for(reader.read(), timeout=10)  # the server closes
         assert rest.endswith(b"two;\r\n0\r\n\r\n")
+        writer.close()
+
+
+async def _ok(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\n" + b"".join(b"x-pad-%d: %s\r\n" % (i, b"a" * 2**20) for i in range(8)),
+        b"GET / HTTP/1.1\r\nx-one: " + b"a" * 8 * 2**20 + b"\r\n",  # one header, 8 MiB
+        b"GET /" + b"a" * 8 * 2**20 + b" HTTP/1.1\r\n",  # a path of 8 MiB
+    ],
+    ids=["many-headers", "one-header", "long-path"],
+)
+async def test_a_request_head_past_the_cap_is_431_before_it_is_all_read(head: bytes) -> None:
+    """uvicorn and httptools would keep any head whole in memory; a caller with no key could
+    send the gateway megabytes of it (docs/security.md, "Request sizes")."""
+    async with corked_server(_ok) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+        writer.close()
+        # A head of the usual size, and a body of any size within a route's own cap, still pass.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b"b" * 2**20
+        usual = b"POST / HTTP/1.1\r\nhost: x\r\nx-pad: %s\r\n" % (b"a" * 30_000)
+        writer.write(usual + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nok\r\n" in answer
         writer.close()

@@ -282,9 +282,14 @@ async def test_model_lists_follow_the_allowlist() -> None:
         listed = (await c.http.get("/v1/models", headers=bob)).json()["data"]
         assert [m["id"] for m in listed] == ["chat-a"]
         assert (await c.http.get("/v1/models/a-alias", headers=bob)).json()["id"] == "chat-a"
+        # Outside the allowlist reads as absent, and a guess names only what bob may use.
         hidden = await c.http.get("/v1/models/chat-b", headers=bob)
         assert hidden.status_code == 404
-        assert hidden.json()["error"]["message"] == "model 'chat-b' does not exist"
+        message = hidden.json()["error"]["message"]
+        assert message == "model 'chat-b' does not exist; did you mean chat-a?"
+        near = await c.http.get("/v1/models/chat-b2", headers=bob)
+        assert near.status_code == 404
+        assert "did you mean chat-b" not in near.json()["error"]["message"]
         everyone = (await c.http.get("/v1/models", headers={"x-api-key": SECRETS["alice"]})).json()
         assert {m["id"] for m in everyone["data"]} == {"chat-a", "chat-b"}
 

@@ -115,3 +115,49 @@ async def test_the_proxy_settles_a_call_cancelled_before_its_answer() -> None:
     with pytest.raises(asyncio.CancelledError):
         await proxy.run(exchange, CHAT, CHAT.parse(chat_body("m")), scope, None, None)  # type: ignore[arg-type]
     assert ledger.reserved("k") == 0 and ledger.spent(principal, time.time()) == 0
+
+
+PROMPT = " ".join(["word"] * 5000)  # 5000 prompt tokens, as the fake neuron counts them
+CUT_STREAMS = {
+    "/v1/chat/completions": chat_body("chat-a", PROMPT, stream=True, max_tokens=64),
+    "/v1/completions": {"model": "chat-a", "prompt": PROMPT, "stream": True, "max_tokens": 64},
+    "/v1/responses": {"model": "chat-a", "input": PROMPT, "stream": True, "max_output_tokens": 64},
+    "/v1/messages": {**chat_body("chat-a", PROMPT, stream=True), "max_tokens": 64},
+}
+
+
+@pytest.mark.parametrize("path", list(CUT_STREAMS))
+async def test_a_stream_cut_before_its_usage_came_is_charged_its_prompt(path: str) -> None:
+    """This neuron reports usage only at the end: a client leaving after the first token still
+    pays for the prompt the neuron read (its estimate), not for the one token it saw."""
+    n1 = neuron()
+    n1.faults.hold = asyncio.Event()  # the stream stops after its first chunk
+    async with cluster(n1, catalogue=CATALOGUE, auth=auth(":memory:", 10**6)) as c:
+        async with c.http.stream("POST", path, json=CUT_STREAMS[path], headers=HEADERS) as cut:
+            seen = b""
+            async for chunk in cut.aiter_bytes():
+                seen += chunk
+                if b"Hello" in seen:
+                    break
+        await eventually(lambda: c.gateway.ledger.reserved("tight") == 0)
+        tight = c.gateway.auth.authenticate(HEADERS)
+        assert c.gateway.ledger.spent(tight, time.time()) >= 5000
+
+
+async def test_a_plain_call_whose_client_left_is_charged_its_prompt() -> None:
+    n1 = neuron()
+    n1.faults.hold = asyncio.Event()  # the neuron works on the answer until the client leaves
+    async with cluster(n1, catalogue=CATALOGUE, auth=auth(":memory:", 10**6)) as c:
+        body = chat_body("chat-a", PROMPT, max_tokens=64)
+        asked = asyncio.create_task(c.http.post("/v1/chat/completions", json=body, headers=HEADERS))
+        await eventually(lambda: len(n1.requests) == 1)
+        asked.cancel()
+        await eventually(lambda: n1.disconnects == 1 and c.gateway.ledger.reserved("tight") == 0)
+        tight = c.gateway.auth.authenticate(HEADERS)
+        spent = c.gateway.ledger.spent(tight, time.time())
+        assert spent >= 5000
+        # A call the neuron refused costs nothing.
+        n1.faults.hold, n1.faults.reject = None, "no"
+        refused = await c.http.post("/v1/chat/completions", json=body, headers=HEADERS)
+        assert refused.status_code == 400
+        assert c.gateway.ledger.spent(tight, time.time()) == spent

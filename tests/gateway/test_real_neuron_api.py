@@ -4,14 +4,18 @@ scripted runtime: the wire contract between the two, without a model."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import httpx
 import openai
 import pytest
 from fakes.neuron import running
-from gateway_cluster import FAST
+from gateway_cluster import FAST, eventually
 
 from cortex.core.config import GatewayConfig
 from cortex.gateway.app import create_app
@@ -73,3 +77,92 @@ async def test_gateway_serves_through_the_real_neuron_api() -> None:
                 with pytest.raises(openai.APIError):
                     async for _ in stream:
                         pass
+
+
+KEY = "sk-carol"
+BUDGETED = {
+    "enabled": True,
+    "spend_db": ":memory:",
+    "keys": [{"name": "carol", "key": KEY, "budget_tokens": 10**6}],
+}
+
+
+def _same_ids(stream: bytes) -> bytes:
+    """A stream with its id and time made equal: all that may differ between two answers."""
+    stream = re.sub(rb'"id":"[^"]*"', b'"id":"-"', stream)
+    return re.sub(rb'"created":[0-9]+', b'"created":0', stream).replace(b": keep-alive\n\n", b"")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        None,
+        {"include_usage": True},
+        {"continuous_usage_stats": True},
+        {"include_usage": True, "continuous_usage_stats": True},
+    ],
+)
+async def test_a_stream_reads_as_the_neuron_writes_it_for_what_the_client_asked(
+    options: dict[str, bool] | None,
+) -> None:
+    """The gateway asks the neuron for usage on every chunk whatever the client asked; the client
+    still reads the stream the neuron would have sent it, byte for byte."""
+    runtime = fake_runtime.FakeRuntime()
+    runtime.add(fake_runtime.FakeServed("tiny-chat"))
+    body: dict[str, Any] = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
+    body |= {"stream": True} | ({"stream_options": options} if options else {})
+    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
+        config = GatewayConfig.model_validate(
+            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
+        )
+        async with (
+            running(create_app(config, [], tuning=FAST), lifespan="on") as gateway,
+            httpx.AsyncClient() as http,
+        ):
+            for path in ("/v1/chat/completions", "/v1/completions"):
+                asked = body if "chat" in path else {**body, "messages": None, "prompt": "hi"}
+                asked = {k: v for k, v in asked.items() if v is not None}
+                direct = await http.post(neuron.url + path, json=asked)
+                relayed = await http.post(gateway.url + path, json=asked)
+                assert relayed.status_code == direct.status_code == 200, relayed.text
+                assert _same_ids(relayed.content) == _same_ids(direct.content)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+async def test_a_stream_cut_after_its_first_token_is_charged_its_prompt(path: str) -> None:
+    """A client that reads the first token and leaves pays for the prompt the neuron read (5000
+    tokens here, one per character: far over the body's estimate), as counted on the first
+    chunk, not for the one token alone."""
+    runtime = fake_runtime.FakeRuntime()
+    script = ["Hello", *[" more"] * 200]
+    runtime.add(
+        fake_runtime.FakeServed("tiny-chat", context_length=20_000, script=script, token_delay=0.02)
+    )
+    prompt = "x" * 5000
+    body: dict[str, Any] = (
+        {"model": "tiny-chat", "messages": [{"role": "user", "content": prompt}], "max_tokens": 300}
+        if path == "/v1/chat/completions"
+        else {"model": "tiny-chat", "input": prompt, "max_output_tokens": 300}
+    )
+    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
+        config = GatewayConfig.model_validate(
+            {
+                "gateway": {"poll_interval": 0.05},
+                "neurons": [{"name": "n", "endpoint": neuron.url}],
+                "auth": BUDGETED,
+            }
+        )
+        app = create_app(config, [], tuning=FAST)
+        gw = app.state.gateway
+        async with running(app, lifespan="on") as gateway, httpx.AsyncClient() as http:
+            headers = {"authorization": f"Bearer {KEY}"}
+            streamed = {**body, "stream": True}
+            async with http.stream("POST", gateway.url + path, json=streamed, headers=headers) as r:
+                seen = b""
+                async for chunk in r.aiter_bytes():
+                    seen += chunk
+                    if b"Hello" in seen:
+                        break
+            await eventually(lambda: gw.ledger.reserved("carol") == 0)
+            carol = gw.auth.authenticate(headers)
+            assert 5000 <= gw.ledger.spent(carol, time.time()) < 5100

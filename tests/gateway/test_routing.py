@@ -46,7 +46,8 @@ async def test_chat_through_openai_sdk_streamed_and_not() -> None:
         assert text == "Hello from n1."
         # cortex asked the neuron for usage on its own account; this client did not ask for it.
         assert all(p.usage is None for p in pieces)
-        assert c.neurons["n1"].requests[-1][1]["stream_options"] == {"include_usage": True}
+        asked = c.neurons["n1"].requests[-1][1]["stream_options"]
+        assert asked == {"include_usage": True, "continuous_usage_stats": True}
 
 
 async def test_stream_usage_kept_when_the_client_asks() -> None:

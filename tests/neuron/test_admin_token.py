@@ -100,3 +100,28 @@ async def test_an_open_lifecycle_is_reported_loudly(
     warned = [r for r in caplog.records if "NO ADMIN TOKEN" in r.getMessage()]
     assert bool(warned) is open_ and all(r.levelno == logging.WARNING for r in warned)
     assert not token or token not in caplog.text
+
+
+@pytest.mark.parametrize("token", ["s3cret-admin", "caf\xe9-admin"])
+async def test_a_token_that_is_not_ascii_is_compared_as_bytes(token: str, tmp_path: Path) -> None:
+    """A bearer that is not ASCII is a 401 (compare_digest refused it as text: a 500), and a
+    token that is not ASCII matches the bytes a client sends for it."""
+    config = NeuronConfig.model_validate(
+        {"neuron": {"admin_token": token, "cache_dir": str(tmp_path)}}
+    )
+    app = create_app(NeuronRuntime(config, catalogue=[]), manage_runtime=False)
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    body = {"model": "x", "source": "file:/nowhere"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://n") as http:
+        for wrong in ("Bearer caf\xe9", "Bearer \xff\xfe"):
+            headers = {"authorization": wrong.encode("latin-1")}
+            refused = await http.post("/models/load", json=body, headers=headers)
+            assert refused.status_code == 401, refused.text
+            chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            named = {**headers, "x-cortex-principal": "p"}
+            assert (
+                await http.post("/v1/chat/completions", json=chat, headers=named)
+            ).status_code == 404
+        right = {"authorization": f"Bearer {token}".encode()}
+        past_the_token = await http.post("/models/load", json=body, headers=right)
+        assert past_the_token.status_code == 404  # the source is missing: the token was taken

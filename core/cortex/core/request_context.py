@@ -20,8 +20,11 @@ REQUEST_ID_HEADER = "x-request-id"
 # What the Anthropic SDK reads as a response's id (`message._request_id`, an error's request_id).
 ANTHROPIC_ID_HEADER = b"request-id"
 ANTHROPIC_PATHS = "/v1/messages"
-# NeuronClient's user agent: a GET with it is the gateway's (or operator's) own polling.
+# NeuronClient's user agent: a GET with it of a neuron's state is the gateway's (or the
+# operator's) own polling.
 INTERNAL_AGENT = "cortex-gateway/"
+# What they poll on each neuron. Anyone can send the agent, so only these GETs are taken for polls.
+NEURON_POLLS = frozenset({"/status", "/models", "/health"})
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 internal_poll: contextvars.ContextVar[bool] = contextvars.ContextVar("internal_poll", default=False)
@@ -30,10 +33,12 @@ internal_poll: contextvars.ContextVar[bool] = contextvars.ContextVar("internal_p
 class RequestContext:
     """ASGI middleware (outermost): sets the context variables for the request's whole task,
     where uvicorn also writes its access line, and adds `x-request-id` to the response (and
-    `request-id` on Anthropic's routes)."""
+    `request-id` on Anthropic's routes). `polls`: the paths whose GETs with cortex's own agent
+    are internal polls (a neuron's; none on the gateway, whose clients could claim the agent)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, polls: frozenset[str] = NEURON_POLLS) -> None:
         self.app = app
+        self.polls = polls
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,7 +50,8 @@ class RequestContext:
         rid = given if given.isprintable() and given else os.urandom(16).hex()
         agent = headers.get(b"user-agent", b"").decode("latin-1")
         request_id.set(rid)
-        internal_poll.set(scope.get("method") == "GET" and agent.startswith(INTERNAL_AGENT))
+        polled = scope.get("method") == "GET" and scope.get("path") in self.polls
+        internal_poll.set(polled and agent.startswith(INTERNAL_AGENT))
 
         said = [(REQUEST_ID_HEADER.encode(), rid.encode("latin-1"))]
         if scope.get("path", "").startswith(ANTHROPIC_PATHS):

@@ -14,8 +14,10 @@ from fastapi import Depends, FastAPI, Request, Response
 from starlette.types import Receive, Scope, Send
 
 from cortex.core.access_log import redact_access_log
+from cortex.core.body_limit import BodyLimit
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import GatewayConfig, NeuronEntry
+from cortex.core.errors import PayloadTooLarge
 from cortex.core.kube_api import KubeLogin
 from cortex.core.reload import hangup_handler
 from cortex.core.request_context import RequestContext
@@ -75,19 +77,31 @@ def create_app(
     return app
 
 
+# What a request that is not an inference call may send: /admin/* and /session take a few hundred
+# bytes. The inference calls cap theirs at `max_body_bytes`, read after the key is checked.
+CONTROL_BODY_BYTES = 64 * 1024
+
+
 class GatewayAPI(FastAPI):
-    """FastAPI behind three plain ASGI layers: the drain's count of requests in flight, the request
-    id (outermost but for the drain: the id covers the whole call, and its logs), and the
-    inference routes' short road to the proxy (http/inference.py); the rest is FastAPI's."""
+    """FastAPI behind four plain ASGI layers: the drain's count of requests in flight, the request
+    id (outermost but for the drain: the id covers the whole call, and its logs), the inference
+    routes' short road to the proxy (http/inference.py), and a body cap for every other request
+    (FastAPI reads a body before it checks the key: docs/security.md); the rest is FastAPI's."""
 
     def __init__(self, drain: Drain, **settings: Any) -> None:
         super().__init__(**settings)
-        front = InferenceRoutes(super().__call__)
-        self._front = DrainGate(RequestContext(front), drain=drain)
+        control = BodyLimit(super().__call__, limit=CONTROL_BODY_BYTES, refuse=_refuse_body)
+        # Any client of the API port can send cortex's agent: none is taken for an internal poll.
+        front = RequestContext(InferenceRoutes(control), polls=frozenset())
+        self._front = DrainGate(front, drain=drain)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope["app"] = self  # what Request.app reads, on the short road as in FastAPI's stack
         await self._front(scope, receive, send)
+
+
+async def _refuse_body(scope: Scope, err: PayloadTooLarge) -> Response:
+    return await error_handler.answer(Request(scope), err)
 
 
 async def metrics(request: Request) -> Response:

@@ -8,12 +8,12 @@ Keys are compared in constant time and never logged: logs name the key's owner i
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from cortex.core.catalogue import ModelSpec
+from cortex.core.catalogue import ModelSpec, unknown_model
 from cortex.core.config import AuthSection
-from cortex.core.errors import Forbidden, Unauthorized
+from cortex.core.errors import Forbidden, ModelNotFound, Unauthorized
 from cortex.gateway.budget import Budget
 
 
@@ -113,3 +113,10 @@ class Authenticator:
         """Forbidden unless the key's allowlist names the model."""
         if not cls.allows(principal, spec):
             raise Forbidden(f"key {principal.name!r} may not use model {spec.id!r}", param="model")
+
+
+def unseen(principal: Principal, specs: Iterable[ModelSpec], name: str) -> ModelNotFound:
+    """The 404 for a model name the key cannot see; its "did you mean" guesses only among the
+    models the key may use, so it never names the others (docs/security.md)."""
+    visible = [spec for spec in specs if Authenticator.allows(principal, spec)]
+    return ModelNotFound(unknown_model(visible, name), param="model")

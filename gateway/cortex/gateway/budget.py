@@ -78,18 +78,36 @@ def check_output_limit(spec: ModelSpec, body: Mapping[str, Any]) -> None:
             )
 
 
+def prompt_estimate(body: Mapping[str, Any]) -> int:
+    """The prompt's tokens as reserved: what a request is charged for a prompt the neuron read
+    but never counted to us (its client left first: docs/security.md, "Token budgets")."""
+    return len(json.dumps(body).encode()) // BYTES_PER_TOKEN + 1
+
+
 def worst_case(
     body: Mapping[str, Any], *, embedding: bool, context: int | None, cap: int | None = None
 ) -> int:
-    """What a request may cost at most: the prompt's estimate plus its completion limit, which
-    the model's context and output limit `cap` bound (the neuron fits max_tokens to both), or
-    the context or UNBOUNDED_COMPLETION when the request sets none."""
-    prompt = len(json.dumps(body).encode()) // BYTES_PER_TOKEN + 1
+    """What a request may cost at most: the prompt's estimate plus its completion's reserve."""
+    completion = completion_reserve(body, embedding=embedding, context=context, cap=cap)
+    return prompt_estimate(body) + completion
+
+
+def completion_reserve(
+    body: Mapping[str, Any], *, embedding: bool, context: int | None, cap: int | None = None
+) -> int:
+    """The most output a request may be charged: its completion limit, which the model's
+    context and output limit `cap` bound (the neuron fits max_tokens to both), or the context
+    or UNBOUNDED_COMPLETION when the request sets none; nothing for an embedding. Of several
+    limits the largest: which one the neuron obeys depends on the API (chat prefers
+    max_completion_tokens, Responses has max_output_tokens), and the reserve must cover it."""
     if embedding:
-        return prompt
-    for name in _COMPLETION_LIMITS:
-        limit = body.get(name)
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
-            bounds = [b for b in (context, cap) if b is not None]
-            return prompt + min([limit, *bounds])
-    return prompt + (cap or context or UNBOUNDED_COMPLETION)
+        return 0
+    limits = [
+        limit
+        for name in _COMPLETION_LIMITS
+        if isinstance(limit := body.get(name), int) and not isinstance(limit, bool) and limit >= 0
+    ]
+    if not limits:
+        return cap or context or UNBOUNDED_COMPLETION
+    bounds = [b for b in (context, cap) if b is not None]
+    return min([max(limits), *bounds])

@@ -29,9 +29,16 @@ def require_admin(request: Request, authorization: Annotated[str | None, Header(
     token = runtime_of(request).config.neuron.admin_secret()
     if not token:
         return
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+    if not bears(authorization, token):
         raise Unauthorized("this neuron's lifecycle endpoints need its admin token")
+
+
+def bears(authorization: str | None, token: str) -> bool:
+    """Whether an `Authorization` header is `Bearer <token>`, compared in constant time as bytes:
+    compare_digest refuses text that is not ASCII, and a header's text is its bytes as latin-1."""
+    scheme, _, given = (authorization or "").partition(" ")
+    presented = given.strip().encode("latin-1", errors="replace")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented, token.encode())
 
 
 Admin = Depends(require_admin)

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cortex.core.body_limit import BodyLimit
 from cortex.core.errors import CortexError, InvalidRequest, PayloadTooLarge
 from cortex.core.protocol.errors import error_headers, invalid_request, openai_error
 from cortex.core.shutdown import Drain, DrainGate
@@ -74,56 +75,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
-async def _send_error(send: Send, err: CortexError) -> None:
-    response = error_response(err)
-    await send(
-        {"type": "http.response.start", "status": err.status, "headers": response.raw_headers}
-    )
-    await send({"type": "http.response.body", "body": response.body})
-
-
-class BodyLimit:
-    """413 for bodies over the limit, judged by Content-Length and again while reading.
-
-    The body is read here (it is small: a few MiB at most) and replayed to the app; later receive()
-    calls go to the server, so disconnects still reach the streaming responses.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = PayloadTooLarge(f"request body larger than {self.limit} bytes")
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            await _send_error(send, too_large)
-            return
-        chunks: list[bytes] = []
-        size, more = 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                await _send_error(send, too_large)
-                return
-            more = message.get("more_body", False)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        await self.app(scope, replay, send)
+async def _refuse_body(_: Scope, err: PayloadTooLarge) -> JSONResponse:
+    return error_response(err)
 
 
 class RequestCounter:
@@ -182,7 +135,8 @@ def create_app(runtime: NeuronRuntime, *, manage_runtime: bool = True) -> FastAP
     _install_error_handlers(app)
     app.include_router(api_lifecycle.router)
     app.include_router(api_openai.router)
-    app.add_middleware(BodyLimit, limit=runtime.config.neuron.max_body_bytes)
+    limit = runtime.config.neuron.max_body_bytes
+    app.add_middleware(BodyLimit, limit=limit, refuse=_refuse_body)
     app.add_middleware(RequestCounter, metrics=metrics)
     app.add_middleware(DrainGate, drain=drain)
     return app

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 import time
 from collections.abc import Awaitable
@@ -31,7 +30,7 @@ from cortex.core.errors import (
     InvalidRequest,
 )
 from cortex.core.protocol.openai import PromptTokensDetails, SamplingFields, Usage
-from cortex.neuron.api_lifecycle import runtime_of
+from cortex.neuron.api_lifecycle import bears, runtime_of
 from cortex.neuron.generation import (
     Finished,
     GenerationEvent,
@@ -183,12 +182,7 @@ def principal_of(request: Request, section: NeuronSection) -> str:
             token = section.admin_secret()
         except ConfigError:
             token = None  # the token file is gone: trust no one's word for it
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        trusted = (
-            token is not None
-            and scheme.lower() == "bearer"
-            and hmac.compare_digest(given.strip(), token)
-        )
+        trusted = token is not None and bears(request.headers.get("authorization"), token)
         named = named if trusted else None
     if named:
         return named[:200]

@@ -18,6 +18,7 @@ from cortex.core.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    StreamOptions,
     Usage,
 )
 from cortex.gateway.dialects.affinity import conversation_key, prompt_key
@@ -63,11 +64,13 @@ def has_token(payload: Mapping[str, Any]) -> bool:
 
 
 class PassThrough:
-    """The neuron's OpenAI stream, event by event, unchanged, except the usage-only chunk that
-    cortex asked for on its own account when the client did not."""
+    """The neuron's OpenAI stream, event by event, unchanged, except the usage that cortex asked
+    for on its own account when the client did not: the usage-only chunk, and the usage so far
+    on every chunk (the client reads each chunk as the neuron would have sent it without)."""
 
-    def __init__(self, include_usage: bool) -> None:
+    def __init__(self, include_usage: bool, continuous_usage: bool = False) -> None:
         self._include_usage = include_usage
+        self._continuous_usage = continuous_usage
         self._usage: dict[str, Any] | None = None  # the last reported, read once at the end
         self._tokens = 0  # output chunks: the estimate when the neuron reports no usage
 
@@ -82,9 +85,13 @@ class PassThrough:
             self._usage = usage
         if has_token(payload):
             self._tokens += 1
-        if not self._include_usage and not payload.get("choices") and "usage" in payload:
-            return []
-        return [event]
+        if "usage" not in payload:
+            return [event]
+        if not payload.get("choices"):
+            return [event] if self._include_usage else []
+        if self._continuous_usage or not isinstance(usage, dict):
+            return [event]
+        return [_chunk_frame({k: v for k, v in payload.items() if k != "usage"})]
 
     def finish(self) -> list[bytes]:
         return [DONE_FRAME]
@@ -99,6 +106,11 @@ class PassThrough:
         return Usage(prompt_tokens=0, completion_tokens=self._tokens, total_tokens=self._tokens)
 
 
+def _chunk_frame(payload: dict[str, Any]) -> bytes:
+    """A chunk as a neuron encodes it (neuron/sse.py), so what it says reads byte for byte."""
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
 @dataclass
 class Forwarded:
     """An OpenAI request, forwarded as the client sent it."""
@@ -109,6 +121,7 @@ class Forwarded:
     stream: bool
     include_usage: bool
     kind: type[Chat] | type[Completion] | type[Embedding]
+    continuous_usage: bool = False
 
     @property
     def budgeted(self) -> Mapping[str, Any]:
@@ -117,9 +130,14 @@ class Forwarded:
     def neuron_call(self, model: str) -> NeuronCall:
         body = {**self.data, "model": model}
         if self.stream:
-            # Usage is always asked for upstream (token metrics and budgets need it); the
-            # PassThrough drops the usage chunk again for clients that did not ask.
-            options = {**(self.data.get("stream_options") or {}), "include_usage": True}
+            # Usage is always asked for upstream, on every chunk: token metrics and budgets need
+            # it, and a stream cut short still has its prompt's count (docs/security.md, "Token
+            # budgets"). The PassThrough takes out again what the client did not ask for.
+            options = {
+                **(self.data.get("stream_options") or {}),
+                "include_usage": True,
+                "continuous_usage_stats": True,
+            }
             body["stream_options"] = options
         return self.kind(body)
 
@@ -127,7 +145,14 @@ class Forwarded:
         return reply, usage_of(reply)
 
     def reply_stream(self) -> ReplyStream:
-        return PassThrough(self.include_usage)
+        return PassThrough(self.include_usage, self.continuous_usage)
+
+
+def _wants_usage(options: StreamOptions | None) -> tuple[bool, bool]:
+    """Whether the client asked for the usage chunk, and for the usage so far on every chunk."""
+    if options is None:
+        return False, False
+    return options.include_usage, options.continuous_usage_stats
 
 
 class OpenAIDialect:
@@ -142,9 +167,9 @@ class ChatDialect(OpenAIDialect):
 
     def parse(self, data: dict[str, Any]) -> ClientRequest:
         req = validate(data, ChatCompletionRequest)
-        wants_usage = bool(req.stream_options and req.stream_options.include_usage)
         key = conversation_key(req.messages)
-        return Forwarded(data, req.model, key, bool(req.stream), wants_usage, Chat)
+        usage, continuous = _wants_usage(req.stream_options)
+        return Forwarded(data, req.model, key, bool(req.stream), usage, Chat, continuous)
 
 
 class CompletionsDialect(OpenAIDialect):
@@ -154,8 +179,8 @@ class CompletionsDialect(OpenAIDialect):
         req = validate(data, CompletionRequest)
         prompt = req.prompt if isinstance(req.prompt, str) else None
         key = prompt_key(prompt) if prompt else None
-        wants_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Forwarded(data, req.model, key, bool(req.stream), wants_usage, Completion)
+        usage, continuous = _wants_usage(req.stream_options)
+        return Forwarded(data, req.model, key, bool(req.stream), usage, Completion, continuous)
 
 
 class EmbeddingsDialect(OpenAIDialect):

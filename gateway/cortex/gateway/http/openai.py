@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from cortex.core.errors import ModelNotFound
 from cortex.gateway.anthropic_models import model_info, model_page, wants_anthropic
+from cortex.gateway.auth import unseen
 from cortex.gateway.dialects.openai import CHAT, COMPLETIONS, EMBEDDINGS
 from cortex.gateway.http.access import authenticate, gateway_of, proxied
 
@@ -42,9 +43,13 @@ async def list_models(request: Request) -> dict[str, Any]:
 async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     """A model outside the key's allowlist is answered as if it did not exist."""
     gateway = gateway_of(request)
-    spec = gateway.catalogue.resolve(model_id)
-    if not gateway.auth.allows(request.state.principal, spec):
-        raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
+    principal, specs = request.state.principal, gateway.catalogue.specs()
+    try:
+        spec = gateway.catalogue.resolve(model_id)
+    except ModelNotFound:
+        raise unseen(principal, specs, model_id) from None
+    if not gateway.auth.allows(principal, spec):
+        raise unseen(principal, specs, model_id)
     if wants_anthropic(request.headers):
         return model_info(spec, gateway.model_card(spec)).model_dump()
     return gateway.model_card(spec).model_dump()

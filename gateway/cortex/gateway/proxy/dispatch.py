@@ -200,9 +200,13 @@ class Dispatcher:
                 answer = _answer(slot.client, call, exchange)
                 answered = await self._watching(exchange, answer, f"{slot.neuron} was answering")
                 exchange.reported.update(reported(answered.headers))
-                return answered
+            except ClientGone:
+                exchange.taken = True  # the neuron was reading the prompt, or answering it
+                raise
             finally:
                 slot.release()
+            exchange.taken = True
+            return answered
 
         return await self._with_retries(exchange, attempt)
 
@@ -239,6 +243,7 @@ class Dispatcher:
         except BaseException:
             await stack.aclose()
             raise
+        exchange.taken = True
         return Upstream(slot, first, rest, stack)
 
     async def _with_retries(self, exchange: Exchange, attempt: Callable[[Slot], Awaitable[T]]) -> T:

@@ -35,6 +35,10 @@ class Exchange:
     # Set for plain (non-streamed) answers, whose handler is not cancelled when the client goes.
     disconnected: Callable[[], Awaitable[bool]] | None = None
     reservation: Reservation | None = None  # the caller's budget held for this request
+    prompt_estimate: int = 0  # the prompt's tokens as reserved (budget.py)
+    # A neuron took the call on (its stream opened, or it was answering when the client left):
+    # the prompt was read, whether or not its count ever reaches us.
+    taken: bool = False
     cost: ModelCost | None = None  # the model's prices, for the spend counters
     # How the neuron fits max_tokens: strict or clamped, and the model's output limit.
     completion: CompletionPolicy = field(default_factory=CompletionPolicy)
@@ -73,6 +77,7 @@ class Accounting:
         """The call's end: counted, timed, its usage and spend recorded, its reservation settled.
         The proxy calls it once per call, in the `finally` that owns the call."""
         now = time.monotonic()
+        usage = charged(exchange, usage)
         m = self.metrics
         labels = (exchange.model, exchange.neuron or NO_NEURON)
         m.requests.labels(*labels, exchange.surface).inc()
@@ -112,6 +117,20 @@ class Accounting:
             if micro_dollars > 0:
                 spend = self.metrics.spend.labels(exchange.principal.name, exchange.model, kind)
                 spend.inc(micro_dollars / 1e6)
+
+
+def charged(exchange: Exchange, usage: Usage | None) -> Usage | None:
+    """What a call counts as: the neuron's usage; for a call a neuron took on that ends without
+    the prompt's count (its client left, its stream was cut before the usage came), the prompt's
+    estimate and the output relayed (docs/security.md, "Token budgets")."""
+    if not exchange.taken or not exchange.prompt_estimate:
+        return usage
+    if usage is not None and usage.prompt_tokens:
+        return usage
+    prompt, completion = exchange.prompt_estimate, usage.completion_tokens if usage else 0
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 def _log_usage(

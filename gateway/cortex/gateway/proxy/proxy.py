@@ -21,15 +21,14 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cortex.core.catalogue import unknown_model
 from cortex.core.client import NeuronAnswer
 from cortex.core.completion_limit import CompletionPolicy
 from cortex.core.errors import ClientGone, CortexError, ModelNotFound, NeuronUnavailable
 from cortex.core.protocol.errors import error_headers
 from cortex.core.protocol.openai import Usage
 from cortex.core.shutdown import Drain
-from cortex.gateway.auth import Authenticator, Principal
-from cortex.gateway.budget import check_output_limit, worst_case
+from cortex.gateway.auth import Authenticator, Principal, unseen
+from cortex.gateway.budget import check_output_limit, completion_reserve, prompt_estimate
 from cortex.gateway.catalogue import Catalogue
 from cortex.gateway.dialects.dialect import (
     Chat,
@@ -115,18 +114,17 @@ class Proxy:
         try:
             spec = self.catalogue.resolve(asked.model)
         except ModelNotFound:
-            # Guess only among models this caller may use: a hint must not reveal the others.
-            visible = [s for s in self.catalogue.specs() if self.auth.allows(principal, s)]
-            raise ModelNotFound(unknown_model(visible, asked.model), param="model") from None
+            raise unseen(principal, self.catalogue.specs(), asked.model) from None
         self.auth.authorize(principal, spec)
         strict = (
             self.strict_max_tokens if spec.strict_max_tokens is None else spec.strict_max_tokens
         )
-        tokens = 0
+        prompt = completion = 0
         if asked.budgeted is not None:
             if strict:
                 check_output_limit(spec, asked.budgeted)
-            tokens = worst_case(
+            prompt = prompt_estimate(asked.budgeted)
+            completion = completion_reserve(
                 asked.budgeted,
                 embedding=spec.kind == "embedding",
                 context=spec.context,
@@ -144,7 +142,8 @@ class Proxy:
             disconnected=None if asked.stream else request.is_disconnected,
             cost=spec.cost,
             completion=CompletionPolicy(strict, spec.max_output_tokens),
-            reservation=self.ledger.reserve(principal, tokens, time.time()),
+            reservation=self.ledger.reserve(principal, prompt + completion, time.time()),
+            prompt_estimate=prompt,
         )
         exchange.reported.update(_budget_headers(dialect.surface, exchange.reservation))
         return exchange

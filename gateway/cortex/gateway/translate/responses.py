@@ -95,7 +95,10 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
         temperature=req.temperature,
         top_p=req.top_p,
         stream=req.stream,
-        stream_options=StreamOptions(include_usage=True) if req.stream else None,
+        # usage on every chunk: a stream cut short is still charged its prompt
+        stream_options=(
+            StreamOptions(include_usage=True, continuous_usage_stats=True) if req.stream else None
+        ),
         user=req.user,
         response_format=_response_format(req.text),
     )
