@@ -18,6 +18,7 @@ from cortex.core.client import NeuronClient
 from cortex.core.fleet import LoadRequest, ModelState
 from cortex.core.resources import ModelPlacement, rfc3339
 from cortex.operator.controller import Controller
+from cortex.operator.kube import parse_peers
 from cortex.operator.neurons import Probe
 from cortex.operator.probing import leads
 from cortex.operator.reconcile import DELETION_GRACE, LoadFailure
@@ -125,16 +126,21 @@ def test_only_placements_still_backing_off_count_in_the_gauge() -> None:
 
 
 def test_a_peer_leads_unless_a_live_peer_is_at_or_above_its_priority() -> None:
-    """kopf's rule, read from a peering object's status: the dead and this peer do not count."""
+    """kopf's rule, on a peering object's status as kopf parses it: the dead and this peer do
+    not count; a peer with no lastseen is alive (kopf takes it as now)."""
     now = datetime.datetime.now(datetime.UTC)
 
     def peer(priority: int, seen_ago: float) -> dict[str, object]:
         seen = now - datetime.timedelta(seconds=seen_ago)
         return {"priority": priority, "lifetime": 60, "lastseen": seen.isoformat()}
 
-    assert leads({}, "me", 5)
-    assert leads({"me": peer(5, 0), "b": peer(4, 0)}, "me", 5)
-    assert not leads({"me": peer(5, 0), "b": peer(6, 0)}, "me", 5)
-    assert not leads({"me": peer(5, 0), "b": peer(5, 0)}, "me", 5)  # kopf pauses both
-    assert leads({"me": peer(5, 0), "b": peer(9, 61)}, "me", 5)  # b is dead
-    assert leads({"b": {"priority": "?"}}, "me", 5)  # unreadable: kopf cannot parse it either
+    def leading(status: dict[str, object]) -> bool:
+        return leads(parse_peers(status), "me", 5)
+
+    assert leading({})
+    assert leading({"me": peer(5, 0), "b": peer(4, 0)})
+    assert not leading({"me": peer(5, 0), "b": peer(6, 0)})
+    assert not leading({"me": peer(5, 0), "b": peer(5, 0)})  # kopf pauses both
+    assert leading({"me": peer(5, 0), "b": peer(9, 61)})  # b is dead
+    assert not leading({"me": peer(5, 0), "b": {"priority": 9}})  # no lastseen: seen now
+    assert leading({"b": {"priority": "?"}, "c": "not a peer"})  # entries kopf never writes

@@ -20,9 +20,12 @@ from operator_harness import (
     neuron,
     placement,
     until,
+    until_async,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+import cortex.operator.handlers as handlers
+import cortex.operator.kube as kube_module
 import cortex.operator.planning as planning
 from cortex.cli.commands import free_port
 from cortex.core.resources import DEMAND_ANNOTATION, PlacementDemand, rfc3339
@@ -540,9 +543,15 @@ async def test_a_neuron_still_going_when_its_new_pod_comes_is_made_again_once_go
         await until(remade, "the Neuron made again for the new pod")
 
 
-async def test_a_cordon_outlives_the_neuron_pod(kube: Kube, operator: Operator) -> None:
+@pytest.mark.parametrize("remembered", [True, False])
+async def test_a_cordon_outlives_the_neuron_pod(
+    kube: Kube, operator: Operator, monkeypatch: pytest.MonkeyPatch, remembered: bool
+) -> None:
     """A Neuron goes with its pod; the one made for the node's next pod (a rollout, a restart)
-    is still cordoned, so a node being drained takes no new replicas meanwhile."""
+    is still cordoned, so a node being drained takes no new replicas meanwhile. A pod that
+    comes after CORDON_MEMORY (a node name reused) starts uncordoned."""
+    if not remembered:
+        monkeypatch.setattr(handlers, "CORDON_MEMORY", -1.0)
     fake = FakeNeuron("gpu-node-1")
     async with running(fake.app) as served, operator():
         port = int(served.url.rsplit(":", 1)[1])
@@ -562,7 +571,7 @@ async def test_a_cordon_outlives_the_neuron_pod(kube: Kube, operator: Operator) 
             return made if owners == [new["metadata"]["uid"]] else None
 
         made = await until(remade, "the Neuron made for the new pod")
-        assert made["spec"].get("cordoned") is True
+        assert bool(made["spec"].get("cordoned")) is remembered
 
 
 async def test_a_neuron_holds_no_finalizer_so_it_goes_after_the_operator(
@@ -613,6 +622,94 @@ async def test_of_peered_operators_one_acts_and_the_others_stand_by(
         probes = [await _probes(port) for port in ports]
     assert [load.model for load in fake.loads] == ["chat"]
     assert sorted(p > 0 for p in probes) == [False, True], probes  # the standby probed nothing
+
+
+async def test_a_peer_outranked_stops_probing(kube: Kube, operator: Operator) -> None:
+    """A peer acts while it leads; once a peer of higher priority is alive, kopf pauses it and
+    its probe loop stops too (only the new leader writes the Neurons' status)."""
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "peers"}}
+    await kube.create("kopf.dev/v1/kopfpeerings", peering)
+    fake = FakeNeuron("n1")
+    low, high = free_port(), free_port()
+    peered = {"peering": "peers", "standalone": False}
+    async with running(fake.app) as served, operator(metrics_port=low, priority=1, **peered):
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await until(lambda: kube.status(NEURONS, "n1").get("phase") == "Ready", "n1 probed")
+        async with operator(metrics_port=high, priority=100, **peered):
+            await until_async(lambda: _probed(high, 1), "the new leader's first probe", 15)
+            before = await _probes(low)
+            await until_async(lambda: _probed(high, 4), "the leader's next probes", 15)
+            assert await _probes(low) == before  # the outranked peer asked nothing meanwhile
+
+
+async def test_the_probe_loop_outlives_an_api_error(
+    kube: Kube, operator: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API server away for a while (the peering object unreadable): probing resumes."""
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "peers"}}
+    await kube.create("kopf.dev/v1/kopfpeerings", peering)
+    real = kube_module.peers
+    failures = [TimeoutError("the API server is away")] * 3
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(kube_module, "peers", flaky)
+    fake = FakeNeuron("n1")
+    async with running(fake.app) as served, operator(peering="peers", standalone=False):
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await until(lambda: kube.status(NEURONS, "n1").get("phase") == "Ready", "n1 probed")
+    assert not failures
+
+
+async def test_probing_goes_on_when_the_peering_object_is_deleted(
+    kube: Kube, operator: Operator
+) -> None:
+    """kopf judges from the peering object's events: deleted under a running operator, it leaves
+    kopf acting, and so the probes go on (a Neuron's status stays true)."""
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "peers"}}
+    await kube.create("kopf.dev/v1/kopfpeerings", peering)
+    fake = FakeNeuron("n1")
+    async with running(fake.app) as served, operator(peering="peers", standalone=False):
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await until(lambda: kube.status(NEURONS, "n1").get("phase") == "Ready", "n1 probed")
+        await kube.delete("kopf.dev/v1/kopfpeerings", "peers")
+        fake.faults.unhealthy = True
+        await until(lambda: kube.status(NEURONS, "n1").get("phase") == "Pending", "n1 Pending")
+
+
+async def test_a_probe_in_flight_is_not_written_onto_a_neuron_made_again(
+    kube: Kube, operator: Operator
+) -> None:
+    """A Neuron deleted and made again under its name (a new pod, a new address) while its old
+    endpoint's probe is in flight: the new Neuron never shows the old neuron's answer."""
+    old, new = FakeNeuron("old", loaded={"chat": GiB}), FakeNeuron("new")
+    async with running(old.app) as a, running(new.app) as b, operator(probe_interval=1.0):
+        await kube.create(NEURONS, neuron("n1", a.url))
+        await until(lambda: kube.status(NEURONS, "n1").get("models"), "n1 Ready with chat")
+        gate = asyncio.Event()
+        old.faults.status_gate = gate
+        asked = old.status_calls
+        await until(lambda: old.status_calls > asked, "a probe of the old endpoint in flight")
+        await kube.delete(NEURONS, "n1")
+        mark = len(list(kube.cluster))  # the API calls so far
+        await kube.create(NEURONS, neuron("n1", b.url))
+        await until(lambda: kube.status(NEURONS, "n1").get("endpoint") == b.url, "the new probed")
+        gate.set()
+        probed = new.status_calls
+        await until(lambda: new.status_calls >= probed + 2, "two more probes of the new one")
+    written = [
+        request.data["status"].get("endpoint")
+        for request in list(kube.cluster)[mark:]
+        if request.subresource == "status" and request.name == "n1"
+    ]
+    assert written and set(written) == {b.url}, written
+
+
+async def _probed(port: int, times: int) -> bool:
+    return await _probes(port) >= times
 
 
 async def _probes(port: int) -> float:

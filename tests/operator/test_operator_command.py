@@ -34,13 +34,13 @@ def test_flags_and_environment_make_the_config(
     token.write_text("s3cret\n")
     args = _parser().parse_args(
         ["operator", "--namespace", "cortex", "--neuron-selector", "app=n,tier=gpu",
-         "--admin-token-file", str(token), "--peering", "cortex-operator"]
+         "--admin-token-file", str(token), "--peering", "cortex-operator", "--priority", "7"]
     )  # fmt: skip
     config = config_from_args(args)
     assert config.namespaces == ("cortex",)
     assert config.neuron_selector == {"app": "n", "tier": "gpu"}
     assert (config.admin_token, config.probe_interval) == ("s3cret", 2.5)
-    assert (config.peering, config.standalone) == ("cortex-operator", False)
+    assert (config.peering, config.standalone, config.priority) == ("cortex-operator", False, 7)
     assert config.liveness == "http://0.0.0.0:8080/healthz"
     everywhere = config_from_args(
         _parser().parse_args(["operator", "--all-namespaces", "--standalone", "--liveness", "off"])
@@ -64,6 +64,11 @@ def test_contradicting_flags_are_one_clear_line(capsys: pytest.CaptureFixture[st
         capsys.readouterr().err.strip()
         == "cortex operator: --peering and --standalone exclude each other"
     )
+
+
+def test_a_priority_without_peers_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["operator", "--priority", "3", "--standalone"]) == 2
+    assert "--priority is a peer's" in capsys.readouterr().err
 
 
 def test_other_commands_never_import_kopf() -> None:

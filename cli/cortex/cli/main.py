@@ -234,6 +234,11 @@ def _operator_parser(commands: Any) -> None:
         operator, "probe-interval", "seconds between probes of each neuron (default 5)", type=float
     )
     _flag(operator, "peering", "kopf peering object (KopfPeering) shared by operator replicas")
+    _flag(
+        operator, "priority",
+        "kopf peering priority: of the live peers the highest acts (default: random per process)",
+        type=int,
+    )  # fmt: skip
     operator.add_argument(
         "--standalone", action="store_true", default=_env("standalone") in _TRUE,
         help="no peering: this is the only operator [env CORTEX_STANDALONE]",

@@ -41,6 +41,8 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     """The parsed `cortex operator` flags (each defaulted from its CORTEX_* variable)."""
     if args.peering and args.standalone:
         raise ValueError("--peering and --standalone exclude each other")
+    if args.priority is not None and args.standalone:
+        raise ValueError("--priority is a peer's: it means nothing with --standalone")
     if args.all_namespaces and args.namespace:
         raise ValueError("--namespace and --all-namespaces exclude each other")
     namespaces = () if args.all_namespaces else (args.namespace or default_namespace(),)
@@ -58,6 +60,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         admin_token=read_admin_token(args.admin_token_file),
         peering=args.peering or None,
         standalone=bool(args.standalone),
+        priority=args.priority,
         liveness=_liveness(args.liveness),
         **extra,
     )

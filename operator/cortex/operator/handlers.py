@@ -30,6 +30,8 @@ from cortex.operator.reconcile import Fleet, placement_status
 
 log = logging.getLogger(__name__)
 Index = Mapping[str, Any]  # kopf index: namespace -> store of parsed objects
+# How long a deleted Neuron's cordon waits for the Neuron made for the node's next neuron pod.
+CORDON_MEMORY = 600.0
 
 
 def build_registry(controller: Controller, *, login: bool = True) -> kopf.OperatorRegistry:
@@ -119,12 +121,18 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
                 f"still loaded: {', '.join(busy)}", delay=config.probe_interval
             )
 
-    # Neurons cordoned when last seen: a Neuron goes with its pod, and the one made for the next
-    # pod on that node (a rollout, a restart) keeps the cordon. Kept by this process only.
-    cordoned: set[tuple[str, str]] = set()
+    # Neurons cordoned when last seen: a Neuron goes with its pod, and the one made for the
+    # node's next pod (a rollout, a restart) keeps the cordon, if it comes within CORDON_MEMORY
+    # (a node name reused much later starts afresh). Kept by this process only.
+    cordoned: dict[tuple[str, str], float | None] = {}  # -> when its Neuron went (None: it is)
 
     def remembered(namespace: str, wanted: dict[str, Any]) -> dict[str, Any]:
-        if (namespace, wanted["metadata"]["name"]) not in cordoned:
+        key = (namespace, wanted["metadata"]["name"])
+        if key not in cordoned:
+            return wanted
+        gone = cordoned[key]
+        if gone is not None and controller.clock() - gone > CORDON_MEMORY:
+            del cordoned[key]
             return wanted
         return {**wanted, "spec": {**wanted["spec"], "cordoned": True}}
 
@@ -161,14 +169,19 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
     ) -> None:
         """A new Neuron is probed at once; one deleted while its node still runs a neuron pod is
         made again for that pod. Its cordon is remembered across the two."""
-        if prober is not None:
-            prober.notice(namespace, name)
+        key = (namespace, name)
         if type != "DELETED":
+            if prober is not None:
+                prober.notice(namespace, name)
             if (body.get("spec") or {}).get("cordoned"):
-                cordoned.add((namespace, name))
+                cordoned[key] = None
             else:
-                cordoned.discard((namespace, name))
+                cordoned.pop(key, None)
             return
+        if prober is not None:
+            prober.forget(namespace, name)
+        if key in cordoned:
+            cordoned[key] = controller.clock()
         for wanted in pod_index.get((namespace, name), []):
             await kube.create_neuron(controller.settings, namespace, remembered(namespace, wanted))
             return

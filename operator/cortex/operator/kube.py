@@ -9,6 +9,8 @@ kopf's public API, which is why every use of it is in this module."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -89,11 +91,20 @@ async def post_event(
     )
 
 
-async def peering_status(
+@dataclass(frozen=True)
+class PeerEntry:
+    """One peer a kopf peering object lists, read as kopf reads it."""
+
+    identity: str
+    priority: int
+    alive: bool
+
+
+async def peers(
     settings: kopf.OperatorSettings, name: str, namespace: str | None
-) -> dict[str, Any] | None:
-    """The peers a kopf peering object lists (its status: identity -> priority, lastseen,
-    lifetime); None when there is no such object."""
+) -> list[PeerEntry] | None:
+    """The peers a kopf peering object lists, parsed by kopf's own Peer (a missing lastseen is
+    now, a naive one UTC); None when there is no such object."""
     if namespace is None:
         url = f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}"
     else:
@@ -102,4 +113,15 @@ async def peering_status(
         body = await api.get(url, settings=settings, logger=log)
     except errors.APINotFoundError:
         return None
-    return dict(body.get("status") or {})
+    return parse_peers(body.get("status") or {})
+
+
+def parse_peers(status: Mapping[str, Any]) -> list[PeerEntry]:
+    found = []
+    for identity, info in status.items():
+        try:
+            peer = peering.Peer(identity=peering.Identity(identity), **info)
+            found.append(PeerEntry(identity, int(peer.priority), not peer.is_dead))
+        except (TypeError, ValueError):
+            continue  # not a peer entry kopf writes
+    return found

@@ -8,20 +8,24 @@ at the Neuron's next event).
 
 kopf pauses a standby peer's handlers, not this task, so the task asks the peering objects itself
 whether this process is the active peer, by kopf's rule: no other live peer at or above its
-priority."""
+priority. kopf judges from the peering object's events, so a peering object deleted under a
+running operator leaves it as it was: so it leaves this task.
+
+A probe writes only onto the Neuron it was asked for: a Neuron deleted and made again under the
+same name (its pod replaced) is not given the old one's answer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cortex.core.resources import Neuron
 from cortex.operator import kube
 from cortex.operator.controller import Controller, body_of
+from cortex.operator.kube import PeerEntry
 from cortex.operator.neurons import neuron_status
 
 log = logging.getLogger(__name__)
@@ -38,11 +42,21 @@ class Prober:
         self.wake = asyncio.Event()  # set when a new Neuron appears: it is probed at once
         self._asked: dict[Key, float] = {}  # when each probe in flight or last done began
         self._running: dict[Key, asyncio.Task[None]] = {}
+        self._leading = False  # the last answer of active(), kept while the peering is unknown
 
     def notice(self, namespace: str, name: str) -> None:
         """A Neuron event: a Neuron never probed is probed now rather than at the next tick."""
         if (namespace, name) not in self._asked:
             self.wake.set()
+
+    def forget(self, namespace: str, name: str) -> None:
+        """A Neuron deleted: its probe in flight is dropped, and one made again under its name
+        is probed at once."""
+        key = (namespace, name)
+        self._asked.pop(key, None)
+        task = self._running.pop(key, None)
+        if task is not None:
+            task.cancel()
 
     async def run(self) -> None:
         interval = self.controller.config.probe_interval
@@ -50,8 +64,11 @@ class Prober:
         try:
             while True:
                 self.wake.clear()
-                if await self.active():
-                    self._probe_due(loop.time(), interval)
+                try:
+                    if await self.active():
+                        self._probe_due(loop.time(), interval)
+                except Exception:  # the API server away for a while: try again next tick
+                    log.exception("probing the Neurons")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), interval)
         finally:
@@ -73,11 +90,20 @@ class Prober:
                 self._running[key] = asyncio.create_task(self._probe(namespace, neuron))
         self._asked = {key: at for key, at in self._asked.items() if key in indexed}
 
+    def _current(self, namespace: str, neuron: Neuron) -> bool:
+        """Whether the index still holds this very Neuron (not one made again under its name)."""
+        return any(
+            n.metadata.name == neuron.metadata.name and n.metadata.uid == neuron.metadata.uid
+            for n in self.neurons.get(namespace, [])
+        )
+
     async def _probe(self, namespace: str, neuron: Neuron) -> None:
         """Probe one neuron and write what it said into its Neuron's status."""
         controller = self.controller
         try:
             probe = await controller.probe(namespace, neuron)
+            if not self._current(namespace, neuron):
+                return  # deleted meanwhile, or replaced: the next probe asks the new one
             config = controller.config
             status = neuron_status(neuron, probe, config.unreachable_after, controller.clock())
             before = neuron.status.phase if neuron.status else "Pending"
@@ -97,30 +123,27 @@ class Prober:
         await kube.post_event(self.controller.settings, body_of(neuron), type, reason, message)
 
     async def active(self) -> bool:
-        """Whether this process is the peer kopf lets act (always, without peering)."""
+        """Whether this process is the peer kopf lets act: always when standalone; without
+        --peering, unless kopf's `default` peering object exists and says otherwise."""
         config = self.controller.config
-        if config.peering is None:
+        if config.standalone:
             return True
-        scopes: tuple[str | None, ...] = config.namespaces or (None,)
-        for namespace in scopes:
-            peers = await kube.peering_status(self.controller.settings, config.peering, namespace)
-            if peers is None or not leads(peers, self.controller.identity, config.priority or 0):
-                return False
-        return True
+        name = config.peering or "default"
+        leading = True
+        for namespace in config.namespaces or (None,):
+            found = await kube.peers(self.controller.settings, name, namespace)
+            if found is None and config.peering is None:
+                continue  # no default peering: kopf acts alone
+            if found is None:
+                return self._leading  # kopf goes on as it was, until the object is back
+            leading = leading and leads(found, self.controller.identity, config.priority or 0)
+        self._leading = leading
+        return leading
 
 
-def leads(peers: Mapping[str, Any], identity: str, priority: int) -> bool:
-    """kopf's rule for a peering object's status: a peer acts unless another live peer has a
-    priority at or above its own (at the same priority every one of them pauses)."""
-    now = datetime.datetime.now(datetime.UTC)
-    for other, info in peers.items():
-        if other == identity or not isinstance(info, Mapping):
-            continue
-        try:
-            seen = datetime.datetime.fromisoformat(str(info.get("lastseen")))
-            alive = seen + datetime.timedelta(seconds=int(info.get("lifetime", 60))) > now
-            if alive and int(info.get("priority", 0)) >= priority:
-                return False
-        except (TypeError, ValueError):
-            continue  # not a peer kopf could parse either
-    return True
+def leads(peers: Iterable[PeerEntry], identity: str, priority: int) -> bool:
+    """kopf's rule: a peer acts unless another live peer has a priority at or above its own (at
+    the same priority every one of them pauses)."""
+    return not any(
+        peer.alive and peer.identity != identity and peer.priority >= priority for peer in peers
+    )
