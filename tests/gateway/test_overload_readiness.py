@@ -21,8 +21,9 @@ SLOW_POLLS = {"gateway": {"poll_interval": 30, "unhealthy_after": 3}}
 
 
 async def test_past_the_neurons_admission_limits_the_gateway_answers_busy() -> None:
-    # The neuron admits 1 running + 1 queued per model: a third request at once is the
-    # gateway's own 429, never sent to the neuron, and the neuron stays healthy.
+    # The neuron admits 1 running + 1 queued per model, and a principal with nothing queued
+    # one more: a fourth request at once is the gateway's own 429, never sent to the neuron,
+    # and the neuron stays healthy.
     n1 = FakeNeuron("n1", loaded={MODEL: GiB})
     n1.max_running, n1.max_queue = 1, 1
     n1.faults.hold = asyncio.Event()
@@ -30,17 +31,43 @@ async def test_past_the_neurons_admission_limits_the_gateway_answers_busy() -> N
         await eventually(lambda: c.gateway.fleet["n1"].status.max_queue == 1)  # type: ignore[union-attr]
         held = [
             asyncio.create_task(c.http.post("/v1/chat/completions", json=chat_body(MODEL)))
-            for _ in range(2)
+            for _ in range(3)
         ]
-        await eventually(lambda: n1.in_flight() == 2)
+        await eventually(lambda: n1.in_flight() == 3)
         refused = await c.http.post("/v1/chat/completions", json=chat_body(MODEL))
         assert refused.status_code == 429
         assert refused.headers["retry-after"]
         assert "busy" in refused.json()["error"]["message"]
-        assert len(n1.requests) == 2
+        assert len(n1.requests) == 3
         assert c.gateway.fleet.healthy("n1")
         n1.faults.hold.set()
-        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
+
+
+async def test_one_key_filling_the_queue_leaves_the_neuron_to_admit_another() -> None:
+    # Alice holds the neuron's one running slot and its one queued place; the neuron's
+    # admission would still queue Bob, who has nothing waiting, so the gateway must send him.
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.max_running, n1.max_queue = 1, 1
+    n1.faults.hold = asyncio.Event()
+    keys = [{"key": "sk-alice", "name": "alice"}, {"key": "sk-bob", "name": "bob"}]
+    async with cluster(n1, catalogue=CATALOGUE, auth={"enabled": True, "keys": keys}) as c:
+        await eventually(lambda: c.gateway.fleet["n1"].status.max_queue == 1)  # type: ignore[union-attr]
+        alice, bob = ({"Authorization": f"Bearer sk-{who}"} for who in ("alice", "bob"))
+        held = [
+            asyncio.create_task(
+                c.http.post("/v1/chat/completions", json=chat_body(MODEL), headers=alice)
+            )
+            for _ in range(2)
+        ]
+        await eventually(lambda: n1.in_flight() == 2)
+        bobs = asyncio.create_task(
+            c.http.post("/v1/chat/completions", json=chat_body(MODEL), headers=bob)
+        )
+        await eventually(lambda: n1.principals.count("bob") == 1 or bobs.done())
+        assert not bobs.done(), "the gateway refused Bob though the neuron would queue him"
+        n1.faults.hold.set()
+        assert [r.status_code for r in await asyncio.gather(*held, bobs)] == [200, 200, 200]
 
 
 async def test_a_busy_neuron_stays_healthy_and_ready() -> None:
