@@ -177,6 +177,21 @@ async def test_a_request_that_failed_itself_is_not_retried(stream: bool) -> None
         assert c.gateway.fleet.healthy("n1") and c.gateway.fleet.healthy("n2")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_queue_timeout_is_not_retried_on_another_replica(stream: bool) -> None:
+    """The request already waited a neuron's whole queue timeout: another try would double the
+    wait (a stream past its admission patience, so a 200 and then an error event)."""
+    n1, n2 = pair()
+    for neuron in (n1, n2):
+        neuron.faults.queue_timeout = 0.3
+    async with cluster(n1, n2, catalogue=CATALOGUE) as c:
+        response = await c.http.post("/v1/chat/completions", json=chat_body(MODEL, stream=stream))
+        assert response.status_code == 429
+        assert response.json()["error"]["code"] == "queue_timeout"
+        assert len(n1.requests) + len(n2.requests) == 1
+        assert c.gateway.fleet.healthy("n1") and c.gateway.fleet.healthy("n2")
+
+
 def test_a_generation_its_neuron_cancelled_is_retried_elsewhere() -> None:
     """How a neuron ends the requests a forced unload dropped: the replica's doing, not theirs."""
     err = error_from_code("generation_cancelled", "generation cancelled: model unloaded", 503)

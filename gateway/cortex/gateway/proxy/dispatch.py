@@ -26,6 +26,7 @@ from cortex.core.errors import (
     NeuronUnavailable,
     NeuronUnreachable,
     Overloaded,
+    QueueTimeout,
     ShuttingDown,
 )
 from cortex.core.neuron_wire import WireStream
@@ -64,7 +65,11 @@ _GATEWAY_STATUSES = (502, 503, 504)
 def retryable(err: CortexError) -> bool:
     """Only failures another replica could fix. A request-caused error (4xx) or one whose code
     says the request itself failed (500: the generation broke) would fail on every replica, and
-    retrying it carries one bad request across the fleet."""
+    retrying it carries one bad request across the fleet. A queue timeout is not retried either:
+    the request has waited a neuron's whole queue timeout already, and each further try would add
+    another, past what a stream waits before its 200 (`Patience.admission`)."""
+    if isinstance(err, QueueTimeout):
+        return False
     if isinstance(err, _RETRYABLE):
         return True
     return type(err) is CortexError and err.status in _GATEWAY_STATUSES
