@@ -70,6 +70,29 @@ async def test_one_key_filling_the_queue_leaves_the_neuron_to_admit_another() ->
         assert [r.status_code for r in await asyncio.gather(*held, bobs)] == [200, 200, 200]
 
 
+async def test_counting_tokens_is_never_refused_as_busy() -> None:
+    # The neuron's /tokenize takes no admission slot: a saturated model still counts tokens
+    # (Claude Code asks before every turn), and the count takes no place among the requests.
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.max_running, n1.max_queue = 1, 1
+    n1.faults.hold = asyncio.Event()
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        await eventually(lambda: c.gateway.fleet["n1"].status.max_queue == 1)  # type: ignore[union-attr]
+        held = [
+            asyncio.create_task(c.http.post("/v1/chat/completions", json=chat_body(MODEL)))
+            for _ in range(3)
+        ]
+        await eventually(lambda: n1.in_flight() == 3)
+        assert c.gateway.fleet.full("n1", MODEL)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "how many"}]}
+        counted = await c.http.post("/v1/messages/count_tokens", json=body)
+        assert counted.status_code == 200, counted.text
+        assert counted.json()["input_tokens"] > 0
+        assert c.gateway.fleet["n1"].in_flight[MODEL] == 3
+        n1.faults.hold.set()
+        await asyncio.gather(*held)
+
+
 async def test_a_busy_neuron_stays_healthy_and_ready() -> None:
     n1 = FakeNeuron("n1", loaded={MODEL: GiB})
     n1.faults.busy = True
