@@ -8,6 +8,8 @@ from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import chat_body, cluster, eventually, spec
 from prometheus_client.parser import text_string_to_metric_families
 
+from cortex.gateway.metrics import GatewayMetrics
+
 G7_NAMES = {
     "cortex_requests",
     "cortex_request_errors",
@@ -81,3 +83,14 @@ async def test_two_gateways_in_one_process_keep_separate_registries() -> None:
         assert answer.is_success
         text = (await second.http.get(f"{second.metrics_url}/metrics")).text
         assert not any(name == "cortex_requests_total" for name, _ in samples(text))
+
+
+def test_tokens_per_second_resolves_rates_below_one() -> None:
+    # Overload slows a stream below 1 tok/s; the histogram must tell 0.3 from 0.9.
+    metrics = GatewayMetrics()
+    metrics.tokens_per_second.labels("chat-a", "n1").observe(0.3)
+    values = samples(metrics.exposition().decode())
+    bucket = "cortex_tokens_per_second_bucket"
+    labels = (("model", "chat-a"), ("neuron", "n1"))
+    assert values[(bucket, (("le", "0.25"), *labels))] == 0
+    assert values[(bucket, (("le", "0.5"), *labels))] == 1
