@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from cortex.core.fleet import NeuronStatus
+from cortex.core.fleet import LoadedModel, ModelState, NeuronStatus
 from cortex.neuron.metrics import NeuronMetrics
 
 
@@ -27,3 +27,24 @@ def test_decode_rates_below_one_token_per_second_are_told_apart() -> None:
     bucket = "cortex_neuron_tokens_per_second_bucket"
     assert values[(bucket, (("le", "0.25"), ("model", "m")))] == 0
     assert values[(bucket, (("le", "0.5"), ("model", "m")))] == 1
+
+
+def test_batch_size_is_the_engines_batch_and_kv_waits_are_seen() -> None:
+    # Four requests hold admission slots; the engine runs two, holds two back for KV room, and
+    # has preempted three sequences so far.
+    model = LoadedModel(
+        id="m",
+        source="file:/m",
+        state=ModelState.READY,
+        in_flight=4,
+        batch_size=2,
+        kv_waiting=2,
+        preemptions=3,
+    )
+    metrics = NeuronMetrics(lambda: NeuronStatus(node="n", version="0", models=[model]))
+    values = _samples(metrics)
+    labels = (("model", "m"),)
+    assert values[("cortex_neuron_in_flight", labels)] == 4
+    assert values[("cortex_neuron_batch_size", labels)] == 2
+    assert values[("cortex_neuron_kv_waiting", labels)] == 2
+    assert values[("cortex_neuron_preemptions_total", labels)] == 3
