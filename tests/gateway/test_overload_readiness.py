@@ -7,13 +7,25 @@ from __future__ import annotations
 
 import asyncio
 
+import anthropic
 import httpx
+import pytest
 from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import chat_body, cluster, eventually, spec
 
 from cortex.core.client import NeuronClient
-from cortex.core.errors import CortexError, NeuronUnreachable, Overloaded, ShuttingDown
-from cortex.core.protocol.errors import error_headers
+from cortex.core.errors import (
+    AnswerTimeout,
+    BudgetExceeded,
+    CortexError,
+    NeuronUnavailable,
+    NeuronUnreachable,
+    Overloaded,
+    QueueTimeout,
+    ShuttingDown,
+    TooManyInFlight,
+)
+from cortex.core.protocol.errors import anthropic_error, anthropic_status, error_headers
 
 MODEL = "chat-a"
 CATALOGUE = [spec(MODEL)]
@@ -236,3 +248,49 @@ def test_every_429_and_503_carries_retry_after() -> None:
     assert error_headers(Overloaded("busy"))["Retry-After"] == "1"
     assert error_headers(ShuttingDown("going", retry_after=4))["Retry-After"] == "4"
     assert error_headers(CortexError("broken")) == {}  # a 500: retrying will not help
+
+
+ASK = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_overload_is_its_529_which_the_sdk_raises_as_overloaded(
+    stream: bool,
+) -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.busy = True
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        with pytest.raises(anthropic.OverloadedError) as caught:
+            await c.anthropic().messages.create(**ASK, stream=stream)  # type: ignore[call-overload]
+        assert caught.value.status_code == 529
+        assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+        assert caught.value.response.headers["retry-after"] == "2"
+        # OpenAI's surface keeps OpenAI's answer to the same refusal.
+        openai = await c.http.post("/v1/chat/completions", json=chat_body(MODEL))
+        assert openai.status_code == 429
+        assert openai.json()["error"]["type"] == "rate_limit_error"
+
+
+async def test_anthropic_unavailability_is_an_api_error_not_overload() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.shutting_down = True
+    async with cluster(n1, catalogue=CATALOGUE, **SLOW_POLLS) as c:
+        with pytest.raises(anthropic.ServiceUnavailableError) as caught:
+            await c.anthropic().messages.create(**ASK)  # type: ignore[call-overload]
+        assert caught.value.status_code == 503
+        assert caught.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+        assert caught.value.response.headers["retry-after"]
+
+
+def test_anthropic_error_types_follow_anthropics_own() -> None:
+    def said(err: CortexError) -> tuple[int, str]:
+        return anthropic_status(err), anthropic_error(err)["error"]["type"]
+
+    assert said(Overloaded("busy", retry_after=1)) == (529, "overloaded_error")
+    assert said(QueueTimeout("waited", retry_after=1)) == (529, "overloaded_error")
+    assert said(BudgetExceeded("spent")) == (429, "rate_limit_error")
+    assert said(TooManyInFlight("too many")) == (429, "rate_limit_error")
+    assert said(NeuronUnavailable("down")) == (503, "api_error")
+    assert said(ShuttingDown("going")) == (503, "api_error")
+    assert said(AnswerTimeout("silent")) == (504, "timeout_error")
+    assert said(CortexError("broken")) == (500, "api_error")

@@ -297,7 +297,7 @@ async def test_death_mid_stream_ends_anthropic_stream_with_error_event(with_even
             async for event in stream:
                 seen.append(event.type)
         assert seen[0] == "message_start" and "content_block_delta" in seen
-        assert "overloaded_error" in str(caught.value)
+        assert "api_error" in str(caught.value)  # a neuron failing is no overload
 
 
 async def test_client_disconnect_closes_the_upstream_stream() -> None:

@@ -174,7 +174,8 @@ class Proxy:
                 raise
             err = outcome.error = unexpected(exc, scope.get("path", "?"))
             envelope = dialect.error_body(err)
-            last = JSONResponse(envelope, status_code=err.status, headers=error_headers(err))
+            status = dialect.error_status(err)
+            last = JSONResponse(envelope, status_code=status, headers=error_headers(err))
         finally:
             self.accounting.finish(exchange, usage=outcome.usage(), error=outcome.error)
         await last(scope, receive, send)
