@@ -47,12 +47,13 @@ async def answer(request: Request, exc: Exception) -> JSONResponse:
     else:
         err = unexpected(exc, request.url.path)
     if request.url.path.startswith("/v1/"):
-        # Refused before the proxy took the call: no model, no neuron.
-        gateway = gateway_of(request)
-        gateway.metrics.errors.labels(NO_NEURON, NO_NEURON, _surface(request), err.code).inc()
+        # Refused before the proxy took the call: no model, no neuron. Still a request answered.
+        gateway, surface = gateway_of(request), _surface(request)
+        gateway.metrics.requests.labels(NO_NEURON, NO_NEURON, surface).inc()
+        gateway.metrics.errors.labels(NO_NEURON, NO_NEURON, surface, err.code).inc()
         if gateway.config.gateway.usage_log:
             principal = getattr(request.state, "principal", None)
-            log_refusal(principal.name if principal else "-", _surface(request), err.code)
+            log_refusal(principal.name if principal else "-", surface, err.code)
     if _anthropic_envelope(request):
         body, status = anthropic_error(err), anthropic_status(err)
     else:

@@ -99,6 +99,14 @@ class Accounting:
         if tokens > 0 and now > since:
             m.tokens_per_second.labels(*labels).observe(tokens / (now - since))
 
+    def refused(self, model: str, surface: Surface, key: str, err: CortexError) -> None:
+        """A call refused before dispatch once its model was known (a model the key may not
+        use, a spent budget, the key's max_in_flight): counted under that model."""
+        self.metrics.requests.labels(model, NO_NEURON, surface).inc()
+        self.metrics.errors.labels(model, NO_NEURON, surface, err.code).inc()
+        if self.usage_log:
+            _usage_line(key, surface, err.code, model=model)
+
     def spend(self, exchange: Exchange, usage: Usage, cost: ModelCost) -> None:
         """Dollars by key and model, at the model's per-million-token prices."""
         details = usage.prompt_tokens_details

@@ -21,7 +21,7 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cortex.core.catalogue import unknown_model
+from cortex.core.catalogue import ModelSpec, unknown_model
 from cortex.core.client import NeuronAnswer
 from cortex.core.completion_limit import CompletionPolicy
 from cortex.core.errors import ClientGone, CortexError, ModelNotFound, NeuronUnavailable
@@ -101,23 +101,34 @@ class Proxy:
         self.strict_max_tokens = strict_max_tokens
 
     def serve(self, request: Request, dialect: Dialect, asked: ClientRequest) -> Response:
-        """The answer to `asked`: refused here (resolve, authorise, budget), or a response that
-        owns the call from then on."""
-        exchange = self._begin(request, dialect, asked)
-        return _Proxied(self, exchange, dialect, asked)
-
-    def _begin(self, request: Request, dialect: Dialect, asked: ClientRequest) -> Exchange:
-        """Resolve the model, check the caller may use it, and reserve the request's worst case
-        from their budget (the reservation last: nothing may fail between it and its owner)."""
+        """The answer to `asked`: refused here, or a response that owns the call from then on.
+        A refusal before the model is known (draining, an unknown model) is raised for the
+        error handler; one after (not allowed, over budget) is answered and counted under it."""
         if self.drain.draining:
             raise self.drain.refusal("the gateway")
         principal: Principal = request.state.principal
+        spec = self._resolve(principal, asked.model)
         try:
-            spec = self.catalogue.resolve(asked.model)
+            exchange = self._begin(request, dialect, asked, spec)
+        except CortexError as err:
+            self.accounting.refused(spec.id, dialect.surface, principal.name, err)
+            return _error_response(dialect, err)
+        return _Proxied(self, exchange, dialect, asked)
+
+    def _resolve(self, principal: Principal, model: str) -> ModelSpec:
+        try:
+            return self.catalogue.resolve(model)
         except ModelNotFound:
             # Guess only among models this caller may use: a hint must not reveal the others.
             visible = [s for s in self.catalogue.specs() if self.auth.allows(principal, s)]
-            raise ModelNotFound(unknown_model(visible, asked.model), param="model") from None
+            raise ModelNotFound(unknown_model(visible, model), param="model") from None
+
+    def _begin(
+        self, request: Request, dialect: Dialect, asked: ClientRequest, spec: ModelSpec
+    ) -> Exchange:
+        """Check the caller may use the model, and reserve the request's worst case from their
+        budget (the reservation last: nothing may fail between it and its owner)."""
+        principal: Principal = request.state.principal
         self.auth.authorize(principal, spec)
         strict = (
             self.strict_max_tokens if spec.strict_max_tokens is None else spec.strict_max_tokens
@@ -173,9 +184,7 @@ class Proxy:
             if outcome.started:
                 raise
             err = outcome.error = unexpected(exc, scope.get("path", "?"))
-            envelope = dialect.error_body(err)
-            status = dialect.error_status(err)
-            last = JSONResponse(envelope, status_code=status, headers=error_headers(err))
+            last = _error_response(dialect, err)
         finally:
             self.accounting.finish(exchange, usage=outcome.usage(), error=outcome.error)
         await last(scope, receive, send)
@@ -279,6 +288,12 @@ def _budget_headers(surface: Surface, reservation: Reservation | None) -> dict[s
         else ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens")
     )
     return dict(zip(names, (str(reservation.limit), str(reservation.remaining)), strict=True))
+
+
+def _error_response(dialect: Dialect, err: CortexError) -> Response:
+    """An error answered before any byte, in the dialect's envelope and status."""
+    status = dialect.error_status(err)
+    return JSONResponse(dialect.error_body(err), status_code=status, headers=error_headers(err))
 
 
 def _answer(body: dict[str, Any], reply: NeuronAnswer, headers: dict[str, str]) -> Response:
