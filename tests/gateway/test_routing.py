@@ -313,6 +313,11 @@ async def test_client_disconnect_closes_the_upstream_stream() -> None:
         await eventually(lambda: n1.disconnects == 1)
         assert n1.in_flight() == 0
         await eventually(lambda: c.gateway.fleet["n1"].in_flight[MODEL] == 0)
+        # Recorded as the client's leaving (nginx's 499), as before the stream began; not an ok.
+        metrics = c.gateway.metrics
+        left = metrics.errors.labels(MODEL, "n1", "openai", "client_closed_request")
+        await eventually(lambda: left._value.get() == 1)
+        assert metrics.requests.labels(MODEL, "n1", "openai")._value.get() == 1
 
 
 async def test_a_stream_whose_client_leaves_while_it_waits_for_admission_lets_go() -> None:

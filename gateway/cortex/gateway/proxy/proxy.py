@@ -236,6 +236,8 @@ class Proxy:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             frames = self._relay(exchange, opening, reply, outcome)
             stayed = await _send_all(frames, receive, send)
+            if not stayed and outcome.error is None:
+                outcome.error = ClientGone("client left mid-stream")
         finally:
             if left is not None:
                 await _stopped(left)
