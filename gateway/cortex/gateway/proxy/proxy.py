@@ -185,6 +185,11 @@ class Proxy:
                 raise
             err = outcome.error = unexpected(exc, scope.get("path", "?"))
             last = _error_response(dialect, err)
+        except asyncio.CancelledError:
+            # Only the server cancels a call (its shutdown, once the grace has run out): the
+            # call is cut short, never an ok.
+            outcome.error = outcome.error or self.drain.refusal("the gateway")
+            raise
         finally:
             self.accounting.finish(exchange, usage=outcome.usage(), error=outcome.error)
         await last(scope, receive, send)
@@ -235,9 +240,14 @@ class Proxy:
             outcome.started = True
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             frames = self._relay(exchange, opening, reply, outcome)
-            stayed = await _send_all(frames, receive, send)
+            stayed = await _send_all(frames, receive, send, self.drain)
             if not stayed and outcome.error is None:
                 outcome.error = ClientGone("client left mid-stream")
+            elif self.drain.over and not outcome.ended:  # cut: the shutdown's grace ran out
+                err = outcome.error = self.drain.refusal("the gateway")
+                with contextlib.suppress(OSError):
+                    frame = b"".join(reply.fail(err))
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
         finally:
             if left is not None:
                 await _stopped(left)
@@ -270,11 +280,12 @@ class Proxy:
                     frames += reply.feed(event, payload)
                 if frames:
                     yield b"".join(frames)
+            outcome.ended = True
             if closing := b"".join(reply.finish()):
                 yield closing
         except (CortexError, ValueError) as exc:
             err = exc if isinstance(exc, CortexError) else NeuronUnavailable(f"bad stream: {exc}")
-            outcome.error = err
+            outcome.error, outcome.ended = err, True
             if failing := b"".join(reply.fail(err)):
                 yield failing
 
@@ -318,14 +329,18 @@ class _Outcome:
         self.error: CortexError | None = None
         self.answered: Usage | None = None  # a plain answer's usage
         self.relayed: ReplyStream | None = None  # a stream that opened, and counts its usage
+        self.ended = False  # the stream's last frames are made: finished, or failed
 
     def usage(self) -> Usage | None:
         return self.relayed.usage() if self.relayed is not None else self.answered
 
 
-async def _send_all(frames: AsyncGenerator[bytes], receive: Receive, send: Send) -> bool:
+async def _send_all(
+    frames: AsyncGenerator[bytes], receive: Receive, send: Send, drain: Drain
+) -> bool:
     """Send every frame as it comes; False when the client left first. Its leaving cancels the
-    relay (and so the neuron's stream), as starlette's StreamingResponse does."""
+    relay (and so the neuron's stream), as starlette's StreamingResponse does; so does the
+    shutdown's grace running out (`Drain.cuttable`)."""
     left = False
     async with anyio.create_task_group() as group:
 
@@ -338,8 +353,9 @@ async def _send_all(frames: AsyncGenerator[bytes], receive: Receive, send: Send)
 
         group.start_soon(watch)
         try:
-            async for frame in frames:
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            with drain.cuttable(group.cancel_scope.cancel):
+                async for frame in frames:
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
         except OSError:  # ASGI 2.4 servers say so when the client is gone
             left = True
         finally:
