@@ -181,10 +181,9 @@ class Proxy:
                 body, outcome.answered = asked.answer(reply.body)
                 last = _answer(body, reply, exchange.reported)
         except Exception as exc:
-            if outcome.started:
-                raise
             err = outcome.error = unexpected(exc, scope.get("path", "?"))
-            last = _error_response(dialect, err)
+            # After a stream's start nothing more can be said: the server closes the connection.
+            last = _nothing if outcome.started else _error_response(dialect, err)
         except asyncio.CancelledError:
             # Only the server cancels a call (its shutdown, once the grace has run out): the
             # call is cut short, never an ok.
@@ -283,8 +282,11 @@ class Proxy:
             outcome.ended = True
             if closing := b"".join(reply.finish()):
                 yield closing
-        except (CortexError, ValueError) as exc:
-            err = exc if isinstance(exc, CortexError) else NeuronUnavailable(f"bad stream: {exc}")
+        except Exception as exc:  # the neuron's failure, garbage from it, or a bug of ours
+            if isinstance(exc, ValueError):
+                err: CortexError = NeuronUnavailable(f"bad stream: {exc}")
+            else:
+                err = unexpected(exc, "a stream's relay")
             outcome.error, outcome.ended = err, True
             if failing := b"".join(reply.fail(err)):
                 yield failing
