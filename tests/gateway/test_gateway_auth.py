@@ -391,9 +391,9 @@ async def test_the_usage_log_has_a_line_per_request_and_no_content(
     assert first["ttft_ms"] is None and second["ttft_ms"] is not None  # only a stream has one
     assert second["model"] == "chat-a" and second["duration_ms"] >= second["ttft_ms"]
     assert "key=frank model=chat-a neuron=n1 surface=openai outcome=ok" in records[0].getMessage()
-    # Refused before dispatch: who asked and why not (no key: "-").
+    # Refused before dispatch: who asked, for which model, and why not (no key: "-").
     code = refused.value.body["code"]  # type: ignore[index]
-    assert bobs | {"key": "bob", "outcome": code, "model": "-"} == bobs
+    assert bobs | {"key": "bob", "outcome": code, "model": "chat-b"} == bobs
     assert (nobodys["key"], nobodys["outcome"]) == ("-", "invalid_api_key")
     assert not any(
         "secret prompt" in r.getMessage() or SECRETS["frank"] in r.getMessage()

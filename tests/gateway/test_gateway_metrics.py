@@ -8,6 +8,8 @@ from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import chat_body, cluster, eventually, spec
 from prometheus_client.parser import text_string_to_metric_families
 
+from cortex.gateway.metrics import GatewayMetrics
+
 G7_NAMES = {
     "cortex_requests",
     "cortex_request_errors",
@@ -81,3 +83,59 @@ async def test_two_gateways_in_one_process_keep_separate_registries() -> None:
         assert answer.is_success
         text = (await second.http.get(f"{second.metrics_url}/metrics")).text
         assert not any(name == "cortex_requests_total" for name, _ in samples(text))
+
+
+def test_tokens_per_second_resolves_rates_below_one() -> None:
+    # Overload slows a stream below 1 tok/s; the histogram must tell 0.3 from 0.9.
+    metrics = GatewayMetrics()
+    metrics.tokens_per_second.labels("chat-a", "n1").observe(0.3)
+    values = samples(metrics.exposition().decode())
+    bucket = "cortex_tokens_per_second_bucket"
+    labels = (("model", "chat-a"), ("neuron", "n1"))
+    assert values[(bucket, (("le", "0.25"), *labels))] == 0
+    assert values[(bucket, (("le", "0.5"), *labels))] == 1
+
+
+async def test_every_answered_request_is_counted_and_refusals_name_a_known_model() -> None:
+    # Errors are a share of requests: a refusal the error handler answers (an unknown model, a
+    # bad body, a draining gateway) is a request too, and one refused once its model is known
+    # (the key's max_in_flight, a model it may not use) carries that model.
+    n1 = FakeNeuron("n1", loaded={"chat-a": GiB})
+    n1.faults.hold = asyncio.Event()
+    keys = [
+        {"key": "sk-one", "name": "one", "max_in_flight": 1},
+        {"key": "sk-other", "name": "other", "models": ["chat-b"]},
+    ]
+    auth = {"enabled": True, "keys": keys}
+    async with cluster(n1, catalogue=[spec("chat-a"), spec("chat-b")], auth=auth) as c:
+        one, other = ({"authorization": f"Bearer sk-{k}"} for k in ("one", "other"))
+        held = asyncio.create_task(
+            c.http.post("/v1/chat/completions", json=chat_body("chat-a"), headers=one)
+        )
+        await eventually(lambda: n1.in_flight() == 1)
+        refusals = [
+            ("/v1/chat/completions", chat_body("chat-a"), one, 429),  # its max_in_flight
+            ("/v1/messages", {**chat_body("chat-a"), "max_tokens": 5}, other, 403),
+            ("/v1/chat/completions", chat_body("nope"), one, 404),
+            ("/v1/chat/completions", {"model": "chat-a"}, one, 400),
+        ]
+        for path, body, headers, status in refusals:
+            response = await c.http.post(path, json=body, headers=headers)
+            assert response.status_code == status, response.text
+        n1.faults.hold.set()
+        assert (await held).status_code == 200
+
+        values = samples((await c.http.get(f"{c.metrics_url}/metrics")).text)
+
+        def total(family: str) -> float:
+            return sum(v for (name, _), v in values.items() if name == family)
+
+        assert total("cortex_requests_total") == 5
+        assert total("cortex_request_errors_total") == 4
+        chat_a, none = ("model", "chat-a"), ("neuron", "none")
+        openai, anthropic = ("surface", "openai"), ("surface", "anthropic")
+        busy = (("code", "too_many_in_flight"), chat_a, none, openai)
+        forbidden = (("code", "model_not_allowed"), chat_a, none, anthropic)
+        assert values[("cortex_request_errors_total", busy)] == 1
+        assert values[("cortex_request_errors_total", forbidden)] == 1
+        assert values[("cortex_requests_total", (chat_a, none, openai))] == 1

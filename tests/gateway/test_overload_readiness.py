@@ -7,13 +7,25 @@ from __future__ import annotations
 
 import asyncio
 
+import anthropic
 import httpx
+import pytest
 from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import chat_body, cluster, eventually, spec
 
 from cortex.core.client import NeuronClient
-from cortex.core.errors import CortexError, NeuronUnreachable, Overloaded, ShuttingDown
-from cortex.core.protocol.errors import error_headers
+from cortex.core.errors import (
+    AnswerTimeout,
+    BudgetExceeded,
+    CortexError,
+    NeuronUnavailable,
+    NeuronUnreachable,
+    Overloaded,
+    QueueTimeout,
+    ShuttingDown,
+    TooManyInFlight,
+)
+from cortex.core.protocol.errors import anthropic_error, anthropic_status, error_headers
 
 MODEL = "chat-a"
 CATALOGUE = [spec(MODEL)]
@@ -21,8 +33,9 @@ SLOW_POLLS = {"gateway": {"poll_interval": 30, "unhealthy_after": 3}}
 
 
 async def test_past_the_neurons_admission_limits_the_gateway_answers_busy() -> None:
-    # The neuron admits 1 running + 1 queued per model: a third request at once is the
-    # gateway's own 429, never sent to the neuron, and the neuron stays healthy.
+    # The neuron admits 1 running + 1 queued per model, and a principal with nothing queued
+    # one more: a fourth request at once is the gateway's own 429, never sent to the neuron,
+    # and the neuron stays healthy.
     n1 = FakeNeuron("n1", loaded={MODEL: GiB})
     n1.max_running, n1.max_queue = 1, 1
     n1.faults.hold = asyncio.Event()
@@ -30,17 +43,66 @@ async def test_past_the_neurons_admission_limits_the_gateway_answers_busy() -> N
         await eventually(lambda: c.gateway.fleet["n1"].status.max_queue == 1)  # type: ignore[union-attr]
         held = [
             asyncio.create_task(c.http.post("/v1/chat/completions", json=chat_body(MODEL)))
-            for _ in range(2)
+            for _ in range(3)
         ]
-        await eventually(lambda: n1.in_flight() == 2)
+        await eventually(lambda: n1.in_flight() == 3)
         refused = await c.http.post("/v1/chat/completions", json=chat_body(MODEL))
         assert refused.status_code == 429
         assert refused.headers["retry-after"]
         assert "busy" in refused.json()["error"]["message"]
-        assert len(n1.requests) == 2
+        assert len(n1.requests) == 3
         assert c.gateway.fleet.healthy("n1")
         n1.faults.hold.set()
-        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
+
+
+async def test_one_key_filling_the_queue_leaves_the_neuron_to_admit_another() -> None:
+    # Alice holds the neuron's one running slot and its one queued place; the neuron's
+    # admission would still queue Bob, who has nothing waiting, so the gateway must send him.
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.max_running, n1.max_queue = 1, 1
+    n1.faults.hold = asyncio.Event()
+    keys = [{"key": "sk-alice", "name": "alice"}, {"key": "sk-bob", "name": "bob"}]
+    async with cluster(n1, catalogue=CATALOGUE, auth={"enabled": True, "keys": keys}) as c:
+        await eventually(lambda: c.gateway.fleet["n1"].status.max_queue == 1)  # type: ignore[union-attr]
+        alice, bob = ({"Authorization": f"Bearer sk-{who}"} for who in ("alice", "bob"))
+        held = [
+            asyncio.create_task(
+                c.http.post("/v1/chat/completions", json=chat_body(MODEL), headers=alice)
+            )
+            for _ in range(2)
+        ]
+        await eventually(lambda: n1.in_flight() == 2)
+        bobs = asyncio.create_task(
+            c.http.post("/v1/chat/completions", json=chat_body(MODEL), headers=bob)
+        )
+        await eventually(lambda: n1.principals.count("bob") == 1 or bobs.done())
+        assert not bobs.done(), "the gateway refused Bob though the neuron would queue him"
+        n1.faults.hold.set()
+        assert [r.status_code for r in await asyncio.gather(*held, bobs)] == [200, 200, 200]
+
+
+async def test_counting_tokens_is_never_refused_as_busy() -> None:
+    # The neuron's /tokenize takes no admission slot: a saturated model still counts tokens
+    # (Claude Code asks before every turn), and the count takes no place among the requests.
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.max_running, n1.max_queue = 1, 1
+    n1.faults.hold = asyncio.Event()
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        await eventually(lambda: c.gateway.fleet["n1"].status.max_queue == 1)  # type: ignore[union-attr]
+        held = [
+            asyncio.create_task(c.http.post("/v1/chat/completions", json=chat_body(MODEL)))
+            for _ in range(3)
+        ]
+        await eventually(lambda: n1.in_flight() == 3)
+        assert c.gateway.fleet.full("n1", MODEL)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "how many"}]}
+        counted = await c.http.post("/v1/messages/count_tokens", json=body)
+        assert counted.status_code == 200, counted.text
+        assert counted.json()["input_tokens"] > 0
+        assert c.gateway.fleet["n1"].in_flight[MODEL] == 3
+        n1.faults.hold.set()
+        await asyncio.gather(*held)
 
 
 async def test_a_busy_neuron_stays_healthy_and_ready() -> None:
@@ -186,3 +248,49 @@ def test_every_429_and_503_carries_retry_after() -> None:
     assert error_headers(Overloaded("busy"))["Retry-After"] == "1"
     assert error_headers(ShuttingDown("going", retry_after=4))["Retry-After"] == "4"
     assert error_headers(CortexError("broken")) == {}  # a 500: retrying will not help
+
+
+ASK = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_overload_is_its_529_which_the_sdk_raises_as_overloaded(
+    stream: bool,
+) -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.busy = True
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        with pytest.raises(anthropic.OverloadedError) as caught:
+            await c.anthropic().messages.create(**ASK, stream=stream)  # type: ignore[call-overload]
+        assert caught.value.status_code == 529
+        assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+        assert caught.value.response.headers["retry-after"] == "2"
+        # OpenAI's surface keeps OpenAI's answer to the same refusal.
+        openai = await c.http.post("/v1/chat/completions", json=chat_body(MODEL))
+        assert openai.status_code == 429
+        assert openai.json()["error"]["type"] == "rate_limit_error"
+
+
+async def test_anthropic_unavailability_is_an_api_error_not_overload() -> None:
+    n1 = FakeNeuron("n1", loaded={MODEL: GiB})
+    n1.faults.shutting_down = True
+    async with cluster(n1, catalogue=CATALOGUE, **SLOW_POLLS) as c:
+        with pytest.raises(anthropic.ServiceUnavailableError) as caught:
+            await c.anthropic().messages.create(**ASK)  # type: ignore[call-overload]
+        assert caught.value.status_code == 503
+        assert caught.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+        assert caught.value.response.headers["retry-after"]
+
+
+def test_anthropic_error_types_follow_anthropics_own() -> None:
+    def said(err: CortexError) -> tuple[int, str]:
+        return anthropic_status(err), anthropic_error(err)["error"]["type"]
+
+    assert said(Overloaded("busy", retry_after=1)) == (529, "overloaded_error")
+    assert said(QueueTimeout("waited", retry_after=1)) == (529, "overloaded_error")
+    assert said(BudgetExceeded("spent")) == (429, "rate_limit_error")
+    assert said(TooManyInFlight("too many")) == (429, "rate_limit_error")
+    assert said(NeuronUnavailable("down")) == (503, "api_error")
+    assert said(ShuttingDown("going")) == (503, "api_error")
+    assert said(AnswerTimeout("silent")) == (504, "timeout_error")
+    assert said(CortexError("broken")) == (500, "api_error")

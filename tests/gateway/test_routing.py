@@ -178,6 +178,21 @@ async def test_a_request_that_failed_itself_is_not_retried(stream: bool) -> None
         assert c.gateway.fleet.healthy("n1") and c.gateway.fleet.healthy("n2")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_queue_timeout_is_not_retried_on_another_replica(stream: bool) -> None:
+    """The request already waited a neuron's whole queue timeout: another try would double the
+    wait (a stream past its admission patience, so a 200 and then an error event)."""
+    n1, n2 = pair()
+    for neuron in (n1, n2):
+        neuron.faults.queue_timeout = 0.3
+    async with cluster(n1, n2, catalogue=CATALOGUE) as c:
+        response = await c.http.post("/v1/chat/completions", json=chat_body(MODEL, stream=stream))
+        assert response.status_code == 429
+        assert response.json()["error"]["code"] == "queue_timeout"
+        assert len(n1.requests) + len(n2.requests) == 1
+        assert c.gateway.fleet.healthy("n1") and c.gateway.fleet.healthy("n2")
+
+
 def test_a_generation_its_neuron_cancelled_is_retried_elsewhere() -> None:
     """How a neuron ends the requests a forced unload dropped: the replica's doing, not theirs."""
     err = error_from_code("generation_cancelled", "generation cancelled: model unloaded", 503)
@@ -283,7 +298,7 @@ async def test_death_mid_stream_ends_anthropic_stream_with_error_event(with_even
             async for event in stream:
                 seen.append(event.type)
         assert seen[0] == "message_start" and "content_block_delta" in seen
-        assert "overloaded_error" in str(caught.value)
+        assert "api_error" in str(caught.value)  # a neuron failing is no overload
 
 
 async def test_client_disconnect_closes_the_upstream_stream() -> None:
@@ -299,6 +314,11 @@ async def test_client_disconnect_closes_the_upstream_stream() -> None:
         await eventually(lambda: n1.disconnects == 1)
         assert n1.in_flight() == 0
         await eventually(lambda: c.gateway.fleet["n1"].in_flight[MODEL] == 0)
+        # Recorded as the client's leaving (nginx's 499), as before the stream began; not an ok.
+        metrics = c.gateway.metrics
+        left = metrics.errors.labels(MODEL, "n1", "openai", "client_closed_request")
+        await eventually(lambda: left._value.get() == 1)
+        assert metrics.requests.labels(MODEL, "n1", "openai")._value.get() == 1
 
 
 async def test_a_stream_whose_client_leaves_while_it_waits_for_admission_lets_go() -> None:

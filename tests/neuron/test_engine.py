@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_llama_config
+from tiny_models import MINILM, tiny_llama_config
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from cortex.neuron import kv_budget
-from cortex.neuron.engine import Engine, Sequence
+from cortex.neuron.engine import Engine, EngineLoad, Sequence
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
 from cortex.neuron.kv_bands import BAND_BASE, band_of
 
@@ -572,3 +572,33 @@ def test_a_closed_engine_finishes_what_it_holds_and_what_comes_later() -> None:
     assert held.finished.error == late.finished.error == "model unloaded"
     assert held.finished.reason == late.finished.reason == "cancelled"  # a 503, retried elsewhere
     assert not engine.has_work()
+
+
+def test_the_engine_publishes_its_batch_what_waits_for_kv_and_its_preemptions() -> None:
+    """What the neuron's metrics read from the event loop: a picture the worker replaces."""
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(tiny_llama_config(tokenizer.vocab_size)).eval()
+    # Three 10-token prompts fit beside each other (a block each, a block of room each); a
+    # fourth does not, and once the three outgrow their first block the newest is preempted.
+    budget = 3 * kv_budget.KV_BLOCK + 2 * kv_budget.KV_BLOCK
+    engine = make_engine(
+        tiny,
+        tokenizer,
+        kv_budget_tokens=budget,
+        eos_token_ids=set(),
+        context_length=256,
+        prefix_cache_tokens=0,
+    )
+    rs = [Recorder(list(range(1000, 1010)), max_tokens=60) for _ in range(4)]
+    for r in rs:
+        engine.add(r.seq)
+    assert engine.load == EngineLoad(running=0, waiting=4)
+    engine.step()
+    assert engine.load == EngineLoad(running=3, waiting=1)
+    seen = []
+    while engine.has_work():
+        engine.step()
+        seen.append(engine.load)
+    assert max(load.preemptions for load in seen) >= 1
+    assert engine.load == EngineLoad(running=0, waiting=0, preemptions=seen[-1].preemptions)

@@ -83,6 +83,12 @@ async def test_unload_refuses_busy_model_unless_forced(runtime: NeuronRuntime) -
     prompt = served.render_chat([{"role": "user", "content": "Count to one hundred."}], None)
     stream = served.generate(prompt, SamplingParams(max_tokens=200, temperature=0))
     await anext(stream)
+    # The engine's picture is replaced after each step: the one that emitted this token soon.
+    deadline = time.monotonic() + 10
+    while (record := runtime.replicas[DEFAULT_CHAT_MODEL].record()).batch_size != 1:
+        assert time.monotonic() < deadline, record
+        await asyncio.sleep(0.01)
+    assert record.in_flight == 1 and record.kv_waiting == 0
     with pytest.raises(ModelBusy):
         await runtime.unload(DEFAULT_CHAT_MODEL)
     await runtime.unload(DEFAULT_CHAT_MODEL, force=True)

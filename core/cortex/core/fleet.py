@@ -61,8 +61,16 @@ class LoadedModel(BaseModel):
     devices: list[str] = Field(default_factory=list)
     memory_bytes: int = 0
     context_length: int | None = None
-    in_flight: int = 0
-    queued: int = 0
+    in_flight: int = Field(default=0, description="requests holding an admission slot")
+    queued: int = Field(default=0, description="requests waiting for an admission slot")
+    batch_size: int = Field(
+        default=0, description="sequences in the engine's running batch (prefilling or decoding)"
+    )
+    kv_waiting: int = Field(
+        default=0,
+        description="admitted sequences the engine holds back for KV room (preempted included)",
+    )
+    preemptions: int = Field(default=0, description="sequences preempted for KV room since load")
     last_used: float | None = Field(default=None, description="unix seconds of the last request")
     loaded_at: float | None = None
     progress: float = Field(default=0.0, ge=0.0, le=1.0, description="load progress 0..1")

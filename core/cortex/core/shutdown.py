@@ -2,15 +2,17 @@
 
 On the first SIGTERM (or SIGINT) a server starts draining: the app refuses new work with 503
 `shutting_down` and Retry-After (it asks `Drain.draining`), readiness fails, and the requests
-already in flight (streams included) may finish for up to the grace period; then the servers
-exit. A second signal exits at once.
+already in flight (streams included) may finish for up to the grace period. When it runs out,
+the streams still open are cut (`Drain.cuttable`): each ends itself with its API's error event,
+so a client reads why its stream stopped; then the servers exit. A second signal exits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -39,13 +41,25 @@ class Drain:
     def __init__(self, grace: float, *, on_begin: Callable[[], None] | None = None) -> None:
         self.grace = grace
         self.draining = False
+        self.over = False  # the grace ran out: what still runs is being cut
         self.active = 0
+        self._cuts: set[Callable[[], None]] = set()
         self.servers: list[uvicorn.Server] = []
         self._on_begin = on_begin
         self._task: asyncio.Task[None] | None = None
 
     def refusal(self, what: str) -> ShuttingDown:
         return ShuttingDown(f"{what} is shutting down", retry_after=SHUTDOWN_RETRY_AFTER)
+
+    @contextmanager
+    def cuttable(self, cut: Callable[[], None]) -> Iterator[None]:
+        """While the body runs, `cut` is called if the grace runs out: a stream stops relaying
+        and ends with its last word before the server cancels it."""
+        self._cuts.add(cut)
+        try:
+            yield
+        finally:
+            self._cuts.discard(cut)
 
     def begin(self) -> None:
         """Stop taking work; exit the servers once the in-flight requests are done (or the grace
@@ -65,6 +79,10 @@ class Drain:
             await asyncio.sleep(_DRAIN_POLL)
         if self.active:
             log.warning("grace period over: %d requests cut short", self.active)
+            self.over = True
+            for cut in list(self._cuts):
+                cut()
+        # The servers give what is still open a moment (their graceful-shutdown timeout) to end.
         for server in self.servers:
             server.should_exit = True
 

@@ -16,7 +16,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 NO_NEURON = "none"  # label for requests that never reached a neuron
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-_RATE = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+# Below 1 tok/s is where overload lands: a decode rate there must not read as "under 1".
+_RATE = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 
 
 class GatewayMetrics:

@@ -259,12 +259,16 @@ class Fleet:
         handle.last_error = error
 
     def full(self, name: str, model: str) -> bool:
-        """Whether this gateway already sends the model on this neuron all the requests its
-        admission takes (running + queued); past that the neuron could only refuse."""
+        """Whether this gateway already sends the model on this neuron the most its admission
+        ever holds; past that the neuron could only refuse. That most is `max_running` plus twice
+        `max_queue`: a principal with nothing queued is let in past a queue full of others'
+        requests (docs/architecture.md, "Fairness"), and only the neuron knows whose they are,
+        so below it the neuron decides, fairly, whom to refuse."""
         status = self.neurons[name].status
         if status is None or status.max_running is None or status.max_queue is None:
             return False
-        return self.neurons[name].in_flight[model] >= status.max_running + status.max_queue
+        most = status.max_running + 2 * status.max_queue
+        return self.neurons[name].in_flight[model] >= most
 
     def healthy(self, name: str) -> bool:
         handle = self.neurons.get(name)

@@ -107,6 +107,16 @@ class _Active:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens whose text is pending
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """What an engine holds, as the event loop may read it: the worker thread publishes a new
+    one whenever its sequences change (a step, an add), never a half-changed picture."""
+
+    running: int = 0  # sequences in the batch: prefilling or decoding
+    waiting: int = 0  # added but held back (no KV room, or preempted), none running yet
+    preemptions: int = 0  # sequences preempted for KV room since the engine began
+
+
 class Engine:
     """Runs one model's sequences in a shared batch, one step at a time, on the worker thread."""
 
@@ -142,6 +152,8 @@ class Engine:
         self._prefilling: list[_Active] = []  # admitted, prompt not all in the cache; oldest first
         self._admitted = 0
         self._closed: str | None = None  # why, once closed
+        self._preemptions = 0
+        self.load = EngineLoad()  # read from the event loop (metrics), replaced here
 
     # -- the worker's interface --------------------------------------------------------------
 
@@ -152,6 +164,7 @@ class Engine:
             self._emit_finished(seq, "cancelled", error=self._closed)
             return
         self._waiting.append(seq)
+        self._publish()
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._preempted or self._decoding or self._prefilling)
@@ -180,11 +193,14 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """Drop cancelled sequences, prefill (one chunk budget), then one decode for all running."""
-        self._drop_cancelled()
-        self._prefill()
-        if self._decoding:
-            self._decode()
-        self._decoding.shrink()
+        try:
+            self._drop_cancelled()
+            self._prefill()
+            if self._decoding:
+                self._decode()
+            self._decoding.shrink()
+        finally:
+            self._publish()
 
     def fail_all(self, message: str, reason: Literal["error", "cancelled"] = "error") -> None:
         """Finish every sequence: an error after a failed step, cancelled when the neuron drops
@@ -197,11 +213,15 @@ class Engine:
         while self._waiting:
             self._emit_finished(self._waiting.popleft(), reason, error=message)
         self._prefixes.clear()
+        self._publish()
 
     def close(self, message: str) -> None:
         """Finish every sequence, and every one added later (its model is being unloaded)."""
         self._closed = message
         self.fail_all(message, "cancelled")
+
+    def _publish(self) -> None:
+        self.load = EngineLoad(self.running, self.waiting, self._preemptions)
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -399,6 +419,7 @@ class Engine:
             self._keep_prefix(active)
             self._release(active)
             self._preempted.append(active)
+            self._preemptions += 1
         self._preempted.sort(key=lambda a: a.order)
 
     def _refuse(self, seq: Sequence, sampler: Sampler) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from cortex.core.fleet import NeuronStatus
@@ -15,7 +15,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-_RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+# Below 1 tok/s is where overload lands: a decode rate there must not read as "under 1".
+_RATE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 class StatusCollector(Collector):
@@ -24,14 +25,24 @@ class StatusCollector(Collector):
     def __init__(self, status: Callable[[], NeuronStatus]) -> None:
         self._status = status
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         status = self._status()
+        preemptions = CounterMetricFamily(
+            "cortex_neuron_preemptions",
+            "Sequences preempted for KV room (their KV recomputed when they resume)",
+            labels=["model"],
+        )
         gauges = {
             name: GaugeMetricFamily(f"cortex_neuron_{name}", doc, labels=labels)
             for name, doc, labels in (
-                ("in_flight", "Sequences generating now", ["model"]),
+                ("in_flight", "Requests holding an admission slot", ["model"]),
                 ("queued", "Requests waiting for a slot", ["model"]),
-                ("batch_size", "Sequences sharing the model's forward passes", ["model"]),
+                ("batch_size", "Sequences in the engine's running batch", ["model"]),
+                (
+                    "kv_waiting",
+                    "Admitted sequences the engine holds back for KV room (preempted included)",
+                    ["model"],
+                ),
                 ("model_memory_bytes", "Memory budgeted for the model", ["model"]),
                 ("model_ready", "1 when the model serves requests", ["model"]),
                 ("model_load_progress", "Load progress 0..1", ["model"]),
@@ -45,7 +56,9 @@ class StatusCollector(Collector):
             labels = [model.id]
             gauges["in_flight"].add_metric(labels, model.in_flight)
             gauges["queued"].add_metric(labels, model.queued)
-            gauges["batch_size"].add_metric(labels, model.in_flight)
+            gauges["batch_size"].add_metric(labels, model.batch_size)
+            gauges["kv_waiting"].add_metric(labels, model.kv_waiting)
+            preemptions.add_metric(labels, model.preemptions)
             gauges["model_memory_bytes"].add_metric(labels, model.memory_bytes)
             gauges["model_ready"].add_metric(labels, float(model.state == "ready"))
             gauges["model_load_progress"].add_metric(labels, model.progress)
@@ -56,6 +69,7 @@ class StatusCollector(Collector):
             gauges["device_memory_free_bytes"].add_metric(labels, device.memory_free)
             gauges["device_healthy"].add_metric(labels, float(device.healthy))
         yield from gauges.values()
+        yield preemptions
         open_gauge = GaugeMetricFamily(
             "cortex_neuron_lifecycle_open",
             "1 when load/unload need no admin token and the neuron listens beyond loopback",

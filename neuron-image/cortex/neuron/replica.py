@@ -17,7 +17,7 @@ from cortex.neuron import loader
 from cortex.neuron.admission import ANYONE, Admission
 from cortex.neuron.chat_template import render_chat
 from cortex.neuron.devices import Device
-from cortex.neuron.engine import Engine, Sequence
+from cortex.neuron.engine import Engine, EngineLoad, Sequence
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams
 from cortex.neuron.grammar import CompiledGrammar, GrammarCompiler, GrammarSpec
 from cortex.neuron.logprobs import token_bytes
@@ -50,6 +50,9 @@ class Replica:
     def record(self) -> LoadedModel:
         self.fail_if_device_lost()
         served = self.served
+        running = served.admission.running if served else 0
+        # A chat model's engine says what really runs; an embedding's requests run as admitted.
+        engine = served.engine.load if served and served.engine else EngineLoad(running=running)
         return LoadedModel(
             id=self.spec.id,
             source=self.spec.source,
@@ -58,8 +61,11 @@ class Replica:
             devices=[d.id for d in self.devices],
             memory_bytes=self.memory,
             context_length=served.context_length if served else self.spec.context,
-            in_flight=served.admission.running if served else 0,
+            in_flight=running,
             queued=served.admission.queued if served else 0,
+            batch_size=engine.running,
+            kv_waiting=engine.waiting,
+            preemptions=engine.preemptions,
             last_used=self.last_used,
             loaded_at=self.loaded_at,
             progress=self.progress,

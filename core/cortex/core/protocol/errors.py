@@ -5,9 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from cortex.core.completion_limit import anthropic_wording
-from cortex.core.errors import ContextLengthExceeded, CortexError, InvalidRequest
+from cortex.core.errors import ContextLengthExceeded, CortexError, InvalidRequest, Overloaded
 
-# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
+# Anthropic's status for an overloaded service: its SDKs raise OverloadedError for it (and retry
+# it). Its 429 means a rate limit: here a key's budget or in-flight cap, never the fleet's load.
+ANTHROPIC_OVERLOADED = 529
+
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors); any other
+# status (500, 503) is an `api_error`.
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -18,8 +23,8 @@ _ANTHROPIC_TYPES = {
     413: "request_too_large",
     422: "invalid_request_error",
     429: "rate_limit_error",
-    503: "overloaded_error",
-    529: "overloaded_error",
+    504: "timeout_error",
+    ANTHROPIC_OVERLOADED: "overloaded_error",
 }
 
 
@@ -30,9 +35,15 @@ def openai_error(err: CortexError) -> dict[str, Any]:
     }
 
 
+def anthropic_status(err: CortexError) -> int:
+    """The HTTP status of `err` on Anthropic's surface: overload (a neuron's full queue or queue
+    timeout, the gateway's "busy") is Anthropic's 529; everything else keeps its own."""
+    return ANTHROPIC_OVERLOADED if isinstance(err, Overloaded) else err.status
+
+
 def anthropic_error(err: CortexError) -> dict[str, Any]:
     """Anthropic's envelope: {"type": "error", "error": {"type", "message"}}."""
-    kind = _ANTHROPIC_TYPES.get(err.status, "api_error")
+    kind = _ANTHROPIC_TYPES.get(anthropic_status(err), "api_error")
     message = err.message
     if err.code == ContextLengthExceeded.code:
         message = anthropic_wording(message)

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from cortex.core.errors import CortexError
-from cortex.core.protocol.errors import anthropic_error
+from cortex.core.protocol.errors import anthropic_error, anthropic_status
 from cortex.core.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -105,6 +105,9 @@ class AnthropicDialect:
 
     def error_body(self, err: CortexError) -> dict[str, Any]:
         return anthropic_error(err)
+
+    def error_status(self, err: CortexError) -> int:
+        return anthropic_status(err)
 
 
 class MessagesDialect(AnthropicDialect):

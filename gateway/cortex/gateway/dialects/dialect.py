@@ -127,6 +127,10 @@ class Dialect(Protocol):
         """The surface's error envelope."""
         ...
 
+    def error_status(self, err: CortexError) -> int:
+        """The HTTP status the surface answers `err` with (Anthropic's overload is its 529)."""
+        ...
+
 
 def validate(data: dict[str, Any], model: type[M]) -> M:
     """Validate into `model`; the problem is reported with its field path as `param`."""

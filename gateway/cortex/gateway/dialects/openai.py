@@ -161,6 +161,9 @@ class OpenAIDialect:
     def error_body(self, err: CortexError) -> dict[str, Any]:
         return openai_error(err)
 
+    def error_status(self, err: CortexError) -> int:
+        return err.status
+
 
 class ChatDialect(OpenAIDialect):
     """/v1/chat/completions."""

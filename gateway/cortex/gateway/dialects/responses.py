@@ -66,5 +66,8 @@ class ResponsesDialect:
     def error_body(self, err: CortexError) -> dict[str, Any]:
         return openai_error(err)
 
+    def error_status(self, err: CortexError) -> int:
+        return err.status
+
 
 RESPONSES = ResponsesDialect()

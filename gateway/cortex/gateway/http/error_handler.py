@@ -10,7 +10,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from cortex.core.errors import CortexError, InvalidRequest
-from cortex.core.protocol.errors import anthropic_error, error_headers, openai_error
+from cortex.core.protocol.errors import (
+    anthropic_error,
+    anthropic_status,
+    error_headers,
+    openai_error,
+)
 from cortex.gateway.anthropic_models import wants_anthropic
 from cortex.gateway.http.access import gateway_of
 from cortex.gateway.metrics import NO_NEURON
@@ -42,14 +47,18 @@ async def answer(request: Request, exc: Exception) -> JSONResponse:
     else:
         err = unexpected(exc, request.url.path)
     if request.url.path.startswith("/v1/"):
-        # Refused before the proxy took the call: no model, no neuron.
-        gateway = gateway_of(request)
-        gateway.metrics.errors.labels(NO_NEURON, NO_NEURON, _surface(request), err.code).inc()
+        # Refused before the proxy took the call: no model, no neuron. Still a request answered.
+        gateway, surface = gateway_of(request), _surface(request)
+        gateway.metrics.requests.labels(NO_NEURON, NO_NEURON, surface).inc()
+        gateway.metrics.errors.labels(NO_NEURON, NO_NEURON, surface, err.code).inc()
         if gateway.config.gateway.usage_log:
             principal = getattr(request.state, "principal", None)
-            log_refusal(principal.name if principal else "-", _surface(request), err.code)
-    body = anthropic_error(err) if _anthropic_envelope(request) else openai_error(err)
-    return JSONResponse(body, status_code=err.status, headers=error_headers(err))
+            log_refusal(principal.name if principal else "-", surface, err.code)
+    if _anthropic_envelope(request):
+        body, status = anthropic_error(err), anthropic_status(err)
+    else:
+        body, status = openai_error(err), err.status
+    return JSONResponse(body, status_code=status, headers=error_headers(err))
 
 
 def _anthropic_envelope(request: Request) -> bool:

@@ -6,11 +6,9 @@ a refusal in the surface's envelope (error_handler.answer), recorded in the metr
 
 from __future__ import annotations
 
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cortex.core.errors import CortexError
 from cortex.gateway.dialects.anthropic import COUNT_TOKENS, MESSAGES
 from cortex.gateway.dialects.dialect import Dialect
 from cortex.gateway.dialects.openai import CHAT, COMPLETIONS, EMBEDDINGS
@@ -45,8 +43,9 @@ class InferenceRoutes:
 
 
 async def serve(dialect: Dialect, scope: Scope, receive: Receive, send: Send) -> None:
-    """One inference call. Failures are handled as FastAPI's stack would: domain and HTTP errors
-    answered; anything else answered (logged as a bug) and raised on to the server."""
+    """One inference call. A failure before the proxy takes the call is answered (a bug logged
+    once, with its traceback, by the handler; not raised on for the server to log again); the
+    proxy answers, logs and records its own."""
     request = Request(scope, receive)
     try:
         await authenticate(request)
@@ -54,13 +53,5 @@ async def serve(dialect: Dialect, scope: Scope, receive: Receive, send: Send) ->
     except Exception as exc:
         refusal = await answer(request, exc)
         await refusal(scope, receive, send)
-        if isinstance(exc, CortexError | HTTPException):
-            return
-        raise
-    try:
-        await response(scope, receive, send)
-    except Exception as exc:
-        # The proxy answers its own failures; one escaping it came after its response began:
-        # logged and counted, then the server closes the connection.
-        await answer(request, exc)
-        raise
+        return
+    await response(scope, receive, send)

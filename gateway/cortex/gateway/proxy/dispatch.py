@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, ExitStack
 from typing import TypeVar
 
 from cortex.core.client import NeuronAnswer, NeuronClient
@@ -26,6 +26,7 @@ from cortex.core.errors import (
     NeuronUnavailable,
     NeuronUnreachable,
     Overloaded,
+    QueueTimeout,
     ShuttingDown,
 )
 from cortex.core.neuron_wire import WireStream
@@ -64,7 +65,11 @@ _GATEWAY_STATUSES = (502, 503, 504)
 def retryable(err: CortexError) -> bool:
     """Only failures another replica could fix. A request-caused error (4xx) or one whose code
     says the request itself failed (500: the generation broke) would fail on every replica, and
-    retrying it carries one bad request across the fleet."""
+    retrying it carries one bad request across the fleet. A queue timeout is not retried either:
+    the request has waited a neuron's whole queue timeout already, and each further try would add
+    another, past what a stream waits before its 200 (`Patience.admission`)."""
+    if isinstance(err, QueueTimeout):
+        return False
     if isinstance(err, _RETRYABLE):
         return True
     return type(err) is CortexError and err.status in _GATEWAY_STATUSES
@@ -88,19 +93,24 @@ def note_failure(fleet: Fleet, neuron: str, err: CortexError) -> None:
 
 
 class Slot:
-    """One call's place on a replica, counted in the fleet's in-flight numbers (which routing and
-    `Fleet.full` read) until `release()`, which only its holder calls, once."""
+    """One call's place on a replica until `release()`, which only its holder calls, once. An
+    admitted call (one the neuron's admission counts) is counted in the fleet's in-flight numbers,
+    which routing and `Fleet.full` read; any other (a count of tokens) only keeps the neuron's
+    client open meanwhile."""
 
-    def __init__(self, fleet: Fleet, neuron: str, model: str) -> None:
+    def __init__(self, fleet: Fleet, neuron: str, model: str, *, admitted: bool = True) -> None:
         self.fleet, self.neuron, self.model = fleet, neuron, model
-        self.client: NeuronClient = fleet[neuron].client
-        fleet.begin(neuron, model)
-        self._held = True
+        handle = fleet[neuron]
+        self.client: NeuronClient = handle.client
+        self._calling = ExitStack()
+        if admitted:
+            fleet.begin(neuron, model)
+            self._calling.callback(fleet.end, neuron, model)
+        else:
+            self._calling.enter_context(fleet.calling(handle))
 
     def release(self) -> None:
-        if self._held:
-            self._held = False
-            self.fleet.end(self.neuron, self.model)
+        self._calling.close()  # once: a closed stack has nothing left to undo
 
     def failed(self, err: CortexError) -> None:
         note_failure(self.fleet, self.neuron, err)
@@ -208,7 +218,10 @@ class Dispatcher:
             exchange.taken = True
             return answered
 
-        return await self._with_retries(exchange, attempt)
+        # The neuron's /tokenize takes no admission slot: a count of tokens is not refused as
+        # busy, nor counted against the requests the replica admits.
+        admitted = not isinstance(call, Tokenize)
+        return await self._with_retries(exchange, attempt, admitted=admitted)
 
     async def open(self, exchange: Exchange, call: StreamCall) -> Upstream:
         """A streamed call, returned once its first bytes are in (so it can still fail over);
@@ -246,12 +259,18 @@ class Dispatcher:
         exchange.taken = True
         return Upstream(slot, first, rest, stack)
 
-    async def _with_retries(self, exchange: Exchange, attempt: Callable[[Slot], Awaitable[T]]) -> T:
+    async def _with_retries(
+        self,
+        exchange: Exchange,
+        attempt: Callable[[Slot], Awaitable[T]],
+        *,
+        admitted: bool = True,
+    ) -> T:
         tried: set[str] = set()
         last: CortexError | None = None
         for _ in range(self.max_attempts):
             try:
-                neuron = await self._choose(exchange, tried)
+                neuron = await self._choose(exchange, tried, admitted=admitted)
             except NeuronUnavailable:
                 if last is None:
                     raise
@@ -260,7 +279,7 @@ class Dispatcher:
                 break
             exchange.neuron = neuron
             try:
-                return await attempt(Slot(self.fleet, neuron, exchange.model))
+                return await attempt(Slot(self.fleet, neuron, exchange.model, admitted=admitted))
             except CortexError as err:
                 if not retryable(err):
                     raise
@@ -316,29 +335,32 @@ class Dispatcher:
             for task in looks:
                 task.cancel()
 
-    async def _choose(self, exchange: Exchange, tried: set[str]) -> str | None:
-        """The next replica to try; loads one when the model has none ready anywhere."""
+    async def _choose(
+        self, exchange: Exchange, tried: set[str], *, admitted: bool = True
+    ) -> str | None:
+        """The next replica to try; loads one when the model has none ready anywhere. A call
+        the neuron does not admit (`admitted` False) goes to a full replica too."""
         model = exchange.model
+
+        def roomy(names: list[str]) -> list[str]:
+            return [n for n in names if not (admitted and self.fleet.full(n, model))]
+
         ready = self.replicas.ready(model)
         candidates = [name for name in ready if name not in tried]
-        roomy = [name for name in candidates if not self.fleet.full(name, model)]
-        if candidates and not roomy:
+        room = roomy(candidates)
+        if candidates and not room:
             raise Overloaded(
                 f"model {model!r} is busy: every replica has all the requests it admits",
                 retry_after=BUSY_RETRY_AFTER,
             )
-        candidates = roomy
+        candidates = room
         if not candidates:
             if ready:
                 return None  # every replica had its chance
             timeout = exchange.deadline - time.monotonic()
             ensured = self.cold_start.ensure(model, timeout=timeout)
             await self._watching(exchange, ensured, f"{model!r} was loading")
-            candidates = [
-                name
-                for name in self.replicas.ready(model)
-                if name not in tried and not self.fleet.full(name, model)
-            ]
+            candidates = roomy([name for name in self.replicas.ready(model) if name not in tried])
             if not candidates:
                 return None
         return pick(

@@ -11,11 +11,13 @@ from cortex.core.catalogue import ModelCost
 from cortex.core.completion_limit import CompletionPolicy
 from cortex.core.errors import CortexError
 from cortex.core.protocol.openai import Usage
+from cortex.core.request_context import request_id
 from cortex.gateway.auth import Principal
 from cortex.gateway.dialects.dialect import Surface
 from cortex.gateway.ledger import Reservation
 from cortex.gateway.metrics import NO_NEURON, GatewayMetrics
 
+log = logging.getLogger(__name__)
 usage_logger = logging.getLogger("cortex.usage")
 
 
@@ -84,6 +86,8 @@ class Accounting:
         m.duration.labels(*labels, exchange.surface).observe(now - exchange.started)
         if error is not None:
             m.errors.labels(*labels, exchange.surface, error.code).inc()
+            if error.status >= 500:  # ours or a neuron's; a refusal or a client's leaving is not
+                _log_failure(exchange, error)
         if exchange.reservation is not None:
             used = usage.prompt_tokens + usage.completion_tokens if usage else 0
             exchange.reservation.settle(used, self.clock())
@@ -103,6 +107,14 @@ class Accounting:
         tokens = usage.completion_tokens - (1 if exchange.first_token is not None else 0)
         if tokens > 0 and now > since:
             m.tokens_per_second.labels(*labels).observe(tokens / (now - since))
+
+    def refused(self, model: str, surface: Surface, key: str, err: CortexError) -> None:
+        """A call refused before dispatch once its model was known (a model the key may not
+        use, a spent budget, the key's max_in_flight): counted under that model."""
+        self.metrics.requests.labels(model, NO_NEURON, surface).inc()
+        self.metrics.errors.labels(model, NO_NEURON, surface, err.code).inc()
+        if self.usage_log:
+            _usage_line(key, surface, err.code, model=model)
 
     def spend(self, exchange: Exchange, usage: Usage, cost: ModelCost) -> None:
         """Dollars by key and model, at the model's per-million-token prices."""
@@ -149,6 +161,20 @@ def _log_usage(
         completion_tokens=usage.completion_tokens if usage else 0,
         duration_ms=round((now - exchange.started) * 1000, 1),
         ttft_ms=round(ttft * 1000, 1) if ttft is not None else None,
+    )
+
+
+def _log_failure(exchange: Exchange, error: CortexError) -> None:
+    """One line per failed call: what failed, where, why, and the request's id to find it by."""
+    log.warning(
+        "%s call to %s on %s failed: %d %s: %s (request %s)",
+        exchange.surface,
+        exchange.model,
+        exchange.neuron or "no neuron",
+        error.status,
+        error.code,
+        error.message,
+        request_id.get() or "-",
     )
 
 

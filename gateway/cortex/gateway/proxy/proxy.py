@@ -21,6 +21,7 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cortex.core.catalogue import ModelSpec
 from cortex.core.client import NeuronAnswer
 from cortex.core.completion_limit import CompletionPolicy
 from cortex.core.errors import ClientGone, CortexError, ModelNotFound, NeuronUnavailable
@@ -100,21 +101,32 @@ class Proxy:
         self.strict_max_tokens = strict_max_tokens
 
     def serve(self, request: Request, dialect: Dialect, asked: ClientRequest) -> Response:
-        """The answer to `asked`: refused here (resolve, authorise, budget), or a response that
-        owns the call from then on."""
-        exchange = self._begin(request, dialect, asked)
-        return _Proxied(self, exchange, dialect, asked)
-
-    def _begin(self, request: Request, dialect: Dialect, asked: ClientRequest) -> Exchange:
-        """Resolve the model, check the caller may use it, and reserve the request's worst case
-        from their budget (the reservation last: nothing may fail between it and its owner)."""
+        """The answer to `asked`: refused here, or a response that owns the call from then on.
+        A refusal before the model is known (draining, an unknown model) is raised for the
+        error handler; one after (not allowed, over budget) is answered and counted under it."""
         if self.drain.draining:
             raise self.drain.refusal("the gateway")
         principal: Principal = request.state.principal
+        spec = self._resolve(principal, asked.model)
         try:
-            spec = self.catalogue.resolve(asked.model)
+            exchange = self._begin(request, dialect, asked, spec)
+        except CortexError as err:
+            self.accounting.refused(spec.id, dialect.surface, principal.name, err)
+            return _error_response(dialect, err)
+        return _Proxied(self, exchange, dialect, asked)
+
+    def _resolve(self, principal: Principal, model: str) -> ModelSpec:
+        try:
+            return self.catalogue.resolve(model)
         except ModelNotFound:
-            raise unseen(principal, self.catalogue.specs(), asked.model) from None
+            raise unseen(principal, self.catalogue.specs(), model) from None
+
+    def _begin(
+        self, request: Request, dialect: Dialect, asked: ClientRequest, spec: ModelSpec
+    ) -> Exchange:
+        """Check the caller may use the model, and reserve the request's worst case from their
+        budget (the reservation last: nothing may fail between it and its owner)."""
+        principal: Principal = request.state.principal
         self.auth.authorize(principal, spec)
         strict = (
             self.strict_max_tokens if spec.strict_max_tokens is None else spec.strict_max_tokens
@@ -169,11 +181,14 @@ class Proxy:
                 body, outcome.answered = asked.answer(reply.body)
                 last = _answer(body, reply, exchange.reported)
         except Exception as exc:
-            if outcome.started:
-                raise
             err = outcome.error = unexpected(exc, scope.get("path", "?"))
-            envelope = dialect.error_body(err)
-            last = JSONResponse(envelope, status_code=err.status, headers=error_headers(err))
+            # After a stream's start nothing more can be said: the server closes the connection.
+            last = _nothing if outcome.started else _error_response(dialect, err)
+        except asyncio.CancelledError:
+            # Only the server cancels a call (its shutdown, once the grace has run out): the
+            # call is cut short, never an ok.
+            outcome.error = outcome.error or self.drain.refusal("the gateway")
+            raise
         finally:
             self.accounting.finish(exchange, usage=outcome.usage(), error=outcome.error)
         await last(scope, receive, send)
@@ -224,7 +239,14 @@ class Proxy:
             outcome.started = True
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             frames = self._relay(exchange, opening, reply, outcome)
-            stayed = await _send_all(frames, receive, send)
+            stayed = await _send_all(frames, receive, send, self.drain)
+            if not stayed and outcome.error is None:
+                outcome.error = ClientGone("client left mid-stream")
+            elif self.drain.over and not outcome.ended:  # cut: the shutdown's grace ran out
+                err = outcome.error = self.drain.refusal("the gateway")
+                with contextlib.suppress(OSError):
+                    frame = b"".join(reply.fail(err))
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
         finally:
             if left is not None:
                 await _stopped(left)
@@ -257,11 +279,15 @@ class Proxy:
                     frames += reply.feed(event, payload)
                 if frames:
                     yield b"".join(frames)
+            outcome.ended = True
             if closing := b"".join(reply.finish()):
                 yield closing
-        except (CortexError, ValueError) as exc:
-            err = exc if isinstance(exc, CortexError) else NeuronUnavailable(f"bad stream: {exc}")
-            outcome.error = err
+        except Exception as exc:  # the neuron's failure, garbage from it, or a bug of ours
+            if isinstance(exc, ValueError):
+                err: CortexError = NeuronUnavailable(f"bad stream: {exc}")
+            else:
+                err = unexpected(exc, "a stream's relay")
+            outcome.error, outcome.ended = err, True
             if failing := b"".join(reply.fail(err)):
                 yield failing
 
@@ -277,6 +303,12 @@ def _budget_headers(surface: Surface, reservation: Reservation | None) -> dict[s
         else ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens")
     )
     return dict(zip(names, (str(reservation.limit), str(reservation.remaining)), strict=True))
+
+
+def _error_response(dialect: Dialect, err: CortexError) -> Response:
+    """An error answered before any byte, in the dialect's envelope and status."""
+    status = dialect.error_status(err)
+    return JSONResponse(dialect.error_body(err), status_code=status, headers=error_headers(err))
 
 
 def _answer(body: dict[str, Any], reply: NeuronAnswer, headers: dict[str, str]) -> Response:
@@ -299,14 +331,18 @@ class _Outcome:
         self.error: CortexError | None = None
         self.answered: Usage | None = None  # a plain answer's usage
         self.relayed: ReplyStream | None = None  # a stream that opened, and counts its usage
+        self.ended = False  # the stream's last frames are made: finished, or failed
 
     def usage(self) -> Usage | None:
         return self.relayed.usage() if self.relayed is not None else self.answered
 
 
-async def _send_all(frames: AsyncGenerator[bytes], receive: Receive, send: Send) -> bool:
+async def _send_all(
+    frames: AsyncGenerator[bytes], receive: Receive, send: Send, drain: Drain
+) -> bool:
     """Send every frame as it comes; False when the client left first. Its leaving cancels the
-    relay (and so the neuron's stream), as starlette's StreamingResponse does."""
+    relay (and so the neuron's stream), as starlette's StreamingResponse does; so does the
+    shutdown's grace running out (`Drain.cuttable`)."""
     left = False
     async with anyio.create_task_group() as group:
 
@@ -319,8 +355,9 @@ async def _send_all(frames: AsyncGenerator[bytes], receive: Receive, send: Send)
 
         group.start_soon(watch)
         try:
-            async for frame in frames:
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            with drain.cuttable(group.cancel_scope.cancel):
+                async for frame in frames:
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
         except OSError:  # ASGI 2.4 servers say so when the client is gone
             left = True
         finally:
