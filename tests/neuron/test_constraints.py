@@ -135,3 +135,49 @@ def test_grammars_are_cached_and_refusals_name_the_feature(compiler: GrammarComp
     ):
         with pytest.raises(GrammarError, match=named):
             compiler.compile(GrammarSpec.json_schema(schema))
+
+
+def test_tool_parameters_are_their_own_schema_root(
+    compiler: GrammarCompiler, tokenizer: Any
+) -> None:
+    """Pydantic writes nested models as `$defs` and `#/$defs/...`, a recursive model as `#`: both
+    resolve against the tool's parameters, not against the call around them."""
+    address = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    pydantic = {
+        "$defs": {"Address": address},
+        "type": "object",
+        "properties": {"to": {"$ref": "#/$defs/Address"}},
+        "required": ["to"],
+    }
+    tree = {
+        "type": "object",
+        "properties": {
+            "label": {"type": "string"},
+            "children": {"type": "array", "items": {"$ref": "#"}},
+        },
+        "required": ["label", "children"],
+        "additionalProperties": False,
+    }
+    tools = [
+        {"type": "function", "function": {"name": "ship", "parameters": pydantic}},
+        {"type": "function", "function": {"name": "tree", "parameters": tree}},
+    ]
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": pydantic}}
+    ship = '{"name": "ship", "arguments": {"to": {"city": "Oslo"}}}'
+    child = '{"label": "b", "children": []}'
+    good_tree = '{"name": "tree", "arguments": {"label": "a", "children": [' + child + "]}}"
+    call_shaped_child = '{"name": "tree", "arguments": ' + child + "}"
+    for choice in ("required", {"type": "function", "function": {"name": "ship"}}):
+        spec, _ = chat_constraint(tools, choice, False, None)  # type: ignore[misc]
+        assert _allowed(compiler, tokenizer, spec, f"<tool_call>\n{ship}\n</tool_call>")
+        assert not _allowed(
+            compiler, tokenizer, spec, f"<tool_call>\n{ship.replace('city', 'town')}\n</tool_call>"
+        )
+    spec, _ = chat_constraint(tools, "required", None, None)  # type: ignore[misc]
+    assert _allowed(compiler, tokenizer, spec, f"<tool_call>\n{good_tree}\n</tool_call>")
+    assert _allowed(compiler, tokenizer, spec, f"<tool_call>\n[{ship}, {good_tree}]\n</tool_call>")
+    bad_tree = good_tree.replace(child, call_shaped_child)
+    assert not _allowed(compiler, tokenizer, spec, f"<tool_call>\n{bad_tree}\n</tool_call>")
+    spec, _ = chat_constraint(tools, "auto", None, fmt)  # type: ignore[misc]
+    assert _allowed(compiler, tokenizer, spec, f"<tool_call>\n[{ship}]\n</tool_call>")
+    assert _allowed(compiler, tokenizer, spec, '{"to": {"city": "Oslo"}}')
