@@ -181,3 +181,16 @@ def test_tool_parameters_are_their_own_schema_root(
     spec, _ = chat_constraint(tools, "auto", None, fmt)  # type: ignore[misc]
     assert _allowed(compiler, tokenizer, spec, f"<tool_call>\n[{ship}]\n</tool_call>")
     assert _allowed(compiler, tokenizer, spec, '{"to": {"city": "Oslo"}}')
+
+
+def test_json_output_keeps_the_schema_key_order(compiler: GrammarCompiler, tokenizer: Any) -> None:
+    """A "reasoning before answer" schema only works if the reasoning is written first."""
+    schema = {
+        "type": "object",
+        "properties": {"reasoning": {"type": "string"}, "answer": {"type": "integer"}},
+        "required": ["reasoning", "answer"],
+        "additionalProperties": False,
+    }
+    spec = GrammarSpec.json_schema(schema)
+    assert _allowed(compiler, tokenizer, spec, '{"reasoning": "2+2", "answer": 4}')
+    assert not _allowed(compiler, tokenizer, spec, '{"answer": 4, "reasoning": "2+2"}')
