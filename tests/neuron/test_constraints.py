@@ -194,3 +194,13 @@ def test_json_output_keeps_the_schema_key_order(compiler: GrammarCompiler, token
     spec = GrammarSpec.json_schema(schema)
     assert _allowed(compiler, tokenizer, spec, '{"reasoning": "2+2", "answer": 4}')
     assert not _allowed(compiler, tokenizer, spec, '{"answer": 4, "reasoning": "2+2"}')
+
+
+def test_a_tool_without_parameters_takes_no_arguments(
+    compiler: GrammarCompiler, tokenizer: Any
+) -> None:
+    named = {"type": "function", "function": {"name": "get_time"}}
+    spec, _ = chat_constraint(TOOLS, named, None, None)  # type: ignore[misc]
+    call = '<tool_call>\n{"name": "get_time", "arguments": ARGS}\n</tool_call>'
+    assert _allowed(compiler, tokenizer, spec, call.replace("ARGS", "{}"))
+    assert not _allowed(compiler, tokenizer, spec, call.replace("ARGS", '{"zone": "UTC"}'))

@@ -127,5 +127,9 @@ def chat_constraint(
     return GrammarSpec.json_schema(answer), kind
 
 
+_NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
 def _arguments_schema(function: dict[str, Any]) -> dict[str, Any]:
-    return function.get("parameters") or {"type": "object", "properties": {}}
+    """The tool's parameter schema; omitted, the tool takes no arguments (as OpenAI reads it)."""
+    return function.get("parameters") or _NO_ARGUMENTS
