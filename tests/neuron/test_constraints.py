@@ -204,3 +204,17 @@ def test_a_tool_without_parameters_takes_no_arguments(
     call = '<tool_call>\n{"name": "get_time", "arguments": ARGS}\n</tool_call>'
     assert _allowed(compiler, tokenizer, spec, call.replace("ARGS", "{}"))
     assert not _allowed(compiler, tokenizer, spec, call.replace("ARGS", '{"zone": "UTC"}'))
+
+
+def test_tool_arguments_are_always_an_object(compiler: GrammarCompiler, tokenizer: Any) -> None:
+    """A call whose arguments are not an object is no call to tools.py: the grammar allows none."""
+    untyped = {"properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": untyped}}]
+    spec, _ = chat_constraint(tools, "required", False, None)  # type: ignore[misc]
+    call = '<tool_call>\n{"name": "get_weather", "arguments": ARGS}\n</tool_call>'
+    assert _allowed(compiler, tokenizer, spec, call.replace("ARGS", '{"city": "Oslo"}'))
+    assert not _allowed(compiler, tokenizer, spec, call.replace("ARGS", '"Oslo"'))
+    stringly = [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]
+    with pytest.raises(InvalidRequest) as refused:
+        chat_constraint(stringly, "required", None, None)
+    assert refused.value.param == "tools"

@@ -131,5 +131,16 @@ _NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additional
 
 
 def _arguments_schema(function: dict[str, Any]) -> dict[str, Any]:
-    """The tool's parameter schema; omitted, the tool takes no arguments (as OpenAI reads it)."""
-    return function.get("parameters") or _NO_ARGUMENTS
+    """The tool's parameter schema, held to an object (tools.py drops a call whose arguments are
+    anything else); omitted, the tool takes no arguments (as OpenAI reads it)."""
+    parameters = function.get("parameters") or _NO_ARGUMENTS
+    kind = parameters.get("type")
+    if kind == "object":
+        return parameters
+    if kind is None or (isinstance(kind, list) and "object" in kind):
+        # At the root, beside the rest, so its `$ref`s still resolve against it.
+        return {**parameters, "type": "object"}
+    raise InvalidRequest(
+        f"tool {function['name']!r}: parameters must be a JSON schema of an object, not {kind!r}",
+        param="tools",
+    )
