@@ -135,3 +135,86 @@ def test_grammars_are_cached_and_refusals_name_the_feature(compiler: GrammarComp
     ):
         with pytest.raises(GrammarError, match=named):
             compiler.compile(GrammarSpec.json_schema(schema))
+
+
+def test_tool_parameters_are_their_own_schema_root(
+    compiler: GrammarCompiler, tokenizer: Any
+) -> None:
+    """Pydantic writes nested models as `$defs` and `#/$defs/...`, a recursive model as `#`: both
+    resolve against the tool's parameters, not against the call around them."""
+    address = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    pydantic = {
+        "$defs": {"Address": address},
+        "type": "object",
+        "properties": {"to": {"$ref": "#/$defs/Address"}},
+        "required": ["to"],
+    }
+    tree = {
+        "type": "object",
+        "properties": {
+            "label": {"type": "string"},
+            "children": {"type": "array", "items": {"$ref": "#"}},
+        },
+        "required": ["label", "children"],
+        "additionalProperties": False,
+    }
+    tools = [
+        {"type": "function", "function": {"name": "ship", "parameters": pydantic}},
+        {"type": "function", "function": {"name": "tree", "parameters": tree}},
+    ]
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": pydantic}}
+    ship = '{"name": "ship", "arguments": {"to": {"city": "Oslo"}}}'
+    child = '{"label": "b", "children": []}'
+    good_tree = '{"name": "tree", "arguments": {"label": "a", "children": [' + child + "]}}"
+    call_shaped_child = '{"name": "tree", "arguments": ' + child + "}"
+    for choice in ("required", {"type": "function", "function": {"name": "ship"}}):
+        spec, _ = chat_constraint(tools, choice, False, None)  # type: ignore[misc]
+        assert _allowed(compiler, tokenizer, spec, f"<tool_call>\n{ship}\n</tool_call>")
+        assert not _allowed(
+            compiler, tokenizer, spec, f"<tool_call>\n{ship.replace('city', 'town')}\n</tool_call>"
+        )
+    spec, _ = chat_constraint(tools, "required", None, None)  # type: ignore[misc]
+    assert _allowed(compiler, tokenizer, spec, f"<tool_call>\n{good_tree}\n</tool_call>")
+    assert _allowed(compiler, tokenizer, spec, f"<tool_call>\n[{ship}, {good_tree}]\n</tool_call>")
+    bad_tree = good_tree.replace(child, call_shaped_child)
+    assert not _allowed(compiler, tokenizer, spec, f"<tool_call>\n{bad_tree}\n</tool_call>")
+    spec, _ = chat_constraint(tools, "auto", None, fmt)  # type: ignore[misc]
+    assert _allowed(compiler, tokenizer, spec, f"<tool_call>\n[{ship}]\n</tool_call>")
+    assert _allowed(compiler, tokenizer, spec, '{"to": {"city": "Oslo"}}')
+
+
+def test_json_output_keeps_the_schema_key_order(compiler: GrammarCompiler, tokenizer: Any) -> None:
+    """A "reasoning before answer" schema only works if the reasoning is written first."""
+    schema = {
+        "type": "object",
+        "properties": {"reasoning": {"type": "string"}, "answer": {"type": "integer"}},
+        "required": ["reasoning", "answer"],
+        "additionalProperties": False,
+    }
+    spec = GrammarSpec.json_schema(schema)
+    assert _allowed(compiler, tokenizer, spec, '{"reasoning": "2+2", "answer": 4}')
+    assert not _allowed(compiler, tokenizer, spec, '{"answer": 4, "reasoning": "2+2"}')
+
+
+def test_a_tool_without_parameters_takes_no_arguments(
+    compiler: GrammarCompiler, tokenizer: Any
+) -> None:
+    named = {"type": "function", "function": {"name": "get_time"}}
+    spec, _ = chat_constraint(TOOLS, named, None, None)  # type: ignore[misc]
+    call = '<tool_call>\n{"name": "get_time", "arguments": ARGS}\n</tool_call>'
+    assert _allowed(compiler, tokenizer, spec, call.replace("ARGS", "{}"))
+    assert not _allowed(compiler, tokenizer, spec, call.replace("ARGS", '{"zone": "UTC"}'))
+
+
+def test_tool_arguments_are_always_an_object(compiler: GrammarCompiler, tokenizer: Any) -> None:
+    """A call whose arguments are not an object is no call to tools.py: the grammar allows none."""
+    untyped = {"properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": untyped}}]
+    spec, _ = chat_constraint(tools, "required", False, None)  # type: ignore[misc]
+    call = '<tool_call>\n{"name": "get_weather", "arguments": ARGS}\n</tool_call>'
+    assert _allowed(compiler, tokenizer, spec, call.replace("ARGS", '{"city": "Oslo"}'))
+    assert not _allowed(compiler, tokenizer, spec, call.replace("ARGS", '"Oslo"'))
+    stringly = [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]
+    with pytest.raises(InvalidRequest) as refused:
+        chat_constraint(stringly, "required", None, None)
+    assert refused.value.param == "tools"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from transformers import (
 from cortex.neuron import kv_budget
 from cortex.neuron.engine import Engine, EngineLoad, Sequence
 from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, TextDelta
+from cortex.neuron.grammar import GrammarCompiler, GrammarSpec
 from cortex.neuron.kv_bands import BAND_BASE, band_of
 
 CPU = torch.device("cpu")
@@ -602,3 +604,23 @@ def test_the_engine_publishes_its_batch_what_waits_for_kv_and_its_preemptions() 
         seen.append(engine.load)
     assert max(load.preemptions for load in seen) >= 1
     assert engine.load == EngineLoad(running=0, waiting=0, preemptions=seen[-1].preemptions)
+
+
+def test_stop_strings_do_not_cut_constrained_output(smollm2_dir: Path) -> None:
+    """Stop strings are not matched in output a grammar constrains: the grammar ends it."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(tiny_llama_config(tokenizer.vocab_size)).eval()
+    schema = {
+        "type": "object",
+        "properties": {"a": {"enum": ["x", "y"]}, "b": {"enum": [1, 2]}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    }
+    compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size, "engine-test")
+    grammar, _ = compiler.compile(GrammarSpec.json_schema(schema))
+    prompt = chat(tokenizer, "Answer in JSON.")
+    r = Recorder(prompt, max_tokens=40, temperature=0, stop=(",", '"'), grammar=grammar)
+    generate(make_engine(tiny, tokenizer, context_length=256), r)
+    assert r.finished.reason == "stop" and r.finished.stop_sequence is None
+    assert set(json.loads(r.text)) == {"a", "b"}

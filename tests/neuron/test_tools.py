@@ -206,3 +206,22 @@ def test_streaming_holds_leading_json_to_the_end() -> None:
     [call] = stream.close()
     assert isinstance(call, ParsedToolCall)
     assert stream.calls == 1
+
+
+def test_arguments_are_always_valid_json_text() -> None:
+    """1e400 decodes to inf and an escaped lone surrogate to a character UTF-8 cannot hold:
+    the arguments the client gets are still JSON, parsed without loss of readable text."""
+    block = '<tool_call>\n{"name": "f", "arguments": ARGS}\n</tool_call>'
+    args = '{"x": 1e400, "y": -1e400, "z": NaN, "city": "Zürich"}'
+    (call,) = parse_tool_calls(block.replace("ARGS", args), {"f"}).tool_calls
+    assert "Zürich" in call.arguments
+    assert json.loads(call.arguments, parse_constant=pytest.fail) == {
+        "x": 1.7976931348623157e308,
+        "y": -1.7976931348623157e308,
+        "z": None,
+        "city": "Zürich",
+    }
+    lone = block.replace("ARGS", '{"s": "\\ud83d", "city": "Zürich"}')
+    (call,) = parse_tool_calls(lone, {"f"}).tool_calls
+    call.arguments.encode("utf-8")
+    assert json.loads(call.arguments) == {"s": "\ud83d", "city": "Zürich"}

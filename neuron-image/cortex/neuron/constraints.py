@@ -2,10 +2,11 @@
 
 `response_format` json_object / json_schema constrain the whole output to JSON. A forced
 `tool_choice` ("required" or a named function) constrains it to one `<tool_call>` block, the form
-tools.py parses, whose JSON is `{"name": ..., "arguments": ...}` with that tool's parameter schema;
-for "required", an array of those unless `parallel_tool_calls` is false. A forced tool call wins
-over `response_format`. With tools offered but not forced, the output is either such a block or
-the `response_format` JSON: an agent asks for both (tools to call, then a typed final answer).
+tools.py parses, whose JSON is `{"name": ..., "arguments": ...}` with that tool's parameter schema
+as the arguments' own root; for "required", an array of those unless `parallel_tool_calls` is
+false. A forced tool call wins over `response_format`. With tools offered but not forced, the
+output is either such a block or the `response_format` JSON: an agent asks for both (tools to
+call, then a typed final answer).
 """
 
 from __future__ import annotations
@@ -80,16 +81,21 @@ def tool_call_grammar(
     `answer` schema, that JSON is allowed instead of the block.
 
     One block, not a run of them: a small model that may open another block after each one
-    keeps opening them until its token limit."""
-    calls = [_call_schema(t["function"]) for t in tools]
-    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    if parallel:
-        schema = {"anyOf": [schema, {"type": "array", "items": schema, "minItems": 1}]}
+    keeps opening them until its token limit. Each tool's arguments are their own `%json` rule,
+    so the parameter schema is a root: its `$ref`s (`#/$defs/...`, `#`) resolve against it."""
     head, tail = json.dumps(OPEN + "\n"), json.dumps("\n" + CLOSE)
+    calls = " | ".join(f"call_{i}" for i in range(len(tools)))
     lines = [
-        f"start: {head} call {tail}" + (" | answer" if answer is not None else ""),
-        f"call: %json {_styled(schema)}",
+        f"start: {head} calls {tail}" + (" | answer" if answer is not None else ""),
+        'calls: call | "[" call (", " call)* "]"' if parallel else "calls: call",
+        f"call: {calls}",
     ]
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        # The JSON style's separators, name first: the object tools.py parses.
+        named = '{"name": ' + json.dumps(function["name"]) + ', "arguments": '
+        lines.append(f'call_{i}: {json.dumps(named)} args_{i} "}}"')
+        lines.append(f"args_{i}: %json {_styled(_arguments_schema(function))}")
     if answer is not None:
         lines.append(f"answer: %json {_styled(answer)}")
     return GrammarSpec("lark", "\n".join(lines))
@@ -121,11 +127,20 @@ def chat_constraint(
     return GrammarSpec.json_schema(answer), kind
 
 
-def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
-    parameters = function.get("parameters") or {"type": "object", "properties": {}}
-    return {
-        "type": "object",
-        "properties": {"name": {"const": function["name"]}, "arguments": parameters},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
+_NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def _arguments_schema(function: dict[str, Any]) -> dict[str, Any]:
+    """The tool's parameter schema, held to an object (tools.py drops a call whose arguments are
+    anything else); omitted, the tool takes no arguments (as OpenAI reads it)."""
+    parameters = function.get("parameters") or _NO_ARGUMENTS
+    kind = parameters.get("type")
+    if kind == "object":
+        return parameters
+    if kind is None or (isinstance(kind, list) and "object" in kind):
+        # At the root, beside the rest, so its `$ref`s still resolve against it.
+        return {**parameters, "type": "object"}
+    raise InvalidRequest(
+        f"tool {function['name']!r}: parameters must be a JSON schema of an object, not {kind!r}",
+        param="tools",
+    )

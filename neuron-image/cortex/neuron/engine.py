@@ -374,7 +374,9 @@ class Engine:
             sampler=sampler,
             generator=sampler.generator(self._device),
             detokenizer=Detokenizer(self._tokenizer, seq.prompt_ids),
-            stops=StopMatcher(seq.params.stop),
+            # A grammar decides where constrained output ends: a stop string inside it would cut
+            # the JSON short and call that a clean stop (docs/architecture.md).
+            stops=StopMatcher(seq.params.stop if seq.params.grammar is None else ()),
             order=self._admitted,
             matcher=seq.params.grammar.matcher() if seq.params.grammar is not None else None,
         )

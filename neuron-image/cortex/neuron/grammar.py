@@ -44,7 +44,8 @@ class GrammarSpec:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any]) -> GrammarSpec:
-        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        # The schema's own key order: JSON output follows its properties in order (reasoning first).
+        return cls("json_schema", json.dumps(schema, separators=(",", ":")))
 
     def grammar(self) -> str:
         """The llguidance grammar text (a JSON schema gets the compact JSON style)."""

@@ -7,6 +7,8 @@ one are split into content and tool calls the same way. Anything that does not p
 from __future__ import annotations
 
 import json
+import math
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -60,7 +62,30 @@ def _as_call(item: Any, *, bare: bool) -> ParsedToolCall | None:
             return None
     if not isinstance(args, dict):
         return None
-    return ParsedToolCall(new_call_id(), name, json.dumps(args, ensure_ascii=False))
+    return ParsedToolCall(new_call_id(), name, _arguments_text(args))
+
+
+def _arguments_text(args: dict[str, Any]) -> str:
+    """Decoded arguments as JSON text any client parses; non-ASCII stays readable if it can."""
+    finite = _finite(args)
+    text = json.dumps(finite, ensure_ascii=False, allow_nan=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud83d" decoded) travels only escaped
+        return json.dumps(finite, allow_nan=False)
+    return text
+
+
+def _finite(value: Any) -> Any:
+    """`value` with numbers JSON can write: 1e400 decodes to inf, which has no JSON form, so it
+    becomes the largest double (still a number for the tool's schema); NaN becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else math.copysign(sys.float_info.max, value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _as_calls(value: Any, *, bare: bool) -> list[ParsedToolCall] | None:

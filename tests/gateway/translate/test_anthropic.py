@@ -274,6 +274,22 @@ def test_output_config_format_becomes_a_json_schema_response_format() -> None:
         to_chat_request(simple_request(output_config={"format": {"type": "json_schema"}}))
 
 
+def test_the_beta_output_format_is_output_config_format() -> None:
+    """The structured-outputs beta sends the format top level (Pydantic AI's NativeOutput)."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    format_ = {"type": "json_schema", "schema": schema}
+    chat = to_chat_request(simple_request(output_format=format_))
+    assert chat.response_format == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": schema},
+    }
+    with pytest.raises(InvalidRequest) as both:
+        to_chat_request(simple_request(output_format=format_, output_config={"format": format_}))
+    assert both.value.param == "output_format"
+    with pytest.raises(InvalidRequest):
+        to_chat_request(simple_request(output_format={"type": "json_schema"}))
+
+
 def test_sampling_fields_and_stop_sequences_are_copied() -> None:
     chat = to_chat_request(
         simple_request(temperature=0.2, top_p=0.9, top_k=40, stop_sequences=["\n\nHuman:", "END"])

@@ -128,15 +128,20 @@ def to_chat_request(req: Conversation) -> ChatCompletionRequest:
 
 
 def _response_format(req: MessagesRequest) -> dict[str, Any] | None:
-    """Anthropic's structured outputs (`output_config.format`) as OpenAI's response_format."""
-    output = req.output_config.format if req.output_config else None
+    """Anthropic's structured outputs (`output_config.format`, or the beta's top-level
+    `output_format`) as OpenAI's response_format."""
+    config = req.output_config.format if req.output_config else None
+    if config is not None and req.output_format is not None:
+        raise InvalidRequest(
+            "give output_config.format or output_format, not both", param="output_format"
+        )
+    param = "output_format" if req.output_format is not None else "output_config"
+    output = config if config is not None else req.output_format
     if not output or output.get("type") != "json_schema":
         return None
     schema = output.get("schema")
     if not isinstance(schema, dict):
-        raise InvalidRequest(
-            "output_config.format of type json_schema needs a schema", param="output_config"
-        )
+        raise InvalidRequest(f"{param} of type json_schema needs a schema", param=param)
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
 

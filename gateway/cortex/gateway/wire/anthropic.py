@@ -211,6 +211,8 @@ class MessagesRequest(Conversation):
     top_k: int | None = Field(default=None, ge=0)
     metadata: Metadata | None = None
     output_config: OutputConfig | None = None
+    # The structured-outputs beta's name for `output_config.format` (Pydantic AI's NativeOutput).
+    output_format: dict[str, Any] | None = None
 
 
 class CountTokensRequest(Conversation):
