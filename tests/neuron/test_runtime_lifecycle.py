@@ -17,7 +17,7 @@ from cortex.core.errors import ModelNotFound
 from cortex.core.fleet import LoadRequest, ModelState
 from cortex.neuron import loader
 from cortex.neuron.devices import Device
-from cortex.neuron.engine import Sequence
+from cortex.neuron.engine import EngineLoad, Sequence
 from cortex.neuron.generation import Finished, SamplingParams, TextDelta
 from cortex.neuron.replica import Replica, ServedModel
 from cortex.neuron.runtime import NeuronRuntime
@@ -32,9 +32,11 @@ class EndlessEngine:
 
     def __init__(self) -> None:
         self.sequences: list[Sequence] = []
+        self.load = EngineLoad()
 
     def add(self, seq: Sequence) -> None:
         self.sequences.append(seq)
+        self.load = EngineLoad(running=len(self.sequences))
 
     def has_work(self) -> bool:
         return bool(self.sequences)
@@ -46,11 +48,13 @@ class EndlessEngine:
                 seq.emit(Finished("cancelled", 1, 0))
             else:
                 seq.emit(TextDelta("x", 1))
+        self.load = EngineLoad(running=len(self.sequences))
 
     def fail_all(self, message: str, reason: str = "error") -> None:
         for seq in self.sequences:
             seq.emit(Finished(reason, 1, 0, error=message))  # type: ignore[arg-type]
         self.sequences = []
+        self.load = EngineLoad()
 
     def close(self, message: str) -> None:
         self.fail_all(message, "cancelled")
