@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
@@ -14,16 +13,13 @@ from starlette.types import Message, Receive, Scope, Send
 from cortex.core.errors import CortexError
 from cortex.core.protocol import openai
 from cortex.core.protocol.errors import openai_error
+from cortex.core.protocol.openai import sse_data
 
 DONE = f"data: {openai.DONE}\n\n".encode()
 # Sent after this long without an event: a tool call is held back until it is whole, so a long
 # one is minutes of silence that read timeouts (the gateway's, a proxy's) would take for a hang.
 KEEPALIVE = b": keep-alive\n\n"
 KEEPALIVE_AFTER_S = 5.0
-
-
-def sse_data(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
 def sse_error(err: CortexError) -> bytes:

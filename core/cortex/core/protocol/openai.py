@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -19,6 +20,12 @@ from pydantic_core import PydanticCustomError
 
 # The data of a stream's last SSE event (`data: [DONE]`).
 DONE = "[DONE]"
+
+
+def sse_data(payload: dict[str, Any]) -> bytes:
+    """A stream chunk as an SSE data event, in compact JSON: how a neuron writes its chunks, and
+    how the gateway writes one again when it takes out what the client did not ask for."""
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
 class _Open(BaseModel):

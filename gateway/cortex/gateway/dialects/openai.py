@@ -20,6 +20,7 @@ from cortex.core.protocol.openai import (
     EmbeddingRequest,
     StreamOptions,
     Usage,
+    sse_data,
 )
 from cortex.gateway.dialects.affinity import conversation_key, prompt_key
 from cortex.gateway.dialects.dialect import (
@@ -91,7 +92,7 @@ class PassThrough:
             return [event] if self._include_usage else []
         if self._continuous_usage or not isinstance(usage, dict):
             return [event]
-        return [_chunk_frame({k: v for k, v in payload.items() if k != "usage"})]
+        return [sse_data({k: v for k, v in payload.items() if k != "usage"})]
 
     def finish(self) -> list[bytes]:
         return [DONE_FRAME]
@@ -104,11 +105,6 @@ class PassThrough:
             with contextlib.suppress(ValidationError):  # unreadable: the estimate stands
                 return Usage.model_validate(self._usage)
         return Usage(prompt_tokens=0, completion_tokens=self._tokens, total_tokens=self._tokens)
-
-
-def _chunk_frame(payload: dict[str, Any]) -> bytes:
-    """A chunk as a neuron encodes it (neuron/sse.py), so what it says reads byte for byte."""
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
 @dataclass
