@@ -10,8 +10,9 @@ from cortex.gateway.budget import (
     RESERVED_RETRY_AFTER,
     UNBOUNDED_COMPLETION,
     Budget,
+    completion_reserve,
+    prompt_estimate,
     retry_after,
-    worst_case,
 )
 from cortex.gateway.ledger import SqliteSpendStore
 
@@ -37,15 +38,14 @@ def test_a_window_reopens_as_old_charges_expire() -> None:
 
 def test_the_worst_case_is_the_body_over_four_plus_the_completion_limit() -> None:
     chat = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 7}
-    prompt = worst_case(chat, embedding=False, context=None) - 7
-    assert 100 < prompt < 130  # 400 bytes of text, plus the JSON around them
+    assert 100 < prompt_estimate(chat) < 130  # 400 bytes of text, plus the JSON around them
+    assert completion_reserve(chat, embedding=False, context=None) == 7
     responses = {"model": "m", "input": "hi", "max_output_tokens": 9}
-    as_prompt = worst_case(responses, embedding=True, context=None)  # embeddings: no completion
-    assert worst_case(responses, embedding=False, context=None) == as_prompt + 9
+    assert completion_reserve(responses, embedding=True, context=None) == 0  # no completion
+    assert completion_reserve(responses, embedding=False, context=None) == 9
     unbounded = {"model": "m", "prompt": "hi"}
-    base = worst_case(unbounded, embedding=True, context=None)
-    assert worst_case(unbounded, embedding=False, context=None) == base + UNBOUNDED_COMPLETION
-    assert worst_case(unbounded, embedding=False, context=2048) == base + 2048
+    assert completion_reserve(unbounded, embedding=False, context=None) == UNBOUNDED_COMPLETION
+    assert completion_reserve(unbounded, embedding=False, context=2048) == 2048
 
 
 def test_spend_outlives_the_store(tmp_path: Path) -> None:
@@ -68,8 +68,7 @@ def test_the_reserve_covers_whichever_completion_limit_the_neuron_obeys() -> Non
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
     def reserved_output(body: dict[str, object], context: int | None = None) -> int:
-        prompt = worst_case(body, embedding=True, context=context)
-        return worst_case(body, embedding=False, context=context) - prompt
+        return completion_reserve(body, embedding=False, context=context)
 
     for name in ("max_completion_tokens", "max_output_tokens"):
         body = {**base, "max_tokens": 1, name: 50_000}

@@ -16,7 +16,7 @@ from gateway_cluster import chat_body, cluster, eventually, spec
 from cortex.core.config import GatewayConfig
 from cortex.gateway.assembly import Gateway
 from cortex.gateway.auth import Principal
-from cortex.gateway.budget import Budget, worst_case
+from cortex.gateway.budget import Budget, completion_reserve, prompt_estimate
 from cortex.gateway.dialects.dialect import NeuronCall
 from cortex.gateway.dialects.openai import CHAT
 from cortex.gateway.ledger import Ledger, SqliteSpendStore
@@ -45,7 +45,7 @@ async def test_fifty_concurrent_requests_overspend_by_at_most_one_reservation(
     n1 = neuron()
     n1.faults.hold = asyncio.Event()  # answers wait until every request was admitted or refused
     body = chat_body("chat-a", max_tokens=5)
-    reservation = worst_case(body, embedding=False, context=None)
+    reservation = prompt_estimate(body) + completion_reserve(body, embedding=False, context=None)
     async with cluster(n1, catalogue=CATALOGUE, auth=auth(tmp_path / "spend.db", 60)) as c:
         tasks = [
             asyncio.create_task(c.http.post("/v1/chat/completions", json=body, headers=HEADERS))

@@ -84,14 +84,6 @@ def prompt_estimate(body: Mapping[str, Any]) -> int:
     return len(json.dumps(body).encode()) // BYTES_PER_TOKEN + 1
 
 
-def worst_case(
-    body: Mapping[str, Any], *, embedding: bool, context: int | None, cap: int | None = None
-) -> int:
-    """What a request may cost at most: the prompt's estimate plus its completion's reserve."""
-    completion = completion_reserve(body, embedding=embedding, context=context, cap=cap)
-    return prompt_estimate(body) + completion
-
-
 def completion_reserve(
     body: Mapping[str, Any], *, embedding: bool, context: int | None, cap: int | None = None
 ) -> int:
