@@ -128,6 +128,7 @@ class FakeNeuron:
         self.unloads: list[str] = []
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.status_calls = 0  # /status requests received (answered or waiting)
+        self.status_answers = 0  # /status requests past the gate, answered
         self.disconnects = 0
         self.completed_streams = 0
         self.admin_headers: list[str | None] = []
@@ -181,6 +182,7 @@ class FakeNeuron:
         self.status_calls += 1
         if self.faults.status_gate is not None:
             await self.faults.status_gate.wait()
+        self.status_answers += 1
         used = self.memory - self.free()
         device = DeviceStatus(
             id="cpu-0",

@@ -684,7 +684,8 @@ async def test_a_probe_in_flight_is_not_written_onto_a_neuron_made_again(
     kube: Kube, operator: Operator
 ) -> None:
     """A Neuron deleted and made again under its name (a new pod, a new address) while its old
-    endpoint's probe is in flight: the new Neuron never shows the old neuron's answer."""
+    endpoint's probe is in flight: the new Neuron never shows the old neuron's answer, even when
+    that answer comes before the new endpoint's (the deletion cancels the probe)."""
     old, new = FakeNeuron("old", loaded={"chat": GiB}), FakeNeuron("new")
     async with running(old.app) as a, running(new.app) as b, operator(probe_interval=1.0):
         await kube.create(NEURONS, neuron("n1", a.url))
@@ -695,9 +696,14 @@ async def test_a_probe_in_flight_is_not_written_onto_a_neuron_made_again(
         await until(lambda: old.status_calls > asked, "a probe of the old endpoint in flight")
         await kube.delete(NEURONS, "n1")
         mark = len(list(kube.cluster))  # the API calls so far
+        new.faults.status_gate = held = asyncio.Event()
         await kube.create(NEURONS, neuron("n1", b.url))
+        await until(lambda: new.status_calls > 0, "a probe of the new endpoint in flight")
+        answered = old.status_answers
+        gate.set()  # the old endpoint answers first
+        await until(lambda: old.status_answers > answered, "the old endpoint's answer")
+        held.set()
         await until(lambda: kube.status(NEURONS, "n1").get("endpoint") == b.url, "the new probed")
-        gate.set()
         probed = new.status_calls
         await until(lambda: new.status_calls >= probed + 2, "two more probes of the new one")
     written = [

@@ -11,8 +11,9 @@ whether this process is the active peer, by kopf's rule: no other live peer at o
 priority. kopf judges from the peering object's events, so a peering object deleted under a
 running operator leaves it as it was: so it leaves this task.
 
-A probe writes only onto the Neuron it was asked for: a Neuron deleted and made again under the
-same name (its pod replaced) is not given the old one's answer."""
+A probe writes only onto the Neuron it was asked for: a Neuron's deletion cancels its probe in
+flight (`forget`), so one made again under the same name (its pod replaced) is not given the old
+one's answer."""
 
 from __future__ import annotations
 
@@ -90,20 +91,11 @@ class Prober:
                 self._running[key] = asyncio.create_task(self._probe(namespace, neuron))
         self._asked = {key: at for key, at in self._asked.items() if key in indexed}
 
-    def _current(self, namespace: str, neuron: Neuron) -> bool:
-        """Whether the index still holds this very Neuron (not one made again under its name)."""
-        return any(
-            n.metadata.name == neuron.metadata.name and n.metadata.uid == neuron.metadata.uid
-            for n in self.neurons.get(namespace, [])
-        )
-
     async def _probe(self, namespace: str, neuron: Neuron) -> None:
         """Probe one neuron and write what it said into its Neuron's status."""
         controller = self.controller
         try:
             probe = await controller.probe(namespace, neuron)
-            if not self._current(namespace, neuron):
-                return  # deleted meanwhile, or replaced: the next probe asks the new one
             config = controller.config
             status = neuron_status(neuron, probe, config.unreachable_after, controller.clock())
             before = neuron.status.phase if neuron.status else "Pending"
