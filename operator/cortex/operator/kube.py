@@ -45,9 +45,13 @@ async def patch_neuron(
     settings: kopf.OperatorSettings, namespace: str, name: str, patch: dict[str, Any]
 ) -> None:
     """Merge-patch a Neuron's spec or metadata."""
+    await _merge_patch(settings, _url(namespace, name), patch)
+
+
+async def _merge_patch(settings: kopf.OperatorSettings, url: str, payload: dict[str, Any]) -> None:
     await api.patch(
-        _url(namespace, name),
-        payload=patch,
+        url,
+        payload=payload,
         headers={"Content-Type": "application/merge-patch+json"},
         settings=settings,
         logger=log,
@@ -64,13 +68,7 @@ async def patch_neuron_status(
 ) -> bool:
     """Merge-patch a Neuron's status; False when the Neuron is gone."""
     try:
-        await api.patch(
-            f"{_url(namespace, name)}/status",
-            payload={"status": status},
-            headers={"Content-Type": "application/merge-patch+json"},
-            settings=settings,
-            logger=log,
-        )
+        await _merge_patch(settings, f"{_url(namespace, name)}/status", {"status": status})
     except errors.APINotFoundError:
         return False
     return True
