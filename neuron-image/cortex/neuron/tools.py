@@ -67,12 +67,14 @@ def _as_call(item: Any, *, bare: bool) -> ParsedToolCall | None:
 
 def _arguments_text(args: dict[str, Any]) -> str:
     """Decoded arguments as JSON text any client parses; non-ASCII stays readable if it can."""
-    finite = _finite(args)
-    text = json.dumps(finite, ensure_ascii=False, allow_nan=False)
+    try:
+        text = json.dumps(args, ensure_ascii=False, allow_nan=False)
+    except ValueError:  # an infinite or NaN number: rare, so the copy is made only then
+        return _arguments_text(_finite(args))
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate ("\ud83d" decoded) travels only escaped
-        return json.dumps(finite, allow_nan=False)
+        return json.dumps(args, allow_nan=False)
     return text
 
 
