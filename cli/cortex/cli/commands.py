@@ -163,8 +163,12 @@ async def serve(
     import uvicorn
 
     from cortex.core.shutdown import Drain, GracefulServer
+    from cortex.gateway.corked import CorkedHttpToolsProtocol
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="info")
+    # The gateway's server protocol: a request head past 64 KiB is 431 before it is all read.
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info", http=CorkedHttpToolsProtocol
+    )
     redact_access_log()
     loop = asyncio.get_running_loop()
     if on_hangup is not None:
@@ -264,7 +268,9 @@ async def up(args: argparse.Namespace) -> None:
     with needs_extra("up", "gateway", "neuron"):  # torch: after the one-line checks
         import uvicorn
 
+        from cortex.core.shutdown import SilentServer
         from cortex.gateway.app import serve as serve_gateway
+        from cortex.gateway.corked import CorkedHttpToolsProtocol
         from cortex.neuron.runtime import NeuronRuntime
         from cortex.neuron.server import create_app
 
@@ -275,12 +281,13 @@ async def up(args: argparse.Namespace) -> None:
     await runtime.start()
     port = free_port()
     entry = local_entry(local, port)
-    server = uvicorn.Server(
+    server = SilentServer(  # the gateway's servers take the signals, and stop it
         uvicorn.Config(
             RequestContext(create_app(runtime, manage_runtime=False)),
             "127.0.0.1",
             port,
             log_level="warning",
+            http=CorkedHttpToolsProtocol,
         )
     )
     redact_access_log()

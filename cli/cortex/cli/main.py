@@ -265,12 +265,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Servers run on uvloop where it is installed (uvicorn[standard]): a faster event loop."""
+    """Servers run on uvloop where it is installed (uvicorn[standard]): a faster event loop.
+    Once they have stopped and cleaned up, the process ends as the signal that stopped them
+    would have ended it (-15 for SIGTERM, 130 for Ctrl-C)."""
+    from cortex.core.shutdown import exit_as_signalled
+
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
+        result = asyncio.run(coroutine)
+    else:
+        result = uvloop.run(coroutine)
+    exit_as_signalled()
+    return result
 
 
 def _dispatch(args: argparse.Namespace) -> int:

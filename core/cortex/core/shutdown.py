@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from types import FrameType
@@ -33,6 +34,8 @@ SHUTDOWN_RETRY_AFTER = 2.0
 _DRAIN_POLL = 0.05
 # What uvicorn gives connections still open once the drain has ended (the grace ran out).
 _CLOSE_TIMEOUT = 1
+# The exit signals the servers took, for `exit_as_signalled` once the process has cleaned up.
+_received: list[int] = []
 
 
 class Drain:
@@ -120,6 +123,14 @@ class GracefulServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)  # type: ignore[arg-type]
 
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        await super().shutdown(sockets)
+        # uvicorn re-raises the signals it took as soon as this server stops, which ended the
+        # process before the code after it ran (`cortex up` never stopped its neuron): they are
+        # kept for `exit_as_signalled` instead.
+        _received.extend(self._captured_signals)
+        self._captured_signals.clear()
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain.draining or self._loop is None:
             super().handle_exit(sig, frame)
@@ -127,3 +138,21 @@ class GracefulServer(uvicorn.Server):
         self._captured_signals.append(sig)  # re-raised by uvicorn once it has stopped cleanly
         # A signal handler runs between two bytecodes of the loop's own thread: hand over.
         self._loop.call_soon_threadsafe(self.drain.begin)
+
+
+class SilentServer(uvicorn.Server):
+    """A uvicorn server that leaves the exit signals to the process's other servers, which stop
+    it (the neuron inside `cortex up`)."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def exit_as_signalled() -> None:
+    """End the process as the exit signal the servers took would have, now that it has cleaned
+    up: SIGTERM's default action, or KeyboardInterrupt for Ctrl-C. No signal: nothing."""
+    for sig in dict.fromkeys(reversed(_received)):
+        default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+        signal.signal(sig, default)
+        signal.raise_signal(sig)

@@ -106,13 +106,15 @@ class NeuronRuntime:
     async def stop(self) -> None:
         for task in self._loads.values():
             task.cancel()
-        for model in list(self.replicas):
+        models = list(self.replicas)
+        for model in models:
             try:
                 await self.unload(model, force=True)
             except Exception:  # one model must not keep the others, or the workers, up
                 log.exception("unloading %s at shutdown failed", model)
         for worker in self.workers.values():
             await asyncio.to_thread(worker.stop)
+        log.info("neuron stopped: %d models unloaded", len(models))
 
     @property
     def healthy(self) -> bool:
