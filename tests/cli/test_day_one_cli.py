@@ -11,10 +11,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from cortex_up import cortex_up
 
 from cortex.core import weights_cache
 
@@ -223,10 +226,19 @@ def test_gateway_prints_its_banner_on_start() -> None:
     try:
         assert proc.stdout is not None
         banner = [proc.stdout.readline() for _ in range(6)]  # blocks until printed, or EOF
+        # Both servers (API and metrics) up, then Ctrl-C: a clean stop, no traceback.
+        for url in (f"http://127.0.0.1:{port}/livez", f"http://127.0.0.1:{metrics}/metrics"):
+            while True:
+                try:
+                    if httpx.get(url, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.05)  # polling a starting process's port; the watchdog bounds it
     finally:
         watchdog.cancel()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
     text = "".join(banner)
     assert f"API      http://127.0.0.1:{port}/v1" in text
     assert f"metrics  http://127.0.0.1:{metrics}/metrics" in text
@@ -263,3 +275,14 @@ def test_models_against_a_port_that_is_not_cortex(action: list[str]) -> None:
     finally:
         server.shutdown()
     assert line == f"cortex: {endpoint} is not a cortex gateway or neuron"
+
+
+def test_ctrl_c_stops_cortex_up_cleanly(tmp_path: Path, model_cache: Path) -> None:
+    """Ctrl-C: the gateway's two servers and the in-process neuron stop, the neuron's models are
+    unloaded, no traceback, exit 130 (uvicorn used to re-raise the signal into the next server
+    still stopping, which cancelled its lifespan mid-shutdown)."""
+    with cortex_up(tmp_path, model_cache) as up:
+        up.process.send_signal(signal.SIGINT)
+        code = up.process.wait(timeout=60)
+    log = up.log.read_text()
+    assert code == 130 and "Traceback" not in log and "neuron stopped: " in log, log[-3000:]
