@@ -286,3 +286,25 @@ def test_ctrl_c_stops_cortex_up_cleanly(tmp_path: Path, model_cache: Path) -> No
         code = up.process.wait(timeout=60)
     log = up.log.read_text()
     assert code == 130 and "Traceback" not in log and "neuron stopped: " in log, log[-3000:]
+
+
+def test_a_file_model_added_on_sighup_loads_under_cortex_up(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """SIGHUP under `cortex up` reaches its neuron too: a `file:` model the reload adds is an
+    allowed path there (it was a 404 "outside this neuron's allowed_paths" until a restart)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "neuron"))
+    from tiny_models import make_tiny_llama
+
+    tiny = make_tiny_llama(tmp_path / "tiny")
+    with cortex_up(tmp_path, model_cache, config="[gateway]\n") as up:
+        (tmp_path / "cortex.toml").write_text(f"[[models]]\nid = 'tiny'\nsource = 'file:{tiny}'\n")
+        up.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "config reloaded" not in up.log.read_text():
+            assert time.monotonic() < deadline and up.process.poll() is None, up.log.read_text()
+            time.sleep(0.05)  # polling the process's log for the reload's line
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+        answer = httpx.post(f"{up.url}/v1/completions", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert "local neuron: models: added tiny" in up.log.read_text()

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from cortex.core.catalogue import parse_bytes, parse_seconds
+from cortex.core.catalogue import (
+    ModelSpec,
+    merge_catalogues,
+    parse_bytes,
+    parse_seconds,
+    resolve_alias,
+)
 from cortex.core.config import (
     AuthSection,
     ConfigError,
@@ -15,6 +22,7 @@ from cortex.core.config import (
     NeuronConfig,
     load_config,
     load_gateway_config,
+    read_config,
 )
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -37,7 +45,7 @@ def test_examples_validate() -> None:
         (
             "[gateway]\nlisten = 'nohost'\n",
             GatewayConfig,
-            "gateway.listen: Value error, expected host:port",
+            "gateway.listen: expected host:port",
         ),
         ("[gateway]\nlistn = '1:2'\n", GatewayConfig, "gateway.listn: unknown key"),
         (
@@ -122,3 +130,43 @@ def test_the_neuron_admin_token_comes_from_one_place(tmp_path: Path) -> None:
         AuthSection(neuron_admin_token="t", neuron_admin_token_file=token)
     with pytest.raises(ConfigError, match="neuron_admin_token_file"):
         AuthSection(neuron_admin_token_file=tmp_path / "missing").neuron_admin_secret()
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            "[[neurons]]\nname='a'\nendpoint='http://x:1'\n[[neurons]]\nname='a'\nendpoint='http://y:1'\n",
+            "neurons: neuron name 'a' is used twice",
+        ),
+        (
+            "[[auth.keys]]\nname='a'\nkey='s'\n[[auth.keys]]\nname='a'\nkey='t'\n",
+            "auth.keys: auth key name 'a' is used twice",
+        ),
+        (
+            "[[models]]\nid='m'\nsource='file:/x'\n[[models]]\nid='m'\nsource='file:/y'\n",
+            "id 'm' is used twice",
+        ),
+        (
+            "[[models]]\nid='m1'\nsource='file:/x'\n[[models]]\nid='m2'\nsource='file:/y'\naliases=['m1']\n",
+            "models: model alias 'm1' is used by 'm1' and 'm2'",
+        ),
+        ("[[models]]\nid='m'\nsource='file:/x'\ndtype='float17'\n", "models[0].dtype"),
+    ],
+    ids=["neurons", "keys", "model-ids", "alias", "dtype"],
+)
+def test_a_name_used_twice_or_a_wrong_dtype_is_refused_by_name(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    """A later entry of the same name used to replace the earlier one silently."""
+    path = tmp_path / "cortex.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        read_config(path, GatewayConfig)
+
+
+def test_a_later_catalogue_takes_the_aliases_it_names() -> None:
+    default = ModelSpec(id="small", source="file:/a", aliases=["smollm2"])
+    mine = ModelSpec(id="mine", source="file:/b", aliases=["smollm2"])
+    merged = merge_catalogues([default], [mine])
+    assert resolve_alias(merged, "smollm2") == mine and merged[0].aliases == []

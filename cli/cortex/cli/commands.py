@@ -120,13 +120,26 @@ def check_port(host: str, port: int, what: str) -> None:
 
 
 def check_gateway_ports(config: GatewayConfig) -> None:
+    api, metrics = config.gateway.listen, config.gateway.metrics_listen
+    if metrics:
+        (api_host, api_port), (host, port) = _split_listen(api), _split_listen(metrics)
+        wildcard = {"0.0.0.0", "::"}
+        if api_port == port and (api_host == host or {api_host, host} & wildcard):
+            raise CortexError(
+                f"gateway.metrics_listen (--metrics-port) {metrics} is the API's {api}: pick "
+                'another port, or set metrics_listen = "" to serve /metrics on the API port'
+            )
     for what, listen in (
         ("gateway.listen (--port)", config.gateway.listen),
         ("gateway.metrics_listen (--metrics-port)", config.gateway.metrics_listen),
     ):
         if listen:
-            host, _, port = listen.rpartition(":")
-            check_port(host.strip("[]"), int(port), what)  # [::]:31313: bind() takes ::
+            check_port(*_split_listen(listen), what)
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)  # [::]:31313: bind() takes ::
 
 
 def in_process_neuron(args: argparse.Namespace, known: Sequence[ModelSpec] = ()) -> NeuronConfig:
@@ -184,9 +197,11 @@ async def neuron(args: argparse.Namespace) -> None:
     config = neuron_config(args)
     check_port(config.neuron.host, config.neuron.port, "neuron port (--port)")
     with needs_extra("neuron", "neuron"):  # torch: after the one-line checks
+        from cortex.neuron.devices import discover
         from cortex.neuron.runtime import NeuronRuntime
         from cortex.neuron.server import create_app
 
+    discover(config.neuron.cpu_memory, config.neuron.devices)  # a wrong device name: one line
     runtime = NeuronRuntime(config)
     app = create_app(runtime)  # the app's lifespan starts and stops the runtime
     # SIGHUP: neuron.toml (and the flags) read again, applied to the running neuron.
@@ -276,6 +291,11 @@ async def up(args: argparse.Namespace) -> None:
 
     catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
     local = in_process_neuron(args, catalogue)
+    if any(entry.name == local.neuron.name for entry in config.neurons):
+        raise CortexError(
+            f"neurons: {local.neuron.name!r} is the name of cortex up's own neuron; give the "
+            "[[neurons]] entry another name, or the local one ([neuron] name in --neuron-config)"
+        )
     local.models = merge_catalogues(catalogue, local.models)
     runtime = NeuronRuntime(local, catalogue=[])
     await runtime.start()
@@ -299,8 +319,22 @@ async def up(args: argparse.Namespace) -> None:
                 raise CortexError(f"the local neuron could not listen on 127.0.0.1:{port}")
             await asyncio.sleep(0.05)
         print(banner(config, args.config, catalogue), flush=True)
+
+        async def reload_neuron(new: GatewayConfig) -> list[str]:
+            # The neuron serves the gateway's catalogue (its file: models are allowed paths);
+            # its admin token stays the one the gateway holds.
+            fresh = neuron_config(args, merge_catalogues(DEFAULT_CATALOGUE, new.models))
+            fresh.neuron.admin_token = fresh.neuron.admin_token or local.neuron.admin_token
+            fresh.models = merge_catalogues(DEFAULT_CATALOGUE, new.models, fresh.models)
+            changes = await runtime.reload(fresh)
+            return [f"local neuron: {line}" for line in changes if line]
+
         await serve_gateway(
-            config, DEFAULT_CATALOGUE, extra_neurons=[entry], reread=lambda: gateway_config(args)
+            config,
+            DEFAULT_CATALOGUE,
+            extra_neurons=[entry],
+            reread=lambda: gateway_config(args),
+            reload_first=reload_neuron,
         )
     finally:
         server.should_exit = True

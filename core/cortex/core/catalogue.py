@@ -41,6 +41,8 @@ def parse_seconds(value: object) -> object:
 
 ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
 Seconds = Annotated[float, BeforeValidator(parse_seconds), Field(ge=0)]
+# What a model's weights are computed in; auto: bfloat16 on CUDA, float32 on CPU.
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
 class ModelCost(BaseModel):
@@ -87,7 +89,7 @@ class ModelSpec(BaseModel):
     priority: int = Field(default=0, description="higher survives eviction longer (priority)")
     idle_ttl: Seconds | None = Field(default=None, description="unload after this long unused")
     context: int | None = Field(default=None, ge=1, description="context limit in tokens")
-    dtype: str | None = Field(default=None, description="float32, bfloat16, float16 or auto")
+    dtype: Dtype | None = Field(default=None, description="float32, bfloat16, float16 or auto")
     max_input_tokens: int | None = Field(
         default=None,
         ge=1,
@@ -132,10 +134,31 @@ DEFAULT_CATALOGUE: tuple[ModelSpec, ...] = (
 )
 
 
+def check_names(catalogue: list[ModelSpec]) -> list[ModelSpec]:
+    """One catalogue names each model once: no id twice, no alias that is an id or another
+    entry's alias (a later entry would silently take the name)."""
+    owner: dict[str, str] = {}
+    for spec in catalogue:
+        for name in [spec.id, *spec.aliases]:
+            if name in owner:
+                first = owner[name]
+                what = "id" if name == spec.id else "alias"
+                where = "twice" if first == spec.id else f"by {first!r} and {spec.id!r}"
+                raise ValueError(f"model {what} {name!r} is used {where}")
+            owner[name] = spec.id
+    return catalogue
+
+
 def merge_catalogues(*catalogues: list[ModelSpec] | tuple[ModelSpec, ...]) -> list[ModelSpec]:
-    """Later catalogues override earlier ones by id; order of first appearance is kept."""
+    """Later catalogues override earlier ones by id, and take the aliases they name from earlier
+    entries; order of first appearance is kept."""
     merged: dict[str, ModelSpec] = {}
     for catalogue in catalogues:
+        claimed = {alias for spec in catalogue for alias in spec.aliases}
+        for model_id, earlier in merged.items():
+            if claimed & set(earlier.aliases):
+                kept = [alias for alias in earlier.aliases if alias not in claimed]
+                merged[model_id] = earlier.model_copy(update={"aliases": kept})
         for spec in catalogue:
             merged[spec.id] = spec
     return list(merged.values())

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cortex.core.catalogue import ByteSize, ModelSpec, Seconds
+from cortex.core.catalogue import ByteSize, Dtype, ModelSpec, Seconds, check_names
 from cortex.core.placement.model import Strategy
 from cortex.core.seed_config import from_seed_gateway, from_seed_models
 
@@ -53,7 +53,7 @@ class NeuronSection(_Section):
     cpu_memory: ByteSize | None = Field(
         default=None, description="memory the cpu-0 device may use for models; default half of RAM"
     )
-    dtype: str = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU")
+    dtype: Dtype = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     kv_tokens: int = Field(
         default=16384,
         ge=256,
@@ -272,6 +272,13 @@ class AuthSection(_Section):
             raise ValueError("set neuron_admin_token or neuron_admin_token_file, not both")
         return self
 
+    @field_validator("keys")
+    @classmethod
+    def _key_names(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        # A key's name is what logs, metrics, spend and `cortex keys reset` know it by.
+        _unique("auth key name", [key.name for key in keys])
+        return keys
+
     def neuron_admin_secret(self) -> str | None:
         """neuron_admin_token, or the contents of neuron_admin_token_file."""
         if self.neuron_admin_token_file is None:
@@ -295,11 +302,29 @@ class GatewayConfig(_Section):
     auth: AuthSection = Field(default_factory=AuthSection)
     models: list[ModelSpec] = Field(default_factory=list, description="inline catalogue entries")
 
+    _models = field_validator("models")(check_names)
+
+    @field_validator("neurons")
+    @classmethod
+    def _neuron_names(cls, neurons: list[NeuronEntry]) -> list[NeuronEntry]:
+        _unique("neuron name", [neuron.name for neuron in neurons])
+        return neurons
+
 
 class ModelsFile(_Section):
     """models.toml"""
 
     models: list[ModelSpec] = Field(default_factory=list)
+
+    _models = field_validator("models")(check_names)
+
+
+def _unique(what: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{what} {name!r} is used twice")
+        seen.add(name)
 
 
 Config = TypeVar("Config", bound=BaseModel)
@@ -325,6 +350,8 @@ def parse_config(data: dict[str, object], model: type[Config], origin: str) -> C
             message = error["msg"]
             if error["type"] == "extra_forbidden":
                 message = "unknown key"
+            elif error["type"] == "value_error":  # the config's own checks say what is wrong
+                message = message.removeprefix("Value error, ")
             lines.append(f"{origin}: {_key_path(error['loc'])}: {message}")
         raise ConfigError("\n".join(lines)) from None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -128,10 +128,12 @@ async def serve(
     extra_neurons: Iterable[NeuronEntry] = (),
     kubernetes: KubeLogin | None = None,
     reread: Callable[[], GatewayConfig] | None = None,
+    reload_first: Callable[[GatewayConfig], Awaitable[list[str]]] | None = None,
 ) -> None:
     """Serve the API on `gateway.listen` and metrics on `gateway.metrics_listen` until stopped;
     the first SIGTERM drains the streams in flight before both stop (cortex.core.shutdown).
-    SIGHUP applies what `reread` reads (the config file again) to the running gateway."""
+    SIGHUP applies what `reread` reads (the config file again) to the running gateway, after
+    `reload_first` has applied it to what serves beside the gateway (`cortex up`'s neuron)."""
     app = create_app(config, catalogue, extra_neurons=extra_neurons, kubernetes=kubernetes)
     drain = app.state.gateway.drain
     host, port = _split(config.gateway.listen)
@@ -147,7 +149,12 @@ async def serve(
     loop = asyncio.get_running_loop()
     if reread is not None:
         gateway: Gateway = app.state.gateway
-        loop.add_signal_handler(signal.SIGHUP, hangup_handler(reread, gateway.reload))
+
+        async def apply(config: GatewayConfig) -> list[str]:
+            first = await reload_first(config) if reload_first is not None else []
+            return first + await gateway.reload(config)
+
+        loop.add_signal_handler(signal.SIGHUP, hangup_handler(reread, apply))
     try:
         # One server stopping (a signal, a bind failure) stops the other.
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from cortex.core.catalogue import ModelSpec, unknown_model
-from cortex.core.config import AuthSection
+from cortex.core.config import AuthSection, ConfigError
 from cortex.core.errors import Forbidden, ModelNotFound, Unauthorized
 from cortex.gateway.budget import Budget
 
@@ -62,7 +62,11 @@ class Authenticator:
             principal = Principal(
                 key.name, frozenset(key.models), budget, key.admin, key.max_in_flight
             )
-            keys.append((key.secret().encode(), principal))
+            secret = key.secret().encode()
+            for other_secret, other in keys:
+                if hmac.compare_digest(secret, other_secret):
+                    raise ConfigError(f"auth keys {other.name!r} and {key.name!r} share a secret")
+            keys.append((secret, principal))
         self.enabled, self._keys = section.enabled, keys
 
     def principals(self) -> list[Principal]:

@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from cortex.core.config import ConfigError
 from cortex.core.fleet import DeviceStatus
 
 
@@ -89,6 +90,13 @@ def discover(cpu_memory: int | None = None, only: list[str] | None = None) -> li
         total = cpu_memory if cpu_memory is not None else _system_memory() // 2
         devices.append(Device("cpu-0", 0, "cpu", _cpu_name(), total))
     if only:
+        unknown = [name for name in only if name not in {d.id for d in devices}]
+        if unknown:
+            here = ", ".join(d.id for d in devices)
+            raise ConfigError(
+                f"neuron.devices: {', '.join(map(repr, unknown))} is not a device here "
+                f"(this machine has {here}; names are cpu-0 and cuda-dev-N)"
+            )
         devices = [d for d in devices if d.id in only]
     return devices
 
