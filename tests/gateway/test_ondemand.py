@@ -214,3 +214,17 @@ async def test_model_too_big_for_any_neuron_is_409() -> None:
         answer = await c.http.post("/v1/chat/completions", json=chat_body("huge"))
         assert answer.status_code == 409
         assert answer.json()["error"]["code"] == "capacity_exhausted"
+
+
+async def test_a_model_loaded_before_is_planned_with_its_size_once_loaded_nowhere() -> None:
+    # No budget in the catalogue: the gateway knows b's size only from seeing it ready. Once b is
+    # loaded nowhere, a cold load of it must still evict a for room, not be sent on a guess to
+    # a full neuron (which refuses it).
+    n1 = FakeNeuron("n1", memory=GiB + GiB // 2, loaded={"b": GiB})  # room for one
+    async with cluster(n1, catalogue=[spec("a", memory=None), spec("b", memory=None)]) as c:
+        await eventually(lambda: c.gateway.placer.ready("b") == ["n1"])
+        assert (await c.http.post("/admin/models/b/unload", json={})).status_code == 200
+        assert (await c.http.post("/v1/chat/completions", json=chat_body("a"))).status_code == 200
+        answer = await c.http.post("/v1/chat/completions", json=chat_body("b"))
+        assert answer.status_code == 200, answer.text
+        assert n1.unloads == ["b", "a"] and [load.model for load in n1.loads] == ["a", "b"]

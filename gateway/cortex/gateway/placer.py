@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from cortex.core.errors import (
     CapacityExhausted,
     CortexError,
+    FleetConflict,
     ModelLoadFailed,
     ModelNotFound,
     NeuronUnavailable,
@@ -261,17 +262,38 @@ class Placer:
             return NeuronUnavailable(
                 f"model {model!r} cannot be loaded: no healthy neuron", retry_after=self.retry_after
             )
-        spec = self.catalogue.by_id().get(model)
-        size = (
-            spec.memory if spec is not None and spec.memory else self.fleet.estimates().get(model)
-        )
+        size = self._size(model)
         if size is not None and size > max(v.memory_total for v in usable):
             return CapacityExhausted(f"model {model!r} cannot be loaded: {reason}")
         return NeuronUnavailable(
             f"model {model!r} cannot be loaded now: {reason}", retry_after=self.retry_after
         )
 
+    def _size(self, model: str) -> int | None:
+        """The model's catalogue budget, else the most it was seen to take once ready."""
+        spec = self.catalogue.by_id().get(model)
+        return (
+            spec.memory if spec is not None and spec.memory else self.fleet.estimates().get(model)
+        )
+
     # -- by hand (the admin API, gateway/admin.py)
+
+    def check_room(self, model: str, neuron: str) -> None:
+        """FleetConflict when a load by hand of `model` on `neuron` cannot fit: it evicts nothing,
+        and the neuron would only refuse it. A model of unknown size is left to the neuron."""
+        handle = self.fleet.neurons.get(neuron)
+        there = handle.model(model) if handle is not None else None
+        if there is not None and there.state != ModelState.FAILED:
+            return  # there or on its way: the load joins it
+        size = self._size(model)
+        views = snapshot(self.fleet.reports([neuron]), self.reservations)
+        if size is None or not views or size <= views[0].memory_free:
+            return
+        raise FleetConflict(
+            f"{model!r} needs {size / 2**20:.0f} MiB and {neuron} has "
+            f"{max(views[0].memory_free, 0) / 2**20:.0f} MiB free: unload something there, or "
+            "load it without a neuron (the planner evicts idle replicas for it)"
+        )
 
     async def load_on(self, model: str, neuron: str) -> LoadedModel:
         """An operator's load of `model` on `neuron`, reserved like a planned one."""

@@ -87,6 +87,9 @@ class Fleet:
         self._admin_token = admin_token
         # Requests per model through this gateway, decayed: the `cost` eviction strategy's rate.
         self.usage: dict[str, Usage] = {}
+        # The most memory each model was seen to take once ready, anywhere: kept after its last
+        # replica goes, so a later cold load of it is planned with its size, not on a guess.
+        self.sizes: dict[str, int] = {}
         self._timeout = DEFAULT_TIMEOUT
         if request_timeout is not None:
             # Bounds each read: a neuron silent for this long mid-answer is given up on.
@@ -224,6 +227,7 @@ class Fleet:
         handle.last_seen = time.time()
         if handle.setbacks == setbacks:
             handle.failures, handle.last_error = 0, None
+        self._measure(status.models)
         if handle.generation != generation:
             return  # overtaken by a local change; the next poll brings the newer picture
         handle.status, handle.listing = status, listing
@@ -314,6 +318,7 @@ class Fleet:
         if handle is None:
             return  # taken out of the fleet meanwhile
         handle.generation += 1
+        self._measure([loaded])
         if handle.status is not None:
             before = handle.model(loaded.id)  # a poll during the load may have counted some
             _charge(
@@ -333,14 +338,17 @@ class Fleet:
             _charge(handle.status, gone, -gone.memory_bytes)
             handle.status.models = [m for m in handle.status.models if m.id != model]
 
+    def _measure(self, models: Iterable[LoadedModel]) -> None:
+        """Keep the largest size seen of each ready model; a failed record's is only the neuron's
+        guess before it loaded anything."""
+        for loaded in models:
+            if loaded.state == ModelState.READY and loaded.memory_bytes > 0:
+                self.sizes[loaded.id] = max(self.sizes.get(loaded.id, 0), loaded.memory_bytes)
+
     def estimates(self) -> dict[str, int]:
-        """Bytes a model was seen to use anywhere: the planner's size for models without a budget."""
-        seen: dict[str, int] = {}
-        for handle in self.neurons.values():
-            for loaded in handle.status.models if handle.status else []:
-                if loaded.memory_bytes > 0:
-                    seen[loaded.id] = max(seen.get(loaded.id, 0), loaded.memory_bytes)
-        return seen
+        """Bytes a model was seen to use once ready, anywhere, now or before: the planner's size
+        for models without a budget."""
+        return dict(self.sizes)
 
     # -- the planner's snapshot
 

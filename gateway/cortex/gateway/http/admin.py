@@ -187,6 +187,7 @@ async def load(model: str, request: Request, body: AdminLoad | None = None) -> S
             raise FleetConflict(f"neuron {neuron} is cordoned: it takes no new loads")
         if neuron not in gateway.placer.catalogue.loadable_on(spec.id):
             raise FleetConflict(f"neuron {neuron} cannot load {spec.id!r}")
+        gateway.placer.check_room(spec.id, neuron)
     lines = _progress(gateway, spec.id, neuron)
     return StreamingResponse(lines, media_type="application/x-ndjson")
 
