@@ -228,3 +228,18 @@ async def test_a_model_loaded_before_is_planned_with_its_size_once_loaded_nowher
         answer = await c.http.post("/v1/chat/completions", json=chat_body("b"))
         assert answer.status_code == 200, answer.text
         assert n1.unloads == ["b", "a"] and [load.model for load in n1.loads] == ["a", "b"]
+
+
+async def test_a_poll_taken_during_a_request_that_ended_does_not_keep_its_replica_busy() -> None:
+    # The poll counted a's request; it ended before b was asked for: a is idle, and evicted.
+    n1 = FakeNeuron("n1", memory=3 * GiB, loaded={"a": 2 * GiB})
+    n1.faults.hold = asyncio.Event()
+    async with cluster(n1, catalogue=[spec("a"), spec("b")], gateway={"poll_interval": 3600}) as c:
+        running = asyncio.create_task(c.http.post("/v1/chat/completions", json=chat_body("a")))
+        await eventually(lambda: n1.models["a"].in_flight == 1)
+        await c.gateway.fleet.refresh("n1")  # the lifecycle's poll, while a's request runs
+        n1.faults.hold.set()
+        assert (await running).status_code == 200
+        answer = await c.http.post("/v1/chat/completions", json=chat_body("b"))
+        assert answer.status_code == 200, answer.text
+        assert n1.unloads == ["a"]

@@ -51,6 +51,10 @@ class NeuronHandle:
     # Counted here, not polled: routing needs the load of this very moment.
     in_flight: Counter[str] = field(default_factory=Counter)
     last_used: dict[str, float] = field(default_factory=dict)
+    # When this gateway's last request on each model ended, and when the poll behind `status`
+    # was sent: a poll sent before a request ended counted it (snapshot.py ignores that count).
+    finished: dict[str, float] = field(default_factory=dict)
+    asked_at: float | None = None
     # Bumped by every local change (a load's or unload's answer): a poll that was already on
     # its way when one happened carries older news and must not overwrite it.
     generation: int = 0
@@ -128,8 +132,10 @@ class Fleet:
         handle = self.add(entry)
         if old is not None:
             handle.in_flight, handle.last_used = old.in_flight, old.last_used
+            handle.finished = old.finished
             if not old.leaving:
                 handle.status, handle.listing = old.status, old.listing
+                handle.asked_at = old.asked_at
                 handle.failures, handle.last_error = old.failures, old.last_error
                 handle.cordoned = old.cordoned
             self._retired.append(old)
@@ -205,6 +211,7 @@ class Fleet:
         if fresh:
             handle.generation += 1
         generation, setbacks = handle.generation, handle.setbacks
+        asked_at = time.time()
         try:
             with self.calling(handle) as client:
                 status, listing = await asyncio.wait_for(
@@ -230,7 +237,7 @@ class Fleet:
         self._measure(status.models)
         if handle.generation != generation:
             return  # overtaken by a local change; the next poll brings the newer picture
-        handle.status, handle.listing = status, listing
+        handle.status, handle.listing, handle.asked_at = status, listing, asked_at
 
     def note_failure(self, name: str, error: str) -> None:
         """A failed poll or request; after `unhealthy_after` in a row the neuron is skipped."""
@@ -306,7 +313,7 @@ class Fleet:
     def end(self, name: str, model: str) -> None:
         handle = self.neurons[name]
         handle.in_flight[model] -= 1
-        handle.last_used[model] = time.time()
+        handle.last_used[model] = handle.finished[model] = time.time()
         if handle.in_flight[model] <= 0:
             del handle.in_flight[model]
             if handle.leaving or self._retired:
@@ -366,6 +373,8 @@ class Fleet:
                 in_flight=handle.in_flight,
                 last_used=handle.last_used,
                 usage=self.usage,
+                asked_at=handle.asked_at,
+                finished=handle.finished,
             )
             for handle in chosen.values()
         ]
