@@ -22,6 +22,7 @@ from cortex.core.errors import CortexError, NeuronUnavailable, NeuronUnreachable
 from cortex.core.fleet import LoadedModel, ModelListing, ModelState, NeuronStatus
 from cortex.core.placement.model import Usage
 from cortex.core.placement.snapshot import NeuronReport
+from cortex.gateway.pulse import Pulse
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ class Fleet:
         # The most memory each model was seen to take once ready, anywhere: kept after its last
         # replica goes, so a later cold load of it is planned with its size, not on a guess.
         self.sizes: dict[str, int] = {}
+        # Beats when a replica goes idle and when a poll or a load's or unload's answer is
+        # recorded: a placement waiting for room plans again then (placer.py).
+        self.changes = Pulse()
         self._timeout = DEFAULT_TIMEOUT
         if request_timeout is not None:
             # Bounds each read: a neuron silent for this long mid-answer is given up on.
@@ -238,6 +242,7 @@ class Fleet:
         if handle.generation != generation:
             return  # overtaken by a local change; the next poll brings the newer picture
         handle.status, handle.listing, handle.asked_at = status, listing, asked_at
+        self.changes.beat()
 
     def note_failure(self, name: str, error: str) -> None:
         """A failed poll or request; after `unhealthy_after` in a row the neuron is skipped."""
@@ -316,6 +321,7 @@ class Fleet:
         handle.last_used[model] = handle.finished[model] = time.time()
         if handle.in_flight[model] <= 0:
             del handle.in_flight[model]
+            self.changes.beat()
             if handle.leaving or self._retired:
                 self._close_drained()
 
@@ -333,6 +339,7 @@ class Fleet:
             )
             others = [m for m in handle.status.models if m.id != loaded.id]
             handle.status.models = [*others, loaded]
+        self.changes.beat()
 
     def apply_unloaded(self, name: str, model: str) -> None:
         """Record an unload now rather than at the next poll, its memory free again."""
@@ -344,6 +351,7 @@ class Fleet:
         if handle.status is not None and gone is not None:
             _charge(handle.status, gone, -gone.memory_bytes)
             handle.status.models = [m for m in handle.status.models if m.id != model]
+        self.changes.beat()
 
     def _measure(self, models: Iterable[LoadedModel]) -> None:
         """Keep the largest size seen of each ready model; a failed record's is only the neuron's

@@ -195,7 +195,9 @@ async def load(model: str, request: Request, body: AdminLoad | None = None) -> S
 async def _progress(gateway: Gateway, model: str, neuron: str | None) -> AsyncIterator[bytes]:
     placer = gateway.placer
     task: asyncio.Task[Any] = asyncio.create_task(
-        placer.load_on(model, neuron) if neuron is not None else placer.place(model)
+        placer.load_on(model, neuron)
+        if neuron is not None
+        else placer.place(model, patience=gateway.config.gateway.load_timeout)
     )
     where = neuron
     try:
