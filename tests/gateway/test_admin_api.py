@@ -143,3 +143,28 @@ async def test_a_model_id_with_a_slash_is_one_name() -> None:
         response = await c.http.post("/admin/models/org/chat-c/load", json={"neuron": "n2"})
         assert json.loads(response.text.splitlines()[-1])["state"] == "ready"
         assert [load.model for load in c.neurons["n2"].loads] == ["org/chat-c"]
+
+
+async def test_a_load_on_a_neuron_without_room_is_409() -> None:
+    # A load by hand evicts nothing: on a full neuron the neuron would only refuse it.
+    n1 = FakeNeuron("n1", memory=3 * GiB, loaded={"chat-a": 2 * GiB})
+    async with cluster(n1, catalogue=CATALOGUE) as c:
+        response = await c.http.post("/admin/models/chat-b/load", json={"neuron": "n1"})
+        assert response.status_code == 409, response.text
+        error = response.json()["error"]
+        assert error["code"] == "fleet_conflict" and "1024 MiB free" in error["message"]
+        assert n1.loads == [] and "chat-b" not in n1.models
+
+
+async def test_unloading_a_model_with_only_a_failed_load_is_409() -> None:
+    n1, n2 = two_neurons()
+    n2.faults.load_error = "weights corrupt"
+    n2.available["chat-b"] = GiB  # catalogued there: the failed load stays listed, as failed
+    async with cluster(n1, n2, catalogue=CATALOGUE) as c:
+        await c.http.post("/admin/models/chat-b/load", json={"neuron": "n2"})
+        await eventually(lambda: c.gateway.fleet["n2"].model("chat-b") is not None)
+        for body in ({}, {"neuron": "n2"}):
+            response = await c.http.post("/admin/models/chat-b/unload", json=body)
+            assert response.status_code == 409, response.text
+            assert response.json()["error"]["code"] == "fleet_conflict"
+        assert n2.unloads == []

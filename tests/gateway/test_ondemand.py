@@ -73,10 +73,11 @@ async def test_the_model_more_clients_wait_for_is_placed_first() -> None:
             await eventually(lambda: ondemand.waiting_all().get("a-few", 0) == 1)
             many = [ask("b-many") for _ in range(3)]
             await eventually(lambda: ondemand.waiting_all().get("b-many", 0) == 3)
-        # a-few's placement plans first and finds b-many's three clients ahead of its one.
-        assert (await few).status_code == 503
+        # a-few's placement plans first and finds b-many's three clients ahead of its one: it
+        # waits for them to be served, then takes b-many's room.
         assert [r.status_code for r in await asyncio.gather(*many)] == [200, 200, 200]
-        assert [load.model for load in n1.loads] == ["b-many"]
+        assert (await few).status_code == 200
+        assert [load.model for load in n1.loads] == ["b-many", "a-few"]
 
 
 def _sample(exposition: str, name: str, **labels: str) -> float | None:
@@ -214,3 +215,63 @@ async def test_model_too_big_for_any_neuron_is_409() -> None:
         answer = await c.http.post("/v1/chat/completions", json=chat_body("huge"))
         assert answer.status_code == 409
         assert answer.json()["error"]["code"] == "capacity_exhausted"
+
+
+async def test_a_model_loaded_before_is_planned_with_its_size_once_loaded_nowhere() -> None:
+    # No budget in the catalogue: the gateway knows b's size only from seeing it ready. Once b is
+    # loaded nowhere, a cold load of it must still evict a for room, not be sent on a guess to
+    # a full neuron (which refuses it).
+    n1 = FakeNeuron("n1", memory=GiB + GiB // 2, loaded={"b": GiB})  # room for one
+    async with cluster(n1, catalogue=[spec("a", memory=None), spec("b", memory=None)]) as c:
+        await eventually(lambda: c.gateway.placer.ready("b") == ["n1"])
+        assert (await c.http.post("/admin/models/b/unload", json={})).status_code == 200
+        assert (await c.http.post("/v1/chat/completions", json=chat_body("a"))).status_code == 200
+        answer = await c.http.post("/v1/chat/completions", json=chat_body("b"))
+        assert answer.status_code == 200, answer.text
+        assert n1.unloads == ["b", "a"] and [load.model for load in n1.loads] == ["a", "b"]
+
+
+async def test_a_poll_taken_during_a_request_that_ended_does_not_keep_its_replica_busy() -> None:
+    # The poll counted a's request; it ended before b was asked for: a is idle, and evicted.
+    n1 = FakeNeuron("n1", memory=3 * GiB, loaded={"a": 2 * GiB})
+    n1.faults.hold = asyncio.Event()
+    async with cluster(n1, catalogue=[spec("a"), spec("b")], gateway={"poll_interval": 3600}) as c:
+        running = asyncio.create_task(c.http.post("/v1/chat/completions", json=chat_body("a")))
+        await eventually(lambda: n1.models["a"].in_flight == 1)
+        await c.gateway.fleet.refresh("n1")  # the lifecycle's poll, while a's request runs
+        n1.faults.hold.set()
+        assert (await running).status_code == 200
+        answer = await c.http.post("/v1/chat/completions", json=chat_body("b"))
+        assert answer.status_code == 200, answer.text
+        assert n1.unloads == ["a"]
+
+
+async def test_a_cold_model_waits_for_the_busy_replica_it_needs_to_go_idle() -> None:
+    n1 = FakeNeuron("n1", memory=3 * GiB, loaded={"a": 2 * GiB})
+    n1.faults.hold = asyncio.Event()
+    async with cluster(n1, catalogue=[spec("a"), spec("b")]) as c:
+        running = asyncio.create_task(c.http.post("/v1/chat/completions", json=chat_body("a")))
+        await eventually(lambda: n1.models["a"].in_flight == 1)
+        cold = asyncio.create_task(c.http.post("/v1/chat/completions", json=chat_body("b")))
+        await eventually(lambda: "b" in c.gateway.placer.awaiting_room)
+        assert not cold.done() and n1.unloads == []
+        n1.faults.hold.set()  # a's request ends: a is idle, and b's placement takes its room
+        assert (await running).status_code == 200
+        answer = await cold
+        assert answer.status_code == 200, answer.text
+        assert n1.unloads == ["a"] and [load.model for load in n1.loads] == ["b"]
+
+
+async def test_a_wait_for_room_is_bounded_by_the_load_timeout() -> None:
+    n1 = FakeNeuron("n1", memory=3 * GiB, loaded={"a": 2 * GiB})
+    n1.faults.hold = asyncio.Event()
+    async with cluster(n1, catalogue=[spec("a"), spec("b")], gateway={"load_timeout": 0.3}) as c:
+        running = asyncio.create_task(c.http.post("/v1/chat/completions", json=chat_body("a")))
+        await eventually(lambda: n1.models["a"].in_flight == 1)
+        answer = await c.http.post("/v1/chat/completions", json=chat_body("b"))
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "3"
+        assert "in flight" in answer.json()["error"]["message"]
+        await eventually(lambda: "b" not in c.gateway.placer.awaiting_room)  # nobody waits on
+        n1.faults.hold.set()
+        assert (await running).status_code == 200
+        assert n1.loads == [] and n1.unloads == []

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from tiny_models import make_tiny_llama
 
 from cortex.core.catalogue import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
 from cortex.core.config import NeuronConfig
@@ -181,3 +182,23 @@ async def test_model_too_large_is_refused_before_loading(model_cache: Path) -> N
         assert small.status().devices[0].memory_used == 0
     finally:
         await small.stop()
+
+
+async def test_a_catalogue_model_refused_for_room_leaves_no_failed_record(tmp_path: Path) -> None:
+    # A gateway reads a failed record as a failure of the model on this neuron, for good; a full
+    # neuron is no such failure (docs/fleet-control.md).
+    tiny = make_tiny_llama(tmp_path / "tiny")
+    config = NeuronConfig.model_validate(
+        {
+            "neuron": {"name": "t", "cache_dir": str(tmp_path), "cpu_memory": "1MiB"},
+            "models": [{"id": "tiny", "source": f"file:{tiny}"}],
+        }
+    )
+    full = NeuronRuntime(config, catalogue=[])
+    await full.start()
+    try:
+        with pytest.raises(CapacityExhausted, match="needs"):
+            await full.load(LoadRequest(model="tiny"))
+        assert full.status().models == []
+    finally:
+        await full.stop()

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from cortex.core.errors import (
     CapacityExhausted,
     CortexError,
+    FleetConflict,
     ModelLoadFailed,
     ModelNotFound,
     NeuronUnavailable,
@@ -53,6 +54,11 @@ class EvictionRefused(NeuronUnavailable):
     """A neuron kept a replica a plan evicted (a request arrived since): the room is not there."""
 
 
+class RoomBusy(NeuronUnavailable):
+    """The room a model needs is held by replicas that will settle (in flight, loading, unloading,
+    wanted by other waiting clients): it frees without anyone's help (`Plan.blocked`)."""
+
+
 def _no_one_else() -> Mapping[str, int]:
     return {}
 
@@ -78,7 +84,11 @@ class Placer:
         self._background: set[asyncio.Task[Any]] = set()
         self._reconciling: asyncio.Task[None] | None = None
         self._unplaceable: dict[str, str] = {}
-        self.book = ReservationBook()  # also told when a load begins: a placement may wait for it
+        # Also told when a load begins: a placement may wait for it. It beats the fleet's pulse,
+        # which a placement waiting for room wakes on.
+        self.book = ReservationBook(fleet.changes)
+        # Why each model waiting for room waits (place's `patience`), while it does.
+        self.awaiting_room: dict[str, str] = {}
         # Seconds the last successful load of each (neuron, model) took: the `cost` strategy's cost.
         self.load_seconds: dict[tuple[str, str], float] = {}
 
@@ -121,16 +131,22 @@ class Placer:
 
     # -- on demand
 
-    async def place(self, model: str, waiting: Waiting = _no_one_else) -> str:
+    async def place(
+        self, model: str, waiting: Waiting = _no_one_else, *, patience: float = 0.0
+    ) -> str:
         """A neuron with a ready replica of `model`, loading one (evicting first) when none is.
 
         `waiting` says how many clients wait for each model: the plan serves the most waited-for
         first. Cancelling abandons a load this call started; loads started elsewhere are only left.
         A neuron refusing the plan (no room for the load, a victim busy) is planned for once more:
-        its status, read again on the refusal, may be newer than the poll the plan saw.
+        its status, read again on the refusal, may be newer than the poll the plan saw. When only
+        replicas that will settle keep the model out (RoomBusy), it plans again at each change of
+        the fleet (`Fleet.changes`) for up to `patience` seconds.
         """
-        refused = False
-        for _ in range(MAX_PLANS):
+        deadline = asyncio.get_running_loop().time() + patience
+        refused, plans = False, 0
+        while plans < MAX_PLANS:
+            plans += 1
             while not (ready := self.ready(model)) and await self._wait_in_transit(model):
                 pass  # a replica arrived or left: look again
             if ready:
@@ -138,7 +154,17 @@ class Placer:
             async with self._lock:
                 if self.ready(model) or self._in_transit(model):
                     continue  # another placement got there while this one waited for the lock
-                load, actions = self._plan_demand(model, waiting())
+                change = self.fleet.changes.next()  # taken before planning: no change is missed
+                try:
+                    load, actions = self._plan_demand(model, waiting())
+                except RoomBusy as busy:
+                    blocked: RoomBusy | None = busy
+                else:
+                    blocked = None
+            if blocked is not None:
+                await self._await_room(model, blocked, change, deadline)
+                plans -= 1  # a wait for room is no plan tried
+                continue
             try:
                 await self._execute(actions)
             except (CapacityExhausted, EvictionRefused):
@@ -155,6 +181,21 @@ class Placer:
             f"model {model!r} could not be placed: its replicas keep disappearing",
             retry_after=self.retry_after,
         )
+
+    async def _await_room(
+        self, model: str, busy: RoomBusy, change: asyncio.Event, deadline: float
+    ) -> None:
+        """Wait for the fleet's next change, or raise `busy` once `deadline` passes."""
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise busy
+        self.awaiting_room[model] = busy.message
+        try:
+            await asyncio.wait_for(change.wait(), left)
+        except TimeoutError:
+            raise busy from None
+        finally:
+            self.awaiting_room.pop(model, None)
 
     def _in_transit(self, model: str) -> bool:
         return self._arriving(model) is not None or bool(self._leaving(model))
@@ -261,17 +302,42 @@ class Placer:
             return NeuronUnavailable(
                 f"model {model!r} cannot be loaded: no healthy neuron", retry_after=self.retry_after
             )
-        spec = self.catalogue.by_id().get(model)
-        size = (
-            spec.memory if spec is not None and spec.memory else self.fleet.estimates().get(model)
-        )
+        size = self._size(model)
         if size is not None and size > max(v.memory_total for v in usable):
             return CapacityExhausted(f"model {model!r} cannot be loaded: {reason}")
+        if model in result.blocked:
+            return RoomBusy(
+                f"model {model!r} cannot be loaded now: {reason}", retry_after=self.retry_after
+            )
         return NeuronUnavailable(
             f"model {model!r} cannot be loaded now: {reason}", retry_after=self.retry_after
         )
 
+    def _size(self, model: str) -> int | None:
+        """The model's catalogue budget, else the most it was seen to take once ready."""
+        spec = self.catalogue.by_id().get(model)
+        return (
+            spec.memory if spec is not None and spec.memory else self.fleet.estimates().get(model)
+        )
+
     # -- by hand (the admin API, gateway/admin.py)
+
+    def check_room(self, model: str, neuron: str) -> None:
+        """FleetConflict when a load by hand of `model` on `neuron` cannot fit: it evicts nothing,
+        and the neuron would only refuse it. A model of unknown size is left to the neuron."""
+        handle = self.fleet.neurons.get(neuron)
+        there = handle.model(model) if handle is not None else None
+        if there is not None and there.state != ModelState.FAILED:
+            return  # there or on its way: the load joins it
+        size = self._size(model)
+        views = snapshot(self.fleet.reports([neuron]), self.reservations)
+        if size is None or not views or size <= views[0].memory_free:
+            return
+        raise FleetConflict(
+            f"{model!r} needs {size / 2**20:.0f} MiB and {neuron} has "
+            f"{max(views[0].memory_free, 0) / 2**20:.0f} MiB free: unload something there, or "
+            "load it without a neuron (the planner evicts idle replicas for it)"
+        )
 
     async def load_on(self, model: str, neuron: str) -> LoadedModel:
         """An operator's load of `model` on `neuron`, reserved like a planned one."""

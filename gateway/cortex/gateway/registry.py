@@ -22,6 +22,7 @@ from cortex.core.errors import CortexError, NeuronUnavailable, NeuronUnreachable
 from cortex.core.fleet import LoadedModel, ModelListing, ModelState, NeuronStatus
 from cortex.core.placement.model import Usage
 from cortex.core.placement.snapshot import NeuronReport
+from cortex.gateway.pulse import Pulse
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ class NeuronHandle:
     # Counted here, not polled: routing needs the load of this very moment.
     in_flight: Counter[str] = field(default_factory=Counter)
     last_used: dict[str, float] = field(default_factory=dict)
+    # When this gateway's last request on each model ended, and when the poll behind `status`
+    # was sent: a poll sent before a request ended counted it (snapshot.py ignores that count).
+    finished: dict[str, float] = field(default_factory=dict)
+    asked_at: float | None = None
     # Bumped by every local change (a load's or unload's answer): a poll that was already on
     # its way when one happened carries older news and must not overwrite it.
     generation: int = 0
@@ -87,6 +92,12 @@ class Fleet:
         self._admin_token = admin_token
         # Requests per model through this gateway, decayed: the `cost` eviction strategy's rate.
         self.usage: dict[str, Usage] = {}
+        # The most memory each model was seen to take once ready, anywhere: kept after its last
+        # replica goes, so a later cold load of it is planned with its size, not on a guess.
+        self.sizes: dict[str, int] = {}
+        # Beats when a replica goes idle and when a poll or a load's or unload's answer is
+        # recorded: a placement waiting for room plans again then (placer.py).
+        self.changes = Pulse()
         self._timeout = DEFAULT_TIMEOUT
         if request_timeout is not None:
             # Bounds each read: a neuron silent for this long mid-answer is given up on.
@@ -125,8 +136,10 @@ class Fleet:
         handle = self.add(entry)
         if old is not None:
             handle.in_flight, handle.last_used = old.in_flight, old.last_used
+            handle.finished = old.finished
             if not old.leaving:
                 handle.status, handle.listing = old.status, old.listing
+                handle.asked_at = old.asked_at
                 handle.failures, handle.last_error = old.failures, old.last_error
                 handle.cordoned = old.cordoned
             self._retired.append(old)
@@ -202,6 +215,7 @@ class Fleet:
         if fresh:
             handle.generation += 1
         generation, setbacks = handle.generation, handle.setbacks
+        asked_at = time.time()
         try:
             with self.calling(handle) as client:
                 status, listing = await asyncio.wait_for(
@@ -224,9 +238,11 @@ class Fleet:
         handle.last_seen = time.time()
         if handle.setbacks == setbacks:
             handle.failures, handle.last_error = 0, None
+        self._measure(status.models)
         if handle.generation != generation:
             return  # overtaken by a local change; the next poll brings the newer picture
-        handle.status, handle.listing = status, listing
+        handle.status, handle.listing, handle.asked_at = status, listing, asked_at
+        self.changes.beat()
 
     def note_failure(self, name: str, error: str) -> None:
         """A failed poll or request; after `unhealthy_after` in a row the neuron is skipped."""
@@ -302,9 +318,10 @@ class Fleet:
     def end(self, name: str, model: str) -> None:
         handle = self.neurons[name]
         handle.in_flight[model] -= 1
-        handle.last_used[model] = time.time()
+        handle.last_used[model] = handle.finished[model] = time.time()
         if handle.in_flight[model] <= 0:
             del handle.in_flight[model]
+            self.changes.beat()
             if handle.leaving or self._retired:
                 self._close_drained()
 
@@ -314,6 +331,7 @@ class Fleet:
         if handle is None:
             return  # taken out of the fleet meanwhile
         handle.generation += 1
+        self._measure([loaded])
         if handle.status is not None:
             before = handle.model(loaded.id)  # a poll during the load may have counted some
             _charge(
@@ -321,6 +339,7 @@ class Fleet:
             )
             others = [m for m in handle.status.models if m.id != loaded.id]
             handle.status.models = [*others, loaded]
+        self.changes.beat()
 
     def apply_unloaded(self, name: str, model: str) -> None:
         """Record an unload now rather than at the next poll, its memory free again."""
@@ -332,15 +351,19 @@ class Fleet:
         if handle.status is not None and gone is not None:
             _charge(handle.status, gone, -gone.memory_bytes)
             handle.status.models = [m for m in handle.status.models if m.id != model]
+        self.changes.beat()
+
+    def _measure(self, models: Iterable[LoadedModel]) -> None:
+        """Keep the largest size seen of each ready model; a failed record's is only the neuron's
+        guess before it loaded anything."""
+        for loaded in models:
+            if loaded.state == ModelState.READY and loaded.memory_bytes > 0:
+                self.sizes[loaded.id] = max(self.sizes.get(loaded.id, 0), loaded.memory_bytes)
 
     def estimates(self) -> dict[str, int]:
-        """Bytes a model was seen to use anywhere: the planner's size for models without a budget."""
-        seen: dict[str, int] = {}
-        for handle in self.neurons.values():
-            for loaded in handle.status.models if handle.status else []:
-                if loaded.memory_bytes > 0:
-                    seen[loaded.id] = max(seen.get(loaded.id, 0), loaded.memory_bytes)
-        return seen
+        """Bytes a model was seen to use once ready, anywhere, now or before: the planner's size
+        for models without a budget."""
+        return dict(self.sizes)
 
     # -- the planner's snapshot
 
@@ -358,6 +381,8 @@ class Fleet:
                 in_flight=handle.in_flight,
                 last_used=handle.last_used,
                 usage=self.usage,
+                asked_at=handle.asked_at,
+                finished=handle.finished,
             )
             for handle in chosen.values()
         ]

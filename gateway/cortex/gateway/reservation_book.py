@@ -3,20 +3,20 @@ chosen and not finished, held as one value, and a way to wait until they change.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 
 from cortex.core.placement.model import Action
 from cortex.core.placement.snapshot import Reservations
+from cortex.gateway.pulse import Pulse
 
 
 class ReservationBook:
-    """The placer's current `Reservations`; each change wakes whoever waits in `until`."""
+    """The placer's current `Reservations`; each change wakes whoever waits in `until`, and
+    whoever else waits on `pulse` (the fleet registry's, which beats at its changes too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pulse: Pulse | None = None) -> None:
         self.current = Reservations()
-        # Set, and replaced by a fresh one, at every change (`changed`).
-        self._changed = asyncio.Event()
+        self.pulse = pulse or Pulse()
 
     def hold(self, actions: Sequence[Action]) -> None:
         """These actions are under way: a load holds its memory, an unload's replica is leaving."""
@@ -30,10 +30,9 @@ class ReservationBook:
 
     def changed(self) -> None:
         """Wake every `until`: a reservation, or something it reads beside them, changed."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self.pulse.beat()
 
     async def until(self, done: Callable[[], bool]) -> None:
         """Wait until `done()` holds, asking again at each change."""
         while not done():
-            await self._changed.wait()
+            await self.pulse.next().wait()

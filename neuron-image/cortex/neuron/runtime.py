@@ -215,7 +215,9 @@ class NeuronRuntime:
 
     async def _load(self, replica: Replica, request: LoadRequest) -> Replica:
         """A failed catalogue model stays listed as failed, with why; a failed ad-hoc load (a
-        source no catalogue names) leaves nothing behind: it was never a model of this neuron."""
+        source no catalogue names) leaves nothing behind: it was never a model of this neuron.
+        Nor does a load refused for room: the model did not fail, this neuron was full (a gateway
+        would otherwise take the refusal for a failure of the model here, docs/fleet-control.md)."""
         try:
             await self._place_and_load(replica, request)
         except BaseException as exc:
@@ -223,7 +225,8 @@ class NeuronRuntime:
             replica.state, replica.served = ModelState.FAILED, None
             replica.error = exc.message if isinstance(exc, CortexError) else repr(exc)
             log.warning("load of %s failed: %s", replica.spec.id, replica.error)
-            if resolve_alias(self.catalogue, replica.spec.id) is None:
+            refused = isinstance(exc, CapacityExhausted)
+            if refused or resolve_alias(self.catalogue, replica.spec.id) is None:
                 self._forget(replica)
             raise
         return replica

@@ -211,6 +211,15 @@ def test_pinned_in_flight_and_loading_replicas_are_never_evicted() -> None:
     )
     result = plan(fleet, catalogue, want("m"), LRU, NOW)
     assert result.actions == ()
+    # Blocked, not impossible: once the busy and arriving replicas settle, either one makes room.
+    assert result.blocked == {"m"} and "in flight" in result.unplaceable["m"]
+
+
+def test_a_model_kept_out_by_pins_and_minimums_is_not_blocked_but_unplaceable() -> None:
+    fleet = [neuron("n", 4, rep("pinned", 2), rep("kept", 2, in_flight=1))]
+    catalogue = cat(spec("pinned", 2, pinned_on=["n"]), spec("kept", 2), spec("m", 2))
+    result = plan(fleet, catalogue, want("m"), LRU, NOW, min_replicas={"kept": 1})
+    assert result.actions == () and result.blocked == frozenset()
     assert "no neuron it may use can free that much" in result.unplaceable["m"]
 
 

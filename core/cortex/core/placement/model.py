@@ -110,7 +110,10 @@ Action = Load | Unload
 @dataclass(frozen=True)
 class Plan:
     """Actions in order: an Unload precedes the Load it makes room for; a defrag move is a Load
-    elsewhere, then the Unload. `unplaceable`: models left short of replicas, and why."""
+    elsewhere, then the Unload. `unplaceable`: models left short of replicas, and why; `blocked`:
+    those of them that would fit once replicas in flight, loading, unloading or wanted by other
+    waiting clients settle (worth planning again then; not too big, not kept out by pins)."""
 
     actions: tuple[Action, ...]
     unplaceable: Mapping[str, str]  # model -> human reason
+    blocked: frozenset[str] = frozenset()

@@ -23,7 +23,8 @@ elsewhere). Never evicted: pinned-there, in-flight, loading/unloading replicas,
 replicas of demanded models, replicas loaded by this plan, and the last ones a minimum needs
 (under the `priority` strategy a minimum holds only against models of equal or lower priority: a
 higher-priority model may take a lower one below its minimum). A requirement that cannot be met
-is reported in `Plan.unplaceable` with a reason.
+is reported in `Plan.unplaceable` with a reason; in `Plan.blocked` too when only replicas that will
+settle (in flight, loading, unloading, demanded, or loaded by this plan) keep it out.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def plan(
     while True:
         done = len(work.actions)
         work.reasons.clear()  # the last round's failures are the plan's reasons
+        work.blocked.clear()
         work.place_pins()
         work.place_requirements()
         if len(work.actions) == done:
@@ -180,6 +182,7 @@ class _Work:
         )
         self.actions: list[Action] = []
         self.reasons: dict[str, str] = {}
+        self.blocked: set[str] = set()
         self.live = Counter(
             replica.model
             for slot in self.slots
@@ -245,14 +248,33 @@ class _Work:
     def evictable(self, slot: _Slot, replica: ReplicaView, for_model: str | None = None) -> bool:
         """Movable, and removing it keeps the model's minimum replica count; under `priority`,
         a minimum does not hold against `for_model` of a higher priority."""
-        if not self.movable(slot, replica):
-            return False
+        return self.movable(slot, replica) and not self.kept_for_minimum(replica, for_model)
+
+    def kept_for_minimum(self, replica: ReplicaView, for_model: str | None = None) -> bool:
+        """Removing the replica would take its model below its minimum replica count (under
+        `priority`, a minimum does not hold against `for_model` of a higher priority)."""
         if self.live_count(replica.model) > self.minimums.get(replica.model, 0):
-            return True
-        return (
+            return False
+        return not (
             for_model is not None
             and self.policy.strategy == "priority"
             and self.priority(replica.model) < self.priority(for_model)
+        )
+
+    def room_once_settled(self, model: str, size: int, slots: list[_Slot]) -> bool:
+        """The model would fit on one of `slots` once every replica there that is only busy for
+        now (in flight, loading, unloading, demanded, loaded by this plan) could be evicted."""
+        return any(
+            slot.free
+            + sum(
+                r.memory
+                for r in slot.replicas.values()
+                if r.state != ModelState.FAILED
+                and not self.pinned_here(r.model, slot)
+                and not self.kept_for_minimum(r, model)
+            )
+            >= size
+            for slot in slots
         )
 
     def priority(self, model: str) -> int:
@@ -362,13 +384,20 @@ class _Work:
         for tier in ([slot for slot in slots if model not in slot.replicas], failed):
             if tier and self.place_in(model, size, tier):
                 return None
+        if size is not None and self.room_once_settled(model, size, slots):
+            self.blocked.add(model)
+            return (
+                f"needs {_bytes(size)}: the replicas that would make room are in flight, loading,"
+                " unloading or wanted by other waiting clients"
+            )
         return self.too_big(size, slots)
 
     def place_in(self, model: str, size: int | None, slots: list[_Slot]) -> bool:
         # Worst fit: the neuron with the most memory left after the load. It spreads replicas
         # (and so compute) over the fleet, and in the P4 benchmark it costs fewer cold loads than
         # best fit. A model of unknown size is never evicted for on a guess: the neuron refuses
-        # what does not fit and reports the real size, which the next plan then uses.
+        # what does not fit. The caller's `estimates` give the size of any model it has seen
+        # ready, even loaded nowhere now (the gateway's registry keeps them).
         fitting = [slot for slot in slots if slot.free >= (size or 0)]
         if fitting or size is None:
             self.load(min(fitting or slots, key=lambda s: (-s.free, s.name)), model, size or 0)
@@ -568,7 +597,7 @@ class _Work:
             )
         return (
             f"needs {_bytes(size or 0)} and no neuron it may use can free that much: the rest is"
-            " pinned, in flight, loading, demanded or kept for a minimum replica count"
+            " pinned or kept for a minimum replica count"
         )
 
     def result(self) -> Plan:
@@ -578,7 +607,7 @@ class _Work:
             for model, reason in sorted(self.reasons.items())
             if self.live_count(model) < max(1, self.minimums.get(model, 0))
         }
-        return Plan(tuple(self.actions), unplaceable)
+        return Plan(tuple(self.actions), unplaceable, frozenset(self.blocked & set(unplaceable)))
 
 
 def _roominess(slot: _Slot) -> tuple[int, str]:

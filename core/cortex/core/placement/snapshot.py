@@ -22,7 +22,9 @@ _NOTHING_ARRIVING: Mapping[str, int] = {}
 @dataclass(frozen=True)
 class NeuronReport:
     """What a caller knows of one neuron; `in_flight`/`last_used`: its own requests, which a
-    `/status` answer may predate (unix seconds); `usage`: its requests per model, decayed."""
+    `/status` answer may predate (unix seconds); `usage`: its requests per model, decayed;
+    `asked_at`: when the `/status` was asked for; `finished`: when the caller's last request on
+    each model ended (unix seconds)."""
 
     name: str
     status: NeuronStatus | None
@@ -32,6 +34,8 @@ class NeuronReport:
     in_flight: Mapping[str, int] = field(default_factory=dict)
     last_used: Mapping[str, float] = field(default_factory=dict)
     usage: Mapping[str, Usage] = field(default_factory=dict)
+    asked_at: float | None = None
+    finished: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,12 +116,18 @@ def _replica_view(
     local_used = report.last_used.get(loaded.id)
     used = [t for t in (loaded.last_used, local_used) if t is not None]
     leaving = reservations.is_leaving(report.name, loaded.id) and loaded.state == ModelState.READY
+    polled = loaded.in_flight + loaded.queued
+    finished = report.finished.get(loaded.id)
+    if finished is not None and report.asked_at is not None and finished > report.asked_at:
+        # Asked while a request of the caller's still ran, which has ended since: the count is
+        # stale, and the caller's own count is the news (the next poll brings the others').
+        polled = 0
     return ReplicaView(
         model=loaded.id,
         state=ModelState.UNLOADING if leaving else loaded.state,
         memory=loaded.memory_bytes,
         # The report may predate requests this caller just sent: take the larger count.
-        in_flight=max(loaded.in_flight + loaded.queued, report.in_flight.get(loaded.id, 0)),
+        in_flight=max(polled, report.in_flight.get(loaded.id, 0)),
         last_used=max(used) if used else None,
         loaded_at=loaded.loaded_at,
         usage=report.usage.get(loaded.id),

@@ -187,6 +187,7 @@ async def load(model: str, request: Request, body: AdminLoad | None = None) -> S
             raise FleetConflict(f"neuron {neuron} is cordoned: it takes no new loads")
         if neuron not in gateway.placer.catalogue.loadable_on(spec.id):
             raise FleetConflict(f"neuron {neuron} cannot load {spec.id!r}")
+        gateway.placer.check_room(spec.id, neuron)
     lines = _progress(gateway, spec.id, neuron)
     return StreamingResponse(lines, media_type="application/x-ndjson")
 
@@ -194,7 +195,9 @@ async def load(model: str, request: Request, body: AdminLoad | None = None) -> S
 async def _progress(gateway: Gateway, model: str, neuron: str | None) -> AsyncIterator[bytes]:
     placer = gateway.placer
     task: asyncio.Task[Any] = asyncio.create_task(
-        placer.load_on(model, neuron) if neuron is not None else placer.place(model)
+        placer.load_on(model, neuron)
+        if neuron is not None
+        else placer.place(model, patience=gateway.config.gateway.load_timeout)
     )
     where = neuron
     try:
@@ -240,17 +243,24 @@ async def unload(model: str, request: Request, body: AdminUnload | None = None) 
         _handle(gateway, body.neuron)
         names = [body.neuron]
     else:
-        names = [n for n, h in gateway.fleet.neurons.items() if h.model(spec.id) is not None]
+        names = [n for n, h in gateway.fleet.neurons.items() if _holds(h, spec.id)]
     for name in names:
         if name in spec.pinned_on:
             raise FleetConflict(f"{spec.id!r} is pinned on {name}: unpin it first")
-        if gateway.fleet[name].model(spec.id) is None:
+        if not _holds(gateway.fleet[name], spec.id):
             raise FleetConflict(f"{spec.id!r} is not loaded on {name}")
     if not names:
         raise FleetConflict(f"{spec.id!r} is not loaded anywhere")
     for name in names:
         await gateway.placer.unload_from(spec.id, name, force=body.force)
     return AdminDone(action="unload", model=spec.id, neurons=names)
+
+
+def _holds(handle: NeuronHandle, model: str) -> bool:
+    """The neuron has the model loaded, loading or unloading; a failed load's record is not a
+    replica (a later load there that succeeds replaces it)."""
+    loaded = handle.model(model)
+    return loaded is not None and loaded.state != ModelState.FAILED
 
 
 @router.post("/models/{model:path}/pin")
