@@ -210,6 +210,35 @@ def test_completion_logprobs_in_the_legacy_lists(neuron: Neuron) -> None:
     assert streamed == lists.tokens and offsets == starts
 
 
+def test_logprobs_with_a_stop_string_are_those_of_the_text_shown(neuron: Neuron) -> None:
+    """Each token's logprob goes with the text that shows its first character; a token whose
+    text begins at or after the stop string's cut has none (docs/architecture.md)."""
+    counting = {"model": CHAT, "prompt": COUNTING, "max_tokens": 10, "temperature": 0}
+    free = neuron.sdk.completions.create(**counting, logprobs=0).choices[0]
+    tokens, text = free.logprobs.tokens, free.text
+    starts = [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    for at in range(1, len(text) - 3):
+        stop = text[at : at + 3]
+        cut = text.find(stop)
+        shown = [t for t, start in zip(tokens, starts, strict=True) if start < cut]
+        choice = neuron.sdk.completions.create(**counting, logprobs=0, stop=stop).choices[0]
+        assert (choice.text, choice.logprobs.tokens) == (text[:cut], shown), stop
+        chunks = neuron.sdk.completions.create(**counting, logprobs=0, stop=stop, stream=True)
+        lists = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+        assert [t for lp in lists for t in lp.tokens] == shown, stop
+    chat = {"max_tokens": 12, "temperature": 0, "logprobs": True, "stop": ["ow"]}
+    answer = _chat(neuron, **chat).choices[0]
+    entries = [e.token for e in answer.logprobs.content]
+    assert len("".join(entries[:-1])) < len(answer.message.content) <= len("".join(entries))
+    streamed = [
+        e.token
+        for c in _chat(neuron, **chat, stream=True)
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert streamed == entries
+
+
 def test_what_cortex_cannot_honour_is_refused_not_ignored(neuron: Neuron) -> None:
     vocab = neuron.served().vocab_size
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):

@@ -56,6 +56,7 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
+    offset: int = 0  # where its text starts in the output text, in characters
 
 
 @dataclass(frozen=True)
