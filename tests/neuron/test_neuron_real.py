@@ -239,6 +239,25 @@ def test_logprobs_with_a_stop_string_are_those_of_the_text_shown(neuron: Neuron)
     assert streamed == entries
 
 
+def test_completion_text_offsets_hold_past_characters_split_over_tokens(neuron: Neuron) -> None:
+    """An emoji's tokens each read U+FFFD, yet the text holds the emoji once: offsets are where
+    each token's text starts in the text returned, not a sum of token texts."""
+    emoji = "Emoji list: 🍕 pizza, 🍔 burger, 日本語 Japanese, 🍕 pizza, 🍔"
+    asked = {"model": CHAT, "prompt": emoji, "max_tokens": 25, "temperature": 0, "logprobs": 1}
+    choice = neuron.sdk.completions.create(**asked).choices[0]
+    text, lists = choice.text, choice.logprobs
+    assert "\ufffd" in lists.tokens  # the output does split a character over tokens
+    for token, offset in zip(lists.tokens, lists.text_offset, strict=True):
+        if token != "\ufffd":
+            assert text[offset : offset + len(token)] == token, (token, offset)
+    assert lists.text_offset == sorted(lists.text_offset) and lists.text_offset[-1] < len(text)
+    chunks = neuron.sdk.completions.create(**asked, stream=True)
+    offsets = [
+        o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset
+    ]
+    assert offsets == lists.text_offset
+
+
 def test_what_cortex_cannot_honour_is_refused_not_ignored(neuron: Neuron) -> None:
     vocab = neuron.served().vocab_size
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):

@@ -440,14 +440,11 @@ async def _completion_stream(
     """Text chunks; with `scored` (the model's tokens, alternatives per token), each carries the
     logprobs of the tokens it completes, offsets counted from the start of the choice's text."""
     base = Completion(model=generation.model, choices=[])
-    offset = len(echo)
 
     def chunk(text: str, reason: str | None = None, logprobs: Sequence[TokenLogprob] = ()) -> bytes:
-        nonlocal offset
         lists = None
         if scored is not None and reason is None:
-            lists = completion_logprobs(scored[0], logprobs, offset, scored[1])
-            offset += sum(map(len, lists.tokens))
+            lists = completion_logprobs(scored[0], logprobs, len(echo), scored[1])
         choice = CompletionChoice(text=text, finish_reason=reason, logprobs=lists)  # type: ignore[arg-type]
         return _chunk(base.model_copy(update={"choices": [choice]}))
 
