@@ -258,6 +258,33 @@ def test_completion_text_offsets_hold_past_characters_split_over_tokens(neuron: 
     assert offsets == lists.text_offset
 
 
+def test_vllm_sampling_extensions_are_honoured_or_refused(neuron: Neuron) -> None:
+    """min_tokens, ignore_eos, stop_token_ids and include_stop_str_in_output do what vLLM's do;
+    min_p is a 400 naming it, never silently ignored (README)."""
+    brief = [{"role": "user", "content": "What is the capital of France? One word."}]
+    short = _chat(neuron, messages=brief, max_tokens=60, temperature=0)
+    assert short.choices[0].finish_reason == "stop"
+    ended = short.usage.completion_tokens
+    at_least = {"min_tokens": ended + 4}
+    longer = _chat(neuron, messages=brief, max_tokens=60, temperature=0, extra_body=at_least)
+    assert longer.usage.completion_tokens >= ended + 4
+    assert longer.choices[0].message.content.startswith(short.choices[0].message.content)
+    endless = _chat(
+        neuron, messages=brief, max_tokens=ended + 6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert endless.choices[0].finish_reason == "length"
+    assert endless.usage.completion_tokens == ended + 6
+    counting = {"model": CHAT, "prompt": COUNTING, "max_tokens": 8, "temperature": 0}
+    comma = neuron.served().encode(",")[-1]
+    cut = neuron.sdk.completions.create(**counting, extra_body={"stop_token_ids": [comma]})
+    assert (cut.choices[0].text, cut.choices[0].finish_reason) == (" 11", "stop")
+    kept = {"include_stop_str_in_output": True}
+    stopped = neuron.sdk.completions.create(**counting, stop="12", extra_body=kept)
+    assert stopped.choices[0].text == " 11, 12" and stopped.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="min_p"):
+        _chat(neuron, max_tokens=2, extra_body={"min_p": 0.1})
+
+
 def test_what_cortex_cannot_honour_is_refused_not_ignored(neuron: Neuron) -> None:
     vocab = neuron.served().vocab_size
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):

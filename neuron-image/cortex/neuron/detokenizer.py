@@ -55,8 +55,9 @@ class Detokenizer:
 class StopMatcher:
     """Cuts text at the first stop string; holds back a tail that may be a stop string's start."""
 
-    def __init__(self, stops: tuple[str, ...]) -> None:
+    def __init__(self, stops: tuple[str, ...], *, keep: bool = False) -> None:
         self._stops = tuple(s for s in stops if s)
+        self._keep = keep  # the matched stop string is part of the text (vLLM's option)
         self._held = ""
         self.matched: str | None = None
 
@@ -70,7 +71,7 @@ class StopMatcher:
         if hits:
             at, self.matched = min(hits)
             self._held = ""
-            return pending[:at]
+            return pending[: at + len(self.matched) if self._keep else at]
         keep = self._partial_tail(pending)
         self._held = pending[len(pending) - keep :]
         return pending[: len(pending) - keep]

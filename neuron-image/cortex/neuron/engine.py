@@ -376,7 +376,10 @@ class Engine:
             detokenizer=Detokenizer(self._tokenizer, seq.prompt_ids),
             # A grammar decides where constrained output ends: a stop string inside it would cut
             # the JSON short and call that a clean stop (docs/architecture.md).
-            stops=StopMatcher(seq.params.stop if seq.params.grammar is None else ()),
+            stops=StopMatcher(
+                seq.params.stop if seq.params.grammar is None else (),
+                keep=seq.params.include_stop,
+            ),
             order=self._admitted,
             matcher=seq.params.grammar.matcher() if seq.params.grammar is not None else None,
         )
@@ -489,7 +492,7 @@ class Engine:
             return
         reason: Literal["stop", "length"] | None = None
         text = ""
-        if token in self._eos:
+        if self._ends(active, token, count):
             reason = "stop"
         else:
             written = active.detokenizer.add(token)
@@ -513,6 +516,13 @@ class Engine:
             seq.emit(TextDelta(text, count, seq.cached_tokens, active.shown.show(text)))
         if reason is not None:
             self._finish(active, reason)
+
+    def _ends(self, active: _Active, token: int, count: int) -> bool:
+        """Whether `token`, the count-th, ends the output as end of sequence does (its text not
+        shown): EOS unless ignore_eos, or a stop_token_ids id; neither before min_tokens."""
+        params = active.seq.params
+        ends = not params.ignore_eos if token in self._eos else token in params.stop_token_ids
+        return ends and count > params.min_tokens
 
     def _finish(self, active: _Active, reason: Literal["stop", "length", "cancelled"]) -> None:
         self._keep_prefix(active)
