@@ -392,6 +392,20 @@ async def test_a_named_call_cut_anywhere_is_still_that_call(
     assert answer.choices[0].finish_reason == "length"
 
 
+async def test_an_assistant_refusal_part_in_history_is_its_text(
+    sdk: openai.AsyncOpenAI, runtime: FakeRuntime
+) -> None:
+    """A refusal part is valid in an assistant message (the SDK's types): the model reads it as
+    what it said, as the Responses translation does."""
+    refused = {"type": "refusal", "refusal": "I cannot help with that."}
+    history: Any = [*USER, {"role": "assistant", "content": [refused]}, *USER]
+    answer = await sdk.chat.completions.create(model="tiny-chat", messages=history)
+    assert answer.choices[0].message.content
+    assert (runtime.models["tiny-chat"].last_messages or [])[1][
+        "content"
+    ] == "I cannot help with that."
+
+
 async def test_tool_choice_none_neither_renders_nor_parses(
     http: httpx.AsyncClient, runtime: FakeRuntime
 ) -> None:

@@ -97,7 +97,7 @@ def _message(message: ChatMessage, index: int, model: str) -> dict[str, Any]:
 
 
 def _text(message: ChatMessage, index: int, model: str) -> str:
-    """The message's text parts joined; any other part is refused rather than silently dropped
+    """The message's text parts (and an assistant's refusals) joined; any other part is refused rather than silently dropped
     (a model answering about an image it never saw is worse than a 400)."""
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
@@ -106,6 +106,12 @@ def _text(message: ChatMessage, index: int, model: str) -> str:
         where, kind = f"messages.{index}.content.{j}", part.get("type")
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif (
+            kind == "refusal"
+            and message.role == "assistant"
+            and isinstance(part.get("refusal"), str)
+        ):
+            texts.append(part["refusal"])  # what the assistant said, as the Responses API reads it
         elif kind == "text":
             raise InvalidRequest(f"{where}.text: a text part needs its text", param=f"{where}.text")
         elif kind in ("image_url", "image", "input_image"):
