@@ -406,6 +406,23 @@ async def test_an_assistant_refusal_part_in_history_is_its_text(
     ] == "I cannot help with that."
 
 
+async def test_a_length_finish_that_fills_the_context_says_so(
+    http: httpx.AsyncClient, runtime: FakeRuntime
+) -> None:
+    """The choice's `context_window_exceeded` tells a full context from max_tokens, so the
+    gateway can answer Anthropic's `model_context_window_exceeded` (docs/architecture.md)."""
+    model = runtime.models["tiny-chat"]
+    model.finish = "length"
+    body = {"model": "tiny-chat", "messages": USER, "max_tokens": 300}
+    first = (await http.post("/v1/chat/completions", json=body)).json()
+    assert "context_window_exceeded" not in first["choices"][0]
+    model.context_length = first["usage"]["total_tokens"]  # the same answer now fills it
+    for stream in (False, True):
+        answer = await http.post("/v1/chat/completions", json={**body, "stream": stream})
+        assert answer.headers["x-cortex-max-tokens-clamped"].startswith("300->")
+        assert '"context_window_exceeded":true' in answer.text.replace(" ", "")
+
+
 async def test_tool_choice_none_neither_renders_nor_parses(
     http: httpx.AsyncClient, runtime: FakeRuntime
 ) -> None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from cortex.core.errors import CortexError, InvalidRequest
 from cortex.core.protocol.openai import (
+    CONTEXT_FULL,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -168,6 +169,15 @@ def finish_reason(called: bool, finished: Finished) -> str:
     return finished.reason
 
 
+def context_full(finished: Finished, context: int | None) -> dict[str, bool]:
+    """The choice's CONTEXT_FULL field when a `length` finish filled the context window, not
+    max_tokens (a max_tokens clamped to the room left ends the same way)."""
+    total = finished.prompt_tokens + finished.completion_tokens
+    if finished.reason == "length" and context is not None and total >= context:
+        return {CONTEXT_FULL: True}
+    return {}
+
+
 def _tool_call(call: ParsedToolCall) -> ToolCall:
     return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
@@ -220,6 +230,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                 include_usage,
                 continuous,
                 served if asked is not None else None,
+                served.context_length,
             ),
             headers=limit.headers(),
             on_close=generation.close,
@@ -242,6 +253,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                 finish_reason=reason,  # type: ignore[arg-type]
                 stop_reason=finished.stop_sequence,
                 logprobs=chat_logprobs(served, generation.logprobs) if asked is not None else None,
+                **context_full(finished, served.context_length),
             )
         ],
         usage=usage(finished),
@@ -257,6 +269,7 @@ async def _chat_stream(
     include_usage: bool,
     continuous: bool,
     tokens: Tokens | None = None,
+    context: int | None = None,
 ) -> AsyncIterator[bytes]:
     """Role chunk, content (and tool call) deltas, finish chunk, usage chunk, [DONE].
 
@@ -311,6 +324,7 @@ async def _chat_stream(
             delta=Delta(),
             finish_reason=reason,  # type: ignore[arg-type]
             stop_reason=finished.stop_sequence,
+            **context_full(finished, context),
         )
         completion_tokens = finished.completion_tokens
         return _chunk(base.model_copy(update={"choices": [choice], "usage": so_far()}))

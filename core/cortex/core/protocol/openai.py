@@ -367,6 +367,11 @@ class CompletionLogprobs(_Open):
     text_offset: list[int] = Field(default_factory=list)
 
 
+# A choice's extra field, true when its `length` finish came from the context window being
+# full rather than max_tokens (Anthropic's `model_context_window_exceeded`).
+CONTEXT_FULL = "context_window_exceeded"
+
+
 class ChatChoice(_Open):
     index: int = 0
     message: ResponseMessage
