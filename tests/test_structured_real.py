@@ -205,6 +205,45 @@ def test_required_and_any_yield_a_tool_call(
     assert any(b.type == "tool_use" for b in message.content) and message.stop_reason == "tool_use"
 
 
+def test_a_forced_call_cut_by_max_tokens_keeps_its_start_in_every_dialect(
+    oai: openai.OpenAI, claude: anthropic.Anthropic
+) -> None:
+    """The README's forced call at a max_tokens too small for it: the call comes back with its
+    name and the arguments so far, as a call cut by the limit (docs/architecture.md)."""
+    weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    # 20 tokens reach into the arguments (the whole call is about 30)
+    ask: Any = {"model": CHAT, "max_tokens": 20, "messages": ASK}
+    forced: Any = {"tools": [{"name": "get_weather", "input_schema": weather}]}
+    forced["tool_choice"] = {"type": "tool", "name": "get_weather"}
+    call = claude.messages.create(**ask, **forced)
+    assert call.stop_reason == "max_tokens"
+    [block] = call.content
+    assert block.type == "tool_use" and block.name == "get_weather"
+    # arguments that are not yet JSON travel as their text (translate/anthropic.py)
+    assert list(block.input) == ["_raw"] and block.input["_raw"].startswith("{")  # type: ignore[index]
+    with claude.messages.stream(**ask, **forced) as stream:
+        streamed = stream.get_final_message()
+    assert [b.type for b in streamed.content] == ["tool_use"]
+    assert streamed.stop_reason == "max_tokens"
+    tool: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}}]
+    named: Any = {"type": "function", "function": {"name": "get_weather"}}
+    chat = oai.chat.completions.create(**ask, tools=tool, tool_choice=named)
+    [cut] = chat.choices[0].message.tool_calls or []
+    assert chat.choices[0].finish_reason == "length" and cut.function.name == "get_weather"  # type: ignore[union-attr]
+    assert cut.function.arguments.startswith("{")  # type: ignore[union-attr]
+    reply = oai.responses.create(
+        model=CHAT,
+        max_output_tokens=20,
+        input=ASK[0]["content"],
+        tools=[{"type": "function", "name": "get_weather", "parameters": weather, "strict": False}],
+        tool_choice={"type": "function", "name": "get_weather"},
+    )
+    assert reply.status == "incomplete"
+    assert [(i.type, getattr(i, "name", None)) for i in reply.output] == [
+        ("function_call", "get_weather")
+    ]
+
+
 def _story(oai: openai.OpenAI) -> str:
     chunks = oai.chat.completions.create(
         model=CHAT,

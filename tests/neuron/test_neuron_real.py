@@ -210,6 +210,81 @@ def test_completion_logprobs_in_the_legacy_lists(neuron: Neuron) -> None:
     assert streamed == lists.tokens and offsets == starts
 
 
+def test_logprobs_with_a_stop_string_are_those_of_the_text_shown(neuron: Neuron) -> None:
+    """Each token's logprob goes with the text that shows its first character; a token whose
+    text begins at or after the stop string's cut has none (docs/architecture.md)."""
+    counting = {"model": CHAT, "prompt": COUNTING, "max_tokens": 10, "temperature": 0}
+    free = neuron.sdk.completions.create(**counting, logprobs=0).choices[0]
+    tokens, text = free.logprobs.tokens, free.text
+    starts = [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    for at in range(1, len(text) - 3):
+        stop = text[at : at + 3]
+        cut = text.find(stop)
+        shown = [t for t, start in zip(tokens, starts, strict=True) if start < cut]
+        choice = neuron.sdk.completions.create(**counting, logprobs=0, stop=stop).choices[0]
+        assert (choice.text, choice.logprobs.tokens) == (text[:cut], shown), stop
+        chunks = neuron.sdk.completions.create(**counting, logprobs=0, stop=stop, stream=True)
+        lists = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+        assert [t for lp in lists for t in lp.tokens] == shown, stop
+    chat = {"max_tokens": 12, "temperature": 0, "logprobs": True, "stop": ["ow"]}
+    answer = _chat(neuron, **chat).choices[0]
+    entries = [e.token for e in answer.logprobs.content]
+    assert len("".join(entries[:-1])) < len(answer.message.content) <= len("".join(entries))
+    streamed = [
+        e.token
+        for c in _chat(neuron, **chat, stream=True)
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert streamed == entries
+
+
+def test_completion_text_offsets_hold_past_characters_split_over_tokens(neuron: Neuron) -> None:
+    """An emoji's tokens each read U+FFFD, yet the text holds the emoji once: offsets are where
+    each token's text starts in the text returned, not a sum of token texts."""
+    emoji = "Emoji list: 🍕 pizza, 🍔 burger, 日本語 Japanese, 🍕 pizza, 🍔"
+    asked = {"model": CHAT, "prompt": emoji, "max_tokens": 25, "temperature": 0, "logprobs": 1}
+    choice = neuron.sdk.completions.create(**asked).choices[0]
+    text, lists = choice.text, choice.logprobs
+    assert "\ufffd" in lists.tokens  # the output does split a character over tokens
+    for token, offset in zip(lists.tokens, lists.text_offset, strict=True):
+        if token != "\ufffd":
+            assert text[offset : offset + len(token)] == token, (token, offset)
+    assert lists.text_offset == sorted(lists.text_offset) and lists.text_offset[-1] < len(text)
+    chunks = neuron.sdk.completions.create(**asked, stream=True)
+    offsets = [
+        o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset
+    ]
+    assert offsets == lists.text_offset
+
+
+def test_vllm_sampling_extensions_are_honoured_or_refused(neuron: Neuron) -> None:
+    """min_tokens, ignore_eos, stop_token_ids and include_stop_str_in_output do what vLLM's do;
+    min_p is a 400 naming it, never silently ignored (README)."""
+    brief = [{"role": "user", "content": "What is the capital of France? One word."}]
+    short = _chat(neuron, messages=brief, max_tokens=60, temperature=0)
+    assert short.choices[0].finish_reason == "stop"
+    ended = short.usage.completion_tokens
+    at_least = {"min_tokens": ended + 4}
+    longer = _chat(neuron, messages=brief, max_tokens=60, temperature=0, extra_body=at_least)
+    assert longer.usage.completion_tokens >= ended + 4
+    assert longer.choices[0].message.content.startswith(short.choices[0].message.content)
+    endless = _chat(
+        neuron, messages=brief, max_tokens=ended + 6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert endless.choices[0].finish_reason == "length"
+    assert endless.usage.completion_tokens == ended + 6
+    counting = {"model": CHAT, "prompt": COUNTING, "max_tokens": 8, "temperature": 0}
+    comma = neuron.served().encode(",")[-1]
+    cut = neuron.sdk.completions.create(**counting, extra_body={"stop_token_ids": [comma]})
+    assert (cut.choices[0].text, cut.choices[0].finish_reason) == (" 11", "stop")
+    kept = {"include_stop_str_in_output": True}
+    stopped = neuron.sdk.completions.create(**counting, stop="12", extra_body=kept)
+    assert stopped.choices[0].text == " 11, 12" and stopped.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="min_p"):
+        _chat(neuron, max_tokens=2, extra_body={"min_p": 0.1})
+
+
 def test_what_cortex_cannot_honour_is_refused_not_ignored(neuron: Neuron) -> None:
     vocab = neuron.served().vocab_size
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):

@@ -330,32 +330,97 @@ async def test_tool_call_stream(sdk: openai.AsyncOpenAI, runtime: FakeRuntime) -
 
 
 # A forced call that the token limit cut in a second (array-less, hence ungrammatical here but
-# equally cut) block: the complete call stays, the fragment is no content, the finish is length.
+# equally cut) block, inside its arguments.
 CUT_CALLS = [
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
-    '\n<tool_call>\n{"name": "get_wea',
+    '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lo',
 ]
 
 
-async def test_a_forced_call_cut_by_the_limit_finishes_with_length(
+async def test_a_forced_call_cut_by_the_limit_keeps_what_it_generated(
     sdk: openai.AsyncOpenAI, runtime: FakeRuntime
 ) -> None:
+    """As OpenAI answers a call cut by length: the call, its name and the arguments text so far,
+    finish `length`; complete calls before it stay (docs/architecture.md, "Structured outputs")."""
     runtime.models["tiny-chat"].script = CUT_CALLS
     runtime.models["tiny-chat"].finish = "length"
     kwargs: Any = {"model": "tiny-chat", "messages": USER, "tools": [WEATHER_TOOL]}
     answer = await sdk.chat.completions.create(**kwargs, tool_choice="required")
     choice = answer.choices[0]
     assert choice.finish_reason == "length" and choice.message.content is None
-    assert [c.function.name for c in choice.message.tool_calls or []] == ["get_weather"]
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]  # type: ignore[union-attr]
+    assert calls == [("get_weather", '{"city": "Paris"}'), ("get_weather", '{"city": "Lo')]
     stream = await sdk.chat.completions.create(**kwargs, tool_choice="required", stream=True)
     chunks = [chunk async for chunk in stream]
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert len([t for c in chunks for t in c.choices[0].delta.tool_calls or []]) == 1
+    streamed = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    assert [(t.index, t.function.arguments) for t in streamed] == [  # type: ignore[union-attr]
+        (0, '{"city": "Paris"}'),
+        (1, '{"city": "Lo'),
+    ]
     assert chunks[-1].choices[0].finish_reason == "length"
     # Not forced: the same cut output keeps its text, as the model wrote it.
     free = await sdk.chat.completions.create(**kwargs)
     assert free.choices[0].finish_reason == "length"
     assert "<tool_call>" in (free.choices[0].message.content or "")
+
+
+@pytest.mark.parametrize(
+    ("output", "arguments"),
+    [
+        ("<tool_call>", ""),  # cut before the name: the one forced tool it can be
+        ('<tool_call>\n{"name": "get_w', ""),
+        ('<tool_call>\n{"name": "get_weather", "argu', ""),
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"ci', '{"ci'),
+    ],
+)
+async def test_a_named_call_cut_anywhere_is_still_that_call(
+    sdk: openai.AsyncOpenAI, runtime: FakeRuntime, output: str, arguments: str
+) -> None:
+    runtime.models["tiny-chat"].script = [output]
+    runtime.models["tiny-chat"].finish = "length"
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    other = {"type": "function", "function": {"name": "get_time"}}
+    answer = await sdk.chat.completions.create(
+        model="tiny-chat",
+        messages=USER,  # type: ignore[arg-type]
+        tools=[WEATHER_TOOL, other],  # type: ignore[list-item]
+        tool_choice=named,  # type: ignore[arg-type]
+    )
+    [call] = answer.choices[0].message.tool_calls or []
+    assert (call.function.name, call.function.arguments) == ("get_weather", arguments)  # type: ignore[union-attr]
+    assert answer.choices[0].finish_reason == "length"
+
+
+async def test_an_assistant_refusal_part_in_history_is_its_text(
+    sdk: openai.AsyncOpenAI, runtime: FakeRuntime
+) -> None:
+    """A refusal part is valid in an assistant message (the SDK's types): the model reads it as
+    what it said, as the Responses translation does."""
+    refused = {"type": "refusal", "refusal": "I cannot help with that."}
+    history: Any = [*USER, {"role": "assistant", "content": [refused]}, *USER]
+    answer = await sdk.chat.completions.create(model="tiny-chat", messages=history)
+    assert answer.choices[0].message.content
+    assert (runtime.models["tiny-chat"].last_messages or [])[1][
+        "content"
+    ] == "I cannot help with that."
+
+
+async def test_a_length_finish_that_fills_the_context_says_so(
+    http: httpx.AsyncClient, runtime: FakeRuntime
+) -> None:
+    """The choice's `context_window_exceeded` tells a full context from max_tokens, so the
+    gateway can answer Anthropic's `model_context_window_exceeded` (docs/architecture.md)."""
+    model = runtime.models["tiny-chat"]
+    model.finish = "length"
+    body = {"model": "tiny-chat", "messages": USER, "max_tokens": 300}
+    first = (await http.post("/v1/chat/completions", json=body)).json()
+    assert "context_window_exceeded" not in first["choices"][0]
+    model.context_length = first["usage"]["total_tokens"]  # the same answer now fills it
+    for stream in (False, True):
+        answer = await http.post("/v1/chat/completions", json={**body, "stream": stream})
+        assert answer.headers["x-cortex-max-tokens-clamped"].startswith("300->")
+        assert '"context_window_exceeded":true' in answer.text.replace(" ", "")
 
 
 async def test_tool_choice_none_neither_renders_nor_parses(

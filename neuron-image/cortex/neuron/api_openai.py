@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from cortex.core.errors import CortexError, InvalidRequest
 from cortex.core.protocol.openai import (
+    CONTEXT_FULL,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -43,7 +44,7 @@ from cortex.core.protocol.openai import (
     new_id,
 )
 from cortex.neuron.api_lifecycle import runtime_of
-from cortex.neuron.constraints import chat_constraint, response_format_grammar
+from cortex.neuron.constraints import chat_constraint, forced_tools, response_format_grammar
 from cortex.neuron.generation import Finished, TokenLogprob
 from cortex.neuron.logprobs import Tokens, chat_logprobs, completion_logprobs
 from cortex.neuron.prompts import PromptPool, require_unicode
@@ -58,7 +59,7 @@ from cortex.neuron.serving import (
     usage,
 )
 from cortex.neuron.sse import DONE, EventStreamResponse, sse_data, sse_error
-from cortex.neuron.tools import ParsedToolCall, ToolCallStream, parse_tool_calls
+from cortex.neuron.tools import ParsedToolCall, ToolCallStream, forced_calls, parse_tool_calls
 
 if TYPE_CHECKING:
     from cortex.neuron.replica import ServedModel
@@ -97,7 +98,7 @@ def _message(message: ChatMessage, index: int, model: str) -> dict[str, Any]:
 
 
 def _text(message: ChatMessage, index: int, model: str) -> str:
-    """The message's text parts joined; any other part is refused rather than silently dropped
+    """The message's text parts (and an assistant's refusals) joined; any other part is refused rather than silently dropped
     (a model answering about an image it never saw is worse than a 400)."""
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
@@ -106,6 +107,12 @@ def _text(message: ChatMessage, index: int, model: str) -> str:
         where, kind = f"messages.{index}.content.{j}", part.get("type")
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif (
+            kind == "refusal"
+            and message.role == "assistant"
+            and isinstance(part.get("refusal"), str)
+        ):
+            texts.append(part["refusal"])  # what the assistant said, as the Responses API reads it
         elif kind == "text":
             raise InvalidRequest(f"{where}.text: a text part needs its text", param=f"{where}.text")
         elif kind in ("image_url", "image", "input_image"):
@@ -162,6 +169,15 @@ def finish_reason(called: bool, finished: Finished) -> str:
     return finished.reason
 
 
+def context_full(finished: Finished, context: int | None) -> dict[str, bool]:
+    """The choice's CONTEXT_FULL field when a `length` finish filled the context window, not
+    max_tokens (a max_tokens clamped to the room left ends the same way)."""
+    total = finished.prompt_tokens + finished.completion_tokens
+    if finished.reason == "length" and context is not None and total >= context:
+        return {CONTEXT_FULL: True}
+    return {}
+
+
 def _tool_call(call: ParsedToolCall) -> ToolCall:
     return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
@@ -195,9 +211,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     generation = Generation(served, prompt, params, metrics, principal_of(request, section))
     names = {t["function"]["name"] for t in tools} if tools else None
     most_calls = 1 if body.parallel_tool_calls is False else None
-    # Forced calls: the grammar allows nothing but call blocks, so any text is a block the
-    # token limit cut short, not content.
-    calls_only = constraint is not None and constraint[1] == "tool_call"
+    # Forced calls: the grammar allows nothing but call blocks, so the output is calls, one of
+    # them perhaps cut short by the token limit, never content.
+    forced = None
+    if constraint is not None and constraint[1] == "tool_call":
+        forced = {t["function"]["name"] for t in forced_tools(offered, body.tool_choice) or []}
     await _start(request, generation)
     if body.stream:
         options = body.stream_options
@@ -208,10 +226,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                 generation,
                 names,
                 most_calls,
-                calls_only,
+                forced,
                 include_usage,
                 continuous,
                 served if asked is not None else None,
+                served.context_length,
             ),
             headers=limit.headers(),
             on_close=generation.close,
@@ -219,11 +238,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     text, finished = await _finish(request, generation)
     content: str | None = text
     calls: list[ParsedToolCall] = []
-    if names is not None:
+    if forced is not None:
+        content, calls = None, forced_calls(text, forced)[:most_calls]
+    elif names is not None:
         parsed = parse_tool_calls(text, names)
         content, calls = parsed.content, parsed.tool_calls[:most_calls]
-    if calls_only:
-        content = None
     message = ResponseMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
     reason = finish_reason(bool(calls), finished)
     answer = ChatCompletion(
@@ -234,6 +253,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                 finish_reason=reason,  # type: ignore[arg-type]
                 stop_reason=finished.stop_sequence,
                 logprobs=chat_logprobs(served, generation.logprobs) if asked is not None else None,
+                **context_full(finished, served.context_length),
             )
         ],
         usage=usage(finished),
@@ -245,20 +265,22 @@ async def _chat_stream(
     generation: Generation,
     tool_names: set[str] | None,
     most_calls: int | None,
-    calls_only: bool,
+    forced: set[str] | None,
     include_usage: bool,
     continuous: bool,
     tokens: Tokens | None = None,
+    context: int | None = None,
 ) -> AsyncIterator[bytes]:
     """Role chunk, content (and tool call) deltas, finish chunk, usage chunk, [DONE].
 
-    Calls past `most_calls` (parallel_tool_calls false) are dropped, and so is all text when
-    `calls_only` (a forced tool call). With `tokens`, each content delta carries the logprobs
+    Calls past `most_calls` (parallel_tool_calls false) are dropped. A forced call (`forced`:
+    the tools it may name) comes whole at the end, cut or not (tools.forced_calls). With `tokens`, each content delta carries the logprobs
     of the tokens it completes (a request with logprobs has no tools: one delta per event)."""
     base = ChatCompletionChunk(
         id=new_id("chatcmpl"), created=int(time.time()), model=generation.model, choices=[]
     )
-    parser = ToolCallStream(tool_names) if tool_names is not None else None
+    parser = ToolCallStream(tool_names) if tool_names is not None and forced is None else None
+    held: list[str] = []  # a forced answer's text
 
     sent_calls = 0
     prompt_tokens, completion_tokens = generation.prompt_tokens, 0
@@ -285,8 +307,6 @@ async def _chat_stream(
             and sent_calls >= most_calls
         ):
             return None
-        if isinstance(piece, str) and calls_only:
-            return None
         if isinstance(piece, str):
             out = Delta(content=piece)
         else:
@@ -299,11 +319,12 @@ async def _chat_stream(
 
     def end(finished: Finished) -> bytes:
         nonlocal completion_tokens
-        reason = finish_reason(bool(parser and parser.calls), finished)
+        reason = finish_reason(sent_calls > 0, finished)
         choice = ChunkChoice(
             delta=Delta(),
             finish_reason=reason,  # type: ignore[arg-type]
             stop_reason=finished.stop_sequence,
+            **context_full(finished, context),
         )
         completion_tokens = finished.completion_tokens
         return _chunk(base.model_copy(update={"choices": [choice], "usage": so_far()}))
@@ -315,11 +336,15 @@ async def _chat_stream(
         )
         while not isinstance(event := await generation.next(), Finished):
             completion_tokens = event.completion_tokens
+            if forced is not None:
+                held.append(event.text)
+                continue
             pieces = parser.feed(event.text) if parser else [event.text]
             for i, piece in enumerate(pieces):
                 if frame := delta(piece, event.logprobs if i == 0 else ()):
                     yield frame
-        for piece in parser.close() if parser else []:
+        rest = forced_calls("".join(held), forced) if forced is not None else []
+        for piece in [*rest, *(parser.close() if parser else [])]:
             if frame := delta(piece):
                 yield frame
         for frame in _ending(event, end, base, include_usage):
@@ -435,14 +460,11 @@ async def _completion_stream(
     """Text chunks; with `scored` (the model's tokens, alternatives per token), each carries the
     logprobs of the tokens it completes, offsets counted from the start of the choice's text."""
     base = Completion(model=generation.model, choices=[])
-    offset = len(echo)
 
     def chunk(text: str, reason: str | None = None, logprobs: Sequence[TokenLogprob] = ()) -> bytes:
-        nonlocal offset
         lists = None
         if scored is not None and reason is None:
-            lists = completion_logprobs(scored[0], logprobs, offset, scored[1])
-            offset += sum(map(len, lists.tokens))
+            lists = completion_logprobs(scored[0], logprobs, len(echo), scored[1])
         choice = CompletionChoice(text=text, finish_reason=reason, logprobs=lists)  # type: ignore[arg-type]
         return _chunk(base.model_copy(update={"choices": [choice]}))
 

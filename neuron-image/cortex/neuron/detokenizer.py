@@ -2,11 +2,17 @@
 
 Decoding re-reads only a short window of recent tokens, and holds text back while it ends in an
 incomplete character; stop matching holds back any tail that could still grow into a stop string.
+ShownTokens says which tokens' logprobs go with the text that stop matching lets out.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections import deque
+
 from transformers import PreTrainedTokenizerBase
+
+from cortex.neuron.generation import TokenLogprob
 
 # Prompt tokens decoded ahead of the first new token, so tokenizers that drop a leading space
 # at the start of a decode (SentencePiece) still give the first token its space.
@@ -49,8 +55,9 @@ class Detokenizer:
 class StopMatcher:
     """Cuts text at the first stop string; holds back a tail that may be a stop string's start."""
 
-    def __init__(self, stops: tuple[str, ...]) -> None:
+    def __init__(self, stops: tuple[str, ...], *, keep: bool = False) -> None:
         self._stops = tuple(s for s in stops if s)
+        self._keep = keep  # the matched stop string is part of the text (vLLM's option)
         self._held = ""
         self.matched: str | None = None
 
@@ -64,7 +71,7 @@ class StopMatcher:
         if hits:
             at, self.matched = min(hits)
             self._held = ""
-            return pending[:at]
+            return pending[: at + len(self.matched) if self._keep else at]
         keep = self._partial_tail(pending)
         self._held = pending[len(pending) - keep :]
         return pending[: len(pending) - keep]
@@ -83,3 +90,30 @@ class StopMatcher:
                     longest = size
                     break
         return longest
+
+
+class ShownTokens:
+    """Which tokens the text let out so far shows, so each token's logprob goes with the delta
+    that shows its first character, and a token whose text begins at or after a stop string's
+    cut, or shows nothing at all (end of sequence), has none (docs/architecture.md)."""
+
+    def __init__(self) -> None:
+        self._written = 0  # characters decoded, before stop matching
+        self._shown = 0  # characters let out to the client
+        self._pending: deque[tuple[int, TokenLogprob]] = deque()  # (where its text starts, it)
+
+    def wrote(self, text: str, logprob: TokenLogprob | None = None) -> None:
+        """The detokenizer gave `text` for a token (`logprob`), or at the end for none."""
+        if logprob is not None:
+            self._pending.append((self._written, logprob))
+        self._written += len(text)
+
+    def show(self, text: str) -> tuple[TokenLogprob, ...]:
+        """`text` is let out: the logprobs of the tokens it begins to show, each with its
+        `offset`, where its text starts in the output."""
+        self._shown += len(text)
+        shown = []
+        while self._pending and self._pending[0][0] < self._shown:
+            start, logprob = self._pending.popleft()
+            shown.append(dataclasses.replace(logprob, offset=start))
+        return tuple(shown)

@@ -36,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cortex.neuron import kv_budget
 from cortex.neuron.decode_rows import DecodeRows
-from cortex.neuron.detokenizer import Detokenizer, StopMatcher
+from cortex.neuron.detokenizer import Detokenizer, ShownTokens, StopMatcher
 from cortex.neuron.devices import is_device_fault
 from cortex.neuron.generation import (
     Finished,
@@ -104,7 +104,7 @@ class _Active:
     pending: int = field(default=-1)  # last sampled token, fed at the next decode step
     order: int = 0  # admission order: the newest are preempted first
     matcher: Matcher | None = None  # its place in its grammar, if its output is constrained
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens whose text is pending
+    shown: ShownTokens = field(default_factory=ShownTokens)  # whose logprobs the text carries
 
 
 @dataclass(frozen=True)
@@ -376,7 +376,10 @@ class Engine:
             detokenizer=Detokenizer(self._tokenizer, seq.prompt_ids),
             # A grammar decides where constrained output ends: a stop string inside it would cut
             # the JSON short and call that a clean stop (docs/architecture.md).
-            stops=StopMatcher(seq.params.stop if seq.params.grammar is None else ()),
+            stops=StopMatcher(
+                seq.params.stop if seq.params.grammar is None else (),
+                keep=seq.params.include_stop,
+            ),
             order=self._admitted,
             matcher=seq.params.grammar.matcher() if seq.params.grammar is not None else None,
         )
@@ -481,8 +484,6 @@ class Engine:
         """Record a sampled token, emit the text it completes, finish the sequence if it ends."""
         seq = active.seq
         seq.output_ids.append(token)
-        if logprob is not None:
-            active.logprobs.append(logprob)
         active.pending = token
         count = len(seq.output_ids)
         if active.matcher is not None and (refused := active.matcher.advance(token)) is not None:
@@ -491,10 +492,12 @@ class Engine:
             return
         reason: Literal["stop", "length"] | None = None
         text = ""
-        if token in self._eos:
+        if self._ends(active, token, count):
             reason = "stop"
         else:
-            text = active.stops.feed(active.detokenizer.add(token))
+            written = active.detokenizer.add(token)
+            active.shown.wrote(written, logprob)
+            text = active.stops.feed(written)
             if active.stops.matched is not None or (active.matcher and active.matcher.done):
                 reason = "stop"
         if reason is None and (
@@ -503,17 +506,23 @@ class Engine:
         ):
             reason = "length"
         if reason is not None and active.stops.matched is None:
-            text += active.stops.feed(active.detokenizer.flush())
+            rest = active.detokenizer.flush()
+            active.shown.wrote(rest)
+            text += active.stops.feed(rest)
             text += active.stops.flush()
             if active.stops.matched is not None:
                 reason = "stop"
         if text:
-            if token in self._eos:
-                active.logprobs = active.logprobs[:-1]  # it ended the text, it shows none
-            seq.emit(TextDelta(text, count, seq.cached_tokens, tuple(active.logprobs)))
-            active.logprobs = []
+            seq.emit(TextDelta(text, count, seq.cached_tokens, active.shown.show(text)))
         if reason is not None:
             self._finish(active, reason)
+
+    def _ends(self, active: _Active, token: int, count: int) -> bool:
+        """Whether `token`, the count-th, ends the output as end of sequence does (its text not
+        shown): EOS unless ignore_eos, or a stop_token_ids id; neither before min_tokens."""
+        params = active.seq.params
+        ends = not params.ignore_eos if token in self._eos else token in params.stop_token_ids
+        return ends and count > params.min_tokens
 
     def _finish(self, active: _Active, reason: Literal["stop", "length", "cancelled"]) -> None:
         self._keep_prefix(active)

@@ -44,6 +44,12 @@ class SamplingParams:
     logprobs: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # vLLM's: end-of-sequence and stop_token_ids end nothing before min_tokens; ignore_eos: EOS
+    # never ends; stop_token_ids end as EOS does; include_stop: the matched stop string is kept.
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop: bool = False
     # The output must follow this grammar (structured output, forced tool calls): grammar.py.
     grammar: CompiledGrammar | None = None
 
@@ -56,6 +62,7 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
+    offset: int = 0  # where its text starts in the output text, in characters
 
 
 @dataclass(frozen=True)

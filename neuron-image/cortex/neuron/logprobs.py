@@ -42,12 +42,11 @@ def chat_logprobs(tokens: Tokens, logprobs: Sequence[TokenLogprob]) -> ChoiceLog
 def completion_logprobs(
     tokens: Tokens, logprobs: Sequence[TokenLogprob], offset: int, alternatives: int
 ) -> CompletionLogprobs:
-    """`offset`: where the first token's text starts in the choice's text (after any echo)."""
+    """`offset`: where the output starts in the choice's text (after any echo). A token's own
+    offset is where its text starts in the output as released, not a sum of token texts: part
+    of a character is named U+FFFD, but only the whole character is in the text."""
     texts = [tokens.token_text(lp.token) for lp in logprobs]
-    starts = []
-    for text in texts:
-        starts.append(offset)
-        offset += len(text)
+    starts = [offset + lp.offset for lp in logprobs]
     top = [{tokens.token_text(token): value for token, value in lp.top} for lp in logprobs]
     return CompletionLogprobs(
         tokens=texts,

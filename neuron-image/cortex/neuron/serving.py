@@ -124,6 +124,10 @@ def sampling(
         logprobs=logprobs,
         seed=body.seed,
         stop=tuple(body.stop_list()),
+        min_tokens=body.min_tokens or 0,
+        ignore_eos=bool(body.ignore_eos),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        include_stop=bool(body.include_stop_str_in_output),
     )
 
 

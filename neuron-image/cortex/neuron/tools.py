@@ -275,6 +275,57 @@ class ToolCallStream:
         out.append(call)
 
 
+_NAMED, _ARGUMENTS = '{"name": ', ', "arguments": '
+
+
+def forced_calls(text: str, tool_names: set[str]) -> list[ParsedToolCall]:
+    """The calls of a forced answer (constraints.tool_call_grammar's blocks), which the token
+    limit may have cut anywhere. Complete calls read as parse_tool_calls reads them; a cut one
+    keeps its name (the one of `tool_names` its start can still be) and the arguments text it
+    got, valid JSON or not, as OpenAI returns a call cut by `length`."""
+    calls: list[ParsedToolCall] = []
+    for block in text.split(OPEN)[1:]:
+        body = block.split(CLOSE)[0].removeprefix("\n")
+        rest = body.removeprefix("[")
+        while True:
+            call, rest = _cut_call(rest, tool_names)
+            if call is None:
+                break
+            calls.append(call)
+            if not rest.startswith(", "):
+                break
+            rest = rest[2:]
+    return calls
+
+
+def _cut_call(text: str, tool_names: set[str]) -> tuple[ParsedToolCall | None, str]:
+    """The call `text` opens (`{"name": ..., "arguments": ...}`, possibly cut) and what follows."""
+    if not _NAMED.startswith(text[: len(_NAMED)]):
+        return None, text
+    after = text[len(_NAMED) :]
+    try:
+        name, end = _DECODER.raw_decode(after)
+    except ValueError:  # cut inside the name: the one forced tool it may still be
+        start = after[1:]
+        named = [n for n in tool_names if n.startswith(start)]
+        return (ParsedToolCall(new_call_id(), named[0], "") if len(named) == 1 else None), ""
+    if name not in tool_names:
+        return None, text
+    rest = after[end:]
+    if not rest.startswith(_ARGUMENTS):
+        return ParsedToolCall(new_call_id(), name, ""), ""
+    arguments = rest[len(_ARGUMENTS) :]
+    try:
+        value, end = _DECODER.raw_decode(arguments)
+    except ValueError:
+        return ParsedToolCall(new_call_id(), name, arguments), ""
+    if not isinstance(value, dict):
+        return None, text
+    return ParsedToolCall(new_call_id(), name, _arguments_text(value)), arguments[
+        end:
+    ].removeprefix("}")
+
+
 def parse_tool_calls(text: str, tool_names: set[str] | None = None) -> ParsedOutput:
     """Split complete model output into content and tool calls (content None if only calls)."""
     stream = ToolCallStream(tool_names)

@@ -598,6 +598,8 @@ def test_text_and_tool_use_response() -> None:
     [
         ("stop", {}, ("end_turn", None)),
         ("length", {}, ("max_tokens", None)),
+        # the neuron's word that the context window filled (a max_tokens clamped to it)
+        ("length", {"context_window_exceeded": True}, ("model_context_window_exceeded", None)),
         ("content_filter", {}, ("refusal", None)),
         ("stop", {"stop_reason": "END"}, ("stop_sequence", "END")),
         ("stop", {"matched_stop": "\n\nHuman:"}, ("stop_sequence", "\n\nHuman:")),
@@ -751,6 +753,12 @@ def test_stop_sequence_reported_in_stream() -> None:
 def test_length_finish_in_stream() -> None:
     events = translate_stream(simple_request(stream=True), [chunk("abc"), chunk(finish="length")])
     assert stream_final(events).stop_reason == "max_tokens"
+
+
+def test_a_full_context_window_in_stream() -> None:
+    full = chunk(finish="length", context_window_exceeded=True)
+    events = translate_stream(simple_request(stream=True), [chunk("abc"), full])
+    assert stream_final(events).stop_reason == "model_context_window_exceeded"
 
 
 def test_empty_stream_has_no_blocks() -> None:

@@ -148,10 +148,32 @@ class SamplingFields(_Open):
     # What a torch generator takes (a negative seed is the same as its value modulo 2**64).
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
+    # vLLM's extensions, honoured by the engine (docs/architecture.md, "Request flow (neuron)").
+    min_tokens: int | None = Field(
+        default=None, ge=0, description="no end of sequence or stop token before this many tokens"
+    )
+    ignore_eos: StrictBool | None = Field(
+        default=None, description="the end-of-sequence token does not end the output"
+    )
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, description="token ids that end the output, as end of sequence does"
+    )
+    include_stop_str_in_output: StrictBool | None = Field(
+        default=None, description="the stop string that ended the output is kept in its text"
+    )
+    # vLLM's min_p would be one more filter in the engine's vectorised sampling: refused.
+    min_p: float | None = None
     n: int | None = Field(default=None, ge=1, le=1, description="only n=1 is served")
     stream: Stream = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("min_p")
+    @classmethod
+    def _no_min_p(cls, given: float | None) -> float | None:
+        if given:  # 0 is vLLM's "off"
+            raise PydanticCustomError("unsupported", "min_p is not supported by cortex")
+        return given
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -343,6 +365,11 @@ class CompletionLogprobs(_Open):
     token_logprobs: list[float] = Field(default_factory=list)
     top_logprobs: list[dict[str, float]] | None = None
     text_offset: list[int] = Field(default_factory=list)
+
+
+# A choice's extra field, true when its `length` finish came from the context window being
+# full rather than max_tokens (Anthropic's `model_context_window_exceeded`).
+CONTEXT_FULL = "context_window_exceeded"
 
 
 class ChatChoice(_Open):

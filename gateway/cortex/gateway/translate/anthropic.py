@@ -22,6 +22,7 @@ from typing import Any
 
 from cortex.core.errors import InvalidRequest
 from cortex.core.protocol.openai import (
+    CONTEXT_FULL,
     ChatCompletion,
     ChatCompletionRequest,
     ChatMessage,
@@ -328,14 +329,17 @@ def stop_reason_for(
     req: MessagesRequest,
 ) -> tuple[StopReason, str | None]:
     """Anthropic's stop_reason (and matched stop sequence) for an OpenAI finish. A cut answer is
-    `max_tokens` even when it holds complete tool calls, as the API reports it."""
+    `max_tokens` even when it holds complete tool calls, as the API reports it, or
+    `model_context_window_exceeded` when the neuron says the context was full (its choice's
+    `context_window_exceeded`, docs/architecture.md "Completion limits")."""
+    extra = choice_extra or {}
     if finish_reason == "length":
-        return "max_tokens", None
+        full = extra.get(CONTEXT_FULL) is True
+        return ("model_context_window_exceeded" if full else "max_tokens"), None
     if used_tools or finish_reason == "tool_calls":
         return "tool_use", None
     if finish_reason == "content_filter":
         return "refusal", None
-    extra = choice_extra or {}
     for key in ("stop_reason", "matched_stop"):
         matched = extra.get(key)
         if isinstance(matched, str) and matched in (req.stop_sequences or []):

@@ -225,7 +225,14 @@ class CountTokensResponse(_Open):
 
 # ---- responses ------------------------------------------------------------------------------
 
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "refusal"]
+StopReason = Literal[
+    "end_turn",
+    "max_tokens",
+    "stop_sequence",
+    "tool_use",
+    "refusal",
+    "model_context_window_exceeded",
+]
 
 
 class TextOutput(_Open):
