@@ -166,3 +166,39 @@ async def test_a_stream_cut_after_its_first_token_is_charged_its_prompt(path: st
             await eventually(lambda: gw.ledger.reserved("carol") == 0)
             carol = gw.auth.authenticate(headers)
             assert 5000 <= gw.ledger.spent(carol, time.time()) < 5100
+
+
+async def test_a_responses_client_reads_the_neurons_refusals_in_its_own_field_names() -> None:
+    """The neuron names the chat request's fields (`messages.N...`, `max_tokens`); a Responses
+    client reads the fields it sent: the input item (its index where items and messages match
+    one to one, else just `input`), `instructions`, `max_output_tokens`."""
+    runtime = fake_runtime.FakeRuntime()
+    runtime.add(fake_runtime.FakeServed("tiny-chat"))
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}
+    turns: list[Any] = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": [{"type": "input_text", "text": "what is it?"}, image]},
+    ]
+    asked: list[tuple[dict[str, Any], str]] = [
+        ({"instructions": "Be brief.", "input": turns}, "input.2.content.1"),
+        ({"input": turns, "stream": True}, "input.2.content.1"),
+        # A reasoning item makes no message: the items no longer match the messages.
+        ({"input": [{"type": "reasoning", "summary": []}, *turns]}, "input"),
+        ({"input": "word " * 400}, "input"),
+        ({"input": "hi", "max_output_tokens": 40_000}, "max_output_tokens"),
+    ]
+    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
+        config = GatewayConfig.model_validate(
+            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
+        )
+        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
+            client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+            async with client:
+                for fields, param in asked:
+                    with pytest.raises(openai.BadRequestError) as refused:
+                        await client.responses.create(model="tiny-chat", **fields)
+                    said = refused.value.body
+                    assert isinstance(said, dict), said
+                    assert said["param"] == param, (fields, said)
+                    assert "messages" not in said["message"] and "max_tokens" not in said["message"]

@@ -17,10 +17,12 @@ Decisions a client can observe:
 
 from __future__ import annotations
 
+import copy
+import re
 import time
 from typing import Any, Literal
 
-from cortex.core.errors import InvalidRequest
+from cortex.core.errors import CortexError, InvalidRequest
 from cortex.core.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -251,6 +253,63 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
         keys = ("name", "schema", "strict", "description")
         return {"type": "json_schema", "json_schema": {k: fmt[k] for k in keys if k in fmt}}
     return None
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+# Fields of the chat request a neuron names in its errors, by their Responses names.
+_CHAT_FIELDS = (
+    ("response_format.json_schema", "text.format"),
+    ("response_format", "text.format"),
+    ("max_completion_tokens", "max_output_tokens"),
+    ("max_tokens", "max_output_tokens"),
+)
+
+
+def client_error(
+    err: CortexError, req: ResponsesRequest, chat: ChatCompletionRequest
+) -> CortexError:
+    """The neuron's error about `chat` in the field names of `req`, the request it came from:
+    its `param`, and the message where it quotes it."""
+    if err.param is None:
+        return err
+    param = client_param(err.param, req, chat)
+    if param == err.param:
+        return err
+    said = copy.copy(err)
+    said.param = param
+    quoted = re.compile(rf"(?<![\w.]){re.escape(err.param)}(?!\w|\.\w)")
+    said.message = quoted.sub(param, err.message)
+    return said
+
+
+def client_param(param: str, req: ResponsesRequest, chat: ChatCompletionRequest) -> str:
+    """A chat request's field path as the Responses request's: a message is the input item it
+    came from when items and messages match one to one, else `input` (or `instructions`)."""
+    for chat_name, name in _CHAT_FIELDS:
+        if param == chat_name or param.startswith(chat_name + "."):
+            return name + param.removeprefix(chat_name)
+    head, _, rest = param.partition(".")
+    if head != "messages":
+        return param
+    index, _, inner = rest.partition(".")
+    offset = 1 if req.instructions else 0
+    if not index.isdigit():
+        return "input"
+    if int(index) < offset:
+        return "instructions"
+    items = req.input
+    # No item makes two messages: as many messages as items means each made its own.
+    if isinstance(items, str) or len(chat.messages) != len(items) + offset:
+        return "input"
+    item, message = items[int(index) - offset], chat.messages[int(index)]
+    where = f"input.{int(index) - offset}"
+    parts = item.content if isinstance(item, MessageItem) else None
+    # A content part keeps its index when the message kept every part.
+    kept = isinstance(parts, list) and isinstance(message.content, list)
+    if inner.startswith("content.") and kept and len(message.content or []) == len(parts or []):
+        return f"{where}.{inner}"
+    return where
 
 
 # ---- response -------------------------------------------------------------------------------
