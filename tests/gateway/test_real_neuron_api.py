@@ -202,3 +202,38 @@ async def test_a_responses_client_reads_the_neurons_refusals_in_its_own_field_na
                     assert isinstance(said, dict), said
                     assert said["param"] == param, (fields, said)
                     assert "messages" not in said["message"] and "max_tokens" not in said["message"]
+
+
+async def test_responses_truncation_auto_drops_nothing_and_says_so() -> None:
+    """cortex drops no input items: an input that fits is answered as `truncation: "auto"` would
+    answer it (and says `auto`); one that does not fit is a 400 naming `truncation`, not the
+    neuron's plain overflow, which a client that asked for auto would not expect."""
+    runtime = fake_runtime.FakeRuntime()
+    runtime.add(fake_runtime.FakeServed("tiny-chat"))
+    long_input = [{"role": "user", "content": "word " * 40} for _ in range(10)]
+    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
+        config = GatewayConfig.model_validate(
+            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
+        )
+        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
+            client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+            async with client:
+                fits = await client.responses.create(
+                    model="tiny-chat", input="hi", truncation="auto"
+                )
+                assert fits.truncation == "auto" and fits.output_text == "Hello there!"
+                plain = await client.responses.create(model="tiny-chat", input="hi")
+                assert plain.truncation == "disabled"
+                for stream in (False, True):
+                    with pytest.raises(openai.BadRequestError) as refused:
+                        await client.responses.create(
+                            model="tiny-chat", input=long_input, truncation="auto", stream=stream
+                        )
+                    said = refused.value.body
+                    assert isinstance(said, dict) and said["param"] == "truncation", said
+                    assert said["code"] == "context_length_exceeded", said
+                    assert "truncation 'auto' is not supported" in said["message"], said
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await client.responses.create(model="tiny-chat", input="hi", truncation="x")  # type: ignore[arg-type]
+                said = refused.value.body
+                assert isinstance(said, dict) and said["param"] == "truncation", said

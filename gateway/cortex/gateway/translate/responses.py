@@ -1,6 +1,8 @@
 """OpenAI Responses <-> OpenAI chat: pure translation of requests, responses and stream events.
 
 Decisions a client can observe:
+- `truncation: "auto"` drops nothing: an input that fits is answered as auto would answer it
+  (`truncation` echoed), one that does not is a 400 naming `truncation`.
 - cortex stores no responses: what refers to stored state (`previous_response_id`,
   `conversation`, `prompt`, `background`, `item_reference` items) is refused (send the whole
   conversation); `store` is accepted and answered as false.
@@ -22,7 +24,7 @@ import re
 import time
 from typing import Any, Literal
 
-from cortex.core.errors import CortexError, InvalidRequest
+from cortex.core.errors import ContextLengthExceeded, CortexError, InvalidRequest
 from cortex.core.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -273,6 +275,19 @@ def client_error(
     its `param`, and the message where it quotes it."""
     if err.param is None:
         return err
+    if (
+        req.truncation == "auto"
+        and err.code == ContextLengthExceeded.code
+        and err.param == "messages"
+    ):
+        # What auto would have dropped items for: say that cortex does not, never just "too long".
+        said = copy.copy(err)
+        said.param = "truncation"
+        said.message = (
+            "truncation 'auto' is not supported: cortex drops no input items, and this input "
+            f"does not fit the model's context. {err.message}"
+        )
+        return said
     param = client_param(err.param, req, chat)
     if param == err.param:
         return err
@@ -379,6 +394,7 @@ def response_object(
         tool_choice=req.tool_choice or "auto",
         tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
         text=req.text or {"format": {"type": "text"}},
+        truncation=req.truncation or "disabled",
         user=req.user,
         **fields,
     )
