@@ -237,3 +237,61 @@ async def test_responses_truncation_auto_drops_nothing_and_says_so() -> None:
                     await client.responses.create(model="tiny-chat", input="hi", truncation="x")  # type: ignore[arg-type]
                 said = refused.value.body
                 assert isinstance(said, dict) and said["param"] == "truncation", said
+
+
+async def test_what_would_change_the_answer_is_refused_what_clients_send_by_default_is_not() -> (
+    None
+):
+    """Spoken output and web search cannot be made: a 400 naming the field, through the gateway
+    as from the neuron. The fields the SDKs and agents send by default are served."""
+    runtime = fake_runtime.FakeRuntime()
+    runtime.add(fake_runtime.FakeServed("tiny-chat"))
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"web_search_options": {}}, "web_search_options"),
+    ]
+    harmless: dict[str, Any] = {
+        "store": False,
+        "metadata": {"a": "b"},
+        "user": "u",
+        "service_tier": "auto",
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+    }
+    user = [{"role": "user", "content": "hi"}]
+    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
+        config = GatewayConfig.model_validate(
+            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
+        )
+        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
+            client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+            direct = openai.AsyncOpenAI(base_url=f"{neuron.url}/v1", api_key="x", max_retries=0)
+            async with client, direct:
+                for fields, param in refused:
+                    for to in (client, direct):
+                        with pytest.raises(openai.BadRequestError) as err:
+                            await to.chat.completions.create(
+                                model="tiny-chat", messages=user, extra_body=fields
+                            )
+                        said = err.value.body
+                        assert isinstance(said, dict) and said["param"] == param, said
+                served = await client.chat.completions.create(
+                    model="tiny-chat",
+                    messages=user,
+                    modalities=["text"],
+                    parallel_tool_calls=True,
+                    prediction={"type": "content", "content": "Hello"},
+                    reasoning_effort="low",
+                    **harmless,
+                )
+                assert served.choices[0].message.content == "Hello there!"
+                answered = await client.responses.create(
+                    model="tiny-chat",
+                    input="hi",
+                    parallel_tool_calls=True,
+                    include=["reasoning.encrypted_content"],
+                    reasoning={"effort": "medium", "summary": "auto"},
+                    **harmless,
+                )
+                assert answered.output_text == "Hello there!"
