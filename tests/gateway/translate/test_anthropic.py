@@ -22,6 +22,7 @@ from cortex.gateway.translate.anthropic import (
     ping,
     to_chat_request,
 )
+from cortex.gateway.translate.responses import to_chat_request as responses_chat_request
 from cortex.gateway.wire.anthropic import CountTokensRequest, MessagesRequest
 from cortex.gateway.wire.responses import ResponsesRequest
 
@@ -836,6 +837,7 @@ def test_the_neurons_keep_alive_is_a_comment_before_message_start_and_a_ping_aft
 
 
 def test_a_responses_stream_passes_the_keep_alive_as_a_comment() -> None:
-    stream = ResponsesStream(ResponsesRequest(model="m", input="hi", stream=True))
+    req = ResponsesRequest(model="m", input="hi", stream=True)
+    stream = ResponsesStream(req, responses_chat_request(req))
     stream.feed(b"", chunk("hi").model_dump())
     assert stream.feed(b": keep-alive\n\n", None) == [b": keep-alive\n\n"]
