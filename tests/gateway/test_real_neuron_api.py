@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -295,3 +296,32 @@ async def test_what_would_change_the_answer_is_refused_what_clients_send_by_defa
                     **harmless,
                 )
                 assert answered.output_text == "Hello there!"
+
+
+async def test_anthropic_max_tokens_0_is_refused_by_name() -> None:
+    """The anthropic SDK documents max_tokens 0 as "fill the prompt cache, generate nothing";
+    cortex does not serve it, and says so rather than calling 0 a wrong number."""
+    runtime = fake_runtime.FakeRuntime()
+    runtime.add(fake_runtime.FakeServed("tiny-chat"))
+    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
+        config = GatewayConfig.model_validate(
+            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
+        )
+        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
+            client = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="x", max_retries=0)
+            async with client:
+                with pytest.raises(anthropic.BadRequestError) as refused:
+                    await client.messages.create(
+                        model="tiny-chat",
+                        max_tokens=0,
+                        messages=[{"role": "user", "content": "hi"}],
+                    )
+                said = refused.value.body
+                assert isinstance(said, dict), said
+                assert "max_tokens 0 (filling the prompt cache" in said["error"]["message"], said
+                with pytest.raises(anthropic.BadRequestError):  # below 0 stays a wrong number
+                    await client.messages.create(
+                        model="tiny-chat",
+                        max_tokens=-1,
+                        messages=[{"role": "user", "content": "hi"}],
+                    )
