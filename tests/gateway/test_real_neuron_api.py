@@ -325,3 +325,31 @@ async def test_anthropic_max_tokens_0_is_refused_by_name() -> None:
                         max_tokens=-1,
                         messages=[{"role": "user", "content": "hi"}],
                     )
+
+
+async def test_anthropic_refuses_an_empty_user_turn_and_a_prefill_ending_in_whitespace() -> None:
+    """As Anthropic's API does, in its words: `content: ""` is no more a turn than `[]`, and a
+    prefill ending in a space would be continued from a token the model rarely ends on."""
+    runtime = fake_runtime.FakeRuntime()
+    runtime.add(fake_runtime.FakeServed("tiny-chat"))
+    asked: list[tuple[list[Any], str]] = [
+        ([{"role": "user", "content": ""}], "messages.0: all messages must have non-empty"),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, "}],
+            "messages: final assistant content cannot end with trailing whitespace",
+        ),
+    ]
+    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
+        config = GatewayConfig.model_validate(
+            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
+        )
+        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
+            client = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="x", max_retries=0)
+            async with client:
+                for messages, words in asked:
+                    with pytest.raises(anthropic.BadRequestError) as refused:
+                        await client.messages.create(
+                            model="tiny-chat", max_tokens=8, messages=messages
+                        )
+                    said = refused.value.body
+                    assert isinstance(said, dict) and said["error"]["message"].startswith(words)
