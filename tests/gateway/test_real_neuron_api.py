@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -166,3 +167,189 @@ async def test_a_stream_cut_after_its_first_token_is_charged_its_prompt(path: st
             await eventually(lambda: gw.ledger.reserved("carol") == 0)
             carol = gw.auth.authenticate(headers)
             assert 5000 <= gw.ledger.spent(carol, time.time()) < 5100
+
+
+async def test_a_responses_client_reads_the_neurons_refusals_in_its_own_field_names() -> None:
+    """The neuron names the chat request's fields (`messages.N...`, `max_tokens`); a Responses
+    client reads the fields it sent: the input item (its index where items and messages match
+    one to one, else just `input`), `instructions`, `max_output_tokens`."""
+    runtime = fake_runtime.FakeRuntime()
+    runtime.add(fake_runtime.FakeServed("tiny-chat"))
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}
+    turns: list[Any] = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": [{"type": "input_text", "text": "what is it?"}, image]},
+    ]
+    asked: list[tuple[dict[str, Any], str]] = [
+        ({"instructions": "Be brief.", "input": turns}, "input.2.content.1"),
+        ({"input": turns, "stream": True}, "input.2.content.1"),
+        # A reasoning item makes no message: the items no longer match the messages.
+        ({"input": [{"type": "reasoning", "summary": []}, *turns]}, "input"),
+        ({"input": "word " * 400}, "input"),
+        ({"input": "hi", "max_output_tokens": 40_000}, "max_output_tokens"),
+    ]
+    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
+        config = GatewayConfig.model_validate(
+            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
+        )
+        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
+            client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+            async with client:
+                for fields, param in asked:
+                    with pytest.raises(openai.BadRequestError) as refused:
+                        await client.responses.create(model="tiny-chat", **fields)
+                    said = refused.value.body
+                    assert isinstance(said, dict), said
+                    assert said["param"] == param, (fields, said)
+                    assert "messages" not in said["message"] and "max_tokens" not in said["message"]
+
+
+async def test_responses_truncation_auto_drops_nothing_and_says_so() -> None:
+    """cortex drops no input items: an input that fits is answered as `truncation: "auto"` would
+    answer it (and says `auto`); one that does not fit is a 400 naming `truncation`, not the
+    neuron's plain overflow, which a client that asked for auto would not expect."""
+    runtime = fake_runtime.FakeRuntime()
+    runtime.add(fake_runtime.FakeServed("tiny-chat"))
+    long_input = [{"role": "user", "content": "word " * 40} for _ in range(10)]
+    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
+        config = GatewayConfig.model_validate(
+            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
+        )
+        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
+            client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+            async with client:
+                fits = await client.responses.create(
+                    model="tiny-chat", input="hi", truncation="auto"
+                )
+                assert fits.truncation == "auto" and fits.output_text == "Hello there!"
+                plain = await client.responses.create(model="tiny-chat", input="hi")
+                assert plain.truncation == "disabled"
+                for stream in (False, True):
+                    with pytest.raises(openai.BadRequestError) as refused:
+                        await client.responses.create(
+                            model="tiny-chat", input=long_input, truncation="auto", stream=stream
+                        )
+                    said = refused.value.body
+                    assert isinstance(said, dict) and said["param"] == "truncation", said
+                    assert said["code"] == "context_length_exceeded", said
+                    assert "truncation 'auto' is not supported" in said["message"], said
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await client.responses.create(model="tiny-chat", input="hi", truncation="x")  # type: ignore[arg-type]
+                said = refused.value.body
+                assert isinstance(said, dict) and said["param"] == "truncation", said
+
+
+async def test_what_would_change_the_answer_is_refused_what_clients_send_by_default_is_not() -> (
+    None
+):
+    """Spoken output and web search cannot be made: a 400 naming the field, through the gateway
+    as from the neuron. The fields the SDKs and agents send by default are served."""
+    runtime = fake_runtime.FakeRuntime()
+    runtime.add(fake_runtime.FakeServed("tiny-chat"))
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"web_search_options": {}}, "web_search_options"),
+    ]
+    harmless: dict[str, Any] = {
+        "store": False,
+        "metadata": {"a": "b"},
+        "user": "u",
+        "service_tier": "auto",
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+    }
+    user = [{"role": "user", "content": "hi"}]
+    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
+        config = GatewayConfig.model_validate(
+            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
+        )
+        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
+            client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+            direct = openai.AsyncOpenAI(base_url=f"{neuron.url}/v1", api_key="x", max_retries=0)
+            async with client, direct:
+                for fields, param in refused:
+                    for to in (client, direct):
+                        with pytest.raises(openai.BadRequestError) as err:
+                            await to.chat.completions.create(
+                                model="tiny-chat", messages=user, extra_body=fields
+                            )
+                        said = err.value.body
+                        assert isinstance(said, dict) and said["param"] == param, said
+                served = await client.chat.completions.create(
+                    model="tiny-chat",
+                    messages=user,
+                    modalities=["text"],
+                    parallel_tool_calls=True,
+                    prediction={"type": "content", "content": "Hello"},
+                    reasoning_effort="low",
+                    **harmless,
+                )
+                assert served.choices[0].message.content == "Hello there!"
+                answered = await client.responses.create(
+                    model="tiny-chat",
+                    input="hi",
+                    parallel_tool_calls=True,
+                    include=["reasoning.encrypted_content"],
+                    reasoning={"effort": "medium", "summary": "auto"},
+                    **harmless,
+                )
+                assert answered.output_text == "Hello there!"
+
+
+async def test_anthropic_max_tokens_0_is_refused_by_name() -> None:
+    """The anthropic SDK documents max_tokens 0 as "fill the prompt cache, generate nothing";
+    cortex does not serve it, and says so rather than calling 0 a wrong number."""
+    runtime = fake_runtime.FakeRuntime()
+    runtime.add(fake_runtime.FakeServed("tiny-chat"))
+    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
+        config = GatewayConfig.model_validate(
+            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
+        )
+        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
+            client = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="x", max_retries=0)
+            async with client:
+                with pytest.raises(anthropic.BadRequestError) as refused:
+                    await client.messages.create(
+                        model="tiny-chat",
+                        max_tokens=0,
+                        messages=[{"role": "user", "content": "hi"}],
+                    )
+                said = refused.value.body
+                assert isinstance(said, dict), said
+                assert "max_tokens 0 (filling the prompt cache" in said["error"]["message"], said
+                with pytest.raises(anthropic.BadRequestError):  # below 0 stays a wrong number
+                    await client.messages.create(
+                        model="tiny-chat",
+                        max_tokens=-1,
+                        messages=[{"role": "user", "content": "hi"}],
+                    )
+
+
+async def test_anthropic_refuses_an_empty_user_turn_and_a_prefill_ending_in_whitespace() -> None:
+    """As Anthropic's API does, in its words: `content: ""` is no more a turn than `[]`, and a
+    prefill ending in a space would be continued from a token the model rarely ends on."""
+    runtime = fake_runtime.FakeRuntime()
+    runtime.add(fake_runtime.FakeServed("tiny-chat"))
+    asked: list[tuple[list[Any], str]] = [
+        ([{"role": "user", "content": ""}], "messages.0: all messages must have non-empty"),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, "}],
+            "messages: final assistant content cannot end with trailing whitespace",
+        ),
+    ]
+    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
+        config = GatewayConfig.model_validate(
+            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
+        )
+        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
+            client = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="x", max_retries=0)
+            async with client:
+                for messages, words in asked:
+                    with pytest.raises(anthropic.BadRequestError) as refused:
+                        await client.messages.create(
+                            model="tiny-chat", max_tokens=8, messages=messages
+                        )
+                    said = refused.value.body
+                    assert isinstance(said, dict) and said["error"]["message"].startswith(words)

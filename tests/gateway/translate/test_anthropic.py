@@ -22,6 +22,7 @@ from cortex.gateway.translate.anthropic import (
     ping,
     to_chat_request,
 )
+from cortex.gateway.translate.responses import to_chat_request as responses_chat_request
 from cortex.gateway.wire.anthropic import CountTokensRequest, MessagesRequest
 from cortex.gateway.wire.responses import ResponsesRequest
 
@@ -332,6 +333,45 @@ def test_a_last_user_turn_left_with_nothing_is_refused_not_taken_for_a_prefill(
     ]
     with pytest.raises(InvalidRequest, match="non-empty content"):
         to_chat_request(simple_request(messages=turns))
+
+
+USER_AGAIN = {"role": "user", "content": "and now?"}
+
+
+@pytest.mark.parametrize(
+    "turns",
+    [
+        [{"role": "user", "content": ""}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}, USER_AGAIN],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}, USER_AGAIN],
+    ],
+)
+def test_a_message_with_no_content_is_refused_in_anthropics_words(
+    turns: list[dict[str, Any]],
+) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        to_chat_request(simple_request(messages=turns))
+    n = next(i for i, turn in enumerate(turns) if not turn["content"])
+    assert refused.value.message == (
+        f"messages.{n}: all messages must have non-empty content except for the optional "
+        "final assistant message"
+    )
+
+
+@pytest.mark.parametrize("ending", [" ", "\n", "\t", "  "])
+def test_a_prefill_ending_in_whitespace_is_refused_in_anthropics_words(ending: str) -> None:
+    for content in (f"Sure{ending}", [{"type": "text", "text": f"Sure{ending}"}]):
+        turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]
+        with pytest.raises(InvalidRequest) as refused:
+            to_chat_request(simple_request(messages=turns))
+        assert refused.value.message == (
+            "messages: final assistant content cannot end with trailing whitespace"
+        )
+
+
+def test_an_empty_final_assistant_message_is_no_prefill_and_no_refusal() -> None:
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    assert to_chat_request(simple_request(messages=turns)).continue_final_message is None
 
 
 def test_search_results_reach_the_model_as_text() -> None:
@@ -844,6 +884,7 @@ def test_the_neurons_keep_alive_is_a_comment_before_message_start_and_a_ping_aft
 
 
 def test_a_responses_stream_passes_the_keep_alive_as_a_comment() -> None:
-    stream = ResponsesStream(ResponsesRequest(model="m", input="hi", stream=True))
+    req = ResponsesRequest(model="m", input="hi", stream=True)
+    stream = ResponsesStream(req, responses_chat_request(req))
     stream.feed(b"", chunk("hi").model_dump())
     assert stream.feed(b": keep-alive\n\n", None) == [b": keep-alive\n\n"]

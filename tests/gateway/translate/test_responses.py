@@ -11,10 +11,11 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from cortex.core.errors import InvalidRequest
+from cortex.core.errors import ContextLengthExceeded, InvalidRequest
 from cortex.core.protocol.openai import ChatCompletion, ChatCompletionChunk
 from cortex.gateway.translate.responses import (
     ResponsesStreamTranslator,
+    client_error,
     encode_sse,
     from_chat_response,
     to_chat_request,
@@ -536,3 +537,39 @@ def test_encode_sse_frame() -> None:
     body = json.loads(data.removeprefix("data: "))
     assert body["sequence_number"] == 0 and body["response"]["status"] == "in_progress"
     assert body["response"]["created_at"] == 9
+
+
+@pytest.mark.parametrize(
+    ("neuron_param", "client_param"),
+    [
+        ("messages", "input"),
+        ("messages.0", "instructions"),
+        ("messages.2.content.1", "input.1.content.1"),
+        ("messages.3", "input.2"),
+        ("max_tokens", "max_output_tokens"),
+        ("response_format.json_schema.schema", "text.format.schema"),
+        ("tool_choice", "tool_choice"),
+    ],
+)
+def test_the_neurons_error_names_the_responses_fields(neuron_param: str, client_param: str) -> None:
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}
+    req = simple_request(
+        instructions="Be brief.",
+        input=[
+            {"role": "user", "content": "hi"},
+            {"role": "user", "content": [{"type": "input_text", "text": "this?"}, image]},
+            {"type": "function_call_output", "call_id": "c1", "output": "done"},
+        ],
+    )
+    err = InvalidRequest(f"{neuron_param}: not this", param=neuron_param)
+    said = client_error(err, req, to_chat_request(req))
+    assert (said.param, said.message) == (client_param, f"{client_param}: not this")
+    assert type(said) is InvalidRequest and err.param == neuron_param  # the neuron's, untouched
+
+
+def test_an_input_item_that_makes_no_message_leaves_the_index_out() -> None:
+    req = simple_request(
+        input=[{"type": "reasoning", "summary": []}, {"role": "user", "content": "hi"}]
+    )
+    err = ContextLengthExceeded("too long", param="messages.0")
+    assert client_error(err, req, to_chat_request(req)).param == "input"

@@ -199,6 +199,36 @@ class ChatCompletionRequest(SamplingFields):
     # tool_calls would go unread by a client that asked this way, and ignoring them is silent.
     functions: Any = None
     function_call: Any = None
+    # Spoken output and OpenAI's web search: refused, since the answer would lack them in
+    # silence. `prediction` is accepted: it speeds an answer up, and without it the answer is
+    # the same (docs/architecture.md, "Bad input").
+    modalities: list[str] | None = None
+    audio: Any = None
+    web_search_options: Any = None
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_out(cls, modalities: list[str] | None) -> list[str] | None:
+        other = [m for m in modalities or [] if m != "text"]
+        if other:
+            raise PydanticCustomError(
+                "unsupported",
+                "modalities {other} are not supported: cortex answers in text only",
+                {"other": ", ".join(other)},
+            )
+        return modalities
+
+    @field_validator("audio", "web_search_options")
+    @classmethod
+    def _not_served(cls, given: Any, info: ValidationInfo) -> Any:
+        if given is not None:
+            why = {
+                "audio": "audio output is not supported: cortex answers in text only",
+                "web_search_options": "web search is not supported: cortex runs no tools; offer "
+                "a function tool instead",
+            }
+            raise PydanticCustomError("unsupported", why[info.field_name or ""])
+        return given
 
     @field_validator("functions", "function_call")
     @classmethod

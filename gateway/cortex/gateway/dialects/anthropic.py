@@ -99,6 +99,9 @@ class CountTokens:
     def reply_stream(self) -> ReplyStream:
         raise NotImplementedError("count_tokens never streams")
 
+    def client_error(self, err: CortexError) -> CortexError:
+        return err  # Anthropic's envelope names no field
+
 
 class AnthropicDialect:
     surface: Surface = "anthropic"

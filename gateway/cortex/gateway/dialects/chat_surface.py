@@ -10,6 +10,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel
 
+from cortex.core.errors import CortexError
 from cortex.core.protocol.openai import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -92,3 +93,6 @@ class ChatBacked(Generic[R]):
 
     def reply_stream(self) -> ReplyStream:
         raise NotImplementedError
+
+    def client_error(self, err: CortexError) -> CortexError:
+        return err  # Anthropic's envelope names no field

@@ -113,6 +113,11 @@ class ClientRequest(Protocol):
         """A fresh stream translator; only asked of a request that streams."""
         ...
 
+    def client_error(self, err: CortexError) -> CortexError:
+        """`err` as the client's surface names it: a neuron names the fields of the chat request
+        it was sent, which a translated surface knows by other names."""
+        ...
+
 
 class Dialect(Protocol):
     """One API surface: OpenAI chat, completions, embeddings, Anthropic messages, Responses."""

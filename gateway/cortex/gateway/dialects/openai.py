@@ -143,6 +143,9 @@ class Forwarded:
     def reply_stream(self) -> ReplyStream:
         return PassThrough(self.include_usage, self.continuous_usage)
 
+    def client_error(self, err: CortexError) -> CortexError:
+        return err  # the neuron was asked what the client sent
+
 
 def _wants_usage(options: StreamOptions | None) -> tuple[bool, bool]:
     """Whether the client asked for the usage chunk, and for the usage so far on every chunk."""

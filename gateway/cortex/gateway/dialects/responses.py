@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from cortex.core.errors import CortexError
 from cortex.core.protocol.errors import openai_error
-from cortex.core.protocol.openai import ChatCompletion
+from cortex.core.protocol.openai import ChatCompletion, ChatCompletionRequest
 from cortex.gateway.dialects.chat_surface import ChatBacked, TranslatedStream
 from cortex.gateway.dialects.dialect import (
     ClientRequest,
@@ -23,6 +23,7 @@ from cortex.gateway.dialects.dialect import (
 from cortex.gateway.dialects.openai import KEEPALIVE
 from cortex.gateway.translate.responses import (
     ResponsesStreamTranslator,
+    client_error,
     encode_sse,
     from_chat_response,
     to_chat_request,
@@ -33,13 +34,15 @@ from cortex.gateway.wire.responses import ResponsesEvent, ResponsesRequest
 class ResponsesStream(TranslatedStream[ResponsesEvent]):
     """The neuron's chat stream as Responses events."""
 
-    def __init__(self, req: ResponsesRequest) -> None:
+    def __init__(self, req: ResponsesRequest, chat: ChatCompletionRequest) -> None:
         response_id = f"resp_{uuid.uuid4().hex[:24]}"
+        self._req, self._chat = req, chat
         self._events = ResponsesStreamTranslator(req, response_id, int(time.time()))
         super().__init__(self._events, encode_sse, KEEPALIVE)
 
     def fail(self, err: CortexError) -> list[bytes]:
         # response.created first when the stream fails before it began (a failed cold load).
+        err = client_error(err, self._req, self._chat)
         failed = self._events.error(err.message, err.code, err.status)
         return self.frames([*self._events.start(), *failed])
 
@@ -51,7 +54,10 @@ class Responses(ChatBacked[ResponsesRequest]):
         return from_chat_response(completion, self.req)
 
     def reply_stream(self) -> ReplyStream:
-        return ResponsesStream(self.req)
+        return ResponsesStream(self.req, self.chat)
+
+    def client_error(self, err: CortexError) -> CortexError:
+        return client_error(err, self.req, self.chat)
 
 
 class ResponsesDialect:

@@ -181,7 +181,7 @@ class Proxy:
                 body, outcome.answered = asked.answer(reply.body)
                 last = _answer(body, reply, exchange.reported)
         except Exception as exc:
-            err = outcome.error = unexpected(exc, scope.get("path", "?"))
+            err = outcome.error = asked.client_error(unexpected(exc, scope.get("path", "?")))
             # After a stream's start nothing more can be said: the server closes the connection.
             last = _nothing if outcome.started else _error_response(dialect, err)
         except asyncio.CancelledError:

@@ -5,8 +5,10 @@ Decisions a client can observe:
   `input_schema`) and blocks of history cortex cannot serve; images become OpenAI `image_url`
   parts, which a neuron refuses (400) for a text-only model. Search results (in a user message
   or a tool result) become text headed by their title and source. User content cortex cannot
-  send (documents, images in tool results) is a 400, never dropped in silence, and so is a user
-  message left with nothing (as Anthropic answers: a prefill is only ever the client's own).
+  send (documents, images in tool results) is a 400, never dropped in silence. As Anthropic
+  answers, in its words: a message with no content (`""` or `[]`) but a final assistant one, a
+  user message left with nothing (a prefill is only ever the client's own), and a final
+  assistant prefill that ends in whitespace.
 - Tool arguments that are not a JSON object come back as `{"_raw": "<text>"}` (see toolcalls).
 - `stop_sequence`: the neuron stops *before* the stop string, so the text cannot show which one
   ended generation. cortex reports `stop_sequence` when the upstream choice names the matched
@@ -70,11 +72,17 @@ from cortex.gateway.wire.anthropic import (
 
 # ---- request --------------------------------------------------------------------------------
 
+# Anthropic's words for a message with no content.
+_EMPTY = "all messages must have non-empty content except for the optional final assistant message"
+
 
 def to_chat_request(req: Conversation) -> ChatCompletionRequest:
     """A messages (or count_tokens) request as the OpenAI chat request a neuron serves."""
     messages = _system_messages(req.system)
-    for message in req.messages:
+    for n, message in enumerate(req.messages):
+        prefill_room = message.role == "assistant" and n == len(req.messages) - 1
+        if not message.content and message.role != "system" and not prefill_room:
+            raise InvalidRequest(f"messages.{n}: {_EMPTY}", param=f"messages.{n}")
         messages.extend(_chat_messages(message))
     if not messages:
         raise InvalidRequest(
@@ -110,6 +118,12 @@ def to_chat_request(req: Conversation) -> ChatCompletionRequest:
     # A last assistant message is a prefill: the reply continues it (Anthropic's semantics).
     prefill = req.messages[-1].role == "assistant" and last.role == "assistant"
     prefill = prefill and not last.tool_calls and bool(last.text())
+    if prefill and last.text() != last.text().rstrip():
+        # Anthropic refuses it too: a reply continuing after a space starts its next token oddly.
+        raise InvalidRequest(
+            "messages: final assistant content cannot end with trailing whitespace",
+            param="messages",
+        )
     mode = _tool_choice(choice) if tools and choice else None
     if prefill and not isinstance(req, MessagesRequest) and mode not in (None, "auto", "none"):
         # A count generates nothing: no grammar, so nothing against a forced call after a
@@ -172,11 +186,7 @@ def _chat_messages(message: InputMessage) -> list[ChatMessage]:
         return _assistant_message(message)
     said = _user_messages(message)
     if not said:  # as Anthropic answers; else the turn before would be taken for a prefill
-        raise InvalidRequest(
-            "messages: all messages must have non-empty content except for the optional final "
-            "assistant message",
-            param="messages",
-        )
+        raise InvalidRequest(f"messages: {_EMPTY}", param="messages")
     return said
 
 

@@ -1,6 +1,8 @@
 """OpenAI Responses <-> OpenAI chat: pure translation of requests, responses and stream events.
 
 Decisions a client can observe:
+- `truncation: "auto"` drops nothing: an input that fits is answered as auto would answer it
+  (`truncation` echoed), one that does not is a 400 naming `truncation`.
 - cortex stores no responses: what refers to stored state (`previous_response_id`,
   `conversation`, `prompt`, `background`, `item_reference` items) is refused (send the whole
   conversation); `store` is accepted and answered as false.
@@ -17,10 +19,12 @@ Decisions a client can observe:
 
 from __future__ import annotations
 
+import copy
+import re
 import time
 from typing import Any, Literal
 
-from cortex.core.errors import InvalidRequest
+from cortex.core.errors import ContextLengthExceeded, CortexError, InvalidRequest
 from cortex.core.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -253,6 +257,76 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
+# ---- errors ---------------------------------------------------------------------------------
+
+# Fields of the chat request a neuron names in its errors, by their Responses names.
+_CHAT_FIELDS = (
+    ("response_format.json_schema", "text.format"),
+    ("response_format", "text.format"),
+    ("max_completion_tokens", "max_output_tokens"),
+    ("max_tokens", "max_output_tokens"),
+)
+
+
+def client_error(
+    err: CortexError, req: ResponsesRequest, chat: ChatCompletionRequest
+) -> CortexError:
+    """The neuron's error about `chat` in the field names of `req`, the request it came from:
+    its `param`, and the message where it quotes it."""
+    if err.param is None:
+        return err
+    if (
+        req.truncation == "auto"
+        and err.code == ContextLengthExceeded.code
+        and err.param == "messages"
+    ):
+        # What auto would have dropped items for: say that cortex does not, never just "too long".
+        said = copy.copy(err)
+        said.param = "truncation"
+        said.message = (
+            "truncation 'auto' is not supported: cortex drops no input items, and this input "
+            f"does not fit the model's context. {err.message}"
+        )
+        return said
+    param = client_param(err.param, req, chat)
+    if param == err.param:
+        return err
+    said = copy.copy(err)
+    said.param = param
+    quoted = re.compile(rf"(?<![\w.]){re.escape(err.param)}(?!\w|\.\w)")
+    said.message = quoted.sub(param, err.message)
+    return said
+
+
+def client_param(param: str, req: ResponsesRequest, chat: ChatCompletionRequest) -> str:
+    """A chat request's field path as the Responses request's: a message is the input item it
+    came from when items and messages match one to one, else `input` (or `instructions`)."""
+    for chat_name, name in _CHAT_FIELDS:
+        if param == chat_name or param.startswith(chat_name + "."):
+            return name + param.removeprefix(chat_name)
+    head, _, rest = param.partition(".")
+    if head != "messages":
+        return param
+    index, _, inner = rest.partition(".")
+    offset = 1 if req.instructions else 0
+    if not index.isdigit():
+        return "input"
+    if int(index) < offset:
+        return "instructions"
+    items = req.input
+    # No item makes two messages: as many messages as items means each made its own.
+    if isinstance(items, str) or len(chat.messages) != len(items) + offset:
+        return "input"
+    item, message = items[int(index) - offset], chat.messages[int(index)]
+    where = f"input.{int(index) - offset}"
+    parts = item.content if isinstance(item, MessageItem) else None
+    # A content part keeps its index when the message kept every part.
+    kept = isinstance(parts, list) and isinstance(message.content, list)
+    if inner.startswith("content.") and kept and len(message.content or []) == len(parts or []):
+        return f"{where}.{inner}"
+    return where
+
+
 # ---- response -------------------------------------------------------------------------------
 
 
@@ -320,6 +394,7 @@ def response_object(
         tool_choice=req.tool_choice or "auto",
         tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
         text=req.text or {"format": {"type": "text"}},
+        truncation=req.truncation or "disabled",
         user=req.user,
         **fields,
     )

@@ -19,6 +19,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from cortex.core.protocol.openai import check_tool_choice
 
@@ -203,7 +204,7 @@ class Conversation(_Open):
 class MessagesRequest(Conversation):
     """POST /v1/messages."""
 
-    max_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=0)
     stop_sequences: list[str] | None = None
     stream: StrictBool = False
     temperature: float | None = Field(default=None, ge=0, le=1)
@@ -213,6 +214,19 @@ class MessagesRequest(Conversation):
     output_config: OutputConfig | None = None
     # The structured-outputs beta's name for `output_config.format` (Pydantic AI's NativeOutput).
     output_format: dict[str, Any] | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _generates(cls, max_tokens: int) -> int:
+        """0 asks Anthropic to fill its prompt cache and generate nothing; cortex's prefix cache
+        is filled by a request that generates, so 0 is refused by name, not as a wrong type."""
+        if max_tokens == 0:
+            raise PydanticCustomError(
+                "unsupported",
+                "max_tokens 0 (filling the prompt cache without generating) is not supported: "
+                "ask for at least 1 token",
+            )
+        return max_tokens
 
 
 class CountTokensRequest(Conversation):

@@ -130,6 +130,9 @@ class ResponsesRequest(_Open):
     text: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
     store: StrictBool | None = None
+    # "auto": drop input items to fit the context. cortex drops none: an input that does not fit
+    # is refused naming this field (translate/responses.py, client_error).
+    truncation: Literal["auto", "disabled"] | None = None
     # State kept on OpenAI's servers, which cortex does not keep: refused when set.
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
@@ -244,6 +247,7 @@ class ResponseObject(_Open):
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
     previous_response_id: str | None = None
     store: bool = False
+    truncation: Literal["auto", "disabled"] = "disabled"
     user: str | None = None
     usage: ResponseUsage | None = None
 
