@@ -347,6 +347,32 @@ async def test_a_lost_neuron_s_replica_is_rescheduled(kube: Kube, operator: Oper
         assert "Unreachable" in {e["reason"] for e in kube.events("big")}
 
 
+async def test_a_neuron_back_keeps_its_ready_replica_and_the_replacement_load_goes(
+    kube: Kube, operator: Operator
+) -> None:
+    back = FakeNeuron("back", available={"chat": GiB}, loaded={"chat": GiB})
+    spare = FakeNeuron("spare", available={"chat": GiB})
+    spare.faults.load_gate = asyncio.Event()  # a large model: the replacement takes a while
+    async with running(back.app) as first, running(spare.app) as second, operator():
+        await kube.create(NEURONS, neuron("back", first.url))
+        await kube.create(NEURONS, neuron("spare", second.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        blip = back.faults.status_gate = asyncio.Event()  # misses its probes for a moment
+        await until(lambda: spare.loads, "the replacement load on spare")
+        back.faults.status_gate = None
+        blip.set()
+        # Above replicas.max: the loading replica goes (its load cancelled), the ready one stays.
+        await until(lambda: spare.unloads == ["chat"], "the replacement load to be unloaded")
+        await until(
+            lambda: [r["neuron"] for r in kube.status(PLACEMENTS, "chat")["replicas"]] == ["back"],
+            "the replica on back alone in the status",
+        )
+        assert phase(kube, "chat") == "Ready"
+        assert back.unloads == [] and "chat" in back.models
+        assert "LoadFailed" not in {e["reason"] for e in kube.events("chat")}
+
+
 async def test_a_draining_neuron_is_not_ready_and_its_replica_moves(
     kube: Kube, operator: Operator
 ) -> None:

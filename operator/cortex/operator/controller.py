@@ -66,6 +66,8 @@ class Controller:
         self.identity = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         self.probes: dict[Key, Probe] = {}
         self.pending: dict[tuple[str, str, str], PendingLoad] = {}  # (namespace, model, neuron)
+        # Pending loads this process unloaded: the neuron cancels them, which is no failure.
+        self.cancelled: set[tuple[str, str, str]] = set()
         self.failures: dict[Key, LoadFailure] = {}  # (namespace, placement)
         self.unloaded: dict[Key, Unloaded] = {}
         self.aliases: dict[Key, str] = {}  # (namespace, spec.model) -> the id it loaded as
@@ -230,6 +232,7 @@ class Controller:
         """Unload one replica and say so on its placement (or, unowned, on its neuron)."""
         subject = body_of(placement if placement is not None else neuron)
         kind: UnloadReason = "excess" if why else "idle" if action.reason == "idle" else "evict"
+        self._cancel_pending(namespace, action.model, neuron.metadata.name)
         try:
             await self.client(neuron.spec.endpoint or "").unload(action.model)
         except ModelNotFound:
@@ -253,6 +256,11 @@ class Controller:
             self.unloaded[(namespace, placement.metadata.name)] = record
         kopf.info(subject, reason="Unloaded" if why else reason, message=message)
         return True
+
+    def _cancel_pending(self, namespace: str, model: str, neuron: str) -> None:
+        """An unload about to be sent ends the load in flight there, if any: not a failure."""
+        if (namespace, model, neuron) in self.pending:
+            self.cancelled.add((namespace, model, neuron))
 
     def _start_load(
         self, namespace: str, placement: ModelPlacement, neuron: Neuron, action: Load, fleet: Fleet
@@ -289,6 +297,9 @@ class Controller:
             client = self.client(neuron.spec.endpoint or "")
             loaded = await asyncio.wait_for(client.load(request, timeout=limit), limit)
         except (CortexError, httpx.HTTPError, TimeoutError) as exc:
+            if (namespace, request.model, where) in self.cancelled:
+                log.info("load of %s on %s cancelled by an unload", request.model, where)
+                return
             self.metrics.loads.labels("failed").inc()
             before = self.failures.get((namespace, name))
             attempts = before.attempts + 1 if before is not None else 1
@@ -318,6 +329,7 @@ class Controller:
             with contextlib.suppress(Exception):
                 await self.probe(namespace, neuron)
             self.pending.pop((namespace, request.model, where), None)
+            self.cancelled.discard((namespace, request.model, where))
 
     # -- deletion
 

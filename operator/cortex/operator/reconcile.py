@@ -16,7 +16,15 @@ from typing import Literal, cast
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.fleet import ModelState
-from cortex.core.placement.model import Demand, Load, NeuronView, Plan, Policy, Unload
+from cortex.core.placement.model import (
+    Demand,
+    Load,
+    NeuronView,
+    Plan,
+    Policy,
+    ReplicaView,
+    Unload,
+)
 from cortex.core.placement.planner import plan
 from cortex.core.placement.snapshot import NeuronReport, Reservations, snapshot
 from cortex.core.resources import (
@@ -306,8 +314,9 @@ def _excess(
     planned: Plan,
 ) -> tuple[Unload, ...]:
     """The planner never adds beyond a minimum or one demanded replica, but a neuron that answers
-    again after its replica was placed elsewhere brings one more: above `replicas.max`, the
-    least recently used idle ready replicas go."""
+    again after its replica was placed elsewhere brings one more: above `replicas.max`, loading
+    replicas go first (the neuron's unload cancels the load; a ready replica keeps serving), then
+    the least recently used idle ready ones."""
     change: dict[str, int] = {}
     for action in planned.actions:
         change[action.model] = change.get(action.model, 0) + (1 if isinstance(action, Load) else -1)
@@ -317,15 +326,23 @@ def _excess(
         if over <= 0:
             continue
         leaving = {a.neuron for a in planned.actions if isinstance(a, Unload) and a.model == model}
-        idle = [
-            (r.last_used if r.last_used is not None else r.loaded_at or 0.0, view.name)
+        spare = [
+            (_unload_order(r), view.name)
             for view in views
             if view.healthy and view.name not in leaving
             for r in view.replicas
-            if r.model == model and r.state == ModelState.READY and r.in_flight == 0
+            if r.model == model
+            and (r.state == ModelState.LOADING or (r.state == ModelState.READY and not r.in_flight))
         ]
-        excess += [Unload(model, name, "evict") for _, name in sorted(idle)[:over]]
+        excess += [Unload(model, name, "evict") for _, name in sorted(spare)[:over]]
     return tuple(excess)
+
+
+def _unload_order(replica: ReplicaView) -> tuple[int, float]:
+    """Which spare replica goes first: a loading one, then the least recently used."""
+    if replica.state == ModelState.LOADING:
+        return (0, 0.0)
+    return (1, replica.last_used if replica.last_used is not None else replica.loaded_at or 0.0)
 
 
 # -- status of one placement
