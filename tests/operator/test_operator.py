@@ -479,6 +479,27 @@ async def test_a_failed_load_is_reported_and_backed_off(kube: Kube, operator: Op
         assert phase(kube, "broken") == "Failed"
 
 
+async def test_a_failing_placement_evicts_nothing_until_a_load_succeeds(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", memory=3 * GiB, available={"low": 2 * GiB})  # "high" never loads
+    async with running(fake.app) as served, operator(retry_backoff=0.5):
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("low", "low", resources={"memory": "2Gi"}))
+        await until(lambda: phase(kube, "low") == "Ready", "low to be Ready")
+        high = placement("high", "high", priority=10, resources={"memory": "2Gi"})
+        await kube.create(PLACEMENTS, high)
+        await until(lambda: phase(kube, "high") == "Failed", "high to be Failed")
+        # Its first attempt evicted low; past the backoff it waits for free room instead.
+        await until(
+            lambda: "evicts nothing" in kube.condition("high", "Scheduled").get("message", ""),
+            "high to wait for free room",
+        )
+        await until(lambda: phase(kube, "low") == "Ready", "low to be Ready again")
+        assert fake.unloads == ["low"]
+        assert loads_of(fake, "high") == 1
+
+
 async def test_a_neuron_pod_becomes_a_neuron_owned_by_it(kube: Kube, operator: Operator) -> None:
     fake = FakeNeuron("gpu-node-1")
     async with running(fake.app) as served, operator():

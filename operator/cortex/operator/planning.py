@@ -47,6 +47,7 @@ def plan_key(fleet: Fleet, now: float) -> PlanKey:
         },
         frozenset(fleet.pending.items()),
         backing_off(fleet, now),
+        frozenset(fleet.failures),  # a placement with a failed load evicts nothing
         frozenset(fleet.aliases.items()),
     )
 

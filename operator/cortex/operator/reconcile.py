@@ -266,8 +266,18 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
         for model, p in owners.items()
         if p.spec.neuron_selector.match_labels
     }
+    # A placement whose last load failed evicts nothing until a load succeeds: each retry would
+    # otherwise take a healthy replica's place and give it back when the load fails.
+    failing = {p.spec.model for p in owners.values() if p.metadata.name in fleet.failures}
     planned = plan(
-        views, catalogue, demand, POLICY, now, min_replicas=minimums, selectors=selectors
+        views,
+        catalogue,
+        demand,
+        POLICY,
+        now,
+        min_replicas=minimums,
+        selectors=selectors,
+        room_only=failing,
     )
     excess = _excess(views, everywhere, owners, planned)
     return FleetPlan(planned, views, blocked, excess)
