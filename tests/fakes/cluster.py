@@ -5,6 +5,7 @@ API server with strict field validation would."""
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -194,8 +195,9 @@ class CortexCluster(kmock.KubernetesEmulator):
 
     async def _handle(self, request: rendering.Request) -> Any:
         """Validate our CRDs' objects before the emulator stores them; reject like an API server.
-        Names from metadata.generateName (kopf names its Events that way), a uid and a
-        resourceVersion are given to new objects as an API server gives them (kopf's finalizer
+        Names from metadata.generateName (kopf names its Events that way), a uid, a
+        resourceVersion and a creationTimestamp (whole seconds) are given to new objects as an API
+        server gives them (kopf's finalizer
         patches test the resourceVersion). Unlike a server, writes keep the resourceVersion: kmock
         would answer a failed version test with a 500, which kopf retries unchanged."""
         if request.action == enums.action.CREATE and isinstance(request.data, dict):
@@ -203,6 +205,7 @@ class CortexCluster(kmock.KubernetesEmulator):
             meta = request.data.setdefault("metadata", {})
             meta.setdefault("resourceVersion", str(self.versions))
             meta.setdefault("uid", f"uid-{self.versions:06d}")
+            meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             if not meta.get("name") and meta.get("generateName"):
                 self.generated = getattr(self, "generated", 0) + 1
                 meta["name"] = f"{meta['generateName']}{self.generated:05d}"

@@ -226,6 +226,35 @@ async def test_deleting_a_placement_keeps_a_model_another_placement_places(
         assert loads_of(fake, "chat") == 1
 
 
+async def test_a_later_placement_of_a_placed_model_is_refused_whatever_its_name(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("zchat", "chat", pinned=True))
+        await until(lambda: phase(kube, "zchat") == "Ready", "zchat to be Ready")
+        # Created later, first by name, and it would unload an idle replica at once.
+        later = placement("achat", "chat", replicas={"min": 0, "max": 3}, idleTimeout="1s")
+        await kube.create(PLACEMENTS, later)
+        await until(lambda: phase(kube, "achat") == "Refused", "achat to be refused")
+        status = kube.status(PLACEMENTS, "achat")
+        assert status.get("replicas", []) == [] and status.get("readyReplicas", 0) == 0
+        for kind in ("Scheduled", "Loaded"):
+            condition = kube.condition("achat", kind)
+            assert (condition["status"], condition["reason"]) == ("False", "Duplicate")
+            assert condition["message"] == "model chat is placed by ModelPlacement zchat"
+        seen = {kube.status(NEURONS, "n1")["lastProbe"]}
+
+        def probed_again() -> bool:
+            seen.add(kube.status(NEURONS, "n1")["lastProbe"])
+            return len(seen) >= 3  # lastProbe has whole seconds: past achat's idleTimeout
+
+        await until(probed_again, "more probes of the neuron")
+        assert fake.unloads == []
+        assert phase(kube, "zchat") == "Ready"
+
+
 async def test_a_neuron_that_is_down_does_not_hold_a_deletion(
     kube: Kube, operator: Operator
 ) -> None:

@@ -24,7 +24,7 @@ DEMAND_ANNOTATION = f"{GROUP}/demand"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 NeuronPhase = Literal["Pending", "Ready", "Unreachable", "Cordoned"]
-PlacementPhase = Literal["Pending", "Loading", "Ready", "Degraded", "Idle", "Failed"]
+PlacementPhase = Literal["Pending", "Loading", "Ready", "Degraded", "Idle", "Failed", "Refused"]
 ReplicaState = Literal["loading", "ready", "unloading", "failed"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -59,6 +59,7 @@ class ObjectMeta(_Model):
     namespace: str | None = None
     uid: str | None = None
     generation: int | None = None
+    creation_timestamp: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
     deletion_timestamp: str | None = None

@@ -104,18 +104,29 @@ class Fleet:
 
     def owner(self, model: str) -> str | None:
         """The name of the placement that places `model`, without sorting them all."""
-        return min(
-            (p.metadata.name for p in self.placements if p.spec.model == model), default=None
+        first = min(
+            (p for p in self.placements if p.spec.model == model), key=seniority, default=None
         )
+        return first.metadata.name if first is not None else None
 
     @cached_property
     def owners(self) -> dict[str, ModelPlacement]:
-        """model -> the placement that places it (the first by name when two name one model);
-        computed once per snapshot."""
+        """model -> the placement that places it (the oldest when two name one model); computed
+        once per snapshot."""
         owners: dict[str, ModelPlacement] = {}
-        for placement in sorted(self.placements, key=lambda p: p.metadata.name):
+        for placement in sorted(self.placements, key=seniority):
             owners.setdefault(placement.spec.model, placement)
         return owners
+
+
+def seniority(placement: ModelPlacement) -> tuple[float, bool, str]:
+    """Of two placements of one model the first created places it, so a later one never takes
+    it over. creationTimestamp has whole seconds: in a tie the one already placing it (a status
+    that is not Refused) stays, then the first by name."""
+    created = placement.metadata.creation_timestamp
+    status = placement.status
+    newcomer = status is None or status.phase == "Refused"
+    return (parse_rfc3339(created) if created else 0.0, newcomer, placement.metadata.name)
 
 
 @dataclass(frozen=True)
@@ -363,6 +374,9 @@ def placement_status(
 ) -> ModelPlacementStatus:
     """The placement's status: its replicas as the probes show them, phase and conditions."""
     previous = placement.status or ModelPlacementStatus()
+    owner = fleet.owner(placement.spec.model)
+    if owner is not None and owner != placement.metadata.name:
+        return _refused(placement, previous, owner, now)
     replicas = _replicas(placement, fleet, previous, now)
     ready = sum(r.state == "ready" for r in replicas)
     loading = sum(r.state == "loading" for r in replicas)
@@ -390,6 +404,20 @@ def placement_status(
 Verdict = tuple[str, Literal["True", "False"], str, str]  # condition type, status, reason, message
 
 
+def _refused(
+    placement: ModelPlacement, previous: ModelPlacementStatus, owner: str, now: float
+) -> ModelPlacementStatus:
+    """A second placement of a model places nothing: the replicas are its owner's."""
+    why = f"model {placement.spec.model} is placed by ModelPlacement {owner}"
+    generation = placement.metadata.generation
+    conditions = list(previous.conditions)
+    for kind in ("Scheduled", "Loaded"):
+        conditions = set_condition(conditions, kind, "False", "Duplicate", why, now, generation)
+    return ModelPlacementStatus(
+        phase="Refused", conditions=conditions, observed_generation=generation
+    )
+
+
 def _scheduled(
     placement: ModelPlacement,
     fleet: Fleet,
@@ -398,10 +426,6 @@ def _scheduled(
     want: int,
 ) -> Verdict:
     model = placement.spec.model
-    owner = fleet.owner(model)
-    if owner is not None and owner != placement.metadata.name:
-        why = f"model {model} is placed by ModelPlacement {owner}"
-        return ("Scheduled", "False", "Unschedulable", why)
     if model in fleet.aliases:
         return ("Scheduled", "False", "Unschedulable", alias_refusal(model, fleet.aliases[model]))
     if model in planned.plan.unplaceable:
