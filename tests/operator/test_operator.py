@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes.cluster import CEL_RULES
 from fakes.neuron import FakeNeuron, GiB, running
 from operator_harness import (
     NEURONS,
@@ -32,6 +33,7 @@ from cortex.core.resources import DEMAND_ANNOTATION, PlacementDemand, rfc3339
 from cortex.operator.controller import Controller
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
+PLACEMENT_PATH = f"/apis/{PLACEMENTS.rsplit('/', 1)[0]}/namespaces/{NS}/modelplacements"
 
 
 def phase(kube: Kube, name: str) -> str | None:
@@ -253,6 +255,37 @@ async def test_a_later_placement_of_a_placed_model_is_refused_whatever_its_name(
         await until(probed_again, "more probes of the neuron")
         assert fake.unloads == []
         assert phase(kube, "zchat") == "Ready"
+
+
+async def test_spec_model_is_immutable_and_a_change_anyway_unloads_the_old_model(
+    kube: Kube, operator: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeNeuron("n1", memory=4 * GiB, available={"a": 3 * GiB, "b": 3 * GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("p", "a"))
+        await until(lambda: phase(kube, "p") == "Ready", "p to be Ready")
+        headers = {"Content-Type": "application/merge-patch+json"}
+        change = {"spec": {"model": "b"}}
+        async with kube.http.patch(f"{PLACEMENT_PATH}/p", json=change, headers=headers) as answer:
+            assert answer.status == 422
+            assert "spec.model is immutable" in (await answer.json())["message"]
+        # A cluster that does not evaluate the CRD's CEL rules takes the change: the operator
+        # unloads the old model before it places the new one (both do not fit).
+        monkeypatch.setitem(CEL_RULES, "self == oldSelf", lambda value, old: True)
+        await kube.patch(PLACEMENTS, "p", change)
+        await until(
+            lambda: (
+                phase(kube, "p") == "Ready" and kube.status(PLACEMENTS, "p").get("model") == "b"
+            ),
+            "p to place b",
+        )
+        assert fake.unloads == ["a"] and list(fake.models) == ["b"]
+        unloaded = await until(
+            lambda: [e["message"] for e in kube.events("p") if e["reason"] == "Unloaded"],
+            "the Unloaded Event",
+        )
+        assert unloaded == ["a unloaded from n1: spec.model changed"]
 
 
 async def test_a_neuron_that_is_down_does_not_hold_a_deletion(

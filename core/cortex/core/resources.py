@@ -202,6 +202,7 @@ class PlacementReplica(_Model):
 
 class ModelPlacementStatus(_Model):
     phase: PlacementPhase = "Pending"
+    model: str | None = None  # the model placed: the old one while a changed spec.model waits
     replicas: list[PlacementReplica] = Field(default_factory=list)
     ready_replicas: int = Field(default=0, ge=0)
     conditions: list[Condition] = Field(default_factory=list)

@@ -36,6 +36,7 @@ from cortex.operator.reconcile import (
     PendingLoad,
     Unloaded,
     alias_refusal,
+    replaced_model,
     settled_failures,
     successor,
     unanswered,
@@ -44,6 +45,7 @@ from cortex.operator.reconcile import (
 )
 
 log = logging.getLogger(__name__)
+SPEC_MODEL_CHANGED = "spec.model changed"  # why a replica of the model a placement left goes
 Key = tuple[str, str]  # (namespace, name)
 # The namespace's Neurons and ModelPlacements, as the kopf indexes hold them when called.
 Objects = Callable[[], tuple[Iterable[Neuron], Iterable[ModelPlacement]]]
@@ -198,22 +200,24 @@ class Controller:
         ended = time.monotonic()
         self.metrics.plan_seconds.observe(ended - started)
         self._rested[namespace] = ended + (ended - started)
-        if planned.plan.actions or planned.excess:
+        if planned.plan.actions or planned.excess or planned.replaced:
             await self._execute(namespace, fleet, planned)
             fleet = self.fleet(namespace, neurons, placements)
         return fleet, planned
 
     async def _execute(self, namespace: str, fleet: Fleet, planned: FleetPlan) -> None:
         owners = fleet.owners
+        left = {replaced_model(p): p for p in fleet.placements if replaced_model(p)}
         neurons = {n.metadata.name: n for n in fleet.neurons}
         refused: set[str] = set()  # neurons where an unload failed: the loads after it would too
         touched: set[str] = set()
-        for action in (*planned.plan.actions, *planned.excess):
+        for action in (*planned.replaced, *planned.plan.actions, *planned.excess):
             neuron = neurons[action.neuron]
             if isinstance(action, Unload):
                 touched.add(action.neuron)
-                why = "above replicas.max" if action in planned.excess else None
-                placement = owners.get(action.model)  # None: a model no placement owns
+                why = _unload_why(action, planned)
+                # None: a model no placement owns
+                placement = owners.get(action.model) or left.get(action.model)
                 if not await self._unload(namespace, placement, neuron, action, why):
                     refused.add(action.neuron)
             elif action.neuron not in refused:
@@ -231,7 +235,9 @@ class Controller:
     ) -> bool:
         """Unload one replica and say so on its placement (or, unowned, on its neuron)."""
         subject = body_of(placement if placement is not None else neuron)
-        kind: UnloadReason = "excess" if why else "idle" if action.reason == "idle" else "evict"
+        kind: UnloadReason = "idle" if action.reason == "idle" else "evict"
+        if why is not None:
+            kind = "replaced" if why == SPEC_MODEL_CHANGED else "excess"
         self._cancel_pending(namespace, action.model, neuron.metadata.name)
         try:
             await self.client(neuron.spec.endpoint or "").unload(action.model)
@@ -393,6 +399,13 @@ class Controller:
             ):
                 holding.append(neuron)
         return holding
+
+
+def _unload_why(action: Unload, planned: FleetPlan) -> str | None:
+    """Why the operator itself unloads a replica; None for the planner's evictions."""
+    if action in planned.replaced:
+        return SPEC_MODEL_CHANGED
+    return "above replicas.max" if action in planned.excess else None
 
 
 def _devices(probe: Probe | None, count: int) -> list[str] | None:

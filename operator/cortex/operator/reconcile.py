@@ -137,6 +137,7 @@ class FleetPlan:
     views: tuple[NeuronView, ...]
     blocked: frozenset[str]  # placements backing off after a failed load
     excess: tuple[Unload, ...] = ()  # replicas above a placement's replicas.max
+    replaced: tuple[Unload, ...] = ()  # replicas of a model a placement's spec.model left
 
 
 def unprobed(fleet: Fleet) -> list[str]:
@@ -223,6 +224,13 @@ def alias_refusal(model: str, canonical: str) -> str:
     return f"spec.model {model} is an alias of {canonical}: use {canonical}"
 
 
+def replaced_model(placement: ModelPlacement) -> str | None:
+    """The model the placement placed before its spec.model changed (the CRD forbids it, a
+    cluster without CEL does not), as its status records it; None when it is spec.model."""
+    before = placement.status.model if placement.status is not None else None
+    return before if before and before != placement.spec.model else None
+
+
 def active_demand(placement: ModelPlacement, now: float) -> PlacementDemand | None:
     """The demand annotation, unless it is older than DEMAND_TTL (nobody renews it: no client
     waits any more) or than the placement's last Ready transition (that demand was served)."""
@@ -249,9 +257,15 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
     catalogue: dict[str, ModelSpec] = {}
     minimums: dict[str, int] = {}
     demand: list[Demand] = []
+    replaced: list[Unload] = []
     for model, placement in owners.items():
         if model in fleet.aliases:
             continue  # its replicas are reported under another id: loading it never ends
+        old = replaced_model(placement)
+        if old is not None and old not in owners and old in everywhere:
+            # The old model goes first, the new one is placed once it is gone: both may not fit.
+            replaced += [Unload(old, name, "evict") for _, name in _spare(views, old)]
+            continue
         spec = placement.spec
         live = everywhere.get(model, [])
         catalogue[model] = ModelSpec(
@@ -291,7 +305,7 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
         room_only=failing,
     )
     excess = _excess(views, everywhere, owners, planned)
-    return FleetPlan(planned, views, blocked, excess)
+    return FleetPlan(planned, views, blocked, excess, tuple(replaced))
 
 
 def settled_failures(fleet: Fleet, planned: FleetPlan, now: float) -> list[str]:
@@ -347,16 +361,22 @@ def _excess(
         if over <= 0:
             continue
         leaving = {a.neuron for a in planned.actions if isinstance(a, Unload) and a.model == model}
-        spare = [
-            (_unload_order(r), view.name)
-            for view in views
-            if view.healthy and view.name not in leaving
-            for r in view.replicas
-            if r.model == model
-            and (r.state == ModelState.LOADING or (r.state == ModelState.READY and not r.in_flight))
-        ]
-        excess += [Unload(model, name, "evict") for _, name in sorted(spare)[:over]]
+        spare = [(order, name) for order, name in _spare(views, model) if name not in leaving]
+        excess += [Unload(model, name, "evict") for _, name in spare[:over]]
     return tuple(excess)
+
+
+def _spare(views: tuple[NeuronView, ...], model: str) -> list[tuple[tuple[int, float], str]]:
+    """The model's replicas that may be unloaded now (loading, or ready and idle) on healthy
+    neurons, in the order they go: loading ones first, then the least recently used."""
+    return sorted(
+        (_unload_order(r), view.name)
+        for view in views
+        if view.healthy
+        for r in view.replicas
+        if r.model == model
+        and (r.state == ModelState.LOADING or (r.state == ModelState.READY and not r.in_flight))
+    )
 
 
 def _unload_order(replica: ReplicaView) -> tuple[int, float]:
@@ -386,14 +406,17 @@ def placement_status(
     # Past its backoff a failure only counts while the placement still wants a replica.
     failing = failure is not None and (name in planned.blocked or (ready == 0 and want > 0))
     generation = placement.metadata.generation
+    old = replaced_model(placement)
+    placed = old if old is not None and old not in fleet.owners and _held(fleet, old) else None
     conditions = list(previous.conditions)
     for verdict in (
-        _scheduled(placement, fleet, planned, replicas, want),
+        _scheduled(placement, fleet, planned, replicas, want, placed),
         _loaded(ready, loading, want, failure if failing else None, fleet.unloaded.get(name), now),
     ):
         conditions = set_condition(conditions, *verdict, now, generation)
     return ModelPlacementStatus(
         phase=_phase(want, ready, loading, failing),
+        model=placed or placement.spec.model,
         replicas=replicas,
         ready_replicas=ready,
         conditions=conditions,
@@ -424,8 +447,12 @@ def _scheduled(
     planned: FleetPlan,
     replicas: list[PlacementReplica],
     want: int,
+    replacing: str | None,
 ) -> Verdict:
     model = placement.spec.model
+    if replacing is not None:
+        why = f"spec.model changed from {replacing}: unloading {replacing} before placing {model}"
+        return ("Scheduled", "False", "ModelChanged", why)
     if model in fleet.aliases:
         return ("Scheduled", "False", "Unschedulable", alias_refusal(model, fleet.aliases[model]))
     if model in planned.plan.unplaceable:
@@ -492,6 +519,20 @@ def _replicas(
             PlacementReplica(neuron=name, endpoint=probe.endpoint, state=state, since=since)
         )
     return replicas
+
+
+def _held(fleet: Fleet, model: str) -> bool:
+    """Some reachable, healthy neuron reports the model ready or loading."""
+    for neuron in fleet.neurons:
+        probe = fleet.reachable(neuron)
+        answer = probe.status if probe is not None else None
+        if (
+            answer is not None
+            and answer.healthy
+            and any(m.id == model and m.state in _LIVE for m in answer.models)
+        ):
+            return True
+    return False
 
 
 def _phase(want: int, ready: int, loading: int, failing: bool) -> PlacementPhase:
