@@ -200,6 +200,21 @@ async def test_deleting_a_placement_unloads_it_everywhere(kube: Kube, operator: 
         assert one.models == {} and two.models == {}
 
 
+async def test_deleting_a_placement_while_it_loads_cancels_the_load(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    fake.faults.load_gate = asyncio.Event()  # the load never ends by itself
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        await until(lambda: fake.loads, "the load to start")
+        await kube.delete(PLACEMENTS, "chat")
+        await until(lambda: kube.get(PLACEMENTS, "chat") is None, "the placement to be gone")
+        assert fake.unloads == ["chat"] and fake.models == {}
+        assert "LoadFailed" not in {e["reason"] for e in kube.events("chat")}
+
+
 async def test_deleting_a_placement_keeps_a_model_another_placement_places(
     kube: Kube, operator: Operator
 ) -> None:

@@ -346,8 +346,9 @@ class Controller:
         neurons: list[Neuron],
         placements: list[ModelPlacement],
     ) -> list[str]:
-        """Unload the placement's model from every neuron holding it, unless another placement
-        still places it; what holds the deletion (neurons still busy, a load in flight)."""
+        """Unload the placement's model from every neuron holding or loading it (the neuron's
+        unload cancels a load), unless another placement still places it; what holds the deletion
+        (neurons still busy, a load whose call has not ended yet)."""
         lock = self._locks.setdefault(namespace, asyncio.Lock())
         model, busy = placement.spec.model, []
         async with lock:
@@ -357,10 +358,10 @@ class Controller:
             elif waiting := unanswered(self.fleet(namespace, neurons, [])):
                 # A restarted operator knows nothing of what they hold until they answer.
                 return [f"{name} (not probed yet)" for name in waiting]
-            elif any(ns == namespace and m == model for ns, m, _ in self.pending):
-                return ["a load still in flight"]
             else:
                 busy = await self._unload_held(namespace, placement, neurons)
+                if any(ns == namespace and m == model for ns, m, _ in self.pending):
+                    busy.append("a load still in flight, cancelled")
             self.failures.pop((namespace, placement.metadata.name), None)
             self.unloaded.pop((namespace, placement.metadata.name), None)
         return busy
@@ -373,6 +374,7 @@ class Controller:
         model, busy = placement.spec.model, []
         force = unload_forced(placement, self.clock())
         for neuron in self._holding(namespace, neurons, model):
+            self._cancel_pending(namespace, model, neuron.metadata.name)
             try:
                 await self.client(neuron.spec.endpoint or "").unload(model, force=force)
             except ModelNotFound:
@@ -388,11 +390,15 @@ class Controller:
         return busy
 
     def _holding(self, namespace: str, neurons: list[Neuron], model: str) -> list[Neuron]:
-        """Reachable neurons whose last answer lists the model."""
+        """Reachable neurons whose last answer lists the model, or that this process asked to
+        load it."""
         holding = []
         for neuron in neurons:
             probe = self.probes.get((namespace, neuron.metadata.name))
             if probe is None or probe.status is None or not neuron.spec.endpoint:
+                continue
+            if (namespace, model, neuron.metadata.name) in self.pending:
+                holding.append(neuron)
                 continue
             if probe.reachable(self.config.unreachable_after) and any(
                 m.id == model for m in probe.status.models
