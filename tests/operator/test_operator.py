@@ -450,6 +450,35 @@ async def test_a_neuron_back_keeps_its_ready_replica_and_the_replacement_load_go
         assert "LoadFailed" not in {e["reason"] for e in kube.events("chat")}
 
 
+async def test_a_neuron_whose_endpoint_is_cleared_leaves_the_fleet(
+    kube: Kube, operator: Operator
+) -> None:
+    gone, other = (
+        FakeNeuron("gone", available={"chat": GiB}),
+        FakeNeuron("other", available={"chat": GiB}),
+    )
+    async with running(gone.app) as first, running(other.app) as second, operator():
+        await kube.create(NEURONS, neuron("gone", first.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        await kube.create(NEURONS, neuron("other", second.url))
+        await until(lambda: kube.status(NEURONS, "other").get("phase") == "Ready", "other Ready")
+        await kube.patch(NEURONS, "gone", {"spec": {"endpoint": None}})
+        await first.stop(force=True)  # the machine is gone too
+        await until(
+            lambda: (
+                [
+                    (r["neuron"], r["state"])
+                    for r in kube.status(PLACEMENTS, "chat").get("replicas", [])
+                ]
+                == [("other", "ready")]
+            ),
+            "the replica to move to other",
+        )
+        await until(lambda: kube.status(NEURONS, "gone").get("models") == [], "gone's models")
+        assert kube.condition("chat", "Loaded")["reason"] == "Loaded"
+
+
 async def test_a_draining_neuron_is_not_ready_and_its_replica_moves(
     kube: Kube, operator: Operator
 ) -> None:

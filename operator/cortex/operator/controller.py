@@ -118,9 +118,10 @@ class Controller:
         """Ask the neuron for its /status; a failed probe keeps the last answer until the neuron
         has failed `unreachable_after` probes in a row."""
         endpoint = neuron.spec.endpoint
-        if not endpoint:
-            return None
         key = (namespace, neuron.metadata.name)
+        if not endpoint:
+            self.probes.pop(key, None)  # an endpoint taken away: what it said no longer holds
+            return None
         now = self.clock()  # when it was asked: of two probes in flight, the later question wins
         answer: NeuronStatus | None = None
         error: str | None = None

@@ -99,6 +99,9 @@ class Fleet:
     unreachable_after: int = 2
 
     def reachable(self, neuron: Neuron) -> Probe | None:
+        """The neuron's last probe while it answers; None too for a Neuron without endpoint."""
+        if not neuron.spec.endpoint:
+            return None
         probe = self.probes.get(neuron.metadata.name)
         return probe if probe is not None and probe.reachable(self.unreachable_after) else None
 
