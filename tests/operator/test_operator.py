@@ -557,6 +557,22 @@ async def test_a_placement_naming_an_alias_is_refused_not_loaded_forever(
         assert "Unschedulable" in {e["reason"] for e in kube.events("smol")}
 
 
+async def test_a_placement_sized_in_pebibytes_is_read_and_deleted(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("big", "chat", resources={"memory": "1Pi"}))
+        await until(
+            lambda: "more than any neuron" in kube.condition("big", "Scheduled").get("message", ""),
+            "big to be unschedulable",
+        )
+        await kube.delete(PLACEMENTS, "big")
+        await until(lambda: kube.get(PLACEMENTS, "big") is None, "big to be gone")
+        assert fake.loads == []
+
+
 async def test_a_failed_load_is_reported_and_backed_off(kube: Kube, operator: Operator) -> None:
     fake = FakeNeuron("n1", available={"broken": GiB})
     fake.faults.load_error = "weights are corrupt"
