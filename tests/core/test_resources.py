@@ -104,8 +104,18 @@ def test_min_le_max_is_the_crds_cel_rule() -> None:
     rules = replicas["properties"]["spec"]["properties"]["replicas"]["x-kubernetes-validations"]
     assert [rule["rule"] for rule in rules] == ["self.min <= self.max"]
     meaning = CEL_RULES["self.min <= self.max"]
-    assert meaning({"min": 0, "max": 1}) and meaning({"min": 2, "max": 2})
-    assert not meaning({"min": 3, "max": 2})
+    assert meaning({"min": 0, "max": 1}, None) and meaning({"min": 2, "max": 2}, None)
+    assert not meaning({"min": 3, "max": 2}, None)
+
+
+def test_spec_model_is_immutable_by_the_crds_cel_rule() -> None:
+    spec = served_version(load_crd("modelplacements"))["schema"]["openAPIV3Schema"]
+    model = spec["properties"]["spec"]["properties"]["model"]
+    assert [rule["rule"] for rule in model["x-kubernetes-validations"]] == ["self == oldSelf"]
+    before = PLACEMENTS.validate(placement())
+    PLACEMENTS.validate({**before, "spec": {**before["spec"], "pinned": True}}, before)
+    with pytest.raises(ValueError, match=r"spec\.model is immutable"):
+        PLACEMENTS.validate({**before, "spec": {**before["spec"], "model": "other"}}, before)
 
 
 def test_unknown_phases_are_rejected() -> None:

@@ -5,6 +5,7 @@ API server with strict field validation would."""
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,12 @@ def served_version(crd: Mapping[str, Any]) -> dict[str, Any]:
     return version
 
 
-# The CEL rules the CRDs carry, and what each means, checked with plain Python. A new rule fails
-# validation here until its meaning is written down next to it.
-CEL_RULES: dict[str, Callable[[Any], bool]] = {
-    "self.min <= self.max": lambda value: value["min"] <= value["max"],
+# The CEL rules the CRDs carry, and what each means, checked with plain Python on the new value
+# and the stored one (None on create, where a rule naming oldSelf is not evaluated). A new rule
+# fails validation here until its meaning is written down next to it.
+CEL_RULES: dict[str, Callable[[Any, Any], bool]] = {
+    "self.min <= self.max": lambda value, _: value["min"] <= value["max"],
+    "self == oldSelf": lambda value, old: value == old,
 }
 
 
@@ -72,20 +75,23 @@ class CrdValidator:
         _apply_defaults(self.schema, result)
         return result
 
-    def errors(self, obj: Mapping[str, Any]) -> list[str]:
-        """Why the (defaulted) object would be rejected; empty when it is valid."""
+    def errors(self, obj: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> list[str]:
+        """Why the (defaulted) object would be rejected (`old`: the stored one, for an update);
+        empty when it is valid."""
         found = [
             f"{'.'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
             for error in self.validator.iter_errors(obj)
         ]
         if not found:
-            found = _cel_errors(self.schema, obj, "")
+            found = _cel_errors(self.schema, obj, old, "")
         return found
 
-    def validate(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+    def validate(
+        self, obj: Mapping[str, Any], old: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The defaulted object, or ValueError naming every problem."""
         result = self.defaulted(obj)
-        problems = self.errors(result)
+        problems = self.errors(result, old)
         if problems:
             raise ValueError(f"{self.kind} rejected: " + "; ".join(problems))
         return result
@@ -104,18 +110,21 @@ def _apply_defaults(schema: Mapping[str, Any], value: Any) -> None:
                     _apply_defaults(sub.get("items", {}), item)
 
 
-def _cel_errors(schema: Mapping[str, Any], value: Any, path: str) -> list[str]:
+def _cel_errors(schema: Mapping[str, Any], value: Any, old: Any, path: str) -> list[str]:
     found = []
     for check in schema.get("x-kubernetes-validations", []):
         meaning = CEL_RULES.get(check["rule"])
         if meaning is None:
             raise NotImplementedError(f"CEL rule {check['rule']!r} has no meaning in CEL_RULES")
-        if not meaning(value):
+        if old is None and "oldSelf" in check["rule"]:
+            continue  # a transition rule: only an update has an old value
+        if not meaning(value, old):
             found.append(f"{path or '<root>'}: {check.get('message', check['rule'])}")
     if isinstance(value, dict):
         for key, sub in schema.get("properties", {}).items():
             if key in value:
-                found += _cel_errors(sub, value[key], f"{path}.{key}".lstrip("."))
+                before = old.get(key) if isinstance(old, dict) else None
+                found += _cel_errors(sub, value[key], before, f"{path}.{key}".lstrip("."))
     return found
 
 
@@ -194,8 +203,9 @@ class CortexCluster(kmock.KubernetesEmulator):
 
     async def _handle(self, request: rendering.Request) -> Any:
         """Validate our CRDs' objects before the emulator stores them; reject like an API server.
-        Names from metadata.generateName (kopf names its Events that way), a uid and a
-        resourceVersion are given to new objects as an API server gives them (kopf's finalizer
+        Names from metadata.generateName (kopf names its Events that way), a uid, a
+        resourceVersion and a creationTimestamp (whole seconds) are given to new objects as an API
+        server gives them (kopf's finalizer
         patches test the resourceVersion). Unlike a server, writes keep the resourceVersion: kmock
         would answer a failed version test with a 500, which kopf retries unchanged."""
         if request.action == enums.action.CREATE and isinstance(request.data, dict):
@@ -203,6 +213,7 @@ class CortexCluster(kmock.KubernetesEmulator):
             meta = request.data.setdefault("metadata", {})
             meta.setdefault("resourceVersion", str(self.versions))
             meta.setdefault("uid", f"uid-{self.versions:06d}")
+            meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             if not meta.get("name") and meta.get("generateName"):
                 self.generated = getattr(self, "generated", 0) + 1
                 meta["name"] = f"{meta['generateName']}{self.generated:05d}"
@@ -249,4 +260,4 @@ class CortexCluster(kmock.KubernetesEmulator):
                 return
             current = self.objects[where]
             patched = dicts.patch_dict(current.raw, request.data)
-            validator.validate(patched)
+            validator.validate(patched, current.raw)

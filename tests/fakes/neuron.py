@@ -59,6 +59,7 @@ class FakeModel:
     last_used: float | None = None
     loaded_at: float | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    unloaded: asyncio.Event = field(default_factory=asyncio.Event)  # an unload ended its load
     error: str | None = None  # why a FAILED model failed
 
     def view(self) -> LoadedModel:
@@ -228,7 +229,9 @@ class FakeNeuron:
         load = load.model_copy(update={"model": self.aliases.get(load.model, load.model)})
         existing = self.models.get(load.model)
         if existing is not None and existing.state != ModelState.FAILED:  # failed: try again
-            await existing.ready.wait()
+            await _first_set(existing.ready, existing.unloaded)
+            if existing.unloaded.is_set():
+                raise CortexError(f"load of {load.model!r} cancelled: unloaded while loading")
             return existing.view().model_dump()
         size = self.available.get(load.model)
         if size is None and load.source is None:
@@ -240,10 +243,13 @@ class FakeNeuron:
         self.models[load.model] = model
         try:
             if self.faults.load_gate is not None:
-                await self.faults.load_gate.wait()
+                await _first_set(self.faults.load_gate, model.unloaded)
         except asyncio.CancelledError:
             self.models.pop(load.model, None)
             raise
+        if model.unloaded.is_set():
+            # The real neuron's unload cancels a load in progress: the load call fails.
+            raise CortexError(f"load of {load.model!r} cancelled: unloaded while loading")
         if self.faults.load_error is not None:
             # Like a real neuron: a catalogued model stays listed as failed, an ad-hoc one goes.
             if load.model in self.available:
@@ -264,6 +270,7 @@ class FakeNeuron:
             raise ModelBusy(f"{unload.model!r} has {model.in_flight} requests in flight")
         self.unloads.append(unload.model)
         del self.models[unload.model]
+        model.unloaded.set()
         return {"model": unload.model, "unloaded": True}
 
     # -- inference
@@ -441,6 +448,16 @@ class FakeNeuron:
         self._admit("/tokenize", body)
         count = self._prompt_tokens(body) + 10 * len(body.get("tools") or [])
         return TokenizeResponse(model=body["model"], count=count)
+
+
+async def _first_set(*events: asyncio.Event) -> None:
+    """Wait until one of `events` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 # -- serving -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes.cluster import CEL_RULES
 from fakes.neuron import FakeNeuron, GiB, running
 from operator_harness import (
     NEURONS,
@@ -32,6 +33,7 @@ from cortex.core.resources import DEMAND_ANNOTATION, PlacementDemand, rfc3339
 from cortex.operator.controller import Controller
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
+PLACEMENT_PATH = f"/apis/{PLACEMENTS.rsplit('/', 1)[0]}/namespaces/{NS}/modelplacements"
 
 
 def phase(kube: Kube, name: str) -> str | None:
@@ -198,6 +200,21 @@ async def test_deleting_a_placement_unloads_it_everywhere(kube: Kube, operator: 
         assert one.models == {} and two.models == {}
 
 
+async def test_deleting_a_placement_while_it_loads_cancels_the_load(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    fake.faults.load_gate = asyncio.Event()  # the load never ends by itself
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        await until(lambda: fake.loads, "the load to start")
+        await kube.delete(PLACEMENTS, "chat")
+        await until(lambda: kube.get(PLACEMENTS, "chat") is None, "the placement to be gone")
+        assert fake.unloads == ["chat"] and fake.models == {}
+        assert "LoadFailed" not in {e["reason"] for e in kube.events("chat")}
+
+
 async def test_deleting_a_placement_keeps_a_model_another_placement_places(
     kube: Kube, operator: Operator
 ) -> None:
@@ -224,6 +241,66 @@ async def test_deleting_a_placement_keeps_a_model_another_placement_places(
         await until(lambda: phase(kube, "chat-renamed") == "Ready", "the new name to be Ready")
         assert fake.unloads == []
         assert loads_of(fake, "chat") == 1
+
+
+async def test_a_later_placement_of_a_placed_model_is_refused_whatever_its_name(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("zchat", "chat", pinned=True))
+        await until(lambda: phase(kube, "zchat") == "Ready", "zchat to be Ready")
+        # Created later, first by name, and it would unload an idle replica at once.
+        later = placement("achat", "chat", replicas={"min": 0, "max": 3}, idleTimeout="1s")
+        await kube.create(PLACEMENTS, later)
+        await until(lambda: phase(kube, "achat") == "Refused", "achat to be refused")
+        status = kube.status(PLACEMENTS, "achat")
+        assert status.get("replicas", []) == [] and status.get("readyReplicas", 0) == 0
+        for kind in ("Scheduled", "Loaded"):
+            condition = kube.condition("achat", kind)
+            assert (condition["status"], condition["reason"]) == ("False", "Duplicate")
+            assert condition["message"] == "model chat is placed by ModelPlacement zchat"
+        seen = {kube.status(NEURONS, "n1")["lastProbe"]}
+
+        def probed_again() -> bool:
+            seen.add(kube.status(NEURONS, "n1")["lastProbe"])
+            return len(seen) >= 3  # lastProbe has whole seconds: past achat's idleTimeout
+
+        await until(probed_again, "more probes of the neuron")
+        assert fake.unloads == []
+        assert phase(kube, "zchat") == "Ready"
+
+
+async def test_spec_model_is_immutable_and_a_change_anyway_unloads_the_old_model(
+    kube: Kube, operator: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeNeuron("n1", memory=4 * GiB, available={"a": 3 * GiB, "b": 3 * GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("p", "a"))
+        await until(lambda: phase(kube, "p") == "Ready", "p to be Ready")
+        headers = {"Content-Type": "application/merge-patch+json"}
+        change = {"spec": {"model": "b"}}
+        async with kube.http.patch(f"{PLACEMENT_PATH}/p", json=change, headers=headers) as answer:
+            assert answer.status == 422
+            assert "spec.model is immutable" in (await answer.json())["message"]
+        # A cluster that does not evaluate the CRD's CEL rules takes the change: the operator
+        # unloads the old model before it places the new one (both do not fit).
+        monkeypatch.setitem(CEL_RULES, "self == oldSelf", lambda value, old: True)
+        await kube.patch(PLACEMENTS, "p", change)
+        await until(
+            lambda: (
+                phase(kube, "p") == "Ready" and kube.status(PLACEMENTS, "p").get("model") == "b"
+            ),
+            "p to place b",
+        )
+        assert fake.unloads == ["a"] and list(fake.models) == ["b"]
+        unloaded = await until(
+            lambda: [e["message"] for e in kube.events("p") if e["reason"] == "Unloaded"],
+            "the Unloaded Event",
+        )
+        assert unloaded == ["a unloaded from n1: spec.model changed"]
 
 
 async def test_a_neuron_that_is_down_does_not_hold_a_deletion(
@@ -347,6 +424,61 @@ async def test_a_lost_neuron_s_replica_is_rescheduled(kube: Kube, operator: Oper
         assert "Unreachable" in {e["reason"] for e in kube.events("big")}
 
 
+async def test_a_neuron_back_keeps_its_ready_replica_and_the_replacement_load_goes(
+    kube: Kube, operator: Operator
+) -> None:
+    back = FakeNeuron("back", available={"chat": GiB}, loaded={"chat": GiB})
+    spare = FakeNeuron("spare", available={"chat": GiB})
+    spare.faults.load_gate = asyncio.Event()  # a large model: the replacement takes a while
+    async with running(back.app) as first, running(spare.app) as second, operator():
+        await kube.create(NEURONS, neuron("back", first.url))
+        await kube.create(NEURONS, neuron("spare", second.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        blip = back.faults.status_gate = asyncio.Event()  # misses its probes for a moment
+        await until(lambda: spare.loads, "the replacement load on spare")
+        back.faults.status_gate = None
+        blip.set()
+        # Above replicas.max: the loading replica goes (its load cancelled), the ready one stays.
+        await until(lambda: spare.unloads == ["chat"], "the replacement load to be unloaded")
+        await until(
+            lambda: [r["neuron"] for r in kube.status(PLACEMENTS, "chat")["replicas"]] == ["back"],
+            "the replica on back alone in the status",
+        )
+        assert phase(kube, "chat") == "Ready"
+        assert back.unloads == [] and "chat" in back.models
+        assert "LoadFailed" not in {e["reason"] for e in kube.events("chat")}
+
+
+async def test_a_neuron_whose_endpoint_is_cleared_leaves_the_fleet(
+    kube: Kube, operator: Operator
+) -> None:
+    gone, other = (
+        FakeNeuron("gone", available={"chat": GiB}),
+        FakeNeuron("other", available={"chat": GiB}),
+    )
+    async with running(gone.app) as first, running(other.app) as second, operator():
+        await kube.create(NEURONS, neuron("gone", first.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat"))
+        await until(lambda: phase(kube, "chat") == "Ready", "the placement to be Ready")
+        await kube.create(NEURONS, neuron("other", second.url))
+        await until(lambda: kube.status(NEURONS, "other").get("phase") == "Ready", "other Ready")
+        await kube.patch(NEURONS, "gone", {"spec": {"endpoint": None}})
+        await first.stop(force=True)  # the machine is gone too
+        await until(
+            lambda: (
+                [
+                    (r["neuron"], r["state"])
+                    for r in kube.status(PLACEMENTS, "chat").get("replicas", [])
+                ]
+                == [("other", "ready")]
+            ),
+            "the replica to move to other",
+        )
+        await until(lambda: kube.status(NEURONS, "gone").get("models") == [], "gone's models")
+        assert kube.condition("chat", "Loaded")["reason"] == "Loaded"
+
+
 async def test_a_draining_neuron_is_not_ready_and_its_replica_moves(
     kube: Kube, operator: Operator
 ) -> None:
@@ -425,6 +557,22 @@ async def test_a_placement_naming_an_alias_is_refused_not_loaded_forever(
         assert "Unschedulable" in {e["reason"] for e in kube.events("smol")}
 
 
+async def test_a_placement_sized_in_pebibytes_is_read_and_deleted(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", available={"chat": GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("big", "chat", resources={"memory": "1Pi"}))
+        await until(
+            lambda: "more than any neuron" in kube.condition("big", "Scheduled").get("message", ""),
+            "big to be unschedulable",
+        )
+        await kube.delete(PLACEMENTS, "big")
+        await until(lambda: kube.get(PLACEMENTS, "big") is None, "big to be gone")
+        assert fake.loads == []
+
+
 async def test_a_failed_load_is_reported_and_backed_off(kube: Kube, operator: Operator) -> None:
     fake = FakeNeuron("n1", available={"broken": GiB})
     fake.faults.load_error = "weights are corrupt"
@@ -451,6 +599,27 @@ async def test_a_failed_load_is_reported_and_backed_off(kube: Kube, operator: Op
         await until(probed_again, "more probes of the neuron")
         assert loads_of(fake, "broken") == 1
         assert phase(kube, "broken") == "Failed"
+
+
+async def test_a_failing_placement_evicts_nothing_until_a_load_succeeds(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", memory=3 * GiB, available={"low": 2 * GiB})  # "high" never loads
+    async with running(fake.app) as served, operator(retry_backoff=0.5):
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("low", "low", resources={"memory": "2Gi"}))
+        await until(lambda: phase(kube, "low") == "Ready", "low to be Ready")
+        high = placement("high", "high", priority=10, resources={"memory": "2Gi"})
+        await kube.create(PLACEMENTS, high)
+        await until(lambda: phase(kube, "high") == "Failed", "high to be Failed")
+        # Its first attempt evicted low; past the backoff it waits for free room instead.
+        await until(
+            lambda: "evicts nothing" in kube.condition("high", "Scheduled").get("message", ""),
+            "high to wait for free room",
+        )
+        await until(lambda: phase(kube, "low") == "Ready", "low to be Ready again")
+        assert fake.unloads == ["low"]
+        assert loads_of(fake, "high") == 1
 
 
 async def test_a_neuron_pod_becomes_a_neuron_owned_by_it(kube: Kube, operator: Operator) -> None:

@@ -186,6 +186,16 @@ def test_two_placements_of_one_model_the_second_is_refused() -> None:
     assert scheduled is not None and "placed by ModelPlacement a-chat" in scheduled.message
 
 
+def test_of_two_placements_of_one_model_the_older_places_it_whatever_its_name() -> None:
+    older, newer = mp("z-chat", "chat"), mp("a-chat", "chat")
+    older.metadata.creation_timestamp = rfc3339(NOW - 60)
+    newer.metadata.creation_timestamp = rfc3339(NOW)
+    state = fleet([nr("n")], {"n": probe(answer("n"))}, [newer, older])
+    assert state.owner("chat") == "z-chat" and state.owners["chat"] is older
+    status = placement_status(newer, state, plan_fleet(state, NOW), NOW)
+    assert (status.phase, status.replicas, status.ready_replicas) == ("Refused", [], 0)
+
+
 def test_demand_counts_until_a_ready_transition_after_it() -> None:
     at = rfc3339(NOW)
     demanded = {"annotations": PlacementDemand(at=at, waiting=2).annotation()}

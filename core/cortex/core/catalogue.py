@@ -11,6 +11,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9}
 _UNITS |= {"gb": 10**9, "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20}
 _UNITS |= {"mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+# P and E as in Kubernetes quantities, which the ModelPlacement CRD accepts.
+_UNITS |= {"p": 10**15, "pb": 10**15, "e": 10**18, "eb": 10**18}
+_UNITS |= {"pi": 2**50, "pib": 2**50, "ei": 2**60, "eib": 2**60}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 

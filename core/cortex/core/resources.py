@@ -24,7 +24,7 @@ DEMAND_ANNOTATION = f"{GROUP}/demand"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 NeuronPhase = Literal["Pending", "Ready", "Unreachable", "Cordoned"]
-PlacementPhase = Literal["Pending", "Loading", "Ready", "Degraded", "Idle", "Failed"]
+PlacementPhase = Literal["Pending", "Loading", "Ready", "Degraded", "Idle", "Failed", "Refused"]
 ReplicaState = Literal["loading", "ready", "unloading", "failed"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -59,6 +59,7 @@ class ObjectMeta(_Model):
     namespace: str | None = None
     uid: str | None = None
     generation: int | None = None
+    creation_timestamp: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
     deletion_timestamp: str | None = None
@@ -201,6 +202,7 @@ class PlacementReplica(_Model):
 
 class ModelPlacementStatus(_Model):
     phase: PlacementPhase = "Pending"
+    model: str | None = None  # the model placed: the old one while a changed spec.model waits
     replicas: list[PlacementReplica] = Field(default_factory=list)
     ready_replicas: int = Field(default=0, ge=0)
     conditions: list[Condition] = Field(default_factory=list)

@@ -36,6 +36,7 @@ from cortex.operator.reconcile import (
     PendingLoad,
     Unloaded,
     alias_refusal,
+    replaced_model,
     settled_failures,
     successor,
     unanswered,
@@ -44,6 +45,7 @@ from cortex.operator.reconcile import (
 )
 
 log = logging.getLogger(__name__)
+SPEC_MODEL_CHANGED = "spec.model changed"  # why a replica of the model a placement left goes
 Key = tuple[str, str]  # (namespace, name)
 # The namespace's Neurons and ModelPlacements, as the kopf indexes hold them when called.
 Objects = Callable[[], tuple[Iterable[Neuron], Iterable[ModelPlacement]]]
@@ -66,6 +68,8 @@ class Controller:
         self.identity = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         self.probes: dict[Key, Probe] = {}
         self.pending: dict[tuple[str, str, str], PendingLoad] = {}  # (namespace, model, neuron)
+        # Pending loads this process unloaded: the neuron cancels them, which is no failure.
+        self.cancelled: set[tuple[str, str, str]] = set()
         self.failures: dict[Key, LoadFailure] = {}  # (namespace, placement)
         self.unloaded: dict[Key, Unloaded] = {}
         self.aliases: dict[Key, str] = {}  # (namespace, spec.model) -> the id it loaded as
@@ -114,9 +118,10 @@ class Controller:
         """Ask the neuron for its /status; a failed probe keeps the last answer until the neuron
         has failed `unreachable_after` probes in a row."""
         endpoint = neuron.spec.endpoint
-        if not endpoint:
-            return None
         key = (namespace, neuron.metadata.name)
+        if not endpoint:
+            self.probes.pop(key, None)  # an endpoint taken away: what it said no longer holds
+            return None
         now = self.clock()  # when it was asked: of two probes in flight, the later question wins
         answer: NeuronStatus | None = None
         error: str | None = None
@@ -196,22 +201,24 @@ class Controller:
         ended = time.monotonic()
         self.metrics.plan_seconds.observe(ended - started)
         self._rested[namespace] = ended + (ended - started)
-        if planned.plan.actions or planned.excess:
+        if planned.plan.actions or planned.excess or planned.replaced:
             await self._execute(namespace, fleet, planned)
             fleet = self.fleet(namespace, neurons, placements)
         return fleet, planned
 
     async def _execute(self, namespace: str, fleet: Fleet, planned: FleetPlan) -> None:
         owners = fleet.owners
+        left = {replaced_model(p): p for p in fleet.placements if replaced_model(p)}
         neurons = {n.metadata.name: n for n in fleet.neurons}
         refused: set[str] = set()  # neurons where an unload failed: the loads after it would too
         touched: set[str] = set()
-        for action in (*planned.plan.actions, *planned.excess):
+        for action in (*planned.replaced, *planned.plan.actions, *planned.excess):
             neuron = neurons[action.neuron]
             if isinstance(action, Unload):
                 touched.add(action.neuron)
-                why = "above replicas.max" if action in planned.excess else None
-                placement = owners.get(action.model)  # None: a model no placement owns
+                why = _unload_why(action, planned)
+                # None: a model no placement owns
+                placement = owners.get(action.model) or left.get(action.model)
                 if not await self._unload(namespace, placement, neuron, action, why):
                     refused.add(action.neuron)
             elif action.neuron not in refused:
@@ -229,7 +236,10 @@ class Controller:
     ) -> bool:
         """Unload one replica and say so on its placement (or, unowned, on its neuron)."""
         subject = body_of(placement if placement is not None else neuron)
-        kind: UnloadReason = "excess" if why else "idle" if action.reason == "idle" else "evict"
+        kind: UnloadReason = "idle" if action.reason == "idle" else "evict"
+        if why is not None:
+            kind = "replaced" if why == SPEC_MODEL_CHANGED else "excess"
+        self._cancel_pending(namespace, action.model, neuron.metadata.name)
         try:
             await self.client(neuron.spec.endpoint or "").unload(action.model)
         except ModelNotFound:
@@ -253,6 +263,11 @@ class Controller:
             self.unloaded[(namespace, placement.metadata.name)] = record
         kopf.info(subject, reason="Unloaded" if why else reason, message=message)
         return True
+
+    def _cancel_pending(self, namespace: str, model: str, neuron: str) -> None:
+        """An unload about to be sent ends the load in flight there, if any: not a failure."""
+        if (namespace, model, neuron) in self.pending:
+            self.cancelled.add((namespace, model, neuron))
 
     def _start_load(
         self, namespace: str, placement: ModelPlacement, neuron: Neuron, action: Load, fleet: Fleet
@@ -289,6 +304,9 @@ class Controller:
             client = self.client(neuron.spec.endpoint or "")
             loaded = await asyncio.wait_for(client.load(request, timeout=limit), limit)
         except (CortexError, httpx.HTTPError, TimeoutError) as exc:
+            if (namespace, request.model, where) in self.cancelled:
+                log.info("load of %s on %s cancelled by an unload", request.model, where)
+                return
             self.metrics.loads.labels("failed").inc()
             before = self.failures.get((namespace, name))
             attempts = before.attempts + 1 if before is not None else 1
@@ -318,6 +336,7 @@ class Controller:
             with contextlib.suppress(Exception):
                 await self.probe(namespace, neuron)
             self.pending.pop((namespace, request.model, where), None)
+            self.cancelled.discard((namespace, request.model, where))
 
     # -- deletion
 
@@ -328,8 +347,9 @@ class Controller:
         neurons: list[Neuron],
         placements: list[ModelPlacement],
     ) -> list[str]:
-        """Unload the placement's model from every neuron holding it, unless another placement
-        still places it; what holds the deletion (neurons still busy, a load in flight)."""
+        """Unload the placement's model from every neuron holding or loading it (the neuron's
+        unload cancels a load), unless another placement still places it; what holds the deletion
+        (neurons still busy, a load whose call has not ended yet)."""
         lock = self._locks.setdefault(namespace, asyncio.Lock())
         model, busy = placement.spec.model, []
         async with lock:
@@ -339,10 +359,10 @@ class Controller:
             elif waiting := unanswered(self.fleet(namespace, neurons, [])):
                 # A restarted operator knows nothing of what they hold until they answer.
                 return [f"{name} (not probed yet)" for name in waiting]
-            elif any(ns == namespace and m == model for ns, m, _ in self.pending):
-                return ["a load still in flight"]
             else:
                 busy = await self._unload_held(namespace, placement, neurons)
+                if any(ns == namespace and m == model for ns, m, _ in self.pending):
+                    busy.append("a load still in flight, cancelled")
             self.failures.pop((namespace, placement.metadata.name), None)
             self.unloaded.pop((namespace, placement.metadata.name), None)
         return busy
@@ -355,6 +375,7 @@ class Controller:
         model, busy = placement.spec.model, []
         force = unload_forced(placement, self.clock())
         for neuron in self._holding(namespace, neurons, model):
+            self._cancel_pending(namespace, model, neuron.metadata.name)
             try:
                 await self.client(neuron.spec.endpoint or "").unload(model, force=force)
             except ModelNotFound:
@@ -370,17 +391,28 @@ class Controller:
         return busy
 
     def _holding(self, namespace: str, neurons: list[Neuron], model: str) -> list[Neuron]:
-        """Reachable neurons whose last answer lists the model."""
+        """Reachable neurons whose last answer lists the model, or that this process asked to
+        load it."""
         holding = []
         for neuron in neurons:
             probe = self.probes.get((namespace, neuron.metadata.name))
             if probe is None or probe.status is None or not neuron.spec.endpoint:
+                continue
+            if (namespace, model, neuron.metadata.name) in self.pending:
+                holding.append(neuron)
                 continue
             if probe.reachable(self.config.unreachable_after) and any(
                 m.id == model for m in probe.status.models
             ):
                 holding.append(neuron)
         return holding
+
+
+def _unload_why(action: Unload, planned: FleetPlan) -> str | None:
+    """Why the operator itself unloads a replica; None for the planner's evictions."""
+    if action in planned.replaced:
+        return SPEC_MODEL_CHANGED
+    return "above replicas.max" if action in planned.excess else None
 
 
 def _devices(probe: Probe | None, count: int) -> list[str] | None:

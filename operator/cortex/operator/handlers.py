@@ -112,7 +112,12 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
         body: kopf.Body, namespace: str, neuron_index: Index, placement_index: Index, **_: Any
     ) -> None:
         """The finalizer: unload the model everywhere before the placement goes."""
-        placement = ModelPlacement.model_validate(body)
+        placement = _parse(ModelPlacement, body)
+        if placement is None:
+            # Never placed (the operator could not read it), so nothing to unload: let it go.
+            message = "not a placement the operator can read; released without unloading"
+            kopf.warn(body, reason="Invalid", message=message)
+            return
         neurons = list(neuron_index.get(namespace, []))
         placements = list(placement_index.get(namespace, []))
         busy = await controller.unload_everywhere(namespace, placement, neurons, placements)

@@ -9,7 +9,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-UnloadReason = Literal["evict", "idle", "excess", "delete"]
+UnloadReason = Literal["evict", "idle", "excess", "replaced", "delete"]
 _PLAN_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -25,7 +25,7 @@ class OperatorMetrics:
         )  # fmt: skip
         self.unloads = Counter(
             "cortex_operator_unloads",
-            "Unloads the operator asked of neurons, by reason (evict, idle, excess, delete) and "
+            "Unloads the operator asked of neurons, by reason (evict, idle, excess, replaced, delete) and "
             "outcome.",
             ["reason", "outcome"], registry=r,
         )  # fmt: skip

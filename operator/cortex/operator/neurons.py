@@ -66,8 +66,9 @@ def neuron_status(
     if probe is None:
         status.conditions = set_condition(
             previous.conditions, "Reachable", "Unknown", "NoEndpoint",
-            "spec.endpoint is not set yet", now, neuron.metadata.generation,
+            "spec.endpoint is not set", now, neuron.metadata.generation,
         )  # fmt: skip
+        status.models = []  # what it holds is unknown, and out of the fleet, without an endpoint
         return status
     status.endpoint = probe.endpoint
     status.last_probe = rfc3339(probe.at)

@@ -15,7 +15,14 @@ from dataclasses import dataclass, replace
 
 from cortex.core.placement.eviction import last_touched
 from cortex.core.resources import DEMAND_ANNOTATION
-from cortex.operator.reconcile import Fleet, FleetPlan, active_demand, backing_off, plan_fleet
+from cortex.operator.reconcile import (
+    Fleet,
+    FleetPlan,
+    active_demand,
+    backing_off,
+    plan_fleet,
+    replaced_model,
+)
 
 PlanKey = tuple[object, ...]
 
@@ -42,11 +49,13 @@ def plan_key(fleet: Fleet, now: float) -> PlanKey:
             p.metadata.name: (
                 p.spec,
                 DEMAND_ANNOTATION in p.metadata.annotations and active_demand(p, now),
+                replaced_model(p),
             )
             for p in fleet.placements
         },
         frozenset(fleet.pending.items()),
         backing_off(fleet, now),
+        frozenset(fleet.failures),  # a placement with a failed load evicts nothing
         frozenset(fleet.aliases.items()),
     )
 
@@ -83,7 +92,7 @@ def plan_once(kept: KeptPlan | None, fleet: Fleet, now: float) -> tuple[FleetPla
     if kept is not None and _holds(kept, key, now):
         return kept.planned, replace(kept, key=key)
     planned = plan_fleet(fleet, now)
-    if planned.plan.actions or planned.excess:
+    if planned.plan.actions or planned.excess or planned.replaced:
         return planned, None
     return planned, KeptPlan(key, planned, horizon(fleet, planned, now))
 

@@ -16,7 +16,15 @@ from typing import Literal, cast
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.fleet import ModelState
-from cortex.core.placement.model import Demand, Load, NeuronView, Plan, Policy, Unload
+from cortex.core.placement.model import (
+    Demand,
+    Load,
+    NeuronView,
+    Plan,
+    Policy,
+    ReplicaView,
+    Unload,
+)
 from cortex.core.placement.planner import plan
 from cortex.core.placement.snapshot import NeuronReport, Reservations, snapshot
 from cortex.core.resources import (
@@ -91,23 +99,37 @@ class Fleet:
     unreachable_after: int = 2
 
     def reachable(self, neuron: Neuron) -> Probe | None:
+        """The neuron's last probe while it answers; None too for a Neuron without endpoint."""
+        if not neuron.spec.endpoint:
+            return None
         probe = self.probes.get(neuron.metadata.name)
         return probe if probe is not None and probe.reachable(self.unreachable_after) else None
 
     def owner(self, model: str) -> str | None:
         """The name of the placement that places `model`, without sorting them all."""
-        return min(
-            (p.metadata.name for p in self.placements if p.spec.model == model), default=None
+        first = min(
+            (p for p in self.placements if p.spec.model == model), key=seniority, default=None
         )
+        return first.metadata.name if first is not None else None
 
     @cached_property
     def owners(self) -> dict[str, ModelPlacement]:
-        """model -> the placement that places it (the first by name when two name one model);
-        computed once per snapshot."""
+        """model -> the placement that places it (the oldest when two name one model); computed
+        once per snapshot."""
         owners: dict[str, ModelPlacement] = {}
-        for placement in sorted(self.placements, key=lambda p: p.metadata.name):
+        for placement in sorted(self.placements, key=seniority):
             owners.setdefault(placement.spec.model, placement)
         return owners
+
+
+def seniority(placement: ModelPlacement) -> tuple[float, bool, str]:
+    """Of two placements of one model the first created places it, so a later one never takes
+    it over. creationTimestamp has whole seconds: in a tie the one already placing it (a status
+    that is not Refused) stays, then the first by name."""
+    created = placement.metadata.creation_timestamp
+    status = placement.status
+    newcomer = status is None or status.phase == "Refused"
+    return (parse_rfc3339(created) if created else 0.0, newcomer, placement.metadata.name)
 
 
 @dataclass(frozen=True)
@@ -118,6 +140,7 @@ class FleetPlan:
     views: tuple[NeuronView, ...]
     blocked: frozenset[str]  # placements backing off after a failed load
     excess: tuple[Unload, ...] = ()  # replicas above a placement's replicas.max
+    replaced: tuple[Unload, ...] = ()  # replicas of a model a placement's spec.model left
 
 
 def unprobed(fleet: Fleet) -> list[str]:
@@ -204,6 +227,13 @@ def alias_refusal(model: str, canonical: str) -> str:
     return f"spec.model {model} is an alias of {canonical}: use {canonical}"
 
 
+def replaced_model(placement: ModelPlacement) -> str | None:
+    """The model the placement placed before its spec.model changed (the CRD forbids it, a
+    cluster without CEL does not), as its status records it; None when it is spec.model."""
+    before = placement.status.model if placement.status is not None else None
+    return before if before and before != placement.spec.model else None
+
+
 def active_demand(placement: ModelPlacement, now: float) -> PlacementDemand | None:
     """The demand annotation, unless it is older than DEMAND_TTL (nobody renews it: no client
     waits any more) or than the placement's last Ready transition (that demand was served)."""
@@ -230,9 +260,15 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
     catalogue: dict[str, ModelSpec] = {}
     minimums: dict[str, int] = {}
     demand: list[Demand] = []
+    replaced: list[Unload] = []
     for model, placement in owners.items():
         if model in fleet.aliases:
             continue  # its replicas are reported under another id: loading it never ends
+        old = replaced_model(placement)
+        if old is not None and old not in owners and old in everywhere:
+            # The old model goes first, the new one is placed once it is gone: both may not fit.
+            replaced += [Unload(old, name, "evict") for _, name in _spare(views, old)]
+            continue
         spec = placement.spec
         live = everywhere.get(model, [])
         catalogue[model] = ModelSpec(
@@ -258,11 +294,21 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
         for model, p in owners.items()
         if p.spec.neuron_selector.match_labels
     }
+    # A placement whose last load failed evicts nothing until a load succeeds: each retry would
+    # otherwise take a healthy replica's place and give it back when the load fails.
+    failing = {p.spec.model for p in owners.values() if p.metadata.name in fleet.failures}
     planned = plan(
-        views, catalogue, demand, POLICY, now, min_replicas=minimums, selectors=selectors
+        views,
+        catalogue,
+        demand,
+        POLICY,
+        now,
+        min_replicas=minimums,
+        selectors=selectors,
+        room_only=failing,
     )
     excess = _excess(views, everywhere, owners, planned)
-    return FleetPlan(planned, views, blocked, excess)
+    return FleetPlan(planned, views, blocked, excess, tuple(replaced))
 
 
 def settled_failures(fleet: Fleet, planned: FleetPlan, now: float) -> list[str]:
@@ -306,8 +352,9 @@ def _excess(
     planned: Plan,
 ) -> tuple[Unload, ...]:
     """The planner never adds beyond a minimum or one demanded replica, but a neuron that answers
-    again after its replica was placed elsewhere brings one more: above `replicas.max`, the
-    least recently used idle ready replicas go."""
+    again after its replica was placed elsewhere brings one more: above `replicas.max`, loading
+    replicas go first (the neuron's unload cancels the load; a ready replica keeps serving), then
+    the least recently used idle ready ones."""
     change: dict[str, int] = {}
     for action in planned.actions:
         change[action.model] = change.get(action.model, 0) + (1 if isinstance(action, Load) else -1)
@@ -317,15 +364,29 @@ def _excess(
         if over <= 0:
             continue
         leaving = {a.neuron for a in planned.actions if isinstance(a, Unload) and a.model == model}
-        idle = [
-            (r.last_used if r.last_used is not None else r.loaded_at or 0.0, view.name)
-            for view in views
-            if view.healthy and view.name not in leaving
-            for r in view.replicas
-            if r.model == model and r.state == ModelState.READY and r.in_flight == 0
-        ]
-        excess += [Unload(model, name, "evict") for _, name in sorted(idle)[:over]]
+        spare = [(order, name) for order, name in _spare(views, model) if name not in leaving]
+        excess += [Unload(model, name, "evict") for _, name in spare[:over]]
     return tuple(excess)
+
+
+def _spare(views: tuple[NeuronView, ...], model: str) -> list[tuple[tuple[int, float], str]]:
+    """The model's replicas that may be unloaded now (loading, or ready and idle) on healthy
+    neurons, in the order they go: loading ones first, then the least recently used."""
+    return sorted(
+        (_unload_order(r), view.name)
+        for view in views
+        if view.healthy
+        for r in view.replicas
+        if r.model == model
+        and (r.state == ModelState.LOADING or (r.state == ModelState.READY and not r.in_flight))
+    )
+
+
+def _unload_order(replica: ReplicaView) -> tuple[int, float]:
+    """Which spare replica goes first: a loading one, then the least recently used."""
+    if replica.state == ModelState.LOADING:
+        return (0, 0.0)
+    return (1, replica.last_used if replica.last_used is not None else replica.loaded_at or 0.0)
 
 
 # -- status of one placement
@@ -336,6 +397,9 @@ def placement_status(
 ) -> ModelPlacementStatus:
     """The placement's status: its replicas as the probes show them, phase and conditions."""
     previous = placement.status or ModelPlacementStatus()
+    owner = fleet.owner(placement.spec.model)
+    if owner is not None and owner != placement.metadata.name:
+        return _refused(placement, previous, owner, now)
     replicas = _replicas(placement, fleet, previous, now)
     ready = sum(r.state == "ready" for r in replicas)
     loading = sum(r.state == "loading" for r in replicas)
@@ -345,14 +409,17 @@ def placement_status(
     # Past its backoff a failure only counts while the placement still wants a replica.
     failing = failure is not None and (name in planned.blocked or (ready == 0 and want > 0))
     generation = placement.metadata.generation
+    old = replaced_model(placement)
+    placed = old if old is not None and old not in fleet.owners and _held(fleet, old) else None
     conditions = list(previous.conditions)
     for verdict in (
-        _scheduled(placement, fleet, planned, replicas, want),
+        _scheduled(placement, fleet, planned, replicas, want, placed),
         _loaded(ready, loading, want, failure if failing else None, fleet.unloaded.get(name), now),
     ):
         conditions = set_condition(conditions, *verdict, now, generation)
     return ModelPlacementStatus(
         phase=_phase(want, ready, loading, failing),
+        model=placed or placement.spec.model,
         replicas=replicas,
         ready_replicas=ready,
         conditions=conditions,
@@ -363,18 +430,32 @@ def placement_status(
 Verdict = tuple[str, Literal["True", "False"], str, str]  # condition type, status, reason, message
 
 
+def _refused(
+    placement: ModelPlacement, previous: ModelPlacementStatus, owner: str, now: float
+) -> ModelPlacementStatus:
+    """A second placement of a model places nothing: the replicas are its owner's."""
+    why = f"model {placement.spec.model} is placed by ModelPlacement {owner}"
+    generation = placement.metadata.generation
+    conditions = list(previous.conditions)
+    for kind in ("Scheduled", "Loaded"):
+        conditions = set_condition(conditions, kind, "False", "Duplicate", why, now, generation)
+    return ModelPlacementStatus(
+        phase="Refused", conditions=conditions, observed_generation=generation
+    )
+
+
 def _scheduled(
     placement: ModelPlacement,
     fleet: Fleet,
     planned: FleetPlan,
     replicas: list[PlacementReplica],
     want: int,
+    replacing: str | None,
 ) -> Verdict:
     model = placement.spec.model
-    owner = fleet.owner(model)
-    if owner is not None and owner != placement.metadata.name:
-        why = f"model {model} is placed by ModelPlacement {owner}"
-        return ("Scheduled", "False", "Unschedulable", why)
+    if replacing is not None:
+        why = f"spec.model changed from {replacing}: unloading {replacing} before placing {model}"
+        return ("Scheduled", "False", "ModelChanged", why)
     if model in fleet.aliases:
         return ("Scheduled", "False", "Unschedulable", alias_refusal(model, fleet.aliases[model]))
     if model in planned.plan.unplaceable:
@@ -441,6 +522,20 @@ def _replicas(
             PlacementReplica(neuron=name, endpoint=probe.endpoint, state=state, since=since)
         )
     return replicas
+
+
+def _held(fleet: Fleet, model: str) -> bool:
+    """Some reachable, healthy neuron reports the model ready or loading."""
+    for neuron in fleet.neurons:
+        probe = fleet.reachable(neuron)
+        answer = probe.status if probe is not None else None
+        if (
+            answer is not None
+            and answer.healthy
+            and any(m.id == model and m.state in _LIVE for m in answer.models)
+        ):
+            return True
+    return False
 
 
 def _phase(want: int, ready: int, loading: int, failing: bool) -> PlacementPhase:

@@ -19,7 +19,8 @@ this plan made is simply sent elsewhere); otherwise replicas are evicted from on
 whichever neuron, whose summed request rate (from each replica's `usage`: the cold loads per
 second the eviction will cause) is least, ties going to the set that loses the fewest load
 seconds per second (rate times the measured `load_seconds` of the model on that neuron, else
-elsewhere). Never evicted: pinned-there, in-flight, loading/unloading replicas,
+elsewhere). A model in `room_only` (the operator's: one whose last load failed) is placed only
+into free memory: nothing is evicted or moved for it. Never evicted: pinned-there, in-flight, loading/unloading replicas,
 replicas of demanded models, replicas loaded by this plan, and the last ones a minimum needs
 (under the `priority` strategy a minimum holds only against models of equal or lower priority: a
 higher-priority model may take a lower one below its minimum). A requirement that cannot be met
@@ -32,7 +33,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -71,15 +72,18 @@ def plan(
     selectors: Mapping[str, Mapping[str, str]] | None = None,
     estimates: Mapping[str, int] | None = None,
     load_seconds: Mapping[tuple[str, str], float] | None = None,
+    room_only: Collection[str] = (),
 ) -> Plan:
     """Decide what to load and unload so demanded, pinned and minimum replicas are placed.
 
     Order: idle unloads, then pins, then minimum replica counts, then demand (most waiting first;
     under `priority` minimums and demand interleave by priority).
     `load_seconds`: measured load time by (neuron, model), read by the `cost` strategy.
+    `room_only`: models placed only into free memory, never evicted or moved for.
     """
     work = _Work(fleet, catalogue, demand, policy, now, cycle, min_replicas, selectors, estimates)
     work.load_seconds = load_seconds or {}
+    work.room_only = frozenset(room_only)
     work.unload_idle()
     # A requirement met late (an eviction for a higher-priority pin, say) can free room one that
     # failed earlier now fits in: the passes run again until they add nothing, so the next plan
@@ -174,6 +178,7 @@ class _Work:
         self.selectors = selectors or {}
         self.estimates = estimates or {}
         self.load_seconds: Mapping[tuple[str, str], float] = {}  # plan() sets it; `cost` reads it
+        self.room_only: frozenset[str] = frozenset()  # plan() sets it
         # Under `cost` a move (a load now) beats an eviction whenever one will do: with the free
         # memory split over neurons, each large model evicts a popular one to fit and is evicted
         # back by it, load after load (docs/benchmarks.md, "P4 placement", `mixed` at 90-95%).
@@ -384,6 +389,8 @@ class _Work:
         for tier in ([slot for slot in slots if model not in slot.replicas], failed):
             if tier and self.place_in(model, size, tier):
                 return None
+        if model in self.room_only and size is not None:
+            return f"needs {_bytes(size)} free and evicts nothing now: no neuron it may use has it"
         if size is not None and self.room_once_settled(model, size, slots):
             self.blocked.add(model)
             return (
@@ -402,6 +409,8 @@ class _Work:
         if fitting or size is None:
             self.load(min(fitting or slots, key=lambda s: (-s.free, s.name)), model, size or 0)
             return True
+        if model in self.room_only:
+            return False
         if self.defrag and self.defragment(model, size, slots):
             return True
         return self.evict_for(model, size, slots)
