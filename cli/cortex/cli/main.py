@@ -268,14 +268,15 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     """Servers run on uvloop where it is installed (uvicorn[standard]): a faster event loop.
     Once they have stopped and cleaned up, the process ends as the signal that stopped them
     would have ended it (-15 for SIGTERM, 130 for Ctrl-C)."""
-    from cortex.core.shutdown import exit_as_signalled
-
     try:
         import uvloop
     except ImportError:
         result = asyncio.run(coroutine)
     else:
         result = uvloop.run(coroutine)
+    # After the run: a command whose extras are missing has said so in one line by now.
+    from cortex.core.shutdown import exit_as_signalled
+
     exit_as_signalled()
     return result
 
