@@ -7,6 +7,8 @@ import importlib.util
 import re
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,47 +39,54 @@ def _fake_runtime() -> ModuleType:
 fake_runtime = _fake_runtime()
 
 
-async def test_gateway_serves_through_the_real_neuron_api() -> None:
-    runtime = fake_runtime.FakeRuntime()
-    runtime.add(fake_runtime.FakeServed("tiny-chat"))
+@asynccontextmanager
+async def gateway_over(runtime: Any) -> AsyncIterator[Any]:
+    """A gateway routing to one real neuron app over `runtime`; yields the gateway's server."""
     async with running(create_neuron_app(runtime), lifespan="on") as neuron:
         config = GatewayConfig.model_validate(
             {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
         )
         async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
-            client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
-            async with client:
-                models = {m.id: m.model_dump() async for m in client.models.list()}
-                assert models["tiny-chat"]["state"] == "loaded"
-                assert models["tiny-chat"]["aliases"] == ["tiny"]  # from the neuron's catalogue
-                assert models["tiny-embed"]["state"] == "available"
+            yield gateway
 
-                answer = await client.chat.completions.create(
-                    model="tiny", messages=[{"role": "user", "content": "hi"}]
-                )
-                assert answer.choices[0].message.content == "Hello there!"
-                stream = await client.chat.completions.create(
-                    model="tiny-chat",
-                    messages=[{"role": "user", "content": "hi"}],
-                    stream=True,
-                    stream_options={"include_usage": True},
-                )
-                chunks = [chunk async for chunk in stream]
-                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-                assert text == "Hello there!" and chunks[-1].usage is not None
 
-                # A model the neuron lists but has not loaded is loaded on demand (no source).
-                vectors = await client.embeddings.create(model="tiny-embed", input="abc")
-                assert len(vectors.data[0].embedding) == 26
+async def test_gateway_serves_through_the_real_neuron_api() -> None:
+    runtime = fake_runtime.FakeRuntime()
+    runtime.add(fake_runtime.FakeServed("tiny-chat"))
+    async with gateway_over(runtime) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+        async with client:
+            models = {m.id: m.model_dump() async for m in client.models.list()}
+            assert models["tiny-chat"]["state"] == "loaded"
+            assert models["tiny-chat"]["aliases"] == ["tiny"]  # from the neuron's catalogue
+            assert models["tiny-embed"]["state"] == "available"
 
-                # A generation failing mid-stream reaches the client as an error, not a hang.
-                runtime.models["tiny-chat"].finish = "error"
-                stream = await client.chat.completions.create(
-                    model="tiny-chat", messages=[{"role": "user", "content": "hi"}], stream=True
-                )
-                with pytest.raises(openai.APIError):
-                    async for _ in stream:
-                        pass
+            answer = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert answer.choices[0].message.content == "Hello there!"
+            stream = await client.chat.completions.create(
+                model="tiny-chat",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [chunk async for chunk in stream]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text == "Hello there!" and chunks[-1].usage is not None
+
+            # A model the neuron lists but has not loaded is loaded on demand (no source).
+            vectors = await client.embeddings.create(model="tiny-embed", input="abc")
+            assert len(vectors.data[0].embedding) == 26
+
+            # A generation failing mid-stream reaches the client as an error, not a hang.
+            runtime.models["tiny-chat"].finish = "error"
+            stream = await client.chat.completions.create(
+                model="tiny-chat", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            with pytest.raises(openai.APIError):
+                async for _ in stream:
+                    pass
 
 
 KEY = "sk-carol"
@@ -189,20 +198,16 @@ async def test_a_responses_client_reads_the_neurons_refusals_in_its_own_field_na
         ({"input": "word " * 400}, "input"),
         ({"input": "hi", "max_output_tokens": 40_000}, "max_output_tokens"),
     ]
-    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
-        config = GatewayConfig.model_validate(
-            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
-        )
-        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
-            client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
-            async with client:
-                for fields, param in asked:
-                    with pytest.raises(openai.BadRequestError) as refused:
-                        await client.responses.create(model="tiny-chat", **fields)
-                    said = refused.value.body
-                    assert isinstance(said, dict), said
-                    assert said["param"] == param, (fields, said)
-                    assert "messages" not in said["message"] and "max_tokens" not in said["message"]
+    async with gateway_over(runtime) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+        async with client:
+            for fields, param in asked:
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await client.responses.create(model="tiny-chat", **fields)
+                said = refused.value.body
+                assert isinstance(said, dict), said
+                assert said["param"] == param, (fields, said)
+                assert "messages" not in said["message"] and "max_tokens" not in said["message"]
 
 
 async def test_responses_truncation_auto_drops_nothing_and_says_so() -> None:
@@ -212,32 +217,26 @@ async def test_responses_truncation_auto_drops_nothing_and_says_so() -> None:
     runtime = fake_runtime.FakeRuntime()
     runtime.add(fake_runtime.FakeServed("tiny-chat"))
     long_input = [{"role": "user", "content": "word " * 40} for _ in range(10)]
-    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
-        config = GatewayConfig.model_validate(
-            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
-        )
-        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
-            client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
-            async with client:
-                fits = await client.responses.create(
-                    model="tiny-chat", input="hi", truncation="auto"
-                )
-                assert fits.truncation == "auto" and fits.output_text == "Hello there!"
-                plain = await client.responses.create(model="tiny-chat", input="hi")
-                assert plain.truncation == "disabled"
-                for stream in (False, True):
-                    with pytest.raises(openai.BadRequestError) as refused:
-                        await client.responses.create(
-                            model="tiny-chat", input=long_input, truncation="auto", stream=stream
-                        )
-                    said = refused.value.body
-                    assert isinstance(said, dict) and said["param"] == "truncation", said
-                    assert said["code"] == "context_length_exceeded", said
-                    assert "truncation 'auto' is not supported" in said["message"], said
+    async with gateway_over(runtime) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+        async with client:
+            fits = await client.responses.create(model="tiny-chat", input="hi", truncation="auto")
+            assert fits.truncation == "auto" and fits.output_text == "Hello there!"
+            plain = await client.responses.create(model="tiny-chat", input="hi")
+            assert plain.truncation == "disabled"
+            for stream in (False, True):
                 with pytest.raises(openai.BadRequestError) as refused:
-                    await client.responses.create(model="tiny-chat", input="hi", truncation="x")  # type: ignore[arg-type]
+                    await client.responses.create(
+                        model="tiny-chat", input=long_input, truncation="auto", stream=stream
+                    )
                 said = refused.value.body
                 assert isinstance(said, dict) and said["param"] == "truncation", said
+                assert said["code"] == "context_length_exceeded", said
+                assert "truncation 'auto' is not supported" in said["message"], said
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.responses.create(model="tiny-chat", input="hi", truncation="x")  # type: ignore[arg-type]
+            said = refused.value.body
+            assert isinstance(said, dict) and said["param"] == "truncation", said
 
 
 async def test_what_would_change_the_answer_is_refused_what_clients_send_by_default_is_not() -> (
@@ -303,28 +302,24 @@ async def test_anthropic_max_tokens_0_is_refused_by_name() -> None:
     cortex does not serve it, and says so rather than calling 0 a wrong number."""
     runtime = fake_runtime.FakeRuntime()
     runtime.add(fake_runtime.FakeServed("tiny-chat"))
-    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
-        config = GatewayConfig.model_validate(
-            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
-        )
-        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
-            client = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="x", max_retries=0)
-            async with client:
-                with pytest.raises(anthropic.BadRequestError) as refused:
-                    await client.messages.create(
-                        model="tiny-chat",
-                        max_tokens=0,
-                        messages=[{"role": "user", "content": "hi"}],
-                    )
-                said = refused.value.body
-                assert isinstance(said, dict), said
-                assert "max_tokens 0 (filling the prompt cache" in said["error"]["message"], said
-                with pytest.raises(anthropic.BadRequestError):  # below 0 stays a wrong number
-                    await client.messages.create(
-                        model="tiny-chat",
-                        max_tokens=-1,
-                        messages=[{"role": "user", "content": "hi"}],
-                    )
+    async with gateway_over(runtime) as gateway:
+        client = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="x", max_retries=0)
+        async with client:
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                await client.messages.create(
+                    model="tiny-chat",
+                    max_tokens=0,
+                    messages=[{"role": "user", "content": "hi"}],
+                )
+            said = refused.value.body
+            assert isinstance(said, dict), said
+            assert "max_tokens 0 (filling the prompt cache" in said["error"]["message"], said
+            with pytest.raises(anthropic.BadRequestError):  # below 0 stays a wrong number
+                await client.messages.create(
+                    model="tiny-chat",
+                    max_tokens=-1,
+                    messages=[{"role": "user", "content": "hi"}],
+                )
 
 
 async def test_anthropic_refuses_an_empty_user_turn_and_a_prefill_ending_in_whitespace() -> None:
@@ -339,17 +334,11 @@ async def test_anthropic_refuses_an_empty_user_turn_and_a_prefill_ending_in_whit
             "messages: final assistant content cannot end with trailing whitespace",
         ),
     ]
-    async with running(create_neuron_app(runtime), lifespan="on") as neuron:
-        config = GatewayConfig.model_validate(
-            {"gateway": {"poll_interval": 0.05}, "neurons": [{"name": "n", "endpoint": neuron.url}]}
-        )
-        async with running(create_app(config, [], tuning=FAST), lifespan="on") as gateway:
-            client = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="x", max_retries=0)
-            async with client:
-                for messages, words in asked:
-                    with pytest.raises(anthropic.BadRequestError) as refused:
-                        await client.messages.create(
-                            model="tiny-chat", max_tokens=8, messages=messages
-                        )
-                    said = refused.value.body
-                    assert isinstance(said, dict) and said["error"]["message"].startswith(words)
+    async with gateway_over(runtime) as gateway:
+        client = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="x", max_retries=0)
+        async with client:
+            for messages, words in asked:
+                with pytest.raises(anthropic.BadRequestError) as refused:
+                    await client.messages.create(model="tiny-chat", max_tokens=8, messages=messages)
+                said = refused.value.body
+                assert isinstance(said, dict) and said["error"]["message"].startswith(words)
