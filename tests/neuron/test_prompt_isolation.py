@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -62,9 +62,18 @@ class Stream:
     url: str
     arrivals: list[float] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    ended: bool = False
 
     def run(self) -> None:
-        body = {"model": MODEL, "prompt": "once upon a time", "max_tokens": 4000, "stream": True}
+        # Sampled text from random weights meets EOS now and then (about one stream in eight
+        # over 4000 tokens), which ended the stream before the test was done with it.
+        body = {
+            "model": MODEL,
+            "prompt": "once upon a time",
+            "max_tokens": CONTEXT - 64,
+            "ignore_eos": True,
+            "stream": True,
+        }
         with (
             httpx.Client(base_url=self.url, timeout=60) as http,
             http.stream("POST", "/v1/completions", json=body) as response,
@@ -73,6 +82,7 @@ class Stream:
                 self.arrivals.append(time.monotonic())
                 if self.stop.is_set():
                     return
+        self.ended = True
 
     def chunks_after(self, moment: float) -> int:
         return sum(1 for t in self.arrivals if t > moment)
@@ -84,10 +94,12 @@ class Stream:
         return max(b - a for a, b in itertools.pairwise(times))
 
 
-def _poll(predicate: object, timeout: float = 60.0) -> None:
+def _poll(stream: Stream, chunks: Callable[[], int], wanted: int, timeout: float = 60.0) -> None:
+    """Wait until `chunks()` reaches `wanted`; a stream that ended first fails at once."""
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
+    while chunks() < wanted:
+        assert not stream.ended, f"the stream ended after {len(stream.arrivals)} chunks"
+        assert time.monotonic() < deadline, f"{chunks()} of {wanted} chunks in {timeout:g}s"
         time.sleep(0.01)
 
 
@@ -99,11 +111,11 @@ def _beside_a_stream(
     reader = threading.Thread(target=stream.run, daemon=True)
     reader.start()
     try:
-        _poll(lambda: len(stream.arrivals) >= 5)
+        _poll(stream, lambda: len(stream.arrivals), 5)
         sent = time.monotonic()
         answer = neuron.http.post("/v1/chat/completions", json=body)
         answered = time.monotonic()
-        _poll(lambda: stream.chunks_after(answered) >= 10)
+        _poll(stream, lambda: stream.chunks_after(answered), 10)
     finally:
         stream.stop.set()
         reader.join(timeout=60)
