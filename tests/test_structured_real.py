@@ -213,7 +213,9 @@ def test_a_forced_call_cut_by_max_tokens_keeps_its_start_in_every_dialect(
     weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     # 20 tokens reach into the arguments (the whole call is about 30)
     ask: Any = {"model": CHAT, "max_tokens": 20, "messages": ASK}
-    forced: Any = {"tools": [{"name": "get_weather", "input_schema": weather}]}
+    # greedy, so the call's length does not vary from run to run (this SDK takes no temperature)
+    forced: Any = {"extra_body": {"temperature": 0}}
+    forced["tools"] = [{"name": "get_weather", "input_schema": weather}]
     forced["tool_choice"] = {"type": "tool", "name": "get_weather"}
     call = claude.messages.create(**ask, **forced)
     assert call.stop_reason == "max_tokens"
@@ -227,13 +229,14 @@ def test_a_forced_call_cut_by_max_tokens_keeps_its_start_in_every_dialect(
     assert streamed.stop_reason == "max_tokens"
     tool: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}}]
     named: Any = {"type": "function", "function": {"name": "get_weather"}}
-    chat = oai.chat.completions.create(**ask, tools=tool, tool_choice=named)
+    chat = oai.chat.completions.create(**ask, tools=tool, tool_choice=named, temperature=0)
     [cut] = chat.choices[0].message.tool_calls or []
     assert chat.choices[0].finish_reason == "length" and cut.function.name == "get_weather"  # type: ignore[union-attr]
     assert cut.function.arguments.startswith("{")  # type: ignore[union-attr]
     reply = oai.responses.create(
         model=CHAT,
         max_output_tokens=20,
+        temperature=0,
         input=ASK[0]["content"],
         tools=[{"type": "function", "name": "get_weather", "parameters": weather, "strict": False}],
         tool_choice={"type": "function", "name": "get_weather"},

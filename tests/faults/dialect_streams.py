@@ -43,7 +43,10 @@ class Dialect:
         else:
             body["messages"] = [{"role": "user", "content": prompt}]
         if stream:
+            # Greedy: the tests need the stream to outlast a kill, and sampled text from random
+            # weights meets EOS now and then (ignore_eos would not survive the translations).
             body["stream"] = True
+            body["temperature"] = 0
         return body
 
     def failed(self, events: list[Event]) -> str:
