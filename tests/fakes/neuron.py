@@ -29,6 +29,7 @@ from cortex.core.errors import (
     NeuronUnavailable,
     Overloaded,
     QueueTimeout,
+    Shortfall,
     ShuttingDown,
     Unauthorized,
 )
@@ -238,7 +239,10 @@ class FakeNeuron:
             raise ModelNotFound(f"{self.name} cannot load {load.model!r}")
         size = size if size is not None else GiB
         if size > self.free():
-            raise CapacityExhausted(f"{load.model} needs {size}, {self.free()} free")
+            raise CapacityExhausted(
+                f"{load.model} needs {size}, {self.free()} free",
+                memory=Shortfall(size, self.free()),
+            )
         model = FakeModel(load.model, size, state=ModelState.LOADING)
         self.models[load.model] = model
         try:

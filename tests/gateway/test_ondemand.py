@@ -275,3 +275,39 @@ async def test_a_wait_for_room_is_bounded_by_the_load_timeout() -> None:
         n1.faults.hold.set()
         assert (await running).status_code == 200
         assert n1.loads == [] and n1.unloads == []
+
+
+async def test_a_model_of_unknown_size_evicts_a_cold_one_once_the_neuron_says_its_size() -> None:
+    # b was never seen ready and the catalogue gives no budget: its first load goes out on a
+    # guess, and the full neuron refuses it, saying how much it needs. The gateway plans again
+    # with that size, evicts the cold a, and the client never sees the refusal.
+    n1 = FakeNeuron("n1", memory=GiB + GiB // 2, loaded={"a": GiB}, available={"b": GiB})
+    async with cluster(n1, catalogue=[spec("a", memory=None), spec("b", memory=None)]) as c:
+        await eventually(lambda: c.gateway.placer.ready("a") == ["n1"])
+        answer = await c.http.post("/v1/chat/completions", json=chat_body("b"))
+        assert answer.status_code == 200, answer.text
+        assert [load.model for load in n1.loads] == ["b", "b"] and n1.unloads == ["a"]
+        assert c.gateway.fleet.sizes["b"] == GiB
+
+
+async def test_a_model_no_neuron_can_make_room_for_is_refused_with_its_size() -> None:
+    # a is pinned: nothing can be evicted for b. After the neuron's refusal taught b's size, the
+    # one plan left cannot fit it, and the client learns what b needs and what is free.
+    n1 = FakeNeuron("n1", memory=GiB + GiB // 2, loaded={"a": GiB}, available={"b": GiB})
+    catalogue = [spec("a", memory=None, pinned_on=["n1"]), spec("b", memory=None)]
+    async with cluster(n1, catalogue=catalogue) as c:
+        await eventually(lambda: c.gateway.placer.ready("a") == ["n1"])
+        answer = await c.http.post("/v1/chat/completions", json=chat_body("b"))
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "3", answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "neuron_unavailable"
+        assert "needs 1.0 GiB" in error["message"] and "512 MiB free" in error["message"]
+        assert error["memory"] == {"needed": GiB, "free": GiB // 2}
+        assert [load.model for load in n1.loads] == ["b"] and n1.unloads == []  # one guess only
+        anthropic = await c.http.post(
+            "/v1/messages",
+            json={"model": "b", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert anthropic.status_code == 503, anthropic.text
+        assert anthropic.json()["error"]["type"] == "api_error"
+        assert "needs 1.0 GiB" in anthropic.json()["error"]["message"]

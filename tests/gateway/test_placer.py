@@ -11,7 +11,7 @@ from gateway_cluster import eventually
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.config import NeuronEntry
-from cortex.core.errors import CapacityExhausted, ModelBusy, ModelNotFound
+from cortex.core.errors import CapacityExhausted, ModelBusy, ModelNotFound, Shortfall
 from cortex.core.fleet import (
     DeviceStatus,
     LoadedModel,
@@ -24,7 +24,7 @@ from cortex.core.placement.model import Load, Policy, Unload
 from cortex.gateway.catalogue import LiveCatalogue
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.ondemand import OnDemand
-from cortex.gateway.placer import Placer
+from cortex.gateway.placer import MAX_PLANS, Placer
 from cortex.gateway.registry import Fleet
 
 GiB = 2**30
@@ -40,6 +40,9 @@ class Neuron:
         self.load_gate: asyncio.Event | None = None
         self.unload_gate: asyncio.Event | None = None
         self.busy: set[str] = set()  # unloads of these are refused, as with requests in flight
+        # Loads are refused for room, each saying the model needs the next of these (memory
+        # taken outside cortex since the last poll, say).
+        self.refusals: list[int] = []
 
     def status_now(self) -> NeuronStatus:
         used = sum(m.memory_bytes for m in self.resident.values())
@@ -70,8 +73,16 @@ class Neuron:
             await self.load_gate.wait()
         size = SIZES[request.model]
         used = sum(m.memory_bytes for m in self.resident.values())
+        if self.refusals:
+            needed = self.refusals.pop(0)
+            raise CapacityExhausted(
+                f"{request.model} needs {needed}", memory=Shortfall(needed, self.memory - used)
+            )
         if used + size > self.memory:
-            raise CapacityExhausted(f"{request.model} needs {size}, {self.memory - used} free")
+            raise CapacityExhausted(
+                f"{request.model} needs {size}, {self.memory - used} free",
+                memory=Shortfall(size, self.memory - used),
+            )
         self.resident[request.model] = _loaded(request.model, size, time.time())
         return self.resident[request.model]
 
@@ -121,7 +132,7 @@ def placer_over(*neurons: Neuron, strategy: str = "lru", **specs: dict[str, obje
         fleet[neuron.name].listing = ModelListing()
     catalogue = LiveCatalogue(
         [
-            ModelSpec(id=m, source="file:/m", memory=SIZES[m], **fields)  # type: ignore[arg-type]
+            ModelSpec(id=m, source="file:/m", **({"memory": SIZES[m]} | fields))  # type: ignore[arg-type]
             for m, fields in specs.items()
         ],
         fleet,
@@ -148,6 +159,34 @@ async def test_a_load_refused_for_memory_is_planned_again_with_evictions() -> No
     n1.resident["x"] = _loaded("x", SIZES["x"], time.time() - 60)
     assert await placer.place("m") == "n1"
     assert n1.calls == [("load", "m"), ("unload", "x"), ("load", "m")]
+
+
+async def test_a_load_sent_on_a_guess_is_planned_again_with_the_size_its_refusal_says() -> None:
+    # m has no budget and was never seen ready: its first load goes out on a guess, without
+    # evicting x. The neuron refuses it, saying what m needs: the next plan evicts x for it.
+    n1 = Neuron("n1", 10 * GiB, x=(4 * GiB, time.time() - 60))
+    placer = placer_over(n1, x={}, m={"memory": None})
+    assert await placer.place("m") == "n1"
+    assert n1.calls == [("load", "m"), ("unload", "x"), ("load", "m")]
+    assert placer.fleet.sizes["m"] == SIZES["m"]
+
+
+async def test_refusals_for_room_are_planned_again_once_per_size_learnt() -> None:
+    # Every load is refused. A refusal that raises the known size is planned again; one that
+    # does not is retried once (the view may be stale), then reaches the caller.
+    n1 = Neuron("n1", 10 * GiB)
+    n1.refusals = [GiB, GiB, GiB, GiB]
+    placer = placer_over(n1, m={"memory": None})
+    with pytest.raises(CapacityExhausted, match="needs"):
+        await placer.place("m")
+    assert n1.calls == [("load", "m")] * 3  # the guess, with 1 GiB, the stale-view retry
+    # A size that keeps growing is planned again at most MAX_PLANS times, then reported.
+    n2 = Neuron("n2", 10 * GiB)
+    n2.refusals = [GiB, 2 * GiB, 3 * GiB, 4 * GiB, 5 * GiB]
+    placer = placer_over(n2, m={"memory": None})
+    with pytest.raises(CapacityExhausted, match="needs"):
+        await placer.place("m")
+    assert n2.calls == [("load", "m")] * MAX_PLANS
 
 
 async def test_an_eviction_refused_is_planned_again_with_another_victim() -> None:

@@ -6,18 +6,22 @@ import asyncio
 import struct
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 from tiny_models import make_tiny_llama
 
 from cortex.core.catalogue import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
+from cortex.core.client import NeuronClient
 from cortex.core.config import NeuronConfig
 from cortex.core.errors import CapacityExhausted, ModelBusy, ModelLoadFailed, ModelNotFound
 from cortex.core.fleet import LoadRequest, ModelState
 from cortex.neuron.generation import Finished, SamplingParams, TextDelta
 from cortex.neuron.metrics import NeuronMetrics
 from cortex.neuron.runtime import NeuronRuntime
+from cortex.neuron.server import create_app as create_neuron_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -202,3 +206,39 @@ async def test_a_catalogue_model_refused_for_room_leaves_no_failed_record(tmp_pa
         assert full.status().models == []
     finally:
         await full.stop()
+
+
+@asynccontextmanager
+async def client_of_neuron(tmp_path: Path, tiny: Path, memory: str) -> AsyncIterator[NeuronClient]:
+    """A NeuronClient over the real server and runtime, with `memory` of CPU and `tiny` listed."""
+    config = NeuronConfig.model_validate(
+        {
+            "neuron": {"name": "t", "cache_dir": str(tmp_path), "cpu_memory": memory},
+            "models": [{"id": "tiny", "source": f"file:{tiny}"}],
+        }
+    )
+    runtime = NeuronRuntime(config, catalogue=[])
+    await runtime.start()
+    app = create_neuron_app(runtime)
+    client = NeuronClient("http://neuron", transport=httpx.ASGITransport(app=app))
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        await runtime.stop()
+
+
+async def test_a_refusal_for_room_says_what_the_model_needs_on_the_wire(tmp_path: Path) -> None:
+    # The estimate the neuron refuses with (from the weights' files) reaches a NeuronClient as a
+    # number, not text, and is a lower bound of what the model takes once ready: a gateway that
+    # sent the load on a guess plans again with it (docs/architecture.md).
+    tiny = make_tiny_llama(tmp_path / "tiny")
+    async with client_of_neuron(tmp_path, tiny, "1MiB") as full:
+        with pytest.raises(CapacityExhausted) as refused:
+            await full.load(LoadRequest(model="tiny"))
+    memory = refused.value.memory
+    assert memory is not None and memory.free == 2**20
+    assert f"needs {memory.needed / 2**20:.0f} MiB" in refused.value.message
+    async with client_of_neuron(tmp_path, tiny, "1GiB") as roomy:
+        loaded = await roomy.load(LoadRequest(model="tiny"))
+    assert 2**20 < memory.needed <= loaded.memory_bytes

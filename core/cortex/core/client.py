@@ -18,6 +18,7 @@ from cortex.core.errors import (
     NeuronUnavailable,
     NeuronUnreachable,
     Overloaded,
+    Shortfall,
     error_from_code,
 )
 from cortex.core.fleet import LoadedModel, LoadRequest, ModelListing, NeuronStatus, UnloadRequest
@@ -81,8 +82,9 @@ def _raise_for(status: int, headers: Mapping[str, str], body: bytes) -> None:
     try:
         error = json.loads(body).get("error") or {}
         message, code, param = str(error.get("message", "")), error.get("code"), error.get("param")
+        memory = Shortfall.from_wire(error.get("memory"))
     except (ValueError, AttributeError):
-        message, code, param = body.decode(errors="replace")[:500], None, None
+        message, code, param, memory = body.decode(errors="replace")[:500], None, None, None
     retry = headers.get("retry-after")
     raise error_from_code(
         code,
@@ -90,6 +92,7 @@ def _raise_for(status: int, headers: Mapping[str, str], body: bytes) -> None:
         status,
         retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
         param=param if isinstance(param, str) else None,
+        memory=memory,
     )
 
 

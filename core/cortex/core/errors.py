@@ -2,6 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """Memory a model needs and what the place it was refused had free, in bytes: carried by a
+    refusal for room (`error.memory` on the wire), so a caller plans with the real size."""
+
+    needed: int
+    free: int
+
+    def wire(self) -> dict[str, int]:
+        return {"needed": self.needed, "free": self.free}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Shortfall | None:
+        """The shortfall an error body carried, or None when it carried none (or garbage)."""
+        if not isinstance(value, dict):
+            return None
+        needed, free = value.get("needed"), value.get("free")
+        if type(needed) is not int or type(free) is not int:  # bool is an int, and no size
+            return None
+        return cls(needed, free)
+
 
 class CortexError(Exception):
     """Base of every error cortex reports to a client; carries its HTTP status and error code."""
@@ -11,12 +36,19 @@ class CortexError(Exception):
     kind: str = "server_error"  # OpenAI `error.type`
 
     def __init__(
-        self, message: str, *, param: str | None = None, retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+        memory: Shortfall | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.retry_after = retry_after
+        # A refusal for room says how much memory was needed and how much was free.
+        self.memory = memory
 
 
 class InvalidRequest(CortexError):
@@ -190,12 +222,13 @@ def error_from_code(
     status: int,
     retry_after: float | None = None,
     param: str | None = None,
+    memory: Shortfall | None = None,
 ) -> CortexError:
     """Rebuild a domain error from an upstream OpenAI-shaped error body (used by NeuronClient)."""
     cls = ERRORS_BY_CODE.get(code or "")
     if cls is None:
-        err = CortexError(message, param=param, retry_after=retry_after)
+        err = CortexError(message, param=param, retry_after=retry_after, memory=memory)
         err.status = status
         err.code = code or "upstream_error"
         return err
-    return cls(message, param=param, retry_after=retry_after)
+    return cls(message, param=param, retry_after=retry_after, memory=memory)

@@ -25,6 +25,7 @@ from cortex.core.errors import (
     ModelLoadFailed,
     ModelNotFound,
     NeuronUnavailable,
+    Shortfall,
 )
 from cortex.core.fleet import LoadedModel, LoadRequest, ModelState
 from cortex.core.placement.model import Action, Demand, Load, NeuronView, Plan, Policy, Unload
@@ -61,6 +62,17 @@ class RoomBusy(NeuronUnavailable):
 
 def _no_one_else() -> Mapping[str, int]:
     return {}
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
+def _room(free: Sequence[int]) -> str:
+    """What the neurons a model may use have free, for a refusal that says what it needs."""
+    if len(free) == 1:
+        return f"its neuron has {_mib(free[0])} free"
+    return f"the most free on one of its {len(free)} neurons is {_mib(max(free))}, {_mib(sum(free))} in all"
 
 
 class Placer:
@@ -139,12 +151,15 @@ class Placer:
         `waiting` says how many clients wait for each model: the plan serves the most waited-for
         first. Cancelling abandons a load this call started; loads started elsewhere are only left.
         A neuron refusing the plan (no room for the load, a victim busy) is planned for once more:
-        its status, read again on the refusal, may be newer than the poll the plan saw. When only
+        its status, read again on the refusal, may be newer than the poll the plan saw. A refusal
+        for room that says the model needs more than the plan assumed (a model of unknown size
+        sent on a guess) is planned again with that size, once per size learnt. When only
         replicas that will settle keep the model out (RoomBusy), it plans again at each change of
         the fleet (`Fleet.changes`) for up to `patience` seconds.
         """
         deadline = asyncio.get_running_loop().time() + patience
         refused, plans = False, 0
+        last: CortexError | None = None  # the last refusal, reported if the plans run out
         while plans < MAX_PLANS:
             plans += 1
             while not (ready := self.ready(model)) and await self._wait_in_transit(model):
@@ -167,7 +182,10 @@ class Placer:
                 continue
             try:
                 await self._execute(actions)
-            except (CapacityExhausted, EvictionRefused):
+            except (CapacityExhausted, EvictionRefused) as err:
+                last = err
+                if (self._size(model) or 0) > load.memory:
+                    continue  # the refusal said how much it needs: plan with that (`_load`)
                 if refused:
                     raise
                 refused = True
@@ -177,6 +195,8 @@ class Placer:
         ready = self.ready(model)
         if ready:
             return ready[0]
+        if last is not None:
+            raise last
         raise NeuronUnavailable(
             f"model {model!r} could not be placed: its replicas keep disappearing",
             retry_after=self.retry_after,
@@ -303,14 +323,18 @@ class Placer:
                 f"model {model!r} cannot be loaded: no healthy neuron", retry_after=self.retry_after
             )
         size = self._size(model)
+        memory = None
+        if size is not None:
+            free = [max(v.memory_free, 0) for v in usable]
+            memory = Shortfall(size, max(free))
+            reason += f" ({_room(free)})"
         if size is not None and size > max(v.memory_total for v in usable):
-            return CapacityExhausted(f"model {model!r} cannot be loaded: {reason}")
-        if model in result.blocked:
-            return RoomBusy(
-                f"model {model!r} cannot be loaded now: {reason}", retry_after=self.retry_after
-            )
-        return NeuronUnavailable(
-            f"model {model!r} cannot be loaded now: {reason}", retry_after=self.retry_after
+            return CapacityExhausted(f"model {model!r} cannot be loaded: {reason}", memory=memory)
+        error = RoomBusy if model in result.blocked else NeuronUnavailable
+        return error(
+            f"model {model!r} cannot be loaded now: {reason}",
+            retry_after=self.retry_after,
+            memory=memory,
         )
 
     def _size(self, model: str) -> int | None:
@@ -481,6 +505,8 @@ class Placer:
             self._spawn(self._abandon(load))
             raise
         except CortexError as err:
+            if isinstance(err, CapacityExhausted) and err.memory is not None:
+                self._learn(load, err.memory.needed)
             if isinstance(err, NeuronUnavailable):
                 self.fleet.note_failure(load.neuron, err.message)
             else:  # the neuron answered: its status now says what failed (the model's card too)
@@ -493,6 +519,11 @@ class Placer:
         self.metrics.load_seconds.labels(load.model, load.neuron).observe(took)
         log.info("loaded %s on %s", load.model, load.neuron)
         return loaded
+
+    def _learn(self, load: Load, needed: int) -> None:
+        """A neuron refused a load for room and said what the model needs: later plans use it."""
+        if self.fleet.learn_size(load.model, needed):
+            log.info("%s refused %s for room: it needs %s", load.neuron, load.model, _mib(needed))
 
     async def _abandon(self, load: Load) -> None:
         """Every waiter left: the neuron need not keep what nobody asked for any more."""

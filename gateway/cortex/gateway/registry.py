@@ -92,8 +92,9 @@ class Fleet:
         self._admin_token = admin_token
         # Requests per model through this gateway, decayed: the `cost` eviction strategy's rate.
         self.usage: dict[str, Usage] = {}
-        # The most memory each model was seen to take once ready, anywhere: kept after its last
-        # replica goes, so a later cold load of it is planned with its size, not on a guess.
+        # The most memory each model was seen to take once ready, anywhere, or a neuron said it
+        # needs when it refused it for room: kept after its last replica goes, so a later cold
+        # load of it is planned with its size, not on a guess.
         self.sizes: dict[str, int] = {}
         # Beats when a replica goes idle and when a poll or a load's or unload's answer is
         # recorded: a placement waiting for room plans again then (placer.py).
@@ -359,6 +360,15 @@ class Fleet:
         for loaded in models:
             if loaded.state == ModelState.READY and loaded.memory_bytes > 0:
                 self.sizes[loaded.id] = max(self.sizes.get(loaded.id, 0), loaded.memory_bytes)
+
+    def learn_size(self, model: str, at_least: int) -> bool:
+        """A neuron refused `model` for room, saying it needs `at_least` bytes (its estimate from
+        the weights' files, a lower bound of what it takes once ready); True when that is more
+        than was known."""
+        if at_least <= self.sizes.get(model, 0):
+            return False
+        self.sizes[model] = at_least
+        return True
 
     def estimates(self) -> dict[str, int]:
         """Bytes a model was seen to use once ready, anywhere, now or before: the planner's size

@@ -23,6 +23,7 @@ from cortex.core.errors import (
     ModelBusy,
     ModelNotFound,
     NeuronUnavailable,
+    Shortfall,
     ShuttingDown,
     SourceConflict,
 )
@@ -254,9 +255,12 @@ class NeuronRuntime:
         per_device = replica.memory // len(devices)
         short = [d for d in devices if d.memory_free() < per_device]
         if short:
+            # The estimate travels with the refusal (`error.memory`): a gateway that sent the load
+            # on a guess plans again with it (docs/architecture.md, "The placement kernel").
             raise CapacityExhausted(
                 f"model {spec.id!r} needs {replica.memory / 2**20:.0f} MiB; {short[0].id} has "
-                f"{short[0].memory_free() / 2**20:.0f} MiB free"
+                f"{short[0].memory_free() / 2**20:.0f} MiB free",
+                memory=Shortfall(replica.memory, sum(d.memory_free() for d in devices)),
             )
         for device in devices:
             device.committed += per_device

@@ -403,8 +403,9 @@ class _Work:
         # Worst fit: the neuron with the most memory left after the load. It spreads replicas
         # (and so compute) over the fleet, and in the P4 benchmark it costs fewer cold loads than
         # best fit. A model of unknown size is never evicted for on a guess: the neuron refuses
-        # what does not fit. The caller's `estimates` give the size of any model it has seen
-        # ready, even loaded nowhere now (the gateway's registry keeps them).
+        # what does not fit, saying what it needs. The caller's `estimates` give the size of any
+        # model it has seen ready, even loaded nowhere now, or was told by such a refusal (the
+        # gateway's registry keeps them), so its next plan evicts for the real size.
         fitting = [slot for slot in slots if slot.free >= (size or 0)]
         if fitting or size is None:
             self.load(min(fitting or slots, key=lambda s: (-s.free, s.name)), model, size or 0)

@@ -29,10 +29,17 @@ _ANTHROPIC_TYPES = {
 
 
 def openai_error(err: CortexError) -> dict[str, Any]:
-    """OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
-    return {
-        "error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}
+    """OpenAI's envelope: {"error": {"message", "type", "param", "code"}}; a refusal for room
+    adds `memory: {"needed", "free"}` (bytes), which the OpenAI SDKs keep in the error's body."""
+    error: dict[str, Any] = {
+        "message": err.message,
+        "type": err.kind,
+        "param": err.param,
+        "code": err.code,
     }
+    if err.memory is not None:
+        error["memory"] = err.memory.wire()
+    return {"error": error}
 
 
 def anthropic_status(err: CortexError) -> int:
