@@ -622,6 +622,44 @@ async def test_a_failing_placement_evicts_nothing_until_a_load_succeeds(
         assert loads_of(fake, "high") == 1
 
 
+async def test_an_edited_spec_is_tried_at_once_its_attempts_counted_afresh(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", available={"broken": GiB})
+    fake.faults.load_error = "weights are corrupt"
+    async with running(fake.app) as served, operator():  # a 30 s backoff
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("broken", "broken", source="file:/bad"))
+        await until(lambda: phase(kube, "broken") == "Failed", "the placement to be Failed")
+        # A write that leaves the spec (an annotation, a status) keeps the backoff.
+        await kube.patch(PLACEMENTS, "broken", {"metadata": {"annotations": {"note": "x"}}})
+        seen = {kube.status(NEURONS, "n1")["lastProbe"]}
+
+        def probed_again() -> bool:
+            seen.add(kube.status(NEURONS, "n1")["lastProbe"])
+            return len(seen) >= 3
+
+        await until(probed_again, "more probes of the neuron")
+        assert loads_of(fake, "broken") == 1
+        # An edited spec is the user's correction: tried at once, as a first attempt.
+        await kube.patch(PLACEMENTS, "broken", {"spec": {"source": "file:/still-bad"}})
+        failed = await until(
+            lambda: [e["message"] for e in kube.events("broken") if e["reason"] == "LoadFailed"][
+                1:
+            ],
+            "the edited spec's load to fail too",
+        )
+        assert failed == ["n1: weights are corrupt; next try in 30s"]  # not 60 s: a first attempt
+        fake.faults.load_error = None
+        await kube.patch(PLACEMENTS, "broken", {"spec": {"source": "file:/fixed"}})
+        await until(lambda: phase(kube, "broken") == "Ready", "the corrected spec to load")
+        assert [load.source for load in fake.loads] == [
+            "file:/bad",
+            "file:/still-bad",
+            "file:/fixed",
+        ]
+
+
 async def test_a_neuron_pod_becomes_a_neuron_owned_by_it(kube: Kube, operator: Operator) -> None:
     fake = FakeNeuron("gpu-node-1")
     async with running(fake.app) as served, operator():

@@ -36,6 +36,7 @@ from cortex.operator.reconcile import (
     PendingLoad,
     Unloaded,
     alias_refusal,
+    outdated_failures,
     replaced_model,
     settled_failures,
     successor,
@@ -152,13 +153,18 @@ class Controller:
     def fleet(
         self, namespace: str, neurons: Iterable[Neuron], placements: Iterable[ModelPlacement]
     ) -> Fleet:
-        """The namespace's snapshot: its objects, their probes and what this process remembers."""
+        """The namespace's snapshot: its objects, their probes and what this process remembers
+        (but the failures of specs since edited: those no longer hold)."""
+        live = tuple(p for p in placements if not p.metadata.deletion_timestamp)
+        failures = {name: f for (ns, name), f in self.failures.items() if ns == namespace}
+        for name in outdated_failures(failures, live):
+            del failures[name]
         return Fleet(
             neurons=tuple(neurons),
             probes={name: p for (ns, name), p in self.probes.items() if ns == namespace},
-            placements=tuple(p for p in placements if not p.metadata.deletion_timestamp),
+            placements=live,
             pending={(m, n): p for (ns, m, n), p in self.pending.items() if ns == namespace},
-            failures={name: f for (ns, name), f in self.failures.items() if ns == namespace},
+            failures=failures,
             unloaded={name: u for (ns, name), u in self.unloaded.items() if ns == namespace},
             aliases={m: c for (ns, m), c in self.aliases.items() if ns == namespace},
             unreachable_after=self.config.unreachable_after,
@@ -189,6 +195,9 @@ class Controller:
         """Plan from a fresh snapshot (under the namespace's lock) and carry the plan out."""
         indexed_neurons, indexed_placements = objects()
         neurons, placements = list(indexed_neurons), list(indexed_placements)
+        mine = {name: f for (ns, name), f in self.failures.items() if ns == namespace}
+        for name in outdated_failures(mine, placements):
+            self.failures.pop((namespace, name), None)  # an edited spec: its attempts start again
         fleet = self.fleet(namespace, neurons, placements)
         if unprobed(fleet):
             return None
@@ -308,12 +317,14 @@ class Controller:
                 log.info("load of %s on %s cancelled by an unload", request.model, where)
                 return
             self.metrics.loads.labels("failed").inc()
+            generation = placement.metadata.generation
             before = self.failures.get((namespace, name))
-            attempts = before.attempts + 1 if before is not None else 1
+            again = before is not None and before.generation == generation
+            attempts = before.attempts + 1 if before is not None and again else 1
             now = self.clock()
             wait = self.config.backoff(attempts)
             self.failures[(namespace, name)] = LoadFailure(
-                where, _reason(exc), attempts, now, now + wait
+                where, _reason(exc), attempts, now, now + wait, generation
             )
             kopf.warn(
                 body_of(placement),

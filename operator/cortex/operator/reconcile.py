@@ -65,13 +65,15 @@ class PendingLoad:
 
 @dataclass(frozen=True)
 class LoadFailure:
-    """The last failed load of a placement; no new load is tried before `retry_at`."""
+    """The last failed load of a placement; no new load is tried before `retry_at`. It holds for
+    the spec it was asked under (`generation`): an edited spec is tried at once."""
 
     neuron: str
     reason: str
     attempts: int
     at: float
     retry_at: float
+    generation: int | None  # the placement's metadata.generation when the load was asked
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,20 @@ class FleetPlan:
     blocked: frozenset[str]  # placements backing off after a failed load
     excess: tuple[Unload, ...] = ()  # replicas above a placement's replicas.max
     replaced: tuple[Unload, ...] = ()  # replicas of a model a placement's spec.model left
+
+
+def outdated_failures(
+    failures: Mapping[str, LoadFailure], placements: Iterable[ModelPlacement]
+) -> list[str]:
+    """Placements whose spec changed since their failed load was asked (a new generation): the
+    failure was the old spec's, so the new one is tried at once, its attempts counted afresh. A
+    status or metadata write leaves the generation, and so the failure, as it is."""
+    generations = {p.metadata.name: p.metadata.generation for p in placements}
+    return sorted(
+        name
+        for name, failure in failures.items()
+        if name in generations and generations[name] != failure.generation
+    )
 
 
 def unprobed(fleet: Fleet) -> list[str]:
