@@ -250,8 +250,12 @@ class CortexCluster(kmock.KubernetesEmulator):
         return None
 
     def _check(self, request: rendering.Request, key: str, validator: CrdValidator) -> None:
+        """Validate the write, and keep metadata.generation as a server does for custom
+        resources: 1 on create, one more on each write that changes the spec (status and
+        metadata writes leave it)."""
         if request.action == enums.action.CREATE:
             stored = validator.validate(request.data)
+            stored.setdefault("metadata", {})["generation"] = 1
             request.data.clear()
             request.data.update(stored)
         elif request.action == enums.action.UPDATE and request.name is not None:
@@ -261,3 +265,6 @@ class CortexCluster(kmock.KubernetesEmulator):
             current = self.objects[where]
             patched = dicts.patch_dict(current.raw, request.data)
             validator.validate(patched, current.raw)
+            if patched.get("spec") != current.raw.get("spec"):
+                generation = current.raw.get("metadata", {}).get("generation") or 0
+                request.data.setdefault("metadata", {})["generation"] = generation + 1

@@ -62,11 +62,12 @@ class FakeModel:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     unloaded: asyncio.Event = field(default_factory=asyncio.Event)  # an unload ended its load
     error: str | None = None  # why a FAILED model failed
+    source: str | None = None  # the load's source; None: the catalogue's, file:/fake/<id>
 
     def view(self) -> LoadedModel:
         return LoadedModel(
             id=self.id,
-            source=f"file:/fake/{self.id}",
+            source=self.source or f"file:/fake/{self.id}",
             kind=self.kind,
             state=self.state,
             devices=["cpu-0"],
@@ -243,7 +244,7 @@ class FakeNeuron:
                 f"{load.model} needs {size}, {self.free()} free",
                 memory=Shortfall(size, self.free()),
             )
-        model = FakeModel(load.model, size, state=ModelState.LOADING)
+        model = FakeModel(load.model, size, state=ModelState.LOADING, source=load.source)
         self.models[load.model] = model
         try:
             if self.faults.load_gate is not None:

@@ -119,10 +119,22 @@ async def test_a_load_may_take_the_operator_s_load_timeout_not_the_client_s_read
 def test_only_placements_still_backing_off_count_in_the_gauge() -> None:
     now = 1_800_000_000.0
     controller = Controller(FAST, clock=lambda: now)
-    controller.failures[(NS, "over")] = LoadFailure("a", "corrupt", 3, now - 90, now - 10)
-    controller.failures[(NS, "waiting")] = LoadFailure("a", "corrupt", 1, now - 5, now + 5)
+    controller.failures[(NS, "over")] = LoadFailure("a", "corrupt", 3, now - 90, now - 10, 1)
+    controller.failures[(NS, "waiting")] = LoadFailure("a", "corrupt", 1, now - 5, now + 5, 1)
     gauge = controller.metrics.registry.get_sample_value("cortex_operator_backing_off_placements")
     assert gauge == 1
+
+
+def test_the_failure_of_a_spec_since_edited_is_not_in_the_fleet() -> None:
+    now = 1_800_000_000.0
+    controller = Controller(FAST, clock=lambda: now)
+    controller.failures[(NS, "chat")] = LoadFailure("a", "no such source", 3, now - 5, now + 90, 1)
+    body = {"metadata": {"name": "chat", "generation": 1}, "spec": {"model": "chat"}}
+    asked = ModelPlacement.model_validate(body)
+    assert set(controller.fleet(NS, [nr("a")], [asked]).failures) == {"chat"}
+    body["metadata"]["generation"] = 2  # type: ignore[index]
+    edited = ModelPlacement.model_validate(body)
+    assert controller.fleet(NS, [nr("a")], [edited]).failures == {}
 
 
 def test_a_peer_leads_unless_a_live_peer_is_at_or_above_its_priority() -> None:

@@ -29,6 +29,7 @@ import cortex.operator.handlers as handlers
 import cortex.operator.kube as kube_module
 import cortex.operator.planning as planning
 from cortex.cli.commands import free_port
+from cortex.core.fleet import ModelState
 from cortex.core.resources import DEMAND_ANNOTATION, PlacementDemand, rfc3339
 from cortex.operator.controller import Controller
 
@@ -620,6 +621,146 @@ async def test_a_failing_placement_evicts_nothing_until_a_load_succeeds(
         await until(lambda: phase(kube, "low") == "Ready", "low to be Ready again")
         assert fake.unloads == ["low"]
         assert loads_of(fake, "high") == 1
+
+
+async def test_an_edited_spec_is_tried_at_once_its_attempts_counted_afresh(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", available={"broken": GiB})
+    fake.faults.load_error = "weights are corrupt"
+    async with running(fake.app) as served, operator():  # a 30 s backoff
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("broken", "broken", source="file:/bad"))
+        await until(lambda: phase(kube, "broken") == "Failed", "the placement to be Failed")
+        # A write that leaves the spec (an annotation, a status) keeps the backoff.
+        await kube.patch(PLACEMENTS, "broken", {"metadata": {"annotations": {"note": "x"}}})
+        seen = {kube.status(NEURONS, "n1")["lastProbe"]}
+
+        def probed_again() -> bool:
+            seen.add(kube.status(NEURONS, "n1")["lastProbe"])
+            return len(seen) >= 3
+
+        await until(probed_again, "more probes of the neuron")
+        assert loads_of(fake, "broken") == 1
+        # An edited spec is the user's correction: tried at once, as a first attempt.
+        await kube.patch(PLACEMENTS, "broken", {"spec": {"source": "file:/still-bad"}})
+        failed = await until(
+            lambda: [e["message"] for e in kube.events("broken") if e["reason"] == "LoadFailed"][
+                1:
+            ],
+            "the edited spec's load to fail too",
+        )
+        assert failed == ["n1: weights are corrupt; next try in 30s"]  # not 60 s: a first attempt
+        fake.faults.load_error = None
+        await kube.patch(PLACEMENTS, "broken", {"spec": {"source": "file:/fixed"}})
+        await until(lambda: phase(kube, "broken") == "Ready", "the corrected spec to load")
+        assert [load.source for load in fake.loads] == [
+            "file:/bad",
+            "file:/still-bad",
+            "file:/fixed",
+        ]
+
+
+def holds(fake: FakeNeuron, model: str, source: str | None = None) -> bool:
+    """The fake neuron has `model` ready (from `source`, when given)."""
+    held = fake.models.get(model)
+    ready = held is not None and held.state == ModelState.READY
+    return ready and held is not None and (source is None or held.source == source)
+
+
+async def test_an_edited_source_loads_the_replacement_first_then_unloads_the_old_replica(
+    kube: Kube, operator: Operator
+) -> None:
+    n1, n2 = FakeNeuron("n1", available={"chat": GiB}), FakeNeuron("n2", available={"chat": GiB})
+    async with running(n1.app) as one, running(n2.app) as two, operator():
+        await kube.create(NEURONS, neuron("n1", one.url, labels={"zone": "a"}))
+        await kube.create(NEURONS, neuron("n2", two.url, labels={"zone": "b"}))
+        selected = {"matchLabels": {"zone": "a"}}
+        body = placement("chat", "chat", source="file:/v1", neuronSelector=selected)
+        await kube.create(PLACEMENTS, body)
+        await until(lambda: phase(kube, "chat") == "Ready", "chat to be Ready")
+        assert holds(n1, "chat", "file:/v1")
+        n2.faults.load_gate = asyncio.Event()
+        await kube.patch(
+            PLACEMENTS, "chat", {"spec": {"source": "file:/v2", "neuronSelector": None}}
+        )
+        await until(lambda: n2.loads, "the replacement's load")
+        # While the replacement loads, the old replica serves: nothing is unloaded.
+        await until(
+            lambda: kube.condition("chat", "UpToDate").get("reason") == "Replacing",
+            "the rollout in the status",
+        )
+        assert n1.unloads == [] and phase(kube, "chat") == "Ready"
+        n2.faults.load_gate.set()
+        await until(lambda: n1.unloads == ["chat"], "the old replica to be unloaded")
+        assert holds(n2, "chat", "file:/v2") and n2.loads[0].source == "file:/v2"
+        await until(
+            lambda: kube.condition("chat", "UpToDate").get("reason") == "RolledOut",
+            "the rollout to end",
+        )
+        reasons = await until(
+            lambda: (
+                [
+                    e["message"]
+                    for e in kube.events("chat")
+                    if e["reason"] in ("Replacing", "Unloaded")
+                ]
+                if any(e["reason"] == "Unloaded" for e in kube.events("chat"))
+                else None
+            ),
+            "the Replacing and Unloaded Events",
+        )
+        assert reasons == [
+            "chat on n1: spec.source file:/v1 -> file:/v2; loading its replacement on n2 first",
+            "chat unloaded from n1: replaced by a replica of the edited spec"
+            " (spec.source file:/v1 -> file:/v2)",
+        ]
+
+
+async def test_an_edited_source_with_no_room_for_both_is_replaced_in_place(
+    kube: Kube, operator: Operator
+) -> None:
+    fake = FakeNeuron("n1", memory=GiB, available={"chat": GiB})
+    async with running(fake.app) as served, operator():
+        await kube.create(NEURONS, neuron("n1", served.url))
+        await kube.create(PLACEMENTS, placement("chat", "chat", source="file:/v1"))
+        await until(lambda: phase(kube, "chat") == "Ready", "chat to be Ready")
+        await kube.patch(PLACEMENTS, "chat", {"spec": {"source": "file:/v2"}})
+        await until(lambda: holds(fake, "chat", "file:/v2"), "chat loaded from the new source")
+        assert fake.unloads == ["chat"]
+        await until(lambda: phase(kube, "chat") == "Ready", "chat to be Ready again")
+        replacing = await until(
+            lambda: [e["message"] for e in kube.events("chat") if e["reason"] == "Replacing"],
+            "the Replacing Event",
+        )
+        assert replacing == [
+            "chat on n1: spec.source file:/v1 -> file:/v2; no room for a replacement beside it:"
+            " replaced in place (unloaded, then loaded)"
+        ]
+
+
+async def test_an_edited_selector_moves_the_replica_to_a_neuron_it_matches(
+    kube: Kube, operator: Operator
+) -> None:
+    n1, n2 = FakeNeuron("n1", available={"chat": GiB}), FakeNeuron("n2", available={"chat": GiB})
+    async with running(n1.app) as one, running(n2.app) as two, operator():
+        await kube.create(NEURONS, neuron("n1", one.url, labels={"zone": "a"}))
+        await kube.create(NEURONS, neuron("n2", two.url, labels={"zone": "b"}))
+        body = placement("chat", "chat", neuronSelector={"matchLabels": {"zone": "a"}})
+        await kube.create(PLACEMENTS, body)
+        await until(lambda: phase(kube, "chat") == "Ready", "chat to be Ready")
+        assert holds(n1, "chat")
+        await kube.patch(
+            PLACEMENTS, "chat", {"spec": {"neuronSelector": {"matchLabels": {"zone": "b"}}}}
+        )
+        await until(lambda: n1.unloads == ["chat"], "the replica on n1 to be unloaded")
+        assert holds(n2, "chat")  # ready before the old one went
+        await until(
+            lambda: (
+                [r["neuron"] for r in kube.status(PLACEMENTS, "chat").get("replicas", [])] == ["n2"]
+            ),
+            "the status to name n2 only",
+        )
 
 
 async def test_a_neuron_pod_becomes_a_neuron_owned_by_it(kube: Kube, operator: Operator) -> None:

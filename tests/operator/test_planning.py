@@ -111,7 +111,7 @@ def test_a_kept_plan_ends_when_an_idle_timeout_passes() -> None:
 
 
 def test_a_kept_plan_ends_when_a_backoff_ends() -> None:
-    failure = LoadFailure("a", "weights are corrupt", 1, NOW - 1, NOW + 20)
+    failure = LoadFailure("a", "weights are corrupt", 1, NOW - 1, NOW + 20, 3)
     state = fleet(
         [nr("a")], {"a": probe(answer("a"))}, [mp("bad", "bad")], failures={"bad": failure}
     )

@@ -22,6 +22,7 @@ from cortex.operator.reconcile import (
     LoadFailure,
     PendingLoad,
     active_demand,
+    outdated_failures,
     placement_status,
     plan_fleet,
     settled_failures,
@@ -126,7 +127,7 @@ def test_one_failed_probe_keeps_the_neuron_and_its_replicas() -> None:
 
 
 def test_a_failed_placement_asks_for_nothing_until_its_backoff_ends() -> None:
-    failure = LoadFailure("a", "weights are corrupt", 2, NOW - 1, NOW + 20)
+    failure = LoadFailure("a", "weights are corrupt", 2, NOW - 1, NOW + 20, 3)
     state = fleet(
         [nr("a")], {"a": probe(answer("a"))}, [mp("bad", "bad")], failures={"bad": failure}
     )
@@ -142,7 +143,7 @@ def test_a_failed_placement_asks_for_nothing_until_its_backoff_ends() -> None:
 
 def test_a_failure_past_its_backoff_is_dropped_once_nothing_is_wanted() -> None:
     """A min-0 placement nobody waits for is Idle once its backoff is over, not Failed forever."""
-    failure = LoadFailure("a", "weights are corrupt", 1, NOW - 60, NOW - 30)
+    failure = LoadFailure("a", "weights are corrupt", 1, NOW - 60, NOW - 30, 3)
     lazy = mp("lazy", "lazy", replicas={"min": 0, "max": 1})
     state = fleet([nr("a")], {"a": probe(answer("a"))}, [lazy], failures={"lazy": failure})
     planned = plan_fleet(state, NOW)
@@ -329,3 +330,14 @@ def test_a_replica_above_max_goes_the_least_recently_used_first() -> None:
     assert planned.excess == (Unload("chat", "b", "evict"),)
     within = mp("chat", "chat", replicas={"min": 1, "max": 3})
     assert plan_fleet(fleet([nr("a"), nr("b"), nr("c")], probes, [within]), NOW).excess == ()
+
+
+def test_a_failure_holds_only_for_the_spec_it_was_asked_under() -> None:
+    failure = LoadFailure("a", "no such source", 4, NOW - 1, NOW + 120, 3)
+    asked = mp("bad", "bad")  # generation 3
+    edited = asked.model_copy(
+        update={"metadata": asked.metadata.model_copy(update={"generation": 4})}
+    )
+    assert outdated_failures({"bad": failure}, [asked]) == []
+    assert outdated_failures({"bad": failure}, [edited]) == ["bad"]
+    assert outdated_failures({"gone": failure}, [edited]) == []  # deleted: the finalizer's

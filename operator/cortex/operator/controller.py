@@ -23,7 +23,7 @@ import kopf
 from cortex.core.client import DEFAULT_TIMEOUT, NeuronClient
 from cortex.core.errors import CortexError, ModelNotFound
 from cortex.core.fleet import LoadRequest, NeuronStatus
-from cortex.core.placement.model import Load, Unload
+from cortex.core.placement.model import Action, Load, Unload
 from cortex.core.resources import ModelPlacement, Neuron
 from cortex.operator.config import OperatorConfig
 from cortex.operator.metrics import OperatorMetrics, UnloadReason
@@ -36,6 +36,7 @@ from cortex.operator.reconcile import (
     PendingLoad,
     Unloaded,
     alias_refusal,
+    outdated_failures,
     replaced_model,
     settled_failures,
     successor,
@@ -43,9 +44,11 @@ from cortex.operator.reconcile import (
     unload_forced,
     unprobed,
 )
+from cortex.operator.rollout import Stale
 
 log = logging.getLogger(__name__)
 SPEC_MODEL_CHANGED = "spec.model changed"  # why a replica of the model a placement left goes
+REPLACED = "replaced by a replica of the edited spec"  # why a rollout's stale replica goes
 Key = tuple[str, str]  # (namespace, name)
 # The namespace's Neurons and ModelPlacements, as the kopf indexes hold them when called.
 Objects = Callable[[], tuple[Iterable[Neuron], Iterable[ModelPlacement]]]
@@ -152,13 +155,18 @@ class Controller:
     def fleet(
         self, namespace: str, neurons: Iterable[Neuron], placements: Iterable[ModelPlacement]
     ) -> Fleet:
-        """The namespace's snapshot: its objects, their probes and what this process remembers."""
+        """The namespace's snapshot: its objects, their probes and what this process remembers
+        (but the failures of specs since edited: those no longer hold)."""
+        live = tuple(p for p in placements if not p.metadata.deletion_timestamp)
+        failures = {name: f for (ns, name), f in self.failures.items() if ns == namespace}
+        for name in outdated_failures(failures, live):
+            del failures[name]
         return Fleet(
             neurons=tuple(neurons),
             probes={name: p for (ns, name), p in self.probes.items() if ns == namespace},
-            placements=tuple(p for p in placements if not p.metadata.deletion_timestamp),
+            placements=live,
             pending={(m, n): p for (ns, m, n), p in self.pending.items() if ns == namespace},
-            failures={name: f for (ns, name), f in self.failures.items() if ns == namespace},
+            failures=failures,
             unloaded={name: u for (ns, name), u in self.unloaded.items() if ns == namespace},
             aliases={m: c for (ns, m), c in self.aliases.items() if ns == namespace},
             unreachable_after=self.config.unreachable_after,
@@ -189,6 +197,9 @@ class Controller:
         """Plan from a fresh snapshot (under the namespace's lock) and carry the plan out."""
         indexed_neurons, indexed_placements = objects()
         neurons, placements = list(indexed_neurons), list(indexed_placements)
+        mine = {name: f for (ns, name), f in self.failures.items() if ns == namespace}
+        for name in outdated_failures(mine, placements):
+            self.failures.pop((namespace, name), None)  # an edited spec: its attempts start again
         fleet = self.fleet(namespace, neurons, placements)
         if unprobed(fleet):
             return None
@@ -201,7 +212,7 @@ class Controller:
         ended = time.monotonic()
         self.metrics.plan_seconds.observe(ended - started)
         self._rested[namespace] = ended + (ended - started)
-        if planned.plan.actions or planned.excess or planned.replaced:
+        if planned.steps:
             await self._execute(namespace, fleet, planned)
             fleet = self.fleet(namespace, neurons, placements)
         return fleet, planned
@@ -212,19 +223,43 @@ class Controller:
         neurons = {n.metadata.name: n for n in fleet.neurons}
         refused: set[str] = set()  # neurons where an unload failed: the loads after it would too
         touched: set[str] = set()
-        for action in (*planned.replaced, *planned.plan.actions, *planned.excess):
+        for action in planned.steps:
             neuron = neurons[action.neuron]
             if isinstance(action, Unload):
                 touched.add(action.neuron)
                 why = _unload_why(action, planned)
                 # None: a model no placement owns
                 placement = owners.get(action.model) or left.get(action.model)
+                if placement is not None:
+                    self._say_replacing(placement, action, planned)
                 if not await self._unload(namespace, placement, neuron, action, why):
                     refused.add(action.neuron)
             elif action.neuron not in refused:
+                self._say_replacing(owners[action.model], action, planned)
                 self._start_load(namespace, owners[action.model], neuron, action, fleet)
         for name in sorted(touched):
             await self.probe(namespace, neurons[name])
+
+    def _say_replacing(self, placement: ModelPlacement, action: Action, planned: FleetPlan) -> None:
+        """The Replacing Event of a rollout step: a replacement loaded beside a stale replica, or
+        a stale replica replaced in place for want of room (said once, on its unload)."""
+        stale = replacing(planned, action)
+        in_place = any(
+            isinstance(a, Load) and (a.model, a.neuron) == (action.model, action.neuron)
+            for a in planned.rolling
+        )
+        if stale is None or (isinstance(action, Load) and in_place):
+            return  # not a rollout's, or the in-place load: said with its unload
+        if isinstance(action, Load):
+            message = f"loading its replacement on {action.neuron} first"
+        elif in_place:
+            message = (
+                "no room for a replacement beside it: replaced in place (unloaded, then loaded)"
+            )
+        else:
+            return  # a stale replica going once its replacement is ready: Event Unloaded
+        message = f"{action.model} on {stale.neuron}: {stale.why}; {message}"
+        kopf.info(body_of(placement), reason="Replacing", message=message)
 
     async def _unload(
         self,
@@ -238,7 +273,8 @@ class Controller:
         subject = body_of(placement if placement is not None else neuron)
         kind: UnloadReason = "idle" if action.reason == "idle" else "evict"
         if why is not None:
-            kind = "replaced" if why == SPEC_MODEL_CHANGED else "excess"
+            replaced = why == SPEC_MODEL_CHANGED or why.startswith(REPLACED)
+            kind = "replaced" if replaced else "excess"
         self._cancel_pending(namespace, action.model, neuron.metadata.name)
         try:
             await self.client(neuron.spec.endpoint or "").unload(action.model)
@@ -308,12 +344,14 @@ class Controller:
                 log.info("load of %s on %s cancelled by an unload", request.model, where)
                 return
             self.metrics.loads.labels("failed").inc()
+            generation = placement.metadata.generation
             before = self.failures.get((namespace, name))
-            attempts = before.attempts + 1 if before is not None else 1
+            again = before is not None and before.generation == generation
+            attempts = before.attempts + 1 if before is not None and again else 1
             now = self.clock()
             wait = self.config.backoff(attempts)
             self.failures[(namespace, name)] = LoadFailure(
-                where, _reason(exc), attempts, now, now + wait
+                where, _reason(exc), attempts, now, now + wait, generation
             )
             kopf.warn(
                 body_of(placement),
@@ -412,7 +450,19 @@ def _unload_why(action: Unload, planned: FleetPlan) -> str | None:
     """Why the operator itself unloads a replica; None for the planner's evictions."""
     if action in planned.replaced:
         return SPEC_MODEL_CHANGED
+    if action in planned.rolling:
+        stale = replacing(planned, action)
+        return f"{REPLACED} ({stale.why})" if stale is not None else REPLACED
     return "above replicas.max" if action in planned.excess else None
+
+
+def replacing(planned: FleetPlan, action: Action) -> Stale | None:
+    """The stale replica an action of a rollout replaces: for an unload, the one it unloads; for a
+    load, the first stale replica of its model (a replacement stands in for any of them)."""
+    found = [s for s in planned.stale if s.model == action.model]
+    if isinstance(action, Unload):
+        return next((s for s in found if s.neuron == action.neuron), None)
+    return found[0] if found else None
 
 
 def _devices(probe: Probe | None, count: int) -> list[str] | None:

@@ -92,7 +92,7 @@ def plan_once(kept: KeptPlan | None, fleet: Fleet, now: float) -> tuple[FleetPla
     if kept is not None and _holds(kept, key, now):
         return kept.planned, replace(kept, key=key)
     planned = plan_fleet(fleet, now)
-    if planned.plan.actions or planned.excess or planned.replaced:
+    if planned.steps:
         return planned, None
     return planned, KeptPlan(key, planned, horizon(fleet, planned, now))
 

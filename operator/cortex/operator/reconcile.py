@@ -15,14 +15,14 @@ from functools import cached_property
 from typing import Literal, cast
 
 from cortex.core.catalogue import ModelSpec
-from cortex.core.fleet import ModelState
+from cortex.core.fleet import LoadedModel, ModelState
 from cortex.core.placement.model import (
+    Action,
     Demand,
     Load,
     NeuronView,
     Plan,
     Policy,
-    ReplicaView,
     Unload,
 )
 from cortex.core.placement.planner import plan
@@ -40,6 +40,7 @@ from cortex.core.resources import (
 )
 from cortex.operator.conditions import set_condition
 from cortex.operator.neurons import Probe
+from cortex.operator.rollout import Stale, rollout_steps, spare_replicas, stale_replicas
 
 # Higher priority wins: lower-priority replicas give way first, then the least recently used.
 POLICY = Policy(strategy="priority")
@@ -65,13 +66,15 @@ class PendingLoad:
 
 @dataclass(frozen=True)
 class LoadFailure:
-    """The last failed load of a placement; no new load is tried before `retry_at`."""
+    """The last failed load of a placement; no new load is tried before `retry_at`. It holds for
+    the spec it was asked under (`generation`): an edited spec is tried at once."""
 
     neuron: str
     reason: str
     attempts: int
     at: float
     retry_at: float
+    generation: int | None  # the placement's metadata.generation when the load was asked
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,28 @@ class FleetPlan:
     blocked: frozenset[str]  # placements backing off after a failed load
     excess: tuple[Unload, ...] = ()  # replicas above a placement's replicas.max
     replaced: tuple[Unload, ...] = ()  # replicas of a model a placement's spec.model left
+    stale: tuple[Stale, ...] = ()  # replicas an edited spec no longer describes (rollout.py)
+    rolling: tuple[Action, ...] = ()  # the rollouts' unloads, and replacements made in place
+
+    @property
+    def steps(self) -> tuple[Action, ...]:
+        """Every action, in the order they are carried out: what a changed spec.model left goes
+        first, the planner's loads before the stale replicas they replace, the excess last."""
+        return (*self.replaced, *self.plan.actions, *self.rolling, *self.excess)
+
+
+def outdated_failures(
+    failures: Mapping[str, LoadFailure], placements: Iterable[ModelPlacement]
+) -> list[str]:
+    """Placements whose spec changed since their failed load was asked (a new generation): the
+    failure was the old spec's, so the new one is tried at once, its attempts counted afresh. A
+    status or metadata write leaves the generation, and so the failure, as it is."""
+    generations = {p.metadata.name: p.metadata.generation for p in placements}
+    return sorted(
+        name
+        for name, failure in failures.items()
+        if name in generations and generations[name] != failure.generation
+    )
 
 
 def unprobed(fleet: Fleet) -> list[str]:
@@ -257,17 +282,20 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
     owners = fleet.owners
     blocked = backing_off(fleet, now)
     everywhere = live_neurons(views)
+    held = held_replicas(fleet, owners)
     catalogue: dict[str, ModelSpec] = {}
     minimums: dict[str, int] = {}
     demand: list[Demand] = []
     replaced: list[Unload] = []
+    stale: dict[str, tuple[Stale, ...]] = {}
+    fresh: dict[str, int] = {}  # fresh replicas a rolling model wants ready before stale ones go
     for model, placement in owners.items():
         if model in fleet.aliases:
             continue  # its replicas are reported under another id: loading it never ends
         old = replaced_model(placement)
         if old is not None and old not in owners and old in everywhere:
             # The old model goes first, the new one is placed once it is gone: both may not fit.
-            replaced += [Unload(old, name, "evict") for _, name in _spare(views, old)]
+            replaced += [Unload(old, name, "evict") for _, name in spare_replicas(views, old)]
             continue
         spec = placement.spec
         live = everywhere.get(model, [])
@@ -281,14 +309,18 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
             priority=spec.priority,
             idle_ttl=spec.idle_seconds,
         )
+        if found := stale_replicas(placement, held.get(model, ())):
+            stale[model] = found
+            fresh[model] = max(wanted(placement, now), 1)
         if placement.metadata.name in blocked:
             # Keep what it has, ask for nothing new until the backoff is over.
             minimums[model] = min(spec.floor, len(live))
             continue
-        minimums[model] = spec.floor
-        wanted = active_demand(placement, now)
-        if wanted is not None:
-            demand.append(Demand(model, max(wanted.waiting, 1)))
+        # A rolling model wants its replacements beside the stale replicas, which still count.
+        minimums[model] = fresh[model] + len(found) if found else spec.floor
+        demanded = active_demand(placement, now)
+        if demanded is not None:
+            demand.append(Demand(model, max(demanded.waiting, 1)))
     selectors = {
         model: p.spec.neuron_selector.match_labels
         for model, p in owners.items()
@@ -297,6 +329,9 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
     # A placement whose last load failed evicts nothing until a load succeeds: each retry would
     # otherwise take a healthy replica's place and give it back when the load fails.
     failing = {p.spec.model for p in owners.values() if p.metadata.name in fleet.failures}
+    # A replacement beside its stale replica goes into free memory only: with no room for both,
+    # the stale one is replaced in place rather than another model evicted for a while.
+    surging = {model for model, found in stale.items() if any(s.in_place for s in found)}
     planned = plan(
         views,
         catalogue,
@@ -305,10 +340,37 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
         now,
         min_replicas=minimums,
         selectors=selectors,
-        room_only=failing,
+        room_only=failing | surging,
     )
-    excess = _excess(views, everywhere, owners, planned)
-    return FleetPlan(planned, views, blocked, excess, tuple(replaced))
+    excess = _excess(views, everywhere, owners, planned, stale)
+    sizes = {model: catalogue[model].memory for model in stale}
+    rolling = rollout_steps(views, stale, fresh, planned, sizes=sizes, failing=failing, now=now)
+    found = tuple(s for model in sorted(stale) for s in stale[model])
+    return FleetPlan(planned, views, blocked, excess, tuple(replaced), found, rolling)
+
+
+def held_replicas(
+    fleet: Fleet, owners: Mapping[str, ModelPlacement]
+) -> dict[str, list[tuple[Neuron, LoadedModel]]]:
+    """model -> its live replicas on reachable, healthy neurons, as they report them, for the
+    models whose spec names a source or a selector (the only ones a spec edit can make stale)."""
+    models = {
+        model
+        for model, p in owners.items()
+        if p.spec.source is not None or p.spec.neuron_selector.match_labels
+    }
+    held: dict[str, list[tuple[Neuron, LoadedModel]]] = {}
+    if not models:
+        return held
+    for neuron in sorted(fleet.neurons, key=lambda n: n.metadata.name):
+        probe = fleet.reachable(neuron)
+        answer = probe.status if probe is not None else None
+        if answer is None or not answer.healthy:
+            continue
+        for loaded in answer.models:
+            if loaded.id in models and loaded.state in _LIVE:
+                held.setdefault(loaded.id, []).append((neuron, loaded))
+    return held
 
 
 def settled_failures(fleet: Fleet, planned: FleetPlan, now: float) -> list[str]:
@@ -350,43 +412,28 @@ def _excess(
     live: Mapping[str, list[str]],
     owners: Mapping[str, ModelPlacement],
     planned: Plan,
+    stale: Mapping[str, tuple[Stale, ...]],
 ) -> tuple[Unload, ...]:
     """The planner never adds beyond a minimum or one demanded replica, but a neuron that answers
     again after its replica was placed elsewhere brings one more: above `replicas.max`, loading
     replicas go first (the neuron's unload cancels the load; a ready replica keeps serving), then
-    the least recently used idle ready ones."""
+    the least recently used idle ready ones. A rollout's stale replicas are not counted: their
+    replacements may stand beside them for a while, and the rollout unloads them."""
     change: dict[str, int] = {}
     for action in planned.actions:
         change[action.model] = change.get(action.model, 0) + (1 if isinstance(action, Load) else -1)
     excess: list[Unload] = []
     for model, placement in owners.items():
-        over = len(live.get(model, ())) + change.get(model, 0) - placement.spec.replicas.max
+        rolled = {s.neuron for s in stale.get(model, ())}
+        have = len(live.get(model, ())) + change.get(model, 0) - len(rolled)
+        over = have - placement.spec.replicas.max
         if over <= 0:
             continue
         leaving = {a.neuron for a in planned.actions if isinstance(a, Unload) and a.model == model}
-        spare = [(order, name) for order, name in _spare(views, model) if name not in leaving]
+        leaving |= rolled
+        spare = [(o, name) for o, name in spare_replicas(views, model) if name not in leaving]
         excess += [Unload(model, name, "evict") for _, name in spare[:over]]
     return tuple(excess)
-
-
-def _spare(views: tuple[NeuronView, ...], model: str) -> list[tuple[tuple[int, float], str]]:
-    """The model's replicas that may be unloaded now (loading, or ready and idle) on healthy
-    neurons, in the order they go: loading ones first, then the least recently used."""
-    return sorted(
-        (_unload_order(r), view.name)
-        for view in views
-        if view.healthy
-        for r in view.replicas
-        if r.model == model
-        and (r.state == ModelState.LOADING or (r.state == ModelState.READY and not r.in_flight))
-    )
-
-
-def _unload_order(replica: ReplicaView) -> tuple[int, float]:
-    """Which spare replica goes first: a loading one, then the least recently used."""
-    if replica.state == ModelState.LOADING:
-        return (0, 0.0)
-    return (1, replica.last_used if replica.last_used is not None else replica.loaded_at or 0.0)
 
 
 # -- status of one placement
@@ -417,6 +464,9 @@ def placement_status(
         _loaded(ready, loading, want, failure if failing else None, fleet.unloaded.get(name), now),
     ):
         conditions = set_condition(conditions, *verdict, now, generation)
+    stale = [s for s in planned.stale if s.model == placement.spec.model]
+    if stale or previous.condition("UpToDate") is not None:
+        conditions = set_condition(conditions, *_up_to_date(stale, failing), now, generation)
     return ModelPlacementStatus(
         phase=_phase(want, ready, loading, failing),
         model=placed or placement.spec.model,
@@ -465,6 +515,17 @@ def _scheduled(
         return ("Scheduled", "True", "Scheduled", f"placed on {where}")
     idle = "nothing to place: min is 0 and no client is waiting"
     return ("Scheduled", "True", "Scheduled", idle if want == 0 else "placing")
+
+
+def _up_to_date(stale: list[Stale], failing: bool) -> Verdict:
+    """Whether every replica matches the spec; while one does not, the rollout and what it waits
+    for (docs/kubernetes.md, "Editing a placement")."""
+    if not stale:
+        return ("UpToDate", "True", "RolledOut", "every replica matches the spec")
+    whys = "; ".join(f"{s.neuron}: {s.why}" for s in stale)
+    waiting = "its load failed, the old replicas serve meanwhile" if failing else "in progress"
+    why = f"replacing {len(stale)} replica(s) ({whys}): {waiting}"
+    return ("UpToDate", "False", "Replacing", why)
 
 
 def _loaded(
