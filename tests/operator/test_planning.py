@@ -13,8 +13,9 @@ import cortex.operator.planning as planning
 from cortex.core.fleet import ModelState
 from cortex.core.placement.model import Load, Unload
 from cortex.core.resources import PlacementDemand, rfc3339
+from cortex.operator.placement_status import placement_status
 from cortex.operator.planning import plan_once
-from cortex.operator.reconcile import Fleet, FleetPlan, LoadFailure, PendingLoad, placement_status
+from cortex.operator.reconcile import Fleet, FleetPlan, LoadFailure, PendingLoad
 
 NEURONS, PLACEMENTS = 4, 40
 

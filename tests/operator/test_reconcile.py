@@ -16,6 +16,7 @@ from cortex.core.resources import (
 from cortex.operator.conditions import set_condition
 from cortex.operator.config import OperatorConfig, parse_selector
 from cortex.operator.neurons import Probe, neuron_drift, neuron_for_pod, neuron_status, quantity
+from cortex.operator.placement_status import placement_status
 from cortex.operator.reconcile import (
     DEMAND_TTL,
     Fleet,
@@ -23,7 +24,6 @@ from cortex.operator.reconcile import (
     PendingLoad,
     active_demand,
     outdated_failures,
-    placement_status,
     plan_fleet,
     settled_failures,
     unanswered,

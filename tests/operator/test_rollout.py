@@ -10,7 +10,8 @@ from test_reconcile import GIB, NOW, fleet, mp, nr, probe
 
 from cortex.core.fleet import DeviceStatus, LoadedModel, ModelState, NeuronStatus
 from cortex.core.placement.model import Load, Unload
-from cortex.operator.reconcile import LoadFailure, placement_status, plan_fleet
+from cortex.operator.placement_status import placement_status
+from cortex.operator.reconcile import LoadFailure, plan_fleet
 from cortex.operator.rollout import Stale
 
 READY, LOADING = ModelState.READY, ModelState.LOADING

@@ -25,8 +25,9 @@ from cortex.operator import kube
 from cortex.operator.config import NEURON_PORT
 from cortex.operator.controller import Controller, body_of
 from cortex.operator.neurons import neuron_drift, neuron_for_pod
+from cortex.operator.placement_status import placement_status
 from cortex.operator.probing import Prober
-from cortex.operator.reconcile import Fleet, placement_status
+from cortex.operator.reconcile import Fleet
 
 log = logging.getLogger(__name__)
 Index = Mapping[str, Any]  # kopf index: namespace -> store of parsed objects

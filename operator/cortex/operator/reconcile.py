@@ -1,5 +1,6 @@
-"""Reconcile decisions for one namespace: the fleet snapshot in, the planner's actions and each
-ModelPlacement's status out. Pure: no I/O, no clocks (time is `now`), same input, same answer.
+"""Reconcile decisions for one namespace: the fleet snapshot in, the planner's actions out (and
+each ModelPlacement's status from them, placement_status.py). Pure: no I/O, no clocks (time is
+`now`), same input, same answer.
 
 The snapshot is the neurons' own /status answers (probes), never the operator's memory of what it
 did, so a restarted operator plans from what is really loaded. Two things only this process knows
@@ -12,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal, cast
+from typing import Literal
 
 from cortex.core.catalogue import ModelSpec
 from cortex.core.fleet import LoadedModel, ModelState
@@ -29,16 +30,10 @@ from cortex.core.placement.planner import plan
 from cortex.core.placement.snapshot import NeuronReport, Reservations, snapshot
 from cortex.core.resources import (
     ModelPlacement,
-    ModelPlacementStatus,
     Neuron,
     PlacementDemand,
-    PlacementPhase,
-    PlacementReplica,
-    ReplicaState,
     parse_rfc3339,
-    rfc3339,
 )
-from cortex.operator.conditions import set_condition
 from cortex.operator.neurons import Probe
 from cortex.operator.rollout import Stale, rollout_steps, spare_replicas, stale_replicas
 
@@ -51,7 +46,7 @@ DELETION_GRACE = 300.0
 # demand annotation"); one not renewed for this long (seconds) has nobody waiting and is ignored.
 # Twelve renewals: the gateways' clocks and the operator's may disagree by a few seconds.
 DEMAND_TTL = 60.0
-_LIVE = frozenset({ModelState.READY, ModelState.LOADING})
+LIVE = frozenset({ModelState.READY, ModelState.LOADING})
 
 
 @dataclass(frozen=True)
@@ -240,7 +235,7 @@ def live_neurons(views: tuple[NeuronView, ...]) -> dict[str, list[str]]:
         if not view.healthy:
             continue
         for replica in view.replicas:
-            if replica.state in _LIVE:
+            if replica.state in LIVE:
                 names = live.setdefault(replica.model, [])
                 if not names or names[-1] != view.name:
                     names.append(view.name)
@@ -368,7 +363,7 @@ def held_replicas(
         if answer is None or not answer.healthy:
             continue
         for loaded in answer.models:
-            if loaded.id in models and loaded.state in _LIVE:
+            if loaded.id in models and loaded.state in LIVE:
                 held.setdefault(loaded.id, []).append((neuron, loaded))
     return held
 
@@ -434,178 +429,3 @@ def _excess(
         spare = [(o, name) for o, name in spare_replicas(views, model) if name not in leaving]
         excess += [Unload(model, name, "evict") for _, name in spare[:over]]
     return tuple(excess)
-
-
-# -- status of one placement
-
-
-def placement_status(
-    placement: ModelPlacement, fleet: Fleet, planned: FleetPlan, now: float
-) -> ModelPlacementStatus:
-    """The placement's status: its replicas as the probes show them, phase and conditions."""
-    previous = placement.status or ModelPlacementStatus()
-    owner = fleet.owner(placement.spec.model)
-    if owner is not None and owner != placement.metadata.name:
-        return _refused(placement, previous, owner, now)
-    replicas = _replicas(placement, fleet, previous, now)
-    ready = sum(r.state == "ready" for r in replicas)
-    loading = sum(r.state == "loading" for r in replicas)
-    name = placement.metadata.name
-    want = wanted(placement, now)
-    failure = fleet.failures.get(name)
-    # Past its backoff a failure only counts while the placement still wants a replica.
-    failing = failure is not None and (name in planned.blocked or (ready == 0 and want > 0))
-    generation = placement.metadata.generation
-    old = replaced_model(placement)
-    placed = old if old is not None and old not in fleet.owners and _held(fleet, old) else None
-    conditions = list(previous.conditions)
-    for verdict in (
-        _scheduled(placement, fleet, planned, replicas, want, placed),
-        _loaded(ready, loading, want, failure if failing else None, fleet.unloaded.get(name), now),
-    ):
-        conditions = set_condition(conditions, *verdict, now, generation)
-    stale = [s for s in planned.stale if s.model == placement.spec.model]
-    if stale or previous.condition("UpToDate") is not None:
-        conditions = set_condition(conditions, *_up_to_date(stale, failing), now, generation)
-    return ModelPlacementStatus(
-        phase=_phase(want, ready, loading, failing),
-        model=placed or placement.spec.model,
-        replicas=replicas,
-        ready_replicas=ready,
-        conditions=conditions,
-        observed_generation=generation,
-    )
-
-
-Verdict = tuple[str, Literal["True", "False"], str, str]  # condition type, status, reason, message
-
-
-def _refused(
-    placement: ModelPlacement, previous: ModelPlacementStatus, owner: str, now: float
-) -> ModelPlacementStatus:
-    """A second placement of a model places nothing: the replicas are its owner's."""
-    why = f"model {placement.spec.model} is placed by ModelPlacement {owner}"
-    generation = placement.metadata.generation
-    conditions = list(previous.conditions)
-    for kind in ("Scheduled", "Loaded"):
-        conditions = set_condition(conditions, kind, "False", "Duplicate", why, now, generation)
-    return ModelPlacementStatus(
-        phase="Refused", conditions=conditions, observed_generation=generation
-    )
-
-
-def _scheduled(
-    placement: ModelPlacement,
-    fleet: Fleet,
-    planned: FleetPlan,
-    replicas: list[PlacementReplica],
-    want: int,
-    replacing: str | None,
-) -> Verdict:
-    model = placement.spec.model
-    if replacing is not None:
-        why = f"spec.model changed from {replacing}: unloading {replacing} before placing {model}"
-        return ("Scheduled", "False", "ModelChanged", why)
-    if model in fleet.aliases:
-        return ("Scheduled", "False", "Unschedulable", alias_refusal(model, fleet.aliases[model]))
-    if model in planned.plan.unplaceable:
-        return ("Scheduled", "False", "Unschedulable", planned.plan.unplaceable[model])
-    where = ", ".join(r.neuron for r in replicas if r.state != "failed")
-    if where:
-        return ("Scheduled", "True", "Scheduled", f"placed on {where}")
-    idle = "nothing to place: min is 0 and no client is waiting"
-    return ("Scheduled", "True", "Scheduled", idle if want == 0 else "placing")
-
-
-def _up_to_date(stale: list[Stale], failing: bool) -> Verdict:
-    """Whether every replica matches the spec; while one does not, the rollout and what it waits
-    for (docs/kubernetes.md, "Editing a placement")."""
-    if not stale:
-        return ("UpToDate", "True", "RolledOut", "every replica matches the spec")
-    whys = "; ".join(f"{s.neuron}: {s.why}" for s in stale)
-    waiting = "its load failed, the old replicas serve meanwhile" if failing else "in progress"
-    why = f"replacing {len(stale)} replica(s) ({whys}): {waiting}"
-    return ("UpToDate", "False", "Replacing", why)
-
-
-def _loaded(
-    ready: int,
-    loading: int,
-    want: int,
-    failure: LoadFailure | None,
-    unloaded: Unloaded | None,
-    now: float,
-) -> Verdict:
-    if failure is not None:
-        retry = max(failure.retry_at - now, 0)
-        why = (
-            f"{failure.neuron}: {failure.reason} (attempt {failure.attempts}, next in {retry:.0f}s)"
-        )
-        return ("Loaded", "False", "LoadFailed", why)
-    if ready and ready >= want:
-        return ("Loaded", "True", "Loaded", f"{ready} replica(s) ready")
-    if loading:
-        return ("Loaded", "False", "Loading", f"{ready} of {want} ready, {loading} loading")
-    if want == 0 and unloaded is not None and not ready:
-        return ("Loaded", "False", unloaded.reason, unloaded.message)
-    if want == 0:
-        return ("Loaded", "False", "Idle", "no replica loaded; min is 0, one loads on demand")
-    return (
-        "Loaded",
-        "False",
-        "Loading",
-        f"{ready} of {want} ready; waiting for a neuron with room",
-    )
-
-
-def _replicas(
-    placement: ModelPlacement, fleet: Fleet, previous: ModelPlacementStatus, now: float
-) -> list[PlacementReplica]:
-    """One entry per reachable, healthy neuron holding (or loading) the model; `since` kept while
-    the state stays. Replicas on unreachable or unhealthy (draining) neurons are left out."""
-    model = placement.spec.model
-    before = {(r.neuron, r.state): r.since for r in previous.replicas}
-    replicas = []
-    for neuron in sorted(fleet.neurons, key=lambda n: n.metadata.name):
-        name = neuron.metadata.name
-        probe = fleet.reachable(neuron)
-        if probe is None or probe.status is None or not probe.status.healthy:
-            continue
-        state: ReplicaState | None = next(
-            (cast(ReplicaState, m.state.value) for m in probe.status.models if m.id == model), None
-        )
-        if state is None and (model, name) in fleet.pending:
-            state = "loading"
-        if state is None:
-            continue
-        since = before.get((name, state)) or rfc3339(now)
-        replicas.append(
-            PlacementReplica(neuron=name, endpoint=probe.endpoint, state=state, since=since)
-        )
-    return replicas
-
-
-def _held(fleet: Fleet, model: str) -> bool:
-    """Some reachable, healthy neuron reports the model ready or loading."""
-    for neuron in fleet.neurons:
-        probe = fleet.reachable(neuron)
-        answer = probe.status if probe is not None else None
-        if (
-            answer is not None
-            and answer.healthy
-            and any(m.id == model and m.state in _LIVE for m in answer.models)
-        ):
-            return True
-    return False
-
-
-def _phase(want: int, ready: int, loading: int, failing: bool) -> PlacementPhase:
-    if ready and ready >= want:
-        return "Ready"
-    if failing and not ready:
-        return "Failed"
-    if want == 0 and not loading:
-        return "Idle"
-    if loading:
-        return "Loading"
-    return "Degraded" if ready else "Pending"
