@@ -521,5 +521,19 @@ def cache(args: argparse.Namespace) -> int:
     return 0
 
 
+# The checkout this command runs from, if it runs from one (an editable install); an installed
+# wheel holds no bench/ (docs/benchmarks.md).
+CHECKOUT = Path(__file__).resolve().parents[3]
+
+
 def bench(args: list[str]) -> int:
-    return subprocess.call([sys.executable, "-m", "bench", *args])
+    """`python -m bench ARGS` in the checkout, from whatever directory: the benchmarks and their
+    tools (aiohttp, matplotlib, LiteLLM: the dev extra) are a checkout's, not an install's."""
+    if not (CHECKOUT / "bench" / "__main__.py").is_file():
+        raise CortexError(
+            "cortex bench runs the benchmarks of a source checkout (git clone, then `make bench` "
+            "or `cortex bench NAME` there); this cortex is installed without them"
+        )
+    path = [str(CHECKOUT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    return subprocess.call([sys.executable, "-m", "bench", *args], env=env)

@@ -252,7 +252,12 @@ def _split(value: str | None) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":  # `cortex bench --list`: REMAINDER leaves a leading option out
+        args.args = [*rest, *args.args]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     configure_logging(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
