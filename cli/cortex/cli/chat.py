@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 
-from cortex.core.admin import raise_for
-from cortex.core.errors import CortexError, NeuronUnreachable
+from cortex.core.admin import raise_for, unreachable
+from cortex.core.errors import CortexError
 
 BYE = "/bye"
 HELP = "Type a message; /bye or end of input (Ctrl-D) quits, /clear forgets the conversation."
@@ -30,7 +30,8 @@ def chat(
     interactive = sys.stdin.isatty()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     timeout = httpx.Timeout(connect=3.0, read=600.0, write=30.0, pool=30.0)
-    with httpx.Client(base_url=endpoint.rstrip("/"), headers=headers, timeout=timeout) as http:
+    with httpx.Client(base_url=endpoint, headers=headers, timeout=timeout) as http:
+        check_gateway(http, endpoint)
         if interactive:
             print(HELP)
         while True:
@@ -50,6 +51,22 @@ def chat(
             print(flush=True)
             history.append({"role": "assistant", "content": answer})
     return 0
+
+
+def check_gateway(http: httpx.Client, endpoint: str) -> None:
+    """Before the first question: the endpoint answers, and answers as an OpenAI API does."""
+    try:
+        response = http.get("/v1/models")
+    except httpx.TransportError as exc:
+        raise unreachable(endpoint, exc) from None
+    if response.status_code >= 400:
+        raise_for(response, response.content)
+    try:
+        listed = isinstance(response.json().get("data"), list)
+    except (ValueError, AttributeError):
+        listed = False
+    if not listed:
+        raise CortexError(f"{endpoint} is not a cortex gateway: /v1/models is no model list")
 
 
 def _echo(pieces: Iterator[str]) -> Iterator[str]:
@@ -79,4 +96,4 @@ def _stream(
                 for choice in event.get("choices") or []:
                     yield (choice.get("delta") or {}).get("content") or ""
     except httpx.TransportError as exc:
-        raise NeuronUnreachable(f"cannot reach {http.base_url} ({type(exc).__name__})") from exc
+        raise unreachable(str(http.base_url).rstrip("/"), exc) from None

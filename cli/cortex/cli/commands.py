@@ -18,12 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cortex.cli import fleet_control
 from cortex.cli.console import NeuronRow, print_fleet
+from cortex.cli.endpoint import identify
 from cortex.core import kube_api
 from cortex.core.access_log import redact_access_log
 from cortex.core.admin import GatewayAdmin
@@ -45,7 +45,7 @@ from cortex.core.config import (
     load_config,
     load_gateway_config,
 )
-from cortex.core.errors import CortexError
+from cortex.core.errors import CortexError, Forbidden, Unauthorized
 from cortex.core.fleet import (
     NOT_LOADED,
     FleetView,
@@ -369,34 +369,21 @@ def local_entry(local: NeuronConfig, port: int) -> NeuronEntry:
 async def status(endpoint: str, api_key: str | None = None, watch: float | None = None) -> int:
     """Every model from a gateway's admin API (an admin key when auth is on), or the fleet table
     from a neuron's /status."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(base_url=endpoint.rstrip("/"), timeout=5, headers=headers) as http:
+    if await identify(endpoint, api_key) == "gateway":
+        admin = GatewayAdmin(endpoint, api_key=api_key)
         try:
-            response = await http.get("/fleet")
-            if response.status_code in (401, 403):
-                print(f"cortex: {endpoint}/fleet needs an admin key (--api-key)", file=sys.stderr)
-                return 1
-            if response.status_code == 200:
-                FleetView.model_validate_json(response.content)  # a gateway, not a lookalike
-                admin = GatewayAdmin(endpoint, api_key=api_key)
-                try:
-                    return await fleet_control.status(admin, watch)
-                finally:
-                    await admin.aclose()
-            else:
-                neuron_status = NeuronStatus.model_validate_json(
-                    (await http.get("/status")).content
-                )
-                rows = [
-                    NeuronRow(neuron_status.node, endpoint, neuron_status.healthy, neuron_status)
-                ]
-        except httpx.HTTPError as exc:
-            print(f"cortex: cannot reach {endpoint}: {exc}", file=sys.stderr)
+            return await fleet_control.status(admin, watch)
+        except (Unauthorized, Forbidden):
+            print(f"cortex: {endpoint}/fleet needs an admin key (--api-key)", file=sys.stderr)
             return 1
-        except ValueError:  # not JSON, or JSON of another shape (pydantic's ValidationError)
-            print(f"cortex: {endpoint} is not a cortex gateway or neuron", file=sys.stderr)
-            return 1
-    print_fleet(rows)
+        finally:
+            await admin.aclose()
+    client = NeuronClient(endpoint)
+    try:
+        found = await client.status()
+    finally:
+        await client.aclose()
+    print_fleet([NeuronRow(found.node, endpoint, found.healthy, found)])
     return 0
 
 
@@ -421,10 +408,10 @@ def fleet_rows(view: FleetView) -> list[NeuronRow]:
 async def keys(endpoint: str, api_key: str | None, reset: str | None = None) -> int:
     """`cortex keys`: a gateway's API keys through its admin API; `reset NAME` forgets a key's
     spend."""
+    if await identify(endpoint, api_key, "gateway") == "neuron":
+        raise CortexError(f"{endpoint} is a neuron: cortex keys needs a gateway's endpoint")
     admin = GatewayAdmin(endpoint, api_key=api_key)
     try:
-        if not await admin.is_gateway():
-            raise CortexError(f"{endpoint} is not a cortex gateway: cortex keys needs one")
         if reset is not None:
             return await fleet_control.reset_key(admin, reset)
         return await fleet_control.keys(admin)
@@ -434,23 +421,21 @@ async def keys(endpoint: str, api_key: str | None, reset: str | None = None) -> 
 
 async def models(args: argparse.Namespace) -> int:
     """`cortex models` and `cortex neurons`: through a gateway's admin API, or to one neuron."""
-    admin = GatewayAdmin(args.endpoint, api_key=args.api_key)
-    try:
-        if await admin.is_gateway():
+    gateway_only = args.command == "neurons" or args.action in ("pin", "unpin")
+    wanted = "gateway" if gateway_only else "gateway or neuron"
+    if await identify(args.endpoint, args.api_key, wanted) == "gateway":
+        admin = GatewayAdmin(args.endpoint, api_key=args.api_key)
+        try:
             if args.command == "neurons":
                 return await fleet_control.neurons(admin, args)
             return await fleet_control.models(admin, args)
-    finally:
-        await admin.aclose()
-    if args.command == "neurons" or args.action in ("pin", "unpin"):
+        finally:
+            await admin.aclose()
+    if gateway_only:
         raise CortexError(f"{args.endpoint} is a neuron: {args.action} needs a gateway's endpoint")
     client = NeuronClient(args.endpoint, admin_token=args.admin_token)
     console = Console()
     try:
-        try:  # not a gateway: a neuron, or something else answering on that port
-            await client.status()
-        except ValueError:  # not JSON, or JSON of another shape (pydantic's ValidationError)
-            raise CortexError(f"{args.endpoint} is not a cortex gateway or neuron") from None
         if args.action == "load":
             await _load_with_progress(client, args.model, args.source, console)
         elif args.action == "unload":

@@ -286,6 +286,12 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     return result
 
 
+def _endpoint(args: argparse.Namespace) -> str:
+    from cortex.cli.endpoint import checked
+
+    return checked(args.endpoint or DEFAULT_ENDPOINT)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from cortex.cli import commands
 
@@ -296,19 +302,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command in ("gateway", "serve"):
         _run(commands.gateway(args))
     elif args.command == "status":
-        endpoint = args.endpoint or DEFAULT_ENDPOINT
-        return asyncio.run(commands.status(endpoint, args.api_key, args.watch))
+        return asyncio.run(commands.status(_endpoint(args), args.api_key, args.watch))
     elif args.command == "keys":
-        endpoint = args.endpoint or DEFAULT_ENDPOINT
-        return asyncio.run(commands.keys(endpoint, args.api_key, getattr(args, "name", None)))
+        reset = getattr(args, "name", None)
+        return asyncio.run(commands.keys(_endpoint(args), args.api_key, reset))
     elif args.command in ("models", "neurons"):
-        args.endpoint = args.endpoint or DEFAULT_ENDPOINT
+        args.endpoint = _endpoint(args)
         return asyncio.run(commands.models(args))
     elif args.command == "chat":
         from cortex.cli.chat import chat
 
-        endpoint = args.endpoint or DEFAULT_ENDPOINT
-        return chat(endpoint, args.model, args.api_key, args.system, args.temperature)
+        return chat(_endpoint(args), args.model, args.api_key, args.system, args.temperature)
     elif args.command == "operator":
         return commands.operator(args)
     elif args.command == "config":
