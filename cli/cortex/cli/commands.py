@@ -51,7 +51,6 @@ from cortex.core.fleet import (
     FleetView,
     LoadedModel,
     LoadRequest,
-    ModelState,
     NeuronStatus,
     shown_state,
 )
@@ -456,30 +455,37 @@ async def models(args: argparse.Namespace) -> int:
     return 0
 
 
+# A load takes what its download and conversion take; Ctrl-C stops the wait, not the load.
+LOAD_WAIT = 24 * 3600.0
+
+
 async def _load_with_progress(
     client: NeuronClient, model: str, source: str | None, console: Console
 ) -> None:
-    record = await client.load(LoadRequest(model=model, source=source, wait=False))
+    """The load waits on the neuron until the model is ready, or fails with the neuron's reason
+    (a failed ad-hoc load leaves no record to read it from); /status moves the bar meanwhile."""
+    request = LoadRequest(model=model, source=source)
+    load = asyncio.create_task(client.load(request, timeout=LOAD_WAIT))
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(f"loading {record.id}", total=1.0)
-        while record.state is ModelState.LOADING:
-            progress.update(task, completed=record.progress)
-            await asyncio.sleep(
-                0.25
-            )  # a human is watching a bar; this is pacing, not a wait for state
-            current = [m for m in (await client.status()).models if m.id == record.id]
-            if not current:  # a failed ad-hoc load leaves no record; the neuron's log says why
-                raise CortexError(f"load of {record.id} failed (the neuron's log says why)")
-            record = current[0]
-        progress.update(task, completed=1.0)
-    if record.state is ModelState.FAILED:
-        raise CortexError(f"load of {record.id} failed: {record.error}")
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(f"loading {model}", total=1.0)
+            # a human is watching a bar: this paces its redraws, it waits for no state
+            while not (await asyncio.wait([load], timeout=0.25))[0]:
+                current = [m for m in (await client.status()).models if m.id == model]
+                if current:
+                    progress.update(task, completed=current[0].progress)
+            record = await load
+            progress.update(task, completed=1.0)
+    except CortexError as exc:
+        raise CortexError(f"load of {model} failed: {exc}") from None
+    finally:
+        load.cancel()
     console.print(
         f"{record.id} ready on {', '.join(record.devices)} ({record.memory_bytes / 2**20:.0f} MiB)"
     )
