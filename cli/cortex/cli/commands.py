@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import dataclasses
 import errno
+import logging
 import os
 import secrets
 import signal
@@ -25,7 +26,7 @@ from cortex.cli import fleet_control
 from cortex.cli.console import NeuronRow, print_fleet
 from cortex.cli.endpoint import identify
 from cortex.core import kube_api
-from cortex.core.access_log import redact_access_log
+from cortex.core.access_log import json_logs, redact_access_log
 from cortex.core.admin import GatewayAdmin
 from cortex.core.catalogue import (
     DEFAULT_CATALOGUE,
@@ -59,6 +60,8 @@ from cortex.core.request_context import RequestContext
 
 if TYPE_CHECKING:
     from cortex.core.shutdown import Drain
+
+log = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -263,12 +266,13 @@ async def gateway(args: argparse.Namespace) -> None:
     check_gateway_ports(config)
     kubernetes = kubernetes_login(args, config)
     if kubernetes is None and not config.neurons:
-        print(
-            "cortex gateway: no [[neurons]] in the config; `cortex up` runs a local one",
-            file=sys.stderr,
-        )
+        warning = "no [[neurons]] in the config; `cortex up` runs a local one"
+        if json_logs():
+            log.warning(warning)
+        else:
+            print(f"cortex gateway: {warning}", file=sys.stderr)
     catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
-    print(banner(config, args.config, catalogue), flush=True)
+    announce(config, args.config, catalogue)
     # The built-in models go as the base a reload keeps; the config's come with the config.
     await serve_gateway(
         config, DEFAULT_CATALOGUE, kubernetes=kubernetes, reread=lambda: gateway_config(args)
@@ -317,7 +321,7 @@ async def up(args: argparse.Namespace) -> None:
                 await neuron_task
                 raise CortexError(f"the local neuron could not listen on 127.0.0.1:{port}")
             await asyncio.sleep(0.05)
-        print(banner(config, args.config, catalogue), flush=True)
+        announce(config, args.config, catalogue)
 
         async def reload_neuron(new: GatewayConfig) -> list[str]:
             # The neuron serves the gateway's catalogue (its file: models are allowed paths);
@@ -341,18 +345,42 @@ async def up(args: argparse.Namespace) -> None:
         await runtime.stop()
 
 
-def banner(config: GatewayConfig, path: str | None, catalogue: list[ModelSpec]) -> str:
+def announce(config: GatewayConfig, path: str | None, catalogue: list[ModelSpec]) -> None:
+    """The banner on stdout, or under --log-format json one log record holding its fields."""
+    if json_logs():
+        log.info(READY, extra={"fields": banner_fields(config, path, catalogue)})
+    else:
+        print(banner(config, path, catalogue), flush=True)
+
+
+READY = "cortex gateway ready"
+
+
+def banner_fields(
+    config: GatewayConfig, path: str | None, catalogue: list[ModelSpec]
+) -> dict[str, Any]:
     """What a user needs on start: where the API, the page and the metrics are, which config is
-    in use, and what models there are."""
+    in use (None: the defaults), and what models there are."""
     listen = config.gateway.listen
-    metrics = config.gateway.metrics_listen or listen
+    return {
+        "api": f"http://{listen}/v1",
+        "web_page": f"http://{listen}/",
+        "metrics": f"http://{config.gateway.metrics_listen or listen}/metrics",
+        "config": str(Path(path).expanduser().resolve()) if path else None,
+        "models": [{"id": spec.id, "kind": spec.kind} for spec in catalogue],
+    }
+
+
+def banner(config: GatewayConfig, path: str | None, catalogue: list[ModelSpec]) -> str:
+    """The banner as a user reads it in a terminal."""
+    fields = banner_fields(config, path, catalogue)
     lines = [
-        f"cortex gateway  API      http://{listen}/v1",
-        f"                web page http://{listen}/",
-        f"                metrics  http://{metrics}/metrics",
-        f"                config   {Path(path).expanduser().resolve() if path else '(defaults)'}",
+        f"cortex gateway  API      {fields['api']}",
+        f"                web page {fields['web_page']}",
+        f"                metrics  {fields['metrics']}",
+        f"                config   {fields['config'] or '(defaults)'}",
     ]
-    lines += [f"                model    {spec.id} ({spec.kind})" for spec in catalogue]
+    lines += [f"                model    {m['id']} ({m['kind']})" for m in fields["models"]]
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cortex.core.access_log import configure_logging
+from cortex.core.access_log import configure_logging, json_logs
 from cortex.core.config import ConfigError
 from cortex.core.errors import CortexError
 
@@ -263,7 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except (ConfigError, CortexError) as exc:
-        print(f"cortex: {exc}", file=sys.stderr)
+        if json_logs():
+            logging.getLogger("cortex").error(str(exc))
+        else:
+            print(f"cortex: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
