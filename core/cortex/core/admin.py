@@ -197,16 +197,6 @@ class GatewayAdmin:
             raise_for(response, response.content)
         return response.content
 
-    async def is_gateway(self) -> bool:
-        """Whether the endpoint is a gateway (it serves /fleet; a neuron serves /status)."""
-        try:
-            response = await self._http.get("/fleet")
-        except httpx.TransportError as exc:
-            raise unreachable(self.endpoint, exc) from exc
-        if response.status_code in (401, 403):
-            return True  # only a gateway guards /fleet with keys
-        return response.status_code == 200 and b'"neurons"' in response.content
-
     async def fleet(self) -> FleetView:
         return FleetView.model_validate_json(await self._request("GET", "/fleet"))
 
