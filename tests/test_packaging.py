@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.metadata
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -252,3 +254,48 @@ def test_a_component_command_names_the_extra_it_needs(command: str, extra: str) 
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()  # one line, no traceback
     assert f"pip install 'cortex[{extra}]'" in line, line
+
+
+def wheel_layout(site: Path) -> None:
+    """The wheel's files, laid out under `site` as pyproject's hatch target builds them."""
+    wheel = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
+    target = wheel["targets"]["wheel"]
+    for include in target["only-include"]:
+        source = next(s for s in target["sources"] if include.startswith(f"{s}/"))
+        shutil.copytree(
+            REPO / include,
+            site / include.removeprefix(f"{source}/"),
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+
+
+def cortex_from(
+    where: Path, *args: str, path: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if path is not None:
+        env["PYTHONPATH"] = str(path)
+    return subprocess.run(
+        [sys.executable, "-m", "cortex.cli", *args],
+        capture_output=True, text=True, timeout=120, cwd=where, env=env,
+    )  # fmt: skip
+
+
+def test_bench_outside_a_checkout_says_where_benchmarks_run(tmp_path: Path) -> None:
+    """An installed cortex has no bench/ (its tools are the dev extra's): one line, exit 2, not
+    `No module named bench` from a child python."""
+    site = tmp_path / "site"
+    wheel_layout(site)
+    assert (site / "cortex" / "cli" / "commands.py").is_file() and not (site / "bench").exists()
+    done = cortex_from(tmp_path, "bench", "--list", path=site)
+    assert done.returncode == 2, done
+    (line,) = done.stderr.strip().splitlines()
+    assert "source checkout" in line and "make bench" in line, line
+
+
+def test_bench_in_a_checkout_runs_from_any_directory(tmp_path: Path) -> None:
+    paths = [REPO / part for part in ("cli", "core", "gateway", "neuron-image", "operator")]
+    done = cortex_from(tmp_path, "bench", "--list", path=Path(os.pathsep.join(map(str, paths))))
+    assert done.returncode == 0, done.stderr
+    assert "gateway" in done.stdout and "P1 gateway overhead" in done.stdout

@@ -74,12 +74,14 @@ def test_the_seed_example_runs(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
-    assert f"API      http://127.0.0.1:{port}/v1" in out
-    assert f"web page http://127.0.0.1:{port}/" in out
-    assert f"metrics  http://127.0.0.1:{metrics}/metrics" in out
-    assert f"config   {SEED}" in out
-    assert "model    smollm2-135m-instruct (chat)" in out
+    assert not out.strip()  # under --log-format json the banner is a log record
     records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    (ready,) = [r for r in records if r["message"] == "cortex gateway ready"]
+    assert ready["api"] == f"http://127.0.0.1:{port}/v1"
+    assert ready["web_page"] == f"http://127.0.0.1:{port}/"
+    assert ready["metrics"] == f"http://127.0.0.1:{metrics}/metrics"
+    assert ready["config"] == str(SEED)
+    assert {"id": "smollm2-135m-instruct", "kind": "chat"} in ready["models"]
     messages = [r["message"] for r in records]
     assert sum("Started server process" in m for m in messages) == 1
     assert sum("Finished server process" in m for m in messages) == 1

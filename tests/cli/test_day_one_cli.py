@@ -105,7 +105,8 @@ def test_status_against_a_port_that_is_not_cortex(fleet_answers: bool) -> None:
         line = one_line_error(cortex("status", "--endpoint", endpoint))
     finally:
         server.shutdown()
-    assert line == f"cortex: {endpoint} is not a cortex gateway or neuron"
+    # Neither its /fleet (JSON of another shape, or a 404) nor its /status (a 404) is cortex's.
+    assert line == f"cortex: {endpoint} answered 404 for /status: is it a cortex gateway or neuron?"
 
 
 def test_a_missing_models_file_names_the_key_and_the_file(tmp_path: Path) -> None:

@@ -330,7 +330,7 @@ async def test_the_admin_api_lists_keys_with_what_they_spent_and_never_a_secret(
         table = capsys.readouterr().out
         assert "frank" in table and "1,000 in total" in table and f"{1000 - spent:,}" in table
         assert "10 per 60s" in table and "0/2" in table
-        with pytest.raises(CortexError, match="is not a cortex gateway"):
+        with pytest.raises(CortexError, match="is a neuron: cortex keys needs a gateway"):
             await commands.keys(c.served["n1"].url, None)  # a neuron's endpoint
 
 

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import dataclasses
 import errno
+import logging
 import os
 import secrets
 import signal
@@ -18,14 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cortex.cli import fleet_control
 from cortex.cli.console import NeuronRow, print_fleet
+from cortex.cli.endpoint import identify
 from cortex.core import kube_api
-from cortex.core.access_log import redact_access_log
+from cortex.core.access_log import json_logs, redact_access_log
 from cortex.core.admin import GatewayAdmin
 from cortex.core.catalogue import (
     DEFAULT_CATALOGUE,
@@ -45,13 +46,12 @@ from cortex.core.config import (
     load_config,
     load_gateway_config,
 )
-from cortex.core.errors import CortexError
+from cortex.core.errors import CortexError, Forbidden, Unauthorized
 from cortex.core.fleet import (
     NOT_LOADED,
     FleetView,
     LoadedModel,
     LoadRequest,
-    ModelState,
     NeuronStatus,
     shown_state,
 )
@@ -60,6 +60,8 @@ from cortex.core.request_context import RequestContext
 
 if TYPE_CHECKING:
     from cortex.core.shutdown import Drain
+
+log = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -264,12 +266,13 @@ async def gateway(args: argparse.Namespace) -> None:
     check_gateway_ports(config)
     kubernetes = kubernetes_login(args, config)
     if kubernetes is None and not config.neurons:
-        print(
-            "cortex gateway: no [[neurons]] in the config; `cortex up` runs a local one",
-            file=sys.stderr,
-        )
+        warning = "no [[neurons]] in the config; `cortex up` runs a local one"
+        if json_logs():
+            log.warning(warning)
+        else:
+            print(f"cortex gateway: {warning}", file=sys.stderr)
     catalogue = merge_catalogues(DEFAULT_CATALOGUE, config.models)
-    print(banner(config, args.config, catalogue), flush=True)
+    announce(config, args.config, catalogue)
     # The built-in models go as the base a reload keeps; the config's come with the config.
     await serve_gateway(
         config, DEFAULT_CATALOGUE, kubernetes=kubernetes, reread=lambda: gateway_config(args)
@@ -318,7 +321,7 @@ async def up(args: argparse.Namespace) -> None:
                 await neuron_task
                 raise CortexError(f"the local neuron could not listen on 127.0.0.1:{port}")
             await asyncio.sleep(0.05)
-        print(banner(config, args.config, catalogue), flush=True)
+        announce(config, args.config, catalogue)
 
         async def reload_neuron(new: GatewayConfig) -> list[str]:
             # The neuron serves the gateway's catalogue (its file: models are allowed paths);
@@ -342,18 +345,42 @@ async def up(args: argparse.Namespace) -> None:
         await runtime.stop()
 
 
-def banner(config: GatewayConfig, path: str | None, catalogue: list[ModelSpec]) -> str:
+def announce(config: GatewayConfig, path: str | None, catalogue: list[ModelSpec]) -> None:
+    """The banner on stdout, or under --log-format json one log record holding its fields."""
+    if json_logs():
+        log.info(READY, extra={"fields": banner_fields(config, path, catalogue)})
+    else:
+        print(banner(config, path, catalogue), flush=True)
+
+
+READY = "cortex gateway ready"
+
+
+def banner_fields(
+    config: GatewayConfig, path: str | None, catalogue: list[ModelSpec]
+) -> dict[str, Any]:
     """What a user needs on start: where the API, the page and the metrics are, which config is
-    in use, and what models there are."""
+    in use (None: the defaults), and what models there are."""
     listen = config.gateway.listen
-    metrics = config.gateway.metrics_listen or listen
+    return {
+        "api": f"http://{listen}/v1",
+        "web_page": f"http://{listen}/",
+        "metrics": f"http://{config.gateway.metrics_listen or listen}/metrics",
+        "config": str(Path(path).expanduser().resolve()) if path else None,
+        "models": [{"id": spec.id, "kind": spec.kind} for spec in catalogue],
+    }
+
+
+def banner(config: GatewayConfig, path: str | None, catalogue: list[ModelSpec]) -> str:
+    """The banner as a user reads it in a terminal."""
+    fields = banner_fields(config, path, catalogue)
     lines = [
-        f"cortex gateway  API      http://{listen}/v1",
-        f"                web page http://{listen}/",
-        f"                metrics  http://{metrics}/metrics",
-        f"                config   {Path(path).expanduser().resolve() if path else '(defaults)'}",
+        f"cortex gateway  API      {fields['api']}",
+        f"                web page {fields['web_page']}",
+        f"                metrics  {fields['metrics']}",
+        f"                config   {fields['config'] or '(defaults)'}",
     ]
-    lines += [f"                model    {spec.id} ({spec.kind})" for spec in catalogue]
+    lines += [f"                model    {m['id']} ({m['kind']})" for m in fields["models"]]
     return "\n".join(lines)
 
 
@@ -369,34 +396,21 @@ def local_entry(local: NeuronConfig, port: int) -> NeuronEntry:
 async def status(endpoint: str, api_key: str | None = None, watch: float | None = None) -> int:
     """Every model from a gateway's admin API (an admin key when auth is on), or the fleet table
     from a neuron's /status."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(base_url=endpoint.rstrip("/"), timeout=5, headers=headers) as http:
+    if await identify(endpoint, api_key) == "gateway":
+        admin = GatewayAdmin(endpoint, api_key=api_key)
         try:
-            response = await http.get("/fleet")
-            if response.status_code in (401, 403):
-                print(f"cortex: {endpoint}/fleet needs an admin key (--api-key)", file=sys.stderr)
-                return 1
-            if response.status_code == 200:
-                FleetView.model_validate_json(response.content)  # a gateway, not a lookalike
-                admin = GatewayAdmin(endpoint, api_key=api_key)
-                try:
-                    return await fleet_control.status(admin, watch)
-                finally:
-                    await admin.aclose()
-            else:
-                neuron_status = NeuronStatus.model_validate_json(
-                    (await http.get("/status")).content
-                )
-                rows = [
-                    NeuronRow(neuron_status.node, endpoint, neuron_status.healthy, neuron_status)
-                ]
-        except httpx.HTTPError as exc:
-            print(f"cortex: cannot reach {endpoint}: {exc}", file=sys.stderr)
+            return await fleet_control.status(admin, watch)
+        except (Unauthorized, Forbidden):
+            print(f"cortex: {endpoint}/fleet needs an admin key (--api-key)", file=sys.stderr)
             return 1
-        except ValueError:  # not JSON, or JSON of another shape (pydantic's ValidationError)
-            print(f"cortex: {endpoint} is not a cortex gateway or neuron", file=sys.stderr)
-            return 1
-    print_fleet(rows)
+        finally:
+            await admin.aclose()
+    client = NeuronClient(endpoint)
+    try:
+        found = await client.status()
+    finally:
+        await client.aclose()
+    print_fleet([NeuronRow(found.node, endpoint, found.healthy, found)])
     return 0
 
 
@@ -421,10 +435,10 @@ def fleet_rows(view: FleetView) -> list[NeuronRow]:
 async def keys(endpoint: str, api_key: str | None, reset: str | None = None) -> int:
     """`cortex keys`: a gateway's API keys through its admin API; `reset NAME` forgets a key's
     spend."""
+    if await identify(endpoint, api_key, "gateway") == "neuron":
+        raise CortexError(f"{endpoint} is a neuron: cortex keys needs a gateway's endpoint")
     admin = GatewayAdmin(endpoint, api_key=api_key)
     try:
-        if not await admin.is_gateway():
-            raise CortexError(f"{endpoint} is not a cortex gateway: cortex keys needs one")
         if reset is not None:
             return await fleet_control.reset_key(admin, reset)
         return await fleet_control.keys(admin)
@@ -434,23 +448,21 @@ async def keys(endpoint: str, api_key: str | None, reset: str | None = None) -> 
 
 async def models(args: argparse.Namespace) -> int:
     """`cortex models` and `cortex neurons`: through a gateway's admin API, or to one neuron."""
-    admin = GatewayAdmin(args.endpoint, api_key=args.api_key)
-    try:
-        if await admin.is_gateway():
+    gateway_only = args.command == "neurons" or args.action in ("pin", "unpin")
+    wanted = "gateway" if gateway_only else "gateway or neuron"
+    if await identify(args.endpoint, args.api_key, wanted) == "gateway":
+        admin = GatewayAdmin(args.endpoint, api_key=args.api_key)
+        try:
             if args.command == "neurons":
                 return await fleet_control.neurons(admin, args)
             return await fleet_control.models(admin, args)
-    finally:
-        await admin.aclose()
-    if args.command == "neurons" or args.action in ("pin", "unpin"):
+        finally:
+            await admin.aclose()
+    if gateway_only:
         raise CortexError(f"{args.endpoint} is a neuron: {args.action} needs a gateway's endpoint")
     client = NeuronClient(args.endpoint, admin_token=args.admin_token)
     console = Console()
     try:
-        try:  # not a gateway: a neuron, or something else answering on that port
-            await client.status()
-        except ValueError:  # not JSON, or JSON of another shape (pydantic's ValidationError)
-            raise CortexError(f"{args.endpoint} is not a cortex gateway or neuron") from None
         if args.action == "load":
             await _load_with_progress(client, args.model, args.source, console)
         elif args.action == "unload":
@@ -471,30 +483,37 @@ async def models(args: argparse.Namespace) -> int:
     return 0
 
 
+# A load takes what its download and conversion take; Ctrl-C stops the wait, not the load.
+LOAD_WAIT = 24 * 3600.0
+
+
 async def _load_with_progress(
     client: NeuronClient, model: str, source: str | None, console: Console
 ) -> None:
-    record = await client.load(LoadRequest(model=model, source=source, wait=False))
+    """The load waits on the neuron until the model is ready, or fails with the neuron's reason
+    (a failed ad-hoc load leaves no record to read it from); /status moves the bar meanwhile."""
+    request = LoadRequest(model=model, source=source)
+    load = asyncio.create_task(client.load(request, timeout=LOAD_WAIT))
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(f"loading {record.id}", total=1.0)
-        while record.state is ModelState.LOADING:
-            progress.update(task, completed=record.progress)
-            await asyncio.sleep(
-                0.25
-            )  # a human is watching a bar; this is pacing, not a wait for state
-            current = [m for m in (await client.status()).models if m.id == record.id]
-            if not current:  # a failed ad-hoc load leaves no record; the neuron's log says why
-                raise CortexError(f"load of {record.id} failed (the neuron's log says why)")
-            record = current[0]
-        progress.update(task, completed=1.0)
-    if record.state is ModelState.FAILED:
-        raise CortexError(f"load of {record.id} failed: {record.error}")
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(f"loading {model}", total=1.0)
+            # a human is watching a bar: this paces its redraws, it waits for no state
+            while not (await asyncio.wait([load], timeout=0.25))[0]:
+                current = [m for m in (await client.status()).models if m.id == model]
+                if current:
+                    progress.update(task, completed=current[0].progress)
+            record = await load
+            progress.update(task, completed=1.0)
+    except CortexError as exc:
+        raise CortexError(f"load of {model} failed: {exc}") from None
+    finally:
+        load.cancel()
     console.print(
         f"{record.id} ready on {', '.join(record.devices)} ({record.memory_bytes / 2**20:.0f} MiB)"
     )
@@ -521,5 +540,19 @@ def cache(args: argparse.Namespace) -> int:
     return 0
 
 
+# The checkout this command runs from, if it runs from one (an editable install); an installed
+# wheel holds no bench/ (docs/benchmarks.md).
+CHECKOUT = Path(__file__).resolve().parents[3]
+
+
 def bench(args: list[str]) -> int:
-    return subprocess.call([sys.executable, "-m", "bench", *args])
+    """`python -m bench ARGS` in the checkout, from whatever directory: the benchmarks and their
+    tools (aiohttp, matplotlib, LiteLLM: the dev extra) are a checkout's, not an install's."""
+    if not (CHECKOUT / "bench" / "__main__.py").is_file():
+        raise CortexError(
+            "cortex bench runs the benchmarks of a source checkout (git clone, then `make bench` "
+            "or `cortex bench NAME` there); this cortex is installed without them"
+        )
+    path = [str(CHECKOUT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    return subprocess.call([sys.executable, "-m", "bench", *args], env=env)

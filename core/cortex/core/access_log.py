@@ -79,6 +79,8 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         if isinstance(usage := getattr(record, "usage", None), dict):
             entry["usage"] = usage  # the gateway's per-request line ([gateway] usage_log)
+        if isinstance(fields := getattr(record, "fields", None), dict):
+            entry.update(fields)  # a record's own fields, beside the message (the banner's URLs)
         return json.dumps(entry)
 
 
@@ -130,6 +132,11 @@ def configure_logging(level: int, log_format: str = "text") -> None:
     logging.basicConfig(level=level, handlers=[handler])  # a no-op where one is set (tests)
 
 
+def json_logs() -> bool:
+    """Whether --log-format json was chosen: then every line cortex writes is a JSON object."""
+    return _LOG_FORMAT["value"] == "json"
+
+
 def tidy_server_logs() -> None:
     """Install the filters on uvicorn's loggers and the lean access formatter (idempotent), and
     with --log-format json send uvicorn's records through the JSON root handler. Call it after building every
@@ -141,7 +148,7 @@ def tidy_server_logs() -> None:
     for handler in access.handlers:
         if handler.formatter is not None and _plain_uvicorn_access(handler.formatter):
             handler.setFormatter(AccessLine(handler.formatter))
-    if _LOG_FORMAT["value"] == "json":
+    if json_logs():
         for name in ("uvicorn", "uvicorn.error", ACCESS_LOGGER):
             logger = logging.getLogger(name)
             logger.handlers.clear()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from typing import Literal
 from urllib.parse import quote
@@ -123,13 +124,46 @@ class LoadProgress(BaseModel):
 
 
 def raise_for(response: httpx.Response, body: bytes) -> None:
-    """A gateway's OpenAI error envelope back into the domain error it came from."""
+    """A gateway's OpenAI error envelope back into the domain error it came from; an answer
+    without one came from something else (a web server, a proxy), and the error says so."""
     try:
-        error = json.loads(body).get("error") or {}
+        error = json.loads(body)["error"]
         message, code = str(error.get("message", "")), error.get("code")
-    except (ValueError, AttributeError):
-        message, code = body.decode(errors="replace")[:300], None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        url = response.request.url
+        endpoint = str(url.copy_with(path="/", query=None, fragment=None)).rstrip("/")
+        raise CortexError(
+            f"{endpoint} answered {response.status_code} for {url.path}: is it a cortex gateway?"
+        ) from None
     raise error_from_code(code, message or f"answered {response.status_code}", response.status_code)
+
+
+_CONNECTING = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+def unreachable(endpoint: str, exc: httpx.TransportError) -> NeuronUnreachable:
+    """What a transport failure says, in the words of the failure under it (`connection
+    refused`, `name or service not known`), not httpx's class name."""
+    where = f"cannot connect to {endpoint}" if isinstance(exc, _CONNECTING) else endpoint
+    return NeuronUnreachable(f"{where}: {transport_reason(exc)}")
+
+
+def transport_reason(exc: BaseException) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    cause: BaseException | None = exc
+    while cause is not None:  # anyio wraps the socket's error in "All connection attempts failed"
+        if isinstance(cause, OSError) and cause.strerror:
+            # asyncio's refusal reads "Connect call failed (address)": its errno says more
+            errno = cause.errno if isinstance(cause.errno, int) and cause.errno > 0 else None
+            return _sentence(os.strerror(errno) if errno else cause.strerror)
+        cause = cause.__cause__ or cause.__context__
+    return _sentence(str(exc) or type(exc).__name__)
+
+
+def _sentence(text: str) -> str:
+    """Text to follow a colon: `Connection refused` as `connection refused`."""
+    return text[:1].lower() + text[1:]
 
 
 class GatewayAdmin:
@@ -158,20 +192,10 @@ class GatewayAdmin:
                 method, path, json=body.model_dump(exclude_none=True) if body else None
             )
         except httpx.TransportError as exc:
-            raise NeuronUnreachable(f"cannot reach {self.endpoint} ({type(exc).__name__})") from exc
+            raise unreachable(self.endpoint, exc) from exc
         if response.status_code >= 400:
             raise_for(response, response.content)
         return response.content
-
-    async def is_gateway(self) -> bool:
-        """Whether the endpoint is a gateway (it serves /fleet; a neuron serves /status)."""
-        try:
-            response = await self._http.get("/fleet")
-        except httpx.TransportError as exc:
-            raise NeuronUnreachable(f"cannot reach {self.endpoint} ({type(exc).__name__})") from exc
-        if response.status_code in (401, 403):
-            return True  # only a gateway guards /fleet with keys
-        return response.status_code == 200 and b'"neurons"' in response.content
 
     async def fleet(self) -> FleetView:
         return FleetView.model_validate_json(await self._request("GET", "/fleet"))
@@ -194,7 +218,7 @@ class GatewayAdmin:
         try:
             response = await self._http.send(request, stream=True)
         except httpx.TransportError as exc:
-            raise NeuronUnreachable(f"cannot reach {self.endpoint} ({type(exc).__name__})") from exc
+            raise unreachable(self.endpoint, exc) from exc
         try:
             if response.status_code >= 400:
                 raise_for(response, await response.aread())

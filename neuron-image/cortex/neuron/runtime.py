@@ -196,10 +196,18 @@ class NeuronRuntime:
             self.replicas[spec.id] = replica
             task = asyncio.create_task(self._load(replica, request))
             self._loads[spec.id] = task
-            task.add_done_callback(lambda _: self._loads.pop(spec.id, None))
+            task.add_done_callback(lambda done: self._settled(spec.id, done))
         if not request.wait:
             return self.replicas[spec.id].record()
         return (await asyncio.shield(task)).record()
+
+    def _settled(self, model: str, task: asyncio.Task[Replica]) -> None:
+        """A load is over. Its failure was logged, and is the error of whoever waits on it; a
+        load nobody waits on (`wait: false`, a caller gone) must not end in asyncio's "Task
+        exception was never retrieved" traceback besides."""
+        self._loads.pop(model, None)
+        if not task.cancelled():
+            task.exception()
 
     def _spec_for(self, request: LoadRequest) -> ModelSpec:
         known = resolve_alias(self.catalogue, request.model)
