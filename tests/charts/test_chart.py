@@ -94,6 +94,24 @@ def test_example_placements_render_when_asked(render: Render) -> None:
     )
 
 
+def test_example_placements_outlive_the_operator_instead_of_hanging(helm: Path) -> None:
+    """helm uninstall deletes the operator (and its RBAC) with everything else: a placement it
+    deleted too would wait in Terminating for a finalizer nobody runs. helm leaves them, and the
+    notes say how to delete them while the operator still runs."""
+    args = ["--dry-run=client", "--set", "examplePlacements.enabled=true"]
+    done = run_helm(helm, "install", "cortex", str(CHART), "-n", "ai", *args)
+    assert done.returncode == 0, done.stderr
+    manifest, notes = done.stdout.split("NOTES:", 1)
+    placements = [
+        o for o in yaml.safe_load_all(manifest) if o and o.get("kind") == "ModelPlacement"
+    ]
+    assert len(placements) == 2
+    for placement in placements:
+        assert placement["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    delete = "kubectl -n ai delete modelplacements smollm2-135m-instruct all-minilm-l6-v2"
+    assert delete in notes
+
+
 def test_object_names_follow_the_release(render: Render) -> None:
     names = {o["metadata"]["name"] for o in render(release="prod", namespace="llm")}
     assert {"prod-cortex-gateway", "prod-cortex-neuron", "prod-cortex-operator"} <= names
