@@ -57,7 +57,17 @@ def neuron_phase(neuron: Neuron, probe: Probe | None, unreachable_after: int) ->
 def neuron_status(
     neuron: Neuron, probe: Probe | None, unreachable_after: int, now: float
 ) -> NeuronResourceStatus:
-    """The Neuron object's status after a probe (or without one: no endpoint yet)."""
+    """The Neuron object's status after a probe (or without one: no endpoint yet), with the
+    comma-joined summaries of its devices and models that `kubectl get nr` shows."""
+    status = _probed_status(neuron, probe, unreachable_after, now)
+    status.device_summary = ",".join(d.id for d in status.devices)
+    status.model_summary = ",".join(m.model for m in status.models)
+    return status
+
+
+def _probed_status(
+    neuron: Neuron, probe: Probe | None, unreachable_after: int, now: float
+) -> NeuronResourceStatus:
     previous = neuron.status or NeuronResourceStatus()
     phase = neuron_phase(neuron, probe, unreachable_after)
     status = previous.model_copy(
