@@ -28,6 +28,10 @@ MODEL = "tiny"
 STREAM = {"model": MODEL, "prompt": "hello", "max_tokens": 200, "temperature": 0, "stream": True}
 
 
+def _lists_ready(status: httpx.Response, model: str) -> bool:
+    return any(m["id"] == model and m["state"] == "ready" for m in status.json()["models"])
+
+
 def _port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -44,11 +48,14 @@ class Proc:
     def tail(self) -> str:
         return self.log.read_text()[-3000:]
 
-    def wait_until(self, ready: str, timeout: float = 180) -> None:
+    def wait_until(self, ready: str, timeout: float = 180, model: str | None = None) -> None:
+        """Until `ready` answers 200 (and, with `model`, lists it ready: preloads run beside
+        serving)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if httpx.get(f"{self.url}{ready}", timeout=2).status_code == 200:
+                answer = httpx.get(f"{self.url}{ready}", timeout=2)
+                if answer.status_code == 200 and (model is None or _lists_ready(answer, model)):
                     return
             except httpx.TransportError:
                 pass
@@ -106,7 +113,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Proc
     gateway: Proc | None = None
     try:
         for neuron in (n1, n2):
-            neuron.wait_until("/health")
+            neuron.wait_until("/status", model=MODEL)
         gateway = _gateway([n1, n2], tiny, directory)
         gateway.wait_until("/readyz")
         yield n1, n2, gateway

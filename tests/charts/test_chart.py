@@ -94,6 +94,24 @@ def test_example_placements_render_when_asked(render: Render) -> None:
     )
 
 
+def test_example_placements_outlive_the_operator_instead_of_hanging(helm: Path) -> None:
+    """helm uninstall deletes the operator (and its RBAC) with everything else: a placement it
+    deleted too would wait in Terminating for a finalizer nobody runs. helm leaves them, and the
+    notes say how to delete them while the operator still runs."""
+    args = ["--dry-run=client", "--set", "examplePlacements.enabled=true"]
+    done = run_helm(helm, "install", "cortex", str(CHART), "-n", "ai", *args)
+    assert done.returncode == 0, done.stderr
+    manifest, notes = done.stdout.split("NOTES:", 1)
+    placements = [
+        o for o in yaml.safe_load_all(manifest) if o and o.get("kind") == "ModelPlacement"
+    ]
+    assert len(placements) == 2
+    for placement in placements:
+        assert placement["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    delete = "kubectl -n ai delete modelplacements smollm2-135m-instruct all-minilm-l6-v2"
+    assert delete in notes
+
+
 def test_object_names_follow_the_release(render: Render) -> None:
     names = {o["metadata"]["name"] for o in render(release="prod", namespace="llm")}
     assert {"prod-cortex-gateway", "prod-cortex-neuron", "prod-cortex-operator"} <= names
@@ -235,17 +253,31 @@ def helm_installs(markdown: Path) -> list[list[str]]:
     return installs
 
 
+def is_cpu_install(args: list[str]) -> bool:
+    return any("values-cpu" in a or "neuron.gpu.enabled=false" in a for a in args)
+
+
 def test_the_documented_gpu_installs_keep_the_neurons_on_gpu_nodes(render: Render) -> None:
     """A DaemonSet with no nodeSelector puts a neuron pod on every node; on a mixed cluster those
     on CPU nodes wait Pending for a GPU forever. The README shows docs/kubernetes.md's selector."""
     selectors = []
     for page in (CHART.parents[1] / "README.md", CHART.parents[1] / "docs" / "kubernetes.md"):
-        gpu = [a for a in helm_installs(page) if not any("values-cpu" in x for x in a)]
+        gpu = [a for a in helm_installs(page) if not is_cpu_install(a)]
         assert gpu, f"{page.name}: no GPU install"
         for args in gpu:
             neuron = find(render(*args), "DaemonSet", "cortex-neuron")
             selectors.append(neuron["spec"]["template"]["spec"].get("nodeSelector"))
     assert selectors[0] and all(s == selectors[0] for s in selectors), selectors
+
+
+def test_the_documented_set_only_cpu_install_is_values_cpu_yamls_neuron(render: Render) -> None:
+    """docs/kubernetes.md spells values-cpu.yaml out as --set flags; the neurons must be the same
+    (a memory limit without cpu_memory once let the CPU device claim half the node's RAM)."""
+    page = CHART.parents[1] / "docs" / "kubernetes.md"
+    (spelt,) = (a for a in helm_installs(page) if is_cpu_install(a) and "-f" not in a)
+    by_file, by_flags = render("-f", str(CHART / "values-cpu.yaml")), render(*spelt)
+    for kind, name in (("DaemonSet", "cortex-neuron"), ("ConfigMap", "cortex-neuron")):
+        assert find(by_flags, kind, name) == find(by_file, kind, name), f"{kind} {name}"
 
 
 def test_the_object_names_the_docs_give_are_the_ones_the_chart_makes(render: Render) -> None:

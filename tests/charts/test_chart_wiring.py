@@ -457,6 +457,33 @@ def test_admin_token_reaches_the_operator_and_the_neurons(render: Render) -> Non
         assert [set(s["data"]) for s in generated] == ([{key}] if not args else [])
 
 
+# What Kubernetes puts in a pod's environment for Services named `cortex` and `cortex-metrics`
+# in its namespace, unless the pod turns service links off: CORTEX_<FLAG> names of the CLI's.
+SERVICE_LINKS = {
+    "CORTEX_PORT": "tcp://10.96.0.10:80",
+    "CORTEX_SERVICE_HOST": "10.96.0.10",
+    "CORTEX_METRICS_PORT": "tcp://10.96.0.11:9090",
+}
+
+
+def test_services_of_the_namespace_cannot_set_a_pods_flags(
+    render: Render, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI takes CORTEX_<FLAG> variables as defaults: a Service named `cortex` once gave the
+    gateway CORTEX_PORT=tcp://IP:PORT, and it exited. Pods take no service links, and the
+    gateway names its ports; its command line holds even with the variables set."""
+    objects = render()
+    for workload in (o for o in objects if o["kind"] in ("Deployment", "DaemonSet")):
+        name = workload["metadata"]["name"]
+        assert workload["spec"]["template"]["spec"]["enableServiceLinks"] is False, name
+    for key, value in SERVICE_LINKS.items():
+        monkeypatch.setenv(key, value)
+    gateway = container(find(objects, "Deployment", "cortex-gateway"), "gateway")
+    args = _parser().parse_args(gateway["args"])
+    assert (args.port, args.metrics_port) == (31313, 31314)
+    assert (named_port(gateway, "api"), named_port(gateway, "metrics")) == (31313, 31314)
+
+
 def test_every_cortex_container_runs_as_non_root(render: Render) -> None:
     for workload in (o for o in render() if o["kind"] in ("Deployment", "DaemonSet")):
         for pod_container in workload["spec"]["template"]["spec"]["containers"]:
@@ -511,6 +538,8 @@ def test_the_gateway_runs_in_kubernetes_mode(render: Render) -> None:
         "--kubernetes",
         "--config=/etc/cortex/cortex.toml",
         "--host=0.0.0.0",
+        "--port=31313",
+        "--metrics-port=31314",
     ]
     (namespace,) = (e for e in gateway["env"] if e["name"] == "CORTEX_NAMESPACE")
     assert namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}

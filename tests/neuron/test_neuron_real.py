@@ -38,6 +38,15 @@ class Neuron:
     def served(self, model: str = CHAT) -> ServedModel:
         return self.runtime.served(model)
 
+    def wait_loaded(self, timeout: float = 300.0) -> None:
+        """Until every preload is ready (they run beside serving)."""
+        models = set(self.runtime.config.neuron.preload)
+        deadline = time.monotonic() + timeout
+        while {m.id for m in self.runtime.status().models if m.state.value == "ready"} < models:
+            failed = [m for m in self.runtime.status().models if m.state.value == "failed"]
+            assert not failed and time.monotonic() < deadline, f"preloads not ready: {failed}"
+            time.sleep(0.05)
+
     def in_flight(self, model: str = CHAT) -> int:
         return sum(m.in_flight + m.queued for m in self.runtime.status().models if m.id == model)
 
@@ -59,6 +68,7 @@ def neuron(model_cache: Path) -> Iterator[Neuron]:
     runtime = _runtime(model_cache, [CHAT, DEFAULT_EMBEDDING_MODEL], max_running=4, max_queue=8)
     with serve(create_app(runtime)) as url:
         node = Neuron(url, runtime)
+        node.wait_loaded()  # preloads run beside serving
         yield node
         node.http.close()
 
@@ -475,6 +485,7 @@ def test_overload_is_429_with_retry_after(model_cache: Path) -> None:
     runtime = _runtime(model_cache, [CHAT], max_running=1, max_queue=0)
     with serve(create_app(runtime)) as url:
         node = Neuron(url, runtime)
+        node.wait_loaded()  # preloads run beside serving
         body = {"model": CHAT, "prompt": COUNTING, "max_tokens": 3000, "temperature": 0}
         with node.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as held:
             lines = held.iter_lines()  # kept referenced: dropping it would close the stream

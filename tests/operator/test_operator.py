@@ -854,12 +854,13 @@ async def test_a_neuron_still_going_when_its_new_pod_comes_is_made_again_once_go
 
 
 @pytest.mark.parametrize("remembered", [True, False])
-async def test_a_cordon_outlives_the_neuron_pod(
+async def test_a_cordon_and_labels_outlive_the_neuron_pod(
     kube: Kube, operator: Operator, monkeypatch: pytest.MonkeyPatch, remembered: bool
 ) -> None:
     """A Neuron goes with its pod; the one made for the node's next pod (a rollout, a restart)
-    is still cordoned, so a node being drained takes no new replicas meanwhile. A pod that
-    comes after CORDON_MEMORY (a node name reused) starts uncordoned."""
+    is still cordoned, so a node being drained takes no new replicas meanwhile, and keeps the
+    labels placements select it by (`kubectl label nr`, spec.labels). A pod that comes after
+    CORDON_MEMORY (a node name reused) starts afresh."""
     if not remembered:
         monkeypatch.setattr(handlers, "CORDON_MEMORY", -1.0)
     fake = FakeNeuron("gpu-node-1")
@@ -867,7 +868,14 @@ async def test_a_cordon_outlives_the_neuron_pod(
         port = int(served.url.rsplit(":", 1)[1])
         await kube.create("v1/pods", neuron_pod("neuron-old", "gpu-node-1", port))
         await until(lambda: kube.get(NEURONS, "gpu-node-1"), "the Neuron for the old pod")
-        await kube.patch(NEURONS, "gpu-node-1", {"spec": {"cordoned": True}})
+        await kube.patch(
+            NEURONS,
+            "gpu-node-1",
+            {
+                "metadata": {"labels": {"gpu": "a100"}},  # kubectl label nr gpu-node-1 gpu=a100
+                "spec": {"cordoned": True, "labels": {"zone": "eu-1"}},
+            },
+        )
         await until(
             lambda: kube.status(NEURONS, "gpu-node-1").get("phase") == "Cordoned", "Cordoned"
         )
@@ -882,6 +890,12 @@ async def test_a_cordon_outlives_the_neuron_pod(
 
         made = await until(remade, "the Neuron made for the new pod")
         assert bool(made["spec"].get("cordoned")) is remembered
+        user = {"gpu": "a100"} if remembered else {}
+        assert (
+            made["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "cortex-operator"} | user
+        )
+        zone = {"zone": "eu-1"} if remembered else {}
+        assert made["spec"]["labels"] == {"kubernetes.io/hostname": "gpu-node-1"} | zone
 
 
 async def test_a_neuron_holds_no_finalizer_so_it_goes_after_the_operator(

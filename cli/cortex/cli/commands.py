@@ -302,6 +302,7 @@ async def up(args: argparse.Namespace) -> None:
     local.models = merge_catalogues(catalogue, local.models)
     runtime = NeuronRuntime(local, catalogue=[])
     await runtime.start()
+    await runtime.preloaded()  # the banner means the preloaded models answer
     port = free_port()
     entry = local_entry(local, port)
     server = SilentServer(  # the gateway's servers take the signals, and stop it

@@ -51,7 +51,9 @@ class NeuronSection(_Section):
         description="restrict to these workers (cpu-0, cuda-dev-0); all if empty",
     )
     cpu_memory: ByteSize | None = Field(
-        default=None, description="memory the cpu-0 device may use for models; default half of RAM"
+        default=None,
+        description="memory the cpu-0 device may use for models (weights and KV cache); default "
+        "half of the RAM, or of the container's memory limit if lower",
     )
     dtype: Dtype = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     kv_tokens: int = Field(

@@ -113,6 +113,10 @@ class NeuronResourceStatus(_Model):
     memory_free: str | None = None
     devices: list[NeuronDevice] = Field(default_factory=list)
     models: list[NeuronModel] = Field(default_factory=list)
+    # What `kubectl get nr` shows of the lists above (a printer column takes one value only);
+    # empty, not absent, when the list is, so that a merge patch clears them.
+    device_summary: str | None = None
+    model_summary: str | None = None
     last_probe: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -20,8 +21,35 @@ def is_device_fault(exc: BaseException) -> bool:
     return "CUDA error" in text or "AcceleratorError" in text or "device-side assert" in text
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit number; anything this
+# large is no limit on any real machine.
+_V1_UNLIMITED = 2**60
+
+
 def _system_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_limit(cgroup_root: Path = CGROUP_ROOT) -> int | None:
+    """The container's memory limit (cgroup v2 memory.max or v1 memory.limit_in_bytes); None if none."""
+    for path in (cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max" or not text.isdigit() or int(text) >= _V1_UNLIMITED:
+            return None
+        return int(text)
+    return None
+
+
+def default_cpu_memory(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """Half of the memory this process may use: the RAM, or the container's limit if lower.
+    The other half is for the neuron process itself (torch, tokenizers, load-time copies)."""
+    limit = memory_limit(cgroup_root)
+    system = _system_memory()
+    return (system if limit is None else min(system, limit)) // 2
 
 
 @dataclass
@@ -77,8 +105,13 @@ class Device:
         )
 
 
-def discover(cpu_memory: int | None = None, only: list[str] | None = None) -> list[Device]:
-    """One Device per CUDA GPU torch sees (cuda-dev-N); cpu-0 when there is none or it is asked for."""
+def discover(
+    cpu_memory: int | None = None,
+    only: list[str] | None = None,
+    cgroup_root: Path = CGROUP_ROOT,
+) -> list[Device]:
+    """One Device per CUDA GPU torch sees (cuda-dev-N); cpu-0 when there is none or it is asked for.
+    cpu-0 holds `cpu_memory`, by default half the RAM or of the container's memory limit."""
     devices: list[Device] = []
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -87,7 +120,7 @@ def discover(cpu_memory: int | None = None, only: list[str] | None = None) -> li
                 Device(f"cuda-dev-{index}", index, "cuda", props.name, props.total_memory)
             )
     if not devices or (only and "cpu-0" in only):
-        total = cpu_memory if cpu_memory is not None else _system_memory() // 2
+        total = cpu_memory if cpu_memory is not None else default_cpu_memory(cgroup_root)
         devices.append(Device("cpu-0", 0, "cpu", _cpu_name(), total))
     if only:
         unknown = [name for name in only if name not in {d.id for d in devices}]

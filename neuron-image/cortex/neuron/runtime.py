@@ -59,6 +59,7 @@ class NeuronRuntime:
         self.replicas: dict[str, Replica] = {}
         self._loads: dict[str, asyncio.Task[Replica]] = {}
         self._unloads: dict[str, asyncio.Event] = {}  # set when the model's unload is done
+        self._preloading: asyncio.Task[list[Exception]] | None = None
         # Set on SIGTERM: the neuron finishes what runs, and reports itself unfit for more.
         self.shutting_down = False
 
@@ -101,10 +102,32 @@ class NeuronRuntime:
         for device in self.devices:
             self.workers[device.id] = worker = DeviceWorker(device)
             worker.start()
-        for model in section.preload:
-            await self.load(LoadRequest(model=model))
+        # Preloads run beside serving: a first download or conversion may outlast a startup
+        # probe, and /status shows each model loading, ready or failed meanwhile.
+        self._preloading = asyncio.create_task(self._preload(list(section.preload)))
+
+    async def preloaded(self) -> None:
+        """Wait for start's preloads; the first that failed raises (`cortex up` serves after)."""
+        if self._preloading is not None:
+            failures = await asyncio.shield(self._preloading)
+            if failures:
+                raise failures[0]
+
+    async def _preload(self, models: list[str]) -> list[Exception]:
+        """One after another, as listed; a failure is logged and stays in /status, not a crash."""
+        failures: list[Exception] = []
+        for model in models:
+            try:
+                await self.load(LoadRequest(model=model))
+            except Exception as exc:
+                why = exc.message if isinstance(exc, CortexError) else repr(exc)
+                log.error("preload of %s failed; serving without it: %s", model, why)
+                failures.append(exc)
+        return failures
 
     async def stop(self) -> None:
+        if self._preloading is not None:
+            self._preloading.cancel()
         for task in self._loads.values():
             task.cancel()
         models = list(self.replicas)

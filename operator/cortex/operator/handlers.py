@@ -24,7 +24,7 @@ from cortex.core.resources import (
 from cortex.operator import kube
 from cortex.operator.config import NEURON_PORT
 from cortex.operator.controller import Controller, body_of
-from cortex.operator.neurons import neuron_drift, neuron_for_pod
+from cortex.operator.neurons import neuron_drift, neuron_for_pod, user_marks, with_marks
 from cortex.operator.placement_status import placement_status
 from cortex.operator.probing import Prober
 from cortex.operator.reconcile import Fleet
@@ -127,20 +127,21 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
                 f"still loaded: {', '.join(busy)}", delay=config.probe_interval
             )
 
-    # Neurons cordoned when last seen: a Neuron goes with its pod, and the one made for the
-    # node's next pod (a rollout, a restart) keeps the cordon, if it comes within CORDON_MEMORY
-    # (a node name reused much later starts afresh). Kept by this process only.
-    cordoned: dict[tuple[str, str], float | None] = {}  # -> when its Neuron went (None: it is)
+    # What users set on Neurons when last seen (a cordon, labels): a Neuron goes with its pod,
+    # and the one made for the node's next pod (a rollout, a restart) keeps it, if it comes
+    # within CORDON_MEMORY (a node name reused much later starts afresh). Kept by this process
+    # only. -> (user_marks, when its Neuron went; None: it is)
+    kept: dict[tuple[str, str], tuple[dict[str, Any], float | None]] = {}
 
     def remembered(namespace: str, wanted: dict[str, Any]) -> dict[str, Any]:
         key = (namespace, wanted["metadata"]["name"])
-        if key not in cordoned:
+        if key not in kept:
             return wanted
-        gone = cordoned[key]
+        marks, gone = kept[key]
         if gone is not None and controller.clock() - gone > CORDON_MEMORY:
-            del cordoned[key]
+            del kept[key]
             return wanted
-        return {**wanted, "spec": {**wanted["spec"], "cordoned": True}}
+        return with_marks(wanted, marks)
 
     @kopf.index("", "v1", "pods", labels=config.neuron_selector, id="pod_index", registry=registry)
     def pod_index(namespace: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
@@ -174,20 +175,20 @@ def build_registry(controller: Controller, *, login: bool = True) -> kopf.Operat
         type: str, body: kopf.Body, name: str, namespace: str, pod_index: Index, **_: Any
     ) -> None:
         """A new Neuron is probed at once; one deleted while its node still runs a neuron pod is
-        made again for that pod. Its cordon is remembered across the two."""
+        made again for that pod. Its cordon and labels are remembered across the two."""
         key = (namespace, name)
         if type != "DELETED":
             if prober is not None:
                 prober.notice(namespace, name)
-            if (body.get("spec") or {}).get("cordoned"):
-                cordoned[key] = None
+            if marks := user_marks(body):
+                kept[key] = (marks, None)
             else:
-                cordoned.pop(key, None)
+                kept.pop(key, None)
             return
         if prober is not None:
             prober.forget(namespace, name)
-        if key in cordoned:
-            cordoned[key] = controller.clock()
+        if key in kept:
+            kept[key] = (kept[key][0], controller.clock())
         for wanted in pod_index.get((namespace, name), []):
             await kube.create_neuron(controller.settings, namespace, remembered(namespace, wanted))
             return

@@ -57,7 +57,17 @@ def neuron_phase(neuron: Neuron, probe: Probe | None, unreachable_after: int) ->
 def neuron_status(
     neuron: Neuron, probe: Probe | None, unreachable_after: int, now: float
 ) -> NeuronResourceStatus:
-    """The Neuron object's status after a probe (or without one: no endpoint yet)."""
+    """The Neuron object's status after a probe (or without one: no endpoint yet), with the
+    comma-joined summaries of its devices and models that `kubectl get nr` shows."""
+    status = _probed_status(neuron, probe, unreachable_after, now)
+    status.device_summary = ",".join(d.id for d in status.devices)
+    status.model_summary = ",".join(m.model for m in status.models)
+    return status
+
+
+def _probed_status(
+    neuron: Neuron, probe: Probe | None, unreachable_after: int, now: float
+) -> NeuronResourceStatus:
     previous = neuron.status or NeuronResourceStatus()
     phase = neuron_phase(neuron, probe, unreachable_after)
     status = previous.model_copy(
@@ -140,6 +150,9 @@ def pod_endpoint(pod: Mapping[str, Any], default_port: int) -> str | None:
     return f"http://{host}:{port}"
 
 
+MANAGED_BY = {"app.kubernetes.io/managed-by": "cortex-operator"}
+
+
 def neuron_for_pod(pod: Mapping[str, Any], default_port: int) -> dict[str, Any] | None:
     """The Neuron object a scheduled, addressed neuron pod stands for: named after its node,
     owned by the pod (so it goes with it). None while the pod is unscheduled or has no IP."""
@@ -161,10 +174,38 @@ def neuron_for_pod(pod: Mapping[str, Any], default_port: int) -> dict[str, Any] 
         "metadata": {
             "name": node,
             "namespace": meta.get("namespace"),
-            "labels": {"app.kubernetes.io/managed-by": "cortex-operator"},
+            "labels": dict(MANAGED_BY),
             "ownerReferences": [owner],
         },
         "spec": {"endpoint": endpoint, "labels": {HOSTNAME_LABEL: node}},
+    }
+
+
+def user_marks(neuron: Mapping[str, Any]) -> dict[str, Any]:
+    """What a user set on a Neuron that the one made for its node's next pod keeps: the cordon
+    and the labels (`kubectl label`, spec.labels) the operator did not write. Empty if none."""
+    meta, spec = neuron.get("metadata") or {}, neuron.get("spec") or {}
+    labels = {k: v for k, v in (meta.get("labels") or {}).items() if k not in MANAGED_BY}
+    spec_labels = {k: v for k, v in (spec.get("labels") or {}).items() if k != HOSTNAME_LABEL}
+    marks: dict[str, Any] = {}
+    if labels:
+        marks["metadata"] = {"labels": labels}
+    if spec.get("cordoned"):
+        marks.setdefault("spec", {})["cordoned"] = True
+    if spec_labels:
+        marks.setdefault("spec", {})["labels"] = spec_labels
+    return marks
+
+
+def with_marks(wanted: dict[str, Any], marks: Mapping[str, Any]) -> dict[str, Any]:
+    """A pod's Neuron with a predecessor's user_marks; the operator's own labels win."""
+    meta, spec = marks.get("metadata", {}), marks.get("spec", {})
+    labels = {**meta.get("labels", {}), **wanted["metadata"]["labels"]}
+    spec_labels = {**spec.get("labels", {}), **wanted["spec"]["labels"]}
+    return {
+        **wanted,
+        "metadata": {**wanted["metadata"], "labels": labels},
+        "spec": {**wanted["spec"], **spec, "labels": spec_labels},
     }
 
 
