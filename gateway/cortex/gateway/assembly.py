@@ -176,7 +176,7 @@ class Gateway:
             else:
                 self._spend = SqliteSpendStore(self.config.auth.spend_db)
             self.ledger.store = self._spend
-        if isinstance(self._spend, KubeSpendStore):
+        if self._spend is not None:
             self._spend.windows = windows
         return opened
 

@@ -30,6 +30,12 @@ _COMPLETION_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens"
 
 Charge = tuple[float, int]  # (unix time, tokens)
 
+# A window's spend is kept in at most this many periods of it (by both spend stores, so their
+# size stays bounded): a charge counts until its period ends, and a Retry-After errs long by at
+# most one period (6 minutes for a day).
+WINDOW_PERIODS = 240
+MIN_PERIOD = 10.0  # seconds
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -41,6 +47,13 @@ class Budget:
     def since(self, now: float) -> float:
         """The earliest charge that still counts."""
         return -math.inf if self.window is None else now - self.window
+
+
+def period_end(at: float, window: float) -> float:
+    """When a charge made at `at` leaves the record of a key with this window: the end of its
+    period, in whole seconds and never before `at`."""
+    period = max(MIN_PERIOD, window / WINDOW_PERIODS)
+    return float(math.ceil(math.ceil(at / period) * period))
 
 
 def retry_after(
