@@ -65,6 +65,26 @@ async def test_fifty_concurrent_requests_overspend_by_at_most_one_reservation(
     assert spent <= 60 + reservation, (spent, reservation)
 
 
+async def test_an_answer_past_the_request_timeout_is_charged_its_reservation() -> None:
+    """The neuron took the call and may be generating still: what it made is not known, so the
+    key pays the worst case it reserved, not nothing."""
+    n1 = neuron()
+    n1.faults.hold = asyncio.Event()  # the neuron works on past [gateway] request_timeout
+    tuning = {"request_timeout": 1}
+    budget = auth(":memory:", 10_000)
+    async with cluster(n1, catalogue=CATALOGUE, auth=budget, gateway=tuning) as c:
+        ledger, body = c.gateway.ledger, chat_body("chat-a", max_tokens=500)
+        asked = asyncio.create_task(c.http.post("/v1/chat/completions", json=body, headers=HEADERS))
+        await eventually(lambda: len(n1.requests) == 1)
+        reserved = ledger.reserved("tight")
+        answer = await asked
+        assert answer.status_code == 504 and answer.json()["error"]["code"] == "neuron_timeout"
+        tight = c.gateway.auth.authenticate(HEADERS)
+        assert reserved > 500 and ledger.spent(tight, time.time()) == reserved
+        assert ledger.reserved("tight") == 0
+        n1.faults.hold.set()
+
+
 async def test_a_restart_keeps_the_spend(tmp_path: Path) -> None:
     path = tmp_path / "gateway.sqlite3"
     async with cluster(neuron(), catalogue=CATALOGUE, auth=auth(path, 10)) as c:
