@@ -14,6 +14,7 @@ from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import chat_body, cluster, eventually, spec
 
 from cortex.core.config import GatewayConfig
+from cortex.core.errors import SpendUnavailable
 from cortex.gateway.assembly import Gateway
 from cortex.gateway.auth import Principal
 from cortex.gateway.budget import Budget, completion_reserve, prompt_estimate
@@ -135,6 +136,12 @@ async def test_the_proxy_settles_a_call_cancelled_before_its_answer() -> None:
     with pytest.raises(asyncio.CancelledError):
         await proxy.run(exchange, CHAT, CHAT.parse(chat_body("m")), scope, None, None)  # type: ignore[arg-type]
     assert ledger.reserved("k") == 0 and ledger.spent(principal, time.time()) == 0
+
+
+def test_a_budget_with_no_spend_store_is_refused_not_run_free() -> None:
+    with pytest.raises(SpendUnavailable) as refused:
+        Ledger(None).reserve(Principal("k", budget=Budget(100)), 40, 0)
+    assert refused.value.status == 503
 
 
 PROMPT = " ".join(["word"] * 5000)  # 5000 prompt tokens, as the fake neuron counts them

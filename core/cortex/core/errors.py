@@ -127,6 +127,12 @@ class GenerationFailed(CortexError):
     status, code, kind = 500, "generation_failed", "server_error"
 
 
+class SpendUnavailable(CortexError):
+    """A key has a budget and no spend store is open to hold it to it: refused, never run free."""
+
+    status, code, kind = 503, "budget_unavailable", "server_error"
+
+
 class NeuronUnavailable(CortexError):
     """No healthy neuron could take the request (down, unreachable, or load wait timed out)."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cortex.core.admin import AdminKey
-from cortex.core.errors import BudgetExceeded, TooManyInFlight
+from cortex.core.errors import BudgetExceeded, SpendUnavailable, TooManyInFlight
 from cortex.gateway.auth import Principal
 from cortex.gateway.budget import (
     RESERVED_RETRY_AFTER,
@@ -160,9 +160,9 @@ class Ledger:
     def reserve(self, principal: Principal, tokens: int, now: float) -> Reservation | None:
         """A reservation for one request of the caller: `tokens` of its budget and one of its
         `max_in_flight` (None for a key with neither). 429 when the key already runs
-        `max_in_flight` requests, or its spend plus open reservations has reached its budget."""
-        key, limit, store = principal.name, principal.max_in_flight, self.store
-        budget = principal.budget if store is not None else None
+        `max_in_flight` requests, or its spend plus open reservations has reached its budget;
+        503 for a key with a budget while no spend store is open."""
+        key, limit, budget = principal.name, principal.max_in_flight, principal.budget
         if budget is None and limit is None:
             return None
         if limit is not None and self._running[key] >= limit:
@@ -172,10 +172,12 @@ class Ledger:
                 retry_after=RESERVED_RETRY_AFTER,
             )
         used = None
-        if store is not None and budget is not None:
-            used = self._check_budget(store, key, budget, now)
-        else:
+        if budget is None:
             tokens = 0
+        elif self.store is None:  # the gateway opens one before a key with a budget is used
+            raise SpendUnavailable(f"key {key!r} has a budget and no spend store is open")
+        else:
+            used = self._check_budget(self.store, key, budget, now)
         self._reserved[key] += tokens
         self._running[key] += 1
         budgeted = budget is not None
