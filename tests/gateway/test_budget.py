@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cortex.core.errors import BudgetExceeded
+from cortex.gateway.auth import Principal
 from cortex.gateway.budget import (
     BALANCE_RETRY_AFTER,
     RESERVED_RETRY_AFTER,
@@ -20,8 +22,6 @@ from cortex.gateway.budget import (
     prompt_estimate,
     retry_after,
 )
-from cortex.core.errors import BudgetExceeded
-from cortex.gateway.auth import Principal
 from cortex.gateway.ledger import Ledger, SqliteSpendStore
 
 

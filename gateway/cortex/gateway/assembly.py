@@ -182,7 +182,9 @@ class Gateway:
         except (sqlite3.Error, OSError) as exc:
             raise ConfigError(f"auth.spend_db {path}: {exc}") from exc
 
-    def _use_spend(self, auth: AuthSection, fresh: SqliteSpendStore | KubeSpendStore | None) -> None:
+    def _use_spend(
+        self, auth: AuthSection, fresh: SqliteSpendStore | KubeSpendStore | None
+    ) -> None:
         """Keep spend in `fresh` when given; tell the store each key's window."""
         if fresh is not None:
             self._spend = self.ledger.store = fresh
