@@ -67,6 +67,12 @@ class Forbidden(CortexError):
     status, code, kind = 403, "model_not_allowed", "permission_error"
 
 
+class AdminKeyRequired(Forbidden):
+    """A key that is not of the admin class, on the admin surface (docs/security.md)."""
+
+    code = "admin_key_required"
+
+
 class ModelNotFound(CortexError):
     status, code, kind = 404, "model_not_found", "invalid_request_error"
 
@@ -200,6 +206,7 @@ ERRORS_BY_CODE: dict[str, type[CortexError]] = {
         ContextLengthExceeded,
         Unauthorized,
         Forbidden,
+        AdminKeyRequired,
         ModelNotFound,
         ModelBusy,
         SourceConflict,
