@@ -156,6 +156,18 @@ async def test_a_first_budget_whose_spend_store_cannot_open_changes_nothing(
         assert ok.is_success and c.gateway.ledger.store is None
 
 
+async def test_a_reload_warns_that_keys_from_variables_are_not_rotated(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORTEX_TEST_CI_KEY", "sk-ci")
+    async with cluster(FakeNeuron("n1", loaded={"chat-a": GiB}), auth=AUTH) as c:
+        keys = [*AUTH["keys"], {"name": "ci", "key_env": "CORTEX_TEST_CI_KEY"}]
+        await c.gateway.reload(reloaded(c.gateway.config, auth={**AUTH, "keys": keys}))
+    [warning] = [r for r in caplog.records if r.name == "cortex.gateway.assembly"]
+    said = warning.getMessage()
+    assert warning.levelname == "WARNING" and "api keys ci come from" in said and "restart" in said
+
+
 async def test_a_reload_that_fails_unexpectedly_is_logged_on_one_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -7,6 +7,7 @@ Who places replicas is the one choice made here (replicas.py): this gateway over
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from cortex.gateway.proxy.exchange import Accounting
 from cortex.gateway.proxy.proxy import Patience, Proxy
 from cortex.gateway.registry import Fleet
 from cortex.gateway.replicas import ColdStart, FleetSource, Replicas
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,12 @@ class Gateway:
         if isinstance(fresh, KubeSpendStore):
             await fresh.open()
         changes = [named_change("api keys", _key_names(old), _key_names(config))]
+        if from_env := sorted(key.name for key in config.auth.keys if key.key_env):
+            log.warning(
+                "api keys %s come from environment variables, as the gateway started with them: "
+                "a reload does not rotate them (restart, or keep them in a key_file)",
+                ", ".join(from_env),
+            )
         known = merge_catalogues(self._base_catalogue, config.models)
         before = {spec.id: spec for spec in merge_catalogues(self._base_catalogue, old.models)}
         self.catalogue.use(known)
