@@ -14,6 +14,7 @@ from cortex.gateway.auth import Principal
 from cortex.gateway.budget import (
     BALANCE_RETRY_AFTER,
     RESERVED_RETRY_AFTER,
+    TEMPLATE_TOKENS,
     UNBOUNDED_COMPLETION,
     WINDOW_PERIODS,
     Budget,
@@ -44,9 +45,10 @@ def test_a_window_reopens_as_old_charges_expire() -> None:
     assert window.since(100) == 40 and Budget(5).since(100) < -1e300
 
 
-def test_the_worst_case_is_the_body_over_four_plus_the_completion_limit() -> None:
-    chat = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 7}
-    assert 100 < prompt_estimate(chat) < 130  # 400 bytes of text, plus the JSON around them
+def test_the_worst_case_is_the_bodys_bytes_plus_the_completion_limit() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "é" * 200}], "max_tokens": 7}
+    # 400 bytes of text (as UTF-8, not escaped), the JSON around them and the template's part.
+    assert 400 + TEMPLATE_TOKENS < prompt_estimate(chat) < 500 + TEMPLATE_TOKENS
     assert completion_reserve(chat, embedding=False, context=None) == 7
     responses = {"model": "m", "input": "hi", "max_output_tokens": 9}
     assert completion_reserve(responses, embedding=True, context=None) == 0  # no completion

@@ -86,6 +86,26 @@ async def test_an_answer_past_the_request_timeout_is_charged_its_reservation() -
         n1.faults.hold.set()
 
 
+async def test_prompts_dense_in_tokens_overspend_by_at_most_one_reservation() -> None:
+    """Single digits are a token each: a quarter of the body's bytes fell short of them, so
+    five such requests ran at once on a budget for two."""
+    n1 = neuron()
+    n1.faults.hold = asyncio.Event()
+    digits = " ".join(str(i % 10) for i in range(4000))  # the fake neuron counts 4000 tokens
+    body = chat_body("chat-a", digits, max_tokens=5)
+    reservation = prompt_estimate(body) + 5
+    async with cluster(n1, catalogue=CATALOGUE, auth=auth(":memory:", 10_000)) as c:
+        tasks = [
+            asyncio.create_task(c.http.post("/v1/chat/completions", json=body, headers=HEADERS))
+            for _ in range(8)
+        ]
+        await eventually(lambda: len(n1.requests) + sum(t.done() for t in tasks) == 8)
+        n1.faults.hold.set()
+        await asyncio.gather(*tasks)
+        spent = c.gateway.ledger.spent(c.gateway.auth.authenticate(HEADERS), time.time())
+    assert 0 < spent <= 10_000 + reservation, (spent, reservation)
+
+
 async def test_a_restart_keeps_the_spend(tmp_path: Path) -> None:
     path = tmp_path / "gateway.sqlite3"
     async with cluster(neuron(), catalogue=CATALOGUE, auth=auth(path, 10)) as c:
@@ -114,7 +134,8 @@ async def test_an_abandoned_stream_gives_its_reservation_back(tmp_path: Path) ->
                 break
         await eventually(lambda: c.gateway.ledger.reserved("tight") == 0)
         tight = c.gateway.auth.authenticate(HEADERS)
-        assert 0 < c.gateway.ledger.spent(tight, time.time()) < 50  # what it used, not reserved
+        # Its prompt (never counted to us: the reserved bound) and what it was sent, not its 50.
+        assert 0 < c.gateway.ledger.spent(tight, time.time()) < prompt_estimate(body) + 50
 
 
 class Cancelled:

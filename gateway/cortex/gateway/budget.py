@@ -1,9 +1,10 @@
 """Token budgets of API keys: a balance, or a rolling window. Pure: spend and time are arguments.
 
-A request reserves its worst case before it is dispatched and settles its real usage after
-(gateway/ledger.py). Open reservations count as spent, so concurrent requests cannot all pass a
-check made before any of them was charged; a key may start a request while its spend plus its
-open reservations is under the limit, so it overshoots by at most one request's reservation.
+A request reserves its worst case (an upper bound of its prompt, and its completion limit) before
+it is dispatched and settles its real usage after (gateway/ledger.py). Open reservations count as
+spent, so concurrent requests cannot all pass a check made before any of them was charged; a key
+may start a request while its spend plus its open reservations is under the limit, so it
+overshoots by at most one request's reservation.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from cortex.core.errors import InvalidRequest
 BALANCE_RETRY_AFTER = 3600.0
 # The rest of the budget is held by requests in flight; it comes back when they settle.
 RESERVED_RETRY_AFTER = 1.0
-# The prompt's estimate: bytes of the request body as JSON over 4 (an English token is about 4
-# bytes of text; JSON's punctuation and field names pad it). Cheap, no tokenizer needed.
-BYTES_PER_TOKEN = 4
+# The prompt's reserve is a bound, not a guess: a byte-level BPE or SentencePiece token (with byte
+# fallback) covers at least one byte of text, so a prompt has at most as many tokens as its UTF-8
+# bytes (English text has about a quarter as many). The body's JSON punctuation and field names
+# more than pay for the chat template's role markers; this pays for its fixed part (SmolLM2's
+# default system prompt and markers: 30 tokens).
+TEMPLATE_TOKENS = 64
 # Reserved for a completion that sets no limit, when the model's context is not known either.
 UNBOUNDED_COMPLETION = 4096
 _COMPLETION_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -92,9 +96,10 @@ def check_output_limit(spec: ModelSpec, body: Mapping[str, Any]) -> None:
 
 
 def prompt_estimate(body: Mapping[str, Any]) -> int:
-    """The prompt's tokens as reserved: what a request is charged for a prompt the neuron read
-    but never counted to us (its client left first: docs/security.md, "Token budgets")."""
-    return len(json.dumps(body).encode()) // BYTES_PER_TOKEN + 1
+    """The most tokens the request's prompt may be: the UTF-8 bytes of its body as JSON, plus
+    TEMPLATE_TOKENS. Reserved, and charged for a prompt the neuron read but never counted to us
+    (its client left first: docs/security.md, "Token budgets")."""
+    return len(json.dumps(body, ensure_ascii=False).encode()) + TEMPLATE_TOKENS
 
 
 def completion_reserve(
