@@ -121,6 +121,29 @@ def test_an_api_key_can_come_from_a_file(tmp_path: Path) -> None:
         empty.auth.keys[0].secret()
 
 
+@pytest.mark.parametrize("secret", ["sk-clé-1", "sk-pad ", " sk-pad", "sk-tab\t", "sk-\x07"])
+@pytest.mark.parametrize("source", ["key", "key_env", "key_file"])
+def test_a_secret_no_client_could_present_is_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, secret: str, source: str
+) -> None:
+    """Non-ASCII bytes reach the gateway as Latin-1 and spaces at the ends are stripped from
+    the key presented: such a key would pass the config and never authenticate."""
+    monkeypatch.setenv("CORTEX_TEST_ODD_KEY", secret)
+    (tmp_path / "odd").write_text(secret)
+    where = {"key": secret, "key_env": "CORTEX_TEST_ODD_KEY", "key_file": str(tmp_path / "odd")}
+    key = GatewayConfig.model_validate(
+        {"auth": {"keys": [{"name": "odd", source: where[source]}]}}
+    ).auth.keys[0]
+    if source == "key_file" and secret.strip() != secret and secret.strip().isprintable():
+        assert key.secret() == secret.strip()  # a file's line ending, or its spaces, go
+        return
+    with pytest.raises(
+        ConfigError, match="auth key 'odd': its secret may hold printable ASCII"
+    ) as caught:
+        key.secret()
+    assert secret not in str(caught.value)
+
+
 def test_the_neuron_admin_token_comes_from_one_place(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")

@@ -129,7 +129,8 @@ async def test_the_admin_key_guards_every_route() -> None:
             user = {"Authorization": "Bearer sk-user"}
             forbidden = await c.http.request(method, path, headers=user)
             assert forbidden.status_code == 403
-            assert forbidden.json()["error"]["type"] == "permission_error"
+            error = forbidden.json()["error"]
+            assert (error["type"], error["code"]) == ("permission_error", "admin_key_required")
         root = httpx.Headers({"Authorization": "Bearer sk-root"})
         assert (await c.http.get("/admin/models", headers=root)).status_code == 200
         admin = GatewayAdmin(c.url, api_key="sk-root")

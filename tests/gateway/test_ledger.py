@@ -14,6 +14,7 @@ from fakes.neuron import FakeNeuron, GiB
 from gateway_cluster import chat_body, cluster, eventually, spec
 
 from cortex.core.config import GatewayConfig
+from cortex.core.errors import SpendUnavailable
 from cortex.gateway.assembly import Gateway
 from cortex.gateway.auth import Principal
 from cortex.gateway.budget import Budget, completion_reserve, prompt_estimate
@@ -65,6 +66,46 @@ async def test_fifty_concurrent_requests_overspend_by_at_most_one_reservation(
     assert spent <= 60 + reservation, (spent, reservation)
 
 
+async def test_an_answer_past_the_request_timeout_is_charged_its_reservation() -> None:
+    """The neuron took the call and may be generating still: what it made is not known, so the
+    key pays the worst case it reserved, not nothing."""
+    n1 = neuron()
+    n1.faults.hold = asyncio.Event()  # the neuron works on past [gateway] request_timeout
+    tuning = {"request_timeout": 1}
+    budget = auth(":memory:", 10_000)
+    async with cluster(n1, catalogue=CATALOGUE, auth=budget, gateway=tuning) as c:
+        ledger, body = c.gateway.ledger, chat_body("chat-a", max_tokens=500)
+        asked = asyncio.create_task(c.http.post("/v1/chat/completions", json=body, headers=HEADERS))
+        await eventually(lambda: len(n1.requests) == 1)
+        reserved = ledger.reserved("tight")
+        answer = await asked
+        assert answer.status_code == 504 and answer.json()["error"]["code"] == "neuron_timeout"
+        tight = c.gateway.auth.authenticate(HEADERS)
+        assert reserved > 500 and ledger.spent(tight, time.time()) == reserved
+        assert ledger.reserved("tight") == 0
+        n1.faults.hold.set()
+
+
+async def test_prompts_dense_in_tokens_overspend_by_at_most_one_reservation() -> None:
+    """Single digits are a token each: a quarter of the body's bytes fell short of them, so
+    five such requests ran at once on a budget for two."""
+    n1 = neuron()
+    n1.faults.hold = asyncio.Event()
+    digits = " ".join(str(i % 10) for i in range(4000))  # the fake neuron counts 4000 tokens
+    body = chat_body("chat-a", digits, max_tokens=5)
+    reservation = prompt_estimate(body) + 5
+    async with cluster(n1, catalogue=CATALOGUE, auth=auth(":memory:", 10_000)) as c:
+        tasks = [
+            asyncio.create_task(c.http.post("/v1/chat/completions", json=body, headers=HEADERS))
+            for _ in range(8)
+        ]
+        await eventually(lambda: len(n1.requests) + sum(t.done() for t in tasks) == 8)
+        n1.faults.hold.set()
+        await asyncio.gather(*tasks)
+        spent = c.gateway.ledger.spent(c.gateway.auth.authenticate(HEADERS), time.time())
+    assert 0 < spent <= 10_000 + reservation, (spent, reservation)
+
+
 async def test_a_restart_keeps_the_spend(tmp_path: Path) -> None:
     path = tmp_path / "gateway.sqlite3"
     async with cluster(neuron(), catalogue=CATALOGUE, auth=auth(path, 10)) as c:
@@ -93,7 +134,8 @@ async def test_an_abandoned_stream_gives_its_reservation_back(tmp_path: Path) ->
                 break
         await eventually(lambda: c.gateway.ledger.reserved("tight") == 0)
         tight = c.gateway.auth.authenticate(HEADERS)
-        assert 0 < c.gateway.ledger.spent(tight, time.time()) < 50  # what it used, not reserved
+        # Its prompt (never counted to us: the reserved bound) and what it was sent, not its 50.
+        assert 0 < c.gateway.ledger.spent(tight, time.time()) < prompt_estimate(body) + 50
 
 
 class Cancelled:
@@ -115,6 +157,12 @@ async def test_the_proxy_settles_a_call_cancelled_before_its_answer() -> None:
     with pytest.raises(asyncio.CancelledError):
         await proxy.run(exchange, CHAT, CHAT.parse(chat_body("m")), scope, None, None)  # type: ignore[arg-type]
     assert ledger.reserved("k") == 0 and ledger.spent(principal, time.time()) == 0
+
+
+def test_a_budget_with_no_spend_store_is_refused_not_run_free() -> None:
+    with pytest.raises(SpendUnavailable) as refused:
+        Ledger(None).reserve(Principal("k", budget=Budget(100)), 40, 0)
+    assert refused.value.status == 503
 
 
 PROMPT = " ".join(["word"] * 5000)  # 5000 prompt tokens, as the fake neuron counts them

@@ -18,6 +18,7 @@ from fakes.neuron import FakeNeuron, GiB, running
 from gateway_cluster import chat_body, cluster, eventually, spec
 
 from cortex.core.config import ConfigError, GatewayConfig, NeuronEntry
+from cortex.core.reload import hangup_handler
 from cortex.gateway.registry import Fleet
 
 AUTH = {"enabled": True, "spend_db": ":memory:", "keys": [{"name": "alice", "key": "sk-alice"}]}
@@ -136,6 +137,48 @@ async def test_a_changed_endpoint_gets_a_new_client_and_an_unreadable_key_change
             "/v1/chat/completions", json=chat_body("chat-a"), headers=bearer("sk-alice")
         )
         assert moved_answer.json()["choices"][0]["message"]["content"] == "moved"
+
+
+async def test_a_first_budget_whose_spend_store_cannot_open_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """The store opens before any key changes: a key with a budget is never live unheld."""
+    unopenable = {**AUTH, "spend_db": str(tmp_path)}  # a directory: SQLite cannot open it
+    async with cluster(FakeNeuron("n1", loaded={"chat-a": GiB}), auth=unopenable) as c:
+        carol = {"name": "carol", "key": "sk-carol", "budget_tokens": 10}
+        broken = reloaded(c.gateway.config, auth={**unopenable, "keys": [carol]})
+        with pytest.raises(ConfigError, match="spend_db"):
+            await c.gateway.reload(broken)
+        body = chat_body("chat-a")
+        refused = await c.http.post("/v1/chat/completions", json=body, headers=bearer("sk-carol"))
+        assert refused.status_code == 401  # the new keys are not in use
+        ok = await c.http.post("/v1/chat/completions", json=body, headers=bearer("sk-alice"))
+        assert ok.is_success and c.gateway.ledger.store is None
+
+
+async def test_a_reload_warns_that_keys_from_variables_are_not_rotated(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORTEX_TEST_CI_KEY", "sk-ci")
+    async with cluster(FakeNeuron("n1", loaded={"chat-a": GiB}), auth=AUTH) as c:
+        keys = [*AUTH["keys"], {"name": "ci", "key_env": "CORTEX_TEST_CI_KEY"}]
+        await c.gateway.reload(reloaded(c.gateway.config, auth={**AUTH, "keys": keys}))
+    [warning] = [r for r in caplog.records if r.name == "cortex.gateway.assembly"]
+    said = warning.getMessage()
+    assert warning.levelname == "WARNING" and "api keys ci come from" in said and "restart" in said
+
+
+async def test_a_reload_that_fails_unexpectedly_is_logged_on_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def apply(config: GatewayConfig) -> list[str]:
+        raise RuntimeError("disk on fire")
+
+    hangup_handler(GatewayConfig, apply)()
+    await eventually(lambda: any(r.name == "cortex.reload" for r in caplog.records))
+    [record] = [r for r in caplog.records if r.name == "cortex.reload"]
+    assert record.levelname == "ERROR" and record.exc_info is None
+    assert record.getMessage().endswith("RuntimeError: disk on fire")
 
 
 def _port() -> int:

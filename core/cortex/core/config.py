@@ -241,6 +241,13 @@ class ApiKey(_Section):
                 f"auth key {self.name!r}: set key, key_env to a non-empty variable, "
                 "or key_file to a non-empty file"
             )
+        # A header carries bytes a server reads as Latin-1, and a client's key loses its spaces
+        # at the ends: such a secret would never match (the message never shows it).
+        if not (value.isascii() and value.isprintable()) or value != value.strip():
+            raise ConfigError(
+                f"auth key {self.name!r}: its secret may hold printable ASCII only, with no "
+                "spaces at its ends"
+            )
         return value
 
 

@@ -67,6 +67,12 @@ class Forbidden(CortexError):
     status, code, kind = 403, "model_not_allowed", "permission_error"
 
 
+class AdminKeyRequired(Forbidden):
+    """A key that is not of the admin class, on the admin surface (docs/security.md)."""
+
+    code = "admin_key_required"
+
+
 class ModelNotFound(CortexError):
     status, code, kind = 404, "model_not_found", "invalid_request_error"
 
@@ -125,6 +131,12 @@ class GenerationFailed(CortexError):
     """The generation of this request broke on the neuron; it would break on any replica."""
 
     status, code, kind = 500, "generation_failed", "server_error"
+
+
+class SpendUnavailable(CortexError):
+    """A key has a budget and no spend store is open to hold it to it: refused, never run free."""
+
+    status, code, kind = 503, "budget_unavailable", "server_error"
 
 
 class NeuronUnavailable(CortexError):
@@ -194,6 +206,7 @@ ERRORS_BY_CODE: dict[str, type[CortexError]] = {
         ContextLengthExceeded,
         Unauthorized,
         Forbidden,
+        AdminKeyRequired,
         ModelNotFound,
         ModelBusy,
         SourceConflict,

@@ -21,7 +21,8 @@ def hangup_handler(
     reread: Callable[[], Config], apply: Callable[[Config], Awaitable[list[str]]]
 ) -> Callable[[], None]:
     """A SIGHUP handler: `reread` the config file, `apply` it (which returns one line per
-    change), one reload at a time. A file that does not read or validate changes nothing."""
+    change), one reload at a time. A file that does not read or validate changes nothing;
+    anything else that fails is logged, never left for the loop to find."""
     lock = asyncio.Lock()
     running: set[asyncio.Task[None]] = set()
 
@@ -31,6 +32,10 @@ def hangup_handler(
                 changes = await apply(reread())
             except (ConfigError, OSError) as exc:
                 log.error("reload refused, the config in use stays: %s", exc)
+                return
+            except Exception as exc:  # a fault of ours, past the checks `apply` makes first
+                name = type(exc).__name__
+                log.error("reload failed, part of the new config may be in use: %s: %s", name, exc)
                 return
         log.info("config reloaded: %s", "; ".join(line for line in changes if line) or "no change")
 

@@ -7,12 +7,20 @@ Who places replicas is the one choice made here (replicas.py): this gateway over
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cortex.core.catalogue import ModelSpec, merge_catalogues
-from cortex.core.config import AuthSection, GatewayConfig, GatewaySection, NeuronEntry
+from cortex.core.config import (
+    AuthSection,
+    ConfigError,
+    GatewayConfig,
+    GatewaySection,
+    NeuronEntry,
+)
 from cortex.core.kube_api import KubeApi, KubeLogin
 from cortex.core.placement.model import Policy
 from cortex.core.reload import differing, named_change
@@ -34,6 +42,8 @@ from cortex.gateway.proxy.exchange import Accounting
 from cortex.gateway.proxy.proxy import Patience, Proxy
 from cortex.gateway.registry import Fleet
 from cortex.gateway.replicas import ColdStart, FleetSource, Replicas
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,7 +107,7 @@ class Gateway:
             self._place_here(known)
         else:
             self._follow_operator(kubernetes, known)
-        self._use_spend(config.auth)
+        self._use_spend(config.auth, self._new_spend_store(config.auth))
         self.metrics.watch(self.fleet)
         # SIGTERM: /readyz fails and new calls get 503 shutting_down while streams finish.
         self.drain = Drain(config.gateway.shutdown_grace)
@@ -158,39 +168,59 @@ class Gateway:
         if isinstance(self._spend, KubeSpendStore):
             await self._spend.open()
 
-    def _use_spend(self, auth: AuthSection) -> bool:
-        """Open the spend store when a key first has a budget (a ConfigMap on Kubernetes when
-        `spend_configmap` names one, else `spend_db`); tell it each key's window. True when
-        this call opened it."""
-        windows = {k.name: k.budget_window for k in auth.keys if k.budget_tokens is not None}
-        opened = self._spend is None and bool(windows)
-        if opened:
-            name = self.config.auth.spend_configmap  # both read at start only
-            if self.kubernetes is not None and name is not None:
-                self._spend = KubeSpendStore(
-                    self._kube.api,
-                    self.kubernetes.namespace,
-                    name,
-                    interval=self.tuning.spend_interval,
-                )
-            else:
-                self._spend = SqliteSpendStore(self.config.auth.spend_db)
-            self.ledger.store = self._spend
-        if isinstance(self._spend, KubeSpendStore):
-            self._spend.windows = windows
-        return opened
+    def _new_spend_store(self, auth: AuthSection) -> SqliteSpendStore | KubeSpendStore | None:
+        """The spend store to open when a key first has a budget (a ConfigMap on Kubernetes when
+        `spend_configmap` names one, else `spend_db`), else None. ConfigError when the file
+        cannot be opened; nothing is changed yet."""
+        if self._spend is not None or all(k.budget_tokens is None for k in auth.keys):
+            return None
+        name = self.config.auth.spend_configmap  # both read at start only
+        if self.kubernetes is not None and name is not None:
+            return KubeSpendStore(
+                self._kube.api, self.kubernetes.namespace, name, interval=self.tuning.spend_interval
+            )
+        path = self.config.auth.spend_db
+        try:
+            return SqliteSpendStore(path)
+        except (sqlite3.Error, OSError) as exc:
+            raise ConfigError(f"auth.spend_db {path}: {exc}") from exc
+
+    def _use_spend(
+        self, auth: AuthSection, fresh: SqliteSpendStore | KubeSpendStore | None
+    ) -> None:
+        """Keep spend in `fresh` when given; tell the store each key's window."""
+        if fresh is not None:
+            self._spend = self.ledger.store = fresh
+        if self._spend is not None:
+            self._spend.windows = {
+                k.name: k.budget_window for k in auth.keys if k.budget_tokens is not None
+            }
 
     async def reload(self, config: GatewayConfig) -> list[str]:
         """Apply a re-read cortex.toml to the running gateway (SIGHUP; README.md, "Changing it
         while the gateway runs"). The API keys, the models, the [[neurons]] and the eviction
         strategy change at once; a change to anything else waits for a restart, and the answer
-        says so. A key that cannot be read (ConfigError) changes nothing. Returns one line per
-        change, for the log."""
+        says so. A key that cannot be read, or a spend store that cannot be opened for a first
+        budget (ConfigError), changes nothing. Returns one line per change, for the log."""
         old = self.config
-        self.auth.use(config.auth)  # first: the one step that can fail
+        # The steps that can fail come first: a key with a budget is never live without a store.
+        fresh = self._new_spend_store(config.auth)
+        try:
+            self.auth.use(config.auth)
+        except BaseException:
+            if isinstance(fresh, SqliteSpendStore):
+                fresh.close()
+            raise
+        self._use_spend(config.auth, fresh)
+        if isinstance(fresh, KubeSpendStore):
+            await fresh.open()
         changes = [named_change("api keys", _key_names(old), _key_names(config))]
-        if self._use_spend(config.auth) and isinstance(self._spend, KubeSpendStore):
-            await self._spend.open()
+        if from_env := sorted(key.name for key in config.auth.keys if key.key_env):
+            log.warning(
+                "api keys %s come from environment variables, as the gateway started with them: "
+                "a reload does not rotate them (restart, or keep them in a key_file)",
+                ", ".join(from_env),
+            )
         known = merge_catalogues(self._base_catalogue, config.models)
         before = {spec.id: spec for spec in merge_catalogues(self._base_catalogue, old.models)}
         self.catalogue.use(known)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from cortex.core.catalogue import ModelSpec, unknown_model
 from cortex.core.config import AuthSection, ConfigError
-from cortex.core.errors import Forbidden, ModelNotFound, Unauthorized
+from cortex.core.errors import AdminKeyRequired, Forbidden, ModelNotFound, Unauthorized
 from cortex.gateway.budget import Budget
 
 
@@ -95,7 +95,7 @@ class Authenticator:
         """The caller, if their key is of the admin class (401 without a key, 403 with another)."""
         principal = self.authenticate(headers)
         if not principal.admin:
-            raise Forbidden(f"key {principal.name!r} is not an admin key")
+            raise AdminKeyRequired(f"key {principal.name!r} is not an admin key")
         return principal
 
     def is_admin(self, headers: Mapping[str, str]) -> bool:

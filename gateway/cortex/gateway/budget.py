@@ -1,9 +1,10 @@
 """Token budgets of API keys: a balance, or a rolling window. Pure: spend and time are arguments.
 
-A request reserves its worst case before it is dispatched and settles its real usage after
-(gateway/ledger.py). Open reservations count as spent, so concurrent requests cannot all pass a
-check made before any of them was charged; a key may start a request while its spend plus its
-open reservations is under the limit, so it overshoots by at most one request's reservation.
+A request reserves its worst case (an upper bound of its prompt, and its completion limit) before
+it is dispatched and settles its real usage after (gateway/ledger.py). Open reservations count as
+spent, so concurrent requests cannot all pass a check made before any of them was charged; a key
+may start a request while its spend plus its open reservations is under the limit, so it
+overshoots by at most one request's reservation.
 """
 
 from __future__ import annotations
@@ -21,14 +22,23 @@ from cortex.core.errors import InvalidRequest
 BALANCE_RETRY_AFTER = 3600.0
 # The rest of the budget is held by requests in flight; it comes back when they settle.
 RESERVED_RETRY_AFTER = 1.0
-# The prompt's estimate: bytes of the request body as JSON over 4 (an English token is about 4
-# bytes of text; JSON's punctuation and field names pad it). Cheap, no tokenizer needed.
-BYTES_PER_TOKEN = 4
+# The prompt's reserve is a bound, not a guess: a byte-level BPE or SentencePiece token (with byte
+# fallback) covers at least one byte of text, so a prompt has at most as many tokens as its UTF-8
+# bytes (English text has about a quarter as many). The body's JSON punctuation and field names
+# more than pay for the chat template's role markers; this pays for its fixed part (SmolLM2's
+# default system prompt and markers: 30 tokens).
+TEMPLATE_TOKENS = 64
 # Reserved for a completion that sets no limit, when the model's context is not known either.
 UNBOUNDED_COMPLETION = 4096
 _COMPLETION_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 Charge = tuple[float, int]  # (unix time, tokens)
+
+# A window's spend is kept in at most this many periods of it (by both spend stores, so their
+# size stays bounded): a charge counts until its period ends, and a Retry-After errs long by at
+# most one period (6 minutes for a day).
+WINDOW_PERIODS = 240
+MIN_PERIOD = 10.0  # seconds
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,13 @@ class Budget:
     def since(self, now: float) -> float:
         """The earliest charge that still counts."""
         return -math.inf if self.window is None else now - self.window
+
+
+def period_end(at: float, window: float) -> float:
+    """When a charge made at `at` leaves the record of a key with this window: the end of its
+    period, in whole seconds and never before `at`."""
+    period = max(MIN_PERIOD, window / WINDOW_PERIODS)
+    return float(math.ceil(math.ceil(at / period) * period))
 
 
 def retry_after(
@@ -79,9 +96,10 @@ def check_output_limit(spec: ModelSpec, body: Mapping[str, Any]) -> None:
 
 
 def prompt_estimate(body: Mapping[str, Any]) -> int:
-    """The prompt's tokens as reserved: what a request is charged for a prompt the neuron read
-    but never counted to us (its client left first: docs/security.md, "Token budgets")."""
-    return len(json.dumps(body).encode()) // BYTES_PER_TOKEN + 1
+    """The most tokens the request's prompt may be: the UTF-8 bytes of its body as JSON, plus
+    TEMPLATE_TOKENS. Reserved, and charged for a prompt the neuron read but never counted to us
+    (its client left first: docs/security.md, "Token budgets")."""
+    return len(json.dumps(body, ensure_ascii=False).encode()) + TEMPLATE_TOKENS
 
 
 def completion_reserve(

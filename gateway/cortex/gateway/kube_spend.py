@@ -9,7 +9,7 @@ as a precondition (a replica that wrote in between makes it read and merge again
 replicas spent shows here within about one interval.
 
 One data entry per key: `{"total": tokens, "spend": {"<end of a period>": tokens}}`. A key with a
-window keeps its spend in up to WINDOW_PERIODS periods of that window (a charge counts until its
+window keeps its spend in up to budget.WINDOW_PERIODS periods of that window (a charge counts until its
 period ends: a Retry-After is at most one period long); a balance keeps the total only.
 """
 
@@ -29,13 +29,11 @@ from typing import Any
 
 from cortex.core.errors import error_from_code
 from cortex.core.kube_api import Conflict, KubeApi, KubeApiError, Resource
-from cortex.gateway.budget import Charge
+from cortex.gateway.budget import Charge, period_end
 
 log = logging.getLogger(__name__)
 
 CONFIGMAPS = Resource("", "v1", "configmaps")
-WINDOW_PERIODS = 240  # a window's spend is kept in this many periods at most
-MIN_PERIOD = 10.0  # seconds
 WRITE_ATTEMPTS = 5  # reads and merges in a row before a sync gives up until the next
 _PLAIN = re.compile(r"[-._a-zA-Z0-9]{1,200}")  # what a ConfigMap data key may be
 
@@ -187,9 +185,8 @@ class _Entry:
         if window is None:
             self.spend = {}
             return
-        period = max(MIN_PERIOD, window / WINDOW_PERIODS)
         for at, tokens in charges:
-            end = math.ceil(math.ceil(at / period) * period)  # whole seconds, never earlier
+            end = period_end(at, window)
             self.spend[end] = self.spend.get(end, 0) + tokens
         self.spend = {end: t for end, t in self.spend.items() if end > now - window}
 

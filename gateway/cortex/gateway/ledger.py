@@ -3,6 +3,7 @@ requests in flight in this process. docs/security.md says what is stored where."
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections import defaultdict
 from collections.abc import Callable
@@ -12,16 +13,30 @@ from pathlib import Path
 from typing import Protocol
 
 from cortex.core.admin import AdminKey
-from cortex.core.errors import BudgetExceeded, TooManyInFlight
+from cortex.core.errors import BudgetExceeded, SpendUnavailable, TooManyInFlight
 from cortex.gateway.auth import Principal
-from cortex.gateway.budget import RESERVED_RETRY_AFTER, Budget, Charge, retry_after
+from cortex.gateway.budget import (
+    RESERVED_RETRY_AFTER,
+    Budget,
+    Charge,
+    period_end,
+    retry_after,
+)
 
 IN_MEMORY = ":memory:"
+# Where a balance keeps its one row: before every window, so a key given a window later starts it
+# with nothing spent (as the ConfigMap store does).
+BALANCE_AT = 0.0
+COMPACT_EVERY = 60.0  # seconds between removals of spend that left its window
 
 
 class SpendStore(Protocol):
     """Settled spend per key name: SQLite for one gateway, a shared ConfigMap for the replicas
-    on Kubernetes (kube_spend.py). Called on the event loop: they answer without waiting."""
+    on Kubernetes (kube_spend.py). Called on the event loop: they answer without waiting. Both
+    keep a window's spend in periods (budget.period_end) and a balance as one total, so what
+    they hold, and what an admission reads, does not grow with the number of requests."""
+
+    windows: dict[str, float | None]  # each budgeted key's window (None: a balance)
 
     def spent(self, key: str, since: float) -> int: ...
     def charges(self, key: str, since: float) -> list[Charge]: ...
@@ -30,8 +45,9 @@ class SpendStore(Protocol):
 
 
 class SqliteSpendStore:
-    """Spend in one SQLite file (stdlib sqlite3); it outlives restarts. Queries take milliseconds,
-    so they run on the event loop, which also keeps reserve-then-record free of races."""
+    """Spend in one SQLite file (stdlib sqlite3); it outlives restarts. A key has one row per
+    period of its window, or one row for a balance, so queries read a few hundred rows at most
+    and run on the event loop, which also keeps reserve-then-record free of races."""
 
     def __init__(self, path: Path | str) -> None:
         where = str(path)
@@ -39,13 +55,20 @@ class SqliteSpendStore:
             target = Path(path).expanduser()
             target.parent.mkdir(parents=True, exist_ok=True)
             where = str(target)
+        self.windows: dict[str, float | None] = {}
+        self._compacted = -math.inf  # when rows that left their window were last removed
         self._db = sqlite3.connect(where, isolation_level=None, check_same_thread=False)
-        if where != IN_MEMORY:
-            self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS spend (key TEXT NOT NULL, at REAL NOT NULL, tokens INTEGER NOT NULL)"
-        )
-        self._db.execute("CREATE INDEX IF NOT EXISTS spend_by_key ON spend (key, at)")
+        try:
+            if where != IN_MEMORY:
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS spend "
+                "(key TEXT NOT NULL, at REAL NOT NULL, tokens INTEGER NOT NULL)"
+            )
+            self._db.execute("CREATE INDEX IF NOT EXISTS spend_by_key ON spend (key, at)")
+        except sqlite3.Error:
+            self._db.close()
+            raise
 
     def spent(self, key: str, since: float) -> int:
         row = self._db.execute(
@@ -60,7 +83,43 @@ class SqliteSpendStore:
         return [(float(at), int(tokens)) for at, tokens in rows]
 
     def record(self, key: str, tokens: int, at: float) -> None:
-        self._db.execute("INSERT INTO spend (key, at, tokens) VALUES (?, ?, ?)", (key, at, tokens))
+        """Add the charge to its period's row (a balance's one row, at BALANCE_AT); now and then
+        remove what left its window."""
+        window = self.windows.get(key)
+        kept_at = BALANCE_AT if window is None else period_end(at, window)
+        added = self._db.execute(
+            "UPDATE spend SET tokens = tokens + ? WHERE key = ? AND at = ?", (tokens, key, kept_at)
+        )
+        if added.rowcount == 0:
+            self._db.execute(
+                "INSERT INTO spend (key, at, tokens) VALUES (?, ?, ?)", (key, kept_at, tokens)
+            )
+        if at >= self._compacted + COMPACT_EVERY:
+            self._compact(at)
+
+    def _compact(self, now: float) -> None:
+        """Delete the periods that left each key's window, and fold a balance's rows into one
+        (rows written one per charge by an older cortex, or periods of a window since removed)."""
+        self._compacted = now
+        for key, window in self.windows.items():
+            if window is not None:
+                self._db.execute("DELETE FROM spend WHERE key = ? AND at <= ?", (key, now - window))
+                continue
+            rows, total = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM spend WHERE key = ?", (key,)
+            ).fetchone()
+            if rows > 1:  # one transaction: a crash keeps the rows or the total
+                self._db.execute("BEGIN")
+                try:
+                    self._db.execute("DELETE FROM spend WHERE key = ?", (key,))
+                    self._db.execute(
+                        "INSERT INTO spend (key, at, tokens) VALUES (?, ?, ?)",
+                        (key, BALANCE_AT, total),
+                    )
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
 
     async def reset(self, key: str) -> None:
         self._db.execute("DELETE FROM spend WHERE key = ?", (key,))
@@ -101,9 +160,9 @@ class Ledger:
     def reserve(self, principal: Principal, tokens: int, now: float) -> Reservation | None:
         """A reservation for one request of the caller: `tokens` of its budget and one of its
         `max_in_flight` (None for a key with neither). 429 when the key already runs
-        `max_in_flight` requests, or its spend plus open reservations has reached its budget."""
-        key, limit, store = principal.name, principal.max_in_flight, self.store
-        budget = principal.budget if store is not None else None
+        `max_in_flight` requests, or its spend plus open reservations has reached its budget;
+        503 for a key with a budget while no spend store is open."""
+        key, limit, budget = principal.name, principal.max_in_flight, principal.budget
         if budget is None and limit is None:
             return None
         if limit is not None and self._running[key] >= limit:
@@ -113,10 +172,12 @@ class Ledger:
                 retry_after=RESERVED_RETRY_AFTER,
             )
         used = None
-        if store is not None and budget is not None:
-            used = self._check_budget(store, key, budget, now)
-        else:
+        if budget is None:
             tokens = 0
+        elif self.store is None:  # the gateway opens one before a key with a budget is used
+            raise SpendUnavailable(f"key {key!r} has a budget and no spend store is open")
+        else:
+            used = self._check_budget(self.store, key, budget, now)
         self._reserved[key] += tokens
         self._running[key] += 1
         budgeted = budget is not None
@@ -129,11 +190,10 @@ class Ledger:
     def _check_budget(self, store: SpendStore, key: str, budget: Budget, now: float) -> int:
         """The key's settled spend in its budget's reach; BudgetExceeded when it may not start."""
         since = budget.since(now)
-        if budget.window is None:
-            charges, used = [], store.spent(key, since)
-        else:
-            charges = store.charges(key, since)
-            used = sum(tokens for _, tokens in charges)
+        used = store.spent(key, since)
+        # The charges say when a window reopens: read only once it is spent.
+        spent_window = budget.window is not None and used >= budget.limit
+        charges = store.charges(key, since) if spent_window else []
         wait = retry_after(budget, used, self._reserved[key], charges, now)
         if wait is not None:
             kind = f"per {budget.window:g}s" if budget.window is not None else "in total"

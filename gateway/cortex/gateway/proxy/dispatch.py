@@ -19,6 +19,7 @@ from typing import TypeVar
 from cortex.core.client import NeuronAnswer, NeuronClient
 from cortex.core.completion_limit import CLAMPED_HEADER
 from cortex.core.errors import (
+    AnswerTimeout,
     ClientGone,
     CortexError,
     DeviceUnhealthy,
@@ -213,6 +214,9 @@ class Dispatcher:
             except ClientGone:
                 exchange.taken = True  # the neuron was reading the prompt, or answering it
                 raise
+            except AnswerTimeout:
+                exchange.taken = exchange.unanswered = True  # it may be generating still
+                raise
             finally:
                 slot.release()
             exchange.taken = True
@@ -248,6 +252,10 @@ class Dispatcher:
             except CortexError as err:  # the transport's: say when it failed
                 err.message = f"{err.message} before the first byte"
                 raise
+        except AnswerTimeout:
+            exchange.taken = exchange.unanswered = True  # it may be generating still
+            await stack.aclose()
+            raise
         except StopAsyncIteration:
             await stack.aclose()
             raise NeuronUnavailable(

@@ -38,9 +38,13 @@ class Exchange:
     disconnected: Callable[[], Awaitable[bool]] | None = None
     reservation: Reservation | None = None  # the caller's budget held for this request
     prompt_estimate: int = 0  # the prompt's tokens as reserved (budget.py)
+    completion_reserve: int = 0  # the most output it may be charged, as reserved (budget.py)
     # A neuron took the call on (its stream opened, or it was answering when the client left):
     # the prompt was read, whether or not its count ever reaches us.
     taken: bool = False
+    # The neuron took it and sent nothing by [gateway] request_timeout: how much it generated
+    # (it may go on) is not known.
+    unanswered: bool = False
     cost: ModelCost | None = None  # the model's prices, for the spend counters
     # How the neuron fits max_tokens: strict or clamped, and the model's output limit.
     completion: CompletionPolicy = field(default_factory=CompletionPolicy)
@@ -134,12 +138,17 @@ class Accounting:
 def charged(exchange: Exchange, usage: Usage | None) -> Usage | None:
     """What a call counts as: the neuron's usage; for a call a neuron took on that ends without
     the prompt's count (its client left, its stream was cut before the usage came), the prompt's
-    estimate and the output relayed (docs/security.md, "Token budgets")."""
+    estimate and the output relayed; for one it never answered in time, its whole reservation:
+    the prompt's estimate and the most output it asked for (docs/security.md, "Token budgets")."""
     if not exchange.taken or not exchange.prompt_estimate:
         return usage
-    if usage is not None and usage.prompt_tokens:
+    if exchange.unanswered:
+        completion = exchange.completion_reserve
+    elif usage is not None and usage.prompt_tokens:
         return usage
-    prompt, completion = exchange.prompt_estimate, usage.completion_tokens if usage else 0
+    else:
+        completion = usage.completion_tokens if usage else 0
+    prompt = exchange.prompt_estimate
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )

@@ -156,6 +156,7 @@ class Proxy:
             completion=CompletionPolicy(strict, spec.max_output_tokens),
             reservation=self.ledger.reserve(principal, prompt + completion, time.time()),
             prompt_estimate=prompt,
+            completion_reserve=completion,
         )
         exchange.reported.update(_budget_headers(dialect.surface, exchange.reservation))
         return exchange
