@@ -42,6 +42,7 @@ TESTS = Path(__file__).resolve().parent.parent / "tests"
 class Replica:
     model: str
     memory: int
+    source: str | None  # what the load asked for, reported back in /status as a neuron does
     state: ModelState = ModelState.LOADING
     loaded_at: float | None = None
 
@@ -81,7 +82,7 @@ class FleetNeuron:
     def view(replica: Replica) -> LoadedModel:
         return LoadedModel(
             id=replica.model,
-            source=f"file:/fake/{replica.model}",
+            source=replica.source or f"file:/fake/{replica.model}",
             state=replica.state,
             devices=["cpu-0"],
             memory_bytes=replica.memory,
@@ -125,7 +126,7 @@ def neurons_app(count: int, memory: int, load_delay: float) -> FastAPI:
         if size > target.free():
             raise CapacityExhausted(f"{wanted.model} needs {size}, {target.free()} free")
         target.loads += 1
-        replica = target.models[wanted.model] = Replica(wanted.model, size)
+        replica = target.models[wanted.model] = Replica(wanted.model, size, wanted.source)
         await asyncio.sleep(load_delay)
         replica.state, replica.loaded_at = ModelState.READY, time.time()
         return target.view(replica).model_dump()

@@ -40,6 +40,7 @@ def test_small_run_brings_every_placement_ready(
     assert run["all_ready_s"] is not None and run["ready"] == 20
     assert run["phases"] == {"Ready": 20}
     assert run["loads"] == 20  # one load per replica: nothing loaded twice
+    assert "Replacing" not in run["event_reasons"]  # no spec was edited: nothing rolls
     assert run["ramp_reconciles"] > 0 and run["rss_after_mib"] > 0
     assert run["plan_profile"]  # the first plan over every placement was profiled
     assert 0 < run["ramp_plans"] < run["ramp_reconciles"]  # a plan per change, not per event
