@@ -6,11 +6,12 @@ sampled `generate()` in this process) and on 16 rows of random logits of the sam
 sampling a client gets: greedy, the bench's sampled rows (temperature 0.8, top_p 0.95, a seed,
 and the fallback repetition penalty they get), the same without the penalty, the same at
 temperature 1.0 (flatter rows: top_p keeps thousands of tokens), the default model's catalogue
-defaults, the fallback (temperature 0.7, no top-p), OpenAI's presence and frequency penalties and
-half greedy, half sampled.
+defaults, the fallback (temperature 0.7, no top-p), OpenAI's presence and frequency penalties,
+vLLM's min_p and half greedy, half sampled.
 `--before REV` times the same calls on sampling.py as it was at REV, interleaved step by step
 with the current one, and counts how many tokens the two chose alike (same seeds). A REV from
-before OpenAI's presence and frequency penalties samples that scenario's rows without them.
+before OpenAI's presence and frequency penalties, or min_p, samples that scenario's rows without
+them.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ SCENARIOS: dict[str, list[SamplingParams]] = {
             frequency_penalty=0.5,
         )
         for row in range(ROWS)
+    ],
+    "t 1.0, min_p 0.05, penalty 1.1 (vLLM's min_p)": [
+        SamplingParams(temperature=1.0, min_p=0.05, seed=row) for row in range(ROWS)
     ],
     "8 greedy + 8 bench sampled": [
         SamplingParams(temperature=0 if row % 2 else 0.8, top_p=0.95, seed=row)

@@ -137,6 +137,8 @@ SPECIFIC = [
     Case("temperature-3", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, temperature=3)),
     Case("top-p-0", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, top_p=0)),
     Case("top-k-negative", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, top_k=-1)),
+    Case("min-p-above-1", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, min_p=1.01), says="min_p"),
+    Case("min-p-negative", COMPLETIONS, 400, json=_with(COMPLETIONS, min_p=-1), says="min_p"),
     Case("n-2", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, n=2)),
     Case("max-tokens-0", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, max_tokens=0)),
     Case("max-tokens-huge", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, max_tokens=10**9)),

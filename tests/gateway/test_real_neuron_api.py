@@ -239,6 +239,31 @@ async def test_responses_truncation_auto_drops_nothing_and_says_so() -> None:
             assert isinstance(said, dict) and said["param"] == "truncation", said
 
 
+async def test_min_p_reaches_the_engine_through_the_gateway_on_chat_and_completions() -> None:
+    """vLLM's min_p is the neuron's to apply: the gateway passes it on from either route; out of
+    [0, 1] the gateway refuses it itself, naming it."""
+    runtime = fake_runtime.FakeRuntime()
+    served = runtime.add(fake_runtime.FakeServed("tiny-chat"))
+    async with gateway_over(runtime) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+        async with client:
+            await client.chat.completions.create(
+                model="tiny-chat",
+                messages=[{"role": "user", "content": "hi"}],
+                extra_body={"min_p": 0.1},
+            )
+            assert served.last_params.min_p == 0.1
+            await client.completions.create(
+                model="tiny-chat", prompt="hi", extra_body={"min_p": 0.2}
+            )
+            assert served.last_params.min_p == 0.2
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.completions.create(
+                    model="tiny-chat", prompt="hi", extra_body={"min_p": 2}
+                )
+            assert refused.value.param == "min_p" and served.last_params.min_p == 0.2
+
+
 async def test_what_would_change_the_answer_is_refused_what_clients_send_by_default_is_not() -> (
     None
 ):

@@ -191,6 +191,27 @@ def test_seed_gives_same_sample_alone_and_in_batch(model, tokenizer, prompts) ->
         assert_consistent(tokenizer, r)
 
 
+def test_a_min_p_sample_is_the_same_alone_and_in_batch(model, tokenizer, prompts) -> None:
+    """A seeded row with vLLM's min_p gives the same tokens beside sampled and greedy rows
+    without it as alone, and other tokens than the same seed without min_p."""
+
+    def sampled(seed: int, **params) -> Recorder:
+        return Recorder(prompts["story"], max_tokens=30, temperature=1.3, seed=seed, **params)
+
+    alone = sampled(7, min_p=0.1)
+    generate(make_engine(model, tokenizer), alone)
+    again, unfiltered = sampled(7, min_p=0.1), sampled(7)
+    neighbours = [
+        Recorder(prompts["sea"], max_tokens=20, temperature=1.0),
+        Recorder(prompts["colors"], max_tokens=20, temperature=0),
+    ]
+    generate(make_engine(model, tokenizer), neighbours[0], again, unfiltered, neighbours[1])
+    assert again.seq.output_ids == alone.seq.output_ids
+    assert unfiltered.seq.output_ids != alone.seq.output_ids
+    for r in (alone, again, unfiltered, *neighbours):
+        assert_consistent(tokenizer, r)
+
+
 def test_stop_string_is_never_emitted(model, tokenizer, prompts, greedy_alone) -> None:
     full = greedy_alone["gravity"].text
     stop = full[len(full) // 2 : len(full) // 2 + 6]  # likely spans tokens

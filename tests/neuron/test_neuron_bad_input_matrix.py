@@ -104,6 +104,7 @@ TOKENIZE = "/tokenize"
 SPECIFIC = [
     Case("temperature-3", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, temperature=3)),
     Case("top-p-2", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, top_p=2)),
+    Case("min-p-above-1", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, min_p=1.5), says="min_p"),
     Case("n-3", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, n=3)),
     Case("seed-past-64-bits", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, seed=2**64), says="seed"),
     Case(
@@ -167,6 +168,7 @@ SPECIFIC = [
     Case("suffix", COMPLETIONS, 400, json=_with(COMPLETIONS, suffix="x"), says="suffix"),
     Case("prompt-7MB", COMPLETIONS, 400, json=_with(COMPLETIONS, prompt="x" * 7_000_000)),
     Case("top-k-negative", COMPLETIONS, 400, json=_with(COMPLETIONS, top_k=-2)),
+    Case("min-p-negative", COMPLETIONS, 400, json=_with(COMPLETIONS, min_p=-0.1), says="min_p"),
     Case("input-empty-string", EMBEDDINGS, 400, json=_with(EMBEDDINGS, input="")),
     Case("lone-surrogate", EMBEDDINGS, 400, raw=_surrogate(VALID[EMBEDDINGS]), says="surrogate"),
     Case("input-too-many", EMBEDDINGS, 400, json=_with(EMBEDDINGS, input=["a"] * 2049)),

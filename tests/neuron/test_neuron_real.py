@@ -268,9 +268,8 @@ def test_completion_text_offsets_hold_past_characters_split_over_tokens(neuron: 
     assert offsets == lists.text_offset
 
 
-def test_vllm_sampling_extensions_are_honoured_or_refused(neuron: Neuron) -> None:
-    """min_tokens, ignore_eos, stop_token_ids and include_stop_str_in_output do what vLLM's do;
-    min_p is a 400 naming it, never silently ignored (README)."""
+def test_vllm_sampling_extensions_are_honoured(neuron: Neuron) -> None:
+    """min_tokens, ignore_eos, stop_token_ids and include_stop_str_in_output do what vLLM's do."""
     brief = [{"role": "user", "content": "What is the capital of France? One word."}]
     short = _chat(neuron, messages=brief, max_tokens=60, temperature=0)
     assert short.choices[0].finish_reason == "stop"
@@ -291,8 +290,32 @@ def test_vllm_sampling_extensions_are_honoured_or_refused(neuron: Neuron) -> Non
     kept = {"include_stop_str_in_output": True}
     stopped = neuron.sdk.completions.create(**counting, stop="12", extra_body=kept)
     assert stopped.choices[0].text == " 11, 12" and stopped.choices[0].finish_reason == "stop"
-    with pytest.raises(openai.BadRequestError, match="min_p"):
-        _chat(neuron, max_tokens=2, extra_body={"min_p": 0.1})
+
+
+def test_min_p_of_one_leaves_only_the_best_token(neuron: Neuron) -> None:
+    """vLLM's min_p, through the SDK's extra_body: at 1 only the best token is left, so a hot
+    temperature answers token for token as greedy does, on chat and on completions, where the
+    same seed without it does not. Outside [0, 1] it is a 400 that names it."""
+    story = [{"role": "user", "content": "Tell me a story about a dragon."}]
+    # No penalty: the fallback's 1.1 reaches sampled rows only. ignore_eos: all 24 tokens.
+    endless = {"ignore_eos": True, "repetition_penalty": 1.0}
+    chat = {"messages": story, "max_tokens": 24, "seed": 5}
+    greedy = _chat(neuron, **chat, temperature=0, extra_body=endless).choices[0]
+    hot = {**chat, "temperature": 1.5}
+    only_best = _chat(neuron, **hot, extra_body={**endless, "min_p": 1.0}).choices[0]
+    assert only_best.message.content == greedy.message.content
+    assert _chat(neuron, **hot, extra_body=endless).choices[0].message.content != (
+        greedy.message.content
+    )
+    prose = {"model": CHAT, "prompt": "Once upon a time", "max_tokens": 24, "seed": 5}
+    plain = neuron.sdk.completions.create(**prose, temperature=0, extra_body=endless).choices[0]
+    cut = {**endless, "min_p": 1.0}
+    sampled = neuron.sdk.completions.create(**prose, temperature=1.5, extra_body=cut).choices[0]
+    assert sampled.text == plain.text
+    for wrong in (1.5, -0.1):
+        with pytest.raises(openai.BadRequestError, match="min_p") as refused:
+            _chat(neuron, max_tokens=2, extra_body={"min_p": wrong})
+        assert refused.value.param == "min_p"
 
 
 def test_what_cortex_cannot_honour_is_refused_not_ignored(neuron: Neuron) -> None:

@@ -7,6 +7,7 @@ import torch
 
 from cortex.neuron.generation import (
     FALLBACK_MAX_TOKENS,
+    FALLBACK_MIN_P,
     FALLBACK_REPETITION_PENALTY,
     FALLBACK_TEMPERATURE,
     FALLBACK_TOP_P,
@@ -18,6 +19,7 @@ from cortex.neuron.sampling import (
     _block_maxima,
     _candidates,
     _mass,
+    _min_p_cuts,
     _reaching,
     picked_logprobs,
     raw_logprobs,
@@ -63,6 +65,33 @@ def test_top_k_and_top_p_cut_the_tail() -> None:
     assert set(draws(everything, logits, 400)) == {0, 1, 2, 3}
 
 
+def test_min_p_keeps_the_tokens_at_least_its_share_of_the_best_after_temperature() -> None:
+    """vLLM's min_p: a token stays if its probability is at least min_p times the best token's,
+    at the row's temperature; top-p then renormalises over what min-p kept; 0 is off."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))  # shares of the best: .6 .3 .1
+
+    def drawn(n: int = 300, **params: object) -> set[int]:
+        return set(draws(resolve(seed=1, **params), logits, n))
+
+    assert drawn(temperature=1.0, min_p=0.25) == {0, 1, 2}
+    assert drawn(temperature=1.0, min_p=0.5) == {0, 1}
+    assert drawn(50, temperature=1.0, min_p=1.0) == {0}  # the best token alone
+    assert drawn(temperature=2.0, min_p=0.5) == {0, 1, 2}  # shares at 2: .77 .55 .32
+    assert drawn(400, temperature=1.0, min_p=0.0) == {0, 1, 2, 3}
+    # Of the 0.95 min-p keeps, 0.5 and 0.3 are 0.84: top_p 0.83 is reached before token 2,
+    # which top_p 0.83 of the whole row (0.5 + 0.3 = 0.8 before it) keeps.
+    assert drawn(temperature=1.0, min_p=0.25, top_p=0.83) == {0, 1}
+    assert drawn(temperature=1.0, top_p=0.83) == {0, 1, 2}
+
+
+def test_min_p_is_resolved_from_the_request_then_the_model() -> None:
+    assert resolve(min_p=0.1).min_p == 0.1
+    model = SamplingParams(min_p=0.05)
+    assert Sampler.resolve(SamplingParams(), model).min_p == 0.05
+    assert Sampler.resolve(SamplingParams(min_p=0.0), model).min_p == 0.0  # the request's off
+    assert resolve().min_p == FALLBACK_MIN_P == 0.0
+
+
 def test_rows_sample_independently_with_their_own_generators() -> None:
     logits = torch.zeros(3, 100)
     logits[1, 42] = 5.0
@@ -75,9 +104,13 @@ def test_rows_sample_independently_with_their_own_generators() -> None:
 
 
 def reference(logits: torch.Tensor, sampler: Sampler, uniform: float) -> int:
-    """The per-row definition, over the whole sorted vocabulary: temperature, top-k (ties kept),
-    top-p (drop a token once the mass before it reaches top_p), then inverse CDF at `uniform`."""
+    """The per-row definition, over the whole sorted vocabulary: temperature, min-p (vLLM's: drop
+    a token less likely than min_p times the best), top-k (ties kept), top-p (drop a token once
+    the mass before it reaches top_p), then inverse CDF at `uniform`."""
     scores = logits.double() / sampler.temperature
+    if sampler.min_p > 0:
+        probs = torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(probs < sampler.min_p * probs.max(), float("-inf"))
     if 0 < sampler.top_k < scores.shape[-1]:
         kth = torch.topk(scores, sampler.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -201,6 +234,72 @@ def test_rows_keeping_thousands_are_decided_from_a_histogram_of_their_weights() 
         assert torch.equal(logits[row, ids[row, :kept]], values[row, :kept])
     samplers = [resolve(temperature=temperature, top_p=top_p, seed=50 + row) for row in range(3)]
     draws_as_the_reference(logits, samplers, 10)
+
+
+# For rows(8, 20000, seed=21), sharp to flat; what min-p alone keeps in each row in comments.
+MIN_P = [
+    resolve(temperature=1.0, min_p=0.05, seed=60),  # 5 tokens
+    resolve(temperature=1.5, top_k=40, min_p=0.02, seed=61),  # 7, within the top-k
+    resolve(temperature=0.8, top_p=0.95, seed=62),  # no min-p, beside rows with it
+    resolve(temperature=1.5, top_p=0.9, min_p=0.02, seed=63),  # 66
+    resolve(temperature=1.5, top_k=300, min_p=0.02, seed=64),  # 223: top_k past the candidates
+    resolve(temperature=1.5, min_p=0.05, seed=65),  # 1,395: past the second round's candidates
+    resolve(temperature=1.5, top_p=0.97, min_p=0.1, seed=66),  # 3,031, then top-p's cut
+    resolve(temperature=0.2, min_p=1e-6, seed=67),  # 16,758: a cut 20 octaves down
+]
+
+
+def test_rows_with_and_without_min_p_draw_as_the_per_row_definition() -> None:
+    """Rows with min-p (alone, with top-k, with top-p) beside a row without it, sharp to flat:
+    draw for draw the definition's, the flat ones from past the second round's candidates."""
+    logits = rows(len(MIN_P), 20000, seed=21)
+    logits[3, ::9] = float("-inf")  # masked, as a grammar does
+    batches = draws_as_the_reference(logits, MIN_P, 40)
+    ranks = [int((logits[5] > logits[5, batch[5]]).sum()) for batch in batches]
+    assert max(ranks) >= 512
+
+
+def test_rows_min_p_keeps_thousands_of_are_decided_from_a_histogram_of_their_weights() -> None:
+    """Rows of a 49,152-token vocabulary where min-p keeps thousands of tokens, with and without
+    top-p: the histogram selects fewer tokens than the row, holding every one they keep."""
+    vocab, temperature = 49152, 1.2
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(22))
+    logits *= torch.tensor([[2.5], [1.5], [3.5]])
+    logits[1, ::7] = float("-inf")  # masked, as a grammar does
+    min_p, top_p = torch.tensor([0.01, 0.05, 0.0005]), torch.tensor([1.0, 0.9, 1.0])
+    samplers = [
+        resolve(temperature=temperature, min_p=float(m), top_p=float(p), seed=70 + row)
+        for row, (m, p) in enumerate(zip(min_p, top_p, strict=True))
+    ]
+    cuts = _min_p_cuts(samplers)
+    assert cuts is not None and _min_p_cuts([resolve(temperature=1.0)]) is None
+    best = logits.amax(dim=-1, keepdim=True)
+    temperatures = torch.full((3, 1), temperature)
+    mass = _mass(logits, best, temperatures, torch.ones(3, dtype=torch.bool), cuts)
+    values, ids = _reaching(logits, best, temperatures, top_p, mass)
+    assert values.shape[1] < vocab
+    for row in range(3):
+        probs = torch.softmax(logits[row].double() / temperature, dim=-1)
+        probs = probs.masked_fill(probs < min_p[row] * probs.max(), 0.0)
+        ordered = probs.sort(descending=True).values / probs.sum()
+        kept = int(((ordered.cumsum(dim=0) - ordered < top_p[row]) & (ordered > 0)).sum())
+        assert 1000 < kept < int((values[row] > float("-inf")).sum())
+        assert torch.equal(values[row, :kept], logits[row].topk(kept).values)
+        assert torch.equal(logits[row, ids[row, :kept]], values[row, :kept])
+    draws_as_the_reference(logits, samplers, 10)
+
+
+def test_a_min_p_row_gives_the_same_tokens_whichever_batch_it_shares() -> None:
+    """Beside greedy, whole-softmax, top-p, top-k and other min-p rows, or alone: the same."""
+    logits = rows(6, 5000, seed=23)
+    mine = resolve(temperature=1.2, min_p=0.05, seed=42)
+    alone_generator = mine.generator(CPU)
+    alone = [sample(logits[3:4].clone(), [mine], [alone_generator])[0] for _ in range(30)]
+    batch = [resolve(temperature=0), resolve(temperature=0.7), FILTERED[0], mine, *MIN_P[1:3]]
+    generators = [s.generator(CPU) for s in batch]
+    shared = [sample(logits.clone(), batch, generators)[3] for _ in range(30)]
+    assert shared == alone
+    assert len(set(alone)) > 1  # sampled, not greedy
 
 
 @pytest.mark.parametrize(("vocab", "width"), [(49152, 64), (49155, 512), (5000, 64), (3001, 64)])

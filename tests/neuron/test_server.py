@@ -234,7 +234,7 @@ async def test_sampling_fields_reach_the_engine(
         top_p=0.9,
         seed=7,
         stop=["x", "y"],
-        extra_body={"top_k": 5},
+        extra_body={"top_k": 5, "min_p": 0.05},
     )
     params = runtime.models["tiny-chat"].last_params
     assert params is not None
@@ -245,6 +245,7 @@ async def test_sampling_fields_reach_the_engine(
         5,
         7,
     )
+    assert params.min_p == 0.05
     assert params.stop == ("x", "y")
 
 

@@ -67,6 +67,9 @@ class SamplingDefaults(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, description="0 = off")
+    min_p: float | None = Field(
+        default=None, ge=0, le=1, description="keep tokens >= min_p x the best one's probability"
+    )
     repetition_penalty: float | None = Field(
         default=None, gt=0, le=2, description=">1 discourages the last 64 tokens"
     )

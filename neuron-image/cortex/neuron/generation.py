@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 FALLBACK_TEMPERATURE = 0.7
 FALLBACK_TOP_P = 1.0
 FALLBACK_TOP_K = 0  # 0 = off
+FALLBACK_MIN_P = 0.0  # 0 = off
 FALLBACK_REPETITION_PENALTY = 1.1
 FALLBACK_MAX_TOKENS = 512
 REPETITION_WINDOW = 64
@@ -33,6 +34,8 @@ class SamplingParams:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    # vLLM's: keep the tokens at least min_p times as likely as the best one (after temperature).
+    min_p: float | None = None
     repetition_penalty: float | None = None
     # OpenAI's: subtracted from a token's logit once it is in the output (presence), or per time
     # it is (frequency); and token id -> a bias added to its logit. The request's own only.

@@ -337,6 +337,7 @@ class NeuronRuntime:
                 ),
                 top_p=_first(chosen.top_p, generation.get("top_p")),
                 top_k=_first(chosen.top_k, generation.get("top_k")),
+                min_p=_first(chosen.min_p, generation.get("min_p")),
                 repetition_penalty=_first(
                     chosen.repetition_penalty, generation.get("repetition_penalty")
                 ),

@@ -5,18 +5,22 @@ reduction several times cheaper than argmax or topk over the row. A row's best t
 best block, and its best n tokens in its best n blocks, so greedy rows (one batched argmax) and
 the candidates of sampled rows read those blocks only.
 
-Sampled rows are filtered and drawn together: temperature, then top-k, then top-p (the smallest
-set of best tokens whose probability reaches top_p; the best token always stays), then one draw
-from what is left, renormalised. Top-p works on a partial top-k of `CANDIDATES` tokens per row
-instead of sorting the whole vocabulary, as vLLM and llama.cpp do; a row whose candidates hold less
-than top_p of its probability (the whole row's weight is one more pass) is redone with more of
-them (WIDEN times as many, then the tokens down to where a histogram of its weights reaches
-top_p, then the whole vocabulary), so the cap never changes which tokens are kept. Candidates
-are narrowed through groups of columns before each topk (see _narrow): topk's cost grows with
-its input. The one difference from filtering the whole sorted vocabulary: top-k keeps exactly k
-tokens, where a token tied exactly with the k-th best logit was kept too (which of the tied
-tokens stays is topk's choice, and tied tokens are drawn in the order the search left them).
-Rows with neither top-k nor top-p draw from the whole softmax in vocabulary order.
+Sampled rows are filtered and drawn together: temperature, then vLLM's min-p (the tokens at least
+min_p times as likely as the best one), then top-k, then top-p (the smallest set of best tokens
+whose probability reaches top_p of what min-p kept; the best token always stays), then one draw
+from what is left, renormalised. Each filter keeps a row's best tokens down to a cut, so the
+candidates below serve them all; min-p compares each candidate's base-2 exponent with
+log2(min_p), in batches with a min-p row only. Top-p works on a partial top-k of `CANDIDATES`
+tokens per row instead of sorting the whole vocabulary, as vLLM and llama.cpp do; a row whose
+candidates hold less than top_p of its probability (the whole row's weight is one more pass) is
+redone with more of them (WIDEN times as many, then the tokens down to where a histogram of its
+weights reaches top_p, then the whole vocabulary), so the cap never changes which
+tokens are kept. Candidates are narrowed through groups of columns before each topk (see
+_narrow): topk's cost grows with its input. The one difference from filtering the whole sorted
+vocabulary: top-k keeps exactly k tokens, where a token tied exactly with the k-th best logit
+was kept too (which of the tied tokens stays is topk's choice, and tied tokens are drawn in the
+order the search left them).
+Rows with no filter draw from the whole softmax in vocabulary order.
 
 Each sequence's own torch.Generator gives one uniform number per step, which picks the token by
 inverse CDF over its row alone: a seeded request gives the same tokens whichever batch it shares.
@@ -42,6 +46,7 @@ import torch
 
 from cortex.neuron.generation import (
     FALLBACK_MAX_TOKENS,
+    FALLBACK_MIN_P,
     FALLBACK_REPETITION_PENALTY,
     FALLBACK_TEMPERATURE,
     FALLBACK_TOP_K,
@@ -61,6 +66,7 @@ class Sampler:
     top_k: int
     max_tokens: int
     seed: int
+    min_p: float = 0.0  # 0: off
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -94,6 +100,7 @@ class Sampler:
             top_p=float(pick("top_p", FALLBACK_TOP_P)),
             top_k=top_k,
             max_tokens=int(pick("max_tokens", FALLBACK_MAX_TOKENS)),
+            min_p=float(pick("min_p", FALLBACK_MIN_P)),
             seed=params.seed if params.seed is not None else secrets.randbits(63),
             repetition_penalty=float(penalty),
             presence_penalty=params.presence_penalty,
@@ -370,9 +377,13 @@ def _draw(
     temperature = torch.tensor([[s.temperature] for s in samplers], device=device)
     top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in samplers])
     top_p = torch.tensor([s.top_p for s in samplers])
+    cuts = _min_p_cuts(samplers)
     best = maxima.amax(dim=-1, keepdim=True).float()
     tokens = torch.empty(len(samplers), dtype=torch.long, device=device)
     whole = (top_k == vocab) & (top_p >= 1.0)  # nothing filtered: no candidates needed
+    if cuts is not None:
+        whole &= cuts == float("-inf")
+        cuts = cuts.to(device)
     if whole.any():
         at = whole.nonzero().flatten().to(device)
         every = len(at) == len(samplers)
@@ -382,7 +393,7 @@ def _draw(
     pending = (~whole).nonzero().flatten()
     if not len(pending):
         return tokens
-    mass = _mass(logits, best, temperature, (top_k == vocab) & ~whole)
+    mass = _mass(logits, best, temperature, (top_k == vocab) & ~whole, cuts)
     first = max([CANDIDATES, *(s.top_k for s in samplers if 0 < s.top_k < vocab)])
     # Each width decides the rows whose kept tokens it holds; None: _reaching's. The whole row
     # decides every row left. Rows with top-k are decided by the first (it holds their k).
@@ -392,6 +403,7 @@ def _draw(
         every = len(pending) == len(samplers)
         at = pending.to(device)
         rows, rows_top_p = (logits if every else logits[at]), top_p[pending].to(device)
+        rows_cuts = None if cuts is None else cuts[at]
         decided, picked = _draw_candidates(
             _candidates(rows, maxima[at], width)
             if width is not None
@@ -399,6 +411,7 @@ def _draw(
             temperature[at],
             top_k[pending].to(device),
             rows_top_p,
+            rows_cuts,
             mass[at],
             uniforms[at],
             vocab,
@@ -406,6 +419,15 @@ def _draw(
         tokens[at[decided]] = picked[decided]
         pending = pending[~decided.cpu()]
     return tokens
+
+
+def _min_p_cuts(samplers: list[Sampler]) -> torch.Tensor | None:
+    """Per row, log2(min_p): the base-2 exponent of a token's weight relative to the best one's
+    below which min-p drops it; -inf for rows without min-p. None when no row has it, so
+    batches without min-p make none of its comparisons."""
+    if not any(s.min_p > 0.0 for s in samplers):
+        return None
+    return torch.tensor([math.log2(s.min_p) if s.min_p > 0.0 else -math.inf for s in samplers])
 
 
 def _draw_whole(
@@ -433,10 +455,15 @@ def _draw_whole(
 
 
 def _mass(
-    logits: torch.Tensor, best: torch.Tensor, temperature: torch.Tensor, unlimited: torch.Tensor
+    logits: torch.Tensor,
+    best: torch.Tensor,
+    temperature: torch.Tensor,
+    unlimited: torch.Tensor,
+    cuts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per row, the whole vocabulary's weight relative to its best logit `best` [rows, 1]: what
-    top-p without top-k renormalises over. 1 for the other rows, which never read it."""
+    top-p without top-k renormalises over; only the tokens min-p keeps in rows with a cut
+    (`_min_p_cuts`). 1 for the other rows, which never read it."""
     mass = torch.ones(len(logits), device=logits.device)
     if not unlimited.any():
         return mass
@@ -445,6 +472,8 @@ def _mass(
     rows, best, temperature = (
         (logits, best, temperature) if every else (logits[at], best[at], temperature[at])
     )
+    if cuts is not None:
+        cuts = (cuts if every else cuts[at]).unsqueeze(1)
     sums = torch.empty(len(rows), device=logits.device)
     scale = _base2(temperature)
     # A few rows at a time: their intermediate weights stay in a core's L2 across the passes.
@@ -452,7 +481,10 @@ def _mass(
     for first in range(0, len(rows), step):
         part = slice(first, first + step)
         exponents = (rows[part].float() - best[part]).mul_(scale[part])
-        sums[part] = exponents.clamp_(min=EXPONENT_FLOOR).exp2_().sum(dim=-1)
+        exponents.clamp_(min=EXPONENT_FLOOR)
+        if cuts is not None:  # a cut below the floor keeps at most vocab * 2^-115 more
+            exponents.masked_fill_(exponents < cuts[part], float("-inf"))
+        sums[part] = exponents.exp2_().sum(dim=-1)
     if every:
         return sums
     mass[at] = sums
@@ -468,7 +500,8 @@ def _reaching(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's tokens, best first, down to the bin of weights in which its cumulative weight
     reaches top_p of its mass (bins a factor 2^(1/BINS_PER_OCTAVE) apart): the tokens top-p can
-    keep and a few more, found from a histogram of the weights and a sort of the tokens it
+    keep and a few more (a min-p row's mass is what min-p keeps, so it ends by the bin of its
+    cut, top_p 1 included), found from a histogram of the weights and a sort of the tokens it
     selects, where a topk of a guessed width costs more per row (0.64 ms for 4,096 of 49,152 on
     the AMD EPYC box, one thread, against ~0.3 ms). Rows shorter than the longest are padded with
     -inf, which weighs nothing."""
@@ -494,11 +527,13 @@ def _draw_candidates(
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
+    cuts: torch.Tensor | None,
     mass: torch.Tensor,
     uniforms: torch.Tensor,
     vocab: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k, top-p and the draw over each row's best tokens (logits and ids, best first).
+    """Min-p, top-k, top-p and the draw over each row's best tokens (logits and ids, best
+    first); `cuts` as `_min_p_cuts`.
 
     Returns which rows were decided (their kept tokens all lie among the candidates) and the token
     of each decided row. Sums run left to right over the best-first candidates, so a row's result
@@ -507,14 +542,18 @@ def _draw_candidates(
     best, ids = candidates
     best = best.float()
     width = best.shape[-1]
-    in_top_k = torch.arange(width, device=best.device) < top_k.unsqueeze(1)
-    weights = (best - best[:, :1]).mul_(_base2(temperature)).exp2_().masked_fill_(~in_top_k, 0.0)
+    allowed = torch.arange(width, device=best.device) < top_k.unsqueeze(1)
+    exponents = (best - best[:, :1]).mul_(_base2(temperature))
+    if cuts is not None:  # min-p: a prefix, as top-k's (not `>=`: a NaN row stays as it was)
+        allowed &= ~(exponents < cuts.unsqueeze(1))
+    weights = exponents.exp2_().masked_fill_(~allowed, 0.0)
     cumulative = weights.cumsum(dim=-1)
-    # Top-k renormalises over the k best (all candidates); otherwise over the whole row.
+    # Top-k renormalises over the k best (all candidates) that min-p keeps; otherwise over what
+    # min-p keeps of the whole row (the mass).
     limited = top_k < vocab
     total = torch.where(limited, cumulative[:, -1], mass)
     # A token stays while the mass before it is below top_p (the best token always stays).
-    kept = (cumulative - weights < top_p.unsqueeze(1) * total.unsqueeze(1)) & in_top_k
+    kept = (cumulative - weights < top_p.unsqueeze(1) * total.unsqueeze(1)) & allowed
     decided = limited | (width == vocab) | ~kept[:, -1]
     column = _inverse_cdf(cumulative, uniforms, kept)
     return decided, ids.gather(1, column.unsqueeze(1)).squeeze(1)

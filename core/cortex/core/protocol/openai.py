@@ -137,6 +137,12 @@ class SamplingFields(_Open):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="vLLM's extension: keep tokens >= min_p x the best one's probability; 0 = off",
+    )
     repetition_penalty: float | None = Field(
         default=None, gt=0, le=2, description="vLLM's extension: >1 discourages repeats"
     )
@@ -161,19 +167,10 @@ class SamplingFields(_Open):
     include_stop_str_in_output: StrictBool | None = Field(
         default=None, description="the stop string that ended the output is kept in its text"
     )
-    # vLLM's min_p would be one more filter in the engine's vectorised sampling: refused.
-    min_p: float | None = None
     n: int | None = Field(default=None, ge=1, le=1, description="only n=1 is served")
     stream: Stream = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-
-    @field_validator("min_p")
-    @classmethod
-    def _no_min_p(cls, given: float | None) -> float | None:
-        if given:  # 0 is vLLM's "off"
-            raise PydanticCustomError("unsupported", "min_p is not supported by cortex")
-        return given
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
