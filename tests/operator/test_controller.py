@@ -15,7 +15,9 @@ from operator_harness import FAST, NS, until
 from test_reconcile import GIB, answer, nr
 
 from cortex.core.client import NeuronClient
+from cortex.core.errors import CapacityExhausted, Shortfall
 from cortex.core.fleet import LoadRequest, ModelState
+from cortex.core.protocol.errors import openai_error
 from cortex.core.resources import ModelPlacement, rfc3339
 from cortex.operator.controller import Controller
 from cortex.operator.kube import parse_peers
@@ -156,3 +158,47 @@ def test_a_peer_leads_unless_a_live_peer_is_at_or_above_its_priority() -> None:
     assert leading({"me": peer(5, 0), "b": peer(9, 61)})  # b is dead
     assert not leading({"me": peer(5, 0), "b": {"priority": 9}})  # no lastseen: seen now
     assert leading({"b": {"priority": "?"}, "c": "not a peer"})  # entries kopf never writes
+
+
+async def test_a_refusal_for_room_is_learnt_and_planned_again_once_per_size_it_said(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The neuron's `error.memory` reaches the controller through the real NeuronClient: a load
+    planned with less than it said is planned again at once; one planned with that size and
+    refused again (a stale probe, say) is backed off like any failed load."""
+    now = 1_800_000_000.0
+    controller = Controller(FAST, clock=lambda: now)
+    refusal = CapacityExhausted("big needs 3 GiB, 1 GiB free", memory=Shortfall(3 * GIB, GIB))
+
+    async def neuron(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/status":
+            return httpx.Response(200, json=answer("a").model_dump(mode="json"))
+        return httpx.Response(refusal.status, json=openai_error(refusal))
+
+    client = NeuronClient("http://a:13131", transport=httpx.MockTransport(neuron))
+    monkeypatch.setattr(controller, "client", lambda *_, **__: client)
+    events: list[tuple[str, str]] = []
+    for say in ("info", "warn"):
+        monkeypatch.setattr(kopf, say, lambda _, reason, message: events.append((reason, message)))
+    big = ModelPlacement.model_validate(
+        {"metadata": {"name": "big", "generation": 1}, "spec": {"model": "big"}}
+    )
+    await controller._load(NS, big, nr("a"), LoadRequest(model="big"), 0, 8 * GIB)
+    assert controller.sizes[(NS, "big")].memory == 3 * GIB
+    failure = controller.failures[(NS, "big")]
+    assert (failure.room, failure.retry_at) == (True, now)
+    assert events[-1] == (
+        "NoRoom",
+        "a: big needs 3 GiB, 1 GiB free; planning again for the 3.0 GiB it needs",
+    )
+    await controller._load(NS, big, nr("a"), LoadRequest(model="big"), 3 * GIB, 8 * GIB)
+    failure = controller.failures[(NS, "big")]
+    assert (failure.room, failure.attempts, failure.retry_at) == (False, 2, now + FAST.backoff(2))
+    assert events[-1][0] == "LoadFailed"
+    await controller._load(NS, big, nr("a"), LoadRequest(model="big"), 0, 2 * GIB)
+    assert events[-1] == (
+        "Unschedulable",
+        "a refused it for room: it needs 3.0 GiB, more than any neuron it may use holds"
+        " (largest 2.0 GiB)",
+    )
+    await client.aclose()

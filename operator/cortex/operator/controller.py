@@ -2,7 +2,8 @@
 the plan with NeuronClient load/unload, and reporting it as Kubernetes Events.
 
 What this process remembers (probes, loads in flight, failed loads waiting out their backoff, the
-last unload of a placement) lives here; the decisions are made in reconcile.py."""
+last unload of a placement, the sizes neurons refusing a load for room said) lives here; the
+decisions are made in reconcile.py and shortfall.py."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import kopf
 from cortex.core.client import DEFAULT_TIMEOUT, NeuronClient
 from cortex.core.errors import CortexError, ModelNotFound
 from cortex.core.fleet import LoadRequest, NeuronStatus
-from cortex.core.placement.model import Action, Load, Unload
+from cortex.core.placement.model import Action, Load, NeuronView, Unload
 from cortex.core.resources import ModelPlacement, Neuron
 from cortex.operator.config import OperatorConfig
 from cortex.operator.metrics import OperatorMetrics, UnloadReason
@@ -36,6 +37,7 @@ from cortex.operator.reconcile import (
     PendingLoad,
     Unloaded,
     alias_refusal,
+    load_failure,
     outdated_failures,
     replaced_model,
     settled_failures,
@@ -45,6 +47,7 @@ from cortex.operator.reconcile import (
     unprobed,
 )
 from cortex.operator.rollout import Stale
+from cortex.operator.shortfall import LearntSize, largest_home, learn, learnt_sizes, readable
 
 log = logging.getLogger(__name__)
 SPEC_MODEL_CHANGED = "spec.model changed"  # why a replica of the model a placement left goes
@@ -76,6 +79,7 @@ class Controller:
         self.failures: dict[Key, LoadFailure] = {}  # (namespace, placement)
         self.unloaded: dict[Key, Unloaded] = {}
         self.aliases: dict[Key, str] = {}  # (namespace, spec.model) -> the id it loaded as
+        self.sizes: dict[Key, LearntSize] = {}  # (namespace, placement): said by a refusal for room
         self._locks: dict[str, asyncio.Lock] = {}
         # By namespace: the plan kept while it holds, the latest plan, how many snapshots were
         # planned from, and when planning may start again.
@@ -161,6 +165,7 @@ class Controller:
         failures = {name: f for (ns, name), f in self.failures.items() if ns == namespace}
         for name in outdated_failures(failures, live):
             del failures[name]
+        sizes = {name: s for (ns, name), s in self.sizes.items() if ns == namespace}
         return Fleet(
             neurons=tuple(neurons),
             probes={name: p for (ns, name), p in self.probes.items() if ns == namespace},
@@ -168,6 +173,7 @@ class Controller:
             pending={(m, n): p for (ns, m, n), p in self.pending.items() if ns == namespace},
             failures=failures,
             unloaded={name: u for (ns, name), u in self.unloaded.items() if ns == namespace},
+            sizes=learnt_sizes(sizes, live) if sizes else {},
             aliases={m: c for (ns, m), c in self.aliases.items() if ns == namespace},
             unreachable_after=self.config.unreachable_after,
         )
@@ -200,6 +206,9 @@ class Controller:
         mine = {name: f for (ns, name), f in self.failures.items() if ns == namespace}
         for name in outdated_failures(mine, placements):
             self.failures.pop((namespace, name), None)  # an edited spec: its attempts start again
+        sizes = {name: s for (ns, name), s in self.sizes.items() if ns == namespace}
+        for name in sizes.keys() - learnt_sizes(sizes, placements).keys():
+            del self.sizes[(namespace, name)]  # a new source or new resources: said afresh
         fleet = self.fleet(namespace, neurons, placements)
         if unprobed(fleet):
             return None
@@ -236,7 +245,9 @@ class Controller:
                     refused.add(action.neuron)
             elif action.neuron not in refused:
                 self._say_replacing(owners[action.model], action, planned)
-                self._start_load(namespace, owners[action.model], neuron, action, fleet)
+                self._start_load(
+                    namespace, owners[action.model], neuron, action, fleet, planned.views
+                )
         for name in sorted(touched):
             await self.probe(namespace, neurons[name])
 
@@ -306,7 +317,13 @@ class Controller:
             self.cancelled.add((namespace, model, neuron))
 
     def _start_load(
-        self, namespace: str, placement: ModelPlacement, neuron: Neuron, action: Load, fleet: Fleet
+        self,
+        namespace: str,
+        placement: ModelPlacement,
+        neuron: Neuron,
+        action: Load,
+        fleet: Fleet,
+        views: tuple[NeuronView, ...],
     ) -> None:
         key = (namespace, action.model, action.neuron)
         if key in self.pending:
@@ -322,7 +339,8 @@ class Controller:
             reason="Loading",
             message=f"loading {action.model} on {action.neuron}",
         )
-        self.spawn(self._load(namespace, placement, neuron, request))
+        largest = largest_home(views, placement)
+        self.spawn(self._load(namespace, placement, neuron, request, action.memory, largest))
 
     def spawn(self, work: Coroutine[object, object, None]) -> None:
         """Run `work` in the background until it ends or the operator closes."""
@@ -331,9 +349,17 @@ class Controller:
         task.add_done_callback(self._tasks.discard)
 
     async def _load(
-        self, namespace: str, placement: ModelPlacement, neuron: Neuron, request: LoadRequest
+        self,
+        namespace: str,
+        placement: ModelPlacement,
+        neuron: Neuron,
+        request: LoadRequest,
+        planned: int = 0,
+        largest: int = 0,
     ) -> None:
-        """One load, awaited in the background; a failure starts (or lengthens) the backoff."""
+        """One load, awaited in the background (`planned`: bytes the plan gave it; `largest`: the
+        most one neuron it may use holds); a failure starts (or lengthens) the backoff, but for a
+        refusal for room that says a larger size: that one is planned again at once with it."""
         name, where = placement.metadata.name, neuron.metadata.name
         try:
             limit = self.config.load_timeout
@@ -344,20 +370,20 @@ class Controller:
                 log.info("load of %s on %s cancelled by an unload", request.model, where)
                 return
             self.metrics.loads.labels("failed").inc()
-            generation = placement.metadata.generation
-            before = self.failures.get((namespace, name))
-            again = before is not None and before.generation == generation
-            attempts = before.attempts + 1 if before is not None and again else 1
-            now = self.clock()
-            wait = self.config.backoff(attempts)
-            self.failures[(namespace, name)] = LoadFailure(
-                where, _reason(exc), attempts, now, now + wait, generation
+            needed = self._learn(namespace, placement, exc)
+            failure = load_failure(
+                self.failures.get((namespace, name)),
+                where,
+                _reason(exc),
+                placement.metadata.generation,
+                self.clock(),
+                self.config.backoff,
+                # As the gateway's placer: planned again when the refusal said more than the
+                # plan gave the load (a size unknown to it, or too small).
+                learnt=needed is not None and needed > planned,
             )
-            kopf.warn(
-                body_of(placement),
-                reason="LoadFailed",
-                message=f"{where}: {_reason(exc)}; next try in {wait:.0f}s",
-            )
+            self.failures[(namespace, name)] = failure
+            _say_failed(placement, failure, needed, largest)
         else:
             self.metrics.loads.labels("ok").inc()
             self.failures.pop((namespace, name), None)
@@ -375,6 +401,18 @@ class Controller:
                 await self.probe(namespace, neuron)
             self.pending.pop((namespace, request.model, where), None)
             self.cancelled.discard((namespace, request.model, where))
+
+    def _learn(self, namespace: str, placement: ModelPlacement, exc: BaseException) -> int | None:
+        """The size a refusal for room said (None: not one), remembered when it is more than
+        was known."""
+        shortfall = exc.memory if isinstance(exc, CortexError) else None
+        if shortfall is None:
+            return None
+        key = (namespace, placement.metadata.name)
+        learnt = learn(self.sizes.get(key), placement, shortfall.needed)
+        if learnt is not None:
+            self.sizes[key] = learnt
+        return shortfall.needed
 
     # -- deletion
 
@@ -403,6 +441,7 @@ class Controller:
                     busy.append("a load still in flight, cancelled")
             self.failures.pop((namespace, placement.metadata.name), None)
             self.unloaded.pop((namespace, placement.metadata.name), None)
+            self.sizes.pop((namespace, placement.metadata.name), None)
         return busy
 
     async def _unload_held(
@@ -444,6 +483,28 @@ class Controller:
             ):
                 holding.append(neuron)
         return holding
+
+
+def _say_failed(
+    placement: ModelPlacement, failure: LoadFailure, needed: int | None, largest: int
+) -> None:
+    """The Event of a failed load: a size learnt from a refusal for room is planned with at once
+    (Normal `NoRoom`), or is more than any neuron holds (Warning `Unschedulable`); any other
+    failure is backed off (Warning `LoadFailed`)."""
+    where, reason = failure.neuron, failure.reason
+    if needed is not None and 0 < largest < needed:
+        message = (
+            f"{where} refused it for room: it needs {readable(needed)}, more than any neuron it"
+            f" may use holds (largest {readable(largest)})"
+        )
+        kopf.warn(body_of(placement), reason="Unschedulable", message=message)
+    elif failure.room and needed is not None:
+        message = f"{where}: {reason}; planning again for the {readable(needed)} it needs"
+        kopf.info(body_of(placement), reason="NoRoom", message=message)
+    else:
+        wait = failure.retry_at - failure.at
+        message = f"{where}: {reason}; next try in {wait:.0f}s"
+        kopf.warn(body_of(placement), reason="LoadFailed", message=message)
 
 
 def _unload_why(action: Unload, planned: FleetPlan) -> str | None:

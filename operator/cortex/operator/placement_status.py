@@ -42,15 +42,21 @@ def placement_status(
     name = placement.metadata.name
     want = wanted(placement, now)
     failure = fleet.failures.get(name)
-    # Past its backoff a failure only counts while the placement still wants a replica.
-    failing = failure is not None and (name in planned.blocked or (ready == 0 and want > 0))
+    # Past its backoff a failure only counts while the placement still wants a replica; a
+    # refusal for room that said the model's size is no broken model: it is planned with it.
+    failing = (
+        failure is not None
+        and not failure.room
+        and (name in planned.blocked or (ready == 0 and want > 0))
+    )
+    room = failure if failure is not None and failure.room and ready < want else None
     generation = placement.metadata.generation
     old = replaced_model(placement)
     placed = old if old is not None and old not in fleet.owners and _held(fleet, old) else None
     conditions = list(previous.conditions)
     for verdict in (
         _scheduled(placement, fleet, planned, replicas, want, placed),
-        _loaded(ready, loading, want, failure if failing else None, fleet.unloaded.get(name), now),
+        _loaded(ready, loading, want, failure if failing else room, fleet.unloaded.get(name), now),
     ):
         conditions = set_condition(conditions, *verdict, now, generation)
     stale = [s for s in planned.stale if s.model == placement.spec.model]
@@ -125,7 +131,10 @@ def _loaded(
     unloaded: Unloaded | None,
     now: float,
 ) -> Verdict:
-    if failure is not None:
+    if failure is not None and failure.room and not loading:
+        why = f"{failure.neuron} refused it for room: {failure.reason}; planned again with its size"
+        return ("Loaded", "False", "NoRoom", why)
+    if failure is not None and not failure.room:
         retry = max(failure.retry_at - now, 0)
         why = (
             f"{failure.neuron}: {failure.reason} (attempt {failure.attempts}, next in {retry:.0f}s)"

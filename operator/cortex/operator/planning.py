@@ -55,7 +55,9 @@ def plan_key(fleet: Fleet, now: float) -> PlanKey:
         },
         frozenset(fleet.pending.items()),
         backing_off(fleet, now),
-        frozenset(fleet.failures),  # a placement with a failed load evicts nothing
+        # A placement with a failed load evicts nothing, unless it failed for room (shortfall.py).
+        frozenset((name, failure.room) for name, failure in fleet.failures.items()),
+        frozenset(fleet.sizes.items()),  # sizes neurons refusing a load for room said
         frozenset(fleet.aliases.items()),
     )
 

@@ -3,14 +3,15 @@ each ModelPlacement's status from them, placement_status.py). Pure: no I/O, no c
 `now`), same input, same answer.
 
 The snapshot is the neurons' own /status answers (probes), never the operator's memory of what it
-did, so a restarted operator plans from what is really loaded. Two things only this process knows
-are laid over it: loads it has asked for that no probe shows yet (`pending`), and placements whose
-last load failed and are waiting out their backoff (`failures`)."""
+did, so a restarted operator plans from what is really loaded. Three things only this process
+knows are laid over it: loads it has asked for that no probe shows yet (`pending`), placements
+whose last load failed and are waiting out their backoff (`failures`), and the sizes neurons
+refusing a load for room said models need (`sizes`, shortfall.py)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -36,6 +37,7 @@ from cortex.core.resources import (
 )
 from cortex.operator.neurons import Probe
 from cortex.operator.rollout import Stale, rollout_steps, spare_replicas, stale_replicas
+from cortex.operator.shortfall import MAX_PLANS, LearntSize, replica_memory
 
 # Higher priority wins: lower-priority replicas give way first, then the least recently used.
 POLICY = Policy(strategy="priority")
@@ -70,6 +72,30 @@ class LoadFailure:
     at: float
     retry_at: float
     generation: int | None  # the placement's metadata.generation when the load was asked
+    # Refused for room with a size the plan did not know (shortfall.py): planned again at once
+    # with that size, and it may evict for it, unlike a broken model's failure.
+    room: bool = False
+
+
+def load_failure(
+    before: LoadFailure | None,
+    neuron: str,
+    reason: str,
+    generation: int | None,
+    now: float,
+    backoff: Callable[[int], float],
+    *,
+    learnt: bool = False,
+) -> LoadFailure:
+    """What a failed load records: its attempt in a row under this spec, and when the next may
+    come. A refusal for room that said more than the plan gave the load (`learnt`) is planned
+    again at once, up to MAX_PLANS in a row; any other failure waits `backoff(attempts)` and
+    evicts nothing."""
+    again = before is not None and before.generation == generation
+    attempts = before.attempts + 1 if before is not None and again else 1
+    room = learnt and attempts <= MAX_PLANS
+    wait = 0.0 if room else backoff(attempts)
+    return LoadFailure(neuron, reason, attempts, now, now + wait, generation, room)
 
 
 @dataclass(frozen=True)
@@ -92,6 +118,7 @@ class Fleet:
     pending: Mapping[tuple[str, str], PendingLoad] = field(default_factory=dict)  # (model, neuron)
     failures: Mapping[str, LoadFailure] = field(default_factory=dict)  # by placement name
     unloaded: Mapping[str, Unloaded] = field(default_factory=dict)  # by placement name
+    sizes: Mapping[str, LearntSize] = field(default_factory=dict)  # by placement name
     # spec.model -> the id a neuron loaded it as: an alias, refused rather than loaded again
     aliases: Mapping[str, str] = field(default_factory=dict)
     unreachable_after: int = 2
@@ -298,7 +325,7 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
             id=model,
             source=spec.source or "",
             aliases=spec.aliases,
-            memory=spec.resources.memory_bytes,
+            memory=replica_memory(placement, fleet.sizes.get(placement.metadata.name)),
             min_devices=spec.resources.devices,
             pinned_on=live if spec.pinned else [],
             priority=spec.priority,
@@ -322,8 +349,9 @@ def plan_fleet(fleet: Fleet, now: float) -> FleetPlan:
         if p.spec.neuron_selector.match_labels
     }
     # A placement whose last load failed evicts nothing until a load succeeds: each retry would
-    # otherwise take a healthy replica's place and give it back when the load fails.
-    failing = {p.spec.model for p in owners.values() if p.metadata.name in fleet.failures}
+    # otherwise take a healthy replica's place and give it back when the load fails. Not so one
+    # refused for room that said its size: it is planned with that size (shortfall.py).
+    failing = {p.spec.model for p in owners.values() if is_failing(fleet, p.metadata.name)}
     # A replacement beside its stale replica goes into free memory only: with no room for both,
     # the stale one is replaced in place rather than another model evicted for a while.
     surging = {model for model, found in stale.items() if any(s.in_place for s in found)}
@@ -392,6 +420,12 @@ def settled_failures(fleet: Fleet, planned: FleetPlan, now: float) -> list[str]:
 def wanted(placement: ModelPlacement, now: float) -> int:
     """Ready replicas the placement asks for now: its floor, or one while a client waits."""
     return max(placement.spec.floor, 1 if active_demand(placement, now) is not None else 0)
+
+
+def is_failing(fleet: Fleet, name: str) -> bool:
+    """The placement's last load failed, and not for room with a size learnt from it."""
+    failure = fleet.failures.get(name)
+    return failure is not None and not failure.room
 
 
 def backing_off(fleet: Fleet, now: float) -> frozenset[str]:
