@@ -28,6 +28,13 @@ def parse_bytes(value: object) -> object:
     return value
 
 
+def readable_bytes(size: int) -> str:
+    """Bytes as the reasons and Events write them: GiB from 1 GiB, else MiB."""
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    return f"{size / 2**20:.0f} MiB"
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 

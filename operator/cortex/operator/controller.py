@@ -21,6 +21,7 @@ from typing import Literal, cast
 import httpx
 import kopf
 
+from cortex.core.catalogue import readable_bytes
 from cortex.core.client import DEFAULT_TIMEOUT, NeuronClient
 from cortex.core.errors import CortexError, ModelNotFound
 from cortex.core.fleet import LoadRequest, NeuronStatus
@@ -47,7 +48,7 @@ from cortex.operator.reconcile import (
     unprobed,
 )
 from cortex.operator.rollout import Stale
-from cortex.operator.shortfall import LearntSize, largest_home, learn, learnt_sizes, readable
+from cortex.operator.shortfall import LearntSize, largest_home, learn, learnt_sizes
 
 log = logging.getLogger(__name__)
 SPEC_MODEL_CHANGED = "spec.model changed"  # why a replica of the model a placement left goes
@@ -494,12 +495,12 @@ def _say_failed(
     where, reason = failure.neuron, failure.reason
     if needed is not None and 0 < largest < needed:
         message = (
-            f"{where} refused it for room: it needs {readable(needed)}, more than any neuron it"
-            f" may use holds (largest {readable(largest)})"
+            f"{where} refused it for room: it needs {readable_bytes(needed)}, more than any neuron it"
+            f" may use holds (largest {readable_bytes(largest)})"
         )
         kopf.warn(body_of(placement), reason="Unschedulable", message=message)
     elif failure.room and needed is not None:
-        message = f"{where}: {reason}; planning again for the {readable(needed)} it needs"
+        message = f"{where}: {reason}; planning again for the {readable_bytes(needed)} it needs"
         kopf.info(body_of(placement), reason="NoRoom", message=message)
     else:
         wait = failure.retry_at - failure.at

@@ -80,8 +80,3 @@ def largest_home(views: Iterable[NeuronView], placement: ModelPlacement) -> int:
         ),
         default=0,
     )
-
-
-def readable(size: int) -> str:
-    """Bytes as the planner's reasons write them (GiB from 1 GiB)."""
-    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"

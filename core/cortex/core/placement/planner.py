@@ -37,7 +37,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from cortex.core.catalogue import ModelSpec
+from cortex.core.catalogue import ModelSpec, readable_bytes
 from cortex.core.fleet import ModelState
 from cortex.core.placement.eviction import (
     EvictionKey,
@@ -390,11 +390,11 @@ class _Work:
             if tier and self.place_in(model, size, tier):
                 return None
         if model in self.room_only and size is not None:
-            return f"needs {_bytes(size)} free and evicts nothing now: no neuron it may use has it"
+            return f"needs {readable_bytes(size)} free and evicts nothing now: no neuron it may use has it"
         if size is not None and self.room_once_settled(model, size, slots):
             self.blocked.add(model)
             return (
-                f"needs {_bytes(size)}: the replicas that would make room are in flight, loading,"
+                f"needs {readable_bytes(size)}: the replicas that would make room are in flight, loading,"
                 " unloading or wanted by other waiting clients"
             )
         return self.too_big(size, slots)
@@ -602,11 +602,9 @@ class _Work:
     def too_big(size: int | None, slots: list[_Slot]) -> str:
         largest = max(slot.view.memory_total for slot in slots)
         if size is not None and size > largest:
-            return (
-                f"needs {_bytes(size)}, more than any neuron it may use holds ({_bytes(largest)})"
-            )
+            return f"needs {readable_bytes(size)}, more than any neuron it may use holds ({readable_bytes(largest)})"
         return (
-            f"needs {_bytes(size or 0)} and no neuron it may use can free that much: the rest is"
+            f"needs {readable_bytes(size or 0)} and no neuron it may use can free that much: the rest is"
             " pinned or kept for a minimum replica count"
         )
 
@@ -631,9 +629,3 @@ def _merge(demand: Sequence[Demand]) -> dict[str, int]:
     for item in demand:
         waiting[item.model] = waiting.get(item.model, 0) + item.waiting
     return waiting
-
-
-def _bytes(size: int) -> str:
-    if size >= 2**30:
-        return f"{size / 2**30:.1f} GiB"
-    return f"{size / 2**20:.0f} MiB"
