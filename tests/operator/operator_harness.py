@@ -29,6 +29,7 @@ FAST = OperatorConfig(
     standalone=True,
     unreachable_after=2,
     retry_backoff=30.0,
+    api_timeout=5.0,  # kmock drops idle kept-alive connections: a request sent on one hangs
 )
 
 

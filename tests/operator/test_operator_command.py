@@ -86,3 +86,15 @@ def test_no_credentials_is_one_clear_line(
     monkeypatch.setenv("HOME", str(tmp_path))
     assert main(["operator", "--standalone"]) == 2
     assert "no Kubernetes credentials" in capsys.readouterr().err
+
+
+def test_an_api_request_is_given_up_long_before_kopfs_five_minutes() -> None:
+    """A request on a connection dropped without a word waits for its timeout, then kopf
+    retries it: 30 s, not aiohttp's 5 minutes (a peer's shutdown once waited them out)."""
+    from cortex.operator.cli import operator_settings
+    from cortex.operator.config import OperatorConfig
+
+    settings = operator_settings(OperatorConfig())
+    assert settings.networking.request_timeout == 30.0
+    assert settings.networking.connect_timeout == 10.0
+    assert operator_settings(OperatorConfig(api_timeout=5.0)).networking.connect_timeout == 5.0

@@ -100,6 +100,8 @@ def operator_settings(config: OperatorConfig) -> kopf.OperatorSettings:
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.INFO
+    settings.networking.request_timeout = config.api_timeout  # watch streams are not cut by it
+    settings.networking.connect_timeout = min(10.0, config.api_timeout)
     settings.peering.mandatory = config.peering is not None
     return settings
 

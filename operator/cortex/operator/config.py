@@ -33,6 +33,11 @@ class OperatorConfig:
     retry_backoff: float = 10.0  # first wait after a failed load; doubles up to retry_backoff_max
     retry_backoff_max: float = 600.0
     load_timeout: float = 1800.0  # a load that takes longer is given up (and backed off)
+    # An API server request that takes longer is given up and retried (kopf's error backoffs).
+    # kopf's own default, 5 minutes, held a request that long on a kept-alive connection
+    # dropped without a word (a load balancer's idle cut; in the tests, the emulator's: a
+    # peer's goodbye to the peering object at shutdown waited out the 5 minutes).
+    api_timeout: float = 30.0
 
     @property
     def all_namespaces(self) -> bool:
