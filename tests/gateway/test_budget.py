@@ -58,6 +58,19 @@ def test_the_worst_case_is_the_bodys_bytes_plus_the_completion_limit() -> None:
     assert completion_reserve(unbounded, embedding=False, context=2048) == 2048
 
 
+def test_the_completion_reserve_counts_every_choice() -> None:
+    """OpenAI's `n` asks for that many completions, each up to the limit: all are reserved."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7}
+    assert completion_reserve({**chat, "n": 3}, embedding=False, context=None) == 21
+    assert completion_reserve({**chat, "n": 1}, embedding=False, context=None) == 7
+    unbounded = {"model": "m", "prompt": "hi", "n": 2}
+    assert completion_reserve(unbounded, embedding=False, context=2048) == 4096
+    assert completion_reserve(unbounded, embedding=False, context=2048, cap=100) == 200
+    assert (
+        completion_reserve({**unbounded, "max_tokens": 9000}, embedding=False, context=2048) == 4096
+    )
+
+
 def test_spend_outlives_the_store(tmp_path: Path) -> None:
     path = tmp_path / "state" / "gateway.sqlite3"
     store = SqliteSpendStore(path)

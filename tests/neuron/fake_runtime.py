@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator
@@ -79,7 +81,20 @@ class FakeServed:
         return None, None
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, principal: str = "anonymous"
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        principal: str = "anonymous",
+        n: int = 1,
+    ) -> AsyncIterator[GenerationEvent]:
+        """The script once per choice (`n`), one choice after the other."""
+        for choice in range(n):
+            async with contextlib.aclosing(self._choice(prompt_ids, params)) as events:
+                async for event in events:
+                    yield dataclasses.replace(event, choice=choice)
+
+    async def _choice(
+        self, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationEvent]:
         if self.refuse is not None:
             raise self.refuse

@@ -93,15 +93,41 @@ async def test_max_per_principal_keeps_slots_for_others() -> None:
     assert admission.running == 0 and admission.queued == 0
 
 
+async def test_a_request_of_several_choices_takes_their_slots_together_and_first() -> None:
+    """Slots freed while a request of n choices waits for n are kept for it: later requests of
+    one slot do not pass it, however many slots stand free meanwhile."""
+    admission = Admission(max_running=4, max_queue=8, queue_timeout=30)
+    order: list[Any] = []
+    release = asyncio.Event()
+    held = asyncio.create_task(_hold(admission, release, order, "held", slots=2))
+    while admission.running < 2:
+        await asyncio.sleep(0)
+    three = asyncio.create_task(_hold(admission, None, order, "three", slots=3))
+    while admission.queued < 1:
+        await asyncio.sleep(0)
+    one = asyncio.create_task(_hold(admission, None, order, "one"))
+    while admission.queued < 2:
+        await asyncio.sleep(0)
+    assert admission.running == 2  # two slots free, kept for the request of three
+    release.set()
+    await asyncio.gather(held, three, one)
+    assert order == ["held", "three", "one"] and admission.running == 0 and not admission.holding
+    assert admission.most == 4
+    with pytest.raises(ValueError):  # never grantable: the API refuses it first (a 400)
+        async with admission.slot("anonymous", 5):
+            pass
+
+
 async def _hold(
     admission: Admission,
     release: asyncio.Event | None,
     order: list[Any] | None = None,
     name: Any = 0,
+    slots: int = 1,
 ) -> None:
-    """Take a slot, note the order, and keep it until `release` is set (None: give it back at once).
-    A string name is also the principal."""
-    async with admission.slot(name if isinstance(name, str) else "anonymous"):
+    """Take `slots` slots, note the order, and keep them until `release` is set (None: give them
+    back at once). A string name is also the principal."""
+    async with admission.slot(name if isinstance(name, str) else "anonymous", slots):
         if order is not None:
             order.append(name)
         if release is not None:

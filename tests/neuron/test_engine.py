@@ -602,6 +602,54 @@ def test_a_closed_engine_finishes_what_it_holds_and_what_comes_later() -> None:
     assert not engine.has_work()
 
 
+def _tiny_engine(**overrides) -> Engine:
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(tiny_llama_config(tokenizer.vocab_size)).eval()
+    return make_engine(tiny, tokenizer, eos_token_ids=set(), context_length=256, **overrides)
+
+
+def _choices(n: int, prompt: list[int], **params) -> list[Recorder]:
+    """A request's `n` choices as the replica hands them over: choice 0 leads, the rest follow."""
+    recorders = [Recorder(prompt, **params) for _ in range(n)]
+    recorders[0].seq.followers = [r.seq for r in recorders[1:]]
+    return recorders
+
+
+def test_the_choices_of_one_prompt_share_its_prefill() -> None:
+    """The followers of a request's first choice wait for its prompt's KV and take it from the
+    prefix cache: one prefill of the prompt (but its last token) for all of them."""
+    engine = _tiny_engine()
+    prompt = list(range(1000, 1040))
+    choices = _choices(3, prompt, max_tokens=8, temperature=0)
+    engine.add(choices[0].seq)
+    engine.step()
+    assert engine.load == EngineLoad(running=1, waiting=2)
+    drain(engine)
+    assert [r.finished.cached_tokens for r in choices] == [0, len(prompt) - 1, len(prompt) - 1]
+    assert all(r.seq.output_ids == choices[0].seq.output_ids for r in choices)  # greedy
+    assert all(r.finished.reason == "length" for r in choices)
+    alone = _choices(3, prompt, max_tokens=8, temperature=0)
+    generate(_tiny_engine(prefix_cache_tokens=0), alone[0])  # no cache: each prefills it
+    assert [r.finished.cached_tokens for r in alone] == [0, 0, 0]
+    assert [r.seq.output_ids for r in alone] == [r.seq.output_ids for r in choices]
+
+
+def test_followers_end_with_their_leader_when_it_never_prefills() -> None:
+    cancelled = _choices(3, [1, 2, 3], max_tokens=5)
+    for r in cancelled:  # the client left before the engine took the request
+        r.seq.cancel()
+    engine = _tiny_engine()
+    engine.add(cancelled[0].seq)
+    drain(engine)
+    assert [r.finished.reason for r in cancelled] == ["cancelled"] * 3
+    closed = _choices(2, [1, 2, 3], max_tokens=5)
+    engine.close("model unloaded")
+    engine.add(closed[0].seq)
+    assert [r.finished.reason for r in closed] == ["cancelled"] * 2
+    assert not engine.has_work()
+
+
 def test_the_engine_publishes_its_batch_what_waits_for_kv_and_its_preemptions() -> None:
     """What the neuron's metrics read from the event loop: a picture the worker replaces."""
     tokenizer = AutoTokenizer.from_pretrained(MINILM)

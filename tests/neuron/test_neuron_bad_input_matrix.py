@@ -105,7 +105,7 @@ SPECIFIC = [
     Case("temperature-3", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, temperature=3)),
     Case("top-p-2", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, top_p=2)),
     Case("min-p-above-1", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, min_p=1.5), says="min_p"),
-    Case("n-3", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, n=3)),
+    Case("n-17", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, n=17), says="n"),
     Case("seed-past-64-bits", CHAT_ROUTE, 400, json=_with(CHAT_ROUTE, seed=2**64), says="seed"),
     Case(
         "seed-below-64-bits",

@@ -536,7 +536,8 @@ async def test_wrong_types_and_missing_fields_name_the_field(http: httpx.AsyncCl
     cases = [
         ({"model": "tiny-chat", "messages": USER, "temperature": "hot"}, "temperature"),
         ({"model": "tiny-chat", "messages": USER, "temperature": 9}, "temperature"),
-        ({"model": "tiny-chat", "messages": USER, "n": 2}, "n"),
+        ({"model": "tiny-chat", "messages": USER, "n": 17}, "n"),
+        ({"model": "tiny-chat", "messages": USER, "n": 0}, "n"),
         ({"model": "tiny-chat"}, "messages"),
         ({"model": "tiny-chat", "messages": []}, "messages"),
         ({"messages": USER}, "model"),

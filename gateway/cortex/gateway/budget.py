@@ -107,9 +107,10 @@ def completion_reserve(
 ) -> int:
     """The most output a request may be charged: its completion limit, which the model's
     context and output limit `cap` bound (the neuron fits max_tokens to both), or the context
-    or UNBOUNDED_COMPLETION when the request sets none; nothing for an embedding. Of several
-    limits the largest: which one the neuron obeys depends on the API (chat prefers
-    max_completion_tokens, Responses has max_output_tokens), and the reserve must cover it."""
+    or UNBOUNDED_COMPLETION when the request sets none, once per choice it asks for (OpenAI's
+    `n`); nothing for an embedding. Of several limits the largest: which one the neuron obeys
+    depends on the API (chat prefers max_completion_tokens, Responses has max_output_tokens),
+    and the reserve must cover it."""
     if embedding:
         return 0
     limits = [
@@ -118,6 +119,12 @@ def completion_reserve(
         if isinstance(limit := body.get(name), int) and not isinstance(limit, bool) and limit >= 0
     ]
     if not limits:
-        return cap or context or UNBOUNDED_COMPLETION
+        return (cap or context or UNBOUNDED_COMPLETION) * _choices(body)
     bounds = [b for b in (context, cap) if b is not None]
-    return min([max(limits), *bounds])
+    return min([max(limits), *bounds]) * _choices(body)
+
+
+def _choices(body: Mapping[str, Any]) -> int:
+    """The choices a request asks for (OpenAI's `n`; validated before, so at most MAX_CHOICES)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1

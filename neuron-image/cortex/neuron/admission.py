@@ -17,6 +17,7 @@ ANYONE = "anonymous"
 @dataclass(eq=False)
 class _Waiter:
     principal: str
+    slots: int = 1
     future: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -29,6 +30,9 @@ class Admission:
     the waiting principal that holds fewest, and a principal with nothing waiting is queued even
     when the queue is full of others' requests (up to twice `max_queue` in all), so one client
     with hundreds of requests cannot starve another with one.
+
+    A request of several choices (OpenAI's `n`) holds a slot per choice, taken together; while
+    it waits for enough to come free, the slots freed meanwhile wait for it, not for later ones.
     """
 
     def __init__(
@@ -50,29 +54,41 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiters)
 
+    @property
+    def most(self) -> int:
+        """The most slots one request may ever hold together."""
+        return min(self.max_running, self.max_per_principal)
+
     @asynccontextmanager
-    async def slot(self, principal: str = ANYONE) -> AsyncIterator[None]:
-        """Hold a running slot for the body; raises Overloaded (queue full) or QueueTimeout."""
-        await self._acquire(principal)
+    async def slot(self, principal: str = ANYONE, slots: int = 1) -> AsyncIterator[None]:
+        """Hold `slots` running slots (at most `most`) for the body; raises Overloaded (queue
+        full) or QueueTimeout."""
+        if not 1 <= slots <= self.most:
+            raise ValueError(f"{slots} slots asked of an admission that grants 1 to {self.most}")
+        await self._acquire(principal, slots)
         try:
             yield
         finally:
-            self._release(principal)
+            self._release(principal, slots)
 
-    def _may_run(self, principal: str) -> bool:
-        return self.running < self.max_running and self.holding[principal] < self.max_per_principal
+    def _may_run(self, principal: str, slots: int) -> bool:
+        return (
+            self.running + slots <= self.max_running
+            and self.holding[principal] + slots <= self.max_per_principal
+        )
 
-    def _take(self, principal: str) -> None:
-        self.running += 1
-        self.holding[principal] += 1
+    def _take(self, principal: str, slots: int) -> None:
+        self.running += slots
+        self.holding[principal] += slots
 
-    async def _acquire(self, principal: str) -> None:
-        # Free slots are handed to eligible waiters at once, so a free slot means none waits for it.
-        if self._may_run(principal):
-            self._take(principal)
+    async def _acquire(self, principal: str, slots: int) -> None:
+        # Free slots are handed to eligible waiters at once (_hand_over), so an eligible waiter
+        # left waits for more slots than are free: those it has are kept for it.
+        if self._may_run(principal, slots) and not self._eligible():
+            self._take(principal, slots)
             return
         self._check_room(principal)
-        waiter = _Waiter(principal)
+        waiter = _Waiter(principal, slots)
         self._waiters.append(waiter)
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), self.queue_timeout)
@@ -85,12 +101,13 @@ class Admission:
                 retry_after=max(1.0, self.queue_timeout / 4),
             ) from None
         except asyncio.CancelledError:
-            if waiter.future.done():  # handed a slot, but the requester left: pass it on
-                self._release(principal)
+            if waiter.future.done():  # handed its slots, but the requester left: pass them on
+                self._release(principal, slots)
             raise
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+                self._hand_over()  # slots kept for it may serve those behind it now
 
     def _check_room(self, principal: str) -> None:
         waiting = sum(1 for w in self._waiters if w.principal == principal)
@@ -100,25 +117,29 @@ class Admission:
                 f"model busy: {self.running} running, {self.queued} queued", retry_after=1.0
             )
 
-    def _release(self, principal: str) -> None:
-        self.running -= 1
-        self.holding[principal] -= 1
+    def _release(self, principal: str, slots: int) -> None:
+        self.running -= slots
+        self.holding[principal] -= slots
         if self.holding[principal] <= 0:
             del self.holding[principal]
         self._hand_over()
 
     def _hand_over(self) -> None:
         """Give free slots to waiters: the principal holding fewest first, oldest first among
-        equals, skipping principals at their share."""
-        while self.running < self.max_running:
-            eligible = [
-                (self.holding[w.principal], i, w)
-                for i, w in enumerate(self._waiters)
-                if not w.future.done() and self.holding[w.principal] < self.max_per_principal
-            ]
-            if not eligible:
-                return
+        equals, skipping principals at their share. The one chosen is served before any other,
+        so a request of several slots waiting for enough to come free is not passed over."""
+        while eligible := self._eligible():
             _, _, waiter = min(eligible, key=lambda item: item[:2])
+            if self.running + waiter.slots > self.max_running:
+                return
             self._waiters.remove(waiter)
-            self._take(waiter.principal)
+            self._take(waiter.principal, waiter.slots)
             waiter.future.set_result(None)
+
+    def _eligible(self) -> list[tuple[int, int, _Waiter]]:
+        """Waiters whose principal has room for their slots: (held, age order, waiter)."""
+        return [
+            (self.holding[w.principal], i, w)
+            for i, w in enumerate(self._waiters)
+            if not w.future.done() and self.holding[w.principal] + w.slots <= self.max_per_principal
+        ]

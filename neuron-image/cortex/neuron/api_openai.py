@@ -6,7 +6,7 @@ import base64
 import json
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -150,15 +150,17 @@ async def _start(request: Request, generation: Generation) -> None:
         raise
 
 
-async def _finish(request: Request, generation: Generation) -> tuple[str, Finished]:
+async def _finish(request: Request, generation: Generation) -> list[tuple[str, Finished]]:
+    """Every choice's text and ending; the error of the first choice that failed."""
     try:
-        text, finished = await until_disconnect(request, generation.collect())
+        answers = await until_disconnect(request, generation.collect())
     finally:
         await generation.close()
-    err = failure(finished)
-    if err is not None:
-        raise err
-    return text, finished
+    for _, finished in answers:
+        err = failure(finished)
+        if err is not None:
+            raise err
+    return answers
 
 
 def finish_reason(called: bool, finished: Finished) -> str:
@@ -208,7 +210,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     params = sampling(body, limit, served.vocab_size, asked)
     metrics = request.app.state.metrics
     params = await constrain(served, params, constraint, metrics)
-    generation = Generation(served, prompt, params, metrics, principal_of(request, section))
+    generation = Generation(
+        served, prompt, params, metrics, principal_of(request, section), body.n or 1
+    )
     names = {t["function"]["name"] for t in tools} if tools else None
     most_calls = 1 if body.parallel_tool_calls is False else None
     # Forced calls: the grammar allows nothing but call blocks, so the output is calls, one of
@@ -235,30 +239,54 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             headers=limit.headers(),
             on_close=generation.close,
         )
-    text, finished = await _finish(request, generation)
-    content: str | None = text
-    calls: list[ParsedToolCall] = []
-    if forced is not None:
-        content, calls = None, forced_calls(text, forced)[:most_calls]
-    elif names is not None:
-        parsed = parse_tool_calls(text, names)
-        content, calls = parsed.content, parsed.tool_calls[:most_calls]
-    message = ResponseMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
-    reason = finish_reason(bool(calls), finished)
-    answer = ChatCompletion(
-        model=served.id,
-        choices=[
+    answers = await _finish(request, generation)
+    choices = []
+    for index, (text, finished) in enumerate(answers):
+        content: str | None = text
+        calls: list[ParsedToolCall] = []
+        if forced is not None:
+            content, calls = None, forced_calls(text, forced)[:most_calls]
+        elif names is not None:
+            parsed = parse_tool_calls(text, names)
+            content, calls = parsed.content, parsed.tool_calls[:most_calls]
+        message = ResponseMessage(
+            content=content, tool_calls=[_tool_call(c) for c in calls] or None
+        )
+        scored = generation.logprobs[index]
+        choices.append(
             ChatChoice(
+                index=index,
                 message=message,
-                finish_reason=reason,  # type: ignore[arg-type]
+                finish_reason=finish_reason(bool(calls), finished),  # type: ignore[arg-type]
                 stop_reason=finished.stop_sequence,
-                logprobs=chat_logprobs(served, generation.logprobs) if asked is not None else None,
+                logprobs=chat_logprobs(served, scored) if asked is not None else None,
                 **context_full(finished, served.context_length),
             )
-        ],
-        usage=usage(finished),
-    )
+        )
+    answer = ChatCompletion(model=served.id, choices=choices, usage=usage([f for _, f in answers]))
     return JSONResponse(answer.model_dump(mode="json"), headers=limit.headers())
+
+
+class _ChoiceCalls:
+    """One streamed choice's tool calls: parsed as its text comes, or (forced) held to its end."""
+
+    def __init__(self, tool_names: set[str] | None, forced: set[str] | None) -> None:
+        self.parser = (
+            ToolCallStream(tool_names) if tool_names is not None and forced is None else None
+        )
+        self.forced = forced
+        self.held: list[str] = []  # a forced answer's text
+        self.sent = 0  # calls sent
+
+    def feed(self, text: str) -> list[str | ParsedToolCall]:
+        if self.forced is not None:
+            self.held.append(text)
+            return []
+        return list(self.parser.feed(text)) if self.parser else [text]
+
+    def close(self) -> list[str | ParsedToolCall]:
+        rest = forced_calls("".join(self.held), self.forced) if self.forced is not None else []
+        return [*rest, *(self.parser.close() if self.parser else [])]
 
 
 async def _chat_stream(
@@ -271,83 +299,82 @@ async def _chat_stream(
     tokens: Tokens | None = None,
     context: int | None = None,
 ) -> AsyncIterator[bytes]:
-    """Role chunk, content (and tool call) deltas, finish chunk, usage chunk, [DONE].
+    """Role chunks, content (and tool call) deltas, a finish chunk per choice, the usage chunk,
+    [DONE]; each chunk names its choice (`index`), as the choices' tokens come.
 
     Calls past `most_calls` (parallel_tool_calls false) are dropped. A forced call (`forced`:
-    the tools it may name) comes whole at the end, cut or not (tools.forced_calls). With `tokens`, each content delta carries the logprobs
-    of the tokens it completes (a request with logprobs has no tools: one delta per event)."""
+    the tools it may name) comes whole at the end, cut or not (tools.forced_calls). With
+    `tokens`, each content delta carries the logprobs of the tokens it completes (a request with
+    logprobs has no tools: one delta per event)."""
     base = ChatCompletionChunk(
         id=new_id("chatcmpl"), created=int(time.time()), model=generation.model, choices=[]
     )
-    parser = ToolCallStream(tool_names) if tool_names is not None and forced is None else None
-    held: list[str] = []  # a forced answer's text
-
-    sent_calls = 0
-    prompt_tokens, completion_tokens = generation.prompt_tokens, 0
+    calls = [_ChoiceCalls(tool_names, forced) for _ in range(generation.n)]
+    counts = [0] * generation.n  # each choice's tokens so far, as its chunks went out
 
     def so_far() -> Usage | None:
         """vLLM's continuous_usage_stats: usage up to this chunk, on every chunk."""
         if not continuous:
             return None
-        total = prompt_tokens + completion_tokens
-        cached = generation.cached_tokens
+        prompt, cached = generation.prompt_tokens, generation.cached_tokens
         return Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=total,
+            prompt_tokens=prompt,
+            completion_tokens=sum(counts),
+            total_tokens=prompt + sum(counts),
             # from the first chunk on, so a translated stream's opening event can report it
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached) if cached else None,
         )
 
-    def delta(piece: str | ParsedToolCall, logprobs: Sequence[TokenLogprob] = ()) -> bytes | None:
-        nonlocal sent_calls
-        if (
-            isinstance(piece, ParsedToolCall)
-            and most_calls is not None
-            and sent_calls >= most_calls
-        ):
-            return None
-        if isinstance(piece, str):
-            out = Delta(content=piece)
-        else:
-            function = DeltaFunctionCall(name=piece.name, arguments=piece.arguments)
-            call = DeltaToolCall(index=sent_calls, id=piece.id, type="function", function=function)
-            out, sent_calls = Delta(tool_calls=[call]), sent_calls + 1
-        scored = chat_logprobs(tokens, logprobs) if tokens is not None else None
-        update = {"choices": [ChunkChoice(delta=out, logprobs=scored)], "usage": so_far()}
-        return _chunk(base.model_copy(update=update))
-
-    def end(finished: Finished) -> bytes:
-        nonlocal completion_tokens
-        reason = finish_reason(sent_calls > 0, finished)
-        choice = ChunkChoice(
-            delta=Delta(),
-            finish_reason=reason,  # type: ignore[arg-type]
-            stop_reason=finished.stop_sequence,
-            **context_full(finished, context),
-        )
-        completion_tokens = finished.completion_tokens
+    def chunk(choice: ChunkChoice) -> bytes:
         return _chunk(base.model_copy(update={"choices": [choice], "usage": so_far()}))
 
-    try:
-        role = Delta(role="assistant", content="")
-        yield _chunk(
-            base.model_copy(update={"choices": [ChunkChoice(delta=role)], "usage": so_far()})
-        )
-        while not isinstance(event := await generation.next(), Finished):
-            completion_tokens = event.completion_tokens
-            if forced is not None:
-                held.append(event.text)
-                continue
-            pieces = parser.feed(event.text) if parser else [event.text]
-            for i, piece in enumerate(pieces):
-                if frame := delta(piece, event.logprobs if i == 0 else ()):
-                    yield frame
-        rest = forced_calls("".join(held), forced) if forced is not None else []
-        for piece in [*rest, *(parser.close() if parser else [])]:
-            if frame := delta(piece):
+    def delta(
+        index: int, piece: str | ParsedToolCall, logprobs: Sequence[TokenLogprob] = ()
+    ) -> bytes | None:
+        state = calls[index]
+        if isinstance(piece, str):
+            out = Delta(content=piece)
+        elif most_calls is not None and state.sent >= most_calls:
+            return None
+        else:
+            function = DeltaFunctionCall(name=piece.name, arguments=piece.arguments)
+            call = DeltaToolCall(index=state.sent, id=piece.id, type="function", function=function)
+            out, state.sent = Delta(tool_calls=[call]), state.sent + 1
+        scored = chat_logprobs(tokens, logprobs) if tokens is not None else None
+        return chunk(ChunkChoice(index=index, delta=out, logprobs=scored))
+
+    def end(finished: Finished) -> Iterator[bytes]:
+        index = finished.choice
+        for piece in calls[index].close():
+            if frame := delta(index, piece):
                 yield frame
-        for frame in _ending(event, end, base, include_usage):
+        counts[index] = finished.completion_tokens
+        yield chunk(
+            ChunkChoice(
+                index=index,
+                delta=Delta(),
+                finish_reason=finish_reason(calls[index].sent > 0, finished),  # type: ignore[arg-type]
+                stop_reason=finished.stop_sequence,
+                **context_full(finished, context),
+            )
+        )
+
+    try:
+        for index in range(generation.n):
+            yield chunk(ChunkChoice(index=index, delta=Delta(role="assistant", content="")))
+        while (event := await generation.next()) is not None:
+            if isinstance(event, Finished):
+                if (err := failure(event)) is not None:
+                    yield sse_error(err)
+                    return
+                for frame in end(event):
+                    yield frame
+                continue
+            counts[event.choice] = event.completion_tokens
+            for i, piece in enumerate(calls[event.choice].feed(event.text)):
+                if out := delta(event.choice, piece, event.logprobs if i == 0 else ()):
+                    yield out
+        for frame in _closing(generation, base, include_usage):
             yield frame
     except Exception as exc:  # the headers are sent: only an error event can tell the client
         yield sse_error(exc if isinstance(exc, CortexError) else CortexError(repr(exc)))
@@ -355,18 +382,12 @@ async def _chat_stream(
         await generation.close()
 
 
-def _ending(
-    event: Finished, end: Callable[[Finished], bytes], base: BaseModel, include_usage: bool
-) -> Iterator[bytes]:
-    """A stream's frames after its last token: `end`'s finish chunk, the usage chunk when asked,
-    [DONE]; only the error event for a generation that failed (its reason is no finish_reason)."""
-    err = failure(event)
-    if err is not None:
-        yield sse_error(err)
-        return
-    yield end(event)
+def _closing(generation: Generation, base: BaseModel, include_usage: bool) -> Iterator[bytes]:
+    """A stream's frames once every choice has finished: the usage chunk when asked (the
+    request's totals), [DONE]."""
     if include_usage:
-        yield _chunk(base.model_copy(update={"usage": usage(event)}))
+        finished = [f for f in generation.finished if f is not None]
+        yield _chunk(base.model_copy(update={"usage": usage(finished)}))
     yield DONE
 
 
@@ -427,7 +448,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     spec = response_format_grammar(body.response_format)
     kind = str((body.response_format or {}).get("type"))
     params = await constrain(served, params, (spec, kind) if spec else None, metrics)
-    generation = Generation(served, ids, params, metrics, principal_of(request, section))
+    generation = Generation(
+        served, ids, params, metrics, principal_of(request, section), body.n or 1
+    )
     await _start(request, generation)
     echo = text if body.echo else ""
     if body.stream:
@@ -438,16 +461,22 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             headers=limit.headers(),
             on_close=generation.close,
         )
-    output, finished = await _finish(request, generation)
-    choice = CompletionChoice(
-        text=echo + output,
-        finish_reason=finished.reason,  # type: ignore[arg-type]
-        stop_reason=finished.stop_sequence,
-        logprobs=completion_logprobs(served, generation.logprobs, len(echo), body.logprobs)
-        if body.logprobs is not None
-        else None,
-    )
-    answer = Completion(model=served.id, choices=[choice], usage=usage(finished))
+    answers = await _finish(request, generation)
+    choices = [
+        CompletionChoice(
+            index=index,
+            text=echo + output,
+            finish_reason=finished.reason,  # type: ignore[arg-type]
+            stop_reason=finished.stop_sequence,
+            logprobs=completion_logprobs(
+                served, generation.logprobs[index], len(echo), body.logprobs
+            )
+            if body.logprobs is not None
+            else None,
+        )
+        for index, (output, finished) in enumerate(answers)
+    ]
+    answer = Completion(model=served.id, choices=choices, usage=usage([f for _, f in answers]))
     return JSONResponse(answer.model_dump(mode="json"), headers=limit.headers())
 
 
@@ -457,26 +486,33 @@ async def _completion_stream(
     include_usage: bool,
     scored: tuple[Tokens, int] | None = None,
 ) -> AsyncIterator[bytes]:
-    """Text chunks; with `scored` (the model's tokens, alternatives per token), each carries the
-    logprobs of the tokens it completes, offsets counted from the start of the choice's text."""
+    """Text chunks, each naming its choice (`index`); with `scored` (the model's tokens,
+    alternatives per token), each carries the logprobs of the tokens it completes, offsets
+    counted from the start of the choice's text."""
     base = Completion(model=generation.model, choices=[])
 
-    def chunk(text: str, reason: str | None = None, logprobs: Sequence[TokenLogprob] = ()) -> bytes:
+    def chunk(
+        index: int, text: str, reason: str | None = None, logprobs: Sequence[TokenLogprob] = ()
+    ) -> bytes:
         lists = None
         if scored is not None and reason is None:
             lists = completion_logprobs(scored[0], logprobs, len(echo), scored[1])
-        choice = CompletionChoice(text=text, finish_reason=reason, logprobs=lists)  # type: ignore[arg-type]
+        choice = CompletionChoice(index=index, text=text, finish_reason=reason, logprobs=lists)  # type: ignore[arg-type]
         return _chunk(base.model_copy(update={"choices": [choice]}))
 
     try:
         if echo:
-            yield chunk(echo)
-        while not isinstance(event := await generation.next(), Finished):
-            if event.text:
-                yield chunk(event.text, logprobs=event.logprobs)
-        for frame in _ending(
-            event, lambda finished: chunk("", finished.reason), base, include_usage
-        ):
+            for index in range(generation.n):
+                yield chunk(index, echo)
+        while (event := await generation.next()) is not None:
+            if isinstance(event, Finished):
+                if (err := failure(event)) is not None:
+                    yield sse_error(err)
+                    return
+                yield chunk(event.choice, "", event.reason)
+            elif event.text:
+                yield chunk(event.choice, event.text, logprobs=event.logprobs)
+        for frame in _closing(generation, base, include_usage):
             yield frame
     except Exception as exc:  # the headers are sent: only an error event can tell the client
         yield sse_error(exc if isinstance(exc, CortexError) else CortexError(repr(exc)))

@@ -71,10 +71,14 @@ class Sequence:
         prompt_ids: list[int],
         params: SamplingParams,
         emit: Callable[[GenerationEvent], None],
+        followers: list[Sequence] | None = None,
     ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.emit = emit
+        # The other choices of one request (same prompt): queued once this one's prompt is in
+        # the cache, so they take its KV from the prefix cache instead of prefilling it again.
+        self.followers = list(followers or [])
         self.output_ids: list[int] = []
         self.cached_tokens = 0
         self.finished = False
@@ -162,6 +166,8 @@ class Engine:
         finishes it at once: nothing steps it any more."""
         if self._closed is not None:
             self._emit_finished(seq, "cancelled", error=self._closed)
+            while self._waiting:  # its followers
+                self._emit_finished(self._waiting.popleft(), "cancelled", error=self._closed)
             return
         self._waiting.append(seq)
         self._publish()
@@ -281,6 +287,9 @@ class Engine:
         for active, n in plan:
             active.kv_length += n
         for active in done:
+            if active.seq.followers:
+                self._keep_prefix(active)
+                self._queue_followers(active.seq)
             self._prefilling.remove(active)
             self._decoding.join(active)
         picked = picked_logprobs(scores, samplers, tokens)
@@ -538,6 +547,11 @@ class Engine:
         kept = (active.seq.prompt_ids + active.seq.output_ids)[: active.kv_length]
         self._prefixes.store(kept, lambda n: cache.read_row(row, n))
 
+    def _queue_followers(self, seq: Sequence) -> None:
+        """A leader's prompt is in (or it ended): its followers are admitted next."""
+        self._waiting.extendleft(reversed(seq.followers))
+        seq.followers = []
+
     def _release(self, active: _Active) -> None:
         """Free the sequence's row; a band's decoding rows stay contiguous from row 0."""
         if active in self._prefilling:
@@ -556,6 +570,7 @@ class Engine:
         if seq.finished:
             return
         seq.finished = True
+        self._queue_followers(seq)  # they still run (or, being cancelled too, are dropped)
         seq.emit(
             Finished(
                 reason=reason,

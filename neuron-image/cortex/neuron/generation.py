@@ -8,6 +8,7 @@ grammar, compiled by the API (a refusal is a 400 before admission) and enforced 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -78,6 +79,7 @@ class TextDelta:
     # Of the tokens whose text this delta completes, when the request asked for them. Tokens
     # that never show (end of sequence, a stop string) have none.
     logprobs: tuple[TokenLogprob, ...] = ()
+    choice: int = 0  # which of the request's `n` choices it belongs to
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,19 @@ class Finished:
     cached_tokens: int = 0
     error: str | None = None
     stop_sequence: str | None = None  # which request stop string ended it (reason "stop")
+    choice: int = 0  # which of the request's `n` choices ended
 
 
 GenerationEvent = TextDelta | Finished
+
+# A seed is taken modulo 2**64, as torch's generators take it.
+SEED_SPACE = 2**64
+
+
+def choice_params(params: SamplingParams, choice: int) -> SamplingParams:
+    """The sampling of a request's `choice`-th choice: with a seed, choice i draws from its own
+    generator seeded `seed + i`, so the choices differ and the whole answer repeats (choice 0 is
+    what the same request with n=1 gives); without one, each draws its own random seed."""
+    if params.seed is None or choice == 0:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + choice) % SEED_SPACE)

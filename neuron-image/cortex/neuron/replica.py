@@ -4,9 +4,10 @@ serves, the `ServedModel` requests reach: tokenizer, admission, engine and gramm
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from cortex.neuron.admission import ANYONE, Admission
 from cortex.neuron.chat_template import render_chat
 from cortex.neuron.devices import Device
 from cortex.neuron.engine import Engine, EngineLoad, Sequence
-from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams
+from cortex.neuron.generation import Finished, GenerationEvent, SamplingParams, choice_params
 from cortex.neuron.grammar import CompiledGrammar, GrammarCompiler, GrammarSpec
 from cortex.neuron.logprobs import token_bytes
 from cortex.neuron.prompts import require_unicode
@@ -140,34 +141,52 @@ class ServedModel:
         return named
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, principal: str = ANYONE
+        self, prompt_ids: list[int], params: SamplingParams, principal: str = ANYONE, n: int = 1
     ) -> AsyncIterator[GenerationEvent]:
-        """Stream a generation; leaving early (aclose, cancellation) cancels the sequence."""
+        """Stream a generation of `n` choices (each event names its choice), one admission slot
+        per choice; leaving early (aclose, cancellation) cancels every sequence still running."""
         if self.kind != "chat":
             raise InvalidRequest(f"model {self.id!r} is an embedding model", param="model")
         self._check_open()
-        async with self.admission.slot(principal):
+        if n > self.admission.most:
+            raise InvalidRequest(
+                f"n is {n}; model {self.id!r} runs at most {self.admission.most} sequences at "
+                "once for one client, and each choice is one",
+                param="n",
+            )
+        async with self.admission.slot(principal, n):
             self._check_open()  # the model may have been unloaded while this waited
             engine = self.engine
             assert engine is not None  # a chat model's, until it is closed
             self.replica.last_used = time.time()
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-            sequence = Sequence(
-                prompt_ids,
-                params,
-                lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-            )
-            self.worker.call_soon(lambda: engine.add(sequence))
-            finished = False
+
+            def emitter(choice: int) -> Callable[[GenerationEvent], None]:
+                def emit(event: GenerationEvent) -> None:
+                    tagged = dataclasses.replace(event, choice=choice) if choice else event
+                    loop.call_soon_threadsafe(events.put_nowait, tagged)
+
+                return emit
+
+            # Choice 0 leads: the others join once its prompt is in the cache (engine.py).
+            sequences = [
+                Sequence(prompt_ids, choice_params(params, i), emitter(i)) for i in range(n)
+            ]
+            leader = sequences[0]
+            leader.followers = sequences[1:]
+            self.worker.call_soon(lambda: engine.add(leader))
+            ended: set[int] = set()
             try:
-                while not finished:
+                while len(ended) < n:
                     event = await events.get()
-                    finished = isinstance(event, Finished)
+                    if isinstance(event, Finished):
+                        ended.add(event.choice)
                     yield event
             finally:
-                if not finished:
-                    sequence.cancel()
+                for i, sequence in enumerate(sequences):
+                    if i not in ended:
+                        sequence.cancel()
                 self.replica.last_used = time.time()
 
     async def compile_grammar(self, spec: GrammarSpec) -> tuple[CompiledGrammar, float | None]:

@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -153,16 +153,18 @@ async def constrain(
     return dataclasses.replace(params, grammar=grammar)
 
 
-def usage(finished: Finished) -> Usage:
+def usage(finished: Sequence[Finished]) -> Usage:
+    """A request's usage, as OpenAI reports `n` choices: the prompt once (its cached part as
+    choice 0 read it: the others take theirs from it), the output of every choice summed."""
+    first = finished[0]
     details = (
-        PromptTokensDetails(cached_tokens=finished.cached_tokens)
-        if finished.cached_tokens
-        else None
+        PromptTokensDetails(cached_tokens=first.cached_tokens) if first.cached_tokens else None
     )
+    completion = sum(f.completion_tokens for f in finished)
     return Usage(
-        prompt_tokens=finished.prompt_tokens,
-        completion_tokens=finished.completion_tokens,
-        total_tokens=finished.prompt_tokens + finished.completion_tokens,
+        prompt_tokens=first.prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=first.prompt_tokens + completion,
         prompt_tokens_details=details,
     )
 
@@ -216,7 +218,8 @@ async def _disconnected(request: Request) -> None:
 
 
 class Generation:
-    """A generation being served: its events, first-token time, and its metrics recorded once."""
+    """A generation being served, of `n` choices: its events, first-token time, and its metrics
+    recorded once (the prompt once, the output of every choice)."""
 
     def __init__(
         self,
@@ -225,20 +228,32 @@ class Generation:
         params: SamplingParams,
         metrics: NeuronMetrics,
         principal: str = "anonymous",
+        n: int = 1,
     ) -> None:
         self.model = served.id
+        self.n = n
         self.prompt_tokens = len(prompt_ids)
-        self._events: Any = served.generate(prompt_ids, params, principal)
+        self._events: Any = served.generate(prompt_ids, params, principal, n)
         self._metrics = metrics
         self._started = time.perf_counter()
         self._pending: GenerationEvent | None = None
         self._admitted = False
         self._closed = False
         self._first_token_at: float | None = None
-        self.completion_tokens = 0
-        self.cached_tokens = 0  # of the prompt, from the prefix cache
-        self.finished: Finished | None = None
-        self.logprobs: list[TokenLogprob] = []  # of the text so far, when they were asked for
+        self._completion_tokens = [0] * n
+        self._cached_tokens = 0  # of the prompt, from the prefix cache: choice 0's, which read it
+        self.finished: list[Finished | None] = [None] * n
+        # Each choice's, of its text so far, when they were asked for.
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+
+    @property
+    def completion_tokens(self) -> int:
+        """Generated so far, all choices together."""
+        return sum(self._completion_tokens)
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._cached_tokens
 
     async def start(self) -> None:
         """Wait for admission and the first event, so refusals, and a generation that ended
@@ -249,42 +264,48 @@ class Generation:
         if err is not None:
             raise err
 
-    async def next(self) -> GenerationEvent:
+    async def next(self) -> GenerationEvent | None:
+        """The next event of any choice; None once every choice has finished."""
         if self._pending is not None:
             event, self._pending = self._pending, None
             return event
+        if all(self.finished):
+            return None
         return await self._next_event()
 
     async def _next_event(self) -> GenerationEvent:
         try:
             event: GenerationEvent = await anext(self._events)
         except StopAsyncIteration:
+            choice = next((i for i, f in enumerate(self.finished) if f is None), 0)
             event = Finished(
                 "error",
                 self.prompt_tokens,
-                self.completion_tokens,
+                self._completion_tokens[choice],
                 error="generation ended without finishing",
+                choice=choice,
             )
+        self._completion_tokens[event.choice] = event.completion_tokens
+        if event.choice == 0:
+            self._cached_tokens = event.cached_tokens
         if isinstance(event, TextDelta):
             if self._first_token_at is None and event.text:
                 self._first_token_at = time.perf_counter()
-            self.completion_tokens = event.completion_tokens
-            self.cached_tokens = event.cached_tokens
-            self.logprobs.extend(event.logprobs)
+            self.logprobs[event.choice].extend(event.logprobs)
         else:
-            self.finished = event
-            self.completion_tokens = event.completion_tokens
-            self.cached_tokens = event.cached_tokens
+            self.finished[event.choice] = event
         return event
 
-    async def collect(self) -> tuple[str, Finished]:
-        """All text and the Finished event (non-streaming answers)."""
-        parts: list[str] = []
-        while True:
-            event = await self.next()
-            if isinstance(event, Finished):
-                return "".join(parts), event
-            parts.append(event.text)
+    async def collect(self) -> list[tuple[str, Finished]]:
+        """Each choice's text and Finished event (non-streaming answers); at the first choice
+        that fails, that one's."""
+        parts: list[list[str]] = [[] for _ in range(self.n)]
+        while (event := await self.next()) is not None:
+            if isinstance(event, Finished) and failure(event) is not None:
+                return [("".join(parts[event.choice]), event)]
+            if isinstance(event, TextDelta):
+                parts[event.choice].append(event.text)
+        return [("".join(text), done) for text, done in zip(parts, self.finished, strict=True)]  # type: ignore[misc]
 
     async def close(self) -> None:
         """Stop the generation if it still runs (even while being cancelled); record metrics."""
@@ -295,13 +316,12 @@ class Generation:
             await self._events.aclose()
         if not self._admitted:
             return
-        done = self.finished
         first = self._first_token_at
         self._metrics.observe_generation(
             self.model,
-            prompt_tokens=done.prompt_tokens if done else self.prompt_tokens,
+            prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
-            cached_tokens=done.cached_tokens if done else 0,
+            cached_tokens=self.cached_tokens,
             ttft=first - self._started if first is not None else None,
             decode_seconds=time.perf_counter() - first if first is not None else None,
         )

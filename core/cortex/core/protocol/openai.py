@@ -129,6 +129,10 @@ class StreamOptions(_Open):
     )
 
 
+# The most choices (`n`) one request may ask for: each is a sequence of its own in the engine.
+MAX_CHOICES = 16
+
+
 class SamplingFields(_Open):
     """Fields chat and completions share."""
 
@@ -167,10 +171,23 @@ class SamplingFields(_Open):
     include_stop_str_in_output: StrictBool | None = Field(
         default=None, description="the stop string that ended the output is kept in its text"
     )
-    n: int | None = Field(default=None, ge=1, le=1, description="only n=1 is served")
+    n: int | None = Field(
+        default=None,
+        description=f"choices for the prompt, 1 to {MAX_CHOICES}, sampled apart (docs/"
+        "architecture.md, 'Request flow (neuron)')",
+    )
     stream: Stream = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _choices(cls, n: int | None) -> int | None:
+        if n is not None and not 1 <= n <= MAX_CHOICES:
+            raise PydanticCustomError(
+                "n", "n is {n}; cortex returns 1 to {most} choices", {"n": n, "most": MAX_CHOICES}
+            )
+        return n
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
