@@ -71,6 +71,20 @@ def test_the_completion_reserve_counts_every_choice() -> None:
     )
 
 
+def test_an_n_in_a_translated_apis_body_reserves_one_choice() -> None:
+    """Anthropic's and the Responses API have no `n`: one given there asks for nothing (they
+    answer one choice), so it cannot multiply the reserve (a million of them was refused)."""
+    from cortex.gateway.dialects.anthropic import MESSAGES
+    from cortex.gateway.dialects.responses import RESPONSES
+
+    messages = {"model": "m", "max_tokens": 7, "messages": [{"role": "user", "content": "hi"}]}
+    responses = {"model": "m", "input": "hi", "max_output_tokens": 7}
+    for dialect, body in ((MESSAGES, messages), (RESPONSES, responses)):
+        asked = dialect.parse({**body, "n": 1_000_000})
+        assert asked.budgeted is not None
+        assert completion_reserve(asked.budgeted, embedding=False, context=None) == 7
+
+
 def test_spend_outlives_the_store(tmp_path: Path) -> None:
     path = tmp_path / "state" / "gateway.sqlite3"
     store = SqliteSpendStore(path)

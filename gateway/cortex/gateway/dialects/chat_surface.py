@@ -79,6 +79,9 @@ class ChatBacked(Generic[R]):
     def __post_init__(self) -> None:
         self.model, self.stream = self.req.model, self.req.stream
         self.affinity = conversation_key(self.chat.messages)
+        # One choice, the chat request's: an `n` in this API's body asks for nothing, and the
+        # budget's reserve would count it (budget.completion_reserve).
+        self.budgeted = {**self.budgeted, "n": self.chat.n}
 
     def neuron_call(self, model: str) -> NeuronCall:
         return Chat({**self.chat.model_dump(exclude_none=True), "model": model})
