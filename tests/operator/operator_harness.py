@@ -45,6 +45,18 @@ async def until(check: Callable[[], T | None], what: str, timeout: float = 15.0)
         await asyncio.sleep(0.05)
 
 
+async def probed_twice_more(kube: Kube, name: str = "n1") -> None:
+    """Wait until the neuron's status.lastProbe has moved on twice: whole seconds, so at least
+    two seconds of the operator's probes and reconciles later (a state held that long)."""
+    seen = {kube.status(NEURONS, name)["lastProbe"]}
+
+    def probed_again() -> bool:
+        seen.add(kube.status(NEURONS, name)["lastProbe"])
+        return len(seen) >= 3
+
+    await until(probed_again, "more probes of the neuron")
+
+
 async def until_async(check: Callable[[], Awaitable[bool]], what: str, timeout: float) -> None:
     """`until` for a check that has to await (an HTTP call)."""
     deadline = time.monotonic() + timeout

@@ -20,6 +20,7 @@ from operator_harness import (
     Operator,
     neuron,
     placement,
+    probed_twice_more,
     until,
     until_async,
 )
@@ -262,13 +263,7 @@ async def test_a_later_placement_of_a_placed_model_is_refused_whatever_its_name(
             condition = kube.condition("achat", kind)
             assert (condition["status"], condition["reason"]) == ("False", "Duplicate")
             assert condition["message"] == "model chat is placed by ModelPlacement zchat"
-        seen = {kube.status(NEURONS, "n1")["lastProbe"]}
-
-        def probed_again() -> bool:
-            seen.add(kube.status(NEURONS, "n1")["lastProbe"])
-            return len(seen) >= 3  # lastProbe has whole seconds: past achat's idleTimeout
-
-        await until(probed_again, "more probes of the neuron")
+        await probed_twice_more(kube)  # past achat's idleTimeout
         assert fake.unloads == []
         assert phase(kube, "zchat") == "Ready"
 
@@ -546,13 +541,7 @@ async def test_a_placement_naming_an_alias_is_refused_not_loaded_forever(
         assert scheduled["message"] == (
             "spec.model smol is an alias of smollm2-135m: use smollm2-135m"
         )
-        seen = {kube.status(NEURONS, "n1")["lastProbe"]}
-
-        def probed_again() -> bool:
-            seen.add(kube.status(NEURONS, "n1")["lastProbe"])
-            return len(seen) >= 3  # lastProbe has whole seconds: at least two seconds later
-
-        await until(probed_again, "more probes of the neuron")
+        await probed_twice_more(kube)
         assert len(fake.loads) == 1
         assert phase(kube, "smol") == "Pending"
         assert "Unschedulable" in {e["reason"] for e in kube.events("smol")}
@@ -591,13 +580,7 @@ async def test_a_failed_load_is_reported_and_backed_off(kube: Kube, operator: Op
         )
         assert failed[0]["type"] == "Warning"
         # Several probes later, still one attempt: the next one waits out the 30 s backoff.
-        seen = {kube.status(NEURONS, "n1")["lastProbe"]}
-
-        def probed_again() -> bool:
-            seen.add(kube.status(NEURONS, "n1")["lastProbe"])
-            return len(seen) >= 3  # lastProbe has whole seconds: at least two seconds later
-
-        await until(probed_again, "more probes of the neuron")
+        await probed_twice_more(kube)
         assert loads_of(fake, "broken") == 1
         assert phase(kube, "broken") == "Failed"
 
@@ -634,13 +617,7 @@ async def test_an_edited_spec_is_tried_at_once_its_attempts_counted_afresh(
         await until(lambda: phase(kube, "broken") == "Failed", "the placement to be Failed")
         # A write that leaves the spec (an annotation, a status) keeps the backoff.
         await kube.patch(PLACEMENTS, "broken", {"metadata": {"annotations": {"note": "x"}}})
-        seen = {kube.status(NEURONS, "n1")["lastProbe"]}
-
-        def probed_again() -> bool:
-            seen.add(kube.status(NEURONS, "n1")["lastProbe"])
-            return len(seen) >= 3
-
-        await until(probed_again, "more probes of the neuron")
+        await probed_twice_more(kube)
         assert loads_of(fake, "broken") == 1
         # An edited spec is the user's correction: tried at once, as a first attempt.
         await kube.patch(PLACEMENTS, "broken", {"spec": {"source": "file:/still-bad"}})

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import pytest
 from fakes.neuron import FakeNeuron, GiB, running
-from operator_harness import NEURONS, PLACEMENTS, Kube, Operator, neuron, placement, until
+from operator_harness import (
+    NEURONS,
+    PLACEMENTS,
+    Kube,
+    Operator,
+    neuron,
+    placement,
+    probed_twice_more,
+    until,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -96,13 +105,7 @@ async def test_a_model_bigger_than_every_neuron_says_so_and_is_not_tried_again(
             "n1 refused it for room: it needs 8.0 GiB, more than any neuron it may use holds"
             " (largest 4.0 GiB)"
         )
-        seen = {kube.status(NEURONS, "n1")["lastProbe"]}
-
-        def probed_again() -> bool:
-            seen.add(kube.status(NEURONS, "n1")["lastProbe"])
-            return len(seen) >= 3  # lastProbe has whole seconds: at least two seconds later
-
-        await until(probed_again, "more probes of the neuron")
+        await probed_twice_more(kube)
         assert len(fake.loads) == 1
         assert phase(kube, "huge") == "Pending"
         assert kube.condition("huge", "Loaded")["reason"] == "NoRoom"
